@@ -1,0 +1,361 @@
+"""The ground floor: messages, usage, and the event vocabulary every front end consumes.
+
+Everything here is a pydantic model so events can be written to and read from the
+store as JSON with one ``TypeAdapter``. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+Role = Literal["system", "user", "assistant", "tool"]
+MessageState = Literal["active", "compacted", "superseded"]
+# How a message ended. "ok" for every normally finished message; the others say why not.
+MessageStatus = Literal["ok", "interrupted", "error", "cancelled", "aborted", "rejected", "summary"]
+TurnStatus = Literal[
+    "completed", "interrupted", "max_rounds", "budget_exceeded", "error", "rejected"
+]
+
+
+def new_id() -> str:
+    """A fresh random identifier (32 hex characters)."""
+    return uuid.uuid4().hex
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware in UTC."""
+    return datetime.now(UTC)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --------------------------------------------------------------------------- messages
+
+
+class ToolCall(_Model):
+    """A tool call as the model asked for it; ``arguments`` is the raw JSON text."""
+
+    id: str
+    name: str
+    arguments: str = ""
+
+    def to_openai(self) -> dict[str, Any]:
+        """This call in OpenAI's chat format."""
+        return {
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments},
+        }
+
+
+class Message(_Model):
+    """One message of a conversation, with the bookkeeping the store keeps beside it."""
+
+    role: Role
+    content: str | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+    id: str = Field(default_factory=new_id)
+    seq: int = 0
+    turn_id: str | None = None
+    round: int | None = None
+    cell_id: str | None = None
+    status: MessageStatus = "ok"
+    state: MessageState = "active"
+    created_at: datetime = Field(default_factory=utcnow)
+
+    def to_openai(self) -> dict[str, Any]:
+        """This message as the dict the chat completions API expects."""
+        out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.name is not None:
+            out["name"] = self.name
+        if self.tool_calls:
+            out["tool_calls"] = [tc.to_openai() for tc in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+# --------------------------------------------------------------------------- usage
+
+
+class RequestUsage(_Model):
+    """Token counts of one model request, as the server reported them.
+
+    A field is ``None`` when the server did not report it: unknown, never zero.
+    """
+
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cached_tokens: int | None = None
+    reasoning_tokens: int | None = None
+
+    @property
+    def total_tokens(self) -> int | None:
+        """Prompt plus completion tokens, or ``None`` if either is unknown."""
+        if self.prompt_tokens is None or self.completion_tokens is None:
+            return None
+        return self.prompt_tokens + self.completion_tokens
+
+
+def _add(a: int | float | None, b: int | float | None) -> Any:
+    return None if a is None or b is None else a + b
+
+
+class Usage(_Model):
+    """Usage summed over several requests (a turn or a session).
+
+    A total is ``None`` as soon as one request in it is unknown, so a sum is never
+    smaller than the truth without saying so. ``requests`` counts every request.
+    """
+
+    requests: int = 0
+    prompt_tokens: int | None = 0
+    completion_tokens: int | None = 0
+    cached_tokens: int | None = 0
+    reasoning_tokens: int | None = 0
+    cost_usd: float | None = 0.0
+
+    @property
+    def total_tokens(self) -> int | None:
+        """Prompt plus completion tokens, or ``None`` if unknown."""
+        return _add(self.prompt_tokens, self.completion_tokens)
+
+    def add(self, usage: RequestUsage | None, cost_usd: float | None) -> Usage:
+        """A new total with one more request added."""
+        u = usage or RequestUsage()
+        return Usage(
+            requests=self.requests + 1,
+            prompt_tokens=_add(self.prompt_tokens, u.prompt_tokens),
+            completion_tokens=_add(self.completion_tokens, u.completion_tokens),
+            # cached/reasoning tokens are often simply not reported: count them as 0.
+            cached_tokens=_add(self.cached_tokens, u.cached_tokens or 0),
+            reasoning_tokens=_add(self.reasoning_tokens, u.reasoning_tokens or 0),
+            cost_usd=_add(self.cost_usd, cost_usd),
+        )
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            requests=self.requests + other.requests,
+            prompt_tokens=_add(self.prompt_tokens, other.prompt_tokens),
+            completion_tokens=_add(self.completion_tokens, other.completion_tokens),
+            cached_tokens=_add(self.cached_tokens, other.cached_tokens),
+            reasoning_tokens=_add(self.reasoning_tokens, other.reasoning_tokens),
+            cost_usd=_add(self.cost_usd, other.cost_usd),
+        )
+
+
+# --------------------------------------------------------------------------- results
+
+
+class ToolCallRecord(_Model):
+    """A tool call that ran (or failed to), as shown to users and stored."""
+
+    call_id: str
+    name: str
+    arguments: str
+    result: str
+    is_error: bool = False
+    error_kind: str | None = None
+    duration_ms: float = 0.0
+    turn_id: str | None = None
+    round: int | None = None
+
+    @property
+    def parsed_arguments(self) -> Any:
+        """The arguments decoded from JSON, or the raw text if they are not valid JSON."""
+        import json
+
+        try:
+            return json.loads(self.arguments)
+        except ValueError:
+            return self.arguments
+
+
+class TurnResult(_Model):
+    """What one ``Session.send()`` produced."""
+
+    session_id: str
+    turn_id: str
+    status: TurnStatus
+    text: str = ""
+    usage: Usage = Field(default_factory=Usage)
+    tool_calls: list[ToolCallRecord] = Field(default_factory=list)
+    messages: list[Message] = Field(default_factory=list)
+    rounds: int = 0
+    error: str | None = None
+    duration_ms: float = 0.0
+
+    @property
+    def cost_usd(self) -> float | None:
+        """Dollar cost of the turn, ``None`` when any request's price is unknown."""
+        return self.usage.cost_usd
+
+
+# --------------------------------------------------------------------------- events
+
+
+class _Event(_Model):
+    session_id: str = ""
+    turn_id: str = ""
+
+
+class TurnStarted(_Event):
+    """A turn began: the user's text is about to be sent."""
+
+    kind: Literal["turn_started"] = "turn_started"
+    text: str
+    cell_id: str | None = None
+
+
+class TextDelta(_Event):
+    """A piece of the assistant's reply text."""
+
+    kind: Literal["text_delta"] = "text_delta"
+    text: str
+    round: int = 0
+
+
+class ReasoningDelta(_Event):
+    """A piece of the model's reasoning text (servers that stream it)."""
+
+    kind: Literal["reasoning_delta"] = "reasoning_delta"
+    text: str
+    round: int = 0
+
+
+class ToolCallStarted(_Event):
+    """The model began a tool call; its arguments follow as ``ToolCallDelta`` events."""
+
+    kind: Literal["tool_call_started"] = "tool_call_started"
+    index: int
+    call_id: str
+    name: str
+    round: int = 0
+
+
+class ToolCallDelta(_Event):
+    """A fragment of a streamed tool call's JSON arguments."""
+
+    kind: Literal["tool_call_delta"] = "tool_call_delta"
+    index: int
+    call_id: str
+    arguments_delta: str
+    round: int = 0
+
+
+class ToolResult(_Event):
+    """A tool finished (or failed); ``call.result`` is what the model will see."""
+
+    kind: Literal["tool_result"] = "tool_result"
+    call: ToolCallRecord
+
+
+class MessageAdded(_Event):
+    """A message is complete and part of the conversation (store writes it now)."""
+
+    kind: Literal["message"] = "message"
+    message: Message
+
+
+class MessagesMarked(_Event):
+    """Stored messages changed state (superseded by a cell re-run, or compacted)."""
+
+    kind: Literal["messages_marked"] = "messages_marked"
+    message_ids: list[str]
+    state: MessageState
+
+
+class UsageEvent(_Event):
+    """One model request finished (or failed): its usage, cost and timing."""
+
+    kind: Literal["usage"] = "usage"
+    request_id: str = Field(default_factory=new_id)
+    round: int = 0
+    model: str
+    provider: str | None = None
+    usage: RequestUsage | None = None
+    cost_usd: float | None = None
+    ttft_ms: float | None = None
+    duration_ms: float = 0.0
+    finish_reason: str | None = None
+    error: str | None = None
+    purpose: Literal["chat", "summary"] = "chat"
+
+
+class CompactionEvent(_Event):
+    """The history was compacted (or an attempt failed: ``error`` says why)."""
+
+    kind: Literal["compaction"] = "compaction"
+    compaction_id: str = Field(default_factory=new_id)
+    strategy: str
+    from_seq: int | None = None
+    to_seq: int | None = None
+    summary: str | None = None
+    tokens_before: int | None = None
+    tokens_after: int | None = None
+    model: str | None = None
+    cost_usd: float | None = None
+    error: str | None = None
+
+
+class LimitReached(_Event):
+    """A limit stopped the turn (max rounds or a budget)."""
+
+    kind: Literal["limit_reached"] = "limit_reached"
+    limit: str
+    message: str
+
+
+class ErrorEvent(_Event):
+    """Something went wrong; ``message`` is written for the user."""
+
+    kind: Literal["error"] = "error"
+    message: str
+    error_kind: str = "error"
+    status_code: int | None = None
+
+
+class Notice(_Event):
+    """Something the user should know that is not an error (e.g. cost unknown)."""
+
+    kind: Literal["notice"] = "notice"
+    message: str
+
+
+class TurnFinished(_Event):
+    """The turn ended; ``result`` is the same object ``send()`` returns."""
+
+    kind: Literal["turn_finished"] = "turn_finished"
+    result: TurnResult
+
+
+Event = Annotated[
+    TurnStarted
+    | TextDelta
+    | ReasoningDelta
+    | ToolCallStarted
+    | ToolCallDelta
+    | ToolResult
+    | MessageAdded
+    | MessagesMarked
+    | UsageEvent
+    | CompactionEvent
+    | LimitReached
+    | ErrorEvent
+    | Notice
+    | TurnFinished,
+    Field(discriminator="kind"),
+]
+
+EventAdapter: TypeAdapter[Event] = TypeAdapter(Event)
+MessagesAdapter: TypeAdapter[list[Message]] = TypeAdapter(list[Message])
+ToolCallsAdapter: TypeAdapter[list[ToolCall]] = TypeAdapter(list[ToolCall])
