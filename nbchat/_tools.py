@@ -1,0 +1,633 @@
+"""Python callables as model tools: JSON schema from type hints, validated calls, concurrent runs.
+
+``@tool`` turns a typed function into a :class:`Tool`; a :class:`ToolSet` holds the tools of
+one session and runs one round of tool calls. Choices a caller should know about:
+
+- A parameter without an annotation accepts any JSON value (schema ``{}``). ``*args`` and
+  ``**kwargs``, generator functions and types pydantic cannot describe raise
+  :class:`~nbchat.ToolDefinitionError` when the tool is defined, not when the model calls it.
+- Arguments the function does not declare are rejected (``additionalProperties: false``), so a
+  misspelt argument comes back to the model as an error instead of being silently dropped.
+- An empty or ``null`` argument string means "no arguments" (``{}``).
+- Arguments the model left out are not passed, so the function's own defaults apply unchanged.
+- Nothing raises out of :meth:`ToolSet.run`: unknown tools, bad JSON, invalid arguments and
+  exceptions raised by tools (``SystemExit`` included) become :func:`error_payload` results.
+  Cancellation and ``KeyboardInterrupt`` do propagate.
+- Each sync tool call runs in its own daemon thread. A cancelled :meth:`ToolSet.run` returns at
+  once, but Python cannot stop a thread: the function keeps running in the background and
+  its result is discarded. Daemon threads (rather than the loop's default executor) keep a
+  stuck tool from blocking ``asyncio.run()``'s shutdown or the interpreter's exit.
+  A tool that must run on the event loop's thread (widgets, ``display()``) should be
+  ``async def``: async tools run on the loop itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import copy
+import dataclasses
+import functools
+import inspect
+import itertools
+import json
+import re
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from typing import Annotated, Any, overload
+
+import pydantic_core
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model
+from pydantic.fields import FieldInfo
+from pydantic.json_schema import PydanticJsonSchemaWarning
+
+from ._exceptions import ToolDefinitionError
+from ._types import ToolCall, ToolCallRecord
+
+__all__ = [
+    "DEFAULT_MAX_RESULT_CHARS",
+    "Tool",
+    "ToolSet",
+    "as_tool",
+    "error_payload",
+    "serialise_result",
+    "tool",
+]
+
+DEFAULT_MAX_RESULT_CHARS = 8000
+"""Results longer than this many characters are cut (with a marker) before the model sees them."""
+
+_HEAD_ROWS = 10
+_NAME_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+_ARGS_CONFIG = ConfigDict(extra="forbid")
+# Keys whose values are maps of names to schemas: a property may well be called "title".
+_SCHEMA_MAPS = frozenset({"properties", "$defs", "definitions", "patternProperties"})
+# Keys whose values are data, not schemas: leave them exactly as they are.
+_DATA_KEYS = frozenset({"default", "enum", "const", "examples"})
+
+
+# --------------------------------------------------------------------------- docstrings
+
+_GOOGLE_HEADER = re.compile(r"^\s*(Args|Arguments|Parameters|Params|Keyword Args):\s*$")
+_GOOGLE_ITEM = re.compile(r"^\s*\**(\w+)\s*(?:\([^)]*\))?\s*:\s*(.*)$")
+_SPHINX_PARAM = re.compile(r"^\s*:param\s+(?:[^:]*\s)?\**(\w+)\s*:\s*(.*)$")
+_SECTION_START = re.compile(r"^\s*(:\w+|[A-Z][\w ]*:\s*$)")
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip())
+
+
+def _parse_docstring(doc: str | None) -> tuple[str, dict[str, str]]:
+    """The first paragraph of a docstring, and its Google- or Sphinx-style parameter docs."""
+    lines = inspect.cleandoc(doc or "").splitlines()
+    summary = itertools.takewhile(lambda ln: ln.strip() and not _SECTION_START.match(ln), lines)
+    params: dict[str, str] = {}
+    current, current_indent = "", 0  # the parameter whose description is being read
+    section: int | None = None  # indentation of the open "Args:" header
+    for line in lines:
+        if not line.strip():
+            continue
+        indent = _indent(line)
+        if current and indent > current_indent:  # a continuation line
+            params[current] = f"{params[current]} {line.strip()}".strip()
+            continue
+        current = ""
+        if _GOOGLE_HEADER.match(line):
+            section = indent
+        elif section is not None and indent <= section:
+            section = None
+        if (m := _SPHINX_PARAM.match(line)) or (
+            section is not None and indent > section and (m := _GOOGLE_ITEM.match(line))
+        ):
+            current, current_indent = m.group(1), indent
+            params[current] = m.group(2).strip()
+    return " ".join(ln.strip() for ln in summary), {k: v for k, v in params.items() if v}
+
+
+# --------------------------------------------------------------------------- schema
+
+
+def _tidy(schema: Any) -> Any:
+    """The schema without pydantic's generated ``title`` keys (noise for a model)."""
+    if isinstance(schema, list):
+        return [_tidy(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key == "title" and isinstance(value, str):
+            continue
+        if key in _SCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: _tidy(sub) for name, sub in value.items()}
+        elif key in _DATA_KEYS:
+            out[key] = value
+        else:
+            out[key] = _tidy(value)
+    return out
+
+
+def _callable_name(fn: Callable[..., Any]) -> str:
+    target = fn.func if isinstance(fn, functools.partial) else fn
+    name = getattr(target, "__name__", None)
+    return name if isinstance(name, str) else type(target).__name__
+
+
+def _callable_doc(fn: Callable[..., Any]) -> str | None:
+    target = fn.func if isinstance(fn, functools.partial) else fn
+    if inspect.isroutine(target) or inspect.isclass(target):
+        return inspect.getdoc(target)
+    # A callable instance: its class's own docstring, not one inherited from `object`.
+    doc = type(target).__dict__.get("__doc__") or inspect.getdoc(type(target).__call__)
+    return doc if isinstance(doc, str) else None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Param:
+    field: str  # the field name in the arguments model (the parameter name is its alias)
+    name: str
+    positional_only: bool
+    always_pass: bool  # the signature's default is a pydantic Field(): never let it through
+
+
+def _blame(name: str, sig: inspect.Signature) -> str:
+    """Which parameter pydantic cannot describe, for the error message."""
+    for p in sig.parameters.values():
+        ann = Any if p.annotation is p.empty else p.annotation
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", PydanticJsonSchemaWarning)
+                TypeAdapter(ann).json_schema()
+        except Exception:
+            return (
+                f"tool {name!r}: parameter {p.name!r} has type {ann!r}, which cannot be "
+                "described as JSON schema; use JSON-like types (str, int, float, bool, list, "
+                "dict, Literal, Enum) or a pydantic model"
+            )
+    return f"tool {name!r}: its parameters cannot be described as JSON schema"
+
+
+# --------------------------------------------------------------------------- Tool
+
+
+class _CallError(ValueError):
+    """A call failed in a way the model should hear about (never leaves this module)."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+class Tool:
+    """A Python callable described to the model: a name, a description and a JSON schema.
+
+    Calling a ``Tool`` calls the original function; ``fn`` is that function.
+    """
+
+    name: str
+    description: str
+    parameters: dict[str, Any]
+    fn: Callable[..., Any]
+    is_async: bool
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        *,
+        name: str | None = None,
+        description: str | None = None,
+    ) -> None:
+        if not callable(fn):
+            raise ToolDefinitionError(f"a tool must be a callable, got {type(fn).__name__}")
+        name = name if name is not None else _callable_name(fn)
+        if not _NAME_RE.match(name):
+            raise ToolDefinitionError(
+                f"tool name {name!r} is not allowed: use 1-64 letters, digits, '_' or '-' "
+                "(for a lambda or partial, pass name=...)"
+            )
+        if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+            raise ToolDefinitionError(
+                f"tool {name!r} is a generator; a tool must return its result (return a list)"
+            )
+        try:
+            sig = inspect.signature(fn, eval_str=True)
+        except Exception as exc:
+            raise ToolDefinitionError(
+                f"cannot read the signature of tool {name!r}: {type(exc).__name__}: {exc}"
+            ) from exc
+
+        summary, param_docs = _parse_docstring(_callable_doc(fn))
+        fields: dict[str, Any] = {}
+        for i, p in enumerate(sig.parameters.values()):
+            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                star = "*" if p.kind is p.VAR_POSITIONAL else "**"
+                raise ToolDefinitionError(
+                    f"tool {name!r}: parameter {star}{p.name} cannot be described to a model; "
+                    "declare each argument as a named parameter"
+                )
+            annotation = Any if p.annotation is p.empty else p.annotation
+            typed: Any = Annotated[annotation, Field(alias=p.name)]
+            # Without a signature default, an `Annotated[..., Field(default=...)]` may give one.
+            fields[f"p{i}"] = typed if p.default is p.empty else (typed, p.default)
+        try:
+            # Defaults that JSON cannot show are left out of the schema; that is fine here.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", PydanticJsonSchemaWarning)
+                model = create_model("Arguments", __config__=_ARGS_CONFIG, **fields)
+                schema = _tidy(model.model_json_schema())
+        except Exception as exc:
+            raise ToolDefinitionError(_blame(name, sig)) from exc
+        params = [
+            _Param(
+                field=field,
+                name=p.name,
+                positional_only=p.kind is p.POSITIONAL_ONLY,
+                # A default the function itself lacks (Field() as default, or in Annotated)
+                # must always be passed: leaving it out would not mean the same thing.
+                always_pass=isinstance(p.default, FieldInfo)
+                or (p.default is p.empty and not model.model_fields[field].is_required()),
+            )
+            for field, p in zip(fields, sig.parameters.values(), strict=True)
+        ]
+
+        schema["type"] = "object"
+        properties: dict[str, Any] = schema.setdefault("properties", {})
+        for pname, prop in properties.items():
+            if pname in param_docs and "description" not in prop:
+                properties[pname] = {"description": param_docs[pname], **prop}
+
+        self.name = name
+        self.description = description if description is not None else summary
+        self.parameters = schema
+        self.fn = fn
+        self.is_async = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+            getattr(fn, "__call__", None)  # noqa: B004 -- an instance with `async def __call__`
+        )
+        self._model = model
+        self._params = params
+        self.__doc__ = _callable_doc(fn)
+        self.__wrapped__ = fn  # so inspect.signature(tool) shows the function's signature
+
+    def openai_schema(self) -> dict[str, Any]:
+        """This tool as one entry of the chat completions API's ``tools`` list."""
+        return {
+            "type": "function",
+            "function": {
+                "name": self.name,
+                "description": self.description,
+                "parameters": copy.deepcopy(self.parameters),
+            },
+        }
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"Tool(name={self.name!r}, description={self.description!r})"
+
+    def _bind(self, arguments: str) -> tuple[list[Any], dict[str, Any]]:
+        """Parse and validate raw JSON arguments into ``(args, kwargs)`` for ``fn``."""
+        text = arguments.strip()
+        try:
+            data = json.loads(text) if text else None
+        except json.JSONDecodeError as exc:
+            raise _CallError(
+                "invalid_json",
+                f"arguments are not valid JSON ({exc.msg} at line {exc.lineno} column "
+                f"{exc.colno}); send one JSON object",
+            ) from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise _CallError(
+                "invalid_arguments",
+                f"arguments must be a JSON object, got {type(data).__name__}: {_short(data)}",
+            )
+        try:
+            validated = self._model.model_validate(data)
+        except ValidationError as exc:
+            raise _CallError("invalid_arguments", self._describe(exc)) from None
+
+        given = validated.model_fields_set
+        positional: list[tuple[bool, Any]] = []
+        kwargs: dict[str, Any] = {}
+        for p in self._params:
+            passed = p.field in given or p.always_pass
+            if p.positional_only:
+                positional.append((passed, getattr(validated, p.field)))
+            elif passed:
+                kwargs[p.name] = getattr(validated, p.field)
+        # Positional-only values cannot be skipped: pass defaults up to the last one given.
+        last = max((i for i, (passed, _) in enumerate(positional) if passed), default=-1)
+        return [value for _, value in positional[: last + 1]], kwargs
+
+    def _describe(self, exc: ValidationError) -> str:
+        problems = []
+        hint = False
+        for err in exc.errors(include_url=False):
+            loc = ".".join(str(x) for x in err["loc"]) or "arguments"
+            text = f"{loc}: {err['msg']}"
+            if err["type"] in ("missing", "extra_forbidden"):
+                hint = True
+            else:
+                text += f" (got {_short(err.get('input'))})"
+            problems.append(text)
+        message = f"invalid arguments for {self.name}: " + "; ".join(problems)
+        if hint:
+            names = ", ".join(p.name for p in self._params) or "none"
+            message += f". Parameters: {names}"
+        return message
+
+    async def invoke(self, arguments: str) -> Any:
+        """Validate ``arguments`` (raw JSON) and call the function; sync ones in a thread.
+
+        Raises ``ValueError`` (with a message meant for the model) for unusable arguments,
+        and whatever the function raises.
+        """
+        args, kwargs = self._bind(arguments)
+        if self.is_async:
+            return await self.fn(*args, **kwargs)
+        result = await _in_thread(self.fn, args, kwargs, self.name)
+        if inspect.isawaitable(result):  # a sync wrapper around something async
+            result = await result
+        return result
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+async def _in_thread(
+    fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any], name: str
+) -> Any:
+    """Run ``fn`` in a fresh daemon thread; cancelling the await abandons the thread at once."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+    context = contextvars.copy_context()
+
+    def settle(exc: BaseException | None, value: Any) -> None:
+        if future.done():  # the caller was cancelled and no longer waits
+            return
+        if exc is None:
+            future.set_result(value)
+        else:
+            future.set_exception(exc)
+
+    def target() -> None:
+        try:
+            value = context.run(fn, *args, **kwargs)
+        except BaseException as exc:
+            outcome: tuple[BaseException | None, Any] = (exc, None)
+        else:
+            outcome = (None, value)
+        # A closed loop means nobody is left waiting for the result.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    threading.Thread(target=target, name=f"nbchat-tool-{name}", daemon=True).start()
+    return await future
+
+
+@overload
+def tool(
+    fn: Callable[..., Any], *, name: str | None = None, description: str | None = None
+) -> Tool: ...
+@overload
+def tool(
+    fn: None = None, *, name: str | None = None, description: str | None = None
+) -> Callable[[Callable[..., Any]], Tool]: ...
+def tool(
+    fn: Callable[..., Any] | None = None,
+    *,
+    name: str | None = None,
+    description: str | None = None,
+) -> Tool | Callable[[Callable[..., Any]], Tool]:
+    """Make a function a tool; use as ``@tool`` or ``@tool(name=..., description=...)``.
+
+    The docstring's first paragraph describes the tool, its ``Args:`` (or ``:param x:``)
+    entries describe the parameters, and the type hints become the JSON schema.
+    """
+
+    def make(f: Callable[..., Any]) -> Tool:
+        if isinstance(f, Tool):
+            desc = description if description is not None else f.description
+            return Tool(f.fn, name=name or f.name, description=desc)
+        return Tool(f, name=name, description=description)
+
+    if fn is None:
+        return make
+    if isinstance(fn, str):
+        raise ToolDefinitionError("to name a tool, write @tool(name=...), not @tool('...')")
+    return make(fn)
+
+
+def as_tool(obj: Tool | Callable[..., Any]) -> Tool:
+    """``obj`` itself if it is a :class:`Tool`, else a new tool made from the callable."""
+    return obj if isinstance(obj, Tool) else Tool(obj)
+
+
+# --------------------------------------------------------------------------- results
+
+
+def error_payload(kind: str, message: str) -> str:
+    """The JSON text a model receives when a tool call fails."""
+    return json.dumps({"ok": False, "error_kind": kind, "message": message}, ensure_ascii=False)
+
+
+def _truncate(text: str, max_chars: int | None) -> str:
+    if max_chars is None or len(text) <= max_chars:
+        return text
+    keep = max(max_chars, 0)
+    return f"{text[:keep]}\n... [truncated: {keep} of {len(text)} characters shown]"
+
+
+def _safe_repr(value: Any) -> str:
+    try:
+        return repr(value)
+    except Exception as exc:
+        return f"<{type(value).__name__} object; repr() failed: {type(exc).__name__}>"
+
+
+def _pandas_text(value: Any) -> str | None:
+    import pandas as pd  # only reached for pandas objects, so pandas is already loaded
+
+    if isinstance(value, pd.DataFrame | pd.Series):
+        kind = type(value).__name__
+        named = isinstance(value, pd.Series) and value.name is not None
+        label = f" {value.name!r}" if named else ""
+        first = f" (first {_HEAD_ROWS} rows)" if len(value) > _HEAD_ROWS else ""
+        head = value.head(_HEAD_ROWS).to_string()
+        return f"{kind}{label} with shape {value.shape}{first}:\n{head}"
+    return None
+
+
+def _json_fallback(value: Any) -> Any:
+    module = type(value).__module__
+    if module.startswith("numpy") and hasattr(value, "tolist"):
+        return value.tolist()
+    if module.startswith("pandas") and (text := _pandas_text(value)) is not None:
+        return text
+    return _safe_repr(value)
+
+
+def _to_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    module = type(value).__module__
+    if isinstance(value, BaseModel):
+        try:
+            return value.model_dump_json()
+        except Exception:
+            return _safe_repr(value)
+    if module.startswith("pandas") and (text := _pandas_text(value)) is not None:
+        return text
+    jsonable = (
+        value is None
+        or isinstance(value, bool | int | float | dict | list | tuple | set | frozenset)
+        or (module.startswith("numpy") and hasattr(value, "tolist"))
+        or (dataclasses.is_dataclass(value) and not isinstance(value, type))
+    )
+    if jsonable:
+        try:
+            return pydantic_core.to_json(value, fallback=_json_fallback).decode()
+        except Exception:  # circular references, undecodable bytes...
+            return _safe_repr(value)
+    return _safe_repr(value)
+
+
+def serialise_result(value: Any, max_chars: int | None = DEFAULT_MAX_RESULT_CHARS) -> str:
+    """A tool's return value as the text the model reads, cut past ``max_chars``.
+
+    ``str`` as is; pydantic models, dicts, lists, numbers, ``None`` as JSON (``repr`` for
+    what JSON cannot hold); DataFrames and Series as shape plus the first rows; others
+    ``repr``. A cut result ends with ``... [truncated: N of M characters shown]``.
+    Never raises.
+    """
+    try:
+        text = _to_text(value)
+    except Exception:  # e.g. a DataFrame subclass whose to_string() fails
+        text = _safe_repr(value)
+    return _truncate(text, max_chars)
+
+
+# --------------------------------------------------------------------------- ToolSet
+
+
+class ToolSet:
+    """The tools of one session, by name; runs a round of tool calls concurrently."""
+
+    def __init__(
+        self,
+        tools: Iterable[Tool | Callable[..., Any]] = (),
+        *,
+        max_result_chars: int | None = DEFAULT_MAX_RESULT_CHARS,
+    ) -> None:
+        self.max_result_chars = max_result_chars
+        self._tools: dict[str, Tool] = {}
+        for t in tools:
+            self.add(t)
+
+    def add(self, obj: Tool | Callable[..., Any], *, replace: bool = False) -> Tool:
+        """Add a tool (or a plain callable); a different tool with the same name is an error
+        unless ``replace=True``."""
+        t = as_tool(obj)
+        existing = self._tools.get(t.name)
+        if existing is not None and existing is not t and not replace:
+            raise ToolDefinitionError(
+                f"two tools are named {t.name!r}; rename one with @tool(name=...)"
+            )
+        self._tools[t.name] = t
+        return t
+
+    def remove(self, name: str) -> None:
+        """Remove the tool called ``name`` (``KeyError`` if there is none)."""
+        del self._tools[name]
+
+    def names(self) -> list[str]:
+        """The tool names, in the order the tools were added."""
+        return list(self._tools)
+
+    def get(self, name: str) -> Tool | None:
+        """The tool called ``name``, or ``None``."""
+        return self._tools.get(name)
+
+    def __getitem__(self, name: str) -> Tool:
+        return self._tools[name]
+
+    def __contains__(self, name: object) -> bool:
+        if isinstance(name, Tool):
+            return self._tools.get(name.name) is name
+        return name in self._tools
+
+    def __len__(self) -> int:
+        return len(self._tools)
+
+    def __iter__(self) -> Iterator[Tool]:
+        return iter(list(self._tools.values()))
+
+    def __repr__(self) -> str:
+        return f"ToolSet({self.names()!r})"
+
+    def specs(self) -> list[dict[str, Any]]:
+        """The ``tools`` list for a chat completions request."""
+        return [t.openai_schema() for t in self._tools.values()]
+
+    async def run(
+        self,
+        calls: Iterable[ToolCall],
+        *,
+        turn_id: str | None = None,
+        round: int | None = None,
+    ) -> list[ToolCallRecord]:
+        """Run every call at once; records come back in call order and never raise.
+
+        Cancelling the awaiting task cancels async tools and returns promptly; sync tools
+        already running in threads are abandoned (see the module docstring).
+        """
+        jobs = [self.run_one(c, turn_id=turn_id, round=round) for c in calls]
+        return list(await asyncio.gather(*jobs)) if jobs else []
+
+    async def run_one(
+        self,
+        call: ToolCall,
+        *,
+        turn_id: str | None = None,
+        round: int | None = None,
+    ) -> ToolCallRecord:
+        """Run one call; every failure becomes an :func:`error_payload` record."""
+        start = time.perf_counter()
+        error_kind: str | None = None
+        try:
+            t = self._tools.get(call.name)
+            if t is None:
+                available = ", ".join(self._tools) or "none"
+                raise _CallError(
+                    "unknown_tool", f"unknown tool {call.name!r}; available tools: {available}"
+                )
+            try:
+                value = await t.invoke(call.arguments)
+            except _CallError:
+                raise
+            except (Exception, SystemExit) as exc:  # argparse-style code calls sys.exit()
+                message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                raise _CallError("tool_error", message) from None
+            result = serialise_result(value, self.max_result_chars)
+        except _CallError as err:
+            error_kind = err.kind
+            result = error_payload(err.kind, _truncate(err.message, self.max_result_chars))
+        return ToolCallRecord(
+            call_id=call.id,
+            name=call.name,
+            arguments=call.arguments,
+            result=result,
+            is_error=error_kind is not None,
+            error_kind=error_kind,
+            duration_ms=(time.perf_counter() - start) * 1000,
+            turn_id=turn_id,
+            round=round,
+        )
