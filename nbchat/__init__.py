@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 _EXPORTS: dict[str, str] = {
     # errors
     "ConfigError": "_exceptions",
+    "GuardrailRejected": "_exceptions",
     "ModelAPIError": "_exceptions",
     "NbchatError": "_exceptions",
     "SessionPendingError": "_exceptions",
@@ -54,6 +55,7 @@ _EXPORTS: dict[str, str] = {
 if TYPE_CHECKING:
     from ._exceptions import (
         ConfigError,
+        GuardrailRejected,
         ModelAPIError,
         NbchatError,
         SessionPendingError,

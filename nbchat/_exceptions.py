@@ -5,7 +5,8 @@
      ├── StoreError            the DuckDB store cannot be opened, migrated, written or read
      ├── ModelAPIError         the model server answered with an error (status_code, body)
      ├── SessionPendingError   a stored session has tool calls without results
-     └── ToolDefinitionError   a function cannot be turned into a tool
+     ├── ToolDefinitionError   a function cannot be turned into a tool
+     └── GuardrailRejected     a guardrail refused a text (raised by user guardrails)
 
 Errors a *model* can recover from (a tool that raises, bad tool arguments) never
 surface as exceptions: they go back to the model as a JSON error payload.
@@ -17,6 +18,7 @@ from typing import Any
 
 __all__ = [
     "ConfigError",
+    "GuardrailRejected",
     "ModelAPIError",
     "NbchatError",
     "SessionPendingError",
@@ -68,3 +70,7 @@ class SessionPendingError(NbchatError):
 
 class ToolDefinitionError(NbchatError):
     """A Python callable cannot be described to the model as a tool."""
+
+
+class GuardrailRejected(NbchatError):
+    """Raise this from a guardrail to reject a text; the message says why (shown to the user)."""

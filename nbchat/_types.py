@@ -127,7 +127,8 @@ class Usage(_Model):
     @property
     def total_tokens(self) -> int | None:
         """Prompt plus completion tokens, or ``None`` if unknown."""
-        return _add(self.prompt_tokens, self.completion_tokens)
+        total: int | None = _add(self.prompt_tokens, self.completion_tokens)
+        return total
 
     def add(self, usage: RequestUsage | None, cost_usd: float | None) -> Usage:
         """A new total with one more request added."""

@@ -1,0 +1,101 @@
+"""Budgets and guardrails: the checks the loop makes before each request and around text.
+
+Budgets are checked *before* a request, from what is already spent, so a turn never
+starts a request it cannot afford. Spending that cannot be known (a model with no
+price, a server that reports no usage) is never counted as zero: the check says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from pydantic import BaseModel, ConfigDict
+
+from ._exceptions import GuardrailRejected
+from ._types import Usage
+
+__all__ = ["BudgetCheck", "Budgets", "GuardrailRejected", "apply_guardrails"]
+
+Guardrail = Callable[[str], "str | None"]
+
+
+class BudgetCheck(BaseModel):
+    """The outcome of a budget check: a limit that stops the turn, or a notice, or neither."""
+
+    limit: str | None = None
+    message: str | None = None
+    notice: str | None = None
+
+
+class Budgets(BaseModel):
+    """Spending limits of a session (per session and per turn, in USD and tokens)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    budget_usd: float | None = None
+    turn_budget_usd: float | None = None
+    max_tokens_total: int | None = None
+    turn_max_tokens: int | None = None
+
+    def check(self, session: Usage, turn: Usage) -> BudgetCheck:
+        """Whether one more request is allowed, given what the session and turn spent."""
+        notices: list[str] = []
+        for scope, spent, limit in (
+            ("session", session, self.budget_usd),
+            ("turn", turn, self.turn_budget_usd),
+        ):
+            if limit is None:
+                continue
+            if spent.cost_usd is None:
+                notices.append(
+                    f"The {scope} budget of ${limit:g} cannot be checked: the cost of "
+                    "some requests is unknown (no price for this model; "
+                    "nbchat.register_price() sets one)."
+                )
+            elif spent.cost_usd >= limit:
+                return _stop(scope, "usd", f"${spent.cost_usd:.6f} spent of ${limit:g}")
+        for scope, spent, token_limit in (
+            ("session", session, self.max_tokens_total),
+            ("turn", turn, self.turn_max_tokens),
+        ):
+            if token_limit is None:
+                continue
+            if spent.total_tokens is None:
+                notices.append(
+                    f"The {scope} token limit of {token_limit} cannot be checked: the server "
+                    "did not report usage for some requests."
+                )
+            elif spent.total_tokens >= token_limit:
+                return _stop(scope, "tokens", f"{spent.total_tokens} of {token_limit} tokens used")
+        return BudgetCheck(notice=" ".join(notices) or None)
+
+
+def _stop(scope: str, unit: str, detail: str) -> BudgetCheck:
+    name = {
+        ("session", "usd"): "budget_usd",
+        ("turn", "usd"): "turn_budget_usd",
+        ("session", "tokens"): "max_tokens_total",
+        ("turn", "tokens"): "turn_max_tokens",
+    }[(scope, unit)]
+    return BudgetCheck(
+        limit=name,
+        message=f"Stopped before the next request: the {scope} limit {name} is reached ({detail}).",
+    )
+
+
+def apply_guardrails(text: str, guardrails: Sequence[Guardrail]) -> str:
+    """Run ``text`` through each guardrail in order; each may rewrite it or reject it.
+
+    A guardrail returns the new text, or ``None`` to leave it unchanged, or raises
+    ``GuardrailRejected``. Any other exception is a bug in the guardrail and propagates.
+    """
+    for guard in guardrails:
+        result = guard(text)
+        if result is not None:
+            if not isinstance(result, str):
+                raise TypeError(
+                    f"guardrail {getattr(guard, '__name__', guard)!r} returned "
+                    f"{type(result).__name__}; return a str, None, or raise GuardrailRejected"
+                )
+            text = result
+    return text

@@ -1,0 +1,642 @@
+"""The session loop: one turn is request_model → run_tools → … → finish.
+
+Every step emits typed events (``nbchat._types``). The store, the session's
+``on_event`` callback and the caller (cell renderer, panel, ``send()``) all consume the
+same stream; the store sees each event before anyone else, so an assistant message
+that asks for tools is durable before the tools run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from ._client import ModelClient, RoundFolder
+from ._config import resolve_client, set_defaults
+from ._exceptions import GuardrailRejected, ModelAPIError, SessionPendingError
+from ._limits import Budgets, Guardrail, apply_guardrails
+from ._runner import submit
+from ._tools import ToolSet, error_payload
+from ._types import (
+    ErrorEvent,
+    Event,
+    LimitReached,
+    Message,
+    MessageAdded,
+    MessagesMarked,
+    MessageStatus,
+    Notice,
+    ToolCall,
+    ToolCallRecord,
+    ToolResult,
+    TurnFinished,
+    TurnResult,
+    TurnStarted,
+    TurnStatus,
+    Usage,
+    UsageEvent,
+    new_id,
+)
+
+if TYPE_CHECKING:
+    from ._store import Store
+
+__all__ = ["Session", "configure"]
+
+EventHandler = Callable[[Event], None]
+_DONE = object()
+MAX_ROUNDS_NOTE = (
+    "You have reached the limit on tool calls for this turn. Do not call tools; "
+    "answer now as well as you can with the information you already have."
+)
+
+
+def configure(**defaults: Any) -> dict[str, Any]:
+    """Set defaults for new sessions in this process (model, base_url, api_key, db, ...).
+
+    Pass ``None`` to remove a default. Returns the defaults now in force (key hidden).
+    """
+    return set_defaults(**defaults)
+
+
+class _Failure:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+class _Turn:
+    """What one turn has done so far."""
+
+    def __init__(self, turn_id: str, cell_id: str | None) -> None:
+        self.turn_id = turn_id
+        self.cell_id = cell_id
+        self.started = time.perf_counter()
+        self.round = 0
+        self.usage = Usage()
+        self.tool_calls: list[ToolCallRecord] = []
+        self.messages: list[Message] = []
+        self.text = ""
+        self.status: TurnStatus = "completed"
+        self.error: str | None = None
+        self.folder: RoundFolder | None = None
+        self.unanswered: list[ToolCall] = []
+
+
+class Session:
+    """A conversation with a model that may call Python tools; every step is stored.
+
+    ``Session(session_id=...)`` reopens a stored session and continues it. ``db=False``
+    keeps the session in memory only.
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        db: Any = None,
+        system: str | None = None,
+        tools: Iterable[Any] = (),
+        max_rounds: int = 16,
+        budget_usd: float | None = None,
+        turn_budget_usd: float | None = None,
+        max_tokens_total: int | None = None,
+        turn_max_tokens: int | None = None,
+        temperature: float | None = None,
+        session_id: str | None = None,
+        title: str | None = None,
+        on_event: EventHandler | None = None,
+        input_guardrails: Sequence[Guardrail] = (),
+        output_guardrails: Sequence[Guardrail] = (),
+        max_retries: int = 2,
+        timeout: float = 600.0,
+        max_result_chars: int = 8000,
+        stream: bool = True,
+        request_params: dict[str, Any] | None = None,
+        notebook: str | None = None,
+    ) -> None:
+        self.store: Store | None = _open_store(db)
+        stored = self.store.load_session(session_id) if self.store and session_id else None
+        settings = resolve_client(model or (stored.model if stored else None), base_url, api_key)
+        self.client = ModelClient(settings, max_retries=max_retries, timeout=timeout)
+        self.id = session_id or new_id()
+        self.tools = ToolSet(tools, max_result_chars=max_result_chars)
+        self.max_rounds = max_rounds
+        self.budgets = Budgets(
+            budget_usd=budget_usd,
+            turn_budget_usd=turn_budget_usd,
+            max_tokens_total=max_tokens_total,
+            turn_max_tokens=turn_max_tokens,
+        )
+        self.on_event = on_event
+        self.input_guardrails = list(input_guardrails)
+        self.output_guardrails = list(output_guardrails)
+        self.streaming = stream
+        self.request_params = dict(request_params or {})
+        if temperature is not None:
+            self.request_params["temperature"] = temperature
+        self.usage = Usage()
+        self._lock = threading.Lock()
+        self._task: asyncio.Task[None] | None = None
+        self._task_loop: asyncio.AbstractEventLoop | None = None
+        self._cancel_requested = False
+        self._notices_given: set[str] = set()
+        if stored is not None:
+            self._messages = list(stored.messages)
+            self._seq = stored.max_seq + 1
+            self.system = stored.system_prompt
+            self.title = stored.title
+        else:
+            self._messages, self._seq = [], 0
+            self.system, self.title = system, title
+            if self.store is not None:
+                self.store.create_session(
+                    session_id=self.id,
+                    model=settings.model,
+                    system_prompt=system,
+                    title=title,
+                    notebook=notebook,
+                )
+            if system:
+                self._add(Message(role="system", content=system))
+
+    def __repr__(self) -> str:
+        return (
+            f"Session(id={self.id!r}, model={self.model!r}, messages={len(self._messages)}, "
+            f"store={self.store.path if self.store else None!r})"
+        )
+
+    # ------------------------------------------------------------------ public surface
+
+    @property
+    def model(self) -> str:
+        """The model this session sends requests to."""
+        return self.client.model
+
+    @property
+    def messages(self) -> list[dict[str, Any]]:
+        """The live context, as the OpenAI-format dicts the next request will send."""
+        return [m.to_openai() for m in self._messages]
+
+    @property
+    def history(self) -> list[Message]:
+        """The live context as ``Message`` objects (with seq, turn, status, ...)."""
+        return list(self._messages)
+
+    @property
+    def pending_tool_calls(self) -> list[ToolCall]:
+        """Tool calls of the last assistant message that have no result yet."""
+        for i in range(len(self._messages) - 1, -1, -1):
+            m = self._messages[i]
+            if m.role == "assistant" and m.tool_calls:
+                answered = {x.tool_call_id for x in self._messages[i + 1 :] if x.role == "tool"}
+                return [c for c in m.tool_calls if c.id not in answered]
+            if m.role in ("user", "assistant"):
+                return []
+        return []
+
+    def send(
+        self, text: str, *, cell_id: str | None = None, on_event: EventHandler | None = None
+    ) -> TurnResult:
+        """Run one turn and return its result; ``on_event`` sees each event on this thread.
+
+        Works in scripts and inside a running Jupyter kernel. Ctrl-C or a kernel
+        interrupt stops the turn at once: the result then has status "interrupted".
+        """
+        self._raise_if_pending()
+        return self._run_sync(self._turn(text, cell_id), on_event)
+
+    async def stream(self, text: str, *, cell_id: str | None = None) -> AsyncIterator[Event]:
+        """Run one turn, yielding its events as they happen (the last is ``TurnFinished``)."""
+        self._raise_if_pending()
+        events: asyncio.Queue[Any] = asyncio.Queue()
+        task = asyncio.ensure_future(self._pump(self._turn(text, cell_id), events.put_nowait))
+        try:
+            while True:
+                item = await events.get()
+                if item is _DONE:
+                    break
+                if isinstance(item, _Failure):
+                    raise item.exc
+                yield item
+        finally:
+            if not task.done():
+                self.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def resume(self, *, on_event: EventHandler | None = None) -> TurnResult:
+        """Run the tool calls left pending by a crash, then let the model continue."""
+        if not self.pending_tool_calls:
+            raise SessionPendingError("Nothing to resume: this session has no pending tool calls.")
+        return self._run_sync(self._turn(None, None, resume=True), on_event)
+
+    def abort_pending(self) -> list[Message]:
+        """Close pending tool calls with synthetic "aborted" results; returns those messages."""
+        calls = self.pending_tool_calls
+        turn_id = next((m.turn_id for m in reversed(self._messages) if m.role == "assistant"), None)
+        aborted = [
+            Message(
+                role="tool",
+                tool_call_id=c.id,
+                name=c.name,
+                turn_id=turn_id,
+                status="aborted",
+                content=error_payload(
+                    "aborted", "This tool call was aborted before it produced a result."
+                ),
+            )
+            for c in calls
+        ]
+        for message in aborted:
+            self._add(message)
+        return aborted
+
+    def cancel(self) -> None:
+        """Stop the running turn at once (safe to call from any thread)."""
+        task, loop = self._task, self._task_loop
+        if task is None or loop is None:
+            return
+        self._cancel_requested = True
+        loop.call_soon_threadsafe(task.cancel)
+
+    def set_model(self, model: str) -> None:
+        """Send the following requests to another model on the same endpoint."""
+        s = self.client.settings
+        settings = resolve_client(model, s.base_url, s.api_key)
+        self.client = ModelClient(
+            settings, max_retries=self.client.max_retries, timeout=self.client.timeout
+        )
+
+    # ------------------------------------------------------------------ sync bridge
+
+    def _raise_if_pending(self) -> None:
+        pending = self.pending_tool_calls
+        if pending:
+            names = ", ".join(c.name or "?" for c in pending)
+            raise SessionPendingError(
+                f"Session {self.id} has {len(pending)} tool call(s) without results ({names}), "
+                "left by a process that stopped. Call session.resume() to run them and "
+                "continue, or session.abort_pending() to close them as aborted."
+            )
+
+    def _run_sync(self, turn: AsyncIterator[Event], on_event: EventHandler | None) -> TurnResult:
+        events: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        future = submit(self._pump(turn, events.put))
+        result: TurnResult | None = None
+        while True:
+            try:
+                try:
+                    item = events.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                if item is _DONE:
+                    break
+                if isinstance(item, _Failure):
+                    raise item.exc
+                if isinstance(item, TurnFinished):
+                    result = item.result
+                if on_event is not None:
+                    on_event(item)
+            except KeyboardInterrupt:
+                # A kernel interrupt lands on this thread: stop the turn and keep draining
+                # so the interrupted reply is stored and shown.
+                self.cancel()
+        future.result()
+        assert result is not None, "a turn always ends with TurnFinished"
+        return result
+
+    async def _pump(self, turn: AsyncIterator[Event], put: Callable[[Any], None]) -> None:
+        """Drive ``turn`` on the running loop under the session lock, handing events to put."""
+        try:
+            await self._acquire()
+            try:
+                self._task = asyncio.current_task()
+                self._task_loop = asyncio.get_running_loop()
+                async for event in turn:
+                    put(event)
+            finally:
+                self._task = self._task_loop = None
+                self._cancel_requested = False
+                self._lock.release()
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            put(_Failure(exc))
+        finally:
+            put(_DONE)
+
+    async def _acquire(self) -> None:
+        if self._lock.acquire(blocking=False):
+            return
+        # Another turn of this session is running: wait without blocking the loop.
+        acquired = asyncio.get_running_loop().run_in_executor(None, self._lock.acquire)
+        try:
+            await asyncio.shield(acquired)
+        except asyncio.CancelledError:
+            acquired.add_done_callback(lambda _: self._lock.release())
+            raise
+
+    # ------------------------------------------------------------------ the loop
+
+    def _emit(self, event: Event) -> Event:
+        if self.store is not None:
+            self.store.handle(event)
+        if self.on_event is not None:
+            self.on_event(event)
+        return event
+
+    def _record(self, message: Message, turn: _Turn | None = None) -> Event:
+        """Number a message, hand it to the store, and remember it as part of the turn."""
+        message.seq = self._seq
+        self._seq += 1
+        if turn is not None:
+            turn.messages.append(message)
+        return self._emit(
+            MessageAdded(session_id=self.id, turn_id=message.turn_id or "", message=message)
+        )
+
+    def _add(self, message: Message, turn: _Turn | None = None) -> Event:
+        """Append a message to the live context (and record it)."""
+        self._messages.append(message)
+        return self._record(message, turn)
+
+    async def _turn(
+        self, text: str | None, cell_id: str | None, *, resume: bool = False
+    ) -> AsyncIterator[Event]:
+        if resume:
+            last = next(m for m in reversed(self._messages) if m.role == "assistant")
+            turn = _Turn(last.turn_id or new_id(), last.cell_id)
+        else:
+            turn = _Turn(new_id(), cell_id)
+        yield self._emit(
+            TurnStarted(session_id=self.id, turn_id=turn.turn_id, text=text or "", cell_id=cell_id)
+        )
+        try:
+            if resume:
+                async for event in self._run_tools(turn, self.pending_tool_calls):
+                    yield event
+            else:
+                assert text is not None
+                for event in self._start(turn, text):
+                    yield event
+            while turn.status == "completed":
+                async for event in self._request_model(turn):
+                    yield event
+                if turn.status != "completed" or not turn.unanswered:
+                    break
+                async for event in self._run_tools(turn, turn.unanswered):
+                    yield event
+                turn.round += 1
+        except asyncio.CancelledError:
+            for event in self._interrupted(turn):
+                yield event
+        yield self._finish(turn)
+
+    def _start(self, turn: _Turn, text: str) -> Iterable[Event]:
+        """Guard the user's text, fork the conversation on a cell re-run, add the message."""
+        if turn.cell_id is not None:
+            yield from self._supersede_cell(turn.cell_id)
+        try:
+            text = apply_guardrails(text, self.input_guardrails)
+        except GuardrailRejected as exc:
+            turn.status, turn.error = "rejected", f"Input rejected by a guardrail: {exc}"
+            yield self._record(
+                Message(
+                    role="user",
+                    content=text,
+                    turn_id=turn.turn_id,
+                    cell_id=turn.cell_id,
+                    status="rejected",
+                    state="superseded",
+                ),
+                turn,
+            )
+            yield self._emit(
+                ErrorEvent(
+                    session_id=self.id,
+                    turn_id=turn.turn_id,
+                    message=turn.error,
+                    error_kind="guardrail",
+                )
+            )
+            return
+        yield self._add(
+            Message(role="user", content=text, turn_id=turn.turn_id, cell_id=turn.cell_id), turn
+        )
+
+    def _supersede_cell(self, cell_id: str) -> Iterable[Event]:
+        """Re-running a cell replaces its earlier turn and everything after it."""
+        start = next(
+            (i for i, m in enumerate(self._messages) if m.role == "user" and m.cell_id == cell_id),
+            None,
+        )
+        if start is None:
+            return
+        dropped, self._messages = self._messages[start:], self._messages[:start]
+        for m in dropped:
+            m.state = "superseded"
+        yield self._emit(
+            MessagesMarked(
+                session_id=self.id, message_ids=[m.id for m in dropped], state="superseded"
+            )
+        )
+
+    async def _request_model(self, turn: _Turn) -> AsyncIterator[Event]:
+        """One model request: check budgets, stream the reply, add the assistant message."""
+        final = turn.round >= self.max_rounds
+        check = self.budgets.check(self.usage, turn.usage)
+        if check.notice and check.notice not in self._notices_given:
+            self._notices_given.add(check.notice)
+            yield self._emit(Notice(session_id=self.id, turn_id=turn.turn_id, message=check.notice))
+        if check.limit is not None:
+            turn.status, turn.error = "budget_exceeded", check.message
+            yield self._emit(
+                LimitReached(
+                    session_id=self.id,
+                    turn_id=turn.turn_id,
+                    limit=check.limit,
+                    message=check.message or "",
+                )
+            )
+            return
+        payload = [m.to_openai() for m in self._messages]
+        if final:
+            payload.append({"role": "system", "content": MAX_ROUNDS_NOTE})
+        folder = RoundFolder(self.id, turn.turn_id, turn.round)
+        turn.folder = folder
+        error: ModelAPIError | None = None
+        try:
+            async for event in self.client.astream(
+                payload,
+                folder,
+                tools=None if final else self.tools.specs() or None,
+                stream=self.streaming,
+                **self.request_params,
+            ):
+                yield event
+        except ModelAPIError as exc:
+            error = exc
+        finally:
+            # Runs on cancellation too: a request that was cut short is still recorded.
+            usage_event = self._record_usage(turn, folder, error)
+        yield usage_event
+        turn.folder = None
+        if error is not None:
+            turn.status, turn.error = "error", str(error)
+            if folder.text:
+                yield self._add(
+                    self._assistant(turn, folder, status="error", with_calls=False), turn
+                )
+            yield self._emit(
+                ErrorEvent(
+                    session_id=self.id,
+                    turn_id=turn.turn_id,
+                    message=str(error),
+                    error_kind="model_api",
+                    status_code=error.status_code,
+                )
+            )
+            return
+        message = self._assistant(turn, folder, status="ok", with_calls=not final)
+        if not message.tool_calls:
+            try:
+                message.content = apply_guardrails(message.content or "", self.output_guardrails)
+            except GuardrailRejected as exc:
+                turn.status, turn.error = "rejected", f"Reply rejected by a guardrail: {exc}"
+                message.status, message.state = "rejected", "superseded"
+                yield self._record(message, turn)
+                yield self._emit(
+                    ErrorEvent(
+                        session_id=self.id,
+                        turn_id=turn.turn_id,
+                        message=turn.error,
+                        error_kind="guardrail",
+                    )
+                )
+                return
+            turn.text = message.content or ""
+            if final:
+                turn.status = "max_rounds"
+                yield self._emit(
+                    LimitReached(
+                        session_id=self.id,
+                        turn_id=turn.turn_id,
+                        limit="max_rounds",
+                        message=f"Stopped after {self.max_rounds} rounds of tool calls "
+                        "(max_rounds); the last answer was asked for without tools.",
+                    )
+                )
+        yield self._add(message, turn)
+        turn.unanswered = list(message.tool_calls or [])
+
+    def _record_usage(
+        self, turn: _Turn, folder: RoundFolder, error: ModelAPIError | None
+    ) -> UsageEvent:
+        from ._pricing import request_cost
+
+        cost, provider = request_cost(self.model, self.client.settings.base_url, folder.usage)
+        turn.usage = turn.usage.add(folder.usage, cost)
+        self.usage = self.usage.add(folder.usage, cost)
+        return self._emit(
+            UsageEvent(
+                session_id=self.id,
+                turn_id=turn.turn_id,
+                round=turn.round,
+                model=self.model,
+                provider=provider,
+                usage=folder.usage,
+                cost_usd=cost,
+                ttft_ms=folder.ttft_ms,
+                duration_ms=(time.perf_counter() - folder.started) * 1000,
+                finish_reason=folder.finish_reason,
+                error=str(error) if error else ("interrupted" if self._cancel_requested else None),
+            )
+        )  # type: ignore[return-value]
+
+    def _assistant(
+        self, turn: _Turn, folder: RoundFolder, *, status: MessageStatus, with_calls: bool
+    ) -> Message:
+        calls = folder.tool_calls() if with_calls else []
+        return Message(
+            role="assistant",
+            content=folder.text or None,
+            tool_calls=calls or None,
+            turn_id=turn.turn_id,
+            round=turn.round,
+            cell_id=turn.cell_id,
+            status=status,
+        )
+
+    async def _run_tools(self, turn: _Turn, calls: list[ToolCall]) -> AsyncIterator[Event]:
+        """Run the round's tool calls together; append their results in call order."""
+        turn.unanswered = list(calls)
+        records = await self.tools.run(calls, turn_id=turn.turn_id, round=turn.round)
+        for record in records:
+            turn.tool_calls.append(record)
+            yield self._emit(ToolResult(session_id=self.id, turn_id=turn.turn_id, call=record))
+            message = Message(
+                role="tool",
+                content=record.result,
+                tool_call_id=record.call_id,
+                name=record.name,
+                turn_id=turn.turn_id,
+                round=turn.round,
+                cell_id=turn.cell_id,
+                status="error" if record.is_error else "ok",
+            )
+            turn.unanswered = [c for c in turn.unanswered if c.id != record.call_id]
+            yield self._add(message, turn)
+
+    def _interrupted(self, turn: _Turn) -> Iterable[Event]:
+        """Keep what arrived, and answer every dangling tool call so the history stays valid."""
+        turn.status = "interrupted"
+        folder = turn.folder
+        if folder is not None and folder.text:
+            message = self._assistant(turn, folder, status="interrupted", with_calls=False)
+            turn.text = folder.text
+            yield self._add(message, turn)
+        for call in turn.unanswered:
+            message = Message(
+                role="tool",
+                tool_call_id=call.id,
+                name=call.name,
+                turn_id=turn.turn_id,
+                round=turn.round,
+                cell_id=turn.cell_id,
+                status="cancelled",
+                content=error_payload(
+                    "cancelled", "The user stopped this turn before the tool call finished."
+                ),
+            )
+            yield self._add(message, turn)
+        turn.unanswered = []
+
+    def _finish(self, turn: _Turn) -> Event:
+        result = TurnResult(
+            session_id=self.id,
+            turn_id=turn.turn_id,
+            status=turn.status,
+            text=turn.text,
+            usage=turn.usage,
+            tool_calls=turn.tool_calls,
+            messages=turn.messages,
+            rounds=turn.usage.requests,
+            error=turn.error,
+            duration_ms=(time.perf_counter() - turn.started) * 1000,
+        )
+        return self._emit(TurnFinished(session_id=self.id, turn_id=turn.turn_id, result=result))
+
+
+def _open_store(db: Any) -> Store | None:
+    if db is False:
+        return None
+    from ._store import Store
+
+    if isinstance(db, Store):
+        return db
+    return Store.open(db)

@@ -1,0 +1,69 @@
+"""Shared fixtures: an isolated environment, no network but loopback, a fake model server."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nbchat import _config
+from nbchat.testing import FakeOpenAIServer
+
+_ENV = (
+    "NBCHAT_MODEL",
+    "NBCHAT_BASE_URL",
+    "NBCHAT_API_KEY",
+    "NBCHAT_DB",
+    "OPENAI_API_KEY",
+    "OPENAI_BASE_URL",
+)
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
+    """No user settings leak in; the default store is a fresh file in tmp_path."""
+    for name in _ENV:
+        monkeypatch.delenv(name, raising=False)
+    db = tmp_path / "default.duckdb"
+    monkeypatch.setenv("NBCHAT_DB", str(db))
+    _config.reset_defaults()
+    yield db
+    _config.reset_defaults()
+
+
+_real_connect = socket.socket.connect
+
+
+def _loopback_only(self: socket.socket, address: Any) -> Any:
+    if self.family in (socket.AF_INET, socket.AF_INET6):
+        host = address[0]
+        try:
+            allowed = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            allowed = False
+        if not allowed:
+            raise ConnectionRefusedError(f"tests may only connect to loopback, not {host!r}")
+    return _real_connect(self, address)
+
+
+@pytest.fixture(autouse=True)
+def loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests reach only servers on this machine (the fake model server, a local kernel)."""
+    monkeypatch.setattr(socket.socket, "connect", _loopback_only)
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeOpenAIServer]:
+    """A running fake OpenAI-compatible server with an empty script."""
+    with FakeOpenAIServer() as server:
+        yield server
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    """A path for a fresh DuckDB store file."""
+    return tmp_path / "chats.duckdb"
