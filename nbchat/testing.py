@@ -1,0 +1,774 @@
+"""A fake OpenAI-compatible server for tests: real HTTP on 127.0.0.1, scripted replies.
+
+``FakeOpenAIServer`` speaks ``POST /v1/chat/completions`` (SSE streaming or plain JSON,
+in OpenAI's wire format) and ``GET /v1/models``. You queue the replies it gives, one per
+request, and it records every request it receives. Point the real ``openai`` client, or
+nbchat itself, at ``server.url``:
+
+```python
+import openai
+from nbchat.testing import FakeOpenAIServer
+
+with FakeOpenAIServer() as server:
+    server.enqueue("Hello from the fake!", chunk_size=3)
+    server.enqueue(tool_calls=[{"name": "get_weather", "arguments": {"city": "Paris"}}])
+    with openai.OpenAI(base_url=server.url, api_key="test") as client:
+        stream = client.chat.completions.create(
+            model="any-model", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+        text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        reply = client.chat.completions.create(
+            model="any-model", messages=[{"role": "user", "content": "weather?"}]
+        )
+    assert text == "Hello from the fake!"
+    assert reply.choices[0].message.tool_calls[0].function.arguments == '{"city":"Paris"}'
+    assert server.requests[0]["messages"][0]["content"] == "hi"
+```
+
+From a shell (for notebooks run in another process), ``python -m nbchat.testing --echo``
+prints the server's URL on one line and answers every request with an echo of the last
+user message until it is killed; ``--script replies.json`` plays a list of replies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import math
+import signal
+import socket
+import socketserver
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import FrameType, TracebackType
+from typing import Any, Literal, Self, cast
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+__all__ = [
+    "ErrorSpec",
+    "FakeOpenAIServer",
+    "Fallback",
+    "Reply",
+    "ToolCallSpec",
+    "echo_reply",
+    "estimate_prompt_tokens",
+    "main",
+]
+
+_DEFAULT_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    429: "rate_limit_exceeded",
+}
+# Headers that may carry credentials: never recorded.
+_SECRET_HEADERS = frozenset(
+    {"authorization", "proxy-authorization", "api-key", "x-api-key", "cookie"}
+)
+_FINGERPRINT = "fp_nbchat_fake"
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ToolCallSpec(_Spec):
+    """One tool call in a scripted reply.
+
+    ``arguments`` is a dict (sent as compact JSON) or a raw string, which is sent as is,
+    so ``'{"city": "Par'`` scripts a model that emits malformed JSON. Without an ``id``
+    the server makes a deterministic one (``call_<request>_<index>``).
+    """
+
+    name: str
+    arguments: dict[str, Any] | str = Field(default_factory=dict)
+    id: str | None = None
+
+    def arguments_json(self) -> str:
+        """The arguments exactly as they go over the wire."""
+        if isinstance(self.arguments, str):
+            return self.arguments
+        return json.dumps(self.arguments, ensure_ascii=False, separators=(",", ":"))
+
+
+class ErrorSpec(_Spec):
+    """An HTTP error answered instead of a reply, with OpenAI's error body.
+
+    The body is ``{"error": {"message", "type", "param", "code"}}``; ``type`` defaults
+    from the status (``invalid_request_error`` for 400, ``server_error`` for 5xx...).
+    ``retry_after`` sends a ``retry-after`` header (seconds); ``should_retry`` sends
+    ``x-should-retry``, which the ``openai`` client obeys instead of its own rule.
+    """
+
+    status: int = Field(ge=400, le=599)
+    message: str
+    type: str | None = None
+    code: str | None = None
+    param: str | None = None
+    retry_after: float | None = None
+    should_retry: bool | None = None
+
+    def body(self) -> dict[str, Any]:
+        """The JSON body of the error response."""
+        kind = self.type or _DEFAULT_ERROR_TYPES.get(self.status)
+        if kind is None:
+            kind = "server_error" if self.status >= 500 else "invalid_request_error"
+        return {
+            "error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}
+        }
+
+
+class Reply(_Spec):
+    """One scripted answer of the fake server (what ``FakeOpenAIServer.enqueue`` builds).
+
+    - ``text`` is streamed in pieces of ``chunk_size`` characters, or give the pieces
+      yourself with ``chunks``. ``reasoning`` is streamed first as
+      ``delta.reasoning_content``; tool-call arguments are split by ``chunk_size`` too,
+      and the fragments of several calls are interleaved, as parallel calls arrive.
+    - ``usage``: ``"auto"`` estimates it (prompt: ``estimate_prompt_tokens``; completion:
+      ceil(generated characters / 4)), a dict is sent as given, ``None`` sends none.
+    - ``finish_reason`` defaults to ``"tool_calls"`` when there are tool calls, else
+      ``"stop"``. ``delay`` sleeps that many seconds before each chunk (a non-streamed
+      reply waits it once).
+    - ``cut_after=N`` sends N chunks, then drops the connection without ``[DONE]`` or the
+      end of the chunked body; a non-streamed reply is dropped before any byte.
+    - ``error`` answers an HTTP error instead (see ``ErrorSpec``).
+    """
+
+    text: str = ""
+    chunks: list[str] | None = None
+    chunk_size: int = Field(default=4, ge=1)
+    tool_calls: list[ToolCallSpec] = Field(default_factory=list)
+    reasoning: str | None = None
+    usage: dict[str, Any] | Literal["auto"] | None = "auto"
+    finish_reason: str | None = None
+    delay: float = Field(default=0.0, ge=0)
+    cut_after: int | None = Field(default=None, ge=0)
+    error: ErrorSpec | None = None
+
+    @model_validator(mode="after")
+    def _text_or_chunks(self) -> Self:
+        if self.chunks is not None:
+            if self.text and self.text != "".join(self.chunks):
+                raise ValueError("give either text or chunks, not both")
+            self.text = "".join(self.chunks)
+        return self
+
+    def text_pieces(self) -> list[str]:
+        """The text as it is streamed, one piece per chunk."""
+        return list(self.chunks) if self.chunks is not None else _split(self.text, self.chunk_size)
+
+
+Fallback = Callable[[dict[str, Any]], Reply | str]
+"""A function from a request body to the reply it gets when the queue is empty."""
+
+
+def estimate_prompt_tokens(messages: Any) -> int:
+    """The fake's token estimate of a prompt: ceil(characters of its compact JSON / 4)."""
+    return math.ceil(len(json.dumps(messages, ensure_ascii=False, separators=(",", ":"))) / 4)
+
+
+def echo_reply(body: dict[str, Any]) -> Reply:
+    """A deterministic reply to a request: ``"Echo: "`` + the last user message's text."""
+    last = "(no user message)"
+    for message in reversed(body.get("messages") or []):
+        if isinstance(message, dict) and message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, list):  # multi-part content: keep the text parts
+                content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+            last = str(content)
+            break
+    return Reply(text=f"Echo: {last}")
+
+
+def _split(s: str, size: int) -> list[str]:
+    return [s[i : i + size] for i in range(0, len(s), size)]
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+class FakeOpenAIServer:
+    """An OpenAI-compatible chat server on 127.0.0.1 that plays scripted replies.
+
+    Use it as a context manager, or call ``start()`` and ``stop()``. Each request to
+    ``/v1/chat/completions`` takes the next queued reply (FIFO); when the queue is empty
+    it asks ``fallback`` (a ``Reply``, a string, or a function of the request body), and
+    without one answers HTTP 500 saying the queue is empty. With ``context_window=N``, a
+    request whose ``estimate_prompt_tokens`` exceeds N is answered 400
+    ``context_length_exceeded`` without taking a reply from the queue.
+    ``GET /v1/models`` lists ``models``. Every request body is kept in ``requests``.
+    """
+
+    def __init__(
+        self,
+        *,
+        port: int = 0,
+        host: str = "127.0.0.1",
+        models: Sequence[str] = ("fake-model",),
+        fallback: Reply | str | Fallback | None = None,
+        context_window: int | None = None,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.models: list[str] = list(models)
+        self.fallback = fallback
+        self.context_window = context_window
+        self.disconnects = 0
+        """How many streamed replies the client dropped before their end."""
+        self.errors: list[str] = []
+        """Bugs inside the fake (or a raising fallback), also answered as HTTP 500."""
+        self._queue: deque[Reply] = deque()
+        self._requests: list[dict[str, Any]] = []
+        self._headers: list[dict[str, str]] = []
+        self._cond = threading.Condition()
+        self._httpd: _HTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def url(self) -> str:
+        """The base URL to give an OpenAI client, e.g. ``http://127.0.0.1:PORT/v1``."""
+        if self._httpd is None:
+            raise RuntimeError("FakeOpenAIServer is not started; use start() or `with`")
+        return f"http://{self.host}:{self.port}/v1"
+
+    def start(self) -> Self:
+        """Bind the port and serve from a background thread; returns the server."""
+        if self._httpd is not None:
+            return self
+        self._httpd = _HTTPServer((self.host, self.port), self)
+        self.port = self._httpd.server_address[1]
+        # A short poll interval so stop() returns quickly.
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name=f"FakeOpenAIServer:{self.port}",
+            daemon=True,
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving, drop open connections and free the port (safe to call twice)."""
+        httpd, self._httpd = self._httpd, None
+        if httpd is None:
+            return
+        httpd.shutdown()
+        httpd.close_connections()
+        httpd.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ script
+
+    def enqueue(
+        self,
+        reply: Reply | str | dict[str, Any] | None = None,
+        /,
+        *,
+        repeat: int = 1,
+        **fields: Any,
+    ) -> Reply:
+        """Queue the reply to the next request (``repeat`` times); returns it.
+
+        ``enqueue("text", chunk_size=2)``, ``enqueue(tool_calls=[{"name": ..., "arguments":
+        {...}}])``, ``enqueue(Reply(...))`` and ``enqueue({...})`` all work; the keyword
+        arguments are the fields of ``Reply``.
+        """
+        if isinstance(reply, Reply):
+            if fields:
+                raise TypeError("pass either a Reply or Reply fields, not both")
+            built = reply
+        elif isinstance(reply, dict):
+            built = Reply.model_validate({**reply, **fields})
+        else:
+            built = Reply(**({"text": reply} if reply is not None else {}), **fields)
+        with self._cond:
+            self._queue.extend([built] * repeat)
+        return built
+
+    def enqueue_error(
+        self,
+        status: int,
+        message: str = "fake error",
+        code: str | None = None,
+        *,
+        type: str | None = None,
+        param: str | None = None,
+        retry_after: float | None = None,
+        repeat: int = 1,
+    ) -> Reply:
+        """Queue an HTTP error in OpenAI's shape, e.g. ``enqueue_error(429, retry_after=1)``."""
+        spec = ErrorSpec(
+            status=status,
+            message=message,
+            code=code,
+            type=type,
+            param=param,
+            retry_after=retry_after,
+        )
+        return self.enqueue(Reply(error=spec), repeat=repeat)
+
+    @property
+    def pending(self) -> int:
+        """How many queued replies have not been served yet."""
+        with self._cond:
+            return len(self._queue)
+
+    @property
+    def requests(self) -> list[dict[str, Any]]:
+        """Every chat-completions request body received, parsed, in order (a copy)."""
+        with self._cond:
+            return list(self._requests)
+
+    @property
+    def request_headers(self) -> list[dict[str, str]]:
+        """The headers of each request in ``requests``, lower-cased, minus credentials."""
+        with self._cond:
+            return list(self._headers)
+
+    def wait_for_requests(self, n: int, timeout: float = 5.0) -> list[dict[str, Any]]:
+        """Block until at least ``n`` requests arrived; returns them. Raises TimeoutError."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: len(self._requests) >= n, timeout):
+                raise TimeoutError(
+                    f"FakeOpenAIServer got {len(self._requests)} requests, "
+                    f"expected {n} within {timeout} s"
+                )
+            return list(self._requests)
+
+    def reset(self) -> None:
+        """Forget queued replies, recorded requests, errors and the disconnect count."""
+        with self._cond:
+            self._queue.clear()
+            self._requests.clear()
+            self._headers.clear()
+            self.errors.clear()
+            self.disconnects = 0
+
+    # ------------------------------------------------------------------ serving
+
+    def _take(self, body: dict[str, Any], headers: dict[str, str]) -> tuple[int, Reply]:
+        """Record a request and choose its reply; returns (request number, reply)."""
+        with self._cond:
+            self._requests.append(body)
+            self._headers.append(headers)
+            number = len(self._requests)
+            self._cond.notify_all()
+            window = self.context_window
+            if window is not None:
+                tokens = estimate_prompt_tokens(body.get("messages", []))
+                if tokens > window:
+                    return number, Reply(
+                        error=ErrorSpec(
+                            status=400,
+                            code="context_length_exceeded",
+                            param="messages",
+                            message=f"This model's maximum context length is {window} tokens. "
+                            f"However, your messages resulted in {tokens} tokens.",
+                        )
+                    )
+            if self._queue:
+                return number, self._queue.popleft()
+            fallback = self.fallback
+        if fallback is None:
+            return number, Reply(
+                error=ErrorSpec(
+                    status=500,
+                    code="fake_queue_empty",
+                    type="fake_server_error",
+                    should_retry=False,
+                    message=f"nbchat FakeOpenAIServer: the reply queue is empty (request "
+                    f"#{number}, model {body.get('model')!r}). Call server.enqueue(...) before "
+                    "the request, or give FakeOpenAIServer a fallback=.",
+                )
+            )
+        try:
+            made = fallback if isinstance(fallback, Reply | str) else fallback(body)
+            return number, made if isinstance(made, Reply) else Reply(text=made)
+        except Exception as exc:
+            return number, Reply(error=self._internal_error(f"the fallback raised {exc!r}"))
+
+    def _internal_error(self, message: str) -> ErrorSpec:
+        with self._cond:
+            self.errors.append(message)
+        message = f"nbchat FakeOpenAIServer: {message}"
+        return ErrorSpec(status=500, type="fake_server_error", should_retry=False, message=message)
+
+    def _note_disconnect(self) -> None:
+        with self._cond:
+            self.disconnects += 1
+
+
+# ---------------------------------------------------------------------- wire format
+
+
+def _usage_for(reply: Reply, body: dict[str, Any], calls: list[tuple[str, str, str]]) -> Any:
+    if reply.usage != "auto":
+        usage = dict(reply.usage) if reply.usage is not None else None
+        if usage and "total_tokens" not in usage:
+            p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
+            if isinstance(p, int) and isinstance(c, int):
+                usage["total_tokens"] = p + c
+        return usage
+    reasoning = reply.reasoning or ""
+    generated = len(reasoning) + len(reply.text) + sum(len(n) + len(a) for _, n, a in calls)
+    prompt = estimate_prompt_tokens(body.get("messages", []))
+    completion = math.ceil(generated / 4)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": math.ceil(len(reasoning) / 4)},
+    }
+
+
+def _completion(reply: Reply, body: dict[str, Any], number: int) -> dict[str, Any]:
+    """The whole reply as one ``chat.completion`` object (non-streamed)."""
+    calls = _calls(reply, number)
+    message: dict[str, Any] = {
+        "role": "assistant",
+        "content": reply.text if reply.text or not calls else None,
+        "refusal": None,
+    }
+    if reply.reasoning:
+        message["reasoning_content"] = reply.reasoning
+    if calls:
+        message["tool_calls"] = [
+            {"id": i, "type": "function", "function": {"name": n, "arguments": a}}
+            for i, n, a in calls
+        ]
+    out = {
+        "id": f"chatcmpl-fake{number}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": body.get("model", ""),
+        "system_fingerprint": _FINGERPRINT,
+        "choices": [
+            {
+                "index": 0,
+                "message": message,
+                "logprobs": None,
+                "finish_reason": reply.finish_reason or _finish(calls),
+            }
+        ],
+    }
+    usage = _usage_for(reply, body, calls)
+    if usage is not None:
+        out["usage"] = usage
+    return out
+
+
+def _calls(reply: Reply, number: int) -> list[tuple[str, str, str]]:
+    return [
+        (tc.id or f"call_{number}_{i}", tc.name, tc.arguments_json())
+        for i, tc in enumerate(reply.tool_calls)
+    ]
+
+
+def _finish(calls: list[tuple[str, str, str]]) -> str:
+    return "tool_calls" if calls else "stop"
+
+
+def _stream_events(reply: Reply, body: dict[str, Any], number: int) -> list[bytes]:
+    """Every SSE event of a streamed reply, pre-encoded (``data: [DONE]`` not included)."""
+    calls = _calls(reply, number)
+    opts = body.get("stream_options")
+    usage = _usage_for(reply, body, calls)
+    with_usage = isinstance(opts, dict) and bool(opts.get("include_usage")) and usage is not None
+    head = {
+        "id": f"chatcmpl-fake{number}",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": body.get("model", ""),
+        "system_fingerprint": _FINGERPRINT,
+    }
+    # Only the delta changes from chunk to chunk: encode the rest once.
+    prefix = b"data: " + _dumps(head)[:-1] + b',"choices":[{"index":0,"delta":'
+    suffix = b',"logprobs":null,"finish_reason":null}]' + (b',"usage":null' if with_usage else b"")
+    suffix += b"}\n\n"
+
+    def ev(delta: dict[str, Any]) -> bytes:
+        return prefix + _dumps(delta) + suffix
+
+    first = {
+        "role": "assistant",
+        "content": "" if reply.text or not calls else None,
+        "refusal": None,
+    }
+    events = [ev(first)]
+    events += [
+        ev({"reasoning_content": p}) for p in _split(reply.reasoning or "", reply.chunk_size)
+    ]
+    events += [ev({"content": p}) for p in reply.text_pieces()]
+    per_call: list[list[dict[str, Any]]] = []
+    for index, (call_id, name, args) in enumerate(calls):
+        fn = {"name": name, "arguments": ""}
+        deltas = [{"index": index, "id": call_id, "type": "function", "function": fn}]
+        deltas += [
+            {"index": index, "function": {"arguments": frag}}
+            for frag in _split(args, reply.chunk_size)
+        ]
+        per_call.append(deltas)
+    for group in itertools.zip_longest(*per_call):  # round-robin: fragments interleave
+        events += [ev({"tool_calls": [d]}) for d in group if d is not None]
+    last = {
+        **head,
+        "choices": [
+            {
+                "index": 0,
+                "delta": {},
+                "logprobs": None,
+                "finish_reason": reply.finish_reason or _finish(calls),
+            }
+        ],
+    }
+    if with_usage:
+        last["usage"] = None
+    events.append(b"data: " + _dumps(last) + b"\n\n")
+    if with_usage:
+        events.append(b"data: " + _dumps({**head, "choices": [], "usage": usage}) + b"\n\n")
+    return events
+
+
+def _frame(data: bytes) -> bytes:
+    """One piece of an HTTP/1.1 chunked body."""
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+_DONE = _frame(b"data: [DONE]\n\n") + b"0\r\n\r\n"
+
+
+# ---------------------------------------------------------------------- HTTP
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128
+
+    def __init__(self, address: tuple[str, int], fake: FakeOpenAIServer) -> None:
+        self.fake = fake
+        self._open: set[socket.socket] = set()
+        self._open_lock = threading.Lock()
+        super().__init__(address, _Handler)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind resolves the host name (getfqdn), which can stall offline.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._open_lock:
+            self._open.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._open_lock:
+            self._open.discard(request)
+        super().shutdown_request(request)
+
+    def close_connections(self) -> None:
+        """Wake every handler thread (idle keep-alive or mid-stream) so it ends."""
+        with self._open_lock:
+            sockets = list(self._open)
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that goes away is normal for a test server: no traceback on stderr.
+        if isinstance(sys.exc_info()[1], OSError):
+            return
+        self.fake._internal_error(f"handler crashed: {sys.exc_info()[1]!r}")
+        super().handle_error(request, client_address)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive and chunked streaming, like real servers
+    server_version = "nbchat-fake/1"
+    disable_nagle_algorithm = True  # each delayed chunk leaves at once
+
+    @property
+    def fake(self) -> FakeOpenAIServer:
+        return cast(_HTTPServer, self.server).fake
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Silence the per-request access log: tests read stderr."""
+
+    def _path(self) -> str:
+        path = self.path.split("?", 1)[0].rstrip("/")
+        return path.removeprefix("/v1")
+
+    def do_GET(self) -> None:
+        """``GET /v1/models`` and ``GET /v1/models/{id}``."""
+        path = self._path()
+        cards = [
+            {"id": m, "object": "model", "created": 0, "owned_by": "nbchat-fake"}
+            for m in self.fake.models
+        ]
+        if path == "/models":
+            self._send_json(200, {"object": "list", "data": cards})
+            return
+        found = [c for c in cards if path == f"/models/{c['id']}"]
+        if found:
+            self._send_json(200, found[0])
+        else:
+            self._send_error(ErrorSpec(status=404, message=f"no route GET {self.path}"))
+
+    def do_POST(self) -> None:
+        """``POST /v1/chat/completions``: answer with the next scripted reply."""
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length)
+        if self._path() != "/chat/completions":
+            self._send_error(ErrorSpec(status=404, message=f"no route POST {self.path}"))
+            return
+        try:
+            body = json.loads(raw)
+            if not isinstance(body, dict):
+                raise ValueError("the body is not a JSON object")
+        except ValueError as exc:
+            self._send_error(ErrorSpec(status=400, message=f"invalid JSON body: {exc}"))
+            return
+        headers = {
+            k.lower(): v for k, v in self.headers.items() if k.lower() not in _SECRET_HEADERS
+        }
+        number, reply = self.fake._take(body, headers)
+        stream = bool(body.get("stream"))
+        try:
+            if reply.error is not None:
+                self._send_error(reply.error)
+            elif stream:
+                self._send_stream(_stream_events(reply, body, number), reply, number)
+            elif reply.cut_after is not None:
+                self.close_connection = True  # dropped before any byte of the answer
+            else:
+                payload = _completion(reply, body, number)
+                time.sleep(reply.delay)
+                self._send_json(200, payload)
+        except OSError:  # the client went away; not an error of ours to report
+            self.close_connection = True
+            self.fake._note_disconnect()
+        except Exception as exc:  # a bug in the fake or in a scripted reply: tell the client
+            self._send_error(self.fake._internal_error(f"could not answer: {exc!r}"))
+
+    def _send_stream(self, events: list[bytes], reply: Reply, number: int) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("x-request-id", f"req_fake{number}")
+        self.end_headers()
+        cut = reply.cut_after
+        frames = [_frame(e) for e in (events if cut is None else events[:cut])]
+        tail = _DONE if cut is None else b""
+        if reply.delay:
+            for f in frames:
+                time.sleep(reply.delay)
+                self.wfile.write(f)
+            self.wfile.write(tail)
+        else:  # batched: one syscall per few hundred chunks
+            for i in range(0, len(frames), 512):
+                self.wfile.write(b"".join(frames[i : i + 512]))
+            self.wfile.write(tail)
+        if cut is not None:
+            # Close without the chunked terminator: the client sees a broken stream.
+            self.close_connection = True
+
+    def _send_json(self, status: int, obj: Any, extra: Iterable[tuple[str, str]] = ()) -> None:
+        data = _dumps(obj)
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in extra:
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _send_error(self, spec: ErrorSpec) -> None:
+        extra = []
+        if spec.retry_after is not None:
+            extra.append(("retry-after", f"{spec.retry_after:g}"))
+        if spec.should_retry is not None:
+            extra.append(("x-should-retry", "true" if spec.should_retry else "false"))
+        self._send_json(spec.status, spec.body(), extra)
+
+
+# ---------------------------------------------------------------------- command line
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run a fake server from the command line until it is killed (see ``--help``)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m nbchat.testing",
+        description="Serve a fake OpenAI-compatible API on 127.0.0.1; print its URL.",
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port (default)")
+    parser.add_argument(
+        "--echo",
+        action="store_true",
+        help="echo the last user message (the default without --script; "
+        "with --script: once the script is used up)",
+    )
+    parser.add_argument("--script", help="JSON file: a list of replies (Reply fields)")
+    parser.add_argument("--model", action="append", help="model id for /v1/models (repeatable)")
+    parser.add_argument("--chunk-size", type=int, default=4, help="characters per chunk")
+    parser.add_argument("--delay", type=float, default=0.0, help="seconds before each chunk")
+    parser.add_argument("--context-window", type=int, default=None)
+    args = parser.parse_args(argv)
+
+    defaults = {"chunk_size": args.chunk_size, "delay": args.delay}
+
+    def echo(body: dict[str, Any]) -> Reply:
+        return echo_reply(body).model_copy(update=defaults)
+
+    server = FakeOpenAIServer(
+        host=args.host,
+        port=args.port,
+        models=args.model or ["fake-model"],
+        context_window=args.context_window,
+        fallback=echo if args.echo or not args.script else None,
+    )
+    if args.script:
+        with open(args.script, encoding="utf-8") as f:
+            script = json.load(f)
+        for item in script if isinstance(script, list) else [script]:
+            server.enqueue(Reply.model_validate({**defaults, **item}))
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    with server:
+        print(server.url, flush=True)
+        while not stop.wait(0.5):
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
