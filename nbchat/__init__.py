@@ -88,7 +88,43 @@ if TYPE_CHECKING:
         UsageEvent,
     )
 
-__all__ = sorted([*_EXPORTS, "load_ipython_extension", "testing", "__version__"])
+__all__ = [
+    "CompactionEvent",
+    "ConfigError",
+    "ErrorEvent",
+    "Event",
+    "GuardrailRejected",
+    "LimitReached",
+    "Message",
+    "MessageAdded",
+    "MessagesMarked",
+    "ModelAPIError",
+    "NbchatError",
+    "Notice",
+    "ReasoningDelta",
+    "RequestUsage",
+    "Session",
+    "SessionPendingError",
+    "StoreError",
+    "TextDelta",
+    "Tool",
+    "ToolCall",
+    "ToolCallDelta",
+    "ToolCallRecord",
+    "ToolCallStarted",
+    "ToolDefinitionError",
+    "ToolResult",
+    "TurnFinished",
+    "TurnResult",
+    "TurnStarted",
+    "Usage",
+    "UsageEvent",
+    "__version__",
+    "configure",
+    "load_ipython_extension",
+    "testing",
+    "tool",
+]
 
 
 def __getattr__(name: str) -> Any:
