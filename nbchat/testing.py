@@ -62,11 +62,10 @@ __all__ = [
     "main",
 ]
 
-_DEFAULT_ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    404: "not_found_error",
-    429: "rate_limit_exceeded",
+# What OpenAI itself answers for these statuses: (type, code).
+_OPENAI_ERRORS = {
+    401: ("invalid_request_error", "invalid_api_key"),
+    429: ("requests", "rate_limit_exceeded"),
 }
 # Headers that may carry credentials: never recorded.
 _SECRET_HEADERS = frozenset(
@@ -101,8 +100,9 @@ class ToolCallSpec(_Spec):
 class ErrorSpec(_Spec):
     """An HTTP error answered instead of a reply, with OpenAI's error body.
 
-    The body is ``{"error": {"message", "type", "param", "code"}}``; ``type`` defaults
-    from the status (``invalid_request_error`` for 400, ``server_error`` for 5xx...).
+    The body is ``{"error": {"message", "type", "param", "code"}}``; ``type`` and ``code``
+    default to what OpenAI sends for the status (429: ``requests`` /
+    ``rate_limit_exceeded``; 5xx: ``server_error``; other 4xx: ``invalid_request_error``).
     ``retry_after`` sends a ``retry-after`` header (seconds); ``should_retry`` sends
     ``x-should-retry``, which the ``openai`` client obeys instead of its own rule.
     """
@@ -117,12 +117,10 @@ class ErrorSpec(_Spec):
 
     def body(self) -> dict[str, Any]:
         """The JSON body of the error response."""
-        kind = self.type or _DEFAULT_ERROR_TYPES.get(self.status)
-        if kind is None:
-            kind = "server_error" if self.status >= 500 else "invalid_request_error"
-        return {
-            "error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}
-        }
+        default = "server_error" if self.status >= 500 else "invalid_request_error"
+        kind, code = _OPENAI_ERRORS.get(self.status, (default, None))
+        error = {"message": self.message, "type": self.type or kind, "param": self.param}
+        return {"error": {**error, "code": self.code or code}}
 
 
 class Reply(_Spec):
@@ -133,7 +131,8 @@ class Reply(_Spec):
       ``delta.reasoning_content``; tool-call arguments are split by ``chunk_size`` too,
       and the fragments of several calls are interleaved, as parallel calls arrive.
     - ``usage``: ``"auto"`` estimates it (prompt: ``estimate_prompt_tokens``; completion:
-      ceil(generated characters / 4)), a dict is sent as given, ``None`` sends none.
+      ceil(generated characters / 4)), a dict is sent as given (``total_tokens``
+      added when missing), ``None`` sends none, even when the request asks for usage.
     - ``finish_reason`` defaults to ``"tool_calls"`` when there are tool calls, else
       ``"stop"``. ``delay`` sleeps that many seconds before each chunk (a non-streamed
       reply waits it once).
@@ -507,11 +506,18 @@ def _stream_events(reply: Reply, body: dict[str, Any], number: int) -> list[byte
     }
     # Only the delta changes from chunk to chunk: encode the rest once.
     prefix = b"data: " + _dumps(head)[:-1] + b',"choices":[{"index":0,"delta":'
-    suffix = b',"logprobs":null,"finish_reason":null}]' + (b',"usage":null' if with_usage else b"")
-    suffix += b"}\n\n"
+    end = (b',"usage":null' if with_usage else b"") + b"}\n\n"
 
-    def ev(delta: dict[str, Any]) -> bytes:
-        return prefix + _dumps(delta) + suffix
+    def ev(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        finish_json = _dumps(finish) if finish else b"null"
+        return (
+            prefix
+            + _dumps(delta)
+            + b',"logprobs":null,"finish_reason":'
+            + finish_json
+            + b"}]"
+            + end
+        )
 
     first = {
         "role": "assistant",
@@ -534,20 +540,7 @@ def _stream_events(reply: Reply, body: dict[str, Any], number: int) -> list[byte
         per_call.append(deltas)
     for group in itertools.zip_longest(*per_call):  # round-robin: fragments interleave
         events += [ev({"tool_calls": [d]}) for d in group if d is not None]
-    last = {
-        **head,
-        "choices": [
-            {
-                "index": 0,
-                "delta": {},
-                "logprobs": None,
-                "finish_reason": reply.finish_reason or _finish(calls),
-            }
-        ],
-    }
-    if with_usage:
-        last["usage"] = None
-    events.append(b"data: " + _dumps(last) + b"\n\n")
+    events.append(ev({}, reply.finish_reason or _finish(calls)))
     if with_usage:
         events.append(b"data: " + _dumps({**head, "choices": [], "usage": usage}) + b"\n\n")
     return events
@@ -631,18 +624,21 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/models":
             self._send_json(200, {"object": "list", "data": cards})
             return
-        found = [c for c in cards if path == f"/models/{c['id']}"]
-        if found:
-            self._send_json(200, found[0])
+        model = path.removeprefix("/models/")
+        if not path.startswith("/models/"):
+            self._send_error(ErrorSpec(status=404, message=f"Invalid URL (GET {self.path})"))
+        elif model in self.fake.models:
+            self._send_json(200, cards[self.fake.models.index(model)])
         else:
-            self._send_error(ErrorSpec(status=404, message=f"no route GET {self.path}"))
+            message = f"The model {model!r} does not exist"
+            self._send_error(ErrorSpec(status=404, message=message, code="model_not_found"))
 
     def do_POST(self) -> None:
         """``POST /v1/chat/completions``: answer with the next scripted reply."""
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length)
         if self._path() != "/chat/completions":
-            self._send_error(ErrorSpec(status=404, message=f"no route POST {self.path}"))
+            self._send_error(ErrorSpec(status=404, message=f"Invalid URL (POST {self.path})"))
             return
         try:
             body = json.loads(raw)

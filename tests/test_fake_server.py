@@ -260,9 +260,9 @@ def test_http_errors_raise_matching_openai_exceptions(
     assert rate.value.response.headers["retry-after"] == "2"
     assert rate.value.body == {
         "message": "Rate limit reached, slow down",
-        "type": "rate_limit_exceeded",
+        "type": "requests",
         "param": None,
-        "code": None,
+        "code": "rate_limit_exceeded",
     }
     with pytest.raises(openai.InternalServerError) as internal:
         client.chat.completions.create(model="m", messages=MESSAGES)
@@ -427,8 +427,20 @@ def test_models_endpoint() -> None:
     ):
         assert [m.id for m in c.models.list()] == ["alpha", "beta"]
         assert c.models.retrieve("beta").id == "beta"
-        with pytest.raises(openai.NotFoundError):
+        with pytest.raises(openai.NotFoundError) as missing:
             c.models.retrieve("gamma")
+        assert missing.value.code == "model_not_found"
+
+
+def test_unknown_routes_and_bad_json_get_openai_errors(server: FakeOpenAIServer) -> None:
+    with httpx.Client() as h:
+        r = h.post(f"{server.url}/embeddings", json={"input": "x"})
+        assert r.status_code == 404
+        assert r.json()["error"]["message"] == "Invalid URL (POST /v1/embeddings)"
+        r = h.post(f"{server.url}/chat/completions", content=b"{not json")
+        assert r.status_code == 400
+        assert r.json()["error"]["type"] == "invalid_request_error"
+    assert server.requests == []
 
 
 def test_requests_and_headers_are_recorded_without_keys(
