@@ -1,0 +1,483 @@
+"""How a process borrows a DuckDB file that other processes also use.
+
+DuckDB allows one process to hold a database file at a time, readers included, and
+each open builds the engine's catalog (~20-40 ms). Opening per write is therefore
+too slow and holding the file for a whole session blocks every other kernel. A
+*lease* sits between the two:
+
+* The connection is opened on demand and kept while operations keep coming; a
+  background thread closes it after ``linger`` seconds without use.
+* A process that finds the file locked signals that it is waiting (a shared
+  ``flock`` on the side file ``<db>.nbchat-wait``) and retries with jittered
+  exponential backoff, checking the lock with a cheap ``fcntl`` probe rather than a
+  full (and costly) DuckDB open each time. It gives up after ``lock_timeout``
+  seconds with a ``StoreError``.
+* The holder checks that signal after each operation (two system calls) and, once
+  it has held the file for ``min_hold`` seconds, hands it over by closing. Before
+  reopening it waits briefly until the waiter has got in, so two busy processes
+  take turns instead of one starving the other.
+* Commits reach the operating system at once (``fsync_mode=NONE`` while leased, so
+  a killed process loses nothing) and are flushed to disk by the checkpoint that
+  closing runs with ``fsync`` back on. ``sync_every_write`` flushes every commit.
+
+Without ``fcntl`` (Windows) the waiting signal and the probe are skipped: waiters
+simply retry the open with backoff, and the holder lets go after ``linger``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import random
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from ._exceptions import StoreError
+
+try:  # POSIX only; see the module docstring for what Windows does instead.
+    import fcntl
+except ImportError:  # pragma: no cover - exercised on Windows only
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["Lease", "LeaseOptions", "acquire_lease", "default_lock_timeout", "release_lease"]
+
+_FIRST_DELAY = 0.001
+# Probing is ~10 µs, so a waiter can look often; a real DuckDB open that fails
+# still costs ~10 ms of CPU, hence the longer cap when no probe is available.
+_MAX_DELAY = 0.02 if fcntl is not None else 0.05
+_POLL = 0.02  # how often an idle holder looks for waiters
+_POLITE_MAX = 0.25  # how long a process that just handed over waits for the taker
+
+
+def default_lock_timeout() -> float:
+    """Seconds to wait for another process: ``NBCHAT_DB_LOCK_TIMEOUT`` or 15."""
+    raw = os.environ.get("NBCHAT_DB_LOCK_TIMEOUT")
+    try:
+        return float(raw) if raw else 15.0
+    except ValueError:
+        raise StoreError(
+            f"NBCHAT_DB_LOCK_TIMEOUT must be a number of seconds, not {raw!r}."
+        ) from None
+
+
+@dataclass(frozen=True)
+class LeaseOptions:
+    """How long to keep an idle connection, and how to flush writes."""
+
+    linger: float = 0.5
+    min_hold: float = 0.1
+    sync_every_write: bool = False
+
+
+def _duckdb() -> Any:
+    import duckdb
+
+    return duckdb
+
+
+def _is_lock_conflict(exc: BaseException) -> bool:
+    text = str(exc)
+    return "Could not set lock" in text or "Conflicting lock" in text
+
+
+def _open_error(path: str, exc: BaseException) -> StoreError:
+    text = str(exc)
+    if "not a valid DuckDB database" in text:
+        return StoreError(
+            f"The file {path} is not a DuckDB database (or is damaged); "
+            "move it away or choose another db= path."
+        )
+    if "different configuration" in text:
+        return StoreError(
+            f"The store {path} is already open in this process by other code with different "
+            "DuckDB settings; close that connection first."
+        )
+    detail = text.removeprefix("IO Error: ")
+    return StoreError(f"Cannot open the store {path}: {detail}")
+
+
+class _WaitSignal:
+    """The side file through which waiting processes ask the holder to let go."""
+
+    def __init__(self, db_path: str) -> None:
+        self.path = db_path + ".nbchat-wait"
+        self._probe_fd: int | None = None
+        self._wait_fd: int | None = None
+
+    def others_waiting(self) -> bool:
+        if fcntl is None:
+            return False
+        if self._probe_fd is None:
+            if not os.path.exists(self.path):  # nobody has ever waited: the common case
+                return False
+            try:
+                self._probe_fd = os.open(self.path, os.O_RDWR)
+            except OSError:
+                return False
+        try:
+            fcntl.flock(self._probe_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        fcntl.flock(self._probe_fd, fcntl.LOCK_UN)
+        return False
+
+    def begin_waiting(self) -> None:
+        if fcntl is None or self._wait_fd is not None:
+            return
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            return  # a read-only folder: we cannot signal, and simply poll
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)  # blocks only during a holder's µs-long probe
+        except OSError:
+            os.close(fd)
+            return
+        self._wait_fd = fd
+
+    def end_waiting(self) -> None:
+        fd, self._wait_fd = self._wait_fd, None
+        if fd is not None:
+            os.close(fd)  # closing drops the flock
+
+    def close(self) -> None:
+        self.end_waiting()
+        fd, self._probe_fd = self._probe_fd, None
+        if fd is not None:
+            os.close(fd)
+
+
+def _file_is_free(path: str) -> bool:
+    """Whether no process holds DuckDB's lock on ``path`` (a probe, not an open).
+
+    Only safe while this process holds no lock on the file itself: closing any
+    descriptor of a file drops all of the process's ``fcntl`` locks on it. Callers
+    probe only after DuckDB said another process holds it.
+    """
+    if fcntl is None:
+        return True
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return True  # let DuckDB's open report what is wrong
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+class Lease:
+    """Access to one store's DuckDB connection, shared by the ``Store`` handles of a process."""
+
+    path: str
+    refs: int = 0
+
+    @contextmanager
+    def connection(self, timeout: float) -> Iterator[Any]:
+        """The open connection, for one operation; waits up to ``timeout`` s for the file."""
+        raise NotImplementedError
+        yield  # pragma: no cover
+
+    def shutdown(self) -> None:
+        """Close the connection now."""
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for benchmarks and tests."""
+        return {}
+
+
+class MemoryLease(Lease):
+    """A private ``:memory:`` database: one connection for the lease's whole life."""
+
+    def __init__(self) -> None:
+        from ._migrations import migrate
+
+        self.path = ":memory:"
+        self._lock = threading.RLock()
+        self._con: Any = _duckdb().connect(":memory:")
+        self._con.execute("SET TimeZone = 'UTC'")
+        migrate(self._con)
+
+    @contextmanager
+    def connection(self, timeout: float) -> Iterator[Any]:
+        duckdb = _duckdb()
+        with self._lock:
+            if self._con is None:
+                raise StoreError("This in-memory store is closed.")
+            try:
+                yield self._con
+            except duckdb.Error as exc:
+                raise StoreError(f"Store {self.path}: {exc}") from exc
+
+    def shutdown(self) -> None:
+        with self._lock:
+            con, self._con = self._con, None
+            if con is not None:
+                con.close()
+
+
+class FileLease(Lease):
+    """A database file shared with other processes; see the module docstring."""
+
+    def __init__(self, path: str, options: LeaseOptions) -> None:
+        self.path = path
+        self.options = options
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        self._con: Any = None
+        self._migrated = False
+        self._opened_at = 0.0
+        self._last_used = 0.0
+        self._handed_over_at: float | None = None
+        self._signal = _WaitSignal(path)
+        self._closer_running = False
+        self._inherited: list[Any] = []
+        self._counters = {"opens": 0, "closes": 0, "handovers": 0, "waits": 0, "wait_s": 0.0}
+
+    # -------------------------------------------------------------- using
+
+    @contextmanager
+    def connection(self, timeout: float) -> Iterator[Any]:
+        duckdb = _duckdb()
+        with self._lock:
+            con = self._con if self._con is not None else self._open(timeout)
+            try:
+                yield con
+            except duckdb.Error as exc:
+                if isinstance(exc, duckdb.FatalException) or "invalidated" in str(exc):
+                    self._close(handover=False)  # this instance is unusable; reopen next time
+                raise StoreError(f"Store {self.path}: {exc}") from exc
+            finally:
+                now = time.monotonic()
+                self._last_used = now
+                if (
+                    self._con is not None
+                    and now - self._opened_at >= self.options.min_hold
+                    and self._signal.others_waiting()
+                ):
+                    self._close(handover=True)
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {**self._counters, "open": self._con is not None}
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._close(handover=False)
+            self._signal.close()
+
+    # -------------------------------------------------------------- opening
+
+    def _open(self, timeout: float) -> Any:
+        duckdb = _duckdb()
+        started = time.monotonic()
+        deadline = started + timeout
+        self._let_taker_in(deadline)
+        config = {} if self.options.sync_every_write else {"fsync_mode": "NONE"}
+        delay = _FIRST_DELAY
+        waiting = False
+        holder = ""
+        try:
+            while True:
+                if not waiting or _file_is_free(self.path):
+                    try:
+                        con = duckdb.connect(self.path, config=config)
+                        break
+                    except duckdb.Error as exc:
+                        if not _is_lock_conflict(exc):
+                            raise _open_error(self.path, exc) from exc
+                        holder = _holder(str(exc))
+                        if not waiting:
+                            waiting = True
+                            self._counters["waits"] += 1
+                            self._signal.begin_waiting()
+                now = time.monotonic()
+                if now >= deadline:
+                    raise StoreError(
+                        f"The store {self.path} stayed locked by another process{holder} "
+                        f"for {timeout:g} s; close that kernel's sessions or raise lock_timeout."
+                    )
+                time.sleep(min(delay * random.uniform(0.5, 1.5), deadline - now))
+                delay = min(delay * 2, _MAX_DELAY)
+        finally:
+            if waiting:
+                self._signal.end_waiting()
+                self._counters["wait_s"] += time.monotonic() - started
+        try:
+            con.execute("SET TimeZone = 'UTC'")
+            if not self._migrated:
+                from ._migrations import migrate
+
+                migrate(con)
+                self._migrated = True
+        except duckdb.Error as exc:
+            con.close()
+            raise StoreError(f"Cannot prepare the store {self.path}: {exc}") from exc
+        self._con = con
+        self._opened_at = self._last_used = time.monotonic()
+        self._counters["opens"] += 1
+        self._start_closer()
+        return con
+
+    def _let_taker_in(self, deadline: float) -> None:
+        """After handing the file over, give the waiting process a moment to take it."""
+        if self._handed_over_at is None:
+            return
+        self._handed_over_at = None
+        stop = min(deadline, time.monotonic() + _POLITE_MAX)
+        while time.monotonic() < stop and self._signal.others_waiting():
+            time.sleep(0.002)
+
+    # -------------------------------------------------------------- closing
+
+    def _close(self, *, handover: bool) -> None:
+        con, self._con = self._con, None
+        if con is None:
+            return
+        try:
+            if not self.options.sync_every_write:
+                # The checkpoint that closing runs now flushes the file and the WAL.
+                con.execute("SET fsync_mode = 'STANDARD'")
+            con.close()
+        except _duckdb().Error:
+            pass  # an unfinished checkpoint leaves the WAL, which the next open replays
+        self._counters["closes"] += 1
+        if handover:
+            self._counters["handovers"] += 1
+            self._handed_over_at = time.monotonic()
+        self._cond.notify_all()
+
+    def _start_closer(self) -> None:
+        # Called with the lock held; the flag (not Thread.is_alive) says whether a
+        # closer is still looking after the connection, so none is ever missed.
+        if not self._closer_running:
+            self._closer_running = True
+            threading.Thread(
+                target=self._close_when_idle, name="nbchat-store-closer", daemon=True
+            ).start()
+
+    def _close_when_idle(self) -> None:
+        with self._cond:
+            try:
+                self._watch_until_closed()
+            finally:
+                self._closer_running = False
+
+    def _watch_until_closed(self) -> None:
+        while self._con is not None:
+            now = time.monotonic()
+            idle = now - self._last_used
+            if idle >= self.options.linger:
+                self._close(handover=False)
+            elif now - self._opened_at >= self.options.min_hold and (self._signal.others_waiting()):
+                self._close(handover=True)
+            else:
+                self._cond.wait(min(self.options.linger - idle, _POLL))
+
+    def after_fork(self) -> None:
+        """In a forked child: forget the parent's connection without touching the file."""
+        if self._con is not None:
+            # Dropping it would run its destructor, which checkpoints into the parent's file.
+            self._inherited.append(self._con)
+        self._con = None
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        self._closer_running = False
+        self._signal = _WaitSignal(self.path)
+
+
+def _holder(message: str) -> str:
+    # DuckDB names the holder as "... is held in /usr/bin/python3 (PID 1234)".
+    marker = "(PID "
+    start = message.find(marker)
+    if start < 0:
+        return ""
+    end = message.find(")", start)
+    return f" (PID {message[start + len(marker) : end]})" if end > start else ""
+
+
+# ------------------------------------------------------------------ registry
+
+_registry: dict[str, FileLease] = {}
+_registry_lock = threading.Lock()
+
+
+def _resolve(raw: str) -> str:
+    path = os.path.realpath(os.path.abspath(os.path.expanduser(raw)))
+    if os.path.isdir(path):
+        raise StoreError(
+            f"The store path {path} is a directory; pass a file path such as "
+            f"{os.path.join(path, 'nbchat.duckdb')}."
+        )
+    folder = os.path.dirname(path)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(
+            f"Cannot create the folder {folder} for the store {path}: {exc.strerror or exc}."
+        ) from exc
+    return path
+
+
+def acquire_lease(raw: str, options: LeaseOptions, timeout: float) -> Lease:
+    """The lease for ``raw`` (shared within the process), opened once to check the path."""
+    lease: Lease
+    if raw == ":memory:":
+        try:
+            lease = MemoryLease()
+        except Exception as exc:
+            raise StoreError(f"Cannot create an in-memory store: {exc}") from exc
+        lease.refs = 1
+        return lease
+    path = _resolve(raw)
+    with _registry_lock:
+        lease = _registry.get(path) or FileLease(path, options)
+        _registry[path] = lease
+        lease.refs += 1
+    try:
+        with lease.connection(timeout):
+            pass
+    except BaseException:
+        release_lease(lease)
+        raise
+    return lease
+
+
+def release_lease(lease: Lease) -> None:
+    """Drop one reference; the last one closes the connection."""
+    with _registry_lock:
+        lease.refs -= 1
+        last = lease.refs <= 0
+        if last and isinstance(lease, FileLease) and _registry.get(lease.path) is lease:
+            del _registry[lease.path]
+    if last:
+        lease.shutdown()
+
+
+@atexit.register
+def _close_all() -> None:
+    # Closing checkpoints the WAL into the file, so the next process opens fast.
+    with _registry_lock:
+        leases = list(_registry.values())
+    for lease in leases:
+        lease.shutdown()
+
+
+def _after_fork_in_child() -> None:
+    global _registry_lock
+    _registry_lock = threading.Lock()
+    for lease in _registry.values():
+        lease.after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

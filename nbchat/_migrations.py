@@ -1,0 +1,190 @@
+"""The store's schema, built by named migrations that run in order when a store opens.
+
+Each migration is a function that takes a DuckDB connection and changes the schema
+once. The table ``_migrations`` records the name and time of every migration that
+has run, so opening a store applies only the ones it has not seen. Migrations are
+never edited after release: a schema change is a new migration appended to
+``MIGRATIONS``. Each runs in its own transaction together with its record, so a
+crash mid-migration leaves the store at the previous version.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+__all__ = ["MIGRATIONS", "applied_migrations", "migrate"]
+
+Connection = Any  # duckdb.DuckDBPyConnection; duckdb is imported lazily by the store
+Migration = tuple[str, Callable[[Connection], None]]
+
+_RECORD_TABLE = """
+CREATE TABLE IF NOT EXISTS _migrations (
+    name VARCHAR PRIMARY KEY,
+    applied_at TIMESTAMPTZ NOT NULL
+)
+"""
+
+
+def m001_initial(con: Connection) -> None:
+    """The five tables of SPEC §3."""
+    con.execute(
+        """
+        CREATE TABLE sessions (
+            id VARCHAR PRIMARY KEY,
+            title VARCHAR,
+            created_at TIMESTAMPTZ NOT NULL,
+            model VARCHAR,
+            system_prompt VARCHAR,
+            parent_id VARCHAR,
+            notebook VARCHAR,
+            metadata JSON
+        )
+        """
+    )
+    con.execute(
+        """
+        CREATE TABLE messages (
+            id VARCHAR PRIMARY KEY,
+            session_id VARCHAR NOT NULL,
+            seq INTEGER NOT NULL,
+            role VARCHAR NOT NULL,
+            content VARCHAR,
+            name VARCHAR,
+            tool_calls JSON,
+            tool_call_id VARCHAR,
+            turn_id VARCHAR,
+            round INTEGER,
+            cell_id VARCHAR,
+            status VARCHAR NOT NULL,
+            state VARCHAR NOT NULL,
+            created_at TIMESTAMPTZ NOT NULL
+        )
+        """
+    )
+    con.execute(
+        """
+        CREATE TABLE requests (
+            id VARCHAR PRIMARY KEY,
+            session_id VARCHAR NOT NULL,
+            turn_id VARCHAR,
+            round INTEGER,
+            model VARCHAR,
+            provider VARCHAR,
+            prompt_tokens BIGINT,
+            completion_tokens BIGINT,
+            cached_tokens BIGINT,
+            reasoning_tokens BIGINT,
+            cost_usd DOUBLE,
+            ttft_ms DOUBLE,
+            duration_ms DOUBLE,
+            finish_reason VARCHAR,
+            error VARCHAR,
+            created_at TIMESTAMPTZ NOT NULL
+        )
+        """
+    )
+    # `arguments` is the model's raw text, not JSON: a model can send malformed
+    # arguments, and that failure is exactly what the row must record.
+    con.execute(
+        """
+        CREATE TABLE tool_calls (
+            id VARCHAR PRIMARY KEY,
+            session_id VARCHAR NOT NULL,
+            turn_id VARCHAR,
+            call_id VARCHAR,
+            name VARCHAR NOT NULL,
+            arguments VARCHAR,
+            result VARCHAR,
+            is_error BOOLEAN NOT NULL,
+            duration_ms DOUBLE,
+            created_at TIMESTAMPTZ NOT NULL
+        )
+        """
+    )
+    con.execute(
+        """
+        CREATE TABLE compactions (
+            id VARCHAR PRIMARY KEY,
+            session_id VARCHAR NOT NULL,
+            from_seq INTEGER,
+            to_seq INTEGER,
+            summary VARCHAR,
+            tokens_before BIGINT,
+            tokens_after BIGINT,
+            model VARCHAR,
+            cost_usd DOUBLE,
+            created_at TIMESTAMPTZ NOT NULL
+        )
+        """
+    )
+
+
+def m002_turns_and_details(con: Connection) -> None:
+    """One row per turn, and the details the event stream carries beyond SPEC §3."""
+    con.execute(
+        """
+        CREATE TABLE turns (
+            id VARCHAR PRIMARY KEY,
+            session_id VARCHAR NOT NULL,
+            cell_id VARCHAR,
+            user_text VARCHAR,
+            status VARCHAR,
+            rounds INTEGER,
+            requests INTEGER,
+            prompt_tokens BIGINT,
+            completion_tokens BIGINT,
+            cost_usd DOUBLE,
+            error VARCHAR,
+            duration_ms DOUBLE,
+            started_at TIMESTAMPTZ NOT NULL,
+            finished_at TIMESTAMPTZ
+        )
+        """
+    )
+    con.execute("ALTER TABLE requests ADD COLUMN purpose VARCHAR DEFAULT 'chat'")
+    con.execute("ALTER TABLE tool_calls ADD COLUMN round INTEGER")
+    con.execute("ALTER TABLE tool_calls ADD COLUMN error_kind VARCHAR")
+    con.execute("ALTER TABLE compactions ADD COLUMN turn_id VARCHAR")
+    con.execute("ALTER TABLE compactions ADD COLUMN strategy VARCHAR")
+    con.execute("ALTER TABLE compactions ADD COLUMN error VARCHAR")
+
+
+MIGRATIONS: list[Migration] = [
+    ("m001_initial", m001_initial),
+    ("m002_turns_and_details", m002_turns_and_details),
+]
+
+
+def applied_migrations(con: Connection) -> list[str]:
+    """Names of the migrations already recorded in this store, in the order they ran."""
+    con.execute(_RECORD_TABLE)
+    rows = con.execute("SELECT name FROM _migrations ORDER BY applied_at, name").fetchall()
+    return [str(name) for (name,) in rows]
+
+
+def migrate(con: Connection, *, stop_after: str | None = None) -> list[str]:
+    """Apply every migration this store has not seen; return the names just applied.
+
+    ``stop_after`` stops after the named migration (tests build old stores with it).
+    """
+    done = set(applied_migrations(con))
+    applied: list[str] = []
+    for name, migration in MIGRATIONS:
+        if name not in done:
+            con.execute("BEGIN TRANSACTION")
+            try:
+                migration(con)
+                con.execute(
+                    "INSERT INTO _migrations (name, applied_at) VALUES (?, ?)",
+                    [name, datetime.now(UTC)],
+                )
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            applied.append(name)
+        if name == stop_after:
+            break
+    return applied

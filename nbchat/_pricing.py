@@ -1,0 +1,198 @@
+"""What a model request cost, from genai-prices' bundled price data (never the network).
+
+The provider is recognised from the base URL's host (``api.openai.com`` -> openai,
+...); a URL it does not know (a proxy, a local server) falls back to recognising the
+model name. A model nobody knows costs ``None`` — unknown, never 0. Users can
+register their own price per model, and mark models free (local ones); any model
+named ``local/...`` (the embedded model) is free.
+
+``genai_prices`` is imported inside the functions: it takes a quarter of a second
+to load, and ``import nbchat`` must stay cheap.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from ._config import is_loopback
+from ._exceptions import ConfigError
+from ._types import RequestUsage
+
+__all__ = [
+    "UserPrice",
+    "context_window",
+    "forget_price",
+    "is_free",
+    "mark_free",
+    "provider_for",
+    "register_price",
+    "request_cost",
+]
+
+LOCAL_PREFIX = "local/"
+
+
+@dataclass(frozen=True)
+class UserPrice:
+    """A price the user registered, in USD per million tokens, or a free model."""
+
+    input_per_mtok: float = 0.0
+    output_per_mtok: float = 0.0
+    cached_input_per_mtok: float | None = None
+    context_window: int | None = None
+    free: bool = False
+
+
+_user_prices: dict[str, UserPrice] = {}
+_lock = threading.Lock()
+
+
+def _key(model: str) -> str:
+    return model.strip().lower()
+
+
+def _check_rate(name: str, value: float | None) -> None:
+    if value is not None and not (isinstance(value, int | float) and math.isfinite(value)):
+        raise ConfigError(f"{name} must be a finite number of USD per million tokens.")
+    if value is not None and value < 0:
+        raise ConfigError(f"{name} cannot be negative (got {value}).")
+
+
+def register_price(
+    model: str,
+    *,
+    input_per_mtok: float,
+    output_per_mtok: float,
+    cached_input_per_mtok: float | None = None,
+    context_window: int | None = None,
+) -> None:
+    """Price ``model`` yourself, in USD per million tokens; overrides genai-prices.
+
+    ``cached_input_per_mtok`` prices prompt tokens the server reports as cached
+    (default: the input price). ``context_window`` (tokens) lets compaction know
+    when the history is getting long.
+    """
+    _check_rate("input_per_mtok", input_per_mtok)
+    _check_rate("output_per_mtok", output_per_mtok)
+    _check_rate("cached_input_per_mtok", cached_input_per_mtok)
+    with _lock:
+        _user_prices[_key(model)] = UserPrice(
+            float(input_per_mtok),
+            float(output_per_mtok),
+            None if cached_input_per_mtok is None else float(cached_input_per_mtok),
+            context_window,
+        )
+
+
+def mark_free(model: str, *, context_window: int | None = None) -> None:
+    """Record that ``model`` costs nothing (a local model): its cost is 0.0, not unknown."""
+    with _lock:
+        _user_prices[_key(model)] = UserPrice(context_window=context_window, free=True)
+
+
+def forget_price(model: str) -> None:
+    """Undo ``register_price``/``mark_free`` for ``model``."""
+    with _lock:
+        _user_prices.pop(_key(model), None)
+
+
+def _user_price(model: str) -> UserPrice | None:
+    if _key(model).startswith(LOCAL_PREFIX):
+        with _lock:
+            return _user_prices.get(_key(model), UserPrice(free=True))
+    with _lock:
+        return _user_prices.get(_key(model))
+
+
+def is_free(model: str) -> bool:
+    """Whether ``model`` was marked free (or is a ``local/...`` model)."""
+    price = _user_price(model)
+    return price is not None and price.free
+
+
+@lru_cache(maxsize=256)
+def _lookup(model: str, base_url: str | None) -> tuple[str | None, Any]:
+    """(provider id, genai-prices ModelInfo) for a model at an endpoint; either may be None."""
+    from genai_prices.data_snapshot import get_snapshot
+
+    snapshot = get_snapshot()
+    provider = None
+    if base_url:
+        try:
+            provider = snapshot.find_provider(None, None, base_url)
+        except LookupError:
+            provider = None  # a proxy or local server: recognise the model name instead
+    try:
+        found_provider, info = snapshot.find_provider_model(model, provider, None, None)
+    except LookupError:
+        return (provider.id if provider is not None else None), None
+    return found_provider.id, info
+
+
+def provider_for(model: str, base_url: str | None = None) -> str | None:
+    """The provider id genai-prices recognises for this model and endpoint, if any."""
+    if _key(model).startswith(LOCAL_PREFIX):
+        return "local"
+    return _lookup(model, base_url)[0]
+
+
+def request_cost(
+    model: str, base_url: str | None, usage: RequestUsage | None
+) -> tuple[float | None, str | None]:
+    """(cost in USD or ``None`` if unknown, provider id or ``None``) of one request.
+
+    A free model costs 0.0 even when the server reported no usage. Otherwise the
+    cost is unknown when usage, its prompt or its completion tokens are missing, or
+    when neither the user nor genai-prices has a price for the model.
+    """
+    price = _user_price(model)
+    if price is not None and price.free:
+        local = _key(model).startswith(LOCAL_PREFIX) or is_loopback(base_url)
+        return 0.0, "local" if local else provider_for(model, base_url)
+    provider = provider_for(model, base_url)
+    if usage is None or usage.prompt_tokens is None or usage.completion_tokens is None:
+        return None, provider
+    cached = min(usage.cached_tokens or 0, usage.prompt_tokens)
+    if price is not None:
+        cached_rate = price.input_per_mtok
+        if price.cached_input_per_mtok is not None:
+            cached_rate = price.cached_input_per_mtok
+        total = (
+            (usage.prompt_tokens - cached) * price.input_per_mtok
+            + cached * cached_rate
+            + usage.completion_tokens * price.output_per_mtok
+        )
+        return total / 1_000_000, provider
+    _, info = _lookup(model, base_url)
+    if info is None:
+        return None, provider
+    from genai_prices import Usage, calc_price
+
+    # OpenAI counts cached tokens inside prompt_tokens, as genai-prices expects of
+    # input_tokens; reasoning tokens are likewise inside completion_tokens.
+    tokens = Usage(
+        input_tokens=usage.prompt_tokens,
+        cache_read_tokens=cached or None,
+        output_tokens=usage.completion_tokens,
+    )
+    try:
+        result = calc_price(tokens, model, provider_id=provider)
+    except (LookupError, ValueError):
+        return None, provider
+    return float(result.total_price), provider
+
+
+def context_window(model: str, base_url: str | None = None) -> int | None:
+    """The model's context window in tokens (registered, or genai-prices'), or ``None``."""
+    price = _user_price(model)
+    if price is not None and price.context_window is not None:
+        return price.context_window
+    if _key(model).startswith(LOCAL_PREFIX):
+        return None
+    info = _lookup(model, base_url)[1]
+    window = getattr(info, "context_window", None)
+    return int(window) if window else None
