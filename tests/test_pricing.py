@@ -1,0 +1,125 @@
+"""Request costs from genai-prices' bundled data, user prices and free local models."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from nbchat import ConfigError
+from nbchat._pricing import (
+    context_window,
+    forget_price,
+    is_free,
+    mark_free,
+    provider_for,
+    register_price,
+    request_cost,
+)
+from nbchat._types import RequestUsage
+
+OPENAI = "https://api.openai.com/v1"
+LOCAL = "http://127.0.0.1:8080/v1"
+USAGE = RequestUsage(prompt_tokens=1_000_000, completion_tokens=100_000, cached_tokens=200_000)
+
+
+@pytest.fixture(autouse=True)
+def clean_prices() -> Iterator[None]:
+    yield
+    for model in ("my-model", "llama3.2:3b", "gpt-4o-mini", "tiny"):
+        forget_price(model)
+
+
+def test_known_openai_model_has_a_positive_cost_and_provider() -> None:
+    cost, provider = request_cost("gpt-4o-mini", OPENAI, USAGE)
+    assert provider == "openai"
+    assert cost is not None and cost > 0
+    # Cached prompt tokens are cheaper than fresh ones.
+    uncached, _ = request_cost(
+        "gpt-4o-mini", OPENAI, RequestUsage(prompt_tokens=1_000_000, completion_tokens=100_000)
+    )
+    assert uncached is not None and cost < uncached
+
+
+def test_cost_grows_with_tokens() -> None:
+    small, _ = request_cost("gpt-4o", OPENAI, RequestUsage(prompt_tokens=10, completion_tokens=1))
+    large, _ = request_cost(
+        "gpt-4o", OPENAI, RequestUsage(prompt_tokens=1000, completion_tokens=100)
+    )
+    assert small is not None and large is not None
+    assert large == pytest.approx(small * 100)
+
+
+def test_provider_comes_from_the_host_or_else_the_model_name() -> None:
+    assert provider_for("claude-3-5-sonnet-latest", "https://api.anthropic.com/v1") == "anthropic"
+    # An unknown host (a proxy, the fake server) falls back to the model name.
+    assert provider_for("gpt-4o-mini", LOCAL) == "openai"
+    cost, provider = request_cost("gpt-4o-mini", LOCAL, USAGE)
+    assert provider == "openai" and cost == request_cost("gpt-4o-mini", OPENAI, USAGE)[0]
+
+
+def test_unknown_model_costs_none_never_zero() -> None:
+    assert request_cost("totally-unknown-model-x", LOCAL, USAGE) == (None, None)
+    # A known provider with a model it does not price: provider known, cost unknown.
+    assert request_cost("totally-unknown-model-x", OPENAI, USAGE) == (None, "openai")
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [None, RequestUsage(), RequestUsage(prompt_tokens=10), RequestUsage(completion_tokens=10)],
+)
+def test_missing_usage_means_unknown_cost(usage: RequestUsage | None) -> None:
+    cost, provider = request_cost("gpt-4o-mini", OPENAI, usage)
+    assert cost is None and provider == "openai"
+
+
+def test_registered_price_is_used_and_overrides_genai_prices() -> None:
+    register_price("my-model", input_per_mtok=2.0, output_per_mtok=10.0, cached_input_per_mtok=0.5)
+    cost, _ = request_cost("my-model", LOCAL, USAGE)
+    # 800k fresh * $2 + 200k cached * $0.5 + 100k out * $10, per million
+    assert cost == pytest.approx(1.6 + 0.1 + 1.0)
+    register_price("GPT-4o-mini", input_per_mtok=1.0, output_per_mtok=1.0)  # case-insensitive
+    cost, provider = request_cost("gpt-4o-mini", OPENAI, USAGE)
+    assert cost == pytest.approx(1.1) and provider == "openai"
+
+
+def test_registered_price_without_cached_rate_charges_the_input_rate() -> None:
+    register_price("my-model", input_per_mtok=2.0, output_per_mtok=0.0)
+    assert request_cost("my-model", None, USAGE)[0] == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
+def test_register_price_rejects_nonsense(bad: float) -> None:
+    with pytest.raises(ConfigError):
+        register_price("my-model", input_per_mtok=bad, output_per_mtok=1.0)
+
+
+def test_local_and_marked_free_models_cost_zero() -> None:
+    assert request_cost("local/SmolLM2-135M-Instruct", LOCAL, USAGE) == (0.0, "local")
+    assert request_cost("local/anything", LOCAL, None) == (0.0, "local")
+    assert is_free("local/x") and not is_free("llama3.2:3b")
+    assert request_cost("llama3.2:3b", "http://localhost:11434/v1", USAGE) == (None, None)
+    mark_free("llama3.2:3b")
+    assert request_cost("llama3.2:3b", "http://localhost:11434/v1", USAGE) == (0.0, "local")
+
+
+def test_context_window_from_data_or_registration() -> None:
+    assert context_window("gpt-4o-mini", OPENAI) == 128_000
+    assert context_window("gpt-4o-mini") == 128_000
+    assert context_window("totally-unknown-model-x") is None
+    assert context_window("local/x") is None
+    mark_free("tiny", context_window=2048)
+    assert context_window("tiny") == 2048
+    register_price("my-model", input_per_mtok=1, output_per_mtok=1, context_window=9000)
+    assert context_window("my-model", LOCAL) == 9000
+
+
+def test_import_nbchat_does_not_load_genai_prices_or_duckdb() -> None:
+    code = (
+        "import sys, nbchat, nbchat._pricing, nbchat._store;"
+        "print(sorted(m for m in ('genai_prices', 'duckdb', 'pandas') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
