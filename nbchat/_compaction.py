@@ -1,0 +1,667 @@
+"""Context compaction: keep a long conversation inside the model's context window.
+
+Before each model request the session asks its ``Compactor`` for the prompt's size in
+tokens. The size is a cheap estimate (characters / 4) calibrated against the
+``prompt_tokens`` the server reported for the previous request: only what was added
+since is estimated. When it passes ``trigger_ratio`` of the context window, a strategy
+folds the middle of the history:
+
+- ``SummaryStrategy`` ("summary") has a model write one summary of the middle; the
+  summary goes into the live context as one system message right after the system
+  prompt, and an earlier summary is folded into the new one.
+- ``WindowStrategy`` ("window") drops the oldest exchanges, no model call.
+
+Kept verbatim: the leading system prompt and the last ``keep_last_n`` exchanges (an
+exchange starts at a user message, so an assistant message with tool calls and its tool
+results always stay together). Any strategy, including a user's own, goes through the
+same checks before its result replaces the live context. A strategy that fails leaves
+the context as it was and the failure is reported in a ``CompactionEvent``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from ._client import ModelClient, RoundFolder
+from ._exceptions import ConfigError, ModelAPIError
+from ._types import CompactionEvent, Message, RequestUsage, UsageEvent
+
+__all__ = [
+    "Compaction",
+    "CompactionContext",
+    "CompactionOutcome",
+    "CompactionStrategy",
+    "Compactor",
+    "HistorySplit",
+    "SummaryError",
+    "SummaryStrategy",
+    "TokenEstimator",
+    "WindowStrategy",
+    "exchanges",
+    "is_context_overflow",
+    "live_order",
+    "resolve_strategy",
+    "split_history",
+    "validate_history",
+]
+
+CHARS_PER_TOKEN = 4.0
+SUMMARY_HEADER = (
+    "[Summary of the earlier part of this conversation; the original messages were "
+    "folded into it to save context space.]\n\n"
+)
+SUMMARY_INSTRUCTIONS = """\
+You condense the earlier part of a conversation between a user and an AI assistant \
+that can call tools, so that the assistant can carry on without the original messages.
+Keep: what the user asked for, their preferences and constraints; facts, numbers, \
+names, file paths and code that were established; which tools were called, why, and \
+what they returned (including errors); decisions made and questions still open; what \
+the assistant was about to do next.
+If the transcript begins with an earlier summary, merge it into yours: yours replaces it.
+Write in the language of the conversation, as short paragraphs or bullet points, in at \
+most {words} words. Do not address the user and do not call tools. Reply with the \
+summary only."""
+# Per-message clip when a transcript is shown to the summariser: one huge tool result
+# must not crowd out everything else.
+_CLIP_MESSAGE = 2000
+_CLIP_TOOL_RESULT = 1000
+_CLIP_ARGUMENTS = 300
+_WINDOW_FROM_MESSAGE = re.compile(r"maximum context length is (\d+)")
+
+
+class SummaryError(Exception):
+    """The summariser model failed or returned nothing usable (the message says which)."""
+
+
+# --------------------------------------------------------------------------- estimating
+
+
+def message_chars(message: Message) -> int:
+    """Characters of a message as it goes over the wire (compact JSON, plus a comma)."""
+    wire = message.to_openai()
+    return len(json.dumps(wire, ensure_ascii=False, separators=(",", ":"))) + 1
+
+
+class TokenEstimator:
+    """Estimates a prompt's tokens without a tokenizer, calibrated on the server's counts.
+
+    ``observe`` records what the server reported for a prompt; ``estimate`` then adds
+    the characters / 4 heuristic, scaled by the observed tokens-per-heuristic-token
+    ratio, for the messages appended since. When the context changed otherwise (a
+    compaction, a cell re-run), the whole prompt is estimated with that ratio.
+    """
+
+    def __init__(self) -> None:
+        self.ratio = 1.0
+        self._anchor_ids: list[str] = []
+        self._anchor_tokens: int | None = None
+        self._anchor_extra = 0
+
+    @staticmethod
+    def heuristic(messages: Sequence[Message], extra_chars: int = 0) -> float:
+        """The uncalibrated estimate: characters / 4 (``extra_chars``: tool definitions)."""
+        return (sum(message_chars(m) for m in messages) + extra_chars) / CHARS_PER_TOKEN
+
+    def estimate(self, messages: Sequence[Message], extra_chars: int = 0) -> int:
+        """Estimated prompt tokens of ``messages`` (plus ``extra_chars`` of tool specs)."""
+        n = len(self._anchor_ids)
+        if (
+            self._anchor_tokens is not None
+            and len(messages) >= n
+            and all(m.id == i for m, i in zip(messages, self._anchor_ids, strict=False))
+        ):
+            added = self.heuristic(messages[n:], extra_chars - self._anchor_extra)
+            return max(0, self._anchor_tokens + math.ceil(self.ratio * added))
+        return math.ceil(self.ratio * self.heuristic(messages, extra_chars))
+
+    def observe(
+        self, messages: Sequence[Message], extra_chars: int, prompt_tokens: int | None
+    ) -> None:
+        """Remember the server's ``prompt_tokens`` for a request that sent ``messages``."""
+        if not prompt_tokens or prompt_tokens <= 0:
+            return
+        raw = self.heuristic(messages, extra_chars)
+        if raw > 0:
+            # Clamped: one odd report (a server counting only new tokens) must not make
+            # every later estimate absurd.
+            self.ratio = min(4.0, max(0.25, prompt_tokens / raw))
+        self._anchor_ids = [m.id for m in messages]
+        self._anchor_tokens = prompt_tokens
+        self._anchor_extra = extra_chars
+
+
+# --------------------------------------------------------------------------- history shape
+
+
+def _is_system_prompt(message: Message) -> bool:
+    return message.role == "system" and message.status != "summary"
+
+
+@dataclass(frozen=True)
+class HistorySplit:
+    """The live context cut into what compaction keeps and what it may fold."""
+
+    head: list[Message]
+    """The leading system prompt (empty without one); never folded."""
+    summary: Message | None
+    """The live summary of an earlier compaction, folded into the next one."""
+    middle: list[Message]
+    """What may be folded, oldest first (whole exchanges only)."""
+    tail: list[Message]
+    """The last ``keep_last_n`` exchanges, kept verbatim."""
+
+
+def exchanges(messages: Sequence[Message]) -> list[list[Message]]:
+    """Cut messages into exchanges: each starts at a user message (the first may not)."""
+    groups: list[list[Message]] = []
+    for m in messages:
+        if m.role == "user" or not groups:
+            groups.append([m])
+        else:
+            groups[-1].append(m)
+    return groups
+
+
+def split_history(messages: Sequence[Message], keep_last_n: int) -> HistorySplit:
+    """Split the live context into head, summary, foldable middle and kept tail.
+
+    The tail starts at a user message, so a tool-call group (an assistant message with
+    tool calls and the tool results after it) is never cut in two.
+    """
+    head = [messages[0]] if messages and _is_system_prompt(messages[0]) else []
+    rest = list(messages[len(head) :])
+    summary = next((m for m in rest if m.status == "summary"), None)
+    if summary is not None:
+        rest.remove(summary)
+    starts = [i for i, m in enumerate(rest) if m.role == "user"]
+    cut = starts[-keep_last_n] if len(starts) >= keep_last_n else 0
+    return HistorySplit(head=head, summary=summary, middle=rest[:cut], tail=rest[cut:])
+
+
+def validate_history(messages: Sequence[Message]) -> str | None:
+    """Why ``messages`` cannot be sent as a chat history, or ``None`` when it can.
+
+    Every assistant message with tool calls must be followed by exactly its tool
+    results, and no tool result may appear anywhere else.
+    """
+    expected: set[str] = set()
+    for m in messages:
+        if m.role == "tool":
+            if m.tool_call_id not in expected:
+                return f"tool result {m.tool_call_id!r} has no assistant tool call before it"
+            expected.discard(m.tool_call_id)
+            continue
+        if expected:
+            return f"tool call(s) {sorted(expected)} lost their results"
+        if m.role == "assistant" and m.tool_calls:
+            expected = {c.id for c in m.tool_calls}
+    if expected:
+        return f"tool call(s) {sorted(expected)} lost their results"
+    return None
+
+
+def live_order(messages: Sequence[Message]) -> list[Message]:
+    """Put the live summary right after the system prompt (where compaction placed it).
+
+    A summary's ``seq`` is newer than the messages kept after it, so a session loaded
+    from the store in ``seq`` order has it at the wrong place until moved back.
+    """
+    summaries = [m for m in messages if m.status == "summary"]
+    if not summaries:
+        return list(messages)
+    summary = summaries[-1]
+    rest = [m for m in messages if m is not summary]
+    at = 1 if rest and _is_system_prompt(rest[0]) else 0
+    return [*rest[:at], summary, *rest[at:]]
+
+
+def is_context_overflow(error: ModelAPIError) -> bool:
+    """Whether a server error says the prompt is longer than the model's context."""
+    if error.code == "context_length_exceeded":
+        return True
+    body = _error_body(error)
+    # llama.cpp's server says it this way.
+    return body.get("type") == "exceed_context_size_error" or body.get("code") == (
+        "context_length_exceeded"
+    )
+
+
+def window_from_error(error: ModelAPIError) -> int | None:
+    """The context window an overflow error states, if it states one."""
+    n_ctx = _error_body(error).get("n_ctx")
+    if isinstance(n_ctx, int) and n_ctx > 0:
+        return n_ctx
+    found = _WINDOW_FROM_MESSAGE.search(str(error))
+    return int(found.group(1)) if found else None
+
+
+def _error_body(error: ModelAPIError) -> dict[str, Any]:
+    body = error.body if isinstance(error.body, dict) else {}
+    inner = body.get("error")
+    return inner if isinstance(inner, dict) else body
+
+
+# --------------------------------------------------------------------------- strategies
+
+
+@dataclass
+class Compaction:
+    """A strategy's answer: the messages to take out of the live context, and a summary.
+
+    ``fold`` may not contain the system prompt, nor split a tool-call group. With a
+    ``summary``, the live summary (if any) is folded too, so at most one stays live.
+    """
+
+    fold: list[Message]
+    summary: str | None = None
+
+
+@dataclass
+class CompactionContext:
+    """What a strategy gets to decide a compaction."""
+
+    messages: list[Message]
+    """The live context, oldest first (a copy: changing it changes nothing)."""
+    split: HistorySplit
+    """The live context cut by the keep-last-``keep_last_n``-exchanges rule."""
+    keep_last_n: int
+    context_window: int | None
+    """The model's context window in tokens, if known."""
+    threshold: int | None
+    """The estimated prompt size at which compaction starts (window × trigger_ratio)."""
+    tokens: int
+    """The estimated size of the prompt now, in tokens."""
+    forced: bool
+    """True when the server refused the prompt as too long: fold as much as allowed."""
+    estimate: Callable[[Sequence[Message]], int]
+    """Estimated prompt tokens of a list of messages (calibrated like the trigger)."""
+    summarise: Callable[[Sequence[Message]], Awaitable[str]]
+    """Have the summary model summarise messages; raises ``SummaryError`` on failure."""
+
+    @property
+    def target(self) -> int | None:
+        """A size worth shrinking to (half the threshold), so compactions stay rare."""
+        return None if self.threshold is None else self.threshold // 2
+
+
+@runtime_checkable
+class CompactionStrategy(Protocol):
+    """How to compact a history: pass an object like this as ``Session(compaction=...)``.
+
+    ``compact`` is called when the prompt is over the threshold (or the server refused
+    it as too long) and returns what to fold, or ``None`` to leave the history as it
+    is. Exceptions are reported in a ``CompactionEvent`` and the turn carries on.
+    """
+
+    name: str
+
+    async def compact(self, ctx: CompactionContext) -> Compaction | None:
+        """Decide what to fold, given the live context and helpers in ``ctx``."""
+        ...
+
+
+class SummaryStrategy:
+    """Fold everything between the system prompt and the kept tail into one summary."""
+
+    name = "summary"
+
+    async def compact(self, ctx: CompactionContext) -> Compaction | None:
+        """Summarise the live summary and the foldable middle together."""
+        middle = ctx.split.middle
+        if not middle:
+            return None
+        prior = [ctx.split.summary] if ctx.split.summary is not None else []
+        text = await ctx.summarise([*prior, *middle])
+        return Compaction(fold=list(middle), summary=text)
+
+
+class WindowStrategy:
+    """Drop the oldest exchanges (no model call) until the prompt is small enough."""
+
+    name = "window"
+
+    async def compact(self, ctx: CompactionContext) -> Compaction | None:
+        """Drop whole exchanges, oldest first, down to ``ctx.target`` (all when forced)."""
+        middle = ctx.split.middle
+        if not middle:
+            return None
+        target = ctx.target
+        if ctx.forced or target is None:
+            return Compaction(fold=list(middle))
+        dropped: list[Message] = []
+        for group in exchanges(middle):
+            dropped.extend(group)
+            gone = {m.id for m in dropped}
+            if ctx.estimate([m for m in ctx.messages if m.id not in gone]) <= target:
+                break
+        return Compaction(fold=dropped)
+
+
+def resolve_strategy(value: Any) -> CompactionStrategy | None:
+    """``"summary"``, ``"window"``, ``None`` (off) or a ``CompactionStrategy`` object."""
+    if value is None or value is False:
+        return None
+    if value == "summary":
+        return SummaryStrategy()
+    if value == "window":
+        return WindowStrategy()
+    if isinstance(value, CompactionStrategy):
+        return value
+    raise ConfigError(
+        f"compaction={value!r}: use 'summary', 'window', None, or an object with a "
+        "`name` and an async `compact(ctx)` method (see nbchat.CompactionStrategy)."
+    )
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+@dataclass
+class CompactionOutcome:
+    """What one compaction attempt did; the session applies it and emits its events."""
+
+    event: CompactionEvent
+    requests: list[UsageEvent] = field(default_factory=list)
+    """Summariser requests made (with usage and cost), to count and record."""
+    messages: list[Message] | None = None
+    """The new live context, or ``None`` when nothing changed."""
+    folded: list[Message] = field(default_factory=list)
+    summary: Message | None = None
+    """The new summary message (not yet numbered), already placed in ``messages``."""
+
+
+class Compactor:
+    """Decides when to compact a session's history and runs its strategy safely."""
+
+    def __init__(
+        self,
+        strategy: CompactionStrategy,
+        *,
+        context_window: int | None = None,
+        trigger_ratio: float = 0.8,
+        keep_last_n: int = 4,
+        summary_model: str | None = None,
+    ) -> None:
+        if not 0 < trigger_ratio <= 1:
+            raise ConfigError(f"trigger_ratio={trigger_ratio!r}: use a number in (0, 1].")
+        if keep_last_n < 1:
+            raise ConfigError(f"keep_last_n={keep_last_n!r}: keep at least 1 exchange.")
+        if context_window is not None and context_window <= 0:
+            raise ConfigError(f"context_window={context_window!r}: use a positive token count.")
+        self.strategy = strategy
+        self.context_window = context_window
+        self.trigger_ratio = trigger_ratio
+        self.keep_last_n = keep_last_n
+        self.summary_model = summary_model
+        self.estimator = TokenEstimator()
+        self._learned: dict[str, int] = {}
+        self._paused_at: str | None = None
+
+    def window(self, model: str, base_url: str) -> int | None:
+        """The context window used for ``model``: configured, learned, or genai-prices'."""
+        if self.context_window is not None:
+            return self.context_window
+        if model in self._learned:
+            return self._learned[model]
+        from ._pricing import context_window
+
+        return context_window(model, base_url)
+
+    async def maybe_compact(
+        self,
+        messages: list[Message],
+        *,
+        client: ModelClient,
+        extra_chars: int = 0,
+        session_id: str = "",
+        turn_id: str = "",
+        round: int = 0,
+        overflow: ModelAPIError | None = None,
+    ) -> CompactionOutcome | None:
+        """Compact if the prompt is over the threshold, or if ``overflow`` says it must be.
+
+        Returns ``None`` when nothing was attempted.
+        """
+        settings = client.settings
+        if overflow is not None:
+            learned = window_from_error(overflow)
+            if learned:
+                self._learned[settings.model] = learned
+        window = self.window(settings.model, settings.base_url)
+        tokens = self.estimator.estimate(messages, extra_chars)
+        threshold = int(window * self.trigger_ratio) if window else None
+        forced = overflow is not None
+        last_user = next((m.id for m in reversed(messages) if m.role == "user"), None)
+        if not forced and (threshold is None or tokens < threshold or self._paused_at == last_user):
+            return None
+        split = split_history(messages, self.keep_last_n)
+        if forced and not split.middle:
+            split = split_history(messages, 1)
+        requests: list[UsageEvent] = []
+        summariser = _Summariser(
+            client,
+            self.summary_model,
+            sink=requests,
+            words=_summary_words(window),
+            # The summariser's own prompt must fit too: at most half the window.
+            max_chars=int(window * CHARS_PER_TOKEN / 2) if window else 200_000,
+            stamp=(session_id, turn_id, round),
+        )
+
+        def estimate(some: Sequence[Message]) -> int:
+            return self.estimator.estimate(some, extra_chars)
+
+        ctx = CompactionContext(
+            messages=list(messages),
+            split=split,
+            keep_last_n=self.keep_last_n,
+            context_window=window,
+            threshold=threshold,
+            tokens=tokens,
+            forced=forced,
+            estimate=estimate,
+            summarise=summariser,
+        )
+        event = CompactionEvent(
+            session_id=session_id,
+            turn_id=turn_id,
+            strategy=getattr(self.strategy, "name", type(self.strategy).__name__),
+            tokens_before=tokens,
+        )
+        try:
+            plan = await self.strategy.compact(ctx)
+            if plan is None or not plan.fold:
+                if not forced:
+                    return None
+                raise SummaryError(
+                    "nothing can be folded: the last exchange alone is too long "
+                    "for the context window"
+                )
+            summary = _summary_message(plan, turn_id, round)
+            new, folded = _apply(messages, plan, split, summary)
+            tokens_after = estimate(new)
+            if summary is not None and tokens_after >= tokens:
+                raise SummaryError("the summary is not shorter than what it would replace")
+        except Exception as exc:
+            # Retrying on every request would pay for a failing summariser again and
+            # again: wait for the next user message (a forced compaction still runs).
+            self._paused_at = last_user
+            event.error = str(exc) if isinstance(exc, SummaryError) else f"{exc!r}"
+            _add_costs(event, requests)
+            return CompactionOutcome(event=event, requests=requests)
+        self._paused_at = None
+        seqs = [m.seq for m in folded if m.status != "summary"]
+        event.from_seq, event.to_seq = (min(seqs), max(seqs)) if seqs else (None, None)
+        event.summary = plan.summary
+        event.tokens_after = tokens_after
+        _add_costs(event, requests)
+        return CompactionOutcome(
+            event=event, requests=requests, messages=new, folded=folded, summary=summary
+        )
+
+
+def _summary_words(window: int | None) -> int:
+    # About a tenth of the window (0.75 words per token), within sensible bounds.
+    return 600 if window is None else max(100, min(1500, int(window * 0.075)))
+
+
+def _summary_message(plan: Compaction, turn_id: str, round: int) -> Message | None:
+    if plan.summary is None:
+        return None
+    return Message(
+        role="system",
+        content=SUMMARY_HEADER + plan.summary,
+        status="summary",
+        turn_id=turn_id or None,
+        round=round,
+    )
+
+
+def _apply(
+    messages: list[Message], plan: Compaction, split: HistorySplit, summary: Message | None
+) -> tuple[list[Message], list[Message]]:
+    """The new live context and the messages folded out of it; raises if unsafe."""
+    fold_ids = {m.id for m in plan.fold}
+    if summary is not None and split.summary is not None:
+        fold_ids.add(split.summary.id)  # at most one summary stays live
+    if split.head and split.head[0].id in fold_ids:
+        raise ValueError("a compaction may not fold the system prompt")
+    unknown = fold_ids - {m.id for m in messages}
+    if unknown:
+        raise ValueError(f"{len(unknown)} message(s) to fold are not in the live context")
+    kept = [m for m in messages if m.id not in fold_ids]
+    if summary is not None:
+        at = 1 if kept and _is_system_prompt(kept[0]) else 0
+        kept.insert(at, summary)
+    problem = validate_history(kept)
+    if problem:
+        raise ValueError(f"the compacted history would be invalid: {problem}")
+    if not any(m.role == "user" for m in kept):
+        raise ValueError("a compaction may not fold the last user message")
+    return kept, [m for m in messages if m.id in fold_ids]
+
+
+def _add_costs(event: CompactionEvent, requests: list[UsageEvent]) -> None:
+    if not requests:
+        event.cost_usd = 0.0
+        return
+    event.model = requests[-1].model
+    costs = [r.cost_usd for r in requests]
+    event.cost_usd = None if any(c is None for c in costs) else sum(c or 0.0 for c in costs)
+
+
+# --------------------------------------------------------------------------- summariser
+
+
+class _Summariser:
+    """Asks the summary model for a summary; each request is kept as a ``UsageEvent``."""
+
+    def __init__(
+        self,
+        client: ModelClient,
+        model: str | None,
+        *,
+        sink: list[UsageEvent],
+        words: int,
+        max_chars: int,
+        stamp: tuple[str, str, int],
+    ) -> None:
+        if model is not None and model != client.model:
+            settings = client.settings.model_copy(update={"model": model})
+            client = ModelClient(settings, max_retries=client.max_retries, timeout=client.timeout)
+        self.client = client
+        self.sink = sink
+        self.words = words
+        self.max_chars = max_chars
+        self.session_id, self.turn_id, self.round = stamp
+
+    async def __call__(self, messages: Sequence[Message]) -> str:
+        from ._pricing import request_cost
+
+        prompt = [
+            {"role": "system", "content": SUMMARY_INSTRUCTIONS.format(words=self.words)},
+            {
+                "role": "user",
+                "content": "Transcript to summarise:\n\n"
+                + render_transcript(messages, self.max_chars),
+            },
+        ]
+        folder = RoundFolder(self.session_id, self.turn_id, self.round)
+        error: ModelAPIError | None = None
+        try:
+            async for _ in self.client.astream(prompt, folder, stream=False):
+                pass
+        except ModelAPIError as exc:
+            error = exc
+        finally:
+            settings = self.client.settings
+            usage = folder.usage
+            cost, provider = request_cost(settings.model, settings.base_url, usage)
+            if usage is None and error is not None and error.status_code is not None:
+                # Refused before generating anything: nothing was used (as for chat requests).
+                usage, cost = RequestUsage(prompt_tokens=0, completion_tokens=0), 0.0
+            self.sink.append(
+                UsageEvent(
+                    session_id=self.session_id,
+                    turn_id=self.turn_id,
+                    round=self.round,
+                    model=settings.model,
+                    provider=provider,
+                    usage=usage,
+                    cost_usd=cost,
+                    ttft_ms=folder.ttft_ms,
+                    duration_ms=(time.perf_counter() - folder.started) * 1000,
+                    finish_reason=folder.finish_reason,
+                    error=str(error) if error else None,
+                    purpose="summary",
+                )
+            )
+        if error is not None:
+            raise SummaryError(f"the summary model failed: {error}") from error
+        text = folder.text.strip()
+        if not text:
+            raise SummaryError("the summary model returned an empty summary")
+        return text
+
+
+def render_transcript(messages: Sequence[Message], max_chars: int) -> str:
+    """Messages as plain text for the summariser, clipped to about ``max_chars``.
+
+    Each message is clipped on its own; if the whole is still too long, the oldest
+    messages after an earlier summary are left out (the newest matter most next).
+    """
+    parts: list[str] = []
+    for m in messages:
+        if m.status == "summary":
+            parts.append("[earlier summary]\n" + (m.content or "").removeprefix(SUMMARY_HEADER))
+            continue
+        if m.role == "tool":
+            head = f"[tool result{' from ' + m.name if m.name else ''}]"
+            body = _clip(m.content or "", _CLIP_TOOL_RESULT)
+        else:
+            head = f"[{m.role}]"
+            body = _clip(m.content or "", _CLIP_MESSAGE)
+            for call in m.tool_calls or []:
+                body += f"\n(calls tool {call.name} with {_clip(call.arguments, _CLIP_ARGUMENTS)})"
+        parts.append(f"{head}\n{body.strip()}")
+    keep_first = 1 if messages and messages[0].status == "summary" else 0
+    total = sum(len(p) + 2 for p in parts)
+    dropped = 0
+    while total > max_chars and len(parts) - keep_first > 1:
+        total -= len(parts.pop(keep_first)) + 2
+        dropped += 1
+    if dropped:
+        parts.insert(keep_first, f"[… {dropped} older messages left out …]")
+    return "\n\n".join(parts)
+
+
+def _clip(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    return text[:limit] + f" … [{len(text) - limit} more characters]"
