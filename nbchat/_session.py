@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import queue
 import threading
 import time
@@ -17,6 +18,13 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._client import ModelClient, RoundFolder
+from ._compaction import (
+    CompactionStrategy,
+    Compactor,
+    is_context_overflow,
+    live_order,
+    resolve_strategy,
+)
 from ._config import resolve_client, set_defaults
 from ._exceptions import GuardrailRejected, ModelAPIError, SessionPendingError
 from ._limits import Budgets, Guardrail, apply_guardrails
@@ -31,6 +39,8 @@ from ._types import (
     MessagesMarked,
     MessageStatus,
     Notice,
+    RequestUsage,
+    TextDelta,
     ToolCall,
     ToolCallRecord,
     ToolResult,
@@ -85,6 +95,8 @@ class _Turn:
         self.error: str | None = None
         self.folder: RoundFolder | None = None
         self.unanswered: list[ToolCall] = []
+        self.summary_requests = 0
+        self.compactions = 0
 
 
 class Session:
@@ -92,6 +104,13 @@ class Session:
 
     ``Session(session_id=...)`` reopens a stored session and continues it. ``db=False``
     keeps the session in memory only.
+
+    Long sessions: before each request, when the prompt passes ``trigger_ratio`` of the
+    model's context window (``context_window=``, or genai-prices' data), the middle of
+    the history is folded (``compaction="summary"``: into one summary written by
+    ``summary_model``, default the session's model; ``"window"``: dropped; ``None``:
+    never; or your own ``CompactionStrategy``). The system prompt and the last
+    ``keep_last_n`` exchanges stay verbatim.
     """
 
     def __init__(
@@ -120,7 +139,24 @@ class Session:
         stream: bool = True,
         request_params: dict[str, Any] | None = None,
         notebook: str | None = None,
+        compaction: str | CompactionStrategy | None = "summary",
+        context_window: int | None = None,
+        trigger_ratio: float = 0.8,
+        keep_last_n: int = 4,
+        summary_model: str | None = None,
     ) -> None:
+        strategy = resolve_strategy(compaction)
+        self.compactor = (
+            None
+            if strategy is None
+            else Compactor(
+                strategy,
+                context_window=context_window,
+                trigger_ratio=trigger_ratio,
+                keep_last_n=keep_last_n,
+                summary_model=summary_model,
+            )
+        )
         self.store: Store | None = _open_store(db)
         stored = self.store.load_session(session_id) if self.store and session_id else None
         settings = resolve_client(model or (stored.model if stored else None), base_url, api_key)
@@ -148,7 +184,8 @@ class Session:
         self._cancel_requested = False
         self._notices_given: set[str] = set()
         if stored is not None:
-            self._messages = list(stored.messages)
+            # The live summary is newer (higher seq) than the messages kept after it.
+            self._messages = live_order(stored.messages)
             self._seq = stored.max_seq + 1
             self.system = stored.system_prompt
             self.title = stored.title
@@ -447,45 +484,62 @@ class Session:
         )
 
     async def _request_model(self, turn: _Turn) -> AsyncIterator[Event]:
-        """One model request: check budgets, stream the reply, add the assistant message."""
+        """One model request: check budgets, compact, stream the reply, add the message."""
         final = turn.round >= self.max_rounds
-        check = self.budgets.check(self.usage, turn.usage)
-        if check.notice and check.notice not in self._notices_given:
-            self._notices_given.add(check.notice)
-            yield self._emit(Notice(session_id=self.id, turn_id=turn.turn_id, message=check.notice))
-        if check.limit is not None:
-            turn.status, turn.error = "budget_exceeded", check.message
-            yield self._emit(
-                LimitReached(
-                    session_id=self.id,
-                    turn_id=turn.turn_id,
-                    limit=check.limit,
-                    message=check.message or "",
-                )
-            )
-            return
-        payload = [m.to_openai() for m in self._messages]
-        if final:
-            payload.append({"role": "system", "content": MAX_ROUNDS_NOTE})
-        folder = RoundFolder(self.id, turn.turn_id, turn.round)
-        turn.folder = folder
-        error: ModelAPIError | None = None
-        try:
-            async for event in self.client.astream(
-                payload,
-                folder,
-                tools=None if final else self.tools.specs() or None,
-                stream=self.streaming,
-                **self.request_params,
-            ):
+        tools = None if final else self.tools.specs() or None
+        for event in self._check_budgets(turn):
+            yield event
+        if turn.status == "completed":
+            async for event in self._maybe_compact(turn, tools):
                 yield event
-        except ModelAPIError as exc:
-            error = exc
-        finally:
-            # Runs on cancellation too: a request that was cut short is still recorded.
-            usage_event = self._record_usage(turn, folder, error)
-        yield usage_event
-        turn.folder = None
+        if turn.status != "completed":
+            return
+        # Output guardrails judge the whole reply, so its text is shown once they passed it.
+        hold_text = bool(self.output_guardrails)
+        retried = False
+        while True:
+            payload = [m.to_openai() for m in self._messages]
+            if final:
+                payload.append({"role": "system", "content": MAX_ROUNDS_NOTE})
+            folder = RoundFolder(self.id, turn.turn_id, turn.round)
+            turn.folder = folder
+            error: ModelAPIError | None = None
+            try:
+                async for event in self.client.astream(
+                    payload, folder, tools=tools, stream=self.streaming, **self.request_params
+                ):
+                    if not (hold_text and event.kind == "text_delta"):
+                        yield self._emit(event)
+            except ModelAPIError as exc:
+                error = exc
+            finally:
+                # Runs on cancellation too: a request that was cut short is still recorded.
+                usage_event = self._record_usage(turn, folder, error)
+            yield usage_event
+            for event in self._check_budgets(turn, stop=False):
+                yield event
+            turn.folder = None
+            if error is None and self.compactor is not None and folder.usage is not None:
+                self.compactor.estimator.observe(
+                    self._messages, _chars(tools), folder.usage.prompt_tokens
+                )
+            if (
+                error is None
+                or retried
+                or self.compactor is None
+                or folder.chunks
+                or not is_context_overflow(error)
+            ):
+                break
+            # The server refused the prompt as too long: compact once, and retry once.
+            retried = True
+            compactions = turn.compactions
+            async for event in self._maybe_compact(turn, tools, overflow=error):
+                yield event
+            if turn.status != "completed":
+                return
+            if turn.compactions == compactions:
+                break
         if error is not None:
             turn.status, turn.error = "error", str(error)
             if folder.text:
@@ -503,7 +557,7 @@ class Session:
             )
             return
         message = self._assistant(turn, folder, status="ok", with_calls=not final)
-        if not message.tool_calls:
+        if message.content or not message.tool_calls:
             try:
                 message.content = apply_guardrails(message.content or "", self.output_guardrails)
             except GuardrailRejected as exc:
@@ -519,6 +573,16 @@ class Session:
                     )
                 )
                 return
+            if hold_text and message.content:
+                yield self._emit(
+                    TextDelta(
+                        session_id=self.id,
+                        turn_id=turn.turn_id,
+                        text=message.content,
+                        round=turn.round,
+                    )
+                )
+        if not message.tool_calls:
             turn.text = message.content or ""
             if final:
                 turn.status = "max_rounds"
@@ -534,14 +598,81 @@ class Session:
         yield self._add(message, turn)
         turn.unanswered = list(message.tool_calls or [])
 
+    def _check_budgets(self, turn: _Turn, *, stop: bool = True) -> Iterable[Event]:
+        """Say once when a budget cannot be checked; with ``stop``, end the turn at a limit."""
+        check = self.budgets.check(self.usage, turn.usage)
+        if check.notice and check.notice not in self._notices_given:
+            self._notices_given.add(check.notice)
+            yield self._emit(Notice(session_id=self.id, turn_id=turn.turn_id, message=check.notice))
+        if stop and check.limit is not None:
+            turn.status, turn.error = "budget_exceeded", check.message
+            yield self._emit(
+                LimitReached(
+                    session_id=self.id,
+                    turn_id=turn.turn_id,
+                    limit=check.limit,
+                    message=check.message or "",
+                )
+            )
+
+    async def _maybe_compact(
+        self,
+        turn: _Turn,
+        tools: list[dict[str, Any]] | None,
+        overflow: ModelAPIError | None = None,
+    ) -> AsyncIterator[Event]:
+        """Fold the middle of the history when the prompt nears the context window."""
+        if self.compactor is None:
+            return
+        outcome = await self.compactor.maybe_compact(
+            self._messages,
+            client=self.client,
+            extra_chars=_chars(tools),
+            session_id=self.id,
+            turn_id=turn.turn_id,
+            round=turn.round,
+            overflow=overflow,
+        )
+        if outcome is None:
+            return
+        for request in outcome.requests:
+            turn.summary_requests += 1
+            turn.usage = turn.usage.add(request.usage, request.cost_usd)
+            self.usage = self.usage.add(request.usage, request.cost_usd)
+            yield self._emit(request)
+        if outcome.messages is not None:
+            turn.compactions += 1
+            self._messages = outcome.messages
+            for m in outcome.folded:
+                m.state = "compacted"
+            yield self._emit(
+                MessagesMarked(
+                    session_id=self.id,
+                    turn_id=turn.turn_id,
+                    message_ids=[m.id for m in outcome.folded],
+                    state="compacted",
+                )
+            )
+            if outcome.summary is not None:
+                yield self._record(outcome.summary)
+        yield self._emit(outcome.event)
+        if outcome.requests:  # the summariser spent: the next request must still fit
+            for event in self._check_budgets(turn):
+                yield event
+
     def _record_usage(
         self, turn: _Turn, folder: RoundFolder, error: ModelAPIError | None
     ) -> UsageEvent:
         from ._pricing import request_cost
 
         cost, provider = request_cost(self.model, self.client.settings.base_url, folder.usage)
-        turn.usage = turn.usage.add(folder.usage, cost)
-        self.usage = self.usage.add(folder.usage, cost)
+        counted = folder.usage
+        if counted is None and error is not None and error.status_code is not None:
+            # Refused with an HTTP error before anything was generated: nothing was used
+            # (recording "unknown" would leave every later budget check unable to count).
+            counted, cost = RequestUsage(prompt_tokens=0, completion_tokens=0), 0.0
+        turn.usage = turn.usage.add(counted, cost)
+        self.usage = self.usage.add(counted, cost)
         return self._emit(
             UsageEvent(
                 session_id=self.id,
@@ -549,7 +680,7 @@ class Session:
                 round=turn.round,
                 model=self.model,
                 provider=provider,
-                usage=folder.usage,
+                usage=counted,
                 cost_usd=cost,
                 ttft_ms=folder.ttft_ms,
                 duration_ms=(time.perf_counter() - folder.started) * 1000,
@@ -597,9 +728,29 @@ class Session:
         turn.status = "interrupted"
         folder = turn.folder
         if folder is not None and folder.text:
-            message = self._assistant(turn, folder, status="interrupted", with_calls=False)
-            turn.text = folder.text
-            yield self._add(message, turn)
+            message: Message | None = self._assistant(
+                turn, folder, status="interrupted", with_calls=False
+            )
+            if self.output_guardrails and message is not None:
+                # The partial text was held back from display: judge it before showing it.
+                try:
+                    message.content = apply_guardrails(folder.text, self.output_guardrails)
+                except GuardrailRejected:
+                    message.status, message.state = "rejected", "superseded"
+                    yield self._record(message, turn)
+                    message = None
+                if message is not None and message.content:
+                    yield self._emit(
+                        TextDelta(
+                            session_id=self.id,
+                            turn_id=turn.turn_id,
+                            text=message.content,
+                            round=turn.round,
+                        )
+                    )
+            if message is not None:
+                turn.text = message.content or ""
+                yield self._add(message, turn)
         for call in turn.unanswered:
             message = Message(
                 role="tool",
@@ -625,11 +776,16 @@ class Session:
             usage=turn.usage,
             tool_calls=turn.tool_calls,
             messages=turn.messages,
-            rounds=turn.usage.requests,
+            rounds=turn.usage.requests - turn.summary_requests,
             error=turn.error,
             duration_ms=(time.perf_counter() - turn.started) * 1000,
         )
         return self._emit(TurnFinished(session_id=self.id, turn_id=turn.turn_id, result=result))
+
+
+def _chars(tools: list[dict[str, Any]] | None) -> int:
+    """Characters the tool definitions add to a request (part of its prompt tokens)."""
+    return len(json.dumps(tools, separators=(",", ":"))) if tools else 0
 
 
 def _open_store(db: Any) -> Store | None:
