@@ -219,27 +219,39 @@ class Store:
         notebook: str | None = None,
         metadata: dict[str, Any] | None = None,
         created_at: datetime | None = None,
+        messages: Sequence[Message] = (),
     ) -> None:
-        """Record a new session; an existing id is an error."""
-        try:
-            self._execute(
-                "INSERT INTO sessions (id, title, created_at, model, system_prompt, parent_id,"
-                " notebook, metadata) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    session_id,
-                    title,
-                    _utc(created_at or utcnow()),
-                    model,
-                    system_prompt,
-                    parent_id,
-                    notebook,
-                    json.dumps(metadata or {}),
-                ],
-            )
-        except StoreError as exc:
-            if isinstance(exc.__cause__, _duckdb().ConstraintException):
-                raise StoreError(f"A session {session_id} already exists in {self.path}.") from exc
-            raise
+        """Record a new session (with ``messages``, all in one transaction); ids are unique."""
+        row = [
+            session_id,
+            title,
+            _utc(created_at or utcnow()),
+            model,
+            system_prompt,
+            parent_id,
+            notebook,
+            json.dumps(metadata or {}),
+        ]
+        with self._connection() as con:
+            con.execute("BEGIN TRANSACTION")
+            try:
+                con.execute(
+                    "INSERT INTO sessions (id, title, created_at, model, system_prompt,"
+                    " parent_id, notebook, metadata) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    row,
+                )
+                for message in messages:
+                    con.execute(_INSERT_MESSAGE, _message_params(session_id, message))
+                con.execute("COMMIT")
+            except _duckdb().ConstraintException as exc:
+                con.execute("ROLLBACK")
+                raise StoreError(
+                    f"A session or message with this id already exists in {self.path}"
+                    f" (session {session_id})."
+                ) from exc
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
 
     def update_session(self, session_id: str, **fields: Any) -> None:
         """Change some of a session's settings (title, model, system_prompt, metadata...)."""
@@ -299,18 +311,6 @@ class Store:
             messages=[_message_from_row(row) for row in rows],
             max_seq=int(max_seq),
         )
-
-    def add_messages(self, session_id: str, messages: Sequence[Message]) -> None:
-        """Write several messages in one transaction (imports use this)."""
-        with self._connection() as con:
-            con.execute("BEGIN TRANSACTION")
-            try:
-                for message in messages:
-                    con.execute(_INSERT_MESSAGE, _message_params(session_id, message))
-                con.execute("COMMIT")
-            except BaseException:
-                con.execute("ROLLBACK")
-                raise
 
     # ------------------------------------------------------------------ events
 

@@ -1,0 +1,338 @@
+"""Sessions, transcripts, usage and costs as pandas DataFrames.
+
+Every function takes ``db=``: a path, ``":memory:"``, an open ``Store``, or ``None``
+for the default store (``NBCHAT_DB`` or ``~/.nbchat/nbchat.duckdb``). Timestamps are
+timezone-aware UTC; token counts are nullable integers (``<NA>`` when the server did
+not report them); costs are floats with ``NaN`` where the price is unknown — an
+unknown cost is never counted as 0, and the aggregates say how many requests had one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Literal
+
+from ._exceptions import StoreError
+from ._store import QueryResult, Store
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = [
+    "compactions",
+    "costs",
+    "sessions",
+    "sql",
+    "tool_calls",
+    "transcript",
+    "turns",
+    "usage",
+]
+
+Db = str | os.PathLike[str] | Store | None
+
+_INTEGER_TYPES = frozenset(
+    {"TINYINT", "SMALLINT", "INTEGER", "BIGINT", "UTINYINT", "USMALLINT", "UINTEGER"}
+)
+_FLOAT_TYPES = frozenset({"FLOAT", "DOUBLE", "HUGEINT", "UBIGINT", "UHUGEINT"})
+_TEXT_TYPES = frozenset({"VARCHAR", "JSON", "UUID"})
+
+
+@contextmanager
+def open_store(db: Db) -> Iterator[Store]:
+    """The store ``db`` names; one opened here is closed afterwards."""
+    if isinstance(db, Store):
+        yield db
+        return
+    store = Store.open(db)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+# ------------------------------------------------------------------ DataFrame building
+
+
+def _text_dtype() -> Any:
+    import pandas as pd
+
+    # pandas 3 has a real string dtype ("str", NaN for missing); older pandas uses object.
+    return "str" if int(pd.__version__.split(".")[0]) >= 3 else object
+
+
+def _series(values: Any, type_name: str) -> pd.Series:
+    """One DuckDB result column as a pandas Series of the matching dtype."""
+    import numpy as np
+    import pandas as pd
+
+    mask = np.ma.getmaskarray(values)
+    data = np.ma.getdata(values)
+    kind = type_name.upper()
+    if kind == "TIMESTAMP WITH TIME ZONE" or kind.startswith("TIMESTAMP") or kind == "DATE":
+        stamps = data.astype("datetime64[us]").copy()
+        stamps[mask] = np.datetime64("NaT")
+        series = pd.Series(stamps)
+        if kind == "TIMESTAMP WITH TIME ZONE":
+            series = series.dt.tz_localize("UTC")
+        return series
+    if kind in _INTEGER_TYPES:
+        return pd.Series(pd.arrays.IntegerArray(data.astype("int64"), mask.copy()))
+    if kind in _FLOAT_TYPES or kind.startswith("DECIMAL"):
+        floats = data.astype("float64").copy()
+        floats[mask] = np.nan
+        return pd.Series(floats)
+    if kind == "BOOLEAN":
+        return pd.Series(pd.arrays.BooleanArray(data.astype(bool), mask.copy()))
+    items = [None if missing else item for item, missing in zip(data.tolist(), mask, strict=True)]
+    if kind in _TEXT_TYPES:
+        return pd.Series(items, dtype=_text_dtype())
+    return pd.Series(items, dtype=object)
+
+
+def _frame(
+    result: QueryResult, parsers: dict[str, Callable[[Any], Any]] | None = None
+) -> pd.DataFrame:
+    """A DataFrame of ``result``; ``parsers`` turn named text columns into Python objects."""
+    import pandas as pd
+
+    columns: dict[str, pd.Series] = {}
+    for name, kind in zip(result.columns, result.types, strict=True):
+        series = _series(result.data[name], kind)
+        if parsers and name in parsers:
+            parse = parsers[name]
+            series = pd.Series(
+                [None if pd.isna(v) else parse(v) for v in series.tolist()], dtype=object
+            )
+        columns[name] = series
+    return pd.DataFrame(columns, columns=result.columns)
+
+
+def _json(text: str) -> Any:
+    return json.loads(text)
+
+
+# ------------------------------------------------------------------ the frames
+
+
+def sessions(db: Db = None) -> pd.DataFrame:
+    """One row per session, oldest first.
+
+    Columns: ``id``, ``title``, ``model``, ``created_at``, ``last_active`` (latest
+    message or request), ``turns``, ``messages`` (active ones), ``requests``,
+    ``prompt_tokens``, ``completion_tokens`` (sums of reported counts), ``cost_usd``
+    (sum of known costs; NaN if no request's price is known), ``unknown_cost_requests``
+    (requests whose price is unknown: when > 0 the true spend is higher than
+    ``cost_usd``), ``system_prompt``, ``parent_id``, ``notebook``, ``metadata`` (dict).
+    """
+    query = """
+        WITH m AS (
+            SELECT session_id, count(*) FILTER (WHERE state = 'active') AS messages,
+                   max(created_at) AS last_message_at
+            FROM messages GROUP BY session_id
+        ), r AS (
+            SELECT session_id, count(*) AS requests,
+                   sum(prompt_tokens)::BIGINT AS prompt_tokens,
+                   sum(completion_tokens)::BIGINT AS completion_tokens,
+                   sum(cost_usd) AS cost_usd,
+                   count(*) FILTER (WHERE cost_usd IS NULL) AS unknown_cost_requests,
+                   max(created_at) AS last_request_at
+            FROM requests GROUP BY session_id
+        ), t AS (
+            SELECT session_id, count(*) AS turns FROM turns GROUP BY session_id
+        )
+        SELECT s.id, s.title, s.model, s.created_at,
+               greatest(s.created_at, m.last_message_at, r.last_request_at) AS last_active,
+               coalesce(t.turns, 0) AS turns, coalesce(m.messages, 0) AS messages,
+               coalesce(r.requests, 0) AS requests,
+               -- no request at all costs nothing; requests without a known value stay NULL
+               CASE WHEN r.requests IS NULL THEN 0 ELSE r.prompt_tokens END AS prompt_tokens,
+               CASE WHEN r.requests IS NULL THEN 0 ELSE r.completion_tokens END
+                   AS completion_tokens,
+               CASE WHEN r.requests IS NULL THEN 0.0 ELSE r.cost_usd END AS cost_usd,
+               coalesce(r.unknown_cost_requests, 0) AS unknown_cost_requests,
+               s.system_prompt, s.parent_id, s.notebook, s.metadata
+        FROM sessions s
+        LEFT JOIN m ON m.session_id = s.id
+        LEFT JOIN r ON r.session_id = s.id
+        LEFT JOIN t ON t.session_id = s.id
+        ORDER BY s.created_at, s.id
+    """
+    with open_store(db) as store:
+        return _frame(store.query(query), {"metadata": _json})
+
+
+def transcript(
+    session_id: str,
+    db: Db = None,
+    *,
+    include_compacted: bool = False,
+    include_superseded: bool = False,
+) -> pd.DataFrame:
+    """The messages of one session in conversation order (``seq``).
+
+    By default only the live context (state ``active``); ``include_compacted`` adds
+    messages folded into a summary, ``include_superseded`` those replaced by a cell
+    re-run. Columns: ``seq``, ``role``, ``content``, ``name``, ``tool_calls`` (list of
+    dicts with id, name, arguments), ``tool_call_id``, ``status`` (ok, interrupted,
+    error, cancelled, aborted, ...), ``state``, ``turn_id``, ``round``, ``cell_id``,
+    ``created_at``, ``id``.
+    """
+    query = """
+        SELECT seq, role, content, name, tool_calls, tool_call_id, status, state, turn_id,
+               round, cell_id, created_at, id
+        FROM messages
+        WHERE session_id = ?
+          AND (state = 'active' OR (? AND state = 'compacted') OR (? AND state = 'superseded'))
+        ORDER BY seq, created_at
+    """
+    with open_store(db) as store:
+        if not store.has_session(session_id):
+            raise StoreError(f"No session {session_id} in {store.path}.")
+        result = store.query(query, [session_id, include_compacted, include_superseded])
+        return _frame(result, {"tool_calls": _json})
+
+
+def usage(db: Db = None, session_id: str | None = None) -> pd.DataFrame:
+    """One row per model request (chat and summary requests), oldest first.
+
+    Columns: ``created_at``, ``session_id``, ``turn_id``, ``round``, ``model``,
+    ``provider``, ``purpose`` (chat or summary), ``prompt_tokens``,
+    ``completion_tokens``, ``cached_tokens``, ``reasoning_tokens``, ``total_tokens``
+    (``<NA>`` when unreported), ``cost_usd`` (NaN = unknown price), ``ttft_ms``
+    (time to first token), ``duration_ms``, ``finish_reason``, ``error``, ``id``.
+    """
+    query = """
+        SELECT created_at, session_id, turn_id, round, model, provider, purpose,
+               prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens,
+               prompt_tokens + completion_tokens AS total_tokens, cost_usd, ttft_ms,
+               duration_ms, finish_reason, error, id
+        FROM requests WHERE ? IS NULL OR session_id = ?
+        ORDER BY created_at, id
+    """
+    with open_store(db) as store:
+        return _frame(store.query(query, [session_id, session_id]))
+
+
+def tool_calls(db: Db = None, session_id: str | None = None) -> pd.DataFrame:
+    """One row per tool call that ran (or failed), oldest first.
+
+    Columns: ``created_at``, ``session_id``, ``turn_id``, ``round``, ``call_id``,
+    ``name``, ``arguments`` (the model's raw JSON text), ``result`` (what the model
+    saw), ``is_error``, ``error_kind``, ``duration_ms``, ``id``.
+    """
+    query = """
+        SELECT created_at, session_id, turn_id, round, call_id, name, arguments, result,
+               is_error, error_kind, duration_ms, id
+        FROM tool_calls WHERE ? IS NULL OR session_id = ?
+        ORDER BY created_at, id
+    """
+    with open_store(db) as store:
+        return _frame(store.query(query, [session_id, session_id]))
+
+
+def compactions(db: Db = None, session_id: str | None = None) -> pd.DataFrame:
+    """One row per compaction of a session's history (failed attempts too), oldest first.
+
+    Columns: ``created_at``, ``session_id``, ``turn_id``, ``strategy``, ``from_seq``,
+    ``to_seq`` (the folded message range), ``tokens_before``, ``tokens_after``,
+    ``model``, ``cost_usd``, ``summary``, ``error`` (set when the attempt failed and
+    the history stayed as it was), ``id``.
+    """
+    query = """
+        SELECT created_at, session_id, turn_id, strategy, from_seq, to_seq, tokens_before,
+               tokens_after, model, cost_usd, summary, error, id
+        FROM compactions WHERE ? IS NULL OR session_id = ?
+        ORDER BY created_at, id
+    """
+    with open_store(db) as store:
+        return _frame(store.query(query, [session_id, session_id]))
+
+
+def turns(db: Db = None, session_id: str | None = None) -> pd.DataFrame:
+    """One row per turn (one ``send()`` or ``%%chat`` cell), oldest first.
+
+    Columns: ``started_at``, ``finished_at`` (NaT while running or if the process
+    died), ``session_id``, ``status``, ``user_text``, ``rounds``, ``requests``,
+    ``prompt_tokens``, ``completion_tokens``, ``cost_usd`` (NaN = unknown),
+    ``duration_ms``, ``error``, ``cell_id``, ``id``.
+    """
+    query = """
+        SELECT started_at, finished_at, session_id, status, user_text, rounds, requests,
+               prompt_tokens, completion_tokens, cost_usd, duration_ms, error, cell_id, id
+        FROM turns WHERE ? IS NULL OR session_id = ?
+        ORDER BY started_at, id
+    """
+    with open_store(db) as store:
+        return _frame(store.query(query, [session_id, session_id]))
+
+
+# Grouping keys of costs(): fixed SQL fragments chosen by name, never caller text.
+_COST_GROUPS: dict[str, tuple[str, str, str]] = {
+    "model": (
+        "r.model, r.provider",
+        "r.model, r.provider",
+        "cost_usd DESC NULLS LAST, requests DESC, r.model",
+    ),
+    "day": ("date_trunc('day', r.created_at) AS day", "day", "day"),
+    "session": (
+        "r.session_id, any_value(s.title) AS title, min(r.created_at) AS first_request_at",
+        "r.session_id",
+        "first_request_at, r.session_id",
+    ),
+}
+
+
+def costs(by: Literal["model", "day", "session"] = "model", db: Db = None) -> pd.DataFrame:
+    """Requests, tokens and dollars grouped by model, by UTC day, or by session.
+
+    Key columns: ``model`` and ``provider`` (sorted by cost, highest first), ``day``
+    (UTC midnight, oldest first), or ``session_id``, ``title``, ``first_request_at``.
+    Then ``requests``, ``prompt_tokens``, ``completion_tokens``, ``cached_tokens``,
+    ``cost_usd`` (sum of known costs; NaN when none is known) and
+    ``unknown_cost_requests`` — requests whose price is unknown, never counted as 0:
+    when it is above 0 the real spend is higher than ``cost_usd``.
+    """
+    if by not in _COST_GROUPS:
+        raise ValueError(f"costs(by=...) must be 'model', 'day' or 'session', not {by!r}.")
+    select, group, order = _COST_GROUPS[by]
+    query = f"""
+        SELECT {select}, count(*) AS requests, sum(r.prompt_tokens)::BIGINT AS prompt_tokens,
+               sum(r.completion_tokens)::BIGINT AS completion_tokens,
+               sum(r.cached_tokens)::BIGINT AS cached_tokens, sum(r.cost_usd) AS cost_usd,
+               count(*) FILTER (WHERE r.cost_usd IS NULL) AS unknown_cost_requests
+        FROM requests r LEFT JOIN sessions s ON s.id = r.session_id
+        GROUP BY {group}
+        ORDER BY {order}
+    """
+    with open_store(db) as store:
+        return _frame(store.query(query))
+
+
+def sql(query: str, params: Sequence[Any] | None = None, db: Db = None) -> pd.DataFrame:
+    """Run one read-only SELECT against the store and return its rows.
+
+    Use ``?`` placeholders with ``params`` rather than formatting values into the
+    text. Anything but a SELECT (INSERT, UPDATE, DROP, ATTACH, SET, ...) is refused,
+    and the query runs in a read-only transaction that is rolled back, so it cannot
+    change the store. Tables: sessions, messages, requests, tool_calls, compactions,
+    turns, _migrations.
+    """
+    import duckdb
+
+    try:
+        statements = duckdb.extract_statements(query)
+    except duckdb.Error as exc:
+        raise StoreError(f"sql() could not parse the query: {exc}") from exc
+    if len(statements) != 1:
+        raise StoreError(f"sql() runs exactly one statement; this query has {len(statements)}.")
+    kind = statements[0].type
+    if kind != duckdb.StatementType.SELECT:
+        raise StoreError(
+            f"sql() is read-only: it runs SELECT queries, and this is a {kind.name} statement."
+        )
+    with open_store(db) as store:
+        return _frame(store.query_read_only(query, params))

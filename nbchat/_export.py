@@ -1,0 +1,190 @@
+"""A stored session out as OpenAI-format JSON or Markdown, and OpenAI-format JSON back in."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import timedelta
+from typing import Any, Literal
+
+from ._analysis import Db, open_store
+from ._exceptions import StoreError
+from ._store import StoredSession
+from ._types import Message, ToolCall, new_id, utcnow
+
+__all__ = ["export_session", "import_session"]
+
+_ROLES = ("system", "user", "assistant", "tool")
+
+
+def _openai_messages(session: StoredSession) -> list[dict[str, Any]]:
+    messages = [m.to_openai() for m in session.messages]
+    # The session loop stores its system prompt as the first message; an older or
+    # hand-made session may only have it on the session row.
+    if session.system_prompt and not (messages and messages[0]["role"] == "system"):
+        messages.insert(0, {"role": "system", "content": session.system_prompt})
+    return messages
+
+
+def export_session(
+    session_id: str, format: Literal["openai", "markdown"] = "openai", db: Db = None
+) -> str:
+    """The session's live context as text.
+
+    ``"openai"``: a JSON list of chat-completions messages (what the next request
+    would send), which ``import_session`` reads back. ``"markdown"``: a readable
+    transcript with tool calls and results in code blocks.
+    """
+    if format not in ("openai", "markdown"):
+        raise ValueError(f"format must be 'openai' or 'markdown', not {format!r}.")
+    with open_store(db) as store:
+        session = store.load_session(session_id)
+    if format == "openai":
+        return json.dumps(_openai_messages(session), indent=2, ensure_ascii=False)
+    return _markdown(session)
+
+
+def _fence(text: str, language: str = "") -> str:
+    """``text`` in a code block whose fence is longer than any backtick run inside it."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}{language}\n{text}\n{fence}"
+
+
+def _pretty_json(text: str) -> tuple[str, str]:
+    try:
+        return json.dumps(json.loads(text), indent=2, ensure_ascii=False), "json"
+    except ValueError:
+        return text, ""
+
+
+def _markdown(session: StoredSession) -> str:
+    lines = [f"# {session.title or f'Session {session.id}'}", ""]
+    lines.append(f"- session: `{session.id}`")
+    if session.model:
+        lines.append(f"- model: `{session.model}`")
+    lines.append(f"- created: {session.created_at.isoformat(timespec='seconds')}")
+    lines.append("")
+    for message in _openai_messages(session):
+        role = message["role"]
+        content = message.get("content")
+        if role == "tool":
+            name = message.get("name") or "tool"
+            lines.append(f"## Tool result: {name} (`{message.get('tool_call_id')}`)")
+            body, language = _pretty_json(content or "")
+            lines += ["", _fence(body, language), ""]
+            continue
+        lines += [f"## {role.capitalize()}", ""]
+        if content:
+            lines += [content, ""]
+        for call in message.get("tool_calls") or []:
+            function = call["function"]
+            lines.append(f"**Tool call** `{function['name']}` (`{call['id']}`)")
+            body, language = _pretty_json(function.get("arguments") or "")
+            lines += ["", _fence(body, language), ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# ------------------------------------------------------------------ import
+
+
+def _text(content: Any, where: str) -> str | None:
+    if content is None or isinstance(content, str):
+        return content
+    if isinstance(content, list):  # content parts: keep the text ones
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text":
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise StoreError(
+                    f"Cannot import {where}: only text content is supported, not {kind}."
+                )
+            parts.append(str(part.get("text", "")))
+        return "".join(parts)
+    raise StoreError(f"Cannot import {where}: content must be text, not {type(content).__name__}.")
+
+
+def _tool_calls(raw: Any, where: str) -> list[ToolCall] | None:
+    if not raw:
+        return None
+    if not isinstance(raw, list):
+        raise StoreError(f"Cannot import {where}: tool_calls must be a list.")
+    calls = []
+    for item in raw:
+        function = item.get("function") if isinstance(item, dict) else None
+        source = function if isinstance(function, dict) else item
+        if not isinstance(source, dict) or not item.get("id") or not source.get("name"):
+            raise StoreError(f"Cannot import {where}: each tool call needs an id and a name.")
+        arguments = source.get("arguments", "")
+        if not isinstance(arguments, str):
+            arguments = json.dumps(arguments)
+        calls.append(ToolCall(id=str(item["id"]), name=str(source["name"]), arguments=arguments))
+    return calls
+
+
+def _parse(data: str | bytes | list[dict[str, Any]] | dict[str, Any]) -> list[Message]:
+    if isinstance(data, str | bytes):
+        try:
+            data = json.loads(data)
+        except ValueError as exc:
+            raise StoreError(f"Cannot import: the text is not JSON ({exc}).") from exc
+    if isinstance(data, dict) and isinstance(data.get("messages"), list):
+        data = data["messages"]
+    if not isinstance(data, list) or not data:
+        raise StoreError("Cannot import: expected a non-empty list of OpenAI-format messages.")
+    messages: list[Message] = []
+    asked: set[str] = set()
+    start = utcnow()
+    for seq, item in enumerate(data):
+        where = f"message {seq}"
+        if not isinstance(item, dict) or item.get("role") not in _ROLES:
+            raise StoreError(f"Cannot import {where}: its role must be one of {', '.join(_ROLES)}.")
+        calls = _tool_calls(item.get("tool_calls"), where) if item["role"] == "assistant" else None
+        asked.update(call.id for call in calls or [])
+        tool_call_id = item.get("tool_call_id")
+        if item["role"] == "tool" and tool_call_id not in asked:
+            raise StoreError(
+                f"Cannot import {where}: tool result {tool_call_id!r} answers no earlier tool call."
+            )
+        messages.append(
+            Message(
+                role=item["role"],
+                content=_text(item.get("content"), where),
+                name=item.get("name"),
+                tool_calls=calls,
+                tool_call_id=tool_call_id if item["role"] == "tool" else None,
+                seq=seq,
+                # Distinct times keep the original order in every time-sorted view.
+                created_at=start + timedelta(microseconds=seq),
+            )
+        )
+    return messages
+
+
+def import_session(
+    data: str | bytes | list[dict[str, Any]] | dict[str, Any],
+    db: Db = None,
+    title: str | None = None,
+    *,
+    model: str | None = None,
+) -> str:
+    """Store OpenAI-format messages (JSON text or a list of dicts) as a new session.
+
+    Returns the new session's id; ``Session(session_id=..., db=...)`` continues it.
+    A leading system message becomes the session's system prompt. Tool results must
+    answer an earlier tool call; an assistant's tool calls left without results make
+    the imported session *pending* (``resume()`` or ``abort_pending()``).
+    """
+    messages = _parse(data)
+    system = messages[0].content if messages[0].role == "system" else None
+    session_id = new_id()
+    with open_store(db) as store:
+        store.create_session(
+            session_id=session_id,
+            model=model,
+            system_prompt=system,
+            title=title or "Imported session",
+            metadata={"imported": True},
+            messages=messages,
+        )
+    return session_id

@@ -1,0 +1,428 @@
+"""The DataFrame API over a store filled through ``Store.handle`` with real events."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from nbchat import StoreError
+from nbchat._analysis import compactions, costs, sessions, sql, tool_calls, transcript, turns, usage
+from nbchat._export import export_session, import_session
+from nbchat._store import Store
+from nbchat._types import (
+    CompactionEvent,
+    Message,
+    MessageAdded,
+    MessagesMarked,
+    RequestUsage,
+    ToolCall,
+    ToolCallRecord,
+    ToolResult,
+    TurnFinished,
+    TurnResult,
+    TurnStarted,
+    Usage,
+    UsageEvent,
+)
+
+UTC_TS = "datetime64[us, UTC]"
+STR = pd.Series(["x"]).dtype  # the dtype this pandas gives text
+
+
+def add(store: Store, sid: str, role: str, content: str | None, seq: int, **kw: Any) -> Message:
+    message = Message(role=role, content=content, seq=seq, turn_id=kw.pop("turn_id", "t"), **kw)  # type: ignore[arg-type]
+    store.handle(MessageAdded(session_id=sid, turn_id=message.turn_id or "", message=message))
+    return message
+
+
+def request(store: Store, sid: str, model: str, cost: float | None, **tokens: int | None) -> None:
+    store.handle(
+        UsageEvent(
+            session_id=sid,
+            turn_id="t",
+            model=model,
+            provider="openai" if model.startswith("gpt") else None,
+            usage=RequestUsage(**tokens) if tokens else None,
+            cost_usd=cost,
+            duration_ms=10.0,
+            finish_reason="stop",
+        )
+    )
+
+
+@pytest.fixture
+def store(db_path: Path) -> Any:
+    """Two sessions: a with a tool call, a compaction and mixed known/unknown costs; b empty."""
+    s = Store.open(db_path)
+    s.create_session(session_id="a", model="gpt-4o-mini", system_prompt="Be terse.", title="A")
+    s.handle(TurnStarted(session_id="a", turn_id="t", text="weather?", cell_id="c1"))
+    add(s, "a", "system", "Be terse.", 0)
+    old = add(s, "a", "user", "old question", 1)
+    add(s, "a", "user", "weather?", 2)
+    call = ToolCall(id="call_1", name="weather", arguments='{"city": "Paris"}')
+    add(s, "a", "assistant", None, 3, tool_calls=[call])
+    request(s, "a", "gpt-4o-mini", 0.002, prompt_tokens=100, completion_tokens=10, cached_tokens=0)
+    record = ToolCallRecord(
+        call_id="call_1", name="weather", arguments='{"city": "Paris"}', result='{"t": 21}'
+    )
+    s.handle(ToolResult(session_id="a", turn_id="t", call=record))
+    add(s, "a", "tool", '{"t": 21}', 4, tool_call_id="call_1", name="weather")
+    add(s, "a", "assistant", "21 degrees.", 5)
+    request(s, "a", "gpt-4o-mini", 0.001, prompt_tokens=120, completion_tokens=5)
+    request(s, "a", "mystery-model", None, prompt_tokens=50, completion_tokens=5)
+    request(s, "a", "mystery-model", None)  # the server reported no usage at all
+    s.handle(MessagesMarked(session_id="a", message_ids=[old.id], state="superseded"))
+    s.handle(
+        CompactionEvent(session_id="a", strategy="summary", from_seq=1, to_seq=2, tokens_before=900)
+    )
+    usage_total = Usage(requests=4, prompt_tokens=270, completion_tokens=20, cost_usd=None)
+    result = TurnResult(session_id="a", turn_id="t", status="completed", usage=usage_total)
+    s.handle(TurnFinished(session_id="a", turn_id="t", result=result))
+    s.create_session(session_id="b", model="m2", system_prompt=None)
+    yield s
+    s.close()
+
+
+# --------------------------------------------------------------------------- frames
+
+
+def test_sessions_columns_dtypes_and_totals(store: Store) -> None:
+    df = sessions(store)
+    assert list(df.columns) == [
+        "id",
+        "title",
+        "model",
+        "created_at",
+        "last_active",
+        "turns",
+        "messages",
+        "requests",
+        "prompt_tokens",
+        "completion_tokens",
+        "cost_usd",
+        "unknown_cost_requests",
+        "system_prompt",
+        "parent_id",
+        "notebook",
+        "metadata",
+    ]
+    assert list(df["id"]) == ["a", "b"]  # oldest first
+    assert str(df["created_at"].dtype) == UTC_TS and str(df["last_active"].dtype) == UTC_TS
+    assert str(df["requests"].dtype) == "Int64" and df["cost_usd"].dtype == "float64"
+    a, b = df.iloc[0], df.iloc[1]
+    assert (a["turns"], a["messages"], a["requests"]) == (1, 5, 4)
+    assert (a["prompt_tokens"], a["completion_tokens"]) == (270, 20)
+    assert a["cost_usd"] == pytest.approx(0.003)
+    assert a["unknown_cost_requests"] == 2
+    assert a["last_active"] > a["created_at"]
+    assert a["metadata"] == {}
+    # A session without requests cost nothing (not unknown).
+    assert (b["requests"], b["cost_usd"], b["unknown_cost_requests"]) == (0, 0.0, 0)
+
+
+def test_transcript_shows_the_live_context_by_default(store: Store) -> None:
+    df = transcript("a", db=store)
+    assert list(df.columns) == [
+        "seq",
+        "role",
+        "content",
+        "name",
+        "tool_calls",
+        "tool_call_id",
+        "status",
+        "state",
+        "turn_id",
+        "round",
+        "cell_id",
+        "created_at",
+        "id",
+    ]
+    assert list(df["seq"]) == [0, 2, 3, 4, 5]
+    assert list(df["role"]) == ["system", "user", "assistant", "tool", "assistant"]
+    assert df["tool_calls"][2] == [
+        {"id": "call_1", "name": "weather", "arguments": '{"city": "Paris"}'}
+    ]
+    assert df["tool_calls"][0] is None
+    assert pd.isna(df["content"][2])
+    assert str(df["seq"].dtype) == "Int64" and str(df["created_at"].dtype) == UTC_TS
+    assert df["content"].dtype == STR
+    everything = transcript("a", db=store, include_superseded=True)
+    assert list(everything["seq"]) == [0, 1, 2, 3, 4, 5]
+    assert everything.set_index("seq")["state"][1] == "superseded"
+
+
+def test_transcript_of_an_unknown_session_is_an_error(store: Store) -> None:
+    with pytest.raises(StoreError, match="No session zzz"):
+        transcript("zzz", db=store)
+
+
+def test_usage_has_one_row_per_request_with_unknowns_kept(store: Store) -> None:
+    df = usage(store)
+    assert list(df.columns) == [
+        "created_at",
+        "session_id",
+        "turn_id",
+        "round",
+        "model",
+        "provider",
+        "purpose",
+        "prompt_tokens",
+        "completion_tokens",
+        "cached_tokens",
+        "reasoning_tokens",
+        "total_tokens",
+        "cost_usd",
+        "ttft_ms",
+        "duration_ms",
+        "finish_reason",
+        "error",
+        "id",
+    ]
+    assert len(df) == 4 and df["created_at"].is_monotonic_increasing
+    assert list(df["model"]) == ["gpt-4o-mini", "gpt-4o-mini", "mystery-model", "mystery-model"]
+    assert str(df["prompt_tokens"].dtype) == "Int64"
+    assert list(df["total_tokens"][:3]) == [110, 125, 55]
+    assert df["total_tokens"].isna().tolist() == [False, False, False, True]
+    assert df["cost_usd"].dtype == "float64"
+    assert math.isnan(df["cost_usd"][2]) and df["cost_usd"][0] == pytest.approx(0.002)
+    assert usage(store, session_id="b").empty
+
+
+def test_tool_calls_frame(store: Store) -> None:
+    df = tool_calls(store)
+    assert list(df.columns) == [
+        "created_at",
+        "session_id",
+        "turn_id",
+        "round",
+        "call_id",
+        "name",
+        "arguments",
+        "result",
+        "is_error",
+        "error_kind",
+        "duration_ms",
+        "id",
+    ]
+    assert df[["name", "arguments", "result"]].values.tolist() == [
+        ["weather", '{"city": "Paris"}', '{"t": 21}']
+    ]
+    assert str(df["is_error"].dtype) == "boolean" and not df["is_error"][0]
+
+
+def test_compactions_and_turns_frames(store: Store) -> None:
+    df = compactions(store, session_id="a")
+    assert list(df.columns) == [
+        "created_at",
+        "session_id",
+        "turn_id",
+        "strategy",
+        "from_seq",
+        "to_seq",
+        "tokens_before",
+        "tokens_after",
+        "model",
+        "cost_usd",
+        "summary",
+        "error",
+        "id",
+    ]
+    assert (df["from_seq"][0], df["to_seq"][0], df["tokens_before"][0]) == (1, 2, 900)
+    assert pd.isna(df["tokens_after"][0]) and math.isnan(df["cost_usd"][0])
+    t = turns(store)
+    assert list(t[["status", "user_text", "cell_id", "requests"]].iloc[0]) == [
+        "completed",
+        "weather?",
+        "c1",
+        4,
+    ]
+    assert math.isnan(t["cost_usd"][0])  # one request's price was unknown
+    assert str(t["finished_at"].dtype) == UTC_TS
+
+
+@pytest.mark.parametrize("by", ["model", "day", "session"])
+def test_costs_never_count_unknown_prices_as_zero(store: Store, by: str) -> None:
+    df = costs(by=by, db=store)  # type: ignore[arg-type]
+    tail = [
+        "requests",
+        "prompt_tokens",
+        "completion_tokens",
+        "cached_tokens",
+        "cost_usd",
+        "unknown_cost_requests",
+    ]
+    keys = {
+        "model": ["model", "provider"],
+        "day": ["day"],
+        "session": ["session_id", "title", "first_request_at"],
+    }
+    assert list(df.columns) == keys[by] + tail
+    assert df["cost_usd"].dtype == "float64" and str(df["requests"].dtype) == "Int64"
+    assert df["requests"].sum() == 4 and df["unknown_cost_requests"].sum() == 2
+    assert df["cost_usd"].sum() == pytest.approx(0.003)
+
+
+def test_costs_by_model_sorts_by_cost_and_keeps_unknown_visible(store: Store) -> None:
+    df = costs(db=store)
+    assert list(df["model"]) == ["gpt-4o-mini", "mystery-model"]
+    known, unknown = df.iloc[0], df.iloc[1]
+    assert (known["requests"], known["unknown_cost_requests"]) == (2, 0)
+    assert known["prompt_tokens"] == 220 and known["cost_usd"] == pytest.approx(0.003)
+    assert (unknown["requests"], unknown["unknown_cost_requests"]) == (2, 2)
+    assert math.isnan(unknown["cost_usd"])  # NaN, not 0.0
+    assert unknown["prompt_tokens"] == 50  # the sum of the counts that were reported
+
+
+def test_costs_by_day_is_a_utc_timestamp(store: Store) -> None:
+    df = costs(by="day", db=store)
+    assert str(df["day"].dtype) == UTC_TS
+    assert (df["day"].dt.hour == 0).all()
+
+
+def test_costs_rejects_unknown_grouping(store: Store) -> None:
+    with pytest.raises(ValueError, match="model"):
+        costs(by="week", db=store)  # type: ignore[arg-type]
+
+
+def test_empty_store_gives_empty_frames_with_columns(db_path: Path) -> None:
+    df = usage(db_path)
+    assert df.empty and "cost_usd" in df.columns
+    assert str(df["created_at"].dtype) == UTC_TS and str(df["prompt_tokens"].dtype) == "Int64"
+    assert sessions(str(db_path)).empty and costs(db=db_path).empty
+
+
+def test_default_store_is_used_without_db(isolated_env: Path) -> None:
+    with Store.open() as s:
+        s.create_session(session_id="d", model=None, system_prompt=None)
+    assert list(sessions()["id"]) == ["d"]
+    assert sql("SELECT count(*) AS n FROM sessions")["n"][0] == 1
+
+
+# --------------------------------------------------------------------------- sql
+
+
+def test_sql_runs_parameterised_selects(store: Store) -> None:
+    df = sql(
+        "SELECT model, count(*) AS n, sum(cost_usd) AS cost FROM requests"
+        " WHERE session_id = ? GROUP BY model ORDER BY model",
+        ["a"],
+        db=store,
+    )
+    assert df["model"].tolist() == ["gpt-4o-mini", "mystery-model"]
+    assert str(df["n"].dtype) == "Int64" and df["n"].tolist() == [2, 2]
+    assert math.isnan(df["cost"][1])
+    ts = sql("SELECT created_at FROM sessions", db=store)
+    assert str(ts["created_at"].dtype) == UTC_TS
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "INSERT INTO sessions (id, created_at) VALUES ('x', now())",
+        "DROP TABLE messages",
+        "UPDATE requests SET cost_usd = 0",
+        "DELETE FROM messages",
+        "ATTACH '/tmp/other.duckdb' AS other",
+        "SET threads = 1",
+        "CHECKPOINT",
+        "COPY messages TO '/tmp/out.csv'",
+        "SELECT 1; DROP TABLE messages",
+    ],
+)
+def test_sql_cannot_modify_the_store(store: Store, query: str) -> None:
+    with pytest.raises(StoreError, match=r"read-only|exactly one statement"):
+        sql(query, db=store)
+    assert sql("SELECT count(*) AS n FROM messages", db=store)["n"][0] == 6
+    assert sql("SELECT count(*) AS n FROM sessions", db=store)["n"][0] == 2
+
+
+def test_sql_error_message_names_the_statement_kind(store: Store) -> None:
+    with pytest.raises(StoreError, match="INSERT statement"):
+        sql("INSERT INTO sessions (id, created_at) VALUES ('x', now())", db=store)
+
+
+def test_sql_reports_bad_queries_clearly(store: Store) -> None:
+    with pytest.raises(StoreError, match="parse"):
+        sql("SELEC nothing", db=store)
+    with pytest.raises(StoreError, match="no_such_table"):
+        sql("SELECT * FROM no_such_table", db=store)
+    # The store still works after a failed query.
+    assert len(sql("SELECT * FROM sessions", db=store)) == 2
+
+
+# --------------------------------------------------------------------------- export/import
+
+
+def test_export_openai_then_import_round_trips(store: Store) -> None:
+    exported = export_session("a", db=store)
+    messages = json.loads(exported)
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool", "assistant"]
+    assert messages[2]["tool_calls"][0]["function"] == {
+        "name": "weather",
+        "arguments": '{"city": "Paris"}',
+    }
+    new_id = import_session(exported, db=store, title="Copy")
+    assert new_id != "a"
+    assert json.loads(export_session(new_id, db=store)) == messages
+    loaded = store.load_session(new_id)
+    assert loaded.title == "Copy" and loaded.system_prompt == "Be terse."
+    assert [m.seq for m in loaded.messages] == [0, 1, 2, 3, 4]
+    assert loaded.metadata == {"imported": True}
+    # A list of dicts works too, and content parts are joined.
+    text_parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
+    parts = [{"role": "user", "content": text_parts}]
+    other = import_session(parts, db=store)
+    assert store.load_session(other).messages[0].content == "ab"
+
+
+def test_export_markdown(store: Store) -> None:
+    md = export_session("a", format="markdown", db=store)
+    assert md.startswith("# A\n")
+    assert "## User\n\nweather?" in md
+    assert "**Tool call** `weather` (`call_1`)" in md
+    assert '```json\n{\n  "city": "Paris"\n}\n```' in md
+    assert "## Tool result: weather (`call_1`)" in md
+    assert "## Assistant\n\n21 degrees." in md
+
+
+def test_markdown_fences_survive_backticks_in_content(db_path: Path) -> None:
+    with Store.open(db_path) as s:
+        call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+        messages = [
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "c", "content": "```py\nx\n```"},
+        ]
+        sid = import_session(messages, db=s)
+        md = export_session(sid, format="markdown", db=s)
+    assert "````\n```py\nx\n```\n````" in md
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ("not json", "not JSON"),
+        ("[]", "non-empty list"),
+        ('[{"role": "wizard", "content": "x"}]', "role must be one of"),
+        (
+            '[{"role": "tool", "tool_call_id": "c9", "content": "x"}]',
+            "answers no earlier tool call",
+        ),
+        ('[{"role": "user", "content": [{"type": "image_url"}]}]', "only text content"),
+        ('[{"role": "assistant", "tool_calls": [{"type": "function"}]}]', "an id and a name"),
+    ],
+)
+def test_import_rejects_malformed_data(db_path: Path, data: str, message: str) -> None:
+    with pytest.raises(StoreError, match=message):
+        import_session(data, db=db_path)
+    assert sessions(db_path).empty  # nothing half-imported
+
+
+def test_export_rejects_unknown_format(store: Store) -> None:
+    with pytest.raises(ValueError, match="markdown"):
+        export_session("a", format="html", db=store)  # type: ignore[arg-type]
