@@ -1,0 +1,222 @@
+"""The cell renderer: one turn shown in the output of the cell that runs it.
+
+Three ways to show a turn, picked from what the frontend can do:
+
+- ``live``: a Markdown display that is updated in place (``display_id``) as events
+  arrive, paced by ``Throttle``; the last update always carries the exact full text.
+- ``final``: one display when the turn ends (``--no-stream``, or under ``%%capture``,
+  which would otherwise keep every intermediate update as an output of its own).
+- ``text``: a terminal (IPython without rich display): text deltas are written to
+  stdout as they arrive, then a footer line.
+
+Failures a user can fix (no model configured, server down, budget reached, a pending
+session) end the cell with one line, not a traceback: IPython prints the lines an
+exception's ``_render_traceback_`` returns instead of the stack.
+"""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from typing import Any, Literal
+
+from ._exceptions import NbchatError
+from ._render import STATUS_LABELS, Throttle, TurnView
+from ._types import (
+    ErrorEvent,
+    Event,
+    LimitReached,
+    Notice,
+    TextDelta,
+    ToolResult,
+    TurnFinished,
+    TurnResult,
+    TurnStarted,
+)
+
+__all__ = [
+    "CellRenderer",
+    "Info",
+    "RenderMode",
+    "TurnFailed",
+    "TurnInterrupted",
+    "one_line",
+    "render_mode",
+]
+
+RenderMode = Literal["live", "final", "text"]
+_RED, _RESET = "\x1b[0;31m", "\x1b[0m"
+
+
+def render_mode(shell: Any, *, stream: bool) -> RenderMode:
+    """How a turn can be shown in ``shell`` right now."""
+    from IPython.core.displaypub import CapturingDisplayPublisher
+
+    if isinstance(getattr(shell, "display_pub", None), CapturingDisplayPublisher):
+        return "final"
+    formatter = getattr(shell, "display_formatter", None)
+    if formatter is None or "text/markdown" not in formatter.active_types:
+        return "text"
+    return "live" if stream else "final"
+
+
+# ---------------------------------------------------------------------- one-line errors
+
+
+def _line(kind: str, message: str) -> list[str]:
+    return [f"{_RED}{kind}{_RESET}: {message}"]
+
+
+def one_line(exc: BaseException) -> BaseException:
+    """Make IPython show ``exc`` as one line (its class and message), without a stack."""
+    kind, message = type(exc).__name__, str(exc)
+    exc._render_traceback_ = lambda: _line(kind, message)  # type: ignore[attr-defined]
+    return exc
+
+
+class TurnFailed(NbchatError):
+    """A ``%%chat`` turn ended without an answer (server error, budget, guardrail).
+
+    Raised after the cell shows what arrived, so "Run all" stops here.
+    """
+
+    def __init__(self, result: TurnResult) -> None:
+        label = STATUS_LABELS.get(result.status, result.status).lstrip("⚠ ").rstrip(".")
+        super().__init__(f"{label}: {result.error}" if result.error else label)
+        self.result = result
+
+    def _render_traceback_(self) -> list[str]:
+        return _line("TurnFailed", str(self))
+
+
+class TurnInterrupted(KeyboardInterrupt):
+    """The kernel was interrupted during a ``%%chat`` turn; the partial reply was kept.
+
+    A ``KeyboardInterrupt`` so that "Run all" stops, as after any interrupted cell.
+    """
+
+    def __init__(self, result: TurnResult) -> None:
+        super().__init__("the turn was interrupted; the partial reply above was kept")
+        self.result = result
+
+    def _render_traceback_(self) -> list[str]:
+        return _line("KeyboardInterrupt", str(self))
+
+
+# ---------------------------------------------------------------------- the renderer
+
+
+class CellRenderer:
+    """Shows one turn in the current cell; pass it as ``on_event`` to ``Session.send``.
+
+    Call ``finish()`` after the turn: it sends the final, exact display.
+    """
+
+    def __init__(self, model: str, mode: RenderMode, *, throttle: Throttle | None = None) -> None:
+        self.mode = mode
+        self.view = TurnView(model)
+        self.throttle = throttle or Throttle()
+        self.display_id = uuid.uuid4().hex
+        self.shown = False
+        self._printed_text = False
+
+    def __call__(self, event: Event) -> None:
+        if self.mode == "text":
+            self._print(event)
+        changed = self.view.handle(event)
+        if self.mode != "live" or isinstance(event, TurnFinished):
+            return  # the end is shown by finish(), exactly once
+        if not changed and not isinstance(event, TurnStarted):
+            return
+        if not self.shown:
+            self._publish(update=False)
+        elif self.throttle.due(self.view.size):
+            self._publish(update=True)
+
+    def finish(self) -> None:
+        """Show the turn as it ended: the full text, tool blocks, status and footer."""
+        if self.mode == "text":
+            self._print_footer()
+        else:
+            self._publish(update=self.shown)
+
+    # -------------------------------------------------------------- rich displays
+
+    def bundle(self) -> tuple[dict[str, str], dict[str, Any]]:
+        """The MIME bundle and metadata of the display as it stands."""
+        markdown = self.view.markdown() or f"<small>⏳ {self.view.model}…</small>"
+        metadata: dict[str, Any] = {}
+        result = self.view.result
+        if result is not None:
+            metadata["nbchat"] = {
+                "session_id": result.session_id,
+                "turn_id": result.turn_id,
+                "status": result.status,
+                "footer": self.view.footer(),
+            }
+        return {"text/markdown": markdown, "text/plain": self.view.text}, metadata
+
+    def _publish(self, *, update: bool) -> None:
+        from IPython.display import display
+
+        data, metadata = self.bundle()
+        display(  # type: ignore[no-untyped-call]
+            data, raw=True, metadata=metadata, display_id=self.display_id, update=update
+        )
+        self.shown = True
+        self.throttle.mark(self.view.size)
+
+    # -------------------------------------------------------------- terminal
+
+    def _print(self, event: Event) -> None:
+        out = sys.stdout
+        if isinstance(event, TextDelta):
+            out.write(event.text)
+            self._printed_text = True
+        elif isinstance(event, ToolResult):
+            call = event.call
+            state = "error" if call.is_error else f"{call.duration_ms:.0f} ms"
+            out.write(f"\n[tool {call.name}({_short(call.arguments)}) → {state}]\n")
+        elif isinstance(event, Notice | LimitReached | ErrorEvent):
+            out.write(f"\n[{event.message}]\n")
+        out.flush()
+
+    def _print_footer(self) -> None:
+        result = self.view.result
+        lines = ["\n" if self._printed_text else ""]
+        if result is not None and result.status == "interrupted":
+            lines.append(f"[{STATUS_LABELS['interrupted']}]\n")
+        lines.append(f"[{self.view.footer()}]\n")
+        sys.stdout.write("".join(lines))
+        sys.stdout.flush()
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# ---------------------------------------------------------------------- small displays
+
+
+class Info:
+    """A short piece of information for ``%chat`` subcommands: a table or a sentence."""
+
+    def __init__(self, title: str, rows: list[tuple[str, str]] | None = None) -> None:
+        self.title = title
+        self.rows = rows or []
+
+    def _repr_markdown_(self) -> str:
+        if not self.rows:
+            return self.title
+        table = "\n".join(f"| {k} | {_cell(v)} |" for k, v in self.rows)
+        return f"{self.title}\n\n| setting | value |\n|---|---|\n{table}"
+
+    def __repr__(self) -> str:
+        if not self.rows:
+            return self.title
+        width = max(len(k) for k, _ in self.rows)
+        return "\n".join([self.title, *(f"  {k.ljust(width)}  {v}" for k, v in self.rows)])
+
+
+def _cell(value: str) -> str:
+    return value.replace("|", "\\|").replace("\n", " ")

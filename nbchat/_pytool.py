@@ -1,0 +1,286 @@
+"""The opt-in ``python`` tool: the model runs code in the notebook's own namespace.
+
+The model sees what the code printed, the repr of its last expression, and the
+traceback if it failed, so it can look at the user's DataFrames and variables.
+Approval modes, chosen when the tool is made:
+
+- ``"ask"`` (the default): the code is shown in the cell and nothing runs until the
+  user answers ``y`` to a prompt (``input()``, i.e. Jupyter's input box). Where no
+  input box exists (nbclient, Voila), asking fails and the model is told to stop.
+- ``"auto"``: the code runs without asking. Only for models and prompts you trust:
+  the code can do anything your notebook can.
+- ``"never"``: the code is never run; the model is told so. The user still sees the
+  code it wrote in the tool-call block.
+
+The code runs in a worker thread while the turn waits for it (the kernel's main thread
+is busy showing the reply). Output printed by that thread is captured; output of
+other threads is not touched. A kernel interrupt raises ``KeyboardInterrupt`` inside
+the running code (between bytecodes; a blocking C call finishes first).
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import contextlib
+import ctypes
+import io
+import itertools
+import linecache
+import sys
+import threading
+import traceback
+from collections.abc import Callable
+from typing import Any, Literal, TextIO, cast, get_args
+
+from ._tools import Tool
+
+__all__ = ["Approval", "ExecutionFailed", "python_tool", "run_code"]
+
+Approval = Literal["never", "ask", "auto"]
+APPROVALS: tuple[str, ...] = get_args(Approval)
+Confirm = Callable[[str], bool]
+
+_DESCRIPTION = (
+    "Run Python code in the user's Jupyter notebook namespace, where their variables, "
+    "DataFrames and imports live. Returns what the code printed and the repr of its "
+    "last expression, or the traceback if it raised. State persists between calls. "
+    "Prefer printing small summaries (df.head(), df.shape) over whole objects."
+)
+_counter = itertools.count(1)
+
+
+class ExecutionFailed(Exception):
+    """The model's code raised; the message holds its output and traceback."""
+
+
+# ---------------------------------------------------------------------- output capture
+
+
+class _ThreadRouter(io.TextIOBase):
+    """Stands in for sys.stdout/sys.stderr: writes from capturing threads go to their buffer.
+
+    A global ``redirect_stdout`` would also swallow what the user's own code prints
+    while a (possibly abandoned) tool thread runs; routing by thread does not.
+    """
+
+    def __init__(self, target: TextIO) -> None:
+        super().__init__()
+        self.target = target
+        self.buffers: dict[int, io.StringIO] = {}
+
+    def write(self, s: str) -> int:
+        buffer = self.buffers.get(threading.get_ident())
+        if buffer is not None:
+            return buffer.write(s)
+        return self.target.write(s)
+
+    def flush(self) -> None:
+        if threading.get_ident() not in self.buffers:
+            self.target.flush()
+
+    def writable(self) -> bool:
+        return True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.target, name)
+
+
+_router_lock = threading.Lock()
+
+
+def _capture(name: Literal["stdout", "stderr"], buffer: io.StringIO) -> None:
+    with _router_lock:
+        current = getattr(sys, name)
+        router = current if isinstance(current, _ThreadRouter) else _ThreadRouter(current)
+        router.buffers[threading.get_ident()] = buffer
+        setattr(sys, name, router)
+
+
+def _release(name: Literal["stdout", "stderr"]) -> None:
+    with _router_lock:
+        router = getattr(sys, name)
+        if not isinstance(router, _ThreadRouter):  # someone replaced the stream meanwhile
+            return
+        router.buffers.pop(threading.get_ident(), None)
+        if not router.buffers:
+            setattr(sys, name, router.target)
+
+
+# ---------------------------------------------------------------------- running code
+
+
+def run_code(code: str, namespace: dict[str, Any]) -> str:
+    """Run ``code`` in ``namespace``; return its output and last expression's repr as text.
+
+    Raises ``ExecutionFailed`` (output so far + traceback) when the code raises,
+    ``KeyboardInterrupt`` included.
+    """
+    filename = f"<nbchat-python-{next(_counter)}>"
+    # Registered so tracebacks can quote the model's code.
+    linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+    out, err = io.StringIO(), io.StringIO()
+    value: Any = None
+    has_value = False
+    _capture("stdout", out)
+    _capture("stderr", err)
+    try:
+        tree = ast.parse(code, filename, "exec")
+        last = tree.body[-1] if tree.body else None
+        if isinstance(last, ast.Expr):
+            tree.body.pop()
+        exec(compile(tree, filename, "exec"), namespace)
+        if isinstance(last, ast.Expr):
+            expression = ast.Expression(last.value)
+            value = eval(compile(expression, filename, "eval"), namespace)
+            has_value = value is not None
+    except BaseException as exc:
+        failure: BaseException | None = exc
+    else:
+        failure = None
+    finally:
+        _release("stdout")
+        _release("stderr")
+    parts = _sections(out.getvalue(), err.getvalue())
+    if failure is not None:
+        parts.append("error:\n" + _format_error(failure, filename))
+        raise ExecutionFailed("\n".join(parts)) from None
+    if has_value:
+        parts.append("result:\n" + repr(value))
+    return "\n".join(parts) or "(the code ran; it printed nothing and returned nothing)"
+
+
+def _sections(stdout: str, stderr: str) -> list[str]:
+    parts = []
+    if stdout:
+        parts.append("stdout:\n" + stdout.rstrip("\n"))
+    if stderr:
+        parts.append("stderr:\n" + stderr.rstrip("\n"))
+    return parts
+
+
+def _format_error(exc: BaseException, filename: str) -> str:
+    """The traceback from the model's code down, without nbchat's own frames."""
+    if isinstance(exc, SyntaxError):
+        return "".join(traceback.format_exception_only(exc)).rstrip()
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename != filename:
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb)).rstrip()
+
+
+def _raise_in_thread(thread: threading.Thread) -> None:
+    """Raise KeyboardInterrupt inside ``thread`` at its next bytecode."""
+    if thread.ident is not None and thread.is_alive():
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(
+            ctypes.c_ulong(thread.ident), ctypes.py_object(KeyboardInterrupt)
+        )
+
+
+async def _in_worker(fn: Callable[[], str]) -> str:
+    """Run ``fn`` in a daemon thread; cancelling interrupts the code running there."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[str] = loop.create_future()
+
+    def settle(exc: BaseException | None, value: str) -> None:
+        if future.done():
+            return
+        if exc is None:
+            future.set_result(value)
+        else:
+            future.set_exception(exc)
+
+    def target() -> None:
+        try:
+            outcome: tuple[BaseException | None, str] = (None, fn())
+        except BaseException as exc:
+            outcome = (exc, "")
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    worker = threading.Thread(target=target, name="nbchat-python-tool", daemon=True)
+    worker.start()
+    try:
+        return await future
+    except asyncio.CancelledError:
+        _raise_in_thread(worker)
+        raise
+
+
+# ---------------------------------------------------------------------- approval
+
+
+def ask_in_notebook(code: str) -> bool:
+    """Show ``code`` in the cell and ask the user (``input()``) whether to run it."""
+    from IPython.core.error import StdinNotImplementedError
+
+    try:
+        from IPython.display import Markdown, display
+
+        shown = f"**The model wants to run this code:**\n\n```python\n{code}\n```"
+        display(Markdown(shown))  # type: ignore[no-untyped-call]
+    except ImportError:  # plain Python: the prompt alone has to do
+        print(f"The model wants to run this code:\n{code}")
+    try:
+        answer = input("Run it? [y/N] ")
+    except StdinNotImplementedError:
+        raise PermissionError(
+            "cannot ask the user for approval here (this frontend has no input box); "
+            "do not retry. The user can allow code with --tools python:auto."
+        ) from None
+    except EOFError:
+        answer = ""
+    return answer.strip().lower() in {"y", "yes"}
+
+
+def _default_namespace() -> dict[str, Any]:
+    try:
+        from IPython import get_ipython
+
+        shell = get_ipython()
+    except ImportError:
+        shell = None
+    if shell is not None:
+        return cast(dict[str, Any], shell.user_ns)
+    import __main__
+
+    return cast(dict[str, Any], __main__.__dict__)
+
+
+def python_tool(
+    namespace: dict[str, Any] | None = None,
+    *,
+    approval: Approval = "ask",
+    confirm: Confirm | None = None,
+    name: str = "python",
+) -> Tool:
+    """A tool that runs the model's Python code in ``namespace`` (default: the notebook's).
+
+    ``approval`` is ``"ask"`` (show the code, run it only if the user says yes),
+    ``"auto"`` (run without asking) or ``"never"`` (never run). ``confirm(code) -> bool``
+    replaces the question asked in ``"ask"`` mode.
+    """
+    if approval not in APPROVALS:
+        raise ValueError(f"approval must be one of {', '.join(APPROVALS)}, not {approval!r}")
+    ns = namespace if namespace is not None else _default_namespace()
+    ask = confirm or ask_in_notebook
+
+    def work(code: str) -> str:
+        if approval == "ask" and not ask(code):
+            raise PermissionError("the user declined to run this code; do not retry it")
+        return run_code(code, ns)
+
+    async def python(code: str) -> str:
+        """Run Python code in the user's notebook namespace and return its output.
+
+        Args:
+            code: Python source; the value of a final expression is returned as its repr.
+        """
+        if approval == "never":
+            raise PermissionError(
+                "running code is switched off in this notebook (approval='never'); "
+                "show the user the code instead"
+            )
+        return await _in_worker(lambda: work(code))
+
+    return Tool(python, name=name, description=_DESCRIPTION)

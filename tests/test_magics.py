@@ -1,0 +1,552 @@
+"""The magics in-process: an IPython shell with rich display, the fake server over real HTTP."""
+
+from __future__ import annotations
+
+import _thread
+import json
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from IPython.core.displaypub import DisplayPublisher
+from IPython.core.error import UsageError
+from IPython.core.interactiveshell import InteractiveShell
+from IPython.testing import globalipapp
+
+from nbchat import ConfigError, StoreError
+from nbchat._display import TurnFailed, TurnInterrupted
+from nbchat._magics import ChatOptions, interpolate, magics_of, parse_options
+from nbchat._pricing import forget_price, register_price
+from nbchat._pytool import ExecutionFailed, python_tool, run_code
+from nbchat.testing import FakeOpenAIServer
+
+
+class RecordingPublisher(DisplayPublisher):  # type: ignore[misc]
+    """Keeps every display (and update) the way a kernel would send it."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.calls: list[dict[str, Any]] = []
+
+    def publish(  # type: ignore[override]
+        self,
+        data: dict[str, Any],
+        metadata: dict[str, Any] | None = None,
+        source: Any = None,
+        *,
+        transient: dict[str, Any] | None = None,
+        update: bool = False,
+        **kw: Any,
+    ) -> None:
+        self.calls.append({"data": data, "metadata": metadata or {}, "update": update})
+
+    @property
+    def last(self) -> dict[str, Any]:
+        return self.calls[-1]
+
+
+@pytest.fixture
+def shell(fake: FakeOpenAIServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[InteractiveShell]:
+    """A shell with rich display types, nbchat loaded, pointed at the fake server."""
+    monkeypatch.setenv("NBCHAT_BASE_URL", fake.url)
+    monkeypatch.setenv("NBCHAT_MODEL", "fake-model")
+    globalipapp.start_ipython()  # once per process; later calls do nothing
+    ip = globalipapp.get_ipython()
+    formatter = ip.display_formatter
+    saved_types, saved_pub = list(formatter.active_types), ip.display_pub
+    formatter.active_types = list(formatter.format_types)
+    ip.display_pub = RecordingPublisher(shell=ip)
+    ip.run_line_magic("load_ext", "nbchat")
+    try:
+        yield ip
+    finally:
+        ip.run_line_magic("unload_ext", "nbchat")
+        ip.display_pub = saved_pub
+        formatter.active_types = saved_types
+
+
+def pub(ip: InteractiveShell) -> RecordingPublisher:
+    assert isinstance(ip.display_pub, RecordingPublisher)
+    return ip.display_pub
+
+
+def run(ip: InteractiveShell, code: str, cell_id: str | None = None) -> Any:
+    return ip.run_cell(code, store_history=True, cell_id=cell_id)
+
+
+def one_line_error(result: Any) -> list[str]:
+    exc = result.error_in_exec
+    assert exc is not None, "the cell should have failed"
+    lines: list[str] = exc._render_traceback_()
+    assert len(lines) == 1
+    return lines
+
+
+# --------------------------------------------------------------------------- options
+
+
+def test_magic_line_parses_into_one_model_with_shell_quoting() -> None:
+    opts = parse_options(
+        ChatOptions,
+        '-s "be terse, please" --model=m2 --tools a,python:auto --budget 0.5 '
+        "--max-rounds 3 --no-stream --out reply --temperature 0.2 --new",
+    )
+    assert opts == ChatOptions(
+        system="be terse, please",
+        model="m2",
+        tools=["a", "python:auto"],
+        budget=0.5,
+        max_rounds=3,
+        no_stream=True,
+        out="reply",
+        temperature=0.2,
+        new=True,
+    )
+    assert parse_options(ChatOptions, "-m 'gpt 4' --tools none").tools == []
+    assert parse_options(ChatOptions, "").tools is None
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("--bogus", "unknown option --bogus"),
+        ("--model", "--model needs a value"),
+        ("--budget lots", "--budget: Input should be a valid number"),
+        ("--max-rounds -1", "--max-rounds: Input should be greater than or equal to 0"),
+        ("--out 2x", "--out: Value error, '2x' is not a valid variable name"),
+        ("--new=yes", "--new takes no value"),
+        ("hello there", "the message goes in the cell"),
+        ('-s "unclosed', "cannot read the options"),
+    ],
+)
+def test_bad_magic_lines_are_one_clear_line(line: str, message: str) -> None:
+    with pytest.raises(UsageError, match=r"^%%chat: ") as info:
+        parse_options(ChatOptions, line)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_help_lists_every_option_and_subcommand(shell: InteractiveShell) -> None:
+    doc = shell.find_cell_magic("chat").__doc__
+    for flag in ChatOptions.model_fields:
+        assert "--" + flag.replace("_", "-") in doc
+    for sub in ("config", "new", "use ID", "sessions", "history", "cost", "tools", "local"):
+        assert f"%chat {sub}" in doc
+    assert run(shell, "%%chat?").success
+    info = shell.run_line_magic("chat", "help")
+    assert "--max-rounds" in info._repr_markdown_()
+
+
+def test_interpolation_of_the_cell_body() -> None:
+    class Frame:
+        name = "sales"
+
+    ns = {"df_name": "sales", "n": 3, "df": Frame()}
+    text = 'Columns of {df_name} ({df.name}), top {n}; keep {missing} and {"a": {"b": 1}}; {{n}}'
+    assert interpolate(text, ns) == (
+        'Columns of sales (sales), top 3; keep {missing} and {"a": {"b": 1}}; {n}'
+    )
+
+
+# --------------------------------------------------------------------------- turns
+
+
+def test_streamed_cell_updates_one_display_and_ends_with_the_exact_text(
+    shell: InteractiveShell, fake: FakeOpenAIServer
+) -> None:
+    reply = "Three plots:\n\n1. **histogram** of `price`\n2. scatter\n3. box — ünïcode ✓"
+    fake.enqueue(reply, chunk_size=2, delay=0.002)
+    shell.user_ns["df_name"] = "sales"
+    result = run(shell, "%%chat --out answer\nSummarise {df_name}.")
+
+    assert result.success, result.error_in_exec
+    calls = pub(shell).calls
+    assert not calls[0]["update"] and all(c["update"] for c in calls[1:])
+    assert len(calls) >= 2
+    final = calls[-1]
+    assert final["data"]["text/plain"] == reply
+    assert final["data"]["text/markdown"].startswith(reply)
+    assert "fake-model" in final["data"]["text/markdown"]
+    assert "cost unknown" in final["data"]["text/markdown"]
+    assert final["metadata"]["nbchat"]["status"] == "completed"
+    assert shell.user_ns["answer"] == reply
+    assert fake.requests[0]["messages"][-1] == {"role": "user", "content": "Summarise sales."}
+
+
+def test_next_cell_continues_the_conversation(
+    shell: InteractiveShell, fake: FakeOpenAIServer
+) -> None:
+    fake.enqueue("First.")
+    fake.enqueue("Second.")
+    assert run(shell, "%%chat -s 'Be terse.'\none").success
+    assert run(shell, "%%chat\ntwo").success
+    assert [m["content"] for m in fake.requests[1]["messages"]] == [
+        "Be terse.",
+        "one",
+        "First.",
+        "two",
+    ]
+
+
+def test_fast_stream_is_coalesced_and_the_final_text_is_exact(
+    shell: InteractiveShell, fake: FakeOpenAIServer
+) -> None:
+    text = "".join(f"w{i} " for i in range(3000))
+    fake.enqueue(chunks=[f"w{i} " for i in range(3000)])
+    assert run(shell, "%%chat\ngo").success
+    calls = pub(shell).calls
+    assert calls[-1]["data"]["text/plain"] == text
+    # 3,000 deltas, a handful of updates: at most ~15/s and growth-paced.
+    assert len(calls) < 40
+
+
+def test_no_stream_shows_one_display(shell: InteractiveShell, fake: FakeOpenAIServer) -> None:
+    fake.enqueue("All at once.")
+    assert run(shell, "%%chat --no-stream\nhi").success
+    calls = pub(shell).calls
+    assert len(calls) == 1 and not calls[0]["update"]
+    assert calls[0]["data"]["text/plain"] == "All at once."
+    assert not fake.requests[0].get("stream")
+
+
+def test_capture_keeps_only_the_final_reply(
+    shell: InteractiveShell, fake: FakeOpenAIServer
+) -> None:
+    fake.enqueue("Captured reply.", chunk_size=1)
+    assert run(shell, "%%capture cap\n%%chat\nhi").success
+    outputs = shell.user_ns["cap"].outputs
+    assert len(outputs) == 1
+    assert outputs[0].data["text/plain"] == "Captured reply."
+    assert pub(shell).calls == []
+
+
+def test_cell_options_apply_to_that_cell_only(
+    shell: InteractiveShell, fake: FakeOpenAIServer
+) -> None:
+    for text in ("a", "b", "c"):
+        fake.enqueue(text)
+    assert run(shell, "%%chat\nzero").success
+    assert run(shell, "%%chat -m other-model --temperature 0.3 --max-rounds 2\none").success
+    assert run(shell, "%%chat\ntwo").success
+    _, first, second = fake.requests
+    assert first["model"] == "other-model" and first["temperature"] == 0.3
+    assert second["model"] == "fake-model" and "temperature" not in second
+    session = magics_of(shell).session  # type: ignore[union-attr]
+    assert session is not None and session.max_rounds == 16
+
+
+def test_a_session_started_with_a_model_keeps_it(
+    shell: InteractiveShell, fake: FakeOpenAIServer
+) -> None:
+    fake.enqueue("a")
+    fake.enqueue("b")
+    assert run(shell, "%%chat --new -m chosen-model\none").success
+    assert run(shell, "%%chat\ntwo").success
+    assert [r["model"] for r in fake.requests] == ["chosen-model", "chosen-model"]
+
+
+def test_terminal_shell_streams_text_to_stdout(
+    shell: InteractiveShell, fake: FakeOpenAIServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shell.display_formatter.active_types = ["text/plain"]
+    fake.enqueue("Plain terminal reply.", chunk_size=3)
+    assert run(shell, "%%chat\nhi").success
+    out = capsys.readouterr().out
+    assert out.startswith("Plain terminal reply.\n")
+    assert "[fake-model · " in out and "cost unknown" in out
+    assert pub(shell).calls == []
+
+
+# --------------------------------------------------------------------------- sessions
+
+
+def test_new_session_use_and_system_prompt_switch(
+    shell: InteractiveShell, fake: FakeOpenAIServer
+) -> None:
+    fake.enqueue("r1")
+    fake.enqueue("r2")
+    fake.enqueue("r3")
+    fake.enqueue("r4")
+    magics = magics_of(shell)
+    assert magics is not None
+    assert run(shell, "%%chat\nfirst").success
+    first = magics.session
+    assert first is not None
+    assert run(shell, "%%chat --new\nsecond").success
+    second = magics.session
+    assert second is not None and second.id != first.id
+    assert fake.requests[1]["messages"] == [{"role": "user", "content": "second"}]
+
+    info = shell.run_line_magic("chat", f"use {first.id}")
+    assert first.id in repr(info)
+    assert run(shell, "%%chat\nthird").success
+    assert [m["content"] for m in fake.requests[2]["messages"]] == ["first", "r1", "third"]
+
+    # A different system prompt is a different conversation.
+    assert run(shell, "%%chat -s 'You are a pirate.'\nfourth").success
+    assert magics.session is not None and magics.session.id not in (first.id, second.id)
+    assert fake.requests[3]["messages"][0] == {"role": "system", "content": "You are a pirate."}
+
+    shell.run_line_magic("chat", "new")
+    assert magics.session is None
+
+
+def test_session_flag_reopens_a_stored_session(
+    shell: InteractiveShell, fake: FakeOpenAIServer
+) -> None:
+    fake.enqueue("r1")
+    fake.enqueue("r2")
+    assert run(shell, "%%chat\nfirst").success
+    magics = magics_of(shell)
+    assert magics is not None and magics.session is not None
+    sid = magics.session.id
+    shell.run_line_magic("chat", "new")
+    assert run(shell, f"%%chat --session {sid}\nagain").success
+    assert [m["content"] for m in fake.requests[1]["messages"]] == ["first", "r1", "again"]
+    unknown = run(shell, "%%chat --session nope\nhi")
+    assert isinstance(unknown.error_in_exec, StoreError)
+    assert "nope" in one_line_error(unknown)[0]
+
+
+def test_rerunning_a_cell_replaces_its_turn(
+    shell: InteractiveShell, fake: FakeOpenAIServer
+) -> None:
+    for text in ("one", "two", "one again"):
+        fake.enqueue(text)
+    assert run(shell, "%%chat\nQ1", cell_id="cell-a").success
+    assert run(shell, "%%chat\nQ2", cell_id="cell-b").success
+    assert run(shell, "%%chat\nQ1 edited", cell_id="cell-a").success
+    assert fake.requests[2]["messages"] == [{"role": "user", "content": "Q1 edited"}]
+    session = magics_of(shell).session  # type: ignore[union-attr]
+    assert session is not None
+    assert [m["content"] for m in session.messages] == ["Q1 edited", "one again"]
+
+
+def test_two_turns_in_one_cell_run_are_both_kept(
+    shell: InteractiveShell, fake: FakeOpenAIServer
+) -> None:
+    fake.enqueue("a1")
+    fake.enqueue("a2")
+    code = "for q in ('q1', 'q2'):\n    get_ipython().run_cell_magic('chat', '', q)"
+    assert run(shell, code, cell_id="loop").success
+    session = magics_of(shell).session  # type: ignore[union-attr]
+    assert session is not None
+    assert [m["content"] for m in session.messages] == ["q1", "a1", "q2", "a2"]
+    assert [m.cell_id for m in session.history] == ["loop", "loop", "loop#2", "loop#2"]
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def test_no_model_configured_is_one_line(
+    shell: InteractiveShell, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("NBCHAT_MODEL")
+    result = run(shell, "%%chat\nhi")
+    assert isinstance(result.error_in_exec, ConfigError)
+    (line,) = one_line_error(result)
+    assert "ConfigError" in line and "No model configured" in line
+
+
+def test_server_down_is_one_line_and_the_next_cell_works(
+    shell: InteractiveShell, fake: FakeOpenAIServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shell.run_line_magic("chat", "config base_url=http://127.0.0.1:9/v1")
+    result = run(shell, "%%chat\nhi")
+    assert isinstance(result.error_in_exec, TurnFailed)
+    assert "Error" in one_line_error(result)[0]
+    assert "⚠ Error" in pub(shell).last["data"]["text/markdown"]
+    shell.run_line_magic("chat", f"config base_url={fake.url}")
+    fake.enqueue("back")
+    assert run(shell, "%%chat\nagain").success
+    # The conversation carried over to the working endpoint, failed turn included.
+    assert [m["content"] for m in fake.requests[0]["messages"]] == ["hi", "again"]
+
+
+def test_budget_reached_is_one_line(shell: InteractiveShell, fake: FakeOpenAIServer) -> None:
+    register_price("priced-model", input_per_mtok=1000.0, output_per_mtok=1000.0)
+    try:
+        shell.run_line_magic("chat", "config model=priced-model budget_usd=0.001")
+        fake.enqueue("expensive answer")
+        assert run(shell, "%%chat\nhi").success
+        result = run(shell, "%%chat\nmore")
+        assert isinstance(result.error_in_exec, TurnFailed)
+        assert "Budget reached" in one_line_error(result)[0]
+        assert len(fake.requests) == 1
+    finally:
+        forget_price("priced-model")
+
+
+def test_interrupt_keeps_the_partial_reply_and_stops_run_all(
+    shell: InteractiveShell, fake: FakeOpenAIServer
+) -> None:
+    fake.enqueue("x" * 400, chunk_size=1, delay=0.01)
+    threading.Timer(0.5, _thread.interrupt_main).start()
+    result = run(shell, "%%chat --out partial\nlong answer please")
+    assert isinstance(result.error_in_exec, TurnInterrupted)
+    assert isinstance(result.error_in_exec, KeyboardInterrupt)
+    final = pub(shell).last
+    assert final["metadata"]["nbchat"]["status"] == "interrupted"
+    partial = final["data"]["text/plain"]
+    assert 0 < len(partial) < 400 and shell.user_ns["partial"] == partial
+    assert "Interrupted" in final["data"]["text/markdown"]
+    fake.enqueue("fine")
+    assert run(shell, "%%chat\nnext").success
+    session = magics_of(shell).session  # type: ignore[union-attr]
+    assert session is not None
+    assert [m.status for m in session.history] == ["ok", "interrupted", "ok", "ok"]
+
+
+def test_unknown_subcommand_and_bad_config(shell: InteractiveShell) -> None:
+    with pytest.raises(UsageError, match="unknown subcommand 'frobnicate'"):
+        shell.run_line_magic("chat", "frobnicate")
+    with pytest.raises(UsageError, match="key=value"):
+        shell.run_line_magic("chat", "config model")
+    result = run(shell, "%chat config modle=x")
+    assert isinstance(result.error_in_exec, ConfigError)
+    assert "Unknown setting modle" in one_line_error(result)[0]
+    with pytest.raises(UsageError, match="temperature must be a number"):
+        shell.run_line_magic("chat", "config temperature=hot")
+
+
+def test_config_shows_settings_without_the_key(
+    shell: InteractiveShell, fake: FakeOpenAIServer
+) -> None:
+    info = shell.run_line_magic("chat", "config api_key=sk-very-secret temperature=0.5")
+    text = repr(info) + info._repr_markdown_()
+    assert "sk-very-secret" not in text
+    assert "set (kernel)" in text and "fake-model (NBCHAT_MODEL)" in text
+    assert "temperature" in text and "0.5" in text
+    fake.enqueue("warm")
+    assert run(shell, "%%chat\nhi").success
+    assert fake.requests[0]["temperature"] == 0.5
+    shell.run_line_magic("chat", "config api_key=none temperature=none")
+
+
+# --------------------------------------------------------------------------- tools
+
+
+def test_tools_from_the_notebook_and_the_python_tool(
+    shell: InteractiveShell, fake: FakeOpenAIServer
+) -> None:
+    run(shell, "def get_weather(city: str) -> str:\n    'Weather.'\n    return f'sunny in {city}'")
+    shell.user_ns["numbers"] = [1, 2, 3]
+    fake.enqueue(tool_calls=[{"name": "get_weather", "arguments": {"city": "Paris"}}])
+    fake.enqueue(
+        tool_calls=[{"name": "python", "arguments": {"code": "total = sum(numbers)\ntotal * 2"}}]
+    )
+    fake.enqueue("Sunny, and the total doubled is 12.")
+    assert run(shell, "%%chat --tools get_weather,python:auto\nweather and sum?").success
+    assert shell.user_ns["total"] == 6
+    tool_messages = [m for m in fake.requests[2]["messages"] if m["role"] == "tool"]
+    assert tool_messages[0]["content"] == "sunny in Paris"
+    assert tool_messages[1]["content"] == "result:\n12"
+    markdown = pub(shell).last["data"]["text/markdown"]
+    assert "<code>get_weather</code>" in markdown and "<code>python</code>" in markdown
+    # Without --tools the next cell has none.
+    fake.enqueue("no tools")
+    assert run(shell, "%%chat\nplain").success
+    assert "tools" not in fake.requests[3]
+
+
+def test_chat_tools_sets_the_tools_of_later_cells(
+    shell: InteractiveShell, fake: FakeOpenAIServer
+) -> None:
+    run(shell, "def lookup(key: str) -> str:\n    'Look a key up.'\n    return key.upper()")
+    info = shell.run_line_magic("chat", "tools lookup,python:never")
+    assert "lookup" in repr(info) and "python" in repr(info)
+    fake.enqueue("ok")
+    assert run(shell, "%%chat\nhi").success
+    names = [t["function"]["name"] for t in fake.requests[0]["tools"]]
+    assert names == ["lookup", "python"]
+    with pytest.raises(UsageError, match="no function called 'nothing'"):
+        shell.run_line_magic("chat", "tools nothing")
+    with pytest.raises(UsageError, match="approval is one of never, ask, auto"):
+        shell.run_line_magic("chat", "tools python:maybe")
+    assert "No tools" in repr(shell.run_line_magic("chat", "tools none"))
+
+
+def test_python_tool_never_and_declined_ask(fake: FakeOpenAIServer) -> None:
+    from nbchat import Session
+
+    ns: dict[str, Any] = {}
+    asked: list[str] = []
+
+    def decline(code: str) -> bool:
+        asked.append(code)
+        return False
+
+    fake.enqueue(tool_calls=[{"name": "python", "arguments": {"code": "x = 1"}}])
+    fake.enqueue("ok")
+    never = python_tool(ns, approval="never")
+    r = Session(model="m", base_url=fake.url, db=False, tools=[never]).send("run")
+    assert r.tool_calls[0].is_error and "approval='never'" in r.tool_calls[0].result
+    fake.enqueue(tool_calls=[{"name": "python", "arguments": {"code": "x = 1"}}])
+    fake.enqueue("ok")
+    ask = python_tool(ns, approval="ask", confirm=decline)
+    r = Session(model="m", base_url=fake.url, db=False, tools=[ask]).send("run")
+    assert asked == ["x = 1"] and "declined" in r.tool_calls[0].result
+    assert "x" not in ns
+    with pytest.raises(ValueError, match="approval must be one of"):
+        python_tool(ns, approval="sometimes")  # type: ignore[arg-type]
+
+
+def test_run_code_output_value_and_errors() -> None:
+    ns: dict[str, Any] = {"data": {"a": 1}}
+    assert run_code("print('hi')\nimport sys\nprint('warn', file=sys.stderr)\ndata", ns) == (
+        "stdout:\nhi\nstderr:\nwarn\nresult:\n{'a': 1}"
+    )
+    assert run_code("y = 2", ns).startswith("(the code ran") and ns["y"] == 2
+    with pytest.raises(ExecutionFailed) as info:
+        run_code("print('before')\ndef f():\n    return 1 / 0\nf()", ns)
+    message = str(info.value)
+    assert message.startswith("stdout:\nbefore\nerror:\nTraceback")
+    assert "return 1 / 0" in message and "ZeroDivisionError" in message
+    assert "_pytool" not in message
+    with pytest.raises(ExecutionFailed, match="SyntaxError"):
+        run_code("def (", ns)
+
+
+def test_python_tool_output_does_not_capture_other_threads(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    started, release = threading.Event(), threading.Event()
+    ns: dict[str, Any] = {"started": started, "release": release}
+    worker = threading.Thread(
+        target=run_code, args=("started.set(); release.wait(5); print('tool output')", ns)
+    )
+    worker.start()
+    started.wait(5)
+    print("user output")
+    release.set()
+    worker.join(5)
+    assert capsys.readouterr().out == "user output\n"
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def test_load_ext_imports_no_heavy_modules() -> None:
+    code = (
+        "import sys\n"
+        "from IPython.testing.globalipapp import start_ipython\n"
+        "ip = start_ipython()\n"
+        "ip.run_line_magic('load_ext', 'nbchat')\n"
+        "assert 'chat' in ip.magics_manager.magics['cell']\n"
+        "print(sorted(m for m in ('openai', 'pandas', 'duckdb', 'httpx') if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert json.loads(out.stdout.strip().replace("'", '"')) == []
+
+
+def test_unload_removes_the_magics(shell: InteractiveShell) -> None:
+    shell.run_line_magic("unload_ext", "nbchat")
+    assert "chat" not in shell.magics_manager.magics["cell"]
+    assert "chat_sql" not in shell.magics_manager.magics["cell"]
+    shell.run_line_magic("load_ext", "nbchat")
+    assert "chat" in shell.magics_manager.magics["line"]
