@@ -334,7 +334,8 @@ _SUBCOMMANDS = """\
   %chat session                 the current Session object
   %chat sessions                every stored session (DataFrame)
   %chat history                 the current session's transcript (DataFrame)
-  %chat cost                    the current session's requests, tokens and cost (DataFrame)
+  %chat cost [model|day|session]  tokens and cost of each turn of the current session,
+                                or of the whole store grouped (DataFrame)
   %chat tools [a,b | none]      show or set the tools of later %%chat cells
   %chat local                   start (or reuse) the embedded local model and use it
 """
@@ -528,10 +529,13 @@ class ChatMagics(Magics):
         return transcript(self._current().id)
 
     def _cmd_cost(self, args: list[str]) -> Any:
-        from ._analysis import usage
+        from ._analysis import costs, turns
 
-        frame = usage()
-        return frame[frame["session_id"] == self._current().id].reset_index(drop=True)
+        if not args:
+            return turns(session_id=self._current().id)
+        if args[0] not in ("model", "day", "session"):
+            raise UsageError("%chat cost: give model, day or session (or nothing)")
+        return costs(by=args[0])  # type: ignore[arg-type]
 
     def _cmd_tools(self, args: list[str]) -> Info:
         if args:

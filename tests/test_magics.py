@@ -550,3 +550,42 @@ def test_unload_removes_the_magics(shell: InteractiveShell) -> None:
     assert "chat_sql" not in shell.magics_manager.magics["cell"]
     shell.run_line_magic("load_ext", "nbchat")
     assert "chat" in shell.magics_manager.magics["line"]
+
+
+# --------------------------------------------------------------------------- the store
+
+
+def test_sessions_history_cost_and_sql_from_the_store(
+    shell: InteractiveShell, fake: FakeOpenAIServer
+) -> None:
+    with pytest.raises(UsageError, match="no current session yet"):
+        shell.run_line_magic("chat", "history")
+    fake.enqueue("Hi!")
+    fake.enqueue("Bye!")
+    assert run(shell, "%%chat\nhello").success
+    assert run(shell, "%%chat\nbye").success
+    session = magics_of(shell).session  # type: ignore[union-attr]
+    assert session is not None
+
+    listed = shell.run_line_magic("chat", "sessions")
+    assert session.id in set(listed["id"])
+    history = shell.run_line_magic("chat", "history")
+    assert list(history["role"]) == ["user", "assistant", "user", "assistant"]
+    assert list(history["content"]) == ["hello", "Hi!", "bye", "Bye!"]
+    cost = shell.run_line_magic("chat", "cost")
+    assert list(cost["user_text"]) == ["hello", "bye"]
+    assert list(cost["status"]) == ["completed", "completed"]
+    by_model = shell.run_line_magic("chat", "cost model")
+    assert list(by_model["model"]) == ["fake-model"] and by_model["requests"][0] == 2
+
+    frame = shell.run_cell_magic(
+        "chat_sql", "--out rows", "SELECT role, content FROM messages ORDER BY seq"
+    )
+    assert list(frame["content"]) == ["hello", "Hi!", "bye", "Bye!"]
+    assert shell.user_ns["rows"] is frame
+    bad = run(shell, "%%chat_sql\nSELEC nonsense")
+    assert bad.error_in_exec is not None
+    assert len(one_line_error(bad)) == 1
+    refused = run(shell, "%%chat_sql\nDELETE FROM messages")
+    assert refused.error_in_exec is not None and len(one_line_error(refused)) == 1
+    assert len(shell.run_line_magic("chat", "history")) == 4

@@ -1,0 +1,189 @@
+"""%%chat through a real ipykernel, driven like JupyterLab (cell ids), against the fake server."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nbchat._analysis import transcript
+from nbchat.testing import FakeOpenAIServer
+
+sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+from magics_kernel import Execution, Kernel, kernel_env, running_kernel
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[FakeOpenAIServer]:
+    with FakeOpenAIServer() as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("kernel") / "kernel.duckdb"
+
+
+@pytest.fixture(scope="module")
+def kernel(server: FakeOpenAIServer, store: Path) -> Iterator[Kernel]:
+    with running_kernel(kernel_env(server.url, str(store))) as k:
+        assert k.execute("%load_ext nbchat").status == "ok"
+        yield k
+
+
+@pytest.fixture
+def fake(server: FakeOpenAIServer, kernel: Kernel) -> FakeOpenAIServer:
+    """The module's server, emptied, and a fresh current session in the kernel."""
+    server.reset()
+    assert kernel.execute("%chat new").status == "ok"
+    return server
+
+
+def final(run: Execution) -> dict[str, Any]:
+    (display,) = run.displays()
+    return display
+
+
+def test_streamed_cell_ends_with_the_exact_text(kernel: Kernel, fake: FakeOpenAIServer) -> None:
+    reply = "# Plan\n\n- load `sales.csv`\n- plot **revenue** by month ✓"
+    fake.enqueue(reply, chunk_size=3, delay=0.01)
+    run = kernel.execute("%%chat\nMake a plan.", cell_id="cell-1")
+    assert run.status == "ok", run.reply
+    assert len(run.of_type("display_data")) == 1
+    assert len(run.of_type("update_display_data")) >= 1
+    shown = final(run)
+    assert shown["data"]["text/plain"] == reply
+    assert shown["data"]["text/markdown"].startswith(reply)
+    assert shown["metadata"]["nbchat"]["status"] == "completed"
+    assert "fake-model" in shown["metadata"]["nbchat"]["footer"]
+
+
+def test_rerunning_a_cell_forks_the_conversation(
+    kernel: Kernel, fake: FakeOpenAIServer, store: Path
+) -> None:
+    for text in ("A1", "A2", "A1 again"):
+        fake.enqueue(text)
+    first = kernel.execute("%%chat\nQ1", cell_id="cell-a")
+    assert kernel.execute("%%chat\nQ2", cell_id="cell-b").status == "ok"
+    rerun = kernel.execute("%%chat\nQ1, edited", cell_id="cell-a")
+    assert first.status == rerun.status == "ok"
+    assert fake.requests[2]["messages"] == [{"role": "user", "content": "Q1, edited"}]
+
+    session_id = final(rerun)["metadata"]["nbchat"]["session_id"]
+    assert final(first)["metadata"]["nbchat"]["session_id"] == session_id
+    rows = transcript(session_id, db=store, include_superseded=True)
+    stored = list(zip(rows["content"], rows["state"], rows["cell_id"], strict=True))
+    assert stored == [
+        ("Q1", "superseded", "cell-a"),
+        ("A1", "superseded", "cell-a"),
+        ("Q2", "superseded", "cell-b"),
+        ("A2", "superseded", "cell-b"),
+        ("Q1, edited", "active", "cell-a"),
+        ("A1 again", "active", "cell-a"),
+    ]
+
+
+def test_without_a_cell_id_a_rerun_appends(kernel: Kernel, fake: FakeOpenAIServer) -> None:
+    fake.enqueue("one")
+    fake.enqueue("two")
+    assert kernel.execute("%%chat\nsame").status == "ok"
+    assert kernel.execute("%%chat\nsame").status == "ok"
+    assert [m["content"] for m in fake.requests[1]["messages"]] == ["same", "one", "same"]
+
+
+def test_interrupt_mid_stream_keeps_the_partial_reply(
+    kernel: Kernel, fake: FakeOpenAIServer, store: Path
+) -> None:
+    fake.enqueue("word " * 400, chunk_size=5, delay=0.02)
+    updates: list[dict[str, Any]] = []
+
+    def interrupt_after_some_text(message: dict[str, Any]) -> None:
+        if message["header"]["msg_type"] == "update_display_data":
+            updates.append(message)
+            if len(updates) == 2:
+                kernel.interrupt()
+
+    run = kernel.execute(
+        "%%chat --out partial\nTalk for a long time.",
+        cell_id="cell-int",
+        on_message=interrupt_after_some_text,
+    )
+    assert run.status == "error"
+    assert run.reply["ename"] == "TurnInterrupted"
+    (error,) = run.of_type("error")
+    assert len(error["content"]["traceback"]) == 1  # one line, no stack
+    shown = final(run)
+    partial = shown["data"]["text/plain"]
+    assert 0 < len(partial) < len("word " * 400)
+    assert ("word " * 400).startswith(partial)
+    assert shown["metadata"]["nbchat"]["status"] == "interrupted"
+    assert "Interrupted" in shown["data"]["text/markdown"]
+
+    check = kernel.execute(f"print(partial == {partial!r})")
+    assert check.stdout == "True\n"
+    session_id = shown["metadata"]["nbchat"]["session_id"]
+    rows = transcript(session_id, db=store)
+    assert list(rows["status"]) == ["ok", "interrupted"]
+    assert rows["content"].iloc[-1] == partial
+
+    fake.enqueue("Still here.")
+    after = kernel.execute("%%chat\nAre you there?", cell_id="cell-next")
+    assert after.status == "ok"
+    assert final(after)["data"]["text/plain"] == "Still here."
+
+
+def test_display_updates_are_coalesced(kernel: Kernel, fake: FakeOpenAIServer) -> None:
+    chunks = [f"t{i} " for i in range(5000)]
+    fake.enqueue(chunks=chunks)
+    run = kernel.execute("%%chat\nStream fast.", cell_id="cell-fast")
+    assert run.status == "ok"
+    times = [t for t, m in run.messages if m["header"]["msg_type"] == "update_display_data"]
+    start = next(t for t, m in run.messages if m["header"]["msg_type"] == "display_data")
+    seconds = max(times[-1] - start, 1e-3)
+    assert len(times) <= 15 * seconds + 2, (len(times), seconds)
+    assert final(run)["data"]["text/plain"] == "".join(chunks)
+
+
+def test_python_tool_asks_through_the_input_box(kernel: Kernel, fake: FakeOpenAIServer) -> None:
+    assert kernel.execute("import pandas as pd\ndf = pd.DataFrame({'x': [1, 2, 3]})").status == "ok"
+    code = "summary = int(df['x'].sum())\nsummary"
+    fake.enqueue(tool_calls=[{"name": "python", "arguments": {"code": code}}])
+    fake.enqueue("The sum is 6.")
+    run = kernel.execute(
+        "%%chat --tools python\nWhat is the sum of x?", cell_id="cell-py", stdin=lambda p: "y"
+    )
+    assert run.status == "ok", run.reply
+    assert run.input_requests == ["Run it? [y/N] "]
+    asked = [d for d in run.displays() if "wants to run this code" in str(d["data"])]
+    assert asked and code in asked[0]["data"]["text/markdown"]
+    tool_message = fake.requests[1]["messages"][-1]
+    assert tool_message["role"] == "tool" and tool_message["content"] == "result:\n6"
+    assert kernel.execute("print(summary)").stdout == "6\n"
+
+
+def test_python_tool_without_an_input_box_refuses(kernel: Kernel, fake: FakeOpenAIServer) -> None:
+    fake.enqueue(tool_calls=[{"name": "python", "arguments": {"code": "touched = True"}}])
+    fake.enqueue("I could not run it.")
+    run = kernel.execute("%%chat --tools python\nRun something.", cell_id="cell-nostdin")
+    assert run.status == "ok", run.reply
+    tool_message = fake.requests[1]["messages"][-1]
+    assert "cannot ask the user for approval" in tool_message["content"]
+    assert kernel.execute("print('touched' in dir())").stdout == "False\n"
+
+
+def test_no_model_is_one_line_in_the_kernel(kernel: Kernel, fake: FakeOpenAIServer) -> None:
+    run = kernel.execute("%chat config model=none\nimport os\nos.environ.pop('NBCHAT_MODEL')")
+    assert run.status == "ok"
+    try:
+        failed = kernel.execute("%%chat\nhi", cell_id="cell-nomodel")
+        assert failed.status == "error" and failed.reply["ename"] == "ConfigError"
+        (error,) = failed.of_type("error")
+        (line,) = error["content"]["traceback"]
+        assert "No model configured" in line
+    finally:
+        kernel.execute("os.environ['NBCHAT_MODEL'] = 'fake-model'")
