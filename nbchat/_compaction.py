@@ -23,14 +23,14 @@ from __future__ import annotations
 import json
 import math
 import re
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from ._client import ModelClient, RoundFolder
+from ._client import ModelClient
 from ._exceptions import ConfigError, ModelAPIError
-from ._types import CompactionEvent, Message, RequestUsage, UsageEvent
+from ._summary import SUMMARY_HEADER, Summariser, SummaryError, summary_words
+from ._types import CompactionEvent, Message, UsageEvent
 
 __all__ = [
     "Compaction",
@@ -39,7 +39,6 @@ __all__ = [
     "CompactionStrategy",
     "Compactor",
     "HistorySplit",
-    "SummaryError",
     "SummaryStrategy",
     "TokenEstimator",
     "WindowStrategy",
@@ -52,31 +51,11 @@ __all__ = [
 ]
 
 CHARS_PER_TOKEN = 4.0
-SUMMARY_HEADER = (
-    "[Summary of the earlier part of this conversation; the original messages were "
-    "folded into it to save context space.]\n\n"
-)
-SUMMARY_INSTRUCTIONS = """\
-You condense the earlier part of a conversation between a user and an AI assistant \
-that can call tools, so that the assistant can carry on without the original messages.
-Keep: what the user asked for, their preferences and constraints; facts, numbers, \
-names, file paths and code that were established; which tools were called, why, and \
-what they returned (including errors); decisions made and questions still open; what \
-the assistant was about to do next.
-If the transcript begins with an earlier summary, merge it into yours: yours replaces it.
-Write in the language of the conversation, as short paragraphs or bullet points, in at \
-most {words} words. Do not address the user and do not call tools. Reply with the \
-summary only."""
-# Per-message clip when a transcript is shown to the summariser: one huge tool result
-# must not crowd out everything else.
-_CLIP_MESSAGE = 2000
-_CLIP_TOOL_RESULT = 1000
-_CLIP_ARGUMENTS = 300
 _WINDOW_FROM_MESSAGE = re.compile(r"maximum context length is (\d+)")
 
 
-class SummaryError(Exception):
-    """The summariser model failed or returned nothing usable (the message says which)."""
+class _Refused(Exception):
+    """A compaction that cannot be made (the message says why); reported, never raised."""
 
 
 # --------------------------------------------------------------------------- estimating
@@ -91,16 +70,23 @@ def message_chars(message: Message) -> int:
 class TokenEstimator:
     """Estimates a prompt's tokens without a tokenizer, calibrated on the server's counts.
 
-    ``observe`` records what the server reported for a prompt; ``estimate`` then adds
-    the characters / 4 heuristic, scaled by the observed tokens-per-heuristic-token
-    ratio, for the messages appended since. When the context changed otherwise (a
-    compaction, a cell re-run), the whole prompt is estimated with that ratio.
+    ``observe`` records the ``prompt_tokens`` the server reported for a prompt. An
+    estimate is then that count plus the characters / 4 heuristic of what was added
+    since, scaled by ``ratio``: server tokens per heuristic token, learned from how the
+    server's count grew between two requests (so fixed costs — tool definitions, the
+    chat template — do not skew it). A history that is not an extension of the observed
+    one (after a compaction, a cell re-run) is estimated along the same line.
     """
+
+    # Growth below this many heuristic tokens says more about per-message overhead
+    # than about the tokenizer: the ratio is not updated from it.
+    MIN_GROWTH = 64.0
 
     def __init__(self) -> None:
         self.ratio = 1.0
         self._anchor_ids: list[str] = []
         self._anchor_tokens: int | None = None
+        self._anchor_raw = 0.0
         self._anchor_extra = 0
 
     @staticmethod
@@ -108,17 +94,22 @@ class TokenEstimator:
         """The uncalibrated estimate: characters / 4 (``extra_chars``: tool definitions)."""
         return (sum(message_chars(m) for m in messages) + extra_chars) / CHARS_PER_TOKEN
 
+    def _extends_anchor(self, messages: Sequence[Message]) -> bool:
+        n = len(self._anchor_ids)
+        return len(messages) >= n and all(
+            m.id == i for m, i in zip(messages, self._anchor_ids, strict=False)
+        )
+
     def estimate(self, messages: Sequence[Message], extra_chars: int = 0) -> int:
         """Estimated prompt tokens of ``messages`` (plus ``extra_chars`` of tool specs)."""
-        n = len(self._anchor_ids)
-        if (
-            self._anchor_tokens is not None
-            and len(messages) >= n
-            and all(m.id == i for m, i in zip(messages, self._anchor_ids, strict=False))
-        ):
-            added = self.heuristic(messages[n:], extra_chars - self._anchor_extra)
-            return max(0, self._anchor_tokens + math.ceil(self.ratio * added))
-        return math.ceil(self.ratio * self.heuristic(messages, extra_chars))
+        if self._anchor_tokens is None:
+            return math.ceil(self.ratio * self.heuristic(messages, extra_chars))
+        if self._extends_anchor(messages):  # the usual case: estimate only what is new
+            added = self.heuristic(messages[len(self._anchor_ids) :], extra_chars)
+            added -= self._anchor_extra / CHARS_PER_TOKEN
+        else:
+            added = self.heuristic(messages, extra_chars) - self._anchor_raw
+        return max(0, self._anchor_tokens + math.ceil(self.ratio * added))
 
     def observe(
         self, messages: Sequence[Message], extra_chars: int, prompt_tokens: int | None
@@ -126,13 +117,16 @@ class TokenEstimator:
         """Remember the server's ``prompt_tokens`` for a request that sent ``messages``."""
         if not prompt_tokens or prompt_tokens <= 0:
             return
-        raw = self.heuristic(messages, extra_chars)
-        if raw > 0:
-            # Clamped: one odd report (a server counting only new tokens) must not make
-            # every later estimate absurd.
-            self.ratio = min(4.0, max(0.25, prompt_tokens / raw))
+        if self._anchor_tokens is not None and self._extends_anchor(messages):
+            grown = self.heuristic(messages[len(self._anchor_ids) :], extra_chars)
+            grown -= self._anchor_extra / CHARS_PER_TOKEN
+            if grown >= self.MIN_GROWTH:
+                # Clamped: one odd report must not make every later estimate absurd.
+                learned = (prompt_tokens - self._anchor_tokens) / grown
+                self.ratio = min(4.0, max(0.25, learned))
         self._anchor_ids = [m.id for m in messages]
         self._anchor_tokens = prompt_tokens
+        self._anchor_raw = self.heuristic(messages, extra_chars)
         self._anchor_extra = extra_chars
 
 
@@ -444,11 +438,11 @@ class Compactor:
         if forced and not split.middle:
             split = split_history(messages, 1)
         requests: list[UsageEvent] = []
-        summariser = _Summariser(
+        summariser = Summariser(
             client,
             self.summary_model,
             sink=requests,
-            words=_summary_words(window),
+            words=summary_words(window),
             # The summariser's own prompt must fit too: at most half the window.
             max_chars=int(window * CHARS_PER_TOKEN / 2) if window else 200_000,
             stamp=(session_id, turn_id, round),
@@ -479,7 +473,7 @@ class Compactor:
             if plan is None or not plan.fold:
                 if not forced:
                     return None
-                raise SummaryError(
+                raise _Refused(
                     "nothing can be folded: the last exchange alone is too long "
                     "for the context window"
                 )
@@ -487,12 +481,13 @@ class Compactor:
             new, folded = _apply(messages, plan, split, summary)
             tokens_after = estimate(new)
             if summary is not None and tokens_after >= tokens:
-                raise SummaryError("the summary is not shorter than what it would replace")
+                raise _Refused("the summary is not shorter than what it would replace")
         except Exception as exc:
             # Retrying on every request would pay for a failing summariser again and
             # again: wait for the next user message (a forced compaction still runs).
             self._paused_at = last_user
-            event.error = str(exc) if isinstance(exc, SummaryError) else f"{exc!r}"
+            ours = isinstance(exc, SummaryError | _Refused)
+            event.error = str(exc) if ours else f"{type(exc).__name__}: {exc}"
             _add_costs(event, requests)
             return CompactionOutcome(event=event, requests=requests)
         self._paused_at = None
@@ -504,11 +499,6 @@ class Compactor:
         return CompactionOutcome(
             event=event, requests=requests, messages=new, folded=folded, summary=summary
         )
-
-
-def _summary_words(window: int | None) -> int:
-    # About a tenth of the window (0.75 words per token), within sensible bounds.
-    return 600 if window is None else max(100, min(1500, int(window * 0.075)))
 
 
 def _summary_message(plan: Compaction, turn_id: str, round: int) -> Message | None:
@@ -531,19 +521,19 @@ def _apply(
     if summary is not None and split.summary is not None:
         fold_ids.add(split.summary.id)  # at most one summary stays live
     if split.head and split.head[0].id in fold_ids:
-        raise ValueError("a compaction may not fold the system prompt")
+        raise _Refused("a compaction may not fold the system prompt")
     unknown = fold_ids - {m.id for m in messages}
     if unknown:
-        raise ValueError(f"{len(unknown)} message(s) to fold are not in the live context")
+        raise _Refused(f"{len(unknown)} message(s) to fold are not in the live context")
     kept = [m for m in messages if m.id not in fold_ids]
     if summary is not None:
         at = 1 if kept and _is_system_prompt(kept[0]) else 0
         kept.insert(at, summary)
     problem = validate_history(kept)
     if problem:
-        raise ValueError(f"the compacted history would be invalid: {problem}")
+        raise _Refused(f"the compacted history would be invalid: {problem}")
     if not any(m.role == "user" for m in kept):
-        raise ValueError("a compaction may not fold the last user message")
+        raise _Refused("a compaction may not fold the last user message")
     return kept, [m for m in messages if m.id in fold_ids]
 
 
@@ -554,114 +544,3 @@ def _add_costs(event: CompactionEvent, requests: list[UsageEvent]) -> None:
     event.model = requests[-1].model
     costs = [r.cost_usd for r in requests]
     event.cost_usd = None if any(c is None for c in costs) else sum(c or 0.0 for c in costs)
-
-
-# --------------------------------------------------------------------------- summariser
-
-
-class _Summariser:
-    """Asks the summary model for a summary; each request is kept as a ``UsageEvent``."""
-
-    def __init__(
-        self,
-        client: ModelClient,
-        model: str | None,
-        *,
-        sink: list[UsageEvent],
-        words: int,
-        max_chars: int,
-        stamp: tuple[str, str, int],
-    ) -> None:
-        if model is not None and model != client.model:
-            settings = client.settings.model_copy(update={"model": model})
-            client = ModelClient(settings, max_retries=client.max_retries, timeout=client.timeout)
-        self.client = client
-        self.sink = sink
-        self.words = words
-        self.max_chars = max_chars
-        self.session_id, self.turn_id, self.round = stamp
-
-    async def __call__(self, messages: Sequence[Message]) -> str:
-        from ._pricing import request_cost
-
-        prompt = [
-            {"role": "system", "content": SUMMARY_INSTRUCTIONS.format(words=self.words)},
-            {
-                "role": "user",
-                "content": "Transcript to summarise:\n\n"
-                + render_transcript(messages, self.max_chars),
-            },
-        ]
-        folder = RoundFolder(self.session_id, self.turn_id, self.round)
-        error: ModelAPIError | None = None
-        try:
-            async for _ in self.client.astream(prompt, folder, stream=False):
-                pass
-        except ModelAPIError as exc:
-            error = exc
-        finally:
-            settings = self.client.settings
-            usage = folder.usage
-            cost, provider = request_cost(settings.model, settings.base_url, usage)
-            if usage is None and error is not None and error.status_code is not None:
-                # Refused before generating anything: nothing was used (as for chat requests).
-                usage, cost = RequestUsage(prompt_tokens=0, completion_tokens=0), 0.0
-            self.sink.append(
-                UsageEvent(
-                    session_id=self.session_id,
-                    turn_id=self.turn_id,
-                    round=self.round,
-                    model=settings.model,
-                    provider=provider,
-                    usage=usage,
-                    cost_usd=cost,
-                    ttft_ms=folder.ttft_ms,
-                    duration_ms=(time.perf_counter() - folder.started) * 1000,
-                    finish_reason=folder.finish_reason,
-                    error=str(error) if error else None,
-                    purpose="summary",
-                )
-            )
-        if error is not None:
-            raise SummaryError(f"the summary model failed: {error}") from error
-        text = folder.text.strip()
-        if not text:
-            raise SummaryError("the summary model returned an empty summary")
-        return text
-
-
-def render_transcript(messages: Sequence[Message], max_chars: int) -> str:
-    """Messages as plain text for the summariser, clipped to about ``max_chars``.
-
-    Each message is clipped on its own; if the whole is still too long, the oldest
-    messages after an earlier summary are left out (the newest matter most next).
-    """
-    parts: list[str] = []
-    for m in messages:
-        if m.status == "summary":
-            parts.append("[earlier summary]\n" + (m.content or "").removeprefix(SUMMARY_HEADER))
-            continue
-        if m.role == "tool":
-            head = f"[tool result{' from ' + m.name if m.name else ''}]"
-            body = _clip(m.content or "", _CLIP_TOOL_RESULT)
-        else:
-            head = f"[{m.role}]"
-            body = _clip(m.content or "", _CLIP_MESSAGE)
-            for call in m.tool_calls or []:
-                body += f"\n(calls tool {call.name} with {_clip(call.arguments, _CLIP_ARGUMENTS)})"
-        parts.append(f"{head}\n{body.strip()}")
-    keep_first = 1 if messages and messages[0].status == "summary" else 0
-    total = sum(len(p) + 2 for p in parts)
-    dropped = 0
-    while total > max_chars and len(parts) - keep_first > 1:
-        total -= len(parts.pop(keep_first)) + 2
-        dropped += 1
-    if dropped:
-        parts.insert(keep_first, f"[… {dropped} older messages left out …]")
-    return "\n\n".join(parts)
-
-
-def _clip(text: str, limit: int) -> str:
-    if len(text) <= limit:
-        return text
-    return text[:limit] + f" … [{len(text) - limit} more characters]"
