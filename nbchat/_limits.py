@@ -8,23 +8,31 @@ price, a server that reports no usage) is never counted as zero: the check says 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
 
 from ._exceptions import GuardrailRejected
 from ._types import Usage
 
-__all__ = ["BudgetCheck", "Budgets", "GuardrailRejected", "apply_guardrails"]
+if TYPE_CHECKING:
+    from ._store import Store
+
+__all__ = ["BudgetCheck", "Budgets", "GuardrailRejected", "apply_guardrails", "stored_usage"]
 
 Guardrail = Callable[[str], "str | None"]
 
 
 class BudgetCheck(BaseModel):
-    """The outcome of a budget check: a limit that stops the turn, or a notice, or neither."""
+    """The outcome of a budget check: a limit that stops the turn, notices, or neither.
+
+    ``notices`` name each limit that cannot be checked, one per limit, so a caller can
+    say each once however the others change.
+    """
 
     limit: str | None = None
     message: str | None = None
-    notice: str | None = None
+    notices: list[str] = []
 
 
 class Budgets(BaseModel):
@@ -53,7 +61,7 @@ class Budgets(BaseModel):
                     "nbchat.register_price() sets one)."
                 )
             elif spent.cost_usd >= limit:
-                return _stop(scope, "usd", f"${spent.cost_usd:.6f} spent of ${limit:g}")
+                return _stop(scope, "usd", f"${spent.cost_usd:.6f} spent of ${limit:g}", notices)
         for scope, spent, token_limit in (
             ("session", session, self.max_tokens_total),
             ("turn", turn, self.turn_max_tokens),
@@ -66,11 +74,12 @@ class Budgets(BaseModel):
                     "did not report usage for some requests."
                 )
             elif spent.total_tokens >= token_limit:
-                return _stop(scope, "tokens", f"{spent.total_tokens} of {token_limit} tokens used")
-        return BudgetCheck(notice=" ".join(notices) or None)
+                detail = f"{spent.total_tokens} of {token_limit} tokens used"
+                return _stop(scope, "tokens", detail, notices)
+        return BudgetCheck(notices=notices)
 
 
-def _stop(scope: str, unit: str, detail: str) -> BudgetCheck:
+def _stop(scope: str, unit: str, detail: str, notices: list[str]) -> BudgetCheck:
     name = {
         ("session", "usd"): "budget_usd",
         ("turn", "usd"): "turn_budget_usd",
@@ -80,6 +89,7 @@ def _stop(scope: str, unit: str, detail: str) -> BudgetCheck:
     return BudgetCheck(
         limit=name,
         message=f"Stopped before the next request: the {scope} limit {name} is reached ({detail}).",
+        notices=notices,
     )
 
 
@@ -99,3 +109,32 @@ def apply_guardrails(text: str, guardrails: Sequence[Guardrail]) -> str:
                 )
             text = result
     return text
+
+
+def stored_usage(store: Store, session_id: str) -> Usage:
+    """What a stored session already spent (every request, summaries included).
+
+    A reopened session's budget counts from here, not from zero. A total is ``None``
+    when any request's figure is unknown, as in ``Usage``.
+    """
+    # count(x) = count(*) exactly when no row has x unknown (NULL).
+    result = store.query(
+        "SELECT count(*),"
+        " CASE WHEN count(prompt_tokens) = count(*) THEN coalesce(sum(prompt_tokens), 0) END,"
+        " CASE WHEN count(completion_tokens) = count(*)"
+        " THEN coalesce(sum(completion_tokens), 0) END,"
+        " coalesce(sum(cached_tokens), 0), coalesce(sum(reasoning_tokens), 0),"
+        " CASE WHEN count(cost_usd) = count(*) THEN coalesce(sum(cost_usd), 0) END"
+        " FROM requests WHERE session_id = ?",
+        [session_id],
+    )
+    row: list[Any] = [result.data[c].tolist()[0] for c in result.columns]
+    requests, prompt, completion, cached, reasoning, cost = row
+    return Usage(
+        requests=int(requests),
+        prompt_tokens=None if prompt is None else int(prompt),
+        completion_tokens=None if completion is None else int(completion),
+        cached_tokens=int(cached),
+        reasoning_tokens=int(reasoning),
+        cost_usd=None if cost is None else float(cost),
+    )

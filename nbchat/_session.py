@@ -27,7 +27,7 @@ from ._compaction import (
 )
 from ._config import resolve_client, set_defaults
 from ._exceptions import GuardrailRejected, ModelAPIError, SessionPendingError
-from ._limits import Budgets, Guardrail, apply_guardrails
+from ._limits import Budgets, Guardrail, apply_guardrails, stored_usage
 from ._runner import submit
 from ._tools import ToolSet, error_payload
 from ._types import (
@@ -186,6 +186,8 @@ class Session:
         if stored is not None:
             # The live summary is newer (higher seq) than the messages kept after it.
             self._messages = live_order(stored.messages)
+            assert self.store is not None
+            self.usage = stored_usage(self.store, self.id)  # session budgets count from here
             self._seq = stored.max_seq + 1
             self.system = stored.system_prompt
             self.title = stored.title
@@ -601,9 +603,10 @@ class Session:
     def _check_budgets(self, turn: _Turn, *, stop: bool = True) -> Iterable[Event]:
         """Say once when a budget cannot be checked; with ``stop``, end the turn at a limit."""
         check = self.budgets.check(self.usage, turn.usage)
-        if check.notice and check.notice not in self._notices_given:
-            self._notices_given.add(check.notice)
-            yield self._emit(Notice(session_id=self.id, turn_id=turn.turn_id, message=check.notice))
+        for notice in check.notices:
+            if notice not in self._notices_given:
+                self._notices_given.add(notice)
+                yield self._emit(Notice(session_id=self.id, turn_id=turn.turn_id, message=notice))
         if stop and check.limit is not None:
             turn.status, turn.error = "budget_exceeded", check.message
             yield self._emit(
