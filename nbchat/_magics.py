@@ -22,6 +22,7 @@ import os
 import re
 import shlex
 import signal
+import textwrap
 import threading
 import weakref
 from collections.abc import Iterator
@@ -96,13 +97,20 @@ class ChatOptions(BaseModel):
         json_schema_extra=_flag(None, "USD"),
     )
     max_rounds: int | None = Field(
-        None, ge=0, description="rounds of tool calls before a final answer (default 16)"
+        None,
+        ge=0,
+        description="rounds of tool calls before a final answer (default 16)",
+        json_schema_extra=_flag(metavar="N"),
     )
     no_stream: bool = Field(False, description="show the reply once it is complete")
     out: str | None = Field(
-        None, description="also store the reply text in variable VAR", json_schema_extra=_flag()
+        None,
+        description="also store the reply text in variable VAR",
+        json_schema_extra=_flag(metavar="VAR"),
     )
-    temperature: float | None = Field(None, ge=0, description="sampling temperature")
+    temperature: float | None = Field(
+        None, ge=0, description="sampling temperature", json_schema_extra=_flag(metavar="T")
+    )
 
     @field_validator("tools", mode="before")
     @classmethod
@@ -126,7 +134,9 @@ class SqlOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     out: str | None = Field(
-        None, description="also store the DataFrame in variable VAR", json_schema_extra=_flag()
+        None,
+        description="also store the DataFrame in variable VAR",
+        json_schema_extra=_flag(metavar="VAR"),
     )
     db: str | None = Field(
         None,
@@ -200,7 +210,9 @@ def _options_help(model: type[BaseModel]) -> str:
         flag = ("" if short is None else f"{short}, ") + "--" + name.replace("_", "-")
         if not _is_switch(model, name):
             flag += f" {extra.get('metavar') or name.upper()}"
-        lines.append(f"  {flag:<24} {field.description}")
+        text = textwrap.wrap(field.description or "", 60)
+        lines.append(f"  {flag:<24} {text[0]}")
+        lines.extend(f"  {'':<24} {more}" for more in text[1:])
     return "\n".join(lines)
 
 
@@ -324,20 +336,30 @@ def _interrupt_cancels(session: Session) -> Iterator[list[int]]:
 
 # ---------------------------------------------------------------------- the magics
 
+_COST_COLUMNS = [
+    "started_at",
+    "user_text",
+    "status",
+    "requests",
+    "prompt_tokens",
+    "completion_tokens",
+    "cost_usd",
+    "duration_ms",
+]
 _SUBCOMMANDS = """\
 %chat subcommands:
-  %chat config [key=value ...]  show or set this kernel's defaults
-                                (model, base_url, api_key, db, system, temperature,
-                                max_rounds, budget_usd; key=none removes one)
-  %chat new                     the next %%chat cell starts a new session
-  %chat use ID                  continue the stored session ID
-  %chat session                 the current Session object
-  %chat sessions                every stored session (DataFrame)
-  %chat history                 the current session's transcript (DataFrame)
-  %chat cost [model|day|session]  tokens and cost of each turn of the current session,
-                                or of the whole store grouped (DataFrame)
-  %chat tools [a,b | none]      show or set the tools of later %%chat cells
-  %chat local                   start (or reuse) the embedded local model and use it
+  %chat config [key=value ...]    show or set this kernel's defaults for sessions
+                                  (model, base_url, api_key, db, system, temperature,
+                                  max_rounds, budget_usd; key=none removes one)
+  %chat new                       the next %%chat cell starts a new session
+  %chat use ID                    continue the stored session ID
+  %chat session                   the current Session object
+  %chat sessions                  every stored session (DataFrame)
+  %chat history                   the current session's transcript (DataFrame)
+  %chat cost                      tokens, cost and time of each turn of the current session
+  %chat cost model|day|session    the whole store's spend, grouped (DataFrame)
+  %chat tools [a,b | none]        show or set the tools of later %%chat cells
+  %chat local                     start (or reuse) the embedded local model and use it
 """
 
 
@@ -532,7 +554,8 @@ class ChatMagics(Magics):
         from ._analysis import costs, turns
 
         if not args:
-            return turns(session_id=self._current().id)
+            frame = turns(session_id=self._current().id)
+            return frame[_COST_COLUMNS]
         if args[0] not in ("model", "day", "session"):
             raise UsageError("%chat cost: give model, day or session (or nothing)")
         return costs(by=args[0])  # type: ignore[arg-type]
@@ -581,12 +604,15 @@ class ChatMagics(Magics):
 ChatMagics.chat.__doc__ = f"""Chat with a model from a notebook cell.
 
 %%chat [options]
-Your message; {{name}} is replaced by the value of `name` in the notebook.
+Your message; {{name}} is replaced by the value of `name` in the notebook
+({{{{name}}}} keeps the braces; other text in braces, such as JSON, is left alone).
 
 The reply streams into the cell as Markdown; the next %%chat cell continues the
-same conversation, and re-running a cell replaces its earlier turn.
+same conversation, and re-running a cell replaces its earlier turn. A kernel
+interrupt stops the reply and keeps what arrived.
 
-Options (they apply to this cell only):
+Options (model, tools, budget, max-rounds, temperature, no-stream apply to this
+cell's turn only; new, session and system choose the conversation):
 {_options_help(ChatOptions)}
 
 {_SUBCOMMANDS}"""

@@ -575,6 +575,7 @@ def test_sessions_history_cost_and_sql_from_the_store(
     cost = shell.run_line_magic("chat", "cost")
     assert list(cost["user_text"]) == ["hello", "bye"]
     assert list(cost["status"]) == ["completed", "completed"]
+    assert "session_id" not in cost.columns
     by_model = shell.run_line_magic("chat", "cost model")
     assert list(by_model["model"]) == ["fake-model"] and by_model["requests"][0] == 2
 
