@@ -49,6 +49,8 @@ _EXPORTS: dict[str, str] = {
     # the loop and its parts
     "Session": "_session",
     "Tool": "_tools",
+    "ToolSet": "_tools",
+    "as_tool": "_tools",
     "tool": "_tools",
 }
 
@@ -63,7 +65,7 @@ if TYPE_CHECKING:
         ToolDefinitionError,
     )
     from ._session import Session, configure
-    from ._tools import Tool, tool
+    from ._tools import Tool, ToolSet, as_tool, tool
     from ._types import (
         CompactionEvent,
         ErrorEvent,
@@ -114,12 +116,14 @@ __all__ = [
     "ToolCallStarted",
     "ToolDefinitionError",
     "ToolResult",
+    "ToolSet",
     "TurnFinished",
     "TurnResult",
     "TurnStarted",
     "Usage",
     "UsageEvent",
     "__version__",
+    "as_tool",
     "configure",
     "load_ipython_extension",
     "testing",

@@ -28,6 +28,7 @@ from ._types import (
     Event,
     ReasoningDelta,
     RequestUsage,
+    TextBuffer,
     TextDelta,
     ToolCall,
     ToolCallDelta,
@@ -121,8 +122,8 @@ class RoundFolder:
         self.session_id = session_id
         self.turn_id = turn_id
         self.round = round
-        self.text_parts: list[str] = []
-        self.reasoning_parts: list[str] = []
+        self.text_buffer = TextBuffer()
+        self.reasoning_buffer = TextBuffer()
         self.calls: dict[int, _PendingCall] = {}
         self.finish_reason: str | None = None
         self.usage: RequestUsage | None = None
@@ -134,12 +135,12 @@ class RoundFolder:
     @property
     def text(self) -> str:
         """The reply text received so far."""
-        return "".join(self.text_parts)
+        return self.text_buffer.text()
 
     @property
     def reasoning(self) -> str:
         """The reasoning text received so far."""
-        return "".join(self.reasoning_parts)
+        return self.reasoning_buffer.text()
 
     @property
     def ttft_ms(self) -> float | None:
@@ -173,11 +174,11 @@ class RoundFolder:
                 continue
             if delta.content:
                 self._mark_first_token()
-                self.text_parts.append(delta.content)
+                self.text_buffer.append(delta.content)
                 events.append(self._stamp(TextDelta.model_construct(text=delta.content)))
             reasoning = delta.reasoning_content or delta.reasoning
             if reasoning:
-                self.reasoning_parts.append(reasoning)
+                self.reasoning_buffer.append(reasoning)
                 events.append(self._stamp(ReasoningDelta.model_construct(text=reasoning)))
             if delta.tool_calls:
                 self._mark_first_token()

@@ -26,6 +26,7 @@ from ._types import (
     Event,
     LimitReached,
     Notice,
+    TextBuffer,
     TextDelta,
     ToolCallDelta,
     ToolCallStarted,
@@ -123,7 +124,7 @@ class TurnView:
 
     def __init__(self, model: str = "") -> None:
         self.model = model
-        self.text_parts: list[str] = []
+        self.text_buffer = TextBuffer()
         self.size = 0
         self.tools: dict[str, ToolBlock] = {}
         self.notices: list[str] = []
@@ -133,13 +134,13 @@ class TurnView:
     @property
     def text(self) -> str:
         """The reply text so far (every round's text, in order)."""
-        return "".join(self.text_parts)
+        return self.text_buffer.text()
 
     def handle(self, event: Event) -> bool:
         """Fold one event in; return whether anything visible changed."""
         match event:
             case TextDelta(text=text):
-                self.text_parts.append(text)
+                self.text_buffer.append(text)
                 self.size += len(text)
             case ToolCallStarted(call_id=call_id, name=name):
                 self.tools[call_id] = ToolBlock(call_id, name)

@@ -255,7 +255,11 @@ class Session:
         """Run one turn, yielding its events as they happen (the last is ``TurnFinished``)."""
         self._raise_if_pending()
         events: asyncio.Queue[Any] = asyncio.Queue()
-        task = asyncio.ensure_future(self._pump(self._turn(text, cell_id), events.put_nowait))
+        # Backpressure: a stream already buffered in the socket would otherwise be parsed
+        # whole before the consumer runs, holding every event in memory at once.
+        task = asyncio.ensure_future(
+            self._pump(self._turn(text, cell_id), events.put_nowait, lambda: events.qsize() > 64)
+        )
         try:
             while True:
                 item = await events.get()
@@ -351,8 +355,16 @@ class Session:
         assert result is not None, "a turn always ends with TurnFinished"
         return result
 
-    async def _pump(self, turn: AsyncIterator[Event], put: Callable[[Any], None]) -> None:
-        """Drive ``turn`` on the running loop under the session lock, handing events to put."""
+    async def _pump(
+        self,
+        turn: AsyncIterator[Event],
+        put: Callable[[Any], None],
+        backlog: Callable[[], bool] | None = None,
+    ) -> None:
+        """Drive ``turn`` under the session lock, handing events to ``put``.
+
+        When ``backlog()`` says the consumer (on this same loop) is behind, yield to it.
+        """
         try:
             await self._acquire()
             try:
@@ -360,6 +372,8 @@ class Session:
                 self._task_loop = asyncio.get_running_loop()
                 async for event in turn:
                     put(event)
+                    if backlog is not None and backlog():
+                        await asyncio.sleep(0)
             finally:
                 self._task = self._task_loop = None
                 self._cancel_requested = False

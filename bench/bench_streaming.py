@@ -1,0 +1,179 @@
+"""Streaming: nbchat's loop against the bare openai SDK loop over the same fake stream.
+
+- throughput: ``Session.stream()`` (store on, rendering off) over a 10,000-chunk reply,
+  against ``for chunk in client.chat.completions.create(..., stream=True)``; goal ≥ 2x.
+- time to first token: extra milliseconds over the raw SDK; goal ≤ 20 ms.
+- memory: peak traced allocation while streaming a 100,000-token reply, as a multiple
+  of the reply's size (the server runs in another process so its buffers don't count).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+from bench._common import best_of, figure, median_of
+
+CHUNKS = 10_000
+
+
+def _sdk_stream(client: Any) -> int:
+    n = 0
+    stream = client.chat.completions.create(
+        model="bench",
+        messages=[{"role": "user", "content": "go"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            n += 1
+    return n
+
+
+async def _nbchat_stream(session: Any, text: str = "go") -> int:
+    n = 0
+    async for event in session.stream(text):
+        if event.kind == "text_delta":
+            n += 1
+    return n
+
+
+def throughput(repeats: int = 3) -> list[dict[str, Any]]:
+    import openai
+
+    import nbchat
+    from nbchat.testing import FakeOpenAIServer
+
+    with FakeOpenAIServer() as server, tempfile.TemporaryDirectory() as tmp:
+        server.enqueue("x" * CHUNKS, chunk_size=1, repeat=2 * repeats + 2)
+        client = openai.OpenAI(base_url=server.url, api_key="bench", max_retries=0)
+        session = nbchat.Session(
+            model="bench", base_url=server.url, api_key="bench", db=Path(tmp) / "b.duckdb"
+        )
+        _sdk_stream(client)  # warm both paths (imports, connections)
+        asyncio.run(_nbchat_stream(session))
+        sdk = best_of(repeats, lambda: _sdk_stream(client))
+        ours = best_of(repeats, lambda: asyncio.run(_nbchat_stream(session)))
+        client.close()
+    per_sdk, per_ours = sdk / CHUNKS * 1e6, ours / CHUNKS * 1e6
+    return [
+        figure(
+            "stream 10k chunks: time per chunk",
+            per_ours,
+            "us/chunk",
+            baseline=per_sdk,
+            goal="ratio >= 2 (vs bare SDK loop)",
+            ok=per_sdk / per_ours >= 2,
+        )
+    ]
+
+
+def time_to_first_token(samples: int = 15) -> list[dict[str, Any]]:
+    import openai
+
+    import nbchat
+    from nbchat.testing import FakeOpenAIServer
+
+    def sdk_first(client: Any) -> float:
+        t0 = time.perf_counter()
+        stream = client.chat.completions.create(
+            model="bench", messages=[{"role": "user", "content": "go"}], stream=True
+        )
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                elapsed = time.perf_counter() - t0
+                stream.close()
+                return elapsed
+        raise RuntimeError("no text arrived")
+
+    async def ours_first(session: Any) -> float:
+        t0 = time.perf_counter()
+        async for event in session.stream("go"):
+            if event.kind == "text_delta":
+                elapsed = time.perf_counter() - t0
+                session.cancel()
+                return elapsed
+        raise RuntimeError("no text arrived")
+
+    with FakeOpenAIServer(fallback="hello there") as server, tempfile.TemporaryDirectory() as t:
+        client = openai.OpenAI(base_url=server.url, api_key="bench", max_retries=0)
+        session = nbchat.Session(
+            model="bench", base_url=server.url, api_key="bench", db=Path(t) / "b.duckdb"
+        )
+        sdk_first(client)
+        asyncio.run(ours_first(session))
+        sdk = median_of([sdk_first(client) for _ in range(samples)]) * 1000
+        ours = median_of([asyncio.run(ours_first(session)) for _ in range(samples)]) * 1000
+        client.close()
+    extra = ours - sdk
+    return [
+        figure(
+            "time to first token, extra over raw SDK",
+            extra,
+            "ms",
+            baseline=sdk,
+            goal="<= 20 ms extra",
+            ok=extra <= 20,
+            note=f"nbchat {ours:.1f} ms vs SDK {sdk:.1f} ms (median of {samples}, store on)",
+        )
+    ]
+
+
+def memory(tokens: int = 100_000) -> list[dict[str, Any]]:
+    import nbchat
+
+    text = "abcd" * tokens  # ~4 characters per token
+    with tempfile.TemporaryDirectory() as tmp:
+        script = Path(tmp) / "script.json"
+        # a short warm-up reply first, so imports and connection set-up are not counted
+        script.write_text(json.dumps([{"text": "warm"}, {"text": text, "chunk_size": 4}]))
+        server = subprocess.Popen(
+            [sys.executable, "-m", "nbchat.testing", "--script", str(script)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert server.stdout is not None
+            url = server.stdout.readline().strip()
+            session = nbchat.Session(model="bench", base_url=url, api_key="b", db=False)
+            asyncio.run(_nbchat_stream(session))
+            tracemalloc.start()
+            before = tracemalloc.get_traced_memory()[0]
+            n = asyncio.run(_nbchat_stream(session))
+            peak = tracemalloc.get_traced_memory()[1] - before
+            tracemalloc.stop()
+        finally:
+            server.terminate()
+            server.wait()
+    assert n == tokens, n
+    size = len(text.encode())
+    multiple = peak / size
+    return [
+        figure(
+            "100k-token reply: peak memory growth",
+            multiple,
+            "x text",
+            goal="<= 6x the reply's size",
+            ok=multiple <= 6,
+            note=f"peak {peak / 1e6:.1f} MB for a {size / 1e6:.1f} MB reply (tracemalloc)",
+        )
+    ]
+
+
+def run() -> list[dict[str, Any]]:
+    """All streaming figures."""
+    return [*throughput(), *time_to_first_token(), *memory()]
+
+
+if __name__ == "__main__":
+    from bench._common import print_table
+
+    print_table(run())
