@@ -359,7 +359,7 @@ _SUBCOMMANDS = """\
   %chat cost                      tokens, cost and time of each turn of the current session
   %chat cost model|day|session    the whole store's spend, grouped (DataFrame)
   %chat tools [a,b | none]        show or set the tools of later %%chat cells
-  %chat local                     start (or reuse) the embedded local model and use it
+  %chat local [GGUF]              start (or reuse) the embedded local model and use it
 """
 
 
@@ -573,8 +573,10 @@ class ChatMagics(Magics):
     def _cmd_local(self, args: list[str]) -> Info:
         from ._local import local
 
+        if len(args) > 1:
+            raise UsageError("%chat local: give at most one GGUF model path")
         before = get_defaults()
-        url = local()
+        url = local(args[0] if args else None)
         self._settings_changed(before, get_defaults())
         model = get_defaults().get("model", "")
         return Info(f"Local model `{model}` at {url}; `%%chat` cells use it now.")

@@ -590,3 +590,17 @@ def test_sessions_history_cost_and_sql_from_the_store(
     refused = run(shell, "%%chat_sql\nDELETE FROM messages")
     assert refused.error_in_exec is not None and len(one_line_error(refused)) == 1
     assert len(shell.run_line_magic("chat", "history")) == 4
+
+
+@pytest.mark.local_model
+def test_chat_local_starts_the_embedded_model_and_cells_use_it(
+    shell: InteractiveShell, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("NBCHAT_BASE_URL")
+    monkeypatch.delenv("NBCHAT_MODEL")
+    info = shell.run_line_magic("chat", "local")
+    assert "local/" in repr(info) and "http://127.0.0.1:" in repr(info)
+    result = run(shell, "%%chat --out hello --no-stream\nSay hello.")
+    assert result.success, result.error_in_exec
+    assert shell.user_ns["hello"].strip()
+    assert pub(shell).last["metadata"]["nbchat"]["status"] == "completed"
