@@ -1,7 +1,7 @@
 """``%%chat``, ``%chat`` and ``%%chat_sql``: parse the magic line, hand off, return displays.
 
-The magic line is split with ``shlex`` (so quotes work) into one pydantic model per
-magic; the same model writes the help that ``%%chat?`` shows. Everything else is
+The magic line is parsed into one pydantic model per magic (``_magic_options``; the
+same model writes the help that ``%%chat?`` shows). Everything else is
 handed off: turns to ``Session.send`` (the cell renderer consumes its events),
 queries to the analysis functions. Heavy modules (openai, pandas, duckdb) are imported
 on first use, so ``%load_ext nbchat`` stays fast.
@@ -9,7 +9,8 @@ on first use, so ``%load_ext nbchat`` stays fast.
 Notebook semantics live here because only the magic sees cells:
 
 - the kernel keeps one *current session* per notebook; ``--new``, ``--session ID``,
-  ``%chat new`` and ``%chat use ID`` switch it;
+  ``%chat new`` and ``%chat use ID`` switch it, and so does re-running a cell whose
+  earlier turn is in another session (the cell goes back to its conversation);
 - a ``pre_run_cell`` handler records the cell id JupyterLab / Notebook 7 send, and the
   turn is sent with it, so re-running a cell replaces that cell's earlier turn;
 - options on a cell apply to that cell's turn only (model, tools, budget, ...).
@@ -19,22 +20,20 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shlex
 import signal
-import textwrap
 import threading
 import weakref
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_cell_magic, magics_class
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ._config import DEFAULT_KEYS, default_db_path, get_defaults, set_defaults
 from ._display import CellRenderer, Info, TurnFailed, TurnInterrupted, one_line, render_mode
 from ._exceptions import NbchatError
+from ._magic_options import ChatOptions, SqlOptions, interpolate, options_help, parse_options
 
 if TYPE_CHECKING:
     from ._pytool import Approval
@@ -42,207 +41,7 @@ if TYPE_CHECKING:
     from ._tools import Tool
     from ._types import Event
 
-__all__ = [
-    "ChatMagics",
-    "ChatOptions",
-    "SqlOptions",
-    "interpolate",
-    "load_ipython_extension",
-    "parse_options",
-    "unload_ipython_extension",
-]
-
-M = TypeVar("M", bound=BaseModel)
-_IDENT = r"[A-Za-z_]\w*"
-
-
-# ---------------------------------------------------------------------- options
-
-
-def _flag(short: str | None = None, metavar: str | None = None) -> dict[str, Any]:
-    return {"short": short, "metavar": metavar}
-
-
-class ChatOptions(BaseModel):
-    """The options of a ``%%chat`` cell; each applies to that cell's turn only."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str | None = Field(
-        None,
-        description="model for this cell (a session this cell starts keeps it)",
-        json_schema_extra=_flag("-m", "NAME"),
-    )
-    system: str | None = Field(
-        None,
-        description="system prompt (a different one starts a new session)",
-        json_schema_extra=_flag("-s", "TEXT"),
-    )
-    new: bool = Field(False, description="start a new session (it becomes the current one)")
-    session: str | None = Field(
-        None,
-        description="continue the stored session ID (it becomes the current one)",
-        json_schema_extra=_flag(metavar="ID"),
-    )
-    tools: list[str] | None = Field(
-        None,
-        description="tools for this cell: functions in the notebook, comma-separated; "
-        "python[:ask|auto|never] runs code here; none for no tools",
-        json_schema_extra=_flag(metavar="A,B"),
-    )
-    budget: float | None = Field(
-        None,
-        ge=0,
-        description="spend at most USD on this turn",
-        json_schema_extra=_flag(None, "USD"),
-    )
-    max_rounds: int | None = Field(
-        None,
-        ge=0,
-        description="rounds of tool calls before a final answer (default 16)",
-        json_schema_extra=_flag(metavar="N"),
-    )
-    no_stream: bool = Field(False, description="show the reply once it is complete")
-    out: str | None = Field(
-        None,
-        description="also store the reply text in variable VAR",
-        json_schema_extra=_flag(metavar="VAR"),
-    )
-    temperature: float | None = Field(
-        None, ge=0, description="sampling temperature", json_schema_extra=_flag(metavar="T")
-    )
-
-    @field_validator("tools", mode="before")
-    @classmethod
-    def _split_tools(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            names = [n.strip() for n in value.split(",") if n.strip()]
-            return [] if names == ["none"] else names
-        return value
-
-    @field_validator("out")
-    @classmethod
-    def _identifier(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(_IDENT, value):
-            raise ValueError(f"{value!r} is not a valid variable name")
-        return value
-
-
-class SqlOptions(BaseModel):
-    """The options of a ``%%chat_sql`` cell."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    out: str | None = Field(
-        None,
-        description="also store the DataFrame in variable VAR",
-        json_schema_extra=_flag(metavar="VAR"),
-    )
-    db: str | None = Field(
-        None,
-        description="store file to query (default: the kernel's store)",
-        json_schema_extra=_flag(metavar="PATH"),
-    )
-
-
-def _flags(model: type[BaseModel]) -> dict[str, str]:
-    flags = {}
-    for name, field in model.model_fields.items():
-        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-        flags["--" + name.replace("_", "-")] = name
-        short = extra.get("short")
-        if isinstance(short, str):
-            flags[short] = name
-    return flags
-
-
-def _is_switch(model: type[BaseModel], name: str) -> bool:
-    return model.model_fields[name].annotation is bool
-
-
-def parse_options(model: type[M], line: str, magic: str = "%%chat") -> M:
-    """Parse a magic line (shell-like quoting) into ``model``; ``UsageError`` on bad input."""
-    try:
-        words = shlex.split(line)
-    except ValueError as exc:
-        raise UsageError(f"{magic}: cannot read the options ({exc}): {line}") from None
-    flags = _flags(model)
-    raw: dict[str, Any] = {}
-    given: dict[str, str] = {}
-    i = 0
-    while i < len(words):
-        word = words[i]
-        i += 1
-        flag, eq, value = word.partition("=") if word.startswith("--") else (word, "", "")
-        name = flags.get(flag)
-        if name is None:
-            if word.startswith("-"):
-                raise UsageError(f"{magic}: unknown option {flag} (see {magic}? for the options)")
-            raise UsageError(
-                f"{magic}: unexpected {word!r} on the magic line; "
-                "the message goes in the cell, below the magic line"
-            )
-        if _is_switch(model, name):
-            if eq:
-                raise UsageError(f"{magic}: {flag} takes no value")
-            raw[name] = True
-        else:
-            if not eq:
-                if i >= len(words):
-                    raise UsageError(f"{magic}: {flag} needs a value")
-                value = words[i]
-                i += 1
-            raw[name] = value
-        given[name] = flag
-    try:
-        return model.model_validate(raw)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        name = str(err["loc"][0]) if err["loc"] else ""
-        raise UsageError(f"{magic}: {given.get(name, name)}: {err['msg']}") from None
-
-
-def _options_help(model: type[BaseModel]) -> str:
-    lines = []
-    for name, field in model.model_fields.items():
-        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-        short = extra.get("short")
-        flag = ("" if short is None else f"{short}, ") + "--" + name.replace("_", "-")
-        if not _is_switch(model, name):
-            flag += f" {extra.get('metavar') or name.upper()}"
-        text = textwrap.wrap(field.description or "", 60)
-        lines.append(f"  {flag:<24} {text[0]}")
-        lines.extend(f"  {'':<24} {more}" for more in text[1:])
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------- {var} in the cell
-
-_PLACEHOLDER = re.compile(
-    r"\{\{(" + _IDENT + r"(?:\." + _IDENT + r")*)\}\}|\{(" + _IDENT + r"(?:\." + _IDENT + r")*)\}"
-)
-_MISSING = object()
-
-
-def interpolate(text: str, namespace: dict[str, Any]) -> str:
-    """Replace ``{name}`` and ``{name.attr}`` with values from ``namespace``.
-
-    Anything else in braces is left alone (JSON in prompts is common), and so is a name
-    the namespace does not have. ``{{name}}`` gives a literal ``{name}``.
-    """
-
-    def replace(match: re.Match[str]) -> str:
-        if match.group(1) is not None:
-            return "{" + match.group(1) + "}"
-        head, *attrs = match.group(2).split(".")
-        value = namespace.get(head, _MISSING)
-        for attr in attrs:
-            if value is _MISSING:
-                break
-            value = getattr(value, attr, _MISSING)
-        return match.group(0) if value is _MISSING else str(value)
-
-    return _PLACEHOLDER.sub(replace, text)
+__all__ = ["ChatMagics", "load_ipython_extension", "magics_of", "unload_ipython_extension"]
 
 
 # ---------------------------------------------------------------------- cells
@@ -372,6 +171,8 @@ class ChatMagics(Magics):
         self.session: Session | None = None
         self.cells = _Cells()
         self.default_tools: list[str] = []
+        # The session each cell's last turn went to, by cell id.
+        self.cell_sessions: dict[str, Session] = {}
 
     @property
     def user_ns(self) -> dict[str, Any]:
@@ -414,9 +215,11 @@ class ChatMagics(Magics):
         if not text:
             raise UsageError("%%chat: the cell is empty; write your message below the magic line")
         tools = self._tools(opts.tools if opts.tools is not None else self.default_tools)
-        session = self._session_for(opts)
-        mode = render_mode(self.shell, stream=not opts.no_stream)
         cell_id = self.cells.next_turn_id()
+        session = self._session_for(opts, cell_id)
+        if cell_id is not None:
+            self.cell_sessions[cell_id] = session
+        mode = render_mode(self.shell, stream=not opts.no_stream)
         with _cell_overrides(session, opts, tools), _interrupt_cancels(session) as presses:
             renderer = CellRenderer(session.model, mode)
 
@@ -434,10 +237,12 @@ class ChatMagics(Magics):
         if result.status in ("error", "budget_exceeded", "rejected"):
             raise TurnFailed(result)
 
-    def _session_for(self, opts: ChatOptions) -> Session:
+    def _session_for(self, opts: ChatOptions, cell_id: str | None) -> Session:
         if opts.new and opts.session:
             raise UsageError("%%chat: use either --new or --session, not both")
-        current = self.session
+        # Re-running a cell goes back to the conversation its earlier turn is in, even
+        # after another cell started a new one.
+        current = self.cell_sessions.get(cell_id or "", self.session)
         if opts.session:
             if current is None or current.id != opts.session:
                 current = self._use(opts.session, model=opts.model)
@@ -464,6 +269,13 @@ class ChatMagics(Magics):
         return Session(notebook=notebook, **kwargs)
 
     def _use(self, session_id: str, model: str | None = None) -> Session:
+        # One Session object per stored session in this kernel: two would both number
+        # their messages from the same seq.
+        for known in (self.session, *self.cell_sessions.values()):
+            if known is not None and known.id == session_id:
+                if model and model != known.model:
+                    known.set_model(model)
+                return known
         # An unknown id is a StoreError naming the store file: shown as one line.
         return self._open(session_id=session_id, model=model)
 
@@ -596,9 +408,15 @@ class ChatMagics(Magics):
             return before.get(key) != after.get(key)
 
         if changed("db"):
-            self.session = None  # it lives in the other store
+            # Its conversations live in the other store: cells start over in the new one.
+            self.session = None
+            self.cell_sessions.clear()
         elif changed("base_url") or changed("api_key"):
-            self.session = self._open(session_id=session.id, model=after.get("model"))
+            reopened = self._open(session_id=session.id, model=after.get("model"))
+            self.session = reopened
+            for cell_id, known in self.cell_sessions.items():
+                if known is session:
+                    self.cell_sessions[cell_id] = reopened
         elif changed("model") and after.get("model"):
             session.set_model(after["model"])
 
@@ -615,7 +433,7 @@ interrupt stops the reply and keeps what arrived.
 
 Options (model, tools, budget, max-rounds, temperature, no-stream apply to this
 cell's turn only; new, session and system choose the conversation):
-{_options_help(ChatOptions)}
+{options_help(ChatOptions)}
 
 {_SUBCOMMANDS}"""
 ChatMagics.chat_sql.__doc__ = f"""Run SQL on the nbchat store; shows the result as a DataFrame.
@@ -626,7 +444,7 @@ SELECT model, sum(cost_usd) FROM requests GROUP BY model
 Tables: sessions, messages, requests, tool_calls, compactions.
 
 Options:
-{_options_help(SqlOptions)}
+{options_help(SqlOptions)}
 """
 
 

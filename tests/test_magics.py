@@ -18,7 +18,8 @@ from IPython.testing import globalipapp
 
 from nbchat import ConfigError, StoreError
 from nbchat._display import TurnFailed, TurnInterrupted
-from nbchat._magics import ChatOptions, interpolate, magics_of, parse_options
+from nbchat._magic_options import ChatOptions, interpolate, parse_options
+from nbchat._magics import magics_of
 from nbchat._pricing import forget_price, register_price
 from nbchat._pytool import ExecutionFailed, python_tool, run_code
 from nbchat.testing import FakeOpenAIServer
@@ -604,3 +605,34 @@ def test_chat_local_starts_the_embedded_model_and_cells_use_it(
     assert result.success, result.error_in_exec
     assert shell.user_ns["hello"].strip()
     assert pub(shell).last["metadata"]["nbchat"]["status"] == "completed"
+
+
+def test_rerunning_a_cell_goes_back_to_its_conversation(
+    shell: InteractiveShell, fake: FakeOpenAIServer
+) -> None:
+    for text in ("a1", "a2", "pirate", "a2 again", "a3"):
+        fake.enqueue(text)
+    magics = magics_of(shell)
+    assert magics is not None
+    assert run(shell, "%%chat\nQ1", cell_id="c1").success
+    assert run(shell, "%%chat\nQ2", cell_id="c2").success
+    first = magics.session
+    assert run(shell, "%%chat --new -s 'Be a pirate.'\nAhoy", cell_id="c3").success
+    assert magics.session is not first
+    # Re-running c2 forks the first conversation, not the pirate one...
+    assert run(shell, "%%chat\nQ2 edited", cell_id="c2").success
+    assert magics.session is first and first is not None
+    # (one Session object per conversation: %chat use finds the open one)
+    shell.run_line_magic("chat", "new")
+    shell.run_line_magic("chat", f"use {first.id}")
+    assert magics.session is first
+    assert [m["content"] for m in fake.requests[3]["messages"]] == ["Q1", "a1", "Q2 edited"]
+    # ...and a new cell continues from there.
+    assert run(shell, "%%chat\nQ3", cell_id="c4").success
+    assert [m["content"] for m in fake.requests[4]["messages"]] == [
+        "Q1",
+        "a1",
+        "Q2 edited",
+        "a2 again",
+        "Q3",
+    ]
