@@ -24,7 +24,7 @@ import shlex
 import signal
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, cast
 
 from IPython.core.error import UsageError
@@ -32,14 +32,14 @@ from IPython.core.magic import Magics, cell_magic, line_cell_magic, magics_class
 
 from ._config import DEFAULT_KEYS, default_db_path, get_defaults, set_defaults
 from ._display import CellRenderer, Info, TurnFailed, TurnInterrupted, one_line, render_mode
-from ._exceptions import NbchatError
+from ._exceptions import NbchatError, SessionPendingError
 from ._magic_options import ChatOptions, SqlOptions, interpolate, options_help, parse_options
 
 if TYPE_CHECKING:
     from ._pytool import Approval
     from ._session import Session
     from ._tools import Tool
-    from ._types import Event
+    from ._types import Event, TurnResult
 
 __all__ = ["ChatMagics", "load_ipython_extension", "magics_of", "unload_ipython_extension"]
 
@@ -133,6 +133,14 @@ def _interrupt_cancels(session: Session) -> Iterator[list[int]]:
         signal.signal(signal.SIGINT, previous)
 
 
+def _raise_for(result: TurnResult) -> None:
+    """End the cell with one line when the turn did not complete, so "Run all" stops."""
+    if result.status == "interrupted":
+        raise TurnInterrupted(result)
+    if result.status in ("error", "budget_exceeded", "rejected"):
+        raise TurnFailed(result)
+
+
 # ---------------------------------------------------------------------- the magics
 
 _COST_COLUMNS = [
@@ -153,6 +161,9 @@ _SUBCOMMANDS = """\
   %chat new                       the next %%chat cell starts a new session
   %chat use ID                    continue the stored session ID
   %chat session                   the current Session object
+  %chat resume [a,b]              run the tool calls a stopped process left pending,
+                                  then continue (tools: these, or those of %chat tools)
+  %chat abort                     close pending tool calls as aborted instead
   %chat sessions                  every stored session (DataFrame)
   %chat history                   the current session's transcript (DataFrame)
   %chat cost                      tokens, cost and time of each turn of the current session
@@ -189,6 +200,9 @@ class ChatMagics(Magics):
             return None
         except (TurnFailed, TurnInterrupted, UsageError):
             raise
+        except SessionPendingError as exc:
+            hint = " In a notebook: %chat resume, or %chat abort."
+            raise one_line(SessionPendingError(f"{exc}{hint}")) from None
         except NbchatError as exc:
             raise one_line(exc) from None
 
@@ -219,6 +233,24 @@ class ChatMagics(Magics):
         session = self._session_for(opts, cell_id)
         if cell_id is not None:
             self.cell_sessions[cell_id] = session
+        result = self._show_turn(
+            session,
+            opts,
+            tools,
+            lambda on_event: session.send(text, cell_id=cell_id, on_event=on_event),
+        )
+        if opts.out:
+            self.user_ns[opts.out] = result.text
+        _raise_for(result)
+
+    def _show_turn(
+        self,
+        session: Session,
+        opts: ChatOptions,
+        tools: list[Tool],
+        run: Callable[[Callable[[Event], None]], TurnResult],
+    ) -> TurnResult:
+        """Run one turn with the cell's options, shown in the cell as it happens."""
         mode = render_mode(self.shell, stream=not opts.no_stream)
         with _cell_overrides(session, opts, tools), _interrupt_cancels(session) as presses:
             renderer = CellRenderer(session.model, mode)
@@ -228,14 +260,9 @@ class ChatMagics(Magics):
                     session.cancel()
                 renderer(event)
 
-            result = session.send(text, cell_id=cell_id, on_event=on_event)
+            result = run(on_event)
         renderer.finish()
-        if opts.out:
-            self.user_ns[opts.out] = result.text
-        if result.status == "interrupted":
-            raise TurnInterrupted(result)
-        if result.status in ("error", "budget_exceeded", "rejected"):
-            raise TurnFailed(result)
+        return result
 
     def _session_for(self, opts: ChatOptions, cell_id: str | None) -> Session:
         if opts.new and opts.session:
@@ -348,6 +375,20 @@ class ChatMagics(Magics):
         return Info(
             f"Continuing session `{self.session.id}` ({len(self.session.history)} messages)."
         )
+
+    def _cmd_resume(self, args: list[str]) -> None:
+        session = self._current()
+        specs = ChatOptions.model_validate({"tools": ",".join(args)}).tools if args else None
+        tools = self._tools(specs if specs is not None else self.default_tools)
+        _raise_for(
+            self._show_turn(
+                session, ChatOptions(), tools, lambda on_event: session.resume(on_event=on_event)
+            )
+        )
+
+    def _cmd_abort(self, args: list[str]) -> Info:
+        closed = self._current().abort_pending()
+        return Info(f"Closed {len(closed)} pending tool call(s) as aborted.")
 
     def _cmd_session(self, args: list[str]) -> Session | None:
         return self.session

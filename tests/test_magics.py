@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,7 +17,7 @@ from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.testing import globalipapp
 
-from nbchat import ConfigError, StoreError
+from nbchat import ConfigError, SessionPendingError, StoreError
 from nbchat._display import TurnFailed, TurnInterrupted
 from nbchat._magic_options import ChatOptions, interpolate, parse_options
 from nbchat._magics import magics_of
@@ -636,3 +637,40 @@ def test_rerunning_a_cell_goes_back_to_its_conversation(
         "a2 again",
         "Q3",
     ]
+
+
+def test_pending_session_resume_and_abort(
+    shell: InteractiveShell, fake: FakeOpenAIServer, isolated_env: Path
+) -> None:
+    from nbchat._store import Store
+    from nbchat._types import Message, ToolCall
+
+    call = ToolCall(id="call_1", name="get_weather", arguments='{"city": "Paris"}')
+    with Store.open(isolated_env) as store:
+        for sid in ("crashed-1", "crashed-2"):
+            store.create_session(
+                session_id=sid,
+                model="fake-model",
+                system_prompt=None,
+                messages=[
+                    Message(role="user", content="weather?", seq=0, turn_id="t1"),
+                    Message(role="assistant", tool_calls=[call], seq=1, turn_id="t1"),
+                ],
+            )
+    run(shell, "def get_weather(city: str) -> str:\n    'Weather.'\n    return 'sunny'")
+    shell.run_line_magic("chat", "use crashed-1")
+    pending = run(shell, "%%chat\nhello?")
+    assert isinstance(pending.error_in_exec, SessionPendingError)
+    assert "%chat resume" in one_line_error(pending)[0]
+
+    fake.enqueue("It is sunny in Paris.")
+    assert run(shell, "%chat resume get_weather").success
+    assert pub(shell).last["data"]["text/plain"] == "It is sunny in Paris."
+    tool_message = fake.requests[0]["messages"][-1]
+    assert (tool_message["role"], tool_message["content"]) == ("tool", "sunny")
+    assert tool_message["tool_call_id"] == "call_1"
+
+    shell.run_line_magic("chat", "use crashed-2")
+    assert "Closed 1 pending" in repr(shell.run_line_magic("chat", "abort"))
+    fake.enqueue("ok")
+    assert run(shell, "%%chat\nhello?").success
