@@ -157,7 +157,9 @@ _SUBCOMMANDS = """\
 %chat subcommands:
   %chat config [key=value ...]    show or set this kernel's defaults for sessions
                                   (model, base_url, api_key, db, system, temperature,
-                                  max_rounds, budget_usd; key=none removes one)
+                                  max_rounds, budget_usd; key=none removes one;
+                                  prefer NBCHAT_API_KEY: a key typed here is saved
+                                  with the notebook's source)
   %chat new                       the next %%chat cell starts a new session
   %chat use ID                    continue the stored session ID
   %chat session                   the current Session object
