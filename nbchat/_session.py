@@ -95,7 +95,7 @@ class _Turn:
         self.error: str | None = None
         self.folder: RoundFolder | None = None
         self.unanswered: list[ToolCall] = []
-        self.summary_requests = 0
+        self.extra_requests = 0  # summaries, and requests refused as too long and retried
         self.compactions = 0
 
 
@@ -556,6 +556,7 @@ class Session:
                 return
             if turn.compactions == compactions:
                 break
+            turn.extra_requests += 1  # the refused request is not a round of the turn
         if error is not None:
             turn.status, turn.error = "error", str(error)
             if folder.text:
@@ -653,7 +654,7 @@ class Session:
         if outcome is None:
             return
         for request in outcome.requests:
-            turn.summary_requests += 1
+            turn.extra_requests += 1
             turn.usage = turn.usage.add(request.usage, request.cost_usd)
             self.usage = self.usage.add(request.usage, request.cost_usd)
             yield self._emit(request)
@@ -793,7 +794,7 @@ class Session:
             usage=turn.usage,
             tool_calls=turn.tool_calls,
             messages=turn.messages,
-            rounds=turn.usage.requests - turn.summary_requests,
+            rounds=turn.usage.requests - turn.extra_requests,
             error=turn.error,
             duration_ms=(time.perf_counter() - turn.started) * 1000,
         )

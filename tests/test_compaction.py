@@ -352,6 +352,10 @@ def test_context_length_exceeded_forces_one_compaction_and_a_retry(db_path: Path
     assert len(refused) == 1, "after one overflow the window is known: compaction comes first"
     assert "context length" in (refused[0].error or "")
     assert refused[0].usage.prompt_tokens == 0 and refused[0].cost_usd == 0.0
+    [recovered] = [
+        e.result for e in events if e.kind == "turn_finished" and e.turn_id == refused[0].turn_id
+    ]
+    assert recovered.status == "completed" and recovered.rounds == 1
     compactions = [e for e in events if e.kind == "compaction"]
     assert len(compactions) >= 3 and all(c.error is None for c in compactions)
     stored = rows(db_path, "SELECT count(*) AS n FROM requests WHERE error IS NOT NULL")
