@@ -1,27 +1,28 @@
 """How a process borrows a DuckDB file that other processes also use.
 
-DuckDB allows one process to hold a database file at a time, readers included, and
-each open builds the engine's catalog (~20-40 ms). Opening per write is therefore
-too slow and holding the file for a whole session blocks every other kernel. A
-*lease* sits between the two:
+DuckDB lets one process hold a database file at a time, readers included. A *lease*
+holds it only while it is being used:
 
-* The connection is opened on demand and kept while operations keep coming; a
-  background thread closes it after ``linger`` seconds without use.
+* Each lease owns a private in-memory DuckDB instance, created once, and ATTACHes
+  the file to it on demand (~1 ms) and DETACHes it to let go (~2 ms plus a
+  checkpoint). Opening the file with ``duckdb.connect`` instead costs 20-60 ms each
+  time, because every new instance builds the engine's catalog.
+* While operations keep coming the file stays attached; a background thread
+  detaches it after ``linger`` seconds without use.
 * A process that finds the file locked signals that it is waiting (a shared
   ``flock`` on the side file ``<db>.nbchat-wait``) and retries with jittered
-  exponential backoff, checking the lock with a cheap ``fcntl`` probe rather than a
-  full (and costly) DuckDB open each time. It gives up after ``lock_timeout``
-  seconds with a ``StoreError``.
+  exponential backoff, checking DuckDB's lock with a cheap ``fcntl`` probe between
+  attempts. It gives up after ``lock_timeout`` seconds with a ``StoreError``.
 * The holder checks that signal after each operation (two system calls) and, once
-  it has held the file for ``min_hold`` seconds, hands it over by closing. Before
-  reopening it waits briefly until the waiter has got in, so two busy processes
-  take turns instead of one starving the other.
-* Commits reach the operating system at once (``fsync_mode=NONE`` while leased, so
+  it has held the file for ``min_hold`` seconds (or sits idle), hands it over by
+  detaching. Before attaching again it waits briefly until a waiter has taken the
+  file, so busy processes take turns instead of one starving the others.
+* Commits reach the operating system at once (``fsync_mode=NONE`` while attached, so
   a killed process loses nothing) and are flushed to disk by the checkpoint that
-  closing runs with ``fsync`` back on. ``sync_every_write`` flushes every commit.
+  detaching runs with ``fsync`` back on. ``sync_every_write`` flushes every commit.
 
 Without ``fcntl`` (Windows) the waiting signal and the probe are skipped: waiters
-simply retry the open with backoff, and the holder lets go after ``linger``.
+simply retry with backoff, and the holder lets go after ``linger``.
 """
 
 from __future__ import annotations
@@ -48,9 +49,14 @@ __all__ = ["Lease", "LeaseOptions", "acquire_lease", "default_lock_timeout", "re
 _FIRST_DELAY = 0.001
 # Probing is ~10 µs, so a waiter can look often; a real DuckDB open that fails
 # still costs ~10 ms of CPU, hence the longer cap when no probe is available.
-_MAX_DELAY = 0.02 if fcntl is not None else 0.05
-_POLL = 0.02  # how often an idle holder looks for waiters
+_MAX_DELAY = 0.005 if fcntl is not None else 0.05
+_POLL = 0.01  # how often an attached but idle holder looks for waiters
+# A holder idle this long has finished its burst of writes (the rest of a turn is
+# waiting for the model or a tool): it hands over to a waiter, whatever min_hold says.
+_IDLE_YIELD = 0.01
 _POLITE_MAX = 0.25  # how long a process that just handed over waits for the taker
+_ALIAS = "nbchat"  # the catalog name the store file is attached under
+_IDLE_LEASES = 4  # detached leases whose instance is kept for quick reuse
 
 
 def default_lock_timeout() -> float:
@@ -91,10 +97,10 @@ def _open_error(path: str, exc: BaseException) -> StoreError:
             f"The file {path} is not a DuckDB database (or is damaged); "
             "move it away or choose another db= path."
         )
-    if "different configuration" in text:
+    if "Unique file handle conflict" in text or "different configuration" in text:
         return StoreError(
-            f"The store {path} is already open in this process by other code with different "
-            "DuckDB settings; close that connection first."
+            f"The store {path} is already open in this process through another DuckDB "
+            "connection; close that connection first."
         )
     detail = text.removeprefix("IO Error: ")
     return StoreError(f"Cannot open the store {path}: {detail}")
@@ -233,7 +239,8 @@ class FileLease(Lease):
         self.options = options
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
-        self._con: Any = None
+        self._instance: Any = None  # the private in-memory DuckDB connection
+        self._attached = False
         self._migrated = False
         self._opened_at = 0.0
         self._last_used = 0.0
@@ -249,40 +256,58 @@ class FileLease(Lease):
     def connection(self, timeout: float) -> Iterator[Any]:
         duckdb = _duckdb()
         with self._lock:
-            con = self._con if self._con is not None else self._open(timeout)
+            if not self._attached:
+                self._attach(timeout)
             try:
-                yield con
+                yield self._instance
             except duckdb.Error as exc:
                 if isinstance(exc, duckdb.FatalException) or "invalidated" in str(exc):
-                    self._close(handover=False)  # this instance is unusable; reopen next time
+                    self._discard_instance()  # unusable now; a new one is made next time
                 raise StoreError(f"Store {self.path}: {exc}") from exc
             finally:
                 now = time.monotonic()
                 self._last_used = now
                 if (
-                    self._con is not None
+                    self._attached
                     and now - self._opened_at >= self.options.min_hold
                     and self._signal.others_waiting()
                 ):
-                    self._close(handover=True)
+                    self._detach(handover=True)
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
-            return {**self._counters, "open": self._con is not None}
+            return {**self._counters, "open": self._attached}
+
+    def release(self) -> None:
+        """Let go of the file now; keep the instance for a quick re-attach."""
+        with self._lock:
+            self._detach(handover=False)
 
     def shutdown(self) -> None:
         with self._lock:
-            self._close(handover=False)
+            self._detach(handover=False)
             self._signal.close()
+            instance, self._instance = self._instance, None
+            if instance is not None:
+                instance.close()
 
-    # -------------------------------------------------------------- opening
+    # -------------------------------------------------------------- attaching
 
-    def _open(self, timeout: float) -> Any:
+    def _new_instance(self) -> Any:
         duckdb = _duckdb()
+        config = {} if self.options.sync_every_write else {"fsync_mode": "NONE"}
+        instance = duckdb.connect(":memory:", config=config)
+        instance.execute("SET TimeZone = 'UTC'")
+        return instance
+
+    def _attach(self, timeout: float) -> None:
+        duckdb = _duckdb()
+        if self._instance is None:
+            self._instance = self._new_instance()
+        instance = self._instance
         started = time.monotonic()
         deadline = started + timeout
         self._let_taker_in(deadline)
-        config = {} if self.options.sync_every_write else {"fsync_mode": "NONE"}
         delay = _FIRST_DELAY
         waiting = False
         holder = ""
@@ -290,7 +315,7 @@ class FileLease(Lease):
             while True:
                 if not waiting or _file_is_free(self.path):
                     try:
-                        con = duckdb.connect(self.path, config=config)
+                        instance.execute(f"ATTACH ? AS {_ALIAS}", [self.path])
                         break
                     except duckdb.Error as exc:
                         if not _is_lock_conflict(exc):
@@ -312,53 +337,70 @@ class FileLease(Lease):
             if waiting:
                 self._signal.end_waiting()
                 self._counters["wait_s"] += time.monotonic() - started
+        self._attached = True
         try:
-            con.execute("SET TimeZone = 'UTC'")
+            instance.execute(f"USE {_ALIAS}")
             if not self._migrated:
                 from ._migrations import migrate
 
-                migrate(con)
+                migrate(instance)
                 self._migrated = True
         except duckdb.Error as exc:
-            con.close()
+            self._detach(handover=False)
             raise StoreError(f"Cannot prepare the store {self.path}: {exc}") from exc
-        self._con = con
         self._opened_at = self._last_used = time.monotonic()
         self._counters["opens"] += 1
         self._start_closer()
-        return con
 
     def _let_taker_in(self, deadline: float) -> None:
-        """After handing the file over, give the waiting process a moment to take it."""
+        """After handing the file over, give a waiting process the moment to take it."""
         if self._handed_over_at is None:
             return
         self._handed_over_at = None
         stop = min(deadline, time.monotonic() + _POLITE_MAX)
-        while time.monotonic() < stop and self._signal.others_waiting():
+        # Our process holds no lock on the file now, so probing it is safe.
+        while (
+            time.monotonic() < stop and self._signal.others_waiting() and _file_is_free(self.path)
+        ):
             time.sleep(0.002)
 
-    # -------------------------------------------------------------- closing
+    # -------------------------------------------------------------- detaching
 
-    def _close(self, *, handover: bool) -> None:
-        con, self._con = self._con, None
-        if con is None:
+    def _detach(self, *, handover: bool) -> None:
+        if not self._attached:
             return
+        self._attached = False
+        instance = self._instance
         try:
+            instance.execute("USE memory")
             if not self.options.sync_every_write:
-                # The checkpoint that closing runs now flushes the file and the WAL.
-                con.execute("SET fsync_mode = 'STANDARD'")
-            con.close()
+                # Detaching checkpoints; with fsync on, that flushes the file and its WAL.
+                instance.execute("SET fsync_mode = 'STANDARD'")
+            instance.execute(f"DETACH {_ALIAS}")
+            if not self.options.sync_every_write:
+                instance.execute("SET fsync_mode = 'NONE'")
         except _duckdb().Error:
-            pass  # an unfinished checkpoint leaves the WAL, which the next open replays
+            # The file may still be attached: drop the whole instance to be sure the
+            # lock goes. An unfinished checkpoint leaves the WAL for the next attach.
+            self._discard_instance()
         self._counters["closes"] += 1
         if handover:
             self._counters["handovers"] += 1
             self._handed_over_at = time.monotonic()
         self._cond.notify_all()
 
+    def _discard_instance(self) -> None:
+        self._attached = False
+        instance, self._instance = self._instance, None
+        if instance is not None:
+            try:
+                instance.close()
+            except _duckdb().Error:
+                pass  # closing a broken instance still frees it
+
     def _start_closer(self) -> None:
         # Called with the lock held; the flag (not Thread.is_alive) says whether a
-        # closer is still looking after the connection, so none is ever missed.
+        # closer is still watching the file, so none is ever missed.
         if not self._closer_running:
             self._closer_running = True
             threading.Thread(
@@ -368,27 +410,30 @@ class FileLease(Lease):
     def _close_when_idle(self) -> None:
         with self._cond:
             try:
-                self._watch_until_closed()
+                self._watch_until_detached()
             finally:
                 self._closer_running = False
 
-    def _watch_until_closed(self) -> None:
-        while self._con is not None:
+    def _watch_until_detached(self) -> None:
+        while self._attached:
             now = time.monotonic()
             idle = now - self._last_used
             if idle >= self.options.linger:
-                self._close(handover=False)
-            elif now - self._opened_at >= self.options.min_hold and (self._signal.others_waiting()):
-                self._close(handover=True)
+                self._detach(handover=False)
+            elif (
+                now - self._opened_at >= self.options.min_hold or idle >= _IDLE_YIELD
+            ) and self._signal.others_waiting():
+                self._detach(handover=True)
             else:
                 self._cond.wait(min(self.options.linger - idle, _POLL))
 
     def after_fork(self) -> None:
-        """In a forked child: forget the parent's connection without touching the file."""
-        if self._con is not None:
+        """In a forked child: forget the parent's instance without touching the file."""
+        if self._instance is not None:
             # Dropping it would run its destructor, which checkpoints into the parent's file.
-            self._inherited.append(self._con)
-        self._con = None
+            self._inherited.append(self._instance)
+        self._instance = None
+        self._attached = False
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self._closer_running = False
@@ -440,9 +485,10 @@ def acquire_lease(raw: str, options: LeaseOptions, timeout: float) -> Lease:
         return lease
     path = _resolve(raw)
     with _registry_lock:
-        lease = _registry.get(path) or FileLease(path, options)
-        _registry[path] = lease
-        lease.refs += 1
+        file_lease = _registry.pop(path, None) or FileLease(path, options)
+        _registry[path] = file_lease  # most recently used last
+        file_lease.refs += 1
+        lease = file_lease
     try:
         with lease.connection(timeout):
             pass
@@ -453,14 +499,30 @@ def acquire_lease(raw: str, options: LeaseOptions, timeout: float) -> Lease:
 
 
 def release_lease(lease: Lease) -> None:
-    """Drop one reference; the last one closes the connection."""
+    """Drop one reference; the last one lets go of the file at once.
+
+    A file lease keeps its in-memory instance for the next ``Store.open`` of the same
+    path (analysis calls open and close a store each time); only the few most recently
+    used are kept.
+    """
+    evicted: list[FileLease] = []
     with _registry_lock:
         lease.refs -= 1
         last = lease.refs <= 0
-        if last and isinstance(lease, FileLease) and _registry.get(lease.path) is lease:
-            del _registry[lease.path]
-    if last:
+        if last and isinstance(lease, FileLease):
+            idle = [item for item in _registry.values() if item.refs <= 0]
+            for item in idle[: max(0, len(idle) - _IDLE_LEASES)]:
+                del _registry[item.path]
+                evicted.append(item)
+    if not last:
+        return
+    if isinstance(lease, FileLease) and lease not in evicted:
+        lease.release()
+    else:
         lease.shutdown()
+    for item in evicted:
+        if item is not lease:
+            item.shutdown()
 
 
 @atexit.register
