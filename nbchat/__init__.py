@@ -8,6 +8,7 @@ chat actually starts.
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -52,9 +53,42 @@ _EXPORTS: dict[str, str] = {
     "ToolSet": "_tools",
     "as_tool": "_tools",
     "tool": "_tools",
+    # front ends, analysis, the store
+    "compactions": "_analysis",
+    "costs": "_analysis",
+    "sessions": "_analysis",
+    "sql": "_analysis",
+    "tool_calls": "_analysis",
+    "transcript": "_analysis",
+    "turns": "_analysis",
+    "usage": "_analysis",
+    "CompactionStrategy": "_compaction",
+    "SummaryStrategy": "_compaction",
+    "WindowStrategy": "_compaction",
+    "export_session": "_export",
+    "import_session": "_export",
+    "local": "_local",
+    "stop_local": "_local",
+    "ChatPanel": "_panel",
+    "panel": "_panel",
+    "mark_free": "_pricing",
+    "register_price": "_pricing",
+    "python_tool": "_pytool",
+    "Store": "_store",
 }
 
 if TYPE_CHECKING:
+    from ._analysis import (
+        compactions,
+        costs,
+        sessions,
+        sql,
+        tool_calls,
+        transcript,
+        turns,
+        usage,
+    )
+    from ._compaction import CompactionStrategy, SummaryStrategy, WindowStrategy
     from ._exceptions import (
         ConfigError,
         GuardrailRejected,
@@ -64,7 +98,13 @@ if TYPE_CHECKING:
         StoreError,
         ToolDefinitionError,
     )
+    from ._export import export_session, import_session
+    from ._local import local, stop_local
+    from ._panel import ChatPanel, panel
+    from ._pricing import mark_free, register_price
+    from ._pytool import python_tool
     from ._session import Session, configure
+    from ._store import Store
     from ._tools import Tool, ToolSet, as_tool, tool
     from ._types import (
         CompactionEvent,
@@ -91,7 +131,9 @@ if TYPE_CHECKING:
     )
 
 __all__ = [
+    "ChatPanel",
     "CompactionEvent",
+    "CompactionStrategy",
     "ConfigError",
     "ErrorEvent",
     "Event",
@@ -107,7 +149,9 @@ __all__ = [
     "RequestUsage",
     "Session",
     "SessionPendingError",
+    "Store",
     "StoreError",
+    "SummaryStrategy",
     "TextDelta",
     "Tool",
     "ToolCall",
@@ -122,12 +166,29 @@ __all__ = [
     "TurnStarted",
     "Usage",
     "UsageEvent",
+    "WindowStrategy",
     "__version__",
     "as_tool",
+    "compactions",
     "configure",
+    "costs",
+    "export_session",
+    "import_session",
     "load_ipython_extension",
+    "local",
+    "mark_free",
+    "panel",
+    "python_tool",
+    "register_price",
+    "sessions",
+    "sql",
+    "stop_local",
     "testing",
     "tool",
+    "tool_calls",
+    "transcript",
+    "turns",
+    "usage",
 ]
 
 
@@ -158,3 +219,17 @@ def unload_ipython_extension(ipython: Any) -> None:
     from ._magics import unload_ipython_extension as unload
 
     unload(ipython)
+
+
+def _register_magics_in_ipython() -> None:
+    """``import nbchat`` inside IPython registers the magics, like ``%load_ext nbchat``.
+
+    Only when IPython is already imported, so plain scripts never import it.
+    """
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    if shell is not None:
+        load_ipython_extension(shell)
+
+
+_register_magics_in_ipython()
