@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -386,7 +387,13 @@ def test_interrupt_keeps_the_partial_reply_and_stops_run_all(
     shell: InteractiveShell, fake: FakeOpenAIServer
 ) -> None:
     fake.enqueue("x" * 400, chunk_size=1, delay=0.01)
-    threading.Timer(0.5, _thread.interrupt_main).start()
+
+    def interrupt_once_streaming() -> None:
+        fake.wait_for_requests(1, timeout=10)
+        time.sleep(0.5)  # ~50 of the 400 characters have arrived by now
+        _thread.interrupt_main()
+
+    threading.Thread(target=interrupt_once_streaming).start()
     result = run(shell, "%%chat --out partial\nlong answer please")
     assert isinstance(result.error_in_exec, TurnInterrupted)
     assert isinstance(result.error_in_exec, KeyboardInterrupt)
