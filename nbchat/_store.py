@@ -1,11 +1,9 @@
 """The DuckDB store: one consumer of the session's event stream, shared by many kernels.
 
-DuckDB lets one process hold a database file at a time (readers included), and
-opening it costs tens of milliseconds (the engine builds its catalog each time). So
-a process never keeps the file for long, but does not reopen it for every write
-either: a *lease* (``_lease.py``) keeps the connection while writes keep coming,
-hands it to another process that is waiting, and closes it after a short idle
-spell. ``Store`` is the typed layer on top: it turns events into rows.
+``Store.handle()`` turns each event that completes something (a message, a request,
+a tool call, a compaction, a turn) into a row, committed before it returns; stream
+deltas are ignored. How the file is shared with other processes — held only while
+in use, handed over to waiting processes — lives in ``_lease.py``.
 """
 
 from __future__ import annotations
@@ -13,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -95,10 +94,9 @@ class StoredSession(BaseModel):
         return []
 
 
-class QueryResult(BaseModel):
+@dataclass(frozen=True)
+class QueryResult:
     """Rows of a query as numpy columns (masked where NULL), with DuckDB's type names."""
-
-    model_config = ConfigDict(arbitrary_types_allowed=True)
 
     columns: list[str]
     types: list[str]

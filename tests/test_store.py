@@ -310,7 +310,7 @@ def test_unknown_session_names_id_and_path(store: Store) -> None:
 
 
 def test_duplicate_session_is_an_error(store: Store) -> None:
-    with pytest.raises(StoreError, match="already exists in .* \\(session s1\\)"):
+    with pytest.raises(StoreError, match=r"already exists in .* \(session s1\)"):
         store.create_session(session_id="s1", model=None, system_prompt=None)
 
 

@@ -105,10 +105,11 @@ def test_retries_succeed_once_the_other_process_lets_go(db_path: Path, holder: A
     assert 0.5 < waited < 15
 
 
-def test_a_busy_writer_hands_the_file_over(db_path: Path) -> None:
+def test_a_busy_writer_hands_the_file_over(db_path: Path, tmp_path: Path) -> None:
     Store.open(db_path).close()  # create the schema before the race starts
-    writer = spawn("busy-writer", str(db_path), "4", "busy")
-    time.sleep(1.0)  # the writer is now holding the file and writing back to back
+    ready = tmp_path / "writing"
+    writer = spawn("busy-writer", str(db_path), "4", "busy", str(ready))
+    wait_for(ready, writer)  # the writer now holds the file and writes back to back
     slowest = 0.0
     with Store.open(db_path, lock_timeout=10) as store:
         store.create_session(session_id="polite", model=None, system_prompt=None)

@@ -38,8 +38,11 @@ def write_and_die(path: str) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def busy_writer(path: str, seconds: str, session_id: str) -> None:
-    """Write messages back to back for ``seconds`` through an nbchat Store."""
+def busy_writer(path: str, seconds: str, session_id: str, ready: str) -> None:
+    """Write messages back to back for ``seconds`` through an nbchat Store.
+
+    ``ready`` is created once the first 20 messages are written.
+    """
     from nbchat._store import Store
     from nbchat._types import Message, MessageAdded
 
@@ -54,6 +57,8 @@ def busy_writer(path: str, seconds: str, session_id: str) -> None:
         store.handle(MessageAdded(session_id=session_id, message=message))
         slowest = max(slowest, time.perf_counter() - started)
         seq += 1
+        if seq == 20:
+            Path(ready).touch()
     stats = store.stats()
     store.close()
     print(json.dumps({"writes": seq, "slowest_s": slowest, **stats}))
