@@ -217,13 +217,10 @@ def live_order(messages: Sequence[Message]) -> list[Message]:
 
 def is_context_overflow(error: ModelAPIError) -> bool:
     """Whether a server error says the prompt is longer than the model's context."""
-    if error.code == "context_length_exceeded":
-        return True
     body = _error_body(error)
-    # llama.cpp's server says it this way.
-    return body.get("type") == "exceed_context_size_error" or body.get("code") == (
-        "context_length_exceeded"
-    )
+    if "context_length_exceeded" in (error.code, body.get("code")):  # OpenAI, vLLM, ...
+        return True
+    return body.get("type") == "exceed_context_size_error"  # llama.cpp's server
 
 
 def window_from_error(error: ModelAPIError) -> int | None:
@@ -261,7 +258,7 @@ class CompactionContext:
     """What a strategy gets to decide a compaction."""
 
     messages: list[Message]
-    """The live context, oldest first (a copy: changing it changes nothing)."""
+    """The live context, oldest first (a new list; leave the messages themselves as they are)."""
     split: HistorySplit
     """The live context cut by the keep-last-``keep_last_n``-exchanges rule."""
     keep_last_n: int
