@@ -1,0 +1,346 @@
+"""The chat panel without a browser: drive it through its widgets and check transcript and store.
+
+Turns run on nbchat's background loop against the fake server over real HTTP; the
+store is a real DuckDB file. What only a browser can show (keys, clicks, layout) is in
+test_panel_browser.py.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import nbchat
+from nbchat import Session
+from nbchat._panel import ChatPanel, history_html, markdown_to_html, panel
+from nbchat.testing import FakeOpenAIServer
+
+TIMEOUT = 15.0
+
+
+def wait_until(condition: Callable[[], Any], timeout: float = TIMEOUT) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+def make(fake: FakeOpenAIServer, db: Any = False, **kw: Any) -> ChatPanel:
+    kw.setdefault("max_retries", 0)
+    return panel(model="fake-model", base_url=fake.url, db=db, **kw)
+
+
+def bubbles(p: ChatPanel) -> list[tuple[str, str]]:
+    out = []
+    for w in p.messages.children:
+        role = "user" if "nbchat-user" in w._dom_classes else "assistant"
+        out.append((role, w.value))
+    return out
+
+
+def press_enter(p: ChatPanel, text: str) -> None:
+    """What the front end does on Enter: a custom comm message with the box's text."""
+    p.input._handle_msg(
+        {
+            "content": {"data": {"method": "custom", "content": {"type": "submit", "text": text}}},
+            "buffers": [],
+        }
+    )
+
+
+def stored(session_id: str, db: Path) -> list[tuple[str, str | None, str]]:
+    """(role, content, status) of the stored messages, read back by reopening the session."""
+    s = Session(
+        session_id=session_id, db=str(db), model="fake-model", base_url="http://127.0.0.1:9"
+    )
+    return [(m.role, m.content, m.status) for m in s.history]
+
+
+# --------------------------------------------------------------------------- sending
+
+
+def test_enter_streams_a_markdown_reply_and_stores_the_turn(
+    fake: FakeOpenAIServer, db_path: Path
+) -> None:
+    fake.enqueue("Hello **there**, `panel`!", chunk_size=3, delay=0.01)
+    p = make(fake, db=db_path)
+    press_enter(p, "hi\nsecond line")
+    result = p.wait(TIMEOUT)
+    assert result is not None and result.status == "completed"
+    (user_role, user_html), (bot_role, bot_html) = bubbles(p)
+    assert (user_role, bot_role) == ("user", "assistant")
+    assert "hi<br />\nsecond line" in user_html
+    assert "Hello <strong>there</strong>, <code>panel</code>!" in bot_html
+    assert "tokens" in bot_html  # the turn's footer
+    assert p.state == "idle" and not p.busy
+    assert "idle" in p.status_line.value and "tokens" in p.status_line.value
+    assert not p.send_button.disabled and p.stop_button.disabled
+    assert fake.requests[0]["messages"][-1] == {"role": "user", "content": "hi\nsecond line"}
+    assert p.session is not None
+    assert stored(p.session.id, db_path) == [
+        ("user", "hi\nsecond line", "ok"),
+        ("assistant", "Hello **there**, `panel`!", "ok"),
+    ]
+
+
+def test_send_button_takes_the_input_box_text_and_clears_it(fake: FakeOpenAIServer) -> None:
+    fake.enqueue("ok")
+    p = make(fake)
+    p.input.value = "from the box"
+    p.send_button.click()
+    assert p.input.value == ""
+    assert p.wait(TIMEOUT) is not None
+    assert fake.requests[0]["messages"][-1]["content"] == "from the box"
+
+
+def test_empty_text_sends_nothing(fake: FakeOpenAIServer) -> None:
+    p = make(fake)
+    p.input.value = "   "
+    p.send_button.click()
+    assert p.submit("").result() is None
+    assert bubbles(p) == [] and fake.requests == []
+
+
+def test_updates_are_coalesced_and_the_last_is_exact(fake: FakeOpenAIServer) -> None:
+    text = "".join(f"word{i} " for i in range(600))
+    fake.enqueue(text, chunk_size=2)
+    p = make(fake)
+    p.submit("long please")
+    bubble = wait_until(lambda: p.messages.children[1:])[0]
+    values: list[str] = []
+    bubble.observe(lambda change: values.append(change["new"]), names="value")
+    p.wait(TIMEOUT)
+    deltas = len(text) // 2
+    assert len(values) < deltas / 20, f"{len(values)} updates for {deltas} deltas"
+    assert text.strip() in values[-1]
+
+
+def test_a_tool_call_shows_as_a_block_and_the_state_says_running_tool(
+    fake: FakeOpenAIServer,
+) -> None:
+    @nbchat.tool
+    def add(a: float, b: float) -> float:
+        """Add two numbers."""
+        time.sleep(0.3)
+        return a + b
+
+    fake.enqueue(tool_calls=[{"name": "add", "arguments": {"a": 2, "b": 3}}])
+    fake.enqueue("2 + 3 = **5**")
+    p = make(fake, tools=[add])
+    states: list[str] = []
+    p.status_line.observe(lambda change: states.append(p.state), names="value")
+    p.submit("add 2 and 3")
+    assert p.wait(TIMEOUT) is not None
+    html = bubbles(p)[1][1]
+    assert "<details>" in html and "<code>add</code>" in html
+    assert "5.0" in html  # the tool's result
+    assert "2 + 3 = <strong>5</strong>" in html
+    assert "running tool" in states and states[-1] == "idle"
+
+
+# --------------------------------------------------------------------------- stop
+
+
+def test_stop_while_streaming_keeps_the_partial_reply(
+    fake: FakeOpenAIServer, db_path: Path
+) -> None:
+    full = "".join(f"token{i} " for i in range(200))
+    fake.enqueue(full, chunk_size=7, delay=0.03)
+    p = make(fake, db=db_path)
+    p.submit("tell me a long story")
+    bubble = wait_until(lambda: p.messages.children[1:])[0]
+    wait_until(lambda: "token3" in bubble.value)
+    assert p.state == "streaming" and not p.stop_button.disabled
+    p.stop_button.click()
+    result = p.wait(TIMEOUT)
+    assert result is not None and result.status == "interrupted"
+    assert 0 < len(result.text) < len(full) and full.startswith(result.text)
+    assert "Interrupted" in bubble.value and "token3" in bubble.value
+    assert p.state == "idle" and "stopped" in p.status_line.value
+    assert p.session is not None
+    roles = stored(p.session.id, db_path)
+    assert roles[-1] == ("assistant", result.text, "interrupted")
+    # The panel stays usable: the next turn goes through.
+    fake.enqueue("after the stop")
+    p.submit("again")
+    assert p.wait(TIMEOUT).status == "completed"  # type: ignore[union-attr]
+    assert "after the stop" in bubbles(p)[-1][1]
+
+
+def test_stop_right_after_send_cancels_before_any_text(fake: FakeOpenAIServer) -> None:
+    fake.enqueue("x" * 400, chunk_size=4, delay=0.02)
+    p = make(fake)
+    p.submit("hi")
+    p.stop()
+    result = p.wait(TIMEOUT)
+    assert result is not None and result.status == "interrupted"
+    assert len(result.text) < 400
+
+
+def test_enter_while_busy_keeps_the_text(fake: FakeOpenAIServer) -> None:
+    fake.enqueue("slow " * 50, chunk_size=5, delay=0.02)
+    p = make(fake)
+    first = p.submit("first")
+    wait_until(lambda: p.state == "streaming")
+    press_enter(p, "second")
+    assert p.input.value == "second"  # given back, not lost
+    assert "still streaming" in p.status_line.value
+    first.result(TIMEOUT)
+    assert len(fake.requests) == 1
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_server_errors_show_in_the_panel_which_stays_usable(fake: FakeOpenAIServer) -> None:
+    fake.enqueue_error(500, "the fake server is on fire")
+    fake.enqueue("back again")
+    p = make(fake)
+    result = p.submit("hi").result(TIMEOUT)
+    assert result is not None and result.status == "error"
+    assert p.state == "error" and "on fire" in p.status_line.value
+    assert "on fire" in bubbles(p)[1][1]
+    assert p.submit("retry").result(TIMEOUT).status == "completed"  # type: ignore[union-attr]
+    assert p.state == "idle"
+
+
+def test_server_down_is_an_error_message() -> None:
+    p = panel(model="m", base_url="http://127.0.0.1:9/v1", db=False, max_retries=0)
+    result = p.submit("anyone there?").result(TIMEOUT)
+    assert result is not None and result.status == "error"
+    assert p.state == "error" and "⚠" in bubbles(p)[1][1]
+    assert p.model_picker.options == ("m",)  # /v1/models failed: the configured model
+
+
+def test_no_model_configured_says_so_and_send_retries(
+    fake: FakeOpenAIServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    p = panel(db=False)
+    assert p.session is None and p.state == "error"
+    assert "No model configured" in p.status_line.value
+    assert p.submit("hi").result() is None
+    monkeypatch.setenv("NBCHAT_MODEL", "fake-model")
+    monkeypatch.setenv("NBCHAT_BASE_URL", fake.url)
+    fake.enqueue("configured now")
+    assert p.submit("hi").result(TIMEOUT).status == "completed"  # type: ignore[union-attr]
+    assert p.session is not None and p.session.model == "fake-model"
+
+
+def test_budget_reached_shows_and_new_chat_recovers(fake: FakeOpenAIServer) -> None:
+    fake.enqueue("first answer")
+    p = make(fake, max_tokens_total=5)
+    assert p.submit("one").result(TIMEOUT).status == "completed"  # type: ignore[union-attr]
+    result = p.submit("two").result(TIMEOUT)
+    assert result is not None and result.status == "budget_exceeded"
+    assert p.state == "error" and "Budget" in bubbles(p)[-1][1]
+    first_id = p.session.id  # type: ignore[union-attr]
+    assert p.new_chat()
+    assert p.session is not None and p.session.id != first_id
+    assert bubbles(p) == []
+    fake.enqueue("fresh budget")
+    assert p.submit("three").result(TIMEOUT).status == "completed"  # type: ignore[union-attr]
+
+
+# --------------------------------------------------------------------------- sessions, models
+
+
+def test_an_existing_session_shows_its_history_first(fake: FakeOpenAIServer, db_path: Path) -> None:
+    @nbchat.tool
+    def shout(text: str) -> str:
+        """Upper-case the text."""
+        return text.upper()
+
+    fake.enqueue("First *reply*.")
+    fake.enqueue(tool_calls=[{"name": "shout", "arguments": {"text": "hey"}}])
+    fake.enqueue("It says HEY.")
+    s = Session(
+        model="fake-model", base_url=fake.url, db=str(db_path), tools=[shout], system="Be terse."
+    )
+    s.send("one")
+    s.send("shout hey")
+    expected = [
+        ("user", "<p>one</p>"),
+        ("assistant", "First <em>reply</em>."),
+        ("user", "<p>shout hey</p>"),
+        ("assistant", "<code>shout</code>"),
+    ]
+
+    def check(p: ChatPanel) -> None:
+        got = bubbles(p)
+        assert [role for role, _ in got] == [role for role, _ in expected]
+        for (_, html), (_, part) in zip(got, expected, strict=True):
+            assert part in html
+        assert "HEY" in got[3][1] and "It says HEY." in got[3][1]
+
+    check(panel(s))
+    reopened = panel(s.id, db=str(db_path), base_url=fake.url)
+    assert reopened.session is not None and reopened.session.id == s.id
+    check(reopened)
+    # New chat keeps the options of the given session (tools, system prompt, store).
+    p = panel(s)
+    assert p.new_chat() and p.session is not None
+    assert p.session.tools.names() == ["shout"] and p.session.system == "Be terse."
+
+
+def test_model_picker_lists_server_models_and_switches(fake: FakeOpenAIServer) -> None:
+    fake.models = ["fake-model", "fake-large"]
+    p = make(fake)
+    wait_until(lambda: len(p.model_picker.options) == 2)
+    assert p.model_picker.value == "fake-model"
+    p.model_picker.value = "fake-large"
+    assert p.session is not None and p.session.model == "fake-large"
+    fake.enqueue("big answer")
+    p.submit("hi").result(TIMEOUT)
+    assert fake.requests[-1]["model"] == "fake-large"
+    # New chat uses the picked model.
+    assert p.new_chat() and p.session.model == "fake-large"
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def test_the_front_end_sees_a_vbox_and_an_anywidget(fake: FakeOpenAIServer) -> None:
+    p = make(fake)
+    assert p.get_state()["_model_name"] == "VBoxModel"
+    assert p.input.get_state()["_model_module"] == "anywidget"
+    p.focus()  # ipywidgets' own custom messages are not chat messages
+    assert bubbles(p) == [] and fake.requests == []
+
+
+def test_markdown_is_rendered_safely() -> None:
+    out = markdown_to_html(
+        "**b** <img src=x onerror=alert(1)> [x](javascript:alert(1)) ![pic](http://e.test/p.png)"
+        "\n\n<script>alert(1)</script>\n\n```py\nx < 1\n```"
+    )
+    assert "<strong>b</strong>" in out
+    assert "<img" not in out and "<script" not in out and "javascript:" not in out
+    assert "&lt;script&gt;" in out and "x &lt; 1" in out
+    assert 'href="http://e.test/p.png"' in out  # an image becomes a link
+    assert 'target="_blank"' in out
+
+
+def test_history_html_marks_interrupted_and_cancelled() -> None:
+    from nbchat._types import Message, ToolCall
+
+    history = [
+        Message(role="system", content="sys"),
+        Message(role="user", content="go"),
+        Message(
+            role="assistant",
+            content="Calling",
+            tool_calls=[ToolCall(id="c1", name="slow", arguments='{"n": 1}')],
+        ),
+        Message(role="tool", tool_call_id="c1", name="slow", content="{}", status="cancelled"),
+        Message(role="assistant", content="partial", status="interrupted"),
+    ]
+    out = history_html(history)
+    assert [role for role, _ in out] == ["user", "assistant"]
+    assert "⚠" in out[1][1] and "<code>slow</code>" in out[1][1]
+    assert "Interrupted" in out[1][1] and "partial" in out[1][1]

@@ -1,0 +1,277 @@
+"""The chat panel in a real browser: JupyterLab + headless Debian chromium (playwright).
+
+JupyterLab runs in a subprocess on 127.0.0.1 with a private config; its kernel reaches
+the fake model server of this test process through NBCHAT_BASE_URL and writes to a
+DuckDB file in tmp_path. The test types like a user: Shift+Enter for a new line,
+Enter to send, then clicks Stop while a slow reply streams. Screenshots go to
+test-artifacts/ (the README's docs/panel.png is one of them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nbchat.testing import FakeOpenAIServer
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+TOKEN = "nbchat-browser-test"
+WAIT_MS = 60_000  # generous: CI machines are slow to start a kernel
+
+NOTEBOOK_CODE = '''\
+import nbchat
+from nbchat._panel import panel
+
+
+@nbchat.tool
+def add(a: float, b: float) -> float:
+    """Add two numbers."""
+    return a + b
+
+
+panel(tools=[add], system="You are a helpful assistant.")'''
+
+KERNEL_IDLE = """() => {
+    const panel = window.jupyterapp && window.jupyterapp.shell.currentWidget;
+    const session = panel && panel.sessionContext && panel.sessionContext.session;
+    return session && session.kernel && session.kernel.status === "idle";
+}"""
+
+STORY = " ".join(
+    f"Once upon a time, in notebook cell number {i}, a data frame dreamed of plots."
+    for i in range(60)
+)
+
+
+def _browser_missing() -> str | None:
+    if not Path(CHROMIUM).exists():
+        return f"{CHROMIUM} is not installed (apt-get install chromium)"
+    try:
+        import playwright  # noqa: F401
+    except ImportError:
+        return "playwright is not installed"
+    return None
+
+
+@pytest.fixture
+def jupyterlab(tmp_path: Path, fake: FakeOpenAIServer) -> Iterator[tuple[str, Path]]:
+    """A JupyterLab server serving one notebook that shows a panel; yields (url, db path)."""
+    missing = _browser_missing()
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(f"the browser test must run in CI: {missing}")
+        pytest.skip(missing)
+    root = tmp_path / "nb"
+    root.mkdir()
+    notebook = {
+        "cells": [
+            {
+                "cell_type": "code",
+                "execution_count": None,
+                "id": "panel-cell",
+                "metadata": {},
+                "outputs": [],
+                "source": NOTEBOOK_CODE,
+            }
+        ],
+        "metadata": {
+            "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"}
+        },
+        "nbformat": 4,
+        "nbformat_minor": 5,
+    }
+    (root / "panel.ipynb").write_text(json.dumps(notebook), encoding="utf-8")
+    config = tmp_path / "jupyter-config"
+    (config / "labconfig").mkdir(parents=True)
+    # No "news" / update-check notification floating over the notebook.
+    (config / "labconfig" / "page_config.json").write_text(
+        json.dumps({"disabledExtensions": {"@jupyterlab/apputils-extension:announcements": True}})
+    )
+    # Start the notebook's kernel without asking which one.
+    settings = tmp_path / "lab-settings" / "@jupyterlab" / "notebook-extension"
+    settings.mkdir(parents=True)
+    (settings / "tracker.jupyterlab-settings").write_text('{"autoStartDefaultKernel": true}')
+    db = tmp_path / "chats.duckdb"
+    env = {
+        **os.environ,
+        "NBCHAT_BASE_URL": fake.url,
+        "NBCHAT_MODEL": "fake-model",
+        "NBCHAT_DB": str(db),
+        "JUPYTER_CONFIG_DIR": str(config),
+        "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
+        "JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "lab-settings"),
+        "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "lab-workspaces"),
+        "IPYTHONDIR": str(tmp_path / "ipython"),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    for name in ("NBCHAT_API_KEY", "OPENAI_API_KEY", "OPENAI_BASE_URL"):
+        env.pop(name, None)
+    port = _free_port()
+    log = (tmp_path / "jupyterlab.log").open("w")
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "jupyterlab",
+            "--no-browser",
+            "--ip=127.0.0.1",
+            f"--port={port}",
+            f"--IdentityProvider.token={TOKEN}",
+            f"--ServerApp.root_dir={root}",
+            "--LabApp.expose_app_in_browser=True",
+            "--LabApp.extension_manager=readonly",
+            "--allow-root",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_for_server(url, server, tmp_path / "jupyterlab.log")
+        yield url, db
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=5)
+        log.close()
+
+
+def test_panel_in_jupyterlab(
+    jupyterlab: tuple[str, Path], fake: FakeOpenAIServer, tmp_path: Path
+) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    url, db = jupyterlab
+    expect.set_options(timeout=WAIT_MS)
+    fake.models = ["fake-model", "fake-model-large"]
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(
+            user_data_dir=str(tmp_path / "chromium-profile"),
+            executable_path=CHROMIUM,
+            headless=True,
+            args=CHROMIUM_ARGS,
+            viewport={"width": 1100, "height": 1000},
+        )
+        try:
+            page = context.pages[0] if context.pages else context.new_page()
+            page.set_default_timeout(WAIT_MS)
+            page.goto(f"{url}/lab/tree/panel.ipynb?reset&token={TOKEN}")
+            page.wait_for_function(KERNEL_IDLE)
+            # Not awaited: the command's promise settles only when the cell has run.
+            page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
+            box = page.locator(".nbchat-panel textarea.nbchat-textarea")
+            expect(box).to_be_visible()
+            picker = page.locator(".nbchat-panel select")
+            expect(picker.locator("option")).to_have_count(2)  # from /v1/models
+
+            # 1. Shift+Enter adds a line, Enter sends; a tool call and a streamed reply.
+            fake.enqueue(tool_calls=[{"name": "add", "arguments": {"a": 2, "b": 3}}])
+            fake.enqueue(
+                "The tool says **2 + 3 = 5**.\n\n```python\nadd(2, 3)  # -> 5.0\n```",
+                chunk_size=4,
+                delay=0.02,
+            )
+            box.click()
+            page.keyboard.type("What is 2 + 3?")
+            page.keyboard.press("Shift+Enter")
+            page.keyboard.type("Use the add tool, please.")
+            page.keyboard.press("Enter")
+            answer = page.locator(".nbchat-assistant").nth(0)
+            expect(answer).to_contain_text("2 + 3 = 5")
+            expect(answer.locator("details summary")).to_contain_text("add")
+            expect(answer.locator("strong")).to_have_text("2 + 3 = 5")
+            expect(box).to_have_value("")
+            sent = fake.requests[0]["messages"][-1]
+            assert sent == {"role": "user", "content": "What is 2 + 3?\nUse the add tool, please."}
+            status = page.locator(".nbchat-status")
+            expect(status).to_contain_text("idle")
+
+            # 2. A slow reply: it streams in, Stop interrupts it, the partial text stays.
+            fake.enqueue(STORY, chunk_size=6, delay=0.1)
+            box.click()
+            page.keyboard.type("Tell me a long story.")
+            page.keyboard.press("Enter")
+            story = page.locator(".nbchat-assistant").nth(1)
+            expect(story).to_contain_text("Once upon a time, in notebook")
+            expect(status).to_contain_text("streaming")
+            page.get_by_role("button", name="Stop").click()
+            expect(story).to_contain_text("Interrupted")
+            expect(status).to_contain_text("stopped")
+            shown = story.inner_text()
+            page.locator(".nbchat-panel").screenshot(path=str(ARTIFACTS / "panel.png"))
+            page.screenshot(path=str(ARTIFACTS / "panel-page.png"))
+
+            partial = _wait_for_interrupted_reply(db)
+            assert 0 < len(partial) < len(STORY) and STORY.startswith(partial)
+            assert partial[:40] in shown
+        finally:
+            context.close()
+
+
+def _wait_for_interrupted_reply(db: Path, timeout: float = 30.0) -> str:
+    """The content of the interrupted assistant message, once the kernel has stored it."""
+    from nbchat._store import Store
+
+    deadline = time.monotonic() + timeout
+    while True:
+        with Store.open(db) as store:
+            rows = store.query(
+                "SELECT content FROM messages WHERE role = ? AND status = ?",
+                ["assistant", "interrupted"],
+            ).data["content"]
+        if len(rows):
+            return str(rows[0])
+        if time.monotonic() > deadline:
+            raise AssertionError("no interrupted assistant message in the store")
+        time.sleep(0.2)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _wait_for_server(url: str, server: subprocess.Popen[Any], log: Path) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise AssertionError(f"JupyterLab exited:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/api/status?token={TOKEN}", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise AssertionError(f"JupyterLab did not start:\n{log.read_text()[-3000:]}")
