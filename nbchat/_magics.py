@@ -21,8 +21,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
-import signal
-import threading
 import weakref
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, cast
@@ -105,32 +103,6 @@ def _cell_overrides(session: Session, opts: ChatOptions, tools: list[Tool]) -> I
         ) = saved
         if session.model != model:
             session.set_model(model)
-
-
-@contextlib.contextmanager
-def _interrupt_cancels(session: Session) -> Iterator[list[int]]:
-    """While a turn runs, a kernel interrupt cancels it instead of raising KeyboardInterrupt.
-
-    A KeyboardInterrupt can land between taking an event off the queue and showing it,
-    and that event would be lost from the display; cancelling keeps every event. A
-    second interrupt raises KeyboardInterrupt as usual, in case the turn is stuck.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield []  # signal handlers can only be set from the main thread
-        return
-    presses: list[int] = []
-
-    def on_sigint(signum: int, frame: Any) -> None:
-        presses.append(signum)
-        if len(presses) > 1:
-            raise KeyboardInterrupt
-        session.cancel()
-
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    try:
-        yield presses
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def _raise_for(result: TurnResult) -> None:
@@ -254,15 +226,10 @@ class ChatMagics(Magics):
     ) -> TurnResult:
         """Run one turn with the cell's options, shown in the cell as it happens."""
         mode = render_mode(self.shell, stream=not opts.no_stream)
-        with _cell_overrides(session, opts, tools), _interrupt_cancels(session) as presses:
+        # Session.send turns a kernel interrupt into cancel(), so no event is lost.
+        with _cell_overrides(session, opts, tools):
             renderer = CellRenderer(session.model, mode)
-
-            def on_event(event: Event) -> None:
-                if presses:  # pressed before the turn's task existed: cancel it now
-                    session.cancel()
-                renderer(event)
-
-            result = run(on_event)
+            result = run(renderer)
         renderer.finish()
         return result
 

@@ -12,9 +12,11 @@ import asyncio
 import contextlib
 import json
 import queue
+import signal
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from ._client import ModelClient, RoundFolder
@@ -182,6 +184,7 @@ class Session:
         self._task: asyncio.Task[None] | None = None
         self._task_loop: asyncio.AbstractEventLoop | None = None
         self._cancel_requested = False
+        self._inflight = 0  # turns started by send()/stream() and not yet finished
         self._notices_given: set[str] = set()
         if stored is not None:
             # The live summary is newer (higher seq) than the messages kept after it.
@@ -257,6 +260,7 @@ class Session:
         events: asyncio.Queue[Any] = asyncio.Queue()
         # Backpressure: a stream already buffered in the socket would otherwise be parsed
         # whole before the consumer runs, holding every event in memory at once.
+        self._inflight += 1
         task = asyncio.ensure_future(
             self._pump(self._turn(text, cell_id), events.put_nowait, lambda: events.qsize() > 64)
         )
@@ -302,12 +306,14 @@ class Session:
         return aborted
 
     def cancel(self) -> None:
-        """Stop the running turn at once (safe to call from any thread)."""
-        task, loop = self._task, self._task_loop
-        if task is None or loop is None:
+        """Stop the running turn at once (safe to call from any thread or a signal handler)."""
+        if not self._inflight:
             return
+        # The flag covers a turn whose task does not exist yet (see _pump).
         self._cancel_requested = True
-        loop.call_soon_threadsafe(task.cancel)
+        task, loop = self._task, self._task_loop
+        if task is not None and loop is not None:
+            loop.call_soon_threadsafe(task.cancel)
 
     def set_model(self, model: str) -> None:
         """Send the following requests to another model on the same endpoint."""
@@ -331,7 +337,46 @@ class Session:
 
     def _run_sync(self, turn: AsyncIterator[Event], on_event: EventHandler | None) -> TurnResult:
         events: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._inflight += 1
         future = submit(self._pump(turn, events.put))
+        with self._interrupt_cancels():
+            result = self._drain(events, on_event)
+        future.result()
+        assert result is not None, "a turn always ends with TurnFinished"
+        return result
+
+    @contextlib.contextmanager
+    def _interrupt_cancels(self) -> Iterator[None]:
+        """While a turn runs on the main thread, Ctrl-C / a kernel interrupt cancels it.
+
+        Raising KeyboardInterrupt between taking an event off the queue and handing it
+        on would lose that event from the caller's display; cancelling loses nothing. A
+        second interrupt goes to the previous handler (KeyboardInterrupt, as usual), in
+        case the turn is stuck.
+        """
+        previous = signal.getsignal(signal.SIGINT)
+        if threading.current_thread() is not threading.main_thread() or not callable(previous):
+            yield
+            return
+        presses = 0
+
+        def on_sigint(signum: int, frame: FrameType | None) -> None:
+            nonlocal presses
+            presses += 1
+            if presses == 1:
+                self.cancel()
+            else:
+                previous(signum, frame)
+
+        signal.signal(signal.SIGINT, on_sigint)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _drain(
+        self, events: queue.SimpleQueue[Any], on_event: EventHandler | None
+    ) -> TurnResult | None:
         result: TurnResult | None = None
         while True:
             try:
@@ -348,11 +393,9 @@ class Session:
                 if on_event is not None:
                     on_event(item)
             except KeyboardInterrupt:
-                # A kernel interrupt lands on this thread: stop the turn and keep draining
-                # so the interrupted reply is stored and shown.
+                # A second interrupt, or one with no handler of ours: stop the turn and
+                # keep draining so the interrupted reply is stored and shown.
                 self.cancel()
-        future.result()
-        assert result is not None, "a turn always ends with TurnFinished"
         return result
 
     async def _pump(
@@ -370,6 +413,8 @@ class Session:
             try:
                 self._task = asyncio.current_task()
                 self._task_loop = asyncio.get_running_loop()
+                if self._cancel_requested:  # cancel() came before this task existed
+                    self._task.cancel()  # type: ignore[union-attr]
                 async for event in turn:
                     put(event)
                     if backlog is not None and backlog():
@@ -381,6 +426,7 @@ class Session:
         except BaseException as exc:  # handed to the consumer, which re-raises it
             put(_Failure(exc))
         finally:
+            self._inflight -= 1
             put(_DONE)
 
     async def _acquire(self) -> None:
