@@ -253,13 +253,9 @@ class ChatMagics(Magics):
         return current
 
     def _open(self, **kwargs: Any) -> Session:
-        """A new (or reopened) session with this kernel's defaults."""
+        """A new (or reopened) session; Session fills in this kernel's defaults."""
         from ._session import Session
 
-        defaults = get_defaults()
-        for key in ("system", "temperature", "max_rounds", "budget_usd"):
-            if kwargs.get(key) is None and key in defaults:
-                kwargs[key] = defaults[key]
         notebook = self.user_ns.get("__session__") or os.environ.get("JPY_SESSION_NAME")
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
         return Session(notebook=notebook, **kwargs)

@@ -27,7 +27,7 @@ from ._compaction import (
     live_order,
     resolve_strategy,
 )
-from ._config import resolve_client, set_defaults
+from ._config import get_defaults, resolve_client, set_defaults
 from ._exceptions import GuardrailRejected, ModelAPIError, SessionPendingError
 from ._limits import Budgets, Guardrail, apply_guardrails, stored_usage
 from ._runner import submit
@@ -62,6 +62,7 @@ __all__ = ["Session", "configure"]
 
 EventHandler = Callable[[Event], None]
 _DONE = object()
+DEFAULT_MAX_ROUNDS = 16
 MAX_ROUNDS_NOTE = (
     "You have reached the limit on tool calls for this turn. Do not call tools; "
     "answer now as well as you can with the information you already have."
@@ -124,7 +125,7 @@ class Session:
         db: Any = None,
         system: str | None = None,
         tools: Iterable[Any] = (),
-        max_rounds: int = 16,
+        max_rounds: int | None = None,
         budget_usd: float | None = None,
         turn_budget_usd: float | None = None,
         max_tokens_total: int | None = None,
@@ -165,7 +166,14 @@ class Session:
         self.client = ModelClient(settings, max_retries=max_retries, timeout=timeout)
         self.id = session_id or new_id()
         self.tools = ToolSet(tools, max_result_chars=max_result_chars)
-        self.max_rounds = max_rounds
+        # What %chat config / nbchat.configure() set for this kernel fills what is not given.
+        defaults = get_defaults()
+        system = system if system is not None else defaults.get("system")
+        temperature = temperature if temperature is not None else defaults.get("temperature")
+        budget_usd = budget_usd if budget_usd is not None else defaults.get("budget_usd")
+        self.max_rounds: int = (
+            max_rounds if max_rounds is not None else defaults.get("max_rounds", DEFAULT_MAX_ROUNDS)
+        )
         self.budgets = Budgets(
             budget_usd=budget_usd,
             turn_budget_usd=turn_budget_usd,

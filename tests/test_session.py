@@ -475,3 +475,15 @@ def test_pending_session_refuses_send(fake: FakeOpenAIServer) -> None:
     assert aborted.status == "aborted" and payload(aborted.to_openai())["error_kind"] == "aborted"
     fake.enqueue("ok now")
     assert s.send("hi").text == "ok now"
+
+
+def test_configure_defaults_fill_session_options(fake: FakeOpenAIServer) -> None:
+    nbchat.configure(system="Be brief.", temperature=0.25, max_rounds=3, budget_usd=2.0)
+    fake.enqueue("ok")
+    s = Session(model="m", base_url=fake.url, db=False)
+    s.send("hi")
+    body = fake.requests[0]
+    assert body["messages"][0] == {"role": "system", "content": "Be brief."}
+    assert body["temperature"] == 0.25
+    assert s.max_rounds == 3 and s.budgets.budget_usd == 2.0
+    assert Session(model="m", base_url=fake.url, db=False, max_rounds=5).max_rounds == 5
