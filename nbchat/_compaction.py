@@ -51,6 +51,8 @@ __all__ = [
 ]
 
 CHARS_PER_TOKEN = 4.0
+# A summary longer than this share of what it replaces saves too little: refused.
+MAX_SUMMARY_SHARE = 0.8
 _WINDOW_FROM_MESSAGE = re.compile(r"maximum context length is (\d+)")
 
 
@@ -477,8 +479,8 @@ class Compactor:
             summary = _summary_message(plan, turn_id, round)
             new, folded = _apply(messages, plan, split, summary)
             tokens_after = estimate(new)
-            if summary is not None and tokens_after >= tokens:
-                raise _Refused("the summary is not shorter than what it would replace")
+            if summary is not None:
+                _check_shrinks(summary, folded, tokens, tokens_after, forced=forced)
         except Exception as exc:
             # Retrying on every request would pay for a failing summariser again and
             # again: wait for the next user message (a forced compaction still runs).
@@ -532,6 +534,22 @@ def _apply(
     if not any(m.role == "user" for m in kept):
         raise _Refused("a compaction may not fold the last user message")
     return kept, [m for m in messages if m.id in fold_ids]
+
+
+def _check_shrinks(
+    summary: Message, folded: list[Message], before: int, after: int, *, forced: bool
+) -> None:
+    """Refuse a summary that saves too little to be worth it (it would be redone soon)."""
+    if after >= before:
+        raise _Refused("the summary is not shorter than what it would replace")
+    if forced:
+        return  # the prompt does not fit at all: any saving may be enough
+    written, replaced = TokenEstimator.heuristic([summary]), TokenEstimator.heuristic(folded)
+    if written > MAX_SUMMARY_SHARE * replaced:
+        raise _Refused(
+            f"the summary (~{written:.0f} tokens) is not much shorter than the "
+            f"~{replaced:.0f} tokens it would replace"
+        )
 
 
 def _add_costs(event: CompactionEvent, requests: list[UsageEvent]) -> None:

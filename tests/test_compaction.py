@@ -339,6 +339,20 @@ def test_an_empty_summary_is_a_failure_not_a_compaction(fake: FakeOpenAIServer) 
     assert errors and all("empty summary" in (e or "") for e in errors)
 
 
+def test_a_summary_that_saves_little_is_refused(fake: FakeOpenAIServer) -> None:
+    """An "echo" summariser repeats the transcript: folding it would gain nothing."""
+    fake.fallback = chatty(summary=lambda body: body["messages"][-1]["content"])
+    events: list[Any] = []
+    s = make(fake, context_window=1500, on_event=events.append)
+    for i in range(12):
+        assert s.send(f"m{i} " + "q" * 200).status == "completed"
+    errors = [e.error or "" for e in events if e.kind == "compaction"]
+    assert errors and all("not much shorter" in e for e in errors)
+    assert not any(m.status == "summary" for m in s.history)
+    turns_with_attempts = {e.turn_id for e in events if e.kind == "compaction"}
+    assert len(turns_with_attempts) == len(errors), "at most one attempt per turn"
+
+
 def test_context_length_exceeded_forces_one_compaction_and_a_retry(db_path: Path) -> None:
     events: list[Any] = []
     # The session does not know the window (test-model is unknown to genai-prices);
