@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 import nbchat
-from nbchat import Session
-from nbchat._panel import ChatPanel, history_html, markdown_to_html, panel
+from nbchat import ChatPanel, Session, panel
+from nbchat._panel import history_html, markdown_to_html
 from nbchat.testing import FakeOpenAIServer
 
 TIMEOUT = 15.0
@@ -56,11 +56,9 @@ def press_enter(p: ChatPanel, text: str) -> None:
 
 
 def stored(session_id: str, db: Path) -> list[tuple[str, str | None, str]]:
-    """(role, content, status) of the stored messages, read back by reopening the session."""
-    s = Session(
-        session_id=session_id, db=str(db), model="fake-model", base_url="http://127.0.0.1:9"
-    )
-    return [(m.role, m.content, m.status) for m in s.history]
+    """(role, content, status) of the session's stored messages."""
+    frame = nbchat.transcript(session_id, db=str(db))
+    return list(zip(frame["role"], frame["content"], frame["status"], strict=True))
 
 
 # --------------------------------------------------------------------------- sending

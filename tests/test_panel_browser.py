@@ -1,10 +1,10 @@
-"""The chat panel in a real browser: JupyterLab + headless Debian chromium (playwright).
+"""The chat panel in a real browser: JupyterLab and Voila, headless Debian chromium (playwright).
 
-JupyterLab runs in a subprocess on 127.0.0.1 with a private config; its kernel reaches
+The server runs in a subprocess on 127.0.0.1 with a private config; its kernel reaches
 the fake model server of this test process through NBCHAT_BASE_URL and writes to a
 DuckDB file in tmp_path. The test types like a user: Shift+Enter for a new line,
 Enter to send, then clicks Stop while a slow reply streams. Screenshots go to
-test-artifacts/ (the README's docs/panel.png is one of them).
+test-artifacts/ (the README's docs/panel.png is panel-jupyterlab-cell.png).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,6 @@ WAIT_MS = 60_000  # generous: CI machines are slow to start a kernel
 
 NOTEBOOK_CODE = '''\
 import nbchat
-from nbchat._panel import panel
 
 
 @nbchat.tool
@@ -53,7 +52,7 @@ def add(a: float, b: float) -> float:
     return a + b
 
 
-panel(tools=[add], system="You are a helpful assistant.")'''
+nbchat.panel(tools=[add], system="You are a helpful assistant.")'''
 
 KERNEL_IDLE = """() => {
     const panel = window.jupyterapp && window.jupyterapp.shell.currentWidget;
@@ -77,34 +76,30 @@ def _browser_missing() -> str | None:
     return None
 
 
-@pytest.fixture
-def jupyterlab(tmp_path: Path, fake: FakeOpenAIServer) -> Iterator[tuple[str, Path]]:
-    """A JupyterLab server serving one notebook that shows a panel; yields (url, db path)."""
+@dataclass
+class Served:
+    """A notebook showing a panel, served over HTTP on 127.0.0.1."""
+
+    host: str  # "jupyterlab" or "voila"
+    url: str  # the page a user opens
+    db: Path  # the store the kernel writes
+
+
+@pytest.fixture(params=["jupyterlab", "voila"])
+def served(
+    request: pytest.FixtureRequest, tmp_path: Path, fake: FakeOpenAIServer
+) -> Iterator[Served]:
+    """JupyterLab or Voila serving one notebook that shows a panel."""
     missing = _browser_missing()
     if missing:
         if os.environ.get("CI"):
             pytest.fail(f"the browser test must run in CI: {missing}")
         pytest.skip(missing)
+    host: str = request.param
     root = tmp_path / "nb"
     root.mkdir()
-    notebook = {
-        "cells": [
-            {
-                "cell_type": "code",
-                "execution_count": None,
-                "id": "panel-cell",
-                "metadata": {},
-                "outputs": [],
-                "source": NOTEBOOK_CODE,
-            }
-        ],
-        "metadata": {
-            "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"}
-        },
-        "nbformat": 4,
-        "nbformat_minor": 5,
-    }
-    (root / "panel.ipynb").write_text(json.dumps(notebook), encoding="utf-8")
+    notebook = root / "panel.ipynb"
+    notebook.write_text(json.dumps(_notebook(NOTEBOOK_CODE)), encoding="utf-8")
     config = tmp_path / "jupyter-config"
     (config / "labconfig").mkdir(parents=True)
     # No "news" / update-check notification floating over the notebook.
@@ -131,46 +126,48 @@ def jupyterlab(tmp_path: Path, fake: FakeOpenAIServer) -> Iterator[tuple[str, Pa
     for name in ("NBCHAT_API_KEY", "OPENAI_API_KEY", "OPENAI_BASE_URL"):
         env.pop(name, None)
     port = _free_port()
-    log = (tmp_path / "jupyterlab.log").open("w")
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "jupyterlab",
-            "--no-browser",
-            "--ip=127.0.0.1",
-            f"--port={port}",
+    base = f"http://127.0.0.1:{port}"
+    if host == "jupyterlab":
+        command = [
+            *("-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}"),
             f"--IdentityProvider.token={TOKEN}",
             f"--ServerApp.root_dir={root}",
             "--LabApp.expose_app_in_browser=True",
             "--LabApp.extension_manager=readonly",
             "--allow-root",
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_for_server(url, server, tmp_path / "jupyterlab.log")
-        yield url, db
-    finally:
-        server.send_signal(signal.SIGTERM)
+        ]
+        url = f"{base}/lab/tree/panel.ipynb?reset&token={TOKEN}"
+    else:
+        command = [
+            *("-m", "voila", "--no-browser", "--Voila.ip=127.0.0.1", f"--port={port}"),
+            str(notebook),
+        ]
+        url = f"{base}/"
+    log_path = tmp_path / f"{host}.log"
+    with log_path.open("w") as log:
+        server = subprocess.Popen(
+            [sys.executable, *command],
+            env=env,
+            cwd=root,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=5)
-        log.close()
+            _wait_for_port(port, server, log_path)
+            yield Served(host, url, db)
+        finally:
+            server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait(timeout=5)
 
 
-def test_panel_in_jupyterlab(
-    jupyterlab: tuple[str, Path], fake: FakeOpenAIServer, tmp_path: Path
-) -> None:
+def test_chat_in_the_browser(served: Served, fake: FakeOpenAIServer, tmp_path: Path) -> None:
     from playwright.sync_api import expect, sync_playwright
 
-    url, db = jupyterlab
     expect.set_options(timeout=WAIT_MS)
     fake.models = ["fake-model", "fake-model-large"]
     ARTIFACTS.mkdir(exist_ok=True)
@@ -185,10 +182,17 @@ def test_panel_in_jupyterlab(
         try:
             page = context.pages[0] if context.pages else context.new_page()
             page.set_default_timeout(WAIT_MS)
-            page.goto(f"{url}/lab/tree/panel.ipynb?reset&token={TOKEN}")
-            page.wait_for_function(KERNEL_IDLE)
-            # Not awaited: the command's promise settles only when the cell has run.
-            page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
+            page.goto(served.url)
+            if served.host == "jupyterlab":
+                page.wait_for_function(KERNEL_IDLE)
+                # Not awaited: the command's promise settles only when the cell has run.
+                page.evaluate(
+                    """() => {
+                        const commands = window.jupyterapp.commands;
+                        commands.execute('application:toggle-left-area');  // a wider notebook
+                        commands.execute('notebook:run-all-cells');
+                    }"""
+                )
             box = page.locator(".nbchat-panel textarea.nbchat-textarea")
             expect(box).to_be_visible()
             picker = page.locator(".nbchat-panel select")
@@ -208,13 +212,18 @@ def test_panel_in_jupyterlab(
             page.keyboard.press("Enter")
             answer = page.locator(".nbchat-assistant").nth(0)
             expect(answer).to_contain_text("2 + 3 = 5")
-            expect(answer.locator("details summary")).to_contain_text("add")
             expect(answer.locator("strong")).to_have_text("2 + 3 = 5")
             expect(box).to_have_value("")
             sent = fake.requests[0]["messages"][-1]
             assert sent == {"role": "user", "content": "What is 2 + 3?\nUse the add tool, please."}
             status = page.locator(".nbchat-status")
             expect(status).to_contain_text("idle")
+            tool = answer.locator("details")
+            expect(tool.locator("summary")).to_contain_text("add")
+            tool.locator("summary").click()  # the block opens: arguments and result
+            expect(tool).to_contain_text('"a": 2')
+            expect(tool).to_contain_text("5.0")
+            tool.locator("summary").click()  # closed again, so the screenshot shows it all
 
             # 2. A slow reply: it streams in, Stop interrupts it, the partial text stays.
             fake.enqueue(STORY, chunk_size=6, delay=0.1)
@@ -222,16 +231,21 @@ def test_panel_in_jupyterlab(
             page.keyboard.type("Tell me a long story.")
             page.keyboard.press("Enter")
             story = page.locator(".nbchat-assistant").nth(1)
-            expect(story).to_contain_text("Once upon a time, in notebook")
+            expect(story).to_contain_text("notebook cell number 1,")
             expect(status).to_contain_text("streaming")
             page.get_by_role("button", name="Stop").click()
             expect(story).to_contain_text("Interrupted")
             expect(status).to_contain_text("stopped")
             shown = story.inner_text()
-            page.locator(".nbchat-panel").screenshot(path=str(ARTIFACTS / "panel.png"))
-            page.screenshot(path=str(ARTIFACTS / "panel-page.png"))
+            page.locator(".nbchat-panel").screenshot(
+                path=str(ARTIFACTS / f"panel-{served.host}.png")
+            )
+            page.screenshot(path=str(ARTIFACTS / f"panel-{served.host}-page.png"))
+            if served.host == "jupyterlab":  # the code cell and its panel: docs/panel.png
+                cell = page.locator(".jp-Notebook .jp-Cell").first
+                cell.screenshot(path=str(ARTIFACTS / "panel-jupyterlab-cell.png"))
 
-            partial = _wait_for_interrupted_reply(db)
+            partial = _wait_for_interrupted_reply(served.db)
             assert 0 < len(partial) < len(STORY) and STORY.startswith(partial)
             assert partial[:40] in shown
         finally:
@@ -240,19 +254,18 @@ def test_panel_in_jupyterlab(
 
 def _wait_for_interrupted_reply(db: Path, timeout: float = 30.0) -> str:
     """The content of the interrupted assistant message, once the kernel has stored it."""
-    from nbchat._store import Store
+    import nbchat
 
     deadline = time.monotonic() + timeout
     while True:
-        with Store.open(db) as store:
-            rows = store.query(
-                "SELECT content FROM messages WHERE role = ? AND status = ?",
-                ["assistant", "interrupted"],
-            ).data["content"]
-        if len(rows):
-            return str(rows[0])
+        (session_id,) = nbchat.sessions(db=str(db))["id"]
+        messages = nbchat.transcript(session_id, db=str(db))
+        interrupted = messages[messages["status"] == "interrupted"]
+        if len(interrupted):
+            assert list(interrupted["role"]) == ["assistant"]
+            return str(interrupted["content"].iloc[0])
         if time.monotonic() > deadline:
-            raise AssertionError("no interrupted assistant message in the store")
+            raise AssertionError(f"no interrupted reply stored:\n{messages}")
         time.sleep(0.2)
 
 
@@ -263,15 +276,34 @@ def _free_port() -> int:
         return port
 
 
-def _wait_for_server(url: str, server: subprocess.Popen[Any], log: Path) -> None:
+def _wait_for_port(port: int, server: subprocess.Popen[Any], log: Path) -> None:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            raise AssertionError(f"JupyterLab exited:\n{log.read_text()[-3000:]}")
+            raise AssertionError(f"the server exited:\n{log.read_text()[-3000:]}")
         try:
-            with urllib.request.urlopen(f"{url}/api/status?token={TOKEN}", timeout=2) as r:
-                if r.status == 200:
-                    return
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
         except OSError:
             time.sleep(0.3)
-    raise AssertionError(f"JupyterLab did not start:\n{log.read_text()[-3000:]}")
+    raise AssertionError(f"the server did not start:\n{log.read_text()[-3000:]}")
+
+
+def _notebook(code: str) -> dict[str, Any]:
+    return {
+        "cells": [
+            {
+                "cell_type": "code",
+                "execution_count": None,
+                "id": "panel-cell",
+                "metadata": {},
+                "outputs": [],
+                "source": code,
+            }
+        ],
+        "metadata": {
+            "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"}
+        },
+        "nbformat": 4,
+        "nbformat_minor": 5,
+    }
