@@ -55,6 +55,7 @@ _POLL = 0.01  # how often an attached but idle holder looks for waiters
 # waiting for the model or a tool): it hands over to a waiter, whatever min_hold says.
 _IDLE_YIELD = 0.01
 _POLITE_MAX = 0.25  # how long a process that just handed over waits for the taker
+_LOOK_EVERY = 0.005  # how often a holder looks for the side file before it exists
 _ALIAS = "nbchat"  # the catalog name the store file is attached under
 _IDLE_LEASES = 4  # detached leases whose instance is kept for quick reuse
 
@@ -113,12 +114,19 @@ class _WaitSignal:
         self.path = db_path + ".nbchat-wait"
         self._probe_fd: int | None = None
         self._wait_fd: int | None = None
+        self._looked_at = -1.0
 
     def others_waiting(self) -> bool:
         if fcntl is None:
             return False
         if self._probe_fd is None:
-            if not os.path.exists(self.path):  # nobody has ever waited: the common case
+            # Nobody has ever waited (the common case): look for the file at most
+            # every few ms, not on every write of a burst.
+            now = time.monotonic()
+            if now - self._looked_at < _LOOK_EVERY:
+                return False
+            self._looked_at = now
+            if not os.path.exists(self.path):
                 return False
             try:
                 self._probe_fd = os.open(self.path, os.O_RDWR)
