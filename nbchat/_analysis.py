@@ -168,7 +168,6 @@ def sessions(db: Db = None) -> pd.DataFrame:
 def transcript(
     session_id: str,
     db: Db = None,
-    *,
     include_compacted: bool = False,
     include_superseded: bool = False,
 ) -> pd.DataFrame:

@@ -138,12 +138,13 @@ class Store:
         ``None`` means ``NBCHAT_DB`` or ``~/.nbchat/nbchat.duckdb``; ``":memory:"`` is
         a private in-memory store that lives as long as this object. ``lock_timeout``
         bounds how long any operation waits for another process (default 15 s, or
-        ``NBCHAT_DB_LOCK_TIMEOUT``). ``linger`` is how long an idle connection is kept
-        for the next write, ``min_hold`` how long this process keeps the file before
-        handing it to a waiting one. By default a write reaches the operating system
-        before ``handle()`` returns (safe if the process dies) and is flushed to disk
-        when the connection is released; ``sync_every_write=True`` flushes every write
-        (safe against power loss, slower).
+        ``NBCHAT_DB_LOCK_TIMEOUT``). ``linger`` is how long the file stays attached
+        after the last use, ``min_hold`` how long a busy process keeps it before handing
+        it to a waiting one. By default a write reaches the operating system before
+        ``handle()`` returns (safe if the process dies) and is flushed to disk when the
+        file is let go; ``sync_every_write=True`` flushes every write
+        (safe against power loss, slower). ``linger``, ``min_hold`` and
+        ``sync_every_write`` are fixed by the first ``open`` of a path in a process.
         """
         raw = default_db_path() if db is None else os.fspath(db)
         if not raw:
