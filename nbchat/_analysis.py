@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -311,14 +311,16 @@ def costs(by: Literal["model", "day", "session"] = "model", db: Db = None) -> pd
         return _frame(store.query(query))
 
 
-def sql(query: str, params: Sequence[Any] | None = None, db: Db = None) -> pd.DataFrame:
+def sql(
+    query: str, params: Sequence[Any] | Mapping[str, Any] | None = None, db: Db = None
+) -> pd.DataFrame:
     """Run one read-only SELECT against the store and return its rows.
 
-    Use ``?`` placeholders with ``params`` rather than formatting values into the
-    text. Anything but a SELECT (INSERT, UPDATE, DROP, ATTACH, SET, ...) is refused,
-    and the query runs in a read-only transaction that is rolled back, so it cannot
-    change the store. Tables: sessions, messages, requests, tool_calls, compactions,
-    turns, _migrations.
+    Use ``?`` placeholders with a list of ``params`` (or ``$name`` ones with a dict)
+    rather than formatting values into the text. Anything but a SELECT (INSERT,
+    UPDATE, DROP, ATTACH, SET, ...) is refused, and the query runs in a read-only
+    transaction that is rolled back, so it cannot change the store. Tables:
+    sessions, messages, requests, tool_calls, compactions, turns, _migrations.
     """
     import duckdb
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
@@ -459,12 +459,18 @@ class Store:
             cursor = con.execute(sql, list(params or []))
             return _result(cursor)
 
-    def query_read_only(self, sql: str, params: Sequence[Any] | None = None) -> QueryResult:
-        """Run one user query inside a read-only transaction that is always rolled back."""
+    def query_read_only(
+        self, sql: str, params: Sequence[Any] | Mapping[str, Any] | None = None
+    ) -> QueryResult:
+        """Run one user query inside a read-only transaction that is always rolled back.
+
+        ``params`` is a sequence for ``?`` placeholders or a mapping for ``$name`` ones.
+        """
+        bound = dict(params) if isinstance(params, Mapping) else list(params or [])
         with self._connection() as con:
             con.execute("BEGIN TRANSACTION READ ONLY")
             try:
-                cursor = con.execute(sql, list(params or []))
+                cursor = con.execute(sql, bound)
                 return _result(cursor)
             finally:
                 con.execute("ROLLBACK")

@@ -296,6 +296,15 @@ def test_empty_store_gives_empty_frames_with_columns(db_path: Path) -> None:
     assert sessions(str(db_path)).empty and costs(db=db_path).empty
 
 
+def test_sql_on_an_in_memory_store_is_read_only_too() -> None:
+    with Store.open(":memory:") as s:
+        s.create_session(session_id="m", model=None, system_prompt=None)
+        assert sql("SELECT id FROM sessions", db=s)["id"].tolist() == ["m"]
+        with pytest.raises(StoreError, match="read-only"):
+            sql("DELETE FROM sessions", db=s)
+        assert s.has_session("m")
+
+
 def test_default_store_is_used_without_db(isolated_env: Path) -> None:
     with Store.open() as s:
         s.create_session(session_id="d", model=None, system_prompt=None)
@@ -316,6 +325,10 @@ def test_sql_runs_parameterised_selects(store: Store) -> None:
     assert df["model"].tolist() == ["gpt-4o-mini", "mystery-model"]
     assert str(df["n"].dtype) == "Int64" and df["n"].tolist() == [2, 2]
     assert math.isnan(df["cost"][1])
+    named = sql(
+        "SELECT count(*) AS n FROM requests WHERE model = $m", {"m": "mystery-model"}, store
+    )
+    assert named["n"].tolist() == [2]
     ts = sql("SELECT created_at FROM sessions", db=store)
     assert str(ts["created_at"].dtype) == UTC_TS
 
