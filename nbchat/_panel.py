@@ -194,6 +194,7 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
     ) -> None:
         self.session = session
         self.state: State = "idle"
+        self.last_error: BaseException | None = None  # an unexpected failure, for debugging
         self._options = dict(options)
         self._reopen = reopen  # a stored session to open on Send, if opening it failed
         self._lock = threading.RLock()
@@ -311,8 +312,9 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
         return None if future is None else future.result(timeout)
 
     def close(self) -> None:
-        """Stop a running turn, then close the widgets."""
-        self.stop()
+        """Stop a running turn, then close the widget."""
+        if hasattr(self, "_lock"):  # ipywidgets may close a half-built widget
+            self.stop()
         super().close()
 
     # ------------------------------------------------------------------ the turn
@@ -337,7 +339,10 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
         except NbchatError as exc:
             failure = str(exc)
         except Exception as exc:  # the panel must stay usable whatever went wrong
-            logger.warning("nbchat panel: the turn failed", exc_info=True)
+            # Shown in the panel; the traceback is kept for whoever debugs it (printing it
+            # from this thread would land in whichever cell ran last).
+            self.last_error = exc
+            logger.debug("nbchat panel: the turn failed", exc_info=True)
             failure = f"{type(exc).__name__}: {exc}"
         finally:
             ticker.cancel()
@@ -438,7 +443,7 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
             try:
                 models = await session.client.list_models()
             except Exception:  # the configured model stays the only choice
-                logger.info("nbchat panel: could not list the server's models", exc_info=True)
+                logger.debug("nbchat panel: could not list the server's models", exc_info=True)
                 return
             self._set_models(models, session.model)
 
