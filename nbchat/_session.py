@@ -28,7 +28,7 @@ from ._compaction import (
     resolve_strategy,
 )
 from ._config import get_defaults, resolve_client, set_defaults
-from ._exceptions import GuardrailRejected, ModelAPIError, SessionPendingError
+from ._exceptions import GuardrailRejected, ModelAPIError, SessionPendingError, StoreError
 from ._limits import Budgets, Guardrail, apply_guardrails, stored_usage
 from ._runner import submit
 from ._tools import ToolSet, error_payload
@@ -193,6 +193,9 @@ class Session:
         self._task_loop: asyncio.AbstractEventLoop | None = None
         self._cancel_requested = False
         self._inflight = 0  # turns started by send()/stream() and not yet finished
+        self._unwritten: list[Event] = []  # events the store could not take yet (locked)
+        self._store_warned = False
+        self._pending_notices: list[Event] = []
         self._notices_given: set[str] = set()
         if stored is not None:
             # The live summary is newer (higher seq) than the messages kept after it.
@@ -425,6 +428,8 @@ class Session:
                     self._task.cancel()  # type: ignore[union-attr]
                 async for event in turn:
                     put(event)
+                    while self._pending_notices:  # raised inside _emit, e.g. store locked
+                        put(self._pending_notices.pop(0))
                     if backlog is not None and backlog():
                         await asyncio.sleep(0)
             finally:
@@ -452,10 +457,40 @@ class Session:
 
     def _emit(self, event: Event) -> Event:
         if self.store is not None:
-            self.store.handle(event)
+            self._store_write(event)
         if self.on_event is not None:
             self.on_event(event)
         return event
+
+    def _store_write(self, event: Event) -> None:
+        """Hand ``event`` to the store; if the file stays locked, keep it for later.
+
+        Another process holding the store past its lock timeout must not cost the user
+        their turn: unwritten events wait, in order, and are written before the next
+        event once the file frees (the user is told once).
+        """
+        assert self.store is not None
+        if not self._unwritten and not _writes(event):
+            return  # deltas: nothing to store, nothing to wait for
+        self._unwritten.append(event)
+        try:
+            while self._unwritten:
+                self.store.handle(self._unwritten[0])
+                self._unwritten.pop(0)
+        except StoreError as exc:
+            if not self._store_warned:
+                self._store_warned = True
+                notice = Notice(
+                    session_id=self.id,
+                    turn_id=event.turn_id,
+                    message=f"Not saved yet: {exc} The conversation goes on; what it "
+                    "says is kept in memory and written once the store is free.",
+                )
+                if self.on_event is not None:
+                    self.on_event(notice)
+                self._pending_notices.append(notice)
+            return
+        self._store_warned = False
 
     def _record(self, message: Message, turn: _Turn | None = None) -> Event:
         """Number a message, hand it to the store, and remember it as part of the turn."""
@@ -858,6 +893,24 @@ class Session:
 def _chars(tools: list[dict[str, Any]] | None) -> int:
     """Characters the tool definitions add to a request (part of its prompt tokens)."""
     return len(json.dumps(tools, separators=(",", ":"))) if tools else 0
+
+
+_STORED_KINDS = frozenset(
+    {
+        "message",
+        "messages_marked",
+        "usage",
+        "tool_result",
+        "compaction",
+        "turn_started",
+        "turn_finished",
+    }
+)
+
+
+def _writes(event: Event) -> bool:
+    """Whether the store keeps anything of ``event``."""
+    return event.kind in _STORED_KINDS
 
 
 def _open_store(db: Any) -> Store | None:
