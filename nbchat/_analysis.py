@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
+from ._config import default_db_path
 from ._exceptions import StoreError
 from ._store import QueryResult, Store
 
@@ -41,17 +44,37 @@ _FLOAT_TYPES = frozenset({"FLOAT", "DOUBLE", "HUGEINT", "UBIGINT", "UHUGEINT"})
 _TEXT_TYPES = frozenset({"VARCHAR", "JSON", "UUID"})
 
 
+# One handle per store file, kept for the process: a query right after another (the
+# usual notebook cell) then finds the file still attached instead of paying ~10 ms to
+# attach and detach it. The handle holds the file only while the lease lingers (0.5 s
+# after the last use), like a session's writes do, so other kernels are not locked out.
+_handles: OrderedDict[str, Store] = OrderedDict()
+_handles_lock = threading.Lock()
+_MAX_HANDLES = 4
+
+
 @contextmanager
 def open_store(db: Db) -> Iterator[Store]:
-    """The store ``db`` names; one opened here is closed afterwards."""
+    """The store ``db`` names (a path, ``":memory:"``, a ``Store``, or ``None``)."""
     if isinstance(db, Store):
         yield db
         return
-    store = Store.open(db)
-    try:
-        yield store
-    finally:
-        store.close()
+    raw = default_db_path() if db is None else os.fspath(db)
+    if raw == ":memory:":  # a new private store each time: nothing worth keeping
+        store = Store.open(raw)
+        try:
+            yield store
+        finally:
+            store.close()
+        return
+    key = os.path.abspath(os.path.expanduser(raw))
+    with _handles_lock:
+        kept = _handles.pop(key, None)
+        store = kept if kept is not None else Store.open(raw)
+        _handles[key] = store  # most recently used last
+        while len(_handles) > _MAX_HANDLES:
+            _handles.popitem(last=False)[1].close()
+    yield store
 
 
 # ------------------------------------------------------------------ DataFrame building
@@ -298,12 +321,14 @@ def costs(by: Literal["model", "day", "session"] = "model", db: Db = None) -> pd
     if by not in _COST_GROUPS:
         raise ValueError(f"costs(by=...) must be 'model', 'day' or 'session', not {by!r}.")
     select, group, order = _COST_GROUPS[by]
+    # Only the per-session view needs the session's title.
+    join = "LEFT JOIN sessions s ON s.id = r.session_id" if by == "session" else ""
     query = f"""
         SELECT {select}, count(*) AS requests, sum(r.prompt_tokens)::BIGINT AS prompt_tokens,
                sum(r.completion_tokens)::BIGINT AS completion_tokens,
                sum(r.cached_tokens)::BIGINT AS cached_tokens, sum(r.cost_usd) AS cost_usd,
                count(*) FILTER (WHERE r.cost_usd IS NULL) AS unknown_cost_requests
-        FROM requests r LEFT JOIN sessions s ON s.id = r.session_id
+        FROM requests r {join}
         GROUP BY {group}
         ORDER BY {order}
     """

@@ -1,0 +1,179 @@
+"""The store: write cost while chatting, and analysis queries on a large store.
+
+- write: median cost of ``Store.handle(MessageAdded)`` on a file store (goal ≤ 1 ms),
+  against DuckDB's own one-row INSERT into an in-memory table (the floor under it).
+- queries: on a synthetic store of 1,000,000 messages and 500,000 requests (10,000
+  sessions, 5 models, 90 days), the median time of ``costs(by="model")`` (≤ 30 ms),
+  ``transcript(id)`` (≤ 10 ms) and ``sessions()`` (≤ 50 ms), each through the public
+  function (store open, query, DataFrame), against ``SELECT count(*)`` of the same table
+  on a plain DuckDB connection.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench._common import figure
+
+CONTENT = "A reply of a few hundred characters, like most chat messages are. " * 5
+SESSIONS, MESSAGES_PER, REQUESTS_PER = 10_000, 100, 50
+
+
+def _median_ms(fn: Callable[[], Any], n: int) -> float:
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(samples)
+
+
+def write_cost(n: int = 500) -> list[dict[str, Any]]:
+    import duckdb
+
+    from nbchat._migrations import migrate
+    from nbchat._store import Store
+    from nbchat._types import Message, MessageAdded
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Store.open(Path(tmp) / "w.duckdb")
+        store.create_session(session_id="s", model="m", system_prompt=None)
+        counter = iter(range(10**9))
+
+        def write() -> None:
+            seq = next(counter)
+            store.handle(
+                MessageAdded(session_id="s", message=Message(role="user", content=CONTENT, seq=seq))
+            )
+
+        floor = duckdb.connect(":memory:")
+        migrate(floor)
+        now = datetime.now(UTC)
+
+        def floor_insert() -> None:
+            i = next(counter)
+            floor.execute(
+                "INSERT INTO messages (id, session_id, seq, role, content, status, state,"
+                " created_at) VALUES (?, 's', ?, 'user', ?, 'ok', 'active', ?)",
+                [f"f{i}", i, CONTENT, now],
+            )
+
+        write()
+        ours = _median_ms(write, n)
+        base = _median_ms(floor_insert, n)
+        store.close()
+    return [
+        figure(
+            "store write per message (median)",
+            ours,
+            "ms",
+            baseline=base,
+            goal="<= 1 ms",
+            ok=ours <= 1,
+            note="baseline: DuckDB's own one-row INSERT into an in-memory table",
+        )
+    ]
+
+
+def _synthetic(path: Path) -> str:
+    """Fill ``path`` with the large store; returns one session id to read back."""
+    import duckdb
+
+    from nbchat._store import Store
+
+    Store.open(path).close()  # the schema, by the real migrations
+    con = duckdb.connect(str(path))
+    con.execute(
+        f"""
+        INSERT INTO sessions (id, title, created_at, model)
+        SELECT 's' || i, 'session ' || i,
+               TIMESTAMPTZ '2026-08-01 00:00:00+00' + INTERVAL (i % 90) DAY,
+               'model-' || (i % 5)
+        FROM range({SESSIONS}) t(i);
+        INSERT INTO messages (id, session_id, seq, role, content, turn_id, status, state,
+                              created_at)
+        SELECT 'm' || i, 's' || (i // {MESSAGES_PER}), i % {MESSAGES_PER},
+               CASE WHEN i % 2 = 0 THEN 'user' ELSE 'assistant' END,
+               'message text number ' || i, 't' || (i // 2), 'ok', 'active',
+               TIMESTAMPTZ '2026-08-01 00:00:00+00' + INTERVAL (i // {MESSAGES_PER} % 90) DAY
+        FROM range({SESSIONS * MESSAGES_PER}) t(i);
+        INSERT INTO requests (id, session_id, turn_id, round, model, provider, prompt_tokens,
+                              completion_tokens, cost_usd, ttft_ms, duration_ms, finish_reason,
+                              created_at, purpose)
+        SELECT 'r' || i, 's' || (i // {REQUESTS_PER}), 't' || i, 0, 'model-' || (i % 5),
+               'openai', 100 + i % 900, 20 + i % 300,
+               CASE WHEN i % 7 = 0 THEN NULL ELSE 0.0001 * (i % 50) END,
+               200.0, 900.0, 'stop',
+               TIMESTAMPTZ '2026-08-01 00:00:00+00' + INTERVAL (i // {REQUESTS_PER} % 90) DAY,
+               'chat'
+        FROM range({SESSIONS * REQUESTS_PER}) t(i);
+        INSERT INTO turns (id, session_id, status, user_text, started_at, finished_at)
+        SELECT 't' || (i * 2), 's' || (i // {MESSAGES_PER // 2}), 'completed', 'q',
+               TIMESTAMPTZ '2026-08-01 00:00:00+00', TIMESTAMPTZ '2026-08-01 00:00:01+00'
+        FROM range({SESSIONS * MESSAGES_PER // 2}) t(i);
+        CHECKPOINT;
+        """
+    )
+    con.close()
+    return f"s{SESSIONS // 2}"
+
+
+def queries(n: int = 7) -> list[dict[str, Any]]:
+    import duckdb
+
+    import nbchat
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "big.duckdb"
+        t0 = time.perf_counter()
+        session_id = _synthetic(path)
+        built = time.perf_counter() - t0
+        cases = [
+            ("costs(by='model')", lambda: nbchat.costs(by="model", db=path), 30, "requests"),
+            ("transcript(id)", lambda: nbchat.transcript(session_id, db=path), 10, "messages"),
+            ("sessions()", lambda: nbchat.sessions(db=path), 50, "sessions"),
+        ]
+        # Baselines first: a plain DuckDB connection cannot open the file while nbchat's
+        # handle still holds it (its lease lets go 0.5 s after the last query).
+        con = duckdb.connect(str(path), read_only=True)
+        bases = {
+            table: _median_ms(
+                lambda q=f"SELECT count(*) FROM {table}": con.execute(q).fetchall(), n
+            )
+            for table in ("requests", "messages", "sessions")
+        }
+        con.close()
+        figures = []
+        assert len(nbchat.transcript(session_id, db=path)) == MESSAGES_PER
+        for name, fn, goal, table in cases:
+            fn()  # warm: the store's instance and DuckDB's caches
+            ours = _median_ms(fn, n)
+            figures.append(
+                figure(
+                    f"{name} on 1M messages / 500k requests",
+                    ours,
+                    "ms",
+                    baseline=bases[table],
+                    goal=f"<= {goal} ms",
+                    ok=ours <= goal,
+                    note=f"baseline: SELECT count(*) FROM {table}; store built in {built:.0f} s",
+                )
+            )
+    return figures
+
+
+def run() -> list[dict[str, Any]]:
+    """All store figures."""
+    return [*write_cost(), *queries()]
+
+
+if __name__ == "__main__":
+    from bench._common import print_table
+
+    print_table(run())
