@@ -179,9 +179,9 @@ def test_chat_in_the_browser(served: Served, fake: FakeOpenAIServer, tmp_path: P
             args=CHROMIUM_ARGS,
             viewport={"width": 1100, "height": 1000},
         )
+        page = context.pages[0] if context.pages else context.new_page()
+        page.set_default_timeout(WAIT_MS)
         try:
-            page = context.pages[0] if context.pages else context.new_page()
-            page.set_default_timeout(WAIT_MS)
             page.goto(served.url)
             if served.host == "jupyterlab":
                 page.wait_for_function(KERNEL_IDLE)
@@ -195,6 +195,11 @@ def test_chat_in_the_browser(served: Served, fake: FakeOpenAIServer, tmp_path: P
                 )
             box = page.locator(".nbchat-panel textarea.nbchat-textarea")
             expect(box).to_be_visible()
+            if served.host == "jupyterlab":
+                # Typing only once the cell has finished: JupyterLab moves the focus to the
+                # notebook when a run ends, and keys would then be notebook shortcuts.
+                expect(page.locator(".jp-InputPrompt").first).to_contain_text("[1]")
+                page.wait_for_function(KERNEL_IDLE)
             picker = page.locator(".nbchat-panel select")
             expect(picker.locator("option")).to_have_count(2)  # from /v1/models
 
@@ -209,6 +214,7 @@ def test_chat_in_the_browser(served: Served, fake: FakeOpenAIServer, tmp_path: P
             page.keyboard.type("What is 2 + 3?")
             page.keyboard.press("Shift+Enter")
             page.keyboard.type("Use the add tool, please.")
+            expect(box).to_have_value("What is 2 + 3?\nUse the add tool, please.")
             page.keyboard.press("Enter")
             answer = page.locator(".nbchat-assistant").nth(0)
             expect(answer).to_contain_text("2 + 3 = 5")
@@ -248,6 +254,10 @@ def test_chat_in_the_browser(served: Served, fake: FakeOpenAIServer, tmp_path: P
             partial = _wait_for_interrupted_reply(served.db)
             assert 0 < len(partial) < len(STORY) and STORY.startswith(partial)
             assert partial[:40] in shown
+        except BaseException:
+            # What the page looked like when it failed, beside the other artifacts.
+            page.screenshot(path=str(ARTIFACTS / f"panel-{served.host}-failure.png"))
+            raise
         finally:
             context.close()
 
