@@ -28,6 +28,7 @@ from nbchat._analysis import tool_calls, usage
 from nbchat._config import get_defaults
 from nbchat._export import import_session
 from nbchat._local import (
+    CHATML_TOOLS_TEMPLATE,
     INSTALL_COMMAND,
     LocalServer,
     default_model_path,
@@ -150,6 +151,7 @@ def test_reuse_ignores_the_name_but_not_the_settings() -> None:
     assert not base.same_server(LocalServer("", "local/a", "/m.gguf", 2, 4096, 1024, ""))
     assert not base.same_server(LocalServer("", "local/a", "/m.gguf", 1, 2048, 1024, ""))
     assert not base.same_server(LocalServer("", "local/a", "/m.gguf", 1, 4096, 1024, "{{x}}"))
+    assert not base.same_server(LocalServer("", "local/a", "/m.gguf", 1, 4096, 1024, "", 0.8))
 
 
 @pytest.mark.skipif(not HAVE_XLLAMACPP, reason=f"xllamacpp not installed ({INSTALL_COMMAND})")
@@ -218,6 +220,11 @@ def test_local_starts_on_loopback_reuses_and_sets_defaults(served: LocalServer) 
     assert local(name="tiny") == url
     assert local_server() == LocalServer(**{**served.__dict__, "name": "local/tiny"})
     assert get_defaults()["model"] == "local/tiny"
+    # The bundled model's tuning: tool template, reply cap, loop-breaking DRY sampler.
+    assert (served.max_tokens, served.dry_multiplier) == (512, 0.8)
+    assert served.chat_template == CHATML_TOOLS_TEMPLATE
+    props = get_json(url.removesuffix("/v1") + "/props")
+    assert props["chat_template_caps"]["supports_tool_calls"] is True
 
 
 @local_model
