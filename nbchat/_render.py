@@ -102,12 +102,13 @@ class ToolBlock:
         """A collapsed ``<details>`` block: name and state in the summary line."""
         args = "".join(self.arguments)
         with_spaces = _pretty_json(args)
+        took = "" if self.duration_ms is None else f"{self.duration_ms:.0f} ms"
         if self.result is None:
             state = "running…"
         elif self.is_error:
-            state = f"error · {self.duration_ms or 0:.0f} ms"
+            state = " · ".join(p for p in ("error", took) if p)
         else:
-            state = f"{self.duration_ms or 0:.0f} ms"
+            state = took or "done"  # a block rebuilt from history has no duration
         icon = "⚠" if self.is_error else "🔧"
         body = f"<b>arguments</b><pre>{html.escape(_clip(with_spaces, max_chars))}</pre>"
         if self.result is not None:
