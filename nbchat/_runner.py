@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import queue
+import signal
 import threading
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from types import FrameType
+from typing import Any, Generic, TypeVar
 
-__all__ = ["background_loop", "current_background_loop", "run_sync", "submit"]
+__all__ = ["TurnRunner", "background_loop", "current_background_loop", "run_sync", "submit"]
 
 T = TypeVar("T")
 
@@ -55,3 +59,171 @@ def submit(coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
 def run_sync(coro: Coroutine[Any, Any, T]) -> T:
     """Run ``coro`` on the background loop and wait for its result."""
     return submit(coro).result()
+
+
+_DONE = object()
+
+
+class _Failure:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+class TurnRunner(Generic[T]):
+    """Runs one turn at a time for its owner, for sync or async callers, and stops it.
+
+    A turn is an async iterator of items (events). ``run_sync`` drives it on the
+    background loop and hands items to a callback on the calling thread; ``stream``
+    drives it as a task on the caller's loop. Either way ``cancel()`` (from any thread,
+    or a signal handler) cancels that task at once, and the turn's own code decides
+    what to keep. A lock makes a second turn wait for the first.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._task: asyncio.Task[None] | None = None
+        self._task_loop: asyncio.AbstractEventLoop | None = None
+        self._inflight = 0  # turns started and not yet finished (running or waiting)
+        self.cancel_requested = False
+
+    def cancel(self) -> None:
+        """Stop the running turn at once; a no-op when none is running."""
+        if not self._inflight:
+            return
+        # The flag also covers a turn whose task does not exist yet (see _pump).
+        self.cancel_requested = True
+        task, loop = self._task, self._task_loop
+        if task is not None and loop is not None:
+            loop.call_soon_threadsafe(task.cancel)
+
+    def run_sync(self, turn: AsyncIterator[T], on_item: Callable[[T], None]) -> None:
+        """Drive ``turn`` on the background loop; call ``on_item`` here for each item.
+
+        On the main thread, Ctrl-C / a kernel interrupt cancels the turn instead of
+        unwinding this call, so every item still reaches ``on_item``. If ``on_item``
+        raises, the turn is cancelled and drained before the error propagates.
+        """
+        items: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._inflight += 1
+        future = submit(self._pump(turn, items.put))
+        with self._interrupts_cancel():
+            self._drain(items, on_item)
+        future.result()
+
+    async def stream(self, turn: AsyncIterator[T]) -> AsyncIterator[T]:
+        """Drive ``turn`` as a task on the running loop, yielding its items."""
+        items: asyncio.Queue[Any] = asyncio.Queue()
+        self._inflight += 1
+        # Backpressure: a reply already buffered in the socket would otherwise be parsed
+        # whole before this consumer runs, holding every item in memory at once.
+        task = asyncio.ensure_future(self._pump(turn, items.put_nowait, lambda: items.qsize() > 64))
+        try:
+            while True:
+                item = await items.get()
+                if item is _DONE:
+                    break
+                if isinstance(item, _Failure):
+                    raise item.exc
+                yield item
+        finally:
+            if not task.done():
+                self.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    @contextlib.contextmanager
+    def _interrupts_cancel(self) -> Iterator[None]:
+        """While a turn runs on the main thread, the first SIGINT cancels it.
+
+        Raising KeyboardInterrupt between taking an item off the queue and handing it
+        on would lose that item from the caller's display; cancelling loses nothing. A
+        second interrupt goes to the previous handler (KeyboardInterrupt, as usual), in
+        case the turn is stuck.
+        """
+        previous = signal.getsignal(signal.SIGINT)
+        if threading.current_thread() is not threading.main_thread() or not callable(previous):
+            yield
+            return
+        presses = 0
+
+        def on_sigint(signum: int, frame: FrameType | None) -> None:
+            nonlocal presses
+            presses += 1
+            if presses == 1:
+                self.cancel()
+            else:
+                previous(signum, frame)
+
+        signal.signal(signal.SIGINT, on_sigint)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _drain(self, items: queue.SimpleQueue[Any], on_item: Callable[[T], None]) -> None:
+        failed: BaseException | None = None
+        while True:
+            try:
+                try:
+                    item = items.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                if item is _DONE:
+                    break
+                if isinstance(item, _Failure):
+                    raise item.exc
+                if failed is None:
+                    on_item(item)
+            except KeyboardInterrupt:
+                # A second interrupt, or one with no handler of ours: stop the turn and
+                # keep draining so what it produced is still delivered.
+                self.cancel()
+            except Exception as exc:
+                if isinstance(item, _Failure) or failed is not None:
+                    raise
+                failed = exc  # the consumer broke: stop the turn, then re-raise
+                self.cancel()
+        if failed is not None:
+            raise failed
+
+    async def _pump(
+        self,
+        turn: AsyncIterator[T],
+        put: Callable[[Any], None],
+        backlog: Callable[[], bool] | None = None,
+    ) -> None:
+        """Drive ``turn`` under the lock, handing items to ``put``, then ``_DONE``.
+
+        When ``backlog()`` says the consumer (on this same loop) is behind, yield to it.
+        """
+        try:
+            await self._acquire()
+            try:
+                self._task = asyncio.current_task()
+                self._task_loop = asyncio.get_running_loop()
+                if self.cancel_requested and self._task is not None:
+                    self._task.cancel()  # cancel() came before this task existed
+                async for item in turn:
+                    put(item)
+                    if backlog is not None and backlog():
+                        await asyncio.sleep(0)
+            finally:
+                self._task = self._task_loop = None
+                self.cancel_requested = False
+                self._lock.release()
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            put(_Failure(exc))
+        finally:
+            self._inflight -= 1
+            put(_DONE)
+
+    async def _acquire(self) -> None:
+        if self._lock.acquire(blocking=False):
+            return
+        # Another turn is running: wait without blocking the loop.
+        acquired = asyncio.get_running_loop().run_in_executor(None, self._lock.acquire)
+        try:
+            await asyncio.shield(acquired)
+        except asyncio.CancelledError:
+            acquired.add_done_callback(lambda _: self._lock.release())
+            raise

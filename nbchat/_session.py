@@ -9,14 +9,9 @@ that asks for tools is durable before the tools run.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import queue
-import signal
-import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
-from types import FrameType
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._client import ModelClient, RoundFolder
@@ -30,7 +25,7 @@ from ._compaction import (
 from ._config import get_defaults, resolve_client, set_defaults
 from ._exceptions import GuardrailRejected, ModelAPIError, SessionPendingError, StoreError
 from ._limits import Budgets, Guardrail, apply_guardrails, stored_usage
-from ._runner import submit
+from ._runner import TurnRunner
 from ._tools import ToolSet, error_payload
 from ._types import (
     ErrorEvent,
@@ -61,7 +56,6 @@ if TYPE_CHECKING:
 __all__ = ["Session", "configure"]
 
 EventHandler = Callable[[Event], None]
-_DONE = object()
 DEFAULT_MAX_ROUNDS = 16
 MAX_ROUNDS_NOTE = (
     "You have reached the limit on tool calls for this turn. Do not call tools; "
@@ -75,11 +69,6 @@ def configure(**defaults: Any) -> dict[str, Any]:
     Pass ``None`` to remove a default. Returns the defaults now in force (key hidden).
     """
     return set_defaults(**defaults)
-
-
-class _Failure:
-    def __init__(self, exc: BaseException) -> None:
-        self.exc = exc
 
 
 class _Turn:
@@ -188,11 +177,7 @@ class Session:
         if temperature is not None:
             self.request_params["temperature"] = temperature
         self.usage = Usage()
-        self._lock = threading.Lock()
-        self._task: asyncio.Task[None] | None = None
-        self._task_loop: asyncio.AbstractEventLoop | None = None
-        self._cancel_requested = False
-        self._inflight = 0  # turns started by send()/stream() and not yet finished
+        self._runner: TurnRunner[Event] = TurnRunner()
         self._unwritten: list[Event] = []  # events the store could not take yet (locked)
         self._store_warned = False
         self._pending_notices: list[Event] = []
@@ -265,29 +250,25 @@ class Session:
         self._raise_if_pending()
         return self._run_sync(self._turn(text, cell_id), on_event)
 
+    def _run_sync(self, turn: AsyncIterator[Event], on_event: EventHandler | None) -> TurnResult:
+        result: TurnResult | None = None
+
+        def take(event: Event) -> None:
+            nonlocal result
+            if isinstance(event, TurnFinished):
+                result = event.result
+            if on_event is not None:
+                on_event(event)
+
+        self._runner.run_sync(self._with_notices(turn), take)
+        assert result is not None, "a turn always ends with TurnFinished"
+        return result
+
     async def stream(self, text: str, *, cell_id: str | None = None) -> AsyncIterator[Event]:
         """Run one turn, yielding its events as they happen (the last is ``TurnFinished``)."""
         self._raise_if_pending()
-        events: asyncio.Queue[Any] = asyncio.Queue()
-        # Backpressure: a stream already buffered in the socket would otherwise be parsed
-        # whole before the consumer runs, holding every event in memory at once.
-        self._inflight += 1
-        task = asyncio.ensure_future(
-            self._pump(self._turn(text, cell_id), events.put_nowait, lambda: events.qsize() > 64)
-        )
-        try:
-            while True:
-                item = await events.get()
-                if item is _DONE:
-                    break
-                if isinstance(item, _Failure):
-                    raise item.exc
-                yield item
-        finally:
-            if not task.done():
-                self.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        async for event in self._runner.stream(self._with_notices(self._turn(text, cell_id))):
+            yield event
 
     def resume(self, *, on_event: EventHandler | None = None) -> TurnResult:
         """Run the tool calls left pending by a crash, then let the model continue."""
@@ -318,13 +299,7 @@ class Session:
 
     def cancel(self) -> None:
         """Stop the running turn at once (safe to call from any thread or a signal handler)."""
-        if not self._inflight:
-            return
-        # The flag covers a turn whose task does not exist yet (see _pump).
-        self._cancel_requested = True
-        task, loop = self._task, self._task_loop
-        if task is not None and loop is not None:
-            loop.call_soon_threadsafe(task.cancel)
+        self._runner.cancel()
 
     def set_model(self, model: str) -> None:
         """Send the following requests to another model on the same endpoint."""
@@ -346,114 +321,14 @@ class Session:
                 "continue, or session.abort_pending() to close them as aborted."
             )
 
-    def _run_sync(self, turn: AsyncIterator[Event], on_event: EventHandler | None) -> TurnResult:
-        events: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._inflight += 1
-        future = submit(self._pump(turn, events.put))
-        with self._interrupt_cancels():
-            result = self._drain(events, on_event)
-        future.result()
-        assert result is not None, "a turn always ends with TurnFinished"
-        return result
-
-    @contextlib.contextmanager
-    def _interrupt_cancels(self) -> Iterator[None]:
-        """While a turn runs on the main thread, Ctrl-C / a kernel interrupt cancels it.
-
-        Raising KeyboardInterrupt between taking an event off the queue and handing it
-        on would lose that event from the caller's display; cancelling loses nothing. A
-        second interrupt goes to the previous handler (KeyboardInterrupt, as usual), in
-        case the turn is stuck.
-        """
-        previous = signal.getsignal(signal.SIGINT)
-        if threading.current_thread() is not threading.main_thread() or not callable(previous):
-            yield
-            return
-        presses = 0
-
-        def on_sigint(signum: int, frame: FrameType | None) -> None:
-            nonlocal presses
-            presses += 1
-            if presses == 1:
-                self.cancel()
-            else:
-                previous(signum, frame)
-
-        signal.signal(signal.SIGINT, on_sigint)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGINT, previous)
-
-    def _drain(
-        self, events: queue.SimpleQueue[Any], on_event: EventHandler | None
-    ) -> TurnResult | None:
-        result: TurnResult | None = None
-        while True:
-            try:
-                try:
-                    item = events.get(timeout=0.1)
-                except queue.Empty:
-                    continue
-                if item is _DONE:
-                    break
-                if isinstance(item, _Failure):
-                    raise item.exc
-                if isinstance(item, TurnFinished):
-                    result = item.result
-                if on_event is not None:
-                    on_event(item)
-            except KeyboardInterrupt:
-                # A second interrupt, or one with no handler of ours: stop the turn and
-                # keep draining so the interrupted reply is stored and shown.
-                self.cancel()
-        return result
-
-    async def _pump(
-        self,
-        turn: AsyncIterator[Event],
-        put: Callable[[Any], None],
-        backlog: Callable[[], bool] | None = None,
-    ) -> None:
-        """Drive ``turn`` under the session lock, handing events to ``put``.
-
-        When ``backlog()`` says the consumer (on this same loop) is behind, yield to it.
-        """
-        try:
-            await self._acquire()
-            try:
-                self._task = asyncio.current_task()
-                self._task_loop = asyncio.get_running_loop()
-                if self._cancel_requested:  # cancel() came before this task existed
-                    self._task.cancel()  # type: ignore[union-attr]
-                async for event in turn:
-                    put(event)
-                    while self._pending_notices:  # raised inside _emit, e.g. store locked
-                        put(self._pending_notices.pop(0))
-                    if backlog is not None and backlog():
-                        await asyncio.sleep(0)
-            finally:
-                self._task = self._task_loop = None
-                self._cancel_requested = False
-                self._lock.release()
-        except BaseException as exc:  # handed to the consumer, which re-raises it
-            put(_Failure(exc))
-        finally:
-            self._inflight -= 1
-            put(_DONE)
-
-    async def _acquire(self) -> None:
-        if self._lock.acquire(blocking=False):
-            return
-        # Another turn of this session is running: wait without blocking the loop.
-        acquired = asyncio.get_running_loop().run_in_executor(None, self._lock.acquire)
-        try:
-            await asyncio.shield(acquired)
-        except asyncio.CancelledError:
-            acquired.add_done_callback(lambda _: self._lock.release())
-            raise
-
     # ------------------------------------------------------------------ the loop
+
+    async def _with_notices(self, turn: AsyncIterator[Event]) -> AsyncIterator[Event]:
+        """``turn``'s events, with the notices ``_emit`` raised on the way (store locked)."""
+        async for event in turn:
+            yield event
+            while self._pending_notices:
+                yield self._pending_notices.pop(0)
 
     def _emit(self, event: Event) -> Event:
         if self.store is not None:
@@ -780,6 +655,10 @@ class Session:
             counted, cost = RequestUsage(prompt_tokens=0, completion_tokens=0), 0.0
         turn.usage = turn.usage.add(counted, cost)
         self.usage = self.usage.add(counted, cost)
+        if error is None and self._runner.cancel_requested:
+            failure: str | None = "interrupted"
+        else:
+            failure = str(error) if error else None
         return self._emit(
             UsageEvent(
                 session_id=self.id,
@@ -792,7 +671,7 @@ class Session:
                 ttft_ms=folder.ttft_ms,
                 duration_ms=(time.perf_counter() - folder.started) * 1000,
                 finish_reason=folder.finish_reason,
-                error=str(error) if error else ("interrupted" if self._cancel_requested else None),
+                error=failure,
             )
         )  # type: ignore[return-value]
 

@@ -299,8 +299,12 @@ def test_cancel_while_tools_run_answers_every_call(fake: FakeOpenAIServer) -> No
         await asyncio.sleep(5)
         return n
 
-    fake.enqueue(tool_calls=[{"name": "slow", "arguments": {"n": 1}}, {"name": "slow",
-                                                                         "arguments": {"n": 2}}])
+    fake.enqueue(
+        tool_calls=[
+            {"name": "slow", "arguments": {"n": 1}},
+            {"name": "slow", "arguments": {"n": 2}},
+        ]
+    )
     fake.enqueue("after")
     s = make(fake, tools=[slow])
 
@@ -425,8 +429,9 @@ def test_turn_token_budget_stops_before_the_next_request(fake: FakeOpenAIServer)
         """Ping."""
         return "pong"
 
-    fake.enqueue(tool_calls=[{"name": "ping"}], usage={"prompt_tokens": 50,
-                                                       "completion_tokens": 10})
+    fake.enqueue(
+        tool_calls=[{"name": "ping"}], usage={"prompt_tokens": 50, "completion_tokens": 10}
+    )
     fake.enqueue("unreachable")
     r = make(fake, tools=[ping], turn_max_tokens=40).send("go")
     assert r.status == "budget_exceeded" and "turn_max_tokens" in (r.error or "")
@@ -487,3 +492,20 @@ def test_configure_defaults_fill_session_options(fake: FakeOpenAIServer) -> None
     assert body["temperature"] == 0.25
     assert s.max_rounds == 3 and s.budgets.budget_usd == 2.0
     assert Session(model="m", base_url=fake.url, db=False, max_rounds=5).max_rounds == 5
+
+
+def test_a_failing_on_event_stops_the_turn_and_raises(fake: FakeOpenAIServer) -> None:
+    fake.enqueue("z" * 300, chunk_size=1, delay=0.01)
+    fake.enqueue("next one")
+    s = make(fake)
+
+    def broken_display(event: Any) -> None:
+        if event.kind == "text_delta":
+            raise ValueError("display broke")
+
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match="display broke"):
+        s.send("go", on_event=broken_display)
+    assert time.perf_counter() - t0 < 2, "the turn was cancelled, not run to its end"
+    assert s.history[-1].status == "interrupted"
+    assert s.send("again").text == "next one"
