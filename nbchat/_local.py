@@ -170,10 +170,11 @@ def model_name(model_path: str | os.PathLike[str], name: str | None = None) -> s
 def default_threads() -> int:
     """Threads for generation: half the usable cores, between 1 and 4.
 
-    llama.cpp's worker threads spin while they wait. On a small, busy machine one
-    thread per core made generation several times slower (2 threads on 2 shared
-    cores: ~6 tokens/s; 1 thread: ~44 tokens/s), and a 135M model gains little from
-    more threads anyway.
+    llama.cpp's worker threads spin while they wait, so a thread per core collapses
+    as soon as anything else runs. SmolLM2-135M on 2 cores: idle, 1 thread made
+    ~35 tokens/s and 2 threads ~64; beside one busy process, 1 thread ~38 and 2
+    threads ~18 (and ~6 when several test runs shared the machine). A kernel is
+    rarely alone on a laptop or on Binder, so the default favours the steady case.
     """
     try:
         cores = len(os.sched_getaffinity(0))
