@@ -94,14 +94,21 @@ def time_to_first_token(samples: int = 15) -> list[dict[str, Any]]:
                 return elapsed
         raise RuntimeError("no text arrived")
 
-    async def ours_first(session: Any) -> float:
+    def ours_first(session: Any) -> float:
+        # send() is what cells and the panel use: the turn runs on nbchat's background
+        # loop with a kept connection; the first text event is timed on this thread.
         t0 = time.perf_counter()
-        async for event in session.stream("go"):
-            if event.kind == "text_delta":
-                elapsed = time.perf_counter() - t0
+        first: list[float] = []
+
+        def on_event(event: Any) -> None:
+            if event.kind == "text_delta" and not first:
+                first.append(time.perf_counter() - t0)
                 session.cancel()
-                return elapsed
-        raise RuntimeError("no text arrived")
+
+        session.send("go", on_event=on_event)
+        if not first:
+            raise RuntimeError("no text arrived")
+        return first[0]
 
     with FakeOpenAIServer(fallback="hello there") as server, tempfile.TemporaryDirectory() as t:
         client = openai.OpenAI(base_url=server.url, api_key="bench", max_retries=0)
@@ -109,9 +116,9 @@ def time_to_first_token(samples: int = 15) -> list[dict[str, Any]]:
             model="bench", base_url=server.url, api_key="bench", db=Path(t) / "b.duckdb"
         )
         sdk_first(client)
-        asyncio.run(ours_first(session))
+        ours_first(session)
         sdk = median_of([sdk_first(client) for _ in range(samples)]) * 1000
-        ours = median_of([asyncio.run(ours_first(session)) for _ in range(samples)]) * 1000
+        ours = median_of([ours_first(session) for _ in range(samples)]) * 1000
         client.close()
     extra = ours - sdk
     return [
@@ -122,7 +129,7 @@ def time_to_first_token(samples: int = 15) -> list[dict[str, Any]]:
             baseline=sdk,
             goal="<= 20 ms extra",
             ok=extra <= 20,
-            note=f"nbchat {ours:.1f} ms vs SDK {sdk:.1f} ms (median of {samples}, store on)",
+            note=f"nbchat send() {ours:.1f} ms vs SDK {sdk:.1f} ms (median of {samples}, store on)",
         )
     ]
 

@@ -2,23 +2,24 @@
 
 Order, first found wins: an explicit argument, then the kernel's defaults (set by
 ``%chat config`` or ``nbchat.local()``), then the environment (``NBCHAT_*``, falling
-back to ``OPENAI_*``). The API key is held as a ``SecretStr`` so it never shows up in
-a repr, a log line or an error message.
+back to ``OPENAI_*``). The API key is held as a ``Secret`` so it never shows up in a
+repr, a log line or an error message. Plain dataclasses, not pydantic: ``%load_ext
+nbchat`` imports this module and must not pay for pydantic.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
-
-from pydantic import BaseModel, ConfigDict, SecretStr
 
 from ._exceptions import ConfigError
 
 __all__ = [
     "ClientSettings",
+    "Secret",
     "default_db_path",
     "get_defaults",
     "is_loopback",
@@ -34,6 +35,33 @@ DEFAULT_KEYS = frozenset(
 _defaults: dict[str, Any] = {}
 
 
+class Secret:
+    """A string that never shows itself: its repr and str are masked."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def get_secret_value(self) -> str:
+        """The real value (to hand to the HTTP client, nowhere else)."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')" if self._value else "Secret('')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+
 def set_defaults(**values: Any) -> dict[str, Any]:
     """Set this process's defaults for new sessions; ``None`` removes a default."""
     unknown = set(values) - DEFAULT_KEYS
@@ -46,12 +74,12 @@ def set_defaults(**values: Any) -> dict[str, Any]:
         if value is None:
             _defaults.pop(key, None)
         else:
-            _defaults[key] = SecretStr(value) if key == "api_key" else value
+            _defaults[key] = Secret(value) if key == "api_key" else value
     return get_defaults()
 
 
 def get_defaults() -> dict[str, Any]:
-    """A copy of this process's defaults (the API key stays a ``SecretStr``)."""
+    """A copy of this process's defaults (the API key stays a ``Secret``)."""
     return dict(_defaults)
 
 
@@ -76,20 +104,19 @@ def is_loopback(base_url: str | None) -> bool:
     return host in {"localhost", "::1"} or host.startswith("127.")
 
 
-class ClientSettings(BaseModel):
+@dataclass(frozen=True)
+class ClientSettings:
     """The resolved endpoint of a session: model, base URL and key."""
-
-    model_config = ConfigDict(frozen=True)
 
     model: str
     base_url: str
-    api_key: SecretStr
+    api_key: Secret
 
 
 def resolve_client(
     model: str | None = None,
     base_url: str | None = None,
-    api_key: str | SecretStr | None = None,
+    api_key: str | Secret | None = None,
 ) -> ClientSettings:
     """Resolve model, base URL and key, or raise ``ConfigError`` saying what to set."""
     model = model or _defaults.get("model") or _env("NBCHAT_MODEL")
@@ -99,7 +126,7 @@ def resolve_client(
         or _env("NBCHAT_BASE_URL", "OPENAI_BASE_URL")
         or OPENAI_BASE_URL
     )
-    key: SecretStr | str | None = api_key or _defaults.get("api_key")
+    key: Secret | str | None = api_key or _defaults.get("api_key")
     if key is None:
         key = _env("NBCHAT_API_KEY", "OPENAI_API_KEY")
     if not model:
@@ -114,7 +141,7 @@ def resolve_client(
                 "or pass api_key=... (nbchat.local() needs no key)."
             )
         key = "not-needed-for-a-local-server"
-    secret = key if isinstance(key, SecretStr) else SecretStr(key)
+    secret = key if isinstance(key, Secret) else Secret(key)
     return ClientSettings(model=model, base_url=base_url.rstrip("/"), api_key=secret)
 
 

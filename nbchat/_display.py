@@ -18,21 +18,13 @@ from __future__ import annotations
 
 import sys
 import uuid
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ._exceptions import NbchatError
-from ._render import STATUS_LABELS, Throttle, TurnView
-from ._types import (
-    ErrorEvent,
-    Event,
-    LimitReached,
-    Notice,
-    TextDelta,
-    ToolResult,
-    TurnFinished,
-    TurnResult,
-    TurnStarted,
-)
+
+if TYPE_CHECKING:  # imported when a turn runs: %load_ext must stay fast (pydantic models)
+    from ._render import Throttle
+    from ._types import Event, TurnResult
 
 __all__ = [
     "CellRenderer",
@@ -81,6 +73,8 @@ class TurnFailed(NbchatError):
     """
 
     def __init__(self, result: TurnResult) -> None:
+        from ._render import STATUS_LABELS
+
         label = STATUS_LABELS.get(result.status, result.status).lstrip("⚠ ").rstrip(".")
         super().__init__(f"{label}: {result.error}" if result.error else label)
         self.result = result
@@ -113,6 +107,8 @@ class CellRenderer:
     """
 
     def __init__(self, model: str, mode: RenderMode, *, throttle: Throttle | None = None) -> None:
+        from ._render import Throttle, TurnView
+
         self.mode = mode
         self.view = TurnView(model)
         self.throttle = throttle or Throttle()
@@ -124,9 +120,9 @@ class CellRenderer:
         if self.mode == "text":
             self._print(event)
         changed = self.view.handle(event)
-        if self.mode != "live" or isinstance(event, TurnFinished):
+        if self.mode != "live" or event.kind == "turn_finished":
             return  # the end is shown by finish(), exactly once
-        if not changed and not isinstance(event, TurnStarted):
+        if not changed and event.kind != "turn_started":
             return
         if not self.shown:
             self._publish(update=False)
@@ -169,6 +165,8 @@ class CellRenderer:
     # -------------------------------------------------------------- terminal
 
     def _print(self, event: Event) -> None:
+        from ._types import ErrorEvent, LimitReached, Notice, TextDelta, ToolResult
+
         out = sys.stdout
         if isinstance(event, TextDelta):
             out.write(event.text)
@@ -182,6 +180,8 @@ class CellRenderer:
         out.flush()
 
     def _print_footer(self) -> None:
+        from ._render import STATUS_LABELS
+
         result = self.view.result
         lines = ["\n" if self._printed_text else ""]
         if result is not None and result.status == "interrupted":

@@ -32,8 +32,9 @@ import os
 import random
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -189,18 +190,17 @@ def _file_is_free(path: str) -> bool:
     return True
 
 
-class Lease:
+class Lease(ABC):
     """Access to one store's DuckDB connection, shared by the ``Store`` handles of a process."""
 
     path: str
     refs: int = 0
 
-    @contextmanager
-    def connection(self, timeout: float) -> Iterator[Any]:
+    @abstractmethod
+    def connection(self, timeout: float) -> AbstractContextManager[Any]:
         """The open connection, for one operation; waits up to ``timeout`` s for the file."""
-        raise NotImplementedError
-        yield  # pragma: no cover
 
+    @abstractmethod
     def shutdown(self) -> None:
         """Close the connection now."""
 

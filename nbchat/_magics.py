@@ -31,9 +31,9 @@ from IPython.core.magic import Magics, cell_magic, line_cell_magic, magics_class
 from ._config import DEFAULT_KEYS, default_db_path, get_defaults, set_defaults
 from ._display import CellRenderer, Info, TurnFailed, TurnInterrupted, one_line, render_mode
 from ._exceptions import NbchatError, SessionPendingError
-from ._magic_options import ChatOptions, SqlOptions, interpolate, options_help, parse_options
 
 if TYPE_CHECKING:
+    from ._magic_options import ChatOptions
     from ._pytool import Approval
     from ._session import Session
     from ._tools import Tool
@@ -182,6 +182,8 @@ class ChatMagics(Magics):
 
     @cell_magic
     def chat_sql(self, line: str, cell: str) -> Any:
+        from ._magic_options import SqlOptions, parse_options
+
         opts = parse_options(SqlOptions, line, "%%chat_sql")
         from ._analysis import sql
 
@@ -198,6 +200,8 @@ class ChatMagics(Magics):
     # -------------------------------------------------------------- %%chat
 
     def _chat_cell(self, line: str, cell: str) -> None:
+        from ._magic_options import ChatOptions, interpolate, parse_options
+
         opts = parse_options(ChatOptions, line)
         text = interpolate(cell, self.user_ns).strip()
         if not text:
@@ -342,6 +346,8 @@ class ChatMagics(Magics):
         )
 
     def _cmd_resume(self, args: list[str]) -> None:
+        from ._magic_options import ChatOptions
+
         session = self._current()
         specs = ChatOptions.model_validate({"tools": ",".join(args)}).tools if args else None
         tools = self._tools(specs if specs is not None else self.default_tools)
@@ -379,6 +385,8 @@ class ChatMagics(Magics):
         return costs(by=args[0])  # type: ignore[arg-type]
 
     def _cmd_tools(self, args: list[str]) -> Info:
+        from ._magic_options import ChatOptions
+
         if args:
             specs = ChatOptions.model_validate({"tools": ",".join(args)}).tools or []
             self._tools(specs)  # fail now, not at the next cell
@@ -427,6 +435,25 @@ class ChatMagics(Magics):
             session.set_model(after["model"])
 
 
+# The option tables of the help text, as options_help() renders the options models.
+# Written out so %load_ext need not import pydantic; test_magics checks they match.
+CHAT_OPTIONS_HELP = """\
+  -m, --model NAME         model for this cell (a session this cell starts keeps it)
+  -s, --system TEXT        system prompt (a different one starts a new session)
+  --new                    start a new session (it becomes the current one)
+  --session ID             continue the stored session ID (it becomes the current one)
+  --tools A,B              tools for this cell: functions in the notebook, comma-
+                           separated; python[:ask|auto|never] runs code here; none for
+                           no tools
+  --budget USD             spend at most USD on this turn
+  --max-rounds N           rounds of tool calls before a final answer (default 16)
+  --no-stream              show the reply once it is complete
+  --out VAR                also store the reply text in variable VAR
+  --temperature T          sampling temperature"""
+SQL_OPTIONS_HELP = """\
+  --out VAR                also store the DataFrame in variable VAR
+  --db PATH                store file to query (default: the kernel's store)"""
+
 ChatMagics.chat.__doc__ = f"""Chat with a model from a notebook cell.
 
 %%chat [options]
@@ -439,7 +466,7 @@ interrupt stops the reply and keeps what arrived.
 
 Options (model, tools, budget, max-rounds, temperature, no-stream apply to this
 cell's turn only; new, session and system choose the conversation):
-{options_help(ChatOptions)}
+{CHAT_OPTIONS_HELP}
 
 {_SUBCOMMANDS}"""
 ChatMagics.chat_sql.__doc__ = f"""Run SQL on the nbchat store; shows the result as a DataFrame.
@@ -450,7 +477,7 @@ SELECT model, sum(cost_usd) FROM requests GROUP BY model
 Tables: sessions, messages, requests, tool_calls, compactions.
 
 Options:
-{options_help(SqlOptions)}
+{SQL_OPTIONS_HELP}
 """
 
 

@@ -9,6 +9,7 @@ with ``purpose="summary"``: its tokens and cost are stored and count toward budg
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 
@@ -71,7 +72,7 @@ class Summariser:
         stamp: tuple[str, str, int],
     ) -> None:
         if model is not None and model != client.model:
-            settings = client.settings.model_copy(update={"model": model})
+            settings = dataclasses.replace(client.settings, model=model)
             client = ModelClient(settings, max_retries=client.max_retries, timeout=client.timeout)
         self.client = client
         self.sink = sink

@@ -545,7 +545,8 @@ def test_load_ext_imports_no_heavy_modules() -> None:
         "ip = start_ipython()\n"
         "ip.run_line_magic('load_ext', 'nbchat')\n"
         "assert 'chat' in ip.magics_manager.magics['cell']\n"
-        "print(sorted(m for m in ('openai', 'pandas', 'duckdb', 'httpx') if m in sys.modules))\n"
+        "heavy = ('openai', 'pandas', 'duckdb', 'httpx', 'pydantic')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
@@ -681,3 +682,11 @@ def test_pending_session_resume_and_abort(
     assert "Closed 1 pending" in repr(shell.run_line_magic("chat", "abort"))
     fake.enqueue("ok")
     assert run(shell, "%%chat\nhello?").success
+
+
+def test_written_out_help_matches_the_options_models() -> None:
+    from nbchat._magic_options import ChatOptions, SqlOptions, options_help
+    from nbchat._magics import CHAT_OPTIONS_HELP, SQL_OPTIONS_HELP
+
+    assert options_help(ChatOptions) == CHAT_OPTIONS_HELP
+    assert options_help(SqlOptions) == SQL_OPTIONS_HELP
