@@ -65,8 +65,11 @@ function render({ model, el }) {
   };
   const push = () => { model.set("value", box.value); model.save_changes(); };
   box.addEventListener("input", push);
-  // Keys typed here are not notebook shortcuts (JupyterLab runs the cell on Shift+Enter
-  // anywhere in a notebook): ipywidgets' own text boxes stop them the same way.
+  // Keys typed here are not notebook shortcuts (JupyterLab and Notebook 7 run the cell on
+  // Shift+Enter anywhere in a notebook). Lumino skips shortcuts for elements marked with
+  // this attribute; Notebook 7 sees the key before the box does, so stopping it is not
+  // enough there. Stopping it too keeps other hosts out of the way.
+  box.setAttribute("data-lm-suppress-shortcuts", "true");
   box.addEventListener("keypress", (event) => event.stopPropagation());
   box.addEventListener("keydown", (event) => {
     event.stopPropagation();

@@ -1,4 +1,4 @@
-"""The chat panel in a real browser: JupyterLab and Voila, headless Debian chromium (playwright).
+"""The chat panel in a real browser (JupyterLab, Notebook 7, Voila) via headless chromium.
 
 The server runs in a subprocess on 127.0.0.1 with a private config; its kernel reaches
 the fake model server of this test process through NBCHAT_BASE_URL and writes to a
@@ -85,11 +85,11 @@ class Served:
     db: Path  # the store the kernel writes
 
 
-@pytest.fixture(params=["jupyterlab", "voila"])
+@pytest.fixture(params=["jupyterlab", "notebook7", "voila"])
 def served(
     request: pytest.FixtureRequest, tmp_path: Path, fake: FakeOpenAIServer
 ) -> Iterator[Served]:
-    """JupyterLab or Voila serving one notebook that shows a panel."""
+    """JupyterLab, Notebook 7 or Voila serving one notebook that shows a panel."""
     missing = _browser_missing()
     if missing:
         if os.environ.get("CI"):
@@ -137,6 +137,15 @@ def served(
             "--allow-root",
         ]
         url = f"{base}/lab/tree/panel.ipynb?reset&token={TOKEN}"
+    elif host == "notebook7":
+        command = [
+            *("-m", "notebook", "--no-browser", "--ip=127.0.0.1", f"--port={port}"),
+            f"--IdentityProvider.token={TOKEN}",
+            f"--ServerApp.root_dir={root}",
+            "--JupyterNotebookApp.expose_app_in_browser=True",
+            "--allow-root",
+        ]
+        url = f"{base}/notebooks/panel.ipynb?token={TOKEN}"
     else:
         command = [
             *("-m", "voila", "--no-browser", "--Voila.ip=127.0.0.1", f"--port={port}"),
@@ -183,19 +192,23 @@ def test_chat_in_the_browser(served: Served, fake: FakeOpenAIServer, tmp_path: P
         page.set_default_timeout(WAIT_MS)
         try:
             page.goto(served.url)
-            if served.host == "jupyterlab":
+            # JupyterLab and Notebook 7 share the notebook front end: run the cell there.
+            in_notebook_ui = served.host in ("jupyterlab", "notebook7")
+            if in_notebook_ui:
                 page.wait_for_function(KERNEL_IDLE)
                 # Not awaited: the command's promise settles only when the cell has run.
                 page.evaluate(
                     """() => {
                         const commands = window.jupyterapp.commands;
-                        commands.execute('application:toggle-left-area');  // a wider notebook
+                        if (commands.hasCommand('application:toggle-left-area')) {
+                            commands.execute('application:toggle-left-area');  // wider
+                        }
                         commands.execute('notebook:run-all-cells');
                     }"""
                 )
             box = page.locator(".nbchat-panel textarea.nbchat-textarea")
             expect(box).to_be_visible()
-            if served.host == "jupyterlab":
+            if in_notebook_ui:
                 # Typing only once the cell has finished: JupyterLab moves the focus to the
                 # notebook when a run ends, and keys would then be notebook shortcuts.
                 expect(page.locator(".jp-InputPrompt").first).to_contain_text("[1]")
