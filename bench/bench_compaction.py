@@ -13,7 +13,7 @@ compactions; the estimate's error against the server's count (calibrated, agains
 plain characters / 4); and the cost of estimating a long history incrementally. A plot
 is saved to ``bench/results/compaction.png``.
 
-Run: ``python bench/bench_compaction.py`` (or ``python -m bench compaction``).
+Run: ``python -m bench compaction`` (or ``python -m bench.bench_compaction``).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import nbchat
+from bench._common import figure
 from nbchat import Message, Session
 from nbchat._compaction import TokenEstimator
 from nbchat.testing import FakeOpenAIServer, Reply, estimate_prompt_tokens
@@ -64,30 +65,6 @@ WORDS = [
     "row",
 ]
 SYSTEM = "You are a data analysis assistant working in a Jupyter notebook."
-
-
-def figure(
-    name: str,
-    value: float,
-    unit: str,
-    *,
-    baseline: float | None = None,
-    goal: str = "",
-    ok: bool | None = None,
-    note: str = "",
-) -> dict[str, Any]:
-    """One measured figure; ``ratio`` is ``baseline / value`` (> 1: smaller than baseline)."""
-    ratio = baseline / value if baseline and value else None
-    return {
-        "name": name,
-        "value": round(value, 4),
-        "unit": unit,
-        "baseline": None if baseline is None else round(baseline, 4),
-        "ratio": None if ratio is None else round(ratio, 3),
-        "goal": goal,
-        "ok": ok,
-        "note": note,
-    }
 
 
 # --------------------------------------------------------------------------- the session
@@ -362,9 +339,8 @@ def plot(runs: dict[str | None, dict[str, Any]], path: Path | None = None) -> Pa
     return path
 
 
-if __name__ == "__main__":
-    for f in run():
-        mark = {True: "ok", False: "MISSED", None: ""}[f["ok"]]
-        base = "" if f["baseline"] is None else f"(baseline {f['baseline']:g}, ratio {f['ratio']})"
-        print(f"{f['name']:<48} {f['value']:>10g} {f['unit']:<7} {base:<34} {mark}")
+if __name__ == "__main__":  # python -m bench.bench_compaction (or python -m bench compaction)
+    from bench._common import print_table
+
+    print_table(run())
     print(f"plot: {RESULTS / 'compaction.png'}")

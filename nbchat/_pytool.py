@@ -21,9 +21,6 @@ the running code (between bytecodes; a blocking C call finishes first).
 from __future__ import annotations
 
 import ast
-import asyncio
-import contextlib
-import ctypes
 import io
 import itertools
 import linecache
@@ -33,7 +30,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any, Literal, TextIO, cast, get_args
 
-from ._tools import Tool
+from ._tools import Tool, in_thread
 
 __all__ = ["Approval", "ExecutionFailed", "python_tool", "run_code"]
 
@@ -169,44 +166,6 @@ def _format_error(exc: BaseException, filename: str) -> str:
     return "".join(traceback.format_exception(type(exc), exc, tb)).rstrip()
 
 
-def _raise_in_thread(thread: threading.Thread) -> None:
-    """Raise KeyboardInterrupt inside ``thread`` at its next bytecode."""
-    if thread.ident is not None and thread.is_alive():
-        ctypes.pythonapi.PyThreadState_SetAsyncExc(
-            ctypes.c_ulong(thread.ident), ctypes.py_object(KeyboardInterrupt)
-        )
-
-
-async def _in_worker(fn: Callable[[], str]) -> str:
-    """Run ``fn`` in a daemon thread; cancelling interrupts the code running there."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[str] = loop.create_future()
-
-    def settle(exc: BaseException | None, value: str) -> None:
-        if future.done():
-            return
-        if exc is None:
-            future.set_result(value)
-        else:
-            future.set_exception(exc)
-
-    def target() -> None:
-        try:
-            outcome: tuple[BaseException | None, str] = (None, fn())
-        except BaseException as exc:
-            outcome = (exc, "")
-        with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
-            loop.call_soon_threadsafe(settle, *outcome)
-
-    worker = threading.Thread(target=target, name="nbchat-python-tool", daemon=True)
-    worker.start()
-    try:
-        return await future
-    except asyncio.CancelledError:
-        _raise_in_thread(worker)
-        raise
-
-
 # ---------------------------------------------------------------------- approval
 
 
@@ -281,6 +240,6 @@ def python_tool(
                 "running code is switched off in this notebook (approval='never'); "
                 "show the user the code instead"
             )
-        return await _in_worker(lambda: work(code))
+        return str(await in_thread(work, [code], {}, "python", interrupt_on_cancel=True))
 
     return Tool(python, name=name, description=_DESCRIPTION)

@@ -433,17 +433,21 @@ class Session:
                 ),
                 turn,
             )
-            yield self._emit(
-                ErrorEvent(
-                    session_id=self.id,
-                    turn_id=turn.turn_id,
-                    message=turn.error,
-                    error_kind="guardrail",
-                )
-            )
+            yield self._guardrail_error(turn)
             return
         yield self._add(
             Message(role="user", content=text, turn_id=turn.turn_id, cell_id=turn.cell_id), turn
+        )
+
+    def _guardrail_error(self, turn: _Turn) -> Event:
+        """The error event of a turn a guardrail rejected (``turn.error`` says why)."""
+        return self._emit(
+            ErrorEvent(
+                session_id=self.id,
+                turn_id=turn.turn_id,
+                message=turn.error or "rejected by a guardrail",
+                error_kind="guardrail",
+            )
         )
 
     def _supersede_cell(self, cell_id: str) -> Iterable[Event]:
@@ -545,14 +549,7 @@ class Session:
                 turn.status, turn.error = "rejected", f"Reply rejected by a guardrail: {exc}"
                 message.status, message.state = "rejected", "superseded"
                 yield self._record(message, turn)
-                yield self._emit(
-                    ErrorEvent(
-                        session_id=self.id,
-                        turn_id=turn.turn_id,
-                        message=turn.error,
-                        error_kind="guardrail",
-                    )
-                )
+                yield self._guardrail_error(turn)
                 return
             if hold_text and message.content:
                 yield self._emit(

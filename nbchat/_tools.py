@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import contextvars
 import copy
+import ctypes
 import dataclasses
 import functools
 import inspect
@@ -351,7 +352,7 @@ class Tool:
         args, kwargs = self._bind(arguments)
         if self.is_async:
             return await self.fn(*args, **kwargs)
-        result = await _in_thread(self.fn, args, kwargs, self.name)
+        result = await in_thread(self.fn, args, kwargs, self.name)
         if inspect.isawaitable(result):  # a sync wrapper around something async
             result = await result
         return result
@@ -362,10 +363,20 @@ def _short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-async def _in_thread(
-    fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any], name: str
+async def in_thread(
+    fn: Callable[..., Any],
+    args: list[Any],
+    kwargs: dict[str, Any],
+    name: str,
+    *,
+    interrupt_on_cancel: bool = False,
 ) -> Any:
-    """Run ``fn`` in a fresh daemon thread; cancelling the await abandons the thread at once."""
+    """Run ``fn`` in a fresh daemon thread and await its result.
+
+    Cancelling the await returns at once: a thread cannot be killed, so the function
+    runs on and its result is dropped — or, with ``interrupt_on_cancel``, it gets a
+    KeyboardInterrupt at its next bytecode (code the user may stop, like the python tool).
+    """
     loop = asyncio.get_running_loop()
     future: asyncio.Future[Any] = loop.create_future()
     context = contextvars.copy_context()
@@ -389,8 +400,16 @@ async def _in_thread(
         with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(settle, *outcome)
 
-    threading.Thread(target=target, name=f"nbchat-tool-{name}", daemon=True).start()
-    return await future
+    worker = threading.Thread(target=target, name=f"nbchat-tool-{name}", daemon=True)
+    worker.start()
+    try:
+        return await future
+    except asyncio.CancelledError:
+        if interrupt_on_cancel and worker.ident is not None and worker.is_alive():
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                ctypes.c_ulong(worker.ident), ctypes.py_object(KeyboardInterrupt)
+            )
+        raise
 
 
 @overload
