@@ -17,7 +17,7 @@ import contextlib
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -33,6 +33,7 @@ from ._types import (
     ToolCall,
     ToolCallDelta,
     ToolCallStarted,
+    UsageEvent,
     new_id,
 )
 
@@ -426,6 +427,41 @@ class ModelClient:
                 _check_complete(parser, folder)
             finally:
                 response.close()
+
+    def usage_event(
+        self,
+        folder: RoundFolder,
+        error: ModelAPIError | None,
+        *,
+        interrupted: bool = False,
+        purpose: Literal["chat", "summary"] = "chat",
+    ) -> UsageEvent:
+        """The record of one finished (or failed) request: usage, cost, timing, error.
+
+        A request refused with an HTTP error before anything was generated used nothing:
+        it counts as 0 tokens and $0 (recording "unknown" would leave every later budget
+        check unable to count). A price nbchat does not know stays ``None``.
+        """
+        from ._pricing import request_cost
+
+        usage = folder.usage
+        cost, provider = request_cost(self.model, self.settings.base_url, usage)
+        if usage is None and error is not None and error.status_code is not None:
+            usage, cost = RequestUsage(prompt_tokens=0, completion_tokens=0), 0.0
+        return UsageEvent(
+            session_id=folder.session_id,
+            turn_id=folder.turn_id,
+            round=folder.round,
+            model=self.model,
+            provider=provider,
+            usage=usage,
+            cost_usd=cost,
+            ttft_ms=folder.ttft_ms,
+            duration_ms=(time.perf_counter() - folder.started) * 1000,
+            finish_reason=folder.finish_reason,
+            error=str(error) if error else ("interrupted" if interrupted else None),
+            purpose=purpose,
+        )
 
     async def list_models(self) -> list[str]:
         """The model ids the server offers (``GET /models``)."""

@@ -36,7 +36,6 @@ from ._types import (
     MessagesMarked,
     MessageStatus,
     Notice,
-    RequestUsage,
     TextDelta,
     ToolCall,
     ToolCallRecord,
@@ -642,35 +641,10 @@ class Session:
     def _record_usage(
         self, turn: _Turn, folder: RoundFolder, error: ModelAPIError | None
     ) -> UsageEvent:
-        from ._pricing import request_cost
-
-        cost, provider = request_cost(self.model, self.client.settings.base_url, folder.usage)
-        counted = folder.usage
-        if counted is None and error is not None and error.status_code is not None:
-            # Refused with an HTTP error before anything was generated: nothing was used
-            # (recording "unknown" would leave every later budget check unable to count).
-            counted, cost = RequestUsage(prompt_tokens=0, completion_tokens=0), 0.0
-        turn.usage = turn.usage.add(counted, cost)
-        self.usage = self.usage.add(counted, cost)
-        if error is None and self._runner.cancel_requested:
-            failure: str | None = "interrupted"
-        else:
-            failure = str(error) if error else None
-        return self._emit(
-            UsageEvent(
-                session_id=self.id,
-                turn_id=turn.turn_id,
-                round=turn.round,
-                model=self.model,
-                provider=provider,
-                usage=counted,
-                cost_usd=cost,
-                ttft_ms=folder.ttft_ms,
-                duration_ms=(time.perf_counter() - folder.started) * 1000,
-                finish_reason=folder.finish_reason,
-                error=failure,
-            )
-        )  # type: ignore[return-value]
+        event = self.client.usage_event(folder, error, interrupted=self._runner.cancel_requested)
+        turn.usage = turn.usage.add(event.usage, event.cost_usd)
+        self.usage = self.usage.add(event.usage, event.cost_usd)
+        return self._emit(event)  # type: ignore[return-value]
 
     def _assistant(
         self, turn: _Turn, folder: RoundFolder, *, status: MessageStatus, with_calls: bool
@@ -693,17 +667,9 @@ class Session:
         for record in records:
             turn.tool_calls.append(record)
             yield self._emit(ToolResult(session_id=self.id, turn_id=turn.turn_id, call=record))
-            message = Message(
-                role="tool",
-                content=record.result,
-                tool_call_id=record.call_id,
-                name=record.name,
-                turn_id=turn.turn_id,
-                round=turn.round,
-                cell_id=turn.cell_id,
-                status="error" if record.is_error else "ok",
-            )
             turn.unanswered = [c for c in turn.unanswered if c.id != record.call_id]
+            status: MessageStatus = "error" if record.is_error else "ok"
+            message = _tool_message(turn, record.call_id, record.name, record.result, status)
             yield self._add(message, turn)
 
     def _interrupted(self, turn: _Turn) -> Iterable[Event]:
@@ -734,20 +700,11 @@ class Session:
             if message is not None:
                 turn.text = message.content or ""
                 yield self._add(message, turn)
+        stopped = error_payload(
+            "cancelled", "The user stopped this turn before the tool call finished."
+        )
         for call in turn.unanswered:
-            message = Message(
-                role="tool",
-                tool_call_id=call.id,
-                name=call.name,
-                turn_id=turn.turn_id,
-                round=turn.round,
-                cell_id=turn.cell_id,
-                status="cancelled",
-                content=error_payload(
-                    "cancelled", "The user stopped this turn before the tool call finished."
-                ),
-            )
-            yield self._add(message, turn)
+            yield self._add(_tool_message(turn, call.id, call.name, stopped, "cancelled"), turn)
         turn.unanswered = []
 
     def _finish(self, turn: _Turn) -> Event:
@@ -782,6 +739,22 @@ _STORED_KINDS = frozenset(
         "turn_finished",
     }
 )
+
+
+def _tool_message(
+    turn: _Turn, call_id: str, name: str, content: str, status: MessageStatus
+) -> Message:
+    """The tool-result message answering ``call_id`` in this turn's current round."""
+    return Message(
+        role="tool",
+        content=content,
+        tool_call_id=call_id,
+        name=name,
+        turn_id=turn.turn_id,
+        round=turn.round,
+        cell_id=turn.cell_id,
+        status=status,
+    )
 
 
 def _writes(event: Event) -> bool:

@@ -10,12 +10,11 @@ with ``purpose="summary"``: its tokens and cost are stored and count toward budg
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Sequence
 
 from ._client import ModelClient, RoundFolder
 from ._exceptions import ModelAPIError, NbchatError
-from ._types import Message, RequestUsage, UsageEvent
+from ._types import Message, UsageEvent
 
 __all__ = ["SUMMARY_HEADER", "Summariser", "SummaryError", "render_transcript", "summary_words"]
 
@@ -82,8 +81,6 @@ class Summariser:
 
     async def __call__(self, messages: Sequence[Message]) -> str:
         """The summary of ``messages`` (an earlier summary among them is merged in)."""
-        from ._pricing import request_cost
-
         prompt = [
             {"role": "system", "content": SUMMARY_INSTRUCTIONS.format(words=self.words)},
             {
@@ -100,28 +97,7 @@ class Summariser:
         except ModelAPIError as exc:
             error = exc
         finally:
-            settings = self.client.settings
-            usage = folder.usage
-            cost, provider = request_cost(settings.model, settings.base_url, usage)
-            if usage is None and error is not None and error.status_code is not None:
-                # Refused before generating anything: nothing was used (as for chat requests).
-                usage, cost = RequestUsage(prompt_tokens=0, completion_tokens=0), 0.0
-            self.sink.append(
-                UsageEvent(
-                    session_id=self.session_id,
-                    turn_id=self.turn_id,
-                    round=self.round,
-                    model=settings.model,
-                    provider=provider,
-                    usage=usage,
-                    cost_usd=cost,
-                    ttft_ms=folder.ttft_ms,
-                    duration_ms=(time.perf_counter() - folder.started) * 1000,
-                    finish_reason=folder.finish_reason,
-                    error=str(error) if error else None,
-                    purpose="summary",
-                )
-            )
+            self.sink.append(self.client.usage_event(folder, error, purpose="summary"))
         if error is not None:
             raise SummaryError(f"the summary model failed: {error}") from error
         text = folder.text.strip()
