@@ -18,6 +18,7 @@ _EXPORTS: dict[str, str] = {
     # errors
     "ConfigError": "_exceptions",
     "GuardrailRejected": "_exceptions",
+    "LoopStopped": "_exceptions",
     "ModelAPIError": "_exceptions",
     "NbchatError": "_exceptions",
     "SessionPendingError": "_exceptions",
@@ -92,6 +93,7 @@ if TYPE_CHECKING:
     from ._exceptions import (
         ConfigError,
         GuardrailRejected,
+        LoopStopped,
         ModelAPIError,
         NbchatError,
         SessionPendingError,
@@ -139,6 +141,7 @@ __all__ = [
     "Event",
     "GuardrailRejected",
     "LimitReached",
+    "LoopStopped",
     "Message",
     "MessageAdded",
     "MessagesMarked",

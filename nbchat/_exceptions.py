@@ -5,6 +5,7 @@
      ├── StoreError            the DuckDB store cannot be opened, migrated, written or read
      ├── ModelAPIError         the model server answered with an error (status_code, body)
      ├── SessionPendingError   a stored session has tool calls without results
+     ├── LoopStopped           nbchat's background event loop died during a turn
      ├── ToolDefinitionError   a function cannot be turned into a tool
      └── GuardrailRejected     a guardrail refused a text (raised by user guardrails)
 
@@ -19,6 +20,7 @@ from typing import Any
 __all__ = [
     "ConfigError",
     "GuardrailRejected",
+    "LoopStopped",
     "ModelAPIError",
     "NbchatError",
     "SessionPendingError",
@@ -66,6 +68,10 @@ class SessionPendingError(NbchatError):
     Call ``Session.resume()`` to run the missing tools and continue, or
     ``Session.abort_pending()`` to close them with synthetic "aborted" results.
     """
+
+
+class LoopStopped(NbchatError):
+    """The background event loop's thread died while a turn ran; the next call starts anew."""
 
 
 class ToolDefinitionError(NbchatError):

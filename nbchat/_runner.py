@@ -19,31 +19,60 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from types import FrameType
 from typing import Any, Generic, TypeVar
 
-__all__ = ["TurnRunner", "background_loop", "current_background_loop", "run_sync", "submit"]
+from ._exceptions import LoopStopped
+
+__all__ = [
+    "TurnRunner",
+    "background_loop",
+    "current_background_loop",
+    "loop_alive",
+    "run_sync",
+    "submit",
+]
 
 T = TypeVar("T")
 
 _lock = threading.Lock()
 _loop: asyncio.AbstractEventLoop | None = None
+_thread: threading.Thread | None = None
 
 
 def background_loop() -> asyncio.AbstractEventLoop:
-    """The shared background loop, started on first use."""
-    global _loop
+    """The shared background loop, started on first use (and again if its thread died)."""
+    global _loop, _thread
     with _lock:
-        if _loop is None or _loop.is_closed():
+        if _loop is None or _loop.is_closed() or not loop_alive():
+            if _loop is not None and not _loop.is_closed() and not _loop.is_running():
+                _loop.close()  # its thread died: free its self-pipe and selector
             loop = asyncio.new_event_loop()
             started = threading.Event()
 
             def run() -> None:
                 asyncio.set_event_loop(loop)
                 loop.call_soon(started.set)
-                loop.run_forever()
+                while True:
+                    try:
+                        loop.run_forever()
+                    except (KeyboardInterrupt, SystemExit):
+                        # asyncio lets these escape a task and out of run_forever; the
+                        # task that raised is done, the others go on as the loop restarts.
+                        continue
+                    break  # stopped on purpose
 
-            threading.Thread(target=run, name="nbchat-loop", daemon=True).start()
+            thread = threading.Thread(target=run, name="nbchat-loop", daemon=True)
+            thread.start()
             started.wait()
-            _loop = loop
+            _loop, _thread = loop, thread
         return _loop
+
+
+def loop_alive() -> bool:
+    """Whether the background loop's thread is still running it.
+
+    ``SystemExit`` or ``KeyboardInterrupt`` escaping one of its tasks only restarts the
+    loop in its thread; the thread ends if someone stops or closes the loop itself.
+    """
+    return _thread is not None and _thread.is_alive()
 
 
 def current_background_loop() -> asyncio.AbstractEventLoop | None:
@@ -110,6 +139,13 @@ class TurnRunner(Generic[T]):
             self._drain(items, on_item)
         future.result()
 
+    def _abandon(self) -> None:
+        """Forget a turn whose loop died under it: it will never finish or release the lock."""
+        self._lock = threading.Lock()
+        self._task = self._task_loop = None
+        self._inflight = 0
+        self.cancel_requested = False
+
     async def stream(self, turn: AsyncIterator[T]) -> AsyncIterator[T]:
         """Drive ``turn`` as a task on the running loop, yielding its items."""
         items: asyncio.Queue[Any] = asyncio.Queue()
@@ -167,6 +203,13 @@ class TurnRunner(Generic[T]):
                 try:
                     item = items.get(timeout=0.1)
                 except queue.Empty:
+                    if not loop_alive():
+                        self._abandon()
+                        raise LoopStopped(
+                            "nbchat's background event loop stopped while this turn ran "
+                            "(something raised SystemExit or KeyboardInterrupt inside it). "
+                            "What was stored is kept; the next call starts a new loop."
+                        ) from None
                     continue
                 if item is _DONE:
                     break
@@ -178,6 +221,8 @@ class TurnRunner(Generic[T]):
                 # A second interrupt, or one with no handler of ours: stop the turn and
                 # keep draining so what it produced is still delivered.
                 self.cancel()
+            except LoopStopped:
+                raise
             except Exception as exc:
                 if isinstance(item, _Failure) or failed is not None:
                     raise

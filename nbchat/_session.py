@@ -26,7 +26,7 @@ from ._config import get_defaults, resolve_client, set_defaults
 from ._exceptions import GuardrailRejected, ModelAPIError, SessionPendingError, StoreError
 from ._limits import Budgets, Guardrail, apply_guardrails, stored_usage
 from ._runner import TurnRunner
-from ._tools import ToolSet, error_payload
+from ._tools import INVALID_TOOL_NAME, ToolSet, error_payload, valid_tool_name
 from ._types import (
     ErrorEvent,
     Event,
@@ -47,6 +47,7 @@ from ._types import (
     Usage,
     UsageEvent,
     new_id,
+    valid_text,
 )
 
 if TYPE_CHECKING:
@@ -87,6 +88,7 @@ class _Turn:
         self.folder: RoundFolder | None = None
         self.unanswered: list[ToolCall] = []
         self.extra_requests = 0  # summaries, and requests refused as too long and retried
+        self.bad_names: dict[str, str] = {}  # call id -> the unusable name the model gave
         self.compactions = 0
 
 
@@ -417,6 +419,7 @@ class Session:
         """Guard the user's text, fork the conversation on a cell re-run, add the message."""
         if turn.cell_id is not None:
             yield from self._supersede_cell(turn.cell_id)
+        text = valid_text(text)
         try:
             text = apply_guardrails(text, self.input_guardrails)
         except GuardrailRejected as exc:
@@ -526,6 +529,7 @@ class Session:
             turn.extra_requests += 1  # the refused request is not a round of the turn
         if error is not None:
             turn.status, turn.error = "error", str(error)
+            turn.text = folder.text  # what arrived before the failure, as when interrupted
             if folder.text:
                 yield self._add(
                     self._assistant(turn, folder, status="error", with_calls=False), turn
@@ -649,7 +653,7 @@ class Session:
     def _assistant(
         self, turn: _Turn, folder: RoundFolder, *, status: MessageStatus, with_calls: bool
     ) -> Message:
-        calls = folder.tool_calls() if with_calls else []
+        calls = self._valid_calls(turn, folder.tool_calls()) if with_calls else []
         return Message(
             role="assistant",
             content=folder.text or None,
@@ -660,10 +664,33 @@ class Session:
             status=status,
         )
 
+    def _valid_calls(self, turn: _Turn, calls: list[ToolCall]) -> list[ToolCall]:
+        """The model's tool calls made acceptable to send back, before they are stored.
+
+        OpenAI refuses every later request of a conversation that holds a tool call with
+        an empty or malformed name, or two calls with one id. A nameless call keeps its
+        place under a placeholder name and is answered with an error the model can read;
+        an id used before in this conversation gets a fresh one.
+        """
+        seen = {c.id for m in self._messages if m.tool_calls for c in m.tool_calls}
+        fixed = []
+        for call in calls:
+            if call.id in seen or not call.id:
+                call = call.model_copy(update={"id": f"call_{new_id()[:24]}"})
+            call.arguments = valid_text(call.arguments)
+            if not valid_tool_name(call.name):
+                turn.bad_names[call.id] = call.name
+                call = call.model_copy(update={"name": INVALID_TOOL_NAME})
+            seen.add(call.id)
+            fixed.append(call)
+        return fixed
+
     async def _run_tools(self, turn: _Turn, calls: list[ToolCall]) -> AsyncIterator[Event]:
         """Run the round's tool calls together; append their results in call order."""
         turn.unanswered = list(calls)
-        records = await self.tools.run(calls, turn_id=turn.turn_id, round=turn.round)
+        records = await self.tools.run(
+            calls, turn_id=turn.turn_id, round=turn.round, bad_names=turn.bad_names
+        )
         for record in records:
             turn.tool_calls.append(record)
             yield self._emit(ToolResult(session_id=self.id, turn_id=turn.turn_id, call=record))
@@ -671,6 +698,8 @@ class Session:
             status: MessageStatus = "error" if record.is_error else "ok"
             message = _tool_message(turn, record.call_id, record.name, record.result, status)
             yield self._add(message, turn)
+            if record.error_kind == "interrupted":  # Ctrl-C inside a tool stops the turn
+                turn.status = "interrupted"
 
     def _interrupted(self, turn: _Turn) -> Iterable[Event]:
         """Keep what arrived, and answer every dangling tool call so the history stays valid."""

@@ -10,9 +10,11 @@ one session and runs one round of tool calls. Choices a caller should know about
   misspelt argument comes back to the model as an error instead of being silently dropped.
 - An empty or ``null`` argument string means "no arguments" (``{}``).
 - Arguments the model left out are not passed, so the function's own defaults apply unchanged.
-- Nothing raises out of :meth:`ToolSet.run`: unknown tools, bad JSON, invalid arguments and
-  exceptions raised by tools (``SystemExit`` included) become :func:`error_payload` results.
-  Cancellation and ``KeyboardInterrupt`` do propagate.
+- Nothing raises out of :meth:`ToolSet.run` but cancellation: unknown tools, bad JSON,
+  invalid arguments and anything a tool raises (``SystemExit`` and ``KeyboardInterrupt``
+  included, and a result whose ``repr`` raises) become :func:`error_payload` results. A
+  ``KeyboardInterrupt`` gets error kind ``"interrupted"`` so the session can stop the turn.
+  (A ``BaseException`` escaping a task would stop the event loop itself.)
 - Each sync tool call runs in its own daemon thread. A cancelled :meth:`ToolSet.run` returns at
   once, but Python cannot stop a thread: the function keeps running in the background and
   its result is discarded. Daemon threads (rather than the loop's default executor) keep a
@@ -46,7 +48,7 @@ from pydantic.fields import FieldInfo
 from pydantic.json_schema import PydanticJsonSchemaWarning
 
 from ._exceptions import ToolDefinitionError
-from ._types import ToolCall, ToolCallRecord
+from ._types import ToolCall, ToolCallRecord, valid_text
 
 __all__ = [
     "DEFAULT_MAX_RESULT_CHARS",
@@ -63,6 +65,8 @@ DEFAULT_MAX_RESULT_CHARS = 8000
 
 _HEAD_ROWS = 10
 _NAME_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+INVALID_TOOL_NAME = "invalid_tool_name"
+"""What a tool call whose name OpenAI would refuse is renamed to in the history."""
 _ARGS_CONFIG = ConfigDict(extra="forbid")
 # Keys whose values are maps of names to schemas: a property may well be called "title".
 _SCHEMA_MAPS = frozenset({"properties", "$defs", "definitions", "patternProperties"})
@@ -172,6 +176,11 @@ def _blame(name: str, sig: inspect.Signature) -> str:
 
 
 # --------------------------------------------------------------------------- Tool
+
+
+def valid_tool_name(name: str) -> bool:
+    """Whether OpenAI accepts ``name`` as a function name (1-64 of ``[a-zA-Z0-9_-]``)."""
+    return bool(_NAME_RE.match(name))
 
 
 class _CallError(ValueError):
@@ -455,7 +464,8 @@ def as_tool(obj: Tool | Callable[..., Any]) -> Tool:
 
 def error_payload(kind: str, message: str) -> str:
     """The JSON text a model receives when a tool call fails."""
-    return json.dumps({"ok": False, "error_kind": kind, "message": message}, ensure_ascii=False)
+    payload = {"ok": False, "error_kind": kind, "message": valid_text(message)}
+    return json.dumps(payload, ensure_ascii=False)
 
 
 def _truncate(text: str, max_chars: int | None) -> str:
@@ -465,10 +475,21 @@ def _truncate(text: str, max_chars: int | None) -> str:
     return f"{text[:keep]}\n... [truncated: {keep} of {len(text)} characters shown]"
 
 
+def _describe_exception(exc: BaseException) -> str:
+    """``Type: message`` of an exception, even when its ``str()`` itself raises."""
+    try:
+        text = str(exc)
+    except BaseException:
+        text = ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def _safe_repr(value: Any) -> str:
+    # BaseException too: a __repr__ raising SystemExit or KeyboardInterrupt inside a tool's
+    # task would otherwise stop nbchat's event loop.
     try:
         return repr(value)
-    except Exception as exc:
+    except BaseException as exc:
         return f"<{type(value).__name__} object; repr() failed: {type(exc).__name__}>"
 
 
@@ -501,7 +522,7 @@ def _to_text(value: Any) -> str:
     if isinstance(value, BaseModel):
         try:
             return value.model_dump_json()
-        except Exception:
+        except BaseException:
             return _safe_repr(value)
     if module.startswith("pandas") and (text := _pandas_text(value)) is not None:
         return text
@@ -514,7 +535,11 @@ def _to_text(value: Any) -> str:
     if jsonable:
         try:
             return pydantic_core.to_json(value, fallback=_json_fallback).decode()
-        except Exception:  # circular references, undecodable bytes...
+        except BaseException:  # circular references, lone surrogates, hostile reprs...
+            pass
+        try:  # the standard library's encoder takes lone surrogates (made valid later)
+            return json.dumps(value, ensure_ascii=False, default=_json_fallback)
+        except BaseException:
             return _safe_repr(value)
     return _safe_repr(value)
 
@@ -529,9 +554,10 @@ def serialise_result(value: Any, max_chars: int | None = DEFAULT_MAX_RESULT_CHAR
     """
     try:
         text = _to_text(value)
-    except Exception:  # e.g. a DataFrame subclass whose to_string() fails
+    except BaseException:  # e.g. a DataFrame subclass whose to_string() fails, or exits
         text = _safe_repr(value)
-    return _truncate(text, max_chars)
+    # Text from the file system may hold lone surrogates; made valid once, here.
+    return _truncate(valid_text(text), max_chars)
 
 
 # --------------------------------------------------------------------------- ToolSet
@@ -602,13 +628,18 @@ class ToolSet:
         *,
         turn_id: str | None = None,
         round: int | None = None,
+        bad_names: dict[str, str] | None = None,
     ) -> list[ToolCallRecord]:
         """Run every call at once; records come back in call order and never raise.
 
         Cancelling the awaiting task cancels async tools and returns promptly; sync tools
-        already running in threads are abandoned (see the module docstring).
+        already running in threads are abandoned (see the module docstring). ``bad_names``
+        maps the ids of calls the model named unusably to the name it gave.
         """
-        jobs = [self.run_one(c, turn_id=turn_id, round=round) for c in calls]
+        names = bad_names or {}
+        jobs = [
+            self.run_one(c, turn_id=turn_id, round=round, bad_name=names.get(c.id)) for c in calls
+        ]
         return list(await asyncio.gather(*jobs)) if jobs else []
 
     async def run_one(
@@ -617,12 +648,23 @@ class ToolSet:
         *,
         turn_id: str | None = None,
         round: int | None = None,
+        bad_name: str | None = None,
     ) -> ToolCallRecord:
-        """Run one call; every failure becomes an :func:`error_payload` record."""
+        """Run one call; every failure becomes an :func:`error_payload` record.
+
+        ``bad_name`` is the name the model gave when it was not a usable one.
+        """
         start = time.perf_counter()
         error_kind: str | None = None
         try:
-            t = self._tools.get(call.name)
+            t = None if bad_name is not None else self._tools.get(call.name)
+            if bad_name is not None:
+                available = ", ".join(self._tools) or "none"
+                raise _CallError(
+                    "invalid_tool_call",
+                    f"this tool call's name {bad_name!r} is not a tool name; call one of: "
+                    f"{available}",
+                )
             if t is None:
                 available = ", ".join(self._tools) or "none"
                 raise _CallError(
@@ -630,11 +672,14 @@ class ToolSet:
                 )
             try:
                 value = await t.invoke(call.arguments)
-            except _CallError:
+            except (_CallError, asyncio.CancelledError, GeneratorExit):
                 raise
-            except (Exception, SystemExit) as exc:  # argparse-style code calls sys.exit()
-                message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-                raise _CallError("tool_error", message) from None
+            except KeyboardInterrupt:
+                raise _CallError(
+                    "interrupted", "KeyboardInterrupt: the tool was interrupted"
+                ) from None
+            except BaseException as exc:  # SystemExit from argparse-style code, and the rest
+                raise _CallError("tool_error", _describe_exception(exc)) from None
             result = serialise_result(value, self.max_result_chars)
         except _CallError as err:
             error_kind = err.kind
