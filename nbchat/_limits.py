@@ -7,6 +7,7 @@ price, a server that reports no usage) is never counted as zero: the check says 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +19,15 @@ from ._types import Usage
 if TYPE_CHECKING:
     from ._store import Store
 
-__all__ = ["BudgetCheck", "Budgets", "GuardrailRejected", "apply_guardrails", "stored_usage"]
+__all__ = [
+    "BudgetCheck",
+    "Budgets",
+    "GuardrailRejected",
+    "Projection",
+    "apply_guardrails",
+    "format_usd",
+    "stored_usage",
+]
 
 Guardrail = Callable[[str], "str | None"]
 
@@ -45,8 +54,15 @@ class Budgets(BaseModel):
     max_tokens_total: int | None = None
     turn_max_tokens: int | None = None
 
-    def check(self, session: Usage, turn: Usage) -> BudgetCheck:
-        """Whether one more request is allowed, given what the session and turn spent."""
+    def check(
+        self, session: Usage, turn: Usage, next_request: Projection | None = None
+    ) -> BudgetCheck:
+        """Whether one more request is allowed, given what the session and turn spent.
+
+        With ``next_request`` (what the request about to be sent is estimated to cost),
+        a request that would take the spend past a USD limit is refused before it is
+        sent, not after it overspent.
+        """
         notices: list[str] = []
         for scope, spent, limit in (
             ("session", session, self.budget_usd),
@@ -56,12 +72,24 @@ class Budgets(BaseModel):
                 continue
             if spent.cost_usd is None:
                 notices.append(
-                    f"The {scope} budget of ${limit:g} cannot be checked: the cost of "
-                    "some requests is unknown (no price for this model; "
+                    f"The {scope} budget of {format_usd(limit)} cannot be checked: the cost "
+                    "of some requests is unknown (no price for this model; "
                     "nbchat.register_price() sets one)."
                 )
             elif spent.cost_usd >= limit:
-                return _stop(scope, "usd", f"${spent.cost_usd:.6f} spent of ${limit:g}", notices)
+                detail = f"{format_usd(spent.cost_usd)} spent of {format_usd(limit)}"
+                return _stop(scope, "usd", detail, notices)
+            elif (
+                next_request is not None
+                and next_request.cost_usd is not None
+                and spent.cost_usd + next_request.cost_usd > limit
+            ):
+                detail = (
+                    f"{format_usd(spent.cost_usd)} spent of {format_usd(limit)}; the next "
+                    f"request would cost about {format_usd(next_request.cost_usd)} "
+                    f"({next_request.describe()})"
+                )
+                return _stop(scope, "usd", detail, notices, before=True)
         for scope, spent, token_limit in (
             ("session", session, self.max_tokens_total),
             ("turn", turn, self.turn_max_tokens),
@@ -79,18 +107,57 @@ class Budgets(BaseModel):
         return BudgetCheck(notices=notices)
 
 
-def _stop(scope: str, unit: str, detail: str, notices: list[str]) -> BudgetCheck:
+def _stop(
+    scope: str, unit: str, detail: str, notices: list[str], *, before: bool = False
+) -> BudgetCheck:
     name = {
         ("session", "usd"): "budget_usd",
         ("turn", "usd"): "turn_budget_usd",
         ("session", "tokens"): "max_tokens_total",
         ("turn", "tokens"): "turn_max_tokens",
     }[(scope, unit)]
+    verb = "would cross" if before else "is reached"
     return BudgetCheck(
         limit=name,
-        message=f"Stopped before the next request: the {scope} limit {name} is reached ({detail}).",
+        message=f"Stopped before the next request: the {scope} limit {name} {verb} ({detail}).",
         notices=notices,
     )
+
+
+class Projection(BaseModel):
+    """What the request about to be sent is estimated to use and cost.
+
+    ``prompt_tokens`` is the calibrated estimate of the prompt; ``reply_cap`` the
+    ``max_tokens`` the request sets (0 when it sets none: the reply is then not
+    counted in advance). ``cost_usd`` is ``None`` when the model's price is unknown.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    prompt_tokens: int
+    reply_cap: int = 0
+    cost_usd: float | None = None
+
+    def describe(self) -> str:
+        """The estimate's parts, for a message."""
+        prompt = f"~{self.prompt_tokens:,} prompt tokens"
+        return f"{prompt} + a {self.reply_cap:,}-token reply cap" if self.reply_cap else prompt
+
+
+def format_usd(value: float | None) -> str:
+    """Dollars in one fixed style: ``$1.25``, ``$0.000119``, ``$0.00001`` (never ``1e-05``)."""
+    if value is None:
+        return "unknown"
+    if value == 0:
+        return "$0"
+    size = abs(value)
+    if size >= 1:
+        return f"${value:,.2f}"
+    # Three significant digits for small sums, trailing zeros dropped (at least cents).
+    digits = max(2, 2 - math.floor(math.log10(size)))
+    text = f"{value:.{digits}f}".rstrip("0")
+    whole, _, cents = text.partition(".")
+    return f"${whole}.{cents.ljust(2, '0')}"
 
 
 def apply_guardrails(text: str, guardrails: Sequence[Guardrail]) -> str:

@@ -18,13 +18,14 @@ from ._client import ModelClient, RoundFolder
 from ._compaction import (
     CompactionStrategy,
     Compactor,
+    TokenEstimator,
     is_context_overflow,
     live_order,
     resolve_strategy,
 )
 from ._config import get_defaults, resolve_client, set_defaults
 from ._exceptions import GuardrailRejected, ModelAPIError, SessionPendingError, StoreError
-from ._limits import Budgets, Guardrail, apply_guardrails, stored_usage
+from ._limits import Budgets, Guardrail, Projection, apply_guardrails, stored_usage
 from ._runner import TurnRunner
 from ._tools import INVALID_TOOL_NAME, ToolSet, error_payload, valid_tool_name
 from ._types import (
@@ -36,6 +37,7 @@ from ._types import (
     MessagesMarked,
     MessageStatus,
     Notice,
+    RequestUsage,
     TextDelta,
     ToolCall,
     ToolCallRecord,
@@ -150,6 +152,8 @@ class Session:
                 summary_model=summary_model,
             )
         )
+        # Estimates prompt sizes for compaction and for budgets checked before a request.
+        self.estimator = self.compactor.estimator if self.compactor else TokenEstimator()
         self.store: Store | None = _open_store(db)
         stored = self.store.load_session(session_id) if self.store and session_id else None
         settings = resolve_client(model or (stored.model if stored else None), base_url, api_key)
@@ -480,6 +484,11 @@ class Session:
                 yield event
         if turn.status != "completed":
             return
+        projection = self._projection(tools)
+        for event in self._check_budgets(turn, next_request=projection):
+            yield event
+        if turn.status != "completed":
+            return
         # Output guardrails judge the whole reply, so its text is shown once they passed it.
         hold_text = bool(self.output_guardrails)
         retried = False
@@ -500,15 +509,13 @@ class Session:
                 error = exc
             finally:
                 # Runs on cancellation too: a request that was cut short is still recorded.
-                usage_event = self._record_usage(turn, folder, error)
+                usage_event = self._record_usage(turn, folder, error, projection)
             yield usage_event
             for event in self._check_budgets(turn, stop=False):
                 yield event
             turn.folder = None
-            if error is None and self.compactor is not None and folder.usage is not None:
-                self.compactor.estimator.observe(
-                    self._messages, _chars(tools), folder.usage.prompt_tokens
-                )
+            if error is None and folder.usage is not None:
+                self.estimator.observe(self._messages, _chars(tools), folder.usage.prompt_tokens)
             if (
                 error is None
                 or retried
@@ -579,9 +586,27 @@ class Session:
         yield self._add(message, turn)
         turn.unanswered = list(message.tool_calls or [])
 
-    def _check_budgets(self, turn: _Turn, *, stop: bool = True) -> Iterable[Event]:
-        """Say once when a budget cannot be checked; with ``stop``, end the turn at a limit."""
-        check = self.budgets.check(self.usage, turn.usage)
+    def _projection(self, tools: list[dict[str, Any]] | None) -> Projection:
+        """The estimated size and cost of the request about to be sent."""
+        from ._pricing import request_cost
+
+        prompt = self.estimator.estimate(self._messages, _chars(tools))
+        params = self.request_params
+        cap = params.get("max_completion_tokens") or params.get("max_tokens") or 0
+        cap = cap if isinstance(cap, int) and cap > 0 else 0
+        usage = RequestUsage(prompt_tokens=prompt, completion_tokens=cap)
+        cost, _ = request_cost(self.model, self.client.settings.base_url, usage)
+        return Projection(prompt_tokens=prompt, reply_cap=cap, cost_usd=cost)
+
+    def _check_budgets(
+        self, turn: _Turn, *, stop: bool = True, next_request: Projection | None = None
+    ) -> Iterable[Event]:
+        """Say once when a budget cannot be checked; with ``stop``, end the turn at a limit.
+
+        ``next_request`` (the estimate of the request about to go) also stops a request
+        that would cross a USD limit.
+        """
+        check = self.budgets.check(self.usage, turn.usage, next_request)
         for notice in check.notices:
             if notice not in self._notices_given:
                 self._notices_given.add(notice)
@@ -643,9 +668,16 @@ class Session:
                 yield event
 
     def _record_usage(
-        self, turn: _Turn, folder: RoundFolder, error: ModelAPIError | None
+        self,
+        turn: _Turn,
+        folder: RoundFolder,
+        error: ModelAPIError | None,
+        projection: Projection | None = None,
     ) -> UsageEvent:
         event = self.client.usage_event(folder, error, interrupted=self._runner.cancel_requested)
+        if projection is not None:  # kept beside the actual figures
+            event.estimated_prompt_tokens = projection.prompt_tokens
+            event.estimated_cost_usd = projection.cost_usd
         turn.usage = turn.usage.add(event.usage, event.cost_usd)
         self.usage = self.usage.add(event.usage, event.cost_usd)
         return self._emit(event)  # type: ignore[return-value]

@@ -340,6 +340,9 @@ class UsageEvent(_Event):
     finish_reason: str | None = None
     error: str | None = None
     purpose: Literal["chat", "summary"] = "chat"
+    # What the budget check estimated before sending (chat requests), beside the actual.
+    estimated_prompt_tokens: int | None = None
+    estimated_cost_usd: float | None = None
 
 
 class CompactionEvent(_Event):

@@ -101,27 +101,77 @@ def test_max_tokens_total_counts_across_turns(fake: FakeOpenAIServer) -> None:
 
 def test_budget_usd_stops_at_the_right_request(fake: FakeOpenAIServer, prices: None) -> None:
     fake.fallback = answer
-    s = make(fake, model=PRICED, budget_usd=0.1)
+    s = make(fake, model=PRICED, budget_usd=0.12)
     results = [s.send(f"turn {i}") for i in range(4)]
-    assert [r.status for r in results] == ["completed"] * 3 + ["budget_exceeded"]
+    # $0.04 a turn; the third turn's prompt alone (~40 tokens, $0.04) would cross $0.12
+    # after $0.08 spent, so it is refused before it is sent.
+    assert [r.status for r in results] == ["completed"] * 2 + ["budget_exceeded"] * 2
     assert results[0].cost_usd == pytest.approx(0.04)
-    assert s.usage.cost_usd == pytest.approx(0.12)
-    assert results[3].error == (
-        "Stopped before the next request: the session limit budget_usd is reached "
-        "($0.120000 spent of $0.1)."
+    assert s.usage.cost_usd == pytest.approx(0.08)
+    assert len(fake.requests) == 2
+    assert results[2].error is not None
+    assert results[2].error.startswith(
+        "Stopped before the next request: the session limit budget_usd would cross "
+        "($0.08 spent of $0.12; the next request would cost about $0.0"
     )
+    assert "prompt tokens" in results[2].error
+
+
+def test_budget_usd_reached_says_so_in_money(fake: FakeOpenAIServer, prices: None) -> None:
+    fake.fallback = answer
+    s = make(fake, model=PRICED, budget_usd=0.00001)
+    s.usage = s.usage.add(nbchat.RequestUsage(prompt_tokens=10, completion_tokens=0), 0.000119)
+    result = s.send("hello")
+    assert result.status == "budget_exceeded" and not fake.requests
+    assert result.error == (
+        "Stopped before the next request: the session limit budget_usd is reached "
+        "($0.000119 spent of $0.00001)."
+    )
+
+
+def test_a_request_that_would_cross_the_budget_is_never_sent(
+    fake: FakeOpenAIServer, prices: None
+) -> None:
+    """The first turn of a tiny budget with a long prompt spends nothing (issue 13.4)."""
+    fake.fallback = answer
+    s = make(fake, model=PRICED, budget_usd=0.000001)
+    result = s.send("a long prompt " * 200)
+    assert result.status == "budget_exceeded"
+    assert fake.requests == []
+    assert s.usage.cost_usd == 0
+
+
+def test_the_reply_cap_counts_in_the_estimate(fake: FakeOpenAIServer, prices: None) -> None:
+    fake.fallback = answer
+    # A short prompt fits $0.05; with room for a 100-token reply ($0.10) it does not.
+    assert make(fake, model=PRICED, budget_usd=0.05).send("hi").status == "completed"
+    capped = make(fake, model=PRICED, budget_usd=0.05, request_params={"max_tokens": 100})
+    result = capped.send("hi")
+    assert result.status == "budget_exceeded"
+    assert "100-token reply cap" in (result.error or "")
+
+
+def test_the_estimate_is_stored_beside_the_actual(fake: FakeOpenAIServer, prices: None) -> None:
+    fake.fallback = answer
+    s = make(fake, model=PRICED, db=":memory:")
+    events: list[Any] = []
+    s.send("hello there", on_event=events.append)
+    (usage,) = [e for e in events if e.kind == "usage"]
+    assert usage.estimated_prompt_tokens is not None and usage.estimated_prompt_tokens > 0
+    assert usage.estimated_cost_usd == pytest.approx(usage.estimated_prompt_tokens / 1000)
+    assert usage.usage.prompt_tokens == 30
 
 
 def test_turn_budget_usd_is_per_turn(fake: FakeOpenAIServer, prices: None) -> None:
     fake.fallback = tools_forever
-    s = make(fake, model=PRICED, tools=[ping], turn_budget_usd=0.05)
+    s = make(fake, model=PRICED, tools=[ping], turn_budget_usd=0.2)
     first = s.send("one")
-    # Before request 1: $0; 2: $0.04; 3: $0.08 >= $0.05 -> not sent.
-    assert first.status == "budget_exceeded" and first.rounds == 2
-    assert "turn_budget_usd" in (first.error or "")
+    # $0.04 a round spent; after three, the fourth (~$0.08 estimated) would pass $0.20.
+    assert first.status == "budget_exceeded" and first.rounds == 3
+    assert "turn_budget_usd would cross ($0.12 spent of $0.20" in (first.error or "")
     second = s.send("two")
-    assert second.status == "budget_exceeded" and second.rounds == 2
-    assert len(fake.requests) == 4
+    assert second.status == "budget_exceeded" and second.rounds == 3
+    assert len(fake.requests) == 6
 
 
 def test_summariser_cost_counts_toward_the_budget(fake: FakeOpenAIServer, prices: None) -> None:
