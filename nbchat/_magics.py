@@ -28,7 +28,14 @@ from typing import TYPE_CHECKING, Any, cast
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_cell_magic, magics_class
 
-from ._config import DEFAULT_KEYS, default_db_path, get_defaults, set_defaults
+from ._config import (
+    DEFAULT_KEYS,
+    default_db_path,
+    get_defaults,
+    reset_defaults,
+    resolve_client,
+    set_defaults,
+)
 from ._display import CellRenderer, Info, TurnFailed, TurnInterrupted, one_line, render_mode
 from ._exceptions import NbchatError, SessionPendingError
 
@@ -329,8 +336,16 @@ class ChatMagics(Magics):
                     raise UsageError(f"%chat config: write key=value, not {arg!r}")
                 updates[key] = _config_value(key, value)
             before = get_defaults()
-            set_defaults(**updates)
-            self._settings_changed(before, get_defaults())
+            set_defaults(**updates)  # unknown keys are refused before anything is saved
+            try:
+                applied = self._settings_changed(before, get_defaults())
+            except BaseException:
+                reset_defaults()  # all or nothing: a refused change leaves no trace
+                set_defaults(**before)
+                raise
+            info = _config_info(self.session)
+            info.rows.append(("this change applies to", applied))
+            return info
         return _config_info(self.session)
 
     def _cmd_new(self, args: list[str]) -> Info:
@@ -412,15 +427,24 @@ class ChatMagics(Magics):
             raise UsageError("%chat: no current session yet; run a %%chat cell first")
         return self.session
 
-    def _settings_changed(self, before: dict[str, Any], after: dict[str, Any]) -> None:
-        """Carry the current conversation over to a new model / endpoint / store."""
+    def _settings_changed(self, before: dict[str, Any], after: dict[str, Any]) -> str:
+        """Check a config change as a whole, carry the current conversation over to it.
+
+        Raises (``ConfigError``) before changing anything when the new endpoint cannot
+        be used (no key for it, ...). Returns which sessions the change affects.
+        """
         session = self.session
-        if session is None:
-            return
 
         def changed(key: str) -> bool:
             return before.get(key) != after.get(key)
 
+        endpoint = changed("model") or changed("base_url") or changed("api_key")
+        if endpoint and (
+            session is not None or after.get("model") or os.environ.get("NBCHAT_MODEL")
+        ):
+            resolve_client(after.get("model") or (session.model if session else None))
+        if session is None:
+            return "new sessions"
         if changed("db"):
             # Its conversations live in the other store: cells start over in the new one.
             self.session = None
@@ -433,6 +457,26 @@ class ChatMagics(Magics):
                     self.cell_sessions[cell_id] = reopened
         elif changed("model") and after.get("model"):
             session.set_model(after["model"])
+        # Limits and sampling follow the change in the conversation going on, too.
+        if changed("budget_usd"):
+            session.budgets = session.budgets.model_copy(
+                update={"budget_usd": after.get("budget_usd")}
+            )
+        if changed("max_rounds"):
+            from ._session import DEFAULT_MAX_ROUNDS
+
+            session.max_rounds = after.get("max_rounds") or DEFAULT_MAX_ROUNDS
+        if changed("temperature"):
+            if after.get("temperature") is None:
+                session.request_params.pop("temperature", None)
+            else:
+                session.request_params["temperature"] = after["temperature"]
+        if changed("db"):
+            return "new sessions (the current conversation stays in the old store)"
+        applied = f"the current session {session.id} and new sessions"
+        if changed("system"):
+            applied += " (the system prompt: new sessions only)"
+        return applied
 
 
 # The option tables of the help text, as options_help() renders the options models.

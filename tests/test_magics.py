@@ -372,7 +372,7 @@ def test_server_down_is_one_line_and_the_next_cell_works(
 def test_budget_reached_is_one_line(shell: InteractiveShell, fake: FakeOpenAIServer) -> None:
     register_price("priced-model", input_per_mtok=1000.0, output_per_mtok=1000.0)
     try:
-        shell.run_line_magic("chat", "config model=priced-model budget_usd=0.001")
+        shell.run_line_magic("chat", "config model=priced-model budget_usd=0.02")
         fake.enqueue("expensive answer")
         assert run(shell, "%%chat\nhi").success
         result = run(shell, "%%chat\nmore")

@@ -1,0 +1,77 @@
+"""Cells, config and figures that never say what isn't so (issue 13), in an IPython shell."""
+
+from __future__ import annotations
+
+import pytest
+from IPython.core.interactiveshell import InteractiveShell
+from test_magics import RecordingPublisher, pub, run, shell  # noqa: F401  (fixtures)
+
+from nbchat import ConfigError
+from nbchat._config import get_defaults
+from nbchat._magics import magics_of
+from nbchat.testing import FakeOpenAIServer
+
+
+def _current(ip: InteractiveShell) -> object:
+    magics = magics_of(ip)
+    assert magics is not None
+    return magics.session
+
+
+def test_a_refused_config_change_saves_nothing(shell: InteractiveShell) -> None:  # noqa: F811
+    fake_session_url = get_defaults().get("base_url")
+    result = run(shell, "%chat config base_url=https://api.openai.com/v1")
+    assert isinstance(result.error_in_exec, ConfigError)
+    assert "No API key" in str(result.error_in_exec)
+    assert get_defaults().get("base_url") == fake_session_url  # nothing was saved
+
+
+def test_a_refused_change_keeps_the_current_session_on_its_endpoint(
+    shell: InteractiveShell,  # noqa: F811
+    fake: FakeOpenAIServer,
+) -> None:
+    fake.enqueue("first")
+    assert run(shell, "%%chat\nhi").success
+    before = _current(shell)
+    result = run(shell, "%chat config base_url=https://api.openai.com/v1 temperature=0.3")
+    assert isinstance(result.error_in_exec, ConfigError)
+    assert "temperature" not in get_defaults()  # all or nothing
+    assert _current(shell) is before
+    fake.enqueue("second")
+    assert run(shell, "%%chat\nagain").success
+    assert len(fake.requests) == 2 and "temperature" not in fake.requests[1]
+
+
+def test_config_says_which_sessions_it_affects_and_applies_limits_now(
+    shell: InteractiveShell,  # noqa: F811
+    fake: FakeOpenAIServer,
+) -> None:
+    info = shell.run_line_magic("chat", "config budget_usd=0.5")
+    assert ("this change applies to", "new sessions") in info.rows
+    fake.enqueue("ok")
+    assert run(shell, "%%chat\nhi").success
+    session = _current(shell)
+    assert session.budgets.budget_usd == 0.5  # type: ignore[attr-defined]
+    info = shell.run_line_magic("chat", "config budget_usd=none temperature=0.2")
+    applies = dict(info.rows)["this change applies to"]
+    assert applies.startswith(f"the current session {session.id}")  # type: ignore[attr-defined]
+    assert session.budgets.budget_usd is None  # type: ignore[attr-defined]
+    assert session.request_params["temperature"] == 0.2  # type: ignore[attr-defined]
+    fake.enqueue("warmer")
+    assert run(shell, "%%chat\nagain").success
+    assert fake.requests[-1]["temperature"] == 0.2
+    shell.run_line_magic("chat", "config temperature=none")
+    assert "temperature" not in session.request_params  # type: ignore[attr-defined]
+    assert isinstance(pub(shell), RecordingPublisher)
+
+
+@pytest.mark.parametrize("line", ["config system=terse"])
+def test_a_system_prompt_change_is_for_new_sessions(
+    shell: InteractiveShell,  # noqa: F811
+    fake: FakeOpenAIServer,
+    line: str,
+) -> None:
+    fake.enqueue("ok")
+    assert run(shell, "%%chat\nhi").success
+    info = shell.run_line_magic("chat", line)
+    assert "the system prompt: new sessions only" in dict(info.rows)["this change applies to"]
