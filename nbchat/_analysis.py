@@ -95,7 +95,10 @@ def _series(values: Any, type_name: str) -> pd.Series:
     mask = np.ma.getmaskarray(values)
     data = np.ma.getdata(values)
     kind = type_name.upper()
-    if kind == "TIMESTAMP WITH TIME ZONE" or kind.startswith("TIMESTAMP") or kind == "DATE":
+    if kind == "DATE":  # a calendar day, not a midnight timestamp
+        days = data.astype("datetime64[D]").tolist()
+        return pd.Series([None if m else d for d, m in zip(days, mask, strict=True)], dtype=object)
+    if kind == "TIMESTAMP WITH TIME ZONE" or kind.startswith("TIMESTAMP"):
         stamps = data.astype("datetime64[us]").copy()
         stamps[mask] = np.datetime64("NaT")
         series = pd.Series(stamps)
@@ -140,18 +143,28 @@ def _json(text: str) -> Any:
 
 # ------------------------------------------------------------------ the frames
 
+# The cost of a group of requests. A request that was never answered (an HTTP error
+# before any token) costs 0 and is known; the sum of the known costs is shown beside the
+# count of unknown ones, but a group whose answered requests all have unknown costs is
+# NULL (NaN), never 0.
+_KNOWN_COST = """
+    CASE WHEN count(*) FILTER (WHERE {r}cost_usd IS NULL) > 0
+              AND count(*) FILTER (WHERE {r}cost_usd IS NOT NULL AND {r}error IS NULL) = 0
+         THEN NULL ELSE sum({r}cost_usd) END"""
+
 
 def sessions(db: Db = None) -> pd.DataFrame:
     """One row per session, oldest first.
 
     Columns: ``id``, ``title``, ``model``, ``created_at``, ``last_active`` (latest
-    message or request), ``turns``, ``messages`` (active ones), ``requests``,
-    ``prompt_tokens``, ``completion_tokens`` (sums of reported counts), ``cost_usd``
-    (sum of known costs; NaN if no request's price is known), ``unknown_cost_requests``
-    (requests whose price is unknown: when > 0 the true spend is higher than
-    ``cost_usd``), ``system_prompt``, ``parent_id``, ``notebook``, ``metadata`` (dict).
+    message or request), ``turns`` (live ones), ``superseded_turns`` (replaced by a
+    cell re-run), ``messages`` (active ones), ``requests``, ``prompt_tokens``,
+    ``completion_tokens`` (sums of reported counts), ``cost_usd`` (sum of known costs;
+    NaN if no answered request's price is known), ``unknown_cost_requests`` (requests
+    whose price is unknown: when > 0 the true spend is higher than ``cost_usd``),
+    ``system_prompt``, ``parent_id``, ``notebook``, ``metadata`` (dict).
     """
-    query = """
+    query = f"""
         WITH m AS (
             SELECT session_id, count(*) FILTER (WHERE state = 'active') AS messages,
                    max(created_at) AS last_message_at
@@ -160,16 +173,23 @@ def sessions(db: Db = None) -> pd.DataFrame:
             SELECT session_id, count(*) AS requests,
                    sum(prompt_tokens)::BIGINT AS prompt_tokens,
                    sum(completion_tokens)::BIGINT AS completion_tokens,
-                   sum(cost_usd) AS cost_usd,
+                   {_KNOWN_COST.format(r="")} AS cost_usd,
                    count(*) FILTER (WHERE cost_usd IS NULL) AS unknown_cost_requests,
                    max(created_at) AS last_request_at
             FROM requests GROUP BY session_id
+        ), superseded AS (  -- turns whose user message a cell re-run replaced
+            SELECT turn_id FROM messages WHERE role = 'user' AND turn_id IS NOT NULL
+            GROUP BY turn_id HAVING bool_and(state = 'superseded')
         ), t AS (
-            SELECT session_id, count(*) AS turns FROM turns GROUP BY session_id
+            SELECT turns.session_id, count(*) FILTER (WHERE x.turn_id IS NULL) AS turns,
+                   count(x.turn_id) AS superseded_turns
+            FROM turns LEFT JOIN superseded x ON x.turn_id = turns.id
+            GROUP BY turns.session_id
         )
         SELECT s.id, s.title, s.model, s.created_at,
                greatest(s.created_at, m.last_message_at, r.last_request_at) AS last_active,
-               coalesce(t.turns, 0) AS turns, coalesce(m.messages, 0) AS messages,
+               coalesce(t.turns, 0) AS turns, coalesce(t.superseded_turns, 0) AS superseded_turns,
+               coalesce(m.messages, 0) AS messages,
                coalesce(r.requests, 0) AS requests,
                -- no request at all costs nothing; requests without a known value stay NULL
                CASE WHEN r.requests IS NULL THEN 0 ELSE r.prompt_tokens END AS prompt_tokens,
@@ -278,18 +298,31 @@ def turns(db: Db = None, session_id: str | None = None) -> pd.DataFrame:
     """One row per turn (one ``send()`` or ``%%chat`` cell), oldest first.
 
     Columns: ``started_at``, ``finished_at`` (NaT while running or if the process
-    died), ``session_id``, ``status``, ``user_text``, ``rounds``, ``requests``,
-    ``prompt_tokens``, ``completion_tokens``, ``cost_usd`` (NaN = unknown),
-    ``duration_ms``, ``error``, ``cell_id``, ``id``.
+    died), ``session_id``, ``status`` (how it ended), ``state`` (``active``, or
+    ``superseded`` once a cell re-run replaced it, or ``compacted``), ``user_text``,
+    ``rounds``, ``requests``, ``prompt_tokens``, ``completion_tokens``, ``cost_usd``
+    (NaN = unknown), ``duration_ms``, ``error``, ``cell_id``, ``id``.
     """
     query = """
-        SELECT started_at, finished_at, session_id, status, user_text, rounds, requests,
-               prompt_tokens, completion_tokens, cost_usd, duration_ms, error, cell_id, id
-        FROM turns WHERE ? IS NULL OR session_id = ?
-        ORDER BY started_at, id
+        WITH asked AS (
+            SELECT turn_id,
+                   CASE WHEN bool_and(state = 'superseded') THEN 'superseded'
+                        WHEN bool_or(state = 'active') THEN 'active'
+                        ELSE 'compacted' END AS state
+            FROM messages
+            WHERE role = 'user' AND turn_id IS NOT NULL AND (? IS NULL OR session_id = ?)
+            GROUP BY turn_id
+        )
+        SELECT t.started_at, t.finished_at, t.session_id, t.status,
+               coalesce(a.state, 'active') AS state, t.user_text, t.rounds, t.requests,
+               t.prompt_tokens, t.completion_tokens, t.cost_usd, t.duration_ms, t.error,
+               t.cell_id, t.id
+        FROM turns t LEFT JOIN asked a ON a.turn_id = t.id
+        WHERE ? IS NULL OR t.session_id = ?
+        ORDER BY t.started_at, t.id
     """
     with open_store(db) as store:
-        return _frame(store.query(query, [session_id, session_id]))
+        return _frame(store.query(query, [session_id] * 4))
 
 
 # Grouping keys of costs(): fixed SQL fragments chosen by name, never caller text.
@@ -299,7 +332,7 @@ _COST_GROUPS: dict[str, tuple[str, str, str]] = {
         "r.model, r.provider",
         "cost_usd DESC NULLS LAST, requests DESC, r.model",
     ),
-    "day": ("date_trunc('day', r.created_at) AS day", "day", "day"),
+    "day": ("(r.created_at AT TIME ZONE 'UTC')::DATE AS day", "day", "day"),
     "session": (
         "r.session_id, any_value(s.title) AS title, min(r.created_at) AS first_request_at",
         "r.session_id",
@@ -312,9 +345,11 @@ def costs(by: Literal["model", "day", "session"] = "model", db: Db = None) -> pd
     """Requests, tokens and dollars grouped by model, by UTC day, or by session.
 
     Key columns: ``model`` and ``provider`` (sorted by cost, highest first), ``day``
-    (UTC midnight, oldest first), or ``session_id``, ``title``, ``first_request_at``.
-    Then ``requests``, ``prompt_tokens``, ``completion_tokens``, ``cached_tokens``,
-    ``cost_usd`` (sum of known costs; NaN when none is known) and
+    (the UTC calendar day, a ``datetime.date``, oldest first), or ``session_id``,
+    ``title``, ``first_request_at``. Then ``requests``, ``prompt_tokens``,
+    ``completion_tokens``, ``cached_tokens``, ``cost_usd`` (sum of known costs; NaN
+    when no answered request's cost is known; a request refused before any token
+    costs 0) and
     ``unknown_cost_requests`` — requests whose price is unknown, never counted as 0:
     when it is above 0 the real spend is higher than ``cost_usd``.
     """
@@ -326,7 +361,8 @@ def costs(by: Literal["model", "day", "session"] = "model", db: Db = None) -> pd
     query = f"""
         SELECT {select}, count(*) AS requests, sum(r.prompt_tokens)::BIGINT AS prompt_tokens,
                sum(r.completion_tokens)::BIGINT AS completion_tokens,
-               sum(r.cached_tokens)::BIGINT AS cached_tokens, sum(r.cost_usd) AS cost_usd,
+               sum(r.cached_tokens)::BIGINT AS cached_tokens,
+               {_KNOWN_COST.format(r="r.")} AS cost_usd,
                count(*) FILTER (WHERE r.cost_usd IS NULL) AS unknown_cost_requests
         FROM requests r {join}
         GROUP BY {group}

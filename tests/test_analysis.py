@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, date, datetime
 import math
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,7 @@ def test_sessions_columns_dtypes_and_totals(store: Store) -> None:
         "created_at",
         "last_active",
         "turns",
+        "superseded_turns",
         "messages",
         "requests",
         "prompt_tokens",
@@ -278,10 +280,10 @@ def test_costs_by_model_sorts_by_cost_and_keeps_unknown_visible(store: Store) ->
     assert unknown["prompt_tokens"] == 50  # the sum of the counts that were reported
 
 
-def test_costs_by_day_is_a_utc_timestamp(store: Store) -> None:
+def test_costs_by_day_is_a_utc_calendar_day(store: Store) -> None:
     df = costs(by="day", db=store)
-    assert str(df["day"].dtype) == UTC_TS
-    assert (df["day"].dt.hour == 0).all()
+    assert list(df["day"]) == [datetime.now(UTC).date()]
+    assert type(df["day"].iloc[0]) is date
 
 
 def test_costs_rejects_unknown_grouping(store: Store) -> None:
@@ -439,3 +441,61 @@ def test_import_rejects_malformed_data(db_path: Path, data: str, message: str) -
 def test_export_rejects_unknown_format(store: Store) -> None:
     with pytest.raises(ValueError, match="markdown"):
         export_session("a", format="html", db=store)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- honest figures
+
+
+def _failed_request(store: Store, sid: str, model: str) -> None:
+    """A request the server refused before any token: it costs 0, it is not unknown."""
+    store.handle(
+        UsageEvent(
+            session_id=sid,
+            turn_id="t",
+            model=model,
+            usage=RequestUsage(prompt_tokens=0, completion_tokens=0),
+            cost_usd=0.0,
+            error="The model server answered HTTP 404: no such model",
+        )
+    )
+
+
+def test_a_group_with_no_known_cost_is_nan_never_zero(db_path: Path) -> None:
+    s = Store.open(db_path)
+    s.create_session(session_id="u", model="unpriced", system_prompt=None)
+    s.create_session(session_id="r", model="gone", system_prompt=None)
+    s.create_session(session_id="idle", model="m", system_prompt=None)
+    for _ in range(3):
+        _failed_request(s, "u", "unpriced")
+    for _ in range(5):
+        request(s, "u", "unpriced", None, prompt_tokens=10, completion_tokens=2)
+    _failed_request(s, "r", "gone")
+    by_model = costs(by="model", db=s).set_index("model")
+    assert math.isnan(by_model.loc["unpriced", "cost_usd"])
+    assert by_model.loc["unpriced", "unknown_cost_requests"] == 5
+    assert by_model.loc["gone", "cost_usd"] == 0.0  # never answered: cost nothing
+    assert by_model.loc["gone", "unknown_cost_requests"] == 0
+    by_session = sessions(db=s).set_index("id")
+    assert math.isnan(by_session.loc["u", "cost_usd"])
+    assert by_session.loc["r", "cost_usd"] == 0.0
+    assert by_session.loc["idle", "cost_usd"] == 0.0  # no request at all
+    assert math.isnan(costs(by="session", db=s).set_index("session_id").loc["u", "cost_usd"])
+    s.close()
+
+
+def test_superseded_turns_are_shown_as_such_and_not_counted_live(db_path: Path) -> None:
+    s = Store.open(db_path)
+    s.create_session(session_id="a", model="m", system_prompt=None)
+    for turn in ("t1", "t2"):
+        s.handle(TurnStarted(session_id="a", turn_id=turn, text="q", cell_id="c"))
+        add(s, "a", "user", f"question {turn}", 1 if turn == "t1" else 3, turn_id=turn)
+        result = TurnResult(session_id="a", turn_id=turn, status="completed")
+        s.handle(TurnFinished(session_id="a", turn_id=turn, result=result))
+    first = transcript("a", db=s)["id"].iloc[0]
+    s.handle(MessagesMarked(session_id="a", message_ids=[first], state="superseded"))
+    frame = turns(db=s, session_id="a").set_index("id")
+    assert list(frame["state"]) == ["superseded", "active"]
+    assert list(frame["status"]) == ["completed", "completed"]
+    row = sessions(db=s).set_index("id").loc["a"]
+    assert (row["turns"], row["superseded_turns"]) == (1, 1)
+    s.close()
