@@ -122,16 +122,6 @@ def _raise_for(result: TurnResult) -> None:
 
 # ---------------------------------------------------------------------- the magics
 
-_COST_COLUMNS = [
-    "started_at",
-    "user_text",
-    "status",
-    "requests",
-    "prompt_tokens",
-    "completion_tokens",
-    "cost_usd",
-    "duration_ms",
-]
 _SUBCOMMANDS = """\
 %chat subcommands:
   %chat config [key=value ...]    show or set this kernel's defaults for sessions
@@ -380,9 +370,9 @@ class ChatMagics(Magics):
         return self.session
 
     def _cmd_sessions(self, args: list[str]) -> Any:
-        from ._analysis import sessions
+        from ._analysis import sessions_table
 
-        return sessions()
+        return sessions_table()
 
     def _cmd_history(self, args: list[str]) -> Any:
         from ._analysis import transcript
@@ -390,14 +380,13 @@ class ChatMagics(Magics):
         return transcript(self._current().id)
 
     def _cmd_cost(self, args: list[str]) -> Any:
-        from ._analysis import costs, turns
+        from ._analysis import costs_table, turn_costs_table
 
         if not args:
-            frame = turns(session_id=self._current().id)
-            return frame[_COST_COLUMNS]
+            return turn_costs_table(self._current().id)
         if args[0] not in ("model", "day", "session"):
             raise UsageError("%chat cost: give model, day or session (or nothing)")
-        return costs(by=args[0])  # type: ignore[arg-type]
+        return costs_table(args[0])  # type: ignore[arg-type]
 
     def _cmd_tools(self, args: list[str]) -> Info:
         from ._magic_options import ChatOptions

@@ -583,11 +583,11 @@ def test_sessions_history_cost_and_sql_from_the_store(
     assert list(history["role"]) == ["user", "assistant", "user", "assistant"]
     assert list(history["content"]) == ["hello", "Hi!", "bye", "Bye!"]
     cost = shell.run_line_magic("chat", "cost")
-    assert list(cost["user_text"]) == ["hello", "bye"]
-    assert list(cost["status"]) == ["completed", "completed"]
+    assert list(cost["you asked"]) == ["hello", "bye", ""]  # the last row: totals
+    assert list(cost["status"]) == ["completed", "completed", ""]
     assert "session_id" not in cost.columns
     by_model = shell.run_line_magic("chat", "cost model")
-    assert list(by_model["model"]) == ["fake-model"] and by_model["requests"][0] == 2
+    assert list(by_model["model"]) == ["fake-model", "total"] and by_model["requests"][0] == 2
 
     frame = shell.run_cell_magic(
         "chat_sql", "--out rows", "SELECT role, content FROM messages ORDER BY seq"

@@ -75,3 +75,29 @@ def test_a_system_prompt_change_is_for_new_sessions(
     assert run(shell, "%%chat\nhi").success
     info = shell.run_line_magic("chat", line)
     assert "the system prompt: new sessions only" in dict(info.rows)["this change applies to"]
+
+
+def test_chat_cost_is_readable_with_totals(
+    shell: InteractiveShell,  # noqa: F811
+    fake: FakeOpenAIServer,
+) -> None:
+    fake.enqueue("one", usage={"prompt_tokens": 12, "completion_tokens": 3})
+    assert run(shell, "%%chat\nfirst question").success
+    fake.enqueue("two", usage={"prompt_tokens": 20, "completion_tokens": 5})
+    assert run(shell, "%%chat\nsecond question").success
+    table = shell.run_line_magic("chat", "cost")
+    assert list(table.columns) == [
+        "started", "you asked", "status", "state", "requests", "tokens in", "tokens out",
+        "cost", "seconds",
+    ]  # fmt: skip
+    assert list(table["you asked"]) == ["first question", "second question", ""]
+    total = table.iloc[-1]
+    assert (total["started"], total["tokens in"], total["tokens out"]) == ("total", "32", "8")
+    assert total["cost"] == "unknown"  # fake-model has no price: never "$0"
+    assert table["started"].iloc[0].endswith(" UTC") and "." not in table["started"].iloc[0]
+    by_model = shell.run_line_magic("chat", "cost model")
+    assert by_model.iloc[-1]["model"] == "total" and by_model.iloc[0]["cost"] == "unknown"
+    listed = shell.run_line_magic("chat", "sessions")
+    assert list(listed.columns) == [
+        "id", "title", "model", "last active", "turns", "requests", "cost", "notebook",
+    ]  # fmt: skip
