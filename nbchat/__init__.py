@@ -57,6 +57,7 @@ _EXPORTS: dict[str, str] = {
     # front ends, analysis, the store
     "compactions": "_analysis",
     "costs": "_analysis",
+    "reprice": "_analysis",
     "sessions": "_analysis",
     "sql": "_analysis",
     "tool_calls": "_analysis",
@@ -82,6 +83,7 @@ if TYPE_CHECKING:
     from ._analysis import (
         compactions,
         costs,
+        reprice,
         sessions,
         sql,
         tool_calls,
@@ -183,6 +185,7 @@ __all__ = [
     "panel",
     "python_tool",
     "register_price",
+    "reprice",
     "sessions",
     "sql",
     "stop_local",

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 __all__ = [
     "compactions",
     "costs",
+    "reprice",
     "sessions",
     "sql",
     "tool_calls",
@@ -527,3 +528,42 @@ def sessions_table(db: Db = None) -> pd.DataFrame:
         "notebook": "notebook",
     }
     return _human_table(frame, columns)
+
+
+def reprice(model: str | None = None, db: Db = None) -> pd.DataFrame:
+    """``usage()`` with every request's cost computed again from today's prices.
+
+    For "what would this traffic have cost": after ``register_price()`` (or a newer
+    genai-prices), requests stored before it show their cost from their token counts.
+    ``cost_usd`` is the new figure (NaN where tokens or a price are still missing) and
+    ``stored_cost_usd`` what was stored then; the store itself is not changed. ``model``
+    keeps only that model's requests.
+    """
+    from ._pricing import request_cost
+    from ._types import RequestUsage
+
+    frame = usage(db=db)
+    if model is not None:
+        frame = frame[frame["model"] == model].reset_index(drop=True)
+    frame = frame.rename(columns={"cost_usd": "stored_cost_usd"})
+
+    import pandas as pd
+
+    def count(value: Any) -> int | None:
+        return None if pd.isna(value) else int(value)
+
+    # Requests with the same model and token counts cost the same: priced once.
+    prices: dict[tuple[Any, ...], float | None] = {}
+    new_costs = []
+    columns = ["model", "prompt_tokens", "completion_tokens", "cached_tokens"]
+    for name, prompt, completion, cached in frame[columns].itertuples(index=False):
+        key = (name, count(prompt), count(completion), count(cached))
+        if key not in prices:
+            tokens = RequestUsage(
+                prompt_tokens=key[1], completion_tokens=key[2], cached_tokens=key[3]
+            )
+            prices[key] = request_cost(str(name), None, tokens)[0]
+        new_costs.append(prices[key])
+    position = list(frame.columns).index("stored_cost_usd")
+    frame.insert(position, "cost_usd", [float("nan") if c is None else c for c in new_costs])
+    return frame

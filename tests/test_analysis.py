@@ -499,3 +499,26 @@ def test_superseded_turns_are_shown_as_such_and_not_counted_live(db_path: Path) 
     row = sessions(db=s).set_index("id").loc["a"]
     assert (row["turns"], row["superseded_turns"]) == (1, 1)
     s.close()
+
+
+def test_reprice_costs_stored_requests_at_todays_prices(db_path: Path) -> None:
+    from nbchat import reprice
+    from nbchat._pricing import forget_price, register_price
+
+    s = Store.open(db_path)
+    s.create_session(session_id="a", model="house-model", system_prompt=None)
+    request(s, "a", "house-model", None, prompt_tokens=1000, completion_tokens=500)
+    request(s, "a", "house-model", None)  # no usage reported: still unknown
+    request(s, "a", "gpt-4o-mini", 0.5, prompt_tokens=10, completion_tokens=1)
+    register_price("house-model", input_per_mtok=2.0, output_per_mtok=4.0)
+    try:
+        frame = reprice(model="house-model", db=s)
+    finally:
+        forget_price("house-model")
+    assert list(frame["stored_cost_usd"].isna()) == [True, True]
+    assert frame["cost_usd"].iloc[0] == pytest.approx((1000 * 2.0 + 500 * 4.0) / 1e6)
+    assert math.isnan(frame["cost_usd"].iloc[1])
+    assert frame.columns.get_loc("cost_usd") + 1 == frame.columns.get_loc("stored_cost_usd")
+    # The store is unchanged.
+    assert usage(db=s)["cost_usd"].isna().sum() == 2
+    s.close()
