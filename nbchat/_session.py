@@ -91,6 +91,7 @@ class _Turn:
         self.unanswered: list[ToolCall] = []
         self.extra_requests = 0  # summaries, and requests refused as too long and retried
         self.bad_names: dict[str, str] = {}  # call id -> the unusable name the model gave
+        self.tools_started: float | None = None  # when this round's tools began to run
         self.compactions = 0
 
 
@@ -585,6 +586,7 @@ class Session:
                 )
         yield self._add(message, turn)
         turn.unanswered = list(message.tool_calls or [])
+        turn.tools_started = None  # asked for, not running yet
 
     def _projection(self, tools: list[dict[str, Any]] | None) -> Projection:
         """The estimated size and cost of the request about to be sent."""
@@ -720,6 +722,7 @@ class Session:
     async def _run_tools(self, turn: _Turn, calls: list[ToolCall]) -> AsyncIterator[Event]:
         """Run the round's tool calls together; append their results in call order."""
         turn.unanswered = list(calls)
+        turn.tools_started = time.perf_counter()
         records = await self.tools.run(
             calls, turn_id=turn.turn_id, round=turn.round, bad_names=turn.bad_names
         )
@@ -764,7 +767,22 @@ class Session:
         stopped = error_payload(
             "cancelled", "The user stopped this turn before the tool call finished."
         )
+        started = turn.tools_started
         for call in turn.unanswered:
+            if started is not None:  # it was running: recorded as a cancelled tool call
+                record = ToolCallRecord(
+                    call_id=call.id,
+                    name=call.name,
+                    arguments=call.arguments,
+                    result=stopped,
+                    is_error=True,
+                    error_kind="cancelled",
+                    duration_ms=(time.perf_counter() - started) * 1000,
+                    turn_id=turn.turn_id,
+                    round=turn.round,
+                )
+                turn.tool_calls.append(record)
+                yield self._emit(ToolResult(session_id=self.id, turn_id=turn.turn_id, call=record))
             yield self._add(_tool_message(turn, call.id, call.name, stopped, "cancelled"), turn)
         turn.unanswered = []
 

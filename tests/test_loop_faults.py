@@ -227,3 +227,26 @@ def test_a_cut_stream_keeps_the_partial_text_in_the_result(fake: FakeOpenAIServe
     assert result.status == "error"
     assert result.text and "abcdefgh".startswith(result.text)
     assert s.messages[-1]["content"] == result.text
+
+
+def test_a_tool_stopped_mid_run_is_recorded_as_a_cancelled_call(fake: FakeOpenAIServer) -> None:
+    async def slow(n: int) -> int:
+        """Sleep."""
+        await asyncio.sleep(5)
+        return n
+
+    fake.enqueue(tool_calls=[{"name": "slow", "arguments": {"n": 1}}])
+    s = _session(fake, [slow])
+
+    def stop_when_tools_start(event: Any) -> None:
+        if event.kind == "message" and event.message.tool_calls:
+            threading.Timer(0.2, s.cancel).start()
+
+    result = s.send("go", on_event=stop_when_tools_start)
+    assert result.status == "interrupted"
+    (record,) = result.tool_calls
+    assert (record.name, record.is_error, record.error_kind) == ("slow", True, "cancelled")
+    assert record.duration_ms >= 150
+    stored = nbchat.tool_calls(db=s.store, session_id=s.id)
+    assert list(stored["error_kind"]) == ["cancelled"]
+    assert bool(stored["is_error"].iloc[0])
