@@ -189,11 +189,14 @@ _PLACEHOLDER = re.compile(
 _MISSING = object()
 
 
-def interpolate(text: str, namespace: dict[str, Any]) -> str:
+def interpolate(
+    text: str, namespace: dict[str, Any], missing: list[str] | None = None
+) -> str:
     """Replace ``{name}`` and ``{name.attr}`` with values from ``namespace``.
 
     Anything else in braces is left alone (JSON in prompts is common), and so is a name
-    the namespace does not have. ``{{name}}`` gives a literal ``{name}``.
+    the namespace does not have (appended to ``missing``, when given, so the caller can
+    say so). ``{{name}}`` gives a literal ``{name}``.
     """
 
     def replace(match: re.Match[str]) -> str:
@@ -205,6 +208,10 @@ def interpolate(text: str, namespace: dict[str, Any]) -> str:
             if value is _MISSING:
                 break
             value = getattr(value, attr, _MISSING)
-        return match.group(0) if value is _MISSING else str(value)
+        if value is _MISSING:
+            if missing is not None:
+                missing.append(match.group(0))
+            return match.group(0)
+        return str(value)
 
     return _PLACEHOLDER.sub(replace, text)

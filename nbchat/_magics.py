@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
+import sys
 import weakref
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, cast
@@ -200,7 +201,15 @@ class ChatMagics(Magics):
         from ._magic_options import ChatOptions, interpolate, parse_options
 
         opts = parse_options(ChatOptions, line)
-        text = interpolate(cell, self.user_ns).strip()
+        missing: list[str] = []
+        text = interpolate(cell, self.user_ns, missing).strip()
+        if missing:  # a typo in a placeholder: say so, send the text as typed
+            names = ", ".join(dict.fromkeys(missing))
+            print(
+                f"nbchat: {names} matched no variable in the notebook; sent as typed "
+                "(write {{name}} for literal braces).",
+                file=sys.stderr,
+            )
         if not text:
             raise UsageError("%%chat: the cell is empty; write your message below the magic line")
         tools = self._tools(opts.tools if opts.tools is not None else self.default_tools)

@@ -101,3 +101,21 @@ def test_chat_cost_is_readable_with_totals(
     assert list(listed.columns) == [
         "id", "title", "model", "last active", "turns", "requests", "cost", "notebook",
     ]  # fmt: skip
+
+
+def test_a_mistyped_placeholder_warns_in_one_line_and_is_sent_as_typed(
+    shell: InteractiveShell,  # noqa: F811
+    fake: FakeOpenAIServer,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    shell.user_ns["city"] = "Oslo"
+    fake.enqueue("ok")
+    assert run(shell, '%%chat\nweather in {city}? also {nosuch} and {"json": 1}').success
+    assert fake.requests[0]["messages"][-1]["content"] == (
+        'weather in Oslo? also {nosuch} and {"json": 1}'
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "nbchat: {nosuch} matched no variable in the notebook; sent as typed "
+        "(write {{name}} for literal braces)."
+    ]
