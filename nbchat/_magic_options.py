@@ -189,9 +189,7 @@ _PLACEHOLDER = re.compile(
 _MISSING = object()
 
 
-def interpolate(
-    text: str, namespace: dict[str, Any], missing: list[str] | None = None
-) -> str:
+def interpolate(text: str, namespace: dict[str, Any], missing: list[str] | None = None) -> str:
     """Replace ``{name}`` and ``{name.attr}`` with values from ``namespace``.
 
     Anything else in braces is left alone (JSON in prompts is common), and so is a name

@@ -248,17 +248,26 @@ class ChatMagics(Magics):
             raise UsageError("%%chat: use either --new or --session, not both")
         # Re-running a cell goes back to the conversation its earlier turn is in, even
         # after another cell started a new one.
-        current = self.cell_sessions.get(cell_id or "", self.session)
+        earlier = self.cell_sessions.get(cell_id or "")
+        current = earlier or self.session
         if opts.session:
             if current is None or current.id != opts.session:
                 current = self._use(opts.session, model=opts.model)
         elif (
-            opts.new
-            or current is None
+            current is None
             # A conversation has one system prompt: a different one starts another.
             or (opts.system is not None and opts.system != current.system)
+            # --new starts a conversation; re-run, it regenerates the one it started
+            # (its turn and every later one are replaced, as for any re-run cell).
+            or (opts.new and earlier is None)
         ):
             current = self._open(system=opts.system, model=opts.model)
+            if earlier is not None:
+                # The cells below followed the conversation this cell began: they
+                # follow the new one now.
+                for cell, known in self.cell_sessions.items():
+                    if known is earlier:
+                        self.cell_sessions[cell] = current
         self.session = current
         return current
 
@@ -355,9 +364,15 @@ class ChatMagics(Magics):
         if len(args) != 1:
             raise UsageError("%chat use: give one session id (%chat sessions lists them)")
         self.session = self._use(args[0])
-        return Info(
-            f"Continuing session `{self.session.id}` ({len(self.session.history)} messages)."
-        )
+        message = f"Continuing session `{self.session.id}` ({len(self.session.history)} messages)."
+        pending = self.session.pending_tool_calls
+        if pending:
+            names = ", ".join(c.name for c in pending)
+            message += (
+                f" It has {len(pending)} pending tool call(s) ({names}) left by a process "
+                "that stopped: `%chat resume` runs them, `%chat abort` closes them."
+            )
+        return Info(message)
 
     def _cmd_resume(self, args: list[str]) -> None:
         from ._magic_options import ChatOptions

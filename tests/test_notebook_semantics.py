@@ -119,3 +119,23 @@ def test_a_mistyped_placeholder_warns_in_one_line_and_is_sent_as_typed(
         "nbchat: {nosuch} matched no variable in the notebook; sent as typed "
         "(write {{name}} for literal braces)."
     ]
+
+
+def test_chat_use_mentions_pending_tool_calls(shell: InteractiveShell) -> None:  # noqa: F811
+    from nbchat._store import Store
+    from nbchat._types import Message, MessageAdded, ToolCall
+
+    store = Store.open()  # the kernel's default store (NBCHAT_DB of this test)
+    store.create_session(session_id="left-pending", model="fake-model", system_prompt=None)
+    for seq, message in enumerate(
+        [
+            Message(role="user", content="weather?"),
+            Message(role="assistant", tool_calls=[ToolCall(id="c1", name="get_weather")]),
+        ]
+    ):
+        message.seq = seq
+        store.handle(MessageAdded(session_id="left-pending", message=message))
+    store.close()
+    info = shell.run_line_magic("chat", "use left-pending")
+    assert "1 pending tool call(s) (get_weather)" in info.title
+    assert "%chat resume" in info.title and "%chat abort" in info.title
