@@ -85,9 +85,12 @@ class _Turn:
         self.tool_calls: list[ToolCallRecord] = []
         self.messages: list[Message] = []
         self.text = ""
-        self.status: TurnStatus = "completed"
+        self.status: TurnStatus = "running"  # until the turn ends; then how it ended
         self.error: str | None = None
-        self.folder: RoundFolder | None = None
+        self.folder: RoundFolder | None = None  # the request streaming now
+        self.reply: RoundFolder | None = None  # the last request's reply
+        self.failure: ModelAPIError | None = None  # why the last request failed
+        self.projection: Projection | None = None  # the last request's estimate
         self.unanswered: list[ToolCall] = []
         self.extra_requests = 0  # summaries, and requests refused as too long and retried
         self.bad_names: dict[str, str] = {}  # call id -> the unusable name the model gave
@@ -407,10 +410,10 @@ class Session:
                 assert text is not None
                 for event in self._start(turn, text):
                     yield event
-            while turn.status == "completed":
+            while turn.status == "running":
                 async for event in self._request_model(turn):
                     yield event
-                if turn.status != "completed" or not turn.unanswered:
+                if turn.status != "running" or not turn.unanswered:
                     break
                 async for event in self._run_tools(turn, turn.unanswered):
                     yield event
@@ -475,21 +478,48 @@ class Session:
         )
 
     async def _request_model(self, turn: _Turn) -> AsyncIterator[Event]:
-        """One model request: check budgets, compact, stream the reply, add the message."""
+        """One round's request: check limits → send it → take the reply into the history."""
         final = turn.round >= self.max_rounds
         tools = None if final else self.tools.specs() or None
+        async for event in self._prepare_request(turn, tools):
+            yield event
+        if turn.status != "running":
+            return
+        async for event in self._send_request(turn, tools, final):
+            yield event
+        folder = turn.reply
+        if turn.status != "running" or folder is None:
+            return
+        if turn.failure is not None:
+            for event in self._request_failed(turn, folder, turn.failure):
+                yield event
+            return
+        for event in self._take_reply(turn, folder, final):
+            yield event
+
+    async def _prepare_request(
+        self, turn: _Turn, tools: list[dict[str, Any]] | None
+    ) -> AsyncIterator[Event]:
+        """Budgets from what was spent, compaction, then the budget the request would need."""
         for event in self._check_budgets(turn):
             yield event
-        if turn.status == "completed":
+        if turn.status == "running":
             async for event in self._maybe_compact(turn, tools):
                 yield event
-        if turn.status != "completed":
+        if turn.status != "running":
             return
-        projection = self._projection(tools)
-        for event in self._check_budgets(turn, next_request=projection):
+        turn.projection = self._projection(tools)
+        for event in self._check_budgets(turn, next_request=turn.projection):
             yield event
-        if turn.status != "completed":
-            return
+
+    async def _send_request(
+        self, turn: _Turn, tools: list[dict[str, Any]] | None, final: bool
+    ) -> AsyncIterator[Event]:
+        """Stream the request's reply; a prompt refused as too long is compacted, retried once.
+
+        The reply is left in ``turn.reply``, and the error that ended it (if one did) in
+        ``turn.failure``.
+        """
         # Output guardrails judge the whole reply, so its text is shown once they passed it.
         hold_text = bool(self.output_guardrails)
         retried = False
@@ -498,8 +528,8 @@ class Session:
             if final:
                 payload.append({"role": "system", "content": MAX_ROUNDS_NOTE})
             folder = RoundFolder(self.id, turn.turn_id, turn.round)
-            turn.folder = folder
-            error: ModelAPIError | None = None
+            turn.folder = turn.reply = folder
+            turn.failure = None
             try:
                 async for event in self.client.astream(
                     payload, folder, tools=tools, stream=self.streaming, **self.request_params
@@ -507,14 +537,15 @@ class Session:
                     if not (hold_text and event.kind == "text_delta"):
                         yield self._emit(event)
             except ModelAPIError as exc:
-                error = exc
+                turn.failure = exc
             finally:
                 # Runs on cancellation too: a request that was cut short is still recorded.
-                usage_event = self._record_usage(turn, folder, error, projection)
+                usage_event = self._record_usage(turn, folder, turn.failure, turn.projection)
             yield usage_event
             for event in self._check_budgets(turn, stop=False):
                 yield event
             turn.folder = None
+            error = turn.failure
             if error is None and folder.usage is not None:
                 self.estimator.observe(self._messages, _chars(tools), folder.usage.prompt_tokens)
             if (
@@ -524,56 +555,47 @@ class Session:
                 or folder.chunks
                 or not is_context_overflow(error)
             ):
-                break
+                return
             # The server refused the prompt as too long: compact once, and retry once.
             retried = True
             compactions = turn.compactions
             async for event in self._maybe_compact(turn, tools, overflow=error):
                 yield event
-            if turn.status != "completed":
+            if turn.status != "running" or turn.compactions == compactions:
                 return
-            if turn.compactions == compactions:
-                break
             turn.extra_requests += 1  # the refused request is not a round of the turn
-        if error is not None:
-            turn.status, turn.error = "error", str(error)
-            turn.text = folder.text  # what arrived before the failure, as when interrupted
-            if folder.text:
-                yield self._add(
-                    self._assistant(turn, folder, status="error", with_calls=False), turn
-                )
-            yield self._emit(
-                ErrorEvent(
-                    session_id=self.id,
-                    turn_id=turn.turn_id,
-                    message=str(error),
-                    error_kind="model_api",
-                    status_code=error.status_code,
-                )
+
+    def _request_failed(
+        self, turn: _Turn, folder: RoundFolder, error: ModelAPIError
+    ) -> Iterable[Event]:
+        """End the turn on a failed request, keeping the text that arrived before it."""
+        turn.status, turn.error = "error", str(error)
+        if folder.text:
+            message = self._assistant(turn, folder, status="error", with_calls=False)
+            yield from self._judge_reply(turn, message, rejection_ends_turn=False)
+            if message.state == "active":
+                turn.text = message.content or ""
+                yield self._add(message, turn)
+        yield self._emit(
+            ErrorEvent(
+                session_id=self.id,
+                turn_id=turn.turn_id,
+                message=str(error),
+                error_kind="model_api",
+                status_code=error.status_code,
             )
-            return
+        )
+
+    def _take_reply(self, turn: _Turn, folder: RoundFolder, final: bool) -> Iterable[Event]:
+        """Judge the reply, add it to the history; its tool calls are what runs next."""
         message = self._assistant(turn, folder, status="ok", with_calls=not final)
         if message.content or not message.tool_calls:
-            try:
-                message.content = apply_guardrails(message.content or "", self.output_guardrails)
-            except GuardrailRejected as exc:
-                turn.status, turn.error = "rejected", f"Reply rejected by a guardrail: {exc}"
-                message.status, message.state = "rejected", "superseded"
-                yield self._record(message, turn)
-                yield self._guardrail_error(turn)
+            yield from self._judge_reply(turn, message)
+            if turn.status != "running":
                 return
-            if hold_text and message.content:
-                yield self._emit(
-                    TextDelta(
-                        session_id=self.id,
-                        turn_id=turn.turn_id,
-                        text=message.content,
-                        round=turn.round,
-                    )
-                )
         if not message.tool_calls:
             turn.text = message.content or ""
-            if final:
+            if final and turn.round > 0:  # tool rounds were cut short, not merely absent
                 turn.status = "max_rounds"
                 yield self._emit(
                     LimitReached(
@@ -587,6 +609,33 @@ class Session:
         yield self._add(message, turn)
         turn.unanswered = list(message.tool_calls or [])
         turn.tools_started = None  # asked for, not running yet
+
+    def _judge_reply(
+        self, turn: _Turn, message: Message, *, rejection_ends_turn: bool = True
+    ) -> Iterable[Event]:
+        """Run the output guardrails over a reply's text, then show text that was held.
+
+        A rejected reply is stored as rejected and superseded (out of the conversation);
+        with ``rejection_ends_turn`` the turn ends as ``rejected``.
+        """
+        if not self.output_guardrails:
+            return
+        try:
+            message.content = apply_guardrails(message.content or "", self.output_guardrails)
+        except GuardrailRejected as exc:
+            message.status, message.state = "rejected", "superseded"
+            if rejection_ends_turn:
+                turn.status, turn.error = "rejected", f"Reply rejected by a guardrail: {exc}"
+            yield self._record(message, turn)
+            if rejection_ends_turn:
+                yield self._guardrail_error(turn)
+            return
+        if message.content:  # held back from display until now
+            yield self._emit(
+                TextDelta(
+                    session_id=self.id, turn_id=turn.turn_id, text=message.content, round=turn.round
+                )
+            )
 
     def _projection(self, tools: list[dict[str, Any]] | None) -> Projection:
         """The estimated size and cost of the request about to be sent."""
@@ -741,27 +790,10 @@ class Session:
         turn.status = "interrupted"
         folder = turn.folder
         if folder is not None and folder.text:
-            message: Message | None = self._assistant(
-                turn, folder, status="interrupted", with_calls=False
-            )
-            if self.output_guardrails and message is not None:
-                # The partial text was held back from display: judge it before showing it.
-                try:
-                    message.content = apply_guardrails(folder.text, self.output_guardrails)
-                except GuardrailRejected:
-                    message.status, message.state = "rejected", "superseded"
-                    yield self._record(message, turn)
-                    message = None
-                if message is not None and message.content:
-                    yield self._emit(
-                        TextDelta(
-                            session_id=self.id,
-                            turn_id=turn.turn_id,
-                            text=message.content,
-                            round=turn.round,
-                        )
-                    )
-            if message is not None:
+            message = self._assistant(turn, folder, status="interrupted", with_calls=False)
+            # Partial text held back from display is judged before it is shown.
+            yield from self._judge_reply(turn, message, rejection_ends_turn=False)
+            if message.state == "active":
                 turn.text = message.content or ""
                 yield self._add(message, turn)
         stopped = error_payload(
@@ -787,6 +819,8 @@ class Session:
         turn.unanswered = []
 
     def _finish(self, turn: _Turn) -> Event:
+        if turn.status == "running":  # nothing stopped it: it ran to its end
+            turn.status = "completed"
         result = TurnResult(
             session_id=self.id,
             turn_id=turn.turn_id,

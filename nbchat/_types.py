@@ -16,8 +16,17 @@ Role = Literal["system", "user", "assistant", "tool"]
 MessageState = Literal["active", "compacted", "superseded"]
 # How a message ended. "ok" for every normally finished message; the others say why not.
 MessageStatus = Literal["ok", "interrupted", "error", "cancelled", "aborted", "rejected", "summary"]
+# "running" until a turn ends; "aborted": its pending tool calls were closed by
+# abort_pending() after the process running it stopped.
 TurnStatus = Literal[
-    "completed", "interrupted", "max_rounds", "budget_exceeded", "error", "rejected"
+    "running",
+    "completed",
+    "interrupted",
+    "max_rounds",
+    "budget_exceeded",
+    "error",
+    "rejected",
+    "aborted",
 ]
 
 

@@ -250,3 +250,14 @@ def test_a_tool_stopped_mid_run_is_recorded_as_a_cancelled_call(fake: FakeOpenAI
     stored = nbchat.tool_calls(db=s.store, session_id=s.id)
     assert list(stored["error_kind"]) == ["cancelled"]
     assert bool(stored["is_error"].iloc[0])
+
+
+def test_max_rounds_zero_without_tool_calls_is_a_plain_answer(fake: FakeOpenAIServer) -> None:
+    s = _session(fake, [lookup], max_rounds=0)
+    fake.enqueue("just text")
+    events: list[Any] = []
+    result = s.send("hi", on_event=events.append)
+    assert (result.status, result.text) == ("completed", "just text")
+    assert [e for e in events if e.kind == "limit_reached"] == []
+    assert "tools" not in fake.requests[0]  # no tool rounds allowed: none offered
+
