@@ -77,5 +77,20 @@ def test_mypy_strict_is_clean() -> None:
 
 
 def test_all_lists_every_lazy_export() -> None:
-    extras = {"load_ipython_extension", "testing", "__version__"}
+    extras = {"load_ipython_extension", "unload_ipython_extension", "testing", "__version__"}
     assert set(nbchat.__all__) == set(nbchat._EXPORTS) | extras
+
+
+def test_the_type_checking_imports_match_the_exports() -> None:
+    """``__init__``'s static imports (for type checkers) name exactly the lazy exports."""
+    import ast
+
+    tree = ast.parse((ROOT / "nbchat" / "__init__.py").read_text())
+    static: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            for stmt in node.body:
+                assert isinstance(stmt, ast.ImportFrom)
+                for alias in stmt.names:
+                    static[alias.asname or alias.name] = str(stmt.module)
+    assert static == nbchat._EXPORTS
