@@ -260,4 +260,3 @@ def test_max_rounds_zero_without_tool_calls_is_a_plain_answer(fake: FakeOpenAISe
     assert (result.status, result.text) == ("completed", "just text")
     assert [e for e in events if e.kind == "limit_reached"] == []
     assert "tools" not in fake.requests[0]  # no tool rounds allowed: none offered
-
