@@ -50,6 +50,7 @@ _EXPORTS: dict[str, str] = {
     "configure": "_session",
     # the loop and its parts
     "Session": "_session",
+    "TurnOptions": "_session",
     "Tool": "_tools",
     "ToolSet": "_tools",
     "as_tool": "_tools",
@@ -107,7 +108,7 @@ if TYPE_CHECKING:
     from ._panel import ChatPanel, panel
     from ._pricing import mark_free, register_price
     from ._pytool import python_tool
-    from ._session import Session, configure
+    from ._session import Session, TurnOptions, configure
     from ._store import Store
     from ._tools import Tool, ToolSet, as_tool, tool
     from ._types import (

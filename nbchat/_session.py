@@ -12,6 +12,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ._client import ModelClient, RoundFolder
@@ -23,7 +24,7 @@ from ._compaction import (
     live_order,
     resolve_strategy,
 )
-from ._config import get_defaults, resolve_client, set_defaults
+from ._config import Secret, get_defaults, resolve_client, set_defaults
 from ._exceptions import GuardrailRejected, ModelAPIError, SessionPendingError, StoreError
 from ._limits import Budgets, Guardrail, Projection, apply_guardrails, stored_usage
 from ._runner import TurnRunner
@@ -55,7 +56,7 @@ from ._types import (
 if TYPE_CHECKING:
     from ._store import Store
 
-__all__ = ["Session", "configure"]
+__all__ = ["Session", "TurnOptions", "configure"]
 
 EventHandler = Callable[[Event], None]
 DEFAULT_MAX_ROUNDS = 16
@@ -73,12 +74,43 @@ def configure(**defaults: Any) -> dict[str, Any]:
     return set_defaults(**defaults)
 
 
+@dataclass(frozen=True)
+class TurnOptions:
+    """Settings for one turn only, given to ``send()``/``stream()``; ``None`` keeps the session's.
+
+    ``tools`` replaces the session's tools for the turn (``()`` for none);
+    ``budget_usd`` limits what this turn may spend (on top of the session's limits);
+    ``request_params`` are merged over the session's.
+    """
+
+    model: str | None = None
+    tools: Iterable[Any] | None = None
+    temperature: float | None = None
+    max_rounds: int | None = None
+    budget_usd: float | None = None
+    stream: bool | None = None
+    request_params: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class _TurnSettings:
+    """What one turn runs with: the session's settings with the turn's options applied."""
+
+    client: ModelClient
+    tools: ToolSet
+    max_rounds: int
+    streaming: bool
+    request_params: dict[str, Any]
+    budgets: Budgets
+
+
 class _Turn:
     """What one turn has done so far."""
 
-    def __init__(self, turn_id: str, cell_id: str | None) -> None:
+    def __init__(self, turn_id: str, cell_id: str | None, settings: _TurnSettings) -> None:
         self.turn_id = turn_id
         self.cell_id = cell_id
+        self.settings = settings
         self.started = time.perf_counter()
         self.round = 0
         self.usage = Usage()
@@ -117,7 +149,7 @@ class Session:
         model: str | None = None,
         *,
         base_url: str | None = None,
-        api_key: str | None = None,
+        api_key: str | Secret | None = None,
         db: Any = None,
         system: str | None = None,
         tools: Iterable[Any] = (),
@@ -144,6 +176,27 @@ class Session:
         keep_last_n: int = 4,
         summary_model: str | None = None,
     ) -> None:
+        # Kept so new() can start another conversation set up the same way.
+        self._settings: dict[str, Any] = {
+            "db": db,
+            "system": system,
+            "budget_usd": budget_usd,
+            "turn_budget_usd": turn_budget_usd,
+            "max_tokens_total": max_tokens_total,
+            "turn_max_tokens": turn_max_tokens,
+            "on_event": on_event,
+            "input_guardrails": input_guardrails,
+            "output_guardrails": output_guardrails,
+            "max_retries": max_retries,
+            "timeout": timeout,
+            "max_result_chars": max_result_chars,
+            "notebook": notebook,
+            "compaction": compaction,
+            "context_window": context_window,
+            "trigger_ratio": trigger_ratio,
+            "keep_last_n": keep_last_n,
+            "summary_model": summary_model,
+        }
         strategy = resolve_strategy(compaction)
         self.compactor = (
             None
@@ -249,15 +302,22 @@ class Session:
         return []
 
     def send(
-        self, text: str, *, cell_id: str | None = None, on_event: EventHandler | None = None
+        self,
+        text: str,
+        *,
+        cell_id: str | None = None,
+        on_event: EventHandler | None = None,
+        options: TurnOptions | None = None,
     ) -> TurnResult:
         """Run one turn and return its result; ``on_event`` sees each event on this thread.
 
         Works in scripts and inside a running Jupyter kernel. Ctrl-C or a kernel
         interrupt stops the turn at once: the result then has status "interrupted".
+        ``options`` (a ``TurnOptions``) change the model, tools, limits or sampling for
+        this turn only; the session is left as it was.
         """
         self._raise_if_pending()
-        return self._run_sync(self._turn(text, cell_id), on_event)
+        return self._run_sync(self._turn(text, cell_id, options=options), on_event)
 
     def _run_sync(self, turn: AsyncIterator[Event], on_event: EventHandler | None) -> TurnResult:
         result: TurnResult | None = None
@@ -273,17 +333,51 @@ class Session:
         assert result is not None, "a turn always ends with TurnFinished"
         return result
 
-    async def stream(self, text: str, *, cell_id: str | None = None) -> AsyncIterator[Event]:
+    async def stream(
+        self, text: str, *, cell_id: str | None = None, options: TurnOptions | None = None
+    ) -> AsyncIterator[Event]:
         """Run one turn, yielding its events as they happen (the last is ``TurnFinished``)."""
         self._raise_if_pending()
-        async for event in self._runner.stream(self._with_notices(self._turn(text, cell_id))):
+        turn = self._turn(text, cell_id, options=options)
+        async for event in self._runner.stream(self._with_notices(turn)):
             yield event
 
-    def resume(self, *, on_event: EventHandler | None = None) -> TurnResult:
+    def resume(
+        self, *, on_event: EventHandler | None = None, options: TurnOptions | None = None
+    ) -> TurnResult:
         """Run the tool calls left pending by a crash, then let the model continue."""
         if not self.pending_tool_calls:
             raise SessionPendingError("Nothing to resume: this session has no pending tool calls.")
-        return self._run_sync(self._turn(None, None, resume=True), on_event)
+        return self._run_sync(self._turn(None, None, resume=True, options=options), on_event)
+
+    def _turn_settings(self, options: TurnOptions | None) -> _TurnSettings:
+        """The session's settings, with ``options`` applied for one turn."""
+        o = options or TurnOptions()
+        client = self.client
+        if o.model and o.model != client.model:
+            s = client.settings
+            client = ModelClient(
+                resolve_client(o.model, s.base_url, s.api_key),
+                max_retries=client.max_retries,
+                timeout=client.timeout,
+            )
+        tools = self.tools
+        if o.tools is not None:
+            tools = ToolSet(o.tools, max_result_chars=self.tools.max_result_chars)
+        params = {**self.request_params, **(o.request_params or {})}
+        if o.temperature is not None:
+            params["temperature"] = o.temperature
+        budgets = self.budgets
+        if o.budget_usd is not None:
+            budgets = budgets.model_copy(update={"turn_budget_usd": o.budget_usd})
+        return _TurnSettings(
+            client=client,
+            tools=tools,
+            max_rounds=self.max_rounds if o.max_rounds is None else o.max_rounds,
+            streaming=self.streaming if o.stream is None else o.stream,
+            request_params=params,
+            budgets=budgets,
+        )
 
     def abort_pending(self) -> list[Message]:
         """Close pending tool calls with synthetic "aborted" results; returns those messages."""
@@ -309,6 +403,29 @@ class Session:
     def cancel(self) -> None:
         """Stop the running turn at once (safe to call from any thread or a signal handler)."""
         self._runner.cancel()
+
+    def new(self, **changes: Any) -> Session:
+        """A new, empty session set up like this one (endpoint, tools, limits, guardrails...).
+
+        Keyword arguments are ``Session``'s and override what is copied; the new session
+        starts with this session's current model and system prompt.
+        """
+        s = self.client.settings
+        settings: dict[str, Any] = {
+            **self._settings,
+            "model": s.model,
+            "base_url": s.base_url,
+            "api_key": s.api_key,
+            "system": self.system,
+            "tools": list(self.tools),
+            "max_rounds": self.max_rounds,
+            "stream": self.streaming,
+            "request_params": dict(self.request_params),
+            "db": self.store if self.store is not None else False,
+            **self.budgets.model_dump(),
+        }
+        settings.update(changes)
+        return Session(**settings)
 
     def set_model(self, model: str) -> None:
         """Send the following requests to another model on the same endpoint."""
@@ -392,13 +509,19 @@ class Session:
         return self._record(message, turn)
 
     async def _turn(
-        self, text: str | None, cell_id: str | None, *, resume: bool = False
+        self,
+        text: str | None,
+        cell_id: str | None,
+        *,
+        resume: bool = False,
+        options: TurnOptions | None = None,
     ) -> AsyncIterator[Event]:
+        settings = self._turn_settings(options)
         if resume:
             last = next(m for m in reversed(self._messages) if m.role == "assistant")
-            turn = _Turn(last.turn_id or new_id(), last.cell_id)
+            turn = _Turn(last.turn_id or new_id(), last.cell_id, settings)
         else:
-            turn = _Turn(new_id(), cell_id)
+            turn = _Turn(new_id(), cell_id, settings)
         yield self._emit(
             TurnStarted(session_id=self.id, turn_id=turn.turn_id, text=text or "", cell_id=cell_id)
         )
@@ -479,8 +602,8 @@ class Session:
 
     async def _request_model(self, turn: _Turn) -> AsyncIterator[Event]:
         """One round's request: check limits → send it → take the reply into the history."""
-        final = turn.round >= self.max_rounds
-        tools = None if final else self.tools.specs() or None
+        final = turn.round >= turn.settings.max_rounds
+        tools = None if final else turn.settings.tools.specs() or None
         async for event in self._prepare_request(turn, tools):
             yield event
         if turn.status != "running":
@@ -508,7 +631,7 @@ class Session:
                 yield event
         if turn.status != "running":
             return
-        turn.projection = self._projection(tools)
+        turn.projection = self._projection(turn, tools)
         for event in self._check_budgets(turn, next_request=turn.projection):
             yield event
 
@@ -531,8 +654,13 @@ class Session:
             turn.folder = turn.reply = folder
             turn.failure = None
             try:
-                async for event in self.client.astream(
-                    payload, folder, tools=tools, stream=self.streaming, **self.request_params
+                settings = turn.settings
+                async for event in settings.client.astream(
+                    payload,
+                    folder,
+                    tools=tools,
+                    stream=settings.streaming,
+                    **settings.request_params,
                 ):
                     if not (hold_text and event.kind == "text_delta"):
                         yield self._emit(event)
@@ -602,7 +730,7 @@ class Session:
                         session_id=self.id,
                         turn_id=turn.turn_id,
                         limit="max_rounds",
-                        message=f"Stopped after {self.max_rounds} rounds of tool calls "
+                        message=f"Stopped after {turn.settings.max_rounds} rounds of tool calls "
                         "(max_rounds); the last answer was asked for without tools.",
                     )
                 )
@@ -637,16 +765,17 @@ class Session:
                 )
             )
 
-    def _projection(self, tools: list[dict[str, Any]] | None) -> Projection:
+    def _projection(self, turn: _Turn, tools: list[dict[str, Any]] | None) -> Projection:
         """The estimated size and cost of the request about to be sent."""
         from ._pricing import request_cost
 
         prompt = self.estimator.estimate(self._messages, _chars(tools))
-        params = self.request_params
+        params = turn.settings.request_params
+        client = turn.settings.client
         cap = params.get("max_completion_tokens") or params.get("max_tokens") or 0
         cap = cap if isinstance(cap, int) and cap > 0 else 0
         usage = RequestUsage(prompt_tokens=prompt, completion_tokens=cap)
-        cost, _ = request_cost(self.model, self.client.settings.base_url, usage)
+        cost, _ = request_cost(client.model, client.settings.base_url, usage)
         return Projection(prompt_tokens=prompt, reply_cap=cap, cost_usd=cost)
 
     def _check_budgets(
@@ -657,7 +786,7 @@ class Session:
         ``next_request`` (the estimate of the request about to go) also stops a request
         that would cross a USD limit.
         """
-        check = self.budgets.check(self.usage, turn.usage, next_request)
+        check = turn.settings.budgets.check(self.usage, turn.usage, next_request)
         for notice in check.notices:
             if notice not in self._notices_given:
                 self._notices_given.add(notice)
@@ -684,7 +813,7 @@ class Session:
             return
         outcome = await self.compactor.maybe_compact(
             self._messages,
-            client=self.client,
+            client=turn.settings.client,
             extra_chars=_chars(tools),
             session_id=self.id,
             turn_id=turn.turn_id,
@@ -725,7 +854,9 @@ class Session:
         error: ModelAPIError | None,
         projection: Projection | None = None,
     ) -> UsageEvent:
-        event = self.client.usage_event(folder, error, interrupted=self._runner.cancel_requested)
+        event = turn.settings.client.usage_event(
+            folder, error, interrupted=self._runner.cancel_requested
+        )
         if projection is not None:  # kept beside the actual figures
             event.estimated_prompt_tokens = projection.prompt_tokens
             event.estimated_cost_usd = projection.cost_usd
@@ -772,7 +903,7 @@ class Session:
         """Run the round's tool calls together; append their results in call order."""
         turn.unanswered = list(calls)
         turn.tools_started = time.perf_counter()
-        records = await self.tools.run(
+        records = await turn.settings.tools.run(
             calls, turn_id=turn.turn_id, round=turn.round, bad_names=turn.bad_names
         )
         for record in records:
