@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import re
 import shlex
-import textwrap
 from typing import Any, TypeVar
 
 from IPython.core.error import UsageError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ._magic_help import CHAT_OPTIONS, SQL_OPTIONS, OptionDoc, render_options
 
 __all__ = ["ChatOptions", "SqlOptions", "interpolate", "options_help", "parse_options"]
 
@@ -24,8 +25,11 @@ _IDENT = r"[A-Za-z_]\w*"
 # ---------------------------------------------------------------------- options
 
 
-def _flag(short: str | None = None, metavar: str | None = None) -> dict[str, Any]:
-    return {"short": short, "metavar": metavar}
+def _doc(options: tuple[OptionDoc, ...], name: str) -> dict[str, Any]:
+    """The ``Field`` keywords (help, flag, value name) of option ``name`` in ``options``."""
+    option = next(o for o in options if o.name == name)
+    extra = {"short": option.short, "metavar": option.metavar}
+    return {"description": option.help, "json_schema_extra": extra}
 
 
 class ChatOptions(BaseModel):
@@ -33,49 +37,16 @@ class ChatOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str | None = Field(
-        None,
-        description="model for this cell (a session this cell starts keeps it)",
-        json_schema_extra=_flag("-m", "NAME"),
-    )
-    system: str | None = Field(
-        None,
-        description="system prompt (a different one starts a new session)",
-        json_schema_extra=_flag("-s", "TEXT"),
-    )
-    new: bool = Field(False, description="start a new session (it becomes the current one)")
-    session: str | None = Field(
-        None,
-        description="continue the stored session ID (it becomes the current one)",
-        json_schema_extra=_flag(metavar="ID"),
-    )
-    tools: list[str] | None = Field(
-        None,
-        description="tools for this cell: functions in the notebook, comma-separated; "
-        "python[:ask|auto|never] runs code here; none for no tools",
-        json_schema_extra=_flag(metavar="A,B"),
-    )
-    budget: float | None = Field(
-        None,
-        ge=0,
-        description="spend at most USD on this turn",
-        json_schema_extra=_flag(None, "USD"),
-    )
-    max_rounds: int | None = Field(
-        None,
-        ge=0,
-        description="rounds of tool calls before a final answer (default 16)",
-        json_schema_extra=_flag(metavar="N"),
-    )
-    no_stream: bool = Field(False, description="show the reply once it is complete")
-    out: str | None = Field(
-        None,
-        description="also store the reply text in variable VAR",
-        json_schema_extra=_flag(metavar="VAR"),
-    )
-    temperature: float | None = Field(
-        None, ge=0, description="sampling temperature", json_schema_extra=_flag(metavar="T")
-    )
+    model: str | None = Field(None, **_doc(CHAT_OPTIONS, "model"))
+    system: str | None = Field(None, **_doc(CHAT_OPTIONS, "system"))
+    new: bool = Field(False, **_doc(CHAT_OPTIONS, "new"))
+    session: str | None = Field(None, **_doc(CHAT_OPTIONS, "session"))
+    tools: list[str] | None = Field(None, **_doc(CHAT_OPTIONS, "tools"))
+    budget: float | None = Field(None, ge=0, **_doc(CHAT_OPTIONS, "budget"))
+    max_rounds: int | None = Field(None, ge=0, **_doc(CHAT_OPTIONS, "max_rounds"))
+    no_stream: bool = Field(False, **_doc(CHAT_OPTIONS, "no_stream"))
+    out: str | None = Field(None, **_doc(CHAT_OPTIONS, "out"))
+    temperature: float | None = Field(None, ge=0, **_doc(CHAT_OPTIONS, "temperature"))
 
     @field_validator("tools", mode="before")
     @classmethod
@@ -98,16 +69,8 @@ class SqlOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    out: str | None = Field(
-        None,
-        description="also store the DataFrame in variable VAR",
-        json_schema_extra=_flag(metavar="VAR"),
-    )
-    db: str | None = Field(
-        None,
-        description="store file to query (default: the kernel's store)",
-        json_schema_extra=_flag(metavar="PATH"),
-    )
+    out: str | None = Field(None, **_doc(SQL_OPTIONS, "out"))
+    db: str | None = Field(None, **_doc(SQL_OPTIONS, "db"))
 
 
 def _flags(model: type[BaseModel]) -> dict[str, str]:
@@ -168,17 +131,21 @@ def parse_options(model: type[M], line: str, magic: str = "%%chat") -> M:
 
 
 def options_help(model: type[BaseModel]) -> str:
-    lines = []
+    """The help table of a model's options, from the fields (the words of ``_magic_help``)."""
+    options = []
     for name, field in model.model_fields.items():
         extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-        short = extra.get("short")
-        flag = ("" if short is None else f"{short}, ") + "--" + name.replace("_", "-")
-        if not _is_switch(model, name):
-            flag += f" {extra.get('metavar') or name.upper()}"
-        text = textwrap.wrap(field.description or "", 60)
-        lines.append(f"  {flag:<24} {text[0]}")
-        lines.extend(f"  {'':<24} {more}" for more in text[1:])
-    return "\n".join(lines)
+        short, metavar = extra.get("short"), extra.get("metavar")
+        if _is_switch(model, name):
+            metavar = None
+        elif not isinstance(metavar, str):
+            metavar = name.upper()
+        options.append(
+            OptionDoc(
+                name, short if isinstance(short, str) else None, metavar, field.description or ""
+            )
+        )
+    return render_options(tuple(options))
 
 
 # ---------------------------------------------------------------------- {var} in the cell

@@ -39,6 +39,7 @@ from ._config import (
 )
 from ._display import CellRenderer, Info, TurnFailed, TurnInterrupted, one_line, render_mode
 from ._exceptions import NbchatError, SessionPendingError
+from ._magic_help import CHAT_OPTIONS, SQL_OPTIONS, render_options
 
 if TYPE_CHECKING:
     from ._magic_options import ChatOptions
@@ -492,24 +493,10 @@ class ChatMagics(Magics):
         return applied
 
 
-# The option tables of the help text, as options_help() renders the options models.
-# Written out so %load_ext need not import pydantic; test_magics checks they match.
-CHAT_OPTIONS_HELP = """\
-  -m, --model NAME         model for this cell (a session this cell starts keeps it)
-  -s, --system TEXT        system prompt (a different one starts a new session)
-  --new                    start a new session (it becomes the current one)
-  --session ID             continue the stored session ID (it becomes the current one)
-  --tools A,B              tools for this cell: functions in the notebook, comma-
-                           separated; python[:ask|auto|never] runs code here; none for
-                           no tools
-  --budget USD             spend at most USD on this turn
-  --max-rounds N           rounds of tool calls before a final answer (default 16)
-  --no-stream              show the reply once it is complete
-  --out VAR                also store the reply text in variable VAR
-  --temperature T          sampling temperature"""
-SQL_OPTIONS_HELP = """\
-  --out VAR                also store the DataFrame in variable VAR
-  --db PATH                store file to query (default: the kernel's store)"""
+# The option tables of the help text, rendered from the one description of the options
+# (the options models read it too) without importing pydantic.
+CHAT_OPTIONS_HELP = render_options(CHAT_OPTIONS)
+SQL_OPTIONS_HELP = render_options(SQL_OPTIONS)
 
 ChatMagics.chat.__doc__ = f"""Chat with a model from a notebook cell.
 

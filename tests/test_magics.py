@@ -690,3 +690,11 @@ def test_written_out_help_matches_the_options_models() -> None:
 
     assert options_help(ChatOptions) == CHAT_OPTIONS_HELP
     assert options_help(SqlOptions) == SQL_OPTIONS_HELP
+
+
+def test_every_option_word_names_a_field_in_order() -> None:
+    from nbchat._magic_help import CHAT_OPTIONS, SQL_OPTIONS
+    from nbchat._magic_options import ChatOptions, SqlOptions
+
+    assert [o.name for o in CHAT_OPTIONS] == list(ChatOptions.model_fields)
+    assert [o.name for o in SQL_OPTIONS] == list(SqlOptions.model_fields)

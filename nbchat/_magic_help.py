@@ -1,0 +1,65 @@
+"""The words of the magics' options: flag, value name and help, written once.
+
+``_magic_options`` builds its pydantic models' fields from these entries, and the help
+that ``%%chat?`` shows is rendered from them here, without importing pydantic (so
+``%load_ext nbchat`` stays cheap). A test checks every entry matches a model field.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from typing import NamedTuple
+
+__all__ = ["CHAT_OPTIONS", "SQL_OPTIONS", "OptionDoc", "render_options"]
+
+
+class OptionDoc(NamedTuple):
+    """One option: its field name, short flag, value name (``None``: a switch), help."""
+
+    name: str
+    short: str | None
+    metavar: str | None
+    help: str
+
+
+CHAT_OPTIONS: tuple[OptionDoc, ...] = (
+    OptionDoc("model", "-m", "NAME", "model for this cell (a session this cell starts keeps it)"),
+    OptionDoc("system", "-s", "TEXT", "system prompt (a different one starts a new session)"),
+    OptionDoc("new", None, None, "start a new session (it becomes the current one)"),
+    OptionDoc("session", None, "ID", "continue the stored session ID (it becomes the current one)"),
+    OptionDoc(
+        "tools",
+        None,
+        "A,B",
+        "tools for this cell: functions in the notebook, comma-separated; "
+        "python[:ask|auto|never] runs code here; none for no tools",
+    ),
+    OptionDoc("budget", None, "USD", "spend at most USD on this turn"),
+    OptionDoc("max_rounds", None, "N", "rounds of tool calls before a final answer (default 16)"),
+    OptionDoc("no_stream", None, None, "show the reply once it is complete"),
+    OptionDoc("out", None, "VAR", "also store the reply text in variable VAR"),
+    OptionDoc("temperature", None, "T", "sampling temperature"),
+)
+
+SQL_OPTIONS: tuple[OptionDoc, ...] = (
+    OptionDoc("out", None, "VAR", "also store the DataFrame in variable VAR"),
+    OptionDoc("db", None, "PATH", "store file to query (default: the kernel's store)"),
+)
+
+
+def flag_of(option: OptionDoc) -> str:
+    """``--max-rounds`` for ``max_rounds``."""
+    return "--" + option.name.replace("_", "-")
+
+
+def render_options(options: tuple[OptionDoc, ...]) -> str:
+    """The options as the help's table: flags and value name, then the wrapped help."""
+    lines = []
+    for option in options:
+        flag = ("" if option.short is None else f"{option.short}, ") + flag_of(option)
+        if option.metavar is not None:
+            flag += f" {option.metavar}"
+        text = textwrap.wrap(option.help, 60)
+        lines.append(f"  {flag:<24} {text[0]}")
+        lines.extend(f"  {'':<24} {more}" for more in text[1:])
+    return "\n".join(lines)
