@@ -596,11 +596,20 @@ def unload_ipython_extension(shell: Any) -> None:
         return
     shell.events.unregister("pre_run_cell", magics.cells.pre_run_cell)
     shell.events.unregister("post_run_cell", magics.cells.post_run_cell)
-    table = shell.magics_manager.magics
-    table["line"].pop("chat", None)
-    table["cell"].pop("chat", None)
-    table["cell"].pop("chat_sql", None)
-    shell.magics_manager.registry.pop(type(magics).__name__, None)
+    _forget_magics(shell.magics_manager, magics, line=["chat"], cell=["chat", "chat_sql"])
+
+
+def _forget_magics(manager: Any, magics: ChatMagics, *, line: list[str], cell: list[str]) -> None:
+    """Take our magics out of IPython's ``MagicsManager``.
+
+    IPython has ``register_magics`` but no public way to unregister them, so this edits
+    its tables (``magics`` by kind, ``registry`` by class name) — the one place that
+    does; tests/test_magics.py checks that the magics are really gone afterwards.
+    """
+    for kind, names in (("line", line), ("cell", cell)):
+        for name in names:
+            manager.magics[kind].pop(name, None)
+    manager.registry.pop(type(magics).__name__, None)
 
 
 def magics_of(shell: Any) -> ChatMagics | None:

@@ -698,3 +698,14 @@ def test_every_option_word_names_a_field_in_order() -> None:
 
     assert [o.name for o in CHAT_OPTIONS] == list(ChatOptions.model_fields)
     assert [o.name for o in SQL_OPTIONS] == list(SqlOptions.model_fields)
+
+
+def test_unload_really_removes_the_magics(shell: InteractiveShell) -> None:
+    shell.run_line_magic("unload_ext", "nbchat")
+    try:
+        assert shell.find_line_magic("chat") is None
+        assert shell.find_cell_magic("chat") is None
+        assert shell.find_cell_magic("chat_sql") is None
+    finally:
+        shell.run_line_magic("load_ext", "nbchat")
+    assert shell.find_cell_magic("chat") is not None
