@@ -67,7 +67,7 @@ class _Cells:
         if self.stack:
             self.stack.pop()
 
-    def next_turn_id(self) -> str | None:
+    def cell_key_for_turn(self) -> str | None:
         """The cell id for the next turn; a second turn in one run gets ``id#2``, ..."""
         for frame in reversed(self.stack):
             if frame[0]:
@@ -214,7 +214,7 @@ class ChatMagics(Magics):
         if not text:
             raise UsageError("%%chat: the cell is empty; write your message below the magic line")
         tools = self._tools(opts.tools if opts.tools is not None else self.default_tools)
-        cell_id = self.cells.next_turn_id()
+        cell_id = self.cells.cell_key_for_turn()
         session = self._session_for(opts, cell_id)
         if cell_id is not None:
             self.cell_sessions[cell_id] = session
