@@ -12,7 +12,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from ._client import ModelClient, RoundFolder
@@ -27,6 +27,7 @@ from ._compaction import (
 from ._config import Secret, get_defaults, resolve_client, set_defaults
 from ._exceptions import GuardrailRejected, ModelAPIError, SessionPendingError, StoreError
 from ._limits import Budgets, Guardrail, Projection, apply_guardrails, stored_usage
+from ._output import FINAL_ANSWER_TOOL, OutputMode, OutputSpec, Parsed
 from ._runner import TurnRunner
 from ._tools import INVALID_TOOL_NAME, ToolSet, error_payload, valid_tool_name
 from ._types import (
@@ -90,6 +91,7 @@ class TurnOptions:
     budget_usd: float | None = None
     stream: bool | None = None
     request_params: dict[str, Any] | None = None
+    output_type: Any = None
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,7 @@ class _TurnSettings:
     streaming: bool
     request_params: dict[str, Any]
     budgets: Budgets
+    output: OutputSpec | None = None
 
 
 class _Turn:
@@ -127,6 +130,10 @@ class _Turn:
         self.extra_requests = 0  # summaries, and requests refused as too long and retried
         self.bad_names: dict[str, str] = {}  # call id -> the unusable name the model gave
         self.tools_started: float | None = None  # when this round's tools began to run
+        self.output: Any = None  # the validated typed answer
+        self.output_mode: OutputMode = "json_schema"  # how the answer's type is asked for
+        self.output_tries = 0
+        self.ask_again = False  # the answer did not validate: another request follows
         self.compactions = 0
 
 
@@ -175,6 +182,8 @@ class Session:
         trigger_ratio: float = 0.8,
         keep_last_n: int = 4,
         summary_model: str | None = None,
+        output_mode: OutputMode = "auto",
+        output_retries: int = 1,
     ) -> None:
         # Kept so new() can start another conversation set up the same way.
         self._settings: dict[str, Any] = {
@@ -196,7 +205,13 @@ class Session:
             "trigger_ratio": trigger_ratio,
             "keep_last_n": keep_last_n,
             "summary_model": summary_model,
+            "output_mode": output_mode,
+            "output_retries": output_retries,
         }
+        # Typed answers (send(output_type=...)): how the schema is sent, and how many
+        # more tries a model gets after an answer that does not validate.
+        self.output_mode: OutputMode = output_mode
+        self.output_retries = output_retries
         strategy = resolve_strategy(compaction)
         self.compactor = (
             None
@@ -308,15 +323,19 @@ class Session:
         cell_id: str | None = None,
         on_event: EventHandler | None = None,
         options: TurnOptions | None = None,
+        output_type: Any = None,
     ) -> TurnResult:
         """Run one turn and return its result; ``on_event`` sees each event on this thread.
 
         Works in scripts and inside a running Jupyter kernel. Ctrl-C or a kernel
         interrupt stops the turn at once: the result then has status "interrupted".
         ``options`` (a ``TurnOptions``) change the model, tools, limits or sampling for
-        this turn only; the session is left as it was.
+        this turn only; the session is left as it was. ``output_type`` (a pydantic
+        model, ``list[Model]``, a dataclass, ``Literal``, ``dict``...) asks for a typed
+        answer: ``result.output`` is then a validated instance.
         """
         self._raise_if_pending()
+        options = _with_output(options, output_type)
         return self._run_sync(self._turn(text, cell_id, options=options), on_event)
 
     def _run_sync(self, turn: AsyncIterator[Event], on_event: EventHandler | None) -> TurnResult:
@@ -334,11 +353,16 @@ class Session:
         return result
 
     async def stream(
-        self, text: str, *, cell_id: str | None = None, options: TurnOptions | None = None
+        self,
+        text: str,
+        *,
+        cell_id: str | None = None,
+        options: TurnOptions | None = None,
+        output_type: Any = None,
     ) -> AsyncIterator[Event]:
         """Run one turn, yielding its events as they happen (the last is ``TurnFinished``)."""
         self._raise_if_pending()
-        turn = self._turn(text, cell_id, options=options)
+        turn = self._turn(text, cell_id, options=_with_output(options, output_type))
         async for event in self._runner.stream(self._with_notices(turn)):
             yield event
 
@@ -377,6 +401,7 @@ class Session:
             streaming=self.streaming if o.stream is None else o.stream,
             request_params=params,
             budgets=budgets,
+            output=None if o.output_type is None else OutputSpec(o.output_type),
         )
 
     def abort_pending(self) -> list[Message]:
@@ -522,6 +547,11 @@ class Session:
             turn = _Turn(last.turn_id or new_id(), last.cell_id, settings)
         else:
             turn = _Turn(new_id(), cell_id, settings)
+        if settings.output is not None:
+            endpoint = settings.client.settings.base_url
+            refused = endpoint in _NO_RESPONSE_FORMAT
+            auto: OutputMode = "tool" if refused else "json_schema"
+            turn.output_mode = auto if self.output_mode == "auto" else self.output_mode
         yield self._emit(
             TurnStarted(session_id=self.id, turn_id=turn.turn_id, text=text or "", cell_id=cell_id)
         )
@@ -536,6 +566,10 @@ class Session:
             while turn.status == "running":
                 async for event in self._request_model(turn):
                     yield event
+                if turn.ask_again:  # a typed answer did not validate: one more try
+                    turn.ask_again = False
+                    turn.round += 1
+                    continue
                 if turn.status != "running" or not turn.unanswered:
                     break
                 async for event in self._run_tools(turn, turn.unanswered):
@@ -604,6 +638,9 @@ class Session:
         """One round's request: check limits → send it → take the reply into the history."""
         final = turn.round >= turn.settings.max_rounds
         tools = None if final else turn.settings.tools.specs() or None
+        output = turn.settings.output
+        if output is not None and turn.output_mode == "tool":
+            tools = [*(tools or []), output.tool_spec()]  # even in the last round
         async for event in self._prepare_request(turn, tools):
             yield event
         if turn.status != "running":
@@ -650,17 +687,19 @@ class Session:
             payload = [m.to_openai() for m in self._messages]
             if final:
                 payload.append({"role": "system", "content": MAX_ROUNDS_NOTE})
+            params = turn.settings.request_params
+            output = turn.settings.output
+            if output is not None:
+                payload.append({"role": "system", "content": output.instruction(turn.output_mode)})
+                if turn.output_mode == "json_schema":
+                    params = {**params, "response_format": output.response_format()}
             folder = RoundFolder(self.id, turn.turn_id, turn.round)
             turn.folder = turn.reply = folder
             turn.failure = None
             try:
                 settings = turn.settings
                 async for event in settings.client.astream(
-                    payload,
-                    folder,
-                    tools=tools,
-                    stream=settings.streaming,
-                    **settings.request_params,
+                    payload, folder, tools=tools, stream=settings.streaming, **params
                 ):
                     if not (hold_text and event.kind == "text_delta"):
                         yield self._emit(event)
@@ -676,6 +715,14 @@ class Session:
             error = turn.failure
             if error is None and folder.usage is not None:
                 self.estimator.observe(self._messages, _chars(tools), folder.usage.prompt_tokens)
+            if error is not None and _refuses_response_format(error, turn):
+                # This endpoint takes no json_schema: ask through a final_answer tool.
+                _NO_RESPONSE_FORMAT.add(turn.settings.client.settings.base_url)
+                turn.output_mode = "tool"
+                assert output is not None
+                tools = [*(tools or []), output.tool_spec()]
+                turn.extra_requests += 1  # the refused request is not a round of the turn
+                continue
             if (
                 error is None
                 or retried
@@ -721,6 +768,9 @@ class Session:
             yield from self._judge_reply(turn, message)
             if turn.status != "running":
                 return
+        if turn.settings.output is not None:
+            yield from self._take_output(turn, message)
+            return
         if not message.tool_calls:
             turn.text = message.content or ""
             if final and turn.round > 0:  # tool rounds were cut short, not merely absent
@@ -737,6 +787,69 @@ class Session:
         yield self._add(message, turn)
         turn.unanswered = list(message.tool_calls or [])
         turn.tools_started = None  # asked for, not running yet
+
+    def _take_output(self, turn: _Turn, message: Message) -> Iterable[Event]:
+        """Validate a typed answer (the reply's JSON, or the final_answer tool's arguments).
+
+        A valid answer ends the turn; an invalid one is explained to the model, which gets
+        ``output_retries`` more tries; then the turn ends ``error`` with the reason.
+        """
+        spec = turn.settings.output
+        assert spec is not None
+        answer = next((c for c in message.tool_calls or [] if c.name == FINAL_ANSWER_TOOL), None)
+        others = [c for c in message.tool_calls or [] if c.name != FINAL_ANSWER_TOOL]
+        if answer is None and others:  # other tools first: run them, as any round
+            yield self._add(message, turn)
+            turn.unanswered, turn.tools_started = others, None
+            return
+        if answer is not None:
+            parsed = spec.parse(answer.arguments)
+        elif turn.output_mode == "tool":
+            parsed = Parsed(error=f"no {FINAL_ANSWER_TOOL} call (answer through the tool)")
+        else:
+            parsed = spec.parse(message.content or "")
+        turn.text = message.content or (answer.arguments if answer is not None else "")
+        yield self._add(message, turn)
+        if message.tool_calls:  # every call gets its answer, so the history stays valid
+            for call in message.tool_calls:
+                if call is answer:
+                    content = (
+                        "ok"
+                        if parsed.error is None
+                        else error_payload("invalid_answer", spec.correction(parsed.error))
+                    )
+                else:
+                    content = error_payload("not_run", "Not run: the final answer was given.")
+                yield self._add(_tool_message(turn, call.id, call.name, content, "ok"), turn)
+        if parsed.error is None:
+            turn.output = parsed.value
+            return
+        turn.output_tries += 1
+        if turn.output_tries > self.output_retries:
+            turn.status = "error"
+            turn.error = (
+                f"The model's answer did not fit {spec.name} after {turn.output_tries} "
+                f"tries: {parsed.error}."
+            )
+            yield self._emit(
+                ErrorEvent(
+                    session_id=self.id,
+                    turn_id=turn.turn_id,
+                    message=turn.error,
+                    error_kind="invalid_output",
+                )
+            )
+            return
+        if answer is None:  # the correction goes to the model as the user's next words
+            correction = Message(
+                role="user",
+                content=spec.correction(parsed.error),
+                turn_id=turn.turn_id,
+                round=turn.round,
+                cell_id=turn.cell_id,
+            )
+            yield self._add(correction, turn)
+        turn.ask_again = True
 
     def _judge_reply(
         self, turn: _Turn, message: Message, *, rejection_ends_turn: bool = True
@@ -963,6 +1076,7 @@ class Session:
             rounds=turn.usage.requests - turn.extra_requests,
             error=turn.error,
             duration_ms=(time.perf_counter() - turn.started) * 1000,
+            output=turn.output,
         )
         return self._emit(TurnFinished(session_id=self.id, turn_id=turn.turn_id, result=result))
 
@@ -1014,3 +1128,25 @@ def _open_store(db: Any) -> Store | None:
     if isinstance(db, Store):
         return db
     return Store.open(db)
+
+
+# Endpoints that answered a json_schema response_format with an error: typed answers go
+# through the final_answer tool there for the rest of the process.
+_NO_RESPONSE_FORMAT: set[str] = set()
+
+
+def _refuses_response_format(error: ModelAPIError, turn: _Turn) -> bool:
+    """Whether a request failed because the server does not take ``response_format``."""
+    if turn.settings.output is None or turn.output_mode != "json_schema":
+        return False
+    text = str(error).lower()
+    return error.status_code in (400, 422) and any(
+        word in text for word in ("response_format", "json_schema", "structured output")
+    )
+
+
+def _with_output(options: TurnOptions | None, output_type: Any) -> TurnOptions | None:
+    """``options`` with ``output_type`` set, when one is given."""
+    if output_type is None:
+        return options
+    return replace(options or TurnOptions(), output_type=output_type)

@@ -253,6 +253,7 @@ class TurnResult(_Model):
     rounds: int = 0
     error: str | None = None
     duration_ms: float = 0.0
+    output: Any = None  # the validated answer of a turn asked for a type (output_type=...)
 
     @property
     def cost_usd(self) -> float | None:
