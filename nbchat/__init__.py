@@ -69,6 +69,7 @@ _EXPORTS: dict[str, str] = {
     "SummaryStrategy": "_compaction",
     "WindowStrategy": "_compaction",
     "export_session": "_export",
+    "extract": "_extract",
     "import_session": "_export",
     "local": "_local",
     "stop_local": "_local",
@@ -104,6 +105,7 @@ if TYPE_CHECKING:
         ToolDefinitionError,
     )
     from ._export import export_session, import_session
+    from ._extract import extract
     from ._local import local, stop_local
     from ._panel import ChatPanel, panel
     from ._pricing import mark_free, register_price

@@ -9,6 +9,7 @@ that asks for tools is durable before the tools run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -81,7 +82,9 @@ class TurnOptions:
 
     ``tools`` replaces the session's tools for the turn (``()`` for none);
     ``budget_usd`` limits what this turn may spend (on top of the session's limits);
-    ``request_params`` are merged over the session's.
+    ``request_params`` are merged over the session's; ``isolated`` sends the turn with
+    the system prompt and its own messages only, not the conversation before it (for
+    batch jobs such as ``nbchat.extract``; several isolated turns may run at once).
     """
 
     model: str | None = None
@@ -92,6 +95,7 @@ class TurnOptions:
     stream: bool | None = None
     request_params: dict[str, Any] | None = None
     output_type: Any = None
+    isolated: bool = False
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,7 @@ class _TurnSettings:
     request_params: dict[str, Any]
     budgets: Budgets
     output: OutputSpec | None = None
+    isolated: bool = False
 
 
 class _Turn:
@@ -255,6 +260,7 @@ class Session:
             self.request_params["temperature"] = temperature
         self.usage = Usage()
         self._runner: TurnRunner[Event] = TurnRunner()
+        self._reserved_usd = 0.0  # estimated cost of requests in flight
         self._unwritten: list[Event] = []  # events the store could not take yet (locked)
         self._store_warned = False
         self._pending_notices: list[Event] = []
@@ -374,6 +380,82 @@ class Session:
             raise SessionPendingError("Nothing to resume: this session has no pending tool calls.")
         return self._run_sync(self._turn(None, None, resume=True, options=options), on_event)
 
+    def send_each(
+        self,
+        texts: Sequence[str],
+        *,
+        options: TurnOptions | None = None,
+        concurrency: int = 4,
+        on_result: Callable[[int, TurnResult], None] | None = None,
+    ) -> list[TurnResult | None]:
+        """Send each text as its own isolated turn, up to ``concurrency`` at a time.
+
+        Every turn sees the system prompt and its own text only (``isolated``), and is
+        stored in this session. Once a turn stops at a budget, no further text is sent:
+        those places hold ``None``. ``on_result(index, result)`` is called on this thread
+        as each turn ends. Ctrl-C stops every turn in flight (their results say
+        "interrupted") and sends no more.
+        """
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self._raise_if_pending()
+        isolated = replace(options or TurnOptions(), isolated=True)
+        results: list[TurnResult | None] = [None] * len(texts)
+        turn_ids = [new_id() for _ in texts]
+        index = {turn_id: i for i, turn_id in enumerate(turn_ids)}
+
+        def take(event: Event) -> None:
+            if isinstance(event, TurnFinished):
+                i = index[event.turn_id]
+                results[i] = event.result
+                if on_result is not None:
+                    on_result(i, event.result)
+
+        jobs = list(zip(turn_ids, texts, strict=True))
+        self._runner.run_sync(self._each(jobs, isolated, concurrency), take)
+        return results
+
+    async def _each(
+        self, jobs: list[tuple[str, str]], options: TurnOptions, concurrency: int
+    ) -> AsyncIterator[Event]:
+        """The events of one isolated turn per text, merged as they happen."""
+        events: asyncio.Queue[Event | None] = asyncio.Queue()
+        gate = asyncio.Semaphore(concurrency)
+        stopped = False
+
+        async def run(turn_id: str, text: str) -> None:
+            nonlocal stopped
+            async with gate:
+                if stopped:
+                    return
+                turn = self._turn(text, None, options=options, turn_id=turn_id)
+                async for event in self._with_notices(turn):
+                    if isinstance(event, TurnFinished) and event.result.status in (
+                        "budget_exceeded",
+                        "interrupted",
+                    ):
+                        stopped = True
+                    events.put_nowait(event)
+
+        async def run_all() -> None:
+            try:
+                await asyncio.gather(*(run(turn_id, text) for turn_id, text in jobs))
+            finally:
+                events.put_nowait(None)
+
+        task = asyncio.ensure_future(run_all())
+        try:
+            while (event := await events.get()) is not None:
+                yield event
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            while not events.empty():  # what the cancelled turns said on their way out
+                if (event := events.get_nowait()) is not None:
+                    yield event
+
     def _turn_settings(self, options: TurnOptions | None) -> _TurnSettings:
         """The session's settings, with ``options`` applied for one turn."""
         o = options or TurnOptions()
@@ -402,6 +484,7 @@ class Session:
             request_params=params,
             budgets=budgets,
             output=None if o.output_type is None else OutputSpec(o.output_type),
+            isolated=o.isolated,
         )
 
     def abort_pending(self) -> list[Message]:
@@ -540,13 +623,14 @@ class Session:
         *,
         resume: bool = False,
         options: TurnOptions | None = None,
+        turn_id: str | None = None,
     ) -> AsyncIterator[Event]:
         settings = self._turn_settings(options)
         if resume:
             last = next(m for m in reversed(self._messages) if m.role == "assistant")
             turn = _Turn(last.turn_id or new_id(), last.cell_id, settings)
         else:
-            turn = _Turn(new_id(), cell_id, settings)
+            turn = _Turn(turn_id or new_id(), cell_id, settings)
         if settings.output is not None:
             endpoint = settings.client.settings.base_url
             refused = endpoint in _NO_RESPONSE_FORMAT
@@ -684,7 +768,7 @@ class Session:
         hold_text = bool(self.output_guardrails)
         retried = False
         while True:
-            payload = [m.to_openai() for m in self._messages]
+            payload = [m.to_openai() for m in self._context(turn)]
             if final:
                 payload.append({"role": "system", "content": MAX_ROUNDS_NOTE})
             params = turn.settings.request_params
@@ -696,6 +780,8 @@ class Session:
             folder = RoundFolder(self.id, turn.turn_id, turn.round)
             turn.folder = turn.reply = folder
             turn.failure = None
+            reserved = turn.projection.cost_usd if turn.projection else None
+            self._reserved_usd += reserved or 0.0
             try:
                 settings = turn.settings
                 async for event in settings.client.astream(
@@ -707,13 +793,14 @@ class Session:
                 turn.failure = exc
             finally:
                 # Runs on cancellation too: a request that was cut short is still recorded.
+                self._reserved_usd -= reserved or 0.0
                 usage_event = self._record_usage(turn, folder, turn.failure, turn.projection)
             yield usage_event
             for event in self._check_budgets(turn, stop=False):
                 yield event
             turn.folder = None
             error = turn.failure
-            if error is None and folder.usage is not None:
+            if error is None and folder.usage is not None and not turn.settings.isolated:
                 self.estimator.observe(self._messages, _chars(tools), folder.usage.prompt_tokens)
             if error is not None and _refuses_response_format(error, turn):
                 # This endpoint takes no json_schema: ask through a final_answer tool.
@@ -882,7 +969,7 @@ class Session:
         """The estimated size and cost of the request about to be sent."""
         from ._pricing import request_cost
 
-        prompt = self.estimator.estimate(self._messages, _chars(tools))
+        prompt = self.estimator.estimate(self._context(turn), _chars(tools))
         params = turn.settings.request_params
         client = turn.settings.client
         cap = params.get("max_completion_tokens") or params.get("max_tokens") or 0
@@ -899,7 +986,11 @@ class Session:
         ``next_request`` (the estimate of the request about to go) also stops a request
         that would cross a USD limit.
         """
-        check = turn.settings.budgets.check(self.usage, turn.usage, next_request)
+        spent = self.usage
+        if self._reserved_usd and spent.cost_usd is not None:
+            # Requests of other turns in flight (isolated turns run at once) count too.
+            spent = spent.model_copy(update={"cost_usd": spent.cost_usd + self._reserved_usd})
+        check = turn.settings.budgets.check(spent, turn.usage, next_request)
         for notice in check.notices:
             if notice not in self._notices_given:
                 self._notices_given.add(notice)
@@ -915,6 +1006,14 @@ class Session:
                 )
             )
 
+    def _context(self, turn: _Turn) -> list[Message]:
+        """The messages a request of ``turn`` sends: the conversation, or for an isolated
+        turn the system prompt and the turn's own messages."""
+        if not turn.settings.isolated:
+            return self._messages
+        system = [m for m in self._messages if m.role == "system" and m.turn_id is None]
+        return system + [m for m in turn.messages if m.state == "active"]
+
     async def _maybe_compact(
         self,
         turn: _Turn,
@@ -922,7 +1021,7 @@ class Session:
         overflow: ModelAPIError | None = None,
     ) -> AsyncIterator[Event]:
         """Fold the middle of the history when the prompt nears the context window."""
-        if self.compactor is None:
+        if self.compactor is None or turn.settings.isolated:
             return
         outcome = await self.compactor.maybe_compact(
             self._messages,
