@@ -125,7 +125,7 @@ class _Progress:
                 self.widget = widgets.IntProgress(
                     value=0, min=0, max=max(total, 1), description="extract"
                 )
-                display(self.widget)
+                display(self.widget)  # type: ignore[no-untyped-call]
         except ImportError:
             self.widget = None
         self._show()
