@@ -5,7 +5,9 @@ once. The table ``_migrations`` records the name and time of every migration tha
 has run, so opening a store applies only the ones it has not seen. Migrations are
 never edited after release: a schema change is a new migration appended to
 ``MIGRATIONS``. Each runs in its own transaction together with its record, so a
-crash mid-migration leaves the store at the previous version.
+crash mid-migration leaves the store at the previous version. A store that records a
+migration this version does not know was written by a newer nbchat: it is refused
+rather than written with the wrong idea of its schema.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
+
+from ._exceptions import StoreError
 
 __all__ = ["MIGRATIONS", "applied_migrations", "migrate"]
 
@@ -168,8 +172,17 @@ def migrate(con: Connection, *, stop_after: str | None = None) -> list[str]:
     """Apply every migration this store has not seen; return the names just applied.
 
     ``stop_after`` stops after the named migration (tests build old stores with it).
+    Raises ``StoreError`` if the store has a migration this nbchat does not know.
     """
-    done = set(applied_migrations(con))
+    recorded = applied_migrations(con)
+    known = [name for name, _ in MIGRATIONS]
+    newer = [name for name in recorded if name not in known]
+    if newer:
+        raise StoreError(
+            f"this store was written by a newer nbchat (schema {newer[-1]}); this nbchat "
+            f"knows up to {known[-1]}. Upgrade nbchat to use it."
+        )
+    done = set(recorded)
     applied: list[str] = []
     for name, migration in MIGRATIONS:
         if name not in done:
