@@ -1,0 +1,246 @@
+"""The store as a consumer of the event stream: a queue and a writer thread.
+
+``StoreSink.handle(event)`` is on the per-token path, so it never touches the file:
+events the store keeps (``STORED_KINDS``) go on a queue, everything else (deltas,
+notices) costs one set lookup. One writer thread per sink writes the queue in order.
+
+* **Another process holds the file.** The writer retries the head of the queue with
+  short attempts (``ATTEMPT_S``) and bounded backoff, forever; later events wait
+  behind it, so order is kept. Once the head has waited ``patience`` seconds (the
+  store's lock timeout) the user is told once, "Not saved yet: ...", and once more
+  when the backlog is written.
+* **A row DuckDB can never take** (a value out of range, a broken constraint) is
+  skipped and reported, one message per row, so it cannot freeze the rows behind it.
+* **Barriers.** ``flush(timeout)`` waits until everything handed so far is written:
+  the session calls it before running tools and before ``send()`` returns. While the
+  store is known to be unavailable (the user has been told), it returns at once.
+* **Exit.** An ``atexit`` hook gives every sink up to ``EXIT_WAIT_S`` in all to drain,
+  then writes what is left to a recovery file beside the store, which the next
+  ``Store.open`` of that file writes; one line on stderr says so.
+
+What a SIGKILL can lose: the events handed to ``handle()`` and not yet written — in
+normal operation the writer is a write or two (a few ms) behind, and nothing is lost
+past a barrier that returned True; while the file is held by another process, the
+whole backlog since the "Not saved yet" message.
+"""
+
+from __future__ import annotations
+
+import atexit
+import sys
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable
+
+from ._exceptions import StoreError
+from ._store import STORED_KINDS, Store, StoreLocked, UnstorableRow
+from ._types import Event
+
+__all__ = ["ATTEMPT_S", "EXIT_WAIT_S", "StoreSink"]
+
+ATTEMPT_S = 0.5  # one attempt's wait for the file: short, so stopping is quick
+EXIT_WAIT_S = 5.0  # at interpreter exit, the longest wait for all sinks to drain
+_BACKOFF_FIRST = 0.05  # after an attempt that failed fast (not a lock wait)
+_BACKOFF_MAX = 1.0
+
+_live: weakref.WeakSet[StoreSink] = weakref.WeakSet()
+
+
+class StoreSink:
+    """Writes a session's events to ``store`` on a background thread, in order.
+
+    ``notify(message)`` receives the user-facing messages (store unavailable, saved
+    again, a row skipped); it is called on the writer thread, or at exit on the main one.
+    ``patience`` is how long the writer tries before telling the user (default: the
+    store's lock timeout).
+    """
+
+    def __init__(
+        self, store: Store, *, notify: Callable[[str], None], patience: float | None = None
+    ) -> None:
+        self.store = store
+        self.patience = store.lock_timeout if patience is None else patience
+        self._notify = notify
+        self._cond = threading.Condition()
+        self._queue: deque[Event] = deque()
+        self._handed = 0  # events accepted by handle()
+        self._done = 0  # events written or skipped
+        self._outage = False  # the user was told the store is unavailable
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._own: Store | None = None  # a handle of our own, if the caller closed theirs
+        # The last writes' durations (s), for benchmarks.
+        self.write_seconds: deque[float] = deque(maxlen=10_000)
+        _live.add(self)
+
+    # ------------------------------------------------------------------ the loop's side
+
+    def handle(self, event: Event) -> None:
+        """Queue ``event`` if the store keeps it; never waits for the file."""
+        if event.kind not in STORED_KINDS:
+            return
+        with self._cond:
+            if self._stopping:
+                raise StoreError("This store sink is closed.")
+            self._queue.append(event)
+            self._handed += 1
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="nbchat-store-writer", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify_all()
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until every event handed so far is written (True) or ``timeout`` s pass.
+
+        Returns False at once while the store is known to be unavailable (the user was
+        told); unwritten events stay queued and keep being retried in the background.
+        """
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            target = self._handed
+            while self._done < target:
+                left = deadline - time.monotonic()
+                if self._outage or left <= 0:
+                    return False
+                self._cond.wait(left)
+            return True
+
+    @property
+    def pending(self) -> int:
+        """Events handed but not yet written."""
+        with self._cond:
+            return self._handed - self._done
+
+    @property
+    def unavailable(self) -> bool:
+        """Whether the store is known to be unavailable (the user was told)."""
+        return self._outage
+
+    def close(self, timeout: float = EXIT_WAIT_S) -> list[Event]:
+        """Flush up to ``timeout`` s, stop the writer; returns the events left unwritten."""
+        self.flush_quietly(timeout)
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join(ATTEMPT_S + 1.0)
+        with self._cond:
+            left = list(self._queue)
+            self._queue.clear()
+        own, self._own = self._own, None
+        if own is not None:
+            own.close()
+        _live.discard(self)
+        return left
+
+    def flush_quietly(self, timeout: float) -> bool:
+        """``flush`` that also waits through an outage (the exit path: last chance)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            target = self._handed
+            while self._done < target and (left := deadline - time.monotonic()) > 0:
+                self._cond.wait(left)
+            return self._done >= target
+
+    # ------------------------------------------------------------------ the writer
+
+    def _run(self) -> None:
+        backoff = _BACKOFF_FIRST
+        waiting_since: float | None = None  # when the head of the queue first failed
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                event = self._queue[0]  # stays queued until written: order is kept
+                if self.store.closed and self.store.path == ":memory:":
+                    self._done += len(self._queue)  # nowhere left to write them
+                    self._queue.clear()
+                    self._cond.notify_all()
+                    continue
+            started = time.perf_counter()
+            try:
+                self._target().write(event, timeout=min(ATTEMPT_S, self.patience))
+            except UnstorableRow as exc:
+                self._say(
+                    f"Not saved: one {exc.table} row was skipped because it cannot be "
+                    f"stored ({exc.reason})."
+                )
+            except StoreError as exc:  # locked, or the disk, a closed store: retry
+                now = time.monotonic()
+                waiting_since = waiting_since or now
+                if not self._outage and now - waiting_since >= self.patience:
+                    self._declare_outage(exc)
+                failed_fast = not isinstance(exc, StoreLocked)
+                if failed_fast:
+                    with self._cond:
+                        if not self._stopping:
+                            self._cond.wait(backoff)
+                    backoff = min(backoff * 2, _BACKOFF_MAX)
+                continue
+            self.write_seconds.append(time.perf_counter() - started)
+            backoff, waiting_since = _BACKOFF_FIRST, None
+            with self._cond:
+                self._queue.popleft()
+                self._done += 1
+                drained = not self._queue
+                recovered = drained and self._outage
+                if recovered:
+                    self._outage = False
+                self._cond.notify_all()
+            if recovered:
+                self._say(f"Saved now: the store {self.store.path} is free again.")
+
+    def _target(self) -> Store:
+        """The store to write to; a fresh handle if the caller closed theirs meanwhile."""
+        if not self.store.closed:
+            return self.store
+        if self._own is None:
+            self._own = Store.open(self.store.path, lock_timeout=ATTEMPT_S)
+        return self._own
+
+    def _declare_outage(self, exc: StoreError) -> None:
+        with self._cond:
+            self._outage = True
+            self._cond.notify_all()  # barriers stop waiting
+        why = str(exc).rstrip(".")
+        self._say(
+            f"Not saved yet: {why}. The conversation goes on; it is kept in memory and "
+            "written once the store is free."
+        )
+
+    def _say(self, message: str) -> None:
+        try:
+            self._notify(message)
+        except Exception as exc:  # a broken callback must not stop the writer
+            print(f"nbchat: {message} (notify failed: {exc!r})", file=sys.stderr)
+
+
+@atexit.register
+def _drain_at_exit() -> None:
+    """Give every sink a last chance to write; keep what is left in a recovery file."""
+    deadline = time.monotonic() + EXIT_WAIT_S
+    for sink in list(_live):
+        left = sink.close(max(0.0, deadline - time.monotonic()))
+        if not left or sink.store.path == ":memory:":
+            continue
+        try:
+            where = sink.store.save_recovery(left)
+        except OSError as exc:
+            print(
+                f"nbchat: the store {sink.store.path} was still locked at exit and the "
+                f"recovery file could not be written ({exc}); {len(left)} events are lost.",
+                file=sys.stderr,
+            )
+            continue
+        print(
+            f"nbchat: the store {sink.store.path} was still locked at exit; {len(left)} "
+            f"events were kept in {where} and will be stored when it is next opened.",
+            file=sys.stderr,
+        )
