@@ -406,11 +406,14 @@ class FileLease(Lease):
         self._attached_to = access
         try:
             instance.execute(f"USE {_ALIAS}")
-            if access == "write" and not self._migrated:
-                from ._migrations import migrate
+            if access == "write":
+                from ._migrations import check_not_newer, migrate
 
-                migrate(instance)
-                self._migrated = True
+                if not self._migrated:
+                    migrate(instance)
+                    self._migrated = True
+                else:  # ~0.1 ms: another kernel may run a newer nbchat meanwhile
+                    check_not_newer(instance)
             if fresh and access != "write":
                 _sandbox(instance, self.path, files=access == "files")
         except (duckdb.Error, StoreError) as exc:

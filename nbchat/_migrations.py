@@ -18,7 +18,7 @@ from typing import Any
 
 from ._exceptions import StoreError
 
-__all__ = ["MIGRATIONS", "applied_migrations", "migrate"]
+__all__ = ["MIGRATIONS", "applied_migrations", "check_not_newer", "migrate"]
 
 Connection = Any  # duckdb.DuckDBPyConnection; duckdb is imported lazily by the store
 Migration = tuple[str, Callable[[Connection], None]]
@@ -175,13 +175,7 @@ def migrate(con: Connection, *, stop_after: str | None = None) -> list[str]:
     Raises ``StoreError`` if the store has a migration this nbchat does not know.
     """
     recorded = applied_migrations(con)
-    known = [name for name, _ in MIGRATIONS]
-    newer = [name for name in recorded if name not in known]
-    if newer:
-        raise StoreError(
-            f"this store was written by a newer nbchat (schema {newer[-1]}); this nbchat "
-            f"knows up to {known[-1]}. Upgrade nbchat to use it."
-        )
+    _refuse_newer(recorded)
     done = set(recorded)
     applied: list[str] = []
     for name, migration in MIGRATIONS:
@@ -201,3 +195,19 @@ def migrate(con: Connection, *, stop_after: str | None = None) -> list[str]:
         if name == stop_after:
             break
     return applied
+
+
+def check_not_newer(con: Connection) -> None:
+    """Raise ``StoreError`` if a newer nbchat has migrated the store since it was opened."""
+    rows = con.execute("SELECT name FROM _migrations ORDER BY applied_at, name").fetchall()
+    _refuse_newer([str(name) for (name,) in rows])
+
+
+def _refuse_newer(recorded: list[str]) -> None:
+    known = [name for name, _ in MIGRATIONS]
+    newer = [name for name in recorded if name not in known]
+    if newer:
+        raise StoreError(
+            f"this store was written by a newer nbchat (schema {newer[-1]}); this nbchat "
+            f"knows up to {known[-1]}. Upgrade nbchat to use it."
+        )
