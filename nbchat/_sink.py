@@ -165,6 +165,7 @@ class StoreSink:
                     self._cond.notify_all()
                     continue
             started = time.perf_counter()
+            attempt_began = time.monotonic()
             try:
                 self._target().write(event, timeout=min(ATTEMPT_S, self.patience))
             except UnstorableRow as exc:
@@ -174,7 +175,7 @@ class StoreSink:
                 )
             except StoreError as exc:  # locked, or the disk, a closed store: retry
                 now = time.monotonic()
-                waiting_since = waiting_since or now
+                waiting_since = waiting_since or attempt_began
                 if not self._outage and now - waiting_since >= self.patience:
                     self._declare_outage(exc)
                 failed_fast = not isinstance(exc, StoreLocked)

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ._config import default_db_path
 from ._exceptions import StoreError
 from ._lease import (
+    Access,
     Lease,
     LeaseOptions,
     StoreLocked,
@@ -455,7 +456,7 @@ class Store:
         if self._lease is None:
             raise StoreError(f"The store {self.path} is closed.")
         bound = dict(params) if isinstance(params, Mapping) else list(params or [])
-        access = "files" if allow_files else "sandbox"
+        access: Access = "files" if allow_files else "sandbox"
         duckdb = _duckdb()
         with self._lease.connection(self._lock_timeout, access) as con:
             con.execute("BEGIN TRANSACTION READ ONLY")
