@@ -27,6 +27,7 @@ whole backlog since the "Not saved yet" message.
 from __future__ import annotations
 
 import atexit
+import os
 import sys
 import threading
 import time
@@ -44,6 +45,7 @@ ATTEMPT_S = 0.5  # one attempt's wait for the file: short, so stopping is quick
 EXIT_WAIT_S = 5.0  # at interpreter exit, the longest wait for all sinks to drain
 _BACKOFF_FIRST = 0.05  # after an attempt that failed fast (not a lock wait)
 _BACKOFF_MAX = 1.0
+_IDLE_EXIT = 2.0  # an idle writer thread ends; the next stored event starts another
 
 _live: weakref.WeakSet[StoreSink] = weakref.WeakSet()
 
@@ -87,11 +89,13 @@ class StoreSink:
             self._queue.append(event)
             self._handed += 1
             if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name="nbchat-store-writer", daemon=True
-                )
-                self._thread.start()
+                self._start_writer()
             self._cond.notify_all()
+
+    def _start_writer(self) -> None:
+        # With the condition held. A daemon: the exit hook, not the interpreter, waits for it.
+        self._thread = threading.Thread(target=self._run, name="nbchat-store-writer", daemon=True)
+        self._thread.start()
 
     def flush(self, timeout: float) -> bool:
         """Wait until every event handed so far is written (True) or ``timeout`` s pass.
@@ -154,9 +158,10 @@ class StoreSink:
         waiting_since: float | None = None  # when the head of the queue first failed
         while True:
             with self._cond:
-                while not self._queue and not self._stopping:
-                    self._cond.wait()
-                if self._stopping:
+                if not self._queue and not self._stopping:
+                    self._cond.wait(_IDLE_EXIT)
+                if self._stopping or not self._queue:
+                    self._thread = None  # idle (or closed): handle() starts another
                     return
                 event = self._queue[0]  # stays queued until written: order is kept
                 if self.store.closed and self.store.path == ":memory:":
@@ -221,6 +226,17 @@ class StoreSink:
             self._notify(message)
         except Exception as exc:  # a broken callback must not stop the writer
             print(f"nbchat: {message} (notify failed: {exc!r})", file=sys.stderr)
+
+
+def _after_fork_in_child() -> None:
+    # The writer threads did not follow us into the child; its own start on demand.
+    for sink in list(_live):
+        sink._cond = threading.Condition()
+        sink._thread = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @atexit.register

@@ -300,3 +300,40 @@ def test_importing_a_recovery_file_twice_duplicates_nothing(db_path: Path) -> No
     with store:
         assert contents(store) == ["message 0", "message 1"]
     assert list(db_path.parent.glob("*recovery*")) == []
+
+
+def test_readers_on_the_main_thread_share_the_connection_with_the_writer(
+    free_store: Store,
+) -> None:
+    sink = StoreSink(free_store, notify=Notes())
+    seen: list[int] = []
+    for seq in range(300):
+        sink.handle(message(seq))
+        if seq % 10 == 0:  # analysis reads while the writer writes
+            count = free_store.query("SELECT count(*) AS n FROM messages").data["n"][0]
+            user = free_store.query_read_only("SELECT count(*) AS n FROM messages")
+            seen.append(int(count))
+            assert int(user.data["n"][0]) >= count
+    assert sink.flush(30)
+    assert seen == sorted(seen)
+    assert contents(free_store) == [f"message {seq}" for seq in range(300)]
+    assert sink.close() == []
+
+
+def test_an_idle_writer_thread_ends_and_comes_back(
+    free_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nbchat import _sink
+
+    monkeypatch.setattr(_sink, "_IDLE_EXIT", 0.05)
+    sink = StoreSink(free_store, notify=Notes())
+    sink.handle(message(0))
+    assert sink.flush(30)
+    first = sink._thread
+    assert first is not None
+    first.join(10)  # idle: it ends by itself
+    assert not first.is_alive() and sink._thread is None
+    sink.handle(message(1))
+    assert sink.flush(30)
+    assert contents(free_store) == ["message 0", "message 1"]
+    assert sink.close() == []
