@@ -2,6 +2,8 @@
 
 - write: median cost of ``Store.handle(MessageAdded)`` on a file store (goal ≤ 1 ms),
   against DuckDB's own one-row INSERT into an in-memory table (the floor under it).
+- sandbox: a write followed by a user ``sql()`` query, which runs in a second,
+  sandboxed instance (the file moves to it), against the same query on nbchat's own.
 - held file: a reply of 5,000 deltas and its stored events goes through a
   ``StoreSink`` while another process holds the file for 4 s; the loop's time against
   the same reply with the file free (goal: no stall), and against writing each event
@@ -74,6 +76,9 @@ def write_cost(n: int = 500) -> list[dict[str, Any]]:
         write()
         ours = _median_ms(write, n)
         base = _median_ms(floor_insert, n)
+        count = "SELECT count(*) FROM messages"
+        sandboxed = _median_ms(lambda: (write(), store.query_read_only(count)), 50)
+        trusted = _median_ms(lambda: (write(), store.query(count)), 50)
         store.close()
     return [
         figure(
@@ -84,7 +89,15 @@ def write_cost(n: int = 500) -> list[dict[str, Any]]:
             goal="<= 1 ms",
             ok=ours <= 1,
             note="baseline: DuckDB's own one-row INSERT into an in-memory table",
-        )
+        ),
+        figure(
+            "a write, then a sandboxed sql() query",
+            sandboxed,
+            "ms",
+            baseline=trusted,
+            note="the file moves to the read-only sandboxed instance and back (a checkpoint); "
+            "baseline: the same query on nbchat's own connection",
+        ),
     ]
 
 

@@ -406,14 +406,11 @@ class FileLease(Lease):
         self._attached_to = access
         try:
             instance.execute(f"USE {_ALIAS}")
-            if access == "write":
-                from ._migrations import check_not_newer, migrate
+            if access == "write" and not self._migrated:
+                from ._migrations import migrate
 
-                if not self._migrated:
-                    migrate(instance)
-                    self._migrated = True
-                else:  # ~0.1 ms: another kernel may run a newer nbchat meanwhile
-                    check_not_newer(instance)
+                migrate(instance)
+                self._migrated = True
             if fresh and access != "write":
                 _sandbox(instance, self.path, files=access == "files")
         except (duckdb.Error, StoreError) as exc:
@@ -581,8 +578,16 @@ def acquire_lease(raw: str, options: LeaseOptions, timeout: float) -> Lease:
         file_lease.refs += 1
         lease = file_lease
     try:
-        with lease.connection(timeout):
-            pass
+        with lease.connection(timeout) as con:
+            if file_lease.refs > 1 or file_lease.stats()["opens"] > 1:
+                # Not this open's first attach, which migrated (and checked): a newer
+                # nbchat may have migrated the file since an earlier open. ~0.5 ms.
+                from ._migrations import check_not_newer
+
+                try:
+                    check_not_newer(con)
+                except StoreError as exc:
+                    raise StoreError(f"Cannot open the store {path}: {exc}") from None
     except BaseException:
         release_lease(lease)
         raise
