@@ -70,7 +70,14 @@ _NO_EXTENSIONS = {"autoinstall_known_extensions": False, "autoload_known_extensi
 
 
 class StoreLocked(StoreError):
-    """Another process held the store file for the whole wait: worth retrying later."""
+    """Another process held the store file for the whole wait: worth retrying later.
+
+    ``holder`` names that process when DuckDB said which one (" (PID 1234)"), else "".
+    """
+
+    def __init__(self, message: str, holder: str = "") -> None:
+        super().__init__(message)
+        self.holder = holder
 
 
 _FIRST_DELAY = 0.001
@@ -394,7 +401,8 @@ class FileLease(Lease):
                 if now >= deadline:
                     raise StoreLocked(
                         f"The store {self.path} stayed locked by another process{holder} "
-                        f"for {timeout:g} s; close that kernel's sessions or raise lock_timeout."
+                        f"for {timeout:g} s; close that kernel's sessions or raise lock_timeout.",
+                        holder,
                     )
                 time.sleep(min(delay * random.uniform(0.5, 1.5), deadline - now))
                 delay = min(delay * 2, _MAX_DELAY)

@@ -215,7 +215,13 @@ class StoreSink:
         with self._cond:
             self._outage = True
             self._cond.notify_all()  # barriers stop waiting
-        why = str(exc).rstrip(".")
+        if isinstance(exc, StoreLocked):
+            why = (
+                f"another process{exc.holder} has held the store {self.store.path} "
+                f"for {self.patience:g} s"
+            )
+        else:
+            why = str(exc).rstrip(".")
         self._say(
             f"Not saved yet: {why}. The conversation goes on; it is kept in memory and "
             "written once the store is free."
