@@ -115,7 +115,24 @@ def finish_locked(path: str, exit_wait: str, ready: str) -> None:
     # A normal exit: the atexit hook flushes (bounded) or writes the recovery file.
 
 
-MODES = {"turns": turns, "finish-locked": finish_locked}
+def hold_until(path: str, stop: str, released: str, most: str, ready: str) -> None:
+    """Hold the file (plain DuckDB) until ``stop`` appears or ``most`` seconds pass.
+
+    ``released`` is created just before letting go: while it is absent, the file is held.
+    """
+    import duckdb
+
+    con = duckdb.connect(path)
+    con.execute("CREATE TABLE IF NOT EXISTS held (x INTEGER)")
+    Path(ready).touch()
+    deadline = time.monotonic() + float(most)
+    while not Path(stop).exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    Path(released).touch()
+    con.close()
+
+
+MODES = {"turns": turns, "finish-locked": finish_locked, "hold-until": hold_until}
 
 if __name__ == "__main__":
     MODES[sys.argv[1]](*sys.argv[2:])
