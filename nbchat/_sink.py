@@ -190,6 +190,11 @@ class StoreSink:
                             self._cond.wait(backoff)
                     backoff = min(backoff * 2, _BACKOFF_MAX)
                 continue
+            except Exception as exc:  # a bug, not the file: skip, or the queue freezes
+                self._say(
+                    f"Not saved: one event ({event.kind}) was skipped because writing it "
+                    f"failed ({type(exc).__name__}: {exc})."
+                )
             self.write_seconds.append(time.perf_counter() - started)
             backoff, waiting_since = _BACKOFF_FIRST, None
             with self._cond:

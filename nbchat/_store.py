@@ -155,6 +155,8 @@ class Store:
         self._lease: Lease | None = lease
         self._lock_timeout = lock_timeout
         self.path = lease.path
+        # What the last open wrote from recovery files (also a UserWarning), or None.
+        self.recovered: str | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -425,12 +427,11 @@ class Store:
                 names.append(os.path.basename(name))
         if names:
             lost = f"; {skipped} could not be stored" if skipped else ""
-            warnings.warn(
+            self.recovered = (
                 f"nbchat stored {stored} events that a process exiting while {self.path} "
-                f"was locked had kept in {', '.join(names)}{lost}.",
-                UserWarning,
-                stacklevel=3,
+                f"was locked had kept in {', '.join(names)}{lost}."
             )
+            warnings.warn(self.recovered, UserWarning, stacklevel=3)
 
     # ------------------------------------------------------------------ reading
 

@@ -277,6 +277,7 @@ def test_events_still_locked_at_exit_go_to_a_recovery_file(
     with pytest.warns(UserWarning, match=r"stored 9 events .* kept in chats\.duckdb\.nbchat-"):
         store = Store.open(db_path)
     with store:
+        assert store.recovered is not None and "stored 9 events" in store.recovered
         assert contents(store, "exiting") == ["turn 0", None, "ok", "done"]
         turns = store.query("SELECT status, user_text FROM turns").data
         assert list(turns["status"]) == ["completed"] and list(turns["user_text"]) == ["turn 0"]
@@ -335,5 +336,27 @@ def test_an_idle_writer_thread_ends_and_comes_back(
     assert not first.is_alive() and sink._thread is None
     sink.handle(message(1))
     assert sink.flush(30)
+    assert contents(free_store) == ["message 0", "message 1"]
+    assert sink.close() == []
+
+
+def test_an_unexpected_error_skips_the_event_instead_of_freezing(
+    free_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nbchat import _store
+
+    def broken(con: Any, event: Any) -> None:
+        raise RuntimeError("a bug in a writer")
+
+    monkeypatch.setitem(_store._WRITERS, "usage", ("requests", broken))
+    notes = Notes()
+    sink = StoreSink(free_store, notify=notes)
+    for event in (message(0), UsageEvent(session_id="s", model="m"), message(1)):
+        sink.handle(event)
+    assert sink.flush(30) is True
+    assert notes.messages == [
+        "Not saved: one event (usage) was skipped because writing it failed "
+        "(RuntimeError: a bug in a writer)."
+    ]
     assert contents(free_store) == ["message 0", "message 1"]
     assert sink.close() == []
