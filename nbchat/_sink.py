@@ -1,8 +1,13 @@
-"""The store as a consumer of the event stream: a queue and a writer thread.
+"""The store as a consumer of the event stream: which events become which rows, a queue,
+and the writer thread that empties it.
+
+``write_event(con, event)`` is the one mapping of events to rows (``_WRITERS``: kind ->
+table and writer); ``STORED_KINDS`` derives from it. Values DuckDB can never take
+become ``UnstorableRow``.
 
 ``StoreSink.handle(event)`` is on the per-token path, so it never touches the file:
-events the store keeps (``STORED_KINDS``) go on a queue, everything else (deltas,
-notices) costs one set lookup. One writer thread per sink writes the queue in order.
+events the store keeps go on a queue, everything else (deltas, notices) costs one set
+lookup. One writer thread per sink writes the queue in order.
 
 * **Another process holds the file.** The writer retries the head of the queue with
   short attempts (``ATTEMPT_S``) and bounded backoff, forever; later events wait
@@ -33,13 +38,32 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
 
 from ._exceptions import StoreError
-from ._store import STORED_KINDS, Store, StoreLocked, UnstorableRow
-from ._types import Event
+from ._lease import StoreLocked
+from ._types import (
+    CompactionEvent,
+    Event,
+    Message,
+    MessageAdded,
+    MessagesMarked,
+    RequestUsage,
+    ToolCallsAdapter,
+    ToolResult,
+    TurnFinished,
+    TurnStarted,
+    UsageEvent,
+    utcnow,
+)
 
-__all__ = ["ATTEMPT_S", "EXIT_WAIT_S", "StoreSink"]
+if TYPE_CHECKING:
+    from ._store import Store
+
+__all__ = ["ATTEMPT_S", "EXIT_WAIT_S", "STORED_KINDS", "StoreSink", "UnstorableRow", "write_event"]
 
 ATTEMPT_S = 0.5  # one attempt's wait for the file: short, so stopping is quick
 EXIT_WAIT_S = 5.0  # at interpreter exit, the longest wait for all sinks to drain
@@ -213,7 +237,7 @@ class StoreSink:
         if not self.store.closed:
             return self.store
         if self._own is None:
-            self._own = Store.open(self.store.path, lock_timeout=ATTEMPT_S)
+            self._own = type(self.store).open(self.store.path, lock_timeout=ATTEMPT_S)
         return self._own
 
     def _declare_outage(self, exc: StoreError) -> None:
@@ -272,3 +296,290 @@ def _drain_at_exit() -> None:
             f"events were kept in {where} and will be stored when it is next opened.",
             file=sys.stderr,
         )
+
+
+# --------------------------------------------------------------------------- event -> rows
+
+
+class UnstorableRow(StoreError):
+    """DuckDB refused an event's values (out of range, wrong type, a constraint): retrying
+    cannot help, so the writer skips the row and says so."""
+
+    def __init__(self, table: str, reason: str) -> None:
+        super().__init__(f"A row of {table} cannot be stored: {reason}")
+        self.table = table
+        self.reason = reason
+
+
+def write_event(con: Any, event: Event) -> None:
+    """Write ``event``'s rows on the open connection (nothing for deltas and notices).
+
+    Raises ``UnstorableRow`` if DuckDB refuses the values; other DuckDB errors pass.
+    """
+    entry = _WRITERS.get(event.kind)
+    if entry is None:
+        return
+    table, writer = entry
+    duckdb = _duckdb()
+    try:
+        writer(con, event)
+    except (duckdb.DataError, duckdb.IntegrityError) as exc:
+        # Conversion (2**64 into BIGINT, NaN, bad JSON), out of range, a NOT NULL.
+        raise UnstorableRow(table, first_line(exc)) from exc
+    except (duckdb.BinderException, duckdb.CatalogException) as exc:
+        raise UnstorableRow(
+            table, f"the store's schema is not the one this nbchat expects ({first_line(exc)})"
+        ) from exc
+    except duckdb.InvalidInputException as exc:
+        # The Python value itself cannot be converted (an int past 128 bits, a lone surrogate).
+        raise UnstorableRow(table, first_line(exc)) from exc
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise UnstorableRow(table, f"{type(exc).__name__}: {exc}") from exc
+
+
+def _duckdb() -> Any:
+    import duckdb
+
+    return duckdb
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of a DuckDB error (its kind and message, without the query excerpt)."""
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def utc(value: datetime) -> datetime:
+    """``value`` as an aware UTC datetime (a naive one is taken to be UTC already)."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
+
+
+@lru_cache(maxsize=64)
+def parsed(sql: str) -> Any:
+    """``sql`` parsed once: DuckDB's parser is a large part of a one-row INSERT's cost
+    (~30%), and a parsed statement can be executed again and again."""
+    return _duckdb().extract_statements(sql)[0]
+
+
+def _insert(
+    con: Any, table: str, columns: Sequence[str], values: Sequence[Any], *, keep: bool = False
+) -> None:
+    """Insert one row; a row with the same id is replaced (a replayed event), or kept.
+
+    A plain INSERT is about three times cheaper in DuckDB than an upsert, so the
+    upsert runs only when the plain insert meets an existing id.
+    """
+    names = ", ".join(columns)
+    marks = ", ".join("?" * len(columns))
+    # Table and column names are fixed strings of this module, never user text.
+    try:
+        con.execute(parsed(f"INSERT INTO {table} ({names}) VALUES ({marks})"), list(values))
+    except _duckdb().ConstraintException:
+        verb = "INSERT OR IGNORE" if keep else "INSERT OR REPLACE"
+        con.execute(f"{verb} INTO {table} ({names}) VALUES ({marks})", list(values))
+
+
+# Column lists in the order the writers pass values.
+_MESSAGE_COLUMNS = (
+    "id", "session_id", "seq", "role", "content", "name", "tool_calls", "tool_call_id",
+    "turn_id", "round", "cell_id", "status", "state", "created_at",
+)  # fmt: skip
+_REQUEST_COLUMNS = (
+    "id", "session_id", "turn_id", "round", "model", "provider", "prompt_tokens",
+    "completion_tokens", "cached_tokens", "reasoning_tokens", "cost_usd", "ttft_ms",
+    "duration_ms", "finish_reason", "error", "purpose", "created_at",
+)  # fmt: skip
+_TOOL_CALL_COLUMNS = (
+    "id", "session_id", "turn_id", "round", "call_id", "name", "arguments", "result",
+    "is_error", "error_kind", "duration_ms", "created_at",
+)  # fmt: skip
+_COMPACTION_COLUMNS = (
+    "id", "session_id", "turn_id", "strategy", "from_seq", "to_seq", "summary",
+    "tokens_before", "tokens_after", "model", "cost_usd", "error", "created_at",
+)  # fmt: skip
+_TURN_COLUMNS = (
+    "id", "session_id", "status", "rounds", "requests", "prompt_tokens", "completion_tokens",
+    "cost_usd", "error", "duration_ms", "finished_at", "started_at",
+)  # fmt: skip
+INSERT_MESSAGE = (
+    f"INSERT OR REPLACE INTO messages ({', '.join(_MESSAGE_COLUMNS)})"
+    f" VALUES ({', '.join('?' * len(_MESSAGE_COLUMNS))})"
+)
+
+
+def message_params(session_id: str, message: Message) -> list[Any]:
+    tool_calls = (
+        ToolCallsAdapter.dump_json(message.tool_calls).decode() if message.tool_calls else None
+    )
+    return [
+        message.id,
+        session_id,
+        message.seq,
+        message.role,
+        message.content,
+        message.name,
+        tool_calls,
+        message.tool_call_id,
+        message.turn_id,
+        message.round,
+        message.cell_id,
+        message.status,
+        message.state,
+        utc(message.created_at),
+    ]
+
+
+# ------------------------------------------------------------------ writers
+# Each writes one event's rows on the open connection.
+
+
+def _write_message(con: Any, event: MessageAdded) -> None:
+    params = message_params(event.session_id, event.message)
+    _insert(con, "messages", _MESSAGE_COLUMNS, params)
+
+
+def _write_marked(con: Any, event: MessagesMarked) -> None:
+    if event.message_ids:
+        con.execute(
+            parsed("UPDATE messages SET state = ? WHERE list_contains(?, id)"),
+            [event.state, list(event.message_ids)],
+        )
+
+
+def _write_usage(con: Any, event: UsageEvent) -> None:
+    usage = event.usage or RequestUsage()
+    _insert(
+        con,
+        "requests",
+        _REQUEST_COLUMNS,
+        [
+            event.request_id,
+            event.session_id,
+            event.turn_id or None,
+            event.round,
+            event.model,
+            event.provider,
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            usage.cached_tokens,
+            usage.reasoning_tokens,
+            event.cost_usd,
+            event.ttft_ms,
+            event.duration_ms,
+            event.finish_reason,
+            event.error,
+            event.purpose,
+            utcnow(),
+        ],
+    )
+
+
+def _write_tool_result(con: Any, event: ToolResult) -> None:
+    call = event.call
+    turn_id = call.turn_id or event.turn_id or None
+    # The row is keyed by the record's own id: the model's call id is not unique
+    # (fakes and some servers reuse "call_0", even within one turn).
+    _insert(
+        con,
+        "tool_calls",
+        _TOOL_CALL_COLUMNS,
+        [
+            call.id,
+            event.session_id,
+            turn_id,
+            call.round,
+            call.call_id,
+            call.name,
+            call.arguments,
+            call.result,
+            call.is_error,
+            call.error_kind,
+            call.duration_ms,
+            utcnow(),
+        ],
+    )
+
+
+def _write_compaction(con: Any, event: CompactionEvent) -> None:
+    _insert(
+        con,
+        "compactions",
+        _COMPACTION_COLUMNS,
+        [
+            event.compaction_id,
+            event.session_id,
+            event.turn_id or None,
+            event.strategy,
+            event.from_seq,
+            event.to_seq,
+            event.summary,
+            event.tokens_before,
+            event.tokens_after,
+            event.model,
+            event.cost_usd,
+            event.error,
+            utcnow(),
+        ],
+    )
+
+
+def _write_turn_started(con: Any, event: TurnStarted) -> None:
+    _insert(
+        con,
+        "turns",
+        ("id", "session_id", "cell_id", "user_text", "status", "started_at"),
+        [event.turn_id, event.session_id, event.cell_id, event.text, "running", utcnow()],
+        keep=True,  # resume() continues a stored turn under the same id
+    )
+
+
+def _write_turn_finished(con: Any, event: TurnFinished) -> None:
+    result = event.result
+    now = utcnow()
+    turn_id = result.turn_id or event.turn_id
+    outcome = [
+        result.status,
+        result.rounds,
+        result.usage.requests,
+        result.usage.prompt_tokens,
+        result.usage.completion_tokens,
+        result.usage.cost_usd,
+        result.error,
+        result.duration_ms,
+        now,
+    ]
+    updated = con.execute(
+        parsed(
+            "UPDATE turns SET status = ?, rounds = ?, requests = ?, prompt_tokens = ?,"
+            " completion_tokens = ?, cost_usd = ?, error = ?, duration_ms = ?,"
+            " finished_at = ? WHERE id = ?"
+        ),
+        [*outcome, turn_id],
+    ).fetchone()
+    if not updated or not updated[0]:
+        # The start of this turn was never stored (an older loop, a replay).
+        con.execute(
+            f"INSERT INTO turns ({', '.join(_TURN_COLUMNS)}) VALUES"
+            f" ({', '.join('?' * len(_TURN_COLUMNS))})",
+            [
+                turn_id,
+                result.session_id or event.session_id,
+                *outcome,
+                now - timedelta(milliseconds=result.duration_ms),
+            ],
+        )
+
+
+# The one list of what is stored: event kind -> (table, writer). The sink derives the
+# kinds it queues from it; every other kind (deltas, notices) writes nothing.
+_WRITERS: dict[str, tuple[str, Callable[[Any, Any], None]]] = {
+    "message": ("messages", _write_message),
+    "messages_marked": ("messages", _write_marked),
+    "usage": ("requests", _write_usage),
+    "tool_result": ("tool_calls", _write_tool_result),
+    "compaction": ("compactions", _write_compaction),
+    "turn_started": ("turns", _write_turn_started),
+    "turn_finished": ("turns", _write_turn_finished),
+}
+STORED_KINDS: frozenset[str] = frozenset(_WRITERS)

@@ -1,11 +1,12 @@
-"""The DuckDB store: one consumer of the session's event stream, shared by many kernels.
+"""The DuckDB store: sessions, the rows of the event stream, and the reads, in one file
+shared by many kernels.
 
-``Store.write()`` turns each event that completes something (a message, a request,
-a tool call, a compaction, a turn) into a row, committed before it returns; stream
-deltas are ignored. It tells the two ways a write fails apart: ``StoreLocked`` (another
-process holds the file: retry) and ``UnstorableRow`` (DuckDB refuses the values: a
-retry can never succeed). ``_sink.py`` feeds it from a background thread. How the file
-is shared with other processes lives in ``_lease.py``.
+``Store.write()`` writes the rows of each event that completes something (a message, a
+request, a tool call, a compaction, a turn), committed before it returns; stream deltas
+are ignored. It tells the two ways a write fails apart: ``StoreLocked`` (another process
+holds the file: retry) and ``UnstorableRow`` (DuckDB refuses the values: a retry can
+never succeed). Which event becomes which row, and the queue that feeds ``write()`` from
+a background thread, live in ``_sink.py``; how the file is shared, in ``_lease.py``.
 
 Events a process could not write before it exited are kept in a recovery file beside
 the store (``<db>.nbchat-recovery-<pid>.jsonl``), which the next ``Store.open`` writes.
@@ -17,10 +18,10 @@ import glob
 import json
 import os
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from functools import lru_cache
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -36,20 +37,22 @@ from ._lease import (
     default_lock_timeout,
     release_lease,
 )
+from ._sink import (
+    INSERT_MESSAGE,
+    STORED_KINDS,
+    UnstorableRow,
+    first_line,
+    message_params,
+    parsed,
+    utc,
+    write_event,
+)
 from ._types import (
-    CompactionEvent,
     Event,
     EventAdapter,
     Message,
-    MessageAdded,
-    MessagesMarked,
-    RequestUsage,
     ToolCall,
     ToolCallsAdapter,
-    ToolResult,
-    TurnFinished,
-    TurnStarted,
-    UsageEvent,
     utcnow,
 )
 
@@ -69,13 +72,6 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _SESSION_FIELDS = frozenset(
     {"title", "model", "system_prompt", "parent_id", "notebook", "metadata"}
 )
-
-
-def _utc(value: datetime) -> datetime:
-    """``value`` as an aware UTC datetime (a naive one is taken to be UTC already)."""
-    if value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value.astimezone(UTC)
 
 
 def _from_epoch_us(value: int | None) -> datetime | None:
@@ -118,16 +114,6 @@ class StoredSession(BaseModel):
             if message.role in ("assistant", "user"):
                 return []
         return []
-
-
-class UnstorableRow(StoreError):
-    """DuckDB refused an event's values (out of range, wrong type, a constraint): retrying
-    cannot help, so the writer skips the row and says so."""
-
-    def __init__(self, table: str, reason: str) -> None:
-        super().__init__(f"A row of {table} cannot be stored: {reason}")
-        self.table = table
-        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -230,7 +216,7 @@ class Store:
 
     def _execute(self, sql: str, params: Sequence[Any] = ()) -> None:
         with self._connection() as con:
-            con.execute(_parsed(sql), list(params))
+            con.execute(parsed(sql), list(params))
 
     def _fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         with self._connection() as con:
@@ -256,7 +242,7 @@ class Store:
         row = [
             session_id,
             title,
-            _utc(created_at or utcnow()),
+            utc(created_at or utcnow()),
             model,
             system_prompt,
             parent_id,
@@ -272,7 +258,7 @@ class Store:
                     row,
                 )
                 for message in messages:
-                    con.execute(_INSERT_MESSAGE, _message_params(session_id, message))
+                    con.execute(INSERT_MESSAGE, message_params(session_id, message))
                 con.execute("COMMIT")
             except _duckdb().ConstraintException as exc:
                 con.execute("ROLLBACK")
@@ -359,11 +345,10 @@ class Store:
         ``UnstorableRow`` if DuckDB refuses the values (never retry), ``StoreError``
         otherwise (the disk, a closed store: possibly worth a retry).
         """
-        entry = _WRITERS.get(event.kind)
-        if entry is None:
+        if event.kind not in STORED_KINDS:
             return
         with self._connection(timeout) as con:
-            _write_one(con, entry, event)
+            write_event(con, event)
 
     def end_unfinished_turns(
         self, session_id: str, *, status: str, error: str, keep: str | None = None
@@ -419,11 +404,12 @@ class Store:
                 for line in lines:
                     try:
                         event = EventAdapter.validate_json(line)
-                        _write_one(con, _WRITERS[event.kind], event)
+                        write_event(con, event)
                         stored += 1
-                    except (ValueError, KeyError, UnstorableRow):
+                    except (ValueError, UnstorableRow):
                         skipped += 1
-                os.remove(name)
+                with suppress(OSError):  # a read-only folder: imported again next time, harmless
+                    os.remove(name)
                 names.append(os.path.basename(name))
         if names:
             lost = f"; {skipped} could not be stored" if skipped else ""
@@ -466,7 +452,7 @@ class Store:
                 return _result(cursor)
             except duckdb.PermissionException as exc:
                 raise StoreError(
-                    f"The query may not read files: {_first_line(exc)}. Queries on the store "
+                    f"The query may not read files: {first_line(exc)}. Queries on the store "
                     "run sandboxed; pass allow_files=True to let one read files."
                 ) from exc
             finally:
@@ -493,105 +479,6 @@ def _duckdb() -> Any:
     return duckdb
 
 
-def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-
-
-def _insert(
-    con: Any, table: str, columns: Sequence[str], values: Sequence[Any], *, keep: bool = False
-) -> None:
-    """Insert one row; a row with the same id is replaced (a replayed event), or kept.
-
-    A plain INSERT is about three times cheaper in DuckDB than an upsert, so the
-    upsert runs only when the plain insert meets an existing id.
-    """
-    names = ", ".join(columns)
-    marks = ", ".join("?" * len(columns))
-    # Table and column names are fixed strings of this module, never user text.
-    try:
-        con.execute(_parsed(f"INSERT INTO {table} ({names}) VALUES ({marks})"), list(values))
-    except _duckdb().ConstraintException:
-        verb = "INSERT OR IGNORE" if keep else "INSERT OR REPLACE"
-        con.execute(f"{verb} INTO {table} ({names}) VALUES ({marks})", list(values))
-
-
-def _write_one(con: Any, entry: tuple[str, Callable[[Any, Any], None]], event: Event) -> None:
-    """Run one event's writer on ``con``; values DuckDB refuses become ``UnstorableRow``."""
-    table, writer = entry
-    duckdb = _duckdb()
-    try:
-        writer(con, event)
-    except (duckdb.DataError, duckdb.IntegrityError) as exc:
-        # Conversion (2**64 into BIGINT, NaN, bad JSON), out of range, a NOT NULL.
-        raise UnstorableRow(table, _first_line(exc)) from exc
-    except (duckdb.BinderException, duckdb.CatalogException) as exc:
-        raise UnstorableRow(
-            table, f"the store's schema is not the one this nbchat expects ({_first_line(exc)})"
-        ) from exc
-    except duckdb.InvalidInputException as exc:
-        # The Python value itself cannot be converted (an int past 128 bits, a lone surrogate).
-        raise UnstorableRow(table, _first_line(exc)) from exc
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise UnstorableRow(table, f"{type(exc).__name__}: {exc}") from exc
-
-
-@lru_cache(maxsize=64)
-def _parsed(sql: str) -> Any:
-    """``sql`` parsed once: DuckDB's parser is a large part of a one-row INSERT's cost
-    (~30%), and a parsed statement can be executed again and again."""
-    return _duckdb().extract_statements(sql)[0]
-
-
-# Column lists in the order the writers pass values.
-_MESSAGE_COLUMNS = (
-    "id", "session_id", "seq", "role", "content", "name", "tool_calls", "tool_call_id",
-    "turn_id", "round", "cell_id", "status", "state", "created_at",
-)  # fmt: skip
-_REQUEST_COLUMNS = (
-    "id", "session_id", "turn_id", "round", "model", "provider", "prompt_tokens",
-    "completion_tokens", "cached_tokens", "reasoning_tokens", "cost_usd", "ttft_ms",
-    "duration_ms", "finish_reason", "error", "purpose", "created_at",
-)  # fmt: skip
-_TOOL_CALL_COLUMNS = (
-    "id", "session_id", "turn_id", "round", "call_id", "name", "arguments", "result",
-    "is_error", "error_kind", "duration_ms", "created_at",
-)  # fmt: skip
-_COMPACTION_COLUMNS = (
-    "id", "session_id", "turn_id", "strategy", "from_seq", "to_seq", "summary",
-    "tokens_before", "tokens_after", "model", "cost_usd", "error", "created_at",
-)  # fmt: skip
-_TURN_COLUMNS = (
-    "id", "session_id", "status", "rounds", "requests", "prompt_tokens", "completion_tokens",
-    "cost_usd", "error", "duration_ms", "finished_at", "started_at",
-)  # fmt: skip
-_INSERT_MESSAGE = (
-    f"INSERT OR REPLACE INTO messages ({', '.join(_MESSAGE_COLUMNS)})"
-    f" VALUES ({', '.join('?' * len(_MESSAGE_COLUMNS))})"
-)
-
-
-def _message_params(session_id: str, message: Message) -> list[Any]:
-    tool_calls = (
-        ToolCallsAdapter.dump_json(message.tool_calls).decode() if message.tool_calls else None
-    )
-    return [
-        message.id,
-        session_id,
-        message.seq,
-        message.role,
-        message.content,
-        message.name,
-        tool_calls,
-        message.tool_call_id,
-        message.turn_id,
-        message.round,
-        message.cell_id,
-        message.status,
-        message.state,
-        _utc(message.created_at),
-    ]
-
-
 def _message_from_row(row: tuple[Any, ...]) -> Message:
     (role, content, name, tool_calls, tool_call_id, mid, seq, turn_id, rnd, cell_id, status,
      state, created_us) = row  # fmt: skip
@@ -610,158 +497,3 @@ def _message_from_row(row: tuple[Any, ...]) -> Message:
         state=state,
         created_at=_from_epoch_us(created_us),
     )
-
-
-# ------------------------------------------------------------------ writers
-# Each writes one event's rows on the open connection.
-
-
-def _write_message(con: Any, event: MessageAdded) -> None:
-    params = _message_params(event.session_id, event.message)
-    _insert(con, "messages", _MESSAGE_COLUMNS, params)
-
-
-def _write_marked(con: Any, event: MessagesMarked) -> None:
-    if event.message_ids:
-        con.execute(
-            _parsed("UPDATE messages SET state = ? WHERE list_contains(?, id)"),
-            [event.state, list(event.message_ids)],
-        )
-
-
-def _write_usage(con: Any, event: UsageEvent) -> None:
-    usage = event.usage or RequestUsage()
-    _insert(
-        con,
-        "requests",
-        _REQUEST_COLUMNS,
-        [
-            event.request_id,
-            event.session_id,
-            event.turn_id or None,
-            event.round,
-            event.model,
-            event.provider,
-            usage.prompt_tokens,
-            usage.completion_tokens,
-            usage.cached_tokens,
-            usage.reasoning_tokens,
-            event.cost_usd,
-            event.ttft_ms,
-            event.duration_ms,
-            event.finish_reason,
-            event.error,
-            event.purpose,
-            utcnow(),
-        ],
-    )
-
-
-def _write_tool_result(con: Any, event: ToolResult) -> None:
-    call = event.call
-    turn_id = call.turn_id or event.turn_id or None
-    # The row is keyed by the record's own id: the model's call id is not unique
-    # (fakes and some servers reuse "call_0", even within one turn).
-    _insert(
-        con,
-        "tool_calls",
-        _TOOL_CALL_COLUMNS,
-        [
-            call.id,
-            event.session_id,
-            turn_id,
-            call.round,
-            call.call_id,
-            call.name,
-            call.arguments,
-            call.result,
-            call.is_error,
-            call.error_kind,
-            call.duration_ms,
-            utcnow(),
-        ],
-    )
-
-
-def _write_compaction(con: Any, event: CompactionEvent) -> None:
-    _insert(
-        con,
-        "compactions",
-        _COMPACTION_COLUMNS,
-        [
-            event.compaction_id,
-            event.session_id,
-            event.turn_id or None,
-            event.strategy,
-            event.from_seq,
-            event.to_seq,
-            event.summary,
-            event.tokens_before,
-            event.tokens_after,
-            event.model,
-            event.cost_usd,
-            event.error,
-            utcnow(),
-        ],
-    )
-
-
-def _write_turn_started(con: Any, event: TurnStarted) -> None:
-    _insert(
-        con,
-        "turns",
-        ("id", "session_id", "cell_id", "user_text", "status", "started_at"),
-        [event.turn_id, event.session_id, event.cell_id, event.text, "running", utcnow()],
-        keep=True,  # resume() continues a stored turn under the same id
-    )
-
-
-def _write_turn_finished(con: Any, event: TurnFinished) -> None:
-    result = event.result
-    now = utcnow()
-    turn_id = result.turn_id or event.turn_id
-    outcome = [
-        result.status,
-        result.rounds,
-        result.usage.requests,
-        result.usage.prompt_tokens,
-        result.usage.completion_tokens,
-        result.usage.cost_usd,
-        result.error,
-        result.duration_ms,
-        now,
-    ]
-    updated = con.execute(
-        _parsed(
-            "UPDATE turns SET status = ?, rounds = ?, requests = ?, prompt_tokens = ?,"
-            " completion_tokens = ?, cost_usd = ?, error = ?, duration_ms = ?,"
-            " finished_at = ? WHERE id = ?"
-        ),
-        [*outcome, turn_id],
-    ).fetchone()
-    if not updated or not updated[0]:
-        # The start of this turn was never stored (an older loop, a replay).
-        con.execute(
-            f"INSERT INTO turns ({', '.join(_TURN_COLUMNS)}) VALUES"
-            f" ({', '.join('?' * len(_TURN_COLUMNS))})",
-            [
-                turn_id,
-                result.session_id or event.session_id,
-                *outcome,
-                now - timedelta(milliseconds=result.duration_ms),
-            ],
-        )
-
-
-# The one list of what is stored: event kind -> (table, writer). The sink derives the
-# kinds it queues from it; every other kind (deltas, notices) writes nothing.
-_WRITERS: dict[str, tuple[str, Callable[[Any, Any], None]]] = {
-    "message": ("messages", _write_message),
-    "messages_marked": ("messages", _write_marked),
-    "usage": ("requests", _write_usage),
-    "tool_result": ("tool_calls", _write_tool_result),
-    "compaction": ("compactions", _write_compaction),
-    "turn_started": ("turns", _write_turn_started),
-    "turn_finished": ("turns", _write_turn_finished),
-}
-STORED_KINDS: frozenset[str] = frozenset(_WRITERS)

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from nbchat._sink import StoreSink
-from nbchat._store import _WRITERS, STORED_KINDS, Store
+from nbchat._sink import _WRITERS, STORED_KINDS, StoreSink
+from nbchat._store import Store
 from nbchat._types import (
     Message,
     MessageAdded,
@@ -343,12 +343,12 @@ def test_an_idle_writer_thread_ends_and_comes_back(
 def test_an_unexpected_error_skips_the_event_instead_of_freezing(
     free_store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from nbchat import _store
+    from nbchat import _sink
 
     def broken(con: Any, event: Any) -> None:
         raise RuntimeError("a bug in a writer")
 
-    monkeypatch.setitem(_store._WRITERS, "usage", ("requests", broken))
+    monkeypatch.setitem(_sink._WRITERS, "usage", ("requests", broken))
     notes = Notes()
     sink = StoreSink(free_store, notify=notes)
     for event in (message(0), UsageEvent(session_id="s", model="m"), message(1)):
