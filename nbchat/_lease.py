@@ -414,11 +414,14 @@ class FileLease(Lease):
         self._attached_to = access
         try:
             instance.execute(f"USE {_ALIAS}")
-            if access == "write" and not self._migrated:
-                from ._migrations import migrate
+            if access == "write":
+                from ._migrations import check_not_newer, migrate
 
-                migrate(instance)
-                self._migrated = True
+                if not self._migrated:
+                    migrate(instance)
+                    self._migrated = True
+                else:  # while we did not hold the file, a newer nbchat may have migrated it
+                    check_not_newer(instance)
             if fresh and access != "write":
                 _sandbox(instance, self.path, files=access == "files")
         except (duckdb.Error, StoreError) as exc:
@@ -586,16 +589,8 @@ def acquire_lease(raw: str, options: LeaseOptions, timeout: float) -> Lease:
         file_lease.refs += 1
         lease = file_lease
     try:
-        with lease.connection(timeout) as con:
-            if file_lease.refs > 1 or file_lease.stats()["opens"] > 1:
-                # Not this open's first attach, which migrated (and checked): a newer
-                # nbchat may have migrated the file since an earlier open. ~0.5 ms.
-                from ._migrations import check_not_newer
-
-                try:
-                    check_not_newer(con)
-                except StoreError as exc:
-                    raise StoreError(f"Cannot open the store {path}: {exc}") from None
+        with lease.connection(timeout):
+            pass
     except BaseException:
         release_lease(lease)
         raise

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
 from ._exceptions import StoreError
@@ -198,9 +199,17 @@ def migrate(con: Connection, *, stop_after: str | None = None) -> list[str]:
 
 
 def check_not_newer(con: Connection) -> None:
-    """Raise ``StoreError`` if a newer nbchat has migrated the store since it was opened."""
-    rows = con.execute("SELECT name FROM _migrations ORDER BY applied_at, name").fetchall()
+    """Raise ``StoreError`` if a newer nbchat has migrated the store since it was migrated here."""
+    rows = con.execute(_recorded_names()).fetchall()
     _refuse_newer([str(name) for (name,) in rows])
+
+
+@lru_cache(maxsize=1)
+def _recorded_names() -> Any:
+    # Parsed once: this runs on every attach, where parsing is most of its ~0.1 ms.
+    import duckdb
+
+    return duckdb.extract_statements("SELECT name FROM _migrations ORDER BY applied_at, name")[0]
 
 
 def _refuse_newer(recorded: list[str]) -> None:
