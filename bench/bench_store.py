@@ -2,6 +2,13 @@
 
 - write: median cost of ``Store.handle(MessageAdded)`` on a file store (goal ≤ 1 ms),
   against DuckDB's own one-row INSERT into an in-memory table (the floor under it).
+- sandbox: a write followed by a user ``sql()`` query, which runs in a second,
+  sandboxed instance (the file moves to it), against the same query on nbchat's own.
+- held file: a reply of 5,000 deltas and its stored events goes through a
+  ``StoreSink`` while another process holds the file for 4 s; the loop's time against
+  the same reply with the file free (goal: no stall), and against writing each event
+  synchronously as the loop did before the sink (what it stalled). Also p50/p99 of
+  ``handle()`` on the loop and of one write on the writer thread.
 - queries: on a synthetic store of 1,000,000 messages and 500,000 requests (10,000
   sessions, 5 models, 90 days), the median time of ``costs(by="model")`` (≤ 30 ms),
   ``transcript(id)`` (≤ 10 ms) and ``sessions()`` (≤ 50 ms), each through the public
@@ -12,6 +19,8 @@
 from __future__ import annotations
 
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -67,6 +76,9 @@ def write_cost(n: int = 500) -> list[dict[str, Any]]:
         write()
         ours = _median_ms(write, n)
         base = _median_ms(floor_insert, n)
+        count = "SELECT count(*) FROM messages"
+        sandboxed = _median_ms(lambda: (write(), store.query_read_only(count)), 50)
+        trusted = _median_ms(lambda: (write(), store.query(count)), 50)
         store.close()
     return [
         figure(
@@ -77,7 +89,164 @@ def write_cost(n: int = 500) -> list[dict[str, Any]]:
             goal="<= 1 ms",
             ok=ours <= 1,
             note="baseline: DuckDB's own one-row INSERT into an in-memory table",
-        )
+        ),
+        figure(
+            "a write, then a sandboxed sql() query",
+            sandboxed,
+            "ms",
+            baseline=trusted,
+            note="the file moves to the read-only sandboxed instance and back (a checkpoint); "
+            "baseline: the same query on nbchat's own connection",
+        ),
+    ]
+
+
+_HOLD = """
+import sys, time, duckdb
+con = duckdb.connect(sys.argv[1])
+print("held", flush=True)
+time.sleep(float(sys.argv[2]))
+con.close()
+"""
+
+
+def _hold(path: Path, seconds: float) -> subprocess.Popen[str]:
+    """Another process holding the store file, as a plain DuckDB connection does."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(path), str(seconds)], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def _reply(session_id: str, deltas: int) -> list[Any]:
+    """The events of a two-round reply: the stored ones among many stream deltas."""
+    from nbchat._types import (
+        Message,
+        MessageAdded,
+        RequestUsage,
+        TextDelta,
+        TurnFinished,
+        TurnResult,
+        TurnStarted,
+        UsageEvent,
+    )
+
+    def stored_round(seq: int) -> list[Any]:
+        usage = UsageEvent(session_id=session_id, model="m", usage=RequestUsage(prompt_tokens=9))
+        text = Message(role="assistant", content=CONTENT, seq=seq)
+        return [usage, MessageAdded(session_id=session_id, message=text)]
+
+    delta = TextDelta(session_id=session_id, text="tok ")
+    result = TurnResult(session_id=session_id, turn_id="t", status="completed")
+    return [
+        TurnStarted(session_id=session_id, turn_id="t", text="go"),
+        MessageAdded(session_id=session_id, message=Message(role="user", content="go", seq=0)),
+        *[delta] * (deltas // 2),
+        *stored_round(1),
+        *[delta] * (deltas // 2),
+        *stored_round(2),
+        TurnFinished(session_id=session_id, turn_id="t", result=result),
+    ]
+
+
+def _stream(consume: Callable[[Any], None], events: list[Any]) -> tuple[float, list[float]]:
+    """Seconds the loop takes to pass ``events`` on, and each stored event's handle() time."""
+    from nbchat._store import STORED_KINDS
+
+    shown: list[Any] = []
+    stored: list[float] = []
+    started = time.perf_counter()
+    for event in events:
+        t0 = time.perf_counter()
+        consume(event)
+        if event.kind in STORED_KINDS:
+            stored.append(time.perf_counter() - t0)
+        shown.append(event)  # the front end's share, kept trivial
+    return time.perf_counter() - started, stored
+
+
+def _pct(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
+
+
+def held_file(hold_s: float = 4.0, deltas: int = 5000) -> list[dict[str, Any]]:
+    from nbchat._sink import StoreSink
+    from nbchat._store import Store
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "held.duckdb"
+        store = Store.open(path, linger=0.05, lock_timeout=15)
+        for name in ("free", "held", "sync"):
+            store.create_session(session_id=name, model="m", system_prompt=None)
+        notes: list[str] = []
+        sink = StoreSink(store, notify=notes.append)
+
+        def idle() -> None:
+            while store.stats()["open"]:
+                time.sleep(0.01)
+
+        idle()
+        free_s, _ = _stream(sink.handle, _reply("free", deltas))
+        sink.flush(30)
+        # handle() and the writer, file free: 400 replies' worth of stored events.
+        store.create_session(session_id="many", model="m", system_prompt=None)
+        many = [e for e in _reply("many", 0)[1:-1] for _ in range(400)]
+        for seq, event in enumerate(many):
+            if event.kind == "message":
+                many[seq] = event.model_copy(update={"message": event.message.model_copy(
+                    update={"id": f"m{seq}", "seq": seq})})  # fmt: skip
+            elif event.kind == "usage":
+                many[seq] = event.model_copy(update={"request_id": f"r{seq}"})
+        sink.write_seconds.clear()
+        _, handles = _stream(sink.handle, many)
+        sink.flush(60)
+        writes = list(sink.write_seconds)
+        idle()
+        holder = _hold(path, hold_s)
+        held_s, _ = _stream(sink.handle, _reply("held", deltas))
+        t0 = time.perf_counter()
+        sink.flush(30)  # the end-of-turn barrier: waits for the holder, within patience
+        barrier_s = time.perf_counter() - t0
+        holder.communicate()
+        sink.close()
+        idle()
+        holder = _hold(path, hold_s)
+        sync_s, _ = _stream(store.handle, _reply("sync", deltas))  # the loop before the sink
+        holder.communicate()
+        assert len(store.load_session("held").messages) == 3 and not notes
+        store.close()
+    stall = max(0.0, held_s - free_s)
+    busy = f"{len(handles)} events back to back, the writer busy beside (GIL)"
+    return [
+        figure(
+            "reply while another process holds the file",
+            held_s * 1000,
+            "ms",
+            baseline=free_s * 1000,
+            goal="no stall (ratio ~1)",
+            ok=stall < 0.05,
+            note=f"{deltas} deltas; file held {hold_s:g} s; baseline: the same reply, file "
+            f"free; stall {stall * 1000:.1f} ms",
+        ),
+        figure(
+            "same reply, each event written synchronously",
+            sync_s * 1000,
+            "ms",
+            baseline=free_s * 1000,
+            note="the loop before StoreSink (Session._store_write): it waits for the file",
+        ),
+        figure(
+            "end-of-turn barrier, file held",
+            barrier_s * 1000,
+            "ms",
+            note=f"flush() waits for the holder (at most the lock timeout); held {hold_s:g} s",
+        ),
+        figure("handle() of a stored event, p50", _pct(handles, 0.5) * 1e6, "µs", note=busy),
+        figure("handle() of a stored event, p99", _pct(handles, 0.99) * 1e6, "µs", note=busy),
+        figure("one write on the writer thread, p50", _pct(writes, 0.5) * 1000, "ms"),
+        figure("one write on the writer thread, p99", _pct(writes, 0.99) * 1000, "ms"),
     ]
 
 
@@ -170,7 +339,7 @@ def queries(n: int = 7) -> list[dict[str, Any]]:
 
 def run() -> list[dict[str, Any]]:
     """All store figures."""
-    return [*write_cost(), *queries()]
+    return [*write_cost(), *held_file(), *queries()]
 
 
 if __name__ == "__main__":

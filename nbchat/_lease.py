@@ -17,6 +17,12 @@ holds it only while it is being used:
   it has held the file for ``min_hold`` seconds (or sits idle), hands it over by
   detaching. Before attaching again it waits briefly until a waiter has taken the
   file, so busy processes take turns instead of one starving the others.
+* User SQL (``nbchat.sql()``) runs in a second instance of the same kind, attached
+  read-only and sandboxed: no file access beyond the store, no extension
+  downloads, configuration locked. DuckDB cannot turn file access back on in a
+  running instance, nor attach one file to two instances, so the file moves between
+  them (detach, attach: ~2-3 ms) when a user query follows a write; ``allow_files``
+  queries get a third instance with file access on.
 * Commits reach the operating system at once (``fsync_mode=NONE`` while attached, so
   a killed process loses nothing) and are flushed to disk by the checkpoint that
   detaching runs with ``fsync`` back on. ``sync_every_write`` flushes every commit.
@@ -36,7 +42,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from ._exceptions import StoreError
 
@@ -45,7 +51,34 @@ try:  # POSIX only; see the module docstring for what Windows does instead.
 except ImportError:  # pragma: no cover - exercised on Windows only
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["Lease", "LeaseOptions", "acquire_lease", "default_lock_timeout", "release_lease"]
+__all__ = [
+    "Access",
+    "Lease",
+    "LeaseOptions",
+    "StoreLocked",
+    "acquire_lease",
+    "default_lock_timeout",
+    "release_lease",
+]
+
+# What a connection is for: nbchat's own statements ("write"), a user's query in the
+# sandbox ("sandbox"), or a user's query allowed to read files ("files").
+Access = Literal["write", "sandbox", "files"]
+# No instance ever downloads or loads an extension on its own: opening a SQLite file
+# as the store made DuckDB fetch sqlite_scanner from the network.
+_NO_EXTENSIONS = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
+
+
+class StoreLocked(StoreError):
+    """Another process held the store file for the whole wait: worth retrying later.
+
+    ``holder`` names that process when DuckDB said which one (" (PID 1234)"), else "".
+    """
+
+    def __init__(self, message: str, holder: str = "") -> None:
+        super().__init__(message)
+        self.holder = holder
+
 
 _FIRST_DELAY = 0.001
 # Probing is ~10 µs, so a waiter can look often; a real DuckDB open that fails
@@ -94,7 +127,7 @@ def _is_lock_conflict(exc: BaseException) -> bool:
 
 def _open_error(path: str, exc: BaseException) -> StoreError:
     text = str(exc)
-    if "not a valid DuckDB database" in text:
+    if "not a valid DuckDB database" in text or "Extension" in text:
         return StoreError(
             f"The file {path} is not a DuckDB database (or is damaged); "
             "move it away or choose another db= path."
@@ -197,8 +230,11 @@ class Lease(ABC):
     refs: int = 0
 
     @abstractmethod
-    def connection(self, timeout: float) -> AbstractContextManager[Any]:
-        """The open connection, for one operation; waits up to ``timeout`` s for the file."""
+    def connection(self, timeout: float, access: Access = "write") -> AbstractContextManager[Any]:
+        """The open connection, for one operation; waits up to ``timeout`` s for the file.
+
+        ``access`` other than "write" gives a read-only connection for user SQL.
+        """
 
     @abstractmethod
     def shutdown(self) -> None:
@@ -217,16 +253,25 @@ class MemoryLease(Lease):
 
         self.path = ":memory:"
         self._lock = threading.RLock()
-        self._con: Any = _duckdb().connect(":memory:")
+        self._con: Any = _duckdb().connect(":memory:", config=_NO_EXTENSIONS)
         self._con.execute("SET TimeZone = 'UTC'")
         migrate(self._con)
+        # A private database has no second instance to move to: it is sandboxed for
+        # good, nbchat's own statements need no files.
+        self._con.execute("SET enable_external_access = false")
+        self._con.execute("SET lock_configuration = true")
 
     @contextmanager
-    def connection(self, timeout: float) -> Iterator[Any]:
+    def connection(self, timeout: float, access: Access = "write") -> Iterator[Any]:
         duckdb = _duckdb()
         with self._lock:
             if self._con is None:
                 raise StoreError("This in-memory store is closed.")
+            if access == "files":
+                raise StoreError(
+                    "allow_files=True needs a store file: queries on an in-memory store "
+                    "cannot read files."
+                )
             try:
                 yield self._con
             except duckdb.Error as exc:
@@ -247,8 +292,10 @@ class FileLease(Lease):
         self.options = options
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
-        self._instance: Any = None  # the private in-memory DuckDB connection
+        # One private in-memory DuckDB instance per kind of access, made on first use.
+        self._instances: dict[Access, Any] = {}
         self._attached = False
+        self._attached_to: Access = "write"  # the instance the file is attached to
         self._migrated = False
         self._opened_at = 0.0
         self._last_used = 0.0
@@ -261,16 +308,28 @@ class FileLease(Lease):
     # -------------------------------------------------------------- using
 
     @contextmanager
-    def connection(self, timeout: float) -> Iterator[Any]:
+    def connection(self, timeout: float, access: Access = "write") -> Iterator[Any]:
         duckdb = _duckdb()
         with self._lock:
+            if self._attached and self._attached_to != access:
+                self._detach(handover=False)  # one file, one instance at a time
             if not self._attached:
-                self._attach(timeout)
+                if access != "write" and not self._migrated:
+                    self._attach(timeout, "write")
+                    self._detach(handover=False)
+                self._attach(timeout, access)
             try:
-                yield self._instance
+                yield self._instances[access]
             except duckdb.Error as exc:
                 if isinstance(exc, duckdb.FatalException) or "invalidated" in str(exc):
                     self._discard_instance()  # unusable now; a new one is made next time
+                if access == "write" and isinstance(
+                    exc, duckdb.BinderException | duckdb.CatalogException
+                ):  # nbchat's own statements: the schema differs, not a typo
+                    raise StoreError(
+                        f"The store {self.path} does not have the tables and columns this "
+                        f"nbchat expects (changed by another program?): {exc}"
+                    ) from exc
                 raise StoreError(f"Store {self.path}: {exc}") from exc
             finally:
                 now = time.monotonic()
@@ -295,24 +354,29 @@ class FileLease(Lease):
         with self._lock:
             self._detach(handover=False)
             self._signal.close()
-            instance, self._instance = self._instance, None
-            if instance is not None:
+            instances, self._instances = self._instances, {}
+            for instance in instances.values():
                 instance.close()
 
     # -------------------------------------------------------------- attaching
 
-    def _new_instance(self) -> Any:
+    def _new_instance(self, access: Access) -> Any:
         duckdb = _duckdb()
-        config = {} if self.options.sync_every_write else {"fsync_mode": "NONE"}
+        config: dict[str, Any] = dict(_NO_EXTENSIONS)
+        if access == "write" and not self.options.sync_every_write:
+            config["fsync_mode"] = "NONE"
         instance = duckdb.connect(":memory:", config=config)
         instance.execute("SET TimeZone = 'UTC'")
         return instance
 
-    def _attach(self, timeout: float) -> None:
+    def _attach(self, timeout: float, access: Access = "write") -> None:
         duckdb = _duckdb()
-        if self._instance is None:
-            self._instance = self._new_instance()
-        instance = self._instance
+        fresh = access not in self._instances
+        if fresh:
+            self._instances[access] = self._new_instance(access)
+        instance = self._instances[access]
+        # TYPE duckdb: a file of another kind (SQLite...) is refused, not handed to an extension.
+        options = "TYPE duckdb" if access == "write" else "TYPE duckdb, READ_ONLY"
         started = time.monotonic()
         deadline = started + timeout
         self._let_taker_in(deadline)
@@ -323,7 +387,7 @@ class FileLease(Lease):
             while True:
                 if not waiting or _file_is_free(self.path):
                     try:
-                        instance.execute(f"ATTACH ? AS {_ALIAS}", [self.path])
+                        instance.execute(f"ATTACH ? AS {_ALIAS} ({options})", [self.path])
                         break
                     except duckdb.Error as exc:
                         if not _is_lock_conflict(exc):
@@ -335,9 +399,10 @@ class FileLease(Lease):
                             self._signal.begin_waiting()
                 now = time.monotonic()
                 if now >= deadline:
-                    raise StoreError(
+                    raise StoreLocked(
                         f"The store {self.path} stayed locked by another process{holder} "
-                        f"for {timeout:g} s; close that kernel's sessions or raise lock_timeout."
+                        f"for {timeout:g} s; close that kernel's sessions or raise lock_timeout.",
+                        holder,
                     )
                 time.sleep(min(delay * random.uniform(0.5, 1.5), deadline - now))
                 delay = min(delay * 2, _MAX_DELAY)
@@ -346,16 +411,24 @@ class FileLease(Lease):
                 self._signal.end_waiting()
                 self._counters["wait_s"] += time.monotonic() - started
         self._attached = True
+        self._attached_to = access
         try:
             instance.execute(f"USE {_ALIAS}")
-            if not self._migrated:
-                from ._migrations import migrate
+            if access == "write":
+                from ._migrations import check_not_newer, migrate
 
-                migrate(instance)
-                self._migrated = True
-        except duckdb.Error as exc:
+                if not self._migrated:
+                    migrate(instance)
+                    self._migrated = True
+                else:  # while we did not hold the file, a newer nbchat may have migrated it
+                    check_not_newer(instance)
+            if fresh and access != "write":
+                _sandbox(instance, self.path, files=access == "files")
+        except (duckdb.Error, StoreError) as exc:
             self._detach(handover=False)
-            raise StoreError(f"Cannot prepare the store {self.path}: {exc}") from exc
+            if access != "write":
+                self._forget(access)  # never reuse a half-sandboxed instance
+            raise StoreError(f"Cannot open the store {self.path}: {exc}") from exc
         self._opened_at = self._last_used = time.monotonic()
         self._counters["opens"] += 1
         self._start_closer()
@@ -378,14 +451,15 @@ class FileLease(Lease):
         if not self._attached:
             return
         self._attached = False
-        instance = self._instance
+        instance = self._instances[self._attached_to]
+        writer = self._attached_to == "write"
         try:
             instance.execute("USE memory")
-            if not self.options.sync_every_write:
+            if writer and not self.options.sync_every_write:
                 # Detaching checkpoints; with fsync on, that flushes the file and its WAL.
                 instance.execute("SET fsync_mode = 'STANDARD'")
             instance.execute(f"DETACH {_ALIAS}")
-            if not self.options.sync_every_write:
+            if writer and not self.options.sync_every_write:
                 instance.execute("SET fsync_mode = 'NONE'")
         except _duckdb().Error:
             # The file may still be attached: drop the whole instance to be sure the
@@ -399,7 +473,10 @@ class FileLease(Lease):
 
     def _discard_instance(self) -> None:
         self._attached = False
-        instance, self._instance = self._instance, None
+        self._forget(self._attached_to)
+
+    def _forget(self, access: Access) -> None:
+        instance = self._instances.pop(access, None)
         if instance is not None:
             try:
                 instance.close()
@@ -437,15 +514,29 @@ class FileLease(Lease):
 
     def after_fork(self) -> None:
         """In a forked child: forget the parent's instance without touching the file."""
-        if self._instance is not None:
-            # Dropping it would run its destructor, which checkpoints into the parent's file.
-            self._inherited.append(self._instance)
-        self._instance = None
+        # Dropping them would run their destructors, which checkpoint into the parent's file.
+        self._inherited.extend(self._instances.values())
+        self._instances = {}
         self._attached = False
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self._closer_running = False
         self._signal = _WaitSignal(self.path)
+
+
+def _sandbox(instance: Any, path: str, *, files: bool) -> None:
+    """Lock a fresh user-SQL instance down, once the store file is attached to it.
+
+    Turning file access off keeps the files attached at that moment allowed (the
+    store and its WAL), so the instance can detach and re-attach the store later.
+    Spilling goes to a folder beside the store, the one other place it may write.
+    """
+    if not files:
+        spill = (path + ".nbchat-tmp").replace("'", "''")
+        instance.execute(f"SET temp_directory = '{spill}'")
+        instance.execute(f"SET allowed_directories = ['{spill}{os.sep}']")
+        instance.execute("SET enable_external_access = false")
+    instance.execute("SET lock_configuration = true")
 
 
 def _holder(message: str) -> str:

@@ -1,56 +1,77 @@
-"""The DuckDB store: one consumer of the session's event stream, shared by many kernels.
+"""The DuckDB store: sessions, the rows of the event stream, and the reads, in one file
+shared by many kernels.
 
-``Store.handle()`` turns each event that completes something (a message, a request,
-a tool call, a compaction, a turn) into a row, committed before it returns; stream
-deltas are ignored. How the file is shared with other processes — held only while
-in use, handed over to waiting processes — lives in ``_lease.py``.
+``Store.write()`` writes the rows of each event that completes something (a message, a
+request, a tool call, a compaction, a turn), committed before it returns; stream deltas
+are ignored. It tells the two ways a write fails apart: ``StoreLocked`` (another process
+holds the file: retry) and ``UnstorableRow`` (DuckDB refuses the values: a retry can
+never succeed). Which event becomes which row, and the queue that feeds ``write()`` from
+a background thread, live in ``_sink.py``; how the file is shared, in ``_lease.py``.
+
+Events a process could not write before it exited are kept in a recovery file beside
+the store (``<db>.nbchat-recovery-<pid>.jsonl``), which the next ``Store.open`` writes.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from functools import lru_cache
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from ._config import default_db_path
 from ._exceptions import StoreError
-from ._lease import Lease, LeaseOptions, acquire_lease, default_lock_timeout, release_lease
+from ._lease import (
+    Access,
+    Lease,
+    LeaseOptions,
+    StoreLocked,
+    acquire_lease,
+    default_lock_timeout,
+    release_lease,
+)
+from ._sink import (
+    INSERT_MESSAGE,
+    STORED_KINDS,
+    UnstorableRow,
+    first_line,
+    message_params,
+    parsed,
+    utc,
+    write_event,
+)
 from ._types import (
-    CompactionEvent,
     Event,
+    EventAdapter,
     Message,
-    MessageAdded,
-    MessagesMarked,
-    RequestUsage,
     ToolCall,
     ToolCallsAdapter,
-    ToolResult,
-    TurnFinished,
-    TurnStarted,
-    UsageEvent,
     utcnow,
 )
 
-__all__ = ["QueryResult", "Store", "StoredSession"]
+__all__ = [
+    "STORED_KINDS",
+    "QueryResult",
+    "Store",
+    "StoreLocked",
+    "StoredSession",
+    "UnstorableRow",
+]
+
+_RECOVERY = ".nbchat-recovery-"
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Columns of `sessions` a caller may change after creation.
 _SESSION_FIELDS = frozenset(
     {"title", "model", "system_prompt", "parent_id", "notebook", "metadata"}
 )
-
-
-def _utc(value: datetime) -> datetime:
-    """``value`` as an aware UTC datetime (a naive one is taken to be UTC already)."""
-    if value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value.astimezone(UTC)
 
 
 def _from_epoch_us(value: int | None) -> datetime | None:
@@ -120,6 +141,8 @@ class Store:
         self._lease: Lease | None = lease
         self._lock_timeout = lock_timeout
         self.path = lease.path
+        # What the last open wrote from recovery files (also a UserWarning), or None.
+        self.recovered: str | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -152,7 +175,14 @@ class Store:
         options = LeaseOptions(linger=linger, min_hold=min_hold, sync_every_write=sync_every_write)
         timeout = default_lock_timeout() if lock_timeout is None else float(lock_timeout)
         lease = acquire_lease(raw, options, timeout)
-        return cls(lease, lock_timeout=timeout)
+        store = cls(lease, lock_timeout=timeout)
+        if lease.path != ":memory:" and glob.glob(glob.escape(lease.path) + _RECOVERY + "*"):
+            try:
+                store._import_recovery()
+            except BaseException:
+                store.close()
+                raise
+        return store
 
     def close(self) -> None:
         """Release this handle; the file is closed when no other handle in the process uses it."""
@@ -174,34 +204,19 @@ class Store:
     def __repr__(self) -> str:
         return f"Store({self.path!r}{', closed' if self.closed else ''})"
 
-    def _connection(self) -> Any:
+    @property
+    def lock_timeout(self) -> float:
+        """Seconds an operation waits for another process holding the file."""
+        return self._lock_timeout
+
+    def _connection(self, timeout: float | None = None) -> Any:
         if self._lease is None:
             raise StoreError(f"The store {self.path} is closed.")
-        return self._lease.connection(self._lock_timeout)
+        return self._lease.connection(self._lock_timeout if timeout is None else timeout)
 
     def _execute(self, sql: str, params: Sequence[Any] = ()) -> None:
         with self._connection() as con:
-            con.execute(_parsed(sql), list(params))
-
-    def _insert(
-        self, table: str, columns: Sequence[str], values: Sequence[Any], *, keep: bool = False
-    ) -> None:
-        """Insert one row; a row with the same id is replaced (a replayed event), or kept.
-
-        A plain INSERT is about three times cheaper in DuckDB than an upsert, so the
-        upsert runs only when the plain insert meets an existing id.
-        """
-        names = ", ".join(columns)
-        marks = ", ".join("?" * len(columns))
-        # Table and column names are fixed strings of this module, never user text.
-        with self._connection() as con:
-            try:
-                con.execute(
-                    _parsed(f"INSERT INTO {table} ({names}) VALUES ({marks})"), list(values)
-                )
-            except _duckdb().ConstraintException:
-                verb = "INSERT OR IGNORE" if keep else "INSERT OR REPLACE"
-                con.execute(f"{verb} INTO {table} ({names}) VALUES ({marks})", list(values))
+            con.execute(parsed(sql), list(params))
 
     def _fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         with self._connection() as con:
@@ -227,7 +242,7 @@ class Store:
         row = [
             session_id,
             title,
-            _utc(created_at or utcnow()),
+            utc(created_at or utcnow()),
             model,
             system_prompt,
             parent_id,
@@ -243,7 +258,7 @@ class Store:
                     row,
                 )
                 for message in messages:
-                    con.execute(_INSERT_MESSAGE, _message_params(session_id, message))
+                    con.execute(INSERT_MESSAGE, message_params(session_id, message))
                 con.execute("COMMIT")
             except _duckdb().ConstraintException as exc:
                 con.execute("ROLLBACK")
@@ -321,135 +336,88 @@ class Store:
 
         The row is written (and committed) before this returns.
         """
-        writer = _WRITERS.get(event.kind)
-        if writer is not None:
-            writer(self, event)
+        self.write(event)
 
-    def _on_message(self, event: MessageAdded) -> None:
-        self._insert("messages", _MESSAGE_COLUMNS, _message_params(event.session_id, event.message))
+    def write(self, event: Event, *, timeout: float | None = None) -> None:
+        """Write one event's rows now, waiting up to ``timeout`` s (default ``lock_timeout``).
 
-    def _on_marked(self, event: MessagesMarked) -> None:
-        if event.message_ids:
-            self._execute(
-                "UPDATE messages SET state = ? WHERE list_contains(?, id)",
-                [event.state, list(event.message_ids)],
-            )
+        Raises ``StoreLocked`` if another process held the file all along (retry later),
+        ``UnstorableRow`` if DuckDB refuses the values (never retry), ``StoreError``
+        otherwise (the disk, a closed store: possibly worth a retry).
+        """
+        if event.kind not in STORED_KINDS:
+            return
+        with self._connection(timeout) as con:
+            write_event(con, event)
 
-    def _on_usage(self, event: UsageEvent) -> None:
-        usage = event.usage or RequestUsage()
-        self._insert(
-            "requests",
-            _REQUEST_COLUMNS,
-            [
-                event.request_id,
-                event.session_id,
-                event.turn_id or None,
-                event.round,
-                event.model,
-                event.provider,
-                usage.prompt_tokens,
-                usage.completion_tokens,
-                usage.cached_tokens,
-                usage.reasoning_tokens,
-                event.cost_usd,
-                event.ttft_ms,
-                event.duration_ms,
-                event.finish_reason,
-                event.error,
-                event.purpose,
-                utcnow(),
-            ],
-        )
+    def end_unfinished_turns(
+        self, session_id: str, *, status: str, error: str, keep: str | None = None
+    ) -> int:
+        """Close the session's turns still running (or never given a status); returns how many.
 
-    def _on_tool_result(self, event: ToolResult) -> None:
-        call = event.call
-        turn_id = call.turn_id or event.turn_id or None
-        # The model's call id is not unique across sessions (fakes and some servers
-        # reuse "call_0"), so the row key adds the session and turn to it.
-        self._insert(
-            "tool_calls",
-            _TOOL_CALL_COLUMNS,
-            [
-                f"{event.session_id}:{turn_id or ''}:{call.call_id}",
-                event.session_id,
-                turn_id,
-                call.round,
-                call.call_id,
-                call.name,
-                call.arguments,
-                call.result,
-                call.is_error,
-                call.error_kind,
-                call.duration_ms,
-                utcnow(),
-            ],
-        )
-
-    def _on_compaction(self, event: CompactionEvent) -> None:
-        self._insert(
-            "compactions",
-            _COMPACTION_COLUMNS,
-            [
-                event.compaction_id,
-                event.session_id,
-                event.turn_id or None,
-                event.strategy,
-                event.from_seq,
-                event.to_seq,
-                event.summary,
-                event.tokens_before,
-                event.tokens_after,
-                event.model,
-                event.cost_usd,
-                event.error,
-                utcnow(),
-            ],
-        )
-
-    def _on_turn_started(self, event: TurnStarted) -> None:
-        self._insert(
-            "turns",
-            ("id", "session_id", "cell_id", "user_text", "started_at"),
-            [event.turn_id, event.session_id, event.cell_id, event.text, utcnow()],
-            keep=True,  # resume() continues a stored turn under the same id
-        )
-
-    def _on_turn_finished(self, event: TurnFinished) -> None:
-        result = event.result
-        now = utcnow()
-        turn_id = result.turn_id or event.turn_id
-        outcome = [
-            result.status,
-            result.rounds,
-            result.usage.requests,
-            result.usage.prompt_tokens,
-            result.usage.completion_tokens,
-            result.usage.cost_usd,
-            result.error,
-            result.duration_ms,
-            now,
-        ]
+        For turns whose process is gone (a reopened session) or that ``abort_pending()``
+        resolves; ``keep`` is a turn id to leave alone (the one running now).
+        """
         with self._connection() as con:
-            updated = con.execute(
-                _parsed(
-                    "UPDATE turns SET status = ?, rounds = ?, requests = ?, prompt_tokens = ?,"
-                    " completion_tokens = ?, cost_usd = ?, error = ?, duration_ms = ?,"
-                    " finished_at = ? WHERE id = ?"
-                ),
-                [*outcome, turn_id],
+            row = con.execute(
+                "UPDATE turns SET status = ?, error = coalesce(error, ?),"
+                " finished_at = coalesce(finished_at, ?)"
+                " WHERE session_id = ? AND (status IS NULL OR status = 'running')"
+                " AND (? IS NULL OR id <> ?)",
+                [status, error, utcnow(), session_id, keep, keep],
             ).fetchone()
-            if not updated or not updated[0]:
-                # The start of this turn was never stored (an older loop, a replay).
-                con.execute(
-                    f"INSERT INTO turns ({', '.join(_TURN_COLUMNS)}) VALUES"
-                    f" ({', '.join('?' * len(_TURN_COLUMNS))})",
-                    [
-                        turn_id,
-                        result.session_id or event.session_id,
-                        *outcome,
-                        now - timedelta(milliseconds=result.duration_ms),
-                    ],
-                )
+        return int(row[0]) if row else 0
+
+    # ------------------------------------------------------------------ recovery
+
+    def save_recovery(self, events: Iterable[Event]) -> str:
+        """Keep events this process could not write in a file the next ``open`` writes.
+
+        Returns the file's path; raises ``OSError`` if it cannot be written.
+        """
+        path = f"{self.path}{_RECOVERY}{os.getpid()}.jsonl"
+        partial = path + ".partial"  # renamed when complete: never imported half-written
+        with open(partial, "wb") as out:
+            for event in events:
+                out.write(EventAdapter.dump_json(event) + b"\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(partial, path)
+        return path
+
+    def _import_recovery(self) -> None:
+        """Write the events of recovery files left beside this store, then delete them.
+
+        The file stays held for the whole import, so two processes opening the store
+        together do not both import a file; a replay (killed mid-import) is harmless,
+        every row is written by id.
+        """
+        stored = skipped = 0
+        names: list[str] = []
+        with self._connection() as con:
+            for name in sorted(glob.glob(glob.escape(self.path) + _RECOVERY + "*.jsonl")):
+                try:
+                    with open(name, "rb") as source:
+                        lines = source.read().splitlines()
+                except FileNotFoundError:
+                    continue  # another process imported it a moment ago
+                for line in lines:
+                    try:
+                        event = EventAdapter.validate_json(line)
+                        write_event(con, event)
+                        stored += 1
+                    except (ValueError, UnstorableRow):
+                        skipped += 1
+                with suppress(OSError):  # a read-only folder: imported again next time, harmless
+                    os.remove(name)
+                names.append(os.path.basename(name))
+        if names:
+            lost = f"; {skipped} could not be stored" if skipped else ""
+            self.recovered = (
+                f"nbchat stored {stored} events that a process exiting while {self.path} "
+                f"was locked had kept in {', '.join(names)}{lost}."
+            )
+            warnings.warn(self.recovered, UserWarning, stacklevel=3)
 
     # ------------------------------------------------------------------ reading
 
@@ -460,18 +428,33 @@ class Store:
             return _result(cursor)
 
     def query_read_only(
-        self, sql: str, params: Sequence[Any] | Mapping[str, Any] | None = None
+        self,
+        sql: str,
+        params: Sequence[Any] | Mapping[str, Any] | None = None,
+        *,
+        allow_files: bool = False,
     ) -> QueryResult:
-        """Run one user query inside a read-only transaction that is always rolled back.
+        """Run one user query, sandboxed, on the store opened read-only.
 
+        The query cannot change the store, read or write other files (``read_csv``,
+        ``glob``...) or load extensions; ``allow_files=True`` lets it read files.
         ``params`` is a sequence for ``?`` placeholders or a mapping for ``$name`` ones.
         """
+        if self._lease is None:
+            raise StoreError(f"The store {self.path} is closed.")
         bound = dict(params) if isinstance(params, Mapping) else list(params or [])
-        with self._connection() as con:
+        access: Access = "files" if allow_files else "sandbox"
+        duckdb = _duckdb()
+        with self._lease.connection(self._lock_timeout, access) as con:
             con.execute("BEGIN TRANSACTION READ ONLY")
             try:
                 cursor = con.execute(sql, bound)
                 return _result(cursor)
+            except duckdb.PermissionException as exc:
+                raise StoreError(
+                    f"The query may not read files: {first_line(exc)}. Queries on the store "
+                    "run sandboxed; pass allow_files=True to let one read files."
+                ) from exc
             finally:
                 con.execute("ROLLBACK")
 
@@ -496,63 +479,6 @@ def _duckdb() -> Any:
     return duckdb
 
 
-@lru_cache(maxsize=64)
-def _parsed(sql: str) -> Any:
-    """``sql`` parsed once: DuckDB's parser is a large part of a one-row INSERT's cost
-    (~30%), and a parsed statement can be executed again and again."""
-    return _duckdb().extract_statements(sql)[0]
-
-
-# Column lists in the order the writers pass values.
-_MESSAGE_COLUMNS = (
-    "id", "session_id", "seq", "role", "content", "name", "tool_calls", "tool_call_id",
-    "turn_id", "round", "cell_id", "status", "state", "created_at",
-)  # fmt: skip
-_REQUEST_COLUMNS = (
-    "id", "session_id", "turn_id", "round", "model", "provider", "prompt_tokens",
-    "completion_tokens", "cached_tokens", "reasoning_tokens", "cost_usd", "ttft_ms",
-    "duration_ms", "finish_reason", "error", "purpose", "created_at",
-)  # fmt: skip
-_TOOL_CALL_COLUMNS = (
-    "id", "session_id", "turn_id", "round", "call_id", "name", "arguments", "result",
-    "is_error", "error_kind", "duration_ms", "created_at",
-)  # fmt: skip
-_COMPACTION_COLUMNS = (
-    "id", "session_id", "turn_id", "strategy", "from_seq", "to_seq", "summary",
-    "tokens_before", "tokens_after", "model", "cost_usd", "error", "created_at",
-)  # fmt: skip
-_TURN_COLUMNS = (
-    "id", "session_id", "status", "rounds", "requests", "prompt_tokens", "completion_tokens",
-    "cost_usd", "error", "duration_ms", "finished_at", "started_at",
-)  # fmt: skip
-_INSERT_MESSAGE = (
-    f"INSERT OR REPLACE INTO messages ({', '.join(_MESSAGE_COLUMNS)})"
-    f" VALUES ({', '.join('?' * len(_MESSAGE_COLUMNS))})"
-)
-
-
-def _message_params(session_id: str, message: Message) -> list[Any]:
-    tool_calls = (
-        ToolCallsAdapter.dump_json(message.tool_calls).decode() if message.tool_calls else None
-    )
-    return [
-        message.id,
-        session_id,
-        message.seq,
-        message.role,
-        message.content,
-        message.name,
-        tool_calls,
-        message.tool_call_id,
-        message.turn_id,
-        message.round,
-        message.cell_id,
-        message.status,
-        message.state,
-        _utc(message.created_at),
-    ]
-
-
 def _message_from_row(row: tuple[Any, ...]) -> Message:
     (role, content, name, tool_calls, tool_call_id, mid, seq, turn_id, rnd, cell_id, status,
      state, created_us) = row  # fmt: skip
@@ -571,14 +497,3 @@ def _message_from_row(row: tuple[Any, ...]) -> Message:
         state=state,
         created_at=_from_epoch_us(created_us),
     )
-
-
-_WRITERS: dict[str, Callable[[Store, Any], None]] = {
-    "message": Store._on_message,
-    "messages_marked": Store._on_marked,
-    "usage": Store._on_usage,
-    "tool_result": Store._on_tool_result,
-    "compaction": Store._on_compaction,
-    "turn_started": Store._on_turn_started,
-    "turn_finished": Store._on_turn_finished,
-}

@@ -228,6 +228,7 @@ class ToolCallRecord(_Model):
     duration_ms: float = 0.0
     turn_id: str | None = None
     round: int | None = None
+    id: str = Field(default_factory=new_id)  # the stored row's key: call ids get reused
 
     @property
     def parsed_arguments(self) -> Any:

@@ -31,6 +31,7 @@ from nbchat._types import (
     TurnStarted,
     Usage,
     UsageEvent,
+    new_id,
 )
 
 TZ = "TIMESTAMP WITH TIME ZONE"
@@ -439,10 +440,9 @@ def test_tool_result_becomes_a_tool_call_row(store: Store) -> None:
         round=0,
     )
     store.handle(ToolResult(session_id="s1", turn_id="t1", call=record))
-    # The same call id in another session is a different row.
-    store.handle(
-        ToolResult(session_id="s2", turn_id="t7", call=record.model_copy(update={"turn_id": "t7"}))
-    )
+    # The same call id in another session is a different row (another record).
+    other = record.model_copy(update={"turn_id": "t7", "id": new_id()})
+    store.handle(ToolResult(session_id="s2", turn_id="t7", call=other))
     got = rows(
         store,
         "SELECT session_id, turn_id, round, call_id, name, arguments, result, is_error,"
@@ -474,6 +474,16 @@ def test_tool_result_becomes_a_tool_call_row(store: Store) -> None:
             3.5,
         ),
     ]
+
+
+def test_a_reused_call_id_never_overwrites_another_row(store: Store) -> None:
+    # Some servers number calls per round ("call_0" again in round 1) or repeat ids.
+    first = ToolCallRecord(call_id="call_0", name="a", arguments="{}", result="1", turn_id="t")
+    second = ToolCallRecord(call_id="call_0", name="b", arguments="{}", result="2", turn_id="t")
+    for record in (first, second, first):  # the last one is a replay of the first
+        store.handle(ToolResult(session_id="s", turn_id="t", call=record))
+    got = rows(store, "SELECT id, name, result FROM tool_calls ORDER BY name")
+    assert got == [(first.id, "a", "1"), (second.id, "b", "2")]
 
 
 def test_compactions_and_failed_attempts_are_recorded(store: Store) -> None:
@@ -534,7 +544,7 @@ def turn_result(**kw: Any) -> TurnResult:
 def test_turn_rows_follow_started_and_finished(store: Store) -> None:
     store.handle(TurnStarted(session_id="s1", turn_id="t1", text="plot it", cell_id="c7"))
     got = rows(store, "SELECT id, cell_id, user_text, status, finished_at FROM turns")
-    assert got == [("t1", "c7", "plot it", None, None)]
+    assert got == [("t1", "c7", "plot it", "running", None)]
 
     store.handle(TurnFinished(session_id="s1", turn_id="t1", result=turn_result()))
     got = rows(

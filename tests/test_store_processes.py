@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -281,3 +283,104 @@ def test_two_writers_and_a_reader_share_one_file(db_path: Path, tmp_path: Path) 
     print(  # shown with -s: how the file was shared
         json.dumps({"writers": results, "reader": read}, indent=1)
     )
+
+
+# --------------------------------------------------------------------------- random kills
+
+SINK_CHILD = Path(__file__).parent / "helpers" / "sink_child.py"
+
+
+def run_until_killed(db_path: Path, session_id: str, first: int, rng: Any) -> dict[str, Any]:
+    """One child runs turns through a StoreSink until a SIGKILL at a random moment.
+
+    Half the kills land right after the barrier before tools (mid tool call).
+    """
+    proc = subprocess.Popen(
+        [sys.executable, str(SINK_CHILD), "turns", str(db_path), session_id, "1000", "0.05"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "FIRST_TURN": str(first)},
+    )
+    assert proc.stdout is not None
+    mid_tool = rng.random() < 0.5
+    target = rng.randint(1, 12)  # kill during or after this many turns
+    seen: dict[str, list[int]] = {"tools_running": [], "completed": []}
+    for line in proc.stdout:
+        record = json.loads(line)
+        assert "notice" not in record, record
+        for key, numbers in seen.items():
+            if key in record:
+                numbers.append(record[key])
+        if len(seen["tools_running"]) >= target and (mid_tool or rng.random() < 0.3):
+            if not mid_tool:
+                time.sleep(rng.uniform(0, 0.02))  # anywhere in the following events
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+    proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    return seen
+
+
+@pytest.mark.slow
+def test_random_sigkills_lose_no_completed_turn_and_duplicate_no_row(db_path: Path) -> None:
+    rng = random.Random(12)
+    Store.open(db_path).close()
+    sessions = ["left", "right"]  # two killed kernels at a time share the file
+    runs: dict[str, list[dict[str, list[int]]]] = {name: [] for name in sessions}
+    for round_number in range(8):
+        with ThreadPoolExecutor(len(sessions)) as pool:
+            futures = {
+                name: pool.submit(
+                    run_until_killed,
+                    db_path,
+                    name,
+                    1000 * round_number,
+                    random.Random(rng.random()),
+                )
+                for name in sessions
+            }
+            for name, future in futures.items():
+                runs[name].append(future.result())
+
+    with Store.open(db_path) as store:
+        messages = store._fetchall(
+            "SELECT session_id, turn_id, role, count(*) FROM messages GROUP BY ALL"
+        )
+        turns = dict(store._fetchall("SELECT id, status FROM turns"))
+        duplicated_seqs = store._fetchall(
+            "SELECT session_id, seq FROM messages GROUP BY ALL HAVING count(*) > 1"
+        )
+        tool_rows = dict(store._fetchall("SELECT turn_id, count(*) FROM tool_calls GROUP BY 1"))
+        request_rows = dict(store._fetchall("SELECT turn_id, count(*) FROM requests GROUP BY 1"))
+    per_turn: dict[str, dict[str, int]] = {}
+    for _session, turn_id, role, count in messages:
+        per_turn.setdefault(turn_id, {})[role] = count
+    attempted = completed = lost = 0
+    for name, session_runs in runs.items():
+        for seen in session_runs:
+            attempted += len(seen["tools_running"])
+            for number in seen["tools_running"]:
+                # Durable before the tools ran: the user message and the assistant's call.
+                stored = per_turn.get(f"{name}-t{number}", {})
+                assert stored.get("user") == 1 and stored.get("assistant", 0) >= 1, number
+            for number in seen["completed"]:
+                turn_id = f"{name}-t{number}"
+                completed += 1
+                whole = per_turn.get(turn_id) == {"user": 1, "assistant": 2, "tool": 1}
+                whole = whole and turns.get(turn_id) == "completed"
+                whole = whole and tool_rows.get(turn_id) == 1 and request_rows.get(turn_id) == 2
+                lost += not whole
+    assert duplicated_seqs == []
+    assert all(count == 1 for count in tool_rows.values())
+    assert all(count <= 2 for count in request_rows.values())
+    assert completed > 0 and lost == 0
+    unfinished = [t for t, status in turns.items() if status != "completed"]
+    assert all(turns[t] == "running" for t in unfinished)  # killed turns say so
+    print(  # shown with -s: the figures of the report
+        json.dumps(
+            {"kills": sum(len(r) for r in runs.values()), "turns_attempted": attempted,
+             "turns_completed": completed, "completed_turns_lost": lost,
+             "killed_mid_turn": len(unfinished)}
+        )
+    )  # fmt: skip

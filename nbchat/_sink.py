@@ -1,0 +1,585 @@
+"""The store as a consumer of the event stream: which events become which rows, a queue,
+and the writer thread that empties it.
+
+``write_event(con, event)`` is the one mapping of events to rows (``_WRITERS``: kind ->
+table and writer); ``STORED_KINDS`` derives from it. Values DuckDB can never take
+become ``UnstorableRow``.
+
+``StoreSink.handle(event)`` is on the per-token path, so it never touches the file:
+events the store keeps go on a queue, everything else (deltas, notices) costs one set
+lookup. One writer thread per sink writes the queue in order.
+
+* **Another process holds the file.** The writer retries the head of the queue with
+  short attempts (``ATTEMPT_S``) and bounded backoff, forever; later events wait
+  behind it, so order is kept. Once the head has waited ``patience`` seconds (the
+  store's lock timeout) the user is told once, "Not saved yet: ...", and once more
+  when the backlog is written.
+* **A row DuckDB can never take** (a value out of range, a broken constraint) is
+  skipped and reported, one message per row, so it cannot freeze the rows behind it.
+* **Barriers.** ``flush(timeout)`` waits until everything handed so far is written:
+  the session calls it before running tools and before ``send()`` returns. While the
+  store is known to be unavailable (the user has been told), it returns at once.
+* **Exit.** An ``atexit`` hook gives every sink up to ``EXIT_WAIT_S`` in all to drain,
+  then writes what is left to a recovery file beside the store, which the next
+  ``Store.open`` of that file writes; one line on stderr says so.
+
+What a SIGKILL can lose: the events handed to ``handle()`` and not yet written — in
+normal operation the writer is a write or two (a few ms) behind, and nothing is lost
+past a barrier that returned True; while the file is held by another process, the
+whole backlog since the "Not saved yet" message.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
+
+from ._exceptions import StoreError
+from ._lease import StoreLocked
+from ._types import (
+    CompactionEvent,
+    Event,
+    Message,
+    MessageAdded,
+    MessagesMarked,
+    RequestUsage,
+    ToolCallsAdapter,
+    ToolResult,
+    TurnFinished,
+    TurnStarted,
+    UsageEvent,
+    utcnow,
+)
+
+if TYPE_CHECKING:
+    from ._store import Store
+
+__all__ = ["ATTEMPT_S", "EXIT_WAIT_S", "STORED_KINDS", "StoreSink", "UnstorableRow", "write_event"]
+
+ATTEMPT_S = 0.5  # one attempt's wait for the file: short, so stopping is quick
+EXIT_WAIT_S = 5.0  # at interpreter exit, the longest wait for all sinks to drain
+_BACKOFF_FIRST = 0.05  # after an attempt that failed fast (not a lock wait)
+_BACKOFF_MAX = 1.0
+_IDLE_EXIT = 2.0  # an idle writer thread ends; the next stored event starts another
+
+_live: weakref.WeakSet[StoreSink] = weakref.WeakSet()
+
+
+class StoreSink:
+    """Writes a session's events to ``store`` on a background thread, in order.
+
+    ``notify(message)`` receives the user-facing messages (store unavailable, saved
+    again, a row skipped); it is called on the writer thread, or at exit on the main one.
+    ``patience`` is how long the writer tries before telling the user (default: the
+    store's lock timeout).
+    """
+
+    def __init__(
+        self, store: Store, *, notify: Callable[[str], None], patience: float | None = None
+    ) -> None:
+        self.store = store
+        self.patience = store.lock_timeout if patience is None else patience
+        self._notify = notify
+        self._cond = threading.Condition()
+        self._queue: deque[Event] = deque()
+        self._handed = 0  # events accepted by handle()
+        self._done = 0  # events written or skipped
+        self._outage = False  # the user was told the store is unavailable
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._own: Store | None = None  # a handle of our own, if the caller closed theirs
+        # The last writes' durations (s), for benchmarks.
+        self.write_seconds: deque[float] = deque(maxlen=10_000)
+        _live.add(self)
+
+    # ------------------------------------------------------------------ the loop's side
+
+    def handle(self, event: Event) -> None:
+        """Queue ``event`` if the store keeps it; never waits for the file."""
+        if event.kind not in STORED_KINDS:
+            return
+        with self._cond:
+            if self._stopping:
+                raise StoreError("This store sink is closed.")
+            self._queue.append(event)
+            self._handed += 1
+            if self._thread is None:
+                self._start_writer()
+            self._cond.notify_all()
+
+    def _start_writer(self) -> None:
+        # With the condition held. A daemon: the exit hook, not the interpreter, waits for it.
+        self._thread = threading.Thread(target=self._run, name="nbchat-store-writer", daemon=True)
+        self._thread.start()
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until every event handed so far is written (True) or ``timeout`` s pass.
+
+        Returns False at once while the store is known to be unavailable (the user was
+        told); unwritten events stay queued and keep being retried in the background.
+        """
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            target = self._handed
+            while self._done < target:
+                left = deadline - time.monotonic()
+                if self._outage or left <= 0:
+                    return False
+                self._cond.wait(left)
+            return True
+
+    @property
+    def pending(self) -> int:
+        """Events handed but not yet written."""
+        with self._cond:
+            return self._handed - self._done
+
+    @property
+    def unavailable(self) -> bool:
+        """Whether the store is known to be unavailable (the user was told)."""
+        return self._outage
+
+    def close(self, timeout: float = EXIT_WAIT_S) -> list[Event]:
+        """Flush up to ``timeout`` s, stop the writer; returns the events left unwritten."""
+        self.flush_quietly(timeout)
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join(ATTEMPT_S + 1.0)
+        with self._cond:
+            left = list(self._queue)
+            self._queue.clear()
+        own, self._own = self._own, None
+        if own is not None:
+            own.close()
+        _live.discard(self)
+        return left
+
+    def flush_quietly(self, timeout: float) -> bool:
+        """``flush`` that also waits through an outage (the exit path: last chance)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            target = self._handed
+            while self._done < target and (left := deadline - time.monotonic()) > 0:
+                self._cond.wait(left)
+            return self._done >= target
+
+    # ------------------------------------------------------------------ the writer
+
+    def _run(self) -> None:
+        backoff = _BACKOFF_FIRST
+        waiting_since: float | None = None  # when the head of the queue first failed
+        while True:
+            with self._cond:
+                if not self._queue and not self._stopping:
+                    self._cond.wait(_IDLE_EXIT)
+                if self._stopping or not self._queue:
+                    self._thread = None  # idle (or closed): handle() starts another
+                    return
+                event = self._queue[0]  # stays queued until written: order is kept
+                if self.store.closed and self.store.path == ":memory:":
+                    self._done += len(self._queue)  # nowhere left to write them
+                    self._queue.clear()
+                    self._cond.notify_all()
+                    continue
+            started = time.perf_counter()
+            attempt_began = time.monotonic()
+            try:
+                self._target().write(event, timeout=min(ATTEMPT_S, self.patience))
+            except UnstorableRow as exc:
+                self._say(
+                    f"Not saved: one {exc.table} row was skipped because it cannot be "
+                    f"stored ({exc.reason})."
+                )
+            except StoreError as exc:  # locked, or the disk, a closed store: retry
+                now = time.monotonic()
+                waiting_since = waiting_since or attempt_began
+                if not self._outage and now - waiting_since >= self.patience:
+                    self._declare_outage(exc)
+                failed_fast = not isinstance(exc, StoreLocked)
+                if failed_fast:
+                    with self._cond:
+                        if not self._stopping:
+                            self._cond.wait(backoff)
+                    backoff = min(backoff * 2, _BACKOFF_MAX)
+                continue
+            except Exception as exc:  # a bug, not the file: skip, or the queue freezes
+                self._say(
+                    f"Not saved: one event ({event.kind}) was skipped because writing it "
+                    f"failed ({type(exc).__name__}: {exc})."
+                )
+            self.write_seconds.append(time.perf_counter() - started)
+            backoff, waiting_since = _BACKOFF_FIRST, None
+            with self._cond:
+                self._queue.popleft()
+                self._done += 1
+                drained = not self._queue
+                recovered = drained and self._outage
+                if recovered:
+                    self._outage = False
+                self._cond.notify_all()
+            if recovered:
+                self._say(f"Saved now: the store {self.store.path} is free again.")
+
+    def _target(self) -> Store:
+        """The store to write to; a fresh handle if the caller closed theirs meanwhile."""
+        if not self.store.closed:
+            return self.store
+        if self._own is None:
+            self._own = type(self.store).open(self.store.path, lock_timeout=ATTEMPT_S)
+        return self._own
+
+    def _declare_outage(self, exc: StoreError) -> None:
+        with self._cond:
+            self._outage = True
+            self._cond.notify_all()  # barriers stop waiting
+        if isinstance(exc, StoreLocked):
+            why = (
+                f"another process{exc.holder} has held the store {self.store.path} "
+                f"for {self.patience:g} s"
+            )
+        else:
+            why = str(exc).rstrip(".")
+        self._say(
+            f"Not saved yet: {why}. The conversation goes on; it is kept in memory and "
+            "written once the store is free."
+        )
+
+    def _say(self, message: str) -> None:
+        try:
+            self._notify(message)
+        except Exception as exc:  # a broken callback must not stop the writer
+            print(f"nbchat: {message} (notify failed: {exc!r})", file=sys.stderr)
+
+
+def _after_fork_in_child() -> None:
+    # The writer threads did not follow us into the child; its own start on demand.
+    for sink in list(_live):
+        sink._cond = threading.Condition()
+        sink._thread = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+@atexit.register
+def _drain_at_exit() -> None:
+    """Give every sink a last chance to write; keep what is left in a recovery file."""
+    deadline = time.monotonic() + EXIT_WAIT_S
+    for sink in list(_live):
+        left = sink.close(max(0.0, deadline - time.monotonic()))
+        if not left or sink.store.path == ":memory:":
+            continue
+        try:
+            where = sink.store.save_recovery(left)
+        except OSError as exc:
+            print(
+                f"nbchat: the store {sink.store.path} was still locked at exit and the "
+                f"recovery file could not be written ({exc}); {len(left)} events are lost.",
+                file=sys.stderr,
+            )
+            continue
+        print(
+            f"nbchat: the store {sink.store.path} was still locked at exit; {len(left)} "
+            f"events were kept in {where} and will be stored when it is next opened.",
+            file=sys.stderr,
+        )
+
+
+# --------------------------------------------------------------------------- event -> rows
+
+
+class UnstorableRow(StoreError):
+    """DuckDB refused an event's values (out of range, wrong type, a constraint): retrying
+    cannot help, so the writer skips the row and says so."""
+
+    def __init__(self, table: str, reason: str) -> None:
+        super().__init__(f"A row of {table} cannot be stored: {reason}")
+        self.table = table
+        self.reason = reason
+
+
+def write_event(con: Any, event: Event) -> None:
+    """Write ``event``'s rows on the open connection (nothing for deltas and notices).
+
+    Raises ``UnstorableRow`` if DuckDB refuses the values; other DuckDB errors pass.
+    """
+    entry = _WRITERS.get(event.kind)
+    if entry is None:
+        return
+    table, writer = entry
+    duckdb = _duckdb()
+    try:
+        writer(con, event)
+    except (duckdb.DataError, duckdb.IntegrityError) as exc:
+        # Conversion (2**64 into BIGINT, NaN, bad JSON), out of range, a NOT NULL.
+        raise UnstorableRow(table, first_line(exc)) from exc
+    except (duckdb.BinderException, duckdb.CatalogException) as exc:
+        raise UnstorableRow(
+            table, f"the store's schema is not the one this nbchat expects ({first_line(exc)})"
+        ) from exc
+    except duckdb.InvalidInputException as exc:
+        # The Python value itself cannot be converted (an int past 128 bits, a lone surrogate).
+        raise UnstorableRow(table, first_line(exc)) from exc
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise UnstorableRow(table, f"{type(exc).__name__}: {exc}") from exc
+
+
+def _duckdb() -> Any:
+    import duckdb
+
+    return duckdb
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of a DuckDB error (its kind and message, without the query excerpt)."""
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def utc(value: datetime) -> datetime:
+    """``value`` as an aware UTC datetime (a naive one is taken to be UTC already)."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
+
+
+@lru_cache(maxsize=64)
+def parsed(sql: str) -> Any:
+    """``sql`` parsed once: DuckDB's parser is a large part of a one-row INSERT's cost
+    (~30%), and a parsed statement can be executed again and again."""
+    return _duckdb().extract_statements(sql)[0]
+
+
+def _insert(
+    con: Any, table: str, columns: Sequence[str], values: Sequence[Any], *, keep: bool = False
+) -> None:
+    """Insert one row; a row with the same id is replaced (a replayed event), or kept.
+
+    A plain INSERT is about three times cheaper in DuckDB than an upsert, so the
+    upsert runs only when the plain insert meets an existing id.
+    """
+    names = ", ".join(columns)
+    marks = ", ".join("?" * len(columns))
+    # Table and column names are fixed strings of this module, never user text.
+    try:
+        con.execute(parsed(f"INSERT INTO {table} ({names}) VALUES ({marks})"), list(values))
+    except _duckdb().ConstraintException:
+        verb = "INSERT OR IGNORE" if keep else "INSERT OR REPLACE"
+        con.execute(f"{verb} INTO {table} ({names}) VALUES ({marks})", list(values))
+
+
+# Column lists in the order the writers pass values.
+_MESSAGE_COLUMNS = (
+    "id", "session_id", "seq", "role", "content", "name", "tool_calls", "tool_call_id",
+    "turn_id", "round", "cell_id", "status", "state", "created_at",
+)  # fmt: skip
+_REQUEST_COLUMNS = (
+    "id", "session_id", "turn_id", "round", "model", "provider", "prompt_tokens",
+    "completion_tokens", "cached_tokens", "reasoning_tokens", "cost_usd", "ttft_ms",
+    "duration_ms", "finish_reason", "error", "purpose", "created_at",
+)  # fmt: skip
+_TOOL_CALL_COLUMNS = (
+    "id", "session_id", "turn_id", "round", "call_id", "name", "arguments", "result",
+    "is_error", "error_kind", "duration_ms", "created_at",
+)  # fmt: skip
+_COMPACTION_COLUMNS = (
+    "id", "session_id", "turn_id", "strategy", "from_seq", "to_seq", "summary",
+    "tokens_before", "tokens_after", "model", "cost_usd", "error", "created_at",
+)  # fmt: skip
+_TURN_COLUMNS = (
+    "id", "session_id", "status", "rounds", "requests", "prompt_tokens", "completion_tokens",
+    "cost_usd", "error", "duration_ms", "finished_at", "started_at",
+)  # fmt: skip
+INSERT_MESSAGE = (
+    f"INSERT OR REPLACE INTO messages ({', '.join(_MESSAGE_COLUMNS)})"
+    f" VALUES ({', '.join('?' * len(_MESSAGE_COLUMNS))})"
+)
+
+
+def message_params(session_id: str, message: Message) -> list[Any]:
+    tool_calls = (
+        ToolCallsAdapter.dump_json(message.tool_calls).decode() if message.tool_calls else None
+    )
+    return [
+        message.id,
+        session_id,
+        message.seq,
+        message.role,
+        message.content,
+        message.name,
+        tool_calls,
+        message.tool_call_id,
+        message.turn_id,
+        message.round,
+        message.cell_id,
+        message.status,
+        message.state,
+        utc(message.created_at),
+    ]
+
+
+# ------------------------------------------------------------------ writers
+# Each writes one event's rows on the open connection.
+
+
+def _write_message(con: Any, event: MessageAdded) -> None:
+    params = message_params(event.session_id, event.message)
+    _insert(con, "messages", _MESSAGE_COLUMNS, params)
+
+
+def _write_marked(con: Any, event: MessagesMarked) -> None:
+    if event.message_ids:
+        con.execute(
+            parsed("UPDATE messages SET state = ? WHERE list_contains(?, id)"),
+            [event.state, list(event.message_ids)],
+        )
+
+
+def _write_usage(con: Any, event: UsageEvent) -> None:
+    usage = event.usage or RequestUsage()
+    _insert(
+        con,
+        "requests",
+        _REQUEST_COLUMNS,
+        [
+            event.request_id,
+            event.session_id,
+            event.turn_id or None,
+            event.round,
+            event.model,
+            event.provider,
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            usage.cached_tokens,
+            usage.reasoning_tokens,
+            event.cost_usd,
+            event.ttft_ms,
+            event.duration_ms,
+            event.finish_reason,
+            event.error,
+            event.purpose,
+            utcnow(),
+        ],
+    )
+
+
+def _write_tool_result(con: Any, event: ToolResult) -> None:
+    call = event.call
+    turn_id = call.turn_id or event.turn_id or None
+    # The row is keyed by the record's own id: the model's call id is not unique
+    # (fakes and some servers reuse "call_0", even within one turn).
+    _insert(
+        con,
+        "tool_calls",
+        _TOOL_CALL_COLUMNS,
+        [
+            call.id,
+            event.session_id,
+            turn_id,
+            call.round,
+            call.call_id,
+            call.name,
+            call.arguments,
+            call.result,
+            call.is_error,
+            call.error_kind,
+            call.duration_ms,
+            utcnow(),
+        ],
+    )
+
+
+def _write_compaction(con: Any, event: CompactionEvent) -> None:
+    _insert(
+        con,
+        "compactions",
+        _COMPACTION_COLUMNS,
+        [
+            event.compaction_id,
+            event.session_id,
+            event.turn_id or None,
+            event.strategy,
+            event.from_seq,
+            event.to_seq,
+            event.summary,
+            event.tokens_before,
+            event.tokens_after,
+            event.model,
+            event.cost_usd,
+            event.error,
+            utcnow(),
+        ],
+    )
+
+
+def _write_turn_started(con: Any, event: TurnStarted) -> None:
+    _insert(
+        con,
+        "turns",
+        ("id", "session_id", "cell_id", "user_text", "status", "started_at"),
+        [event.turn_id, event.session_id, event.cell_id, event.text, "running", utcnow()],
+        keep=True,  # resume() continues a stored turn under the same id
+    )
+
+
+def _write_turn_finished(con: Any, event: TurnFinished) -> None:
+    result = event.result
+    now = utcnow()
+    turn_id = result.turn_id or event.turn_id
+    outcome = [
+        result.status,
+        result.rounds,
+        result.usage.requests,
+        result.usage.prompt_tokens,
+        result.usage.completion_tokens,
+        result.usage.cost_usd,
+        result.error,
+        result.duration_ms,
+        now,
+    ]
+    updated = con.execute(
+        parsed(
+            "UPDATE turns SET status = ?, rounds = ?, requests = ?, prompt_tokens = ?,"
+            " completion_tokens = ?, cost_usd = ?, error = ?, duration_ms = ?,"
+            " finished_at = ? WHERE id = ?"
+        ),
+        [*outcome, turn_id],
+    ).fetchone()
+    if not updated or not updated[0]:
+        # The start of this turn was never stored (an older loop, a replay).
+        con.execute(
+            f"INSERT INTO turns ({', '.join(_TURN_COLUMNS)}) VALUES"
+            f" ({', '.join('?' * len(_TURN_COLUMNS))})",
+            [
+                turn_id,
+                result.session_id or event.session_id,
+                *outcome,
+                now - timedelta(milliseconds=result.duration_ms),
+            ],
+        )
+
+
+# The one list of what is stored: event kind -> (table, writer). The sink derives the
+# kinds it queues from it; every other kind (deltas, notices) writes nothing.
+_WRITERS: dict[str, tuple[str, Callable[[Any, Any], None]]] = {
+    "message": ("messages", _write_message),
+    "messages_marked": ("messages", _write_marked),
+    "usage": ("requests", _write_usage),
+    "tool_result": ("tool_calls", _write_tool_result),
+    "compaction": ("compactions", _write_compaction),
+    "turn_started": ("turns", _write_turn_started),
+    "turn_finished": ("turns", _write_turn_finished),
+}
+STORED_KINDS: frozenset[str] = frozenset(_WRITERS)

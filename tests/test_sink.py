@@ -1,0 +1,362 @@
+"""The store sink: a writer thread, so a held store file never holds up the chat.
+
+Driven directly with the events a session emits and a real store file; a real child
+process holds the file with a plain DuckDB connection, as another program would.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nbchat._sink import _WRITERS, STORED_KINDS, StoreSink
+from nbchat._store import Store
+from nbchat._types import (
+    Message,
+    MessageAdded,
+    Notice,
+    RequestUsage,
+    TextDelta,
+    ToolCallDelta,
+    UsageEvent,
+)
+
+HELPERS = Path(__file__).parent / "helpers"
+
+
+def message(seq: int, session_id: str = "s", content: str | None = None) -> MessageAdded:
+    body = Message(role="user", content=content or f"message {seq}", seq=seq)
+    return MessageAdded(session_id=session_id, message=body)
+
+
+def contents(db: Path | Store, session_id: str = "s") -> list[str | None]:
+    if isinstance(db, Store):
+        return [m.content for m in db.load_session(session_id).messages]
+    with Store.open(db) as store:
+        return [m.content for m in store.load_session(session_id).messages]
+
+
+class Notes:
+    """A notify callback that remembers what it was told (from the writer thread)."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+        self._lock = threading.Lock()
+        self.changed = threading.Event()
+
+    def __call__(self, text: str) -> None:
+        with self._lock:
+            self.messages.append(text)
+        self.changed.set()
+
+    def wait_for(self, needle: str, timeout: float = 30) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                found = [m for m in self.messages if needle in m]
+            if found:
+                return found[0]
+            self.changed.wait(0.05)
+            self.changed.clear()
+        raise AssertionError(f"never told {needle!r}; told {self.messages}")
+
+
+@pytest.fixture
+def holder(db_path: Path, tmp_path: Path) -> Iterator[Any]:
+    """Start a child that holds the store file with a plain DuckDB connection."""
+    procs: list[subprocess.Popen[str]] = []
+
+    def start(seconds: float, ready: Path | None = None) -> subprocess.Popen[str]:
+        ready = ready or tmp_path / f"held-{len(procs)}"
+        proc = subprocess.Popen(
+            [sys.executable, str(HELPERS / "store_child.py"), "hold", str(db_path),
+             str(seconds), str(ready)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        procs.append(proc)
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the holder never took the file"
+            time.sleep(0.01)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+@pytest.fixture
+def free_store(db_path: Path) -> Iterator[Store]:
+    """A store file whose lease lets go of the file quickly (so a holder can take it)."""
+    store = Store.open(db_path, linger=0.05)
+    store.create_session(session_id="s", model="m", system_prompt=None)
+    yield store
+    store.close()
+
+
+def wait_released(store: Store) -> None:
+    while store.stats()["open"]:
+        time.sleep(0.01)
+
+
+# --------------------------------------------------------------------------- basics
+
+
+def test_the_stored_kinds_are_the_store_writers() -> None:
+    assert set(STORED_KINDS) == set(_WRITERS)
+    assert {"message", "usage", "tool_result", "turn_started", "turn_finished"} <= STORED_KINDS
+    assert not {"text_delta", "tool_call_delta", "notice", "reasoning_delta"} & STORED_KINDS
+
+
+def test_stream_deltas_are_not_queued() -> None:
+    with Store.open(":memory:") as store:
+        sink = StoreSink(store, notify=Notes())
+        for event in (
+            TextDelta(session_id="s", text="hi"),
+            ToolCallDelta(session_id="s", index=0, call_id="c", arguments_delta="{"),
+            Notice(session_id="s", message="note"),
+        ):
+            sink.handle(event)
+        assert sink.pending == 0
+        assert sink._thread is None  # not even a writer thread was needed
+        assert sink.close() == []
+
+
+def test_events_are_written_in_order_by_the_writer(free_store: Store) -> None:
+    notes = Notes()
+    sink = StoreSink(free_store, notify=notes)
+    for seq in range(50):
+        sink.handle(message(seq))
+    assert sink.flush(30) is True
+    assert sink.pending == 0
+    assert contents(free_store) == [f"message {seq}" for seq in range(50)]
+    assert notes.messages == []
+    assert sink.close() == []
+
+
+def test_a_closed_store_handle_does_not_stop_the_writer(db_path: Path) -> None:
+    store = Store.open(db_path)
+    store.create_session(session_id="s", model="m", system_prompt=None)
+    sink = StoreSink(store, notify=Notes())
+    sink.handle(message(0))
+    assert sink.flush(30)
+    store.close()  # the caller is done with its handle; the sink still has work
+    sink.handle(message(1))
+    assert sink.flush(30)
+    assert sink.close() == []
+    assert contents(db_path) == ["message 0", "message 1"]
+
+
+# --------------------------------------------------------------------------- a held file
+
+
+def test_handle_does_not_wait_for_a_file_another_process_holds(
+    free_store: Store, holder: Any, db_path: Path
+) -> None:
+    notes = Notes()
+    sink = StoreSink(free_store, notify=notes, patience=0.5)
+    sink.handle(message(0))
+    assert sink.flush(30)
+    wait_released(free_store)
+    proc = holder(3.0)
+    for seq in range(1, 201):  # a whole reply's worth of stored events
+        sink.handle(message(seq))
+    # Every handle() returned while the other process still holds the file.
+    assert proc.poll() is None
+    assert sink.pending == 200
+
+    told = notes.wait_for("Not saved yet")
+    assert f"another process (PID {proc.pid}) has held the store {db_path} for 0.5 s" in told
+    assert "kept in memory and written once the store is free" in told
+    assert sink.unavailable
+    assert sink.flush(30) is False  # a barrier does not wait once the user was told
+    assert proc.poll() is None
+
+    proc.communicate(timeout=30)  # the holder lets go
+    notes.wait_for("Saved now")
+    assert sink.flush(30) is True
+    assert [m for m in notes.messages if "Not saved yet" in m] == [told]  # told once
+    assert sink.close() == []
+    assert contents(db_path) == [f"message {seq}" for seq in range(201)]
+
+
+def test_a_barrier_waits_out_a_short_hold(free_store: Store, holder: Any, db_path: Path) -> None:
+    notes = Notes()
+    sink = StoreSink(free_store, notify=notes, patience=60)
+    wait_released(free_store)
+    proc = holder(1.0)
+    sink.handle(message(0))
+    assert proc.poll() is None and sink.pending == 1
+    assert sink.flush(60) is True  # within patience: the barrier waits, nobody is told
+    assert notes.messages == []
+    proc.communicate(timeout=30)
+    assert sink.close() == []
+    assert contents(db_path) == ["message 0"]
+
+
+# --------------------------------------------------------------------------- bad rows
+
+
+def test_an_unstorable_row_is_skipped_and_reported(free_store: Store) -> None:
+    notes = Notes()
+    sink = StoreSink(free_store, notify=notes)
+    huge = UsageEvent(
+        session_id="s", model="m", usage=RequestUsage(prompt_tokens=2**64, completion_tokens=1)
+    )
+    sane = UsageEvent(session_id="s", model="m", usage=RequestUsage(prompt_tokens=5))
+    for event in (message(0), huge, message(1), sane):
+        sink.handle(event)
+    assert sink.flush(30) is True
+    assert contents(free_store) == ["message 0", "message 1"]
+    (told,) = notes.messages
+    assert "requests row was skipped" in told and "INT128" in told
+    requests = free_store.query("SELECT id, prompt_tokens FROM requests").data
+    assert list(requests["id"]) == [sane.request_id]
+    assert list(requests["prompt_tokens"]) == [5]
+    assert sink.close() == []
+
+
+# --------------------------------------------------------------------------- exit
+
+
+def finish_locked(db_path: Path, tmp_path: Path, holder: Any, hold: float, wait: float) -> Any:
+    """A child hands a whole turn to its sink while the file is held, then exits."""
+    ready = tmp_path / "child-let-go"
+    child = subprocess.Popen(
+        [sys.executable, str(HELPERS / "sink_child.py"), "finish-locked", str(db_path),
+         str(wait), str(ready)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not ready.exists():
+        assert child.poll() is None, child.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc = holder(hold, ready=Path(str(ready) + ".held"))
+    out, err = child.communicate(timeout=60)
+    assert child.returncode == 0, err
+    assert json.loads(out.splitlines()[0]) == {"pending": 9}
+    return proc, err
+
+
+def test_events_queued_at_exit_are_written_once_the_file_frees(
+    db_path: Path, tmp_path: Path, holder: Any
+) -> None:
+    proc, err = finish_locked(db_path, tmp_path, holder, hold=1.0, wait=20)
+    assert err == ""  # the exit hook waited for the file and wrote everything
+    proc.communicate(timeout=30)
+    assert list(tmp_path.glob("*recovery*")) == []
+    assert contents(db_path, "exiting") == ["turn 0", None, "ok", "done"]
+
+
+def test_events_still_locked_at_exit_go_to_a_recovery_file(
+    db_path: Path, tmp_path: Path, holder: Any
+) -> None:
+    proc, err = finish_locked(db_path, tmp_path, holder, hold=60, wait=0.5)
+    (recovery,) = tmp_path.glob("*.nbchat-recovery-*.jsonl")
+    assert err.count("\n") == 1 and "still locked at exit" in err
+    assert f"9 events were kept in {recovery}" in err
+    proc.kill()
+    proc.communicate(timeout=30)
+
+    with pytest.warns(UserWarning, match=r"stored 9 events .* kept in chats\.duckdb\.nbchat-"):
+        store = Store.open(db_path)
+    with store:
+        assert store.recovered is not None and "stored 9 events" in store.recovered
+        assert contents(store, "exiting") == ["turn 0", None, "ok", "done"]
+        turns = store.query("SELECT status, user_text FROM turns").data
+        assert list(turns["status"]) == ["completed"] and list(turns["user_text"]) == ["turn 0"]
+        assert len(store.query("SELECT id FROM requests").data["id"]) == 2
+        assert len(store.query("SELECT id FROM tool_calls").data["id"]) == 1
+    assert not recovery.exists()
+    with Store.open(db_path) as store:  # imported once: no warning, no second copy
+        assert len(store.load_session("exiting").messages) == 4
+
+
+def test_importing_a_recovery_file_twice_duplicates_nothing(db_path: Path) -> None:
+    store = Store.open(db_path)
+    store.create_session(session_id="s", model="m", system_prompt=None)
+    saved = Path(store.save_recovery([message(0), message(1)]))
+    store.close()
+    # The same events in two files, as if a process was killed after importing one.
+    twin = saved.with_name(f"{db_path.name}.nbchat-recovery-999999.jsonl")
+    twin.write_bytes(saved.read_bytes())
+    with pytest.warns(UserWarning, match="stored 4 events"):
+        store = Store.open(db_path)
+    with store:
+        assert contents(store) == ["message 0", "message 1"]
+    assert list(db_path.parent.glob("*recovery*")) == []
+
+
+def test_readers_on_the_main_thread_share_the_connection_with_the_writer(
+    free_store: Store,
+) -> None:
+    sink = StoreSink(free_store, notify=Notes())
+    seen: list[int] = []
+    for seq in range(300):
+        sink.handle(message(seq))
+        if seq % 10 == 0:  # analysis reads while the writer writes
+            count = free_store.query("SELECT count(*) AS n FROM messages").data["n"][0]
+            user = free_store.query_read_only("SELECT count(*) AS n FROM messages")
+            seen.append(int(count))
+            assert int(user.data["n"][0]) >= count
+    assert sink.flush(30)
+    assert seen == sorted(seen)
+    assert contents(free_store) == [f"message {seq}" for seq in range(300)]
+    assert sink.close() == []
+
+
+def test_an_idle_writer_thread_ends_and_comes_back(
+    free_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nbchat import _sink
+
+    monkeypatch.setattr(_sink, "_IDLE_EXIT", 0.05)
+    sink = StoreSink(free_store, notify=Notes())
+    sink.handle(message(0))
+    assert sink.flush(30)
+    first = sink._thread
+    assert first is not None
+    first.join(10)  # idle: it ends by itself
+    assert not first.is_alive() and sink._thread is None
+    sink.handle(message(1))
+    assert sink.flush(30)
+    assert contents(free_store) == ["message 0", "message 1"]
+    assert sink.close() == []
+
+
+def test_an_unexpected_error_skips_the_event_instead_of_freezing(
+    free_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nbchat import _sink
+
+    def broken(con: Any, event: Any) -> None:
+        raise RuntimeError("a bug in a writer")
+
+    monkeypatch.setitem(_sink._WRITERS, "usage", ("requests", broken))
+    notes = Notes()
+    sink = StoreSink(free_store, notify=notes)
+    for event in (message(0), UsageEvent(session_id="s", model="m"), message(1)):
+        sink.handle(event)
+    assert sink.flush(30) is True
+    assert notes.messages == [
+        "Not saved: one event (usage) was skipped because writing it failed "
+        "(RuntimeError: a bug in a writer)."
+    ]
+    assert contents(free_store) == ["message 0", "message 1"]
+    assert sink.close() == []
