@@ -374,14 +374,19 @@ def costs(by: Literal["model", "day", "session"] = "model", db: Db = None) -> pd
 
 
 def sql(
-    query: str, params: Sequence[Any] | Mapping[str, Any] | None = None, db: Db = None
+    query: str,
+    params: Sequence[Any] | Mapping[str, Any] | None = None,
+    db: Db = None,
+    *,
+    allow_files: bool = False,
 ) -> pd.DataFrame:
     """Run one read-only SELECT against the store and return its rows.
 
     Use ``?`` placeholders with a list of ``params`` (or ``$name`` ones with a dict)
     rather than formatting values into the text. Anything but a SELECT (INSERT,
-    UPDATE, DROP, ATTACH, SET, ...) is refused, and the query runs in a read-only
-    transaction that is rolled back, so it cannot change the store. Tables:
+    UPDATE, DROP, ATTACH, SET, ...) is refused, and the query runs sandboxed on the
+    store opened read-only: it cannot change the store, load extensions, or read other
+    files (``read_csv``, ``glob``...) unless ``allow_files=True``. Tables:
     sessions, messages, requests, tool_calls, compactions, turns, _migrations.
     """
     import duckdb
@@ -398,7 +403,7 @@ def sql(
             f"sql() is read-only: it runs SELECT queries, and this is a {kind.name} statement."
         )
     with open_store(db) as store:
-        return _frame(store.query_read_only(query, params))
+        return _frame(store.query_read_only(query, params, allow_files=allow_files))
 
 
 # ------------------------------------------------------------------ tables for people

@@ -44,6 +44,7 @@ CHAT_OPTIONS: tuple[OptionDoc, ...] = (
 SQL_OPTIONS: tuple[OptionDoc, ...] = (
     OptionDoc("out", None, "VAR", "also store the DataFrame in variable VAR"),
     OptionDoc("db", None, "PATH", "store file to query (default: the kernel's store)"),
+    OptionDoc("allow_files", None, None, "let the query read files (read_csv, glob, ...)"),
 )
 
 

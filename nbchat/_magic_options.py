@@ -71,6 +71,7 @@ class SqlOptions(BaseModel):
 
     out: str | None = Field(None, **_doc(SQL_OPTIONS, "out"))
     db: str | None = Field(None, **_doc(SQL_OPTIONS, "db"))
+    allow_files: bool = Field(False, **_doc(SQL_OPTIONS, "allow_files"))
 
 
 def _flags(model: type[BaseModel]) -> dict[str, str]:

@@ -187,7 +187,7 @@ class ChatMagics(Magics):
         from ._analysis import sql
 
         try:
-            frame = sql(cell, db=opts.db)
+            frame = sql(cell, db=opts.db, allow_files=opts.allow_files)
         except Exception as exc:
             if isinstance(exc, NbchatError) or type(exc).__module__.startswith("duckdb"):
                 raise one_line(exc) from None
@@ -515,7 +515,7 @@ cell's turn only; new, session and system choose the conversation):
 {_SUBCOMMANDS}"""
 ChatMagics.chat_sql.__doc__ = f"""Run SQL on the nbchat store; shows the result as a DataFrame.
 
-%%chat_sql [--out VAR] [--db PATH]
+%%chat_sql [--out VAR] [--db PATH] [--allow-files]
 SELECT model, sum(cost_usd) FROM requests GROUP BY model
 
 Tables: sessions, messages, requests, tool_calls, compactions.

@@ -26,10 +26,11 @@ from ._compaction import (
     resolve_strategy,
 )
 from ._config import Secret, get_defaults, resolve_client, set_defaults
-from ._exceptions import GuardrailRejected, ModelAPIError, SessionPendingError, StoreError
+from ._exceptions import GuardrailRejected, ModelAPIError, SessionPendingError
 from ._limits import Budgets, Guardrail, Projection, apply_guardrails, stored_usage
 from ._output import FINAL_ANSWER_TOOL, OutputMode, OutputSpec, Parsed
 from ._runner import TurnRunner
+from ._sink import StoreSink
 from ._tools import INVALID_TOOL_NAME, ToolSet, error_payload, valid_tool_name
 from ._types import (
     ErrorEvent,
@@ -261,8 +262,9 @@ class Session:
         self.usage = Usage()
         self._runner: TurnRunner[Event] = TurnRunner()
         self._reserved_usd = 0.0  # estimated cost of requests in flight
-        self._unwritten: list[Event] = []  # events the store could not take yet (locked)
-        self._store_warned = False
+        # The store's writer thread takes the events; the loop never waits on the file
+        # except at the two barriers (before tools run, before a turn returns).
+        self._sink = StoreSink(self.store, notify=self._store_notice) if self.store else None
         self._pending_notices: list[Event] = []
         self._notices_given: set[str] = set()
         if stored is not None:
@@ -270,6 +272,13 @@ class Session:
             self._messages = live_order(stored.messages)
             assert self.store is not None
             self.usage = stored_usage(self.store, self.id)  # session budgets count from here
+            if not self.pending_tool_calls:
+                # A turn still "running" in the store belonged to a process that stopped.
+                self.store.end_unfinished_turns(
+                    self.id,
+                    status="interrupted",
+                    error="The process running this turn stopped before it finished.",
+                )
             self._seq = stored.max_seq + 1
             self.system = stored.system_prompt
             self.title = stored.title
@@ -506,6 +515,11 @@ class Session:
         ]
         for message in aborted:
             self._add(message)
+        if self.store is not None and self._sink is not None:
+            self._sink.flush(self.store.lock_timeout)
+            self.store.end_unfinished_turns(
+                self.id, status="aborted", error="Its pending tool calls were aborted."
+            )
         return aborted
 
     def cancel(self) -> None:
@@ -558,48 +572,32 @@ class Session:
     # ------------------------------------------------------------------ the loop
 
     async def _with_notices(self, turn: AsyncIterator[Event]) -> AsyncIterator[Event]:
-        """``turn``'s events, with the notices ``_emit`` raised on the way (store locked)."""
+        """``turn``'s events, with the store's notices raised on the way (store locked)."""
         async for event in turn:
             yield event
             while self._pending_notices:
                 yield self._pending_notices.pop(0)
+        while self._pending_notices:  # e.g. raised while the last barrier waited
+            yield self._pending_notices.pop(0)
+
+    def _store_notice(self, message: str) -> None:
+        """The store's writer has something to say (it runs on the writer's thread)."""
+        notice = Notice(session_id=self.id, message=message)
+        self._pending_notices.append(notice)
+        if self.on_event is not None:
+            self.on_event(notice)
 
     def _emit(self, event: Event) -> Event:
-        if self.store is not None:
-            self._store_write(event)
+        if self._sink is not None:
+            self._sink.handle(event)
         if self.on_event is not None:
             self.on_event(event)
         return event
 
-    def _store_write(self, event: Event) -> None:
-        """Hand ``event`` to the store; if the file stays locked, keep it for later.
-
-        Another process holding the store past its lock timeout must not cost the user
-        their turn: unwritten events wait, in order, and are written before the next
-        event once the file frees (the user is told once).
-        """
-        assert self.store is not None
-        if not self._unwritten and not _writes(event):
-            return  # deltas: nothing to store, nothing to wait for
-        self._unwritten.append(event)
-        try:
-            while self._unwritten:
-                self.store.handle(self._unwritten[0])
-                self._unwritten.pop(0)
-        except StoreError as exc:
-            if not self._store_warned:
-                self._store_warned = True
-                notice = Notice(
-                    session_id=self.id,
-                    turn_id=event.turn_id,
-                    message=f"Not saved yet: {exc} The conversation goes on; what it "
-                    "says is kept in memory and written once the store is free.",
-                )
-                if self.on_event is not None:
-                    self.on_event(notice)
-                self._pending_notices.append(notice)
-            return
-        self._store_warned = False
+    async def _barrier(self) -> None:
+        """Wait (bounded) until the store has written everything handed to it so far."""
+        if self._sink is not None and self.store is not None:
+            await asyncio.to_thread(self._sink.flush, self.store.lock_timeout)
 
     def _record(self, message: Message, turn: _Turn | None = None) -> Event:
         """Number a message, hand it to the store, and remember it as part of the turn."""
@@ -663,6 +661,7 @@ class Session:
             for event in self._interrupted(turn):
                 yield event
         yield self._finish(turn)
+        await self._barrier()  # a turn is stored by the time send() returns
 
     def _start(self, turn: _Turn, text: str) -> Iterable[Event]:
         """Guard the user's text, fork the conversation on a cell re-run, add the message."""
@@ -1114,6 +1113,7 @@ class Session:
     async def _run_tools(self, turn: _Turn, calls: list[ToolCall]) -> AsyncIterator[Event]:
         """Run the round's tool calls together; append their results in call order."""
         turn.unanswered = list(calls)
+        await self._barrier()  # the message asking for these tools is stored before they run
         turn.tools_started = time.perf_counter()
         records = await turn.settings.tools.run(
             calls, turn_id=turn.turn_id, round=turn.round, bad_names=turn.bad_names
@@ -1185,19 +1185,6 @@ def _chars(tools: list[dict[str, Any]] | None) -> int:
     return len(json.dumps(tools, separators=(",", ":"))) if tools else 0
 
 
-_STORED_KINDS = frozenset(
-    {
-        "message",
-        "messages_marked",
-        "usage",
-        "tool_result",
-        "compaction",
-        "turn_started",
-        "turn_finished",
-    }
-)
-
-
 def _tool_message(
     turn: _Turn, call_id: str, name: str, content: str, status: MessageStatus
 ) -> Message:
@@ -1212,11 +1199,6 @@ def _tool_message(
         cell_id=turn.cell_id,
         status=status,
     )
-
-
-def _writes(event: Event) -> bool:
-    """Whether the store keeps anything of ``event``."""
-    return event.kind in _STORED_KINDS
 
 
 def _open_store(db: Any) -> Store | None:

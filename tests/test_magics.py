@@ -709,3 +709,14 @@ def test_unload_really_removes_the_magics(shell: InteractiveShell) -> None:
     finally:
         shell.run_line_magic("load_ext", "nbchat")
     assert shell.find_cell_magic("chat") is not None
+
+
+def test_chat_sql_reads_files_only_when_allowed(shell: InteractiveShell, tmp_path: Path) -> None:
+    data = tmp_path / "numbers.csv"
+    data.write_text("n\n1\n2\n")
+    query = f"SELECT sum(n) AS total FROM read_csv('{data}')"
+    refused = run(shell, f"%%chat_sql\n{query}")
+    assert isinstance(refused.error_in_exec, StoreError)
+    assert "allow_files" in str(refused.error_in_exec)
+    frame = shell.run_cell_magic("chat_sql", "--allow-files", query)
+    assert int(frame["total"][0]) == 3

@@ -69,15 +69,10 @@ def test_a_locked_store_file_loses_nothing(
 # the wt-store report). Until then they fail: strict xfail, so the merge that wires the
 # sink turns them into XPASS failures -- then delete this marker.
 
-needs_sink_wiring = pytest.mark.xfail(
-    reason="needs Session wired to StoreSink (wt-store report)", strict=True
-)
-
 
 SINK_CHILD = Path(__file__).parent / "helpers" / "sink_child.py"
 
 
-@needs_sink_wiring
 @pytest.mark.slow
 def test_a_reply_streams_whole_while_another_process_holds_the_file(
     fake: FakeOpenAIServer, db_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -119,7 +114,6 @@ def test_a_reply_streams_whole_while_another_process_holds_the_file(
         holder.communicate(timeout=30)
 
 
-@needs_sink_wiring
 @pytest.mark.slow
 def test_reopening_a_killed_session_closes_its_running_turn(
     fake: FakeOpenAIServer, db_path: Path, tmp_path: Path
