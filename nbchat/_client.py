@@ -14,16 +14,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import json
+import math
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, BeforeValidator, ConfigDict
 
 from . import _runner
 from ._config import ClientSettings
 from ._exceptions import ModelAPIError
+from ._text import redact, redact_data, valid_data
 from ._types import (
     Event,
     ReasoningDelta,
@@ -45,7 +50,6 @@ __all__ = ["ModelClient", "RoundFolder"]
 # openai clients shared per endpoint (base URL, key, retries, timeout): connection reuse,
 # and no pools left for the garbage collector to find unclosed.
 _cache_lock = threading.Lock()
-_sync_clients: dict[tuple[str, str, int, float], openai.OpenAI] = {}
 _async_clients: dict[tuple[str, str, int, float], openai.AsyncOpenAI] = {}
 
 
@@ -81,23 +85,73 @@ class _Choice(_Wire):
     finish_reason: str | None = None
 
 
+# DuckDB stores token counts as BIGINT.
+_BIGINT_MAX = 2**63 - 1
+
+
+def _token_count(value: Any) -> int | None:
+    """A usage number as a non-negative BIGINT-sized int, or ``None`` (unknown).
+
+    Servers send floats (rounded here), strings ("n/a", "12"), negatives and 2**64:
+    none of it may cost the reply that came with it.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        n = value
+    else:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            return None
+        if not math.isfinite(number):
+            return None
+        n = round(number)
+    return n if 0 <= n <= _BIGINT_MAX else None
+
+
+def _object_or_none(value: Any) -> Any:
+    return value if isinstance(value, dict) else None
+
+
+TokenCount = Annotated[int | None, BeforeValidator(_token_count)]
+
+
 class _TokenDetails(_Wire):
-    cached_tokens: int | None = None
-    reasoning_tokens: int | None = None
+    cached_tokens: TokenCount = None
+    reasoning_tokens: TokenCount = None
+
+
+Details = Annotated[_TokenDetails | None, BeforeValidator(_object_or_none)]
 
 
 class _Usage(_Wire):
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    prompt_tokens_details: _TokenDetails | None = None
-    completion_tokens_details: _TokenDetails | None = None
+    prompt_tokens: TokenCount = None
+    completion_tokens: TokenCount = None
+    prompt_tokens_details: Details = None
+    completion_tokens_details: Details = None
 
 
 class _Chunk(_Wire):
     model: str | None = None
     choices: list[_Choice] = []
-    usage: _Usage | None = None
+    # Validated by _Usage once it arrives (one chunk in thousands), not on every chunk.
+    usage: Any = None
     error: dict[str, Any] | None = None
+
+
+def _parse_chunk(payload: bytes) -> _Chunk:
+    """One JSON payload as a chunk; text with lone surrogates (``"\\udcff"``) is repaired.
+
+    The fast JSON parser refuses lone surrogate escapes; the standard library accepts
+    them, and ``valid_data`` turns each into U+FFFD. Only the refused payloads pay.
+    """
+    try:
+        return _Chunk.model_validate_json(payload)
+    except ValueError:
+        if b"\\u" not in payload:
+            raise
+        return _Chunk.model_validate(valid_data(json.loads(payload)))
 
 
 # --------------------------------------------------------------------------- folding
@@ -165,7 +219,7 @@ class RoundFolder:
         if chunk.model and self.model is None:
             self.model = chunk.model
         if chunk.usage is not None:
-            self.usage = _request_usage(chunk.usage)
+            self.usage = _request_usage(chunk.usage) or self.usage
         events: list[Event] = []
         for choice in chunk.choices:
             if choice.finish_reason:
@@ -227,7 +281,11 @@ class RoundFolder:
             self.first_token_at = time.perf_counter()
 
 
-def _request_usage(u: _Usage) -> RequestUsage:
+def _request_usage(raw: Any) -> RequestUsage | None:
+    """The usage a server reported, every count checked; ``None`` if it sent no object."""
+    if not isinstance(raw, dict):
+        return None
+    u = _Usage.model_validate(raw)
     prompt_details = u.prompt_tokens_details or _TokenDetails()
     completion_details = u.completion_tokens_details or _TokenDetails()
     return RequestUsage(
@@ -254,43 +312,91 @@ def _error_from_body(body: Any, status_code: int | None = None) -> ModelAPIError
 
 
 class _SSEParser:
-    """Splits a byte stream into SSE ``data:`` payloads; notes the ``[DONE]`` marker."""
+    """Splits a byte stream into the ``data`` of its SSE events; notes ``[DONE]``.
 
-    __slots__ = ("buffer", "done")
+    Per the WHATWG spec: a line ends with LF, CRLF or a bare CR; an event's ``data:``
+    lines are joined with LF and the event ends at a blank line; comments (``: ping``)
+    and other fields (``event:``, ``id:``) are skipped.
+    """
+
+    __slots__ = ("buffer", "data", "done", "events")
 
     def __init__(self) -> None:
         self.buffer = b""
+        self.data: list[bytes] = []  # data lines of the event being read
         self.done = False
+        self.events = 0
 
-    def feed(self, data: bytes) -> list[bytes]:
-        self.buffer += data
-        if b"\n" not in data:
+    def feed(self, chunk: bytes) -> list[bytes]:
+        buffer = self.buffer + chunk
+        held = b""
+        if b"\r" in buffer:
+            if buffer.endswith(b"\r"):  # its LF may come in the next read
+                buffer, held = buffer[:-1], b"\r"
+            buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        if b"\n" not in buffer:
+            self.buffer = buffer + held
             return []
-        *lines, self.buffer = self.buffer.split(b"\n")
-        payloads = []
+        *lines, rest = buffer.split(b"\n")
+        self.buffer = rest + held
+        payloads: list[bytes] = []
+        data = self.data
         for line in lines:
-            if not line.startswith(b"data:"):
-                continue  # blank separators, comments (": ping"), event:/id: fields
-            payload = line[5:].strip()
-            if payload == b"[DONE]":
-                self.done = True
-            elif payload:
-                payloads.append(payload)
+            if line.startswith(b"data:"):
+                data.append(line[5:])
+            elif not line and data:
+                self._dispatch(payloads)
         return payloads
+
+    def close(self) -> list[bytes]:
+        """The payload of a last event the server did not end with a blank line."""
+        payloads: list[bytes] = []
+        if self.buffer.startswith(b"data:"):
+            self.data.append(self.buffer[5:])
+        self.buffer = b""
+        if self.data:
+            self._dispatch(payloads)
+        return payloads
+
+    def _dispatch(self, payloads: list[bytes]) -> None:
+        data = self.data
+        payload = (data[0] if len(data) == 1 else b"\n".join(data)).strip()
+        data.clear()
+        self.events += 1
+        if payload == b"[DONE]":
+            self.done = True
+        elif payload:
+            payloads.append(payload)
 
 
 # --------------------------------------------------------------------------- client
 
+DEFAULT_STALL_TIMEOUT = 60.0
+# How much of a body that is not what was expected gets quoted in the error.
+_QUOTE_CHARS = 120
+
 
 class ModelClient:
-    """One OpenAI-compatible endpoint; builds the sync and async ``openai`` clients lazily."""
+    """One OpenAI-compatible endpoint; builds its ``openai.AsyncOpenAI`` client lazily.
+
+    ``timeout`` bounds connecting, sending, and waiting for a non-streamed answer;
+    ``stall_timeout`` is how long a stream may go without a byte before it is given up
+    (``None``: only ``timeout``). Every error it raises is a ``ModelAPIError`` whose
+    message and body have the key (and anything shaped like one) redacted.
+    """
 
     def __init__(
-        self, settings: ClientSettings, *, max_retries: int = 2, timeout: float = 600.0
+        self,
+        settings: ClientSettings,
+        *,
+        max_retries: int = 2,
+        timeout: float = 600.0,
+        stall_timeout: float | None = DEFAULT_STALL_TIMEOUT,
     ) -> None:
         self.settings = settings
         self.max_retries = max_retries
         self.timeout = timeout
+        self.stall_timeout = stall_timeout
 
     def __repr__(self) -> str:
         return f"ModelClient(model={self.settings.model!r}, base_url={self.settings.base_url!r})"
@@ -311,16 +417,6 @@ class ModelClient:
     def _cache_key(self) -> tuple[str, str, int, float]:
         s = self.settings
         return (s.base_url, s.api_key.get_secret_value(), self.max_retries, self.timeout)
-
-    def sync_client(self) -> openai.OpenAI:
-        """The ``openai.OpenAI`` client, shared by every session with the same endpoint."""
-        with _cache_lock:
-            client = _sync_clients.get(self._cache_key())
-            if client is None:
-                import openai
-
-                client = _sync_clients[self._cache_key()] = openai.OpenAI(**self._options())
-        return client
 
     @contextlib.asynccontextmanager
     async def async_client(self) -> AsyncIterator[openai.AsyncOpenAI]:
@@ -358,6 +454,39 @@ class ModelClient:
             body["stream_options"] = {"include_usage": True}
         return body
 
+    def _request_options(self, stream: bool) -> Any:  # the SDK's RequestOptions TypedDict
+        if not stream or self.stall_timeout is None:
+            return {}
+        import openai
+
+        # httpx's read timeout is the longest wait for the next byte: a stall timeout.
+        return {"timeout": openai.Timeout(self.timeout, read=self.stall_timeout)}
+
+    async def _post(self, client: openai.AsyncOpenAI, body: dict[str, Any], stream: bool) -> Any:
+        # client.post skips the SDK's walk over the request body, which costs ~0.3 s for
+        # a 600-message history; auth, retries and errors are the same.
+        options = self._request_options(stream)
+        try:
+            return await client.post(
+                "/chat/completions",
+                body=body,
+                cast_to=_response_class(),
+                stream=True,
+                options=options,
+            )
+        except UnicodeEncodeError as exc:
+            if exc.encoding.replace("-", "").lower() != "utf8":
+                raise
+        # A lone surrogate somewhere in the history cannot be encoded: send U+FFFD
+        # instead (walking the body only now that it failed).
+        return await client.post(
+            "/chat/completions",
+            body=valid_data(body),
+            cast_to=_response_class(),
+            stream=True,
+            options=options,
+        )
+
     async def astream(
         self,
         messages: list[dict[str, Any]],
@@ -370,63 +499,147 @@ class ModelClient:
         """Send one request; yield its delta events while ``folder`` accumulates the message.
 
         Raises ``ModelAPIError`` for an HTTP error (after the client's retries), a broken
-        stream, or an error the server sends inside the stream. What arrived before a
-        failure stays in ``folder``.
+        or stalled stream, an answer that is not an event stream (an HTML page), or an
+        error the server sends inside the stream. What arrived before a failure stays in
+        ``folder``.
         """
         body = self._body(messages, tools, stream, params)
-        with _translated_errors(folder):
+        with self._translated_errors(folder, stream=stream):
             async with self.async_client() as client:
-                # client.post skips the SDK's walk over the request body, which costs
-                # ~0.3 s for a 600-message history; auth, retries and errors are the same.
-                response = await client.post(
-                    "/chat/completions", body=body, cast_to=_response_class(), stream=True
-                )
+                response = await self._post(client, body, stream)
                 try:
-                    if not stream:
-                        for event in folder.feed(
-                            _Chunk.model_validate_json(await response.aread())
-                        ):
+                    content_type = response.headers.get("content-type", "").lower()
+                    if not stream or "json" in content_type:
+                        # A server may ignore stream=true and answer one JSON object.
+                        raw = await response.aread()
+                        for event in folder.feed(self._parse_reply(raw, content_type)):
                             yield event
                         return
+                    if content_type.startswith("text/html"):
+                        page = b""
+                        async for data in response.aiter_bytes():
+                            page = data
+                            break
+                        raise self._not_expected(content_type, page, "an event stream")
                     parser = _SSEParser()
+                    head: bytes | None = None
                     async for data in response.aiter_bytes():
+                        if head is None:
+                            head = data
                         for payload in parser.feed(data):
-                            for event in folder.feed(_Chunk.model_validate_json(payload)):
+                            for event in folder.feed(_parse_chunk(payload)):
                                 yield event
                         if parser.done:
                             break
+                    else:
+                        for payload in parser.close():
+                            for event in folder.feed(_parse_chunk(payload)):
+                                yield event
+                    if parser.events == 0 and folder.finish_reason is None:
+                        raise self._not_expected(content_type, head or b"", "an event stream")
                     _check_complete(parser, folder)
                 finally:
                     await response.aclose()
 
-    def stream_sync(
-        self,
-        messages: list[dict[str, Any]],
-        folder: RoundFolder,
-        *,
-        tools: list[dict[str, Any]] | None = None,
-        stream: bool = True,
-        **params: Any,
-    ) -> Iterator[Event]:
-        """The same request as ``astream``, for code without an event loop."""
-        body = self._body(messages, tools, stream, params)
-        with _translated_errors(folder):
-            response = self.sync_client().post(
-                "/chat/completions", body=body, cast_to=_response_class(), stream=True
-            )
+    def _parse_reply(self, raw: bytes, content_type: str) -> _Chunk:
+        """A whole (non-streamed) answer as one chunk, or say what came instead of JSON."""
+        try:
+            return _parse_chunk(raw)
+        except ValueError:
+            if raw.lstrip()[:1] in (b"{", b"["):
+                raise  # JSON that is not a reply: reported as a broken answer
+            raise self._not_expected(content_type, raw, "a JSON reply") from None
+
+    def _not_expected(self, content_type: str, head: bytes, expected: str) -> ModelAPIError:
+        first = head.lstrip().split(b"\n", 1)[0].split(b"\r", 1)[0]
+        line = first.decode("utf-8", "replace").strip()
+        if len(line) > _QUOTE_CHARS:
+            line = line[:_QUOTE_CHARS] + "…"
+        what = f"answered {content_type.split(';')[0]}" if content_type else "answered"
+        kind = "HTML (a web page)" if content_type.startswith("text/html") else "something"
+        if not head.strip():
+            shown = "an empty body"
+        else:
+            shown = f"first line: {redact(line, *self._secrets())!r}"
+        return ModelAPIError(
+            f"The model server at {self.settings.base_url} {what} {kind} with HTTP 200, not "
+            f"{expected} ({shown}). Check base_url: it should be an OpenAI-compatible API "
+            "(usually ending in /v1), not a web page, a login page or a proxy's error page."
+        )
+
+    def _secrets(self) -> tuple[str, ...]:
+        return (self.settings.api_key.get_secret_value(),)
+
+    @contextlib.contextmanager
+    def _translated_errors(self, folder: RoundFolder | None, *, stream: bool) -> Iterator[None]:
+        """Turn whatever the transport or the server raised into one ``ModelAPIError``,
+        with the key and anything shaped like one redacted from its message and body."""
+        import openai
+
+        try:
             try:
-                if not stream:
-                    yield from folder.feed(_Chunk.model_validate_json(response.read()))
-                    return
-                parser = _SSEParser()
-                for data in response.iter_bytes():
-                    for payload in parser.feed(data):
-                        yield from folder.feed(_Chunk.model_validate_json(payload))
-                    if parser.done:
-                        break
-                _check_complete(parser, folder)
-            finally:
-                response.close()
+                yield
+            except openai.APIError as exc:
+                raise self._api_error(exc, folder, stream) from exc
+            except ModelAPIError:
+                raise
+            except _transport_errors() as exc:
+                raise self._transport_error(exc, folder, stream) from exc
+            except ValueError as exc:  # undecodable or invalid payloads
+                raise _broken_stream(exc, folder) from exc
+        except ModelAPIError as error:
+            clean = _redacted(error, self._secrets())
+            if clean is error:
+                raise
+            raise clean from None  # the original and its cause still hold the secret
+
+    def _transport_error(
+        self, exc: BaseException, folder: RoundFolder | None, stream: bool
+    ) -> ModelAPIError:
+        http = _http_library()
+        if isinstance(exc, http.ReadTimeout):
+            n = folder.chunks if folder is not None else 0
+            if stream and self.stall_timeout is not None:
+                return ModelAPIError(
+                    f"The model server stopped sending for {self.stall_timeout:g} s "
+                    f"(stall_timeout) after {n} chunks; the partial reply was kept."
+                )
+            return ModelAPIError(
+                f"The model server sent nothing for {self.timeout:g} s (timeout) while "
+                f"answering; {n} chunks arrived."
+            )
+        return _broken_stream(exc, folder)
+
+    def _api_error(
+        self, exc: openai.APIError, folder: RoundFolder | None, stream: bool
+    ) -> ModelAPIError:
+        import openai
+
+        url = self.settings.base_url
+        status = getattr(exc, "status_code", None)
+        tries = f"{self.max_retries + 1} attempt{'s' if self.max_retries else ''}"
+        if isinstance(exc, openai.APITimeoutError):
+            waits = f"connect/answer timeout {self.timeout:g} s"
+            if stream and self.stall_timeout is not None:
+                waits += f", nothing sent for {self.stall_timeout:g} s (stall_timeout)"
+            message = f"The model server at {url} did not answer in time ({waits}; {tries})."
+        elif isinstance(exc, openai.APIConnectionError):
+            cause = _describe(exc.__cause__) if exc.__cause__ else _describe(exc)
+            message = f"Could not connect to the model server at {url} ({cause}; {tries})."
+        elif isinstance(exc, openai.APIStatusError):
+            message = f"The model server answered HTTP {status}: {exc.message}"
+            if status == 401:
+                message += " " + self.settings.key_hint()
+        else:
+            message = f"The model server failed: {_describe(exc)}"
+        if folder is not None and folder.chunks:
+            message += (
+                f" The stream broke after {folder.chunks} chunks; the partial reply was kept."
+            )
+        code = getattr(exc, "code", None)
+        return ModelAPIError(
+            message, status_code=status, body=exc.body, code=str(code) if code else None
+        )
 
     def usage_event(
         self,
@@ -465,41 +678,71 @@ class ModelClient:
 
     async def list_models(self) -> list[str]:
         """The model ids the server offers (``GET /models``)."""
-        import openai
-
-        try:
+        with self._translated_errors(None, stream=False):
             async with self.async_client() as client:
                 page = await client.models.list()
-        except openai.APIError as exc:
-            raise _api_error(exc, None) from exc
         return sorted(m.id for m in page.data)
 
 
+# ------------------------------------------------------------- the HTTP library under openai
+# openai 1.x is built on httpx, later versions on its fork httpx2. nbchat needs that
+# library's Response class (to ask client.post for the raw response) and its error
+# classes (a stream cut or stalled mid-way raises them unwrapped). Both come from here.
+
+
+@functools.cache
+def _http_library() -> Any:
+    """The module (``httpx`` or ``httpx2``) whose client the installed ``openai`` uses.
+
+    Found through public names only: ``openai.DefaultAsyncHttpxClient`` subclasses that
+    library's ``AsyncClient``, which both libraries export under their own module name.
+    """
+    import openai
+
+    for base in openai.DefaultAsyncHttpxClient.__mro__[1:]:
+        module = sys.modules.get(base.__module__)
+        if module is not None and base is getattr(module, "AsyncClient", None):
+            return module
+    raise ImportError(
+        "nbchat cannot find the HTTP library under this openai version "
+        f"({openai.__version__}): openai.DefaultAsyncHttpxClient is not an httpx AsyncClient."
+    )
+
+
 def _response_class() -> type[Any]:
-    """The HTTP response class the ``openai`` client is built on (httpx, or its fork)."""
-    import openai
-
-    return openai._httpx.Response  # type: ignore[attr-defined,no-any-return]
+    """The raw HTTP response class ``client.post(cast_to=...)`` hands back unparsed."""
+    return _http_library().Response  # type: ignore[no-any-return]
 
 
-@contextlib.contextmanager
-def _translated_errors(folder: RoundFolder) -> Iterator[None]:
-    """Turn whatever the transport or the server raised into one ``ModelAPIError``."""
-    import openai
+@functools.cache
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """What a cut, stalled or undecodable connection raises while a body is read."""
+    http = _http_library()
+    return (http.HTTPError, http.StreamError, OSError)
 
-    try:
-        yield
-    except openai.APIError as exc:
-        raise _api_error(exc, folder) from exc
-    except ModelAPIError:
-        raise
-    except (OSError, ValueError) as exc:  # transport failures, undecodable payloads
-        raise _broken_stream(exc, folder) from exc
-    except Exception as exc:
-        # httpx signals a cut connection with its own exception classes.
-        if type(exc).__module__.startswith(("httpx", "httpcore")):
-            raise _broken_stream(exc, folder) from exc
-        raise
+
+def _redacted(error: ModelAPIError, secrets: tuple[str, ...]) -> ModelAPIError:
+    """``error`` with secrets redacted, or ``error`` itself when it held none."""
+    message = str(error)
+    clean_message = redact(message, *secrets)
+    clean_body = redact_data(error.body, *secrets)
+    clean_code = redact(error.code, *secrets) if error.code else error.code
+    if clean_message == message and clean_body == error.body and clean_code == error.code:
+        return error
+    return ModelAPIError(
+        clean_message, status_code=error.status_code, body=clean_body, code=clean_code
+    )
+
+
+def _describe(exc: BaseException) -> str:
+    """``Type: message``, never an empty message (httpx timeouts often have none)."""
+    text = str(exc).strip()
+    if not text and exc.__cause__ is not None:
+        text = str(exc.__cause__).strip()
+    if not text:
+        doc = (type(exc).__doc__ or "").strip().splitlines()
+        text = doc[0].rstrip(".") if doc else "no detail given"
+    return f"{type(exc).__name__}: {text}"
 
 
 def _check_complete(parser: _SSEParser, folder: RoundFolder) -> None:
@@ -510,28 +753,8 @@ def _check_complete(parser: _SSEParser, folder: RoundFolder) -> None:
         )
 
 
-def _broken_stream(exc: BaseException, folder: RoundFolder) -> ModelAPIError:
+def _broken_stream(exc: BaseException, folder: RoundFolder | None) -> ModelAPIError:
+    n = folder.chunks if folder is not None else 0
     return ModelAPIError(
-        f"The model's stream broke after {folder.chunks} chunks ({type(exc).__name__}: {exc}); "
-        "the partial reply was kept."
+        f"The model's stream broke after {n} chunks ({_describe(exc)}); the partial reply was kept."
     )
-
-
-def _api_error(exc: Any, folder: RoundFolder | None) -> ModelAPIError:
-    import openai
-
-    status = getattr(exc, "status_code", None)
-    body = getattr(exc, "body", None)
-    if isinstance(exc, openai.APITimeoutError):
-        message = "The model server did not answer in time (after retries)."
-    elif isinstance(exc, openai.APIConnectionError):
-        message = f"Could not connect to the model server ({exc.__cause__ or exc})."
-    elif isinstance(exc, openai.APIStatusError):
-        detail = exc.message
-        message = f"The model server answered HTTP {status}: {detail}"
-    else:
-        message = f"The model server failed: {exc}"
-    if folder is not None and folder.chunks:
-        message += f" The stream broke after {folder.chunks} chunks; the partial reply was kept."
-    code = getattr(exc, "code", None)
-    return ModelAPIError(message, status_code=status, body=body, code=str(code) if code else None)
