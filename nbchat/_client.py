@@ -314,18 +314,19 @@ def _error_from_body(body: Any, status_code: int | None = None) -> ModelAPIError
 class _SSEParser:
     """Splits a byte stream into the ``data`` of its SSE events; notes ``[DONE]``.
 
-    Per the WHATWG spec: a line ends with LF, CRLF or a bare CR; an event's ``data:``
-    lines are joined with LF and the event ends at a blank line; comments (``: ping``)
-    and other fields (``event:``, ``id:``) are skipped.
+    Per the WHATWG spec: a line ends with LF, CRLF or a bare CR; an event ends at a
+    blank line and its ``data:`` lines are joined with LF; comments (``: ping``) and
+    other fields (``event:``, ``id:``) are skipped. This runs once per chunk: the
+    common event, one ``data:`` line, costs a few attribute-free operations.
     """
 
     __slots__ = ("buffer", "data", "done", "events")
 
     def __init__(self) -> None:
         self.buffer = b""
-        self.data: list[bytes] = []  # data lines of the event being read
+        self.data: list[bytes] = []  # the data lines of the event being read
         self.done = False
-        self.events = 0
+        self.events = 0  # events with data, [DONE] included
 
     def feed(self, chunk: bytes) -> list[bytes]:
         buffer = self.buffer + chunk
@@ -341,32 +342,28 @@ class _SSEParser:
         self.buffer = rest + held
         payloads: list[bytes] = []
         data = self.data
+        n = 0
         for line in lines:
-            if line.startswith(b"data:"):
-                data.append(line[5:])
-            elif not line and data:
-                self._dispatch(payloads)
+            if line:
+                if line.startswith(b"data:"):
+                    data.append(line[5:])
+            elif data:  # a blank line ends an event
+                if len(data) == 1:
+                    payload = data.pop().strip()
+                else:  # the spec drops one space after each "data:"
+                    payload = b"\n".join(d[1:] if d[:1] == b" " else d for d in data).strip()
+                    data.clear()
+                n += 1
+                if payload == b"[DONE]":
+                    self.done = True
+                elif payload:
+                    payloads.append(payload)
+        self.events += n
         return payloads
 
     def close(self) -> list[bytes]:
-        """The payload of a last event the server did not end with a blank line."""
-        payloads: list[bytes] = []
-        if self.buffer.startswith(b"data:"):
-            self.data.append(self.buffer[5:])
-        self.buffer = b""
-        if self.data:
-            self._dispatch(payloads)
-        return payloads
-
-    def _dispatch(self, payloads: list[bytes]) -> None:
-        data = self.data
-        payload = (data[0] if len(data) == 1 else b"\n".join(data)).strip()
-        data.clear()
-        self.events += 1
-        if payload == b"[DONE]":
-            self.done = True
-        elif payload:
-            payloads.append(payload)
+        """At the end of the body: the payload of a last event left unterminated."""
+        return self.feed(b"\n\n") if self.buffer or self.data else []
 
 
 # --------------------------------------------------------------------------- client
@@ -551,20 +548,21 @@ class ModelClient:
             raise self._not_expected(content_type, raw, "a JSON reply") from None
 
     def _not_expected(self, content_type: str, head: bytes, expected: str) -> ModelAPIError:
+        """The error for a 200 whose body is not the API's: what came, and its first line."""
+        kind = content_type.split(";")[0].strip()
+        if kind == "text/html":
+            what = "an HTML page (text/html)"
+        else:
+            what = kind or "a body without a content type"
         first = head.lstrip().split(b"\n", 1)[0].split(b"\r", 1)[0]
         line = first.decode("utf-8", "replace").strip()
         if len(line) > _QUOTE_CHARS:
             line = line[:_QUOTE_CHARS] + "…"
-        what = f"answered {content_type.split(';')[0]}" if content_type else "answered"
-        kind = "HTML (a web page)" if content_type.startswith("text/html") else "something"
-        if not head.strip():
-            shown = "an empty body"
-        else:
-            shown = f"first line: {redact(line, *self._secrets())!r}"
+        shown = f"first line: {redact(line, *self._secrets())!r}" if line else "an empty body"
         return ModelAPIError(
-            f"The model server at {self.settings.base_url} {what} {kind} with HTTP 200, not "
-            f"{expected} ({shown}). Check base_url: it should be an OpenAI-compatible API "
-            "(usually ending in /v1), not a web page, a login page or a proxy's error page."
+            f"The model server at {self.settings.base_url} answered HTTP 200 with {what}, "
+            f"not {expected} ({shown}). Check base_url: it should be an OpenAI-compatible "
+            "API (usually ending in /v1), not a web page, a login page or a proxy's page."
         )
 
     def _secrets(self) -> tuple[str, ...]:
