@@ -28,7 +28,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict
 from . import _runner
 from ._config import ClientSettings
 from ._exceptions import ModelAPIError
-from ._text import redact, redact_data, valid_data
+from ._text import redact, redact_data, valid_data, valid_text
 from ._types import (
     Event,
     ReasoningDelta,
@@ -586,10 +586,10 @@ class ModelClient:
             except ValueError as exc:  # undecodable or invalid payloads
                 raise _broken_stream(exc, folder) from exc
         except ModelAPIError as error:
-            clean = _redacted(error, self._secrets())
+            clean = _cleaned(error, self._secrets())
             if clean is error:
                 raise
-            raise clean from None  # the original and its cause still hold the secret
+            raise clean from None  # the original and its cause may hold the secret
 
     def _transport_error(
         self, exc: BaseException, folder: RoundFolder | None, stream: bool
@@ -719,12 +719,13 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     return (http.HTTPError, http.StreamError, OSError)
 
 
-def _redacted(error: ModelAPIError, secrets: tuple[str, ...]) -> ModelAPIError:
-    """``error`` with secrets redacted, or ``error`` itself when it held none."""
+def _cleaned(error: ModelAPIError, secrets: tuple[str, ...]) -> ModelAPIError:
+    """``error`` with secrets redacted and text made valid Unicode (lone surrogates from
+    an error body would fail to store), or ``error`` itself when nothing changed."""
     message = str(error)
-    clean_message = redact(message, *secrets)
-    clean_body = redact_data(error.body, *secrets)
-    clean_code = redact(error.code, *secrets) if error.code else error.code
+    clean_message = valid_text(redact(message, *secrets))
+    clean_body = valid_data(redact_data(error.body, *secrets))
+    clean_code = valid_text(redact(error.code, *secrets)) if error.code else error.code
     if clean_message == message and clean_body == error.body and clean_code == error.code:
         return error
     return ModelAPIError(

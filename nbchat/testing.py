@@ -150,7 +150,8 @@ class Reply(_Spec):
       end of the chunked body; a non-streamed reply is dropped before any byte.
     - ``stall_after=N, stall_seconds=S`` sends N chunks, then nothing for S seconds
       (headers and chunks before it arrive at once), then the rest: a server that hangs
-      mid-stream. ``stall_after=0`` stalls before the first chunk.
+      mid-stream. ``stall_after=0`` stalls before the first chunk; a non-streamed reply
+      waits ``stall_seconds`` before its answer.
     - Wire format variants, all valid SSE: ``line_ending="\\r"`` (or ``"\\r\\n"``) ends
       lines with a bare CR (CRLF) instead of LF; ``multiline_data=True`` spreads each
       event's JSON over several ``data:`` lines (pretty-printed, one line each).

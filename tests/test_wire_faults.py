@@ -328,3 +328,10 @@ def test_the_http_library_under_openai_is_found_by_public_names(fake: FakeOpenAI
 
     fake.enqueue("x")
     assert asyncio.run(raw_response()) is http.Response
+
+
+def test_an_error_body_with_lone_surrogates_is_made_valid(fake: FakeOpenAIServer) -> None:
+    fake.enqueue_error(500, "upstream \udcff broke")
+    error = error_of(client_for(fake))
+    assert "upstream \ufffd broke" in str(error)
+    assert json.dumps(error.body, ensure_ascii=False).encode()  # storable as UTF-8
