@@ -8,6 +8,8 @@ thousands of chunks is the common case in a notebook.
 
 ``RoundFolder`` folds the deltas of one request into one assistant message: text, tool
 calls gathered by ``index`` (id, name, argument fragments), finish reason and usage.
+What the server sends is parsed and checked in ``_wire``; every error leaving
+``ModelClient`` is one ``ModelAPIError`` with the key redacted from it.
 """
 
 from __future__ import annotations
@@ -15,15 +17,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
-import math
 import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import TYPE_CHECKING, Annotated, Any, Literal
-
-from pydantic import BaseModel, BeforeValidator, ConfigDict
+from typing import TYPE_CHECKING, Any, Literal
 
 from . import _runner
 from ._config import ClientSettings
@@ -41,6 +39,17 @@ from ._types import (
     UsageEvent,
     new_id,
 )
+from ._wire import (
+    Chunk,
+    FunctionDelta,
+    SSEParser,
+    ToolCallChunk,
+    error_from_body,
+    parse_chunk,
+    request_usage,
+)
+
+_SSEParser = SSEParser  # tests/test_session.py imports it from here
 
 if TYPE_CHECKING:
     import openai
@@ -51,107 +60,6 @@ __all__ = ["ModelClient", "RoundFolder"]
 # and no pools left for the garbage collector to find unclosed.
 _cache_lock = threading.Lock()
 _async_clients: dict[tuple[str, str, int, float], openai.AsyncOpenAI] = {}
-
-
-# --------------------------------------------------------------------------- wire models
-# Only the fields nbchat reads; everything else a server sends is ignored.
-
-
-class _Wire(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-
-class _FunctionDelta(_Wire):
-    name: str | None = None
-    arguments: str | None = None
-
-
-class _ToolCallDelta(_Wire):
-    index: int | None = None
-    id: str | None = None
-    function: _FunctionDelta | None = None
-
-
-class _Delta(_Wire):
-    content: str | None = None
-    reasoning_content: str | None = None
-    reasoning: str | None = None
-    tool_calls: list[_ToolCallDelta] | None = None
-
-
-class _Choice(_Wire):
-    delta: _Delta | None = None
-    message: _Delta | None = None  # non-streamed replies carry the whole message here
-    finish_reason: str | None = None
-
-
-# DuckDB stores token counts as BIGINT.
-_BIGINT_MAX = 2**63 - 1
-
-
-def _token_count(value: Any) -> int | None:
-    """A usage number as a non-negative BIGINT-sized int, or ``None`` (unknown).
-
-    Servers send floats (rounded here), strings ("n/a", "12"), negatives and 2**64:
-    none of it may cost the reply that came with it.
-    """
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        n = value
-    else:
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            return None
-        if not math.isfinite(number):
-            return None
-        n = round(number)
-    return n if 0 <= n <= _BIGINT_MAX else None
-
-
-def _object_or_none(value: Any) -> Any:
-    return value if isinstance(value, dict) else None
-
-
-TokenCount = Annotated[int | None, BeforeValidator(_token_count)]
-
-
-class _TokenDetails(_Wire):
-    cached_tokens: TokenCount = None
-    reasoning_tokens: TokenCount = None
-
-
-Details = Annotated[_TokenDetails | None, BeforeValidator(_object_or_none)]
-
-
-class _Usage(_Wire):
-    prompt_tokens: TokenCount = None
-    completion_tokens: TokenCount = None
-    prompt_tokens_details: Details = None
-    completion_tokens_details: Details = None
-
-
-class _Chunk(_Wire):
-    model: str | None = None
-    choices: list[_Choice] = []
-    # Validated by _Usage once it arrives (one chunk in thousands), not on every chunk.
-    usage: Any = None
-    error: dict[str, Any] | None = None
-
-
-def _parse_chunk(payload: bytes) -> _Chunk:
-    """One JSON payload as a chunk; text with lone surrogates (``"\\udcff"``) is repaired.
-
-    The fast JSON parser refuses lone surrogate escapes; the standard library accepts
-    them, and ``valid_data`` turns each into U+FFFD. Only the refused payloads pay.
-    """
-    try:
-        return _Chunk.model_validate_json(payload)
-    except ValueError:
-        if b"\\u" not in payload:
-            raise
-        return _Chunk.model_validate(valid_data(json.loads(payload)))
 
 
 # --------------------------------------------------------------------------- folding
@@ -211,15 +119,15 @@ class RoundFolder:
             for _, c in sorted(self.calls.items())
         ]
 
-    def feed(self, chunk: _Chunk) -> list[Event]:
+    def feed(self, chunk: Chunk) -> list[Event]:
         """Fold one parsed chunk in; return the events it produced."""
         self.chunks += 1
         if chunk.error is not None:
-            raise _error_from_body(chunk.error)
+            raise error_from_body(chunk.error)
         if chunk.model and self.model is None:
             self.model = chunk.model
         if chunk.usage is not None:
-            self.usage = _request_usage(chunk.usage) or self.usage
+            self.usage = request_usage(chunk.usage) or self.usage
         events: list[Event] = []
         for choice in chunk.choices:
             if choice.finish_reason:
@@ -241,10 +149,10 @@ class RoundFolder:
                     events.extend(self._feed_tool_call(tc, position))
         return events
 
-    def _feed_tool_call(self, tc: _ToolCallDelta, position: int) -> list[Event]:
+    def _feed_tool_call(self, tc: ToolCallChunk, position: int) -> list[Event]:
         # Some servers omit `index` on non-streamed messages: fall back to the position.
         index = tc.index if tc.index is not None else position
-        fn = tc.function or _FunctionDelta()
+        fn = tc.function or FunctionDelta()
         events: list[Event] = []
         pending = self.calls.get(index)
         if pending is None:
@@ -279,91 +187,6 @@ class RoundFolder:
     def _mark_first_token(self) -> None:
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
-
-
-def _request_usage(raw: Any) -> RequestUsage | None:
-    """The usage a server reported, every count checked; ``None`` if it sent no object."""
-    if not isinstance(raw, dict):
-        return None
-    u = _Usage.model_validate(raw)
-    prompt_details = u.prompt_tokens_details or _TokenDetails()
-    completion_details = u.completion_tokens_details or _TokenDetails()
-    return RequestUsage(
-        prompt_tokens=u.prompt_tokens,
-        completion_tokens=u.completion_tokens,
-        cached_tokens=prompt_details.cached_tokens,
-        reasoning_tokens=completion_details.reasoning_tokens,
-    )
-
-
-def _error_from_body(body: Any, status_code: int | None = None) -> ModelAPIError:
-    err = body.get("error", body) if isinstance(body, dict) else None
-    if isinstance(err, dict):
-        message = str(err.get("message") or "the server reported an error")
-        code = err.get("code")
-    else:
-        message, code = str(body or "the server reported an error"), None
-    return ModelAPIError(
-        f"The model server returned an error: {message}",
-        status_code=status_code,
-        body=body,
-        code=str(code) if code else None,
-    )
-
-
-class _SSEParser:
-    """Splits a byte stream into the ``data`` of its SSE events; notes ``[DONE]``.
-
-    Per the WHATWG spec: a line ends with LF, CRLF or a bare CR; an event ends at a
-    blank line and its ``data:`` lines are joined with LF; comments (``: ping``) and
-    other fields (``event:``, ``id:``) are skipped. This runs once per chunk: the
-    common event, one ``data:`` line, costs a few attribute-free operations.
-    """
-
-    __slots__ = ("buffer", "data", "done", "events")
-
-    def __init__(self) -> None:
-        self.buffer = b""
-        self.data: list[bytes] = []  # the data lines of the event being read
-        self.done = False
-        self.events = 0  # events with data, [DONE] included
-
-    def feed(self, chunk: bytes) -> list[bytes]:
-        buffer = self.buffer + chunk
-        held = b""
-        if b"\r" in buffer:
-            if buffer.endswith(b"\r"):  # its LF may come in the next read
-                buffer, held = buffer[:-1], b"\r"
-            buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        if b"\n" not in buffer:
-            self.buffer = buffer + held
-            return []
-        *lines, rest = buffer.split(b"\n")
-        self.buffer = rest + held
-        payloads: list[bytes] = []
-        data = self.data
-        n = 0
-        for line in lines:
-            if line:
-                if line.startswith(b"data:"):
-                    data.append(line[5:])
-            elif data:  # a blank line ends an event
-                if len(data) == 1:
-                    payload = data.pop().strip()
-                else:  # the spec drops one space after each "data:"
-                    payload = b"\n".join(d[1:] if d[:1] == b" " else d for d in data).strip()
-                    data.clear()
-                n += 1
-                if payload == b"[DONE]":
-                    self.done = True
-                elif payload:
-                    payloads.append(payload)
-        self.events += n
-        return payloads
-
-    def close(self) -> list[bytes]:
-        """At the end of the body: the payload of a last event left unterminated."""
-        return self.feed(b"\n\n") if self.buffer or self.data else []
 
 
 # --------------------------------------------------------------------------- client
@@ -518,19 +341,19 @@ class ModelClient:
                             page = data
                             break
                         raise self._not_expected(content_type, page, "an event stream")
-                    parser = _SSEParser()
+                    parser = SSEParser()
                     head: bytes | None = None
                     async for data in response.aiter_bytes():
                         if head is None:
                             head = data
                         for payload in parser.feed(data):
-                            for event in folder.feed(_parse_chunk(payload)):
+                            for event in folder.feed(parse_chunk(payload)):
                                 yield event
                         if parser.done:
                             break
                     else:
                         for payload in parser.close():
-                            for event in folder.feed(_parse_chunk(payload)):
+                            for event in folder.feed(parse_chunk(payload)):
                                 yield event
                     if parser.events == 0 and folder.finish_reason is None:
                         raise self._not_expected(content_type, head or b"", "an event stream")
@@ -538,10 +361,10 @@ class ModelClient:
                 finally:
                     await response.aclose()
 
-    def _parse_reply(self, raw: bytes, content_type: str) -> _Chunk:
+    def _parse_reply(self, raw: bytes, content_type: str) -> Chunk:
         """A whole (non-streamed) answer as one chunk, or say what came instead of JSON."""
         try:
-            return _parse_chunk(raw)
+            return parse_chunk(raw)
         except ValueError:
             if raw.lstrip()[:1] in (b"{", b"["):
                 raise  # JSON that is not a reply: reported as a broken answer
@@ -744,7 +567,7 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"
 
 
-def _check_complete(parser: _SSEParser, folder: RoundFolder) -> None:
+def _check_complete(parser: SSEParser, folder: RoundFolder) -> None:
     if not parser.done and folder.finish_reason is None:
         raise ModelAPIError(
             f"The model's stream ended early after {folder.chunks} chunks "

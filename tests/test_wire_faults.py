@@ -14,9 +14,10 @@ import pytest
 
 import nbchat
 from nbchat import ConfigError, ModelAPIError, Session
-from nbchat._client import ModelClient, RoundFolder, _http_library, _SSEParser
+from nbchat._client import ModelClient, RoundFolder, _http_library
 from nbchat._config import resolve_client
 from nbchat._types import Event
+from nbchat._wire import SSEParser
 from nbchat.testing import FakeOpenAIServer
 
 KEY = "sk-live-0123456789abcdefSECRET"
@@ -151,11 +152,11 @@ def test_valid_sse_variants_parse(fake: FakeOpenAIServer, variant: dict[str, Any
 
 def test_parser_joins_data_lines_and_handles_line_ends_split_across_reads() -> None:
     stream = b': ping\r\ndata: {"a":\r\ndata: 1}\r\n\r\nevent: x\rdata: [DONE]\r\r'
-    parser = _SSEParser()
+    parser = SSEParser()
     payloads = [p for i in range(len(stream)) for p in parser.feed(stream[i : i + 1])]
     assert payloads == [b'{"a":\n1}'] and not parser.done  # the last CR may start a CRLF
     assert parser.close() == [] and parser.done and parser.events == 2
-    last = _SSEParser()
+    last = SSEParser()
     assert last.feed(b'data: {"b": 2}') == [] and last.close() == [b'{"b": 2}']
 
 
