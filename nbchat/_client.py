@@ -335,17 +335,17 @@ class ModelClient:
                         for event in folder.feed(self._parse_reply(raw, content_type)):
                             yield event
                         return
-                    if content_type.startswith("text/html"):
-                        page = b""
-                        async for data in response.aiter_bytes():
-                            page = data
-                            break
-                        raise self._not_expected(content_type, page, "an event stream")
+                    # Trust a server that says event-stream; otherwise a body that opens
+                    # like a page (HTML, XML) is reported at its first read, and one that
+                    # gave no event by its end is reported then.
+                    sse = "event-stream" in content_type
                     parser = SSEParser()
                     head: bytes | None = None
                     async for data in response.aiter_bytes():
                         if head is None:
                             head = data
+                            if not sse and data.lstrip()[:1] == b"<":
+                                raise self._not_expected(content_type, data, "an event stream")
                         for payload in parser.feed(data):
                             for event in folder.feed(parse_chunk(payload)):
                                 yield event
@@ -355,7 +355,7 @@ class ModelClient:
                         for payload in parser.close():
                             for event in folder.feed(parse_chunk(payload)):
                                 yield event
-                    if parser.events == 0 and folder.finish_reason is None:
+                    if not sse and parser.events == 0:
                         raise self._not_expected(content_type, head or b"", "an event stream")
                     _check_complete(parser, folder)
                 finally:

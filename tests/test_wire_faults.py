@@ -336,3 +336,49 @@ def test_an_error_body_with_lone_surrogates_is_made_valid(fake: FakeOpenAIServer
     error = error_of(client_for(fake))
     assert "upstream \ufffd broke" in str(error)
     assert json.dumps(error.body, ensure_ascii=False).encode()  # storable as UTF-8
+
+
+def test_an_event_stream_with_no_events_is_an_early_end_not_html(fake: FakeOpenAIServer) -> None:
+    fake.enqueue(raw_body=": ping\n\n: ping\n\n", raw_content_type="text/event-stream")
+    message = str(error_of(client_for(fake)))
+    assert message.startswith("The model's stream ended early after 0 chunks")
+
+
+def test_a_mislabelled_event_stream_still_parses(fake: FakeOpenAIServer) -> None:
+    event = {"choices": [{"delta": {"content": "ok"}, "finish_reason": "stop"}]}
+    body = f"data: {json.dumps(event)}\n\ndata: [DONE]\n\n"
+    fake.enqueue(raw_body=body, raw_content_type="text/plain")
+    folder = RoundFolder()
+    run(client_for(fake), folder)
+    assert folder.text == "ok"
+
+
+def test_error_details_are_never_empty() -> None:
+    from nbchat._client import _describe
+
+    # httpx's timeouts often carry no message: "ReadTimeout: " told nobody anything.
+    for exc in (_http_library().ReadTimeout(""), ValueError("")):
+        name, detail = _describe(exc).split(": ", 1)
+        assert name == type(exc).__name__ and detail.strip()
+
+
+def test_the_key_source_survives_set_model(
+    fake: FakeOpenAIServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NBCHAT_API_KEY", KEY)
+    s = Session(model="m", base_url=fake.url, db=False, max_retries=0)
+    s.set_model("m2")
+    fake.enqueue_error(401, "Incorrect API key provided")
+    result = s.send("hi")
+    assert result.error and "came from NBCHAT_API_KEY" in result.error
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Session(stall_timeout=...) is not wired to ModelClient yet (nbchat/_session.py)",
+)
+def test_a_session_stall_timeout_reaches_the_client(fake: FakeOpenAIServer) -> None:
+    fake.enqueue("abcdef", chunk_size=1, stall_after=2, stall_seconds=10)
+    s = Session(model="m", base_url=fake.url, api_key="k", db=False, stall_timeout=0.3)  # type: ignore[call-arg]
+    result = s.send("hi")
+    assert result.error and "stopped sending for 0.3 s" in result.error
