@@ -13,8 +13,8 @@ __all__ = ["REDACTED", "redact", "redact_data", "valid_data", "valid_text"]
 
 REDACTED = "[redacted]"
 # Shapes of credentials worth hiding even when nbchat does not know the value: OpenAI-style
-# keys (sk-..., sk-proj-..., also half-masked "sk-abc***xyz") and bearer tokens.
-_KEY_SHAPES = re.compile(r"\bsk-[A-Za-z0-9_*\-]{4,}|(?<=\bBearer )[^\s\"',;]+", re.IGNORECASE)
+# keys (sk-..., sk-proj-..., also half-masked "sk-abc***xyz") and bearer tokens (RFC 6750).
+_KEY_SHAPES = re.compile(r"\bsk-[A-Za-z0-9_*\-]{8,}|(?<=\bBearer )[A-Za-z0-9\-._~+/*]{8,}=*", re.I)
 # Shorter "secrets" are placeholders or test values; replacing them everywhere would
 # mangle the text around them more than it protects.
 _MIN_SECRET = 4
@@ -24,15 +24,14 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 def redact(text: str, *secrets: str) -> str:
     """``text`` with each of ``secrets`` and anything shaped like a key replaced by [redacted].
 
-    A key shape is ``sk-...`` or the token after ``Bearer``. Secrets shorter than four
-    characters are left alone (they are not secrets, and would match everywhere).
+    A key shape is ``sk-`` or ``Bearer `` followed by eight or more token characters.
+    Secrets shorter than four characters are left alone (they are not secrets, and
+    would match everywhere).
     """
     for secret in secrets:
         if len(secret) >= _MIN_SECRET and secret in text:
             text = text.replace(secret, REDACTED)
-    if "sk-" in text or "earer" in text:
-        text = _KEY_SHAPES.sub(_mask, text)
-    return text
+    return _KEY_SHAPES.sub(_mask, text)
 
 
 def _mask(match: re.Match[str]) -> str:
