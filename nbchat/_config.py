@@ -38,7 +38,7 @@ _defaults: dict[str, Any] = {}
 # Where a key came from, as error messages name it (never the key itself).
 KEY_FROM_ARGUMENT = "the api_key= argument"
 KEY_FROM_KERNEL = "the kernel's setting (%chat config api_key=... or nbchat.configure)"
-KEY_FROM_NONE = "no key (a local server needs none)"
+KEY_FROM_NONE = "no key: a placeholder for a local server"
 
 
 class Secret:
@@ -132,11 +132,10 @@ class ClientSettings:
 
     def key_hint(self) -> str:
         """Which key was sent and how to send another, for a 401 message (never the key)."""
-        return (
-            f"The key sent came from {self.api_key.source}; set another with "
-            "%chat config api_key=..., the NBCHAT_API_KEY environment variable, "
-            "or Session(api_key=...)."
-        )
+        how = "%chat config api_key=..., the NBCHAT_API_KEY environment variable, or api_key=..."
+        if self.api_key.source == KEY_FROM_NONE:
+            return f"No key was set (this local server was sent a placeholder); set one with {how}."
+        return f"The key sent came from {self.api_key.source}; set another with {how}."
 
 
 def resolve_client(

@@ -382,3 +382,11 @@ def test_a_session_stall_timeout_reaches_the_client(fake: FakeOpenAIServer) -> N
     s = Session(model="m", base_url=fake.url, api_key="k", db=False, stall_timeout=0.3)  # type: ignore[call-arg]
     result = s.send("hi")
     assert result.error and "stopped sending for 0.3 s" in result.error
+
+
+def test_a_401_from_a_local_server_without_a_key_says_none_was_set(
+    fake: FakeOpenAIServer,
+) -> None:
+    fake.enqueue_error(401, "This server wants a key")
+    message = str(error_of(client_for(fake, key=None)))
+    assert "No key was set" in message and "%chat config api_key=..." in message
