@@ -607,7 +607,9 @@ def _stream_events(reply: Reply, body: dict[str, Any], number: int) -> list[byte
         events.append(
             b"data: " + _with_usage(_dumps({**head, "choices": []}), reply, usage) + b"\n\n"
         )
-    return [_reshaped(e, reply) for e in events]
+    if reply.multiline_data or reply.line_ending != "\n":
+        events = [_reshaped(e, reply) for e in events]
+    return events
 
 
 def _reshaped(event: bytes, reply: Reply) -> bytes:
