@@ -8,22 +8,25 @@ thousands of chunks is the common case in a notebook.
 
 ``RoundFolder`` folds the deltas of one request into one assistant message: text, tool
 calls gathered by ``index`` (id, name, argument fragments), finish reason and usage.
+What the server sends is parsed and checked in ``_wire``; every error leaving
+``ModelClient`` is one ``ModelAPIError`` with the key redacted from it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict
-
 from . import _runner
 from ._config import ClientSettings
 from ._exceptions import ModelAPIError
+from ._text import redact, redact_data, valid_data, valid_text
 from ._types import (
     Event,
     ReasoningDelta,
@@ -36,6 +39,17 @@ from ._types import (
     UsageEvent,
     new_id,
 )
+from ._wire import (
+    Chunk,
+    FunctionDelta,
+    SSEParser,
+    ToolCallChunk,
+    error_from_body,
+    parse_chunk,
+    request_usage,
+)
+
+_SSEParser = SSEParser  # tests/test_session.py imports it from here
 
 if TYPE_CHECKING:
     import openai
@@ -45,59 +59,7 @@ __all__ = ["ModelClient", "RoundFolder"]
 # openai clients shared per endpoint (base URL, key, retries, timeout): connection reuse,
 # and no pools left for the garbage collector to find unclosed.
 _cache_lock = threading.Lock()
-_sync_clients: dict[tuple[str, str, int, float], openai.OpenAI] = {}
 _async_clients: dict[tuple[str, str, int, float], openai.AsyncOpenAI] = {}
-
-
-# --------------------------------------------------------------------------- wire models
-# Only the fields nbchat reads; everything else a server sends is ignored.
-
-
-class _Wire(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-
-class _FunctionDelta(_Wire):
-    name: str | None = None
-    arguments: str | None = None
-
-
-class _ToolCallDelta(_Wire):
-    index: int | None = None
-    id: str | None = None
-    function: _FunctionDelta | None = None
-
-
-class _Delta(_Wire):
-    content: str | None = None
-    reasoning_content: str | None = None
-    reasoning: str | None = None
-    tool_calls: list[_ToolCallDelta] | None = None
-
-
-class _Choice(_Wire):
-    delta: _Delta | None = None
-    message: _Delta | None = None  # non-streamed replies carry the whole message here
-    finish_reason: str | None = None
-
-
-class _TokenDetails(_Wire):
-    cached_tokens: int | None = None
-    reasoning_tokens: int | None = None
-
-
-class _Usage(_Wire):
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    prompt_tokens_details: _TokenDetails | None = None
-    completion_tokens_details: _TokenDetails | None = None
-
-
-class _Chunk(_Wire):
-    model: str | None = None
-    choices: list[_Choice] = []
-    usage: _Usage | None = None
-    error: dict[str, Any] | None = None
 
 
 # --------------------------------------------------------------------------- folding
@@ -157,15 +119,15 @@ class RoundFolder:
             for _, c in sorted(self.calls.items())
         ]
 
-    def feed(self, chunk: _Chunk) -> list[Event]:
+    def feed(self, chunk: Chunk) -> list[Event]:
         """Fold one parsed chunk in; return the events it produced."""
         self.chunks += 1
         if chunk.error is not None:
-            raise _error_from_body(chunk.error)
+            raise error_from_body(chunk.error)
         if chunk.model and self.model is None:
             self.model = chunk.model
         if chunk.usage is not None:
-            self.usage = _request_usage(chunk.usage)
+            self.usage = request_usage(chunk.usage) or self.usage
         events: list[Event] = []
         for choice in chunk.choices:
             if choice.finish_reason:
@@ -187,10 +149,10 @@ class RoundFolder:
                     events.extend(self._feed_tool_call(tc, position))
         return events
 
-    def _feed_tool_call(self, tc: _ToolCallDelta, position: int) -> list[Event]:
+    def _feed_tool_call(self, tc: ToolCallChunk, position: int) -> list[Event]:
         # Some servers omit `index` on non-streamed messages: fall back to the position.
         index = tc.index if tc.index is not None else position
-        fn = tc.function or _FunctionDelta()
+        fn = tc.function or FunctionDelta()
         events: list[Event] = []
         pending = self.calls.get(index)
         if pending is None:
@@ -227,70 +189,34 @@ class RoundFolder:
             self.first_token_at = time.perf_counter()
 
 
-def _request_usage(u: _Usage) -> RequestUsage:
-    prompt_details = u.prompt_tokens_details or _TokenDetails()
-    completion_details = u.completion_tokens_details or _TokenDetails()
-    return RequestUsage(
-        prompt_tokens=u.prompt_tokens,
-        completion_tokens=u.completion_tokens,
-        cached_tokens=prompt_details.cached_tokens,
-        reasoning_tokens=completion_details.reasoning_tokens,
-    )
-
-
-def _error_from_body(body: Any, status_code: int | None = None) -> ModelAPIError:
-    err = body.get("error", body) if isinstance(body, dict) else None
-    if isinstance(err, dict):
-        message = str(err.get("message") or "the server reported an error")
-        code = err.get("code")
-    else:
-        message, code = str(body or "the server reported an error"), None
-    return ModelAPIError(
-        f"The model server returned an error: {message}",
-        status_code=status_code,
-        body=body,
-        code=str(code) if code else None,
-    )
-
-
-class _SSEParser:
-    """Splits a byte stream into SSE ``data:`` payloads; notes the ``[DONE]`` marker."""
-
-    __slots__ = ("buffer", "done")
-
-    def __init__(self) -> None:
-        self.buffer = b""
-        self.done = False
-
-    def feed(self, data: bytes) -> list[bytes]:
-        self.buffer += data
-        if b"\n" not in data:
-            return []
-        *lines, self.buffer = self.buffer.split(b"\n")
-        payloads = []
-        for line in lines:
-            if not line.startswith(b"data:"):
-                continue  # blank separators, comments (": ping"), event:/id: fields
-            payload = line[5:].strip()
-            if payload == b"[DONE]":
-                self.done = True
-            elif payload:
-                payloads.append(payload)
-        return payloads
-
-
 # --------------------------------------------------------------------------- client
+
+DEFAULT_STALL_TIMEOUT = 60.0
+# How much of a body that is not what was expected gets quoted in the error.
+_QUOTE_CHARS = 120
 
 
 class ModelClient:
-    """One OpenAI-compatible endpoint; builds the sync and async ``openai`` clients lazily."""
+    """One OpenAI-compatible endpoint; builds its ``openai.AsyncOpenAI`` client lazily.
+
+    ``timeout`` bounds connecting, sending, and waiting for a non-streamed answer;
+    ``stall_timeout`` is how long a stream may go without a byte before it is given up
+    (``None``: only ``timeout``). Every error it raises is a ``ModelAPIError`` whose
+    message and body have the key (and anything shaped like one) redacted.
+    """
 
     def __init__(
-        self, settings: ClientSettings, *, max_retries: int = 2, timeout: float = 600.0
+        self,
+        settings: ClientSettings,
+        *,
+        max_retries: int = 2,
+        timeout: float = 600.0,
+        stall_timeout: float | None = DEFAULT_STALL_TIMEOUT,
     ) -> None:
         self.settings = settings
         self.max_retries = max_retries
         self.timeout = timeout
+        self.stall_timeout = stall_timeout
 
     def __repr__(self) -> str:
         return f"ModelClient(model={self.settings.model!r}, base_url={self.settings.base_url!r})"
@@ -311,16 +237,6 @@ class ModelClient:
     def _cache_key(self) -> tuple[str, str, int, float]:
         s = self.settings
         return (s.base_url, s.api_key.get_secret_value(), self.max_retries, self.timeout)
-
-    def sync_client(self) -> openai.OpenAI:
-        """The ``openai.OpenAI`` client, shared by every session with the same endpoint."""
-        with _cache_lock:
-            client = _sync_clients.get(self._cache_key())
-            if client is None:
-                import openai
-
-                client = _sync_clients[self._cache_key()] = openai.OpenAI(**self._options())
-        return client
 
     @contextlib.asynccontextmanager
     async def async_client(self) -> AsyncIterator[openai.AsyncOpenAI]:
@@ -358,6 +274,39 @@ class ModelClient:
             body["stream_options"] = {"include_usage": True}
         return body
 
+    def _request_options(self, stream: bool) -> Any:  # the SDK's RequestOptions TypedDict
+        if not stream or self.stall_timeout is None:
+            return {}
+        import openai
+
+        # httpx's read timeout is the longest wait for the next byte: a stall timeout.
+        return {"timeout": openai.Timeout(self.timeout, read=self.stall_timeout)}
+
+    async def _post(self, client: openai.AsyncOpenAI, body: dict[str, Any], stream: bool) -> Any:
+        # client.post skips the SDK's walk over the request body, which costs ~0.3 s for
+        # a 600-message history; auth, retries and errors are the same.
+        options = self._request_options(stream)
+        try:
+            return await client.post(
+                "/chat/completions",
+                body=body,
+                cast_to=_response_class(),
+                stream=True,
+                options=options,
+            )
+        except UnicodeEncodeError as exc:
+            if exc.encoding.replace("-", "").lower() != "utf8":
+                raise
+        # A lone surrogate somewhere in the history cannot be encoded: send U+FFFD
+        # instead (walking the body only now that it failed).
+        return await client.post(
+            "/chat/completions",
+            body=valid_data(body),
+            cast_to=_response_class(),
+            stream=True,
+            options=options,
+        )
+
     async def astream(
         self,
         messages: list[dict[str, Any]],
@@ -370,63 +319,148 @@ class ModelClient:
         """Send one request; yield its delta events while ``folder`` accumulates the message.
 
         Raises ``ModelAPIError`` for an HTTP error (after the client's retries), a broken
-        stream, or an error the server sends inside the stream. What arrived before a
-        failure stays in ``folder``.
+        or stalled stream, an answer that is not an event stream (an HTML page), or an
+        error the server sends inside the stream. What arrived before a failure stays in
+        ``folder``.
         """
         body = self._body(messages, tools, stream, params)
-        with _translated_errors(folder):
+        with self._translated_errors(folder, stream=stream):
             async with self.async_client() as client:
-                # client.post skips the SDK's walk over the request body, which costs
-                # ~0.3 s for a 600-message history; auth, retries and errors are the same.
-                response = await client.post(
-                    "/chat/completions", body=body, cast_to=_response_class(), stream=True
-                )
+                response = await self._post(client, body, stream)
                 try:
-                    if not stream:
-                        for event in folder.feed(
-                            _Chunk.model_validate_json(await response.aread())
-                        ):
+                    content_type = response.headers.get("content-type", "").lower()
+                    if not stream or "json" in content_type:
+                        # A server may ignore stream=true and answer one JSON object.
+                        raw = await response.aread()
+                        for event in folder.feed(self._parse_reply(raw, content_type)):
                             yield event
                         return
-                    parser = _SSEParser()
+                    # Trust a server that says event-stream; otherwise a body that opens
+                    # like a page (HTML, XML) is reported at its first read, and one that
+                    # gave no event by its end is reported then.
+                    sse = "event-stream" in content_type
+                    parser = SSEParser()
+                    head: bytes | None = None
                     async for data in response.aiter_bytes():
+                        if head is None:
+                            head = data
+                            if not sse and data.lstrip()[:1] == b"<":
+                                raise self._not_expected(content_type, data, "an event stream")
                         for payload in parser.feed(data):
-                            for event in folder.feed(_Chunk.model_validate_json(payload)):
+                            for event in folder.feed(parse_chunk(payload)):
                                 yield event
                         if parser.done:
                             break
+                    else:
+                        for payload in parser.close():
+                            for event in folder.feed(parse_chunk(payload)):
+                                yield event
+                    if not sse and parser.events == 0:
+                        raise self._not_expected(content_type, head or b"", "an event stream")
                     _check_complete(parser, folder)
                 finally:
                     await response.aclose()
 
-    def stream_sync(
-        self,
-        messages: list[dict[str, Any]],
-        folder: RoundFolder,
-        *,
-        tools: list[dict[str, Any]] | None = None,
-        stream: bool = True,
-        **params: Any,
-    ) -> Iterator[Event]:
-        """The same request as ``astream``, for code without an event loop."""
-        body = self._body(messages, tools, stream, params)
-        with _translated_errors(folder):
-            response = self.sync_client().post(
-                "/chat/completions", body=body, cast_to=_response_class(), stream=True
-            )
+    def _parse_reply(self, raw: bytes, content_type: str) -> Chunk:
+        """A whole (non-streamed) answer as one chunk, or say what came instead of JSON."""
+        try:
+            return parse_chunk(raw)
+        except ValueError:
+            if raw.lstrip()[:1] in (b"{", b"["):
+                raise  # JSON that is not a reply: reported as a broken answer
+            raise self._not_expected(content_type, raw, "a JSON reply") from None
+
+    def _not_expected(self, content_type: str, head: bytes, expected: str) -> ModelAPIError:
+        """The error for a 200 whose body is not the API's: what came, and its first line."""
+        kind = content_type.split(";")[0].strip()
+        if kind == "text/html":
+            what = "an HTML page (text/html)"
+        else:
+            what = kind or "a body without a content type"
+        first = head.lstrip().split(b"\n", 1)[0].split(b"\r", 1)[0]
+        line = first.decode("utf-8", "replace").strip()
+        if len(line) > _QUOTE_CHARS:
+            line = line[:_QUOTE_CHARS] + "…"
+        shown = f"first line: {redact(line, *self._secrets())!r}" if line else "an empty body"
+        return ModelAPIError(
+            f"The model server at {self.settings.base_url} answered HTTP 200 with {what}, "
+            f"not {expected} ({shown}). Check base_url: it should be an OpenAI-compatible "
+            "API (usually ending in /v1), not a web page, a login page or a proxy's page."
+        )
+
+    def _secrets(self) -> tuple[str, ...]:
+        return (self.settings.api_key.get_secret_value(),)
+
+    @contextlib.contextmanager
+    def _translated_errors(self, folder: RoundFolder | None, *, stream: bool) -> Iterator[None]:
+        """Turn whatever the transport or the server raised into one ``ModelAPIError``,
+        with the key and anything shaped like one redacted from its message and body."""
+        import openai
+
+        try:
             try:
-                if not stream:
-                    yield from folder.feed(_Chunk.model_validate_json(response.read()))
-                    return
-                parser = _SSEParser()
-                for data in response.iter_bytes():
-                    for payload in parser.feed(data):
-                        yield from folder.feed(_Chunk.model_validate_json(payload))
-                    if parser.done:
-                        break
-                _check_complete(parser, folder)
-            finally:
-                response.close()
+                yield
+            except openai.APIError as exc:
+                raise self._api_error(exc, folder, stream) from exc
+            except ModelAPIError:
+                raise
+            except _transport_errors() as exc:
+                raise self._transport_error(exc, folder, stream) from exc
+            except ValueError as exc:  # undecodable or invalid payloads
+                raise _broken_stream(exc, folder) from exc
+        except ModelAPIError as error:
+            clean = _cleaned(error, self._secrets())
+            if clean is error:
+                raise
+            raise clean from None  # the original and its cause may hold the secret
+
+    def _transport_error(
+        self, exc: BaseException, folder: RoundFolder | None, stream: bool
+    ) -> ModelAPIError:
+        http = _http_library()
+        if isinstance(exc, http.ReadTimeout):
+            n = folder.chunks if folder is not None else 0
+            if stream and self.stall_timeout is not None:
+                return ModelAPIError(
+                    f"The model server stopped sending for {self.stall_timeout:g} s "
+                    f"(stall_timeout) after {n} chunks; the partial reply was kept."
+                )
+            return ModelAPIError(
+                f"The model server sent nothing for {self.timeout:g} s (timeout) while "
+                f"answering; {n} chunks arrived."
+            )
+        return _broken_stream(exc, folder)
+
+    def _api_error(
+        self, exc: openai.APIError, folder: RoundFolder | None, stream: bool
+    ) -> ModelAPIError:
+        import openai
+
+        url = self.settings.base_url
+        status = getattr(exc, "status_code", None)
+        tries = f"{self.max_retries + 1} attempt{'s' if self.max_retries else ''}"
+        if isinstance(exc, openai.APITimeoutError):
+            waits = f"connect/answer timeout {self.timeout:g} s"
+            if stream and self.stall_timeout is not None:
+                waits += f", nothing sent for {self.stall_timeout:g} s (stall_timeout)"
+            message = f"The model server at {url} did not answer in time ({waits}; {tries})."
+        elif isinstance(exc, openai.APIConnectionError):
+            cause = _describe(exc.__cause__) if exc.__cause__ else _describe(exc)
+            message = f"Could not connect to the model server at {url} ({cause}; {tries})."
+        elif isinstance(exc, openai.APIStatusError):
+            message = f"The model server answered HTTP {status}: {exc.message}"
+            if status == 401:
+                message += " " + self.settings.key_hint()
+        else:
+            message = f"The model server failed: {_describe(exc)}"
+        if folder is not None and folder.chunks:
+            message += (
+                f" The stream broke after {folder.chunks} chunks; the partial reply was kept."
+            )
+        code = getattr(exc, "code", None)
+        return ModelAPIError(
+            message, status_code=status, body=exc.body, code=str(code) if code else None
+        )
 
     def usage_event(
         self,
@@ -465,44 +499,75 @@ class ModelClient:
 
     async def list_models(self) -> list[str]:
         """The model ids the server offers (``GET /models``)."""
-        import openai
-
-        try:
+        with self._translated_errors(None, stream=False):
             async with self.async_client() as client:
                 page = await client.models.list()
-        except openai.APIError as exc:
-            raise _api_error(exc, None) from exc
         return sorted(m.id for m in page.data)
 
 
+# ------------------------------------------------------------- the HTTP library under openai
+# openai 1.x is built on httpx, later versions on its fork httpx2. nbchat needs that
+# library's Response class (to ask client.post for the raw response) and its error
+# classes (a stream cut or stalled mid-way raises them unwrapped). Both come from here.
+
+
+@functools.cache
+def _http_library() -> Any:
+    """The module (``httpx`` or ``httpx2``) whose client the installed ``openai`` uses.
+
+    Found through public names only: ``openai.DefaultAsyncHttpxClient`` subclasses that
+    library's ``AsyncClient``, which both libraries export under their own module name.
+    """
+    import openai
+
+    for base in openai.DefaultAsyncHttpxClient.__mro__[1:]:
+        module = sys.modules.get(base.__module__)
+        if module is not None and base is getattr(module, "AsyncClient", None):
+            return module
+    raise ImportError(
+        "nbchat cannot find the HTTP library under this openai version "
+        f"({openai.__version__}): openai.DefaultAsyncHttpxClient is not an httpx AsyncClient."
+    )
+
+
 def _response_class() -> type[Any]:
-    """The HTTP response class the ``openai`` client is built on (httpx, or its fork)."""
-    import openai
-
-    return openai._httpx.Response  # type: ignore[attr-defined,no-any-return]
+    """The raw HTTP response class ``client.post(cast_to=...)`` hands back unparsed."""
+    return _http_library().Response  # type: ignore[no-any-return]
 
 
-@contextlib.contextmanager
-def _translated_errors(folder: RoundFolder) -> Iterator[None]:
-    """Turn whatever the transport or the server raised into one ``ModelAPIError``."""
-    import openai
-
-    try:
-        yield
-    except openai.APIError as exc:
-        raise _api_error(exc, folder) from exc
-    except ModelAPIError:
-        raise
-    except (OSError, ValueError) as exc:  # transport failures, undecodable payloads
-        raise _broken_stream(exc, folder) from exc
-    except Exception as exc:
-        # httpx signals a cut connection with its own exception classes.
-        if type(exc).__module__.startswith(("httpx", "httpcore")):
-            raise _broken_stream(exc, folder) from exc
-        raise
+@functools.cache
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """What a cut, stalled or undecodable connection raises while a body is read."""
+    http = _http_library()
+    return (http.HTTPError, http.StreamError, OSError)
 
 
-def _check_complete(parser: _SSEParser, folder: RoundFolder) -> None:
+def _cleaned(error: ModelAPIError, secrets: tuple[str, ...]) -> ModelAPIError:
+    """``error`` with secrets redacted and text made valid Unicode (lone surrogates from
+    an error body would fail to store), or ``error`` itself when nothing changed."""
+    message = str(error)
+    clean_message = valid_text(redact(message, *secrets))
+    clean_body = valid_data(redact_data(error.body, *secrets))
+    clean_code = valid_text(redact(error.code, *secrets)) if error.code else error.code
+    if clean_message == message and clean_body == error.body and clean_code == error.code:
+        return error
+    return ModelAPIError(
+        clean_message, status_code=error.status_code, body=clean_body, code=clean_code
+    )
+
+
+def _describe(exc: BaseException) -> str:
+    """``Type: message``, never an empty message (httpx timeouts often have none)."""
+    text = str(exc).strip()
+    if not text and exc.__cause__ is not None:
+        text = str(exc.__cause__).strip()
+    if not text:
+        doc = (type(exc).__doc__ or "").strip().splitlines()
+        text = doc[0].rstrip(".") if doc else "no detail given"
+    return f"{type(exc).__name__}: {text}"
+
+
+def _check_complete(parser: SSEParser, folder: RoundFolder) -> None:
     if not parser.done and folder.finish_reason is None:
         raise ModelAPIError(
             f"The model's stream ended early after {folder.chunks} chunks "
@@ -510,28 +575,8 @@ def _check_complete(parser: _SSEParser, folder: RoundFolder) -> None:
         )
 
 
-def _broken_stream(exc: BaseException, folder: RoundFolder) -> ModelAPIError:
+def _broken_stream(exc: BaseException, folder: RoundFolder | None) -> ModelAPIError:
+    n = folder.chunks if folder is not None else 0
     return ModelAPIError(
-        f"The model's stream broke after {folder.chunks} chunks ({type(exc).__name__}: {exc}); "
-        "the partial reply was kept."
+        f"The model's stream broke after {n} chunks ({_describe(exc)}); the partial reply was kept."
     )
-
-
-def _api_error(exc: Any, folder: RoundFolder | None) -> ModelAPIError:
-    import openai
-
-    status = getattr(exc, "status_code", None)
-    body = getattr(exc, "body", None)
-    if isinstance(exc, openai.APITimeoutError):
-        message = "The model server did not answer in time (after retries)."
-    elif isinstance(exc, openai.APIConnectionError):
-        message = f"Could not connect to the model server ({exc.__cause__ or exc})."
-    elif isinstance(exc, openai.APIStatusError):
-        detail = exc.message
-        message = f"The model server answered HTTP {status}: {detail}"
-    else:
-        message = f"The model server failed: {exc}"
-    if folder is not None and folder.chunks:
-        message += f" The stream broke after {folder.chunks} chunks; the partial reply was kept."
-    code = getattr(exc, "code", None)
-    return ModelAPIError(message, status_code=status, body=body, code=str(code) if code else None)

@@ -35,13 +35,24 @@ DEFAULT_KEYS = frozenset(
 _defaults: dict[str, Any] = {}
 
 
+# Where a key came from, as error messages name it (never the key itself).
+KEY_FROM_ARGUMENT = "the api_key= argument"
+KEY_FROM_KERNEL = "the kernel's setting (%chat config api_key=... or nbchat.configure)"
+KEY_FROM_NONE = "no key: a placeholder for a local server"
+
+
 class Secret:
-    """A string that never shows itself: its repr and str are masked."""
+    """A string that never shows itself: its repr and str are masked.
 
-    __slots__ = ("_value",)
+    ``source`` says where it came from (an environment variable's name, ``%chat config``,
+    an argument), so an error about a rejected key can say which one was used.
+    """
 
-    def __init__(self, value: str) -> None:
+    __slots__ = ("_value", "source")
+
+    def __init__(self, value: str, source: str = KEY_FROM_ARGUMENT) -> None:
         self._value = value
+        self.source = source
 
     def get_secret_value(self) -> str:
         """The real value (to hand to the HTTP client, nowhere else)."""
@@ -74,7 +85,7 @@ def set_defaults(**values: Any) -> dict[str, Any]:
         if value is None:
             _defaults.pop(key, None)
         else:
-            _defaults[key] = Secret(value) if key == "api_key" else value
+            _defaults[key] = Secret(value, KEY_FROM_KERNEL) if key == "api_key" else value
     return get_defaults()
 
 
@@ -89,10 +100,16 @@ def reset_defaults() -> None:
 
 
 def _env(*names: str) -> str | None:
+    found = _env_named(*names)
+    return found[1] if found else None
+
+
+def _env_named(*names: str) -> tuple[str, str] | None:
+    """(name, value) of the first of ``names`` set in the environment."""
     for name in names:
         value = os.environ.get(name)
         if value:
-            return value
+            return name, value
     return None
 
 
@@ -106,11 +123,19 @@ def is_loopback(base_url: str | None) -> bool:
 
 @dataclass(frozen=True)
 class ClientSettings:
-    """The resolved endpoint of a session: model, base URL and key."""
+    """The resolved endpoint of a session: model, base URL and key (``api_key.source``
+    says where the key came from)."""
 
     model: str
     base_url: str
     api_key: Secret
+
+    def key_hint(self) -> str:
+        """Which key was sent and how to send another, for a 401 message (never the key)."""
+        how = "%chat config api_key=..., the NBCHAT_API_KEY environment variable, or api_key=..."
+        if self.api_key.source == KEY_FROM_NONE:
+            return f"No key was set (this local server was sent a placeholder); set one with {how}."
+        return f"The key sent came from {self.api_key.source}; set another with {how}."
 
 
 def resolve_client(
@@ -127,20 +152,22 @@ def resolve_client(
         or OPENAI_BASE_URL
     )
     key: Secret | str | None = api_key or _defaults.get("api_key")
-    if key is None:
-        key = _env("NBCHAT_API_KEY", "OPENAI_API_KEY")
+    if not key:
+        found = _env_named("NBCHAT_API_KEY", "OPENAI_API_KEY")
+        key = Secret(found[1], found[0]) if found else None
     if not model:
         raise ConfigError(
-            "No model configured: pass model=..., run %chat config model=NAME, "
-            "or set NBCHAT_MODEL (nbchat.local() starts a free local model)."
+            "No model configured: run %chat config model=NAME (or %chat local for a free "
+            "local model) in a notebook, pass model=..., or set NBCHAT_MODEL; from Python, "
+            "nbchat.local() starts the local model."
         )
     if not key:
         if not is_loopback(base_url):
             raise ConfigError(
-                f"No API key for {base_url}: set NBCHAT_API_KEY (or OPENAI_API_KEY), "
-                "or pass api_key=... (nbchat.local() needs no key)."
+                f"No API key for {base_url}: run %chat config api_key=..., set NBCHAT_API_KEY "
+                "(or OPENAI_API_KEY), or pass api_key=... (%chat local needs no key)."
             )
-        key = "not-needed-for-a-local-server"
+        key = Secret("not-needed-for-a-local-server", KEY_FROM_NONE)
     secret = key if isinstance(key, Secret) else Secret(key)
     return ClientSettings(model=model, base_url=base_url.rstrip("/"), api_key=secret)
 

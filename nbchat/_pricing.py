@@ -7,7 +7,9 @@ register their own price per model, and mark models free (local ones); any model
 named ``local/...`` (the embedded model) is free.
 
 ``genai_prices`` is imported inside the functions: it takes a quarter of a second
-to load, and ``import nbchat`` must stay cheap.
+to load, and ``import nbchat`` must stay cheap. Pricing never raises into a turn:
+token counts it cannot price (negative, not integers) and any failure inside
+genai-prices make the cost unknown, and a cost is never negative.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ __all__ = [
     "is_free",
     "mark_free",
     "provider_for",
+    "provider_from_url",
     "register_price",
     "request_cost",
 ]
@@ -114,23 +117,37 @@ def is_free(model: str) -> bool:
     return price is not None and price.free
 
 
+@lru_cache(maxsize=64)
+def provider_from_url(base_url: str) -> str | None:
+    """The provider genai-prices recognises from an API URL alone, if any.
+
+    genai-prices has no public call for this (``calc_price(provider_api_url=...)``
+    also needs a model it knows), so this is nbchat's one use of its private snapshot
+    API; ``tests/test_pricing.py`` fails if an upgrade changes it.
+    """
+    from genai_prices.data_snapshot import get_snapshot
+
+    try:
+        provider = get_snapshot().find_provider(None, None, base_url)
+    except LookupError:
+        return None  # a proxy or local server: the model name is recognised instead
+    except Exception:  # a changed private API must not cost a turn; the test catches it
+        return None
+    return str(provider.id)
+
+
 @lru_cache(maxsize=256)
 def _lookup(model: str, base_url: str | None) -> tuple[str | None, Any]:
     """(provider id, genai-prices ModelInfo) for a model at an endpoint; either may be None."""
-    from genai_prices.data_snapshot import get_snapshot
+    from genai_prices import Usage, calc_price
 
-    snapshot = get_snapshot()
-    provider = None
-    if base_url:
-        try:
-            provider = snapshot.find_provider(None, None, base_url)
-        except LookupError:
-            provider = None  # a proxy or local server: recognise the model name instead
+    provider = provider_from_url(base_url) if base_url else None
     try:
-        found_provider, info = snapshot.find_provider_model(model, provider, None, None)
-    except LookupError:
-        return (provider.id if provider is not None else None), None
-    return found_provider.id, info
+        # Pricing nothing is the public way to ask which model and provider match.
+        found = calc_price(Usage(input_tokens=0, output_tokens=0), model, provider_id=provider)
+    except Exception:  # LookupError for an unknown model; anything else is genai-prices'
+        return provider, None
+    return str(found.provider.id), found.model
 
 
 def provider_for(model: str, base_url: str | None = None) -> str | None:
@@ -154,36 +171,48 @@ def request_cost(
         local = _key(model).startswith(LOCAL_PREFIX) or is_loopback(base_url)
         return 0.0, "local" if local else provider_for(model, base_url)
     provider = provider_for(model, base_url)
-    if usage is None or usage.prompt_tokens is None or usage.completion_tokens is None:
+    prompt, completion = _count(usage, "prompt_tokens"), _count(usage, "completion_tokens")
+    if prompt is None or completion is None:
         return None, provider
-    cached = min(usage.cached_tokens or 0, usage.prompt_tokens)
+    cached = min(_count(usage, "cached_tokens") or 0, prompt)
     if price is not None:
         cached_rate = price.input_per_mtok
         if price.cached_input_per_mtok is not None:
             cached_rate = price.cached_input_per_mtok
         total = (
-            (usage.prompt_tokens - cached) * price.input_per_mtok
+            (prompt - cached) * price.input_per_mtok
             + cached * cached_rate
-            + usage.completion_tokens * price.output_per_mtok
+            + completion * price.output_per_mtok
         )
-        return total / 1_000_000, provider
+        return _cost(total / 1_000_000), provider
     _, info = _lookup(model, base_url)
     if info is None:
         return None, provider
     from genai_prices import Usage, calc_price
 
-    # OpenAI counts cached tokens inside prompt_tokens, as genai-prices expects of
-    # input_tokens; reasoning tokens are likewise inside completion_tokens.
-    tokens = Usage(
-        input_tokens=usage.prompt_tokens,
-        cache_read_tokens=cached or None,
-        output_tokens=usage.completion_tokens,
-    )
     try:
+        # OpenAI counts cached tokens inside prompt_tokens, as genai-prices expects of
+        # input_tokens; reasoning tokens are likewise inside completion_tokens.
+        tokens = Usage(
+            input_tokens=prompt, cache_read_tokens=cached or None, output_tokens=completion
+        )
         result = calc_price(tokens, model, provider_id=provider)
-    except (LookupError, ValueError):
+        return _cost(float(result.total_price)), provider
+    except Exception:  # genai-prices refusing a count (or failing) must not cost a turn
         return None, provider
-    return float(result.total_price), provider
+
+
+def _count(usage: RequestUsage | None, field: str) -> int | None:
+    """A token count that can be priced: a non-negative int, else ``None`` (unknown)."""
+    value = getattr(usage, field, None)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return None
+    return value
+
+
+def _cost(value: float) -> float | None:
+    """A cost as recorded: finite and non-negative, else unknown."""
+    return value if math.isfinite(value) and value >= 0 else None
 
 
 def context_window(model: str, base_url: str | None = None) -> int | None:

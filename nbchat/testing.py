@@ -105,6 +105,9 @@ class ErrorSpec(_Spec):
     ``rate_limit_exceeded``; 5xx: ``server_error``; other 4xx: ``invalid_request_error``).
     ``retry_after`` sends a ``retry-after`` header (seconds); ``should_retry`` sends
     ``x-should-retry``, which the ``openai`` client obeys instead of its own rule.
+    ``echo_key=True`` appends the credentials the request carried to the message
+    (``... (Authorization: Bearer sk-...)``), as some proxies do in their 401s: a test
+    that nothing shows or stores the key.
     """
 
     status: int = Field(ge=400, le=599)
@@ -114,12 +117,16 @@ class ErrorSpec(_Spec):
     param: str | None = None
     retry_after: float | None = None
     should_retry: bool | None = None
+    echo_key: bool = False
 
-    def body(self) -> dict[str, Any]:
-        """The JSON body of the error response."""
+    def body(self, authorization: str | None = None) -> dict[str, Any]:
+        """The JSON body of the error response (``authorization``: the request's header)."""
         default = "server_error" if self.status >= 500 else "invalid_request_error"
         kind, code = _OPENAI_ERRORS.get(self.status, (default, None))
-        error = {"message": self.message, "type": self.type or kind, "param": self.param}
+        message = self.message
+        if self.echo_key:
+            message += f" (Authorization: {authorization or '(none sent)'})"
+        error = {"message": message, "type": self.type or kind, "param": self.param}
         return {"error": {**error, "code": self.code or code}}
 
 
@@ -133,11 +140,26 @@ class Reply(_Spec):
     - ``usage``: ``"auto"`` estimates it (prompt: ``estimate_prompt_tokens``; completion:
       ceil(generated characters / 4)), a dict is sent as given (``total_tokens``
       added when missing), ``None`` sends none, even when the request asks for usage.
+      ``usage_json`` sends that JSON text verbatim as the usage value instead, for usage
+      no well-behaved server sends: ``'{"prompt_tokens": 1e400}'``, ``'"n/a"'``,
+      ``'{"prompt_tokens": -3, "completion_tokens": "12"}'``, 2**64.
     - ``finish_reason`` defaults to ``"tool_calls"`` when there are tool calls, else
       ``"stop"``. ``delay`` sleeps that many seconds before each chunk (a non-streamed
       reply waits it once).
     - ``cut_after=N`` sends N chunks, then drops the connection without ``[DONE]`` or the
       end of the chunked body; a non-streamed reply is dropped before any byte.
+    - ``stall_after=N, stall_seconds=S`` sends N chunks, then nothing for S seconds
+      (headers and chunks before it arrive at once), then the rest: a server that hangs
+      mid-stream. ``stall_after=0`` stalls before the first chunk; a non-streamed reply
+      waits ``stall_seconds`` before its answer.
+    - Wire format variants, all valid SSE: ``line_ending="\\r"`` (or ``"\\r\\n"``) ends
+      lines with a bare CR (CRLF) instead of LF; ``multiline_data=True`` spreads each
+      event's JSON over several ``data:`` lines (pretty-printed, one line each).
+    - ``raw_body`` answers that text verbatim with ``raw_status`` (200) and
+      ``raw_content_type`` (``text/html``) instead of a reply, as a web page, a captive
+      portal or a proxy's error page does; for streamed and plain requests alike.
+    - Text and arguments may hold lone surrogates (``"\\udcff"``): they go out as the
+      JSON escape, as a server that cuts a UTF-16 pair in two sends them.
     - ``error`` answers an HTTP error instead (see ``ErrorSpec``).
     """
 
@@ -147,9 +169,17 @@ class Reply(_Spec):
     tool_calls: list[ToolCallSpec] = Field(default_factory=list)
     reasoning: str | None = None
     usage: dict[str, Any] | Literal["auto"] | None = "auto"
+    usage_json: str | None = None
     finish_reason: str | None = None
     delay: float = Field(default=0.0, ge=0)
     cut_after: int | None = Field(default=None, ge=0)
+    stall_after: int | None = Field(default=None, ge=0)
+    stall_seconds: float = Field(default=0.0, ge=0)
+    line_ending: Literal["\n", "\r\n", "\r"] = "\n"
+    multiline_data: bool = False
+    raw_body: str | None = None
+    raw_status: int = Field(default=200, ge=100, le=599)
+    raw_content_type: str = "text/html; charset=utf-8"
     error: ErrorSpec | None = None
 
     @model_validator(mode="after")
@@ -191,8 +221,13 @@ def _split(s: str, size: int) -> list[str]:
     return [s[i : i + size] for i in range(0, len(s), size)]
 
 
-def _dumps(obj: Any) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+def _dumps(obj: Any, indent: int | None = None) -> bytes:
+    separators = (",", ":") if indent is None else (",", ": ")
+    text = json.dumps(obj, ensure_ascii=False, separators=separators, indent=indent)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:  # lone surrogates: send them as JSON escapes
+        return json.dumps(obj, separators=separators, indent=indent).encode()
 
 
 class FakeOpenAIServer:
@@ -229,6 +264,7 @@ class FakeOpenAIServer:
         self._requests: list[dict[str, Any]] = []
         self._headers: list[dict[str, str]] = []
         self._cond = threading.Condition()
+        self._stopping = threading.Event()  # wakes stalled replies when the server stops
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -245,6 +281,7 @@ class FakeOpenAIServer:
         """Bind the port and serve from a background thread; returns the server."""
         if self._httpd is not None:
             return self
+        self._stopping.clear()
         self._httpd = _HTTPServer((self.host, self.port), self)
         self.port = self._httpd.server_address[1]
         # A short poll interval so stop() returns quickly.
@@ -262,6 +299,7 @@ class FakeOpenAIServer:
         httpd, self._httpd = self._httpd, None
         if httpd is None:
             return
+        self._stopping.set()
         httpd.shutdown()
         httpd.close_connections()
         httpd.server_close()
@@ -293,7 +331,18 @@ class FakeOpenAIServer:
 
         ``enqueue("text", chunk_size=2)``, ``enqueue(tool_calls=[{"name": ..., "arguments":
         {...}}])``, ``enqueue(Reply(...))`` and ``enqueue({...})`` all work; the keyword
-        arguments are the fields of ``Reply``.
+        arguments are the fields of ``Reply``, faults included:
+
+        - ``cut_after=N``: drop the connection after N chunks;
+        - ``stall_after=N, stall_seconds=S``: go silent for S seconds after N chunks;
+        - ``delay=S``: S seconds before every chunk;
+        - ``raw_body="<html>...", raw_status=200, raw_content_type="text/html"``: answer
+          something that is not the API at all;
+        - ``line_ending="\\r"`` / ``"\\r\\n"``, ``multiline_data=True``: unusual but valid SSE;
+        - ``usage={...}`` (any values) or ``usage_json="<raw JSON>"``: odd usage reports;
+        - ``text="\\udcff"``: lone surrogates, sent as JSON escapes.
+
+        HTTP errors, including a 401 that echoes the key, are ``enqueue_error``.
         """
         if isinstance(reply, Reply):
             if fields:
@@ -316,9 +365,14 @@ class FakeOpenAIServer:
         type: str | None = None,
         param: str | None = None,
         retry_after: float | None = None,
+        echo_key: bool = False,
         repeat: int = 1,
     ) -> Reply:
-        """Queue an HTTP error in OpenAI's shape, e.g. ``enqueue_error(429, retry_after=1)``."""
+        """Queue an HTTP error in OpenAI's shape, e.g. ``enqueue_error(429, retry_after=1)``.
+
+        ``enqueue_error(401, "Incorrect API key", echo_key=True)`` echoes the request's
+        ``Authorization`` header in the message, as careless proxies do.
+        """
         spec = ErrorSpec(
             status=status,
             message=message,
@@ -326,6 +380,7 @@ class FakeOpenAIServer:
             type=type,
             param=param,
             retry_after=retry_after,
+            echo_key=echo_key,
         )
         return self.enqueue(Reply(error=spec), repeat=repeat)
 
@@ -423,7 +478,16 @@ class FakeOpenAIServer:
 # ---------------------------------------------------------------------- wire format
 
 
+def _with_usage(obj_json: bytes, reply: Reply, usage: Any) -> bytes:
+    """A JSON object (encoded) with its ``usage`` member added: verbatim ``usage_json``,
+    or ``usage`` encoded."""
+    raw = reply.usage_json.encode() if reply.usage_json is not None else _dumps(usage)
+    return obj_json[:-1] + b',"usage":' + raw + b"}"
+
+
 def _usage_for(reply: Reply, body: dict[str, Any], calls: list[tuple[str, str, str]]) -> Any:
+    if reply.usage_json is not None:
+        return reply.usage_json  # any non-None marker: the text itself is sent verbatim
     if reply.usage != "auto":
         usage = dict(reply.usage) if reply.usage is not None else None
         if usage and "total_tokens" not in usage:
@@ -444,8 +508,8 @@ def _usage_for(reply: Reply, body: dict[str, Any], calls: list[tuple[str, str, s
     }
 
 
-def _completion(reply: Reply, body: dict[str, Any], number: int) -> dict[str, Any]:
-    """The whole reply as one ``chat.completion`` object (non-streamed)."""
+def _completion(reply: Reply, body: dict[str, Any], number: int) -> bytes:
+    """The whole reply as one ``chat.completion`` object (non-streamed), encoded."""
     calls = _calls(reply, number)
     message: dict[str, Any] = {
         "role": "assistant",
@@ -475,9 +539,7 @@ def _completion(reply: Reply, body: dict[str, Any], number: int) -> dict[str, An
         ],
     }
     usage = _usage_for(reply, body, calls)
-    if usage is not None:
-        out["usage"] = usage
-    return out
+    return _dumps(out) if usage is None else _with_usage(_dumps(out), reply, usage)
 
 
 def _calls(reply: Reply, number: int) -> list[tuple[str, str, str]]:
@@ -542,8 +604,24 @@ def _stream_events(reply: Reply, body: dict[str, Any], number: int) -> list[byte
         events += [ev({"tool_calls": [d]}) for d in group if d is not None]
     events.append(ev({}, reply.finish_reason or _finish(calls)))
     if with_usage:
-        events.append(b"data: " + _dumps({**head, "choices": [], "usage": usage}) + b"\n\n")
+        events.append(
+            b"data: " + _with_usage(_dumps({**head, "choices": []}), reply, usage) + b"\n\n"
+        )
+    if reply.multiline_data or reply.line_ending != "\n":
+        events = [_reshaped(e, reply) for e in events]
     return events
+
+
+def _reshaped(event: bytes, reply: Reply) -> bytes:
+    """One encoded ``data: ...\\n\\n`` event in the reply's SSE variant."""
+    if reply.multiline_data:
+        payload = event[len(b"data: ") :].rstrip(b"\n")
+        if payload != b"[DONE]":
+            pretty = _dumps(json.loads(payload), indent=1)
+            event = b"".join(b"data: " + line + b"\n" for line in pretty.split(b"\n")) + b"\n"
+    if reply.line_ending != "\n":
+        event = event.replace(b"\n", reply.line_ending.encode())
+    return event
 
 
 def _frame(data: bytes) -> bytes:
@@ -551,7 +629,7 @@ def _frame(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-_DONE = _frame(b"data: [DONE]\n\n") + b"0\r\n\r\n"
+_END = b"0\r\n\r\n"  # the end of a chunked body
 
 
 # ---------------------------------------------------------------------- HTTP
@@ -654,7 +732,9 @@ class _Handler(BaseHTTPRequestHandler):
         stream = bool(body.get("stream"))
         try:
             if reply.error is not None:
-                self._send_error(reply.error)
+                self._send_error(reply.error, self.headers.get("Authorization"))
+            elif reply.raw_body is not None:
+                self._send_raw(reply.raw_status, reply.raw_body.encode(), reply.raw_content_type)
             elif stream:
                 self._send_stream(_stream_events(reply, body, number), reply, number)
             elif reply.cut_after is not None:
@@ -662,7 +742,9 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 payload = _completion(reply, body, number)
                 time.sleep(reply.delay)
-                self._send_json(200, payload)
+                if reply.stall_after is not None:
+                    self.fake._stopping.wait(reply.stall_seconds)
+                self._send_raw(200, payload, "application/json")
         except OSError:  # the client went away; not an error of ours to report
             self.close_connection = True
             self.fake._note_disconnect()
@@ -678,11 +760,17 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         cut = reply.cut_after
         frames = [_frame(e) for e in (events if cut is None else events[:cut])]
-        tail = _DONE if cut is None else b""
-        if reply.delay:
-            for f in frames:
+        tail = _frame(_reshaped(b"data: [DONE]\n\n", reply)) + _END if cut is None else b""
+        stall = reply.stall_after
+        if reply.delay or stall is not None:
+            for i, f in enumerate(frames):
+                if i == stall:
+                    self.wfile.flush()
+                    self.fake._stopping.wait(reply.stall_seconds)
                 time.sleep(reply.delay)
                 self.wfile.write(f)
+            if stall is not None and stall >= len(frames):
+                self.fake._stopping.wait(reply.stall_seconds)
             self.wfile.write(tail)
         else:  # batched: one syscall per few hundred chunks
             for i in range(0, len(frames), 512):
@@ -693,22 +781,30 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def _send_json(self, status: int, obj: Any, extra: Iterable[tuple[str, str]] = ()) -> None:
-        data = _dumps(obj)
+        self._send_raw(status, _dumps(obj), "application/json", extra)
+
+    def _send_raw(
+        self,
+        status: int,
+        data: bytes,
+        content_type: str,
+        extra: Iterable[tuple[str, str]] = (),
+    ) -> None:
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         for k, v in extra:
             self.send_header(k, v)
         self.end_headers()
         self.wfile.write(data)
 
-    def _send_error(self, spec: ErrorSpec) -> None:
+    def _send_error(self, spec: ErrorSpec, authorization: str | None = None) -> None:
         extra = []
         if spec.retry_after is not None:
             extra.append(("retry-after", f"{spec.retry_after:g}"))
         if spec.should_retry is not None:
             extra.append(("x-should-retry", "true" if spec.should_retry else "false"))
-        self._send_json(spec.status, spec.body(), extra)
+        self._send_json(spec.status, spec.body(authorization), extra)
 
 
 # ---------------------------------------------------------------------- command line

@@ -524,3 +524,92 @@ def test_command_line_serves_until_killed(tmp_path: Any) -> None:
         _, err = proc.communicate(timeout=10)
     assert proc.returncode == 0
     assert err == ""
+
+
+def raw_stream(server: FakeOpenAIServer, **body: Any) -> tuple[httpx.Response, bytes]:
+    """POST a streamed request with raw httpx; the response and its whole (de-chunked) body."""
+    request = {"model": "m1", "messages": MESSAGES, "stream": True, **body}
+    with (
+        httpx.Client(timeout=10) as h,
+        h.stream("POST", f"{server.url}/chat/completions", json=request) as r,
+    ):
+        return r, r.read()
+
+
+@pytest.mark.parametrize("ending", ["\r", "\r\n"])
+def test_line_endings_variant_is_valid_sse(
+    server: FakeOpenAIServer, client: openai.OpenAI, ending: str
+) -> None:
+    server.enqueue("one two three", chunk_size=4, line_ending=ending, repeat=2)
+    _, body = raw_stream(server)
+    assert body.endswith(f"data: [DONE]{ending}{ending}".encode())
+    if ending == "\r":
+        assert b"\n" not in body
+    assert stream_text(client)[0] == "one two three"  # the openai SDK reads it
+
+
+def test_multiline_data_variant_is_valid_sse(
+    server: FakeOpenAIServer, client: openai.OpenAI
+) -> None:
+    server.enqueue('a, "quoted" text', chunk_size=3, multiline_data=True, repeat=2)
+    _, body = raw_stream(server)
+    first_event = body.split(b"\n\n")[0].split(b"\n")
+    assert len(first_event) > 3 and all(line.startswith(b"data: ") for line in first_event)
+    assert stream_text(client)[0] == 'a, "quoted" text'
+
+
+def test_raw_body_is_answered_verbatim(server: FakeOpenAIServer) -> None:
+    server.enqueue(raw_body="<html>portal</html>")
+    server.enqueue(raw_body="gone", raw_status=502, raw_content_type="text/plain")
+    r, body = raw_stream(server)
+    assert (r.status_code, r.headers["content-type"], body) == (
+        200,
+        "text/html; charset=utf-8",
+        b"<html>portal</html>",
+    )
+    r = httpx.post(f"{server.url}/chat/completions", json={"model": "m", "messages": MESSAGES})
+    assert (r.status_code, r.headers["content-type"], r.text) == (502, "text/plain", "gone")
+
+
+def test_usage_json_is_sent_verbatim(server: FakeOpenAIServer) -> None:
+    raw = '{"prompt_tokens": 18446744073709551616, "completion_tokens": -1.5e400}'
+    server.enqueue("x", usage_json=raw, repeat=2)
+    _, body = raw_stream(server, stream_options={"include_usage": True})
+    assert b'"usage":' + raw.encode() + b"}" in body
+    r = httpx.post(f"{server.url}/chat/completions", json={"model": "m", "messages": MESSAGES})
+    assert b'"usage":' + raw.encode() + b"}" in r.content
+
+
+def test_stall_pauses_after_n_chunks(server: FakeOpenAIServer) -> None:
+    server.enqueue("abcdef", chunk_size=1, stall_after=3, stall_seconds=0.4)
+    arrivals: list[tuple[float, bytes]] = []
+    request = {"model": "m", "messages": MESSAGES, "stream": True}
+    with httpx.Client(timeout=10) as h:
+        t0 = time.perf_counter()
+        with h.stream("POST", f"{server.url}/chat/completions", json=request) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    arrivals.append((time.perf_counter() - t0, line.encode()))
+    assert len(arrivals) == 9  # role, 6 text chunks, finish, [DONE]
+    assert arrivals[2][0] < 0.3 and arrivals[3][0] >= 0.4
+
+
+def test_stop_wakes_a_stalled_reply() -> None:
+    with FakeOpenAIServer() as server:
+        server.enqueue("x", stall_after=0, stall_seconds=60)
+        request = {"model": "m", "messages": MESSAGES, "stream": True}
+        h = httpx.Client(timeout=1)
+        with h.stream("POST", f"{server.url}/chat/completions", json=request) as r:
+            assert r.status_code == 200
+        h.close()
+        t0 = time.perf_counter()
+    assert time.perf_counter() - t0 < 5
+
+
+def test_lone_surrogates_go_out_as_json_escapes(server: FakeOpenAIServer) -> None:
+    server.enqueue("a\udcffb")
+    server.enqueue_error(500, "bad \ud800 error")
+    _, body = raw_stream(server)
+    assert b'"content":"a\\udcffb"' in body
+    r = httpx.post(f"{server.url}/chat/completions", json={"model": "m", "messages": MESSAGES})
+    assert b"bad \\ud800 error" in r.content

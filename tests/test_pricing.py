@@ -123,3 +123,40 @@ def test_import_nbchat_does_not_load_genai_prices_or_duckdb() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [
+        RequestUsage.model_construct(prompt_tokens=-5, completion_tokens=10),
+        RequestUsage.model_construct(prompt_tokens=10, completion_tokens=-1),
+        RequestUsage.model_construct(prompt_tokens=10.5, completion_tokens=1),
+        RequestUsage.model_construct(prompt_tokens="n/a", completion_tokens=1),
+        RequestUsage.model_construct(prompt_tokens=True, completion_tokens=1),
+    ],
+)
+def test_counts_that_cannot_be_priced_are_unknown_never_an_exception(usage: RequestUsage) -> None:
+    # genai-prices' Usage() raises a bare ValueError on negatives; a turn must not see it.
+    assert request_cost("gpt-4o-mini", OPENAI, usage) == (None, "openai")
+    register_price("my-model", input_per_mtok=1.0, output_per_mtok=1.0)
+    assert request_cost("my-model", LOCAL, usage)[0] is None
+
+
+def test_a_cost_is_never_negative() -> None:
+    # More cached than prompt tokens (a server's bookkeeping bug) is capped at the prompt.
+    odd = RequestUsage(prompt_tokens=10, completion_tokens=0, cached_tokens=10**9)
+    cost, _ = request_cost("gpt-4o-mini", OPENAI, odd)
+    assert cost is not None and cost >= 0
+    huge = RequestUsage(prompt_tokens=2**63 - 1, completion_tokens=2**63 - 1)
+    cost, _ = request_cost("gpt-4o-mini", OPENAI, huge)
+    assert cost is not None and cost > 0
+
+
+def test_provider_from_url_pins_the_one_private_genai_prices_use() -> None:
+    # nbchat's only use of genai-prices' private snapshot API: if an upgrade changes it,
+    # provider_from_url quietly answers None at run time, and this test says so.
+    from nbchat._pricing import provider_from_url
+
+    assert provider_from_url("https://api.openai.com/v1") == "openai"
+    assert provider_from_url("https://api.anthropic.com/v1") == "anthropic"
+    assert provider_from_url(LOCAL) is None

@@ -1,0 +1,218 @@
+"""What an OpenAI-compatible server sends, checked where it enters.
+
+Only the fields nbchat reads are modelled; everything else is ignored. Usage numbers
+become non-negative BIGINT-sized ints or ``None``; JSON with lone surrogate escapes is
+repaired to U+FFFD; ``SSEParser`` frames a byte stream into event payloads per the
+WHATWG spec. All of this runs once per chunk, so it stays lean.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict
+
+from ._exceptions import ModelAPIError
+from ._text import valid_data
+from ._types import RequestUsage
+
+__all__ = [
+    "Chunk",
+    "FunctionDelta",
+    "SSEParser",
+    "ToolCallChunk",
+    "error_from_body",
+    "parse_chunk",
+    "request_usage",
+    "token_count",
+]
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class FunctionDelta(_Wire):
+    """A tool call's name and a fragment of its JSON arguments."""
+
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallChunk(_Wire):
+    """One tool call's part of a chunk; ``index`` says which call it continues."""
+
+    index: int | None = None
+    id: str | None = None
+    function: FunctionDelta | None = None
+
+
+class _Delta(_Wire):
+    content: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+    tool_calls: list[ToolCallChunk] | None = None
+
+
+class _Choice(_Wire):
+    delta: _Delta | None = None
+    message: _Delta | None = None  # non-streamed replies carry the whole message here
+    finish_reason: str | None = None
+
+
+# DuckDB stores token counts as BIGINT.
+_BIGINT_MAX = 2**63 - 1
+
+
+def token_count(value: Any) -> int | None:
+    """A usage number as a non-negative BIGINT-sized int, or ``None`` (unknown).
+
+    Servers send floats (rounded here), strings ("n/a", "12"), negatives and 2**64:
+    none of it may cost the reply that came with it.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        n = value
+    else:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            return None
+        if not math.isfinite(number):
+            return None
+        n = round(number)
+    return n if 0 <= n <= _BIGINT_MAX else None
+
+
+def _object_or_none(value: Any) -> Any:
+    return value if isinstance(value, dict) else None
+
+
+_TokenCount = Annotated[int | None, BeforeValidator(token_count)]
+
+
+class _TokenDetails(_Wire):
+    cached_tokens: _TokenCount = None
+    reasoning_tokens: _TokenCount = None
+
+
+_Details = Annotated[_TokenDetails | None, BeforeValidator(_object_or_none)]
+
+
+class _Usage(_Wire):
+    prompt_tokens: _TokenCount = None
+    completion_tokens: _TokenCount = None
+    prompt_tokens_details: _Details = None
+    completion_tokens_details: _Details = None
+
+
+class Chunk(_Wire):
+    """One streamed ``chat.completion.chunk`` (or a whole non-streamed reply)."""
+
+    model: str | None = None
+    choices: list[_Choice] = []
+    # Validated by _Usage once it arrives (one chunk in thousands), not on every chunk.
+    usage: Any = None
+    error: dict[str, Any] | None = None
+
+
+def parse_chunk(payload: bytes) -> Chunk:
+    """One JSON payload as a chunk; text with lone surrogates (``"\\udcff"``) is repaired.
+
+    The fast JSON parser refuses lone surrogate escapes; the standard library accepts
+    them, and ``valid_data`` turns each into U+FFFD. Only the refused payloads pay.
+    """
+    try:
+        return Chunk.model_validate_json(payload)
+    except ValueError:
+        if b"\\u" not in payload:
+            raise
+        return Chunk.model_validate(valid_data(json.loads(payload)))
+
+
+def request_usage(raw: Any) -> RequestUsage | None:
+    """The usage a server reported, every count checked; ``None`` if it sent no object."""
+    if not isinstance(raw, dict):
+        return None
+    u = _Usage.model_validate(raw)
+    prompt_details = u.prompt_tokens_details or _TokenDetails()
+    completion_details = u.completion_tokens_details or _TokenDetails()
+    return RequestUsage(
+        prompt_tokens=u.prompt_tokens,
+        completion_tokens=u.completion_tokens,
+        cached_tokens=prompt_details.cached_tokens,
+        reasoning_tokens=completion_details.reasoning_tokens,
+    )
+
+
+def error_from_body(body: Any, status_code: int | None = None) -> ModelAPIError:
+    err = body.get("error", body) if isinstance(body, dict) else None
+    if isinstance(err, dict):
+        message = str(err.get("message") or "the server reported an error")
+        code = err.get("code")
+    else:
+        message, code = str(body or "the server reported an error"), None
+    return ModelAPIError(
+        f"The model server returned an error: {message}",
+        status_code=status_code,
+        body=body,
+        code=str(code) if code else None,
+    )
+
+
+class SSEParser:
+    """Splits a byte stream into the ``data`` of its SSE events; notes ``[DONE]``.
+
+    Per the WHATWG spec: a line ends with LF, CRLF or a bare CR; an event ends at a
+    blank line and its ``data:`` lines are joined with LF; comments (``: ping``) and
+    other fields (``event:``, ``id:``) are skipped. This runs once per chunk: the
+    common event, one ``data:`` line, costs a few attribute-free operations.
+    """
+
+    __slots__ = ("buffer", "data", "done", "events")
+
+    def __init__(self) -> None:
+        self.buffer = b""
+        self.data: list[bytes] = []  # the data lines of the event being read
+        self.done = False
+        self.events = 0  # events with data, [DONE] included
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        buffer = self.buffer + chunk
+        held = b""
+        if b"\r" in buffer:
+            if buffer.endswith(b"\r"):  # its LF may come in the next read
+                buffer, held = buffer[:-1], b"\r"
+            buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        if b"\n" not in buffer:
+            self.buffer = buffer + held
+            return []
+        *lines, rest = buffer.split(b"\n")
+        self.buffer = rest + held
+        payloads: list[bytes] = []
+        data = self.data
+        n = 0
+        for line in lines:
+            if line:
+                if line.startswith(b"data:"):
+                    data.append(line[5:])
+            elif data:  # a blank line ends an event
+                if len(data) == 1:
+                    payload = data.pop().strip()
+                else:  # the spec drops one space after each "data:"
+                    payload = b"\n".join(d[1:] if d[:1] == b" " else d for d in data).strip()
+                    data.clear()
+                n += 1
+                if payload == b"[DONE]":
+                    self.done = True
+                elif payload:
+                    payloads.append(payload)
+        self.events += n
+        return payloads
+
+    def close(self) -> list[bytes]:
+        """At the end of the body: the payload of a last event left unterminated."""
+        return self.feed(b"\n\n") if self.buffer or self.data else []
