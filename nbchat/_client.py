@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
 from . import _runner
-from ._config import ClientSettings
+from ._config import ClientSettings, resolve_client
 from ._exceptions import ModelAPIError
 from ._text import redact, redact_data, valid_data, valid_text
 from ._types import (
@@ -49,8 +49,6 @@ from ._wire import (
     request_usage,
 )
 
-_SSEParser = SSEParser  # tests/test_session.py imports it from here
-
 if TYPE_CHECKING:
     import openai
 
@@ -59,7 +57,7 @@ __all__ = ["ModelClient", "RoundFolder"]
 # openai clients shared per endpoint (base URL, key, retries, timeout): connection reuse,
 # and no pools left for the garbage collector to find unclosed.
 _cache_lock = threading.Lock()
-_async_clients: dict[tuple[str, str, int, float], openai.AsyncOpenAI] = {}
+_async_clients: dict[tuple[Any, ...], openai.AsyncOpenAI] = {}
 
 
 # --------------------------------------------------------------------------- folding
@@ -226,6 +224,16 @@ class ModelClient:
         """The model name requests go to."""
         return self.settings.model
 
+    def for_model(self, model: str) -> ModelClient:
+        """A client for another model on the same endpoint, key and timeouts."""
+        s = self.settings
+        return ModelClient(
+            resolve_client(model, s.base_url, s.api_key),
+            max_retries=self.max_retries,
+            timeout=self.timeout,
+            stall_timeout=self.stall_timeout,
+        )
+
     def _options(self) -> dict[str, Any]:
         return {
             "base_url": self.settings.base_url,
@@ -248,12 +256,15 @@ class ModelClient:
         """
         import openai
 
-        if asyncio.get_running_loop() is _runner.current_background_loop():
+        loop = asyncio.get_running_loop()
+        if loop is _runner.current_background_loop():
+            # Keyed by the loop too: a background loop that had to be replaced leaves its
+            # clients (and their connections) behind.
+            key = (id(loop), *self._cache_key())
             with _cache_lock:
-                client = _async_clients.get(self._cache_key())
+                client = _async_clients.get(key)
                 if client is None:
-                    client = openai.AsyncOpenAI(**self._options())
-                    _async_clients[self._cache_key()] = client
+                    client = _async_clients[key] = openai.AsyncOpenAI(**self._options())
             yield client
         else:
             async with openai.AsyncOpenAI(**self._options()) as client:

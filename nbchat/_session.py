@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from ._client import ModelClient, RoundFolder
+from ._client import DEFAULT_STALL_TIMEOUT, ModelClient, RoundFolder
 from ._compaction import (
     CompactionStrategy,
     Compactor,
@@ -31,6 +31,7 @@ from ._limits import Budgets, Guardrail, Projection, apply_guardrails, stored_us
 from ._output import FINAL_ANSWER_TOOL, OutputMode, OutputSpec, Parsed
 from ._runner import TurnRunner
 from ._sink import StoreSink
+from ._text import valid_text
 from ._tools import INVALID_TOOL_NAME, ToolSet, error_payload, valid_tool_name
 from ._types import (
     ErrorEvent,
@@ -53,7 +54,6 @@ from ._types import (
     Usage,
     UsageEvent,
     new_id,
-    valid_text,
 )
 
 if TYPE_CHECKING:
@@ -179,6 +179,7 @@ class Session:
         output_guardrails: Sequence[Guardrail] = (),
         max_retries: int = 2,
         timeout: float = 600.0,
+        stall_timeout: float | None = DEFAULT_STALL_TIMEOUT,
         max_result_chars: int = 8000,
         stream: bool = True,
         request_params: dict[str, Any] | None = None,
@@ -204,6 +205,7 @@ class Session:
             "output_guardrails": output_guardrails,
             "max_retries": max_retries,
             "timeout": timeout,
+            "stall_timeout": stall_timeout,
             "max_result_chars": max_result_chars,
             "notebook": notebook,
             "compaction": compaction,
@@ -235,7 +237,9 @@ class Session:
         self.store: Store | None = _open_store(db)
         stored = self.store.load_session(session_id) if self.store and session_id else None
         settings = resolve_client(model or (stored.model if stored else None), base_url, api_key)
-        self.client = ModelClient(settings, max_retries=max_retries, timeout=timeout)
+        self.client = ModelClient(
+            settings, max_retries=max_retries, timeout=timeout, stall_timeout=stall_timeout
+        )
         self.id = session_id or new_id()
         self.tools = ToolSet(tools, max_result_chars=max_result_chars)
         # What %chat config / nbchat.configure() set for this kernel fills what is not given.
@@ -470,12 +474,7 @@ class Session:
         o = options or TurnOptions()
         client = self.client
         if o.model and o.model != client.model:
-            s = client.settings
-            client = ModelClient(
-                resolve_client(o.model, s.base_url, s.api_key),
-                max_retries=client.max_retries,
-                timeout=client.timeout,
-            )
+            client = client.for_model(o.model)
         tools = self.tools
         if o.tools is not None:
             tools = ToolSet(o.tools, max_result_chars=self.tools.max_result_chars)
@@ -551,11 +550,7 @@ class Session:
 
     def set_model(self, model: str) -> None:
         """Send the following requests to another model on the same endpoint."""
-        s = self.client.settings
-        settings = resolve_client(model, s.base_url, s.api_key)
-        self.client = ModelClient(
-            settings, max_retries=self.client.max_retries, timeout=self.client.timeout
-        )
+        self.client = self.client.for_model(model)
 
     # ------------------------------------------------------------------ sync bridge
 

@@ -48,7 +48,8 @@ from pydantic.fields import FieldInfo
 from pydantic.json_schema import PydanticJsonSchemaWarning
 
 from ._exceptions import ToolDefinitionError
-from ._types import ToolCall, ToolCallRecord, valid_text
+from ._text import valid_text
+from ._types import ToolCall, ToolCallRecord
 
 __all__ = [
     "DEFAULT_MAX_RESULT_CHARS",

@@ -35,21 +35,6 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
-def valid_text(text: str) -> str:
-    """``text`` with lone surrogates replaced by U+FFFD, so it encodes as UTF-8.
-
-    ``os.fsdecode`` of a non-UTF-8 file name yields such surrogates; sent to a server or
-    stored, they fail with ``UnicodeEncodeError`` on every later request. The replacement
-    character keeps the damage visible. Valid text is returned as is (the fast path).
-    """
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        # Through UTF-16: a pair of surrogates becomes the one character it stands for.
-        return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
-    return text
-
-
 def utcnow() -> datetime:
     """The current time, timezone-aware in UTC."""
     return datetime.now(UTC)

@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 import nbchat
 from nbchat import ConfigError, Session, SessionPendingError
-from nbchat._client import _SSEParser
+from nbchat._wire import SSEParser
 from nbchat.testing import FakeOpenAIServer
 
 
@@ -78,7 +78,7 @@ def test_multibyte_characters_split_across_chunks(fake: FakeOpenAIServer) -> Non
 def test_sse_parser_joins_bytes_split_inside_a_utf8_character() -> None:
     line = 'data: {"choices":[{"delta":{"content":"🐼"}}]}\n\n'.encode()
     cut = line.index("🐼".encode()) + 2  # in the middle of the 4-byte panda
-    parser = _SSEParser()
+    parser = SSEParser()
     assert parser.feed(line[:cut]) == []
     [payload_bytes] = parser.feed(line[cut:] + b"data: [DONE]\n\n")
     assert json.loads(payload_bytes)["choices"][0]["delta"]["content"] == "🐼"
