@@ -17,7 +17,10 @@ exception's ``_render_traceback_`` returns instead of the stack.
 from __future__ import annotations
 
 import sys
+import threading
+import time
 import uuid
+from html import escape
 from typing import TYPE_CHECKING, Any, Literal
 
 from ._exceptions import NbchatError
@@ -103,7 +106,10 @@ class TurnInterrupted(KeyboardInterrupt):
 class CellRenderer:
     """Shows one turn in the current cell; pass it as ``on_event`` to ``Session.send``.
 
-    Call ``finish()`` after the turn: it sends the final, exact display.
+    Call ``finish()`` after the turn: it sends the final, exact display. While the turn
+    runs, the python tool asks for approval through ``ask()`` (see ``_pytool``), so
+    the question shows in the tool's block. A turn that fails is not labelled as
+    failed in the display: the cell ends with that message as its one error line.
     """
 
     def __init__(self, model: str, mode: RenderMode, *, throttle: Throttle | None = None) -> None:
@@ -115,42 +121,81 @@ class CellRenderer:
         self.display_id = uuid.uuid4().hex
         self.shown = False
         self._printed_text = False
+        self._lock = threading.RLock()  # the approval question comes from a tool thread
 
     def __call__(self, event: Event) -> None:
-        if self.mode == "text":
-            self._print(event)
-        changed = self.view.handle(event)
-        if self.mode != "live" or event.kind == "turn_finished":
-            return  # the end is shown by finish(), exactly once
-        if not changed and event.kind != "turn_started":
-            return
-        if not self.shown:
-            self._publish(update=False)
-        elif self.throttle.due(self.view.size):
-            self._publish(update=True)
+        with self._lock:
+            if self.mode == "text":
+                self._print(event)
+            changed = self.view.handle(event)
+            if self.mode != "live" or event.kind == "turn_finished":
+                return  # the end is shown by finish(), exactly once
+            if not changed and event.kind != "turn_started":
+                return
+            # A tool block appears as soon as the call starts, and again with its result.
+            now = event.kind in ("tool_call_started", "tool_result")
+            if not self.shown:
+                self._publish(update=False)
+            elif now or self.throttle.due(self.view.size):
+                self._publish(update=True)
 
     def finish(self) -> None:
         """Show the turn as it ended: the full text, tool blocks, status and footer."""
-        if self.mode == "text":
-            self._print_footer()
-        else:
-            self._publish(update=self.shown)
+        with self._lock:
+            if self.mode == "text":
+                self._print_footer()
+            else:
+                self._publish(update=self.shown)
+
+    def ask(self, code: str) -> bool:
+        """Ask whether to run ``code``: the question shows in its tool block, then input()."""
+        from ._pytool import prompt_user
+
+        with self._lock:
+            block = self.view.approval_block(code)
+            if block is not None:
+                block.approval = "waiting"
+                if self.mode != "text":
+                    self._publish(update=self.shown)
+        asked = time.monotonic()
+        try:
+            if block is None or self.mode == "text":
+                print(f"The model wants to run this code:\n{code}")
+            yes = prompt_user()
+        finally:
+            with self._lock:
+                if block is not None:
+                    block.waited_ms = (time.monotonic() - asked) * 1000
+                    block.approval = None
+        with self._lock:
+            if block is not None:
+                block.approval = "yes" if yes else "no"
+                if self.mode != "text":
+                    self._publish(update=True)
+        return yes
 
     # -------------------------------------------------------------- rich displays
 
     def bundle(self) -> tuple[dict[str, str], dict[str, Any]]:
         """The MIME bundle and metadata of the display as it stands."""
-        markdown = self.view.markdown() or f"<small>⏳ {self.view.model}…</small>"
+        view = self.view
+        live = view.result is None
+        pending = f"<small>⏳ {escape(view.model)}…</small>" if live else ""
+        html_text = "\n".join(p for p in (view.html(live=live, show_failure=False), pending) if p)
+        markdown = "\n\n".join(
+            p for p in (view.markdown(live=live, show_failure=False), pending) if p
+        )
         metadata: dict[str, Any] = {}
-        result = self.view.result
+        result = view.result
         if result is not None:
             metadata["nbchat"] = {
                 "session_id": result.session_id,
                 "turn_id": result.turn_id,
                 "status": result.status,
-                "footer": self.view.footer(),
+                "footer": view.footer(),
             }
-        return {"text/markdown": markdown, "text/plain": self.view.text}, metadata
+        data = {"text/html": html_text, "text/markdown": markdown, "text/plain": view.text}
+        return data, metadata
 
     def _publish(self, *, update: bool) -> None:
         from IPython.display import display
@@ -175,8 +220,10 @@ class CellRenderer:
             call = event.call
             state = "error" if call.is_error else f"{call.duration_ms:.0f} ms"
             out.write(f"\n[tool {call.name}({_short(call.arguments)}) → {state}]\n")
-        elif isinstance(event, Notice | LimitReached | ErrorEvent):
+        elif isinstance(event, Notice | LimitReached):
             out.write(f"\n[{event.message}]\n")
+        elif isinstance(event, ErrorEvent):
+            pass  # the cell ends with it as its error line
         out.flush()
 
     def _print_footer(self) -> None:

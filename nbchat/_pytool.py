@@ -21,18 +21,20 @@ the running code (between bytecodes; a blocking C call finishes first).
 from __future__ import annotations
 
 import ast
+import contextlib
+import contextvars
 import io
 import itertools
 import linecache
 import sys
 import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Literal, TextIO, cast, get_args
 
 from ._tools import Tool, in_thread
 
-__all__ = ["Approval", "ExecutionFailed", "python_tool", "run_code"]
+__all__ = ["Approval", "ExecutionFailed", "asking", "prompt_user", "python_tool", "run_code"]
 
 Approval = Literal["never", "ask", "auto"]
 APPROVALS: tuple[str, ...] = get_args(Approval)
@@ -169,10 +171,29 @@ def _format_error(exc: BaseException, filename: str) -> str:
 # ---------------------------------------------------------------------- approval
 
 
-def ask_in_notebook(code: str) -> bool:
-    """Show ``code`` in the cell and ask the user (``input()``) whether to run it."""
-    from IPython.core.error import StdinNotImplementedError
+#: Who asks the user while a turn is shown: the cell renderer or the panel sets it for
+#: the turn (``asking``), so the question appears in the tool's block. A context
+#: variable, because the code runs in a worker thread started from the turn's context.
+_asker: contextvars.ContextVar[Confirm | None] = contextvars.ContextVar(
+    "nbchat_asker", default=None
+)
 
+
+@contextlib.contextmanager
+def asking(confirm: Confirm) -> Iterator[None]:
+    """Within the block, ``python:ask`` tools ask through ``confirm(code) -> bool``."""
+    token = _asker.set(confirm)
+    try:
+        yield
+    finally:
+        _asker.reset(token)
+
+
+def ask_in_notebook(code: str) -> bool:
+    """Ask the user whether to run ``code``: through the turn's display, or in the cell."""
+    confirm = _asker.get()
+    if confirm is not None:
+        return confirm(code)
     try:
         from IPython.display import Markdown, display
 
@@ -180,6 +201,13 @@ def ask_in_notebook(code: str) -> bool:
         display(Markdown(shown))  # type: ignore[no-untyped-call]
     except ImportError:  # plain Python: the prompt alone has to do
         print(f"The model wants to run this code:\n{code}")
+    return prompt_user()
+
+
+def prompt_user() -> bool:
+    """``input()`` a yes/no answer; PermissionError where the frontend has no input box."""
+    from IPython.core.error import StdinNotImplementedError
+
     try:
         answer = input("Run it? [y/N] ")
     except StdinNotImplementedError:
