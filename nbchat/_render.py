@@ -205,7 +205,7 @@ class ToolBlock:
             label = "error" if self.is_error else "result"
             body += f"<b>{label}</b>{_result_html(self.result)}"
         return (
-            f'<details class="nbchat-tool"{opened}><summary>{icon} <code>{escape(self.name)}'
+            f"<details{opened}><summary>{icon} <code>{escape(self.name)}"
             f"</code> <small>({escape(self.state(now))})</small></summary>{body}</details>"
         )
 
