@@ -206,4 +206,5 @@ def test_small_subcommands_say_what_they_do(kernel: Kernel, fake: FakeOpenAIServ
     assert kernel.execute("%%chat\nhi", cell_id="before-resume").status == "ok"
     resume = kernel.execute("%chat resume")
     assert resume.status == "ok"
-    assert result_text(resume) == "Nothing to resume: the current session has no pending tool calls."
+    nothing = "Nothing to resume: the current session has no pending tool calls."
+    assert result_text(resume) == nothing
