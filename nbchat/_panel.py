@@ -269,6 +269,7 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
         finally:
             ticker.cancel()
             self._live = None
+            self._drop_approval()  # a question the turn no longer waits for
             self._show_turn(bubble, view, failure=failure)  # always the exact, complete text
             self._finish(result, failure)
         return result
@@ -308,19 +309,28 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
             self._show_turn(bubble, view, live=True)
             self._set_state("waiting for you", "Run or Skip the code")
         asked = time.monotonic()
-        if self._stop_requested:
-            decided.set()
-        decided.wait()
+        try:
+            if self._stop_requested:
+                decided.set()
+            decided.wait()
+            with self._lock:
+                if block is not None:
+                    block.waited_ms = (time.monotonic() - asked) * 1000
+                    block.approval = "yes" if answer[0] else "no"
+                self._show_turn(bubble, view, live=True)
+                self._set_state("running tool" if answer[0] else "waiting", "")
+        finally:  # also when Stop interrupts this thread
+            self._drop_approval()
+        return answer[0]
+
+    def _drop_approval(self) -> None:
         with self._lock:
             self._approval = None
-            self.messages.children = tuple(c for c in self.messages.children if c is not row)
-            if block is not None:
-                block.waited_ms = (time.monotonic() - asked) * 1000
-                block.approval = "yes" if answer[0] else "no"
-            self._show_turn(bubble, view, live=True)
-            self._set_state("running tool" if answer[0] else "waiting", "")
-        row.close()
-        return answer[0]
+            rows = [c for c in self.messages.children if "nbchat-approval" in c._dom_classes]
+            if rows:
+                self.messages.children = tuple(c for c in self.messages.children if c not in rows)
+        for row in rows:
+            row.close()
 
     def _follow(self, event: Any) -> None:
         """Move the status line's state along with the turn."""
