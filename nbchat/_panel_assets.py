@@ -34,11 +34,29 @@ function render({ model, el }) {
     model.send({ type: "submit", text });
   });
   for (const name of ["value", "placeholder", "disabled"]) model.on(`change:${name}`, sync);
+  // The kernel restarted (or went away): every widget of the panel lost its comm, so
+  // the panel can no longer say anything itself. Say it here, once, and stop taking
+  // input. ipywidgets fires this event when a model's comm goes dead.
+  const disconnected = () => {
+    const panel = el.closest(".nbchat-panel");
+    if (!panel || panel.classList.contains("nbchat-disconnected")) return;
+    panel.classList.add("nbchat-disconnected");
+    box.disabled = true;
+    box.placeholder = "The kernel restarted: run the panel's cell again.";
+    const status = panel.querySelector(".nbchat-status");
+    if (status) {
+      status.textContent = "⚠ The kernel restarted: this panel is disconnected. " +
+        "Run its cell again to chat (the conversation is in the store).";
+      status.classList.add("nbchat-state-error");
+    }
+  };
+  model.on("comm_live_update", disconnected);
   sync();
   el.classList.add("nbchat-input");
   el.appendChild(box);
   return () => {
     for (const name of ["value", "placeholder", "disabled"]) model.off(`change:${name}`, sync);
+    model.off("comm_live_update", disconnected);
   };
 }
 export default { render };
@@ -57,18 +75,34 @@ PANEL_CSS = """
   border-bottom: 1px solid var(--jp-border-color3, #eee); }
 .nbchat-panel .nbchat-messages { flex-shrink: 0; padding: 4px 2px; }
 .nbchat-panel .nbchat-msg { margin: 4px 0; padding: 2px 12px; border-radius: 10px;
-  height: auto; overflow-x: auto; }
-.nbchat-panel .nbchat-msg .widget-html-content { line-height: 1.45; }
+  height: auto; min-width: 0; box-sizing: border-box; }
+/* Long words and URLs wrap anywhere; only code blocks and tables scroll sideways. */
+.nbchat-panel .nbchat-msg .widget-html-content,
+.nbchat-panel .nbchat-msg .jupyter-widget-html-content { line-height: 1.45;
+  white-space: normal; overflow-wrap: anywhere; word-break: break-word; min-width: 0;
+  max-width: 100%; }
 .nbchat-panel .nbchat-msg p { margin: 0.45em 0; }
 .nbchat-panel .nbchat-msg pre { background: var(--jp-layout-color2, #f4f4f4);
-  padding: 6px 8px; border-radius: 4px; overflow-x: auto; line-height: 1.3; }
+  padding: 6px 8px; border-radius: 4px; overflow-x: auto; line-height: 1.3;
+  white-space: pre; overflow-wrap: normal; word-break: normal; max-width: 100%; }
+.nbchat-panel .nbchat-msg table { display: block; overflow-x: auto; max-width: 100%;
+  border-collapse: collapse; }
+.nbchat-panel .nbchat-msg td, .nbchat-panel .nbchat-msg th { overflow-wrap: normal;
+  word-break: normal; border: 1px solid var(--jp-border-color2, #ddd); padding: 2px 6px; }
+.nbchat-panel .nbchat-msg blockquote { margin: 0.45em 0; }
+.nbchat-panel .nbchat-math { font-family: var(--jp-code-font-family, monospace);
+  font-size: 0.95em; }
+.nbchat-panel .nbchat-approval { align-items: center; gap: 6px; margin: 2px 0 6px 12px; }
+.nbchat-panel.nbchat-disconnected .nbchat-buttons,
+.nbchat-panel.nbchat-disconnected .nbchat-header { opacity: 0.5; pointer-events: none; }
 .nbchat-panel .nbchat-msg details { margin: 4px 0; font-size: 0.92em; }
 .nbchat-panel .nbchat-user { align-self: flex-end; max-width: 85%;
   background: var(--jp-brand-color3, #dbe9f7); }
 .nbchat-panel .nbchat-assistant { align-self: stretch;
   background: var(--jp-cell-editor-background, #f7f7f7); }
 .nbchat-panel .nbchat-badge { font-weight: 600; margin: 0.45em 0; }
-.nbchat-panel .nbchat-notice { border-left: 3px solid var(--jp-warn-color1, #e0a000);
+.nbchat-panel .nbchat-notice { margin: 0.45em 0;
+  border-left: 3px solid var(--jp-warn-color1, #e0a000);
   padding-left: 8px; margin: 0.45em 0; }
 .nbchat-panel .nbchat-footer { color: var(--jp-ui-font-color2, #777); font-size: 0.85em; }
 .nbchat-panel .nbchat-typing { color: var(--jp-ui-font-color2, #777); }
