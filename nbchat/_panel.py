@@ -47,6 +47,7 @@ from ._types import (
     TurnFinished,
     TurnResult,
     TurnStarted,
+    UsageEvent,
 )
 
 __all__ = ["ChatInput", "ChatPanel", "markdown_to_html", "panel"]
@@ -103,9 +104,10 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
         self._last_seconds: float | None = None
         self._detail = ""
         self._quiet_picker = False
-        self._known_tokens: int | None = None  # the last known total, kept past a Stop
+        # Tokens the server reported, summed; the session's own total becomes unknown
+        # once a stopped reply's usage is missing, but the count so far still holds.
+        self._known_tokens = 0 if session is None else session.usage.total_tokens or 0
         self._live: tuple[TurnView, widgets.HTML] | None = None  # this panel's turn
-        self._approval: tuple[threading.Event, list[bool]] | None = None
         self._mirror: tuple[TurnView, widgets.HTML, Throttle] | None = None  # a cell's turn
 
         self.model_picker = widgets.Dropdown(
@@ -197,10 +199,6 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
             self._stop_requested = True
             self.stop_button.disabled = True
             self._set_detail("stopping…")
-            if self._approval is not None:  # a question waiting for Run / Skip: Skip
-                event, answer = self._approval
-                answer[0] = False
-                event.set()
         if self.session is not None:
             self.session.cancel()
 
@@ -304,15 +302,15 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
         with self._lock:
             if block is not None:
                 block.approval = "waiting"
-            self._approval = (decided, answer)
             self.messages.children = (*self.messages.children, row)
             self._show_turn(bubble, view, live=True)
             self._set_state("waiting for you", "Run or Skip the code")
         asked = time.monotonic()
         try:
-            if self._stop_requested:
-                decided.set()
-            decided.wait()
+            # Waiting in steps: Stop cancels the turn, which interrupts this thread
+            # (KeyboardInterrupt between bytecodes), and a blocked wait() would not see it.
+            while not decided.wait(0.1):
+                pass
             with self._lock:
                 if block is not None:
                     block.waited_ms = (time.monotonic() - asked) * 1000
@@ -325,7 +323,6 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
 
     def _drop_approval(self) -> None:
         with self._lock:
-            self._approval = None
             rows = [c for c in self.messages.children if "nbchat-approval" in c._dom_classes]
             if rows:
                 self.messages.children = tuple(c for c in self.messages.children if c not in rows)
@@ -397,6 +394,8 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
         def on_event(event: Event) -> None:
             if previous is not None:
                 previous(event)
+            if isinstance(event, UsageEvent) and event.usage and event.usage.total_tokens:
+                self._known_tokens += event.usage.total_tokens
             if _own_turn.get() is not self:
                 self._follow_other(event)
 
@@ -443,6 +442,7 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
         if self._reopen is not None:
             self._reopen = None
             self._show_history(self.session.history)
+        self._known_tokens = self.session.usage.total_tokens or 0
         self._watch(self.session)
         self._load_models(self.session)
         return self.session
@@ -517,14 +517,11 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
             if self.session is not None:
                 u = self.session.usage
                 if u.total_tokens is not None:
-                    self._known_tokens = u.total_tokens
-                if u.total_tokens is None and self._known_tokens is not None:
-                    # A stopped reply's tokens are not reported: the count so far stays.
-                    parts.append(f"≥ {self._known_tokens:,} tokens")
-                elif u.total_tokens is None:
-                    parts.append("tokens unknown")
-                else:
                     parts.append(f"{u.total_tokens:,} tokens")
+                elif self._known_tokens:
+                    parts.append(f"≥ {self._known_tokens:,} tokens")
+                else:
+                    parts.append("tokens unknown")
                 parts.append("cost unknown" if u.cost_usd is None else money(u.cost_usd))
             if self._turn_started is not None:
                 parts.append(f"{time.monotonic() - self._turn_started:.1f} s")

@@ -441,7 +441,12 @@ def test_after_stop_the_status_keeps_the_token_count(fake: FakeOpenAIServer) -> 
     p.stop()
     p.wait(TIMEOUT)
     assert "tokens unknown" not in p.status_line.value
-    assert re.search(r"≥ [\d,]+ tokens", p.status_line.value)
+    stopped = re.search(r"≥ ([\d,]+) tokens", p.status_line.value)
+    assert stopped, p.status_line.value
+    fake.enqueue("third")
+    p.submit("three").result(TIMEOUT)
+    later = re.search(r"≥ ([\d,]+) tokens", p.status_line.value)
+    assert later and int(later[1].replace(",", "")) > int(stopped[1].replace(",", ""))
 
 
 def test_math_is_kept_as_tex_and_code_is_highlighted() -> None:
