@@ -16,6 +16,7 @@ exception's ``_render_traceback_`` returns instead of the stack.
 
 from __future__ import annotations
 
+import contextvars
 import sys
 import threading
 import time
@@ -40,6 +41,7 @@ __all__ = [
 ]
 
 RenderMode = Literal["live", "final", "text"]
+TICK_SECONDS = 0.5  # how often a running tool's time moves in the cell
 _RED, _RESET = "\x1b[0;31m", "\x1b[0m"
 
 
@@ -122,6 +124,8 @@ class CellRenderer:
         self.shown = False
         self._printed_text = False
         self._lock = threading.RLock()  # the approval question comes from a tool thread
+        self._done = threading.Event()
+        self._ticking = False
 
     def __call__(self, event: Event) -> None:
         with self._lock:
@@ -134,6 +138,8 @@ class CellRenderer:
                 return
             # A tool block appears as soon as the call starts, and again with its result.
             now = event.kind in ("tool_call_started", "tool_result")
+            if event.kind == "tool_call_started" and not self._ticking:
+                self._start_ticker()
             if not self.shown:
                 self._publish(update=False)
             elif now or self.throttle.due(self.view.size):
@@ -141,11 +147,32 @@ class CellRenderer:
 
     def finish(self) -> None:
         """Show the turn as it ended: the full text, tool blocks, status and footer."""
+        self._done.set()
         with self._lock:
             if self.mode == "text":
                 self._print_footer()
             else:
                 self._publish(update=self.shown)
+
+    def _start_ticker(self) -> None:
+        """While tools run, re-show the turn every ``TICK_SECONDS`` ("running… 2.1 s")."""
+        self._ticking = True
+        # The thread runs in this cell's context, so its updates go to this cell's output.
+        context = contextvars.copy_context()
+
+        def tick() -> None:
+            while not self._done.wait(TICK_SECONDS):
+                with self._lock:
+                    view = self.view
+                    if view.result is not None:
+                        return
+                    running = any(
+                        b.result is None and b.approval != "waiting" for b in view.tools.values()
+                    )
+                    if running:
+                        self._publish(update=True)
+
+        threading.Thread(target=context.run, args=(tick,), name="nbchat-tick", daemon=True).start()
 
     def ask(self, code: str) -> bool:
         """Ask whether to run ``code``: the question shows in its tool block, then input()."""

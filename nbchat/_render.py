@@ -184,7 +184,7 @@ class ToolBlock:
         if self.result is None:
             if self.started is None or now is None:
                 return "running…"
-            return f"running… {now - self.started:.1f} s"
+            return f"running… {max(0.0, now - self.started - self.waited_ms / 1000):.1f} s"
         took = ""
         if self.duration_ms is not None:
             took = _duration(max(0.0, self.duration_ms - self.waited_ms))

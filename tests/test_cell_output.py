@@ -118,6 +118,8 @@ def test_the_live_cell_shows_tools_as_they_run_in_order(
     running = [s for s in states if "running…" in s]
     assert running, "the tool blocks show while the tools run"
     assert "Let me look that up." in running[0]  # round 1's text is not held back
+    seconds = [float(t) for s in running for t in re.findall(r"running… (\d+\.\d) s", s)]
+    assert max(seconds) >= 0.4, seconds  # the time moves while the tools run
     assert running[0].index("Let me look that up.") < running[0].index("<details>")
     end = states[-1]
     blocks = [i for i in range(len(end)) if end.startswith("<details>", i)]
