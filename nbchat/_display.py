@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterable
 from html import escape
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -28,10 +29,11 @@ from ._exceptions import NbchatError
 
 if TYPE_CHECKING:  # imported when a turn runs: %load_ext must stay fast (pydantic models)
     from ._render import Throttle
-    from ._types import Event, TurnResult
+    from ._types import Event, Message, TurnResult
 
 __all__ = [
     "CellRenderer",
+    "Conversation",
     "Info",
     "RenderMode",
     "TurnFailed",
@@ -290,6 +292,39 @@ class Info:
             return self.title
         width = max(len(k) for k, _ in self.rows)
         return "\n".join([self.title, *(f"  {k.ljust(width)}  {v}" for k, v in self.rows)])
+
+
+class Conversation:
+    """A stored conversation shown turn by turn, in the layout of cells and the panel.
+
+    For ``%chat history``-style views: model text is escaped like a live turn's.
+    """
+
+    def __init__(self, history: Iterable[Message]) -> None:
+        self.history = list(history)
+
+    def _parts(self, markdown: bool) -> list[str]:
+        from ._markup import escape, protect_dollars, safe_markdown
+        from ._render import history_views
+
+        parts: list[str] = []
+        for view in history_views(self.history):
+            if view.user_text is not None:
+                said = view.user_text
+                shown = safe_markdown(said) if markdown else protect_dollars(escape(said))
+                parts.append(f"<p><b>You:</b> {shown}</p>" if not markdown else f"**You:** {shown}")
+            if view.parts or view.badges:
+                parts.append(view.markdown() if markdown else view.html())
+        return parts
+
+    def _repr_html_(self) -> str:
+        return '<div class="nbchat-conversation">' + "\n<hr>\n".join(self._parts(False)) + "</div>"
+
+    def _repr_markdown_(self) -> str:
+        return "\n\n---\n\n".join(self._parts(True))
+
+    def __repr__(self) -> str:
+        return "\n".join(f"{m.role}: {m.content or ''}" for m in self.history)
 
 
 def _cell(value: str) -> str:

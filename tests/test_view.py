@@ -251,3 +251,16 @@ def test_markdown_export_is_escaped(fake: FakeOpenAIServer, tmp_path: Any) -> No
     exported = nbchat.export_session(s.id, format="markdown", db=s.store)
     assert_inert(_jupyter_like(exported))
     assert "\\$5 and \\$20" in exported
+
+
+def test_a_stored_conversation_displays_inert(fake: FakeOpenAIServer) -> None:
+    from nbchat._display import Conversation
+
+    fake.enqueue(HOSTILE + " It costs $5 and $20.")
+    s = nbchat.Session(model="fake-model", base_url=fake.url, db=False)
+    s.send("<img src=x onerror=alert(1)> what does it cost?")
+    shown = Conversation(s.history)
+    assert_inert(shown._repr_html_())
+    assert_inert(_jupyter_like(shown._repr_markdown_()))
+    assert "<details" not in shown._repr_html_()
+    assert '<span class="nbchat-usd">$</span>5 and' in shown._repr_html_()
