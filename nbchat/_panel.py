@@ -371,16 +371,31 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
         elif not view.parts and view.result is None:
             shown = _TYPING
         with self._lock:
-            bubble.value = shown
+            if not live and _MATH in shown and not isinstance(bubble, widgets.HTMLMath):
+                # Typeset once the text is complete (not on every streamed update).
+                math = self._bubble("assistant", shown)
+                self.messages.children = tuple(
+                    math if c is bubble else c for c in self.messages.children
+                )
+                bubble.close()
+            else:
+                bubble.value = shown
 
     # ------------------------------------------------------------------ transcript
 
     def _append(self, role: str, content: str) -> widgets.HTML:
-        bubble = widgets.HTML(content)
-        bubble.add_class("nbchat-msg")
-        bubble.add_class(f"nbchat-{role}")
+        bubble = self._bubble(role, content)
         with self._lock:
             self.messages.children = (*self.messages.children, bubble)
+        return bubble
+
+    def _bubble(self, role: str, content: str) -> widgets.HTML:
+        # HTMLMath typesets TeX where the page has MathJax (JupyterLab, Notebook 7), the
+        # way the notebook does; elsewhere the TeX stays as written.
+        kind = widgets.HTMLMath if _MATH in content else widgets.HTML
+        bubble = kind(content)
+        bubble.add_class("nbchat-msg")
+        bubble.add_class(f"nbchat-{role}")
         return bubble
 
     def _show_history(self, history: Iterable[Message]) -> None:
@@ -585,6 +600,7 @@ def _options_like(session: Session) -> dict[str, Any]:
 
 
 _NO_MODEL = "(no model)"
+_MATH = 'class="nbchat-math"'
 _TYPING = '<p class="nbchat-typing">…</p>'
 _QUEUED = '<p class="nbchat-typing">queued: another turn on this session runs first…</p>'
 # Set in the task of a turn this panel runs, so its session's events are told apart

@@ -454,3 +454,14 @@ def test_math_is_kept_as_tex_and_code_is_highlighted() -> None:
     assert '<span class="nbchat-math">\\(a\\,b\\)</span>' in out
     assert '<span class="nbchat-math">$x_1 * y_2 * z$</span>' in out  # no <em> from the *s
     assert '<code class="language-python">' in out and "style=" in out
+
+
+def test_a_reply_with_math_ends_in_a_typesetting_bubble(fake: FakeOpenAIServer) -> None:
+    import ipywidgets as widgets
+
+    fake.enqueue("The area is $\\pi r^2$, at $5 a month.", chunk_size=3)
+    p = make(fake)
+    p.submit("area?").result(TIMEOUT)
+    bubble = p.messages.children[-1]
+    assert isinstance(bubble, widgets.HTMLMath) and "nbchat-assistant" in bubble._dom_classes
+    assert '<span class="nbchat-math">$\\pi r^2$</span>' in bubble.value

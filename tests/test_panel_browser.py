@@ -70,6 +70,7 @@ STORY = " ".join(
 LONG_URL = "https://docs.example.test/" + "very-long-path-segment/" * 20 + "page.html"
 LONG_REPLY = (
     f"It is documented at {LONG_URL} on the project's site. The end of the sentence.\n\n"
+    "It costs $5 a month; the area is $\\pi r^2$.\n\n"
     "```python\nprint('" + "x" * 300 + "')\n```"
 )
 PY_CODE = "numbers = [10, 12, 20]\nsum(numbers)"
@@ -295,6 +296,9 @@ def test_chat_in_the_browser(served: Served, fake: FakeOpenAIServer, tmp_path: P
             page.keyboard.press("Enter")
             long_reply = page.locator(".nbchat-assistant").nth(2)
             expect(long_reply).to_contain_text("The end of the sentence.")
+            if in_notebook_ui:  # math typeset as in the notebook; the price left alone
+                expect(long_reply.locator("mjx-container")).to_have_count(1)
+            expect(long_reply).to_contain_text("It costs $5 a month")
             widths = long_reply.evaluate(WIDTHS)
             assert widths["bubble_scroll"] <= widths["bubble_client"] + 1, widths
             assert widths["paragraph_right"] <= widths["bubble_right"] + 1, widths
