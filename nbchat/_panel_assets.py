@@ -78,6 +78,7 @@ PANEL_CSS = """
   height: auto; min-width: 0; box-sizing: border-box; }
 /* Long words and URLs wrap anywhere; only code blocks and tables scroll sideways. */
 .nbchat-panel .nbchat-msg .widget-html-content,
+.nbchat-panel .nbchat-msg .widget-htmlmath-content,
 .nbchat-panel .nbchat-msg .jupyter-widget-html-content { line-height: 1.45;
   white-space: normal; overflow-wrap: anywhere; word-break: break-word; min-width: 0;
   max-width: 100%; }

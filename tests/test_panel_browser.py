@@ -75,7 +75,8 @@ LONG_REPLY = (
 )
 PY_CODE = "numbers = [10, 12, 20]\nsum(numbers)"
 WIDTHS = """(bubble) => {
-    const content = bubble.querySelector('.widget-html-content') || bubble;
+    const content = bubble.querySelector(
+        '.widget-html-content, .widget-htmlmath-content') || bubble;
     const paragraph = content.querySelector('p');
     const pre = content.querySelector('pre');
     return {
