@@ -11,8 +11,10 @@ written from two threads (callbacks on the kernel thread, the turn on the loop t
 ipykernel sends comm messages from any thread through its IOPub thread, and a per-panel
 lock keeps the two writers from interleaving on one widget.
 
-The input box is a small anywidget: ipywidgets' ``Textarea`` cannot tell Enter from
-Shift+Enter (both just change the value), and ``Text`` has no newlines.
+The input box is a small anywidget (``_panel_input``). A panel on a session that cells
+also use shows their turns as they happen (it listens to the session's events), and a
+Send while such a turn runs waits for it ("queued"). The python tool's ``ask`` mode
+asks with Run / Skip buttons under the turn.
 """
 
 from __future__ import annotations
@@ -26,13 +28,11 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-import anywidget
 import ipywidgets as widgets
-import traitlets
 
 from ._exceptions import NbchatError
 from ._markup import clip, escape, money, protect_dollars, to_html
-from ._panel_assets import INPUT_ESM, PANEL_CSS
+from ._panel_input import ChatInput
 from ._pytool import asking
 from ._render import Throttle, TurnView, history_views
 from ._runner import submit
@@ -64,20 +64,6 @@ def markdown_to_html(text: str, *, hard_wrap: bool = False) -> str:
     ``hard_wrap=True`` turns every newline into a line break.
     """
     return to_html(text, hard_wrap=hard_wrap)
-
-
-class ChatInput(anywidget.AnyWidget):
-    """A text box where Enter sends (a ``submit`` message) and Shift+Enter adds a line.
-
-    ``value`` follows what is typed; while ``busy`` is true, Enter keeps the text.
-    """
-
-    _esm = INPUT_ESM
-    _css = PANEL_CSS
-    value = traitlets.Unicode("").tag(sync=True)
-    placeholder = traitlets.Unicode("").tag(sync=True)
-    disabled = traitlets.Bool(False).tag(sync=True)
-    busy = traitlets.Bool(False).tag(sync=True)
 
 
 class ChatPanel(widgets.VBox):  # type: ignore[misc]

@@ -297,8 +297,8 @@ def test_chat_in_the_browser(served: Served, fake: FakeOpenAIServer, tmp_path: P
             page.keyboard.press("Enter")
             long_reply = page.locator(".nbchat-assistant").nth(2)
             expect(long_reply).to_contain_text("The end of the sentence.")
-            if in_notebook_ui:  # math typeset as in the notebook; the price left alone
-                expect(long_reply.locator("mjx-container")).to_have_count(1)
+            # Math typeset as in the notebook (Voila has MathJax too); the price left alone.
+            expect(long_reply.locator("mjx-container")).to_have_count(1)
             expect(long_reply).to_contain_text("It costs $5 a month")
             widths = long_reply.evaluate(WIDTHS)
             assert widths["bubble_scroll"] <= widths["bubble_client"] + 1, widths

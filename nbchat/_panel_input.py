@@ -1,10 +1,19 @@
-"""The chat panel's front-end code and styles: the input box's ESM and the panel's CSS."""
+"""The chat panel's input box (a small anywidget) and the panel's styles.
+
+ipywidgets' ``Textarea`` cannot tell Enter from Shift+Enter (both just change the
+value), and ``Text`` has no newlines, hence a widget of our own. Its front-end code also
+notices when the kernel restarts and says so in the panel, which can then no longer
+speak for itself.
+"""
 
 from __future__ import annotations
 
-__all__ = ["INPUT_ESM", "PANEL_CSS"]
+import anywidget
+import traitlets
 
-INPUT_ESM = """
+__all__ = ["ChatInput"]
+
+_INPUT_ESM = """
 function render({ model, el }) {
   const box = document.createElement("textarea");
   box.className = "nbchat-textarea";
@@ -64,7 +73,7 @@ export default { render };
 
 # Theme variables with fallbacks, so the panel looks right in JupyterLab (light and
 # dark), Notebook 7 and Voila alike.
-PANEL_CSS = """
+_PANEL_CSS = """
 .nbchat-panel { border: 1px solid var(--jp-border-color2, #ddd); border-radius: 8px;
   padding: 8px; max-width: 920px; background: var(--jp-layout-color0, #fff); }
 .nbchat-panel .nbchat-header { align-items: center; gap: 6px; }
@@ -121,3 +130,17 @@ PANEL_CSS = """
 .nbchat-panel .nbchat-state-error .nbchat-dot { color: #c33; }
 .nbchat-panel .nbchat-state-busy .nbchat-dot { color: #e0a000; }
 """
+
+
+class ChatInput(anywidget.AnyWidget):
+    """A text box where Enter sends (a ``submit`` message) and Shift+Enter adds a line.
+
+    ``value`` follows what is typed; while ``busy`` is true, Enter keeps the text.
+    """
+
+    _esm = _INPUT_ESM
+    _css = _PANEL_CSS
+    value = traitlets.Unicode("").tag(sync=True)
+    placeholder = traitlets.Unicode("").tag(sync=True)
+    disabled = traitlets.Bool(False).tag(sync=True)
+    busy = traitlets.Bool(False).tag(sync=True)
