@@ -4,9 +4,11 @@ The model sees what the code printed, the repr of its last expression, and the
 traceback if it failed, so it can look at the user's DataFrames and variables.
 Approval modes, chosen when the tool is made:
 
-- ``"ask"`` (the default): the code is shown in the cell and nothing runs until the
-  user answers ``y`` to a prompt (``input()``, i.e. Jupyter's input box). Where no
-  input box exists (nbclient, Voila), asking fails and the model is told to stop.
+- ``"ask"`` (the default): nothing runs until the user says yes. In a ``%%chat`` cell
+  the code shows in the turn's tool block and the answer comes from a prompt
+  (``input()``, i.e. Jupyter's input box); in the chat panel from Run / Skip buttons
+  (whoever shows the turn registers how to ask with ``asking``). Where neither exists
+  (nbclient), asking fails and the model is told to stop.
 - ``"auto"``: the code runs without asking. Only for models and prompts you trust:
   the code can do anything your notebook can.
 - ``"never"``: the code is never run; the model is told so. The user still sees the
