@@ -18,7 +18,9 @@ re-renders every update); the final update always carries the exact full text.
 
 from __future__ import annotations
 
+import bisect
 import json
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -120,29 +122,76 @@ Source = Literal["notice", "limit", "error", "compaction"]
 
 @dataclass
 class TextPart:
-    """Reply text of one round (``thinking``: the model's reasoning text)."""
+    """Reply text of one round (``thinking``: the model's reasoning text).
+
+    While the turn is live, finished blocks (text up to a blank line outside code) are
+    rendered once and kept, so an update renders only the block still growing; and a
+    huge text shows only its last ``LIVE_TAIL`` characters. The final rendering is of
+    the whole text at once.
+    """
 
     round: int
     thinking: bool = False
     buffer: TextBuffer = field(default_factory=TextBuffer)
-    _html: tuple[int, str] | None = None  # (size, html): a finished part renders once
+    _html: tuple[int, str] | None = None  # (size, html) of the whole text
+    _blocks: list[tuple[int, int, str]] = field(default_factory=list)  # (start, end, html)
 
     def html(self, live: bool) -> str:
-        """The text as safe HTML; only the tail of a huge text while ``live``."""
+        """The text as safe HTML (while ``live``: a bounded, approximate rendering)."""
         size = len(self.buffer)
         if self._html is not None and self._html[0] == size:
             return self._html[1]
         text = self.buffer.text()
-        if live and size > LIVE_TAIL:
-            cut = text.find("\n\n", size - LIVE_TAIL)
-            cut = size - LIVE_TAIL if cut < 0 else cut
-            return (
-                f"<p><i>… {cut:,} characters above, shown when the reply is complete …</i></p>"
-                + to_html(text[cut:])
-            )
-        shown = to_html(text)
-        self._html = (size, shown)
-        return shown
+        if not live:
+            shown = to_html(text)
+            self._html = (size, shown)
+            return shown
+        done = self._blocks[-1][1] if self._blocks else 0
+        window = size - LIVE_TAIL
+        if done < window:  # text above the window is not shown live: never rendered
+            skip = _stable_end(text, done, window)
+            if skip > done:
+                self._blocks.append((done, skip, ""))
+                done = skip
+        end = _stable_end(text, done)
+        if end - done >= BLOCK_MIN:
+            self._blocks.append((done, end, to_html(text[done:end])))
+            done = end
+        kept = [b for b in self._blocks if b[1] > window]
+        # A block still growing past the window (no blank line yet): its tail only.
+        growing = max(done, window)
+        hidden = kept[0][0] if kept else growing
+        note = f"<p><i>… {hidden:,} characters above, shown when the reply is complete …</i></p>"
+        return (note if hidden else "") + "".join(b[2] for b in kept) + to_html(text[growing:])
+
+    def markdown(self, live: bool) -> str:
+        """The text as safe Markdown (while ``live``, only the tail of a huge text)."""
+        text = self.buffer.text()
+        cut = 0
+        if live and len(text) > LIVE_TAIL:
+            cut = _stable_end(text, 0, len(text) - LIVE_TAIL) or len(text) - LIVE_TAIL
+        note = (
+            f"*… {cut:,} characters above, shown when the reply is complete …*\n\n" if cut else ""
+        )
+        return note + safe_markdown(text[cut:], dollar="<span>\\$</span>")
+
+
+BLOCK_MIN = 2_000  # characters a live text grows by before a finished block is kept
+_FENCE = re.compile(r"^ {0,3}(?:`{3,}|~{3,})", re.M)
+
+
+def _stable_end(text: str, start: int, before: int | None = None) -> int:
+    """The last blank line in ``text[start:before]`` outside a code fence (or ``start``)."""
+    fences = [m.start() for m in _FENCE.finditer(text, start)]
+    end = len(text) if before is None else before
+    while True:
+        boundary = text.rfind("\n\n", start, end)
+        if boundary < 0:
+            return start
+        opened = bisect.bisect_left(fences, boundary)
+        if opened % 2 == 0:
+            return boundary + 2
+        end = fences[opened - 1]  # inside a code block: look before it
 
 
 @dataclass
@@ -351,7 +400,7 @@ class TurnView:
         """The same layout with the text as safe Markdown (blocks as inline HTML)."""
 
         def text(part: TextPart) -> str:
-            return safe_markdown(part.buffer.text(), dollar="<span>\\$</span>")
+            return part.markdown(live)
 
         return "\n\n".join(self._layout(text, live, show_failure))
 

@@ -15,7 +15,7 @@ import pytest
 
 import nbchat
 from nbchat._markup import money, safe_markdown, to_html
-from nbchat._render import LIVE_TAIL, TurnView, history_views
+from nbchat._render import LIVE_TAIL, TextPart, TurnView, history_views
 from nbchat._types import Event
 from nbchat.testing import FakeOpenAIServer
 
@@ -264,3 +264,21 @@ def test_a_stored_conversation_displays_inert(fake: FakeOpenAIServer) -> None:
     assert_inert(_jupyter_like(shown._repr_markdown_()))
     assert "<details" not in shown._repr_html_()
     assert '<span class="nbchat-usd">$</span>5 and' in shown._repr_html_()
+
+
+def test_live_rendering_keeps_finished_blocks_and_never_splits_code() -> None:
+    from nbchat._render import BLOCK_MIN, _stable_end
+
+    code = "```python\nx = 1\n\n\ny = 2\n```\n\n"
+    assert _stable_end("a\n\n" + code + "tail", 0) == len("a\n\n" + code)
+    assert _stable_end("a\n\n```\nb\n\nc", 0) == 3  # not inside the open fence
+    paragraph = "Some words here, and **bold** ones.\n\n"
+    text = (paragraph * 80 + code) * 4 + "The end."
+    view = TurnView("m")
+    for i in range(0, len(text), 50):
+        view.handle(nbchat.TextDelta(text=text[i : i + 50]))
+        live = view.html(live=True)
+        assert "<p>y = 2" not in live and "<p>```" not in live
+    (part,) = view.parts
+    assert isinstance(part, TextPart) and len(part._blocks) >= len(text) // (2 * BLOCK_MIN)
+    assert view.html() == to_html(text)  # the final rendering is of the whole text
