@@ -9,9 +9,16 @@ Three ways to show a turn, picked from what the frontend can do:
 - ``text``: a terminal (IPython without rich display): text deltas are written to
   stdout as they arrive, then a footer line.
 
+Each display carries ``text/html`` (what JupyterLab, Notebook 7 and VS Code show: the
+turn layout of ``_render``, the same HTML as the panel's) and ``text/markdown`` (the
+same layout with the text as safe Markdown, for frontends that prefer it). Model text
+in either shows as text, never as live HTML: a trusted output would otherwise run it
+again whenever the saved notebook is opened.
+
 Failures a user can fix (no model configured, server down, budget reached, a pending
 session) end the cell with one line, not a traceback: IPython prints the lines an
-exception's ``_render_traceback_`` returns instead of the stack.
+exception's ``_render_traceback_`` returns instead of the stack. That line is the only
+place the failure is said; the turn's display does not repeat it.
 """
 
 from __future__ import annotations

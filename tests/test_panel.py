@@ -465,3 +465,12 @@ def test_a_reply_with_math_ends_in_a_typesetting_bubble(fake: FakeOpenAIServer) 
     bubble = p.messages.children[-1]
     assert isinstance(bubble, widgets.HTMLMath) and "nbchat-assistant" in bubble._dom_classes
     assert '<span class="nbchat-math">$\\pi r^2$</span>' in bubble.value
+
+
+def test_reasoning_shows_as_a_thinking_block_in_the_panel(fake: FakeOpenAIServer) -> None:
+    fake.enqueue("Four.", reasoning="Two and two make four.", chunk_size=3)
+    p = make(fake)
+    p.submit("2+2?").result(TIMEOUT)
+    shown = bubbles(p)[1][1]
+    assert '<details class="nbchat-thinking"><summary>💭 Thinking</summary>' in shown
+    assert shown.index("Two and two") < shown.index("Four.")
