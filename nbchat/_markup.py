@@ -38,11 +38,14 @@ __all__ = [
     "to_html",
 ]
 
-# A fenced block (to its closing fence, or the end while a reply still streams), or a
-# backtick code span that does not cross a blank line.
+# What every CommonMark renderer (Jupyter's is marked) certainly treats as code, so it
+# may be left unescaped: a fenced block opened at the start of a line (a fence indented
+# in a list item is not recognised, and its text is then escaped: safe, at worst shown
+# with a visible &lt;), up to a closing fence or the end; and a backtick code span on
+# one line whose opening backtick is not escaped. Anything else counts as prose.
 _CODE = re.compile(
-    r"^[ ]{0,3}(?P<mark>`{3,}|~{3,})[^\n]*\n.*?(?:^[ ]{0,3}(?P=mark)[`~]*[ \t]*$|\Z)"
-    r"|(?<!`)(?P<ticks>`+)(?!`)(?:[^\n]|\n(?![ \t]*\n))+?(?<!`)(?P=ticks)(?!`)",
+    r"^(?P<mark>`{3,}(?=[^`\n]*$)|~{3,})[^\n]*\n.*?(?:^[ ]{0,3}(?P=mark)[`~]*[ \t]*$|\Z)"
+    r"|(?<![`\\])(?P<ticks>`+)(?!`)[^\n]+?(?<!`)(?P=ticks)(?!`)",
     re.M | re.S,
 )
 _MATH = re.compile(
@@ -55,7 +58,9 @@ _MATH = re.compile(
 )
 _DOLLAR = re.compile(r"\\?\$")
 _IMAGE = re.compile(r"!\[")
-_BAD_LINK = re.compile(r"\]\(\s*<?\s*(?:javascript|vbscript|data)\s*:", re.I)
+# A link destination: inline ``](url`` or a reference definition ``[x]: url``.
+_LINK = re.compile(r"(?P<head>\]\(\s*<?|^[ ]{0,3}\[[^\]\n]+\]:[ \t]*<?)(?P<url>[^\s)>]*)", re.M)
+_SAFE_SCHEMES = ("http", "https", "mailto")
 
 # Placeholders that survive the Markdown renderer untouched (Unicode private use).
 _MATH_MARK = "\ue000{}\ue001"
@@ -117,8 +122,19 @@ def safe_markdown(text: str, *, dollar: str = "\\$") -> str:
 def _plain_markdown(text: str, dollar: str) -> str:
     text = text.replace("<", "&lt;")
     text = _IMAGE.sub("🖼 [", text)
-    text = _BAD_LINK.sub("](#unsafe-link-removed:", text)
+    text = _LINK.sub(_safe_link, text)
     return _DOLLAR.sub(lambda _: dollar, text)
+
+
+def _safe_link(match: re.Match[str]) -> str:
+    """A link destination kept only if it is relative or http(s)/mailto once decoded."""
+    url = match.group("url")
+    # Browsers drop tabs and newlines in URLs, and renderers decode entities in them.
+    decoded = re.sub(r"[\x00-\x20]", "", html.unescape(url)).lower()
+    scheme = re.match(r"[a-z][a-z0-9+.\-]*:", decoded)
+    if scheme is None or scheme.group(0)[:-1] in _SAFE_SCHEMES:
+        return match.group(0)
+    return match.group("head") + "#unsafe-link-removed"
 
 
 # ---------------------------------------------------------------------- HTML out

@@ -26,6 +26,9 @@ import pytest
 
 from nbchat.testing import FakeOpenAIServer
 
+sys.path.insert(0, str(Path(__file__).parent))
+from test_view import TRICKY
+
 pytestmark = pytest.mark.browser
 
 CHROMIUM = "/usr/bin/chromium"
@@ -420,10 +423,17 @@ def lookup(key: str) -> str:
     """Look a value up."""
     time.sleep(1.0)
     return {"a": "1", "b": "2"}[key]'''
+# The Markdown rendition, rendered by JupyterLab's own Markdown renderer (marked) in a
+# live, trusted output: the cases that try to pass raw HTML off as code.
+MARKDOWN_CELL = f"""from nbchat._markup import safe_markdown
+
+tricky = {[t.replace("alert(", "window.nbchatPwned=(") for t in TRICKY]!r}
+display({{"text/markdown": "\\n\\n---\\n\\n".join(map(safe_markdown, tricky))}}, raw=True)"""
 CELLS = [
     LOOKUP_CELL,
     "%%chat --tools lookup\nLook up a and b, then tell me what the plan costs.",
     "%%chat\nSay hello.",
+    MARKDOWN_CELL,
 ]
 ROUND_2 = (
     "Both values found: **1** and **2**. The plan costs $5 per month and $20 per year, "
@@ -493,6 +503,7 @@ def test_chat_cells_in_jupyterlab(fake: FakeOpenAIServer, tmp_path: Path) -> Non
             expect(turn.locator("details")).to_have_count(2)
             expect(turn).to_contain_text("fake-model ·")  # the footer: the turn ended
             expect(cells.nth(2).locator(".jp-OutputArea-output")).to_contain_text("fake-model ·")
+            expect(cells.nth(3).locator(".jp-RenderedMarkdown")).to_contain_text("list-fence")
             page.wait_for_function(KERNEL_IDLE)
 
             text = turn.inner_text()
@@ -509,7 +520,7 @@ def test_chat_cells_in_jupyterlab(fake: FakeOpenAIServer, tmp_path: Path) -> Non
             expect(hostile).to_contain_text('<img src=x onerror="window.nbchatPwned = 1">')
             live = page.evaluate(OUTPUT_TAGS)
             assert live["pwned"] is None and live["img"] == live["iframe"] == 0, live
-            assert live["details"][2] == 0, live  # the reply's <details> is text
+            assert live["details"][2] == live["details"][3] == 0, live  # <details> as text
 
             # Saved and opened again: outputs of a trusted notebook render unsanitised.
             page.evaluate("() => window.jupyterapp.commands.execute('docmanager:save')")

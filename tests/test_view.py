@@ -51,7 +51,9 @@ def assert_inert(html_text: str) -> None:
         assert tag not in LIVE_TAGS, (tag, html_text)
         for name, value in attrs:
             assert not name.startswith("on"), (tag, name)
-            assert not (value or "").strip().lower().startswith("javascript:"), (tag, value)
+            # (browsers ignore tabs and newlines in a URL's scheme)
+            url = re.sub(r"[\x00-\x20]", "", value or "").lower()
+            assert not url.startswith(("javascript:", "vbscript:", "data:")), (tag, value)
 
 
 # Markdown as Jupyter renders it: raw HTML passes through (a trusted output is not
@@ -229,19 +231,33 @@ def test_stored_turns_use_the_same_layout(fake: FakeOpenAIServer) -> None:
     assert shown.index("First I look.") < shown.index("<details>") < shown.index("Found")
 
 
-@pytest.mark.parametrize(
-    "text",
-    [
-        "<img src=x onerror=alert(1)>",
-        "![a](http://e.test/x.png)",
-        "[x](javascript:alert(1))",
-        "<details><summary>s</summary>hidden</details>",
-    ],
-)
+# Markdown that tries to make the escaper think raw HTML is code (or a link is safe).
+TRICKY = [
+    "<img src=x onerror=alert(1)>",
+    "![a](http://e.test/x.png)",
+    "[x](javascript:alert(1))",
+    "[x](jav&#x61;script:alert(1)) [y](java\tscript:alert(1))",
+    "[x][r]\n\n[r]: javascript:alert(1)",
+    "<details><summary>s</summary>hidden</details>",
+    "- ```\n  code\n  ```\n<img src=x onerror=alert('list-fence')>",
+    "```a`b\n<img src=x onerror=alert('info-backtick')>\n```",
+    "\\`<img src=x onerror=alert('escaped-tick')>`",
+    "`x\n<details open ontoggle=alert('multiline-span')>\ny`",
+    "    ```\n<img src=x onerror=alert('indented-fence')>\n```",
+]
+
+
+@pytest.mark.parametrize("text", TRICKY)
 def test_safe_markdown_renders_inert(text: str) -> None:
-    assert_inert(_jupyter_like(safe_markdown(text)))
-    assert "<details" not in _jupyter_like(safe_markdown(text))
+    rendered = _jupyter_like(safe_markdown(text))
+    assert_inert(rendered)
+    assert "<details" not in rendered
     assert_inert(to_html(text))
+
+
+def test_code_is_left_as_written() -> None:
+    text = "Use `a < b` here.\n\n```html\n<img src=x>\n```\n\n~~~\n<b>\n~~~"
+    assert safe_markdown(text) == text
 
 
 def test_markdown_export_is_escaped(fake: FakeOpenAIServer, tmp_path: Any) -> None:
