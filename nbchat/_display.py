@@ -194,21 +194,19 @@ class CellRenderer:
                 if self.mode != "text":
                     self._publish(update=self.shown)
         asked = time.monotonic()
+        yes = False
         try:
             if block is None or self.mode == "text":
                 print(f"The model wants to run this code:\n{code}")
             yes = prompt_user()
-        finally:
+            return yes
+        finally:  # also when asking failed (no input box): the block stops waiting
             with self._lock:
                 if block is not None:
                     block.waited_ms = (time.monotonic() - asked) * 1000
-                    block.approval = None
-        with self._lock:
-            if block is not None:
-                block.approval = "yes" if yes else "no"
-                if self.mode != "text":
-                    self._publish(update=True)
-        return yes
+                    block.approval = "yes" if yes else "no"
+                    if self.mode != "text":
+                        self._publish(update=True)
 
     # -------------------------------------------------------------- rich displays
 

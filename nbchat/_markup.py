@@ -67,6 +67,10 @@ _MATH_MARK = "\ue000{}\ue001"
 _MATH_BACK = re.compile("\ue000(\\d+)\ue001")
 _USD_MARK = "\ue002"
 USD_HTML = '<span class="nbchat-usd">$</span>'
+# The placeholders as the renderer percent-encodes them in a link's URL.
+_TAG = re.compile(r"<[^>]*%EE%80%8[02][^>]*>")
+_MATH_IN_URL = re.compile(r"%EE%80%80(\d+)%EE%80%81")
+_USD_IN_URL = "%EE%80%82"
 
 
 def escape(text: str) -> str:
@@ -211,6 +215,12 @@ def to_html(text: str, *, hard_wrap: bool = False) -> str:
     source = _prose(text, prose)
     with _markdown_lock:
         out = cast(str, (_markdown_typed if hard_wrap else _markdown)(source))
+
+    def in_tag(tag: re.Match[str]) -> str:  # a URL with a $ in it: plain characters
+        plain = _MATH_IN_URL.sub(lambda m: html.escape(maths[int(m.group(1))]), tag.group(0))
+        return plain.replace(_USD_IN_URL, "$")
+
+    out = _TAG.sub(in_tag, out)
     out = _MATH_BACK.sub(
         lambda m: f'<span class="nbchat-math">{escape(maths[int(m.group(1))])}</span>', out
     )

@@ -298,3 +298,10 @@ def test_live_rendering_keeps_finished_blocks_and_never_splits_code() -> None:
     (part,) = view.parts
     assert isinstance(part, TextPart) and len(part._blocks) >= len(text) // (2 * BLOCK_MIN)
     assert view.html() == to_html(text)  # the final rendering is of the whole text
+
+
+def test_dollars_in_link_urls_stay_plain() -> None:
+    out = to_html("[the $5 plan](http://shop.test/p?price=$5&x=$y$) costs $5")
+    assert 'href="http://shop.test/p?price=$5&amp;x=$y$"' in out
+    assert '<span class="nbchat-usd">$</span>5 plan</a>' in out
+    assert_inert(out)
