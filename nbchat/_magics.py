@@ -143,6 +143,10 @@ _SUBCOMMANDS = """\
   %chat cost model|day|session    the whole store's spend, grouped (DataFrame)
   %chat tools [a,b | none]        show or set the tools of later %%chat cells
   %chat local [GGUF]              start (or reuse) the embedded local model and use it
+
+%%chat_sql [--out VAR] [--db PATH]
+  a read-only SQL query on the store (sessions, messages, requests, tool_calls,
+  compactions, turns), shown as a DataFrame; %%chat_sql? shows its help
 """
 
 
@@ -236,11 +240,14 @@ class ChatMagics(Magics):
         run: Callable[[Callable[[Event], None]], TurnResult],
     ) -> TurnResult:
         """Run one turn with the cell's options, shown in the cell as it happens."""
+        from ._pytool import asking
+
         mode = render_mode(self.shell, stream=not opts.no_stream)
         # Session.send turns a kernel interrupt into cancel(), so no event is lost.
         with _cell_overrides(session, opts, tools):
             renderer = CellRenderer(session.model, mode)
-            result = run(renderer)
+            with asking(renderer.ask):  # python:ask asks in its tool block
+                result = run(renderer)
         renderer.finish()
         return result
 
@@ -375,10 +382,12 @@ class ChatMagics(Magics):
             )
         return Info(message)
 
-    def _cmd_resume(self, args: list[str]) -> None:
+    def _cmd_resume(self, args: list[str]) -> Info | None:
         from ._magic_options import ChatOptions
 
         session = self._current()
+        if not session.pending_tool_calls:
+            return Info("Nothing to resume: the current session has no pending tool calls.")
         specs = ChatOptions.model_validate({"tools": ",".join(args)}).tools if args else None
         tools = self._tools(specs if specs is not None else self.default_tools)
         _raise_for(
@@ -386,6 +395,7 @@ class ChatMagics(Magics):
                 session, ChatOptions(), tools, lambda on_event: session.resume(on_event=on_event)
             )
         )
+        return None
 
     def _cmd_abort(self, args: list[str]) -> Info:
         closed = self._current().abort_pending()
@@ -420,7 +430,10 @@ class ChatMagics(Magics):
             specs = ChatOptions.model_validate({"tools": ",".join(args)}).tools or []
             self._tools(specs)  # fail now, not at the next cell
             self.default_tools = specs
-        rows = [(t.name, t.description) for t in self._tools(self.default_tools)]
+        rows = [
+            (_tool_label(spec), t.description)
+            for spec, t in zip(self.default_tools, self._tools(self.default_tools), strict=True)
+        ]
         if not rows:
             return Info("No tools: `%chat tools a,b` or `%%chat --tools a,b` adds some.")
         return Info("Tools of the next `%%chat` cells", rows)
@@ -523,6 +536,20 @@ Tables: sessions, messages, requests, tool_calls, compactions.
 Options:
 {SQL_OPTIONS_HELP}
 """
+
+
+def _tool_label(spec: str) -> str:
+    """``python (ask: asks before running code)`` for the python tool, else the name."""
+    name, _, mode = spec.partition(":")
+    if name != "python":
+        return name
+    meaning = {
+        "ask": "asks before running code",
+        "auto": "runs code without asking",
+        "never": "never runs code",
+    }
+    mode = mode or "ask"
+    return f"python ({mode}: {meaning[mode]})"
 
 
 def _config_value(key: str, value: str) -> Any:
