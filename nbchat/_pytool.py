@@ -34,7 +34,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from typing import Any, Literal, TextIO, cast, get_args
 
-from ._tools import Tool, in_thread
+from ._tools import Tool, in_thread, waiting_on_user
 
 __all__ = ["Approval", "ExecutionFailed", "asking", "prompt_user", "python_tool", "run_code"]
 
@@ -255,8 +255,11 @@ def python_tool(
     ask = confirm or ask_in_notebook
 
     def work(code: str) -> str:
-        if approval == "ask" and not ask(code):
-            raise PermissionError("the user declined to run this code; do not retry it")
+        if approval == "ask":
+            with waiting_on_user():  # the call's duration is the code's, not the user's
+                approved = ask(code)
+            if not approved:
+                raise PermissionError("the user declined to run this code; do not retry it")
         return run_code(code, ns)
 
     async def python(code: str) -> str:

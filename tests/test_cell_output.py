@@ -151,6 +151,9 @@ def test_python_ask_asks_in_the_tool_block_and_times_only_the_run(
     summary = end[end.index("<code>python</code>") :].split("</summary>")[0]
     assert " ms)" in summary, summary  # well under the 1.5 s spent waiting
     assert kernel.execute("print(answer)").stdout == "42\n"
+    # The stored duration leaves the wait out too.
+    stored = kernel.execute("import nbchat; print(nbchat.tool_calls()['duration_ms'].iloc[-1])")
+    assert float(stored.stdout) < 1000, stored.stdout
 
 
 def test_an_error_is_shown_once(kernel: Kernel, fake: FakeOpenAIServer) -> None:
@@ -165,11 +168,17 @@ def test_an_error_is_shown_once(kernel: Kernel, fake: FakeOpenAIServer) -> None:
     assert "fell over" not in run.stdout
 
 
-def test_max_rounds_zero_warns_once(kernel: Kernel, fake: FakeOpenAIServer) -> None:
+def test_max_rounds_zero_without_tool_calls_warns_nothing(
+    kernel: Kernel, fake: FakeOpenAIServer
+) -> None:
+    """No tool round was cut short, so there is no limit to warn about (it used to say so
+    twice)."""
     fake.enqueue("No tools needed.")
     run = kernel.execute("%%chat --max-rounds 0\nhi", cell_id="rounds0")
+    assert run.status == "ok", run.reply
     shown = final(run)["data"]["text/html"]
-    assert shown.count("rounds of tool calls") + shown.count("tool-call limit") == 1
+    assert "No tools needed." in shown
+    assert shown.count("rounds of tool calls") + shown.count("tool-call limit") == 0
 
 
 def test_reasoning_is_a_collapsed_thinking_block(kernel: Kernel, fake: FakeOpenAIServer) -> None:
