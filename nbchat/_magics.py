@@ -18,12 +18,11 @@ Notebook semantics live here because only the magic sees cells:
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shlex
 import sys
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from IPython.core.error import UsageError
@@ -44,7 +43,7 @@ from ._magic_help import CHAT_OPTIONS, SQL_OPTIONS, render_options
 if TYPE_CHECKING:
     from ._magic_options import ChatOptions
     from ._pytool import Approval
-    from ._session import Session
+    from ._session import Session, TurnOptions
     from ._tools import Tool
     from ._types import Event, TurnResult
 
@@ -76,42 +75,18 @@ class _Cells:
         return None
 
 
-@contextlib.contextmanager
-def _cell_overrides(session: Session, opts: ChatOptions, tools: list[Tool]) -> Iterator[None]:
-    """Apply a cell's options to the session for one turn, then put everything back."""
-    from ._tools import ToolSet
+def _turn_options(opts: ChatOptions, tools: list[Tool]) -> TurnOptions:
+    """A cell's options as the options of its one turn (the session is left as it is)."""
+    from ._session import TurnOptions
 
-    model = session.model
-    saved = (
-        session.tools,
-        session.max_rounds,
-        session.streaming,
-        dict(session.request_params),
-        session.budgets,
+    return TurnOptions(
+        model=opts.model,
+        tools=tools,
+        temperature=opts.temperature,
+        max_rounds=opts.max_rounds,
+        budget_usd=opts.budget,
+        stream=False if opts.no_stream else None,
     )
-    try:
-        if opts.model and opts.model != model:
-            session.set_model(opts.model)
-        session.tools = ToolSet(tools, max_result_chars=session.tools.max_result_chars)
-        if opts.max_rounds is not None:
-            session.max_rounds = opts.max_rounds
-        if opts.no_stream:
-            session.streaming = False
-        if opts.temperature is not None:
-            session.request_params["temperature"] = opts.temperature
-        if opts.budget is not None:
-            session.budgets = session.budgets.model_copy(update={"turn_budget_usd": opts.budget})
-        yield
-    finally:
-        (
-            session.tools,
-            session.max_rounds,
-            session.streaming,
-            session.request_params,
-            session.budgets,
-        ) = saved
-        if session.model != model:
-            session.set_model(model)
 
 
 def _raise_for(result: TurnResult) -> None:
@@ -226,7 +201,9 @@ class ChatMagics(Magics):
             session,
             opts,
             tools,
-            lambda on_event: session.send(text, cell_id=cell_id, on_event=on_event),
+            lambda on_event, options: session.send(
+                text, cell_id=cell_id, on_event=on_event, options=options
+            ),
         )
         if opts.out:
             self.user_ns[opts.out] = result.text
@@ -237,17 +214,16 @@ class ChatMagics(Magics):
         session: Session,
         opts: ChatOptions,
         tools: list[Tool],
-        run: Callable[[Callable[[Event], None]], TurnResult],
+        run: Callable[[Callable[[Event], None], TurnOptions], TurnResult],
     ) -> TurnResult:
         """Run one turn with the cell's options, shown in the cell as it happens."""
         from ._pytool import asking
 
         mode = render_mode(self.shell, stream=not opts.no_stream)
         # Session.send turns a kernel interrupt into cancel(), so no event is lost.
-        with _cell_overrides(session, opts, tools):
-            renderer = CellRenderer(session.model, mode)
-            with asking(renderer.ask):  # python:ask asks in its tool block
-                result = run(renderer)
+        renderer = CellRenderer(opts.model or session.model, mode)
+        with asking(renderer.ask):  # python:ask asks in its tool block
+            result = run(renderer, _turn_options(opts, tools))
         renderer.finish()
         return result
 
@@ -392,7 +368,10 @@ class ChatMagics(Magics):
         tools = self._tools(specs if specs is not None else self.default_tools)
         _raise_for(
             self._show_turn(
-                session, ChatOptions(), tools, lambda on_event: session.resume(on_event=on_event)
+                session,
+                ChatOptions(),
+                tools,
+                lambda on_event, options: session.resume(on_event=on_event, options=options),
             )
         )
         return None
