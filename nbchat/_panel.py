@@ -25,7 +25,7 @@ import contextvars
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import ipywidgets as widgets
@@ -82,6 +82,7 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
         self.last_error: BaseException | None = None  # an unexpected failure, for debugging
         self._options = dict(options)  # for "New chat": over what the last session had
         self._template = session  # "New chat" starts a session set up like this one
+        self._unwatch: Callable[[], None] = lambda: None
         self._reopen = reopen  # a stored session to open on Send, if opening it failed
         self._lock = threading.RLock()
         self._busy = False
@@ -212,6 +213,7 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
         """Stop a running turn, then close the widget."""
         if hasattr(self, "_lock"):  # ipywidgets may close a half-built widget
             self.stop()
+            self._unwatch()
         super().close()
 
     # ------------------------------------------------------------------ the turn
@@ -392,17 +394,15 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
 
     def _watch(self, session: Session) -> None:
         """Show turns that other front ends (``%%chat`` cells) run on ``session`` too."""
-        previous = session.on_event
 
         def on_event(event: Event) -> None:
-            if previous is not None:
-                previous(event)
             if isinstance(event, UsageEvent) and event.usage and event.usage.total_tokens:
                 self._known_tokens += event.usage.total_tokens
             if _own_turn.get() is not self:
                 self._follow_other(event)
 
-        session.on_event = on_event
+        self._unwatch()  # the previous session's turns are no longer shown here
+        self._unwatch = session.listen(on_event)
 
     def _follow_other(self, event: Event) -> None:
         """One event of a turn this panel did not start, shown as it happens."""
