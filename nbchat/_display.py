@@ -154,6 +154,20 @@ class CellRenderer:
             elif now or self.throttle.due(self.view.size):
                 self._publish(update=True)
 
+    def note(self, message: str) -> None:
+        """Say ``message`` in the turn, where the turn is now (before it starts: first)."""
+        from ._types import Notice
+
+        self(Notice(message=message))
+
+    def mark(self, badge: str) -> None:
+        """Add a status line to a finished turn's display (e.g. superseded) and re-show it."""
+        with self._lock:
+            if badge not in self.view.badges:
+                self.view.badges.append(badge)
+            if self.shown and self.mode == "live":
+                self._publish(update=True)
+
     def finish(self) -> None:
         """Show the turn as it ended: the full text, tool blocks, status and footer."""
         self._done.set()

@@ -75,6 +75,36 @@ class _Cells:
         return None
 
 
+_KEPT_OUTPUTS = 200
+SUPERSEDED_NOTE = (
+    "⤴ Superseded: an earlier cell of this conversation was re-run, so this turn is no "
+    "longer part of it (it stays in the store, marked superseded)."
+)
+
+
+def _replaced_cells(session: Session, cell_id: str | None) -> list[str]:
+    """The cells whose turns a re-run of ``cell_id`` will replace (those after its own)."""
+    if cell_id is None:
+        return []
+    history = session.history
+    start = next(
+        (i for i, m in enumerate(history) if m.role == "user" and m.cell_id == cell_id), None
+    )
+    if start is None:
+        return []
+    later = [m.cell_id for m in history[start + 1 :] if m.role == "user"]
+    return list(dict.fromkeys(c for c in later if c is not None and c != cell_id))
+
+
+def _replaces_notice(replaced: list[str]) -> str | None:
+    """What a re-run cell says when it replaces later turns too."""
+    if not replaced:
+        return None
+    n = len(replaced)
+    later = "1 later turn" if n == 1 else f"{n} later turns"
+    return f"This re-run replaces this cell's earlier turn and {later} of the conversation."
+
+
 def _turn_options(opts: ChatOptions, tools: list[Tool]) -> TurnOptions:
     """A cell's options as the options of its one turn (the session is left as it is)."""
     from ._session import TurnOptions
@@ -136,6 +166,8 @@ class ChatMagics(Magics):
         self.default_tools: list[str] = []
         # The session each cell's last turn went to, by cell id.
         self.cell_sessions: dict[str, Session] = {}
+        # The live display of each cell's last turn (the latest few), by cell id.
+        self.cell_outputs: dict[str, CellRenderer] = {}
 
     @property
     def user_ns(self) -> dict[str, Any]:
@@ -195,6 +227,7 @@ class ChatMagics(Magics):
         tools = self._tools(opts.tools if opts.tools is not None else self.default_tools)
         cell_id = self.cells.cell_key_for_turn()
         session = self._session_for(opts, cell_id)
+        replaced = _replaced_cells(session, cell_id)
         if cell_id is not None:
             self.cell_sessions[cell_id] = session
         result = self._show_turn(
@@ -204,7 +237,13 @@ class ChatMagics(Magics):
             lambda on_event, options: session.send(
                 text, cell_id=cell_id, on_event=on_event, options=options
             ),
+            notice=_replaces_notice(replaced),
+            cell_id=cell_id,
         )
+        for other in replaced:  # their outputs stay on screen: say they no longer count
+            shown = self.cell_outputs.get(other)
+            if shown is not None:
+                shown.mark(SUPERSEDED_NOTE)
         if opts.out:
             self.user_ns[opts.out] = result.text
         _raise_for(result)
@@ -215,13 +254,26 @@ class ChatMagics(Magics):
         opts: ChatOptions,
         tools: list[Tool],
         run: Callable[[Callable[[Event], None], TurnOptions], TurnResult],
+        *,
+        notice: str | None = None,
+        cell_id: str | None = None,
     ) -> TurnResult:
-        """Run one turn with the cell's options, shown in the cell as it happens."""
+        """Run one turn with the cell's options, shown in the cell as it happens.
+
+        ``notice`` is said first (a re-run replacing later turns); the display is kept
+        by ``cell_id`` so a later re-run elsewhere can mark it superseded.
+        """
         from ._pytool import asking
 
         mode = render_mode(self.shell, stream=not opts.no_stream)
         # Session.send turns a kernel interrupt into cancel(), so no event is lost.
         renderer = CellRenderer(opts.model or session.model, mode)
+        if notice is not None:
+            renderer.note(notice)
+        if cell_id is not None and mode == "live":
+            self.cell_outputs[cell_id] = renderer
+            while len(self.cell_outputs) > _KEPT_OUTPUTS:
+                self.cell_outputs.pop(next(iter(self.cell_outputs)))
         with asking(renderer.ask):  # python:ask asks in its tool block
             result = run(renderer, _turn_options(opts, tools))
         renderer.finish()

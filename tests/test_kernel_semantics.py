@@ -51,3 +51,36 @@ def test_rerunning_a_new_cell_regenerates_the_conversation_the_cells_below_follo
     # One conversation, regenerated: every cell's output names the same session.
     sessions = {r.displays()[-1]["metadata"]["nbchat"]["session_id"] for r in runs}
     assert len(sessions) == 1
+
+
+def _display_id(run: object) -> str:
+    (shown,) = run.of_type("display_data")  # type: ignore[attr-defined]
+    return str(shown["content"]["transient"]["display_id"])
+
+
+def test_a_rerun_says_which_later_turns_it_replaces_and_marks_their_outputs(
+    server: FakeOpenAIServer, env: dict[str, str]
+) -> None:
+    with running_kernel(env) as k:
+        assert k.execute("%load_ext nbchat").status == "ok"
+        x = k.execute("%%chat\nX", cell_id="c-x")
+        z = k.execute("%%chat\nZ", cell_id="c-z")
+        y = k.execute("%%chat\nY", cell_id="c-y")  # run out of order: X, Z, Y
+        again = k.execute("%%chat\nZ again", cell_id="c-z")
+    assert [r.status for r in (x, z, y, again)] == ["ok"] * 4
+    html = again.displays()[-1]["data"]["text/html"]
+    assert "replaces this cell" in html and "earlier turn and 1 later turn" in html
+    # Y's output, still on screen, is updated in place to say it no longer counts.
+    updates = [
+        m
+        for m in again.of_type("update_display_data")
+        if m["content"]["transient"]["display_id"] == _display_id(y)
+    ]
+    assert updates and "Superseded" in updates[-1]["content"]["data"]["text/html"]
+    assert updates[-1]["content"]["data"]["text/plain"] == "Noted."  # Y's reply, still shown
+    # X's output is not touched: it is still part of the conversation.
+    assert all(
+        m["content"]["transient"]["display_id"] != _display_id(x)
+        for m in again.of_type("update_display_data")
+    )
+    assert _contents(server, 3) == ["X", "Noted.", "Z again"]
