@@ -36,8 +36,8 @@ from ._config import (
     resolve_client,
     set_defaults,
 )
-from ._display import CellRenderer, Info, TurnFailed, TurnInterrupted, one_line, render_mode
-from ._exceptions import NbchatError, SessionPendingError
+from ._display import CellRenderer, Info, one_line, render_mode, turn_failed
+from ._exceptions import NbchatError, SessionPendingError, TurnFailed, TurnInterrupted
 from ._magic_help import CHAT_OPTIONS, SQL_OPTIONS, render_options
 
 if TYPE_CHECKING:
@@ -124,7 +124,7 @@ def _raise_for(result: TurnResult) -> None:
     if result.status == "interrupted":
         raise TurnInterrupted(result)
     if result.status in ("error", "budget_exceeded", "rejected"):
-        raise TurnFailed(result)
+        raise turn_failed(result)
 
 
 # ---------------------------------------------------------------------- the magics

@@ -34,9 +34,10 @@ import traceback
 from collections.abc import Callable, Iterator
 from typing import Any, Literal, TextIO, cast, get_args
 
+from ._exceptions import ExecutionFailed
 from ._tools import Tool, in_thread, waiting_on_user
 
-__all__ = ["Approval", "ExecutionFailed", "asking", "prompt_user", "python_tool", "run_code"]
+__all__ = ["Approval", "asking", "prompt_user", "python_tool", "run_code"]
 
 Approval = Literal["never", "ask", "auto"]
 APPROVALS: tuple[str, ...] = get_args(Approval)
@@ -49,10 +50,6 @@ _DESCRIPTION = (
     "Prefer printing small summaries (df.head(), df.shape) over whole objects."
 )
 _counter = itertools.count(1)
-
-
-class ExecutionFailed(Exception):
-    """The model's code raised; the message holds its output and traceback."""
 
 
 # ---------------------------------------------------------------------- output capture

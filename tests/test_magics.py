@@ -19,11 +19,11 @@ from IPython.core.interactiveshell import InteractiveShell
 from IPython.testing import globalipapp
 
 from nbchat import ConfigError, SessionPendingError, StoreError
-from nbchat._display import TurnFailed, TurnInterrupted
+from nbchat._exceptions import ExecutionFailed, TurnFailed, TurnInterrupted
 from nbchat._magic_options import ChatOptions, interpolate, parse_options
 from nbchat._magics import magics_of
 from nbchat._pricing import forget_price, register_price
-from nbchat._pytool import ExecutionFailed, python_tool, run_code
+from nbchat._pytool import python_tool, run_code
 from nbchat.testing import FakeOpenAIServer
 
 
