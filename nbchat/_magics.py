@@ -18,9 +18,11 @@ Notebook semantics live here because only the magic sees cells:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import sys
+import threading
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
@@ -645,6 +647,27 @@ def load_ipython_extension(shell: Any) -> None:
     shell.events.register("pre_run_cell", magics.cells.pre_run_cell)
     shell.events.register("post_run_cell", magics.cells.post_run_cell)
     _loaded[shell] = magics
+    if getattr(shell, "kernel", None) is not None and os.environ.get("NBCHAT_WARMUP") != "0":
+        # In a notebook the first %%chat would pay ~1 s of imports; they happen now, on
+        # a thread, while the user types (%load_ext itself stays as fast).
+        threading.Thread(target=_warm_up, name="nbchat-warm-up", daemon=True).start()
+
+
+def _warm_up() -> None:
+    """Import and load what the first turn needs: openai, DuckDB, the loop, the renderer,
+    genai-prices' data, and nbchat's background event loop. A failure here is not
+    reported: the first turn meets it again and says it where the user looks."""
+    with contextlib.suppress(Exception):
+        import duckdb
+        import openai
+
+        from . import _display, _markup, _render, _runner, _session  # noqa: F401
+        from ._pricing import provider_for
+
+        openai.AsyncOpenAI  # noqa: B018 -- the SDK resolves its client class lazily
+        duckdb.connect(":memory:").close()
+        provider_for("gpt-4o-mini")  # loads the price data
+        _runner.background_loop()
 
 
 def unload_ipython_extension(shell: Any) -> None:

@@ -84,3 +84,23 @@ def test_a_rerun_says_which_later_turns_it_replaces_and_marks_their_outputs(
         for m in again.of_type("update_display_data")
     )
     assert _contents(server, 3) == ["X", "Noted.", "Z again"]
+
+
+@pytest.mark.parametrize("warm_up", ["1", "0"])
+def test_load_ext_in_a_kernel_warms_up_what_the_first_turn_needs(
+    server: FakeOpenAIServer, env: dict[str, str], warm_up: str
+) -> None:
+    """The first %%chat need not pay for importing openai and DuckDB (NBCHAT_WARMUP=0: off)."""
+    check = (
+        "import sys, time\n"
+        "deadline = time.monotonic() + 30\n"
+        "while 'openai' not in sys.modules and time.monotonic() < deadline and WAIT:\n"
+        "    time.sleep(0.05)\n"
+        "time.sleep(0 if WAIT else 1.0)\n"
+        "print(sorted(m for m in ('openai', 'duckdb') if m in sys.modules))"
+    )
+    with running_kernel({**env, "NBCHAT_WARMUP": warm_up}) as k:
+        assert k.execute("%load_ext nbchat").status == "ok"
+        run = k.execute(check.replace("WAIT", str(warm_up == "1")))
+    expected = "['duckdb', 'openai']" if warm_up == "1" else "[]"
+    assert run.stdout.strip() == expected
