@@ -665,7 +665,10 @@ class Session:
             for event in self._interrupted(turn):
                 yield event
         yield self._finish(turn)
-        await self._barrier()  # a turn is stored by the time send() returns
+        # A stop that comes after the turn ended (■ or Ctrl-C as it finishes) has nothing
+        # left to stop; the writer keeps going in the background.
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._barrier()  # a turn is stored by the time send() returns
 
     def _start(self, turn: _Turn, text: str) -> Iterable[Event]:
         """Guard the user's text, fork the conversation on a cell re-run, add the message."""

@@ -260,3 +260,33 @@ def test_max_rounds_zero_without_tool_calls_is_a_plain_answer(fake: FakeOpenAISe
     assert (result.status, result.text) == ("completed", "just text")
     assert [e for e in events if e.kind == "limit_reached"] == []
     assert "tools" not in fake.requests[0]  # no tool rounds allowed: none offered
+
+
+def test_a_cancel_after_the_turn_ended_is_no_error(fake: FakeOpenAIServer) -> None:
+    """A stop that lands while the finished turn waits for the store does not raise."""
+    s = _session(fake, [])
+    fake.enqueue("done")
+
+    def stop_at_the_end(event: Any) -> None:
+        if event.kind == "turn_finished":
+            s.cancel()
+
+    result = s.send("hi", on_event=stop_at_the_end)
+    assert (result.status, result.text) == ("completed", "done")
+    fake.enqueue("next")
+    assert s.send("again").text == "next"
+
+
+def test_cancel_at_the_first_token_returns_interrupted_every_time(
+    fake: FakeOpenAIServer,
+) -> None:
+    s = _session(fake, [])
+    for _ in range(15):
+        fake.enqueue("x" * 200, chunk_size=1)
+
+        def stop(event: Any) -> None:
+            if event.kind == "text_delta":
+                s.cancel()
+
+        result = s.send("go", on_event=stop)
+        assert result.status in ("interrupted", "completed")
