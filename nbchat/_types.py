@@ -259,6 +259,7 @@ class TurnResult(_Model):
     error: str | None = None
     duration_ms: float = 0.0
     output: Any = None  # the validated answer of a turn asked for a type (output_type=...)
+    truncated: bool = False  # a reply was cut at max_tokens (finish_reason "length")
 
     @property
     def cost_usd(self) -> float | None:

@@ -290,3 +290,16 @@ def test_cancel_at_the_first_token_returns_interrupted_every_time(
 
         result = s.send("go", on_event=stop)
         assert result.status in ("interrupted", "completed")
+
+
+def test_a_reply_cut_at_max_tokens_says_so(fake: FakeOpenAIServer) -> None:
+    s = _session(fake, [])
+    fake.enqueue("The first half of an answ", finish_reason="length")
+    events: list[Any] = []
+    result = s.send("explain", on_event=events.append)
+    assert (result.status, result.truncated) == ("completed", True)
+    notices = [e.message for e in events if e.kind == "notice"]
+    assert any("cut off at the reply length limit" in n for n in notices)
+    assert nbchat.usage(db=s.store)["finish_reason"].tolist() == ["length"]
+    fake.enqueue("fine")
+    assert s.send("more").truncated is False
