@@ -14,7 +14,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from ._client import DEFAULT_STALL_TIMEOUT, ModelClient, RoundFolder
 from ._compaction import (
@@ -63,6 +63,8 @@ __all__ = ["Session", "TurnOptions", "configure"]
 
 EventHandler = Callable[[Event], None]
 DEFAULT_MAX_ROUNDS = 16
+# The chat-completions field reasoning is sent back in (DeepSeek's and vLLM's name).
+REASONING_FIELD = "reasoning_content"
 MAX_ROUNDS_NOTE = (
     "You have reached the limit on tool calls for this turn. Do not call tools; "
     "answer now as well as you can with the information you already have."
@@ -192,6 +194,7 @@ class Session:
         summary_model: str | None = None,
         output_mode: OutputMode = "auto",
         output_retries: int = 1,
+        reasoning_replay: Literal["auto", "always", "never"] = "auto",
     ) -> None:
         # Kept so new() can start another conversation set up the same way.
         self._settings: dict[str, Any] = {
@@ -216,7 +219,9 @@ class Session:
             "summary_model": summary_model,
             "output_mode": output_mode,
             "output_retries": output_retries,
+            "reasoning_replay": reasoning_replay,
         }
+        self.reasoning_replay = reasoning_replay
         # Typed answers (send(output_type=...)): how the schema is sent, and how many
         # more tries a model gets after an answer that does not validate.
         self.output_mode: OutputMode = output_mode
@@ -775,7 +780,7 @@ class Session:
         hold_text = bool(self.output_guardrails)
         retried = False
         while True:
-            payload = [m.to_openai() for m in self._context(turn)]
+            payload = [m.to_openai(self._replayed(turn, m)) for m in self._context(turn)]
             if final:
                 payload.append({"role": "system", "content": MAX_ROUNDS_NOTE})
             params = turn.settings.request_params
@@ -1023,6 +1028,19 @@ class Session:
                 )
             )
 
+    def _replayed(self, turn: _Turn, message: Message) -> str | None:
+        """The field a message's reasoning is sent back in, or ``None`` to leave it out.
+
+        ``reasoning_replay="auto"``: within the turn's own tool rounds (models such as
+        DeepSeek's refuse a tool round without it), never from earlier turns (it is
+        kept in the store); ``"always"`` / ``"never"``.
+        """
+        if message.reasoning is None or self.reasoning_replay == "never":
+            return None
+        if self.reasoning_replay == "auto" and message.turn_id != turn.turn_id:
+            return None
+        return REASONING_FIELD
+
     def _context(self, turn: _Turn) -> list[Message]:
         """The messages a request of ``turn`` sends: the conversation, or for an isolated
         turn the system prompt and the turn's own messages."""
@@ -1100,6 +1118,7 @@ class Session:
         return Message(
             role="assistant",
             content=folder.text or None,
+            reasoning=folder.reasoning or None,
             tool_calls=calls or None,
             turn_id=turn.turn_id,
             round=turn.round,
@@ -1195,6 +1214,7 @@ class Session:
             duration_ms=(time.perf_counter() - turn.started) * 1000,
             output=turn.output,
             truncated=turn.truncated,
+            reasoning="".join(m.reasoning or "" for m in turn.messages if m.role == "assistant"),
         )
         return self._emit(TurnFinished(session_id=self.id, turn_id=turn.turn_id, result=result))
 

@@ -122,6 +122,7 @@ class Message(_Model):
 
     role: Role
     content: str | None = None
+    reasoning: str | None = None  # what a reasoning model thought before this reply
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
@@ -135,9 +136,15 @@ class Message(_Model):
     state: MessageState = "active"
     created_at: datetime = Field(default_factory=utcnow)
 
-    def to_openai(self) -> dict[str, Any]:
-        """This message as the dict the chat completions API expects."""
+    def to_openai(self, reasoning_field: str | None = None) -> dict[str, Any]:
+        """This message as the dict the chat completions API expects.
+
+        Its reasoning goes along only when ``reasoning_field`` names the field to put it
+        in (``"reasoning_content"``: some servers want it back within a turn).
+        """
         out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if reasoning_field is not None and self.reasoning:
+            out[reasoning_field] = self.reasoning
         if self.name is not None:
             out["name"] = self.name
         if self.tool_calls:
@@ -258,6 +265,7 @@ class TurnResult(_Model):
     rounds: int = 0
     error: str | None = None
     duration_ms: float = 0.0
+    reasoning: str = ""  # the turn's reasoning text (servers that stream it), in order
     output: Any = None  # the validated answer of a turn asked for a type (output_type=...)
     truncated: bool = False  # a reply was cut at max_tokens (finish_reason "length")
 
