@@ -75,6 +75,7 @@ _EXPORTS: dict[str, str] = {
     "stop_local": "_local",
     "ChatPanel": "_panel",
     "panel": "_panel",
+    "plot": "_plot",
     "mark_free": "_pricing",
     "register_price": "_pricing",
     "python_tool": "_pytool",
@@ -108,6 +109,7 @@ if TYPE_CHECKING:
     from ._extract import extract
     from ._local import local, stop_local
     from ._panel import ChatPanel, panel
+    from ._plot import plot
     from ._pricing import mark_free, register_price
     from ._pytool import python_tool
     from ._session import Session, TurnOptions, configure
