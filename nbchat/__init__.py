@@ -76,6 +76,7 @@ _EXPORTS: dict[str, str] = {
     "ChatPanel": "_panel",
     "panel": "_panel",
     "plot": "_plot",
+    "dashboard": "_dashboard",
     "mark_free": "_pricing",
     "register_price": "_pricing",
     "python_tool": "_pytool",
@@ -95,6 +96,7 @@ if TYPE_CHECKING:
         usage,
     )
     from ._compaction import CompactionStrategy, SummaryStrategy, WindowStrategy
+    from ._dashboard import dashboard
     from ._exceptions import (
         ConfigError,
         GuardrailRejected,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,42 +56,56 @@ def flaky(x: int) -> int:
     return x
 
 
-@pytest.fixture(scope="module")
-def filled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Filled]:
-    db = str(tmp_path_factory.mktemp("plot") / "chats.duckdb")
+def fill_store(db: str, fake: FakeOpenAIServer) -> Filled:
+    """Three sessions: two turns at known prices, one of unknown price, one with tools.
+
+    The prices must be registered (``prices()``) while they send.
+    """
+
+    def session(model: str, **kw: Any) -> nbchat.Session:
+        return nbchat.Session(
+            model=model, base_url=fake.url, api_key="sk-test", db=db, max_retries=0, **kw
+        )
+
+    priced = session(PRICED, title="Priced work", notebook="/home/me/analysis.ipynb")
+    fake.enqueue("one", usage=_usage(1000, 500, cached=400))
+    fake.enqueue("two", usage=_usage(2000, 1000))
+    priced.send("first")
+    priced.send("second")
+    cut = dt.datetime.now(dt.UTC)
+    mystery = session(MYSTERY)
+    fake.enqueue("three <b>bold</b>", usage=_usage(100, 50))
+    mystery.send("third")
+    cheap = session(CHEAP, title="Cheap tools", tools=[flaky])
+    fake.enqueue(
+        tool_calls=[
+            {"name": "flaky", "arguments": {"x": 1}},
+            {"name": "flaky", "arguments": {"x": 2}},
+        ],
+        usage=_usage(300, 20),
+    )
+    fake.enqueue("done", usage=_usage(300, 20))
+    assert cheap.send("use the tool").status == "completed"
+    return Filled(db, priced.id, cheap.id, mystery.id, cut)
+
+
+@contextmanager
+def prices() -> Iterator[None]:
+    """The two known prices, registered for the duration."""
     register_price(PRICED, input_per_mtok=1.0, output_per_mtok=2.0)
     register_price(CHEAP, input_per_mtok=0.5, output_per_mtok=1.0)
     try:
-        with FakeOpenAIServer() as fake:
-
-            def session(model: str, **kw: Any) -> nbchat.Session:
-                return nbchat.Session(
-                    model=model, base_url=fake.url, api_key="sk-test", db=db, max_retries=0, **kw
-                )
-
-            priced = session(PRICED, title="Priced work", notebook="/home/me/analysis.ipynb")
-            fake.enqueue("one", usage=_usage(1000, 500, cached=400))
-            fake.enqueue("two", usage=_usage(2000, 1000))
-            priced.send("first")
-            priced.send("second")
-            cut = dt.datetime.now(dt.UTC)
-            mystery = session(MYSTERY)
-            fake.enqueue("three", usage=_usage(100, 50))
-            mystery.send("third")
-            cheap = session(CHEAP, title="Cheap tools", tools=[flaky])
-            fake.enqueue(
-                tool_calls=[
-                    {"name": "flaky", "arguments": {"x": 1}},
-                    {"name": "flaky", "arguments": {"x": 2}},
-                ],
-                usage=_usage(300, 20),
-            )
-            fake.enqueue("done", usage=_usage(300, 20))
-            assert cheap.send("use the tool").status == "completed"
-            yield Filled(db, priced.id, cheap.id, mystery.id, cut)
+        yield
     finally:
         forget_price(PRICED)
         forget_price(CHEAP)
+
+
+@pytest.fixture(scope="module")
+def filled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Filled]:
+    db = str(tmp_path_factory.mktemp("plot") / "chats.duckdb")
+    with prices(), FakeOpenAIServer() as fake:
+        yield fill_store(db, fake)
 
 
 @pytest.fixture(autouse=True)
