@@ -227,14 +227,14 @@ def _tools_html(table: pd.DataFrame) -> str:
         for r in table.itertuples()
     )
     head = "<tr><th>tool</th><th>calls</th><th>errors</th><th>error rate</th><th>median</th></tr>"
-    return f"<b>Tool calls</b><table class='nbchat-tools'>{head}{rows}</table>"
+    return f"{_STYLE}<b>Tool calls</b><table class='nbchat-tools'>{head}{rows}</table>"
 
 
 def transcript_html(session_id: str, messages: pd.DataFrame) -> str:
     """One session's messages as safe HTML (Markdown rendered, raw HTML escaped)."""
     from ._panel import markdown_to_html
 
-    parts = [f"<h4>Session {html.escape(session_id)}</h4>"]
+    parts = [_STYLE, f"<h4>Session {html.escape(session_id)}</h4>"]
     for m in messages.itertuples():
         role = str(m.role)
         body = m.content if isinstance(m.content, str) else ""
@@ -247,6 +247,17 @@ def transcript_html(session_id: str, messages: pd.DataFrame) -> str:
             f"<div class='nbchat-dash-{html.escape(role)}'><b>{html.escape(who)}</b>{shown}</div>"
         )
     return "\n".join(parts)
+
+
+# Scoped to the dashboard's own classes: a notebook's other outputs are not restyled.
+_STYLE = """<style>
+.nbchat-tools td, .nbchat-tools th { padding: 2px 10px; text-align: left; }
+.nbchat-dashboard [class^='nbchat-dash-'] {
+  border-left: 3px solid #ccc; padding: 2px 8px; margin: 6px 0;
+}
+.nbchat-dashboard .nbchat-dash-user { border-left-color: #4a90d9; }
+.nbchat-dashboard .nbchat-dash-tool pre { margin: 2px 0; white-space: pre-wrap; }
+</style>"""
 
 
 def _usd(value: Any) -> str:

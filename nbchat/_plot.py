@@ -34,6 +34,7 @@ _BYS: tuple[str, ...] = get_args(By)
 _UNKNOWN_HATCH = "///"
 _NO_NOTEBOOK = "(no notebook)"
 _TOP = 15  # sessions / notebooks shown: the most expensive ones
+_OUTSIDE: dict[str, Any] = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0), "fontsize": "small"}
 
 
 def costs(
@@ -91,12 +92,14 @@ def costs(
         handles, labels = ax.get_legend_handles_labels()
         handles.append(Patch(facecolor="none", edgecolor="0.5", hatch=_UNKNOWN_HATCH))
         labels.append(note)
-        ax.legend(handles, labels, title="model", fontsize="small")
+        ax.legend(handles, labels, title="model", **_OUTSIDE)
         title += f" — {missing} with unknown price not included"
     elif len(table.columns):
-        ax.legend(title="model", fontsize="small")
+        ax.legend(title="model", **_OUTSIDE)
     ax.set_title(title)
     ax.set_ylabel("cost (USD, known prices)")
+    if totals is not None:
+        _usd_ticks(ax)
     return ax
 
 
@@ -133,7 +136,7 @@ def tokens(
     )
     table = parts.groupby("key", observed=True).sum().reindex(order).fillna(0.0).astype(float)
     _stack(ax, table, order)
-    ax.legend(fontsize="small")
+    ax.legend(**_OUTSIDE)
     unreported = int((frame["prompt_tokens"].isna() & frame["completion_tokens"].isna()).sum())
     if unreported:
         title += f" — {unreported} request{'s' if unreported != 1 else ''} reported no tokens"
@@ -237,6 +240,9 @@ def context(
                 color="C3",
             )
     ax.set_ylim(bottom=0)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("chat request")
     ax.set_ylabel("prompt tokens")
     ax.set_title(title)
@@ -412,9 +418,8 @@ def _stack(ax: Axes, table: pd.DataFrame, order: list[str]) -> None:
         heights = table[column].to_numpy(dtype=float)
         ax.bar(x, heights, bottom=bottom, label=str(column), gid=f"bar:{column}")
         bottom = bottom + heights
-    ax.set_xticks(
-        x, order, rotation=30 if len(order) > 4 else 0, ha="right" if len(order) > 4 else "center"
-    )
+    crowded = len(order) > 4 or sum(len(k) for k in order) > 40
+    ax.set_xticks(x, order, rotation=20 if crowded else 0, ha="right" if crowded else "center")
     ax.set_xlim(-0.6, len(order) - 0.4)
 
 
@@ -428,7 +433,8 @@ def _hatch_unknown(ax: Axes, order: list[str], unknown: pd.Series, totals: Any) 
     if totals is None:  # not one known dollar: a y scale would only suggest a value
         ax.set_ylim(0, 1)
         ax.set_yticks([])
-    top = ax.get_ylim()[1]
+    # Headroom, so the open column stands out above the tallest known bar.
+    top = ax.get_ylim()[1] if totals is None else max(ax.get_ylim()[1], 1.25 * float(totals.max()))
     for i, key in enumerate(order):
         if unknown[key]:
             bottom = float(totals[key]) if totals is not None else 0.0
@@ -445,6 +451,17 @@ def _hatch_unknown(ax: Axes, order: list[str], unknown: pd.Series, totals: Any) 
                 )
             )
     ax.set_ylim(0, top)
+
+
+def _usd_ticks(ax: Axes) -> None:
+    """Dollar tick labels with enough decimals for cents or for millionths of a cent."""
+    import math
+
+    from matplotlib.ticker import FuncFormatter
+
+    top = ax.get_ylim()[1]
+    decimals = max(2, 1 - math.floor(math.log10(top))) if top > 0 else 2
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"${v:,.{decimals}f}"))
 
 
 def _axes(ax: Axes | None) -> Axes:
