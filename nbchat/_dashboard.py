@@ -127,9 +127,9 @@ class Dashboard(widgets.VBox):  # type: ignore[misc]
             self.transcript.value = ""
 
     def _chart(self, name: str, draw: Any) -> bytes:
-        figure = new_figure(6.0, 3.2)
+        figure = new_figure(8.0, 3.6)
         self.axes[name] = draw(figure.subplots())
-        return figure_png(figure, dpi=90)
+        return figure_png(figure, dpi=80)
 
     def _show_sessions(self, top: pd.DataFrame) -> None:
         self._button_ids = list(top["session_id"])

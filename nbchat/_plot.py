@@ -93,7 +93,7 @@ def costs(
         handles.append(Patch(facecolor="none", edgecolor="0.5", hatch=_UNKNOWN_HATCH))
         labels.append(note)
         ax.legend(handles, labels, title="model", **_OUTSIDE)
-        title += f" — {missing} with unknown price not included"
+        title += f" — {missing} request{'s' if missing != 1 else ''} without a price"
     elif len(table.columns):
         ax.legend(title="model", **_OUTSIDE)
     ax.set_title(title)
@@ -418,7 +418,7 @@ def _stack(ax: Axes, table: pd.DataFrame, order: list[str]) -> None:
         heights = table[column].to_numpy(dtype=float)
         ax.bar(x, heights, bottom=bottom, label=str(column), gid=f"bar:{column}")
         bottom = bottom + heights
-    crowded = len(order) > 4 or sum(len(k) for k in order) > 40
+    crowded = len(order) > 4 or sum(len(k) for k in order) > 30
     ax.set_xticks(x, order, rotation=20 if crowded else 0, ha="right" if crowded else "center")
     ax.set_xlim(-0.6, len(order) - 0.4)
 

@@ -158,7 +158,7 @@ def test_costs_by_model_draws_known_dollars_and_counts_unknown_price_requests(
     assert notes(ax) == {f"unknown:{MYSTERY}": "? 1"}
     assert hatched(ax) == {f"unknown-bar:{MYSTERY}": (2, 0)}  # open-ended, not a 0 bar
     assert "price unknown: 1 request (? N, not in bars)" in legend(ax)
-    assert "1 with unknown price not included" in ax.get_title()
+    assert ax.get_title() == "Cost by model — 1 request without a price"
 
 
 def test_costs_by_day_match_the_costs_frame(filled: Filled) -> None:
@@ -200,7 +200,7 @@ def test_only_unknown_prices_draw_no_dollars(filled: Filled) -> None:
     assert bars(mystery_only) == {} and notes(mystery_only) == {f"unknown:{MYSTERY}": "? 1"}
     assert hatched(mystery_only) == {f"unknown-bar:{MYSTERY}": (0, 0)}
     assert list(mystery_only.get_yticks()) == []  # no dollar scale to misread as $0
-    assert "unknown price" in mystery_only.get_title()
+    assert "1 request without a price" in mystery_only.get_title()
 
 
 def _only_mystery(filled: Filled) -> Axes:
