@@ -57,9 +57,8 @@ def costs(
     title = f"Cost by {by}"
     if requests.empty:
         return _empty(ax, title)
-    keys = _keys(requests, by, db)
-    order = _order(requests.assign(key=keys), by, top)
-    frame = requests.assign(key=keys)
+    frame = requests.assign(key=_keys(requests, by, db))
+    order = _order(frame, by, top)
     frame = frame[frame["key"].isin(order)]
     known = frame[frame["cost_usd"].notna()]
     table = known.pivot_table(
@@ -69,31 +68,16 @@ def costs(
     _stack(ax, table, order)
     unknown = frame[frame["cost_usd"].isna()].groupby("key").size().reindex(order).fillna(0)
     totals = table.sum(axis=1) if len(table.columns) else None
-    for i, key in enumerate(order):
-        n = int(unknown[key])
-        if n:
-            top_of_bar = float(totals[key]) if totals is not None else 0.0
-            ax.annotate(
-                f"? {n}",
-                (i, top_of_bar),
-                xytext=(0, 3),
-                textcoords="offset points",
-                ha="center",
-                va="bottom",
-                fontsize="small",
-                gid=f"unknown:{key}",
-            )
     missing = int(unknown.sum())
     if missing:
-        _hatch_unknown(ax, order, unknown, totals)
+        _mark_unknown(ax, order, unknown, totals)
         from matplotlib.patches import Patch
 
-        note = f"price unknown: {missing} request{'s' if missing != 1 else ''} (? N, not in bars)"
         handles, labels = ax.get_legend_handles_labels()
         handles.append(Patch(facecolor="none", edgecolor="0.5", hatch=_UNKNOWN_HATCH))
-        labels.append(note)
+        labels.append(f"price unknown: {_requests_n(missing)} (? N, not in bars)")
         ax.legend(handles, labels, title="model", **_OUTSIDE)
-        title += f" — {missing} request{'s' if missing != 1 else ''} without a price"
+        title += f" — {_requests_n(missing)} without a price"
     elif len(table.columns):
         ax.legend(title="model", **_OUTSIDE)
     ax.set_title(title)
@@ -139,7 +123,7 @@ def tokens(
     ax.legend(**_OUTSIDE)
     unreported = int((frame["prompt_tokens"].isna() & frame["completion_tokens"].isna()).sum())
     if unreported:
-        title += f" — {unreported} request{'s' if unreported != 1 else ''} reported no tokens"
+        title += f" — {_requests_n(unreported)} reported no tokens"
     ax.set_title(title)
     ax.set_ylabel("tokens")
     return ax
@@ -423,34 +407,40 @@ def _stack(ax: Axes, table: pd.DataFrame, order: list[str]) -> None:
     ax.set_xlim(-0.6, len(order) - 0.4)
 
 
-def _hatch_unknown(ax: Axes, order: list[str], unknown: pd.Series, totals: Any) -> None:
-    """A hatched, open-ended column above each bar whose group has unknown prices.
-
-    It reaches the top of the axes: the true cost is higher by an amount nobody knows.
-    """
+def _mark_unknown(ax: Axes, order: list[str], unknown: pd.Series, totals: Any) -> None:
+    """Over each bar whose group has requests of unknown price: "? N", and a hatched,
+    open-ended column up to the top of the axes (the true cost is higher by an amount
+    nobody knows)."""
     from matplotlib.patches import Rectangle
 
     if totals is None:  # not one known dollar: a y scale would only suggest a value
         ax.set_ylim(0, 1)
         ax.set_yticks([])
     # Headroom, so the open column stands out above the tallest known bar.
-    top = ax.get_ylim()[1] if totals is None else max(ax.get_ylim()[1], 1.25 * float(totals.max()))
+    top = ax.get_ylim()[1] if totals is None else max(ax.get_ylim()[1], 1.25 * totals.max())
     for i, key in enumerate(order):
-        if unknown[key]:
-            bottom = float(totals[key]) if totals is not None else 0.0
-            ax.add_patch(
-                Rectangle(
-                    (i - 0.4, bottom),
-                    0.8,
-                    top - bottom,
-                    fill=False,
-                    hatch=_UNKNOWN_HATCH,
-                    edgecolor="0.6",
-                    linewidth=0,
-                    gid=f"unknown-bar:{key}",
-                )
-            )
+        n = int(unknown[key])
+        if not n:
+            continue
+        bottom = float(totals[key]) if totals is not None else 0.0
+        hatch = Rectangle((i - 0.4, bottom), 0.8, top - bottom, fill=False, hatch=_UNKNOWN_HATCH)
+        hatch.set(edgecolor="0.6", linewidth=0, gid=f"unknown-bar:{key}")
+        ax.add_patch(hatch)
+        ax.annotate(
+            f"? {n}",
+            (i, bottom),
+            xytext=(0, 3),
+            textcoords="offset points",
+            ha="center",
+            va="bottom",
+            fontsize="small",
+            gid=f"unknown:{key}",
+        )
     ax.set_ylim(0, top)
+
+
+def _requests_n(n: int) -> str:
+    return f"{n} request{'s' if n != 1 else ''}"
 
 
 def _usd_ticks(ax: Axes) -> None:

@@ -238,6 +238,20 @@ def test_tokens_split_input_cached_and_output(filled: Filled) -> None:
     assert "reported no tokens" not in ax.get_title()
 
 
+def test_requests_without_token_counts_are_noted(tmp_path: Path, fake: FakeOpenAIServer) -> None:
+    db = str(tmp_path / "silent.duckdb")
+    s = nbchat.Session(model="chart-silent", base_url=fake.url, api_key="sk-test", db=db)
+    fake.enqueue("counted", usage=_usage(10, 5))
+    fake.enqueue("not counted", usage=None)
+    s.send("one")
+    s.send("two")
+    figure = plt.figure()
+    ax = figure.add_subplot()
+    assert nbchat.plot.tokens(by="model", db=db, ax=ax) is ax  # drawn where asked
+    assert ax.get_title() == "Tokens by model — 1 request reported no tokens"
+    assert bars(ax) == {"input": [10], "cached input": [0], "output": [5]}
+
+
 # --------------------------------------------------------------------------- latency
 
 
