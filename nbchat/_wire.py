@@ -188,8 +188,14 @@ def request_usage(raw: Any) -> RequestUsage | None:
 # ------------------------------------------------------------ what servers say about themselves
 
 # Where servers put a model's context window in their /models entries: vLLM, OpenRouter,
-# Groq and others, LM Studio.
-_WINDOW_KEYS = ("max_model_len", "context_length", "context_window", "max_context_length")
+# Groq and others, LM Studio, LiteLLM.
+_WINDOW_KEYS = (
+    "max_model_len",
+    "context_length",
+    "context_window",
+    "max_context_length",
+    "max_input_tokens",
+)
 
 
 def context_window_from_models(body: Any, model: str) -> int | None:
