@@ -219,3 +219,10 @@ def test_non_streamed(fake: FakeOpenAIServer, wire: str) -> None:
     r = make(fake, wire, stream=False).send("hi")
     assert r.text == "whole reply" and r.status == "completed"
     assert "stream" not in fake.requests[0]
+
+
+def test_a_responses_only_model_needs_no_setting(fake: FakeOpenAIServer) -> None:
+    fake.enqueue("pro answer")
+    s = Session(model="o3-pro", base_url=fake.url, api_key="k", db=False, max_retries=0)
+    assert s.send("hi").text == "pro answer"
+    assert fake.request_paths == ["/v1/responses"] and s.client.api == "responses"

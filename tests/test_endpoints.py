@@ -200,3 +200,16 @@ def test_for_model_keeps_the_endpoint(fake: FakeOpenAIServer, monkeypatch: Any) 
     )
     add_endpoint("home", "http://127.0.0.1:9/v1")
     assert client.for_model("home:c").settings.base_url == "http://127.0.0.1:9/v1"
+
+
+def test_kernel_default_api_picks_the_wire(fake: FakeOpenAIServer) -> None:
+    with pytest.raises(ConfigError, match="chat' or 'responses"):
+        set_defaults(api="soap")
+    set_defaults(api="responses")
+    fake.enqueue("over responses")
+    r = Session(model="m", base_url=fake.url, db=False, max_retries=0).send("hi")
+    assert r.text == "over responses" and fake.request_paths == ["/v1/responses"]
+    add_endpoint("chatty", fake.url, api="chat")
+    fake.enqueue("over chat")
+    assert Session(model="chatty:m", db=False).send("hi").text == "over chat"
+    assert fake.request_paths[1] == "/v1/chat/completions", "the endpoint's api wins"

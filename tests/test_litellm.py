@@ -136,4 +136,3 @@ def test_responses_api_answers_unstreamed(litellm_url: str) -> None:
 
     asyncio.run(go())
     assert folder.text == MOCK_TEXT and folder.finish_reason == "stop"
-
