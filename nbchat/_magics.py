@@ -40,6 +40,7 @@ from ._config import (
 from ._display import CellRenderer, Info, TurnFailed, TurnInterrupted, one_line, render_mode
 from ._exceptions import NbchatError, SessionPendingError
 from ._magic_help import CHAT_OPTIONS, SQL_OPTIONS, render_options
+from ._store import TABLES
 
 if TYPE_CHECKING:
     from ._magic_options import ChatOptions
@@ -188,10 +189,8 @@ class ChatMagics(Magics):
 
         try:
             frame = sql(cell, db=opts.db, allow_files=opts.allow_files)
-        except Exception as exc:
-            if isinstance(exc, NbchatError) or type(exc).__module__.startswith("duckdb"):
-                raise one_line(exc) from None
-            raise
+        except NbchatError as exc:  # the store turns every database error into StoreError
+            raise one_line(exc) from None
         if opts.out:
             self.user_ns[opts.out] = frame
         return frame
@@ -518,7 +517,7 @@ ChatMagics.chat_sql.__doc__ = f"""Run SQL on the nbchat store; shows the result 
 %%chat_sql [--out VAR] [--db PATH] [--allow-files]
 SELECT model, sum(cost_usd) FROM requests GROUP BY model
 
-Tables: sessions, messages, requests, tool_calls, compactions.
+Tables: {", ".join(TABLES)}.
 
 Options:
 {SQL_OPTIONS_HELP}

@@ -43,9 +43,8 @@ from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
-from ._exceptions import StoreError
-from ._lease import StoreLocked
-from ._types import (
+from .._exceptions import StoreError
+from .._types import (
     CompactionEvent,
     Event,
     Message,
@@ -59,9 +58,10 @@ from ._types import (
     UsageEvent,
     utcnow,
 )
+from . import StoreLocked, UnstorableRow
 
 if TYPE_CHECKING:
-    from ._store import Store
+    from . import Store
 
 __all__ = ["ATTEMPT_S", "EXIT_WAIT_S", "STORED_KINDS", "StoreSink", "UnstorableRow", "write_event"]
 
@@ -301,16 +301,6 @@ def _drain_at_exit() -> None:
 # --------------------------------------------------------------------------- event -> rows
 
 
-class UnstorableRow(StoreError):
-    """DuckDB refused an event's values (out of range, wrong type, a constraint): retrying
-    cannot help, so the writer skips the row and says so."""
-
-    def __init__(self, table: str, reason: str) -> None:
-        super().__init__(f"A row of {table} cannot be stored: {reason}")
-        self.table = table
-        self.reason = reason
-
-
 def write_event(con: Any, event: Event) -> None:
     """Write ``event``'s rows on the open connection (nothing for deltas and notices).
 
@@ -388,7 +378,8 @@ _MESSAGE_COLUMNS = (
 _REQUEST_COLUMNS = (
     "id", "session_id", "turn_id", "round", "model", "provider", "prompt_tokens",
     "completion_tokens", "cached_tokens", "reasoning_tokens", "cost_usd", "ttft_ms",
-    "duration_ms", "finish_reason", "error", "purpose", "created_at",
+    "duration_ms", "finish_reason", "error", "purpose", "estimated_prompt_tokens",
+    "estimated_cost_usd", "created_at",
 )  # fmt: skip
 _TOOL_CALL_COLUMNS = (
     "id", "session_id", "turn_id", "round", "call_id", "name", "arguments", "result",
@@ -470,6 +461,8 @@ def _write_usage(con: Any, event: UsageEvent) -> None:
             event.finish_reason,
             event.error,
             event.purpose,
+            event.estimated_prompt_tokens,
+            event.estimated_cost_usd,
             utcnow(),
         ],
     )
@@ -532,6 +525,23 @@ def _write_turn_started(con: Any, event: TurnStarted) -> None:
         [event.turn_id, event.session_id, event.cell_id, event.text, "running", utcnow()],
         keep=True,  # resume() continues a stored turn under the same id
     )
+    title = session_title(event.text)
+    if title:  # a session without a title is named after its first message
+        con.execute(
+            parsed("UPDATE sessions SET title = ? WHERE id = ? AND title IS NULL"),
+            [title, event.session_id],
+        )
+
+
+TITLE_CHARS = 60
+
+
+def session_title(text: str | None) -> str | None:
+    """A session's title from its first user message: one line, at most ``TITLE_CHARS``."""
+    words = " ".join((text or "").split())
+    if len(words) <= TITLE_CHARS:
+        return words or None
+    return words[: TITLE_CHARS - 1].rstrip() + "…"
 
 
 def _write_turn_finished(con: Any, event: TurnFinished) -> None:
