@@ -345,7 +345,7 @@ def test_an_unexpected_error_skips_the_event_instead_of_freezing(
 ) -> None:
     from nbchat._store import _sink
 
-    def broken(con: Any, event: Any) -> None:
+    def broken(event: Any) -> None:
         raise RuntimeError("a bug in a writer")
 
     monkeypatch.setitem(_sink._WRITERS, "usage", ("requests", broken))
