@@ -161,7 +161,9 @@ def sql(
     rather than formatting values into the text. Anything but a SELECT (INSERT,
     UPDATE, DROP, ATTACH, SET, ...) is refused, and the query runs sandboxed on the
     store opened read-only: it cannot change the store, load extensions, or read other
-    files (``read_csv``, ``glob``...) unless ``allow_files=True``. Tables: {tables}.
+    files (``read_csv``, ``glob``...) unless ``allow_files=True``.
+
+    Tables: {tables}.
     """
     with open_store(db) as store:
         return store.sql(query, params, allow_files=allow_files)

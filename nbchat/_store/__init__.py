@@ -3,14 +3,20 @@
 ``Store`` is the interface; a backend implements it beside this file:
 
 * ``_duckdb.py``: the embedded DuckDB file (``_lease.py``: how processes share it).
-* ``_sink.py``: the event stream → rows (``STORED_KINDS``), and the writer thread.
+* ``_sink.py``: the event stream → rows (``STORED_KINDS``, ``rows_of``), and the writer
+  thread that feeds ``Store.write`` without making the loop wait.
 * ``_queries.py``: the named analysis queries, and their results as DataFrames.
 * ``_migrations.py``: the schema, as named migrations.
+* ``_records.py``: what reads hand back (``StoredSession``).
 
 ``Store.open(db)`` picks the backend from ``db`` (a path or ``":memory:"`` today; a
 ``postgresql://`` URL is the next backend). Each backend keeps the connections of a
 process in the one cache below (``shared_lease``), so the handles of a session, its
 writer and the analysis functions on one store share one connection.
+
+A new backend implements the abstract methods of ``Store`` (``_connect`` opens it) and
+of ``Lease``, applies ``_sink.rows_of(event)`` in its own SQL, and runs the queries of
+``_queries.py`` (DuckDB can attach other databases and run them there).
 
 Outside this package nobody writes SQL, imports a driver or reads its errors: they
 call the methods of ``Store`` and get models, ``Usage`` or DataFrames back.
