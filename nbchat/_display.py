@@ -9,25 +9,38 @@ Three ways to show a turn, picked from what the frontend can do:
 - ``text``: a terminal (IPython without rich display): text deltas are written to
   stdout as they arrive, then a footer line.
 
+Each display carries ``text/html`` (what JupyterLab, Notebook 7 and VS Code show: the
+turn layout of ``_render``, the same HTML as the panel's) and ``text/markdown`` (the
+same layout with the text as safe Markdown, for frontends that prefer it). Model text
+in either shows as text, never as live HTML: a trusted output would otherwise run it
+again whenever the saved notebook is opened.
+
 Failures a user can fix (no model configured, server down, budget reached, a pending
 session) end the cell with one line, not a traceback: IPython prints the lines an
-exception's ``_render_traceback_`` returns instead of the stack.
+exception's ``_render_traceback_`` returns instead of the stack. That line is the only
+place the failure is said; the turn's display does not repeat it.
 """
 
 from __future__ import annotations
 
+import contextvars
 import sys
+import threading
+import time
 import uuid
+from collections.abc import Iterable
+from html import escape
 from typing import TYPE_CHECKING, Any, Literal
 
-from ._exceptions import NbchatError
+from ._exceptions import TurnFailed, TurnInterrupted, one_line_traceback
 
 if TYPE_CHECKING:  # imported when a turn runs: %load_ext must stay fast (pydantic models)
     from ._render import Throttle
-    from ._types import Event, TurnResult
+    from ._types import Event, Message, TurnResult
 
 __all__ = [
     "CellRenderer",
+    "Conversation",
     "Info",
     "RenderMode",
     "TurnFailed",
@@ -37,7 +50,7 @@ __all__ = [
 ]
 
 RenderMode = Literal["live", "final", "text"]
-_RED, _RESET = "\x1b[0;31m", "\x1b[0m"
+TICK_SECONDS = 0.5  # how often a running tool's time moves in the cell
 
 
 def render_mode(shell: Any, *, stream: bool) -> RenderMode:
@@ -55,46 +68,19 @@ def render_mode(shell: Any, *, stream: bool) -> RenderMode:
 # ---------------------------------------------------------------------- one-line errors
 
 
-def _line(kind: str, message: str) -> list[str]:
-    return [f"{_RED}{kind}{_RESET}: {message}"]
-
-
 def one_line(exc: BaseException) -> BaseException:
     """Make IPython show ``exc`` as one line (its class and message), without a stack."""
     kind, message = type(exc).__name__, str(exc)
-    exc._render_traceback_ = lambda: _line(kind, message)  # type: ignore[attr-defined]
+    exc._render_traceback_ = lambda: one_line_traceback(kind, message)  # type: ignore[attr-defined]
     return exc
 
 
-class TurnFailed(NbchatError):
-    """A ``%%chat`` turn ended without an answer (server error, budget, guardrail).
+def turn_failed(result: TurnResult) -> TurnFailed:
+    """The one-line error that ends a cell whose turn did not complete."""
+    from ._render import STATUS_LABELS
 
-    Raised after the cell shows what arrived, so "Run all" stops here.
-    """
-
-    def __init__(self, result: TurnResult) -> None:
-        from ._render import STATUS_LABELS
-
-        label = STATUS_LABELS.get(result.status, result.status).lstrip("⚠ ").rstrip(".")
-        super().__init__(f"{label}: {result.error}" if result.error else label)
-        self.result = result
-
-    def _render_traceback_(self) -> list[str]:
-        return _line("TurnFailed", str(self))
-
-
-class TurnInterrupted(KeyboardInterrupt):
-    """The kernel was interrupted during a ``%%chat`` turn; the partial reply was kept.
-
-    A ``KeyboardInterrupt`` so that "Run all" stops, as after any interrupted cell.
-    """
-
-    def __init__(self, result: TurnResult) -> None:
-        super().__init__("the turn was interrupted; the partial reply above was kept")
-        self.result = result
-
-    def _render_traceback_(self) -> list[str]:
-        return _line("KeyboardInterrupt", str(self))
+    label = STATUS_LABELS.get(result.status, result.status).lstrip("⚠ ").rstrip(".")
+    return TurnFailed(f"{label}: {result.error}" if result.error else label, result)
 
 
 # ---------------------------------------------------------------------- the renderer
@@ -103,7 +89,10 @@ class TurnInterrupted(KeyboardInterrupt):
 class CellRenderer:
     """Shows one turn in the current cell; pass it as ``on_event`` to ``Session.send``.
 
-    Call ``finish()`` after the turn: it sends the final, exact display.
+    Call ``finish()`` after the turn: it sends the final, exact display. While the turn
+    runs, the python tool asks for approval through ``ask()`` (see ``_pytool``), so
+    the question shows in the tool's block. A turn that fails is not labelled as
+    failed in the display: the cell ends with that message as its one error line.
     """
 
     def __init__(self, model: str, mode: RenderMode, *, throttle: Throttle | None = None) -> None:
@@ -115,42 +104,118 @@ class CellRenderer:
         self.display_id = uuid.uuid4().hex
         self.shown = False
         self._printed_text = False
+        self._lock = threading.RLock()  # the approval question comes from a tool thread
+        self._done = threading.Event()
+        self._ticking = False
 
     def __call__(self, event: Event) -> None:
-        if self.mode == "text":
-            self._print(event)
-        changed = self.view.handle(event)
-        if self.mode != "live" or event.kind == "turn_finished":
-            return  # the end is shown by finish(), exactly once
-        if not changed and event.kind != "turn_started":
-            return
-        if not self.shown:
-            self._publish(update=False)
-        elif self.throttle.due(self.view.size):
-            self._publish(update=True)
+        with self._lock:
+            if self.mode == "text":
+                self._print(event)
+            changed = self.view.handle(event)
+            if self.mode != "live" or event.kind == "turn_finished":
+                return  # the end is shown by finish(), exactly once
+            if not changed and event.kind != "turn_started":
+                return
+            # A tool block appears as soon as the call starts, and again with its result.
+            now = event.kind in ("tool_call_started", "tool_result")
+            if event.kind == "tool_call_started" and not self._ticking:
+                self._start_ticker()
+            if not self.shown:
+                self._publish(update=False)
+            elif now or self.throttle.due(self.view.size):
+                self._publish(update=True)
+
+    def note(self, message: str) -> None:
+        """Say ``message`` in the turn, where the turn is now (before it starts: first)."""
+        from ._types import Notice
+
+        self(Notice(message=message))
+
+    def mark(self, badge: str) -> None:
+        """Add a status line to a finished turn's display (e.g. superseded) and re-show it."""
+        with self._lock:
+            if badge not in self.view.badges:
+                self.view.badges.append(badge)
+            if self.shown and self.mode == "live":
+                self._publish(update=True)
 
     def finish(self) -> None:
         """Show the turn as it ended: the full text, tool blocks, status and footer."""
-        if self.mode == "text":
-            self._print_footer()
-        else:
-            self._publish(update=self.shown)
+        self._done.set()
+        with self._lock:
+            if self.mode == "text":
+                self._print_footer()
+            else:
+                self._publish(update=self.shown)
+
+    def _start_ticker(self) -> None:
+        """While tools run, re-show the turn every ``TICK_SECONDS`` ("running… 2.1 s")."""
+        self._ticking = True
+        # The thread runs in this cell's context, so its updates go to this cell's output.
+        context = contextvars.copy_context()
+
+        def tick() -> None:
+            while not self._done.wait(TICK_SECONDS):
+                with self._lock:
+                    view = self.view
+                    if view.result is not None:
+                        return
+                    running = any(
+                        b.result is None and b.approval != "waiting" for b in view.tools.values()
+                    )
+                    if running:
+                        self._publish(update=True)
+
+        threading.Thread(target=context.run, args=(tick,), name="nbchat-tick", daemon=True).start()
+
+    def ask(self, code: str) -> bool:
+        """Ask whether to run ``code``: the question shows in its tool block, then input()."""
+        from ._pytool import prompt_user
+
+        with self._lock:
+            block = self.view.approval_block(code)
+            if block is not None:
+                block.approval = "waiting"
+                if self.mode != "text":
+                    self._publish(update=self.shown)
+        asked = time.monotonic()
+        yes = False
+        try:
+            if block is None or self.mode == "text":
+                print(f"The model wants to run this code:\n{code}")
+            yes = prompt_user()
+            return yes
+        finally:  # also when asking failed (no input box): the block stops waiting
+            with self._lock:
+                if block is not None:
+                    block.waited_ms = (time.monotonic() - asked) * 1000
+                    block.approval = "yes" if yes else "no"
+                    if self.mode != "text":
+                        self._publish(update=True)
 
     # -------------------------------------------------------------- rich displays
 
     def bundle(self) -> tuple[dict[str, str], dict[str, Any]]:
         """The MIME bundle and metadata of the display as it stands."""
-        markdown = self.view.markdown() or f"<small>⏳ {self.view.model}…</small>"
+        view = self.view
+        live = view.result is None
+        pending = f"<small>⏳ {escape(view.model)}…</small>" if live else ""
+        html_text = "\n".join(p for p in (view.html(live=live, show_failure=False), pending) if p)
+        markdown = "\n\n".join(
+            p for p in (view.markdown(live=live, show_failure=False), pending) if p
+        )
         metadata: dict[str, Any] = {}
-        result = self.view.result
+        result = view.result
         if result is not None:
             metadata["nbchat"] = {
                 "session_id": result.session_id,
                 "turn_id": result.turn_id,
                 "status": result.status,
-                "footer": self.view.footer(),
+                "footer": view.footer(),
             }
-        return {"text/markdown": markdown, "text/plain": self.view.text}, metadata
+        data = {"text/html": html_text, "text/markdown": markdown, "text/plain": view.text}
+        return data, metadata
 
     def _publish(self, *, update: bool) -> None:
         from IPython.display import display
@@ -175,8 +240,10 @@ class CellRenderer:
             call = event.call
             state = "error" if call.is_error else f"{call.duration_ms:.0f} ms"
             out.write(f"\n[tool {call.name}({_short(call.arguments)}) → {state}]\n")
-        elif isinstance(event, Notice | LimitReached | ErrorEvent):
+        elif isinstance(event, Notice | LimitReached):
             out.write(f"\n[{event.message}]\n")
+        elif isinstance(event, ErrorEvent):
+            pass  # the cell ends with it as its error line
         out.flush()
 
     def _print_footer(self) -> None:
@@ -216,6 +283,39 @@ class Info:
             return self.title
         width = max(len(k) for k, _ in self.rows)
         return "\n".join([self.title, *(f"  {k.ljust(width)}  {v}" for k, v in self.rows)])
+
+
+class Conversation:
+    """A stored conversation shown turn by turn, in the layout of cells and the panel.
+
+    For ``%chat history``-style views: model text is escaped like a live turn's.
+    """
+
+    def __init__(self, history: Iterable[Message]) -> None:
+        self.history = list(history)
+
+    def _parts(self, markdown: bool) -> list[str]:
+        from ._markup import escape, protect_dollars, safe_markdown
+        from ._render import history_views
+
+        parts: list[str] = []
+        for view in history_views(self.history):
+            if view.user_text is not None:
+                said = view.user_text
+                shown = safe_markdown(said) if markdown else protect_dollars(escape(said))
+                parts.append(f"<p><b>You:</b> {shown}</p>" if not markdown else f"**You:** {shown}")
+            if view.parts or view.badges:
+                parts.append(view.markdown() if markdown else view.html())
+        return parts
+
+    def _repr_html_(self) -> str:
+        return '<div class="nbchat-conversation">' + "\n<hr>\n".join(self._parts(False)) + "</div>"
+
+    def _repr_markdown_(self) -> str:
+        return "\n\n---\n\n".join(self._parts(True))
+
+    def __repr__(self) -> str:
+        return "\n".join(f"{m.role}: {m.content or ''}" for m in self.history)
 
 
 def _cell(value: str) -> str:

@@ -8,6 +8,7 @@ from datetime import timedelta
 from typing import Any, Literal
 
 from ._exceptions import StoreError
+from ._markup import safe_markdown
 from ._store import Db, open_store
 from ._store._records import StoredSession
 from ._types import Message, ToolCall, new_id, utcnow
@@ -76,7 +77,8 @@ def _markdown(session: StoredSession) -> str:
             continue
         lines += [f"## {role.capitalize()}", ""]
         if content:
-            lines += [content, ""]
+            # Model (and pasted) text: no live HTML, no fetched images, prices not math.
+            lines += [safe_markdown(content), ""]
         for call in message.get("tool_calls") or []:
             function = call["function"]
             lines.append(f"**Tool call** `{function['name']}` (`{call['id']}`)")

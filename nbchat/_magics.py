@@ -22,8 +22,9 @@ import contextlib
 import os
 import shlex
 import sys
+import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from IPython.core.error import UsageError
@@ -37,15 +38,15 @@ from ._config import (
     resolve_client,
     set_defaults,
 )
-from ._display import CellRenderer, Info, TurnFailed, TurnInterrupted, one_line, render_mode
-from ._exceptions import NbchatError, SessionPendingError
+from ._display import CellRenderer, Info, one_line, render_mode, turn_failed
+from ._exceptions import NbchatError, SessionPendingError, TurnFailed, TurnInterrupted
 from ._magic_help import CHAT_OPTIONS, SQL_OPTIONS, render_options
 from ._store import TABLES
 
 if TYPE_CHECKING:
     from ._magic_options import ChatOptions
     from ._pytool import Approval
-    from ._session import Session
+    from ._session import Session, TurnOptions
     from ._tools import Tool
     from ._types import Event, TurnResult
 
@@ -77,42 +78,48 @@ class _Cells:
         return None
 
 
-@contextlib.contextmanager
-def _cell_overrides(session: Session, opts: ChatOptions, tools: list[Tool]) -> Iterator[None]:
-    """Apply a cell's options to the session for one turn, then put everything back."""
-    from ._tools import ToolSet
+_KEPT_OUTPUTS = 200
+SUPERSEDED_NOTE = (
+    "⤴ Superseded: an earlier cell of this conversation was re-run, so this turn is no "
+    "longer part of it (it stays in the store, marked superseded)."
+)
 
-    model = session.model
-    saved = (
-        session.tools,
-        session.max_rounds,
-        session.streaming,
-        dict(session.request_params),
-        session.budgets,
+
+def _replaced_cells(session: Session, cell_id: str | None) -> list[str]:
+    """The cells whose turns a re-run of ``cell_id`` will replace (those after its own)."""
+    if cell_id is None:
+        return []
+    history = session.history
+    start = next(
+        (i for i, m in enumerate(history) if m.role == "user" and m.cell_id == cell_id), None
     )
-    try:
-        if opts.model and opts.model != model:
-            session.set_model(opts.model)
-        session.tools = ToolSet(tools, max_result_chars=session.tools.max_result_chars)
-        if opts.max_rounds is not None:
-            session.max_rounds = opts.max_rounds
-        if opts.no_stream:
-            session.streaming = False
-        if opts.temperature is not None:
-            session.request_params["temperature"] = opts.temperature
-        if opts.budget is not None:
-            session.budgets = session.budgets.model_copy(update={"turn_budget_usd": opts.budget})
-        yield
-    finally:
-        (
-            session.tools,
-            session.max_rounds,
-            session.streaming,
-            session.request_params,
-            session.budgets,
-        ) = saved
-        if session.model != model:
-            session.set_model(model)
+    if start is None:
+        return []
+    later = [m.cell_id for m in history[start + 1 :] if m.role == "user"]
+    return list(dict.fromkeys(c for c in later if c is not None and c != cell_id))
+
+
+def _replaces_notice(replaced: list[str]) -> str | None:
+    """What a re-run cell says when it replaces later turns too."""
+    if not replaced:
+        return None
+    n = len(replaced)
+    later = "1 later turn" if n == 1 else f"{n} later turns"
+    return f"This re-run replaces this cell's earlier turn and {later} of the conversation."
+
+
+def _turn_options(opts: ChatOptions, tools: list[Tool]) -> TurnOptions:
+    """A cell's options as the options of its one turn (the session is left as it is)."""
+    from ._session import TurnOptions
+
+    return TurnOptions(
+        model=opts.model,
+        tools=tools,
+        temperature=opts.temperature,
+        max_rounds=opts.max_rounds,
+        budget_usd=opts.budget,
+        stream=False if opts.no_stream else None,
+    )
 
 
 def _raise_for(result: TurnResult) -> None:
@@ -120,7 +127,7 @@ def _raise_for(result: TurnResult) -> None:
     if result.status == "interrupted":
         raise TurnInterrupted(result)
     if result.status in ("error", "budget_exceeded", "rejected"):
-        raise TurnFailed(result)
+        raise turn_failed(result)
 
 
 # ---------------------------------------------------------------------- the magics
@@ -144,6 +151,10 @@ _SUBCOMMANDS = """\
   %chat cost model|day|session    the whole store's spend, grouped (DataFrame)
   %chat tools [a,b | none]        show or set the tools of later %%chat cells
   %chat local [GGUF]              start (or reuse) the embedded local model and use it
+
+%%chat_sql [--out VAR] [--db PATH]
+  a read-only SQL query on the store (sessions, messages, requests, tool_calls,
+  compactions, turns), shown as a DataFrame; %%chat_sql? shows its help
 """
 
 
@@ -158,6 +169,8 @@ class ChatMagics(Magics):
         self.default_tools: list[str] = []
         # The session each cell's last turn went to, by cell id.
         self.cell_sessions: dict[str, Session] = {}
+        # The live display of each cell's last turn (the latest few), by cell id.
+        self.cell_outputs: dict[str, CellRenderer] = {}
 
     @property
     def user_ns(self) -> dict[str, Any]:
@@ -215,14 +228,23 @@ class ChatMagics(Magics):
         tools = self._tools(opts.tools if opts.tools is not None else self.default_tools)
         cell_id = self.cells.cell_key_for_turn()
         session = self._session_for(opts, cell_id)
+        replaced = _replaced_cells(session, cell_id)
         if cell_id is not None:
             self.cell_sessions[cell_id] = session
         result = self._show_turn(
             session,
             opts,
             tools,
-            lambda on_event: session.send(text, cell_id=cell_id, on_event=on_event),
+            lambda on_event, options: session.send(
+                text, cell_id=cell_id, on_event=on_event, options=options
+            ),
+            notice=_replaces_notice(replaced),
+            cell_id=cell_id,
         )
+        for other in replaced:  # their outputs stay on screen: say they no longer count
+            shown = self.cell_outputs.get(other)
+            if shown is not None:
+                shown.mark(SUPERSEDED_NOTE)
         if opts.out:
             self.user_ns[opts.out] = result.text
         _raise_for(result)
@@ -232,14 +254,29 @@ class ChatMagics(Magics):
         session: Session,
         opts: ChatOptions,
         tools: list[Tool],
-        run: Callable[[Callable[[Event], None]], TurnResult],
+        run: Callable[[Callable[[Event], None], TurnOptions], TurnResult],
+        *,
+        notice: str | None = None,
+        cell_id: str | None = None,
     ) -> TurnResult:
-        """Run one turn with the cell's options, shown in the cell as it happens."""
+        """Run one turn with the cell's options, shown in the cell as it happens.
+
+        ``notice`` is said first (a re-run replacing later turns); the display is kept
+        by ``cell_id`` so a later re-run elsewhere can mark it superseded.
+        """
+        from ._pytool import asking
+
         mode = render_mode(self.shell, stream=not opts.no_stream)
         # Session.send turns a kernel interrupt into cancel(), so no event is lost.
-        with _cell_overrides(session, opts, tools):
-            renderer = CellRenderer(session.model, mode)
-            result = run(renderer)
+        renderer = CellRenderer(opts.model or session.model, mode)
+        if notice is not None:
+            renderer.note(notice)
+        if cell_id is not None and mode == "live":
+            self.cell_outputs[cell_id] = renderer
+            while len(self.cell_outputs) > _KEPT_OUTPUTS:
+                self.cell_outputs.pop(next(iter(self.cell_outputs)))
+        with asking(renderer.ask):  # python:ask asks in its tool block
+            result = run(renderer, _turn_options(opts, tools))
         renderer.finish()
         return result
 
@@ -374,17 +411,23 @@ class ChatMagics(Magics):
             )
         return Info(message)
 
-    def _cmd_resume(self, args: list[str]) -> None:
+    def _cmd_resume(self, args: list[str]) -> Info | None:
         from ._magic_options import ChatOptions
 
         session = self._current()
+        if not session.pending_tool_calls:
+            return Info("Nothing to resume: the current session has no pending tool calls.")
         specs = ChatOptions.model_validate({"tools": ",".join(args)}).tools if args else None
         tools = self._tools(specs if specs is not None else self.default_tools)
         _raise_for(
             self._show_turn(
-                session, ChatOptions(), tools, lambda on_event: session.resume(on_event=on_event)
+                session,
+                ChatOptions(),
+                tools,
+                lambda on_event, options: session.resume(on_event=on_event, options=options),
             )
         )
+        return None
 
     def _cmd_abort(self, args: list[str]) -> Info:
         closed = self._current().abort_pending()
@@ -419,7 +462,10 @@ class ChatMagics(Magics):
             specs = ChatOptions.model_validate({"tools": ",".join(args)}).tools or []
             self._tools(specs)  # fail now, not at the next cell
             self.default_tools = specs
-        rows = [(t.name, t.description) for t in self._tools(self.default_tools)]
+        rows = [
+            (_tool_label(spec), t.description)
+            for spec, t in zip(self.default_tools, self._tools(self.default_tools), strict=True)
+        ]
         if not rows:
             return Info("No tools: `%chat tools a,b` or `%%chat --tools a,b` adds some.")
         return Info("Tools of the next `%%chat` cells", rows)
@@ -524,6 +570,20 @@ Options:
 """
 
 
+def _tool_label(spec: str) -> str:
+    """``python (ask: asks before running code)`` for the python tool, else the name."""
+    name, _, mode = spec.partition(":")
+    if name != "python":
+        return name
+    meaning = {
+        "ask": "asks before running code",
+        "auto": "runs code without asking",
+        "never": "never runs code",
+    }
+    mode = mode or "ask"
+    return f"python ({mode}: {meaning[mode]})"
+
+
 def _config_value(key: str, value: str) -> Any:
     if key not in DEFAULT_KEYS:
         return value  # set_defaults names the known keys
@@ -586,6 +646,27 @@ def load_ipython_extension(shell: Any) -> None:
     shell.events.register("pre_run_cell", magics.cells.pre_run_cell)
     shell.events.register("post_run_cell", magics.cells.post_run_cell)
     _loaded[shell] = magics
+    if getattr(shell, "kernel", None) is not None and os.environ.get("NBCHAT_WARMUP") != "0":
+        # In a notebook the first %%chat would pay ~1 s of imports; they happen now, on
+        # a thread, while the user types (%load_ext itself stays as fast).
+        threading.Thread(target=_warm_up, name="nbchat-warm-up", daemon=True).start()
+
+
+def _warm_up() -> None:
+    """Import and load what the first turn needs: openai, DuckDB, the loop, the renderer,
+    genai-prices' data, and nbchat's background event loop. A failure here is not
+    reported: the first turn meets it again and says it where the user looks."""
+    with contextlib.suppress(Exception):
+        import duckdb
+        import openai
+
+        from . import _display, _markup, _render, _runner, _session  # noqa: F401
+        from ._pricing import provider_for
+
+        openai.AsyncOpenAI  # noqa: B018 -- the SDK resolves its client class lazily
+        duckdb.connect(":memory:").close()
+        provider_for("gpt-4o-mini")  # loads the price data
+        _runner.background_loop()
 
 
 def unload_ipython_extension(shell: Any) -> None:

@@ -11,31 +11,34 @@ written from two threads (callbacks on the kernel thread, the turn on the loop t
 ipykernel sends comm messages from any thread through its IOPub thread, and a per-panel
 lock keeps the two writers from interleaving on one widget.
 
-The input box is a small anywidget: ipywidgets' ``Textarea`` cannot tell Enter from
-Shift+Enter (both just change the value), and ``Text`` has no newlines.
+The input box is a small anywidget (``_panel_input``). A panel on a session that cells
+also use shows their turns as they happen (it listens to the session's events), and a
+Send while such a turn runs waits for it ("queued"). The python tool's ``ask`` mode
+asks with Run / Skip buttons under the turn.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import html
+import contextvars
 import logging
 import threading
 import time
-from collections.abc import Iterable
-from typing import Any, cast
+from collections.abc import Callable, Iterable
+from typing import Any
 
-import anywidget
 import ipywidgets as widgets
-import mistune
-import traitlets
 
 from ._exceptions import NbchatError
-from ._render import STATUS_LABELS, Throttle, ToolBlock, TurnView
+from ._markup import clip, escape, money, protect_dollars, to_html
+from ._panel_input import ChatInput
+from ._pytool import asking
+from ._render import Throttle, TurnView, history_views
 from ._runner import submit
 from ._session import Session
 from ._types import (
+    Event,
     Message,
     MessageAdded,
     TextDelta,
@@ -44,6 +47,7 @@ from ._types import (
     TurnFinished,
     TurnResult,
     TurnStarted,
+    UsageEvent,
 )
 
 __all__ = ["ChatInput", "ChatPanel", "markdown_to_html", "panel"]
@@ -53,135 +57,13 @@ logger = logging.getLogger("nbchat")
 State = str  # "idle" | "waiting" | "streaming" | "running tool" | "error"
 TICK_SECONDS = 0.5  # how often the elapsed time in the status line moves while busy
 
-_INPUT_ESM = """
-function render({ model, el }) {
-  const box = document.createElement("textarea");
-  box.className = "nbchat-textarea";
-  box.rows = 2;
-  const sync = () => {
-    box.placeholder = model.get("placeholder");
-    box.disabled = model.get("disabled");
-    if (box.value !== model.get("value")) box.value = model.get("value");
-  };
-  const push = () => { model.set("value", box.value); model.save_changes(); };
-  box.addEventListener("input", push);
-  // Keys typed here are not notebook shortcuts (JupyterLab and Notebook 7 run the cell on
-  // Shift+Enter anywhere in a notebook). Lumino skips shortcuts for elements marked with
-  // this attribute; Notebook 7 sees the key before the box does, so stopping it is not
-  // enough there. Stopping it too keeps other hosts out of the way.
-  box.setAttribute("data-lm-suppress-shortcuts", "true");
-  box.addEventListener("keypress", (event) => event.stopPropagation());
-  box.addEventListener("keydown", (event) => {
-    event.stopPropagation();
-    // Shift+Enter is left to the browser, which inserts a newline.
-    if (event.key !== "Enter" || event.shiftKey || event.isComposing) return;
-    event.preventDefault();
-    if (model.get("busy") || !box.value.trim()) return;  // keep the text for later
-    const text = box.value;
-    box.value = "";
-    push();
-    model.send({ type: "submit", text });
-  });
-  for (const name of ["value", "placeholder", "disabled"]) model.on(`change:${name}`, sync);
-  sync();
-  el.classList.add("nbchat-input");
-  el.appendChild(box);
-  return () => {
-    for (const name of ["value", "placeholder", "disabled"]) model.off(`change:${name}`, sync);
-  };
-}
-export default { render };
-"""
-
-# Theme variables with fallbacks, so the panel looks right in JupyterLab (light and
-# dark), Notebook 7 and Voila alike.
-_PANEL_CSS = """
-.nbchat-panel { border: 1px solid var(--jp-border-color2, #ddd); border-radius: 8px;
-  padding: 8px; max-width: 920px; background: var(--jp-layout-color0, #fff); }
-.nbchat-panel .nbchat-header { align-items: center; gap: 6px; }
-.nbchat-panel .nbchat-title { font-weight: 600; margin-right: auto; }
-.nbchat-panel .nbchat-scroll { display: flex; flex-direction: column-reverse;
-  overflow-y: auto; min-height: 8em; max-height: 30em; margin: 6px 0;
-  border-top: 1px solid var(--jp-border-color3, #eee);
-  border-bottom: 1px solid var(--jp-border-color3, #eee); }
-.nbchat-panel .nbchat-messages { flex-shrink: 0; padding: 4px 2px; }
-.nbchat-panel .nbchat-msg { margin: 4px 0; padding: 2px 12px; border-radius: 10px;
-  height: auto; overflow-x: auto; }
-.nbchat-panel .nbchat-msg .widget-html-content { line-height: 1.45; }
-.nbchat-panel .nbchat-msg p { margin: 0.45em 0; }
-.nbchat-panel .nbchat-msg pre { background: var(--jp-layout-color2, #f4f4f4);
-  padding: 6px 8px; border-radius: 4px; overflow-x: auto; line-height: 1.3; }
-.nbchat-panel .nbchat-msg details { margin: 4px 0; font-size: 0.92em; }
-.nbchat-panel .nbchat-user { align-self: flex-end; max-width: 85%;
-  background: var(--jp-brand-color3, #dbe9f7); }
-.nbchat-panel .nbchat-assistant { align-self: stretch;
-  background: var(--jp-cell-editor-background, #f7f7f7); }
-.nbchat-panel .nbchat-badge { font-weight: 600; margin: 0.45em 0; }
-.nbchat-panel .nbchat-notice { border-left: 3px solid var(--jp-warn-color1, #e0a000);
-  padding-left: 8px; margin: 0.45em 0; }
-.nbchat-panel .nbchat-footer { color: var(--jp-ui-font-color2, #777); font-size: 0.85em; }
-.nbchat-panel .nbchat-typing { color: var(--jp-ui-font-color2, #777); }
-.nbchat-panel .nbchat-row { align-items: flex-start; gap: 6px; }
-.nbchat-panel .nbchat-input { flex: 1 1 auto; }
-.nbchat-panel .nbchat-textarea { width: 100%; box-sizing: border-box; resize: vertical;
-  font: inherit; padding: 6px 8px; border-radius: 6px;
-  border: 1px solid var(--jp-border-color1, #bbb);
-  background: var(--jp-layout-color0, #fff); color: var(--jp-ui-font-color0, #000); }
-.nbchat-panel .nbchat-buttons { gap: 4px; }
-.nbchat-panel .nbchat-status { color: var(--jp-ui-font-color2, #666); font-size: 0.88em; }
-.nbchat-panel .nbchat-status .widget-html-content { line-height: 1.6; }
-.nbchat-panel .nbchat-dot { font-size: 0.9em; }
-.nbchat-panel .nbchat-state-idle .nbchat-dot { color: #3a3; }
-.nbchat-panel .nbchat-state-error .nbchat-dot { color: #c33; }
-.nbchat-panel .nbchat-state-busy .nbchat-dot { color: #e0a000; }
-"""
-
-
-class _SafeRenderer(mistune.HTMLRenderer):
-    """Mistune's HTML renderer with raw HTML escaped and no remote images."""
-
-    def link(self, text: str, url: str, title: str | None = None) -> str:
-        # A link must not navigate the notebook page away.
-        return (
-            f'<a href="{self.safe_url(url)}" target="_blank" rel="noopener noreferrer">{text}</a>'
-        )
-
-    def image(self, text: str, url: str, title: str | None = None) -> str:
-        # An image would be fetched as soon as a reply streams in, so a prompt-injected
-        # reply could leak data in its URL: show a link the user may choose to open.
-        return "🖼 " + self.link(text or html.escape(url), url)
-
-
-_PLUGINS = ["strikethrough", "table", "url"]
-_markdown = mistune.create_markdown(renderer=_SafeRenderer(escape=True), plugins=_PLUGINS)
-# What a person typed keeps its line breaks (Shift+Enter), as chat boxes do.
-_markdown_typed = mistune.create_markdown(
-    renderer=_SafeRenderer(escape=True), plugins=_PLUGINS, hard_wrap=True
-)
-_markdown_lock = threading.Lock()
-
 
 def markdown_to_html(text: str, *, hard_wrap: bool = False) -> str:
-    """Markdown to HTML that is safe to show: raw HTML is escaped, harmful URLs dropped.
+    """Markdown to HTML that is safe to show: raw HTML is escaped, images become links.
 
     ``hard_wrap=True`` turns every newline into a line break.
     """
-    with _markdown_lock:
-        return cast(str, (_markdown_typed if hard_wrap else _markdown)(text))
-
-
-class ChatInput(anywidget.AnyWidget):
-    """A text box where Enter sends (a ``submit`` message) and Shift+Enter adds a line.
-
-    ``value`` follows what is typed; while ``busy`` is true, Enter keeps the text.
-    """
-
-    _esm = _INPUT_ESM
-    _css = _PANEL_CSS
-    value = traitlets.Unicode("").tag(sync=True)
-    placeholder = traitlets.Unicode("").tag(sync=True)
-    disabled = traitlets.Bool(False).tag(sync=True)
-    busy = traitlets.Bool(False).tag(sync=True)
+    return to_html(text, hard_wrap=hard_wrap)
 
 
 class ChatPanel(widgets.VBox):  # type: ignore[misc]
@@ -198,7 +80,9 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
         self.session = session
         self.state: State = "idle"
         self.last_error: BaseException | None = None  # an unexpected failure, for debugging
-        self._options = dict(options)
+        self._options = dict(options)  # for "New chat": over what the last session had
+        self._template = session  # "New chat" starts a session set up like this one
+        self._unwatch: Callable[[], None] = lambda: None
         self._reopen = reopen  # a stored session to open on Send, if opening it failed
         self._lock = threading.RLock()
         self._busy = False
@@ -208,6 +92,11 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
         self._last_seconds: float | None = None
         self._detail = ""
         self._quiet_picker = False
+        # Tokens the server reported, summed; the session's own total becomes unknown
+        # once a stopped reply's usage is missing, but the count so far still holds.
+        self._known_tokens = 0 if session is None else session.usage.total_tokens or 0
+        self._live: tuple[TurnView, widgets.HTML] | None = None  # this panel's turn
+        self._mirror: tuple[TurnView, widgets.HTML, Throttle] | None = None  # a cell's turn
 
         self.model_picker = widgets.Dropdown(
             options=[self._current_model()], value=self._current_model(), description="Model"
@@ -246,6 +135,7 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
         self.add_class("nbchat-panel")
         if session is not None:
             self._show_history(session.history)
+            self._watch(session)
             self._load_models(session)
         self._render_status()
 
@@ -280,7 +170,11 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
             self._append("user", markdown_to_html(text, hard_wrap=True))
             bubble = self._append("assistant", _TYPING)
             self._set_busy_controls(True)
-            self._set_state("waiting", "")
+            if self._mirror is not None:  # a cell's turn on this session runs first
+                bubble.value = _QUEUED
+                self._set_state("queued", "another turn on this session is running")
+            else:
+                self._set_state("waiting", "")
             future = submit(self._run(session, text, bubble))
             self._future = future
         return future
@@ -303,6 +197,7 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
                 self._set_detail("Stop the running reply before starting a new chat.")
                 return False
             self.messages.children = ()
+            self._template = self.session or self._template
             self.session, self._reopen = None, None
             session = self._ensure_session()
             if session is not None:
@@ -318,27 +213,39 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
         """Stop a running turn, then close the widget."""
         if hasattr(self, "_lock"):  # ipywidgets may close a half-built widget
             self.stop()
+            self._unwatch()
         super().close()
 
     # ------------------------------------------------------------------ the turn
 
     async def _run(self, session: Session, text: str, bubble: widgets.HTML) -> TurnResult | None:
         """Stream one turn into ``bubble`` (on the background loop)."""
+        _own_turn.set(self)  # this task's events are this panel's, not a cell's
         view = TurnView(session.model)
         throttle = Throttle()
         result: TurnResult | None = None
         failure: str | None = None
         ticker = asyncio.ensure_future(self._tick())
+        self._live = (view, bubble)
         try:
-            async for event in session.stream(text):
-                if isinstance(event, TurnStarted) and self._stop_requested:
-                    session.cancel()  # Stop was clicked before the turn could be cancelled
-                self._follow(event)
-                if isinstance(event, TurnFinished):
-                    result = event.result
-                if view.handle(event) and throttle.due(view.size):
-                    self._show_turn(bubble, view)
-                    throttle.mark(view.size)
+            if self._mirror is not None:  # queued behind a cell's turn on this session
+                while self._mirror is not None and not self._stop_requested:
+                    await asyncio.sleep(0.05)
+                if self._stop_requested:
+                    failure = "Stopped before it was sent."
+                    return None
+                self._set_state("waiting", "")
+            with asking(self._ask):  # python:ask tools show Run / Skip
+                async for event in session.stream(text):
+                    if isinstance(event, TurnStarted) and self._stop_requested:
+                        session.cancel()  # Stop was clicked before the turn could start
+                    self._follow(event)
+                    if isinstance(event, TurnFinished):
+                        result = event.result
+                    soon = isinstance(event, ToolCallStarted | ToolResult)
+                    if view.handle(event) and (soon or throttle.due(view.size)):
+                        self._show_turn(bubble, view, live=True)
+                        throttle.mark(view.size)
         except NbchatError as exc:
             failure = str(exc)
         except Exception as exc:  # the panel must stay usable whatever went wrong
@@ -349,7 +256,9 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
             failure = f"{type(exc).__name__}: {exc}"
         finally:
             ticker.cancel()
-            self._show_turn(bubble, view, failure)  # always the exact, complete text
+            self._live = None
+            self._drop_approval()  # a question the turn no longer waits for
+            self._show_turn(bubble, view, failure=failure)  # always the exact, complete text
             self._finish(result, failure)
         return result
 
@@ -357,6 +266,58 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
         while True:
             await asyncio.sleep(TICK_SECONDS)
             self._render_status()
+            live = self._live
+            if live is not None and any(b.result is None for b in live[0].tools.values()):
+                self._show_turn(live[1], live[0], live=True)  # "running… 2.1 s" moves
+
+    def _ask(self, code: str) -> bool:
+        """Run / Skip buttons under the turn; blocks the python tool's thread until a click."""
+        live = self._live
+        if live is None:
+            return False
+        view, bubble = live
+        block = view.approval_block(code)
+        decided, answer = threading.Event(), [False]
+
+        def choose(yes: bool) -> None:
+            answer[0] = yes
+            decided.set()
+
+        run = widgets.Button(description="Run", button_style="warning", icon="play")
+        skip = widgets.Button(description="Skip", icon="forward")
+        run.on_click(lambda _: choose(True))
+        skip.on_click(lambda _: choose(False))
+        row = widgets.HBox([widgets.HTML("<b>Run the code above?</b>"), run, skip])
+        row.add_class("nbchat-approval")
+        with self._lock:
+            if block is not None:
+                block.approval = "waiting"
+            self.messages.children = (*self.messages.children, row)
+            self._show_turn(bubble, view, live=True)
+            self._set_state("waiting for you", "Run or Skip the code")
+        asked = time.monotonic()
+        try:
+            # Waiting in steps: Stop cancels the turn, which interrupts this thread
+            # (KeyboardInterrupt between bytecodes), and a blocked wait() would not see it.
+            while not decided.wait(0.1):
+                pass
+            with self._lock:
+                if block is not None:
+                    block.waited_ms = (time.monotonic() - asked) * 1000
+                    block.approval = "yes" if answer[0] else "no"
+                self._show_turn(bubble, view, live=True)
+                self._set_state("running tool" if answer[0] else "waiting", "")
+        finally:  # also when Stop interrupts this thread
+            self._drop_approval()
+        return answer[0]
+
+    def _drop_approval(self) -> None:
+        with self._lock:
+            rows = [c for c in self.messages.children if "nbchat-approval" in c._dom_classes]
+            if rows:
+                self.messages.children = tuple(c for c in self.messages.children if c not in rows)
+        for row in rows:
+            row.close()
 
     def _follow(self, event: Any) -> None:
         """Move the status line's state along with the turn."""
@@ -386,35 +347,86 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
             else:
                 self._set_state("error", result.error or result.status)
 
-    def _show_turn(self, bubble: widgets.HTML, view: TurnView, failure: str | None = None) -> None:
-        parts = [b.html() for b in view.tools.values()]
-        if view.text:
-            parts.append(markdown_to_html(view.text))
-        elif view.result is None and failure is None and not view.tools:
-            parts.append(_TYPING)
-        parts.extend(_notice(n) for n in view.notices)
+    def _show_turn(
+        self,
+        bubble: widgets.HTML,
+        view: TurnView,
+        *,
+        live: bool = False,
+        failure: str | None = None,
+    ) -> None:
+        shown = view.html(live=live)
         if failure is not None:
-            parts.append(_badge(f"⚠ {failure}"))
-        if view.result is not None:
-            if view.result.status != "completed":
-                parts.append(_badge(_status_text(view.result)))
-            parts.append(f'<div class="nbchat-footer">{html.escape(view.footer())}</div>')
+            shown += "\n" + _badge(f"⚠ {failure}")
+        elif not view.parts and view.result is None:
+            shown = _TYPING
         with self._lock:
-            bubble.value = "\n".join(parts)
+            if not live and _MATH in shown and not isinstance(bubble, widgets.HTMLMath):
+                # Typeset once the text is complete (not on every streamed update).
+                math = self._bubble("assistant", shown)
+                self.messages.children = tuple(
+                    math if c is bubble else c for c in self.messages.children
+                )
+                bubble.close()
+            else:
+                bubble.value = shown
 
     # ------------------------------------------------------------------ transcript
 
     def _append(self, role: str, content: str) -> widgets.HTML:
-        bubble = widgets.HTML(content)
-        bubble.add_class("nbchat-msg")
-        bubble.add_class(f"nbchat-{role}")
+        bubble = self._bubble(role, content)
         with self._lock:
             self.messages.children = (*self.messages.children, bubble)
+        return bubble
+
+    def _bubble(self, role: str, content: str) -> widgets.HTML:
+        # HTMLMath typesets TeX where the page has MathJax (JupyterLab, Notebook 7), the
+        # way the notebook does; elsewhere the TeX stays as written.
+        kind = widgets.HTMLMath if _MATH in content else widgets.HTML
+        bubble = kind(content)
+        bubble.add_class("nbchat-msg")
+        bubble.add_class(f"nbchat-{role}")
         return bubble
 
     def _show_history(self, history: Iterable[Message]) -> None:
         for role, content in history_html(history):
             self._append(role, content)
+
+    def _watch(self, session: Session) -> None:
+        """Show turns that other front ends (``%%chat`` cells) run on ``session`` too."""
+
+        def on_event(event: Event) -> None:
+            if isinstance(event, UsageEvent) and event.usage and event.usage.total_tokens:
+                self._known_tokens += event.usage.total_tokens
+            if _own_turn.get() is not self:
+                self._follow_other(event)
+
+        self._unwatch()  # the previous session's turns are no longer shown here
+        self._unwatch = session.listen(on_event)
+
+    def _follow_other(self, event: Event) -> None:
+        """One event of a turn this panel did not start, shown as it happens."""
+        if self.session is None or event.session_id != self.session.id:
+            return
+        with self._lock:
+            if isinstance(event, TurnStarted):
+                self._append("user", markdown_to_html(event.text, hard_wrap=True))
+                bubble = self._append("assistant", _TYPING)
+                self._mirror = (TurnView(self.session.model), bubble, Throttle())
+                if not self._busy:
+                    self._set_state("busy", "a turn from a notebook cell")
+                return
+            if self._mirror is None:
+                return
+            view, bubble, throttle = self._mirror
+            end = isinstance(event, TurnFinished)
+            if view.handle(event) and (end or throttle.due(view.size)):
+                self._show_turn(bubble, view, live=not end)
+                throttle.mark(view.size)
+            if end:
+                self._mirror = None
+                if not self._busy:
+                    self._set_state("idle", "")
 
     # ------------------------------------------------------------------ session, models
 
@@ -426,13 +438,20 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
         if picked and picked != _NO_MODEL:
             options["model"] = picked
         try:
-            self.session = Session(session_id=self._reopen, **options)
+            if self._reopen is None and self._template is not None:
+                # Everything the last session had (compaction, guardrails, request
+                # params, the key...), with the panel's own options over it.
+                self.session = self._template.new(**options)
+            else:
+                self.session = Session(session_id=self._reopen, **options)
         except NbchatError as exc:
             self._set_state("error", str(exc))
             return None
         if self._reopen is not None:
             self._reopen = None
             self._show_history(self.session.history)
+        self._known_tokens = self.session.usage.total_tokens or 0
+        self._watch(self.session)
         self._load_models(self.session)
         return self.session
 
@@ -505,19 +524,23 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
             parts = [self._current_model()]
             if self.session is not None:
                 u = self.session.usage
-                tokens = u.total_tokens
-                parts.append("tokens unknown" if tokens is None else f"{tokens:,} tokens")
-                parts.append("cost unknown" if u.cost_usd is None else f"${u.cost_usd:.4f}")
+                if u.total_tokens is not None:
+                    parts.append(f"{u.total_tokens:,} tokens")
+                elif self._known_tokens:
+                    parts.append(f"≥ {self._known_tokens:,} tokens")
+                else:
+                    parts.append("tokens unknown")
+                parts.append("cost unknown" if u.cost_usd is None else money(u.cost_usd))
             if self._turn_started is not None:
                 parts.append(f"{time.monotonic() - self._turn_started:.1f} s")
             elif self._last_seconds is not None:
                 parts.append(f"last reply {self._last_seconds:.1f} s")
             kind = "idle" if self.state == "idle" else "error" if self.state == "error" else "busy"
-            detail = f" — {html.escape(_clip(self._detail, 300))}" if self._detail else ""
-            self.status_line.value = (
+            detail = f" — {escape(clip(self._detail, 300))}" if self._detail else ""
+            self.status_line.value = protect_dollars(
                 f'<span class="nbchat-state-{kind}"><span class="nbchat-dot">●</span> '
-                f"<b>{html.escape(self.state)}</b>{detail}</span> · "
-                + " · ".join(html.escape(p) for p in parts)
+                f"<b>{escape(self.state)}</b>{detail}</span> · "
+                + " · ".join(escape(p) for p in parts)
             )
 
 
@@ -530,7 +553,7 @@ def panel(session: Session | str | None = None, **session_options: Any) -> ChatP
     panel still appears, says why, and tries again on Send.
     """
     if isinstance(session, Session):
-        return ChatPanel(session, {**_options_like(session), **session_options})
+        return ChatPanel(session, session_options)
     try:
         made = Session(session_id=session, **session_options)
     except NbchatError as exc:
@@ -541,83 +564,29 @@ def panel(session: Session | str | None = None, **session_options: Any) -> ChatP
 
 
 def history_html(history: Iterable[Message]) -> list[tuple[str, str]]:
-    """A stored conversation as (role, HTML) bubbles, shown like live turns.
-
-    Consecutive assistant and tool messages form one bubble: tool blocks, then text.
-    """
+    """A stored conversation as (role, HTML) bubbles, laid out like live turns."""
     bubbles: list[tuple[str, str]] = []
-    blocks: dict[str, ToolBlock] = {}
-    texts: list[str] = []
-    badges: list[str] = []
-
-    def flush() -> None:
-        if blocks or texts or badges:
-            parts = [b.html() for b in blocks.values()]
-            parts += [markdown_to_html(t) for t in texts] + badges
-            bubbles.append(("assistant", "\n".join(parts)))
-        blocks.clear()
-        texts.clear()
-        badges.clear()
-
-    for m in history:
-        if m.role == "user":
-            flush()
-            bubbles.append(("user", markdown_to_html(m.content or "", hard_wrap=True)))
-        elif m.role == "assistant":
-            for call in m.tool_calls or []:
-                blocks[call.id] = ToolBlock(call.id, call.name, [call.arguments])
-            if m.content:
-                texts.append(m.content)
-            if m.status == "interrupted":
-                badges.append(_badge(STATUS_LABELS["interrupted"]))
-            elif m.status == "error":
-                badges.append(_badge("⚠ This reply ended with an error."))
-        elif m.role == "tool" and m.tool_call_id:
-            block = blocks.setdefault(m.tool_call_id, ToolBlock(m.tool_call_id, m.name or "?"))
-            block.result, block.is_error = m.content or "", m.status != "ok"
-    flush()
+    for view in history_views(history):
+        if view.user_text is not None:
+            bubbles.append(("user", markdown_to_html(view.user_text, hard_wrap=True)))
+        if view.parts or view.badges:
+            bubbles.append(("assistant", view.html()))
     return bubbles
 
 
-def _options_like(session: Session) -> dict[str, Any]:
-    """Options that make a new session like ``session`` (for "New chat")."""
-    settings = session.client.settings
-    b = session.budgets
-    return {
-        "base_url": settings.base_url,
-        "api_key": settings.api_key.get_secret_value(),
-        "db": session.store if session.store is not None else False,
-        "system": session.system,
-        "tools": [session.tools[name] for name in session.tools.names()],
-        "max_rounds": session.max_rounds,
-        "budget_usd": b.budget_usd,
-        "turn_budget_usd": b.turn_budget_usd,
-        "max_tokens_total": b.max_tokens_total,
-        "turn_max_tokens": b.turn_max_tokens,
-    }
-
-
 _NO_MODEL = "(no model)"
+_MATH = 'class="nbchat-math"'
 _TYPING = '<p class="nbchat-typing">…</p>'
-
-
-def _status_text(result: TurnResult) -> str:
-    label = STATUS_LABELS.get(result.status, result.status)
-    if result.error and result.status != "interrupted":
-        return f"{label}: {result.error}"
-    return label
+_QUEUED = '<p class="nbchat-typing">queued: another turn on this session runs first…</p>'
+# Set in the task of a turn this panel runs, so its session's events are told apart
+# from those of turns that cells run on the same session.
+_own_turn: contextvars.ContextVar[ChatPanel | None] = contextvars.ContextVar(
+    "nbchat_panel_turn", default=None
+)
 
 
 def _badge(text: str) -> str:
-    return f'<div class="nbchat-badge">{html.escape(text)}</div>'
-
-
-def _notice(text: str) -> str:
-    return f'<div class="nbchat-notice">{html.escape(text)}</div>'
-
-
-def _clip(text: str, n: int) -> str:
-    return text if len(text) <= n else text[: n - 1] + "…"
+    return f'<p class="nbchat-badge"><b>{protect_dollars(escape(text))}</b></p>'
 
 
 def _done(value: TurnResult | None) -> concurrent.futures.Future[TurnResult | None]:

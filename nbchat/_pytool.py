@@ -4,9 +4,11 @@ The model sees what the code printed, the repr of its last expression, and the
 traceback if it failed, so it can look at the user's DataFrames and variables.
 Approval modes, chosen when the tool is made:
 
-- ``"ask"`` (the default): the code is shown in the cell and nothing runs until the
-  user answers ``y`` to a prompt (``input()``, i.e. Jupyter's input box). Where no
-  input box exists (nbclient, Voila), asking fails and the model is told to stop.
+- ``"ask"`` (the default): nothing runs until the user says yes. In a ``%%chat`` cell
+  the code shows in the turn's tool block and the answer comes from a prompt
+  (``input()``, i.e. Jupyter's input box); in the chat panel from Run / Skip buttons
+  (whoever shows the turn registers how to ask with ``asking``). Where neither exists
+  (nbclient), asking fails and the model is told to stop.
 - ``"auto"``: the code runs without asking. Only for models and prompts you trust:
   the code can do anything your notebook can.
 - ``"never"``: the code is never run; the model is told so. The user still sees the
@@ -21,18 +23,21 @@ the running code (between bytecodes; a blocking C call finishes first).
 from __future__ import annotations
 
 import ast
+import contextlib
+import contextvars
 import io
 import itertools
 import linecache
 import sys
 import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Literal, TextIO, cast, get_args
 
-from ._tools import Tool, in_thread
+from ._exceptions import ExecutionFailed
+from ._tools import Tool, in_thread, waiting_on_user
 
-__all__ = ["Approval", "ExecutionFailed", "python_tool", "run_code"]
+__all__ = ["Approval", "asking", "prompt_user", "python_tool", "run_code"]
 
 Approval = Literal["never", "ask", "auto"]
 APPROVALS: tuple[str, ...] = get_args(Approval)
@@ -45,10 +50,6 @@ _DESCRIPTION = (
     "Prefer printing small summaries (df.head(), df.shape) over whole objects."
 )
 _counter = itertools.count(1)
-
-
-class ExecutionFailed(Exception):
-    """The model's code raised; the message holds its output and traceback."""
 
 
 # ---------------------------------------------------------------------- output capture
@@ -169,10 +170,29 @@ def _format_error(exc: BaseException, filename: str) -> str:
 # ---------------------------------------------------------------------- approval
 
 
-def ask_in_notebook(code: str) -> bool:
-    """Show ``code`` in the cell and ask the user (``input()``) whether to run it."""
-    from IPython.core.error import StdinNotImplementedError
+#: Who asks the user while a turn is shown: the cell renderer or the panel sets it for
+#: the turn (``asking``), so the question appears in the tool's block. A context
+#: variable, because the code runs in a worker thread started from the turn's context.
+_asker: contextvars.ContextVar[Confirm | None] = contextvars.ContextVar(
+    "nbchat_asker", default=None
+)
 
+
+@contextlib.contextmanager
+def asking(confirm: Confirm) -> Iterator[None]:
+    """Within the block, ``python:ask`` tools ask through ``confirm(code) -> bool``."""
+    token = _asker.set(confirm)
+    try:
+        yield
+    finally:
+        _asker.reset(token)
+
+
+def ask_in_notebook(code: str) -> bool:
+    """Ask the user whether to run ``code``: through the turn's display, or in the cell."""
+    confirm = _asker.get()
+    if confirm is not None:
+        return confirm(code)
     try:
         from IPython.display import Markdown, display
 
@@ -180,6 +200,13 @@ def ask_in_notebook(code: str) -> bool:
         display(Markdown(shown))  # type: ignore[no-untyped-call]
     except ImportError:  # plain Python: the prompt alone has to do
         print(f"The model wants to run this code:\n{code}")
+    return prompt_user()
+
+
+def prompt_user() -> bool:
+    """``input()`` a yes/no answer; PermissionError where the frontend has no input box."""
+    from IPython.core.error import StdinNotImplementedError
+
     try:
         answer = input("Run it? [y/N] ")
     except StdinNotImplementedError:
@@ -225,8 +252,11 @@ def python_tool(
     ask = confirm or ask_in_notebook
 
     def work(code: str) -> str:
-        if approval == "ask" and not ask(code):
-            raise PermissionError("the user declined to run this code; do not retry it")
+        if approval == "ask":
+            with waiting_on_user():  # the call's duration is the code's, not the user's
+                approved = ask(code)
+            if not approved:
+                raise PermissionError("the user declined to run this code; do not retry it")
         return run_code(code, ns)
 
     async def python(code: str) -> str:

@@ -1,31 +1,49 @@
-"""What a turn looks like to a person, shared by the cell renderer and the panel.
+"""What a turn looks like to a person: one model and one layout for cells and the panel.
 
-``TurnView`` folds a turn's events into what is shown: the reply text, one compact
-block per tool call, notices, and a footer line (model, tokens, cost, time).
-``Throttle`` decides when a view is worth re-sending. Both front ends use the two, so a
-reply looks and paces the same in a cell and in the panel.
+``TurnView`` folds a turn's events — or a stored turn's messages (``history_views``) —
+into *parts* in the order they happened: the text of round 1, its thinking, its tool
+blocks, the text of round 2, notices, … then a status line and a footer (model,
+tokens, cost, time). ``html()`` lays the parts out; the cell output, the panel and a
+stored conversation all show that one layout. ``markdown()`` is the same layout with
+the text as (safe) Markdown, for frontends that prefer Markdown. Model text goes
+through ``_markup``, so raw HTML in it is shown as text and images as links.
 
-Pacing: Jupyter's server drops IOPub messages past ~1,000/s and every update re-sends
-the whole text, so updates are at most ``max_per_second`` (15) and, as the reply grows,
-only after it grew by a fraction of what was already shown. The bytes sent over a
-whole reply then stay within a constant factor of its final length, however long it is
-and however fast tokens arrive. The final update always carries the exact full text.
+``Throttle`` decides when a view is worth re-sending. Jupyter's server drops IOPub
+messages past ~1,000/s and every update re-sends the whole turn, so updates are at most
+``max_per_second`` (15) and, as the reply grows, only after it grew by a fraction of
+what was already shown: the bytes sent over a reply stay within a constant factor of
+its final length. While a turn is live, a huge reply shows only its tail (the browser
+re-renders every update); the final update always carries the exact full text.
 """
 
 from __future__ import annotations
 
-import html
+import bisect
 import json
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Literal
 
+from ._markup import (
+    clip,
+    escape,
+    highlight,
+    money,
+    pretty_json,
+    protect_dollars,
+    safe_markdown,
+    to_html,
+)
 from ._types import (
     CompactionEvent,
     ErrorEvent,
     Event,
     LimitReached,
+    Message,
     Notice,
+    ReasoningDelta,
     TextBuffer,
     TextDelta,
     ToolCallDelta,
@@ -35,7 +53,14 @@ from ._types import (
     TurnResult,
 )
 
-__all__ = ["Throttle", "ToolBlock", "TurnView", "format_footer"]
+__all__ = [
+    "STATUS_LABELS",
+    "Throttle",
+    "ToolBlock",
+    "TurnView",
+    "format_footer",
+    "history_views",
+]
 
 STATUS_LABELS = {
     "interrupted": "⏹ Interrupted — the partial reply above was kept.",
@@ -44,6 +69,9 @@ STATUS_LABELS = {
     "error": "⚠ Error",
     "rejected": "⚠ Rejected by a guardrail",
 }
+FAILED = ("error", "budget_exceeded", "rejected")  # statuses a cell ends with an error line
+LIVE_TAIL = 20_000  # characters of a streaming text shown live; all of it at the end
+BLOCK_CHARS = 2_000  # characters of a tool's arguments or result shown in its block
 
 
 class Throttle:
@@ -87,6 +115,93 @@ class Throttle:
         self.updates += 1
 
 
+# ---------------------------------------------------------------------- parts
+
+Source = Literal["notice", "limit", "error", "compaction"]
+
+
+@dataclass
+class TextPart:
+    """Reply text of one round (``thinking``: the model's reasoning text).
+
+    While the turn is live, finished blocks (text up to a blank line outside code) are
+    rendered once and kept, so an update renders only the block still growing; and a
+    huge text shows only its last ``LIVE_TAIL`` characters. The final rendering is of
+    the whole text at once.
+    """
+
+    round: int
+    thinking: bool = False
+    buffer: TextBuffer = field(default_factory=TextBuffer)
+    _html: tuple[int, str] | None = None  # (size, html) of the whole text
+    _blocks: list[tuple[int, int, str]] = field(default_factory=list)  # (start, end, html)
+
+    def html(self, live: bool) -> str:
+        """The text as safe HTML (while ``live``: a bounded, approximate rendering)."""
+        size = len(self.buffer)
+        if self._html is not None and self._html[0] == size:
+            return self._html[1]
+        text = self.buffer.text()
+        if not live:
+            shown = to_html(text)
+            self._html = (size, shown)
+            return shown
+        done = self._blocks[-1][1] if self._blocks else 0
+        window = size - LIVE_TAIL
+        if done < window:  # text above the window is not shown live: never rendered
+            skip = _stable_end(text, done, window)
+            if skip > done:
+                self._blocks.append((done, skip, ""))
+                done = skip
+        end = _stable_end(text, done)
+        if end - done >= BLOCK_MIN:
+            self._blocks.append((done, end, to_html(text[done:end])))
+            done = end
+        kept = [b for b in self._blocks if b[1] > window]
+        # A block still growing past the window (no blank line yet): its tail only.
+        growing = max(done, window)
+        hidden = kept[0][0] if kept else growing
+        note = f"<p><i>… {hidden:,} characters above, shown when the reply is complete …</i></p>"
+        return (note if hidden else "") + "".join(b[2] for b in kept) + to_html(text[growing:])
+
+    def markdown(self, live: bool) -> str:
+        """The text as safe Markdown (while ``live``, only the tail of a huge text)."""
+        text = self.buffer.text()
+        cut = 0
+        if live and len(text) > LIVE_TAIL:
+            cut = _stable_end(text, 0, len(text) - LIVE_TAIL) or len(text) - LIVE_TAIL
+        note = (
+            f"*… {cut:,} characters above, shown when the reply is complete …*\n\n" if cut else ""
+        )
+        return note + safe_markdown(text[cut:], dollar="<span>\\$</span>")
+
+
+BLOCK_MIN = 2_000  # characters a live text grows by before a finished block is kept
+_FENCE = re.compile(r"^ {0,3}(?:`{3,}|~{3,})", re.M)
+
+
+def _stable_end(text: str, start: int, before: int | None = None) -> int:
+    """The last blank line in ``text[start:before]`` outside a code fence (or ``start``)."""
+    fences = [m.start() for m in _FENCE.finditer(text, start)]
+    end = len(text) if before is None else before
+    while True:
+        boundary = text.rfind("\n\n", start, end)
+        if boundary < 0:
+            return start
+        opened = bisect.bisect_left(fences, boundary)
+        if opened % 2 == 0:
+            return boundary + 2
+        end = fences[opened - 1]  # inside a code block: look before it
+
+
+@dataclass
+class NoticePart:
+    """A line from nbchat itself: a notice, a limit, an error, a compaction."""
+
+    message: str
+    source: Source = "notice"
+
+
 @dataclass
 class ToolBlock:
     """One tool call as shown: arguments stream in, then the result arrives."""
@@ -97,27 +212,85 @@ class ToolBlock:
     result: str | None = None
     is_error: bool = False
     duration_ms: float | None = None
+    started: float | None = None  # monotonic time the call began (live turns only)
+    approval: Literal["waiting", "yes", "no"] | None = None
+    waited_ms: float = 0.0  # time spent waiting for the user's approval
 
-    def html(self, max_chars: int = 600) -> str:
-        """A collapsed ``<details>`` block: name and state in the summary line."""
-        args = "".join(self.arguments)
-        with_spaces = _pretty_json(args)
-        took = "" if self.duration_ms is None else f"{self.duration_ms:.0f} ms"
+    @property
+    def code(self) -> str | None:
+        """The ``code`` argument of a code-running tool, if there is one."""
+        try:
+            args = json.loads("".join(self.arguments))
+        except ValueError:
+            return None
+        code = args.get("code") if isinstance(args, dict) else None
+        return code if isinstance(code, str) else None
+
+    def state(self, now: float | None = None) -> str:
+        """``running… 2.1 s``, ``waiting for your approval``, ``120 ms``, ``error · 3 ms``."""
+        if self.approval == "waiting":
+            return "waiting for your approval"
         if self.result is None:
-            state = "running…"
-        elif self.is_error:
-            state = " · ".join(p for p in ("error", took) if p)
-        else:
-            state = took or "done"  # a block rebuilt from history has no duration
+            if self.started is None or now is None:
+                return "running…"
+            return f"running… {max(0.0, now - self.started - self.waited_ms / 1000):.1f} s"
+        took = ""
+        if self.duration_ms is not None:
+            took = _duration(max(0.0, self.duration_ms - self.waited_ms))
+        if self.approval == "no":
+            return "skipped"
+        if self.is_error:
+            return " · ".join(p for p in ("error", took) if p)
+        return took or "done"  # a block rebuilt from history has no duration
+
+    def html(self, now: float | None = None) -> str:
+        """A ``<details>`` block: name and state in the summary line; open while asking."""
         icon = "⚠" if self.is_error else "🔧"
-        body = f"<b>arguments</b><pre>{html.escape(_clip(with_spaces, max_chars))}</pre>"
+        opened = " open" if self.approval == "waiting" else ""
+        body = _arguments_html("".join(self.arguments), self.code)
+        if self.approval == "waiting":
+            body += "<p><b>Run this code?</b> Answer below.</p>"
         if self.result is not None:
             label = "error" if self.is_error else "result"
-            body += f"<b>{label}</b><pre>{html.escape(_clip(self.result, max_chars))}</pre>"
+            body += f"<b>{label}</b>{_result_html(self.result)}"
         return (
-            f"<details><summary>{icon} <code>{html.escape(self.name)}</code> "
-            f"<small>({html.escape(state)})</small></summary>{body}</details>"
+            f"<details{opened}><summary>{icon} <code>{escape(self.name)}"
+            f"</code> <small>({escape(self.state(now))})</small></summary>{body}</details>"
         )
+
+
+Part = TextPart | NoticePart | ToolBlock
+
+
+def _duration(ms: float) -> str:
+    return f"{ms:.0f} ms" if ms < 1000 else f"{ms / 1000:.1f} s"
+
+
+def _pre(text: str, language: str = "") -> str:
+    shown = clip(text, BLOCK_CHARS)
+    colored = highlight(shown, language) if language else None
+    return f"<pre><code>{colored if colored is not None else escape(shown)}</code></pre>"
+
+
+def _arguments_html(arguments: str, code: str | None) -> str:
+    if code is not None:  # the python tool: its code as code, not a JSON string
+        return "<b>code</b>" + _pre(code, "python")
+    return "<b>arguments</b>" + _pre(pretty_json(arguments))
+
+
+def _result_html(result: str) -> str:
+    try:
+        payload = json.loads(result)
+    except ValueError:
+        return _pre(result)
+    if isinstance(payload, dict) and payload.get("ok") is False and "message" in payload:
+        # An error payload: its message (often a traceback) with real line breaks.
+        kind = escape(str(payload.get("error_kind") or "error"))
+        return f"<small>{kind}</small>" + _pre(str(payload["message"]))
+    return _pre(json.dumps(payload, indent=1, ensure_ascii=False))
+
+
+# ---------------------------------------------------------------------- the view
 
 
 class TurnView:
@@ -125,70 +298,153 @@ class TurnView:
 
     def __init__(self, model: str = "") -> None:
         self.model = model
-        self.text_buffer = TextBuffer()
-        self.size = 0
+        self.parts: list[Part] = []
         self.tools: dict[str, ToolBlock] = {}
-        self.notices: list[str] = []
+        self.size = 0
         self.result: TurnResult | None = None
+        self.user_text: str | None = None
+        self.badges: list[str] = []  # status lines of a stored turn
         self.started = time.monotonic()
+        self._text = TextBuffer()
 
     @property
     def text(self) -> str:
         """The reply text so far (every round's text, in order)."""
-        return self.text_buffer.text()
+        return self._text.text()
+
+    @property
+    def notices(self) -> list[str]:
+        """The notices shown, in order."""
+        return [p.message for p in self.parts if isinstance(p, NoticePart)]
 
     def handle(self, event: Event) -> bool:
         """Fold one event in; return whether anything visible changed."""
         match event:
-            case TextDelta(text=text):
-                self.text_buffer.append(text)
-                self.size += len(text)
+            case TextDelta(text=text, round=round):
+                self._append_text(text, round, thinking=False)
+                self._text.append(text)
+            case ReasoningDelta(text=text, round=round):
+                self._append_text(text, round, thinking=True)
             case ToolCallStarted(call_id=call_id, name=name):
-                self.tools[call_id] = ToolBlock(call_id, name)
+                self._block(call_id, name).started = time.monotonic()
                 self.size += 1
             case ToolCallDelta(call_id=call_id, arguments_delta=fragment):
                 if call_id in self.tools:
                     self.tools[call_id].arguments.append(fragment)
                     self.size += len(fragment)
             case ToolResult(call=call):
-                block = self.tools.setdefault(call.call_id, ToolBlock(call.call_id, call.name))
+                block = self._block(call.call_id, call.name)
                 block.arguments = [call.arguments]
                 block.result, block.is_error = call.result, call.is_error
                 block.duration_ms = call.duration_ms
                 self.size += 1
-            case Notice(message=message) | LimitReached(message=message):
-                self.notices.append(message)
-                self.size += 1
+            case Notice(message=message):
+                self._notice(message, "notice")
+            case LimitReached(message=message):
+                self._notice(message, "limit")
             case ErrorEvent(message=message):
-                # The turn's result repeats a turn-ending error; show it once, there.
-                self.notices.append(message)
-                self.size += 1
+                self._notice(message, "error")
             case CompactionEvent():
-                self.notices.append(_compaction_line(event))
-                self.size += 1
+                self._notice(_compaction_line(event), "compaction")
             case TurnFinished(result=result):
                 self.result = result
-                if result.error and result.error in self.notices:
-                    self.notices.remove(result.error)
+                # The status line repeats a turn-ending error; show it once, there.
+                self.parts = [
+                    p
+                    for p in self.parts
+                    if not (
+                        isinstance(p, NoticePart)
+                        and p.source == "error"
+                        and p.message == result.error
+                    )
+                ]
                 self.size += 1
             case _:
                 return False
         return True
 
-    def markdown(self) -> str:
-        """The whole turn as Markdown (tool blocks and notices as inline HTML)."""
-        parts = [self.text]
-        if self.tools:
-            parts.append("\n".join(b.html() for b in self.tools.values()))
-        parts.extend(f"> {html.escape(n)}" for n in self.notices)
+    def _append_text(self, text: str, round: int, *, thinking: bool) -> None:
+        last = self.parts[-1] if self.parts else None
+        if not (isinstance(last, TextPart) and last.round == round and last.thinking == thinking):
+            last = TextPart(round, thinking)
+            self.parts.append(last)
+        last.buffer.append(text)
+        self.size += len(text)
+
+    def _block(self, call_id: str, name: str) -> ToolBlock:
+        if call_id not in self.tools:
+            self.tools[call_id] = ToolBlock(call_id, name)
+            self.parts.append(self.tools[call_id])
+        return self.tools[call_id]
+
+    def _notice(self, message: str, source: Source) -> None:
+        self.parts.append(NoticePart(message, source))
+        self.size += 1
+
+    # -------------------------------------------------------------- approval
+
+    def approval_block(self, code: str) -> ToolBlock | None:
+        """The running block whose code is ``code`` (the python tool asking to run it)."""
+        for block in self.tools.values():
+            if block.result is None and block.approval is None and block.code == code:
+                return block
+        return None
+
+    # -------------------------------------------------------------- layout
+
+    def html(self, *, live: bool = False, show_failure: bool = True) -> str:
+        """The turn as HTML, parts in order; ``live`` while it still runs."""
+        return "\n".join(self._layout(lambda p: p.html(live), live, show_failure))
+
+    def markdown(self, *, live: bool = False, show_failure: bool = True) -> str:
+        """The same layout with the text as safe Markdown (blocks as inline HTML)."""
+
+        def text(part: TextPart) -> str:
+            return part.markdown(live)
+
+        return "\n\n".join(self._layout(text, live, show_failure))
+
+    def _layout(self, text: Callable[[TextPart], str], live: bool, show_failure: bool) -> list[str]:
+        now = time.monotonic() if live else None
+        answered = any(isinstance(p, TextPart) and not p.thinking for p in self.parts)
+        out: list[str] = []
+        for part in self.parts:
+            if isinstance(part, TextPart) and part.thinking:
+                # Open while the model thinks; closed once the answer starts.
+                opened = "" if answered or not live else " open"
+                out.append(
+                    f'<details class="nbchat-thinking"{opened}><summary>💭 Thinking</summary>'
+                    f"\n\n{text(part)}\n\n</details>"
+                )
+            elif isinstance(part, TextPart):
+                out.append(text(part))
+            elif isinstance(part, ToolBlock):
+                out.append(part.html(now))
+            else:
+                out.append(_notice_html(part.message))
+        out.extend(_badge_html(b) for b in self.badges)
         if self.result is not None:
-            label = STATUS_LABELS.get(self.result.status)
-            if label and not (self.result.error and label.startswith("⚠")):
-                parts.append(f"**{label}**")
-            elif label:
-                parts.append(f"**{label}:** {html.escape(self.result.error or '')}")
-            parts.append(f"<small>{html.escape(self.footer())}</small>")
-        return "\n\n".join(p for p in parts if p)
+            label = self.status_line(show_failure)
+            if label:
+                out.append(_badge_html(label))
+            out.append(f'<p class="nbchat-footer"><small>{_line_html(self.footer())}</small></p>')
+        return [p for p in out if p]
+
+    def status_line(self, show_failure: bool = True) -> str | None:
+        """The line saying how the turn ended, if it did not simply complete."""
+        result = self.result
+        if result is None or result.status == "completed":
+            return None
+        if result.status in FAILED and not show_failure:
+            return None  # the cell ends with the same message as an error line
+        if result.status == "max_rounds" and any(
+            isinstance(p, NoticePart) and p.source == "limit" for p in self.parts
+        ):
+            return None  # the limit's own notice already says it
+        label = STATUS_LABELS.get(result.status, result.status)
+        if result.error and result.status != "interrupted":
+            return f"{label}: {result.error}"
+        return label
 
     def footer(self) -> str:
         """One line: model, tokens, cost (or "cost unknown"), time."""
@@ -209,9 +465,21 @@ def format_footer(model: str, result: TurnResult | None, seconds: float) -> str:
                 f"{u.prompt_tokens + u.completion_tokens:,} tokens "
                 f"({u.prompt_tokens:,} in / {u.completion_tokens:,} out)"
             )
-        parts.append("cost unknown" if u.cost_usd is None else f"${u.cost_usd:.4f}")
+        parts.append("cost unknown" if u.cost_usd is None else money(u.cost_usd))
     parts.append(f"{seconds:.1f} s")
     return " · ".join(parts)
+
+
+def _line_html(text: str) -> str:
+    return protect_dollars(escape(text))
+
+
+def _notice_html(text: str) -> str:
+    return f'<blockquote class="nbchat-notice">{_line_html(text)}</blockquote>'
+
+
+def _badge_html(text: str) -> str:
+    return f'<p class="nbchat-badge"><b>{_line_html(text)}</b></p>'
 
 
 def _compaction_line(event: CompactionEvent) -> str:
@@ -223,14 +491,40 @@ def _compaction_line(event: CompactionEvent) -> str:
     )
 
 
-def _pretty_json(text: str) -> str:
-    try:
-        return json.dumps(json.loads(text), indent=1, ensure_ascii=False)
-    except ValueError:
-        return text
+# ---------------------------------------------------------------------- stored turns
 
 
-def _clip(text: str, max_chars: int) -> str:
-    if len(text) <= max_chars:
-        return text
-    return text[:max_chars] + f"… [{len(text) - max_chars} more characters]"
+def history_views(history: Iterable[Message]) -> list[TurnView]:
+    """A stored conversation as one view per turn (``user_text``: what the user said).
+
+    Assistant and tool messages after a user message form that turn, in stored order.
+    """
+    views: list[TurnView] = []
+    view: TurnView | None = None
+    for m in history:
+        if m.role == "user":
+            view = TurnView()
+            view.user_text = m.content or ""
+            views.append(view)
+            continue
+        if m.role not in ("assistant", "tool"):
+            continue
+        if view is None:  # a conversation that starts with the assistant
+            view = TurnView()
+            views.append(view)
+        if m.role == "assistant":
+            if m.content:
+                part = TextPart(m.round or 0)
+                part.buffer.append(m.content)
+                view.parts.append(part)
+                view._text.append(m.content)
+            for call in m.tool_calls or []:
+                view._block(call.id, call.name).arguments = [call.arguments]
+            if m.status == "interrupted":
+                view.badges.append(STATUS_LABELS["interrupted"])
+            elif m.status == "error":
+                view.badges.append("⚠ This reply ended with an error.")
+        elif m.tool_call_id:
+            block = view._block(m.tool_call_id, m.name or "?")
+            block.result, block.is_error = m.content or "", m.status != "ok"
+    return views

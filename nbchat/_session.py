@@ -258,6 +258,7 @@ class Session:
             turn_max_tokens=turn_max_tokens,
         )
         self.on_event = on_event
+        self._listeners: list[EventHandler] = []
         self.input_guardrails = list(input_guardrails)
         self.output_guardrails = list(output_guardrails)
         self.streaming = stream
@@ -576,11 +577,19 @@ class Session:
         if self.on_event is not None:
             self.on_event(notice)
 
+    def listen(self, handler: EventHandler) -> Callable[[], None]:
+        """Call ``handler`` with every event of every turn, whoever runs it (a panel
+        following cells); returns the function that stops it."""
+        self._listeners.append(handler)
+        return lambda: self._listeners.remove(handler) if handler in self._listeners else None
+
     def _emit(self, event: Event) -> Event:
         if self._sink is not None:
             self._sink.handle(event)
         if self.on_event is not None:
             self.on_event(event)
+        for listener in self._listeners:
+            listener(event)
         return event
 
     async def _barrier(self) -> None:

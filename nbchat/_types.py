@@ -263,40 +263,41 @@ class TurnStarted(_Event):
     cell_id: str | None = None
 
 
-class TextDelta(_Event):
+class _RoundEvent(_Event):
+    round: int = 0  # which request of the turn it came from (0, 1, ... as tools run)
+
+
+class TextDelta(_RoundEvent):
     """A piece of the assistant's reply text."""
 
     kind: Literal["text_delta"] = "text_delta"
     text: str
-    round: int = 0
 
 
-class ReasoningDelta(_Event):
+class ReasoningDelta(_RoundEvent):
     """A piece of the model's reasoning text (servers that stream it)."""
 
     kind: Literal["reasoning_delta"] = "reasoning_delta"
     text: str
-    round: int = 0
 
 
-class ToolCallStarted(_Event):
+class _CallEvent(_RoundEvent):
+    index: int  # the call's place among the request's tool calls
+    call_id: str
+
+
+class ToolCallStarted(_CallEvent):
     """The model began a tool call; its arguments follow as ``ToolCallDelta`` events."""
 
     kind: Literal["tool_call_started"] = "tool_call_started"
-    index: int
-    call_id: str
     name: str
-    round: int = 0
 
 
-class ToolCallDelta(_Event):
+class ToolCallDelta(_CallEvent):
     """A fragment of a streamed tool call's JSON arguments."""
 
     kind: Literal["tool_call_delta"] = "tool_call_delta"
-    index: int
-    call_id: str
     arguments_delta: str
-    round: int = 0
 
 
 class ToolResult(_Event):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -159,8 +161,14 @@ def test_python_tool_asks_through_the_input_box(kernel: Kernel, fake: FakeOpenAI
     )
     assert run.status == "ok", run.reply
     assert run.input_requests == ["Run it? [y/N] "]
-    asked = [d for d in run.displays() if "wants to run this code" in str(d["data"])]
-    assert asked and code in asked[0]["data"]["text/markdown"]
+    # The question shows in the tool's block of the turn's one display (issue 11).
+    assert len(run.displays()) == 1
+    asking = [
+        m["content"]["data"]["text/markdown"]
+        for m in run.of_type("update_display_data")
+        if "waiting for your approval" in m["content"]["data"]["text/markdown"]
+    ]
+    assert asking and code in html.unescape(re.sub(r"<[^>]+>", "", asking[0]))
     tool_message = fake.requests[1]["messages"][-1]
     assert tool_message["role"] == "tool" and tool_message["content"] == "result:\n6"
     assert kernel.execute("print(summary)").stdout == "6\n"

@@ -7,6 +7,8 @@ test_panel_browser.py.
 
 from __future__ import annotations
 
+import re
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +42,8 @@ def make(fake: FakeOpenAIServer, db: Any = False, **kw: Any) -> ChatPanel:
 def bubbles(p: ChatPanel) -> list[tuple[str, str]]:
     out = []
     for w in p.messages.children:
+        if "nbchat-approval" in w._dom_classes:
+            continue  # Run / Skip buttons, not a message
         role = "user" if "nbchat-user" in w._dom_classes else "assistant"
         out.append((role, w.value))
     return out
@@ -323,7 +327,8 @@ def test_markdown_is_rendered_safely() -> None:
     )
     assert "<strong>b</strong>" in out
     assert "<img" not in out and "<script" not in out and "javascript:" not in out
-    assert "&lt;script&gt;" in out and "x &lt; 1" in out
+    unhighlighted = re.sub(r"<span[^>]*>|</span>", "", out)  # code is highlighted
+    assert "&lt;script&gt;" in out and "x &lt; 1" in unhighlighted
     assert 'href="http://e.test/p.png"' in out  # an image becomes a link
     assert 'target="_blank"' in out
 
@@ -346,3 +351,154 @@ def test_history_html_marks_interrupted_and_cancelled() -> None:
     assert [role for role, _ in out] == ["user", "assistant"]
     assert "⚠" in out[1][1] and "<code>slow</code>" in out[1][1]
     assert "Interrupted" in out[1][1] and "partial" in out[1][1]
+
+
+# --------------------------------------------------------------------------- issue 11
+
+
+def approval_row(p: ChatPanel) -> Any:
+    return next((w for w in p.messages.children if "nbchat-approval" in w._dom_classes), None)
+
+
+@pytest.mark.parametrize("click", ["Run", "Skip"])
+def test_python_ask_shows_run_and_skip_buttons(fake: FakeOpenAIServer, click: str) -> None:
+    namespace: dict[str, Any] = {}
+    code = "ran = True\n6 * 7"
+    fake.enqueue(tool_calls=[{"name": "python", "arguments": {"code": code}}])
+    fake.enqueue("Done.")
+    p = make(fake, tools=[nbchat.python_tool(namespace, approval="ask")])
+    p.submit("compute")
+    row = wait_until(lambda: approval_row(p))
+    assert p.state == "waiting for you"
+    assert "waiting for your approval" in bubbles(p)[1][1]
+    time.sleep(0.5)  # the user reads the code
+    (button,) = [b for b in row.children if getattr(b, "description", "") == click]
+    button.click()
+    result = p.wait(TIMEOUT)
+    assert result is not None and result.status == "completed"
+    assert approval_row(p) is None
+    tool_message = fake.requests[1]["messages"][-1]
+    shown = bubbles(p)[1][1]
+    if click == "Run":
+        assert tool_message["content"] == "result:\n42" and namespace["ran"] is True
+        summary = shown[shown.index("<code>python</code>") :].split("</summary>")[0]
+        assert " ms)" in summary  # the half second of reading is not the tool's time
+    else:
+        assert "declined" in tool_message["content"] and "ran" not in namespace
+        assert "(skipped)" in shown
+
+
+def test_stop_while_asking_skips_the_code(fake: FakeOpenAIServer) -> None:
+    namespace: dict[str, Any] = {}
+    fake.enqueue(tool_calls=[{"name": "python", "arguments": {"code": "ran = 1"}}])
+    fake.enqueue("Skipped.")
+    p = make(fake, tools=[nbchat.python_tool(namespace, approval="ask")])
+    p.submit("compute")
+    wait_until(lambda: approval_row(p))
+    p.stop()
+    p.wait(TIMEOUT)
+    assert "ran" not in namespace and approval_row(p) is None and not p.busy
+
+
+def test_turns_from_cells_show_in_the_panel_and_a_send_meanwhile_is_queued(
+    fake: FakeOpenAIServer,
+) -> None:
+    s = Session(model="fake-model", base_url=fake.url, db=False, max_retries=0)
+    fake.enqueue("earlier answer")
+    s.send("earlier question")  # a cell ran before the panel was made
+    p = panel(s)
+    assert [role for role, _ in bubbles(p)] == ["user", "assistant"]
+    fake.enqueue("slow cell answer " * 10, chunk_size=4, delay=0.02)
+    fake.enqueue("panel answer")
+    cell = threading.Thread(target=lambda: s.send("from a cell"))
+    cell.start()
+    wait_until(lambda: len(bubbles(p)) == 4)
+    assert "from a cell" in bubbles(p)[2][1]
+    p.submit("from the panel")
+    assert p.state == "queued" and "queued" in bubbles(p)[5][1]
+    cell.join(TIMEOUT)
+    result = p.wait(TIMEOUT)
+    assert result is not None and result.status == "completed"
+    shown = bubbles(p)
+    assert [role for role, _ in shown] == ["user", "assistant"] * 3
+    assert "slow cell answer" in shown[3][1] and "panel answer" in shown[5][1]
+    # The panel's turn went after the cell's, with it in its context.
+    assert [m["content"] for m in fake.requests[2]["messages"]][-3:] == [
+        "from a cell",
+        "slow cell answer " * 10,
+        "from the panel",
+    ]
+
+
+def test_after_stop_the_status_keeps_the_token_count(fake: FakeOpenAIServer) -> None:
+    fake.enqueue("first")
+    p = make(fake)
+    p.submit("one").result(TIMEOUT)
+    assert "tokens unknown" not in p.status_line.value
+    fake.enqueue("word " * 400, chunk_size=4, delay=0.02, usage=None)
+    p.submit("two")
+    wait_until(lambda: "word" in bubbles(p)[-1][1])
+    p.stop()
+    p.wait(TIMEOUT)
+    assert "tokens unknown" not in p.status_line.value
+    stopped = re.search(r"≥ ([\d,]+) tokens", p.status_line.value)
+    assert stopped, p.status_line.value
+    fake.enqueue("third")
+    p.submit("three").result(TIMEOUT)
+    later = re.search(r"≥ ([\d,]+) tokens", p.status_line.value)
+    assert later and int(later[1].replace(",", "")) > int(stopped[1].replace(",", ""))
+
+
+def test_math_is_kept_as_tex_and_code_is_highlighted() -> None:
+    out = markdown_to_html("Thin space: \\(a\\,b\\) and $x_1 * y_2 * z$.\n\n```python\nx = 1\n```")
+    assert '<span class="nbchat-math">\\(a\\,b\\)</span>' in out
+    assert '<span class="nbchat-math">$x_1 * y_2 * z$</span>' in out  # no <em> from the *s
+    assert '<code class="language-python">' in out and "style=" in out
+
+
+def test_a_reply_with_math_ends_in_a_typesetting_bubble(fake: FakeOpenAIServer) -> None:
+    import ipywidgets as widgets
+
+    fake.enqueue("The area is $\\pi r^2$, at $5 a month.", chunk_size=3)
+    p = make(fake)
+    p.submit("area?").result(TIMEOUT)
+    bubble = p.messages.children[-1]
+    assert isinstance(bubble, widgets.HTMLMath) and "nbchat-assistant" in bubble._dom_classes
+    assert '<span class="nbchat-math">$\\pi r^2$</span>' in bubble.value
+
+
+def test_reasoning_shows_as_a_thinking_block_in_the_panel(fake: FakeOpenAIServer) -> None:
+    fake.enqueue("Four.", reasoning="Two and two make four.", chunk_size=3)
+    p = make(fake)
+    p.submit("2+2?").result(TIMEOUT)
+    shown = bubbles(p)[1][1]
+    assert '<details class="nbchat-thinking"><summary>💭 Thinking</summary>' in shown
+    assert shown.index("Two and two") < shown.index("Four.")
+
+
+def test_new_chat_keeps_every_setting_of_the_session(fake: FakeOpenAIServer) -> None:
+    """Compaction, guardrails, temperature, request params and the window survive New chat."""
+
+    def polite(text: str) -> str:
+        return text + " please"
+
+    s = Session(
+        model="fake-model",
+        base_url=fake.url,
+        api_key="sk-test",
+        db=":memory:",
+        temperature=0.3,
+        request_params={"seed": 11},
+        input_guardrails=[polite],
+        compaction="window",
+        context_window=5000,
+    )
+    p = panel(s)
+    assert p.new_chat() and p.session is not None and p.session is not s
+    fake.enqueue("fresh")
+    p.submit("hello")
+    assert p.wait(10) is not None
+    body = fake.requests[-1]
+    assert (body["temperature"], body["seed"]) == (0.3, 11)
+    assert body["messages"][-1]["content"] == "hello please"
+    assert p.session.compactor is not None and p.session.compactor.context_window == 5000

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,9 @@ from typing import Any
 import pytest
 
 from nbchat.testing import FakeOpenAIServer
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_view import TRICKY
 
 pytestmark = pytest.mark.browser
 
@@ -52,7 +56,7 @@ def add(a: float, b: float) -> float:
     return a + b
 
 
-nbchat.panel(tools=[add], system="You are a helpful assistant.")'''
+nbchat.panel(tools=[add, nbchat.python_tool()], system="You are a helpful assistant.")'''
 
 KERNEL_IDLE = """() => {
     const panel = window.jupyterapp && window.jupyterapp.shell.currentWidget;
@@ -64,6 +68,28 @@ STORY = " ".join(
     f"Once upon a time, in notebook cell number {i}, a data frame dreamed of plots."
     for i in range(60)
 )
+
+
+LONG_URL = "https://docs.example.test/" + "very-long-path-segment/" * 20 + "page.html"
+LONG_REPLY = (
+    f"It is documented at {LONG_URL} on the project's site. The end of the sentence.\n\n"
+    "It costs $5 a month; the area is $\\pi r^2$.\n\n"
+    "```python\nprint('" + "x" * 300 + "')\n```"
+)
+PY_CODE = "numbers = [10, 12, 20]\nsum(numbers)"
+WIDTHS = """(bubble) => {
+    const content = bubble.querySelector(
+        '.widget-html-content, .widget-htmlmath-content') || bubble;
+    const paragraph = content.querySelector('p');
+    const pre = content.querySelector('pre');
+    return {
+        bubble_scroll: content.scrollWidth, bubble_client: content.clientWidth,
+        bubble_right: bubble.getBoundingClientRect().right,
+        paragraph_right: paragraph.getBoundingClientRect().right,
+        pre_scroll: pre.scrollWidth, pre_client: pre.clientWidth,
+        pre_right: pre.getBoundingClientRect().right,
+    };
+}"""
 
 
 def _browser_missing() -> str | None:
@@ -90,16 +116,24 @@ def served(
     request: pytest.FixtureRequest, tmp_path: Path, fake: FakeOpenAIServer
 ) -> Iterator[Served]:
     """JupyterLab, Notebook 7 or Voila serving one notebook that shows a panel."""
+    with _serve(request.param, tmp_path, fake, [NOTEBOOK_CODE], "panel.ipynb") as s:
+        yield s
+
+
+@contextmanager
+def _serve(
+    host: str, tmp_path: Path, fake: FakeOpenAIServer, cells: list[str], name: str
+) -> Iterator[Served]:
+    """Serve a notebook of ``cells`` with ``host``, its kernel pointed at ``fake``."""
     missing = _browser_missing()
     if missing:
         if os.environ.get("CI"):
             pytest.fail(f"the browser test must run in CI: {missing}")
         pytest.skip(missing)
-    host: str = request.param
     root = tmp_path / "nb"
     root.mkdir()
-    notebook = root / "panel.ipynb"
-    notebook.write_text(json.dumps(_notebook(NOTEBOOK_CODE)), encoding="utf-8")
+    notebook = root / name
+    notebook.write_text(json.dumps(_notebook(*cells)), encoding="utf-8")
     config = tmp_path / "jupyter-config"
     (config / "labconfig").mkdir(parents=True)
     # No "news" / update-check notification floating over the notebook.
@@ -123,8 +157,8 @@ def served(
         "IPYTHONDIR": str(tmp_path / "ipython"),
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
-    for name in ("NBCHAT_API_KEY", "OPENAI_API_KEY", "OPENAI_BASE_URL"):
-        env.pop(name, None)
+    for variable in ("NBCHAT_API_KEY", "OPENAI_API_KEY", "OPENAI_BASE_URL"):
+        env.pop(variable, None)
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     if host == "jupyterlab":
@@ -136,7 +170,7 @@ def served(
             "--LabApp.extension_manager=readonly",
             "--allow-root",
         ]
-        url = f"{base}/lab/tree/panel.ipynb?reset&token={TOKEN}"
+        url = f"{base}/lab/tree/{name}?reset&token={TOKEN}"
     elif host == "notebook7":
         command = [
             *("-m", "notebook", "--no-browser", "--ip=127.0.0.1", f"--port={port}"),
@@ -145,7 +179,7 @@ def served(
             "--JupyterNotebookApp.expose_app_in_browser=True",
             "--allow-root",
         ]
-        url = f"{base}/notebooks/panel.ipynb?token={TOKEN}"
+        url = f"{base}/notebooks/{name}?token={TOKEN}"
     else:
         command = [
             *("-m", "voila", "--no-browser", "--Voila.ip=127.0.0.1", f"--port={port}"),
@@ -256,6 +290,37 @@ def test_chat_in_the_browser(served: Served, fake: FakeOpenAIServer, tmp_path: P
             expect(story).to_contain_text("Interrupted")
             expect(status).to_contain_text("stopped")
             shown = story.inner_text()
+            expect(status).to_contain_text("tokens")
+            assert "tokens unknown" not in status.inner_text()  # the count stays after Stop
+
+            # 3. A long URL wraps; a long code line scrolls inside its block only.
+            fake.enqueue(LONG_REPLY, chunk_size=40)
+            box.click()
+            page.keyboard.type("Where is it documented?")
+            page.keyboard.press("Enter")
+            long_reply = page.locator(".nbchat-assistant").nth(2)
+            expect(long_reply).to_contain_text("The end of the sentence.")
+            # Math typeset as in the notebook (Voila has MathJax too); the price left alone.
+            expect(long_reply.locator("mjx-container")).to_have_count(1)
+            expect(long_reply).to_contain_text("It costs $5 a month")
+            widths = long_reply.evaluate(WIDTHS)
+            assert widths["bubble_scroll"] <= widths["bubble_client"] + 1, widths
+            assert widths["paragraph_right"] <= widths["bubble_right"] + 1, widths
+            assert widths["pre_scroll"] > widths["pre_client"], widths  # scrolls inside
+            assert widths["pre_right"] <= widths["bubble_right"] + 1, widths
+
+            # 4. The python tool asks with Run / Skip buttons, then runs on Run.
+            fake.enqueue(tool_calls=[{"name": "python", "arguments": {"code": PY_CODE}}])
+            fake.enqueue("The total is **42**.")
+            box.click()
+            page.keyboard.type("Add up the numbers with Python.")
+            page.keyboard.press("Enter")
+            run_button = page.locator(".nbchat-approval").get_by_role("button", name="Run")
+            expect(run_button).to_be_visible()
+            expect(
+                page.locator(".nbchat-approval").get_by_role("button", name="Skip")
+            ).to_be_visible()
+            expect(status).to_contain_text("waiting for you")
             page.locator(".nbchat-panel").screenshot(
                 path=str(ARTIFACTS / f"panel-{served.host}.png")
             )
@@ -263,6 +328,21 @@ def test_chat_in_the_browser(served: Served, fake: FakeOpenAIServer, tmp_path: P
             if served.host == "jupyterlab":  # the code cell and its panel: docs/panel.png
                 cell = page.locator(".jp-Notebook .jp-Cell").first
                 cell.screenshot(path=str(ARTIFACTS / "panel-jupyterlab-cell.png"))
+            run_button.click()
+            computed = page.locator(".nbchat-assistant").nth(3)
+            expect(computed.locator("strong")).to_have_text("42")
+            expect(page.locator(".nbchat-approval")).to_have_count(0)
+            tool_message = fake.requests[-1]["messages"][-1]
+            assert tool_message["role"] == "tool" and tool_message["content"] == "result:\n42"
+
+            # 5. After a kernel restart the panel says so, instead of looking idle.
+            if in_notebook_ui:
+                page.evaluate(
+                    "() => window.jupyterapp.shell.currentWidget.sessionContext"
+                    ".session.kernel.restart()"
+                )
+                expect(status).to_contain_text("kernel restarted")
+                expect(box).to_be_disabled()
 
             partial = _wait_for_interrupted_reply(served.db)
             assert 0 < len(partial) < len(STORY) and STORY.startswith(partial)
@@ -312,17 +392,18 @@ def _wait_for_port(port: int, server: subprocess.Popen[Any], log: Path) -> None:
     raise AssertionError(f"the server did not start:\n{log.read_text()[-3000:]}")
 
 
-def _notebook(code: str) -> dict[str, Any]:
+def _notebook(*cells: str) -> dict[str, Any]:
     return {
         "cells": [
             {
                 "cell_type": "code",
                 "execution_count": None,
-                "id": "panel-cell",
+                "id": "panel-cell" if i == 0 else f"cell-{i}",
                 "metadata": {},
                 "outputs": [],
                 "source": code,
             }
+            for i, code in enumerate(cells)
         ],
         "metadata": {
             "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"}
@@ -330,3 +411,133 @@ def _notebook(code: str) -> dict[str, Any]:
         "nbformat": 4,
         "nbformat_minor": 5,
     }
+
+
+# --------------------------------------------------------------------------- %%chat cells
+
+LOOKUP_CELL = '''%load_ext nbchat
+import time
+
+
+def lookup(key: str) -> str:
+    """Look a value up."""
+    time.sleep(1.0)
+    return {"a": "1", "b": "2"}[key]'''
+# The Markdown rendition, rendered by JupyterLab's own Markdown renderer (marked) in a
+# live, trusted output: the cases that try to pass raw HTML off as code.
+MARKDOWN_CELL = f"""from nbchat._markup import safe_markdown
+
+tricky = {[t.replace("alert(", "window.nbchatPwned=(") for t in TRICKY]!r}
+display({{"text/markdown": "\\n\\n---\\n\\n".join(map(safe_markdown, tricky))}}, raw=True)"""
+CELLS = [
+    LOOKUP_CELL,
+    "%%chat --tools lookup\nLook up a and b, then tell me what the plan costs.",
+    "%%chat\nSay hello.",
+    MARKDOWN_CELL,
+]
+ROUND_2 = (
+    "Both values found: **1** and **2**. The plan costs $5 per month and $20 per year, "
+    "and a circle's area is $\\pi r^2$.\n\n```python\nprint(lookup('a') + lookup('b'))\n```"
+)
+HOSTILE_JS = (
+    'Hello! <img src=x onerror="window.nbchatPwned = 1"> '
+    '<iframe srcdoc="<script>parent.nbchatPwned = 2</script>"></iframe>\n\n'
+    '<details open ontoggle="window.nbchatPwned = 3"><summary>more</summary>hidden</details>'
+    "\n\n![pixel](http://127.0.0.1:9/leak.png)"
+)
+OUTPUT_TAGS = """() => {
+    const count = (selector) => document.querySelectorAll(selector).length;
+    return {
+        pwned: window.nbchatPwned === undefined ? null : window.nbchatPwned,
+        img: count('.jp-OutputArea img'), iframe: count('.jp-OutputArea iframe'),
+        script: count('.jp-OutputArea script'),
+        details: Array.from(document.querySelectorAll('.jp-Cell')).map(
+            (cell) => cell.querySelectorAll('.jp-OutputArea details').length),
+    };
+}"""
+
+
+def test_chat_cells_in_jupyterlab(fake: FakeOpenAIServer, tmp_path: Path) -> None:
+    """A %%chat turn in order, prices and math, and a hostile reply that runs nothing."""
+    from playwright.sync_api import expect, sync_playwright
+
+    expect.set_options(timeout=WAIT_MS)
+    ARTIFACTS.mkdir(exist_ok=True)
+    fake.enqueue(
+        "Let me look that up.",
+        tool_calls=[
+            {"name": "lookup", "arguments": {"key": "a"}},
+            {"name": "lookup", "arguments": {"key": "b"}},
+        ],
+    )
+    fake.enqueue(ROUND_2, chunk_size=6, delay=0.02)
+    fake.enqueue(HOSTILE_JS)
+    with (
+        _serve("jupyterlab", tmp_path, fake, CELLS, "cells.ipynb") as served,
+        sync_playwright() as pw,
+    ):
+        context = pw.chromium.launch_persistent_context(
+            user_data_dir=str(tmp_path / "chromium-profile"),
+            executable_path=CHROMIUM,
+            headless=True,
+            args=CHROMIUM_ARGS,
+            viewport={"width": 1000, "height": 1100},
+        )
+        page = context.pages[0] if context.pages else context.new_page()
+        page.set_default_timeout(WAIT_MS)
+        try:
+            page.goto(served.url)
+            page.wait_for_function(KERNEL_IDLE)
+            page.evaluate(
+                """() => {
+                    const commands = window.jupyterapp.commands;
+                    commands.execute('application:toggle-left-area');
+                    commands.execute('notebook:run-all-cells');
+                }"""
+            )
+            cells = page.locator(".jp-Notebook .jp-Cell")
+            turn = cells.nth(1).locator(".jp-OutputArea-output")
+            # While the tools run, round 1's text and both blocks are already there.
+            expect(turn).to_contain_text("running…")
+            expect(turn).to_contain_text("Let me look that up.")
+            expect(turn.locator("details")).to_have_count(2)
+            expect(turn).to_contain_text("fake-model ·")  # the footer: the turn ended
+            expect(cells.nth(2).locator(".jp-OutputArea-output")).to_contain_text("fake-model ·")
+            expect(cells.nth(3).locator(".jp-RenderedMarkdown")).to_contain_text("list-fence")
+            page.wait_for_function(KERNEL_IDLE)
+
+            text = turn.inner_text()
+            assert text.index("Let me look that up.") < text.index("lookup") < text.index("Both")
+            assert "$5 per month and $20 per year" in text  # prices are not math
+            expect(turn.locator("mjx-container").first).to_be_visible()  # the math is
+            assert turn.locator("mjx-container").count() == 1
+            expect(turn.locator("pre span[style]").first).to_be_visible()  # highlighted
+            turn.locator("details").first.locator("summary").click()  # open one block
+            expect(turn.locator("details").first).to_contain_text('"key": "a"')
+            cells.nth(1).screenshot(path=str(ARTIFACTS / "cell-jupyterlab.png"))
+
+            hostile = cells.nth(2).locator(".jp-OutputArea-output")
+            expect(hostile).to_contain_text('<img src=x onerror="window.nbchatPwned = 1">')
+            live = page.evaluate(OUTPUT_TAGS)
+            assert live["pwned"] is None and live["img"] == live["iframe"] == 0, live
+            assert live["details"][2] == live["details"][3] == 0, live  # <details> as text
+
+            # Saved and opened again: outputs of a trusted notebook render unsanitised.
+            page.evaluate("() => window.jupyterapp.commands.execute('docmanager:save')")
+            saved = tmp_path / "nb" / "cells.ipynb"
+            deadline = time.monotonic() + 30
+            while "nbchatPwned" not in saved.read_text() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert "nbchatPwned" in saved.read_text()  # the hostile reply is in the file
+            page.goto(served.url.replace("?reset&", "?"))
+            reopened = page.locator(".jp-Notebook .jp-Cell").nth(2)
+            expect(reopened).to_contain_text("window.nbchatPwned = 1")
+            page.wait_for_timeout(1500)  # time for anything that would run to run
+            again = page.evaluate(OUTPUT_TAGS)
+            assert again["pwned"] is None and again["img"] == again["iframe"] == 0, again
+            assert again["script"] == 0 and again["details"][2] == 0, again
+        except BaseException:
+            page.screenshot(path=str(ARTIFACTS / "cell-jupyterlab-failure.png"))
+            raise
+        finally:
+            context.close()

