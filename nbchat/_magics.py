@@ -657,14 +657,15 @@ def _warm_up() -> None:
     genai-prices' data, and nbchat's background event loop. A failure here is not
     reported: the first turn meets it again and says it where the user looks."""
     with contextlib.suppress(Exception):
-        import duckdb
+        from ._store import warm_up as warm_store
+
+        warm_store()  # the store's driver (DuckDB): imported and started first
         import openai
 
         from . import _display, _markup, _render, _runner, _session  # noqa: F401
         from ._pricing import provider_for
 
         openai.AsyncOpenAI  # noqa: B018 -- the SDK resolves its client class lazily
-        duckdb.connect(":memory:").close()
         provider_for("gpt-4o-mini")  # loads the price data
         _runner.background_loop()
 

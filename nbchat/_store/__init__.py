@@ -54,6 +54,7 @@ __all__ = [
     "pending_tool_calls",
     "release_lease",
     "shared_lease",
+    "warm_up",
 ]
 
 # The tables a user's SQL can read (README, sql(), %%chat_sql help are generated from it).
@@ -297,6 +298,13 @@ class Store(ABC):
 
 # What every analysis function's ``db=`` takes.
 Db: TypeAlias = str | os.PathLike[str] | Store | None
+
+
+def warm_up() -> None:
+    """Import the default backend's driver and start it once, so a first turn need not."""
+    from ._duckdb import warm_up as warm_duckdb
+
+    warm_duckdb()
 
 
 def _backend(raw: str) -> type[Store]:

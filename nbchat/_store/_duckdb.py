@@ -36,7 +36,7 @@ from ._sink import STORED_KINDS, Insert, RowWrite, message_row, rows_of, utc
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["DuckDBStore"]
+__all__ = ["DuckDBStore", "warm_up"]
 
 _RECOVERY = ".nbchat-recovery-"
 
@@ -416,6 +416,11 @@ def _result(cursor: Any) -> QueryResult:
     types = [str(item[1]) for item in description]
     data = cursor.fetchnumpy() if columns else {}
     return QueryResult(columns=columns, types=types, data=dict(data))
+
+
+def warm_up() -> None:
+    """Import DuckDB and open (and close) a throwaway in-memory database."""
+    _duckdb().connect(":memory:").close()
 
 
 def _duckdb() -> Any:
