@@ -170,6 +170,14 @@ def test_pending_tool_calls_is_one_function() -> None:
     assert pending_tool_calls([asked, answered, Message(role="user", content="x")]) == []
 
 
+def test_the_store_says_which_calls_are_pending(db_path: Path) -> None:
+    asked = Message(role="assistant", seq=0, tool_calls=[ToolCall(id="a", name="f")])
+    with Store.open(db_path) as store:
+        store.create_session(session_id="s", model="m", system_prompt=None, messages=[asked])
+        assert [c.id for c in store.pending_tool_calls("s")] == ["a"]
+        assert store.load_session("s").pending_tool_calls() == store.pending_tool_calls("s")
+
+
 def test_session_usage_counts_unknowns_as_unknown(db_path: Path) -> None:
     with Store.open(db_path) as store:
         store.create_session(session_id="s", model="m", system_prompt=None)

@@ -236,6 +236,10 @@ class Store(ABC):
     def load_session(self, session_id: str) -> StoredSession:
         """The session's settings and active messages in order; ``StoreError`` if unknown."""
 
+    def pending_tool_calls(self, session_id: str) -> list[ToolCall]:
+        """The stored session's tool calls that have no result yet (it is *pending*)."""
+        return pending_tool_calls(self.load_session(session_id).messages)
+
     # ------------------------------------------------------------------ events
 
     def handle(self, event: Event) -> None:
