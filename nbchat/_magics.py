@@ -146,7 +146,8 @@ _SUBCOMMANDS = """\
                                   then continue (tools: these, or those of %chat tools)
   %chat abort                     close pending tool calls as aborted instead
   %chat sessions                  every stored session (DataFrame)
-  %chat history                   the current session's transcript (DataFrame)
+  %chat history                   the current session's conversation, as cells show it
+                                  (nbchat.transcript(id) gives the DataFrame)
   %chat cost                      tokens, cost and time of each turn of the current session
   %chat cost model|day|session    the whole store's spend, grouped (DataFrame)
   %chat tools [a,b | none]        show or set the tools of later %%chat cells
@@ -442,9 +443,11 @@ class ChatMagics(Magics):
         return sessions_table()
 
     def _cmd_history(self, args: list[str]) -> Any:
-        from ._analysis import transcript
+        from ._display import Conversation
 
-        return transcript(self._current().id)
+        # Shown like the cells it came from (escaped, prices kept as prices); the
+        # DataFrame is nbchat.transcript(id).
+        return Conversation(self._current().history)
 
     def _cmd_cost(self, args: list[str]) -> Any:
         from ._analysis import costs_table, turn_costs_table

@@ -138,6 +138,7 @@ class _Turn:
         self.bad_names: dict[str, str] = {}  # call id -> the unusable name the model gave
         self.tools_started: float | None = None  # when this round's tools began to run
         self.output: Any = None  # the validated typed answer
+        self.truncated = False  # a reply was cut at max_tokens (finish_reason "length")
         self.output_mode: OutputMode = "json_schema"  # how the answer's type is asked for
         self.output_tries = 0
         self.ask_again = False  # the answer did not validate: another request follows
@@ -659,7 +660,10 @@ class Session:
             for event in self._interrupted(turn):
                 yield event
         yield self._finish(turn)
-        await self._barrier()  # a turn is stored by the time send() returns
+        # A stop that comes after the turn ended (■ or Ctrl-C as it finishes) has nothing
+        # left to stop; the writer keeps going in the background.
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._barrier()  # a turn is stored by the time send() returns
 
     def _start(self, turn: _Turn, text: str) -> Iterable[Event]:
         """Guard the user's text, fork the conversation on a cell re-run, add the message."""
@@ -847,6 +851,16 @@ class Session:
 
     def _take_reply(self, turn: _Turn, folder: RoundFolder, final: bool) -> Iterable[Event]:
         """Judge the reply, add it to the history; its tool calls are what runs next."""
+        if folder.finish_reason == "length":  # the server stopped at max_tokens
+            turn.truncated = True
+            yield self._emit(
+                Notice(
+                    session_id=self.id,
+                    turn_id=turn.turn_id,
+                    message="The reply was cut off at the reply length limit (max_tokens); "
+                    "ask the model to continue, or allow a longer reply.",
+                )
+            )
         message = self._assistant(turn, folder, status="ok", with_calls=not final)
         if message.content or not message.tool_calls:
             yield from self._judge_reply(turn, message)
@@ -1174,6 +1188,7 @@ class Session:
             error=turn.error,
             duration_ms=(time.perf_counter() - turn.started) * 1000,
             output=turn.output,
+            truncated=turn.truncated,
         )
         return self._emit(TurnFinished(session_id=self.id, turn_id=turn.turn_id, result=result))
 

@@ -219,3 +219,16 @@ def test_small_subcommands_say_what_they_do(kernel: Kernel, fake: FakeOpenAIServ
     assert resume.status == "ok"
     nothing = "Nothing to resume: the current session has no pending tool calls."
     assert result_text(resume) == nothing
+
+
+def test_chat_history_shows_the_conversation_escaped(
+    kernel: Kernel, fake: FakeOpenAIServer
+) -> None:
+    fake.enqueue('It costs $5 and $20 <img src=x onerror="alert(1)"> ![x](http://e/x.png)')
+    assert kernel.execute("%%chat\nprice?", cell_id="hist").status == "ok"
+    run = kernel.execute("%chat history")
+    (shown,) = run.of_type("execute_result")
+    html = shown["content"]["data"]["text/html"]
+    assert "<img" not in html and "&lt;img" in html
+    assert "$5" not in html.replace('<span class="nbchat-usd">$</span>5', "")
+    assert "price?" in html
