@@ -50,7 +50,7 @@ def test_the_dashboard_shows_spend_models_sessions_tools_and_latency(filled: Fil
     assert [b.description for b in board.session_buttons] == [
         f"Priced work · {filled.priced[:8]} — $0.0060 · 2 req",
         f"Cheap tools · {filled.cheap[:8]} — $0.0003 · 2 req",
-        f"{filled.mystery[:8]} — $? · 1 req (+1 unknown)",
+        f"third · {filled.mystery[:8]} — $? · 1 req (+1 unknown)",  # titled by its question
     ]
     # tools: one of the two flaky calls failed
     assert board.tool_errors is not None
@@ -100,7 +100,7 @@ def test_picking_dates_filters_and_refresh_reads_new_requests(
     assert "5 requests" in board.summary.value  # nothing changes until asked
     board.refresh_button.click()
     assert "6 requests in 4 sessions, $0.0163 known cost" in board.summary.value
-    assert board.session_buttons[0].description.startswith(f"{late.id[:8]} — $0.0100")
+    assert board.session_buttons[0].description.startswith(f"one more · {late.id[:8]} — $0.0100")
 
 
 def test_a_store_that_cannot_be_read_is_said_in_the_dashboard(tmp_path: Path) -> None:

@@ -175,7 +175,7 @@ def test_costs_by_session_and_notebook_label_groups_and_keep_the_top(filled: Fil
     assert ticks(ax) == [
         f"Priced work · {filled.priced[:8]}",
         f"Cheap tools · {filled.cheap[:8]}",
-        filled.mystery[:8],
+        f"third · {filled.mystery[:8]}",  # untitled sessions take their first question
     ]
     top = nbchat.plot.costs(by="session", db=filled.db, top=1)
     assert ticks(top) == [f"Priced work · {filled.priced[:8]}"] and notes(top) == {}
@@ -305,7 +305,7 @@ def test_plot_for_magic_returns_a_png_of_the_chart_asked_for(filled: Filled) -> 
     assert image.format == "png" and image.data[:4] == b"\x89PNG"
     (ax,) = magic_figure(["session", "--plot", "--tokens", "--since", str(filled.cut)]).axes
     assert ax.get_title() == "Tokens by session"
-    assert ticks(ax) == [f"Cheap tools · {filled.cheap[:8]}", filled.mystery[:8]]
+    assert ticks(ax) == [f"Cheap tools · {filled.cheap[:8]}", f"third · {filled.mystery[:8]}"]
     with pytest.raises(UsageError, match="unknown argument 'weekly'"):
         plot_for_magic(["weekly", "--plot"])
     with pytest.raises(UsageError, match="--since needs a date"):
