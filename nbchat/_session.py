@@ -196,6 +196,8 @@ class Session:
         output_mode: OutputMode = "auto",
         output_retries: int = 1,
         reasoning_replay: Literal["auto", "always", "never"] = "auto",
+        api: Literal["chat", "responses"] | None = None,
+        endpoint: str | None = None,
     ) -> None:
         # Kept so new() can start another conversation set up the same way.
         self._settings: dict[str, Any] = {
@@ -221,6 +223,7 @@ class Session:
             "output_mode": output_mode,
             "output_retries": output_retries,
             "reasoning_replay": reasoning_replay,
+            "api": api,
         }
         self.reasoning_replay = reasoning_replay
         # Typed answers (send(output_type=...)): how the schema is sent, and how many
@@ -243,9 +246,15 @@ class Session:
         self.estimator = self.compactor.estimator if self.compactor else TokenEstimator()
         self.store: Store | None = _open_store(db)
         stored = self.store.load_session(session_id) if self.store and session_id else None
-        settings = resolve_client(model or (stored.model if stored else None), base_url, api_key)
+        settings = resolve_client(
+            model or (stored.model if stored else None), base_url, api_key, endpoint=endpoint
+        )
         self.client = ModelClient(
-            settings, max_retries=max_retries, timeout=timeout, stall_timeout=stall_timeout
+            settings,
+            max_retries=max_retries,
+            timeout=timeout,
+            stall_timeout=stall_timeout,
+            api=api,
         )
         self.id = session_id or new_id()
         self.tools = ToolSet(tools, max_result_chars=max_result_chars)
@@ -538,6 +547,7 @@ class Session:
             "model": s.model,
             "base_url": s.base_url,
             "api_key": s.api_key,
+            "endpoint": s.endpoint,
             "system": self.system,
             "tools": list(self.tools),
             "max_rounds": self.max_rounds,

@@ -9,7 +9,6 @@ with ``purpose="summary"``: its tokens and cost are stored and count toward budg
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
 from ._client import ModelClient, RoundFolder
@@ -63,8 +62,7 @@ class Summariser:
         stamp: tuple[str, str, int],
     ) -> None:
         if model is not None and model != client.model:
-            settings = dataclasses.replace(client.settings, model=model)
-            client = ModelClient(settings, max_retries=client.max_retries, timeout=client.timeout)
+            client = client.for_model(model)  # same endpoint, key, wire API and timeouts
         self.client = client
         self.sink = sink
         self.words = words

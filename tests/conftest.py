@@ -20,6 +20,7 @@ _ENV = (
     "NBCHAT_DB",
     "OPENAI_API_KEY",
     "OPENAI_BASE_URL",
+    "NBCHAT_CONFIG",
 )
 
 
@@ -30,6 +31,7 @@ def isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Pa
         monkeypatch.delenv(name, raising=False)
     db = tmp_path / "default.duckdb"
     monkeypatch.setenv("NBCHAT_DB", str(db))
+    monkeypatch.setenv("NBCHAT_CONFIG", str(tmp_path / "config.json"))  # named endpoints
     _config.reset_defaults()
     yield db
     _config.reset_defaults()

@@ -15,7 +15,6 @@ import pytest
 
 import nbchat
 from nbchat import Session
-from nbchat._client import ModelClient
 from nbchat.testing import FakeOpenAIServer
 
 WIRES = ["chat", "responses"]
@@ -29,16 +28,14 @@ def wire(request: pytest.FixtureRequest) -> str:
 
 def make(fake: FakeOpenAIServer, wire: str, **kw: Any) -> Session:
     kw.setdefault("max_retries", 0)
-    s = Session(model="test-model", base_url=fake.url, api_key="sk-secret-123", db=False, **kw)
-    c = s.client
-    s.client = ModelClient(
-        c.settings,
-        max_retries=c.max_retries,
-        timeout=c.timeout,
-        stall_timeout=c.stall_timeout,
+    return Session(
+        model="test-model",
+        base_url=fake.url,
+        api_key="sk-secret-123",
+        db=False,
         api=wire,  # type: ignore[arg-type]
+        **kw,
     )
-    return s
 
 
 def sent(fake: FakeOpenAIServer, wire: str, n: int) -> list[dict[str, Any]]:

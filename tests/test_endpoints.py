@@ -213,3 +213,25 @@ def test_kernel_default_api_picks_the_wire(fake: FakeOpenAIServer) -> None:
     fake.enqueue("over chat")
     assert Session(model="chatty:m", db=False).send("hi").text == "over chat"
     assert fake.request_paths[1] == "/v1/chat/completions", "the endpoint's api wins"
+
+
+def test_a_session_on_a_named_endpoint_keeps_it_for_new_sessions(
+    fake: FakeOpenAIServer,
+) -> None:
+    add_endpoint("work", fake.url, headers={"X-Title": "nbchat"})
+    s = Session(endpoint="work", model="m", db=False)
+    fake.enqueue("one")
+    s.send("hi")
+    fresh = s.new()
+    fake.enqueue("two")
+    fresh.send("hi")
+    assert [h.get("x-title") for h in fake.request_headers] == ["nbchat", "nbchat"]
+    assert fresh.client.settings.endpoint == "work"
+
+
+def test_session_api_responses_speaks_the_responses_wire(fake: FakeOpenAIServer) -> None:
+    s = Session(model="m", base_url=fake.url, api_key="sk-test", db=False, api="responses")
+    fake.enqueue("over responses")
+    assert s.send("hi").text == "over responses"
+    assert "input" in fake.requests[0] and "messages" not in fake.requests[0]
+    assert s.new().client.api == "responses"
