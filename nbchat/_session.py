@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
-from ._client import DEFAULT_STALL_TIMEOUT, ModelClient, RoundFolder
+from ._client import DEFAULT_STALL_TIMEOUT, ModelClient, RoundFolder, truncation_notice
 from ._compaction import (
     CompactionStrategy,
     Compactor,
@@ -816,7 +816,12 @@ class Session:
                 yield event
             turn.folder = None
             error = turn.failure
-            if error is None and folder.usage is not None and not turn.settings.isolated:
+            cut = (
+                self._truncation_notice(turn, folder) if usage_event.suspected_truncation else None
+            )
+            if cut is not None:  # the server probably dropped the start of the prompt
+                yield self._emit(Notice(session_id=self.id, turn_id=turn.turn_id, message=cut))
+            elif error is None and folder.usage is not None and not turn.settings.isolated:
                 self.estimator.observe(self._messages, _chars(tools), folder.usage.prompt_tokens)
             if error is not None and _refuses_response_format(error, turn):
                 # This endpoint takes no json_schema: ask through a final_answer tool.
@@ -1032,6 +1037,17 @@ class Session:
                 )
             )
 
+    def _truncation_notice(self, turn: _Turn, folder: RoundFolder) -> str | None:
+        """One line if the server reported far fewer prompt tokens than were sent."""
+        if turn.projection is None or folder.usage is None:
+            return None
+        client = turn.settings.client
+        return truncation_notice(
+            turn.projection.prompt_tokens,
+            folder.usage.prompt_tokens,
+            client.cached_context_window(),
+        )
+
     def _replayed(self, turn: _Turn, message: Message) -> str | None:
         """The field a message's reasoning is sent back in, or ``None`` to leave it out.
 
@@ -1111,6 +1127,8 @@ class Session:
         if projection is not None:  # kept beside the actual figures
             event.estimated_prompt_tokens = projection.prompt_tokens
             event.estimated_cost_usd = projection.cost_usd
+            if error is None:
+                event.suspected_truncation = self._truncation_notice(turn, folder) is not None
         turn.usage = turn.usage.add(event.usage, event.cost_usd)
         self.usage = self.usage.add(event.usage, event.cost_usd)
         return self._emit(event)  # type: ignore[return-value]

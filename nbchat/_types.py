@@ -379,6 +379,8 @@ class UsageEvent(_Event):
     # What the budget check estimated before sending (chat requests), beside the actual.
     estimated_prompt_tokens: int | None = None
     estimated_cost_usd: float | None = None
+    # The server reported far fewer prompt tokens than were sent: it may have cut them.
+    suspected_truncation: bool = False
 
 
 class CompactionEvent(_Event):

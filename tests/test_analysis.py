@@ -133,6 +133,7 @@ def test_transcript_shows_the_live_context_by_default(store: Store) -> None:
         "seq",
         "role",
         "content",
+        "reasoning",
         "name",
         "tool_calls",
         "tool_call_id",
@@ -177,14 +178,17 @@ def test_usage_has_one_row_per_request_with_unknowns_kept(store: Store) -> None:
         "completion_tokens",
         "cached_tokens",
         "reasoning_tokens",
+        "cache_write_tokens",
         "total_tokens",
         "cost_usd",
+        "cost_source",
         "ttft_ms",
         "duration_ms",
         "finish_reason",
         "error",
         "estimated_prompt_tokens",
         "estimated_cost_usd",
+        "suspected_truncation",
         "id",
     ]
     assert len(df) == 4 and df["created_at"].is_monotonic_increasing
@@ -259,6 +263,7 @@ def test_costs_never_count_unknown_prices_as_zero(store: Store, by: str) -> None
         "cached_tokens",
         "cost_usd",
         "unknown_cost_requests",
+        "cost_sources",
     ]
     keys = {
         "model": ["model", "provider"],

@@ -303,3 +303,30 @@ def test_a_reply_cut_at_max_tokens_says_so(fake: FakeOpenAIServer) -> None:
     assert nbchat.usage(db=s.store)["finish_reason"].tolist() == ["length"]
     fake.enqueue("fine")
     assert s.send("more").truncated is False
+
+
+def test_a_prompt_the_server_silently_cut_is_said_and_recorded(fake: FakeOpenAIServer) -> None:
+    """Ollama-style: a long prompt answered with 200 and far fewer prompt tokens."""
+    s = _session(fake, [])
+    fake.enqueue("ok", usage={"prompt_tokens": 100, "completion_tokens": 2})
+    events: list[Any] = []
+    result = s.send("lorem ipsum dolor sit amet " * 400, on_event=events.append)
+    assert result.status == "completed"
+    notices = [e.message for e in events if e.kind == "notice"]
+    assert len(notices) == 1 and "cut" in notices[0]
+    assert nbchat.usage(db=s.store)["suspected_truncation"].tolist() == [True]
+    fake.enqueue("fine")  # an honest count: nothing said
+    events.clear()
+    s.send("short", on_event=events.append)
+    assert not [e for e in events if e.kind == "notice"]
+
+
+def test_reasoning_is_stored_and_survives_a_reopen(fake: FakeOpenAIServer, tmp_path: Any) -> None:
+    db = tmp_path / "r.duckdb"
+    s = nbchat.Session(model="m", base_url=fake.url, api_key="k", db=db)
+    fake.enqueue("Four.", reasoning="2 + 2 = 4")
+    s.send("2+2?")
+    frame = nbchat.transcript(s.id, db=s.store)
+    assert frame["reasoning"].tolist()[-1] == "2 + 2 = 4"
+    again = nbchat.Session(session_id=s.id, model="m", base_url=fake.url, api_key="k", db=db)
+    assert again.history[-1].reasoning == "2 + 2 = 4"

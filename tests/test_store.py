@@ -69,6 +69,7 @@ EXPECTED_SCHEMA: dict[str, dict[str, str]] = {
         "status": "VARCHAR",
         "state": "VARCHAR",
         "created_at": TZ,
+        "reasoning": "VARCHAR",
     },
     "requests": {
         "id": "VARCHAR",
@@ -90,6 +91,9 @@ EXPECTED_SCHEMA: dict[str, dict[str, str]] = {
         "purpose": "VARCHAR",
         "estimated_prompt_tokens": "BIGINT",
         "estimated_cost_usd": "DOUBLE",
+        "cost_source": "VARCHAR",
+        "cache_write_tokens": "BIGINT",
+        "suspected_truncation": "BOOLEAN",
     },
     "sessions": {
         "id": "VARCHAR",

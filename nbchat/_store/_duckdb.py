@@ -26,12 +26,21 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from .._exceptions import StoreError
-from .._types import Event, EventAdapter, Message, ToolCallsAdapter, Usage, utcnow
+from .._types import Event, EventAdapter, Message, Usage, utcnow
 from . import Lease, QueryName, Store, UnstorableRow, release_lease
 from ._lease import Access, LeaseOptions, acquire_lease
 from ._queries import QUERIES, SESSION_USAGE, QueryResult, check_select, to_frame
 from ._records import StoredSession
-from ._sink import STORED_KINDS, Insert, RowWrite, message_row, rows_of, utc
+from ._sink import (
+    MESSAGE_COLUMNS,
+    STORED_KINDS,
+    Insert,
+    RowWrite,
+    message_from_row,
+    message_row,
+    rows_of,
+    utc,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -235,8 +244,7 @@ class DuckDBStore(Store):
             if not head:
                 raise StoreError(f"No session {session_id} in {self.path}.")
             rows = con.execute(
-                "SELECT role, content, name, tool_calls, tool_call_id, id, seq, turn_id, round,"
-                " cell_id, status, state, epoch_us(created_at) FROM messages"
+                f"SELECT {_MESSAGE_SELECT} FROM messages"
                 " WHERE session_id = ? AND state = 'active' ORDER BY seq, created_at",
                 [session_id],
             ).fetchall()
@@ -253,7 +261,7 @@ class DuckDBStore(Store):
             notebook=notebook,
             created_at=_from_epoch_us(created_us),
             metadata=json.loads(metadata) if metadata else {},
-            messages=[_message_from_row(row) for row in rows],
+            messages=[_message(row) for row in rows],
             max_seq=int(max_seq),
         )
 
@@ -429,24 +437,16 @@ def _duckdb() -> Any:
     return duckdb
 
 
-def _message_from_row(row: tuple[Any, ...]) -> Message:
-    (role, content, name, tool_calls, tool_call_id, mid, seq, turn_id, rnd, cell_id, status,
-     state, created_us) = row  # fmt: skip
-    return Message(
-        role=role,
-        content=content,
-        name=name,
-        tool_calls=ToolCallsAdapter.validate_json(tool_calls) if tool_calls else None,
-        tool_call_id=tool_call_id,
-        id=mid,
-        seq=seq,
-        turn_id=turn_id,
-        round=rnd,
-        cell_id=cell_id,
-        status=status,
-        state=state,
-        created_at=_from_epoch_us(created_us),
-    )
+# Timestamps are read as epoch microseconds (see _from_epoch_us).
+_MESSAGE_SELECT = ", ".join(
+    "epoch_us(created_at)" if c == "created_at" else c for c in MESSAGE_COLUMNS
+)
+
+
+def _message(row: tuple[Any, ...]) -> Message:
+    values = dict(zip(MESSAGE_COLUMNS, row, strict=True))
+    values["created_at"] = _from_epoch_us(values["created_at"])
+    return message_from_row(values)
 
 
 # ------------------------------------------------------------------ rows -> DuckDB

@@ -162,10 +162,20 @@ def m003_request_estimates(con: Connection) -> None:
     con.execute("ALTER TABLE requests ADD COLUMN estimated_cost_usd DOUBLE")
 
 
+def m004_reasoning_and_cost_sources(con: Connection) -> None:
+    """Reasoning text on messages; where each cost came from, cache writes, and whether
+    the server seemed to cut the prompt, on requests."""
+    con.execute("ALTER TABLE messages ADD COLUMN reasoning VARCHAR")
+    con.execute("ALTER TABLE requests ADD COLUMN cost_source VARCHAR")
+    con.execute("ALTER TABLE requests ADD COLUMN cache_write_tokens BIGINT")
+    con.execute("ALTER TABLE requests ADD COLUMN suspected_truncation BOOLEAN")
+
+
 MIGRATIONS: list[Migration] = [
     ("m001_initial", m001_initial),
     ("m002_turns_and_details", m002_turns_and_details),
     ("m003_request_estimates", m003_request_estimates),
+    ("m004_reasoning_and_cost_sources", m004_reasoning_and_cost_sources),
 ]
 
 

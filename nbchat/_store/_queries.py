@@ -101,8 +101,8 @@ _SESSIONS = f"""
 """
 
 _TRANSCRIPT = """
-    SELECT seq, role, content, name, tool_calls, tool_call_id, status, state, turn_id,
-           round, cell_id, created_at, id
+    SELECT seq, role, content, reasoning, name, tool_calls, tool_call_id, status, state,
+           turn_id, round, cell_id, created_at, id
     FROM messages
     WHERE session_id = ?
       AND (state = 'active' OR (? AND state = 'compacted') OR (? AND state = 'superseded'))
@@ -112,8 +112,9 @@ _TRANSCRIPT = """
 _USAGE = """
     SELECT created_at, session_id, turn_id, round, model, provider, purpose,
            prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens,
-           prompt_tokens + completion_tokens AS total_tokens, cost_usd, ttft_ms,
-           duration_ms, finish_reason, error, estimated_prompt_tokens, estimated_cost_usd, id
+           cache_write_tokens, prompt_tokens + completion_tokens AS total_tokens, cost_usd,
+           cost_source, ttft_ms, duration_ms, finish_reason, error, estimated_prompt_tokens,
+           estimated_cost_usd, suspected_truncation, id
     FROM requests WHERE ? IS NULL OR session_id = ?
     ORDER BY created_at, id
 """
@@ -158,7 +159,10 @@ def _costs(select: str, group: str, order: str, join: str = "") -> str:
                sum(r.completion_tokens)::BIGINT AS completion_tokens,
                sum(r.cached_tokens)::BIGINT AS cached_tokens,
                {_KNOWN_COST.format(r="r.")} AS cost_usd,
-               count(*) FILTER (WHERE r.cost_usd IS NULL) AS unknown_cost_requests
+               count(*) FILTER (WHERE r.cost_usd IS NULL) AS unknown_cost_requests,
+               -- where the known costs came from: "genai-prices", "server", "registered"...
+               coalesce(string_agg(DISTINCT r.cost_source, ', ' ORDER BY r.cost_source), '')
+                   AS cost_sources
         FROM requests r {join}
         GROUP BY {group}
         ORDER BY {order}

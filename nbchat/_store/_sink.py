@@ -361,16 +361,7 @@ def utc(value: datetime) -> datetime:
 
 
 # Column lists in the order the writers pass values.
-_MESSAGE_COLUMNS = (
-    "id", "session_id", "seq", "role", "content", "name", "tool_calls", "tool_call_id",
-    "turn_id", "round", "cell_id", "status", "state", "created_at",
-)  # fmt: skip
-_REQUEST_COLUMNS = (
-    "id", "session_id", "turn_id", "round", "model", "provider", "prompt_tokens",
-    "completion_tokens", "cached_tokens", "reasoning_tokens", "cost_usd", "ttft_ms",
-    "duration_ms", "finish_reason", "error", "purpose", "estimated_prompt_tokens",
-    "estimated_cost_usd", "created_at",
-)  # fmt: skip
+
 _TOOL_CALL_COLUMNS = (
     "id", "session_id", "turn_id", "round", "call_id", "name", "arguments", "result",
     "is_error", "error_kind", "duration_ms", "created_at",
@@ -385,28 +376,32 @@ _TURN_OUTCOME = (
 )  # fmt: skip
 
 
+# The one mapping between a Message and its ``messages`` row (writes and loads use it).
+MESSAGE_COLUMNS = (
+    "id", "session_id", "seq", "role", "content", "reasoning", "name", "tool_calls",
+    "tool_call_id", "turn_id", "round", "cell_id", "status", "state", "created_at",
+)  # fmt: skip
+
+
 def message_row(session_id: str, message: Message) -> Insert:
     """The ``messages`` row of one message (a replayed one replaces it)."""
     tool_calls = (
         ToolCallsAdapter.dump_json(message.tool_calls).decode() if message.tool_calls else None
     )
-    values = [
-        message.id,
-        session_id,
-        message.seq,
-        message.role,
-        message.content,
-        message.name,
-        tool_calls,
-        message.tool_call_id,
-        message.turn_id,
-        message.round,
-        message.cell_id,
-        message.status,
-        message.state,
-        utc(message.created_at),
-    ]
-    return Insert("messages", _MESSAGE_COLUMNS, values)
+    row = {
+        **message.model_dump(include=set(MESSAGE_COLUMNS) - {"tool_calls", "created_at"}),
+        "session_id": session_id,
+        "tool_calls": tool_calls,
+        "created_at": utc(message.created_at),
+    }
+    return Insert("messages", MESSAGE_COLUMNS, [row[c] for c in MESSAGE_COLUMNS])
+
+
+def message_from_row(row: dict[str, Any]) -> Message:
+    """The Message of a ``messages`` row (``created_at`` an aware datetime)."""
+    fields = {k: v for k, v in row.items() if k != "session_id"}
+    calls = fields.pop("tool_calls")
+    return Message(**fields, tool_calls=ToolCallsAdapter.validate_json(calls) if calls else None)
 
 
 # ------------------------------------------------------------------ writers
@@ -425,28 +420,31 @@ def _write_marked(event: MessagesMarked) -> list[RowWrite]:
 
 def _write_usage(event: UsageEvent) -> list[RowWrite]:
     usage = event.usage or RequestUsage()
-    values = [
-        event.request_id,
-        event.session_id,
-        event.turn_id or None,
-        event.round,
-        event.model,
-        event.provider,
-        usage.prompt_tokens,
-        usage.completion_tokens,
-        usage.cached_tokens,
-        usage.reasoning_tokens,
-        event.cost_usd,
-        event.ttft_ms,
-        event.duration_ms,
-        event.finish_reason,
-        event.error,
-        event.purpose,
-        event.estimated_prompt_tokens,
-        event.estimated_cost_usd,
-        utcnow(),
-    ]
-    return [Insert("requests", _REQUEST_COLUMNS, values)]
+    row = {
+        "id": event.request_id,
+        "session_id": event.session_id,
+        "turn_id": event.turn_id or None,
+        "round": event.round,
+        "model": event.model,
+        "provider": event.provider,
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "cached_tokens": usage.cached_tokens,
+        "reasoning_tokens": usage.reasoning_tokens,
+        "cache_write_tokens": usage.cache_write_tokens,
+        "cost_usd": event.cost_usd,
+        "cost_source": event.cost_source,
+        "ttft_ms": event.ttft_ms,
+        "duration_ms": event.duration_ms,
+        "finish_reason": event.finish_reason,
+        "error": event.error,
+        "purpose": event.purpose,
+        "estimated_prompt_tokens": event.estimated_prompt_tokens,
+        "estimated_cost_usd": event.estimated_cost_usd,
+        "suspected_truncation": event.suspected_truncation,
+        "created_at": utcnow(),
+    }
+    return [Insert("requests", tuple(row), list(row.values()))]
 
 
 def _write_tool_result(event: ToolResult) -> list[RowWrite]:
