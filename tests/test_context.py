@@ -91,7 +91,7 @@ def test_context_section_puts_each_value_under_its_name() -> None:
 
 
 def _inner() -> None:
-    {}["missing"]  # noqa: B018
+    {}["missing"]
 
 
 def test_cell_error_keeps_type_message_and_the_frames_that_matter() -> None:
