@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -127,3 +128,42 @@ def test_format_code_puts_every_block_in_a_new_cell(kernel: Kernel, fake: FakeOp
     assert [p["text"] for p in next_inputs(run)] == ["a = 1\n\nb = a + 1"]
     shown = run.displays()[-1]["data"]["text/plain"]
     assert shown.startswith("Two steps:")  # the reply is still shown, and stored
+
+
+def test_readme_context_cells_run_as_written(tmp_path: Path) -> None:
+    """The README's "Your notebook as context" cells, in order, in a fresh kernel."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (section,) = re.findall(r"^## Your notebook as context.*?(?=^## )", readme, flags=re.S | re.M)
+    cells = re.findall(r"^```ipython\n(.*?)^```", section, flags=re.S | re.M)
+    assert len(cells) == 9
+    with FakeOpenAIServer() as server:
+        fixed = 'sales.groupby(sales["day"].dt.isocalendar().week)["revenue"].sum()'
+        server.enqueue(f"There is no `week` column; derive it.\n\n```python\n{fixed}\n```")
+        server.enqueue("Day 90 had the highest revenue; the cell grouped by a missing column.")
+        server.enqueue('{"direction": "up", "weekly_change": 7.0}')
+        server.enqueue("```python\nsales.resample('W', on='day')['revenue'].sum().plot()\n```")
+        server.enqueue('[{"day": "2026-01-01", "revenue": 0}]')
+        env = kernel_env(server.url, str(tmp_path / "readme.duckdb"))
+        with running_kernel(env) as kernel:
+            assert kernel.execute("%load_ext nbchat").status == "ok"
+            runs = [
+                kernel.execute(cell, cell_id=f"readme-context-{i}") for i, cell in enumerate(cells)
+            ]
+            statuses = [run.status for run in runs]
+            assert statuses == ["ok", "error", *["ok"] * 7], [r.reply for r in runs]
+            assert runs[1].reply["execution_count"] == 3  # the In[3] the README refers to
+            for run in runs:
+                assert not [m for m in run.of_type("stream") if m["content"]["name"] == "stderr"]
+            assert next_inputs(runs[2])[0]["text"] == fixed
+            assert next_inputs(runs[6])[0]["text"].startswith("sales.resample")
+            check = kernel.execute("print(repr(trend), weeks)")
+            assert check.stdout == (
+                "Trend(direction='up', weekly_change=7.0) [{'day': '2026-01-01', 'revenue': 0}]\n"
+            )
+        requests = server.requests
+        assert len(requests) == 5
+        context = user_text(requests[1])
+        assert "### `sales` (DataFrame)\n\nDataFrame: 90 rows × 2 columns" in context
+        assert 'Cell sales.groupby("week")' in context and "KeyError: 'week'" in context
+        assert requests[2]["response_format"]["json_schema"]["name"] == "Trend"
+        assert requests[4]["model"] == "gpt-4o-mini"
