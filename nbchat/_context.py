@@ -207,16 +207,20 @@ def cell_error(
     ``cell_of(filename)`` names the cell a code file belongs to (``"In[3]"``: IPython
     compiles each cell under a file name of its own), so frames read
     ``Cell In[3], line 2``.
-    Frames of IPython itself are dropped; of the rest, the innermost ``MAX_FRAMES``.
+    Frames of IPython itself are dropped; of the rest, the outermost and the innermost
+    ``MAX_FRAMES - 1`` are kept.
     """
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if not _is_ipython(f.filename)]
     lines = []
     if frames:
         lines.append("Traceback (most recent call last):")
-        if len(frames) > MAX_FRAMES:
-            lines.append(f"  … {len(frames) - MAX_FRAMES} frames above")
-            frames = frames[-MAX_FRAMES:]
-        for frame in frames:
+        # The outermost frame (usually the cell) and the innermost ones say the most.
+        hidden = len(frames) - MAX_FRAMES
+        for i, frame in enumerate(frames):
+            if 0 < i <= hidden:
+                if i == 1:
+                    lines.append(f"  … {hidden} frames")
+                continue
             lines.append(f"  {_where(frame.filename, frame.lineno, cell_of)}, in {frame.name}")
             if frame.line:
                 lines.append(f"    {frame.line.strip()}")
