@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
+import time
+from pathlib import Path
 from typing import Any
 
 from bench._common import figure, median_of
@@ -38,6 +41,79 @@ def _timed(code: str) -> dict[str, Any]:
     return json.loads(out.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
+HELPERS = Path(__file__).resolve().parents[1] / "tests" / "helpers"
+
+
+def _first_outputs(run: Any, sent: float) -> tuple[float, float]:
+    """Seconds from sending a cell to its first display, and to the first one with text."""
+    placeholder = text = None
+    for at, message in run.messages:
+        kind = message["header"]["msg_type"]
+        if kind not in ("display_data", "update_display_data"):
+            continue
+        placeholder = at if placeholder is None else placeholder
+        if message["content"]["data"].get("text/plain"):
+            text = at
+            break
+    assert placeholder is not None and text is not None, "the cell showed no text"
+    return placeholder - sent, text - sent
+
+
+def cold_first_turn(samples: int = 3, typing_s: float = 2.0) -> list[dict[str, Any]]:
+    """The first %%chat of a fresh kernel, against the second turn in the same kernel.
+
+    As a user works: ``%load_ext nbchat``, a pause while the first cell is typed, then the
+    cell. The server (the fake one) answers at once, so the figures are nbchat's own.
+    """
+    sys.path.insert(0, str(HELPERS))
+    from magics_kernel import kernel_env, running_kernel
+
+    from nbchat.testing import FakeOpenAIServer
+
+    rows: dict[str, list[tuple[float, float]]] = {"cold": [], "cold, no warm-up": [], "warm": []}
+    with FakeOpenAIServer(fallback="The first words arrive at once.") as fake:
+        for warm_up in ("1", "0"):
+            for _ in range(samples):
+                with tempfile.TemporaryDirectory() as tmp:
+                    env = kernel_env(
+                        fake.url, str(Path(tmp) / "cold.duckdb"), NBCHAT_WARMUP=warm_up
+                    )
+                    with running_kernel(env) as kernel:
+                        kernel.execute("%load_ext nbchat")
+                        time.sleep(typing_s)
+                        sent = time.monotonic()
+                        first = kernel.execute("%%chat\nhello", cell_id="first")
+                        key = "cold" if warm_up == "1" else "cold, no warm-up"
+                        rows[key].append(_first_outputs(first, sent))
+                        sent = time.monotonic()
+                        second = kernel.execute("%%chat\nagain", cell_id="second")
+                        rows["warm"].append(_first_outputs(second, sent))
+    med = {k: (median_of([p for p, _ in v]), median_of([t for _, t in v])) for k, v in rows.items()}
+    warm_place, warm_text = med["warm"]
+    cold_place, cold_text = med["cold"]
+    slow_place, slow_text = med["cold, no warm-up"]
+    return [
+        figure(
+            "first %%chat in a fresh kernel: placeholder",
+            cold_place * 1000,
+            "ms",
+            baseline=warm_place * 1000,
+            goal="<= 100 ms",
+            ok=cold_place <= 0.1,
+            note=f"baseline: the second turn; without the warm-up {slow_place * 1000:.0f} ms",
+        ),
+        figure(
+            "first %%chat in a fresh kernel: first text",
+            cold_text * 1000,
+            "ms",
+            baseline=warm_text * 1000,
+            goal="<= 300 ms",
+            ok=cold_text <= 0.3,
+            note=f"baseline: the second turn; without the warm-up {slow_text * 1000:.0f} ms",
+        ),
+    ]
+
+
 def run(samples: int = 7) -> list[dict[str, Any]]:
     """Start-up figures."""
     base = median_of([_timed(IMPORT.format(module="openai"))["ms"] for _ in range(samples)])
@@ -64,6 +140,7 @@ def run(samples: int = 7) -> list[dict[str, Any]]:
             ok=load <= 150 and not heavy,
             note=f"heavy modules imported: {heavy or 'none'}",
         ),
+        *cold_first_turn(),
     ]
 
 

@@ -24,6 +24,8 @@ _EXPORTS: dict[str, str] = {
     "SessionPendingError": "_exceptions",
     "StoreError": "_exceptions",
     "ToolDefinitionError": "_exceptions",
+    "TurnFailed": "_exceptions",
+    "TurnInterrupted": "_exceptions",
     # messages, usage, events
     "CompactionEvent": "_types",
     "ErrorEvent": "_types",
@@ -103,6 +105,8 @@ if TYPE_CHECKING:
         SessionPendingError,
         StoreError,
         ToolDefinitionError,
+        TurnFailed,
+        TurnInterrupted,
     )
     from ._export import export_session, import_session
     from ._extract import extract

@@ -417,12 +417,12 @@ def _when(values: pd.Series) -> pd.Series:
 
 
 def _money_total(costs: pd.Series, unknown: int) -> str:
-    from ._limits import format_usd
+    from ._text import money
 
     known = costs.dropna()
     if known.empty and unknown:
         return "unknown"
-    text = format_usd(float(known.sum()))
+    text = money(float(known.sum()))
     return f"{text} + {unknown} unknown" if unknown else text
 
 
@@ -440,7 +440,7 @@ def _human_table(
     """
     import pandas as pd
 
-    from ._limits import format_usd
+    from ._text import money
 
     shown: dict[str, pd.Series] = {}
     for name, label in columns.items():
@@ -450,7 +450,7 @@ def _human_table(
         elif name == "duration_ms":
             values = (values / 1000).round(1)
         elif name == "cost_usd":
-            values = values.map(lambda v: "unknown" if pd.isna(v) else format_usd(float(v)))
+            values = values.map(lambda v: "unknown" if pd.isna(v) else money(float(v)))
         elif name in ("user_text", "title"):
             values = values.fillna("").map(lambda t: t if len(t) <= 60 else t[:59] + "…")
         shown[label] = values.reset_index(drop=True)

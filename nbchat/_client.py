@@ -38,6 +38,7 @@ from ._types import (
     ToolCallStarted,
     UsageEvent,
     new_id,
+    trusted,
 )
 from ._wire import (
     Chunk,
@@ -136,11 +137,11 @@ class RoundFolder:
             if delta.content:
                 self._mark_first_token()
                 self.text_buffer.append(delta.content)
-                events.append(self._stamp(TextDelta.model_construct(text=delta.content)))
+                events.append(self._text_event(TextDelta, "text_delta", delta.content))
             reasoning = delta.reasoning_content or delta.reasoning
             if reasoning:
                 self.reasoning_buffer.append(reasoning)
-                events.append(self._stamp(ReasoningDelta.model_construct(text=reasoning)))
+                events.append(self._text_event(ReasoningDelta, "reasoning_delta", reasoning))
             if delta.tool_calls:
                 self._mark_first_token()
                 for position, tc in enumerate(delta.tool_calls):
@@ -175,6 +176,18 @@ class RoundFolder:
                 )
             )
         return events
+
+    def _text_event(self, cls: type[Any], kind: str, text: str) -> Event:
+        """A text or reasoning delta, built without validation (the hot path per chunk)."""
+        event: Event = trusted(
+            cls,
+            session_id=self.session_id,
+            turn_id=self.turn_id,
+            round=self.round,
+            kind=kind,
+            text=text,
+        )
+        return event
 
     def _stamp(self, event: Any) -> Event:
         event.session_id = self.session_id

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from ._client import ModelClient
-from ._exceptions import ConfigError, ModelAPIError
-from ._summary import SUMMARY_HEADER, Summariser, SummaryError, summary_words
+from ._exceptions import ConfigError, ModelAPIError, SummaryError
+from ._summary import SUMMARY_HEADER, Summariser, summary_words
 from ._types import CompactionEvent, Message, UsageEvent
 
 __all__ = [

@@ -32,7 +32,7 @@ from collections.abc import Iterable
 from html import escape
 from typing import TYPE_CHECKING, Any, Literal
 
-from ._exceptions import NbchatError
+from ._exceptions import TurnFailed, TurnInterrupted, one_line_traceback
 
 if TYPE_CHECKING:  # imported when a turn runs: %load_ext must stay fast (pydantic models)
     from ._render import Throttle
@@ -51,7 +51,6 @@ __all__ = [
 
 RenderMode = Literal["live", "final", "text"]
 TICK_SECONDS = 0.5  # how often a running tool's time moves in the cell
-_RED, _RESET = "\x1b[0;31m", "\x1b[0m"
 
 
 def render_mode(shell: Any, *, stream: bool) -> RenderMode:
@@ -69,46 +68,19 @@ def render_mode(shell: Any, *, stream: bool) -> RenderMode:
 # ---------------------------------------------------------------------- one-line errors
 
 
-def _line(kind: str, message: str) -> list[str]:
-    return [f"{_RED}{kind}{_RESET}: {message}"]
-
-
 def one_line(exc: BaseException) -> BaseException:
     """Make IPython show ``exc`` as one line (its class and message), without a stack."""
     kind, message = type(exc).__name__, str(exc)
-    exc._render_traceback_ = lambda: _line(kind, message)  # type: ignore[attr-defined]
+    exc._render_traceback_ = lambda: one_line_traceback(kind, message)  # type: ignore[attr-defined]
     return exc
 
 
-class TurnFailed(NbchatError):
-    """A ``%%chat`` turn ended without an answer (server error, budget, guardrail).
+def turn_failed(result: TurnResult) -> TurnFailed:
+    """The one-line error that ends a cell whose turn did not complete."""
+    from ._render import STATUS_LABELS
 
-    Raised after the cell shows what arrived, so "Run all" stops here.
-    """
-
-    def __init__(self, result: TurnResult) -> None:
-        from ._render import STATUS_LABELS
-
-        label = STATUS_LABELS.get(result.status, result.status).lstrip("⚠ ").rstrip(".")
-        super().__init__(f"{label}: {result.error}" if result.error else label)
-        self.result = result
-
-    def _render_traceback_(self) -> list[str]:
-        return _line("TurnFailed", str(self))
-
-
-class TurnInterrupted(KeyboardInterrupt):
-    """The kernel was interrupted during a ``%%chat`` turn; the partial reply was kept.
-
-    A ``KeyboardInterrupt`` so that "Run all" stops, as after any interrupted cell.
-    """
-
-    def __init__(self, result: TurnResult) -> None:
-        super().__init__("the turn was interrupted; the partial reply above was kept")
-        self.result = result
-
-    def _render_traceback_(self) -> list[str]:
-        return _line("KeyboardInterrupt", str(self))
+    label = STATUS_LABELS.get(result.status, result.status).lstrip("⚠ ").rstrip(".")
+    return TurnFailed(f"{label}: {result.error}" if result.error else label, result)
 
 
 # ---------------------------------------------------------------------- the renderer
@@ -152,6 +124,20 @@ class CellRenderer:
             if not self.shown:
                 self._publish(update=False)
             elif now or self.throttle.due(self.view.size):
+                self._publish(update=True)
+
+    def note(self, message: str) -> None:
+        """Say ``message`` in the turn, where the turn is now (before it starts: first)."""
+        from ._types import Notice
+
+        self(Notice(message=message))
+
+    def mark(self, badge: str) -> None:
+        """Add a status line to a finished turn's display (e.g. superseded) and re-show it."""
+        with self._lock:
+            if badge not in self.view.badges:
+                self.view.badges.append(badge)
+            if self.shown and self.mode == "live":
                 self._publish(update=True)
 
     def finish(self) -> None:

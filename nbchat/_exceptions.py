@@ -7,8 +7,17 @@
      ├── SessionPendingError   a stored session has tool calls without results
      ├── LoopStopped           nbchat's background event loop died during a turn
      ├── ToolDefinitionError   a function cannot be turned into a tool
-     └── GuardrailRejected     a guardrail refused a text (raised by user guardrails)
+     ├── GuardrailRejected     a guardrail refused a text (raised by user guardrails)
+     ├── SummaryError          the summary model failed (reported, never raised to you)
+     ├── ExecutionFailed       the python tool's code raised (its output and traceback)
+     └── TurnFailed            a %%chat cell's turn ended without an answer ("Run all" stops)
 
+    KeyboardInterrupt
+     └── TurnInterrupted       a %%chat cell was interrupted; its partial reply was kept
+
+``TurnInterrupted`` is a ``KeyboardInterrupt`` because IPython's "Run all" stops only on
+an error or an interrupt, and an interrupted cell should look like one. The two cell
+errors show as one red line, not a traceback (``_render_traceback_``, IPython's hook).
 Errors a *model* can recover from (a tool that raises, bad tool arguments) never
 surface as exceptions: they go back to the model as a JSON error payload.
 """
@@ -19,13 +28,18 @@ from typing import Any
 
 __all__ = [
     "ConfigError",
+    "ExecutionFailed",
     "GuardrailRejected",
     "LoopStopped",
     "ModelAPIError",
     "NbchatError",
     "SessionPendingError",
     "StoreError",
+    "SummaryError",
     "ToolDefinitionError",
+    "TurnFailed",
+    "TurnInterrupted",
+    "one_line_traceback",
 ]
 
 
@@ -80,3 +94,49 @@ class ToolDefinitionError(NbchatError):
 
 class GuardrailRejected(NbchatError):
     """Raise this from a guardrail to reject a text; the message says why (shown to the user)."""
+
+
+class SummaryError(NbchatError):
+    """The summary model failed or returned nothing usable (the message says which).
+
+    Never reaches the caller of ``send()``: the compaction is reported as failed in a
+    ``CompactionEvent`` and the turn goes on with the history uncompacted.
+    """
+
+
+class ExecutionFailed(NbchatError):
+    """The model's code raised; the message holds its output and traceback."""
+
+
+_RED, _RESET = "\x1b[0;31m", "\x1b[0m"
+
+
+def one_line_traceback(kind: str, message: str) -> list[str]:
+    """What IPython prints for an error shown as one red line (``kind: message``)."""
+    return [f"{_RED}{kind}{_RESET}: {message}"]
+
+
+class TurnFailed(NbchatError):
+    """A ``%%chat`` turn ended without an answer (server error, budget, guardrail).
+
+    Raised after the cell shows what arrived, so "Run all" stops here; ``result`` is the
+    turn's ``TurnResult``.
+    """
+
+    def __init__(self, message: str, result: Any = None) -> None:
+        super().__init__(message)
+        self.result = result
+
+    def _render_traceback_(self) -> list[str]:
+        return one_line_traceback("TurnFailed", str(self))
+
+
+class TurnInterrupted(KeyboardInterrupt):
+    """The kernel was interrupted during a ``%%chat`` turn; the partial reply was kept."""
+
+    def __init__(self, result: Any = None) -> None:
+        super().__init__("the turn was interrupted; the partial reply above was kept")
+        self.result = result
+
+    def _render_traceback_(self) -> list[str]:
+        return one_line_traceback("KeyboardInterrupt", str(self))

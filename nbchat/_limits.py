@@ -7,13 +7,13 @@ price, a server that reports no usage) is never counted as zero: the check says 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
 
 from ._exceptions import GuardrailRejected
+from ._text import money
 from ._types import Usage
 
 if TYPE_CHECKING:
@@ -25,7 +25,6 @@ __all__ = [
     "GuardrailRejected",
     "Projection",
     "apply_guardrails",
-    "format_usd",
     "stored_usage",
 ]
 
@@ -72,12 +71,12 @@ class Budgets(BaseModel):
                 continue
             if spent.cost_usd is None:
                 notices.append(
-                    f"The {scope} budget of {format_usd(limit)} cannot be checked: the cost "
+                    f"The {scope} budget of {money(limit)} cannot be checked: the cost "
                     "of some requests is unknown (no price for this model; "
                     "nbchat.register_price() sets one)."
                 )
             elif spent.cost_usd >= limit:
-                detail = f"{format_usd(spent.cost_usd)} spent of {format_usd(limit)}"
+                detail = f"{money(spent.cost_usd)} spent of {money(limit)}"
                 return _stop(scope, "usd", detail, notices)
             elif (
                 next_request is not None
@@ -85,8 +84,8 @@ class Budgets(BaseModel):
                 and spent.cost_usd + next_request.cost_usd > limit
             ):
                 detail = (
-                    f"{format_usd(spent.cost_usd)} spent of {format_usd(limit)}; the next "
-                    f"request would cost about {format_usd(next_request.cost_usd)} "
+                    f"{money(spent.cost_usd)} spent of {money(limit)}; the next "
+                    f"request would cost about {money(next_request.cost_usd)} "
                     f"({next_request.describe()})"
                 )
                 return _stop(scope, "usd", detail, notices, before=True)
@@ -142,22 +141,6 @@ class Projection(BaseModel):
         """The estimate's parts, for a message."""
         prompt = f"~{self.prompt_tokens:,} prompt tokens"
         return f"{prompt} + a {self.reply_cap:,}-token reply cap" if self.reply_cap else prompt
-
-
-def format_usd(value: float | None) -> str:
-    """Dollars in one fixed style: ``$1.25``, ``$0.000119``, ``$0.00001`` (never ``1e-05``)."""
-    if value is None:
-        return "unknown"
-    if value == 0:
-        return "$0"
-    size = abs(value)
-    if size >= 1:
-        return f"${value:,.2f}"
-    # Three significant digits for small sums, trailing zeros dropped (at least cents).
-    digits = max(2, 2 - math.floor(math.log10(size)))
-    text = f"{value:.{digits}f}".rstrip("0")
-    whole, _, cents = text.partition(".")
-    return f"${whole}.{cents.ljust(2, '0')}"
 
 
 def apply_guardrails(text: str, guardrails: Sequence[Guardrail]) -> str:

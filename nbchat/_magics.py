@@ -22,8 +22,9 @@ import contextlib
 import os
 import shlex
 import sys
+import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from IPython.core.error import UsageError
@@ -37,15 +38,15 @@ from ._config import (
     resolve_client,
     set_defaults,
 )
-from ._display import CellRenderer, Info, TurnFailed, TurnInterrupted, one_line, render_mode
-from ._exceptions import NbchatError, SessionPendingError
+from ._display import CellRenderer, Info, one_line, render_mode, turn_failed
+from ._exceptions import NbchatError, SessionPendingError, TurnFailed, TurnInterrupted
 from ._magic_help import CHAT_OPTIONS, SQL_OPTIONS, render_options
 
 if TYPE_CHECKING:
     from ._context import CellError
     from ._magic_options import ChatOptions
     from ._pytool import Approval
-    from ._session import Session
+    from ._session import Session, TurnOptions
     from ._tools import Tool
     from ._types import Event, TurnResult
 
@@ -133,42 +134,48 @@ class _Notebook:
         return source or MISSING
 
 
-@contextlib.contextmanager
-def _cell_overrides(session: Session, opts: ChatOptions, tools: list[Tool]) -> Iterator[None]:
-    """Apply a cell's options to the session for one turn, then put everything back."""
-    from ._tools import ToolSet
+_KEPT_OUTPUTS = 200
+SUPERSEDED_NOTE = (
+    "⤴ Superseded: an earlier cell of this conversation was re-run, so this turn is no "
+    "longer part of it (it stays in the store, marked superseded)."
+)
 
-    model = session.model
-    saved = (
-        session.tools,
-        session.max_rounds,
-        session.streaming,
-        dict(session.request_params),
-        session.budgets,
+
+def _replaced_cells(session: Session, cell_id: str | None) -> list[str]:
+    """The cells whose turns a re-run of ``cell_id`` will replace (those after its own)."""
+    if cell_id is None:
+        return []
+    history = session.history
+    start = next(
+        (i for i, m in enumerate(history) if m.role == "user" and m.cell_id == cell_id), None
     )
-    try:
-        if opts.model and opts.model != model:
-            session.set_model(opts.model)
-        session.tools = ToolSet(tools, max_result_chars=session.tools.max_result_chars)
-        if opts.max_rounds is not None:
-            session.max_rounds = opts.max_rounds
-        if opts.no_stream:
-            session.streaming = False
-        if opts.temperature is not None:
-            session.request_params["temperature"] = opts.temperature
-        if opts.budget is not None:
-            session.budgets = session.budgets.model_copy(update={"turn_budget_usd": opts.budget})
-        yield
-    finally:
-        (
-            session.tools,
-            session.max_rounds,
-            session.streaming,
-            session.request_params,
-            session.budgets,
-        ) = saved
-        if session.model != model:
-            session.set_model(model)
+    if start is None:
+        return []
+    later = [m.cell_id for m in history[start + 1 :] if m.role == "user"]
+    return list(dict.fromkeys(c for c in later if c is not None and c != cell_id))
+
+
+def _replaces_notice(replaced: list[str]) -> str | None:
+    """What a re-run cell says when it replaces later turns too."""
+    if not replaced:
+        return None
+    n = len(replaced)
+    later = "1 later turn" if n == 1 else f"{n} later turns"
+    return f"This re-run replaces this cell's earlier turn and {later} of the conversation."
+
+
+def _turn_options(opts: ChatOptions, tools: list[Tool]) -> TurnOptions:
+    """A cell's options as the options of its one turn (the session is left as it is)."""
+    from ._session import TurnOptions
+
+    return TurnOptions(
+        model=opts.model,
+        tools=tools,
+        temperature=opts.temperature,
+        max_rounds=opts.max_rounds,
+        budget_usd=opts.budget,
+        stream=False if opts.no_stream else None,
+    )
 
 
 def _raise_for(result: TurnResult) -> None:
@@ -176,7 +183,7 @@ def _raise_for(result: TurnResult) -> None:
     if result.status == "interrupted":
         raise TurnInterrupted(result)
     if result.status in ("error", "budget_exceeded", "rejected"):
-        raise TurnFailed(result)
+        raise turn_failed(result)
 
 
 # ---------------------------------------------------------------------- the magics
@@ -195,7 +202,8 @@ _SUBCOMMANDS = """\
                                   then continue (tools: these, or those of %chat tools)
   %chat abort                     close pending tool calls as aborted instead
   %chat sessions                  every stored session (DataFrame)
-  %chat history                   the current session's transcript (DataFrame)
+  %chat history                   the current session's conversation, as cells show it
+                                  (nbchat.transcript(id) gives the DataFrame)
   %chat cost                      tokens, cost and time of each turn of the current session
   %chat cost model|day|session    the whole store's spend, grouped (DataFrame)
   %chat tools [a,b | none]        show or set the tools of later %%chat cells
@@ -223,6 +231,8 @@ class ChatMagics(Magics):
         self.default_tools: list[str] = []
         # The session each cell's last turn went to, by cell id.
         self.cell_sessions: dict[str, Session] = {}
+        # The live display of each cell's last turn (the latest few), by cell id.
+        self.cell_outputs: dict[str, CellRenderer] = {}
         self.notebook = _Notebook(shell)
         # Kept with this kernel's defaults (%chat config shows them): model aliases
         # (%chat alias fast=gpt-4o-mini) and the size of values put in a message.
@@ -280,16 +290,27 @@ class ChatMagics(Magics):
         tools = self._tools(opts.tools if opts.tools is not None else self.default_tools)
         cell_id = self.cells.cell_key_for_turn()
         session = self._session_for(opts, cell_id)
+        replaced = _replaced_cells(session, cell_id)
         if cell_id is not None:
             self.cell_sessions[cell_id] = session
         result = self._show_turn(
             session,
             opts,
             tools,
-            lambda on_event: session.send(
-                text, cell_id=cell_id, on_event=on_event, output_type=output_type
+            lambda on_event, options: session.send(
+                text,
+                cell_id=cell_id,
+                on_event=on_event,
+                options=options,
+                output_type=output_type,
             ),
+            notice=_replaces_notice(replaced),
+            cell_id=cell_id,
         )
+        for other in replaced:  # their outputs stay on screen: say they no longer count
+            shown = self.cell_outputs.get(other)
+            if shown is not None:
+                shown.mark(SUPERSEDED_NOTE)
         self._take_answer(opts, result)
         _raise_for(result)
 
@@ -402,17 +423,29 @@ class ChatMagics(Magics):
         session: Session,
         opts: ChatOptions,
         tools: list[Tool],
-        run: Callable[[Callable[[Event], None]], TurnResult],
+        run: Callable[[Callable[[Event], None], TurnOptions], TurnResult],
+        *,
+        notice: str | None = None,
+        cell_id: str | None = None,
     ) -> TurnResult:
-        """Run one turn with the cell's options, shown in the cell as it happens."""
+        """Run one turn with the cell's options, shown in the cell as it happens.
+
+        ``notice`` is said first (a re-run replacing later turns); the display is kept
+        by ``cell_id`` so a later re-run elsewhere can mark it superseded.
+        """
         from ._pytool import asking
 
         mode = render_mode(self.shell, stream=not opts.no_stream)
         # Session.send turns a kernel interrupt into cancel(), so no event is lost.
-        with _cell_overrides(session, opts, tools):
-            renderer = CellRenderer(session.model, mode)
-            with asking(renderer.ask):  # python:ask asks in its tool block
-                result = run(renderer)
+        renderer = CellRenderer(opts.model or session.model, mode)
+        if notice is not None:
+            renderer.note(notice)
+        if cell_id is not None and mode == "live":
+            self.cell_outputs[cell_id] = renderer
+            while len(self.cell_outputs) > _KEPT_OUTPUTS:
+                self.cell_outputs.pop(next(iter(self.cell_outputs)))
+        with asking(renderer.ask):  # python:ask asks in its tool block
+            result = run(renderer, _turn_options(opts, tools))
         renderer.finish()
         return result
 
@@ -572,7 +605,10 @@ class ChatMagics(Magics):
         tools = self._tools(specs if specs is not None else self.default_tools)
         _raise_for(
             self._show_turn(
-                session, ChatOptions(), tools, lambda on_event: session.resume(on_event=on_event)
+                session,
+                ChatOptions(),
+                tools,
+                lambda on_event, options: session.resume(on_event=on_event, options=options),
             )
         )
         return None
@@ -590,9 +626,11 @@ class ChatMagics(Magics):
         return sessions_table()
 
     def _cmd_history(self, args: list[str]) -> Any:
-        from ._analysis import transcript
+        from ._display import Conversation
 
-        return transcript(self._current().id)
+        # Shown like the cells it came from (escaped, prices kept as prices); the
+        # DataFrame is nbchat.transcript(id).
+        return Conversation(self._current().history)
 
     def _cmd_cost(self, args: list[str]) -> Any:
         from ._analysis import costs_table, turn_costs_table
@@ -888,6 +926,27 @@ def load_ipython_extension(shell: Any) -> None:
     shell.events.register("post_run_cell", magics.cells.post_run_cell)
     shell.events.register("post_run_cell", magics.notebook.post_run_cell)
     _loaded[shell] = magics
+    if getattr(shell, "kernel", None) is not None and os.environ.get("NBCHAT_WARMUP") != "0":
+        # In a notebook the first %%chat would pay ~1 s of imports; they happen now, on
+        # a thread, while the user types (%load_ext itself stays as fast).
+        threading.Thread(target=_warm_up, name="nbchat-warm-up", daemon=True).start()
+
+
+def _warm_up() -> None:
+    """Import and load what the first turn needs: openai, DuckDB, the loop, the renderer,
+    genai-prices' data, and nbchat's background event loop. A failure here is not
+    reported: the first turn meets it again and says it where the user looks."""
+    with contextlib.suppress(Exception):
+        import duckdb
+        import openai
+
+        from . import _display, _markup, _render, _runner, _session  # noqa: F401
+        from ._pricing import provider_for
+
+        openai.AsyncOpenAI  # noqa: B018 -- the SDK resolves its client class lazily
+        duckdb.connect(":memory:").close()
+        provider_for("gpt-4o-mini")  # loads the price data
+        _runner.background_loop()
 
 
 def unload_ipython_extension(shell: Any) -> None:

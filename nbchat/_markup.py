@@ -19,13 +19,14 @@ from __future__ import annotations
 import functools
 import html
 import json
-import math
 import re
 import threading
 from collections.abc import Callable
 from typing import Any, cast
 
 import mistune
+
+from ._text import money
 
 __all__ = [
     "clip",
@@ -233,18 +234,6 @@ def protect_dollars(text_html: str) -> str:
 
 
 # ---------------------------------------------------------------------- small formats
-
-
-def money(usd: float) -> str:
-    """Dollars in one fixed style: ``$1.50``, ``$0.0012``, ``$0.00001`` (never ``1e-05``)."""
-    if usd == 0:
-        return "$0.00"
-    if abs(usd) >= 1:
-        return f"${usd:,.2f}"
-    digits = max(2, 2 - math.floor(math.log10(abs(usd))))
-    shown = f"{usd:.{digits}f}".rstrip("0")
-    whole, _, fraction = shown.partition(".")
-    return f"${whole}.{fraction.ljust(2, '0')}"
 
 
 def pretty_json(text: str, indent: int = 1) -> str:

@@ -25,7 +25,7 @@ import contextvars
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import ipywidgets as widgets
@@ -80,7 +80,9 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
         self.session = session
         self.state: State = "idle"
         self.last_error: BaseException | None = None  # an unexpected failure, for debugging
-        self._options = dict(options)
+        self._options = dict(options)  # for "New chat": over what the last session had
+        self._template = session  # "New chat" starts a session set up like this one
+        self._unwatch: Callable[[], None] = lambda: None
         self._reopen = reopen  # a stored session to open on Send, if opening it failed
         self._lock = threading.RLock()
         self._busy = False
@@ -195,6 +197,7 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
                 self._set_detail("Stop the running reply before starting a new chat.")
                 return False
             self.messages.children = ()
+            self._template = self.session or self._template
             self.session, self._reopen = None, None
             session = self._ensure_session()
             if session is not None:
@@ -210,6 +213,7 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
         """Stop a running turn, then close the widget."""
         if hasattr(self, "_lock"):  # ipywidgets may close a half-built widget
             self.stop()
+            self._unwatch()
         super().close()
 
     # ------------------------------------------------------------------ the turn
@@ -390,17 +394,15 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
 
     def _watch(self, session: Session) -> None:
         """Show turns that other front ends (``%%chat`` cells) run on ``session`` too."""
-        previous = session.on_event
 
         def on_event(event: Event) -> None:
-            if previous is not None:
-                previous(event)
             if isinstance(event, UsageEvent) and event.usage and event.usage.total_tokens:
                 self._known_tokens += event.usage.total_tokens
             if _own_turn.get() is not self:
                 self._follow_other(event)
 
-        session.on_event = on_event
+        self._unwatch()  # the previous session's turns are no longer shown here
+        self._unwatch = session.listen(on_event)
 
     def _follow_other(self, event: Event) -> None:
         """One event of a turn this panel did not start, shown as it happens."""
@@ -436,7 +438,12 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
         if picked and picked != _NO_MODEL:
             options["model"] = picked
         try:
-            self.session = Session(session_id=self._reopen, **options)
+            if self._reopen is None and self._template is not None:
+                # Everything the last session had (compaction, guardrails, request
+                # params, the key...), with the panel's own options over it.
+                self.session = self._template.new(**options)
+            else:
+                self.session = Session(session_id=self._reopen, **options)
         except NbchatError as exc:
             self._set_state("error", str(exc))
             return None
@@ -546,7 +553,7 @@ def panel(session: Session | str | None = None, **session_options: Any) -> ChatP
     panel still appears, says why, and tries again on Send.
     """
     if isinstance(session, Session):
-        return ChatPanel(session, {**_options_like(session), **session_options})
+        return ChatPanel(session, session_options)
     try:
         made = Session(session_id=session, **session_options)
     except NbchatError as exc:
@@ -565,24 +572,6 @@ def history_html(history: Iterable[Message]) -> list[tuple[str, str]]:
         if view.parts or view.badges:
             bubbles.append(("assistant", view.html()))
     return bubbles
-
-
-def _options_like(session: Session) -> dict[str, Any]:
-    """Options that make a new session like ``session`` (for "New chat")."""
-    settings = session.client.settings
-    b = session.budgets
-    return {
-        "base_url": settings.base_url,
-        "api_key": settings.api_key.get_secret_value(),
-        "db": session.store if session.store is not None else False,
-        "system": session.system,
-        "tools": [session.tools[name] for name in session.tools.names()],
-        "max_rounds": session.max_rounds,
-        "budget_usd": b.budget_usd,
-        "turn_budget_usd": b.turn_budget_usd,
-        "max_tokens_total": b.max_tokens_total,
-        "turn_max_tokens": b.turn_max_tokens,
-    }
 
 
 _NO_MODEL = "(no model)"

@@ -34,9 +34,10 @@ import traceback
 from collections.abc import Callable, Iterator
 from typing import Any, Literal, TextIO, cast, get_args
 
-from ._tools import Tool, in_thread
+from ._exceptions import ExecutionFailed
+from ._tools import Tool, in_thread, waiting_on_user
 
-__all__ = ["Approval", "ExecutionFailed", "asking", "prompt_user", "python_tool", "run_code"]
+__all__ = ["Approval", "asking", "prompt_user", "python_tool", "run_code"]
 
 Approval = Literal["never", "ask", "auto"]
 APPROVALS: tuple[str, ...] = get_args(Approval)
@@ -49,10 +50,6 @@ _DESCRIPTION = (
     "Prefer printing small summaries (df.head(), df.shape) over whole objects."
 )
 _counter = itertools.count(1)
-
-
-class ExecutionFailed(Exception):
-    """The model's code raised; the message holds its output and traceback."""
 
 
 # ---------------------------------------------------------------------- output capture
@@ -255,8 +252,11 @@ def python_tool(
     ask = confirm or ask_in_notebook
 
     def work(code: str) -> str:
-        if approval == "ask" and not ask(code):
-            raise PermissionError("the user declined to run this code; do not retry it")
+        if approval == "ask":
+            with waiting_on_user():  # the call's duration is the code's, not the user's
+                approved = ask(code)
+            if not approved:
+                raise PermissionError("the user declined to run this code; do not retry it")
         return run_code(code, ns)
 
     async def python(code: str) -> str:

@@ -14,7 +14,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from ._client import DEFAULT_STALL_TIMEOUT, ModelClient, RoundFolder
 from ._compaction import (
@@ -63,6 +63,8 @@ __all__ = ["Session", "TurnOptions", "configure"]
 
 EventHandler = Callable[[Event], None]
 DEFAULT_MAX_ROUNDS = 16
+# The chat-completions field reasoning is sent back in (DeepSeek's and vLLM's name).
+REASONING_FIELD = "reasoning_content"
 MAX_ROUNDS_NOTE = (
     "You have reached the limit on tool calls for this turn. Do not call tools; "
     "answer now as well as you can with the information you already have."
@@ -137,6 +139,7 @@ class _Turn:
         self.bad_names: dict[str, str] = {}  # call id -> the unusable name the model gave
         self.tools_started: float | None = None  # when this round's tools began to run
         self.output: Any = None  # the validated typed answer
+        self.truncated = False  # a reply was cut at max_tokens (finish_reason "length")
         self.output_mode: OutputMode = "json_schema"  # how the answer's type is asked for
         self.output_tries = 0
         self.ask_again = False  # the answer did not validate: another request follows
@@ -191,6 +194,7 @@ class Session:
         summary_model: str | None = None,
         output_mode: OutputMode = "auto",
         output_retries: int = 1,
+        reasoning_replay: Literal["auto", "always", "never"] = "auto",
     ) -> None:
         # Kept so new() can start another conversation set up the same way.
         self._settings: dict[str, Any] = {
@@ -215,7 +219,9 @@ class Session:
             "summary_model": summary_model,
             "output_mode": output_mode,
             "output_retries": output_retries,
+            "reasoning_replay": reasoning_replay,
         }
+        self.reasoning_replay = reasoning_replay
         # Typed answers (send(output_type=...)): how the schema is sent, and how many
         # more tries a model gets after an answer that does not validate.
         self.output_mode: OutputMode = output_mode
@@ -257,6 +263,7 @@ class Session:
             turn_max_tokens=turn_max_tokens,
         )
         self.on_event = on_event
+        self._listeners: list[EventHandler] = []
         self.input_guardrails = list(input_guardrails)
         self.output_guardrails = list(output_guardrails)
         self.streaming = stream
@@ -582,11 +589,19 @@ class Session:
         if self.on_event is not None:
             self.on_event(notice)
 
+    def listen(self, handler: EventHandler) -> Callable[[], None]:
+        """Call ``handler`` with every event of every turn, whoever runs it (a panel
+        following cells); returns the function that stops it."""
+        self._listeners.append(handler)
+        return lambda: self._listeners.remove(handler) if handler in self._listeners else None
+
     def _emit(self, event: Event) -> Event:
         if self._sink is not None:
             self._sink.handle(event)
         if self.on_event is not None:
             self.on_event(event)
+        for listener in self._listeners:
+            listener(event)
         return event
 
     async def _barrier(self) -> None:
@@ -656,7 +671,10 @@ class Session:
             for event in self._interrupted(turn):
                 yield event
         yield self._finish(turn)
-        await self._barrier()  # a turn is stored by the time send() returns
+        # A stop that comes after the turn ended (■ or Ctrl-C as it finishes) has nothing
+        # left to stop; the writer keeps going in the background.
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._barrier()  # a turn is stored by the time send() returns
 
     def _start(self, turn: _Turn, text: str) -> Iterable[Event]:
         """Guard the user's text, fork the conversation on a cell re-run, add the message."""
@@ -762,7 +780,7 @@ class Session:
         hold_text = bool(self.output_guardrails)
         retried = False
         while True:
-            payload = [m.to_openai() for m in self._context(turn)]
+            payload = [m.to_openai(self._replayed(turn, m)) for m in self._context(turn)]
             if final:
                 payload.append({"role": "system", "content": MAX_ROUNDS_NOTE})
             params = turn.settings.request_params
@@ -844,6 +862,16 @@ class Session:
 
     def _take_reply(self, turn: _Turn, folder: RoundFolder, final: bool) -> Iterable[Event]:
         """Judge the reply, add it to the history; its tool calls are what runs next."""
+        if folder.finish_reason == "length":  # the server stopped at max_tokens
+            turn.truncated = True
+            yield self._emit(
+                Notice(
+                    session_id=self.id,
+                    turn_id=turn.turn_id,
+                    message="The reply was cut off at the reply length limit (max_tokens); "
+                    "ask the model to continue, or allow a longer reply.",
+                )
+            )
         message = self._assistant(turn, folder, status="ok", with_calls=not final)
         if message.content or not message.tool_calls:
             yield from self._judge_reply(turn, message)
@@ -1000,6 +1028,19 @@ class Session:
                 )
             )
 
+    def _replayed(self, turn: _Turn, message: Message) -> str | None:
+        """The field a message's reasoning is sent back in, or ``None`` to leave it out.
+
+        ``reasoning_replay="auto"``: within the turn's own tool rounds (models such as
+        DeepSeek's refuse a tool round without it), never from earlier turns (it is
+        kept in the store); ``"always"`` / ``"never"``.
+        """
+        if message.reasoning is None or self.reasoning_replay == "never":
+            return None
+        if self.reasoning_replay == "auto" and message.turn_id != turn.turn_id:
+            return None
+        return REASONING_FIELD
+
     def _context(self, turn: _Turn) -> list[Message]:
         """The messages a request of ``turn`` sends: the conversation, or for an isolated
         turn the system prompt and the turn's own messages."""
@@ -1077,6 +1118,7 @@ class Session:
         return Message(
             role="assistant",
             content=folder.text or None,
+            reasoning=folder.reasoning or None,
             tool_calls=calls or None,
             turn_id=turn.turn_id,
             round=turn.round,
@@ -1171,6 +1213,8 @@ class Session:
             error=turn.error,
             duration_ms=(time.perf_counter() - turn.started) * 1000,
             output=turn.output,
+            truncated=turn.truncated,
+            reasoning="".join(m.reasoning or "" for m in turn.messages if m.role == "assistant"),
         )
         return self._emit(TurnFinished(session_id=self.id, turn_id=turn.turn_id, result=result))
 

@@ -13,7 +13,7 @@ import dataclasses
 from collections.abc import Sequence
 
 from ._client import ModelClient, RoundFolder
-from ._exceptions import ModelAPIError, NbchatError
+from ._exceptions import ModelAPIError, SummaryError
 from ._types import Message, UsageEvent
 
 __all__ = ["SUMMARY_HEADER", "Summariser", "SummaryError", "render_transcript", "summary_words"]
@@ -38,14 +38,6 @@ summary only."""
 _CLIP_MESSAGE = 2000
 _CLIP_TOOL_RESULT = 1000
 _CLIP_ARGUMENTS = 300
-
-
-class SummaryError(NbchatError):
-    """The summary model failed or returned nothing usable (the message says which).
-
-    Never reaches the caller of ``send()``: the compaction is reported as failed in a
-    ``CompactionEvent`` and the turn goes on with the history uncompacted.
-    """
 
 
 def summary_words(window: int | None) -> int:

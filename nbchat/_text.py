@@ -6,10 +6,11 @@ these, and the session can clean what it stores with the same two functions.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
-__all__ = ["REDACTED", "redact", "redact_data", "valid_data", "valid_text"]
+__all__ = ["REDACTED", "money", "redact", "redact_data", "valid_data", "valid_text"]
 
 REDACTED = "[redacted]"
 # Shapes of credentials worth hiding even when nbchat does not know the value: OpenAI-style
@@ -71,3 +72,18 @@ def valid_data(data: Any) -> Any:
     if isinstance(data, list | tuple):
         return [valid_data(v) for v in data]
     return data
+
+
+def money(usd: float) -> str:
+    """Dollars in one fixed style: ``$1.50``, ``$0.0012``, ``$0.00001`` (never ``1e-05``).
+
+    Three significant digits below a dollar, trailing zeros dropped, at least cents.
+    """
+    if usd == 0:
+        return "$0.00"
+    if abs(usd) >= 1:
+        return f"${usd:,.2f}"
+    digits = max(2, 2 - math.floor(math.log10(abs(usd))))
+    shown = f"{usd:.{digits}f}".rstrip("0")
+    whole, _, fraction = shown.partition(".")
+    return f"${whole}.{fraction.ljust(2, '0')}"

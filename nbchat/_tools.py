@@ -179,6 +179,26 @@ def _blame(name: str, sig: inspect.Signature) -> str:
 # --------------------------------------------------------------------------- Tool
 
 
+# Seconds a running tool spent waiting on the user (the python tool's approval), which
+# its recorded duration leaves out. run_one sets a fresh counter per call; the thread a
+# sync tool runs in shares it through the copied context.
+_waiting: contextvars.ContextVar[list[float] | None] = contextvars.ContextVar(
+    "nbchat_tool_waiting", default=None
+)
+
+
+@contextlib.contextmanager
+def waiting_on_user() -> Iterator[None]:
+    """Inside a tool: the time spent in this block is not part of the tool's duration."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        counter = _waiting.get()
+        if counter is not None:
+            counter[0] += time.perf_counter() - start
+
+
 def valid_tool_name(name: str) -> bool:
     """Whether OpenAI accepts ``name`` as a function name (1-64 of ``[a-zA-Z0-9_-]``)."""
     return bool(_NAME_RE.match(name))
@@ -656,6 +676,8 @@ class ToolSet:
         ``bad_name`` is the name the model gave when it was not a usable one.
         """
         start = time.perf_counter()
+        waited = [0.0]
+        token = _waiting.set(waited)
         error_kind: str | None = None
         try:
             t = None if bad_name is not None else self._tools.get(call.name)
@@ -685,6 +707,8 @@ class ToolSet:
         except _CallError as err:
             error_kind = err.kind
             result = error_payload(err.kind, _truncate(err.message, self.max_result_chars))
+        finally:
+            _waiting.reset(token)
         return ToolCallRecord(
             call_id=call.id,
             name=call.name,
@@ -692,7 +716,7 @@ class ToolSet:
             result=result,
             is_error=error_kind is not None,
             error_kind=error_kind,
-            duration_ms=(time.perf_counter() - start) * 1000,
+            duration_ms=(time.perf_counter() - start - waited[0]) * 1000,
             turn_id=turn_id,
             round=round,
         )

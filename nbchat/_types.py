@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
@@ -42,6 +42,25 @@ def utcnow() -> datetime:
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def trusted(cls: type[M], **values: Any) -> M:
+    """``cls`` built from ``values`` that are already valid and complete (every field).
+
+    For the events made per streamed chunk, where ``model_construct`` (defaults looked
+    up and copied for each) is a sixth of nbchat's cost per chunk. It sets what
+    ``model_construct`` sets; tests/test_types.py checks the result equals the validated
+    model, so a pydantic release that changes those attributes fails loudly there.
+    """
+    obj = cls.__new__(cls)
+    object.__setattr__(obj, "__dict__", values)
+    object.__setattr__(obj, "__pydantic_fields_set__", set(values))
+    object.__setattr__(obj, "__pydantic_extra__", None)
+    object.__setattr__(obj, "__pydantic_private__", None)
+    return obj
 
 
 class TextBuffer:
@@ -103,6 +122,7 @@ class Message(_Model):
 
     role: Role
     content: str | None = None
+    reasoning: str | None = None  # what a reasoning model thought before this reply
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
@@ -116,9 +136,15 @@ class Message(_Model):
     state: MessageState = "active"
     created_at: datetime = Field(default_factory=utcnow)
 
-    def to_openai(self) -> dict[str, Any]:
-        """This message as the dict the chat completions API expects."""
+    def to_openai(self, reasoning_field: str | None = None) -> dict[str, Any]:
+        """This message as the dict the chat completions API expects.
+
+        Its reasoning goes along only when ``reasoning_field`` names the field to put it
+        in (``"reasoning_content"``: some servers want it back within a turn).
+        """
         out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if reasoning_field is not None and self.reasoning:
+            out[reasoning_field] = self.reasoning
         if self.name is not None:
             out["name"] = self.name
         if self.tool_calls:
@@ -239,7 +265,9 @@ class TurnResult(_Model):
     rounds: int = 0
     error: str | None = None
     duration_ms: float = 0.0
+    reasoning: str = ""  # the turn's reasoning text (servers that stream it), in order
     output: Any = None  # the validated answer of a turn asked for a type (output_type=...)
+    truncated: bool = False  # a reply was cut at max_tokens (finish_reason "length")
 
     @property
     def cost_usd(self) -> float | None:
@@ -263,40 +291,41 @@ class TurnStarted(_Event):
     cell_id: str | None = None
 
 
-class TextDelta(_Event):
+class _RoundEvent(_Event):
+    round: int = 0  # which request of the turn it came from (0, 1, ... as tools run)
+
+
+class TextDelta(_RoundEvent):
     """A piece of the assistant's reply text."""
 
     kind: Literal["text_delta"] = "text_delta"
     text: str
-    round: int = 0
 
 
-class ReasoningDelta(_Event):
+class ReasoningDelta(_RoundEvent):
     """A piece of the model's reasoning text (servers that stream it)."""
 
     kind: Literal["reasoning_delta"] = "reasoning_delta"
     text: str
-    round: int = 0
 
 
-class ToolCallStarted(_Event):
+class _CallEvent(_RoundEvent):
+    index: int  # the call's place among the request's tool calls
+    call_id: str
+
+
+class ToolCallStarted(_CallEvent):
     """The model began a tool call; its arguments follow as ``ToolCallDelta`` events."""
 
     kind: Literal["tool_call_started"] = "tool_call_started"
-    index: int
-    call_id: str
     name: str
-    round: int = 0
 
 
-class ToolCallDelta(_Event):
+class ToolCallDelta(_CallEvent):
     """A fragment of a streamed tool call's JSON arguments."""
 
     kind: Literal["tool_call_delta"] = "tool_call_delta"
-    index: int
-    call_id: str
     arguments_delta: str
-    round: int = 0
 
 
 class ToolResult(_Event):

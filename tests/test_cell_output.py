@@ -151,6 +151,9 @@ def test_python_ask_asks_in_the_tool_block_and_times_only_the_run(
     summary = end[end.index("<code>python</code>") :].split("</summary>")[0]
     assert " ms)" in summary, summary  # well under the 1.5 s spent waiting
     assert kernel.execute("print(answer)").stdout == "42\n"
+    # The stored duration leaves the wait out too.
+    stored = kernel.execute("import nbchat; print(nbchat.tool_calls()['duration_ms'].iloc[-1])")
+    assert float(stored.stdout) < 1000, stored.stdout
 
 
 def test_an_error_is_shown_once(kernel: Kernel, fake: FakeOpenAIServer) -> None:
@@ -165,11 +168,17 @@ def test_an_error_is_shown_once(kernel: Kernel, fake: FakeOpenAIServer) -> None:
     assert "fell over" not in run.stdout
 
 
-def test_max_rounds_zero_warns_once(kernel: Kernel, fake: FakeOpenAIServer) -> None:
+def test_max_rounds_zero_without_tool_calls_warns_nothing(
+    kernel: Kernel, fake: FakeOpenAIServer
+) -> None:
+    """No tool round was cut short, so there is no limit to warn about (it used to say so
+    twice)."""
     fake.enqueue("No tools needed.")
     run = kernel.execute("%%chat --max-rounds 0\nhi", cell_id="rounds0")
+    assert run.status == "ok", run.reply
     shown = final(run)["data"]["text/html"]
-    assert shown.count("rounds of tool calls") + shown.count("tool-call limit") == 1
+    assert "No tools needed." in shown
+    assert shown.count("rounds of tool calls") + shown.count("tool-call limit") == 0
 
 
 def test_reasoning_is_a_collapsed_thinking_block(kernel: Kernel, fake: FakeOpenAIServer) -> None:
@@ -210,3 +219,16 @@ def test_small_subcommands_say_what_they_do(kernel: Kernel, fake: FakeOpenAIServ
     assert resume.status == "ok"
     nothing = "Nothing to resume: the current session has no pending tool calls."
     assert result_text(resume) == nothing
+
+
+def test_chat_history_shows_the_conversation_escaped(
+    kernel: Kernel, fake: FakeOpenAIServer
+) -> None:
+    fake.enqueue('It costs $5 and $20 <img src=x onerror="alert(1)"> ![x](http://e/x.png)')
+    assert kernel.execute("%%chat\nprice?", cell_id="hist").status == "ok"
+    run = kernel.execute("%chat history")
+    (shown,) = run.of_type("execute_result")
+    html = shown["content"]["data"]["text/html"]
+    assert "<img" not in html and "&lt;img" in html
+    assert "$5" not in html.replace('<span class="nbchat-usd">$</span>5', "")
+    assert "price?" in html

@@ -23,7 +23,7 @@ from nbchat._context import (
     reply_code,
     to_context,
 )
-from nbchat._display import TurnFailed
+from nbchat._exceptions import TurnFailed
 from nbchat._magic_options import ChatOptions, interpolate, parse_options
 from nbchat._pricing import forget_price, register_price
 from nbchat.testing import FakeOpenAIServer

@@ -51,3 +51,56 @@ def test_rerunning_a_new_cell_regenerates_the_conversation_the_cells_below_follo
     # One conversation, regenerated: every cell's output names the same session.
     sessions = {r.displays()[-1]["metadata"]["nbchat"]["session_id"] for r in runs}
     assert len(sessions) == 1
+
+
+def _display_id(run: object) -> str:
+    (shown,) = run.of_type("display_data")  # type: ignore[attr-defined]
+    return str(shown["content"]["transient"]["display_id"])
+
+
+def test_a_rerun_says_which_later_turns_it_replaces_and_marks_their_outputs(
+    server: FakeOpenAIServer, env: dict[str, str]
+) -> None:
+    with running_kernel(env) as k:
+        assert k.execute("%load_ext nbchat").status == "ok"
+        x = k.execute("%%chat\nX", cell_id="c-x")
+        z = k.execute("%%chat\nZ", cell_id="c-z")
+        y = k.execute("%%chat\nY", cell_id="c-y")  # run out of order: X, Z, Y
+        again = k.execute("%%chat\nZ again", cell_id="c-z")
+    assert [r.status for r in (x, z, y, again)] == ["ok"] * 4
+    html = again.displays()[-1]["data"]["text/html"]
+    assert "replaces this cell" in html and "earlier turn and 1 later turn" in html
+    # Y's output, still on screen, is updated in place to say it no longer counts.
+    updates = [
+        m
+        for m in again.of_type("update_display_data")
+        if m["content"]["transient"]["display_id"] == _display_id(y)
+    ]
+    assert updates and "Superseded" in updates[-1]["content"]["data"]["text/html"]
+    assert updates[-1]["content"]["data"]["text/plain"] == "Noted."  # Y's reply, still shown
+    # X's output is not touched: it is still part of the conversation.
+    assert all(
+        m["content"]["transient"]["display_id"] != _display_id(x)
+        for m in again.of_type("update_display_data")
+    )
+    assert _contents(server, 3) == ["X", "Noted.", "Z again"]
+
+
+@pytest.mark.parametrize("warm_up", ["1", "0"])
+def test_load_ext_in_a_kernel_warms_up_what_the_first_turn_needs(
+    server: FakeOpenAIServer, env: dict[str, str], warm_up: str
+) -> None:
+    """The first %%chat need not pay for importing openai and DuckDB (NBCHAT_WARMUP=0: off)."""
+    check = (
+        "import sys, time\n"
+        "deadline = time.monotonic() + 30\n"
+        "while 'openai' not in sys.modules and time.monotonic() < deadline and WAIT:\n"
+        "    time.sleep(0.05)\n"
+        "time.sleep(0 if WAIT else 1.0)\n"
+        "print(sorted(m for m in ('openai', 'duckdb') if m in sys.modules))"
+    )
+    with running_kernel({**env, "NBCHAT_WARMUP": warm_up}) as k:
+        assert k.execute("%load_ext nbchat").status == "ok"
+        run = k.execute(check.replace("WAIT", str(warm_up == "1")))
+    expected = "['duckdb', 'openai']" if warm_up == "1" else "[]"
+    assert run.stdout.strip() == expected

@@ -260,3 +260,46 @@ def test_max_rounds_zero_without_tool_calls_is_a_plain_answer(fake: FakeOpenAISe
     assert (result.status, result.text) == ("completed", "just text")
     assert [e for e in events if e.kind == "limit_reached"] == []
     assert "tools" not in fake.requests[0]  # no tool rounds allowed: none offered
+
+
+def test_a_cancel_after_the_turn_ended_is_no_error(fake: FakeOpenAIServer) -> None:
+    """A stop that lands while the finished turn waits for the store does not raise."""
+    s = _session(fake, [])
+    fake.enqueue("done")
+
+    def stop_at_the_end(event: Any) -> None:
+        if event.kind == "turn_finished":
+            s.cancel()
+
+    result = s.send("hi", on_event=stop_at_the_end)
+    assert (result.status, result.text) == ("completed", "done")
+    fake.enqueue("next")
+    assert s.send("again").text == "next"
+
+
+def test_cancel_at_the_first_token_returns_interrupted_every_time(
+    fake: FakeOpenAIServer,
+) -> None:
+    s = _session(fake, [])
+    for _ in range(15):
+        fake.enqueue("x" * 200, chunk_size=1)
+
+        def stop(event: Any) -> None:
+            if event.kind == "text_delta":
+                s.cancel()
+
+        result = s.send("go", on_event=stop)
+        assert result.status in ("interrupted", "completed")
+
+
+def test_a_reply_cut_at_max_tokens_says_so(fake: FakeOpenAIServer) -> None:
+    s = _session(fake, [])
+    fake.enqueue("The first half of an answ", finish_reason="length")
+    events: list[Any] = []
+    result = s.send("explain", on_event=events.append)
+    assert (result.status, result.truncated) == ("completed", True)
+    notices = [e.message for e in events if e.kind == "notice"]
+    assert any("cut off at the reply length limit" in n for n in notices)
+    assert nbchat.usage(db=s.store)["finish_reason"].tolist() == ["length"]
+    fake.enqueue("fine")
+    assert s.send("more").truncated is False

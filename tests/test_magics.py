@@ -19,12 +19,12 @@ from IPython.core.interactiveshell import InteractiveShell
 from IPython.testing import globalipapp
 
 from nbchat import ConfigError, SessionPendingError, StoreError
-from nbchat._display import TurnFailed, TurnInterrupted
+from nbchat._exceptions import ExecutionFailed, TurnFailed, TurnInterrupted
 from nbchat._magic_help import flag_of
 from nbchat._magic_options import ChatOptions, interpolate, parse_options
 from nbchat._magics import magics_of
 from nbchat._pricing import forget_price, register_price
-from nbchat._pytool import ExecutionFailed, python_tool, run_code
+from nbchat._pytool import python_tool, run_code
 from nbchat.testing import FakeOpenAIServer
 
 
@@ -582,8 +582,14 @@ def test_sessions_history_cost_and_sql_from_the_store(
     listed = shell.run_line_magic("chat", "sessions")
     assert session.id in set(listed["id"])
     history = shell.run_line_magic("chat", "history")
-    assert list(history["role"]) == ["user", "assistant", "user", "assistant"]
-    assert list(history["content"]) == ["hello", "Hi!", "bye", "Bye!"]
+    assert [(m.role, m.content) for m in history.history] == [
+        ("user", "hello"),
+        ("assistant", "Hi!"),
+        ("user", "bye"),
+        ("assistant", "Bye!"),
+    ]
+    shown = history._repr_html_()
+    assert shown.index("hello") < shown.index("Hi!") < shown.index("bye") < shown.index("Bye!")
     cost = shell.run_line_magic("chat", "cost")
     assert list(cost["you asked"]) == ["hello", "bye", ""]  # the last row: totals
     assert list(cost["status"]) == ["completed", "completed", ""]
@@ -601,7 +607,7 @@ def test_sessions_history_cost_and_sql_from_the_store(
     assert len(one_line_error(bad)) == 1
     refused = run(shell, "%%chat_sql\nDELETE FROM messages")
     assert refused.error_in_exec is not None and len(one_line_error(refused)) == 1
-    assert len(shell.run_line_magic("chat", "history")) == 4
+    assert len(shell.run_line_magic("chat", "history").history) == 4
 
 
 @pytest.mark.local_model

@@ -474,3 +474,31 @@ def test_reasoning_shows_as_a_thinking_block_in_the_panel(fake: FakeOpenAIServer
     shown = bubbles(p)[1][1]
     assert '<details class="nbchat-thinking"><summary>💭 Thinking</summary>' in shown
     assert shown.index("Two and two") < shown.index("Four.")
+
+
+def test_new_chat_keeps_every_setting_of_the_session(fake: FakeOpenAIServer) -> None:
+    """Compaction, guardrails, temperature, request params and the window survive New chat."""
+
+    def polite(text: str) -> str:
+        return text + " please"
+
+    s = Session(
+        model="fake-model",
+        base_url=fake.url,
+        api_key="sk-test",
+        db=":memory:",
+        temperature=0.3,
+        request_params={"seed": 11},
+        input_guardrails=[polite],
+        compaction="window",
+        context_window=5000,
+    )
+    p = panel(s)
+    assert p.new_chat() and p.session is not None and p.session is not s
+    fake.enqueue("fresh")
+    p.submit("hello")
+    assert p.wait(10) is not None
+    body = fake.requests[-1]
+    assert (body["temperature"], body["seed"]) == (0.3, 11)
+    assert body["messages"][-1]["content"] == "hello please"
+    assert p.session.compactor is not None and p.session.compactor.context_window == 5000

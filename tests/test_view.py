@@ -185,11 +185,16 @@ def test_reasoning_is_a_thinking_block_closed_once_the_answer_starts(
     assert final.index("add the units") < final.index("The answer is 4.")
 
 
-def test_max_rounds_zero_says_the_limit_once(fake: FakeOpenAIServer) -> None:
-    fake.enqueue("No tools needed.")
-    view = view_of(run_turn(fake, max_rounds=0))
+def test_a_max_rounds_stop_is_said_once(fake: FakeOpenAIServer) -> None:
+    def ping() -> str:
+        """Answer pong."""
+        return "pong"
+
+    fake.enqueue(tool_calls=[{"name": "ping", "arguments": {}}])
+    fake.enqueue("Stopping here.")
+    view = view_of(run_turn(fake, max_rounds=1, tools=[ping]))
     shown = view.html()
-    assert view.result is not None
+    assert view.result is not None and view.result.status == "max_rounds"
     assert shown.count("rounds of tool calls") == 1 and "tool-call limit" not in shown
 
 

@@ -1,0 +1,58 @@
+"""Reasoning text: kept on the message and the result, sent back only within its turn."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+import nbchat
+from nbchat.testing import FakeOpenAIServer
+
+
+def lookup(key: str) -> str:
+    """Look a key up."""
+    return f"value of {key}"
+
+
+def _session(fake: FakeOpenAIServer, **kw: Any) -> nbchat.Session:
+    return nbchat.Session(
+        model="thinker", base_url=fake.url, api_key="sk-test", db=":memory:", **kw
+    )
+
+
+def _assistants(body: dict[str, Any]) -> list[dict[str, Any]]:
+    return [m for m in body["messages"] if m["role"] == "assistant"]
+
+
+def test_reasoning_is_kept_and_replayed_within_the_turn_only(fake: FakeOpenAIServer) -> None:
+    s = _session(fake, tools=[lookup])
+    fake.enqueue(
+        reasoning="I should look it up.", tool_calls=[{"name": "lookup", "arguments": {"key": "a"}}]
+    )
+    fake.enqueue("It is a.", reasoning="The tool said a.")
+    first = s.send("what is a?")
+    assert first.reasoning == "I should look it up.The tool said a."
+    # The tool round sent the reasoning back, in the field the server used.
+    (replayed,) = _assistants(fake.requests[1])
+    assert replayed["reasoning_content"] == "I should look it up."
+    fake.enqueue("Next.")
+    s.send("and b?")
+    # A later turn does not carry the earlier turn's reasoning.
+    assert all("reasoning_content" not in m for m in _assistants(fake.requests[2]))
+    assert [m.reasoning for m in s.history if m.role == "assistant"] == [
+        "I should look it up.",
+        "The tool said a.",
+        None,
+    ]
+
+
+@pytest.mark.parametrize(("mode", "sent"), [("always", True), ("never", False)])
+def test_reasoning_replay_can_be_chosen(fake: FakeOpenAIServer, mode: str, sent: bool) -> None:
+    s = _session(fake, reasoning_replay=mode)
+    fake.enqueue("one", reasoning="thinking")
+    s.send("hi")
+    fake.enqueue("two")
+    s.send("again")
+    (earlier,) = _assistants(fake.requests[1])
+    assert ("reasoning_content" in earlier) is sent
