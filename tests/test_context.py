@@ -361,3 +361,13 @@ def test_context_section_in_a_real_reference() -> None:
     opts = parse_options(ChatOptions, "--context Out[2],df.shape")
     assert opts.context == ["Out[2]", "df.shape"]
     assert parse_options(ChatOptions, "--fix").fix and parse_options(ChatOptions, "").fix is False
+
+
+def test_help_names_the_new_subcommands_and_references(shell: InteractiveShell) -> None:
+    doc = shell.find_cell_magic("chat").__doc__
+    for words in ("%chat fix", "%chat models", "%chat alias", "{In[3]}", "{Err}", "--schema"):
+        assert words in doc
+    with pytest.raises(UsageError, match="max_context_chars must be a positive int"):
+        shell.run_line_magic("chat", "config max_context_chars=lots")
+    with pytest.raises(UsageError, match="takes no arguments"):
+        shell.run_line_magic("chat", "models gpt")
