@@ -46,8 +46,8 @@ def _median_ms(fn: Callable[[], Any], n: int) -> float:
 def write_cost(n: int = 500) -> list[dict[str, Any]]:
     import duckdb
 
-    from nbchat._migrations import migrate
     from nbchat._store import Store
+    from nbchat._store._migrations import migrate
     from nbchat._types import Message, MessageAdded
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -152,7 +152,7 @@ def _reply(session_id: str, deltas: int) -> list[Any]:
 
 def _stream(consume: Callable[[Any], None], events: list[Any]) -> tuple[float, list[float]]:
     """Seconds the loop takes to pass ``events`` on, and each stored event's handle() time."""
-    from nbchat._store import STORED_KINDS
+    from nbchat._store._sink import STORED_KINDS
 
     shown: list[Any] = []
     stored: list[float] = []
@@ -172,8 +172,8 @@ def _pct(samples: list[float], q: float) -> float:
 
 
 def held_file(hold_s: float = 4.0, deltas: int = 5000) -> list[dict[str, Any]]:
-    from nbchat._sink import StoreSink
     from nbchat._store import Store
+    from nbchat._store._sink import StoreSink
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "held.duckdb"

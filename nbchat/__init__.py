@@ -77,6 +77,8 @@ _EXPORTS: dict[str, str] = {
     "stop_local": "_local",
     "ChatPanel": "_panel",
     "panel": "_panel",
+    "plot": "_plot",
+    "dashboard": "_dashboard",
     "mark_free": "_pricing",
     "register_price": "_pricing",
     "python_tool": "_pytool",
@@ -96,6 +98,7 @@ if TYPE_CHECKING:
         usage,
     )
     from ._compaction import CompactionStrategy, SummaryStrategy, WindowStrategy
+    from ._dashboard import dashboard
     from ._exceptions import (
         ConfigError,
         GuardrailRejected,
@@ -112,6 +115,7 @@ if TYPE_CHECKING:
     from ._extract import extract
     from ._local import local, stop_local
     from ._panel import ChatPanel, panel
+    from ._plot import plot
     from ._pricing import mark_free, register_price
     from ._pytool import python_tool
     from ._session import Session, TurnOptions, configure

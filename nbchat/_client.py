@@ -16,15 +16,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
+import json
+import logging
 import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from . import _runner
-from ._config import ClientSettings, resolve_client
+from . import _responses, _runner
+from ._config import ClientSettings, WireAPI, resolve_client
 from ._exceptions import ModelAPIError
 from ._text import redact, redact_data, valid_data, valid_text
 from ._types import (
@@ -45,20 +48,44 @@ from ._wire import (
     FunctionDelta,
     SSEParser,
     ToolCallChunk,
+    context_window_from_models,
+    context_window_from_props,
     error_from_body,
     parse_chunk,
     request_usage,
+    truncation_notice,
 )
 
 if TYPE_CHECKING:
     import openai
 
-__all__ = ["ModelClient", "RoundFolder"]
+__all__ = ["ModelClient", "RoundFolder", "truncation_notice"]
+
+logger = logging.getLogger("nbchat")
 
 # openai clients shared per endpoint (base URL, key, retries, timeout): connection reuse,
 # and no pools left for the garbage collector to find unclosed.
 _cache_lock = threading.Lock()
 _async_clients: dict[tuple[Any, ...], openai.AsyncOpenAI] = {}
+# Context windows the servers reported, per (base URL, model); None: they report none.
+_windows: dict[tuple[str, str], int | None] = {}
+# Keyless endpoints that answered 401 and were warned about (once each).
+_warned_keyless: set[str] = set()
+
+
+class _Decoder(Protocol):
+    finished: bool
+
+    def feed(self, payload: bytes) -> Chunk: ...
+
+
+class _ChatStream:
+    """Chat completions chunks as they come (the end is ``[DONE]``, seen by the parser)."""
+
+    finished = False
+
+    def feed(self, payload: bytes) -> Chunk:
+        return parse_chunk(payload)
 
 
 # --------------------------------------------------------------------------- folding
@@ -223,41 +250,90 @@ class ModelClient:
         max_retries: int = 2,
         timeout: float = 600.0,
         stall_timeout: float | None = DEFAULT_STALL_TIMEOUT,
+        api: WireAPI | None = None,
     ) -> None:
         self.settings = settings
         self.max_retries = max_retries
         self.timeout = timeout
         self.stall_timeout = stall_timeout
+        if api is not None and api not in ("chat", "responses"):
+            raise ValueError(f"api must be 'chat' or 'responses', not {api!r}")
+        self._api = api
 
     def __repr__(self) -> str:
-        return f"ModelClient(model={self.settings.model!r}, base_url={self.settings.base_url!r})"
+        return (
+            f"ModelClient(model={self.settings.model!r}, base_url={self.settings.base_url!r}, "
+            f"api={self.api!r})"
+        )
 
     @property
     def model(self) -> str:
         """The model name requests go to."""
         return self.settings.model
 
+    @property
+    def api(self) -> WireAPI:
+        """The wire format: ``api=`` if given, else the endpoint's, else ``"responses"``
+        for models that exist only there (``o3-pro``...), else ``"chat"``."""
+        if self._api is not None:
+            return self._api
+        if self.settings.api is not None:
+            return self.settings.api
+        return "responses" if _responses.responses_only(self.model) else "chat"
+
     def for_model(self, model: str) -> ModelClient:
-        """A client for another model on the same endpoint, key and timeouts."""
-        s = self.settings
+        """A client for another model on the same endpoint, key and timeouts
+        (``"work:gpt-4o"`` switches to the saved endpoint ``work``)."""
+        settings = dataclasses.replace(self.settings, model=model)
+        if ":" in model:
+            from ._endpoints import split_model
+
+            if split_model(model)[0] is not None:
+                settings = resolve_client(model)
         return ModelClient(
-            resolve_client(model, s.base_url, s.api_key),
+            settings,
             max_retries=self.max_retries,
             timeout=self.timeout,
             stall_timeout=self.stall_timeout,
+            api=self._api,
         )
 
     def _options(self) -> dict[str, Any]:
-        return {
-            "base_url": self.settings.base_url,
-            "api_key": self.settings.api_key.get_secret_value(),
+        s = self.settings
+        options: dict[str, Any] = {
+            "api_key": s.api_key.get_secret_value(),
             "max_retries": self.max_retries,
             "timeout": self.timeout,
         }
+        if s.headers:
+            options["default_headers"] = dict(s.headers)
+        if s.api_version is None:
+            options["base_url"] = s.base_url
+        elif "/deployments/" in s.base_url:
+            options["base_url"] = s.base_url
+            options["api_version"] = s.api_version
+        else:  # the resource's URL: the SDK adds /openai and /deployments/{model}
+            options["azure_endpoint"] = s.base_url.removesuffix("/openai")
+            options["api_version"] = s.api_version
+        return options
 
-    def _cache_key(self) -> tuple[str, str, int, float]:
+    def _new_client(self) -> openai.AsyncOpenAI:
+        import openai
+
+        if self.settings.api_version is not None:
+            return openai.AsyncAzureOpenAI(**self._options())
+        return openai.AsyncOpenAI(**self._options())
+
+    def _cache_key(self) -> tuple[Any, ...]:
         s = self.settings
-        return (s.base_url, s.api_key.get_secret_value(), self.max_retries, self.timeout)
+        return (
+            s.base_url,
+            s.api_key.get_secret_value(),
+            self.max_retries,
+            self.timeout,
+            s.headers,
+            s.api_version,
+        )
 
     @contextlib.asynccontextmanager
     async def async_client(self) -> AsyncIterator[openai.AsyncOpenAI]:
@@ -267,8 +343,6 @@ class ModelClient:
         per endpoint is kept for connection reuse; on any other loop (a user's own
         ``asyncio.run``) a fresh client is opened and closed around the request.
         """
-        import openai
-
         loop = asyncio.get_running_loop()
         if loop is _runner.current_background_loop():
             # Keyed by the loop too: a background loop that had to be replaced leaves its
@@ -277,10 +351,10 @@ class ModelClient:
             with _cache_lock:
                 client = _async_clients.get(key)
                 if client is None:
-                    client = _async_clients[key] = openai.AsyncOpenAI(**self._options())
+                    client = _async_clients[key] = self._new_client()
             yield client
         else:
-            async with openai.AsyncOpenAI(**self._options()) as client:
+            async with self._new_client() as client:
                 yield client
 
     def _body(
@@ -290,6 +364,8 @@ class ModelClient:
         stream: bool,
         params: dict[str, Any],
     ) -> dict[str, Any]:
+        if self.api == "responses":
+            return _responses.request_body(self.model, messages, tools, stream, params)
         body: dict[str, Any] = {"model": self.settings.model, "messages": messages, **params}
         if tools:
             body["tools"] = tools
@@ -310,9 +386,10 @@ class ModelClient:
         # client.post skips the SDK's walk over the request body, which costs ~0.3 s for
         # a 600-message history; auth, retries and errors are the same.
         options = self._request_options(stream)
+        path = "/responses" if self.api == "responses" else "/chat/completions"
         try:
             return await client.post(
-                "/chat/completions",
+                path,
                 body=body,
                 cast_to=_response_class(),
                 stream=True,
@@ -324,7 +401,7 @@ class ModelClient:
         # A lone surrogate somewhere in the history cannot be encoded: send U+FFFD
         # instead (walking the body only now that it failed).
         return await client.post(
-            "/chat/completions",
+            path,
             body=valid_data(body),
             cast_to=_response_class(),
             stream=True,
@@ -364,6 +441,9 @@ class ModelClient:
                     # gave no event by its end is reported then.
                     sse = "event-stream" in content_type
                     parser = SSEParser()
+                    decoder: _Decoder = (
+                        _responses.ResponsesStream() if self.api == "responses" else _ChatStream()
+                    )
                     head: bytes | None = None
                     async for data in response.aiter_bytes():
                         if head is None:
@@ -371,13 +451,13 @@ class ModelClient:
                             if not sse and data.lstrip()[:1] == b"<":
                                 raise self._not_expected(content_type, data, "an event stream")
                         for payload in parser.feed(data):
-                            for event in folder.feed(parse_chunk(payload)):
+                            for event in folder.feed(decoder.feed(payload)):
                                 yield event
-                        if parser.done:
+                        if parser.done or decoder.finished:
                             break
                     else:
                         for payload in parser.close():
-                            for event in folder.feed(parse_chunk(payload)):
+                            for event in folder.feed(decoder.feed(payload)):
                                 yield event
                     if not sse and parser.events == 0:
                         raise self._not_expected(content_type, head or b"", "an event stream")
@@ -388,7 +468,7 @@ class ModelClient:
     def _parse_reply(self, raw: bytes, content_type: str) -> Chunk:
         """A whole (non-streamed) answer as one chunk, or say what came instead of JSON."""
         try:
-            return parse_chunk(raw)
+            return _responses.reply_chunk(raw) if self.api == "responses" else parse_chunk(raw)
         except ValueError:
             if raw.lstrip()[:1] in (b"{", b"["):
                 raise  # JSON that is not a reply: reported as a broken answer
@@ -473,7 +553,9 @@ class ModelClient:
             message = f"Could not connect to the model server at {url} ({cause}; {tries})."
         elif isinstance(exc, openai.APIStatusError):
             message = f"The model server answered HTTP {status}: {exc.message}"
-            if status == 401:
+            if status == 401 and self.settings.keyless:
+                message = self._keyless_401(exc.message)
+            elif status == 401:
                 message += " " + self.settings.key_hint()
         else:
             message = f"The model server failed: {_describe(exc)}"
@@ -500,12 +582,12 @@ class ModelClient:
         it counts as 0 tokens and $0 (recording "unknown" would leave every later budget
         check unable to count). A price nbchat does not know stays ``None``.
         """
-        from ._pricing import request_cost
+        from ._pricing import price_request
 
         usage = folder.usage
-        cost, provider = request_cost(self.model, self.settings.base_url, usage)
+        cost, provider, source = price_request(self.model, self.settings.base_url, usage)
         if usage is None and error is not None and error.status_code is not None:
-            usage, cost = RequestUsage(prompt_tokens=0, completion_tokens=0), 0.0
+            usage, cost, source = RequestUsage(prompt_tokens=0, completion_tokens=0), 0.0, None
         return UsageEvent(
             session_id=folder.session_id,
             turn_id=folder.turn_id,
@@ -514,6 +596,7 @@ class ModelClient:
             provider=provider,
             usage=usage,
             cost_usd=cost,
+            cost_source=source,
             ttft_ms=folder.ttft_ms,
             duration_ms=(time.perf_counter() - folder.started) * 1000,
             finish_reason=folder.finish_reason,
@@ -527,6 +610,68 @@ class ModelClient:
             async with self.async_client() as client:
                 page = await client.models.list()
         return sorted(m.id for m in page.data)
+
+    def _keyless_401(self, detail: str) -> str:
+        """The message for a 401 from a server nbchat sent no key to; logged once per URL."""
+        s = self.settings
+        message = (
+            f"The model server at {s.base_url} wants an API key (HTTP 401: {detail}), and "
+            f"none is configured for it. {s.key_hint()}"
+        )
+        if s.base_url not in _warned_keyless:
+            _warned_keyless.add(s.base_url)
+            logger.warning("%s", message)
+        return message
+
+    def cached_context_window(self) -> int | None:
+        """The context window ``context_window()`` found for this endpoint and model, if
+        it has asked already (no request)."""
+        return _windows.get((self.settings.base_url, self.model))
+
+    async def context_window(self) -> int | None:
+        """The model's context window as the server reports it, asked once per endpoint and
+        model and then cached: ``max_model_len`` (vLLM) or ``context_length`` (OpenRouter)
+        in ``GET /models``, else ``n_ctx`` from llama.cpp's ``GET /props``. ``None`` when
+        the server says nothing (or cannot be asked); never raises."""
+        key = (self.settings.base_url, self.model)
+        if key in _windows:
+            return _windows[key]
+        window = await self._ask_window()
+        _windows[key] = window
+        return window
+
+    async def _ask_window(self) -> int | None:
+        base = self.settings.base_url
+        root = base.removesuffix("/v1") if base.endswith("/v1") else base
+        try:
+            async with self.async_client() as client:
+                models = await self._get_json(client, "/models")
+                window = context_window_from_models(models, self.model)
+                if window is None:
+                    window = context_window_from_props(
+                        await self._get_json(client, root + "/props")
+                    )
+        except Exception as exc:  # a server that cannot say is a server that says nothing
+            logger.debug("no context window from %s: %r", base, exc)
+            return None
+        return window
+
+    async def _get_json(self, client: openai.AsyncOpenAI, path: str) -> Any:
+        """``GET path`` (relative to the base URL, or absolute) as JSON; ``None`` if it fails."""
+        import openai
+
+        try:
+            response = await client.get(
+                path, cast_to=_response_class(), stream=True, options={"max_retries": 0}
+            )
+        except openai.APIError:
+            return None
+        try:
+            return json.loads(await response.aread())
+        except ValueError:
+            return None
+        finally:
+            await response.aclose()
 
 
 # ------------------------------------------------------------- the HTTP library under openai

@@ -12,10 +12,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlparse
 
 from ._exceptions import ConfigError
+
+if TYPE_CHECKING:
+    from ._endpoints import Endpoint
 
 __all__ = [
     "ClientSettings",
@@ -23,6 +26,7 @@ __all__ = [
     "default_db_path",
     "get_defaults",
     "is_loopback",
+    "needs_key",
     "resolve_client",
     "set_defaults",
 ]
@@ -30,15 +34,27 @@ __all__ = [
 OPENAI_BASE_URL = "https://api.openai.com/v1"
 # Settings a kernel may change with %chat config / nbchat.configure().
 DEFAULT_KEYS = frozenset(
-    {"model", "base_url", "api_key", "db", "system", "temperature", "max_rounds", "budget_usd"}
+    {
+        "model",
+        "base_url",
+        "api_key",
+        "endpoint",
+        "api",
+        "db",
+        "system",
+        "temperature",
+        "max_rounds",
+        "budget_usd",
+    }
 )
+WireAPI = Literal["chat", "responses"]
 _defaults: dict[str, Any] = {}
 
 
 # Where a key came from, as error messages name it (never the key itself).
 KEY_FROM_ARGUMENT = "the api_key= argument"
 KEY_FROM_KERNEL = "the kernel's setting (%chat config api_key=... or nbchat.configure)"
-KEY_FROM_NONE = "no key: a placeholder for a local server"
+KEY_FROM_NONE = "no key: a placeholder for a server that may need none"
 
 
 class Secret:
@@ -81,6 +97,9 @@ def set_defaults(**values: Any) -> dict[str, Any]:
             f"Unknown setting {', '.join(sorted(unknown))}; "
             f"known settings are {', '.join(sorted(DEFAULT_KEYS))}."
         )
+    api = values.get("api")
+    if api is not None and api not in ("chat", "responses"):
+        raise ConfigError(f"api must be 'chat' or 'responses', got {api!r}.")
     for key, value in values.items():
         if value is None:
             _defaults.pop(key, None)
@@ -121,20 +140,43 @@ def is_loopback(base_url: str | None) -> bool:
     return host in {"localhost", "::1"} or host.startswith("127.")
 
 
+def needs_key(base_url: str | None) -> bool:
+    """Whether an endpoint cannot work without a key: OpenAI's own API. Any other server
+    (a LAN box, a proxy, a local model) may take none; it answers 401 if it wants one."""
+    host = urlparse(base_url or OPENAI_BASE_URL).hostname or ""
+    return host == "api.openai.com"
+
+
 @dataclass(frozen=True)
 class ClientSettings:
     """The resolved endpoint of a session: model, base URL and key (``api_key.source``
-    says where the key came from)."""
+    says where the key came from), plus what a named endpoint adds: extra ``headers``,
+    Azure's ``api_version``, the wire ``api`` (``None``: chosen from the model)."""
 
     model: str
     base_url: str
     api_key: Secret
+    headers: tuple[tuple[str, str], ...] = ()
+    api_version: str | None = None
+    api: WireAPI | None = None
+    endpoint: str | None = None
+    api_key_env: str | None = None
+
+    @property
+    def keyless(self) -> bool:
+        """Whether no key was configured (the server was sent a placeholder)."""
+        return self.api_key.source == KEY_FROM_NONE
 
     def key_hint(self) -> str:
         """Which key was sent and how to send another, for a 401 message (never the key)."""
         how = "%chat config api_key=..., the NBCHAT_API_KEY environment variable, or api_key=..."
-        if self.api_key.source == KEY_FROM_NONE:
-            return f"No key was set (this local server was sent a placeholder); set one with {how}."
+        if self.api_key_env:
+            how = (
+                f"the {self.api_key_env} environment variable (endpoint {self.endpoint!r}), "
+                "or api_key=..."
+            )
+        if self.keyless:
+            return f"No key was set (the server was sent a placeholder); set one with {how}."
         return f"The key sent came from {self.api_key.source}; set another with {how}."
 
 
@@ -142,9 +184,21 @@ def resolve_client(
     model: str | None = None,
     base_url: str | None = None,
     api_key: str | Secret | None = None,
+    *,
+    endpoint: str | None = None,
 ) -> ClientSettings:
-    """Resolve model, base URL and key, or raise ``ConfigError`` saying what to set."""
+    """Resolve model, base URL and key, or raise ``ConfigError`` saying what to set.
+
+    ``endpoint`` names a saved endpoint (``%chat endpoint add``), as does the prefix of
+    ``model="work:gpt-4o"``; its base URL, key variable, headers and options apply
+    unless ``base_url`` / ``api_key`` are given. An endpoint's key comes only from its
+    own variable: the general ``NBCHAT_API_KEY`` is never sent to another server.
+    """
     model = model or _defaults.get("model") or _env("NBCHAT_MODEL")
+    named = _named_endpoint(model, endpoint)
+    if named is not None:
+        saved, model = named
+        return _from_endpoint(saved, model, base_url, api_key)
     base_url = (
         base_url
         or _defaults.get("base_url")
@@ -162,14 +216,68 @@ def resolve_client(
             "nbchat.local() starts the local model."
         )
     if not key:
-        if not is_loopback(base_url):
+        if needs_key(base_url):
             raise ConfigError(
                 f"No API key for {base_url}: run %chat config api_key=..., set NBCHAT_API_KEY "
                 "(or OPENAI_API_KEY), or pass api_key=... (%chat local needs no key)."
             )
-        key = Secret("not-needed-for-a-local-server", KEY_FROM_NONE)
+        key = _PLACEHOLDER
     secret = key if isinstance(key, Secret) else Secret(key)
-    return ClientSettings(model=model, base_url=base_url.rstrip("/"), api_key=secret)
+    return ClientSettings(
+        model=model, base_url=base_url.rstrip("/"), api_key=secret, api=_defaults.get("api")
+    )
+
+
+_PLACEHOLDER = Secret("no-key-configured", KEY_FROM_NONE)
+
+
+def _named_endpoint(model: str | None, endpoint: str | None) -> tuple[Endpoint, str] | None:
+    """The saved endpoint a request goes to, and the model name without its prefix."""
+    name = endpoint or _defaults.get("endpoint")
+    if model and ":" in model:
+        from ._endpoints import split_model
+
+        found, bare = split_model(model)
+        if found is not None and not endpoint:
+            return found, bare
+    if not name:
+        return None
+    from ._endpoints import get_endpoint
+
+    return get_endpoint(str(name)), model or ""
+
+
+def _from_endpoint(
+    e: Endpoint, model: str, base_url: str | None, api_key: str | Secret | None
+) -> ClientSettings:
+    if not model:
+        raise ConfigError(
+            f"No model for endpoint {e.name!r}: use model={e.name}:MODEL or pass model=..."
+        )
+    url = (base_url or e.base_url).rstrip("/")
+    key: Secret | str | None = api_key
+    if not key and e.api_key_env:
+        value = os.environ.get(e.api_key_env)
+        key = Secret(value, e.api_key_env) if value else None
+    if not key:
+        if needs_key(url):
+            wanted = (
+                f"set the {e.api_key_env} environment variable"
+                if e.api_key_env
+                else (f"save the endpoint with api_key_env=VAR (%chat endpoint add {e.name} ...)")
+            )
+            raise ConfigError(f"No API key for endpoint {e.name!r} ({url}): {wanted}.")
+        key = _PLACEHOLDER
+    return ClientSettings(
+        model=model,
+        base_url=url,
+        api_key=key if isinstance(key, Secret) else Secret(key),
+        headers=tuple(sorted(e.headers.items())),
+        api_version=e.api_version,
+        api=e.api or _defaults.get("api"),
+        endpoint=e.name,
+        api_key_env=e.api_key_env,
+    )
 
 
 def default_db_path() -> str:

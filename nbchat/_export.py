@@ -7,10 +7,10 @@ import re
 from datetime import timedelta
 from typing import Any, Literal
 
-from ._analysis import Db, open_store
 from ._exceptions import StoreError
 from ._markup import safe_markdown
-from ._store import StoredSession
+from ._store import Db, open_store
+from ._store._records import StoredSession
 from ._types import Message, ToolCall, new_id, utcnow
 
 __all__ = ["export_session", "import_session"]

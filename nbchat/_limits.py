@@ -8,7 +8,7 @@ price, a server that reports no usage) is never counted as zero: the check says 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict
 
@@ -167,24 +167,4 @@ def stored_usage(store: Store, session_id: str) -> Usage:
     A reopened session's budget counts from here, not from zero. A total is ``None``
     when any request's figure is unknown, as in ``Usage``.
     """
-    # count(x) = count(*) exactly when no row has x unknown (NULL).
-    result = store.query(
-        "SELECT count(*),"
-        " CASE WHEN count(prompt_tokens) = count(*) THEN coalesce(sum(prompt_tokens), 0) END,"
-        " CASE WHEN count(completion_tokens) = count(*)"
-        " THEN coalesce(sum(completion_tokens), 0) END,"
-        " coalesce(sum(cached_tokens), 0), coalesce(sum(reasoning_tokens), 0),"
-        " CASE WHEN count(cost_usd) = count(*) THEN coalesce(sum(cost_usd), 0) END"
-        " FROM requests WHERE session_id = ?",
-        [session_id],
-    )
-    row: list[Any] = [result.data[c].tolist()[0] for c in result.columns]
-    requests, prompt, completion, cached, reasoning, cost = row
-    return Usage(
-        requests=int(requests),
-        prompt_tokens=None if prompt is None else int(prompt),
-        completion_tokens=None if completion is None else int(completion),
-        cached_tokens=int(cached),
-        reasoning_tokens=int(reasoning),
-        cost_usd=None if cost is None else float(cost),
-    )
+    return store.session_usage(session_id)

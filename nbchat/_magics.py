@@ -42,6 +42,7 @@ from ._display import CellRenderer, Info, one_line, render_mode, turn_failed
 from ._exceptions import NbchatError, SessionPendingError, TurnFailed, TurnInterrupted
 from ._magic_help import CHAT_OPTIONS, SQL_OPTIONS, render_options
 from ._notebook import NotebookCells
+from ._store import TABLES
 
 if TYPE_CHECKING:
     from ._magic_options import ChatOptions
@@ -213,10 +214,8 @@ class ChatMagics(Magics):
 
         try:
             frame = sql(cell, db=opts.db, allow_files=opts.allow_files)
-        except Exception as exc:
-            if isinstance(exc, NbchatError) or type(exc).__module__.startswith("duckdb"):
-                raise one_line(exc) from None
-            raise
+        except NbchatError as exc:  # the store turns every database error into StoreError
+            raise one_line(exc) from None
         if opts.out:
             self.user_ns[opts.out] = frame
         return frame
@@ -763,7 +762,7 @@ ChatMagics.chat_sql.__doc__ = f"""Run SQL on the nbchat store; shows the result 
 %%chat_sql [--out VAR] [--db PATH] [--allow-files]
 SELECT model, sum(cost_usd) FROM requests GROUP BY model
 
-Tables: sessions, messages, requests, tool_calls, compactions.
+Tables: {", ".join(TABLES)}.
 
 Options:
 {SQL_OPTIONS_HELP}
@@ -881,14 +880,15 @@ def _warm_up() -> None:
     genai-prices' data, and nbchat's background event loop. A failure here is not
     reported: the first turn meets it again and says it where the user looks."""
     with contextlib.suppress(Exception):
-        import duckdb
+        from ._store import warm_up as warm_store
+
+        warm_store()  # the store's driver (DuckDB): imported and started first
         import openai
 
         from . import _display, _markup, _render, _runner, _session  # noqa: F401
         from ._pricing import provider_for
 
         openai.AsyncOpenAI  # noqa: B018 -- the SDK resolves its client class lazily
-        duckdb.connect(":memory:").close()
         provider_for("gpt-4o-mini")  # loads the price data
         _runner.background_loop()
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from ._config import is_loopback
 from ._exceptions import ConfigError
-from ._types import RequestUsage
+from ._types import CostSource, RequestUsage
 
 __all__ = [
     "UserPrice",
@@ -30,6 +30,7 @@ __all__ = [
     "forget_price",
     "is_free",
     "mark_free",
+    "price_request",
     "provider_for",
     "provider_from_url",
     "register_price",
@@ -166,10 +167,35 @@ def request_cost(
     cost is unknown when usage, its prompt or its completion tokens are missing, or
     when neither the user nor genai-prices has a price for the model.
     """
+    cost, provider, _ = price_request(model, base_url, usage)
+    return cost, provider
+
+
+def price_request(
+    model: str, base_url: str | None, usage: RequestUsage | None
+) -> tuple[float | None, str | None, CostSource | None]:
+    """``request_cost`` and where the cost came from (``None`` when it is unknown).
+
+    A cost the server reported with the usage (OpenRouter's ``usage.cost``) is what
+    the request cost: it wins over any price list, including a model marked free.
+    """
+    reported = getattr(usage, "reported_cost_usd", None)
+    if reported is not None:
+        return _cost(float(reported)), provider_for(model, base_url), "server"
     price = _user_price(model)
     if price is not None and price.free:
         local = _key(model).startswith(LOCAL_PREFIX) or is_loopback(base_url)
-        return 0.0, "local" if local else provider_for(model, base_url)
+        return 0.0, "local" if local else provider_for(model, base_url), "free"
+    cost, provider = _listed_cost(model, base_url, usage, price)
+    if cost is None:
+        return None, provider, None
+    return cost, provider, "registered" if price is not None else "genai-prices"
+
+
+def _listed_cost(
+    model: str, base_url: str | None, usage: RequestUsage | None, price: UserPrice | None
+) -> tuple[float | None, str | None]:
+    """The cost from the user's price or genai-prices' list, and the provider."""
     provider = provider_for(model, base_url)
     prompt, completion = _count(usage, "prompt_tokens"), _count(usage, "completion_tokens")
     if prompt is None or completion is None:
@@ -193,8 +219,12 @@ def request_cost(
     try:
         # OpenAI counts cached tokens inside prompt_tokens, as genai-prices expects of
         # input_tokens; reasoning tokens are likewise inside completion_tokens.
+        written = min(_count(usage, "cache_write_tokens") or 0, prompt - cached)
         tokens = Usage(
-            input_tokens=prompt, cache_read_tokens=cached or None, output_tokens=completion
+            input_tokens=prompt,
+            cache_read_tokens=cached or None,
+            cache_write_tokens=written or None,
+            output_tokens=completion,
         )
         result = calc_price(tokens, model, provider_id=provider)
         return _cost(float(result.total_price)), provider

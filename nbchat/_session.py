@@ -30,7 +30,8 @@ from ._exceptions import GuardrailRejected, ModelAPIError, SessionPendingError
 from ._limits import Budgets, Guardrail, Projection, apply_guardrails, stored_usage
 from ._output import FINAL_ANSWER_TOOL, OutputMode, OutputSpec, Parsed
 from ._runner import TurnRunner
-from ._sink import StoreSink
+from ._store import pending_tool_calls
+from ._store._sink import StoreSink
 from ._text import valid_text
 from ._tools import INVALID_TOOL_NAME, ToolSet, error_payload, valid_tool_name
 from ._types import (
@@ -333,14 +334,7 @@ class Session:
     @property
     def pending_tool_calls(self) -> list[ToolCall]:
         """Tool calls of the last assistant message that have no result yet."""
-        for i in range(len(self._messages) - 1, -1, -1):
-            m = self._messages[i]
-            if m.role == "assistant" and m.tool_calls:
-                answered = {x.tool_call_id for x in self._messages[i + 1 :] if x.role == "tool"}
-                return [c for c in m.tool_calls if c.id not in answered]
-            if m.role in ("user", "assistant"):
-                return []
-        return []
+        return pending_tool_calls(self._messages)
 
     def send(
         self,

@@ -30,6 +30,11 @@ TurnStatus = Literal[
 ]
 
 
+# "server": the server reported the cost; "registered": the user's register_price;
+# "genai-prices": its bundled price data; "free": a model marked free (local).
+CostSource = Literal["server", "genai-prices", "registered", "free"]
+
+
 def new_id() -> str:
     """A fresh random identifier (32 hex characters)."""
     return uuid.uuid4().hex
@@ -167,6 +172,10 @@ class RequestUsage(_Model):
     completion_tokens: int | None = None
     cached_tokens: int | None = None
     reasoning_tokens: int | None = None
+    # Prompt tokens written to the provider's cache (priced above plain input by some).
+    cache_write_tokens: int | None = None
+    # The request's cost as the server itself reported it (OpenRouter's ``usage.cost``).
+    reported_cost_usd: float | None = None
 
     @property
     def total_tokens(self) -> int | None:
@@ -360,6 +369,8 @@ class UsageEvent(_Event):
     provider: str | None = None
     usage: RequestUsage | None = None
     cost_usd: float | None = None
+    # Where cost_usd came from; None when the cost is unknown.
+    cost_source: CostSource | None = None
     ttft_ms: float | None = None
     duration_ms: float = 0.0
     finish_reason: str | None = None

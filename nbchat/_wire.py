@@ -19,14 +19,19 @@ from ._text import valid_data
 from ._types import RequestUsage
 
 __all__ = [
+    "Choice",
     "Chunk",
+    "Delta",
     "FunctionDelta",
     "SSEParser",
     "ToolCallChunk",
+    "context_window_from_models",
+    "context_window_from_props",
     "error_from_body",
     "parse_chunk",
     "request_usage",
     "token_count",
+    "truncation_notice",
 ]
 
 
@@ -49,16 +54,20 @@ class ToolCallChunk(_Wire):
     function: FunctionDelta | None = None
 
 
-class _Delta(_Wire):
+class Delta(_Wire):
+    """What one chunk adds to the message: text, reasoning, tool-call pieces."""
+
     content: str | None = None
     reasoning_content: str | None = None
     reasoning: str | None = None
     tool_calls: list[ToolCallChunk] | None = None
 
 
-class _Choice(_Wire):
-    delta: _Delta | None = None
-    message: _Delta | None = None  # non-streamed replies carry the whole message here
+class Choice(_Wire):
+    """One choice of a chunk: its delta (or whole message) and finish reason."""
+
+    delta: Delta | None = None
+    message: Delta | None = None  # non-streamed replies carry the whole message here
     finish_reason: str | None = None
 
 
@@ -94,8 +103,20 @@ def _object_or_none(value: Any) -> Any:
 _TokenCount = Annotated[int | None, BeforeValidator(token_count)]
 
 
+def _cost_or_none(value: Any) -> float | None:
+    """A reported cost in USD: a finite non-negative number, else ``None`` (unknown)."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    try:
+        cost = float(value)
+    except ValueError:
+        return None
+    return cost if math.isfinite(cost) and cost >= 0 else None
+
+
 class _TokenDetails(_Wire):
     cached_tokens: _TokenCount = None
+    cache_write_tokens: _TokenCount = None
     reasoning_tokens: _TokenCount = None
 
 
@@ -103,17 +124,26 @@ _Details = Annotated[_TokenDetails | None, BeforeValidator(_object_or_none)]
 
 
 class _Usage(_Wire):
+    # Chat completions names, then the Responses API's names for the same counts.
     prompt_tokens: _TokenCount = None
     completion_tokens: _TokenCount = None
     prompt_tokens_details: _Details = None
     completion_tokens_details: _Details = None
+    input_tokens: _TokenCount = None
+    output_tokens: _TokenCount = None
+    input_tokens_details: _Details = None
+    output_tokens_details: _Details = None
+    # Anthropic-compatible servers (and LiteLLM) report cache writes at the top level.
+    cache_creation_input_tokens: _TokenCount = None
+    # OpenRouter reports what the request cost, in USD.
+    cost: Annotated[float | None, BeforeValidator(_cost_or_none)] = None
 
 
 class Chunk(_Wire):
     """One streamed ``chat.completion.chunk`` (or a whole non-streamed reply)."""
 
     model: str | None = None
-    choices: list[_Choice] = []
+    choices: list[Choice] = []
     # Validated by _Usage once it arrives (one chunk in thousands), not on every chunk.
     usage: Any = None
     error: dict[str, Any] | None = None
@@ -138,13 +168,84 @@ def request_usage(raw: Any) -> RequestUsage | None:
     if not isinstance(raw, dict):
         return None
     u = _Usage.model_validate(raw)
-    prompt_details = u.prompt_tokens_details or _TokenDetails()
-    completion_details = u.completion_tokens_details or _TokenDetails()
+    prompt_details = u.prompt_tokens_details or u.input_tokens_details or _TokenDetails()
+    completion_details = u.completion_tokens_details or u.output_tokens_details or _TokenDetails()
+    cache_write = prompt_details.cache_write_tokens
+    if cache_write is None:
+        cache_write = u.cache_creation_input_tokens
     return RequestUsage(
-        prompt_tokens=u.prompt_tokens,
-        completion_tokens=u.completion_tokens,
+        prompt_tokens=u.prompt_tokens if u.prompt_tokens is not None else u.input_tokens,
+        completion_tokens=(
+            u.completion_tokens if u.completion_tokens is not None else u.output_tokens
+        ),
         cached_tokens=prompt_details.cached_tokens,
         reasoning_tokens=completion_details.reasoning_tokens,
+        cache_write_tokens=cache_write,
+        reported_cost_usd=u.cost,
+    )
+
+
+# ------------------------------------------------------------ what servers say about themselves
+
+# Where servers put a model's context window in their /models entries: vLLM, OpenRouter,
+# Groq and others, LM Studio, LiteLLM.
+_WINDOW_KEYS = (
+    "max_model_len",
+    "context_length",
+    "context_window",
+    "max_context_length",
+    "max_input_tokens",
+)
+
+
+def context_window_from_models(body: Any, model: str) -> int | None:
+    """The context window a ``GET /models`` answer gives for ``model``, if any."""
+    data = body.get("data") if isinstance(body, dict) else None
+    for entry in data if isinstance(data, list) else []:
+        if isinstance(entry, dict) and entry.get("id") == model:
+            for key in _WINDOW_KEYS:
+                window = token_count(entry.get(key))
+                if window:
+                    return window
+            top = entry.get("top_provider")
+            if isinstance(top, dict) and token_count(top.get("context_length")):
+                return token_count(top.get("context_length"))
+    return None
+
+
+def context_window_from_props(body: Any) -> int | None:
+    """``n_ctx`` from llama.cpp's ``GET /props`` (the size the server was started with)."""
+    if not isinstance(body, dict):
+        return None
+    settings = body.get("default_generation_settings")
+    for place in (settings, body):
+        if isinstance(place, dict) and token_count(place.get("n_ctx")):
+            return token_count(place.get("n_ctx"))
+    return None
+
+
+# A prompt the server counted at under this share of the calibrated estimate was cut.
+TRUNCATION_RATIO = 0.6
+# Below this many estimated tokens an estimate is too rough to call anything a cut.
+TRUNCATION_MIN_TOKENS = 1000
+
+
+def truncation_notice(estimated: int, reported: int | None, window: int | None) -> str | None:
+    """One line saying the server probably cut the prompt silently, or ``None``.
+
+    Some servers (llama.cpp, Ollama) drop the start of a prompt longer than their
+    context instead of refusing it: the sign is a reported ``prompt_tokens`` far below
+    what was sent (< 60 % of the calibrated estimate, for a prompt of ≥ 1,000 tokens).
+    """
+    if not reported or estimated < TRUNCATION_MIN_TOKENS:
+        return None
+    if reported >= estimated * TRUNCATION_RATIO:
+        return None
+    fit = f"its context window ({window:,} tokens)" if window else "its context window"
+    return (
+        f"The server counted {reported:,} prompt tokens where about {estimated:,} were sent: "
+        f"it probably cut the conversation to fit {fit} without saying so. Compact or start "
+        "a new session, or give the server a larger context."
     )
 
 

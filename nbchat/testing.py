@@ -1,9 +1,11 @@
 """A fake OpenAI-compatible server for tests: real HTTP on 127.0.0.1, scripted replies.
 
-``FakeOpenAIServer`` speaks ``POST /v1/chat/completions`` (SSE streaming or plain JSON,
-in OpenAI's wire format) and ``GET /v1/models``. You queue the replies it gives, one per
-request, and it records every request it receives. Point the real ``openai`` client, or
-nbchat itself, at ``server.url``:
+``FakeOpenAIServer`` speaks ``POST /v1/chat/completions`` and ``POST /v1/responses`` (the
+Responses API), each as SSE streaming or plain JSON in OpenAI's wire format, and ``GET
+/v1/models`` (plus llama.cpp's ``GET /props``); Azure OpenAI's paths
+(``/openai/deployments/{name}/chat/completions?api-version=...``) reach the same replies.
+You queue the replies it gives, one per request, and it records every request it
+receives. Point the real ``openai`` client, or nbchat itself, at ``server.url``:
 
 ```python
 import openai
@@ -50,6 +52,8 @@ from types import FrameType, TracebackType
 from typing import Any, Literal, Self, cast
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from . import _fake_responses
 
 __all__ = [
     "ErrorSpec",
@@ -160,7 +164,12 @@ class Reply(_Spec):
       portal or a proxy's error page does; for streamed and plain requests alike.
     - Text and arguments may hold lone surrogates (``"\\udcff"``): they go out as the
       JSON escape, as a server that cuts a UTF-16 pair in two sends them.
-    - ``error`` answers an HTTP error instead (see ``ErrorSpec``).
+    - ``error`` answers an HTTP error instead (see ``ErrorSpec``); ``stream_error``
+      streams the reply's content, then reports that error inside the stream (chat: a
+      ``{"error": ...}`` chunk; Responses: an ``error`` event and ``response.failed``).
+    - The same reply serves ``/v1/responses`` in that API's events (see ``_fake_responses``):
+      ``finish_reason="length"`` becomes ``response.incomplete``, ``usage`` is renamed
+      (``input_tokens``...; a dict already using those names is sent as given).
     """
 
     text: str = ""
@@ -181,6 +190,7 @@ class Reply(_Spec):
     raw_status: int = Field(default=200, ge=100, le=599)
     raw_content_type: str = "text/html; charset=utf-8"
     error: ErrorSpec | None = None
+    stream_error: ErrorSpec | None = None
 
     @model_validator(mode="after")
     def _text_or_chunks(self) -> Self:
@@ -207,7 +217,10 @@ def estimate_prompt_tokens(messages: Any) -> int:
 def echo_reply(body: dict[str, Any]) -> Reply:
     """A deterministic reply to a request: ``"Echo: "`` + the last user message's text."""
     last = "(no user message)"
-    for message in reversed(body.get("messages") or []):
+    messages = body.get("messages") or body.get("input") or []
+    if isinstance(messages, str):  # a Responses request may send just a string
+        messages = [{"role": "user", "content": messages}]
+    for message in reversed(messages):
         if isinstance(message, dict) and message.get("role") == "user":
             content = message.get("content")
             if isinstance(content, list):  # multi-part content: keep the text parts
@@ -239,7 +252,11 @@ class FakeOpenAIServer:
     without one answers HTTP 500 saying the queue is empty. With ``context_window=N``, a
     request whose ``estimate_prompt_tokens`` exceeds N is answered 400
     ``context_length_exceeded`` without taking a reply from the queue.
-    ``GET /v1/models`` lists ``models``. Every request body is kept in ``requests``.
+    ``GET /v1/models`` lists ``models``, each card with the fields ``model_info`` gives
+    it (``{"m": {"max_model_len": 8192}}`` as vLLM, ``{"context_length": ...}`` as
+    OpenRouter); ``props`` is answered at ``GET /props`` as llama.cpp does
+    (``{"default_generation_settings": {"n_ctx": 4096}}``; 404 without it). Every request
+    body is kept in ``requests``, its path and query in ``request_paths``.
     """
 
     def __init__(
@@ -250,10 +267,14 @@ class FakeOpenAIServer:
         models: Sequence[str] = ("fake-model",),
         fallback: Reply | str | Fallback | None = None,
         context_window: int | None = None,
+        model_info: dict[str, dict[str, Any]] | None = None,
+        props: dict[str, Any] | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self.models: list[str] = list(models)
+        self.model_info: dict[str, dict[str, Any]] = dict(model_info or {})
+        self.props = props
         self.fallback = fallback
         self.context_window = context_window
         self.disconnects = 0
@@ -263,6 +284,7 @@ class FakeOpenAIServer:
         self._queue: deque[Reply] = deque()
         self._requests: list[dict[str, Any]] = []
         self._headers: list[dict[str, str]] = []
+        self._paths: list[str] = []
         self._cond = threading.Condition()
         self._stopping = threading.Event()  # wakes stalled replies when the server stops
         self._httpd: _HTTPServer | None = None
@@ -402,6 +424,13 @@ class FakeOpenAIServer:
         with self._cond:
             return list(self._headers)
 
+    @property
+    def request_paths(self) -> list[str]:
+        """The path and query of each request in ``requests`` (``/v1/responses``, Azure's
+        ``/openai/deployments/m/chat/completions?api-version=...``)."""
+        with self._cond:
+            return list(self._paths)
+
     def wait_for_requests(self, n: int, timeout: float = 5.0) -> list[dict[str, Any]]:
         """Block until at least ``n`` requests arrived; returns them. Raises TimeoutError."""
         with self._cond:
@@ -418,21 +447,25 @@ class FakeOpenAIServer:
             self._queue.clear()
             self._requests.clear()
             self._headers.clear()
+            self._paths.clear()
             self.errors.clear()
             self.disconnects = 0
 
     # ------------------------------------------------------------------ serving
 
-    def _take(self, body: dict[str, Any], headers: dict[str, str]) -> tuple[int, Reply]:
+    def _take(
+        self, body: dict[str, Any], headers: dict[str, str], path: str = ""
+    ) -> tuple[int, Reply]:
         """Record a request and choose its reply; returns (request number, reply)."""
         with self._cond:
             self._requests.append(body)
             self._headers.append(headers)
+            self._paths.append(path)
             number = len(self._requests)
             self._cond.notify_all()
             window = self.context_window
             if window is not None:
-                tokens = estimate_prompt_tokens(body.get("messages", []))
+                tokens = estimate_prompt_tokens(_prompt(body))
                 if tokens > window:
                     return number, Reply(
                         error=ErrorSpec(
@@ -497,7 +530,7 @@ def _usage_for(reply: Reply, body: dict[str, Any], calls: list[tuple[str, str, s
         return usage
     reasoning = reply.reasoning or ""
     generated = len(reasoning) + len(reply.text) + sum(len(n) + len(a) for _, n, a in calls)
-    prompt = estimate_prompt_tokens(body.get("messages", []))
+    prompt = estimate_prompt_tokens(_prompt(body))
     completion = math.ceil(generated / 4)
     return {
         "prompt_tokens": prompt,
@@ -506,6 +539,15 @@ def _usage_for(reply: Reply, body: dict[str, Any], calls: list[tuple[str, str, s
         "prompt_tokens_details": {"cached_tokens": 0},
         "completion_tokens_details": {"reasoning_tokens": math.ceil(len(reasoning) / 4)},
     }
+
+
+def _prompt(body: dict[str, Any]) -> Any:
+    """The prompt a request sends: chat ``messages``, or a Responses request's input."""
+    if "messages" in body or "input" not in body:
+        return body.get("messages", [])
+    from ._fake_responses import prompt_of
+
+    return prompt_of(body)
 
 
 def _completion(reply: Reply, body: dict[str, Any], number: int) -> bytes:
@@ -602,7 +644,11 @@ def _stream_events(reply: Reply, body: dict[str, Any], number: int) -> list[byte
         per_call.append(deltas)
     for group in itertools.zip_longest(*per_call):  # round-robin: fragments interleave
         events += [ev({"tool_calls": [d]}) for d in group if d is not None]
-    events.append(ev({}, reply.finish_reason or _finish(calls)))
+    if reply.stream_error is not None:
+        events.append(b"data: " + _dumps(reply.stream_error.body()) + b"\n\n")
+        with_usage = False
+    else:
+        events.append(ev({}, reply.finish_reason or _finish(calls)))
     if with_usage:
         events.append(
             b"data: " + _with_usage(_dumps({**head, "choices": []}), reply, usage) + b"\n\n"
@@ -615,10 +661,12 @@ def _stream_events(reply: Reply, body: dict[str, Any], number: int) -> list[byte
 def _reshaped(event: bytes, reply: Reply) -> bytes:
     """One encoded ``data: ...\\n\\n`` event in the reply's SSE variant."""
     if reply.multiline_data:
-        payload = event[len(b"data: ") :].rstrip(b"\n")
+        head, _, rest = event.partition(b"data: ")  # head: an "event: ..." line, or nothing
+        payload = rest.rstrip(b"\n")
         if payload != b"[DONE]":
             pretty = _dumps(json.loads(payload), indent=1)
-            event = b"".join(b"data: " + line + b"\n" for line in pretty.split(b"\n")) + b"\n"
+            lines = b"".join(b"data: " + line + b"\n" for line in pretty.split(b"\n"))
+            event = head + lines + b"\n"
     if reply.line_ending != "\n":
         event = event.replace(b"\n", reply.line_ending.encode())
     return event
@@ -690,15 +738,28 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _path(self) -> str:
         path = self.path.split("?", 1)[0].rstrip("/")
+        if path.startswith("/openai/"):  # Azure: /openai[/v1][/deployments/NAME]/...
+            path = path.removeprefix("/openai")
+            if path.startswith("/deployments/"):
+                path = "/" + path.removeprefix("/deployments/").partition("/")[2]
         return path.removeprefix("/v1")
 
     def do_GET(self) -> None:
         """``GET /v1/models`` and ``GET /v1/models/{id}``."""
         path = self._path()
         cards = [
-            {"id": m, "object": "model", "created": 0, "owned_by": "nbchat-fake"}
+            {
+                "id": m,
+                "object": "model",
+                "created": 0,
+                "owned_by": "nbchat-fake",
+                **self.fake.model_info.get(m, {}),
+            }
             for m in self.fake.models
         ]
+        if path == "/props" and self.fake.props is not None:
+            self._send_json(200, self.fake.props)
+            return
         if path == "/models":
             self._send_json(200, {"object": "list", "data": cards})
             return
@@ -712,10 +773,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_error(ErrorSpec(status=404, message=message, code="model_not_found"))
 
     def do_POST(self) -> None:
-        """``POST /v1/chat/completions``: answer with the next scripted reply."""
+        """``POST /v1/chat/completions`` or ``/v1/responses``: the next scripted reply."""
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length)
-        if self._path() != "/chat/completions":
+        route = self._path()
+        if route not in ("/chat/completions", "/responses"):
             self._send_error(ErrorSpec(status=404, message=f"Invalid URL (POST {self.path})"))
             return
         try:
@@ -728,19 +790,37 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {
             k.lower(): v for k, v in self.headers.items() if k.lower() not in _SECRET_HEADERS
         }
-        number, reply = self.fake._take(body, headers)
+        number, reply = self.fake._take(body, headers, self.path)
         stream = bool(body.get("stream"))
+        responses = route == "/responses"
         try:
             if reply.error is not None:
                 self._send_error(reply.error, self.headers.get("Authorization"))
             elif reply.raw_body is not None:
                 self._send_raw(reply.raw_status, reply.raw_body.encode(), reply.raw_content_type)
+            elif stream and responses:
+                events = _fake_responses.response_stream(
+                    reply,
+                    body,
+                    number,
+                    _calls(reply, number),
+                    _usage_for(reply, body, _calls(reply, number)),
+                )
+                events = [_reshaped(e, reply) for e in events]
+                self._send_stream(events, reply, number, done=False)
             elif stream:
                 self._send_stream(_stream_events(reply, body, number), reply, number)
             elif reply.cut_after is not None:
                 self.close_connection = True  # dropped before any byte of the answer
             else:
-                payload = _completion(reply, body, number)
+                calls = _calls(reply, number)
+                payload = (
+                    _fake_responses.response_object(
+                        reply, body, number, calls, _usage_for(reply, body, calls)
+                    )
+                    if responses
+                    else _completion(reply, body, number)
+                )
                 time.sleep(reply.delay)
                 if reply.stall_after is not None:
                     self.fake._stopping.wait(reply.stall_seconds)
@@ -751,7 +831,9 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as exc:  # a bug in the fake or in a scripted reply: tell the client
             self._send_error(self.fake._internal_error(f"could not answer: {exc!r}"))
 
-    def _send_stream(self, events: list[bytes], reply: Reply, number: int) -> None:
+    def _send_stream(
+        self, events: list[bytes], reply: Reply, number: int, *, done: bool = True
+    ) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
         self.send_header("Cache-Control", "no-cache")
@@ -760,7 +842,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         cut = reply.cut_after
         frames = [_frame(e) for e in (events if cut is None else events[:cut])]
-        tail = _frame(_reshaped(b"data: [DONE]\n\n", reply)) + _END if cut is None else b""
+        tail = b"" if cut is not None else _END
+        if cut is None and done:  # the Responses API has no [DONE]
+            tail = _frame(_reshaped(b"data: [DONE]\n\n", reply)) + _END
         stall = reply.stall_after
         if reply.delay or stall is not None:
             for i, f in enumerate(frames):

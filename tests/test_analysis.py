@@ -183,6 +183,8 @@ def test_usage_has_one_row_per_request_with_unknowns_kept(store: Store) -> None:
         "duration_ms",
         "finish_reason",
         "error",
+        "estimated_prompt_tokens",
+        "estimated_cost_usd",
         "id",
     ]
     assert len(df) == 4 and df["created_at"].is_monotonic_increasing

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from nbchat import ModelAPIError
-from nbchat._client import ModelClient, RoundFolder
+from nbchat._client import ModelClient, RoundFolder, truncation_notice
 from nbchat._config import resolve_client
 from nbchat._types import Event
 from nbchat.testing import FakeOpenAIServer
@@ -71,3 +71,65 @@ def test_http_error_keeps_status_code_and_server_code(fake: FakeOpenAIServer) ->
 def test_list_models(fake: FakeOpenAIServer) -> None:
     fake.models = ["zeta", "alpha"]
     assert asyncio.run(client_for(fake).list_models()) == ["alpha", "zeta"]
+
+
+# --------------------------------------------------------------------------- what servers report
+
+
+@pytest.mark.parametrize(
+    ("server_kw", "window"),
+    [
+        ({"model_info": {"m": {"max_model_len": 8192}}}, 8192),  # vLLM
+        ({"model_info": {"m": {"context_length": 131072}}}, 131072),  # OpenRouter
+        ({"props": {"default_generation_settings": {"n_ctx": 4096}}}, 4096),  # llama.cpp
+        ({}, None),  # says nothing
+    ],
+)
+def test_context_window_from_the_server_asked_once(
+    server_kw: dict[str, Any], window: int | None
+) -> None:
+    with FakeOpenAIServer(models=["m", "other"], **server_kw) as server:
+        client = client_for(server)
+        assert client.cached_context_window() is None
+        assert asyncio.run(client.context_window()) == window
+        server.models = []  # a second ask would now find nothing: the answer is cached
+        server.props = None
+        assert asyncio.run(client.context_window()) == window
+        assert client.cached_context_window() == window
+        assert server.requests == [], "asking is GETs only, no chat request"
+
+
+def test_context_window_of_an_unreachable_server_is_none() -> None:
+    with FakeOpenAIServer() as server:
+        url = server.url
+    client = ModelClient(resolve_client("m", url, "k"), max_retries=0)
+    assert asyncio.run(client.context_window()) is None
+
+
+def test_truncation_notice() -> None:
+    assert truncation_notice(10_000, 9_000, 8192) is None  # close enough: not cut
+    assert truncation_notice(500, 100, None) is None  # too small to judge
+    assert truncation_notice(10_000, None, None) is None  # nothing reported
+    notice = truncation_notice(10_000, 4_000, 4096)
+    assert notice is not None and "\n" not in notice
+    assert "4,000" in notice and "10,000" in notice and "4,096 tokens" in notice
+    assert "context window" in (truncation_notice(10_000, 5_999, None) or "")
+
+
+def test_server_reported_cost_and_cache_writes(fake: FakeOpenAIServer) -> None:
+    fake.enqueue(
+        "x",
+        usage={
+            "prompt_tokens": 100,
+            "completion_tokens": 10,
+            "cache_creation_input_tokens": 30,
+            "cost": 0.0042,
+        },
+    )
+    client = client_for(fake)
+    folder = RoundFolder()
+    run(client, folder)
+    event = client.usage_event(folder, None)
+    assert event.cost_usd == 0.0042 and event.cost_source == "server"
+    assert event.usage is not None and event.usage.cache_write_tokens == 30
+    assert event.usage.reported_cost_usd == 0.0042

@@ -613,3 +613,77 @@ def test_lone_surrogates_go_out_as_json_escapes(server: FakeOpenAIServer) -> Non
     assert b'"content":"a\\udcffb"' in body
     r = httpx.post(f"{server.url}/chat/completions", json={"model": "m", "messages": MESSAGES})
     assert b"bad \\ud800 error" in r.content
+
+
+# ---------------------------------------------------------------------- Responses API and more
+
+
+def test_responses_stream_from_the_same_script(server: FakeOpenAIServer) -> None:
+    server.enqueue(
+        "Hi!", reasoning="Greet.", tool_calls=[{"name": "f", "arguments": {"a": 1}}], chunk_size=2
+    )
+    with (
+        httpx.Client(timeout=10) as h,
+        h.stream(
+            "POST", f"{server.url}/responses", json={"model": "m", "input": "hi", "stream": True}
+        ) as r,
+    ):
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = list(r.iter_lines())
+    names = [line[len("event: ") :] for line in lines if line.startswith("event: ")]
+    data = [json.loads(line[len("data: ") :]) for line in lines if line.startswith("data: ")]
+    assert [d["type"] for d in data] == names, "each event: line names its data"
+    assert names[:2] == ["response.created", "response.in_progress"]
+    assert names[-1] == "response.completed" and "[DONE]" not in "".join(lines)
+    text = "".join(d["delta"] for d in data if d["type"] == "response.output_text.delta")
+    summary = "".join(
+        d["delta"] for d in data if d["type"] == "response.reasoning_summary_text.delta"
+    )
+    args = "".join(
+        d["delta"] for d in data if d["type"] == "response.function_call_arguments.delta"
+    )
+    assert (text, summary, args) == ("Hi!", "Greet.", '{"a":1}')
+    usage = data[-1]["response"]["usage"]
+    assert usage["input_tokens"] > 0 and usage["output_tokens"] > 0
+    assert usage["output_tokens_details"]["reasoning_tokens"] == 2
+    assert server.request_paths == ["/v1/responses"]
+
+
+def test_responses_usage_is_renamed_and_extra_fields_kept(
+    server: FakeOpenAIServer, client: openai.OpenAI
+) -> None:
+    server.enqueue("x", usage={"prompt_tokens": 5, "completion_tokens": 2, "cost": 0.01})
+    r = client.responses.create(model="m", input="hi")
+    assert r.usage is not None and (r.usage.input_tokens, r.usage.output_tokens) == (5, 2)
+    assert r.usage.model_extra == {"cost": 0.01}
+    assert server.requests[0]["input"] == "hi"
+
+
+def test_stream_error_on_chat_completions(server: FakeOpenAIServer) -> None:
+    server.enqueue("so far", stream_error={"status": 500, "message": "overloaded"})
+    payloads = sse_payloads(server, {"model": "m", "messages": MESSAGES, "stream": True})
+    assert payloads[-2] == {
+        "error": {"message": "overloaded", "type": "server_error", "param": None, "code": None}
+    }
+    assert payloads[-1] == "[DONE]"
+    assert all(
+        p == "[DONE]" or "error" in p or p["choices"][0]["finish_reason"] is None for p in payloads
+    )
+
+
+def test_model_info_props_and_azure_paths() -> None:
+    info = {"big": {"max_model_len": 32768}}
+    props = {"default_generation_settings": {"n_ctx": 2048}}
+    with FakeOpenAIServer(models=["big"], model_info=info, props=props) as srv, httpx.Client() as h:
+        assert h.get(f"{srv.url}/models").json()["data"][0]["max_model_len"] == 32768
+        root = srv.url.removesuffix("/v1")
+        assert h.get(f"{root}/props").json() == props
+        srv.enqueue("az")
+        url = f"{root}/openai/deployments/dep/chat/completions?api-version=2024-10-21"
+        r = h.post(url, json={"messages": MESSAGES})
+        assert r.json()["choices"][0]["message"]["content"] == "az"
+        assert srv.request_paths == [
+            "/openai/deployments/dep/chat/completions?api-version=2024-10-21"
+        ]
+    with FakeOpenAIServer() as srv, httpx.Client() as h:
+        assert h.get(f"{srv.url.removesuffix('/v1')}/props").status_code == 404

@@ -14,6 +14,7 @@ from nbchat._pricing import (
     forget_price,
     is_free,
     mark_free,
+    price_request,
     provider_for,
     register_price,
     request_cost,
@@ -160,3 +161,26 @@ def test_provider_from_url_pins_the_one_private_genai_prices_use() -> None:
     assert provider_from_url("https://api.openai.com/v1") == "openai"
     assert provider_from_url("https://api.anthropic.com/v1") == "anthropic"
     assert provider_from_url(LOCAL) is None
+
+
+def test_cost_source_says_where_each_cost_came_from() -> None:
+    assert price_request("gpt-4o-mini", OPENAI, USAGE)[2] == "genai-prices"
+    served = USAGE.model_copy(update={"reported_cost_usd": 0.5})
+    assert price_request("gpt-4o-mini", OPENAI, served) == (0.5, "openai", "server")
+    assert price_request("totally-unknown-model-x", OPENAI, USAGE)[2] is None
+    register_price("my-model", input_per_mtok=1, output_per_mtok=1)
+    mark_free("my-free-model")
+    try:
+        assert price_request("my-model", LOCAL, USAGE)[2] == "registered"
+        assert price_request("my-free-model", LOCAL, USAGE)[1:] == ("local", "free")
+    finally:
+        forget_price("my-model")
+        forget_price("my-free-model")
+
+
+def test_cache_writes_are_priced_by_genai_prices() -> None:
+    base = RequestUsage(prompt_tokens=10_000, completion_tokens=0)
+    written = base.model_copy(update={"cache_write_tokens": 10_000})
+    plain, _ = request_cost("claude-3-5-sonnet-latest", None, base)
+    cached, _ = request_cost("claude-3-5-sonnet-latest", None, written)
+    assert plain is not None and cached is not None and cached > plain

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from nbchat._sink import _WRITERS, STORED_KINDS, StoreSink
 from nbchat._store import Store
+from nbchat._store._sink import _WRITERS, STORED_KINDS, StoreSink
 from nbchat._types import (
     Message,
     MessageAdded,
@@ -324,7 +324,7 @@ def test_readers_on_the_main_thread_share_the_connection_with_the_writer(
 def test_an_idle_writer_thread_ends_and_comes_back(
     free_store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from nbchat import _sink
+    from nbchat._store import _sink
 
     monkeypatch.setattr(_sink, "_IDLE_EXIT", 0.05)
     sink = StoreSink(free_store, notify=Notes())
@@ -343,9 +343,9 @@ def test_an_idle_writer_thread_ends_and_comes_back(
 def test_an_unexpected_error_skips_the_event_instead_of_freezing(
     free_store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from nbchat import _sink
+    from nbchat._store import _sink
 
-    def broken(con: Any, event: Any) -> None:
+    def broken(event: Any) -> None:
         raise RuntimeError("a bug in a writer")
 
     monkeypatch.setitem(_sink._WRITERS, "usage", ("requests", broken))

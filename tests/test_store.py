@@ -12,8 +12,8 @@ import duckdb
 import pytest
 
 from nbchat import StoreError
-from nbchat._migrations import MIGRATIONS, migrate
 from nbchat._store import Store
+from nbchat._store._migrations import MIGRATIONS, migrate
 from nbchat._types import (
     CompactionEvent,
     Message,
@@ -88,6 +88,8 @@ EXPECTED_SCHEMA: dict[str, dict[str, str]] = {
         "error": "VARCHAR",
         "created_at": TZ,
         "purpose": "VARCHAR",
+        "estimated_prompt_tokens": "BIGINT",
+        "estimated_cost_usd": "DOUBLE",
     },
     "sessions": {
         "id": "VARCHAR",
@@ -193,10 +195,46 @@ def test_upgrade_from_the_first_migration_keeps_data(db_path: Path) -> None:
         with s._connection() as con:
             assert schema_of(con) == EXPECTED_SCHEMA
             names = [n for (n,) in con.execute("SELECT name FROM _migrations").fetchall()]
-        assert sorted(names) == ["m001_initial", "m002_turns_and_details"]
+        assert sorted(names) == sorted(name for name, _ in MIGRATIONS)
         # Rows written before the upgrade get the new column's default.
         assert rows(s, "SELECT id, cost_usd, purpose FROM requests") == [("r1", 0.5, "chat")]
         assert s.load_session("old").model == "m"
+
+
+def test_upgrade_from_a_v2_store_adds_the_request_estimates(db_path: Path) -> None:
+    with duckdb.connect(str(db_path)) as con:
+        assert migrate(con, stop_after="m002_turns_and_details") == [
+            "m001_initial",
+            "m002_turns_and_details",
+        ]
+        assert "estimated_cost_usd" not in schema_of(con)["requests"]
+        con.execute(
+            "INSERT INTO sessions (id, created_at, model, metadata) VALUES ('v2', now(), 'm', '{}')"
+        )
+        con.execute(
+            "INSERT INTO requests (id, session_id, model, prompt_tokens, cost_usd, created_at)"
+            " VALUES ('r1', 'v2', 'm', 10, 0.5, now())"
+        )
+
+    with Store.open(db_path) as s:
+        with s._connection() as con:
+            assert schema_of(con) == EXPECTED_SCHEMA
+        assert rows(
+            s, "SELECT id, prompt_tokens, estimated_prompt_tokens, estimated_cost_usd FROM requests"
+        ) == [("r1", 10, None, None)]
+        s.write(
+            UsageEvent(
+                session_id="v2",
+                request_id="r2",
+                model="m",
+                usage=RequestUsage(prompt_tokens=12, completion_tokens=3),
+                estimated_prompt_tokens=11,
+                estimated_cost_usd=0.25,
+            )
+        )
+        assert rows(
+            s, "SELECT estimated_prompt_tokens, estimated_cost_usd FROM requests WHERE id = 'r2'"
+        ) == [(11, 0.25)]
 
 
 def test_reopening_applies_no_migration_twice(db_path: Path) -> None:

@@ -10,8 +10,8 @@ import pytest
 
 import nbchat
 from nbchat import StoreError
-from nbchat._migrations import MIGRATIONS
 from nbchat._store import Store, UnstorableRow
+from nbchat._store._migrations import MIGRATIONS
 from nbchat._types import Message, MessageAdded, TurnStarted
 
 
@@ -121,9 +121,9 @@ def test_a_renamed_column_gives_a_clear_error(db_path: Path) -> None:
 
 
 def _release(db_path: Path) -> None:
-    from nbchat import _lease
+    from nbchat._store import cached_lease
 
-    lease = _lease._registry.get(str(db_path.resolve()))
+    lease = cached_lease(str(db_path.resolve()))
     if lease is not None:
         lease.release()
 

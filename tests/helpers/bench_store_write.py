@@ -21,8 +21,8 @@ from pathlib import Path
 
 import duckdb
 
-from nbchat._migrations import migrate
 from nbchat._store import Store
+from nbchat._store._migrations import migrate
 from nbchat._types import Message, MessageAdded, RequestUsage, TextDelta, UsageEvent
 
 CONTENT = "A reply of a few hundred characters, like most chat messages are. " * 5

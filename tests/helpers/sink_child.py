@@ -69,8 +69,8 @@ def turns(path: str, session_id: str, count: str, tool_seconds: str) -> None:
     A line ``{"completed": n}`` is printed only after the barrier at the end of turn n
     returned True: that turn is durable. The parent SIGKILLs this process at random.
     """
-    from nbchat._sink import StoreSink
     from nbchat._store import Store
+    from nbchat._store._sink import StoreSink
 
     store = Store.open(path)
     if not store.has_session(session_id):
@@ -95,9 +95,9 @@ def turns(path: str, session_id: str, count: str, tool_seconds: str) -> None:
 
 def finish_locked(path: str, exit_wait: str, ready: str) -> None:
     """Hand a whole turn to a sink while another process holds the file, then exit normally."""
-    import nbchat._sink as sink_module
-    from nbchat._sink import StoreSink
+    import nbchat._store._sink as sink_module
     from nbchat._store import Store
+    from nbchat._store._sink import StoreSink
 
     sink_module.EXIT_WAIT_S = float(exit_wait)
     store = Store.open(path, lock_timeout=60, linger=0.05)

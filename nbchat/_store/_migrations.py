@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
-from ._exceptions import StoreError
+from .._exceptions import StoreError
 
 __all__ = ["MIGRATIONS", "applied_migrations", "check_not_newer", "migrate"]
 
@@ -156,9 +156,16 @@ def m002_turns_and_details(con: Connection) -> None:
     con.execute("ALTER TABLE compactions ADD COLUMN error VARCHAR")
 
 
+def m003_request_estimates(con: Connection) -> None:
+    """What the budget check estimated before each chat request, beside what it cost."""
+    con.execute("ALTER TABLE requests ADD COLUMN estimated_prompt_tokens BIGINT")
+    con.execute("ALTER TABLE requests ADD COLUMN estimated_cost_usd DOUBLE")
+
+
 MIGRATIONS: list[Migration] = [
     ("m001_initial", m001_initial),
     ("m002_turns_and_details", m002_turns_and_details),
+    ("m003_request_estimates", m003_request_estimates),
 ]
 
 

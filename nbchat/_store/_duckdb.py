@@ -1,12 +1,13 @@
-"""The DuckDB store: sessions, the rows of the event stream, and the reads, in one file
+"""The DuckDB backend: sessions, the rows of the event stream, and the reads, in one file
 shared by many kernels.
 
-``Store.write()`` writes the rows of each event that completes something (a message, a
+``write()`` writes the rows of each event that completes something (a message, a
 request, a tool call, a compaction, a turn), committed before it returns; stream deltas
 are ignored. It tells the two ways a write fails apart: ``StoreLocked`` (another process
 holds the file: retry) and ``UnstorableRow`` (DuckDB refuses the values: a retry can
 never succeed). Which event becomes which row, and the queue that feeds ``write()`` from
-a background thread, live in ``_sink.py``; how the file is shared, in ``_lease.py``.
+a background thread, live in ``_sink.py``; how the file is shared, in ``_lease.py``; the
+analysis queries, in ``_queries.py``.
 
 Events a process could not write before it exited are kept in a recovery file beside
 the store (``<db>.nbchat-recovery-<pid>.jsonl``), which the next ``Store.open`` writes.
@@ -20,50 +21,22 @@ import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import suppress
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from .._exceptions import StoreError
+from .._types import Event, EventAdapter, Message, ToolCallsAdapter, Usage, utcnow
+from . import Lease, QueryName, Store, UnstorableRow, release_lease
+from ._lease import Access, LeaseOptions, acquire_lease
+from ._queries import QUERIES, SESSION_USAGE, QueryResult, check_select, to_frame
+from ._records import StoredSession
+from ._sink import STORED_KINDS, Insert, RowWrite, message_row, rows_of, utc
 
-from ._config import default_db_path
-from ._exceptions import StoreError
-from ._lease import (
-    Access,
-    Lease,
-    LeaseOptions,
-    StoreLocked,
-    acquire_lease,
-    default_lock_timeout,
-    release_lease,
-)
-from ._sink import (
-    INSERT_MESSAGE,
-    STORED_KINDS,
-    UnstorableRow,
-    first_line,
-    message_params,
-    parsed,
-    utc,
-    write_event,
-)
-from ._types import (
-    Event,
-    EventAdapter,
-    Message,
-    ToolCall,
-    ToolCallsAdapter,
-    utcnow,
-)
+if TYPE_CHECKING:
+    import pandas as pd
 
-__all__ = [
-    "STORED_KINDS",
-    "QueryResult",
-    "Store",
-    "StoreLocked",
-    "StoredSession",
-    "UnstorableRow",
-]
+__all__ = ["DuckDBStore", "warm_up"]
 
 _RECOVERY = ".nbchat-recovery-"
 
@@ -80,103 +53,52 @@ def _from_epoch_us(value: int | None) -> datetime | None:
     return None if value is None else _EPOCH + timedelta(microseconds=value)
 
 
-class StoredSession(BaseModel):
-    """A session as the store has it: its settings and its live (active) messages."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    id: str
-    model: str | None = None
-    system_prompt: str | None = None
-    title: str | None = None
-    parent_id: str | None = None
-    notebook: str | None = None
-    created_at: datetime
-    metadata: dict[str, Any] = Field(default_factory=dict)
-    messages: list[Message] = Field(default_factory=list)
-    max_seq: int = -1
-
-    def pending_tool_calls(self) -> list[ToolCall]:
-        """Tool calls of the last assistant message that have no result yet.
-
-        Non-empty means the process died between storing the assistant's tool calls
-        and storing their results: the session is *pending* (SPEC §2.5).
-        """
-        for index in range(len(self.messages) - 1, -1, -1):
-            message = self.messages[index]
-            if message.role == "assistant" and message.tool_calls:
-                answered = {
-                    later.tool_call_id
-                    for later in self.messages[index + 1 :]
-                    if later.role == "tool"
-                }
-                return [call for call in message.tool_calls if call.id not in answered]
-            if message.role in ("assistant", "user"):
-                return []
-        return []
-
-
-@dataclass(frozen=True)
-class QueryResult:
-    """Rows of a query as numpy columns (masked where NULL), with DuckDB's type names."""
-
-    columns: list[str]
-    types: list[str]
-    data: dict[str, Any]
-
-
-class Store:
+class DuckDBStore(Store):
     """A DuckDB file (or ``:memory:``) holding sessions, messages, requests and more.
 
-    Open with ``Store.open(db)``. The session loop feeds it every event through
-    ``handle()``; the analysis functions read it. Several processes may share one
-    file: each holds it only while it is writing or reading, and waits (bounded by
-    ``lock_timeout`` seconds) for the others.
+    Open with ``Store.open(db)``. Several processes may share one file: each holds it
+    only while it is writing or reading, and waits (bounded by ``lock_timeout``
+    seconds) for the others.
     """
-
-    path: str
 
     def __init__(self, lease: Lease, *, lock_timeout: float) -> None:
         """Use ``Store.open()``; this wraps an already-open lease."""
         self._lease: Lease | None = lease
         self._lock_timeout = lock_timeout
-        self.path = lease.path
+        self.path = lease.key
         # What the last open wrote from recovery files (also a UserWarning), or None.
         self.recovered: str | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
     @classmethod
-    def open(
+    def _connect(
         cls,
-        db: str | os.PathLike[str] | None = None,
+        raw: str,
         *,
-        lock_timeout: float | None = None,
+        lock_timeout: float,
         linger: float = 0.5,
         min_hold: float = 0.1,
         sync_every_write: bool = False,
-    ) -> Store:
-        """Open (creating and migrating if needed) the store at ``db``.
+        **options: Any,
+    ) -> DuckDBStore:
+        """Open the file (or ``:memory:``) at ``raw``.
 
-        ``None`` means ``NBCHAT_DB`` or ``~/.nbchat/nbchat.duckdb``; ``":memory:"`` is
-        a private in-memory store that lives as long as this object. ``lock_timeout``
-        bounds how long any operation waits for another process (default 15 s, or
-        ``NBCHAT_DB_LOCK_TIMEOUT``). ``linger`` is how long the file stays attached
-        after the last use, ``min_hold`` how long a busy process keeps it before handing
-        it to a waiting one. By default a write reaches the operating system before
-        ``handle()`` returns (safe if the process dies) and is flushed to disk when the
-        file is let go; ``sync_every_write=True`` flushes every write
-        (safe against power loss, slower). ``linger``, ``min_hold`` and
-        ``sync_every_write`` are fixed by the first ``open`` of a path in a process.
+        ``linger`` is how long the file stays attached after the last use, ``min_hold``
+        how long a busy process keeps it before handing it to a waiting one. By default
+        a write reaches the operating system before ``write()`` returns (safe if the
+        process dies) and is flushed to disk when the file is let go;
+        ``sync_every_write=True`` flushes every write (safe against power loss,
+        slower). The three are fixed by the first ``open`` of a path in a process.
         """
-        raw = default_db_path() if db is None else os.fspath(db)
-        if not raw:
-            raise StoreError("The store path is empty; pass db= a file path or ':memory:'.")
-        options = LeaseOptions(linger=linger, min_hold=min_hold, sync_every_write=sync_every_write)
-        timeout = default_lock_timeout() if lock_timeout is None else float(lock_timeout)
-        lease = acquire_lease(raw, options, timeout)
-        store = cls(lease, lock_timeout=timeout)
-        if lease.path != ":memory:" and glob.glob(glob.escape(lease.path) + _RECOVERY + "*"):
+        if options:
+            raise TypeError(f"unexpected store options: {', '.join(sorted(options))}")
+        lease_options = LeaseOptions(
+            linger=linger, min_hold=min_hold, sync_every_write=sync_every_write
+        )
+        lease = acquire_lease(raw, lease_options, lock_timeout)
+        store = cls(lease, lock_timeout=lock_timeout)
+        if lease.key != ":memory:" and glob.glob(glob.escape(lease.key) + _RECOVERY + "*"):
             try:
                 store._import_recovery()
             except BaseException:
@@ -184,25 +106,19 @@ class Store:
                 raise
         return store
 
-    def close(self) -> None:
-        """Release this handle; the file is closed when no other handle in the process uses it."""
+    def close(self, *, linger: bool = False) -> None:
+        """Release this handle; the file is let go when no other handle in the process uses it.
+
+        ``linger=True`` keeps it attached for the lease's linger (0.5 s) after the last use.
+        """
         lease, self._lease = self._lease, None
         if lease is not None:
-            release_lease(lease)
+            release_lease(lease, linger=linger)
 
     @property
     def closed(self) -> bool:
         """Whether ``close()`` was called."""
         return self._lease is None
-
-    def __enter__(self) -> Store:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"Store({self.path!r}{', closed' if self.closed else ''})"
 
     @property
     def lock_timeout(self) -> float:
@@ -258,7 +174,8 @@ class Store:
                     row,
                 )
                 for message in messages:
-                    con.execute(INSERT_MESSAGE, message_params(session_id, message))
+                    # A failed statement ends a transaction: upsert at once, no plain try.
+                    _insert(con, message_row(session_id, message), upsert=True)
                 con.execute("COMMIT")
             except _duckdb().ConstraintException as exc:
                 con.execute("ROLLBACK")
@@ -293,6 +210,17 @@ class Store:
             "SELECT id FROM sessions WHERE ? IS NULL OR notebook = ?"
             " ORDER BY created_at DESC, id DESC LIMIT 1",
             [notebook, notebook],
+        )
+        return str(rows[0][0]) if rows else None
+
+    def session_for_cell(self, cell_id: str, notebook: str | None = None) -> str | None:
+        """The latest session whose live messages include a user message from ``cell_id``."""
+        rows = self._fetchall(
+            "SELECT m.session_id FROM messages m JOIN sessions s ON s.id = m.session_id"
+            " WHERE m.role = 'user' AND m.state = 'active' AND m.cell_id = ?"
+            " AND (? IS NULL OR s.notebook = ?)"
+            " ORDER BY m.created_at DESC, m.seq DESC LIMIT 1",
+            [cell_id, notebook, notebook],
         )
         return str(rows[0][0]) if rows else None
 
@@ -331,20 +259,8 @@ class Store:
 
     # ------------------------------------------------------------------ events
 
-    def handle(self, event: Event) -> None:
-        """Persist one event of the session loop; deltas and notices are ignored.
-
-        The row is written (and committed) before this returns.
-        """
-        self.write(event)
-
     def write(self, event: Event, *, timeout: float | None = None) -> None:
-        """Write one event's rows now, waiting up to ``timeout`` s (default ``lock_timeout``).
-
-        Raises ``StoreLocked`` if another process held the file all along (retry later),
-        ``UnstorableRow`` if DuckDB refuses the values (never retry), ``StoreError``
-        otherwise (the disk, a closed store: possibly worth a retry).
-        """
+        """Write one event's rows now, waiting up to ``timeout`` s (default ``lock_timeout``)."""
         if event.kind not in STORED_KINDS:
             return
         with self._connection(timeout) as con:
@@ -421,6 +337,35 @@ class Store:
 
     # ------------------------------------------------------------------ reading
 
+    def session_usage(self, session_id: str) -> Usage:
+        """What a stored session already spent (every request, summaries included)."""
+        [row] = self._fetchall(SESSION_USAGE, [session_id])
+        requests, prompt, completion, cached, reasoning, cost = row
+        return Usage(
+            requests=int(requests),
+            prompt_tokens=None if prompt is None else int(prompt),
+            completion_tokens=None if completion is None else int(completion),
+            cached_tokens=int(cached),
+            reasoning_tokens=int(reasoning),
+            cost_usd=None if cost is None else float(cost),
+        )
+
+    def frame(self, name: QueryName, **params: Any) -> pd.DataFrame:
+        """The named analysis query (``_queries.QUERIES``) as a DataFrame."""
+        query = QUERIES[name]
+        return to_frame(self.query(query.sql, query.bind(params)), query.json_columns)
+
+    def sql(
+        self,
+        query: str,
+        params: Sequence[Any] | Mapping[str, Any] | None = None,
+        *,
+        allow_files: bool = False,
+    ) -> pd.DataFrame:
+        """Run one user SELECT, read-only and sandboxed (see ``query_read_only``)."""
+        check_select(query)
+        return to_frame(self.query_read_only(query, params, allow_files=allow_files))
+
     def query(self, sql: str, params: Sequence[Any] | None = None) -> QueryResult:
         """Run one query built by nbchat (parameterised) and return its columns."""
         with self._connection() as con:
@@ -473,6 +418,11 @@ def _result(cursor: Any) -> QueryResult:
     return QueryResult(columns=columns, types=types, data=dict(data))
 
 
+def warm_up() -> None:
+    """Import DuckDB and open (and close) a throwaway in-memory database."""
+    _duckdb().connect(":memory:").close()
+
+
 def _duckdb() -> Any:
     import duckdb
 
@@ -497,3 +447,84 @@ def _message_from_row(row: tuple[Any, ...]) -> Message:
         state=state,
         created_at=_from_epoch_us(created_us),
     )
+
+
+# ------------------------------------------------------------------ rows -> DuckDB
+
+
+def write_event(con: Any, event: Event) -> None:
+    """Write ``event``'s rows (``_sink.rows_of``) on the open connection.
+
+    Raises ``UnstorableRow`` if DuckDB refuses the values; other DuckDB errors pass.
+    """
+    entry = rows_of(event)
+    if entry is None:
+        return
+    table, writes = entry
+    duckdb = _duckdb()
+    try:
+        for write in writes:
+            _apply(con, write)
+    except (duckdb.DataError, duckdb.IntegrityError) as exc:
+        # Conversion (2**64 into BIGINT, NaN, bad JSON), out of range, a NOT NULL.
+        raise UnstorableRow(table, first_line(exc)) from exc
+    except (duckdb.BinderException, duckdb.CatalogException) as exc:
+        raise UnstorableRow(
+            table, f"the store's schema is not the one this nbchat expects ({first_line(exc)})"
+        ) from exc
+    except duckdb.InvalidInputException as exc:
+        # The Python value itself cannot be converted (an int past 128 bits, a lone surrogate).
+        raise UnstorableRow(table, first_line(exc)) from exc
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise UnstorableRow(table, f"{type(exc).__name__}: {exc}") from exc
+
+
+def _apply(con: Any, write: RowWrite) -> None:
+    # Table and column names are fixed strings of _sink, never user text.
+    if isinstance(write, Insert):
+        _insert(con, write)
+        return
+    names = list(write.values)
+    assignments = ", ".join(f"{name} = ?" for name in names)
+    if len(write.keys) == 1:
+        where, keys = f"{write.key} = ?", write.keys[0]
+    else:
+        where, keys = f"list_contains(?, {write.key})", write.keys
+    if write.only_if_null:
+        where += f" AND {write.only_if_null} IS NULL"
+    params = [*(write.values[name] for name in names), keys]
+    updated = con.execute(
+        parsed(f"UPDATE {write.table} SET {assignments} WHERE {where}"), params
+    ).fetchone()
+    if write.otherwise is not None and (not updated or not updated[0]):
+        _insert(con, write.otherwise)
+
+
+def _insert(con: Any, row: Insert, *, upsert: bool = False) -> None:
+    """Insert one row; a row with the same id is replaced (a replayed event), or kept.
+
+    A plain INSERT is about three times cheaper in DuckDB than an upsert, so the
+    upsert runs only when the plain insert meets an existing id (or with ``upsert``).
+    """
+    names = ", ".join(row.columns)
+    marks = ", ".join("?" * len(row.columns))
+    verb = "INSERT OR IGNORE" if row.keep else "INSERT OR REPLACE"
+    if upsert:
+        con.execute(parsed(f"{verb} INTO {row.table} ({names}) VALUES ({marks})"), row.values)
+        return
+    try:
+        con.execute(parsed(f"INSERT INTO {row.table} ({names}) VALUES ({marks})"), row.values)
+    except _duckdb().ConstraintException:
+        con.execute(f"{verb} INTO {row.table} ({names}) VALUES ({marks})", row.values)
+
+
+@lru_cache(maxsize=64)
+def parsed(sql: str) -> Any:
+    """``sql`` parsed once: DuckDB's parser is a large part of a one-row INSERT's cost
+    (~30%), and a parsed statement can be executed again and again."""
+    return _duckdb().extract_statements(sql)[0]
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of a DuckDB error (its kind and message, without the query excerpt)."""
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -1,9 +1,9 @@
 """The store as a consumer of the event stream: which events become which rows, a queue,
 and the writer thread that empties it.
 
-``write_event(con, event)`` is the one mapping of events to rows (``_WRITERS``: kind ->
-table and writer); ``STORED_KINDS`` derives from it. Values DuckDB can never take
-become ``UnstorableRow``.
+``rows_of(event)`` is the one mapping of events to rows (``_WRITERS``: kind -> table and
+writer), as ``Insert`` and ``Update`` values a backend applies in its own SQL;
+``STORED_KINDS`` derives from it. Values a backend can never take become ``UnstorableRow``.
 
 ``StoreSink.handle(event)`` is on the per-token path, so it never touches the file:
 events the store keeps go on a queue, everything else (deltas, notices) costs one set
@@ -38,14 +38,13 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
-from ._exceptions import StoreError
-from ._lease import StoreLocked
-from ._types import (
+from .._exceptions import StoreError
+from .._types import (
     CompactionEvent,
     Event,
     Message,
@@ -59,11 +58,23 @@ from ._types import (
     UsageEvent,
     utcnow,
 )
+from . import StoreLocked, UnstorableRow
 
 if TYPE_CHECKING:
-    from ._store import Store
+    from . import Store
 
-__all__ = ["ATTEMPT_S", "EXIT_WAIT_S", "STORED_KINDS", "StoreSink", "UnstorableRow", "write_event"]
+__all__ = [
+    "ATTEMPT_S",
+    "EXIT_WAIT_S",
+    "STORED_KINDS",
+    "Insert",
+    "RowWrite",
+    "StoreSink",
+    "Update",
+    "message_row",
+    "rows_of",
+    "session_title",
+]
 
 ATTEMPT_S = 0.5  # one attempt's wait for the file: short, so stopping is quick
 EXIT_WAIT_S = 5.0  # at interpreter exit, the longest wait for all sinks to drain
@@ -299,53 +310,47 @@ def _drain_at_exit() -> None:
 
 
 # --------------------------------------------------------------------------- event -> rows
+# What each stored event writes, as rows any backend can apply: the backend owns the
+# SQL (its upsert, its list syntax) and tells unstorable values from other failures.
 
 
-class UnstorableRow(StoreError):
-    """DuckDB refused an event's values (out of range, wrong type, a constraint): retrying
-    cannot help, so the writer skips the row and says so."""
+@dataclass(frozen=True)
+class Insert:
+    """One row of ``table``; a row with the same id is replaced (a replayed event), or
+    kept as it is when ``keep``."""
 
-    def __init__(self, table: str, reason: str) -> None:
-        super().__init__(f"A row of {table} cannot be stored: {reason}")
-        self.table = table
-        self.reason = reason
+    table: str
+    columns: tuple[str, ...]
+    values: list[Any]
+    keep: bool = False
 
 
-def write_event(con: Any, event: Event) -> None:
-    """Write ``event``'s rows on the open connection (nothing for deltas and notices).
+@dataclass(frozen=True)
+class Update:
+    """Set ``values`` on the rows of ``table`` whose ``key`` column is one of ``keys``.
 
-    Raises ``UnstorableRow`` if DuckDB refuses the values; other DuckDB errors pass.
+    ``only_if_null`` limits it to rows where that column is NULL; ``otherwise`` is
+    inserted when no row matched.
     """
+
+    table: str
+    values: dict[str, Any]
+    key: str
+    keys: list[Any]
+    only_if_null: str | None = None
+    otherwise: Insert | None = None
+
+
+RowWrite = Insert | Update
+
+
+def rows_of(event: Event) -> tuple[str, list[RowWrite]] | None:
+    """The table ``event`` is stored in and the rows it writes; ``None`` if it is not stored."""
     entry = _WRITERS.get(event.kind)
     if entry is None:
-        return
+        return None
     table, writer = entry
-    duckdb = _duckdb()
-    try:
-        writer(con, event)
-    except (duckdb.DataError, duckdb.IntegrityError) as exc:
-        # Conversion (2**64 into BIGINT, NaN, bad JSON), out of range, a NOT NULL.
-        raise UnstorableRow(table, first_line(exc)) from exc
-    except (duckdb.BinderException, duckdb.CatalogException) as exc:
-        raise UnstorableRow(
-            table, f"the store's schema is not the one this nbchat expects ({first_line(exc)})"
-        ) from exc
-    except duckdb.InvalidInputException as exc:
-        # The Python value itself cannot be converted (an int past 128 bits, a lone surrogate).
-        raise UnstorableRow(table, first_line(exc)) from exc
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise UnstorableRow(table, f"{type(exc).__name__}: {exc}") from exc
-
-
-def _duckdb() -> Any:
-    import duckdb
-
-    return duckdb
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of a DuckDB error (its kind and message, without the query excerpt)."""
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return table, writer(event)
 
 
 def utc(value: datetime) -> datetime:
@@ -353,31 +358,6 @@ def utc(value: datetime) -> datetime:
     if value.tzinfo is None:
         return value.replace(tzinfo=UTC)
     return value.astimezone(UTC)
-
-
-@lru_cache(maxsize=64)
-def parsed(sql: str) -> Any:
-    """``sql`` parsed once: DuckDB's parser is a large part of a one-row INSERT's cost
-    (~30%), and a parsed statement can be executed again and again."""
-    return _duckdb().extract_statements(sql)[0]
-
-
-def _insert(
-    con: Any, table: str, columns: Sequence[str], values: Sequence[Any], *, keep: bool = False
-) -> None:
-    """Insert one row; a row with the same id is replaced (a replayed event), or kept.
-
-    A plain INSERT is about three times cheaper in DuckDB than an upsert, so the
-    upsert runs only when the plain insert meets an existing id.
-    """
-    names = ", ".join(columns)
-    marks = ", ".join("?" * len(columns))
-    # Table and column names are fixed strings of this module, never user text.
-    try:
-        con.execute(parsed(f"INSERT INTO {table} ({names}) VALUES ({marks})"), list(values))
-    except _duckdb().ConstraintException:
-        verb = "INSERT OR IGNORE" if keep else "INSERT OR REPLACE"
-        con.execute(f"{verb} INTO {table} ({names}) VALUES ({marks})", list(values))
 
 
 # Column lists in the order the writers pass values.
@@ -388,7 +368,8 @@ _MESSAGE_COLUMNS = (
 _REQUEST_COLUMNS = (
     "id", "session_id", "turn_id", "round", "model", "provider", "prompt_tokens",
     "completion_tokens", "cached_tokens", "reasoning_tokens", "cost_usd", "ttft_ms",
-    "duration_ms", "finish_reason", "error", "purpose", "created_at",
+    "duration_ms", "finish_reason", "error", "purpose", "estimated_prompt_tokens",
+    "estimated_cost_usd", "created_at",
 )  # fmt: skip
 _TOOL_CALL_COLUMNS = (
     "id", "session_id", "turn_id", "round", "call_id", "name", "arguments", "result",
@@ -398,21 +379,18 @@ _COMPACTION_COLUMNS = (
     "id", "session_id", "turn_id", "strategy", "from_seq", "to_seq", "summary",
     "tokens_before", "tokens_after", "model", "cost_usd", "error", "created_at",
 )  # fmt: skip
-_TURN_COLUMNS = (
-    "id", "session_id", "status", "rounds", "requests", "prompt_tokens", "completion_tokens",
-    "cost_usd", "error", "duration_ms", "finished_at", "started_at",
+_TURN_OUTCOME = (
+    "status", "rounds", "requests", "prompt_tokens", "completion_tokens", "cost_usd",
+    "error", "duration_ms", "finished_at",
 )  # fmt: skip
-INSERT_MESSAGE = (
-    f"INSERT OR REPLACE INTO messages ({', '.join(_MESSAGE_COLUMNS)})"
-    f" VALUES ({', '.join('?' * len(_MESSAGE_COLUMNS))})"
-)
 
 
-def message_params(session_id: str, message: Message) -> list[Any]:
+def message_row(session_id: str, message: Message) -> Insert:
+    """The ``messages`` row of one message (a replayed one replaces it)."""
     tool_calls = (
         ToolCallsAdapter.dump_json(message.tool_calls).decode() if message.tool_calls else None
     )
-    return [
+    values = [
         message.id,
         session_id,
         message.seq,
@@ -428,113 +406,119 @@ def message_params(session_id: str, message: Message) -> list[Any]:
         message.state,
         utc(message.created_at),
     ]
+    return Insert("messages", _MESSAGE_COLUMNS, values)
 
 
 # ------------------------------------------------------------------ writers
-# Each writes one event's rows on the open connection.
+# Each gives one event's rows.
 
 
-def _write_message(con: Any, event: MessageAdded) -> None:
-    params = message_params(event.session_id, event.message)
-    _insert(con, "messages", _MESSAGE_COLUMNS, params)
+def _write_message(event: MessageAdded) -> list[RowWrite]:
+    return [message_row(event.session_id, event.message)]
 
 
-def _write_marked(con: Any, event: MessagesMarked) -> None:
-    if event.message_ids:
-        con.execute(
-            parsed("UPDATE messages SET state = ? WHERE list_contains(?, id)"),
-            [event.state, list(event.message_ids)],
-        )
+def _write_marked(event: MessagesMarked) -> list[RowWrite]:
+    if not event.message_ids:
+        return []
+    return [Update("messages", {"state": event.state}, "id", list(event.message_ids))]
 
 
-def _write_usage(con: Any, event: UsageEvent) -> None:
+def _write_usage(event: UsageEvent) -> list[RowWrite]:
     usage = event.usage or RequestUsage()
-    _insert(
-        con,
-        "requests",
-        _REQUEST_COLUMNS,
-        [
-            event.request_id,
-            event.session_id,
-            event.turn_id or None,
-            event.round,
-            event.model,
-            event.provider,
-            usage.prompt_tokens,
-            usage.completion_tokens,
-            usage.cached_tokens,
-            usage.reasoning_tokens,
-            event.cost_usd,
-            event.ttft_ms,
-            event.duration_ms,
-            event.finish_reason,
-            event.error,
-            event.purpose,
-            utcnow(),
-        ],
-    )
+    values = [
+        event.request_id,
+        event.session_id,
+        event.turn_id or None,
+        event.round,
+        event.model,
+        event.provider,
+        usage.prompt_tokens,
+        usage.completion_tokens,
+        usage.cached_tokens,
+        usage.reasoning_tokens,
+        event.cost_usd,
+        event.ttft_ms,
+        event.duration_ms,
+        event.finish_reason,
+        event.error,
+        event.purpose,
+        event.estimated_prompt_tokens,
+        event.estimated_cost_usd,
+        utcnow(),
+    ]
+    return [Insert("requests", _REQUEST_COLUMNS, values)]
 
 
-def _write_tool_result(con: Any, event: ToolResult) -> None:
+def _write_tool_result(event: ToolResult) -> list[RowWrite]:
     call = event.call
     turn_id = call.turn_id or event.turn_id or None
     # The row is keyed by the record's own id: the model's call id is not unique
     # (fakes and some servers reuse "call_0", even within one turn).
-    _insert(
-        con,
-        "tool_calls",
-        _TOOL_CALL_COLUMNS,
-        [
-            call.id,
-            event.session_id,
-            turn_id,
-            call.round,
-            call.call_id,
-            call.name,
-            call.arguments,
-            call.result,
-            call.is_error,
-            call.error_kind,
-            call.duration_ms,
-            utcnow(),
-        ],
-    )
+    values = [
+        call.id,
+        event.session_id,
+        turn_id,
+        call.round,
+        call.call_id,
+        call.name,
+        call.arguments,
+        call.result,
+        call.is_error,
+        call.error_kind,
+        call.duration_ms,
+        utcnow(),
+    ]
+    return [Insert("tool_calls", _TOOL_CALL_COLUMNS, values)]
 
 
-def _write_compaction(con: Any, event: CompactionEvent) -> None:
-    _insert(
-        con,
-        "compactions",
-        _COMPACTION_COLUMNS,
-        [
-            event.compaction_id,
-            event.session_id,
-            event.turn_id or None,
-            event.strategy,
-            event.from_seq,
-            event.to_seq,
-            event.summary,
-            event.tokens_before,
-            event.tokens_after,
-            event.model,
-            event.cost_usd,
-            event.error,
-            utcnow(),
-        ],
-    )
+def _write_compaction(event: CompactionEvent) -> list[RowWrite]:
+    values = [
+        event.compaction_id,
+        event.session_id,
+        event.turn_id or None,
+        event.strategy,
+        event.from_seq,
+        event.to_seq,
+        event.summary,
+        event.tokens_before,
+        event.tokens_after,
+        event.model,
+        event.cost_usd,
+        event.error,
+        utcnow(),
+    ]
+    return [Insert("compactions", _COMPACTION_COLUMNS, values)]
 
 
-def _write_turn_started(con: Any, event: TurnStarted) -> None:
-    _insert(
-        con,
-        "turns",
-        ("id", "session_id", "cell_id", "user_text", "status", "started_at"),
-        [event.turn_id, event.session_id, event.cell_id, event.text, "running", utcnow()],
-        keep=True,  # resume() continues a stored turn under the same id
-    )
+def _write_turn_started(event: TurnStarted) -> list[RowWrite]:
+    writes: list[RowWrite] = [
+        Insert(
+            "turns",
+            ("id", "session_id", "cell_id", "user_text", "status", "started_at"),
+            [event.turn_id, event.session_id, event.cell_id, event.text, "running", utcnow()],
+            keep=True,  # resume() continues a stored turn under the same id
+        )
+    ]
+    title = session_title(event.text)
+    if title:  # a session without a title is named after its first message
+        writes.append(
+            Update("sessions", {"title": title}, "id", [event.session_id], only_if_null="title")
+        )
+    return writes
 
 
-def _write_turn_finished(con: Any, event: TurnFinished) -> None:
+TITLE_CHARS = 60
+
+
+def session_title(text: str | None) -> str | None:
+    """A session's title from its first user message: one line, at most ``TITLE_CHARS``."""
+    words = " ".join((text or "").split())
+    if len(words) <= TITLE_CHARS:
+        return words or None
+    return words[: TITLE_CHARS - 1].rstrip() + "…"
+
+
+def _write_turn_finished(event: TurnFinished) -> list[RowWrite]:
     result = event.result
     now = utcnow()
     turn_id = result.turn_id or event.turn_id
@@ -549,31 +533,24 @@ def _write_turn_finished(con: Any, event: TurnFinished) -> None:
         result.duration_ms,
         now,
     ]
-    updated = con.execute(
-        parsed(
-            "UPDATE turns SET status = ?, rounds = ?, requests = ?, prompt_tokens = ?,"
-            " completion_tokens = ?, cost_usd = ?, error = ?, duration_ms = ?,"
-            " finished_at = ? WHERE id = ?"
-        ),
-        [*outcome, turn_id],
-    ).fetchone()
-    if not updated or not updated[0]:
-        # The start of this turn was never stored (an older loop, a replay).
-        con.execute(
-            f"INSERT INTO turns ({', '.join(_TURN_COLUMNS)}) VALUES"
-            f" ({', '.join('?' * len(_TURN_COLUMNS))})",
-            [
-                turn_id,
-                result.session_id or event.session_id,
-                *outcome,
-                now - timedelta(milliseconds=result.duration_ms),
-            ],
-        )
+    # The start of this turn may never have been stored (an older loop, a replay).
+    whole = Insert(
+        "turns",
+        ("id", "session_id", *_TURN_OUTCOME, "started_at"),
+        [
+            turn_id,
+            result.session_id or event.session_id,
+            *outcome,
+            now - timedelta(milliseconds=result.duration_ms),
+        ],
+    )
+    values = dict(zip(_TURN_OUTCOME, outcome, strict=True))
+    return [Update("turns", values, "id", [turn_id], otherwise=whole)]
 
 
 # The one list of what is stored: event kind -> (table, writer). The sink derives the
 # kinds it queues from it; every other kind (deltas, notices) writes nothing.
-_WRITERS: dict[str, tuple[str, Callable[[Any, Any], None]]] = {
+_WRITERS: dict[str, tuple[str, Callable[[Any], list[RowWrite]]]] = {
     "message": ("messages", _write_message),
     "messages_marked": ("messages", _write_marked),
     "usage": ("requests", _write_usage),

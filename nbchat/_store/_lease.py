@@ -1,4 +1,4 @@
-"""How a process borrows a DuckDB file that other processes also use.
+"""How a process borrows a DuckDB file that other processes also use (the DuckDB lease).
 
 DuckDB lets one process hold a database file at a time, readers included. A *lease*
 holds it only while it is being used:
@@ -33,33 +33,24 @@ simply retry with backoff, and the holder lets go after ``linger``.
 
 from __future__ import annotations
 
-import atexit
 import os
 import random
 import threading
 import time
-from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ._exceptions import StoreError
+from .._exceptions import StoreError
+from . import Lease, StoreLocked, release_lease, shared_lease
 
 try:  # POSIX only; see the module docstring for what Windows does instead.
     import fcntl
 except ImportError:  # pragma: no cover - exercised on Windows only
     fcntl = None  # type: ignore[assignment]
 
-__all__ = [
-    "Access",
-    "Lease",
-    "LeaseOptions",
-    "StoreLocked",
-    "acquire_lease",
-    "default_lock_timeout",
-    "release_lease",
-]
+__all__ = ["Access", "FileLease", "LeaseOptions", "MemoryLease", "acquire_lease"]
 
 # What a connection is for: nbchat's own statements ("write"), a user's query in the
 # sandbox ("sandbox"), or a user's query allowed to read files ("files").
@@ -67,17 +58,6 @@ Access = Literal["write", "sandbox", "files"]
 # No instance ever downloads or loads an extension on its own: opening a SQLite file
 # as the store made DuckDB fetch sqlite_scanner from the network.
 _NO_EXTENSIONS = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
-
-
-class StoreLocked(StoreError):
-    """Another process held the store file for the whole wait: worth retrying later.
-
-    ``holder`` names that process when DuckDB said which one (" (PID 1234)"), else "".
-    """
-
-    def __init__(self, message: str, holder: str = "") -> None:
-        super().__init__(message)
-        self.holder = holder
 
 
 _FIRST_DELAY = 0.001
@@ -91,18 +71,6 @@ _IDLE_YIELD = 0.01
 _POLITE_MAX = 0.25  # how long a process that just handed over waits for the taker
 _LOOK_EVERY = 0.005  # how often a holder looks for the side file before it exists
 _ALIAS = "nbchat"  # the catalog name the store file is attached under
-_IDLE_LEASES = 4  # detached leases whose instance is kept for quick reuse
-
-
-def default_lock_timeout() -> float:
-    """Seconds to wait for another process: ``NBCHAT_DB_LOCK_TIMEOUT`` or 15."""
-    raw = os.environ.get("NBCHAT_DB_LOCK_TIMEOUT")
-    try:
-        return float(raw) if raw else 15.0
-    except ValueError:
-        raise StoreError(
-            f"NBCHAT_DB_LOCK_TIMEOUT must be a number of seconds, not {raw!r}."
-        ) from None
 
 
 @dataclass(frozen=True)
@@ -223,35 +191,15 @@ def _file_is_free(path: str) -> bool:
     return True
 
 
-class Lease(ABC):
-    """Access to one store's DuckDB connection, shared by the ``Store`` handles of a process."""
-
-    path: str
-    refs: int = 0
-
-    @abstractmethod
-    def connection(self, timeout: float, access: Access = "write") -> AbstractContextManager[Any]:
-        """The open connection, for one operation; waits up to ``timeout`` s for the file.
-
-        ``access`` other than "write" gives a read-only connection for user SQL.
-        """
-
-    @abstractmethod
-    def shutdown(self) -> None:
-        """Close the connection now."""
-
-    def stats(self) -> dict[str, Any]:
-        """Counters for benchmarks and tests."""
-        return {}
-
-
 class MemoryLease(Lease):
     """A private ``:memory:`` database: one connection for the lease's whole life."""
+
+    shared = False
 
     def __init__(self) -> None:
         from ._migrations import migrate
 
-        self.path = ":memory:"
+        self.key = self.path = ":memory:"
         self._lock = threading.RLock()
         self._con: Any = _duckdb().connect(":memory:", config=_NO_EXTENSIONS)
         self._con.execute("SET TimeZone = 'UTC'")
@@ -263,6 +211,7 @@ class MemoryLease(Lease):
 
     @contextmanager
     def connection(self, timeout: float, access: Access = "write") -> Iterator[Any]:
+        """The one connection; ``access`` other than "write" is refused only for files."""
         duckdb = _duckdb()
         with self._lock:
             if self._con is None:
@@ -277,6 +226,12 @@ class MemoryLease(Lease):
             except duckdb.Error as exc:
                 raise StoreError(f"Store {self.path}: {exc}") from exc
 
+    def release(self) -> None:
+        pass  # a private database is never shared: nothing to hand over
+
+    def after_fork(self) -> None:
+        pass  # a child may keep using its copy of a private database
+
     def shutdown(self) -> None:
         with self._lock:
             con, self._con = self._con, None
@@ -288,7 +243,7 @@ class FileLease(Lease):
     """A database file shared with other processes; see the module docstring."""
 
     def __init__(self, path: str, options: LeaseOptions) -> None:
-        self.path = path
+        self.key = self.path = path
         self.options = options
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
@@ -340,6 +295,14 @@ class FileLease(Lease):
                     and self._signal.others_waiting()
                 ):
                     self._detach(handover=True)
+
+    def check(self, timeout: float) -> None:
+        """Open the file once (migrating it) unless it is attached already, to any instance."""
+        with self._lock:
+            if self._attached and self._migrated:
+                return  # the file works; an open needs no extra attach (or move)
+        with self.connection(timeout):
+            pass
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -549,10 +512,7 @@ def _holder(message: str) -> str:
     return f" (PID {message[start + len(marker) : end]})" if end > start else ""
 
 
-# ------------------------------------------------------------------ registry
-
-_registry: dict[str, FileLease] = {}
-_registry_lock = threading.Lock()
+# ------------------------------------------------------------------ opening
 
 
 def _resolve(raw: str) -> str:
@@ -583,62 +543,11 @@ def acquire_lease(raw: str, options: LeaseOptions, timeout: float) -> Lease:
         lease.refs = 1
         return lease
     path = _resolve(raw)
-    with _registry_lock:
-        file_lease = _registry.pop(path, None) or FileLease(path, options)
-        _registry[path] = file_lease  # most recently used last
-        file_lease.refs += 1
-        lease = file_lease
+    file_lease = shared_lease(path, lambda: FileLease(path, options))
+    assert isinstance(file_lease, FileLease)
     try:
-        with lease.connection(timeout):
-            pass
+        file_lease.check(timeout)
     except BaseException:
-        release_lease(lease)
+        release_lease(file_lease)
         raise
-    return lease
-
-
-def release_lease(lease: Lease) -> None:
-    """Drop one reference; the last one lets go of the file at once.
-
-    A file lease keeps its in-memory instance for the next ``Store.open`` of the same
-    path (analysis calls open and close a store each time); only the few most recently
-    used are kept.
-    """
-    evicted: list[FileLease] = []
-    with _registry_lock:
-        lease.refs -= 1
-        last = lease.refs <= 0
-        if last and isinstance(lease, FileLease):
-            idle = [item for item in _registry.values() if item.refs <= 0]
-            for item in idle[: max(0, len(idle) - _IDLE_LEASES)]:
-                del _registry[item.path]
-                evicted.append(item)
-    if not last:
-        return
-    if isinstance(lease, FileLease) and lease not in evicted:
-        lease.release()
-    else:
-        lease.shutdown()
-    for item in evicted:
-        if item is not lease:
-            item.shutdown()
-
-
-@atexit.register
-def _close_all() -> None:
-    # Closing checkpoints the WAL into the file, so the next process opens fast.
-    with _registry_lock:
-        leases = list(_registry.values())
-    for lease in leases:
-        lease.shutdown()
-
-
-def _after_fork_in_child() -> None:
-    global _registry_lock
-    _registry_lock = threading.Lock()
-    for lease in _registry.values():
-        lease.after_fork()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    return file_lease

@@ -1,0 +1,272 @@
+"""``nbchat.dashboard()``: your spend in one widget.
+
+Spend over time and by model, the most expensive sessions (click one to read its
+transcript below), tool error rates and request latency, for a date range picked with
+two ``DatePicker``s (UTC days, both included). Charts are PNG images drawn off-screen
+(``nbchat.plot`` on Agg figures), so the dashboard needs no plotting front end and works
+the same in JupyterLab, Notebook 7 and Voila. It reads the public DataFrames only.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import html
+import os
+from typing import TYPE_CHECKING, Any
+
+import ipywidgets as widgets
+
+from ._exceptions import NbchatError
+from ._plot import costs, figure_png, latency, new_figure, session_label
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.axes import Axes
+
+    from ._store import Store
+
+    Db = str | os.PathLike[str] | Store | None
+
+__all__ = ["Dashboard", "dashboard"]
+
+
+class Dashboard(widgets.VBox):  # type: ignore[misc]
+    """The dashboard widget; ``refresh()`` reads the store again for the picked dates.
+
+    What it shows is kept for code (and tests) to read: ``axes`` (the charts),
+    ``top_sessions`` and ``tool_errors`` (DataFrames), ``session_buttons``.
+    """
+
+    def __init__(
+        self,
+        db: Db = None,
+        since: dt.date | None = None,
+        until: dt.date | None = None,
+        top: int = 10,
+    ) -> None:
+        self.db = db
+        self.top = top
+        self.axes: dict[str, Axes] = {}
+        self.top_sessions: pd.DataFrame | None = None
+        self.tool_errors: pd.DataFrame | None = None
+        self.session_buttons: list[widgets.Button] = []
+        self._button_ids: list[str] = []
+        self.selected: str | None = None
+        self.since = widgets.DatePicker(description="From", value=since)
+        self.until = widgets.DatePicker(description="To", value=until)
+        self.refresh_button = widgets.Button(
+            description="Refresh", icon="refresh", tooltip="Read the store again"
+        )
+        self.summary = widgets.HTML()
+        self.spend = widgets.Image(format="png", layout=widgets.Layout(width="50%"))
+        self.by_model = widgets.Image(format="png", layout=widgets.Layout(width="50%"))
+        self.latency = widgets.Image(format="png", layout=widgets.Layout(width="50%"))
+        self.sessions_list = widgets.VBox(layout=widgets.Layout(width="50%"))
+        self.tools = widgets.HTML(layout=widgets.Layout(width="50%"))
+        self.transcript = widgets.HTML()
+        self.refresh_button.on_click(lambda _: self.refresh())
+        self.since.observe(self._on_dates, names="value")
+        self.until.observe(self._on_dates, names="value")
+        super().__init__(
+            [
+                widgets.HBox([self.since, self.until, self.refresh_button]),
+                self.summary,
+                widgets.HBox([self.spend, self.by_model]),
+                widgets.HBox([self.sessions_list, self.latency]),
+                self.tools,
+                self.transcript,
+            ]
+        )
+        self.add_class("nbchat-dashboard")
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Read the store again and redraw everything for the picked date range."""
+        try:
+            self._refresh()
+        except NbchatError as e:  # a store held too long by another kernel, a bad file
+            self.summary.value = f"<b>Could not read the store:</b> {html.escape(str(e))}"
+
+    def show_session(self, session_id: str) -> None:
+        """Show one session's transcript below the charts."""
+        from ._analysis import transcript
+
+        self.selected = session_id
+        for button, sid in zip(self.session_buttons, self._button_ids, strict=True):
+            button.button_style = "info" if sid == session_id else ""
+        messages = transcript(session_id, db=self.db)
+        self.transcript.value = transcript_html(session_id, messages)
+
+    # ------------------------------------------------------------------ internals
+
+    def _on_dates(self, change: dict[str, Any]) -> None:
+        self.refresh()
+
+    def _refresh(self) -> None:
+        from ._analysis import tool_calls, usage
+        from ._plot import in_range
+
+        since, until = self.since.value, self.until.value
+        window = {"since": since, "until": until}
+        requests = in_range(usage(db=self.db), "created_at", since, until)
+        self.summary.value = _summary_html(requests, since, until)
+        self.spend.value = self._chart(
+            "spend", lambda ax: costs("day", db=self.db, ax=ax, **window)
+        )
+        self.by_model.value = self._chart(
+            "by_model", lambda ax: costs("model", db=self.db, ax=ax, **window)
+        )
+        self.latency.value = self._chart("latency", lambda ax: latency(db=self.db, ax=ax, **window))
+        self.top_sessions = _top_sessions(requests, self.db, self.top)
+        self._show_sessions(self.top_sessions)
+        calls = in_range(tool_calls(db=self.db), "created_at", since, until)
+        self.tool_errors = _tool_errors(calls)
+        self.tools.value = _tools_html(self.tool_errors)
+        if self.selected is not None and self.selected not in self._button_ids:
+            self.selected = None
+            self.transcript.value = ""
+
+    def _chart(self, name: str, draw: Any) -> bytes:
+        figure = new_figure(8.0, 3.6)
+        self.axes[name] = draw(figure.subplots())
+        return figure_png(figure, dpi=80)
+
+    def _show_sessions(self, top: pd.DataFrame) -> None:
+        self._button_ids = list(top["session_id"])
+        self.session_buttons = []
+        for row in top.to_dict("records"):
+            sid = str(row["session_id"])
+            unknown = f" (+{row['unknown']} unknown)" if row["unknown"] else ""
+            cost = _usd(row["cost_usd"])
+            button = widgets.Button(
+                description=f"{row['label']} — {cost} · {row['requests']} req{unknown}",
+                tooltip=f"Show the transcript of session {sid}",
+                layout=widgets.Layout(width="auto"),
+                button_style="info" if sid == self.selected else "",
+            )
+            button.on_click(lambda _, sid=sid: self.show_session(sid))
+            self.session_buttons.append(button)
+        heading = widgets.HTML("<b>Top sessions</b> (click one for its transcript)")
+        empty = [widgets.HTML("<i>no sessions in this range</i>")] if top.empty else []
+        self.sessions_list.children = [heading, *self.session_buttons, *empty]
+
+
+def dashboard(
+    db: Db = None, since: dt.date | None = None, until: dt.date | None = None, top: int = 10
+) -> Dashboard:
+    """A widget with spend over time and by model, top sessions, tool errors and latency.
+
+    ``since`` / ``until`` preset the date pickers (UTC days, both included); ``top`` is
+    how many sessions are listed.
+    """
+    return Dashboard(db=db, since=since, until=until, top=top)
+
+
+def _top_sessions(requests: pd.DataFrame, db: Db, top: int) -> pd.DataFrame:
+    """The sessions that spent most in the range: id, label, cost, requests, unknown."""
+    import pandas as pd
+
+    from ._analysis import sessions
+
+    if requests.empty:
+        columns = ["session_id", "label", "cost_usd", "requests", "unknown"]
+        return pd.DataFrame({c: [] for c in columns})
+    grouped = requests.groupby("session_id").agg(
+        cost_usd=("cost_usd", lambda c: c.sum(min_count=1)),
+        requests=("id", "size"),
+        unknown=("cost_usd", lambda c: int(c.isna().sum())),
+    )
+    titles = sessions(db=db).set_index("id")["title"]
+    grouped["label"] = [session_label(sid, titles.get(sid)) for sid in grouped.index]
+    grouped = grouped.reset_index()
+    grouped["_rank"] = grouped["cost_usd"].fillna(-1.0)
+    grouped = grouped.sort_values(
+        ["_rank", "requests", "session_id"], ascending=[False, False, True]
+    )
+    return grouped.drop(columns="_rank").head(top).reset_index(drop=True)
+
+
+def _tool_errors(calls: pd.DataFrame) -> pd.DataFrame:
+    """Per tool: calls, errors, error rate and median duration (ms)."""
+    import pandas as pd
+
+    if calls.empty:
+        return pd.DataFrame(
+            {"tool": [], "calls": [], "errors": [], "error_rate": [], "median_ms": []}
+        )
+    frame = calls.assign(is_error=calls["is_error"].fillna(False).astype(bool))
+    grouped = frame.groupby("name").agg(
+        calls=("id", "size"),
+        errors=("is_error", "sum"),
+        median_ms=("duration_ms", lambda d: d.astype("Float64").median()),
+    )
+    grouped["error_rate"] = grouped["errors"] / grouped["calls"]
+    grouped = grouped.reset_index().rename(columns={"name": "tool"})
+    grouped = grouped.sort_values(["error_rate", "calls"], ascending=[False, False])
+    return grouped[["tool", "calls", "errors", "error_rate", "median_ms"]].reset_index(drop=True)
+
+
+def _summary_html(requests: pd.DataFrame, since: dt.date | None, until: dt.date | None) -> str:
+    span = f"{since or 'the start'} to {until or 'today'}"
+    known = requests["cost_usd"].sum(min_count=1)
+    unknown = int(requests["cost_usd"].isna().sum())
+    note = f", plus {unknown} request(s) with unknown price" if unknown else ""
+    sessions = requests["session_id"].nunique()
+    return (
+        f"<b>{html.escape(span)}</b>: {len(requests)} requests in {sessions} sessions, "
+        f"{_usd(known)} known cost{note}"
+    )
+
+
+def _tools_html(table: pd.DataFrame) -> str:
+    if table.empty:
+        return "<b>Tool calls</b><br><i>no tool calls in this range</i>"
+    rows = "".join(
+        f"<tr><td>{html.escape(str(r.tool))}</td><td>{r.calls}</td><td>{r.errors}</td>"
+        f"<td>{r.error_rate:.0%}</td><td>{_ms(r.median_ms)}</td></tr>"
+        for r in table.itertuples()
+    )
+    head = "<tr><th>tool</th><th>calls</th><th>errors</th><th>error rate</th><th>median</th></tr>"
+    return f"{_STYLE}<b>Tool calls</b><table class='nbchat-tools'>{head}{rows}</table>"
+
+
+def transcript_html(session_id: str, messages: pd.DataFrame) -> str:
+    """One session's messages as safe HTML (Markdown rendered, raw HTML escaped)."""
+    from ._panel import markdown_to_html
+
+    parts = [_STYLE, f"<h4>Session {html.escape(session_id)}</h4>"]
+    for m in messages.itertuples():
+        role = str(m.role)
+        body = m.content if isinstance(m.content, str) else ""
+        if isinstance(m.tool_calls, list) and m.tool_calls:
+            calls = ", ".join(f"{c.get('name')}({c.get('arguments')})" for c in m.tool_calls)
+            body += f"\n\n*asks for* `{calls}`"
+        shown = f"<pre>{html.escape(body)}</pre>" if role == "tool" else markdown_to_html(body)
+        who = f"{role} {m.name}" if role == "tool" and isinstance(m.name, str) else role
+        parts.append(
+            f"<div class='nbchat-dash-{html.escape(role)}'><b>{html.escape(who)}</b>{shown}</div>"
+        )
+    return "\n".join(parts)
+
+
+# Scoped to the dashboard's own classes: a notebook's other outputs are not restyled.
+_STYLE = """<style>
+.nbchat-tools td, .nbchat-tools th { padding: 2px 10px; text-align: left; }
+.nbchat-dashboard [class^='nbchat-dash-'] {
+  border-left: 3px solid #ccc; padding: 2px 8px; margin: 6px 0;
+}
+.nbchat-dashboard .nbchat-dash-user { border-left-color: #4a90d9; }
+.nbchat-dashboard .nbchat-dash-tool pre { margin: 2px 0; white-space: pre-wrap; }
+</style>"""
+
+
+def _usd(value: Any) -> str:
+    if value is None or value != value:
+        return "$?"
+    return f"${value:,.4f}" if value < 1 else f"${value:,.2f}"
+
+
+def _ms(value: Any) -> str:
+    if value is None or value != value:
+        return "—"
+    return f"{value / 1000:.2f} s" if value >= 1000 else f"{value:.0f} ms"

@@ -1,0 +1,481 @@
+"""Charts of the store: spend, tokens, latency and context size, as matplotlib ``Axes``.
+
+``nbchat.plot.costs()``, ``.tokens()``, ``.latency()`` and ``.context(id)`` read the
+public DataFrames (``usage()``, ``sessions()``, ``compactions()``) and draw them. Each
+takes ``db=``, ``since=`` / ``until=`` (a ``date`` or ``"YYYY-MM-DD"`` means that whole
+UTC day; a datetime is that instant; naive values are UTC) and ``ax=`` (draw there;
+otherwise a new pyplot figure, shown by the notebook like ``DataFrame.plot()``).
+
+An unknown price is never drawn as 0: bars show known dollars only, each bar with
+requests of unknown price is labelled "? N", and the legend and title give the total.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Literal, get_args
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+    from ._store import Store
+
+    Db = str | os.PathLike[str] | Store | None
+    When = str | dt.date | dt.datetime | pd.Timestamp | None
+
+__all__ = ["Charts", "plot", "plot_for_magic"]
+
+By = Literal["day", "model", "session", "notebook"]
+_BYS: tuple[str, ...] = get_args(By)
+_UNKNOWN_HATCH = "///"
+_NO_NOTEBOOK = "(no notebook)"
+_TOP = 15  # sessions / notebooks shown: the most expensive ones
+_OUTSIDE: dict[str, Any] = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0), "fontsize": "small"}
+
+
+def costs(
+    by: By = "day",
+    *,
+    db: Db = None,
+    since: When = None,
+    until: When = None,
+    top: int = _TOP,
+    ax: Axes | None = None,
+) -> Axes:
+    """Dollars per UTC day, model, session or notebook, as bars stacked by model.
+
+    Only known costs are stacked; requests whose price is unknown are counted above
+    their bar ("? N") and in the legend, never drawn as 0. ``by="session"`` and
+    ``"notebook"`` show the ``top`` most expensive.
+    """
+    requests = _requests(db, since, until)
+    ax = _axes(ax)
+    title = f"Cost by {by}"
+    if requests.empty:
+        return _empty(ax, title)
+    frame = requests.assign(key=_keys(requests, by, db))
+    order = _order(frame, by, top)
+    frame = frame[frame["key"].isin(order)]
+    known = frame[frame["cost_usd"].notna()]
+    table = known.pivot_table(
+        index="key", columns="model", values="cost_usd", aggfunc="sum", observed=True
+    )
+    table = table.reindex(index=order).fillna(0.0)
+    _stack(ax, table, order)
+    unknown = frame[frame["cost_usd"].isna()].groupby("key").size().reindex(order).fillna(0)
+    totals = table.sum(axis=1) if len(table.columns) else None
+    missing = int(unknown.sum())
+    if missing:
+        _mark_unknown(ax, order, unknown, totals)
+        from matplotlib.patches import Patch
+
+        handles, labels = ax.get_legend_handles_labels()
+        handles.append(Patch(facecolor="none", edgecolor="0.5", hatch=_UNKNOWN_HATCH))
+        labels.append(f"price unknown: {_requests_n(missing)} (? N, not in bars)")
+        ax.legend(handles, labels, title="model", **_OUTSIDE)
+        title += f" — {_requests_n(missing)} without a price"
+    elif len(table.columns):
+        ax.legend(title="model", **_OUTSIDE)
+    ax.set_title(title)
+    ax.set_ylabel("cost (USD, known prices)")
+    if totals is not None:
+        _usd_ticks(ax)
+    return ax
+
+
+def tokens(
+    by: By = "day",
+    *,
+    db: Db = None,
+    since: When = None,
+    until: When = None,
+    top: int = _TOP,
+    ax: Axes | None = None,
+) -> Axes:
+    """Tokens per UTC day, model, session or notebook: input, cached input and output.
+
+    Cached input is the part of the prompt the server reported as cached (none when it
+    reported nothing); requests that reported no token counts are noted in the title.
+    """
+    requests = _requests(db, since, until)
+    ax = _axes(ax)
+    title = f"Tokens by {by}"
+    if requests.empty:
+        return _empty(ax, title)
+    frame = requests.assign(key=_keys(requests, by, db))
+    order = _order(frame, by, top)
+    frame = frame[frame["key"].isin(order)]
+    prompt = frame["prompt_tokens"].astype("Float64")
+    cached = frame["cached_tokens"].astype("Float64").fillna(0.0)
+    parts = frame[["key"]].assign(
+        **{
+            "input": (prompt - cached).fillna(0.0),
+            "cached input": cached.where(prompt.notna(), 0.0),
+            "output": frame["completion_tokens"].astype("Float64").fillna(0.0),
+        }
+    )
+    table = parts.groupby("key", observed=True).sum().reindex(order).fillna(0.0).astype(float)
+    _stack(ax, table, order)
+    ax.legend(**_OUTSIDE)
+    unreported = int((frame["prompt_tokens"].isna() & frame["completion_tokens"].isna()).sum())
+    if unreported:
+        title += f" — {_requests_n(unreported)} reported no tokens"
+    ax.set_title(title)
+    ax.set_ylabel("tokens")
+    return ax
+
+
+def latency(
+    *,
+    db: Db = None,
+    since: When = None,
+    until: When = None,
+    ax: Axes | None = None,
+) -> Axes:
+    """Time to first token and whole-request duration per model, as box plots (seconds)."""
+    requests = _requests(db, since, until)
+    ax = _axes(ax)
+    title = "Latency per model"
+    if requests.empty:
+        return _empty(ax, title)
+    models = sorted(requests["model"].dropna().unique())
+    ticks: list[float] = []
+    for i, model in enumerate(models):
+        rows = requests[requests["model"] == model]
+        for offset, (column, color) in enumerate((("ttft_ms", "C0"), ("duration_ms", "C1"))):
+            seconds = rows[column].astype("Float64").dropna().astype(float) / 1000.0
+            if seconds.empty:
+                continue
+            boxes = ax.boxplot(
+                [seconds.to_numpy()],
+                positions=[3 * i + offset],
+                widths=0.8,
+                patch_artist=True,
+                showfliers=True,
+            )
+            boxes["boxes"][0].set_facecolor(color)
+            boxes["medians"][0].set_gid(f"median:{column}:{model}")
+            boxes["medians"][0].set_color("black")
+        ticks.append(3 * i + 0.5)
+    from matplotlib.patches import Patch
+
+    ax.set_xticks(ticks, models)
+    ax.legend(
+        [Patch(facecolor="C0"), Patch(facecolor="C1")],
+        ["time to first token", "whole request"],
+        fontsize="small",
+    )
+    ax.set_title(title)
+    ax.set_ylabel("seconds")
+    return ax
+
+
+def context(
+    session_id: str,
+    *,
+    db: Db = None,
+    since: When = None,
+    until: When = None,
+    ax: Axes | None = None,
+) -> Axes:
+    """Prompt tokens of each chat request of one session, with its compactions marked.
+
+    A dotted line stands between the last request before a compaction and the first
+    after it (labelled tokens before → after); a failed attempt is a grey dashed line.
+    """
+    from ._analysis import compactions, usage
+
+    requests = in_range(usage(db=db, session_id=session_id), "created_at", since, until)
+    requests = requests[requests["purpose"] == "chat"].reset_index(drop=True)
+    ax = _axes(ax)
+    title = f"Prompt size per request — session {session_id[:8]}"
+    if requests.empty:
+        return _empty(ax, title)
+    x = list(range(1, len(requests) + 1))
+    y = requests["prompt_tokens"].astype("Float64").astype(float)
+    ax.plot(x, y.to_numpy(), marker=".", label="prompt tokens", gid="prompt_tokens")
+    folded = in_range(compactions(db=db, session_id=session_id), "created_at", since, until)
+    labelled: set[str] = set()
+    for row in folded.itertuples():
+        before = int((requests["created_at"] <= row.created_at).sum())
+        failed = isinstance(row.error, str)
+        label = "compaction failed" if failed else "compaction"
+        ax.axvline(
+            before + 0.5,
+            color="0.5" if failed else "C3",
+            linestyle="--" if failed else ":",
+            label=None if label in labelled else label,
+            gid=f"compaction:{row.id}",
+        )
+        labelled.add(label)
+        if not failed:
+            ax.annotate(
+                f"{_count(row.tokens_before)} → {_count(row.tokens_after)}",
+                (before + 0.5, 1.0),
+                xycoords=("data", "axes fraction"),
+                xytext=(2, -2),
+                textcoords="offset points",
+                va="top",
+                fontsize="x-small",
+                color="C3",
+            )
+    ax.set_ylim(bottom=0)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("chat request")
+    ax.set_ylabel("prompt tokens")
+    ax.set_title(title)
+    ax.legend(fontsize="small")
+    return ax
+
+
+class Charts:
+    """Charts of the store: ``costs(by=...)``, ``tokens(by=...)``, ``latency()``,
+    ``context(session_id)``; each returns a matplotlib ``Axes``."""
+
+    costs = staticmethod(costs)
+    tokens = staticmethod(tokens)
+    latency = staticmethod(latency)
+    context = staticmethod(context)
+
+    def __repr__(self) -> str:
+        return "nbchat.plot: costs(by=...), tokens(by=...), latency(), context(session_id)"
+
+
+plot = Charts()
+
+
+def plot_for_magic(args: list[str]) -> Any:
+    """``%chat cost [day|model|session|notebook] --plot [--tokens] [--since D] [--until D]``.
+
+    Returns a PNG image to display (drawn on its own figure, so nothing else shows it
+    twice). Bad arguments raise IPython's ``UsageError``.
+    """
+    from IPython.core.error import UsageError
+    from IPython.display import Image
+
+    try:
+        figure = magic_figure(args)
+    except ValueError as e:
+        raise UsageError(f"%chat cost --plot: {e}") from None
+    return Image(data=figure_png(figure), format="png")  # type: ignore[no-untyped-call]
+
+
+def magic_figure(args: Sequence[str]) -> Figure:
+    """The figure ``plot_for_magic(args)`` shows (its Axes carry the data)."""
+    by: str = "day"
+    chart = costs
+    bounds: dict[str, str] = {}
+    rest = list(args)
+    while rest:
+        arg = rest.pop(0)
+        if arg == "--plot":
+            continue
+        if arg == "--tokens":
+            chart = tokens
+        elif arg in ("--since", "--until"):
+            if not rest:
+                raise ValueError(f"{arg} needs a date, e.g. {arg} 2026-01-31")
+            bounds[arg[2:]] = rest.pop(0)
+        elif arg in _BYS:
+            by = arg
+        else:
+            raise ValueError(
+                f"unknown argument {arg!r}; give {'|'.join(_BYS)}, --tokens, "
+                "--since DATE, --until DATE"
+            )
+    figure = new_figure()
+    chart(by, ax=figure.subplots(), **bounds)  # type: ignore[arg-type]
+    return figure
+
+
+def new_figure(width: float = 8.0, height: float = 4.0) -> Figure:
+    """A matplotlib figure outside pyplot (Agg canvas): no backend, no global state."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def figure_png(figure: Figure, dpi: int = 100) -> bytes:
+    """``figure`` as PNG bytes."""
+    import io
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _requests(db: Db, since: When, until: When) -> pd.DataFrame:
+    from ._analysis import usage
+
+    return in_range(usage(db=db), "created_at", since, until)
+
+
+def in_range(frame: pd.DataFrame, column: str, since: When, until: When) -> pd.DataFrame:
+    """Rows of ``frame`` whose ``column`` lies in [since, until] (whole days for dates)."""
+    start, end = _bound(since, end=False), _bound(until, end=True)
+    keep = frame[column].notna()
+    if start is not None:
+        keep &= frame[column] >= start
+    if end is not None:
+        keep &= frame[column] < end
+    return frame[keep]
+
+
+def _bound(value: When, *, end: bool) -> pd.Timestamp | None:
+    import pandas as pd
+
+    if value is None:
+        return None
+    whole_day = (isinstance(value, dt.date) and not isinstance(value, dt.datetime)) or (
+        isinstance(value, str) and len(value.strip()) == 10
+    )
+    stamp = pd.Timestamp(value)
+    stamp = stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
+    if whole_day and end:
+        return stamp + pd.Timedelta(days=1)
+    # An instant given as ``until`` is included: compare with the next microsecond.
+    return stamp + pd.Timedelta(microseconds=1) if end else stamp
+
+
+def _keys(requests: pd.DataFrame, by: str, db: Db) -> pd.Series:
+    """The label of each request's group."""
+    if by not in _BYS:
+        raise ValueError(f"by must be one of {', '.join(_BYS)}, not {by!r}")
+    if by == "day":
+        days: pd.Series = requests["created_at"].dt.tz_convert("UTC").dt.strftime("%Y-%m-%d")
+        return days
+    if by == "model":
+        return requests["model"].fillna("(unknown model)")
+    from ._analysis import sessions
+
+    known = sessions(db=db).set_index("id")
+    if by == "session":
+        labels = {sid: session_label(sid, known["title"].get(sid)) for sid in known.index}
+    else:
+        labels = {
+            sid: os.path.basename(nb) if isinstance(nb, str) and nb else _NO_NOTEBOOK
+            for sid, nb in known["notebook"].items()
+        }
+    return requests["session_id"].map(labels).fillna(_NO_NOTEBOOK if by == "notebook" else "?")
+
+
+def session_label(session_id: str, title: Any) -> str:
+    """A short, unique label for a session: its title (cut) and the id's first 8 hex."""
+    if isinstance(title, str) and title.strip():
+        text = title.strip()
+        return (
+            f"{text[:28]}… · {session_id[:8]}" if len(text) > 29 else f"{text} · {session_id[:8]}"
+        )
+    return session_id[:8]
+
+
+def _order(frame: pd.DataFrame, by: str, top: int) -> list[str]:
+    """Keys in the order shown: days in time order, others by known cost, highest first."""
+    if by == "day":
+        return sorted(frame["key"].unique())
+    spend = frame.groupby("key")["cost_usd"].sum(min_count=1)
+    count = frame.groupby("key").size()
+    ranked = sorted(spend.index, key=lambda k: (-_or_minus(spend[k]), -int(count[k]), str(k)))
+    return ranked[:top] if by in ("session", "notebook") else ranked
+
+
+def _or_minus(value: Any) -> float:
+    return -1.0 if value != value else float(value)  # NaN (all unknown) sorts last
+
+
+def _stack(ax: Axes, table: pd.DataFrame, order: list[str]) -> None:
+    """Bars for ``table``'s rows (in ``order``), its columns stacked and labelled."""
+    import numpy as np
+
+    x = np.arange(len(order))
+    bottom = np.zeros(len(order))
+    for column in table.columns:
+        heights = table[column].to_numpy(dtype=float)
+        ax.bar(x, heights, bottom=bottom, label=str(column), gid=f"bar:{column}")
+        bottom = bottom + heights
+    crowded = len(order) > 4 or sum(len(k) for k in order) > 30
+    ax.set_xticks(x, order, rotation=20 if crowded else 0, ha="right" if crowded else "center")
+    ax.set_xlim(-0.6, len(order) - 0.4)
+
+
+def _mark_unknown(ax: Axes, order: list[str], unknown: pd.Series, totals: Any) -> None:
+    """Over each bar whose group has requests of unknown price: "? N", and a hatched,
+    open-ended column up to the top of the axes (the true cost is higher by an amount
+    nobody knows)."""
+    from matplotlib.patches import Rectangle
+
+    if totals is None:  # not one known dollar: a y scale would only suggest a value
+        ax.set_ylim(0, 1)
+        ax.set_yticks([])
+    # Headroom, so the open column stands out above the tallest known bar.
+    top = ax.get_ylim()[1] if totals is None else max(ax.get_ylim()[1], 1.25 * totals.max())
+    for i, key in enumerate(order):
+        n = int(unknown[key])
+        if not n:
+            continue
+        bottom = float(totals[key]) if totals is not None else 0.0
+        hatch = Rectangle((i - 0.4, bottom), 0.8, top - bottom, fill=False, hatch=_UNKNOWN_HATCH)
+        hatch.set(edgecolor="0.6", linewidth=0, gid=f"unknown-bar:{key}")
+        ax.add_patch(hatch)
+        ax.annotate(
+            f"? {n}",
+            (i, bottom),
+            xytext=(0, 3),
+            textcoords="offset points",
+            ha="center",
+            va="bottom",
+            fontsize="small",
+            gid=f"unknown:{key}",
+        )
+    ax.set_ylim(0, top)
+
+
+def _requests_n(n: int) -> str:
+    return f"{n} request{'s' if n != 1 else ''}"
+
+
+def _usd_ticks(ax: Axes) -> None:
+    """Dollar tick labels with enough decimals for cents or for millionths of a cent."""
+    import math
+
+    from matplotlib.ticker import FuncFormatter
+
+    top = ax.get_ylim()[1]
+    decimals = max(2, 1 - math.floor(math.log10(top))) if top > 0 else 2
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"${v:,.{decimals}f}"))
+
+
+def _axes(ax: Axes | None) -> Axes:
+    if ax is not None:
+        return ax
+    import matplotlib.pyplot as plt
+
+    _, new = plt.subplots(figsize=(8, 4), layout="constrained")
+    return new
+
+
+def _empty(ax: Axes, title: str) -> Axes:
+    ax.set_title(title)
+    ax.text(
+        0.5,
+        0.5,
+        "no requests in this range",
+        ha="center",
+        va="center",
+        transform=ax.transAxes,
+        gid="empty",
+    )
+    return ax
+
+
+def _count(value: Any) -> str:
+    return "?" if value is None or value != value else f"{int(value):,}"

@@ -1,0 +1,439 @@
+"""The store: every event of the loop kept as rows, and the reads the loop and analysis need.
+
+``Store`` is the interface; a backend implements it beside this file:
+
+* ``_duckdb.py``: the embedded DuckDB file (``_lease.py``: how processes share it).
+* ``_sink.py``: the event stream → rows (``STORED_KINDS``, ``rows_of``), and the writer
+  thread that feeds ``Store.write`` without making the loop wait.
+* ``_queries.py``: the named analysis queries, and their results as DataFrames.
+* ``_migrations.py``: the schema, as named migrations.
+* ``_records.py``: what reads hand back (``StoredSession``).
+
+``Store.open(db)`` picks the backend from ``db`` (a path or ``":memory:"`` today; a
+``postgresql://`` URL is the next backend). Each backend keeps the connections of a
+process in the one cache below (``shared_lease``), so the handles of a session, its
+writer and the analysis functions on one store share one connection.
+
+A new backend implements the abstract methods of ``Store`` (``_connect`` opens it) and
+of ``Lease``, applies ``_sink.rows_of(event)`` in its own SQL, and runs the queries of
+``_queries.py`` (DuckDB can attach other databases and run them there).
+
+Outside this package nobody writes SQL, imports a driver or reads its errors: they
+call the methods of ``Store`` and get models, ``Usage`` or DataFrames back.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
+
+from .._config import default_db_path
+from .._exceptions import StoreError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from .._types import Event, Message, ToolCall, Usage
+    from ._records import StoredSession
+
+__all__ = [
+    "TABLES",
+    "Db",
+    "Lease",
+    "Store",
+    "StoreLocked",
+    "UnstorableRow",
+    "open_store",
+    "pending_tool_calls",
+    "release_lease",
+    "shared_lease",
+    "warm_up",
+]
+
+# The tables a user's SQL can read (README, sql(), %%chat_sql help are generated from it).
+TABLES: tuple[str, ...] = ("sessions", "messages", "requests", "tool_calls", "compactions", "turns")
+
+# The named analysis queries (``Store.frame``); ``_queries.QUERIES`` has one of each.
+QueryName = Literal[
+    "sessions",
+    "transcript",
+    "usage",
+    "tool_calls",
+    "compactions",
+    "turns",
+    "costs_by_model",
+    "costs_by_day",
+    "costs_by_session",
+]
+
+
+class StoreLocked(StoreError):
+    """Another process held the store for the whole wait: worth retrying later.
+
+    ``holder`` names that process when the backend said which one (" (PID 1234)"), else "".
+    """
+
+    def __init__(self, message: str, holder: str = "") -> None:
+        super().__init__(message)
+        self.holder = holder
+
+
+class UnstorableRow(StoreError):
+    """The store refused an event's values (out of range, wrong type, a constraint):
+    retrying cannot help, so the writer skips the row and says so."""
+
+    def __init__(self, table: str, reason: str) -> None:
+        super().__init__(f"A row of {table} cannot be stored: {reason}")
+        self.table = table
+        self.reason = reason
+
+
+def pending_tool_calls(messages: Sequence[Message]) -> list[ToolCall]:
+    """Tool calls of the last assistant message in ``messages`` that have no result yet.
+
+    Non-empty means the process died between storing the assistant's tool calls and
+    storing their results: the session is *pending* (SPEC §2.5).
+    """
+    for index in range(len(messages) - 1, -1, -1):
+        message = messages[index]
+        if message.role == "assistant" and message.tool_calls:
+            answered = {
+                later.tool_call_id for later in messages[index + 1 :] if later.role == "tool"
+            }
+            return [call for call in message.tool_calls if call.id not in answered]
+        if message.role in ("assistant", "user"):
+            return []
+    return []
+
+
+def default_lock_timeout() -> float:
+    """Seconds to wait for another process: ``NBCHAT_DB_LOCK_TIMEOUT`` or 15."""
+    raw = os.environ.get("NBCHAT_DB_LOCK_TIMEOUT")
+    try:
+        return float(raw) if raw else 15.0
+    except ValueError:
+        raise StoreError(
+            f"NBCHAT_DB_LOCK_TIMEOUT must be a number of seconds, not {raw!r}."
+        ) from None
+
+
+class Store(ABC):
+    """Where sessions and the rows of their event streams are kept (a DuckDB file today).
+
+    Open with ``Store.open(db)``. The session loop feeds it every event through
+    ``handle()`` (or its background writer, through ``write()``); the analysis
+    functions read it with ``frame()`` and ``sql()``. Several processes may share one
+    store: each waits (bounded by ``lock_timeout`` seconds) for the others.
+    """
+
+    path: str
+    # What the last open wrote from recovery files (also a UserWarning), or None.
+    recovered: str | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @classmethod
+    def open(
+        cls,
+        db: str | os.PathLike[str] | None = None,
+        *,
+        lock_timeout: float | None = None,
+        **options: Any,
+    ) -> Store:
+        """Open (creating and migrating if needed) the store at ``db``.
+
+        ``None`` means ``NBCHAT_DB`` or ``~/.nbchat/nbchat.duckdb``; ``":memory:"`` is
+        a private in-memory store that lives as long as this object. ``lock_timeout``
+        bounds how long any operation waits for another process (default 15 s, or
+        ``NBCHAT_DB_LOCK_TIMEOUT``). Other options belong to the backend (DuckDB:
+        ``linger``, ``min_hold``, ``sync_every_write``).
+        """
+        raw = default_db_path() if db is None else os.fspath(db)
+        if not raw:
+            raise StoreError("The store path is empty; pass db= a file path or ':memory:'.")
+        timeout = default_lock_timeout() if lock_timeout is None else float(lock_timeout)
+        backend = _backend(raw) if cls is Store else cls
+        return backend._connect(raw, lock_timeout=timeout, **options)
+
+    @classmethod
+    @abstractmethod
+    def _connect(cls, raw: str, *, lock_timeout: float, **options: Any) -> Store:
+        """Open this backend's store at ``raw`` (``open`` resolved the defaults)."""
+
+    @abstractmethod
+    def close(self, *, linger: bool = False) -> None:
+        """Release this handle; the store is let go when no other handle in the process uses it.
+
+        ``linger=True`` keeps the connection a moment (the backend's linger) for a
+        next handle, as the analysis functions do between notebook cells.
+        """
+
+    @property
+    @abstractmethod
+    def closed(self) -> bool:
+        """Whether ``close()`` was called."""
+
+    @property
+    @abstractmethod
+    def lock_timeout(self) -> float:
+        """Seconds an operation waits for another process holding the store."""
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Store({self.path!r}{', closed' if self.closed else ''})"
+
+    # ------------------------------------------------------------------ sessions
+
+    @abstractmethod
+    def create_session(
+        self,
+        *,
+        session_id: str,
+        model: str | None,
+        system_prompt: str | None,
+        title: str | None = None,
+        parent_id: str | None = None,
+        notebook: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        created_at: datetime | None = None,
+        messages: Sequence[Message] = (),
+    ) -> None:
+        """Record a new session (with ``messages``, all at once); ids are unique."""
+
+    @abstractmethod
+    def update_session(self, session_id: str, **fields: Any) -> None:
+        """Change some of a session's settings (title, model, system_prompt, metadata...)."""
+
+    @abstractmethod
+    def has_session(self, session_id: str) -> bool:
+        """Whether a session with this id is stored."""
+
+    @abstractmethod
+    def latest_session_id(self, notebook: str | None = None) -> str | None:
+        """The most recently created session (in ``notebook``, if given), or ``None``."""
+
+    @abstractmethod
+    def session_for_cell(self, cell_id: str, notebook: str | None = None) -> str | None:
+        """The latest session whose live messages include a user message from ``cell_id``.
+
+        In ``notebook`` if given; ``None`` if no session has one. After a kernel
+        restart, a re-run cell continues the conversation it belonged to.
+        """
+
+    @abstractmethod
+    def load_session(self, session_id: str) -> StoredSession:
+        """The session's settings and active messages in order; ``StoreError`` if unknown."""
+
+    def pending_tool_calls(self, session_id: str) -> list[ToolCall]:
+        """The stored session's tool calls that have no result yet (it is *pending*)."""
+        return pending_tool_calls(self.load_session(session_id).messages)
+
+    # ------------------------------------------------------------------ events
+
+    def handle(self, event: Event) -> None:
+        """Persist one event of the session loop now; deltas and notices are ignored."""
+        self.write(event)
+
+    @abstractmethod
+    def write(self, event: Event, *, timeout: float | None = None) -> None:
+        """Write one event's rows now, waiting up to ``timeout`` s (default ``lock_timeout``).
+
+        Raises ``StoreLocked`` if another process held the store all along (retry
+        later), ``UnstorableRow`` if the values can never be stored (never retry),
+        ``StoreError`` otherwise (the disk, a closed store: possibly worth a retry).
+        """
+
+    @abstractmethod
+    def end_unfinished_turns(
+        self, session_id: str, *, status: str, error: str, keep: str | None = None
+    ) -> int:
+        """Close the session's turns still running (or never given a status); returns how many.
+
+        For turns whose process is gone (a reopened session) or that ``abort_pending()``
+        resolves; ``keep`` is a turn id to leave alone (the one running now).
+        """
+
+    @abstractmethod
+    def save_recovery(self, events: Iterable[Event]) -> str:
+        """Keep events this process could not write where the next ``open`` writes them.
+
+        Returns where they were kept; raises ``OSError`` if they cannot be kept.
+        """
+
+    # ------------------------------------------------------------------ reading
+
+    @abstractmethod
+    def session_usage(self, session_id: str) -> Usage:
+        """What a stored session already spent (every request, summaries included).
+
+        A total is ``None`` when any request's figure is unknown, as in ``Usage``.
+        """
+
+    @abstractmethod
+    def frame(self, name: QueryName, **params: Any) -> pd.DataFrame:
+        """The named analysis query (``_queries.QUERIES``) as a DataFrame."""
+
+    @abstractmethod
+    def sql(
+        self,
+        query: str,
+        params: Sequence[Any] | Mapping[str, Any] | None = None,
+        *,
+        allow_files: bool = False,
+    ) -> pd.DataFrame:
+        """Run one user SELECT, read-only and sandboxed; ``StoreError`` for anything else."""
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of this process's connection handling (opens, waits), for benchmarks."""
+        return {}
+
+
+# What every analysis function's ``db=`` takes.
+Db: TypeAlias = str | os.PathLike[str] | Store | None
+
+
+def warm_up() -> None:
+    """Import the default backend's driver and start it once, so a first turn need not."""
+    from ._duckdb import warm_up as warm_duckdb
+
+    warm_duckdb()
+
+
+def _backend(raw: str) -> type[Store]:
+    """The backend class for a path or URL."""
+    scheme = raw.split("://", 1)[0].lower() if "://" in raw else ""
+    if scheme in ("postgres", "postgresql"):
+        raise StoreError("PostgreSQL stores are not supported yet; pass db= a file path.")
+    from ._duckdb import DuckDBStore
+
+    return DuckDBStore
+
+
+@contextmanager
+def open_store(db: Db) -> Iterator[Store]:
+    """The store ``db`` names (a path, ``":memory:"``, an open ``Store``, or ``None``).
+
+    A store opened here is closed on exit with ``linger=True``: a query right after
+    another (the usual notebook cell) finds the connection still open.
+    """
+    if isinstance(db, Store):
+        yield db
+        return
+    store = Store.open(db)
+    try:
+        yield store
+    finally:
+        store.close(linger=True)
+
+
+# ------------------------------------------------------------------ the one cache
+
+
+class Lease(ABC):
+    """A process's access to one store, shared by all ``Store`` handles on it.
+
+    ``key`` is what the cache finds it by (a resolved path, a URL); ``refs`` counts
+    the handles using it. A private lease (``":memory:"``) is not cached.
+    """
+
+    key: str
+    refs: int = 0
+    shared: bool = True
+
+    @abstractmethod
+    def connection(self, timeout: float, access: Any = "write") -> AbstractContextManager[Any]:
+        """The open connection, for one operation; waits up to ``timeout`` s for the store."""
+
+    @abstractmethod
+    def release(self) -> None:
+        """Let go of the store now; keep what makes reconnecting quick."""
+
+    @abstractmethod
+    def shutdown(self) -> None:
+        """Close everything now."""
+
+    @abstractmethod
+    def after_fork(self) -> None:
+        """In a forked child: forget the parent's connections without touching them."""
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for benchmarks and tests."""
+        return {}
+
+
+_IDLE_LEASES = 4  # unused leases kept for quick reuse (analysis calls open and close)
+_leases: OrderedDict[str, Lease] = OrderedDict()
+_leases_lock = threading.Lock()
+
+
+def shared_lease(key: str, make: Callable[[], Lease]) -> Lease:
+    """The process's lease for ``key`` (made by ``make`` the first time), one reference more."""
+    with _leases_lock:
+        lease = _leases.pop(key, None) or make()
+        _leases[key] = lease  # most recently used last
+        lease.refs += 1
+        return lease
+
+
+def cached_lease(key: str) -> Lease | None:
+    """The cached lease for ``key``, if any (for tests and benchmarks)."""
+    with _leases_lock:
+        return _leases.get(key)
+
+
+def release_lease(lease: Lease, *, linger: bool = False) -> None:
+    """Drop one reference; the last one lets go of the store (after its linger, if asked).
+
+    A shared lease stays cached for the next ``Store.open`` of the same store; only
+    the few most recently used idle ones are kept.
+    """
+    evicted: list[Lease] = []
+    with _leases_lock:
+        lease.refs -= 1
+        last = lease.refs <= 0
+        if last and lease.shared:
+            idle = [item for item in _leases.values() if item.refs <= 0]
+            for item in idle[: max(0, len(idle) - _IDLE_LEASES)]:
+                del _leases[item.key]
+                evicted.append(item)
+    if not last:
+        return
+    if not lease.shared or lease in evicted:
+        lease.shutdown()
+    elif not linger:
+        lease.release()
+    for item in evicted:
+        if item is not lease:
+            item.shutdown()
+
+
+@atexit.register
+def _close_all() -> None:
+    # Closing lets each backend finish cleanly (DuckDB checkpoints, so the next open is fast).
+    with _leases_lock:
+        leases = list(_leases.values())
+    for lease in leases:
+        lease.shutdown()
+
+
+def _after_fork_in_child() -> None:
+    global _leases_lock
+    _leases_lock = threading.Lock()
+    for lease in _leases.values():
+        lease.after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

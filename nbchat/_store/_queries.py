@@ -1,0 +1,293 @@
+"""The analysis queries, by name, and DuckDB results as pandas DataFrames.
+
+Each ``NamedQuery`` is the SQL of one DataFrame of ``nbchat._analysis`` and the names
+of its parameters, in the order of its ``?`` placeholders. The queries are DuckDB SQL:
+a second backend runs them through DuckDB too (attached to its database), so there is
+one copy of each. ``to_frame`` turns a result into typed columns (timezone-aware
+timestamps, nullable integers, floats with NaN, JSON columns parsed).
+
+A new DataFrame is a query here (and its name in ``QueryName``) plus a function in
+``_analysis.py`` that asks the store for it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .._exceptions import StoreError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["QUERIES", "SESSION_USAGE", "NamedQuery", "QueryResult", "check_select", "to_frame"]
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    """Rows of a query as numpy columns (masked where NULL), with DuckDB's type names."""
+
+    columns: list[str]
+    types: list[str]
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class NamedQuery:
+    """One analysis query: its SQL, its parameters in placeholder order, its JSON columns."""
+
+    sql: str
+    params: tuple[str, ...] = ()
+    json_columns: frozenset[str] = field(default_factory=frozenset)
+
+    def bind(self, values: Mapping[str, Any]) -> list[Any]:
+        """The placeholder values, from ``values`` by name (a missing one is ``None``)."""
+        unknown = set(values) - set(self.params)
+        if unknown:
+            raise TypeError(f"unexpected query parameters: {', '.join(sorted(unknown))}")
+        return [values.get(name) for name in self.params]
+
+
+# The cost of a group of requests. A request that was never answered (an HTTP error
+# before any token) costs 0 and is known; the sum of the known costs is shown beside the
+# count of unknown ones, but a group whose answered requests all have unknown costs is
+# NULL (NaN), never 0.
+_KNOWN_COST = """
+    CASE WHEN count(*) FILTER (WHERE {r}cost_usd IS NULL) > 0
+              AND count(*) FILTER (WHERE {r}cost_usd IS NOT NULL AND {r}error IS NULL) = 0
+         THEN NULL ELSE sum({r}cost_usd) END"""
+
+_SESSIONS = f"""
+    WITH m AS (
+        SELECT session_id, count(*) FILTER (WHERE state = 'active') AS messages,
+               max(created_at) AS last_message_at
+        FROM messages GROUP BY session_id
+    ), r AS (
+        SELECT session_id, count(*) AS requests,
+               sum(prompt_tokens)::BIGINT AS prompt_tokens,
+               sum(completion_tokens)::BIGINT AS completion_tokens,
+               {_KNOWN_COST.format(r="")} AS cost_usd,
+               count(*) FILTER (WHERE cost_usd IS NULL) AS unknown_cost_requests,
+               max(created_at) AS last_request_at
+        FROM requests GROUP BY session_id
+    ), superseded AS (  -- turns whose user message a cell re-run replaced
+        SELECT turn_id FROM messages WHERE role = 'user' AND turn_id IS NOT NULL
+        GROUP BY turn_id HAVING bool_and(state = 'superseded')
+    ), t AS (
+        SELECT turns.session_id, count(*) FILTER (WHERE x.turn_id IS NULL) AS turns,
+               count(x.turn_id) AS superseded_turns
+        FROM turns LEFT JOIN superseded x ON x.turn_id = turns.id
+        GROUP BY turns.session_id
+    )
+    SELECT s.id, s.title, s.model, s.created_at,
+           greatest(s.created_at, m.last_message_at, r.last_request_at) AS last_active,
+           coalesce(t.turns, 0) AS turns, coalesce(t.superseded_turns, 0) AS superseded_turns,
+           coalesce(m.messages, 0) AS messages,
+           coalesce(r.requests, 0) AS requests,
+           -- no request at all costs nothing; requests without a known value stay NULL
+           CASE WHEN r.requests IS NULL THEN 0 ELSE r.prompt_tokens END AS prompt_tokens,
+           CASE WHEN r.requests IS NULL THEN 0 ELSE r.completion_tokens END
+               AS completion_tokens,
+           CASE WHEN r.requests IS NULL THEN 0.0 ELSE r.cost_usd END AS cost_usd,
+           coalesce(r.unknown_cost_requests, 0) AS unknown_cost_requests,
+           s.system_prompt, s.parent_id, s.notebook, s.metadata
+    FROM sessions s
+    LEFT JOIN m ON m.session_id = s.id
+    LEFT JOIN r ON r.session_id = s.id
+    LEFT JOIN t ON t.session_id = s.id
+    ORDER BY s.created_at, s.id
+"""
+
+_TRANSCRIPT = """
+    SELECT seq, role, content, name, tool_calls, tool_call_id, status, state, turn_id,
+           round, cell_id, created_at, id
+    FROM messages
+    WHERE session_id = ?
+      AND (state = 'active' OR (? AND state = 'compacted') OR (? AND state = 'superseded'))
+    ORDER BY seq, created_at
+"""
+
+_USAGE = """
+    SELECT created_at, session_id, turn_id, round, model, provider, purpose,
+           prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens,
+           prompt_tokens + completion_tokens AS total_tokens, cost_usd, ttft_ms,
+           duration_ms, finish_reason, error, estimated_prompt_tokens, estimated_cost_usd, id
+    FROM requests WHERE ? IS NULL OR session_id = ?
+    ORDER BY created_at, id
+"""
+
+_TOOL_CALLS = """
+    SELECT created_at, session_id, turn_id, round, call_id, name, arguments, result,
+           is_error, error_kind, duration_ms, id
+    FROM tool_calls WHERE ? IS NULL OR session_id = ?
+    ORDER BY created_at, id
+"""
+
+_COMPACTIONS = """
+    SELECT created_at, session_id, turn_id, strategy, from_seq, to_seq, tokens_before,
+           tokens_after, model, cost_usd, summary, error, id
+    FROM compactions WHERE ? IS NULL OR session_id = ?
+    ORDER BY created_at, id
+"""
+
+_TURNS = """
+    WITH asked AS (
+        SELECT turn_id,
+               CASE WHEN bool_and(state = 'superseded') THEN 'superseded'
+                    WHEN bool_or(state = 'active') THEN 'active'
+                    ELSE 'compacted' END AS state
+        FROM messages
+        WHERE role = 'user' AND turn_id IS NOT NULL AND (? IS NULL OR session_id = ?)
+        GROUP BY turn_id
+    )
+    SELECT t.started_at, t.finished_at, t.session_id, t.status,
+           coalesce(a.state, 'active') AS state, t.user_text, t.rounds, t.requests,
+           t.prompt_tokens, t.completion_tokens, t.cost_usd, t.duration_ms, t.error,
+           t.cell_id, t.id
+    FROM turns t LEFT JOIN asked a ON a.turn_id = t.id
+    WHERE ? IS NULL OR t.session_id = ?
+    ORDER BY t.started_at, t.id
+"""
+
+
+def _costs(select: str, group: str, order: str, join: str = "") -> str:
+    return f"""
+        SELECT {select}, count(*) AS requests, sum(r.prompt_tokens)::BIGINT AS prompt_tokens,
+               sum(r.completion_tokens)::BIGINT AS completion_tokens,
+               sum(r.cached_tokens)::BIGINT AS cached_tokens,
+               {_KNOWN_COST.format(r="r.")} AS cost_usd,
+               count(*) FILTER (WHERE r.cost_usd IS NULL) AS unknown_cost_requests
+        FROM requests r {join}
+        GROUP BY {group}
+        ORDER BY {order}
+    """
+
+
+_BY_SESSION = ("session_id", "session_id")
+
+QUERIES: dict[str, NamedQuery] = {
+    "sessions": NamedQuery(_SESSIONS, json_columns=frozenset({"metadata"})),
+    "transcript": NamedQuery(
+        _TRANSCRIPT,
+        ("session_id", "include_compacted", "include_superseded"),
+        json_columns=frozenset({"tool_calls"}),
+    ),
+    "usage": NamedQuery(_USAGE, _BY_SESSION),
+    "tool_calls": NamedQuery(_TOOL_CALLS, _BY_SESSION),
+    "compactions": NamedQuery(_COMPACTIONS, _BY_SESSION),
+    # One name bound four times: each placeholder is its own parameter.
+    "turns": NamedQuery(_TURNS, ("session_id", "session_id", "session_id", "session_id")),
+    "costs_by_model": NamedQuery(
+        _costs(
+            "r.model, r.provider",
+            "r.model, r.provider",
+            "cost_usd DESC NULLS LAST, requests DESC, r.model",
+        )
+    ),
+    "costs_by_day": NamedQuery(
+        _costs("(r.created_at AT TIME ZONE 'UTC')::DATE AS day", "day", "day")
+    ),
+    "costs_by_session": NamedQuery(
+        _costs(
+            "r.session_id, any_value(s.title) AS title, min(r.created_at) AS first_request_at",
+            "r.session_id",
+            "first_request_at, r.session_id",
+            # Only the per-session view needs the session's title.
+            "LEFT JOIN sessions s ON s.id = r.session_id",
+        )
+    ),
+}
+
+# What a session already spent: count(x) = count(*) exactly when no row has x unknown.
+SESSION_USAGE = (
+    "SELECT count(*),"
+    " CASE WHEN count(prompt_tokens) = count(*) THEN coalesce(sum(prompt_tokens), 0) END,"
+    " CASE WHEN count(completion_tokens) = count(*)"
+    " THEN coalesce(sum(completion_tokens), 0) END,"
+    " coalesce(sum(cached_tokens), 0), coalesce(sum(reasoning_tokens), 0),"
+    " CASE WHEN count(cost_usd) = count(*) THEN coalesce(sum(cost_usd), 0) END"
+    " FROM requests WHERE session_id = ?"
+)
+
+
+def check_select(query: str) -> None:
+    """Raise ``StoreError`` unless ``query`` is exactly one SELECT statement."""
+    import duckdb
+
+    try:
+        statements = duckdb.extract_statements(query)
+    except duckdb.Error as exc:
+        raise StoreError(f"sql() could not parse the query: {exc}") from exc
+    if len(statements) != 1:
+        raise StoreError(f"sql() runs exactly one statement; this query has {len(statements)}.")
+    kind = statements[0].type
+    if kind != duckdb.StatementType.SELECT:
+        raise StoreError(
+            f"sql() is read-only: it runs SELECT queries, and this is a {kind.name} statement."
+        )
+
+
+# ------------------------------------------------------------------ result -> DataFrame
+
+_INTEGER_TYPES = frozenset(
+    {"TINYINT", "SMALLINT", "INTEGER", "BIGINT", "UTINYINT", "USMALLINT", "UINTEGER"}
+)
+_FLOAT_TYPES = frozenset({"FLOAT", "DOUBLE", "HUGEINT", "UBIGINT", "UHUGEINT"})
+_TEXT_TYPES = frozenset({"VARCHAR", "JSON", "UUID"})
+
+
+def _text_dtype() -> Any:
+    import pandas as pd
+
+    # pandas 3 has a real string dtype ("str", NaN for missing); older pandas uses object.
+    return "str" if int(pd.__version__.split(".")[0]) >= 3 else object
+
+
+def _series(values: Any, type_name: str) -> pd.Series:
+    """One DuckDB result column as a pandas Series of the matching dtype."""
+    import numpy as np
+    import pandas as pd
+
+    mask = np.ma.getmaskarray(values)
+    data = np.ma.getdata(values)
+    kind = type_name.upper()
+    if kind == "DATE":  # a calendar day, not a midnight timestamp
+        days = data.astype("datetime64[D]").tolist()
+        return pd.Series([None if m else d for d, m in zip(days, mask, strict=True)], dtype=object)
+    if kind == "TIMESTAMP WITH TIME ZONE" or kind.startswith("TIMESTAMP"):
+        stamps = data.astype("datetime64[us]").copy()
+        stamps[mask] = np.datetime64("NaT")
+        series = pd.Series(stamps)
+        if kind == "TIMESTAMP WITH TIME ZONE":
+            series = series.dt.tz_localize("UTC")
+        return series
+    if kind in _INTEGER_TYPES:
+        return pd.Series(pd.arrays.IntegerArray(data.astype("int64"), mask.copy()))
+    if kind in _FLOAT_TYPES or kind.startswith("DECIMAL"):
+        floats = data.astype("float64").copy()
+        floats[mask] = np.nan
+        return pd.Series(floats)
+    if kind == "BOOLEAN":
+        return pd.Series(pd.arrays.BooleanArray(data.astype(bool), mask.copy()))
+    items = [None if missing else item for item, missing in zip(data.tolist(), mask, strict=True)]
+    if kind in _TEXT_TYPES:
+        return pd.Series(items, dtype=_text_dtype())
+    return pd.Series(items, dtype=object)
+
+
+def to_frame(result: QueryResult, json_columns: frozenset[str] = frozenset()) -> pd.DataFrame:
+    """A DataFrame of ``result``; ``json_columns`` are parsed into Python objects."""
+    import pandas as pd
+
+    parse: Callable[[str], Any] = json.loads
+    columns: dict[str, pd.Series] = {}
+    for name, kind in zip(result.columns, result.types, strict=True):
+        series = _series(result.data[name], kind)
+        if name in json_columns:
+            series = pd.Series(
+                [None if pd.isna(v) else parse(v) for v in series.tolist()], dtype=object
+            )
+        columns[name] = series
+    return pd.DataFrame(columns, columns=result.columns)

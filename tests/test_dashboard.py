@@ -1,0 +1,111 @@
+"""``nbchat.dashboard()`` without a browser: built on a store real sessions filled, driven
+through its widgets (clicks, date pickers), checked on the data it shows.
+
+What only a browser shows (that it renders and clicks in JupyterLab) is in
+test_dashboard_browser.py.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from pathlib import Path
+
+import ipywidgets as widgets
+import pytest
+from test_plot import CHEAP, MYSTERY, PRICED, Filled, fill_store, prices
+
+import nbchat
+from nbchat import Session
+from nbchat._dashboard import Dashboard
+from nbchat.testing import FakeOpenAIServer
+
+TODAY = dt.datetime.now(dt.UTC).date()
+
+
+@pytest.fixture
+def filled(tmp_path: Path, fake: FakeOpenAIServer) -> Iterator[Filled]:
+    with prices():
+        yield fill_store(str(tmp_path / "chats.duckdb"), fake)
+
+
+def ticks(ax: object) -> list[str]:
+    return [t.get_text() for t in ax.get_xticklabels()]  # type: ignore[attr-defined]
+
+
+def test_the_dashboard_shows_spend_models_sessions_tools_and_latency(filled: Filled) -> None:
+    board = nbchat.dashboard(db=filled.db)
+    assert isinstance(board, widgets.VBox) and isinstance(board, Dashboard)
+    assert "5 requests in 3 sessions, $0.0063 known cost" in board.summary.value
+    assert "plus 1 request(s) with unknown price" in board.summary.value
+    # the charts: PNG images, and the Axes they were drawn from
+    for image in (board.spend, board.by_model, board.latency):
+        assert image.value[:4] == b"\x89PNG"
+    assert ticks(board.axes["spend"]) == [str(TODAY)]
+    assert ticks(board.axes["by_model"]) == [PRICED, CHEAP, MYSTERY]
+    assert ticks(board.axes["latency"]) == sorted([PRICED, CHEAP, MYSTERY])
+    spent = sum(p.get_height() for c in board.axes["spend"].containers for p in c)
+    assert spent == pytest.approx(0.006 + 0.00034)
+    # top sessions, most expensive first; unknown spend is said, not shown as $0
+    assert [b.description for b in board.session_buttons] == [
+        f"Priced work · {filled.priced[:8]} — $0.0060 · 2 req",
+        f"Cheap tools · {filled.cheap[:8]} — $0.0003 · 2 req",
+        f"{filled.mystery[:8]} — $? · 1 req (+1 unknown)",
+    ]
+    # tools: one of the two flaky calls failed
+    assert board.tool_errors is not None
+    assert board.tool_errors[["tool", "calls", "errors", "error_rate"]].to_dict("records") == [
+        {"tool": "flaky", "calls": 2, "errors": 1, "error_rate": 0.5}
+    ]
+    assert "<td>flaky</td><td>2</td><td>1</td><td>50%</td>" in board.tools.value
+    assert board.transcript.value == ""
+
+
+def test_clicking_a_session_shows_its_transcript_below(filled: Filled) -> None:
+    board = nbchat.dashboard(db=filled.db)
+    cheap, mystery = board.session_buttons[1], board.session_buttons[2]
+    cheap.click()
+    assert board.selected == filled.cheap
+    shown = board.transcript.value
+    assert filled.cheap in shown
+    assert shown.index("use the tool") < shown.index("asks for") < shown.index("done")
+    assert "<b>tool flaky</b><pre>{&quot;ok&quot;: false" in shown  # the failed call's result
+    assert "ValueError: odd" in shown
+    assert cheap.button_style == "info" and mystery.button_style == ""
+    mystery.click()
+    assert "three &lt;b&gt;bold&lt;/b&gt;" in board.transcript.value  # raw HTML escaped
+    assert "<b>bold</b>" not in board.transcript.value
+    assert (cheap.button_style, mystery.button_style) == ("", "info")
+
+
+def test_picking_dates_filters_and_refresh_reads_new_requests(
+    filled: Filled, fake: FakeOpenAIServer
+) -> None:
+    board = nbchat.dashboard(db=filled.db)
+    board.session_buttons[0].click()
+    board.since.value = TODAY + dt.timedelta(days=1)  # picking a date redraws at once
+    assert "0 requests in 0 sessions" in board.summary.value
+    assert board.session_buttons == [] and board.transcript.value == ""
+    assert "no sessions in this range" in board.sessions_list.children[-1].value
+    assert "no tool calls in this range" in board.tools.value
+    assert [t.get_gid() for t in board.axes["spend"].texts] == ["empty"]
+
+    board.since.value, board.until.value = TODAY, TODAY  # both days included
+    assert "5 requests in 3 sessions" in board.summary.value
+
+    late = Session(model=PRICED, base_url=fake.url, api_key="sk-test", db=filled.db)
+    fake.enqueue("late", usage={"prompt_tokens": 10_000, "completion_tokens": 0})
+    with prices():
+        late.send("one more")
+    assert "5 requests" in board.summary.value  # nothing changes until asked
+    board.refresh_button.click()
+    assert "6 requests in 4 sessions, $0.0163 known cost" in board.summary.value
+    assert board.session_buttons[0].description.startswith(f"{late.id[:8]} — $0.0100")
+
+
+def test_a_store_that_cannot_be_read_is_said_in_the_dashboard(tmp_path: Path) -> None:
+    broken = tmp_path / "not-a-store.duckdb"
+    broken.write_text("this is not a DuckDB file")
+    board = nbchat.dashboard(db=str(broken))
+    assert board.summary.value.startswith("<b>Could not read the store:</b>")
+    assert board.session_buttons == []

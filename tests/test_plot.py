@@ -1,0 +1,317 @@
+"""``nbchat.plot``: charts drawn from a store that real sessions filled, checked on the Axes' data.
+
+The sessions talk to the fake server over HTTP with scripted token counts; two models
+have registered prices and one has none, so its cost is unknown and must never be
+drawn as 0. ``test-artifacts/costs.png`` (the README's docs/costs.png) is drawn here.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import matplotlib.pyplot as plt
+import pytest
+from IPython.core.error import UsageError
+from matplotlib.axes import Axes
+
+import nbchat
+from nbchat._plot import magic_figure, plot_for_magic
+from nbchat._pricing import forget_price, register_price
+from nbchat.testing import FakeOpenAIServer
+
+matplotlib.use("Agg")  # no display: draw off-screen
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+PRICED, CHEAP, MYSTERY = "chart-priced", "chart-cheap", "chart-mystery"
+
+
+@dataclass
+class Filled:
+    """A store with three sessions, and facts about what was sent."""
+
+    db: str
+    priced: str  # session ids
+    cheap: str
+    mystery: str
+    cut: dt.datetime  # after the priced session, before the others
+
+
+def _usage(prompt: int, completion: int, cached: int | None = None) -> dict[str, Any]:
+    usage: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion}
+    if cached is not None:
+        usage["prompt_tokens_details"] = {"cached_tokens": cached}
+    return usage
+
+
+def flaky(x: int) -> int:
+    """Fails for odd numbers."""
+    if x % 2:
+        raise ValueError("odd")
+    return x
+
+
+def fill_store(db: str, fake: FakeOpenAIServer) -> Filled:
+    """Three sessions: two turns at known prices, one of unknown price, one with tools.
+
+    The prices must be registered (``prices()``) while they send.
+    """
+
+    def session(model: str, **kw: Any) -> nbchat.Session:
+        return nbchat.Session(
+            model=model, base_url=fake.url, api_key="sk-test", db=db, max_retries=0, **kw
+        )
+
+    priced = session(PRICED, title="Priced work", notebook="/home/me/analysis.ipynb")
+    fake.enqueue("one", usage=_usage(1000, 500, cached=400))
+    fake.enqueue("two", usage=_usage(2000, 1000))
+    priced.send("first")
+    priced.send("second")
+    cut = dt.datetime.now(dt.UTC)
+    mystery = session(MYSTERY)
+    fake.enqueue("three <b>bold</b>", usage=_usage(100, 50))
+    mystery.send("third")
+    cheap = session(CHEAP, title="Cheap tools", tools=[flaky])
+    fake.enqueue(
+        tool_calls=[
+            {"name": "flaky", "arguments": {"x": 1}},
+            {"name": "flaky", "arguments": {"x": 2}},
+        ],
+        usage=_usage(300, 20),
+    )
+    fake.enqueue("done", usage=_usage(300, 20))
+    assert cheap.send("use the tool").status == "completed"
+    return Filled(db, priced.id, cheap.id, mystery.id, cut)
+
+
+@contextmanager
+def prices() -> Iterator[None]:
+    """The two known prices, registered for the duration."""
+    register_price(PRICED, input_per_mtok=1.0, output_per_mtok=2.0)
+    register_price(CHEAP, input_per_mtok=0.5, output_per_mtok=1.0)
+    try:
+        yield
+    finally:
+        forget_price(PRICED)
+        forget_price(CHEAP)
+
+
+@pytest.fixture(scope="module")
+def filled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Filled]:
+    db = str(tmp_path_factory.mktemp("plot") / "chats.duckdb")
+    with prices(), FakeOpenAIServer() as fake:
+        yield fill_store(db, fake)
+
+
+@pytest.fixture(autouse=True)
+def _close_figures() -> Iterator[None]:
+    yield
+    plt.close("all")
+
+
+def bars(ax: Axes) -> dict[str, list[float]]:
+    """Each bar series' label and heights, left to right."""
+    return {c.get_label(): [float(p.get_height()) for p in c] for c in ax.containers}
+
+
+def ticks(ax: Axes) -> list[str]:
+    return [t.get_text() for t in ax.get_xticklabels()]
+
+
+def legend(ax: Axes) -> list[str]:
+    shown = ax.get_legend()
+    assert shown is not None
+    return [t.get_text() for t in shown.get_texts()]
+
+
+def hatched(ax: Axes) -> dict[str, tuple[float, float]]:
+    """The hatched 'price unknown' columns: (x, bottom) by gid."""
+    return {
+        str(p.get_gid()): (p.get_x() + p.get_width() / 2, p.get_y())
+        for p in ax.patches
+        if str(p.get_gid()).startswith("unknown-bar:")
+    }
+
+
+def notes(ax: Axes) -> dict[str, str]:
+    """Texts with a gid (the '? N' marks over bars), by gid."""
+    return {str(t.get_gid()): t.get_text() for t in ax.texts if t.get_gid()}
+
+
+# --------------------------------------------------------------------------- costs
+
+
+def test_costs_by_model_draws_known_dollars_and_counts_unknown_price_requests(
+    filled: Filled,
+) -> None:
+    ax = nbchat.plot.costs(by="model", db=filled.db)
+    assert ticks(ax) == [PRICED, CHEAP, MYSTERY]  # most expensive first, unknown last
+    heights = bars(ax)
+    assert set(heights) == {PRICED, CHEAP}  # the unknown model has no dollar bar at all
+    assert heights[PRICED] == pytest.approx([0.006, 0, 0])  # 3000 in, 1500 out at $1/$2
+    assert heights[CHEAP] == pytest.approx([0, 2 * (300 * 0.5 + 20) / 1e6, 0])
+    assert notes(ax) == {f"unknown:{MYSTERY}": "? 1"}
+    assert hatched(ax) == {f"unknown-bar:{MYSTERY}": (2, 0)}  # open-ended, not a 0 bar
+    assert "price unknown: 1 request (? N, not in bars)" in legend(ax)
+    assert ax.get_title() == "Cost by model — 1 request without a price"
+
+
+def test_costs_by_day_match_the_costs_frame(filled: Filled) -> None:
+    ax = nbchat.plot.costs(db=filled.db)  # by="day"
+    frame = nbchat.costs(by="day", db=filled.db)
+    assert ticks(ax) == [str(day) for day in frame["day"]]
+    stacked = [sum(col) for col in zip(*bars(ax).values(), strict=True)]
+    assert stacked == pytest.approx(list(frame["cost_usd"]))
+    assert list(notes(ax).values()) == [f"? {n}" for n in frame["unknown_cost_requests"]]
+
+
+def test_costs_by_session_and_notebook_label_groups_and_keep_the_top(filled: Filled) -> None:
+    ax = nbchat.plot.costs(by="session", db=filled.db)
+    assert ticks(ax) == [
+        f"Priced work · {filled.priced[:8]}",
+        f"Cheap tools · {filled.cheap[:8]}",
+        filled.mystery[:8],
+    ]
+    top = nbchat.plot.costs(by="session", db=filled.db, top=1)
+    assert ticks(top) == [f"Priced work · {filled.priced[:8]}"] and notes(top) == {}
+
+    by_notebook = nbchat.plot.costs(by="notebook", db=filled.db)
+    assert ticks(by_notebook) == ["analysis.ipynb", "(no notebook)"]
+    assert bars(by_notebook)[PRICED] == pytest.approx([0.006, 0])
+    assert notes(by_notebook) == {"unknown:(no notebook)": "? 1"}
+    assert hatched(by_notebook) == {
+        "unknown-bar:(no notebook)": (1, pytest.approx(2 * (300 * 0.5 + 20) / 1e6))
+    }  # above the known part of the same bar
+    ARTIFACTS.mkdir(exist_ok=True)
+    ax.figure.savefig(ARTIFACTS / "costs.png", dpi=100)  # the README's docs/costs.png
+    assert (ARTIFACTS / "costs.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_only_unknown_prices_draw_no_dollars(filled: Filled) -> None:
+    ax = nbchat.plot.costs(by="model", db=filled.db, since=filled.cut)
+    assert ticks(ax) == [CHEAP, MYSTERY]
+    assert bars(ax) == {CHEAP: pytest.approx([0.00034, 0])}
+    mystery_only = _only_mystery(filled)
+    assert bars(mystery_only) == {} and notes(mystery_only) == {f"unknown:{MYSTERY}": "? 1"}
+    assert hatched(mystery_only) == {f"unknown-bar:{MYSTERY}": (0, 0)}
+    assert list(mystery_only.get_yticks()) == []  # no dollar scale to misread as $0
+    assert "1 request without a price" in mystery_only.get_title()
+
+
+def _only_mystery(filled: Filled) -> Axes:
+    """A chart over the mystery session's single request: the window around it."""
+    (stamp,) = nbchat.usage(db=filled.db, session_id=filled.mystery)["created_at"]
+    return nbchat.plot.costs(by="model", db=filled.db, since=stamp, until=stamp)
+
+
+def test_since_and_until_pick_a_window_and_whole_days(filled: Filled) -> None:
+    today = dt.datetime.now(dt.UTC).date()
+    tomorrow = today + dt.timedelta(days=1)
+    later = nbchat.plot.costs(by="model", db=filled.db, since=filled.cut)
+    earlier = nbchat.plot.costs(by="model", db=filled.db, until=filled.cut)
+    assert ticks(later) == [CHEAP, MYSTERY] and ticks(earlier) == [PRICED]
+    assert ticks(nbchat.plot.costs(by="model", db=filled.db, until=today)) == [
+        PRICED,
+        CHEAP,
+        MYSTERY,
+    ]  # a date is the whole day
+    empty = nbchat.plot.costs(db=filled.db, since=str(tomorrow))
+    assert bars(empty) == {} and [t.get_gid() for t in empty.texts] == ["empty"]
+
+
+# --------------------------------------------------------------------------- tokens
+
+
+def test_tokens_split_input_cached_and_output(filled: Filled) -> None:
+    ax = nbchat.plot.tokens(by="model", db=filled.db)
+    assert ticks(ax) == [PRICED, CHEAP, MYSTERY]
+    assert bars(ax) == {
+        "input": [3000 - 400, 600, 100],
+        "cached input": [400, 0, 0],
+        "output": [1500, 40, 50],
+    }
+    assert "reported no tokens" not in ax.get_title()
+
+
+def test_requests_without_token_counts_are_noted(tmp_path: Path, fake: FakeOpenAIServer) -> None:
+    db = str(tmp_path / "silent.duckdb")
+    s = nbchat.Session(model="chart-silent", base_url=fake.url, api_key="sk-test", db=db)
+    fake.enqueue("counted", usage=_usage(10, 5))
+    fake.enqueue("not counted", usage=None)
+    s.send("one")
+    s.send("two")
+    figure = plt.figure()
+    ax = figure.add_subplot()
+    assert nbchat.plot.tokens(by="model", db=db, ax=ax) is ax  # drawn where asked
+    assert ax.get_title() == "Tokens by model — 1 request reported no tokens"
+    assert bars(ax) == {"input": [10], "cached input": [0], "output": [5]}
+
+
+# --------------------------------------------------------------------------- latency
+
+
+def test_latency_boxes_show_each_models_medians(filled: Filled) -> None:
+    ax = nbchat.plot.latency(db=filled.db)
+    assert ticks(ax) == sorted([PRICED, CHEAP, MYSTERY])
+    medians = {str(line.get_gid()): line.get_ydata()[0] for line in ax.lines if line.get_gid()}
+    frame = nbchat.usage(db=filled.db)
+    for model in (PRICED, CHEAP, MYSTERY):
+        rows = frame[frame["model"] == model]
+        for column in ("ttft_ms", "duration_ms"):
+            expected = float(rows[column].astype(float).median()) / 1000
+            assert medians[f"median:{column}:{model}"] == pytest.approx(expected)
+    assert legend(ax) == ["time to first token", "whole request"]
+
+
+# --------------------------------------------------------------------------- context
+
+
+def test_context_marks_each_compaction_between_the_requests(tmp_path: Path) -> None:
+    db = str(tmp_path / "long.duckdb")
+    with FakeOpenAIServer(fallback="Noted.") as fake:
+        s = nbchat.Session(
+            model="chart-long", base_url=fake.url, api_key="sk-test", db=db,
+            context_window=1_000, keep_last_n=2,
+        )  # fmt: skip
+        for i in range(12):
+            s.send(f"note {i}: " + "lorem ipsum " * 20)
+    ax = nbchat.plot.context(s.id, db=db)
+    chat = nbchat.usage(db=db, session_id=s.id)
+    chat = chat[chat["purpose"] == "chat"].reset_index(drop=True)
+    (line,) = [x for x in ax.lines if x.get_gid() == "prompt_tokens"]
+    assert list(line.get_ydata()) == [float(v) for v in chat["prompt_tokens"]]
+    folded = nbchat.compactions(db=db, session_id=s.id)
+    assert len(folded) >= 1 and folded["error"].isna().all()
+    marks = {str(x.get_gid()): x.get_xdata()[0] for x in ax.lines if x.get_gid() != "prompt_tokens"}
+    for row in folded.itertuples():
+        before = int((chat["created_at"] <= row.created_at).sum())
+        assert marks[f"compaction:{row.id}"] == before + 0.5
+        # the prompt right after a compaction is smaller than the one before it
+        assert chat["prompt_tokens"][before] < chat["prompt_tokens"][before - 1]
+    assert legend(ax) == ["prompt tokens", "compaction"]
+
+
+# --------------------------------------------------------------------------- the magic
+
+
+def test_plot_for_magic_returns_a_png_of_the_chart_asked_for(filled: Filled) -> None:
+    nbchat.configure(db=filled.db)
+    image = plot_for_magic(["model", "--plot"])
+    assert image.format == "png" and image.data[:4] == b"\x89PNG"
+    (ax,) = magic_figure(["session", "--plot", "--tokens", "--since", str(filled.cut)]).axes
+    assert ax.get_title() == "Tokens by session"
+    assert ticks(ax) == [f"Cheap tools · {filled.cheap[:8]}", filled.mystery[:8]]
+    with pytest.raises(UsageError, match="unknown argument 'weekly'"):
+        plot_for_magic(["weekly", "--plot"])
+    with pytest.raises(UsageError, match="--since needs a date"):
+        plot_for_magic(["--plot", "--since"])
+
+
+def test_plot_is_a_namespace_of_charts() -> None:
+    assert {"costs", "tokens", "latency", "context"} <= set(dir(nbchat.plot))
+    assert "costs(by=...)" in repr(nbchat.plot)
