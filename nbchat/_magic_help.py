@@ -10,7 +10,7 @@ from __future__ import annotations
 import textwrap
 from typing import NamedTuple
 
-__all__ = ["CHAT_OPTIONS", "SQL_OPTIONS", "OptionDoc", "render_options"]
+__all__ = ["CHAT_OPTIONS", "SQL_OPTIONS", "OptionDoc", "flag_of", "render_options"]
 
 
 class OptionDoc(NamedTuple):
@@ -39,6 +39,41 @@ CHAT_OPTIONS: tuple[OptionDoc, ...] = (
     OptionDoc("no_stream", None, None, "show the reply once it is complete"),
     OptionDoc("out", None, "VAR", "also store the reply text in variable VAR"),
     OptionDoc("temperature", None, "T", "sampling temperature"),
+    OptionDoc(
+        "context",
+        None,
+        "A,B",
+        "attach these notebook values below the message, each under its name "
+        "(DataFrames as shape, dtypes and first rows; also In[3], Out[3], Err)",
+    ),
+    OptionDoc(
+        "max_context_chars",
+        None,
+        "N",
+        "at most N characters for each value a {placeholder} or --context puts in "
+        "the message (default 8000; %chat config max_context_chars=N)",
+    ),
+    OptionDoc(
+        "fix",
+        None,
+        None,
+        "ask for a fix of the last cell that failed (its source and error are sent; "
+        "the cell's text adds instructions); the corrected code goes in a new cell below",
+    ),
+    OptionDoc(
+        "format",
+        None,
+        "KIND",
+        "markdown (default), text, code (the reply's code goes in a new cell below) "
+        "or json (parsed: --out gets the value)",
+    ),
+    OptionDoc(
+        "schema_",
+        None,
+        "TYPE",
+        "a typed answer: TYPE (a pydantic model or type in the notebook) validates "
+        "the reply, and --out gets the validated value",
+    ),
 )
 
 SQL_OPTIONS: tuple[OptionDoc, ...] = (
@@ -48,16 +83,17 @@ SQL_OPTIONS: tuple[OptionDoc, ...] = (
 )
 
 
-def flag_of(option: OptionDoc) -> str:
-    """``--max-rounds`` for ``max_rounds``."""
-    return "--" + option.name.replace("_", "-")
+def flag_of(name: str) -> str:
+    """``--max-rounds`` for ``max_rounds``; ``--schema`` for ``schema_`` (a trailing ``_``
+    keeps a field clear of a pydantic ``BaseModel`` attribute)."""
+    return "--" + name.rstrip("_").replace("_", "-")
 
 
 def render_options(options: tuple[OptionDoc, ...]) -> str:
     """The options as the help's table: flags and value name, then the wrapped help."""
     lines = []
     for option in options:
-        flag = ("" if option.short is None else f"{option.short}, ") + flag_of(option)
+        flag = ("" if option.short is None else f"{option.short}, ") + flag_of(option.name)
         if option.metavar is not None:
             flag += f" {option.metavar}"
         text = textwrap.wrap(option.help, 60)

@@ -9,17 +9,39 @@ from __future__ import annotations
 
 import re
 import shlex
-from typing import Any, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 from IPython.core.error import UsageError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from ._magic_help import CHAT_OPTIONS, SQL_OPTIONS, OptionDoc, render_options
+from ._context import DEFAULT_MAX_CONTEXT_CHARS, to_context
+from ._magic_help import CHAT_OPTIONS, SQL_OPTIONS, OptionDoc, flag_of, render_options
 
-__all__ = ["ChatOptions", "SqlOptions", "interpolate", "options_help", "parse_options"]
+__all__ = [
+    "MISSING",
+    "CellReferences",
+    "ChatOptions",
+    "SqlOptions",
+    "interpolate",
+    "options_help",
+    "parse_options",
+    "resolve",
+]
 
 M = TypeVar("M", bound=BaseModel)
 _IDENT = r"[A-Za-z_]\w*"
+_DOTTED = _IDENT + r"(?:\." + _IDENT + r")*"
+_CELL_REF = r"(?:In|Out|Err)\[-?\d+\]"
+# What a placeholder or a --context entry may name: a variable (``df``, ``df.shape``),
+# a cell's source, result or error (``In[3]``, ``Out[3]``, ``Err[3]``), the last error.
+_NAME = re.compile(_CELL_REF + "|" + _DOTTED)
 
 
 # ---------------------------------------------------------------------- options
@@ -47,6 +69,14 @@ class ChatOptions(BaseModel):
     no_stream: bool = Field(False, **_doc(CHAT_OPTIONS, "no_stream"))
     out: str | None = Field(None, **_doc(CHAT_OPTIONS, "out"))
     temperature: float | None = Field(None, ge=0, **_doc(CHAT_OPTIONS, "temperature"))
+    context: list[str] | None = Field(None, **_doc(CHAT_OPTIONS, "context"))
+    max_context_chars: int | None = Field(None, ge=1, **_doc(CHAT_OPTIONS, "max_context_chars"))
+    fix: bool = Field(False, **_doc(CHAT_OPTIONS, "fix"))
+    format: Literal["markdown", "text", "code", "json"] | None = Field(
+        None, **_doc(CHAT_OPTIONS, "format")
+    )
+    # ``schema`` is a BaseModel attribute: the field is ``schema_``, the flag --schema.
+    schema_: str | None = Field(None, **_doc(CHAT_OPTIONS, "schema_"))
 
     @field_validator("tools", mode="before")
     @classmethod
@@ -55,6 +85,36 @@ class ChatOptions(BaseModel):
             names = [n.strip() for n in value.split(",") if n.strip()]
             return [] if names == ["none"] else names
         return value
+
+    @field_validator("context", mode="before")
+    @classmethod
+    def _split_context(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [n.strip() for n in value.split(",") if n.strip()]
+        return value
+
+    @field_validator("context")
+    @classmethod
+    def _references(cls, value: list[str] | None) -> list[str] | None:
+        for name in value or []:
+            if not _NAME.fullmatch(name):
+                raise ValueError(f"{name!r} is not a variable name, In[n], Out[n], Err[n] or Err")
+        return value
+
+    @field_validator("schema_")
+    @classmethod
+    def _dotted(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(_DOTTED, value):
+            raise ValueError(f"{value!r} is not the name of a type in the notebook")
+        return value
+
+    @model_validator(mode="after")
+    def _one_kind_of_answer(self) -> ChatOptions:
+        if self.schema_ is not None and (self.format is not None or self.fix):
+            raise ValueError("--schema gives a typed answer: use it without --format or --fix")
+        if self.fix and self.format not in (None, "code"):
+            raise ValueError("--fix answers with code: use it without --format")
+        return self
 
     @field_validator("out")
     @classmethod
@@ -78,7 +138,7 @@ def _flags(model: type[BaseModel]) -> dict[str, str]:
     flags = {}
     for name, field in model.model_fields.items():
         extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-        flags["--" + name.replace("_", "-")] = name
+        flags[flag_of(name)] = name
         short = extra.get("short")
         if isinstance(short, str):
             flags[short] = name
@@ -127,7 +187,9 @@ def parse_options(model: type[M], line: str, magic: str = "%%chat") -> M:
         return model.model_validate(raw)
     except ValidationError as exc:
         err = exc.errors()[0]
-        name = str(err["loc"][0]) if err["loc"] else ""
+        if not err["loc"]:  # a rule about several options together
+            raise UsageError(f"{magic}: {err['msg'].removeprefix('Value error, ')}") from None
+        name = str(err["loc"][0])
         raise UsageError(f"{magic}: {given.get(name, name)}: {err['msg']}") from None
 
 
@@ -151,33 +213,72 @@ def options_help(model: type[BaseModel]) -> str:
 
 # ---------------------------------------------------------------------- {var} in the cell
 
-_PLACEHOLDER = re.compile(
-    r"\{\{(" + _IDENT + r"(?:\." + _IDENT + r")*)\}\}|\{(" + _IDENT + r"(?:\." + _IDENT + r")*)\}"
-)
-_MISSING = object()
+_PLACEHOLDER = re.compile(r"\{\{(" + _NAME.pattern + r")\}\}|\{(" + _NAME.pattern + r")\}")
+_CELL = re.compile(r"(In|Out|Err)\[(-?\d+)\]")
+MISSING: Any = object()
+"""What ``resolve`` gives for a name that matches nothing."""
 
 
-def interpolate(text: str, namespace: dict[str, Any], missing: list[str] | None = None) -> str:
-    """Replace ``{name}`` and ``{name.attr}`` with values from ``namespace``.
+class CellReferences(Protocol):
+    """The notebook's cells as placeholders see them (the magic gives its shell's)."""
 
-    Anything else in braces is left alone (JSON in prompts is common), and so is a name
-    the namespace does not have (appended to ``missing``, when given, so the caller can
-    say so). ``{{name}}`` gives a literal ``{name}``.
+    def reference(self, kind: str, index: int | None) -> Any:
+        """``In``/``Out``/``Err`` of cell ``index`` (``Err``, ``None``: the last error).
+
+        ``MISSING`` when there is no such cell, result or error.
+        """
+        ...
+
+
+def resolve(name: str, namespace: dict[str, Any], cells: CellReferences | None = None) -> Any:
+    """The value ``name`` stands for: ``df``, ``df.attr``, ``In[3]``, ``Out[3]``, ``Err``...
+
+    Cell references come from ``cells`` (without it, from ``In``/``Out`` in
+    ``namespace``, as IPython keeps them); ``MISSING`` when nothing matches.
+    """
+    cell = _CELL.fullmatch(name)
+    if cell is not None or (name == "Err" and cells is not None):
+        kind, index = (cell.group(1), int(cell.group(2))) if cell else ("Err", None)
+        if cells is not None:
+            return cells.reference(kind, index)
+        try:
+            return namespace[kind][index]
+        except (KeyError, IndexError, TypeError):
+            return MISSING
+    head, *attrs = name.split(".")
+    value = namespace.get(head, MISSING)
+    for attr in attrs:
+        if value is MISSING:
+            break
+        value = getattr(value, attr, MISSING)
+    return value
+
+
+def interpolate(
+    text: str,
+    namespace: dict[str, Any],
+    missing: list[str] | None = None,
+    *,
+    cells: CellReferences | None = None,
+    max_chars: int = DEFAULT_MAX_CONTEXT_CHARS,
+) -> str:
+    """Replace ``{name}``, ``{name.attr}`` and ``{In[3]}``-style references with values.
+
+    Values are written for a model (``to_context``: a DataFrame as shape, dtypes and
+    first rows; at most ``max_chars`` characters each). Anything else in braces is left
+    alone (JSON in prompts is common), and so is a name that matches nothing (appended
+    to ``missing``, when given, so the caller can say so). ``{{name}}`` gives a literal
+    ``{name}``.
     """
 
     def replace(match: re.Match[str]) -> str:
         if match.group(1) is not None:
             return "{" + match.group(1) + "}"
-        head, *attrs = match.group(2).split(".")
-        value = namespace.get(head, _MISSING)
-        for attr in attrs:
-            if value is _MISSING:
-                break
-            value = getattr(value, attr, _MISSING)
-        if value is _MISSING:
+        value = resolve(match.group(2), namespace, cells)
+        if value is MISSING:
             if missing is not None:
                 missing.append(match.group(0))
             return match.group(0)
-        return str(value)
+        return to_context(value, max_chars)
 
     return _PLACEHOLDER.sub(replace, text)

@@ -41,6 +41,7 @@ from ._config import (
 from ._display import CellRenderer, Info, one_line, render_mode, turn_failed
 from ._exceptions import NbchatError, SessionPendingError, TurnFailed, TurnInterrupted
 from ._magic_help import CHAT_OPTIONS, SQL_OPTIONS, render_options
+from ._notebook import NotebookCells
 from ._store import TABLES
 
 if TYPE_CHECKING:
@@ -152,6 +153,11 @@ _SUBCOMMANDS = """\
   %chat cost model|day|session    the whole store's spend, grouped (DataFrame)
   %chat tools [a,b | none]        show or set the tools of later %%chat cells
   %chat local [GGUF]              start (or reuse) the embedded local model and use it
+  %chat fix [options]             send the last failing cell and its error; the
+                                  corrected code comes back as a new cell below (not run)
+  %chat models                    the endpoint's models, context windows and prices
+  %chat alias [name=model ...]    show or set model aliases (-m name, config model=name;
+                                  name=none removes one)
 
 %%chat_sql [--out VAR] [--db PATH]
   a read-only SQL query on the store (sessions, messages, requests, tool_calls,
@@ -172,6 +178,11 @@ class ChatMagics(Magics):
         self.cell_sessions: dict[str, Session] = {}
         # The live display of each cell's last turn (the latest few), by cell id.
         self.cell_outputs: dict[str, CellRenderer] = {}
+        self.notebook = NotebookCells(shell)
+        # Kept with this kernel's defaults (%chat config shows them): model aliases
+        # (%chat alias fast=gpt-4o-mini) and the size of values put in a message.
+        self.aliases: dict[str, str] = {}
+        self.max_context_chars: int | None = None
 
     @property
     def user_ns(self) -> dict[str, Any]:
@@ -212,20 +223,13 @@ class ChatMagics(Magics):
     # -------------------------------------------------------------- %%chat
 
     def _chat_cell(self, line: str, cell: str) -> None:
-        from ._magic_options import ChatOptions, interpolate, parse_options
+        from ._magic_options import ChatOptions, parse_options
 
         opts = parse_options(ChatOptions, line)
-        missing: list[str] = []
-        text = interpolate(cell, self.user_ns, missing).strip()
-        if missing:  # a typo in a placeholder: say so, send the text as typed
-            names = ", ".join(dict.fromkeys(missing))
-            print(
-                f"nbchat: {names} matched no variable in the notebook; sent as typed "
-                "(write {{name}} for literal braces).",
-                file=sys.stderr,
-            )
-        if not text:
-            raise UsageError("%%chat: the cell is empty; write your message below the magic line")
+        if opts.model in self.aliases:
+            opts = opts.model_copy(update={"model": self.aliases[opts.model]})
+        text = self._message(opts, cell)
+        output_type = self._schema(opts)
         tools = self._tools(opts.tools if opts.tools is not None else self.default_tools)
         cell_id = self.cells.cell_key_for_turn()
         session = self._session_for(opts, cell_id)
@@ -237,7 +241,11 @@ class ChatMagics(Magics):
             opts,
             tools,
             lambda on_event, options: session.send(
-                text, cell_id=cell_id, on_event=on_event, options=options
+                text,
+                cell_id=cell_id,
+                on_event=on_event,
+                options=options,
+                output_type=output_type,
             ),
             notice=_replaces_notice(replaced),
             cell_id=cell_id,
@@ -246,9 +254,112 @@ class ChatMagics(Magics):
             shown = self.cell_outputs.get(other)
             if shown is not None:
                 shown.mark(SUPERSEDED_NOTE)
-        if opts.out:
-            self.user_ns[opts.out] = result.text
+        self._take_answer(opts, result)
         _raise_for(result)
+
+    def _message(self, opts: ChatOptions, cell: str) -> str:
+        """The text a cell sends: placeholders filled, the fix asked, context attached."""
+        from ._context import DEFAULT_MAX_CONTEXT_CHARS, FORMAT_INSTRUCTIONS, fix_prompt
+        from ._magic_options import interpolate
+
+        max_chars = opts.max_context_chars or self.max_context_chars or DEFAULT_MAX_CONTEXT_CHARS
+        missing: list[str] = []
+        text = interpolate(
+            cell, self.user_ns, missing, cells=self.notebook, max_chars=max_chars
+        ).strip()
+        if missing:  # a typo in a placeholder: say so, send the text as typed
+            names = ", ".join(dict.fromkeys(missing))
+            print(
+                f"nbchat: {names} matched no variable, cell or error in the notebook; sent "
+                "as typed (write {{name}} for literal braces).",
+                file=sys.stderr,
+            )
+        if opts.fix:
+            error = self.notebook.last_error
+            if error is None:
+                raise UsageError("%chat fix: no cell has failed in this kernel yet")
+            text = fix_prompt(error, text)
+        if not text:
+            raise UsageError("%%chat: the cell is empty; write your message below the magic line")
+        if opts.context:
+            text += "\n\n" + self._context(opts.context, max_chars)
+        if opts.format is not None and not opts.fix:
+            text += "\n\n" + FORMAT_INSTRUCTIONS[opts.format]
+        return text
+
+    def _context(self, names: list[str], max_chars: int) -> str:
+        """The ``--context`` values, each under its name; an unknown name is refused."""
+        from ._context import context_section
+        from ._magic_options import MISSING, resolve
+
+        values = {}
+        for name in names:
+            value = resolve(name, self.user_ns, self.notebook)
+            if value is MISSING:
+                raise UsageError(
+                    f"%%chat: --context {name}: no such variable, cell or error in the notebook"
+                )
+            values[name] = value
+        return context_section(values, max_chars)
+
+    def _schema(self, opts: ChatOptions) -> Any:
+        """The type ``--schema NAME`` names in the notebook, checked before anything is sent."""
+        if opts.schema_ is None:
+            return None
+        value = self._lookup(opts.schema_)
+        if value is None:
+            raise UsageError(f"%%chat: --schema {opts.schema_}: no such type in the notebook")
+        from pydantic import TypeAdapter
+
+        try:
+            TypeAdapter(value)
+        except Exception as exc:  # what pydantic cannot validate, said in one line
+            raise UsageError(
+                f"%%chat: --schema {opts.schema_}: not a type pydantic can validate ({exc})"
+            ) from None
+        return value
+
+    def _take_answer(self, opts: ChatOptions, result: TurnResult) -> None:
+        """Put the answer where the cell asked: ``--out``, and the next cell for code."""
+        completed = result.status == "completed"
+        value: Any = result.text
+        if opts.schema_ is not None:
+            if not completed:
+                return  # the cell ends with why; --out is left as it was
+            value = result.output
+        elif opts.format == "code" or opts.fix:
+            from ._context import reply_code
+
+            value = reply_code(result.text, last_only=opts.fix)
+            if completed and value:
+                assert self.shell is not None
+                self.shell.set_next_input(value, replace=False)
+        elif opts.format == "json" and completed:
+            value = self._json_answer(opts, result.text)
+        if opts.out:
+            self.user_ns[opts.out] = value
+
+    def _json_answer(self, opts: ChatOptions, text: str) -> Any:
+        """The reply parsed as JSON, shown pretty-printed; one line when it is not JSON."""
+        import json
+
+        from IPython.display import Markdown, display
+
+        from ._context import reply_code
+
+        try:
+            fenced = text.lstrip().startswith(("```", "~~~"))
+            value = json.loads(reply_code(text) if fenced else text)
+        except json.JSONDecodeError as exc:
+            if opts.out:
+                self.user_ns[opts.out] = text
+            kept = f"; --out {opts.out} holds the text" if opts.out else ""
+            raise NbchatError(
+                f"The reply is not valid JSON ({exc.msg} at line {exc.lineno}){kept}"
+            ) from None
+        pretty = json.dumps(value, indent=2, ensure_ascii=False)
+        display(Markdown(f"```json\n{pretty}\n```"))  # type: ignore[no-untyped-call]
+        return value
 
     def _show_turn(
         self,
@@ -380,7 +491,14 @@ class ChatMagics(Magics):
                 key, eq, value = arg.partition("=")
                 if not eq:
                     raise UsageError(f"%chat config: write key=value, not {arg!r}")
+                if key == "max_context_chars":  # a setting of the magics, not of sessions
+                    self.max_context_chars = _context_chars(value)
+                    continue
+                if key == "model":
+                    value = self.aliases.get(value, value)
                 updates[key] = _config_value(key, value)
+            if not updates:
+                return self._config_info()
             before = get_defaults()
             set_defaults(**updates)  # unknown keys are refused before anything is saved
             try:
@@ -389,10 +507,18 @@ class ChatMagics(Magics):
                 reset_defaults()  # all or nothing: a refused change leaves no trace
                 set_defaults(**before)
                 raise
-            info = _config_info(self.session)
+            info = self._config_info()
             info.rows.append(("this change applies to", applied))
             return info
-        return _config_info(self.session)
+        return self._config_info()
+
+    def _config_info(self) -> Info:
+        """The kernel's settings, with the magics' own (aliases, max_context_chars)."""
+        info = _config_info(self.session)
+        if self.max_context_chars is not None:
+            info.rows.append(("max_context_chars", f"{self.max_context_chars} (kernel)"))
+        info.rows += [(f"alias {name}", model) for name, model in sorted(self.aliases.items())]
+        return info
 
     def _cmd_new(self, args: list[str]) -> Info:
         self.session = None
@@ -484,6 +610,73 @@ class ChatMagics(Magics):
         model = get_defaults().get("model", "")
         return Info(f"Local model `{model}` at {url}; `%%chat` cells use it now.")
 
+    def _cmd_fix(self, args: list[str]) -> None:
+        """``%chat fix [options]``: ``%%chat --fix`` without further instructions."""
+        self._chat_cell(shlex.join(["--fix", *args]), "")
+
+    def _cmd_models(self, args: list[str]) -> Any:
+        """The endpoint's models, with context windows and prices where known."""
+        import pandas as pd
+
+        from ._client import ModelClient
+        from ._pricing import context_window, request_cost
+        from ._runner import run_sync
+        from ._types import RequestUsage
+
+        if args:
+            raise UsageError("%chat models: takes no arguments")
+        session = self.session
+        # Listing needs no model: a placeholder when none is configured.
+        client = session.client if session is not None else ModelClient(_listing_settings())
+        base_url = client.settings.base_url
+        per_input = RequestUsage(prompt_tokens=1_000_000, completion_tokens=0)
+        per_output = RequestUsage(prompt_tokens=0, completion_tokens=1_000_000)
+        rows = []
+        for model in run_sync(client.list_models()):
+            cost_in, _ = request_cost(model, base_url, per_input)
+            cost_out, _ = request_cost(model, base_url, per_output)
+            aliases = ", ".join(a for a, m in self.aliases.items() if m == model)
+            rows.append(
+                {
+                    "model": model,
+                    "context_window": context_window(model, base_url),
+                    "input_usd_per_mtok": cost_in,
+                    "output_usd_per_mtok": cost_out,
+                    "aliases": aliases,
+                }
+            )
+        frame = pd.DataFrame(
+            rows,
+            columns=[
+                "model",
+                "context_window",
+                "input_usd_per_mtok",
+                "output_usd_per_mtok",
+                "aliases",
+            ],
+        )
+        frame["context_window"] = frame["context_window"].astype("Int64")
+        frame[["input_usd_per_mtok", "output_usd_per_mtok"]] = frame[
+            ["input_usd_per_mtok", "output_usd_per_mtok"]
+        ].astype(float)
+        frame.attrs["base_url"] = base_url
+        return frame
+
+    def _cmd_alias(self, args: list[str]) -> Info:
+        """``%chat alias fast=gpt-4o-mini`` (``fast=none`` removes it); none: list them."""
+        for arg in args:
+            name, eq, model = arg.partition("=")
+            if not eq or not name or any(c.isspace() for c in name):
+                raise UsageError(f"%chat alias: write name=model, not {arg!r}")
+            if model.lower() in ("", "none"):
+                self.aliases.pop(name, None)
+            else:
+                self.aliases[name] = self.aliases.get(model, model)
+        if not self.aliases:
+            return Info("No model aliases: `%chat alias fast=gpt-4o-mini` adds one.")
+        rows = [(name, model) for name, model in sorted(self.aliases.items())]
+        return Info("Model aliases (`-m NAME` in `%%chat`, `%chat config model=NAME`)", rows)
+
     def _current(self) -> Session:
         if self.session is None:
             raise UsageError("%chat: no current session yet; run a %%chat cell first")
@@ -551,6 +744,9 @@ ChatMagics.chat.__doc__ = f"""Chat with a model from a notebook cell.
 %%chat [options]
 Your message; {{name}} is replaced by the value of `name` in the notebook
 ({{{{name}}}} keeps the braces; other text in braces, such as JSON, is left alone).
+{{In[3]}}, {{Out[3]}} and {{Err[3]}} are cell 3's source, result and error; {{Err}} is
+the last error. DataFrames and other values are written for the model: shape,
+dtypes and the first rows as a table, bounded by --max-context-chars.
 
 The reply streams into the cell as Markdown; the next %%chat cell continues the
 same conversation, and re-running a cell replaces its earlier turn. A kernel
@@ -602,6 +798,29 @@ def _config_value(key: str, value: str) -> Any:
     return value
 
 
+def _context_chars(value: str) -> int | None:
+    """``%chat config max_context_chars=N`` (``none``: back to the default)."""
+    if value.lower() in ("", "none", "null"):
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise UsageError(f"%chat config: max_context_chars must be a positive int, not {value!r}")
+    return number
+
+
+def _listing_settings() -> Any:
+    """The endpoint of new sessions, for listing its models (no model needed for that)."""
+    try:
+        return resolve_client()
+    except NbchatError:
+        if get_defaults().get("model") or os.environ.get("NBCHAT_MODEL"):
+            raise  # a real problem (no key, ...): say it
+        return resolve_client("(listing models)")
+
+
 def _config_info(session: Session | None) -> Info:
     defaults = get_defaults()
     env = os.environ
@@ -648,6 +867,7 @@ def load_ipython_extension(shell: Any) -> None:
     shell.register_magics(magics)
     shell.events.register("pre_run_cell", magics.cells.pre_run_cell)
     shell.events.register("post_run_cell", magics.cells.post_run_cell)
+    shell.events.register("post_run_cell", magics.notebook.post_run_cell)
     _loaded[shell] = magics
     if getattr(shell, "kernel", None) is not None and os.environ.get("NBCHAT_WARMUP") != "0":
         # In a notebook the first %%chat would pay ~1 s of imports; they happen now, on
@@ -680,6 +900,7 @@ def unload_ipython_extension(shell: Any) -> None:
         return
     shell.events.unregister("pre_run_cell", magics.cells.pre_run_cell)
     shell.events.unregister("post_run_cell", magics.cells.post_run_cell)
+    shell.events.unregister("post_run_cell", magics.notebook.post_run_cell)
     _forget_magics(shell.magics_manager, magics, line=["chat"], cell=["chat", "chat_sql"])
 
 

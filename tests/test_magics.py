@@ -20,6 +20,7 @@ from IPython.testing import globalipapp
 
 from nbchat import ConfigError, SessionPendingError, StoreError
 from nbchat._exceptions import ExecutionFailed, TurnFailed, TurnInterrupted
+from nbchat._magic_help import flag_of
 from nbchat._magic_options import ChatOptions, interpolate, parse_options
 from nbchat._magics import magics_of
 from nbchat._pricing import forget_price, register_price
@@ -134,8 +135,8 @@ def test_bad_magic_lines_are_one_clear_line(line: str, message: str) -> None:
 
 def test_help_lists_every_option_and_subcommand(shell: InteractiveShell) -> None:
     doc = shell.find_cell_magic("chat").__doc__
-    for flag in ChatOptions.model_fields:
-        assert "--" + flag.replace("_", "-") in doc
+    for name in ChatOptions.model_fields:
+        assert flag_of(name) in doc
     for sub in ("config", "new", "use ID", "sessions", "history", "cost", "tools", "local"):
         assert f"%chat {sub}" in doc
     assert run(shell, "%%chat?").success

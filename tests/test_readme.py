@@ -32,8 +32,10 @@ def test_readme_python_examples_run(capsys: pytest.CaptureFixture[str]) -> None:
     assert "It is 21 °C in Oslo." in out
 
 
-def ipython_blocks() -> list[str]:
-    return re.findall(r"^```ipython\n(.*?)^```", README, flags=re.S | re.M)
+def ipython_blocks(section: str = "Quickstart") -> list[str]:
+    """The ``ipython`` cells of one README section (other sections' are run by their tests)."""
+    (text,) = re.findall(rf"^## {section}.*?(?=^## )", README, flags=re.S | re.M)
+    return re.findall(r"^```ipython\n(.*?)^```", text, flags=re.S | re.M)
 
 
 @pytest.mark.slow

@@ -27,6 +27,10 @@ AFTER_TOOL: dict[str, str] = {
 # Replies to prompts without tools, by a word the prompt contains.
 ANSWERS: list[tuple[str, str]] = [
     (
+        "highest revenue",
+        "**2026-03-31** had the highest revenue (89): `revenue` rises by one every day.",
+    ),
+    (
         "window function",
         "A **window function** computes a value for each row from a *window* of related "
         "rows — a running total, a rank, a moving average — without collapsing the rows "
@@ -54,6 +58,27 @@ ANSWERS: list[tuple[str, str]] = [
 ]
 
 
+# notebooks/context.ipynb: a fix, a typed answer (by schema name) and a JSON answer.
+FIX_REPLY = (
+    "`sales` has no `week` column: derive the week from `day` first.\n\n"
+    "```python\nsales.groupby(sales[\"day\"].dt.isocalendar().week)[\"revenue\"].sum()\n```"
+)
+TYPED_ANSWERS: dict[str, str] = {"Trend": '{"direction": "up", "weekly_change": 7.0}'}
+JSON_REPLY = '[{"day": "2026-01-01", "revenue": 0}, {"day": "2026-01-02", "revenue": 1}]'
+
+
+def _structured_reply(body: dict[str, Any], prompt: str) -> Reply | None:
+    """The context notebook's answers that have a fixed form, or ``None``."""
+    schema = (body.get("response_format") or {}).get("json_schema") or {}
+    if schema.get("name") in TYPED_ANSWERS:
+        return Reply(text=TYPED_ANSWERS[schema["name"]])
+    if "give the whole corrected cell" in prompt:
+        return Reply(text=FIX_REPLY, chunk_size=4)
+    if "answer with one json value" in prompt:
+        return Reply(text=JSON_REPLY)
+    return None
+
+
 def _last_user_text(messages: list[dict[str, Any]]) -> str:
     for message in reversed(messages):
         if message.get("role") == "user":
@@ -68,6 +93,9 @@ def notebook_reply(body: dict[str, Any]) -> Reply:
         text = AFTER_TOOL.get(str(messages[-1].get("name")), "The tool answered.")
         return Reply(text=text, chunk_size=4)
     prompt = _last_user_text(messages).lower()
+    structured = _structured_reply(body, prompt)
+    if structured is not None:
+        return structured
     offered = {t["function"]["name"] for t in body.get("tools") or []}
     for words, tool, arguments in TOOL_RULES:
         if words in prompt and tool in offered:
