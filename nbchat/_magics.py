@@ -151,6 +151,12 @@ _SUBCOMMANDS = """\
                                   (nbchat.transcript(id) gives the DataFrame)
   %chat cost                      tokens, cost and time of each turn of the current session
   %chat cost model|day|session    the whole store's spend, grouped (DataFrame)
+  %chat cost [day|model|session|notebook] --plot [--tokens] [--since D] [--until D]
+                                  the same as a chart
+  %chat endpoint add NAME base_url=URL [api_key_env=VAR] [headers=JSON] [api_version=V]
+                  [api=chat|responses] | remove NAME | list
+                                  named endpoints (-m NAME:model, config endpoint=NAME);
+                                  keys only by environment variable name
   %chat tools [a,b | none]        show or set the tools of later %%chat cells
   %chat local [GGUF]              start (or reuse) the embedded local model and use it
   %chat fix [options]             send the last failing cell and its error; the
@@ -159,7 +165,7 @@ _SUBCOMMANDS = """\
   %chat alias [name=model ...]    show or set model aliases (-m name, config model=name;
                                   name=none removes one)
 
-%%chat_sql [--out VAR] [--db PATH]
+%%chat_sql [--out VAR] [--db PATH] [--allow-files]
   a read-only SQL query on the store (sessions, messages, requests, tool_calls,
   compactions, turns), shown as a DataFrame; %%chat_sql? shows its help
 """
@@ -232,8 +238,10 @@ class ChatMagics(Magics):
         output_type = self._schema(opts)
         tools = self._tools(opts.tools if opts.tools is not None else self.default_tools)
         cell_id = self.cells.cell_key_for_turn()
+        resumed = self._stored_session_of(opts, cell_id)
         session = self._session_for(opts, cell_id)
         replaced = _replaced_cells(session, cell_id)
+        said = [n for n in (resumed, _replaces_notice(replaced)) if n]
         if cell_id is not None:
             self.cell_sessions[cell_id] = session
         result = self._show_turn(
@@ -247,7 +255,7 @@ class ChatMagics(Magics):
                 options=options,
                 output_type=output_type,
             ),
-            notice=_replaces_notice(replaced),
+            notice=" ".join(said) or None,
             cell_id=cell_id,
         )
         for other in replaced:  # their outputs stay on screen: say they no longer count
@@ -420,13 +428,37 @@ class ChatMagics(Magics):
         self.session = current
         return current
 
+    def _stored_session_of(self, opts: ChatOptions, cell_id: str | None) -> str | None:
+        """After a kernel restart, go back to the stored conversation this cell was in.
+
+        The kernel knows nothing of the cell, but the store does (cell ids last in the
+        notebook file): its session becomes the current one, and the cell says so.
+        """
+        if cell_id is None or opts.new or opts.session or cell_id in self.cell_sessions:
+            return None
+        from ._store import open_store
+
+        with open_store(None) as store:
+            session_id = store.session_for_cell(cell_id, self._notebook())
+        if session_id is None or (self.session is not None and self.session.id == session_id):
+            return None
+        self.cell_sessions[cell_id] = self._use(session_id, model=opts.model)
+        return (
+            f"Continuing session {session_id}, which this cell's earlier turn belongs to "
+            "(the kernel restarted since); %chat new starts over."
+        )
+
+    def _notebook(self) -> str | None:
+        """The notebook this kernel runs, when the frontend says (JupyterLab does)."""
+        found = self.user_ns.get("__session__") or os.environ.get("JPY_SESSION_NAME")
+        return str(found) if found else None
+
     def _open(self, **kwargs: Any) -> Session:
         """A new (or reopened) session; Session fills in this kernel's defaults."""
         from ._session import Session
 
-        notebook = self.user_ns.get("__session__") or os.environ.get("JPY_SESSION_NAME")
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
-        return Session(notebook=notebook, **kwargs)
+        return Session(notebook=self._notebook(), **kwargs)
 
     def _use(self, session_id: str, model: str | None = None) -> Session:
         # One Session object per stored session in this kernel: two would both number
@@ -578,11 +610,21 @@ class ChatMagics(Magics):
     def _cmd_cost(self, args: list[str]) -> Any:
         from ._analysis import costs_table, turn_costs_table
 
+        if "--plot" in args:
+            from ._plot import plot_for_magic
+
+            return plot_for_magic(args)
         if not args:
             return turn_costs_table(self._current().id)
         if args[0] not in ("model", "day", "session"):
             raise UsageError("%chat cost: give model, day or session (or nothing)")
         return costs_table(args[0])  # type: ignore[arg-type]
+
+    def _cmd_endpoint(self, args: list[str]) -> Info:
+        from ._endpoints import endpoint_command
+
+        report = endpoint_command(args)
+        return Info(report.title, list(report.rows))
 
     def _cmd_tools(self, args: list[str]) -> Info:
         from ._magic_options import ChatOptions

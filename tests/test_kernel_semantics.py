@@ -104,3 +104,22 @@ def test_load_ext_in_a_kernel_warms_up_what_the_first_turn_needs(
         run = k.execute(check.replace("WAIT", str(warm_up == "1")))
     expected = "['duckdb', 'openai']" if warm_up == "1" else "[]"
     assert run.stdout.strip() == expected
+
+
+def test_after_a_kernel_restart_a_rerun_cell_continues_its_conversation(
+    server: FakeOpenAIServer, env: dict[str, str]
+) -> None:
+    with running_kernel(env) as k:
+        assert k.execute("%load_ext nbchat").status == "ok"
+        assert k.execute("%%chat\nMy name is Ada.", cell_id="c-1").status == "ok"
+        assert k.execute("%%chat\nWhat is my name?", cell_id="c-2").status == "ok"
+    with running_kernel(env) as k:  # the kernel restarted; the store file is the same
+        assert k.execute("%load_ext nbchat").status == "ok"
+        again = k.execute("%%chat\nWhat is my name, again?", cell_id="c-2")
+        fresh = k.execute("%%chat\nAnd now?", cell_id="c-3")
+    assert again.status == fresh.status == "ok"
+    assert _contents(server, 2) == ["My name is Ada.", "Noted.", "What is my name, again?"]
+    html = again.displays()[-1]["data"]["text/html"]
+    assert "Continuing session" in html and "kernel restarted" in html
+    # The next cell follows that conversation too.
+    assert _contents(server, 3)[:3] == ["My name is Ada.", "Noted.", "What is my name, again?"]

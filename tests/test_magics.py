@@ -728,3 +728,19 @@ def test_chat_sql_reads_files_only_when_allowed(shell: InteractiveShell, tmp_pat
     assert "allow_files" in str(refused.error_in_exec)
     frame = shell.run_cell_magic("chat_sql", "--allow-files", query)
     assert int(frame["total"][0]) == 3
+
+
+def test_chat_endpoint_and_cost_plot_subcommands(
+    shell: InteractiveShell, fake: FakeOpenAIServer, tmp_path: Path
+) -> None:
+    added = shell.run_line_magic("chat", f"endpoint add work base_url={fake.url} api_key_env=WK")
+    assert "work" in repr(added) or "work" in added.title
+    listed = shell.run_line_magic("chat", "endpoint list")
+    assert any("work" in str(row) for row in listed.rows)
+    fake.enqueue("via the endpoint", usage={"prompt_tokens": 5, "completion_tokens": 2})
+    assert run(shell, "%%chat -m work:fake-model\nhi").success
+    assert fake.requests[-1]["model"] == "fake-model"
+    image = shell.run_line_magic("chat", "cost model --plot")
+    assert image.data[:4] == b"\x89PNG"
+    with pytest.raises(ConfigError, match="Usage: %chat endpoint"):
+        shell.run_line_magic("chat", "endpoint frobnicate")

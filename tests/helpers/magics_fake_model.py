@@ -61,7 +61,7 @@ ANSWERS: list[tuple[str, str]] = [
 # notebooks/context.ipynb: a fix, a typed answer (by schema name) and a JSON answer.
 FIX_REPLY = (
     "`sales` has no `week` column: derive the week from `day` first.\n\n"
-    "```python\nsales.groupby(sales[\"day\"].dt.isocalendar().week)[\"revenue\"].sum()\n```"
+    '```python\nsales.groupby(sales["day"].dt.isocalendar().week)["revenue"].sum()\n```'
 )
 TYPED_ANSWERS: dict[str, str] = {"Trend": '{"direction": "up", "weekly_change": 7.0}'}
 JSON_REPLY = '[{"day": "2026-01-01", "revenue": 0}, {"day": "2026-01-02", "revenue": 1}]'
