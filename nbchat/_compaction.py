@@ -427,6 +427,8 @@ class Compactor:
             if learned:
                 self._learned[settings.model] = learned
         window = self.window(settings.model, settings.base_url)
+        if window is None:  # vLLM, llama.cpp, OpenRouter say theirs (asked once, cached)
+            window = await client.context_window()
         tokens = self.estimator.estimate(messages, extra_chars)
         threshold = int(window * self.trigger_ratio) if window else None
         forced = overflow is not None

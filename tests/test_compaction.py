@@ -555,3 +555,20 @@ def test_the_compaction_notice_reads_well() -> None:
     text = view.markdown()
     assert "Context compacted (summary)" in text and "3210" in text and "812" in text
     assert "continuing uncompacted" in text
+
+
+def test_the_window_the_server_reports_drives_compaction() -> None:
+    """vLLM-style: genai-prices does not know the model; /v1/models says max_model_len."""
+    with FakeOpenAIServer(
+        fallback="Noted.",
+        models=["local-model"],
+        model_info={"local-model": {"max_model_len": 1500}},
+    ) as fake:
+        s = nbchat.Session(
+            model="local-model", base_url=fake.url, api_key="k", db=":memory:", compaction="window"
+        )
+        for i in range(20):
+            s.send(f"note {i}: " + "lorem ipsum " * 30)
+        assert len(nbchat.compactions(db=s.store)) >= 1
+        assert max(len(r["messages"]) for r in fake.requests) < 40
+        assert s.client.cached_context_window() == 1500  # asked once, then cached

@@ -65,10 +65,13 @@ def litellm_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The base URL of a LiteLLM proxy started for these tests (stopped after them)."""
     command = _litellm_command()
     if command is None:
-        pytest.skip(
+        why = (
             "LiteLLM is not installed (pip install 'litellm[proxy]', or set NBCHAT_LITELLM "
             "to its litellm command)"
         )
+        if os.environ.get("CI"):  # .ci/run installs it: a skip there would hide a gap
+            pytest.fail(why)
+        pytest.skip(why)
     folder = tmp_path_factory.mktemp("litellm")
     (folder / "config.yaml").write_text(CONFIG)
     port = _free_port()
