@@ -116,7 +116,7 @@ def test_a_mistyped_placeholder_warns_in_one_line_and_is_sent_as_typed(
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
-        "nbchat: {nosuch} matched no variable in the notebook; sent as typed "
+        "nbchat: {nosuch} matched no variable, cell or error in the notebook; sent as typed "
         "(write {{name}} for literal braces)."
     ]
 
