@@ -268,15 +268,22 @@ def _short(text: str, limit: int = 60) -> str:
 class Info:
     """A short piece of information for ``%chat`` subcommands: a table or a sentence."""
 
-    def __init__(self, title: str, rows: list[tuple[str, str]] | None = None) -> None:
+    def __init__(
+        self,
+        title: str,
+        rows: list[tuple[str, str]] | None = None,
+        columns: tuple[str, str] = ("setting", "value"),
+    ) -> None:
         self.title = title
         self.rows = rows or []
+        self.columns = columns
 
     def _repr_markdown_(self) -> str:
         if not self.rows:
             return self.title
         table = "\n".join(f"| {k} | {_cell(v)} |" for k, v in self.rows)
-        return f"{self.title}\n\n| setting | value |\n|---|---|\n{table}"
+        head = f"| {self.columns[0]} | {self.columns[1]} |"
+        return f"{self.title}\n\n{head}\n|---|---|\n{table}"
 
     def __repr__(self) -> str:
         if not self.rows:

@@ -18,15 +18,17 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 from urllib.parse import urlparse
 
 from ._exceptions import ConfigError
 
+if TYPE_CHECKING:
+    from ._display import Info
+
 __all__ = [
     "CONFIG_ENV",
     "Endpoint",
-    "EndpointReport",
     "add_endpoint",
     "config_path",
     "endpoint_command",
@@ -258,24 +260,11 @@ def split_model(model: str) -> tuple[Endpoint | None, str]:
 # ---------------------------------------------------------------------- %chat endpoint
 
 
-class EndpointReport:
+def _report(title: str, rows: list[tuple[str, str]] | None = None) -> Info:
     """What ``%chat endpoint ...`` shows: a sentence, and a table for ``list``."""
+    from ._display import Info
 
-    def __init__(self, title: str, rows: list[tuple[str, str]] | None = None) -> None:
-        self.title = title
-        self.rows = rows or []
-
-    def _repr_markdown_(self) -> str:
-        if not self.rows:
-            return self.title
-        table = "\n".join(f"| {k} | {v.replace('|', chr(92) + '|')} |" for k, v in self.rows)
-        return f"{self.title}\n\n| endpoint | details |\n|---|---|\n{table}"
-
-    def __repr__(self) -> str:
-        if not self.rows:
-            return self.title
-        width = max(len(k) for k, _ in self.rows)
-        return "\n".join([self.title, *(f"  {k.ljust(width)}  {v}" for k, v in self.rows)])
+    return Info(title, rows, columns=("endpoint", "details"))
 
 
 _USAGE = (
@@ -304,19 +293,19 @@ def _describe(e: Endpoint) -> str:
     return " · ".join(parts)
 
 
-def endpoint_command(args: list[str]) -> EndpointReport:
+def endpoint_command(args: list[str]) -> Info:
     """``%chat endpoint add NAME k=v … | remove NAME | list``, already split into words."""
     if not args or args[0] == "list":
         endpoints = list_endpoints()
         if not endpoints:
-            return EndpointReport(f"No endpoints saved in {config_path()}. {_USAGE}")
+            return _report(f"No endpoints saved in {config_path()}. {_USAGE}")
         rows = [(e.name, _describe(e)) for e in endpoints]
-        return EndpointReport(f"Endpoints in {config_path()} (use one as model=NAME:MODEL)", rows)
+        return _report(f"Endpoints in {config_path()} (use one as model=NAME:MODEL)", rows)
     command, rest = args[0], args[1:]
     if command == "remove" and len(rest) == 1:
         if remove_endpoint(rest[0]):
-            return EndpointReport(f"Removed endpoint {rest[0]!r}.")
-        return EndpointReport(f"No endpoint named {rest[0]!r}; nothing removed.")
+            return _report(f"Removed endpoint {rest[0]!r}.")
+        return _report(f"No endpoint named {rest[0]!r}; nothing removed.")
     if command == "add" and rest:
         options: dict[str, str] = {}
         for word in rest[1:]:
@@ -336,7 +325,7 @@ def endpoint_command(args: list[str]) -> EndpointReport:
             api_version=options.get("api_version") or None,
             api=cast(WireAPI | None, options.get("api") or None),
         )
-        return EndpointReport(
+        return _report(
             f"Saved endpoint {e.name!r}: {_describe(e)}. Use it with model={e.name}:MODEL."
         )
     raise ConfigError(_USAGE)

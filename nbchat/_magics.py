@@ -623,8 +623,7 @@ class ChatMagics(Magics):
     def _cmd_endpoint(self, args: list[str]) -> Info:
         from ._endpoints import endpoint_command
 
-        report = endpoint_command(args)
-        return Info(report.title, list(report.rows))
+        return endpoint_command(args)
 
     def _cmd_tools(self, args: list[str]) -> Info:
         from ._magic_options import ChatOptions
