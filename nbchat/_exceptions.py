@@ -2,7 +2,9 @@
 
     NbchatError
      ├── ConfigError           model, base URL or API key missing or invalid
-     ├── StoreError            the DuckDB store cannot be opened, migrated, written or read
+     ├── StoreError            the store cannot be opened, migrated, written or read
+     │    ├── StoreLocked      another process held it for the whole wait (retry later)
+     │    └── UnstorableRow    it refused an event's values (the writer skips the row)
      ├── ModelAPIError         the model server answered with an error (status_code, body)
      ├── SessionPendingError   a stored session has tool calls without results
      ├── LoopStopped           nbchat's background event loop died during a turn
@@ -35,10 +37,12 @@ __all__ = [
     "NbchatError",
     "SessionPendingError",
     "StoreError",
+    "StoreLocked",
     "SummaryError",
     "ToolDefinitionError",
     "TurnFailed",
     "TurnInterrupted",
+    "UnstorableRow",
     "one_line_traceback",
 ]
 
@@ -52,7 +56,28 @@ class ConfigError(NbchatError):
 
 
 class StoreError(NbchatError):
-    """The DuckDB store could not be opened, migrated, written or read."""
+    """The store could not be opened, migrated, written or read."""
+
+
+class StoreLocked(StoreError):
+    """Another process held the store for the whole wait: worth retrying later.
+
+    ``holder`` names that process when the backend said which one (" (PID 1234)"), else "".
+    """
+
+    def __init__(self, message: str, holder: str = "") -> None:
+        super().__init__(message)
+        self.holder = holder
+
+
+class UnstorableRow(StoreError):
+    """The store refused an event's values (out of range, wrong type, a constraint):
+    retrying cannot help, so the writer skips the row and says so."""
+
+    def __init__(self, table: str, reason: str) -> None:
+        super().__init__(f"A row of {table} cannot be stored: {reason}")
+        self.table = table
+        self.reason = reason
 
 
 class ModelAPIError(NbchatError):

@@ -26,7 +26,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Literal
 
 import ipywidgets as widgets
 
@@ -54,7 +54,9 @@ __all__ = ["ChatInput", "ChatPanel", "markdown_to_html", "panel"]
 
 logger = logging.getLogger("nbchat")
 
-State = str  # "idle" | "waiting" | "streaming" | "running tool" | "error"
+PanelState = Literal[
+    "idle", "busy", "queued", "waiting", "streaming", "running tool", "waiting for you", "error"
+]
 TICK_SECONDS = 0.5  # how often the elapsed time in the status line moves while busy
 
 
@@ -78,7 +80,7 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
         self, session: Session | None, options: dict[str, Any], *, reopen: str | None = None
     ) -> None:
         self.session = session
-        self.state: State = "idle"
+        self.state: PanelState = "idle"
         self.last_error: BaseException | None = None  # an unexpected failure, for debugging
         self._options = dict(options)  # for "New chat": over what the last session had
         self._template = session  # "New chat" starts a session set up like this one
@@ -507,7 +509,7 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
             self.new_button.disabled = busy
             self.model_picker.disabled = busy
 
-    def _set_state(self, state: State, detail: str | None = None) -> None:
+    def _set_state(self, state: PanelState, detail: str | None = None) -> None:
         with self._lock:
             self.state = state
             if detail is not None:

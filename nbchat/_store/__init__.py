@@ -35,7 +35,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 from .._config import default_db_path
-from .._exceptions import StoreError
+from .._exceptions import StoreError, StoreLocked, UnstorableRow
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -74,32 +74,11 @@ QueryName = Literal[
 ]
 
 
-class StoreLocked(StoreError):
-    """Another process held the store for the whole wait: worth retrying later.
-
-    ``holder`` names that process when the backend said which one (" (PID 1234)"), else "".
-    """
-
-    def __init__(self, message: str, holder: str = "") -> None:
-        super().__init__(message)
-        self.holder = holder
-
-
-class UnstorableRow(StoreError):
-    """The store refused an event's values (out of range, wrong type, a constraint):
-    retrying cannot help, so the writer skips the row and says so."""
-
-    def __init__(self, table: str, reason: str) -> None:
-        super().__init__(f"A row of {table} cannot be stored: {reason}")
-        self.table = table
-        self.reason = reason
-
-
 def pending_tool_calls(messages: Sequence[Message]) -> list[ToolCall]:
     """Tool calls of the last assistant message in ``messages`` that have no result yet.
 
     Non-empty means the process died between storing the assistant's tool calls and
-    storing their results: the session is *pending* (SPEC §2.5).
+    storing their results: the session is *pending* (resume() or abort_pending()).
     """
     for index in range(len(messages) - 1, -1, -1):
         message = messages[index]

@@ -25,9 +25,9 @@ from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
-from .._exceptions import StoreError
+from .._exceptions import StoreError, UnstorableRow
 from .._types import Event, EventAdapter, Message, Usage, utcnow
-from . import Lease, QueryName, Store, UnstorableRow, release_lease
+from . import Lease, QueryName, Store, release_lease
 from ._lease import Access, LeaseOptions, acquire_lease
 from ._queries import QUERIES, SESSION_USAGE, QueryResult, check_select, to_frame
 from ._records import StoredSession

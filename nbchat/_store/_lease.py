@@ -42,8 +42,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .._exceptions import StoreError
-from . import Lease, StoreLocked, release_lease, shared_lease
+from .._exceptions import StoreError, StoreLocked
+from . import Lease, release_lease, shared_lease
 
 try:  # POSIX only; see the module docstring for what Windows does instead.
     import fcntl

@@ -33,7 +33,7 @@ CREATE TABLE IF NOT EXISTS _migrations (
 
 
 def m001_initial(con: Connection) -> None:
-    """The five tables of SPEC §3."""
+    """The first schema: sessions, messages, requests, tool_calls, compactions."""
     con.execute(
         """
         CREATE TABLE sessions (
@@ -127,7 +127,7 @@ def m001_initial(con: Connection) -> None:
 
 
 def m002_turns_and_details(con: Connection) -> None:
-    """One row per turn, and the details the event stream carries beyond SPEC §3."""
+    """One row per turn, and the details the event stream carries beyond the first schema."""
     con.execute(
         """
         CREATE TABLE turns (

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from .._exceptions import StoreError
+from .._exceptions import StoreError, StoreLocked, UnstorableRow
 from .._types import (
     CompactionEvent,
     Event,
@@ -58,7 +58,6 @@ from .._types import (
     UsageEvent,
     utcnow,
 )
-from . import StoreLocked, UnstorableRow
 
 if TYPE_CHECKING:
     from . import Store
