@@ -118,7 +118,8 @@ class RoundFolder:
         self.usage: RequestUsage | None = None
         self.model: str | None = None
         self.started = time.perf_counter()
-        self.first_token_at: float | None = None
+        self.first_token_at: float | None = None  # reasoning counts: the model answered
+        self.first_text_at: float | None = None  # the answer itself began
         self.chunks = 0
 
     @property
@@ -132,8 +133,15 @@ class RoundFolder:
         return self.reasoning_buffer.text()
 
     @property
+    def first_text_ms(self) -> float | None:
+        """Milliseconds from the request to its first answer (text or tool-call) delta."""
+        if self.first_text_at is None:
+            return None
+        return (self.first_text_at - self.started) * 1000
+
+    @property
     def ttft_ms(self) -> float | None:
-        """Milliseconds from the request to its first text or tool-call delta."""
+        """Milliseconds from the request to its first token: reasoning, text or tool call."""
         if self.first_token_at is None:
             return None
         return (self.first_token_at - self.started) * 1000
@@ -162,15 +170,16 @@ class RoundFolder:
             if delta is None:
                 continue
             if delta.content:
-                self._mark_first_token()
+                self._mark_first_token(answer=True)
                 self.text_buffer.append(delta.content)
                 events.append(self._text_event(TextDelta, "text_delta", delta.content))
             reasoning = delta.reasoning_content or delta.reasoning
             if reasoning:
+                self._mark_first_token(answer=False)
                 self.reasoning_buffer.append(reasoning)
                 events.append(self._text_event(ReasoningDelta, "reasoning_delta", reasoning))
             if delta.tool_calls:
-                self._mark_first_token()
+                self._mark_first_token(answer=True)
                 for position, tc in enumerate(delta.tool_calls):
                     events.extend(self._feed_tool_call(tc, position))
         return events
@@ -222,9 +231,14 @@ class RoundFolder:
         event.round = self.round
         return event  # type: ignore[no-any-return]
 
-    def _mark_first_token(self) -> None:
+    def _mark_first_token(self, *, answer: bool) -> None:
+        if self.first_text_at is not None:
+            return  # both are known (the common case, once per chunk)
+        now = time.perf_counter()
         if self.first_token_at is None:
-            self.first_token_at = time.perf_counter()
+            self.first_token_at = now
+        if answer:
+            self.first_text_at = now
 
 
 # --------------------------------------------------------------------------- client
@@ -598,6 +612,7 @@ class ModelClient:
             cost_usd=cost,
             cost_source=source,
             ttft_ms=folder.ttft_ms,
+            first_text_ms=folder.first_text_ms,
             duration_ms=(time.perf_counter() - folder.started) * 1000,
             finish_reason=folder.finish_reason,
             error=str(error) if error else ("interrupted" if interrupted else None),

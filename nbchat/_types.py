@@ -371,7 +371,8 @@ class UsageEvent(_Event):
     cost_usd: float | None = None
     # Where cost_usd came from; None when the cost is unknown.
     cost_source: CostSource | None = None
-    ttft_ms: float | None = None
+    ttft_ms: float | None = None  # to the first token, reasoning included
+    first_text_ms: float | None = None  # to the first token of the answer itself
     duration_ms: float = 0.0
     finish_reason: str | None = None
     error: str | None = None

@@ -251,7 +251,10 @@ class FakeOpenAIServer:
     it asks ``fallback`` (a ``Reply``, a string, or a function of the request body), and
     without one answers HTTP 500 saying the queue is empty. With ``context_window=N``, a
     request whose ``estimate_prompt_tokens`` exceeds N is answered 400
-    ``context_length_exceeded`` without taking a reply from the queue.
+    ``context_length_exceeded`` without taking a reply from the queue. With
+    ``require_reasoning_replay=True`` it behaves like DeepSeek's thinking mode: a tool
+    round whose assistant message (after the last user message) comes back without its
+    ``reasoning_content`` is answered 400.
     ``GET /v1/models`` lists ``models``, each card with the fields ``model_info`` gives
     it (``{"m": {"max_model_len": 8192}}`` as vLLM, ``{"context_length": ...}`` as
     OpenRouter); ``props`` is answered at ``GET /props`` as llama.cpp does
@@ -267,6 +270,7 @@ class FakeOpenAIServer:
         models: Sequence[str] = ("fake-model",),
         fallback: Reply | str | Fallback | None = None,
         context_window: int | None = None,
+        require_reasoning_replay: bool = False,
         model_info: dict[str, dict[str, Any]] | None = None,
         props: dict[str, Any] | None = None,
     ) -> None:
@@ -277,6 +281,7 @@ class FakeOpenAIServer:
         self.props = props
         self.fallback = fallback
         self.context_window = context_window
+        self.require_reasoning_replay = require_reasoning_replay
         self.disconnects = 0
         """How many streamed replies the client dropped before their end."""
         self.errors: list[str] = []
@@ -476,6 +481,16 @@ class FakeOpenAIServer:
                             f"However, your messages resulted in {tokens} tokens.",
                         )
                     )
+            if self.require_reasoning_replay and _reasoning_missing(body):
+                return number, Reply(
+                    error=ErrorSpec(
+                        status=400,
+                        code="invalid_request_error",
+                        param="messages",
+                        message="The reasoning_content in the thinking mode must be passed "
+                        "back to the API.",
+                    )
+                )
             if self._queue:
                 return number, self._queue.popleft()
             fallback = self.fallback
@@ -582,6 +597,16 @@ def _completion(reply: Reply, body: dict[str, Any], number: int) -> bytes:
     }
     usage = _usage_for(reply, body, calls)
     return _dumps(out) if usage is None else _with_usage(_dumps(out), reply, usage)
+
+
+def _reasoning_missing(body: dict[str, Any]) -> bool:
+    """Whether a tool round of the current turn omits the reasoning it was answered with."""
+    messages = body.get("messages") or []
+    last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=-1)
+    return any(
+        m.get("role") == "assistant" and m.get("tool_calls") and not m.get("reasoning_content")
+        for m in messages[last_user + 1 :]
+    )
 
 
 def _calls(reply: Reply, number: int) -> list[tuple[str, str, str]]:

@@ -183,6 +183,7 @@ def test_usage_has_one_row_per_request_with_unknowns_kept(store: Store) -> None:
         "cost_usd",
         "cost_source",
         "ttft_ms",
+        "first_text_ms",
         "duration_ms",
         "finish_reason",
         "error",

@@ -56,3 +56,29 @@ def test_reasoning_replay_can_be_chosen(fake: FakeOpenAIServer, mode: str, sent:
     s.send("again")
     (earlier,) = _assistants(fake.requests[1])
     assert ("reasoning_content" in earlier) is sent
+
+
+@pytest.mark.parametrize(("mode", "status"), [("auto", "completed"), ("never", "error")])
+def test_a_server_that_wants_reasoning_back_gets_it_within_the_turn(mode: str, status: str) -> None:
+    """DeepSeek's thinking mode answers 400 when a tool round omits its reasoning."""
+    with FakeOpenAIServer(require_reasoning_replay=True) as fake:
+        s = _session(fake, tools=[lookup], reasoning_replay=mode, max_retries=0)
+        fake.enqueue(
+            reasoning="Look it up.", tool_calls=[{"name": "lookup", "arguments": {"key": "a"}}]
+        )
+        fake.enqueue("It is a.")
+        result = s.send("what is a?")
+        assert result.status == status
+        if status == "error":
+            assert "reasoning_content" in (result.error or "")
+
+
+def test_first_text_is_timed_apart_from_the_first_reasoning_token(fake: FakeOpenAIServer) -> None:
+    s = _session(fake)
+    fake.enqueue("Answer.", reasoning="Thinking hard " * 20, chunk_size=5, delay=0.005)
+    events: list[Any] = []
+    s.send("hi", on_event=events.append)
+    (usage,) = [e for e in events if e.kind == "usage"]
+    assert usage.ttft_ms is not None and usage.first_text_ms is not None
+    assert usage.first_text_ms > usage.ttft_ms
+    assert nbchat.usage(db=s.store)["first_text_ms"].notna().all()

@@ -94,6 +94,7 @@ EXPECTED_SCHEMA: dict[str, dict[str, str]] = {
         "cost_source": "VARCHAR",
         "cache_write_tokens": "BIGINT",
         "suspected_truncation": "BOOLEAN",
+        "first_text_ms": "DOUBLE",
     },
     "sessions": {
         "id": "VARCHAR",

@@ -169,6 +169,7 @@ def m004_reasoning_and_cost_sources(con: Connection) -> None:
     con.execute("ALTER TABLE requests ADD COLUMN cost_source VARCHAR")
     con.execute("ALTER TABLE requests ADD COLUMN cache_write_tokens BIGINT")
     con.execute("ALTER TABLE requests ADD COLUMN suspected_truncation BOOLEAN")
+    con.execute("ALTER TABLE requests ADD COLUMN first_text_ms DOUBLE")
 
 
 MIGRATIONS: list[Migration] = [

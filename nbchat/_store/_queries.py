@@ -113,7 +113,8 @@ _USAGE = """
     SELECT created_at, session_id, turn_id, round, model, provider, purpose,
            prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens,
            cache_write_tokens, prompt_tokens + completion_tokens AS total_tokens, cost_usd,
-           cost_source, ttft_ms, duration_ms, finish_reason, error, estimated_prompt_tokens,
+           cost_source, ttft_ms, first_text_ms, duration_ms, finish_reason, error,
+           estimated_prompt_tokens,
            estimated_cost_usd, suspected_truncation, id
     FROM requests WHERE ? IS NULL OR session_id = ?
     ORDER BY created_at, id

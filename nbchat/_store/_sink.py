@@ -434,6 +434,7 @@ def _write_usage(event: UsageEvent) -> list[RowWrite]:
         "cost_usd": event.cost_usd,
         "cost_source": event.cost_source,
         "ttft_ms": event.ttft_ms,
+        "first_text_ms": event.first_text_ms,
         "duration_ms": event.duration_ms,
         "finish_reason": event.finish_reason,
         "error": event.error,
