@@ -35,7 +35,11 @@ _COST_VIEWS: dict[str, QueryName] = {
     "model": "costs_by_model",
     "day": "costs_by_day",
     "session": "costs_by_session",
+    "notebook": "costs_by_notebook",
+    "user": "costs_by_user",
+    "tag": "costs_by_tag",
 }
+CostGrouping = Literal["model", "day", "session", "notebook", "user", "tag"]
 
 
 def sessions(db: Db = None) -> pd.DataFrame:
@@ -130,12 +134,14 @@ def turns(db: Db = None, session_id: str | None = None) -> pd.DataFrame:
         return store.frame("turns", session_id=session_id)
 
 
-def costs(by: Literal["model", "day", "session"] = "model", db: Db = None) -> pd.DataFrame:
-    """Requests, tokens and dollars grouped by model, by UTC day, or by session.
+def costs(by: CostGrouping = "model", db: Db = None) -> pd.DataFrame:
+    """Requests, tokens and dollars grouped by model, UTC day, session, notebook, user or tag.
 
     Key columns: ``model`` and ``provider`` (sorted by cost, highest first), ``day``
-    (the UTC calendar day, a ``datetime.date``, oldest first), or ``session_id``,
-    ``title``, ``first_request_at``. Then ``requests``, ``prompt_tokens``,
+    (the UTC calendar day, a ``datetime.date``, oldest first), ``session_id``,
+    ``title``, ``first_request_at``, ``notebook``, ``user`` (``JUPYTERHUB_USER`` or the
+    OS user who ran the session), or ``tag`` (``Session(tags=...)``; a session with
+    several tags counts in each). Then ``requests``, ``prompt_tokens``,
     ``completion_tokens``, ``cached_tokens``, ``cost_usd`` (sum of known costs; NaN
     when no answered request's cost is known; a request refused before any token
     costs 0) and
@@ -143,7 +149,7 @@ def costs(by: Literal["model", "day", "session"] = "model", db: Db = None) -> pd
     when it is above 0 the real spend is higher than ``cost_usd``.
     """
     if by not in _COST_VIEWS:
-        raise ValueError(f"costs(by=...) must be 'model', 'day' or 'session', not {by!r}.")
+        raise ValueError(f"costs(by=...) must be one of {', '.join(_COST_VIEWS)}, not {by!r}.")
     with open_store(db) as store:
         return store.frame(_COST_VIEWS[by])
 
@@ -257,13 +263,16 @@ def turn_costs_table(session_id: str, db: Db = None) -> pd.DataFrame:
     return _human_table(frame, columns, totals=totals, label_column="started")
 
 
-def costs_table(by: Literal["model", "day", "session"], db: Db = None) -> pd.DataFrame:
-    """``costs(by)`` made readable (what ``%chat cost model|day|session`` shows)."""
+def costs_table(by: CostGrouping, db: Db = None) -> pd.DataFrame:
+    """``costs(by)`` made readable (what ``%chat cost model|day|session|...`` shows)."""
     frame = costs(by=by, db=db)
     keys = {
         "model": {"model": "model", "provider": "provider"},
         "day": {"day": "day (UTC)"},
         "session": {"session_id": "session", "title": "title"},
+        "notebook": {"notebook": "notebook"},
+        "user": {"user": "user"},
+        "tag": {"tag": "tag"},
     }[by]
     columns = {
         **keys,

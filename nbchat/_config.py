@@ -45,6 +45,7 @@ DEFAULT_KEYS = frozenset(
         "temperature",
         "max_rounds",
         "budget_usd",
+        "tags",
     }
 )
 WireAPI = Literal["chat", "responses"]

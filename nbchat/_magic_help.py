@@ -39,6 +39,7 @@ CHAT_OPTIONS: tuple[OptionDoc, ...] = (
     OptionDoc("no_stream", None, None, "show the reply once it is complete"),
     OptionDoc("out", None, "VAR", "also store the reply text in variable VAR"),
     OptionDoc("temperature", None, "T", "sampling temperature"),
+    OptionDoc("tag", None, "A,B", "tag this cell's session (costs(by='tag') groups by tags)"),
     OptionDoc(
         "context",
         None,

@@ -69,6 +69,7 @@ class ChatOptions(BaseModel):
     no_stream: bool = Field(False, **_doc(CHAT_OPTIONS, "no_stream"))
     out: str | None = Field(None, **_doc(CHAT_OPTIONS, "out"))
     temperature: float | None = Field(None, ge=0, **_doc(CHAT_OPTIONS, "temperature"))
+    tag: list[str] | None = Field(None, **_doc(CHAT_OPTIONS, "tag"))
     context: list[str] | None = Field(None, **_doc(CHAT_OPTIONS, "context"))
     max_context_chars: int | None = Field(None, ge=1, **_doc(CHAT_OPTIONS, "max_context_chars"))
     fix: bool = Field(False, **_doc(CHAT_OPTIONS, "fix"))
@@ -86,7 +87,7 @@ class ChatOptions(BaseModel):
             return [] if names == ["none"] else names
         return value
 
-    @field_validator("context", mode="before")
+    @field_validator("context", "tag", mode="before")
     @classmethod
     def _split_context(cls, value: Any) -> Any:
         if isinstance(value, str):

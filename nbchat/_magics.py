@@ -150,7 +150,8 @@ _SUBCOMMANDS = """\
   %chat history                   the current session's conversation, as cells show it
                                   (nbchat.transcript(id) gives the DataFrame)
   %chat cost                      tokens, cost and time of each turn of the current session
-  %chat cost model|day|session    the whole store's spend, grouped (DataFrame)
+  %chat cost model|day|session|notebook|user|tag
+                                  the whole store's spend, grouped (DataFrame)
   %chat cost [day|model|session|notebook] --plot [--tokens] [--since D] [--until D]
                                   the same as a chart
   %chat endpoint add NAME base_url=URL [api_key_env=VAR] [headers=JSON] [api_version=V]
@@ -242,6 +243,8 @@ class ChatMagics(Magics):
         session = self._session_for(opts, cell_id)
         replaced = _replaced_cells(session, cell_id)
         said = [n for n in (resumed, _replaces_notice(replaced)) if n]
+        if opts.tag:
+            session.tag(*opts.tag)
         if cell_id is not None:
             self.cell_sessions[cell_id] = session
         result = self._show_turn(
@@ -616,8 +619,10 @@ class ChatMagics(Magics):
             return plot_for_magic(args)
         if not args:
             return turn_costs_table(self._current().id)
-        if args[0] not in ("model", "day", "session"):
-            raise UsageError("%chat cost: give model, day or session (or nothing)")
+        if args[0] not in ("model", "day", "session", "notebook", "user", "tag"):
+            raise UsageError(
+                "%chat cost: give model, day, session, notebook, user or tag (or nothing)"
+            )
         return costs_table(args[0])  # type: ignore[arg-type]
 
     def _cmd_endpoint(self, args: list[str]) -> Info:

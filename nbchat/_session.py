@@ -188,6 +188,7 @@ class Session:
         stream: bool = True,
         request_params: dict[str, Any] | None = None,
         notebook: str | None = None,
+        tags: Iterable[str] | None = None,
         compaction: str | CompactionStrategy | None = "summary",
         context_window: int | None = None,
         trigger_ratio: float = 0.8,
@@ -215,6 +216,7 @@ class Session:
             "stall_timeout": stall_timeout,
             "max_result_chars": max_result_chars,
             "notebook": notebook,
+            "tags": tags,
             "compaction": compaction,
             "context_window": context_window,
             "trigger_ratio": trigger_ratio,
@@ -288,6 +290,12 @@ class Session:
         self._sink = StoreSink(self.store, notify=self._store_notice) if self.store else None
         self._pending_notices: list[Event] = []
         self._notices_given: set[str] = set()
+        # Who ran it, where, and its tags: stored with the session (costs by user / tag).
+        self.metadata: dict[str, Any] = (
+            dict(stored.metadata)
+            if stored is not None
+            else _attribution(tags if tags is not None else defaults.get("tags"))
+        )
         if stored is not None:
             # The live summary is newer (higher seq) than the messages kept after it.
             self._messages = live_order(stored.messages)
@@ -313,6 +321,7 @@ class Session:
                     system_prompt=system,
                     title=title,
                     notebook=notebook,
+                    metadata=self.metadata,
                 )
             if system:
                 self._add(Message(role="system", content=system))
@@ -535,6 +544,19 @@ class Session:
         """Stop the running turn at once (safe to call from any thread or a signal handler)."""
         self._runner.cancel()
 
+    @property
+    def tags(self) -> list[str]:
+        """The session's tags (``costs(by="tag")`` groups its spend by them)."""
+        return list(self.metadata.get("tags") or [])
+
+    def tag(self, *names: str) -> list[str]:
+        """Add tags to this session (stored at once); returns all its tags."""
+        merged = sorted({*self.tags, *(n.strip() for n in names if n.strip())})
+        self.metadata["tags"] = merged
+        if self.store is not None:
+            self.store.update_session(self.id, metadata=self.metadata)
+        return merged
+
     def new(self, **changes: Any) -> Session:
         """A new, empty session set up like this one (endpoint, tools, limits, guardrails...).
 
@@ -554,6 +576,7 @@ class Session:
             "stream": self.streaming,
             "request_params": dict(self.request_params),
             "db": self.store if self.store is not None else False,
+            "tags": self.tags,
             **self.budgets.model_dump(),
         }
         settings.update(changes)
@@ -1292,3 +1315,19 @@ def _with_output(options: TurnOptions | None, output_type: Any) -> TurnOptions |
     if output_type is None:
         return options
     return replace(options or TurnOptions(), output_type=output_type)
+
+
+def _attribution(tags: Iterable[str] | str | None) -> dict[str, Any]:
+    """Who ran a session, where, and its tags (``costs(by="user"|"tag")`` group by them)."""
+    import getpass
+    import os
+    import socket
+
+    if isinstance(tags, str):
+        tags = tags.split(",")
+    try:
+        user = os.environ.get("JUPYTERHUB_USER") or getpass.getuser()
+    except (KeyError, OSError):  # no login name in this environment (some containers)
+        user = None
+    names = sorted({t.strip() for t in tags or () if t and t.strip()})
+    return {"user": user, "host": socket.gethostname(), "tags": names}

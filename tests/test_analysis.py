@@ -530,3 +530,46 @@ def test_reprice_costs_stored_requests_at_todays_prices(db_path: Path) -> None:
     # The store is unchanged.
     assert usage(db=s)["cost_usd"].isna().sum() == 2
     s.close()
+
+
+def test_costs_by_tag_notebook_and_user(fake: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import nbchat
+    from nbchat._pricing import forget_price, register_price
+
+    monkeypatch.setenv("JUPYTERHUB_USER", "ada")
+    register_price("tagged-model", input_per_mtok=1000, output_per_mtok=1000)
+    db = Store.open(":memory:")
+    try:
+        usage = {"prompt_tokens": 10, "completion_tokens": 10}  # $0.02 each
+        for tags, notebook in ((["x", "y"], "a.ipynb"), (["x"], "b.ipynb"), (None, None)):
+            s = nbchat.Session(
+                model="tagged-model", base_url=fake.url, api_key="k", db=db, tags=tags,
+                notebook=notebook,
+            )  # fmt: skip
+            fake.enqueue("ok", usage=usage)
+            s.send("hi")
+        s.tag("late")
+        assert s.tags == ["late"]
+        by_tag = costs(by="tag", db=db).set_index("tag")
+        assert by_tag["requests"].to_dict() == {"x": 2, "y": 1, "late": 1}
+        assert by_tag.loc["x", "cost_usd"] == pytest.approx(0.04)
+        by_nb = costs(by="notebook", db=db).set_index("notebook")["requests"].to_dict()
+        assert by_nb == {"a.ipynb": 1, "b.ipynb": 1, "(no notebook)": 1}
+        by_user = costs(by="user", db=db)
+        assert list(by_user["user"]) == ["ada"] and by_user["requests"][0] == 3
+        meta = sessions(db=db)["metadata"].iloc[0]
+        assert meta["user"] == "ada" and meta["host"] and meta["tags"] == ["x", "y"]
+    finally:
+        forget_price("tagged-model")
+        db.close()
+
+
+def test_untagged_sessions_count_as_untagged(fake: Any) -> None:
+    import nbchat
+
+    db = Store.open(":memory:")
+    s = nbchat.Session(model="m", base_url=fake.url, api_key="k", db=db)
+    fake.enqueue("ok")
+    s.send("hi")
+    assert list(costs(by="tag", db=db)["tag"]) == ["(untagged)"]
+    db.close()

@@ -139,3 +139,15 @@ def test_chat_use_mentions_pending_tool_calls(shell: InteractiveShell) -> None: 
     info = shell.run_line_magic("chat", "use left-pending")
     assert "1 pending tool call(s) (get_weather)" in info.title
     assert "%chat resume" in info.title and "%chat abort" in info.title
+
+
+def test_a_cell_can_tag_its_session_and_cost_groups_by_tag(
+    shell: InteractiveShell,  # noqa: F811
+    fake: FakeOpenAIServer,
+) -> None:
+    fake.enqueue("ok")
+    assert run(shell, "%%chat --tag churn,q3\nhi").success
+    session = _current(shell)
+    assert session.tags == ["churn", "q3"]  # type: ignore[attr-defined]
+    table = shell.run_line_magic("chat", "cost tag")
+    assert list(table["tag"]) == ["churn", "q3", "total"]

@@ -71,6 +71,9 @@ QueryName = Literal[
     "costs_by_model",
     "costs_by_day",
     "costs_by_session",
+    "costs_by_notebook",
+    "costs_by_user",
+    "costs_by_tag",
 ]
 
 

@@ -194,6 +194,33 @@ QUERIES: dict[str, NamedQuery] = {
     "costs_by_day": NamedQuery(
         _costs("(r.created_at AT TIME ZONE 'UTC')::DATE AS day", "day", "day")
     ),
+    "costs_by_notebook": NamedQuery(
+        _costs(
+            "coalesce(s.notebook, '(no notebook)') AS notebook",
+            "notebook",
+            "cost_usd DESC NULLS LAST, requests DESC, notebook",
+            "LEFT JOIN sessions s ON s.id = r.session_id",
+        )
+    ),
+    "costs_by_user": NamedQuery(
+        _costs(
+            "coalesce(json_extract_string(s.metadata, '$.user'), '(unknown)') AS user",
+            "user",
+            "cost_usd DESC NULLS LAST, requests DESC, user",
+            "LEFT JOIN sessions s ON s.id = r.session_id",
+        )
+    ),
+    # A session with several tags counts in each of them; untagged ones in "(untagged)".
+    "costs_by_tag": NamedQuery(
+        _costs(
+            "t.tag",
+            "t.tag",
+            "cost_usd DESC NULLS LAST, requests DESC, t.tag",
+            "LEFT JOIN (SELECT id, unnest(CASE WHEN json_array_length(metadata, '$.tags') > 0"
+            " THEN CAST(json_extract(metadata, '$.tags') AS VARCHAR[])"
+            " ELSE ['(untagged)'] END) AS tag FROM sessions) t ON t.id = r.session_id",
+        )
+    ),
     "costs_by_session": NamedQuery(
         _costs(
             "r.session_id, any_value(s.title) AS title, min(r.created_at) AS first_request_at",
