@@ -22,6 +22,7 @@ __all__ = [
     "compactions",
     "costs",
     "reprice",
+    "search",
     "sessions",
     "sql",
     "tool_calls",
@@ -347,3 +348,35 @@ def reprice(model: str | None = None, db: Db = None) -> pd.DataFrame:
     position = list(frame.columns).index("stored_cost_usd")
     frame.insert(position, "cost_usd", [float("nan") if c is None else c for c in new_costs])
     return frame
+
+
+def search(
+    text: str, db: Db = None, *, session_id: str | None = None, limit: int = 50
+) -> pd.DataFrame:
+    """Messages that contain the words of ``text`` (case-insensitive), best matches first.
+
+    Ranked by how many of the words a message has, then how often, then how recent. One
+    row per message: ``session_id``, ``title``, ``seq``, ``role``, ``snippet`` (the text
+    around the first match, the matches in ``**bold**``), ``state`` (superseded and
+    compacted messages are found too), ``created_at``, ``matched`` (words found),
+    ``content``, ``id``.
+    """
+    import re
+
+    terms = sorted({t.lower() for t in text.split() if t.strip()})
+    if not terms:
+        raise ValueError("search() needs at least one word to look for.")
+    with open_store(db) as store:
+        frame = store.frame("search", terms=terms, session_id=session_id, limit=max(1, int(limit)))
+    pattern = re.compile("|".join(re.escape(t) for t in sorted(terms, key=len, reverse=True)), re.I)
+
+    def snippet(content: str) -> str:
+        found = pattern.search(content)
+        start = max(0, (found.start() if found else 0) - 60)
+        piece = content[start : start + 160].replace("\n", " ")
+        marked = pattern.sub(lambda m: f"**{m.group(0)}**", piece)
+        return ("…" if start else "") + marked + ("…" if start + 160 < len(content) else "")
+
+    frame.insert(4, "snippet", [snippet(c) for c in frame["content"]])
+    columns = ["session_id", "title", "seq", "role", "snippet", "state", "created_at"]
+    return frame[[*columns, "matched", "content", "id"]]

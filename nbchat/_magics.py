@@ -158,6 +158,7 @@ _SUBCOMMANDS = """\
                   [api=chat|responses] | remove NAME | list
                                   named endpoints (-m NAME:model, config endpoint=NAME);
                                   keys only by environment variable name
+  %chat search WORDS              stored messages with these words, best matches first
   %chat tools [a,b | none]        show or set the tools of later %%chat cells
   %chat local [GGUF]              start (or reuse) the embedded local model and use it
   %chat fix [options]             send the last failing cell and its error; the
@@ -624,6 +625,14 @@ class ChatMagics(Magics):
                 "%chat cost: give model, day, session, notebook, user or tag (or nothing)"
             )
         return costs_table(args[0])  # type: ignore[arg-type]
+
+    def _cmd_search(self, args: list[str]) -> Any:
+        from ._analysis import search
+
+        if not args:
+            raise UsageError("%chat search: give the words to look for")
+        found = search(" ".join(args))
+        return found[["session_id", "title", "role", "snippet", "created_at"]]
 
     def _cmd_endpoint(self, args: list[str]) -> Info:
         from ._endpoints import endpoint_command

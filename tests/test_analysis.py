@@ -573,3 +573,24 @@ def test_untagged_sessions_count_as_untagged(fake: Any) -> None:
     s.send("hi")
     assert list(costs(by="tag", db=db)["tag"]) == ["(untagged)"]
     db.close()
+
+
+def test_search_ranks_messages_by_the_words_they_contain(fake: Any) -> None:
+    import nbchat
+
+    db = Store.open(":memory:")
+    s = nbchat.Session(model="m", base_url=fake.url, api_key="k", db=db)
+    fake.enqueue("A window function computes over a window of rows; window functions rock.")
+    s.send("What is a window function?")
+    fake.enqueue("Use GROUP BY for that.")
+    s.send("And aggregates?")
+    found = nbchat.search("Window FUNCTION", db=db)
+    assert list(found["role"]) == ["assistant", "user"]  # both words; more occurrences first
+    assert found["matched"].tolist() == [2, 2]
+    assert "**window**" in found["snippet"][0] and "**function**" in found["snippet"][0]
+    assert found["session_id"].unique().tolist() == [s.id]
+    assert nbchat.search("group", db=db)["content"].tolist() == ["Use GROUP BY for that."]
+    assert nbchat.search("nowhere", db=db).empty
+    with pytest.raises(ValueError):
+        nbchat.search("   ", db=db)
+    db.close()

@@ -151,3 +151,13 @@ def test_a_cell_can_tag_its_session_and_cost_groups_by_tag(
     assert session.tags == ["churn", "q3"]  # type: ignore[attr-defined]
     table = shell.run_line_magic("chat", "cost tag")
     assert list(table["tag"]) == ["churn", "q3", "total"]
+
+
+def test_chat_search_finds_stored_messages(
+    shell: InteractiveShell,  # noqa: F811
+    fake: FakeOpenAIServer,
+) -> None:
+    fake.enqueue("Partition by the user column.")
+    assert run(shell, "%%chat\nHow do window functions partition?").success
+    found = shell.run_line_magic("chat", "search partition")
+    assert len(found) == 2 and "**partition**" in found["snippet"].iloc[0].lower()

@@ -74,6 +74,7 @@ QueryName = Literal[
     "costs_by_notebook",
     "costs_by_user",
     "costs_by_tag",
+    "search",
 ]
 
 

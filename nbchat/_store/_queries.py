@@ -172,6 +172,26 @@ def _costs(select: str, group: str, order: str, join: str = "") -> str:
 
 _BY_SESSION = ("session_id", "session_id")
 
+# Messages containing the search terms (lower-cased), ranked: more distinct terms first,
+# then more occurrences, then the newest. No full-text index: DuckDB's fts extension
+# cannot be installed offline, and this stays fast enough for a notebook's store.
+_SEARCH = """
+    WITH hits AS (
+        SELECT m.session_id, s.title, m.seq, m.role, m.content, m.state, m.created_at, m.id,
+               list_sum(list_transform(?::VARCHAR[], lambda t:
+                   CASE WHEN contains(lower(m.content), t) THEN 1 ELSE 0 END)) AS matched,
+               list_sum(list_transform(?::VARCHAR[], lambda t:
+                   (length(m.content) - length(replace(lower(m.content), t, '')))
+                   // greatest(length(t), 1))) AS occurrences
+        FROM messages m LEFT JOIN sessions s ON s.id = m.session_id
+        WHERE m.content IS NOT NULL AND m.role IN ('user', 'assistant', 'tool')
+          AND (? IS NULL OR m.session_id = ?)
+    )
+    SELECT * FROM hits WHERE matched > 0
+    ORDER BY matched DESC, occurrences DESC, created_at DESC, id
+    LIMIT ?
+"""
+
 QUERIES: dict[str, NamedQuery] = {
     "sessions": NamedQuery(_SESSIONS, json_columns=frozenset({"metadata"})),
     "transcript": NamedQuery(
@@ -184,6 +204,7 @@ QUERIES: dict[str, NamedQuery] = {
     "compactions": NamedQuery(_COMPACTIONS, _BY_SESSION),
     # One name bound four times: each placeholder is its own parameter.
     "turns": NamedQuery(_TURNS, ("session_id", "session_id", "session_id", "session_id")),
+    "search": NamedQuery(_SEARCH, ("terms", "terms", "session_id", "session_id", "limit")),
     "costs_by_model": NamedQuery(
         _costs(
             "r.model, r.provider",
