@@ -65,9 +65,7 @@ def test_a_locked_store_file_loses_nothing(
 
 
 # --------------------------------------------------------------------------- with StoreSink
-# These need the session to write through nbchat._store._sink.StoreSink (the wiring described in
-# the wt-store report). Until then they fail: strict xfail, so the merge that wires the
-# sink turns them into XPASS failures -- then delete this marker.
+# The session writes through nbchat._store._sink.StoreSink: streaming never waits on the file.
 
 
 SINK_CHILD = Path(__file__).parent / "helpers" / "sink_child.py"
