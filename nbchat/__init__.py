@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 # public name -> private module that defines it
 _EXPORTS: dict[str, str] = {
     # errors
+    "AttachmentError": "_exceptions",
     "ConfigError": "_exceptions",
     "GuardrailRejected": "_exceptions",
     "LoopStopped": "_exceptions",
@@ -30,6 +31,7 @@ _EXPORTS: dict[str, str] = {
     "CompactionEvent": "_types",
     "ErrorEvent": "_types",
     "Event": "_types",
+    "ImagePart": "_types",
     "LimitReached": "_types",
     "Message": "_types",
     "MessageAdded": "_types",
@@ -57,7 +59,9 @@ _EXPORTS: dict[str, str] = {
     "ToolSet": "_tools",
     "as_tool": "_tools",
     "tool": "_tools",
+    "Image": "_images",
     # front ends, analysis, the store
+    "attachments": "_analysis",
     "compactions": "_analysis",
     "costs": "_analysis",
     "reprice": "_analysis",
@@ -88,6 +92,7 @@ _EXPORTS: dict[str, str] = {
 
 if TYPE_CHECKING:
     from ._analysis import (
+        attachments,
         compactions,
         costs,
         reprice,
@@ -102,6 +107,7 @@ if TYPE_CHECKING:
     from ._compaction import CompactionStrategy, SummaryStrategy, WindowStrategy
     from ._dashboard import dashboard
     from ._exceptions import (
+        AttachmentError,
         ConfigError,
         GuardrailRejected,
         LoopStopped,
@@ -115,6 +121,7 @@ if TYPE_CHECKING:
     )
     from ._export import export_session, import_session
     from ._extract import extract
+    from ._images import Image
     from ._local import local, stop_local
     from ._panel import ChatPanel, panel
     from ._plot import plot
@@ -127,6 +134,7 @@ if TYPE_CHECKING:
         CompactionEvent,
         ErrorEvent,
         Event,
+        ImagePart,
         LimitReached,
         Message,
         MessageAdded,

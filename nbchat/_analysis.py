@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 __all__ = [
+    "attachments",
     "compactions",
     "costs",
     "reprice",
@@ -71,7 +72,8 @@ def transcript(
     re-run. Columns: ``seq``, ``role``, ``content``, ``name``, ``tool_calls`` (list of
     dicts with id, name, arguments), ``tool_call_id``, ``status`` (ok, interrupted,
     error, cancelled, aborted, ...), ``state``, ``turn_id``, ``round``, ``cell_id``,
-    ``created_at``, ``id``.
+    ``created_at``, ``id``, ``attachments`` (list of dicts: sha256, mime, size, width,
+    height, detail, name, url; the bytes stay in the store, see ``attachments()``).
     """
     with open_store(db) as store:
         if not store.has_session(session_id):
@@ -82,6 +84,20 @@ def transcript(
             include_compacted=include_compacted,
             include_superseded=include_superseded,
         )
+
+
+def attachments(
+    db: Db = None, session_id: str | None = None, *, with_data: bool = False
+) -> pd.DataFrame:
+    """One row per image a message carried, oldest first.
+
+    Columns: ``created_at``, ``session_id``, ``message_id``, ``seq``, ``role``, ``name``,
+    ``sha256`` (an image sent twice is stored once), ``mime``, ``size`` (bytes),
+    ``width``, ``height``, ``detail``, ``url`` (for images sent by URL), and ``data``:
+    the bytes only with ``with_data=True`` (a store full of screenshots stays fast).
+    """
+    with open_store(db) as store:
+        return store.frame("attachments", with_data=with_data, session_id=session_id)
 
 
 def usage(db: Db = None, session_id: str | None = None) -> pd.DataFrame:

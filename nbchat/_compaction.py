@@ -64,9 +64,18 @@ class _Refused(Exception):
 
 
 def message_chars(message: Message) -> int:
-    """Characters of a message as it goes over the wire (compact JSON, plus a comma)."""
+    """Characters of a message as it goes over the wire (compact JSON, plus a comma).
+
+    Images count as their tokens (``ImagePart.tokens``) in characters, not as base64.
+    """
+    images = message.attachments
+    if images:
+        message = message.model_copy(update={"attachments": None})
     wire = message.to_openai()
-    return len(json.dumps(wire, ensure_ascii=False, separators=(",", ":"))) + 1
+    chars = len(json.dumps(wire, ensure_ascii=False, separators=(",", ":"))) + 1
+    if images:
+        chars += int(sum(part.tokens() for part in images) * CHARS_PER_TOKEN)
+    return chars
 
 
 class TokenEstimator:

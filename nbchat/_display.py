@@ -303,7 +303,7 @@ class Conversation:
 
     def _parts(self, markdown: bool) -> list[str]:
         from ._markup import escape, protect_dollars, safe_markdown
-        from ._render import history_views
+        from ._render import history_views, thumbnails_html
 
         parts: list[str] = []
         for view in history_views(self.history):
@@ -311,6 +311,9 @@ class Conversation:
                 said = view.user_text
                 shown = safe_markdown(said) if markdown else protect_dollars(escape(said))
                 parts.append(f"<p><b>You:</b> {shown}</p>" if not markdown else f"**You:** {shown}")
+                if view.user_images:
+                    parts.append(thumbnails_html(view.user_images))
+            view.show_user_images = False
             if view.parts or view.badges:
                 parts.append(view.markdown() if markdown else view.html())
         return parts

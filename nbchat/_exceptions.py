@@ -9,6 +9,7 @@
      ├── SessionPendingError   a stored session has tool calls without results
      ├── LoopStopped           nbchat's background event loop died during a turn
      ├── ToolDefinitionError   a function cannot be turned into a tool
+     ├── AttachmentError       an attachment is not an image or text file nbchat can send
      ├── GuardrailRejected     a guardrail refused a text (raised by user guardrails)
      ├── SummaryError          the summary model failed (reported, never raised to you)
      ├── ExecutionFailed       the python tool's code raised (its output and traceback)
@@ -29,6 +30,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "AttachmentError",
     "ConfigError",
     "ExecutionFailed",
     "GuardrailRejected",
@@ -115,6 +117,10 @@ class LoopStopped(NbchatError):
 
 class ToolDefinitionError(NbchatError):
     """A Python callable cannot be described to the model as a tool."""
+
+
+class AttachmentError(NbchatError, ValueError):
+    """An attachment cannot be sent: not an image or a text file, too large, or unreadable."""
 
 
 class GuardrailRejected(NbchatError):

@@ -25,7 +25,7 @@ import contextvars
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
 import ipywidgets as widgets
@@ -34,11 +34,12 @@ from ._exceptions import NbchatError
 from ._markup import clip, escape, money, protect_dollars, to_html
 from ._panel_input import ChatInput
 from ._pytool import asking
-from ._render import Throttle, TurnView, history_views
+from ._render import Throttle, TurnView, history_views, thumbnails_html
 from ._runner import submit
 from ._session import Session
 from ._types import (
     Event,
+    ImagePart,
     Message,
     MessageAdded,
     TextDelta,
@@ -412,9 +413,11 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
             return
         with self._lock:
             if isinstance(event, TurnStarted):
-                self._append("user", markdown_to_html(event.text, hard_wrap=True))
+                self._append("user", _user_html(event.text, event.attachments or []))
                 bubble = self._append("assistant", _TYPING)
-                self._mirror = (TurnView(self.session.model), bubble, Throttle())
+                view = TurnView(self.session.model)
+                view.show_user_images = False  # they are in the user's bubble
+                self._mirror = (view, bubble, Throttle())
                 if not self._busy:
                     self._set_state("busy", "a turn from a notebook cell")
                 return
@@ -570,10 +573,16 @@ def history_html(history: Iterable[Message]) -> list[tuple[str, str]]:
     bubbles: list[tuple[str, str]] = []
     for view in history_views(history):
         if view.user_text is not None:
-            bubbles.append(("user", markdown_to_html(view.user_text, hard_wrap=True)))
+            bubbles.append(("user", _user_html(view.user_text, view.user_images)))
+        view.show_user_images = False
         if view.parts or view.badges:
             bubbles.append(("assistant", view.html()))
     return bubbles
+
+
+def _user_html(text: str, images: Sequence[ImagePart]) -> str:
+    """The user's bubble: thumbnails of what they attached above their text."""
+    return thumbnails_html(images) + markdown_to_html(text, hard_wrap=True)
 
 
 _NO_MODEL = "(no model)"

@@ -16,13 +16,18 @@ Approval modes, chosen when the tool is made:
 
 The code runs in a worker thread while the turn waits for it (the kernel's main thread
 is busy showing the reply). Output printed by that thread is captured; output of
-other threads is not touched. A kernel interrupt raises ``KeyboardInterrupt`` inside
-the running code (between bytecodes; a blocking C call finishes first).
+other threads is not touched. So is what it displays (``display()``, ``plt.show()``,
+rich reprs) and any matplotlib figure it leaves open: images go to the model (after
+the tool results, see ``_session``) and into the tool's block in the cell; other
+displays reach the model as their ``text/plain``. A kernel interrupt raises
+``KeyboardInterrupt`` inside the running code (between bytecodes; a blocking C call
+finishes first).
 """
 
 from __future__ import annotations
 
 import ast
+import base64
 import contextlib
 import contextvars
 import io
@@ -87,6 +92,97 @@ class _ThreadRouter(io.TextIOBase):
 _router_lock = threading.Lock()
 
 
+def _display_router() -> Any:
+    """A DisplayPublisher that keeps what capturing threads display, forwarding the rest.
+
+    Installed on the IPython shell while some thread captures (``None`` outside IPython).
+    """
+    try:
+        from IPython.core.displaypub import DisplayPublisher
+        from IPython.core.interactiveshell import InteractiveShell
+    except ImportError:
+        return None
+    if not InteractiveShell.initialized():
+        return None
+
+    class Router(DisplayPublisher):
+        def __init__(self, target: Any) -> None:
+            super().__init__(shell=target.shell)  # type: ignore[no-untyped-call]
+            self.target = target
+            self.captured: dict[int, list[dict[str, Any]]] = {}
+
+        def publish(self, data: Any, metadata: Any = None, *args: Any, **kwargs: Any) -> None:
+            kept = self.captured.get(threading.get_ident())
+            if kept is None:
+                self.target.publish(data, metadata, *args, **kwargs)
+            else:
+                kept.append(dict(data or {}))
+
+        def clear_output(self, wait: bool = False) -> None:
+            if threading.get_ident() not in self.captured:
+                self.target.clear_output(wait)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.target, name)
+
+    shell = InteractiveShell.instance()
+    current = shell.display_pub
+    if getattr(current, "captured", None) is not None:
+        return current
+    router = Router(current)
+    shell.display_pub = router
+    return router
+
+
+@contextlib.contextmanager
+def _capturing_displays() -> Iterator[list[dict[str, Any]]]:
+    """What this thread displays meanwhile, as mime bundles; open figures left become one each."""
+    kept: list[dict[str, Any]] = []
+    figures_before = _open_figures()
+    with _router_lock:
+        router = _display_router()
+        if router is not None:
+            router.captured[threading.get_ident()] = kept
+    try:
+        yield kept
+    finally:
+        with _router_lock:
+            if router is not None:
+                router.captured.pop(threading.get_ident(), None)
+                if not router.captured:
+                    router.shell.display_pub = router.target
+        for number in _open_figures() - figures_before:  # drawn, never shown
+            kept.append({"figure": number})
+
+
+def _open_figures() -> set[int]:
+    pyplot = sys.modules.get("matplotlib.pyplot")
+    return set(pyplot.get_fignums()) if pyplot is not None else set()
+
+
+def _displayed(kept: list[dict[str, Any]]) -> tuple[list[str], list[Any]]:
+    """The text and images of captured displays (figures are drawn, then closed)."""
+    from ._images import to_image
+
+    texts: list[str] = []
+    images: list[Any] = []
+    for bundle in kept:
+        if "figure" in bundle:
+            pyplot = sys.modules["matplotlib.pyplot"]
+            figure = pyplot.figure(bundle["figure"])
+            images.append(to_image(figure, name="figure"))
+            pyplot.close(figure)
+            continue
+        mime = next((m for m in ("image/png", "image/jpeg") if m in bundle), None)
+        if mime is not None:
+            raw = bundle[mime]
+            data = base64.b64decode(raw) if isinstance(raw, str) else bytes(raw)
+            images.append(to_image(data, name="display"))
+        elif "text/plain" in bundle:
+            texts.append(str(bundle["text/plain"]))
+    return texts, images
+
+
 def _capture(name: Literal["stdout", "stderr"], buffer: io.StringIO) -> None:
     with _router_lock:
         current = getattr(sys, name)
@@ -108,8 +204,9 @@ def _release(name: Literal["stdout", "stderr"]) -> None:
 # ---------------------------------------------------------------------- running code
 
 
-def run_code(code: str, namespace: dict[str, Any]) -> str:
-    """Run ``code`` in ``namespace``; return its output and last expression's repr as text.
+def run_code(code: str, namespace: dict[str, Any]) -> str | list[Any]:
+    """Run ``code`` in ``namespace``; return its output and last expression's repr as text,
+    followed by the images it displayed (``[text, image, ...]``) if it displayed any.
 
     Raises ``ExecutionFailed`` (output so far + traceback) when the code raises,
     ``KeyboardInterrupt`` included.
@@ -122,6 +219,8 @@ def run_code(code: str, namespace: dict[str, Any]) -> str:
     has_value = False
     _capture("stdout", out)
     _capture("stderr", err)
+    displays = _capturing_displays()
+    kept = displays.__enter__()
     try:
         tree = ast.parse(code, filename, "exec")
         last = tree.body[-1] if tree.body else None
@@ -137,15 +236,26 @@ def run_code(code: str, namespace: dict[str, Any]) -> str:
     else:
         failure = None
     finally:
+        displays.__exit__(None, None, None)
         _release("stdout")
         _release("stderr")
     parts = _sections(out.getvalue(), err.getvalue())
+    texts, images = _displayed(kept)
+    if texts:
+        parts.append("displayed:\n" + "\n".join(texts))
     if failure is not None:
         parts.append("error:\n" + _format_error(failure, filename))
         raise ExecutionFailed("\n".join(parts)) from None
     if has_value:
-        parts.append("result:\n" + repr(value))
-    return "\n".join(parts) or "(the code ran; it printed nothing and returned nothing)"
+        from ._images import is_image
+
+        if is_image(value):  # a figure as the last expression is shown, as in a cell
+            images.append(value)
+            parts.append("result: an image (it follows)")
+        else:
+            parts.append("result:\n" + repr(value))
+    text = "\n".join(parts) or "(the code ran; it printed nothing and returned nothing)"
+    return [text, *images] if images else text
 
 
 def _sections(stdout: str, stderr: str) -> list[str]:
@@ -251,7 +361,7 @@ def python_tool(
     ns = namespace if namespace is not None else _default_namespace()
     ask = confirm or ask_in_notebook
 
-    def work(code: str) -> str:
+    def work(code: str) -> str | list[Any]:
         if approval == "ask":
             with waiting_on_user():  # the call's duration is the code's, not the user's
                 approved = ask(code)
@@ -259,7 +369,7 @@ def python_tool(
                 raise PermissionError("the user declined to run this code; do not retry it")
         return run_code(code, ns)
 
-    async def python(code: str) -> str:
+    async def python(code: str) -> str | list[Any]:
         """Run Python code in the user's notebook namespace and return its output.
 
         Args:
@@ -270,6 +380,9 @@ def python_tool(
                 "running code is switched off in this notebook (approval='never'); "
                 "show the user the code instead"
             )
-        return str(await in_thread(work, [code], {}, "python", interrupt_on_cancel=True))
+        result: str | list[Any] = await in_thread(
+            work, [code], {}, "python", interrupt_on_cancel=True
+        )
+        return result
 
     return Tool(python, name=name, description=_DESCRIPTION)

@@ -40,6 +40,7 @@ from ._types import (
     CompactionEvent,
     ErrorEvent,
     Event,
+    ImagePart,
     LimitReached,
     Message,
     Notice,
@@ -51,6 +52,7 @@ from ._types import (
     ToolResult,
     TurnFinished,
     TurnResult,
+    TurnStarted,
 )
 
 __all__ = [
@@ -215,6 +217,7 @@ class ToolBlock:
     started: float | None = None  # monotonic time the call began (live turns only)
     approval: Literal["waiting", "yes", "no"] | None = None
     waited_ms: float = 0.0  # time spent waiting for the user's approval
+    images: list[ImagePart] = field(default_factory=list)  # what the tool returned
 
     @property
     def code(self) -> str | None:
@@ -253,6 +256,8 @@ class ToolBlock:
         if self.result is not None:
             label = "error" if self.is_error else "result"
             body += f"<b>{label}</b>{_result_html(self.result)}"
+        if self.images:
+            body += thumbnails_html(self.images, height=THUMBNAIL_PX * 2)
         return (
             f"<details{opened}><summary>{icon} <code>{escape(self.name)}"
             f"</code> <small>({escape(self.state(now))})</small></summary>{body}</details>"
@@ -260,6 +265,29 @@ class ToolBlock:
 
 
 Part = TextPart | NoticePart | ToolBlock
+
+THUMBNAIL_PX = 120  # the height of an attachment's thumbnail
+# Larger images show as their label: every live update of a cell re-sends its HTML.
+MAX_THUMBNAIL_BYTES = 512 * 1024
+
+
+def thumbnails_html(images: Iterable[ImagePart], *, height: int = THUMBNAIL_PX) -> str:
+    """Images as a row of thumbnails; one sent by URL, or too large, shows as its label.
+
+    Only bytes nbchat sniffed as PNG/JPEG/GIF/WebP become ``data:`` URLs, so nothing
+    else can ride in an ``<img>``; a URL is never loaded (it would leave the notebook).
+    """
+    shown = []
+    for image in images:
+        label = escape(image.label)
+        if image.data is None or image.size > MAX_THUMBNAIL_BYTES:
+            shown.append(f"<small>🖼 {label}</small>")
+            continue
+        shown.append(
+            f'<img class="nbchat-thumb" src="{escape(image.source())}" alt="{label}" '
+            f'title="{label}" style="max-height:{height}px;max-width:100%;margin:2px">'
+        )
+    return f'<div class="nbchat-images">{" ".join(shown)}</div>' if shown else ""
 
 
 def _duration(ms: float) -> str:
@@ -303,6 +331,9 @@ class TurnView:
         self.size = 0
         self.result: TurnResult | None = None
         self.user_text: str | None = None
+        self.user_images: list[ImagePart] = []  # what the user attached
+        # Cells show the attachments at the top of the turn; the panel in the user's bubble.
+        self.show_user_images = True
         self.badges: list[str] = []  # status lines of a stored turn
         self.started = time.monotonic()
         self._text = TextBuffer()
@@ -320,6 +351,9 @@ class TurnView:
     def handle(self, event: Event) -> bool:
         """Fold one event in; return whether anything visible changed."""
         match event:
+            case TurnStarted(attachments=images) if images:
+                self.user_images = list(images)
+                self.size += 1
             case TextDelta(text=text, round=round):
                 self._append_text(text, round, thinking=False)
                 self._text.append(text)
@@ -337,6 +371,7 @@ class TurnView:
                 block.arguments = [call.arguments]
                 block.result, block.is_error = call.result, call.is_error
                 block.duration_ms = call.duration_ms
+                block.images = list(call.images or [])
                 self.size += 1
             case Notice(message=message):
                 self._notice(message, "notice")
@@ -408,6 +443,8 @@ class TurnView:
         now = time.monotonic() if live else None
         answered = any(isinstance(p, TextPart) and not p.thinking for p in self.parts)
         out: list[str] = []
+        if self.user_images and self.show_user_images:
+            out.append(thumbnails_html(self.user_images))
         for part in self.parts:
             if isinstance(part, TextPart) and part.thinking:
                 # Open while the model thinks; closed once the answer starts.
@@ -502,9 +539,16 @@ def history_views(history: Iterable[Message]) -> list[TurnView]:
     views: list[TurnView] = []
     view: TurnView | None = None
     for m in history:
+        if m.role == "user" and m.attachments and m.round is not None and view is not None:
+            # Images tools returned, sent on as a user message: shown in the last block.
+            blocks = [p for p in view.parts if isinstance(p, ToolBlock)]
+            if blocks:
+                blocks[-1].images.extend(m.attachments or [])
+            continue
         if m.role == "user":
             view = TurnView()
             view.user_text = m.content or ""
+            view.user_images = list(m.attachments or [])
             views.append(view)
             continue
         if m.role not in ("assistant", "tool"):

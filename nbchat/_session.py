@@ -37,6 +37,7 @@ from ._tools import INVALID_TOOL_NAME, ToolSet, error_payload, valid_tool_name
 from ._types import (
     ErrorEvent,
     Event,
+    ImagePart,
     LimitReached,
     Message,
     MessageAdded,
@@ -358,6 +359,7 @@ class Session:
         self,
         text: str,
         *,
+        attachments: Sequence[Any] | None = None,
         cell_id: str | None = None,
         on_event: EventHandler | None = None,
         options: TurnOptions | None = None,
@@ -370,11 +372,15 @@ class Session:
         ``options`` (a ``TurnOptions``) change the model, tools, limits or sampling for
         this turn only; the session is left as it was. ``output_type`` (a pydantic
         model, ``list[Model]``, a dataclass, ``Literal``, ``dict``...) asks for a typed
-        answer: ``result.output`` is then a validated instance.
+        answer: ``result.output`` is then a validated instance. ``attachments`` are
+        images (matplotlib figures, PIL images, bytes, paths, URLs, ``nbchat.Image``)
+        sent with the text, or text files inlined under their names.
         """
         self._raise_if_pending()
         options = _with_output(options, output_type)
-        return self._run_sync(self._turn(text, cell_id, options=options), on_event)
+        text, images = _attached(text, attachments)
+        turn = self._turn(text, cell_id, options=options, images=images)
+        return self._run_sync(turn, on_event)
 
     def _run_sync(self, turn: AsyncIterator[Event], on_event: EventHandler | None) -> TurnResult:
         result: TurnResult | None = None
@@ -394,13 +400,16 @@ class Session:
         self,
         text: str,
         *,
+        attachments: Sequence[Any] | None = None,
         cell_id: str | None = None,
         options: TurnOptions | None = None,
         output_type: Any = None,
     ) -> AsyncIterator[Event]:
         """Run one turn, yielding its events as they happen (the last is ``TurnFinished``)."""
         self._raise_if_pending()
-        turn = self._turn(text, cell_id, options=_with_output(options, output_type))
+        text, images = _attached(text, attachments)
+        options = _with_output(options, output_type)
+        turn = self._turn(text, cell_id, options=options, images=images)
         async for event in self._runner.stream(self._with_notices(turn)):
             yield event
 
@@ -659,6 +668,7 @@ class Session:
         resume: bool = False,
         options: TurnOptions | None = None,
         turn_id: str | None = None,
+        images: list[ImagePart] | None = None,
     ) -> AsyncIterator[Event]:
         settings = self._turn_settings(options)
         if resume:
@@ -672,7 +682,13 @@ class Session:
             auto: OutputMode = "tool" if refused else "json_schema"
             turn.output_mode = auto if self.output_mode == "auto" else self.output_mode
         yield self._emit(
-            TurnStarted(session_id=self.id, turn_id=turn.turn_id, text=text or "", cell_id=cell_id)
+            TurnStarted(
+                session_id=self.id,
+                turn_id=turn.turn_id,
+                text=text or "",
+                cell_id=cell_id,
+                attachments=images or None,
+            )
         )
         try:
             if resume:
@@ -680,7 +696,7 @@ class Session:
                     yield event
             else:
                 assert text is not None
-                for event in self._start(turn, text):
+                for event in self._start(turn, text, images):
                     yield event
             while turn.status == "running":
                 async for event in self._request_model(turn):
@@ -703,7 +719,7 @@ class Session:
         with contextlib.suppress(asyncio.CancelledError):
             await self._barrier()  # a turn is stored by the time send() returns
 
-    def _start(self, turn: _Turn, text: str) -> Iterable[Event]:
+    def _start(self, turn: _Turn, text: str, images: list[ImagePart] | None) -> Iterable[Event]:
         """Guard the user's text, fork the conversation on a cell re-run, add the message."""
         if turn.cell_id is not None:
             yield from self._supersede_cell(turn.cell_id)
@@ -716,6 +732,7 @@ class Session:
                 Message(
                     role="user",
                     content=text,
+                    attachments=images or None,
                     turn_id=turn.turn_id,
                     cell_id=turn.cell_id,
                     status="rejected",
@@ -725,9 +742,14 @@ class Session:
             )
             yield self._guardrail_error(turn)
             return
-        yield self._add(
-            Message(role="user", content=text, turn_id=turn.turn_id, cell_id=turn.cell_id), turn
+        message = Message(
+            role="user",
+            content=text,
+            attachments=images or None,
+            turn_id=turn.turn_id,
+            cell_id=turn.cell_id,
         )
+        yield self._add(message, turn)
 
     def _guardrail_error(self, turn: _Turn) -> Event:
         """The error event of a turn a guardrail rejected (``turn.error`` says why)."""
@@ -1209,6 +1231,21 @@ class Session:
             yield self._add(message, turn)
             if record.error_kind == "interrupted":  # Ctrl-C inside a tool stops the turn
                 turn.status = "interrupted"
+        # Chat tool messages carry text only: the images tools returned follow as one
+        # user message, after every result of the round (the peers' way, see README).
+        returned = [(r, image) for r in records for image in r.images or []]
+        if returned:
+            names = ", ".join(dict.fromkeys(f"`{r.name}`" for r, _ in returned))
+            plural = "s" if len(returned) > 1 else ""
+            message = Message(
+                role="user",
+                content=f"Image{plural} returned by {names}:",
+                attachments=[image for _, image in returned],
+                turn_id=turn.turn_id,
+                round=turn.round,
+                cell_id=turn.cell_id,
+            )
+            yield self._add(message, turn)
 
     def _interrupted(self, turn: _Turn) -> Iterable[Event]:
         """Keep what arrived, and answer every dangling tool call so the history stays valid."""
@@ -1262,6 +1299,18 @@ class Session:
             reasoning="".join(m.reasoning or "" for m in turn.messages if m.role == "assistant"),
         )
         return self._emit(TurnFinished(session_id=self.id, turn_id=turn.turn_id, result=result))
+
+
+def _attached(text: str, attachments: Sequence[Any] | None) -> tuple[str, list[ImagePart]]:
+    """The text with text files inlined, and the images: checked before the turn starts."""
+    if not attachments:
+        return text, []
+    if isinstance(attachments, (str, bytes)) or not isinstance(attachments, Sequence):
+        attachments = [attachments]
+    from ._images import attach
+
+    attached = attach(attachments)
+    return "\n\n".join([text, *attached.texts]), attached.images
 
 
 def _chars(tools: list[dict[str, Any]] | None) -> int:

@@ -115,6 +115,8 @@ def render_transcript(messages: Sequence[Message], max_chars: int) -> str:
             body = _clip(m.content or "", _CLIP_MESSAGE)
             for call in m.tool_calls or []:
                 body += f"\n(calls tool {call.name} with {_clip(call.arguments, _CLIP_ARGUMENTS)})"
+        for image in m.attachments or []:  # the summary keeps a mention, not the image
+            body += f"\n{image.label}"
         parts.append(f"{head}\n{body.strip()}")
     keep_first = 1 if messages and messages[0].status == "summary" else 0
     total = sum(len(p) + 2 for p in parts)

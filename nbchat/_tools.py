@@ -49,7 +49,7 @@ from pydantic.json_schema import PydanticJsonSchemaWarning
 
 from ._exceptions import ToolDefinitionError
 from ._text import valid_text
-from ._types import ToolCall, ToolCallRecord
+from ._types import ImagePart, ToolCall, ToolCallRecord
 
 __all__ = [
     "DEFAULT_MAX_RESULT_CHARS",
@@ -565,6 +565,26 @@ def _to_text(value: Any) -> str:
     return _safe_repr(value)
 
 
+def _images_of(value: Any) -> tuple[Any, list[ImagePart]]:
+    """What the model reads as text, and the images a tool returned (an image, or a list
+    mixing text and images); a figure that cannot be drawn is the tool's error."""
+    from ._images import is_image, to_image
+
+    items = list(value) if isinstance(value, list | tuple) else [value]
+    if not any(is_image(item) for item in items):
+        return value, []
+    try:
+        images = [part for item in items if is_image(item) and (part := to_image(item))]
+    except Exception as exc:
+        raise _CallError("tool_error", f"its image could not be converted: {exc}") from None
+    texts = [item if isinstance(item, str) else serialise_result(item) for item in items
+             if not is_image(item)]  # fmt: skip
+    labels = ", ".join(image.label for image in images)
+    which = "the images follow" if len(images) > 1 else "the image follows"
+    note = f"(Returned {labels}; {which} in the next message.)"
+    return "\n\n".join([*texts, note]), images
+
+
 def serialise_result(value: Any, max_chars: int | None = DEFAULT_MAX_RESULT_CHARS) -> str:
     """A tool's return value as the text the model reads, cut past ``max_chars``.
 
@@ -679,6 +699,7 @@ class ToolSet:
         waited = [0.0]
         token = _waiting.set(waited)
         error_kind: str | None = None
+        images: list[ImagePart] | None = None
         try:
             t = None if bad_name is not None else self._tools.get(call.name)
             if bad_name is not None:
@@ -703,6 +724,7 @@ class ToolSet:
                 ) from None
             except BaseException as exc:  # SystemExit from argparse-style code, and the rest
                 raise _CallError("tool_error", _describe_exception(exc)) from None
+            value, images = _images_of(value)
             result = serialise_result(value, self.max_result_chars)
         except _CallError as err:
             error_kind = err.kind
@@ -719,4 +741,5 @@ class ToolSet:
             duration_ms=(time.perf_counter() - start - waited[0]) * 1000,
             turn_id=turn_id,
             round=round,
+            images=images or None,
         )

@@ -6,6 +6,8 @@ store as JSON with one ``TypeAdapter``. Nothing here does I/O.
 
 from __future__ import annotations
 
+import base64
+import math
 import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, TypeVar
@@ -122,12 +124,90 @@ class ToolCall(_Model):
         }
 
 
+ImageDetail = Literal["auto", "low", "high"]
+
+
+class ImagePart(_Model):
+    """An image a message carries: its bytes (sniffed, never trusted by name) or a URL.
+
+    ``sha256`` identifies it (of the bytes, or of the URL): the store keeps each image
+    once. A part loaded from the store without its bytes has ``data`` None and
+    ``stored`` True; the store fills the bytes in when a session is resumed.
+    """
+
+    model_config = ConfigDict(extra="forbid", ser_json_bytes="base64", val_json_bytes="base64")
+
+    part_kind: Literal["image"] = "image"
+    mime: str
+    sha256: str
+    size: int = 0  # bytes; 0 for a URL
+    data: bytes | None = None
+    url: str | None = None  # an http(s) URL the server fetches itself
+    width: int | None = None
+    height: int | None = None
+    detail: ImageDetail = "auto"
+    name: str | None = None  # where it came from: "fig", "plot.png", "tool make_plot"
+
+    def __repr_args__(self) -> Any:  # the bytes as their length: a repr stays readable
+        for name, value in super().__repr_args__():
+            yield name, (f"<{len(value):,} bytes>" if name == "data" and value else value)
+
+    @property
+    def label(self) -> str:
+        """A short description for text-only places: ``[image: fig, 640×480 png]``."""
+        shape = f"{self.width}×{self.height} " if self.width and self.height else ""
+        kind = self.mime.split("/")[-1]
+        name = f"{self.name}, " if self.name else ""
+        return f"[image: {name}{shape}{kind}]"
+
+    def tokens(self) -> int:
+        """Prompt tokens the image costs by OpenAI's rule (never by its base64 length).
+
+        ``low``: 85. Otherwise the image is fitted into 2048×2048, its short side brought
+        down to 768, and each 512-px tile costs 170 more. An unknown size counts as 1024².
+        """
+        if self.detail == "low":
+            return 85
+        w, h = float(self.width or 1024), float(self.height or 1024)
+        fit = min(1.0, 2048 / max(w, h))
+        w, h = w * fit, h * fit
+        short = min(1.0, 768 / min(w, h))
+        w, h = w * short, h * short
+        return 85 + 170 * math.ceil(w / 512) * math.ceil(h / 512)
+
+    def source(self) -> str:
+        """The URL the wire carries: a ``data:`` URL of the bytes, or the http(s) URL."""
+        if self.data is not None:
+            return f"data:{self.mime};base64,{base64.b64encode(self.data).decode()}"
+        if self.url is not None:
+            return self.url
+        raise ValueError(f"{self.label} has neither bytes nor a URL (not loaded from the store?)")
+
+    def to_openai(self) -> dict[str, Any]:
+        """This image as a chat completions content part."""
+        image: dict[str, Any] = {"url": self.source()}
+        if self.detail != "auto":
+            image["detail"] = self.detail
+        return {"type": "image_url", "image_url": image}
+
+    def ref(self) -> dict[str, Any]:
+        """What a message row keeps of it: everything but the bytes."""
+        return self.model_dump(exclude={"data", "part_kind"}, exclude_defaults=False)
+
+
 class Message(_Model):
-    """One message of a conversation, with the bookkeeping the store keeps beside it."""
+    """One message of a conversation, with the bookkeeping the store keeps beside it.
+
+    The wire parts are ``content`` (the text), ``reasoning`` (an assistant's thinking)
+    and ``attachments`` (images, sent after the text as content parts); ``to_openai``
+    is their one mapping to the chat format (the Responses client maps that in turn).
+    The rest is bookkeeping: the conversation's order, turn, cell and state.
+    """
 
     role: Role
     content: str | None = None
     reasoning: str | None = None  # what a reasoning model thought before this reply
+    attachments: list[ImagePart] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
@@ -148,6 +228,9 @@ class Message(_Model):
         in (``"reasoning_content"``: some servers want it back within a turn).
         """
         out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.attachments:
+            text = [{"type": "text", "text": self.content}] if self.content else []
+            out["content"] = text + [part.to_openai() for part in self.attachments]
         if reasoning_field is not None and self.reasoning:
             out[reasoning_field] = self.reasoning
         if self.name is not None:
@@ -249,6 +332,8 @@ class ToolCallRecord(_Model):
     turn_id: str | None = None
     round: int | None = None
     id: str = Field(default_factory=new_id)  # the stored row's key: call ids get reused
+    # Images the tool returned: shown in its block, sent to the model after the results.
+    images: list[ImagePart] | None = None
 
     @property
     def parsed_arguments(self) -> Any:
@@ -298,6 +383,7 @@ class TurnStarted(_Event):
     kind: Literal["turn_started"] = "turn_started"
     text: str
     cell_id: str | None = None
+    attachments: list[ImagePart] | None = None  # the images sent with the text
 
 
 class _RoundEvent(_Event):

@@ -144,6 +144,7 @@ def test_transcript_shows_the_live_context_by_default(store: Store) -> None:
         "cell_id",
         "created_at",
         "id",
+        "attachments",
     ]
     assert list(df["seq"]) == [0, 2, 3, 4, 5]
     assert list(df["role"]) == ["system", "user", "assistant", "tool", "assistant"]

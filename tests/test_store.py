@@ -70,6 +70,17 @@ EXPECTED_SCHEMA: dict[str, dict[str, str]] = {
         "state": "VARCHAR",
         "created_at": TZ,
         "reasoning": "VARCHAR",
+        "attachments": "JSON",
+    },
+    "attachments": {
+        "sha256": "VARCHAR",
+        "mime": "VARCHAR",
+        "size": "BIGINT",
+        "width": "INTEGER",
+        "height": "INTEGER",
+        "data": "BLOB",
+        "url": "VARCHAR",
+        "created_at": TZ,
     },
     "requests": {
         "id": "VARCHAR",

@@ -58,7 +58,9 @@ __all__ = [
 ]
 
 # The tables a user's SQL can read (README, sql(), %%chat_sql help are generated from it).
-TABLES: tuple[str, ...] = ("sessions", "messages", "requests", "tool_calls", "compactions", "turns")
+TABLES: tuple[str, ...] = (
+    "sessions", "messages", "requests", "tool_calls", "compactions", "turns", "attachments",
+)  # fmt: skip
 
 # The named analysis queries (``Store.frame``); ``_queries.QUERIES`` has one of each.
 QueryName = Literal[
@@ -75,6 +77,7 @@ QueryName = Literal[
     "costs_by_user",
     "costs_by_tag",
     "search",
+    "attachments",
 ]
 
 

@@ -251,6 +251,8 @@ class DuckDBStore(Store):
             (max_seq,) = con.execute(
                 "SELECT coalesce(max(seq), -1) FROM messages WHERE session_id = ?", [session_id]
             ).fetchone()
+            messages = [_message(row) for row in rows]
+            _load_image_bytes(con, messages)
         sid, model, system_prompt, title, parent_id, notebook, created_us, metadata = head[0]
         return StoredSession(
             id=sid,
@@ -261,7 +263,7 @@ class DuckDBStore(Store):
             notebook=notebook,
             created_at=_from_epoch_us(created_us),
             metadata=json.loads(metadata) if metadata else {},
-            messages=[_message(row) for row in rows],
+            messages=messages,
             max_seq=int(max_seq),
         )
 
@@ -441,6 +443,24 @@ def _duckdb() -> Any:
 _MESSAGE_SELECT = ", ".join(
     "epoch_us(created_at)" if c == "created_at" else c for c in MESSAGE_COLUMNS
 )
+
+
+def _load_image_bytes(con: Any, messages: list[Message]) -> None:
+    """Put the stored bytes back into the messages' images (a resumed session resends them)."""
+    wanted = {i.sha256 for m in messages for i in m.attachments or [] if i.url is None}
+    if not wanted:
+        return
+    found = dict(
+        con.execute(
+            "SELECT sha256, data FROM attachments WHERE list_contains(?, sha256)", [sorted(wanted)]
+        ).fetchall()
+    )
+    for m in messages:
+        if m.attachments:
+            m.attachments = [
+                i.model_copy(update={"data": found.get(i.sha256)}) if i.url is None else i
+                for i in m.attachments
+            ]
 
 
 def _message(row: tuple[Any, ...]) -> Message:

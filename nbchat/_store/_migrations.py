@@ -172,11 +172,32 @@ def m004_reasoning_and_cost_sources(con: Connection) -> None:
     con.execute("ALTER TABLE requests ADD COLUMN first_text_ms DOUBLE")
 
 
+def m007_attachments(con: Connection) -> None:
+    """Images sent with messages: each kept once by its hash, referenced from messages."""
+    con.execute(
+        """
+        CREATE TABLE attachments (
+            sha256 VARCHAR PRIMARY KEY,
+            mime VARCHAR NOT NULL,
+            size BIGINT NOT NULL,
+            width INTEGER,
+            height INTEGER,
+            data BLOB,
+            url VARCHAR,
+            created_at TIMESTAMPTZ NOT NULL
+        )
+        """
+    )
+    # The message's images, without their bytes: [{sha256, mime, size, ...}, ...].
+    con.execute("ALTER TABLE messages ADD COLUMN attachments JSON")
+
+
 MIGRATIONS: list[Migration] = [
     ("m001_initial", m001_initial),
     ("m002_turns_and_details", m002_turns_and_details),
     ("m003_request_estimates", m003_request_estimates),
     ("m004_reasoning_and_cost_sources", m004_reasoning_and_cost_sources),
+    ("m007_attachments", m007_attachments),
 ]
 
 

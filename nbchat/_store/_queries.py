@@ -102,11 +102,29 @@ _SESSIONS = f"""
 
 _TRANSCRIPT = """
     SELECT seq, role, content, reasoning, name, tool_calls, tool_call_id, status, state,
-           turn_id, round, cell_id, created_at, id
+           turn_id, round, cell_id, created_at, id, attachments
     FROM messages
     WHERE session_id = ?
       AND (state = 'active' OR (? AND state = 'compacted') OR (? AND state = 'superseded'))
     ORDER BY seq, created_at
+"""
+
+# One row per image a message carries (an image sent twice is two rows, one stored copy).
+_ATTACHMENTS = """
+    WITH refs AS (
+        SELECT m.session_id, m.id AS message_id, m.seq, m.role, m.created_at,
+               unnest(from_json(m.attachments, '["json"]')) AS ref
+        FROM messages m
+        WHERE m.attachments IS NOT NULL
+    )
+    SELECT r.created_at, r.session_id, r.message_id, r.seq, r.role,
+           ref->>'name' AS name, ref->>'sha256' AS sha256, ref->>'mime' AS mime,
+           (ref->>'size')::BIGINT AS size, (ref->>'width')::INTEGER AS width,
+           (ref->>'height')::INTEGER AS height, ref->>'detail' AS detail, ref->>'url' AS url,
+           CASE WHEN ? THEN a.data END AS data
+    FROM refs r LEFT JOIN attachments a ON a.sha256 = ref->>'sha256'
+    WHERE ? IS NULL OR r.session_id = ?
+    ORDER BY r.created_at, r.seq
 """
 
 _USAGE = """
@@ -197,8 +215,9 @@ QUERIES: dict[str, NamedQuery] = {
     "transcript": NamedQuery(
         _TRANSCRIPT,
         ("session_id", "include_compacted", "include_superseded"),
-        json_columns=frozenset({"tool_calls"}),
+        json_columns=frozenset({"tool_calls", "attachments"}),
     ),
+    "attachments": NamedQuery(_ATTACHMENTS, ("with_data", "session_id", "session_id")),
     "usage": NamedQuery(_USAGE, _BY_SESSION),
     "tool_calls": NamedQuery(_TOOL_CALLS, _BY_SESSION),
     "compactions": NamedQuery(_COMPACTIONS, _BY_SESSION),

@@ -32,6 +32,7 @@ whole backlog since the "Not saved yet" message.
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import sys
 import threading
@@ -47,6 +48,7 @@ from .._exceptions import StoreError, StoreLocked, UnstorableRow
 from .._types import (
     CompactionEvent,
     Event,
+    ImagePart,
     Message,
     MessageAdded,
     MessagesMarked,
@@ -379,6 +381,10 @@ _TURN_OUTCOME = (
 MESSAGE_COLUMNS = (
     "id", "session_id", "seq", "role", "content", "reasoning", "name", "tool_calls",
     "tool_call_id", "turn_id", "round", "cell_id", "status", "state", "created_at",
+    "attachments",
+)  # fmt: skip
+_ATTACHMENT_COLUMNS = (
+    "sha256", "mime", "size", "width", "height", "data", "url", "created_at",
 )  # fmt: skip
 
 
@@ -387,20 +393,44 @@ def message_row(session_id: str, message: Message) -> Insert:
     tool_calls = (
         ToolCallsAdapter.dump_json(message.tool_calls).decode() if message.tool_calls else None
     )
+    images = message.attachments
     row = {
-        **message.model_dump(include=set(MESSAGE_COLUMNS) - {"tool_calls", "created_at"}),
+        **message.model_dump(
+            include=set(MESSAGE_COLUMNS) - {"tool_calls", "created_at", "attachments"}
+        ),
         "session_id": session_id,
         "tool_calls": tool_calls,
         "created_at": utc(message.created_at),
+        "attachments": json.dumps([image.ref() for image in images]) if images else None,
     }
     return Insert("messages", MESSAGE_COLUMNS, [row[c] for c in MESSAGE_COLUMNS])
 
 
+def attachment_rows(message: Message) -> list[RowWrite]:
+    """The ``attachments`` rows of a message's images; an image stored before is kept."""
+    rows: list[RowWrite] = []
+    for image in message.attachments or []:
+        values = [
+            image.sha256, image.mime, image.size, image.width, image.height, image.data,
+            image.url, utc(message.created_at),
+        ]  # fmt: skip
+        rows.append(Insert("attachments", _ATTACHMENT_COLUMNS, values, keep=True))
+    return rows
+
+
 def message_from_row(row: dict[str, Any]) -> Message:
-    """The Message of a ``messages`` row (``created_at`` an aware datetime)."""
+    """The Message of a ``messages`` row (``created_at`` an aware datetime).
+
+    Its images come without their bytes (``data`` None); ``Store.load_session`` adds them.
+    """
     fields = {k: v for k, v in row.items() if k != "session_id"}
     calls = fields.pop("tool_calls")
-    return Message(**fields, tool_calls=ToolCallsAdapter.validate_json(calls) if calls else None)
+    refs = fields.pop("attachments", None)
+    return Message(
+        **fields,
+        tool_calls=ToolCallsAdapter.validate_json(calls) if calls else None,
+        attachments=[ImagePart(**ref) for ref in json.loads(refs)] if refs else None,
+    )
 
 
 # ------------------------------------------------------------------ writers
@@ -408,7 +438,7 @@ def message_from_row(row: dict[str, Any]) -> Message:
 
 
 def _write_message(event: MessageAdded) -> list[RowWrite]:
-    return [message_row(event.session_id, event.message)]
+    return [message_row(event.session_id, event.message), *attachment_rows(event.message)]
 
 
 def _write_marked(event: MessagesMarked) -> list[RowWrite]:
