@@ -2,28 +2,30 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import re
 from datetime import timedelta
 from typing import Any, Literal
 
-from ._exceptions import StoreError
+from ._exceptions import AttachmentError, StoreError
 from ._markup import safe_markdown
 from ._store import Db, open_store
 from ._store._records import StoredSession
-from ._types import Message, ToolCall, new_id, utcnow
+from ._types import ImageDetail, ImagePart, Message, ToolCall, new_id, utcnow
 
 __all__ = ["export_session", "import_session"]
 
 _ROLES = ("system", "user", "assistant", "tool")
 
 
-def _openai_messages(session: StoredSession) -> list[dict[str, Any]]:
-    messages = [m.to_openai() for m in session.messages]
+def _messages(session: StoredSession) -> list[Message]:
+    messages = list(session.messages)
     # The session loop stores its system prompt as the first message; an older or
     # hand-made session may only have it on the session row.
-    if session.system_prompt and not (messages and messages[0]["role"] == "system"):
-        messages.insert(0, {"role": "system", "content": session.system_prompt})
+    if session.system_prompt and not (messages and messages[0].role == "system"):
+        messages.insert(0, Message(role="system", content=session.system_prompt))
     return messages
 
 
@@ -33,15 +35,17 @@ def export_session(
     """The session's live context as text.
 
     ``"openai"``: a JSON list of chat-completions messages (what the next request
-    would send), which ``import_session`` reads back. ``"markdown"``: a readable
-    transcript with tool calls and results in code blocks.
+    would send; images as ``data:`` URLs), which ``import_session`` reads back.
+    ``"markdown"``: a readable transcript with tool calls and results in code blocks,
+    and images as their labels (``[image: plot.png, 640×480 png]``).
     """
     if format not in ("openai", "markdown"):
         raise ValueError(f"format must be 'openai' or 'markdown', not {format!r}.")
     with open_store(db) as store:
         session = store.load_session(session_id)
     if format == "openai":
-        return json.dumps(_openai_messages(session), indent=2, ensure_ascii=False)
+        wire = [m.to_openai() for m in _messages(session)]
+        return json.dumps(wire, indent=2, ensure_ascii=False)
     return _markdown(session)
 
 
@@ -66,23 +70,23 @@ def _markdown(session: StoredSession) -> str:
         lines.append(f"- model: `{session.model}`")
     lines.append(f"- created: {session.created_at.isoformat(timespec='seconds')}")
     lines.append("")
-    for message in _openai_messages(session):
-        role = message["role"]
-        content = message.get("content")
-        if role == "tool":
-            name = message.get("name") or "tool"
-            lines.append(f"## Tool result: {name} (`{message.get('tool_call_id')}`)")
+    for message in _messages(session):
+        content = message.content
+        if message.role == "tool":
+            name = message.name or "tool"
+            lines.append(f"## Tool result: {name} (`{message.tool_call_id}`)")
             body, language = _pretty_json(content or "")
             lines += ["", _fence(body, language), ""]
             continue
-        lines += [f"## {role.capitalize()}", ""]
+        lines += [f"## {message.role.capitalize()}", ""]
         if content:
             # Model (and pasted) text: no live HTML, no fetched images, prices not math.
             lines += [safe_markdown(content), ""]
-        for call in message.get("tool_calls") or []:
-            function = call["function"]
-            lines.append(f"**Tool call** `{function['name']}` (`{call['id']}`)")
-            body, language = _pretty_json(function.get("arguments") or "")
+        for image in message.attachments or []:
+            lines += [safe_markdown(image.label), ""]
+        for call in message.tool_calls or []:
+            lines.append(f"**Tool call** `{call.name}` (`{call.id}`)")
+            body, language = _pretty_json(call.arguments or "")
             lines += ["", _fence(body, language), ""]
     return "\n".join(lines).rstrip() + "\n"
 
@@ -90,20 +94,47 @@ def _markdown(session: StoredSession) -> str:
 # ------------------------------------------------------------------ import
 
 
-def _text(content: Any, where: str) -> str | None:
+def _content(content: Any, where: str) -> tuple[str | None, list[ImagePart] | None]:
+    """The text and images of chat content: a string, or text and image_url parts."""
     if content is None or isinstance(content, str):
-        return content
-    if isinstance(content, list):  # content parts: keep the text ones
-        parts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text":
-                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise StoreError(
-                    f"Cannot import {where}: only text content is supported, not {kind}."
-                )
-            parts.append(str(part.get("text", "")))
-        return "".join(parts)
-    raise StoreError(f"Cannot import {where}: content must be text, not {type(content).__name__}.")
+        return content, None
+    if not isinstance(content, list):
+        what = type(content).__name__
+        raise StoreError(f"Cannot import {where}: content must be text or parts, not {what}.")
+    texts: list[str] = []
+    images: list[ImagePart] = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+        if kind == "text":
+            texts.append(str(part.get("text", "")))
+        elif kind == "image_url":
+            images.append(_image(part.get("image_url"), where))
+        else:
+            raise StoreError(
+                f"Cannot import {where}: only text and image_url parts are supported, not {kind}."
+            )
+    return "".join(texts) if texts else None, images or None
+
+
+def _image(spec: Any, where: str) -> ImagePart:
+    from ._images import to_image
+
+    url = spec.get("url") if isinstance(spec, dict) else spec
+    asked = spec.get("detail") if isinstance(spec, dict) else None
+    detail: ImageDetail = asked if asked in ("low", "high") else "auto"
+    if not isinstance(url, str):
+        raise StoreError(f"Cannot import {where}: an image_url part needs a url.")
+    try:
+        if url.startswith("data:"):
+            _, _, encoded = url.partition(",")
+            part = to_image(base64.b64decode(encoded, validate=True), detail=detail)
+        else:
+            part = to_image(url, detail=detail) if url.startswith(("http://", "https://")) else None
+    except (AttachmentError, binascii.Error) as exc:
+        raise StoreError(f"Cannot import {where}: its image is not readable ({exc}).") from None
+    if part is None:
+        raise StoreError(f"Cannot import {where}: an image must be a data: or http(s) URL.")
+    return part
 
 
 def _tool_calls(raw: Any, where: str) -> list[ToolCall] | None:
@@ -148,10 +179,12 @@ def _parse(data: str | bytes | list[dict[str, Any]] | dict[str, Any]) -> list[Me
             raise StoreError(
                 f"Cannot import {where}: tool result {tool_call_id!r} answers no earlier tool call."
             )
+        text, images = _content(item.get("content"), where)
         messages.append(
             Message(
                 role=item["role"],
-                content=_text(item.get("content"), where),
+                content=text,
+                attachments=images,
                 name=item.get("name"),
                 tool_calls=calls,
                 tool_call_id=tool_call_id if item["role"] == "tool" else None,

@@ -217,7 +217,7 @@ def _not_an_image(data: bytes, what: str) -> str:
 
 
 def _inline_text(name: str, data: bytes) -> str:
-    if b"\x00" in data[:8192]:
+    if data.startswith(b"%PDF") or b"\x00" in data[:8192]:
         raise AttachmentError(_not_an_image(data, name))
     try:
         text = data.decode("utf-8")

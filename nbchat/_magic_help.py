@@ -24,6 +24,13 @@ class OptionDoc(NamedTuple):
 
 CHAT_OPTIONS: tuple[OptionDoc, ...] = (
     OptionDoc("model", "-m", "NAME", "model for this cell (a session this cell starts keeps it)"),
+    OptionDoc(
+        "endpoint",
+        "-e",
+        "NAME",
+        "send this cell to the saved endpoint NAME (%chat endpoint add), with -m's model "
+        "or the current one",
+    ),
     OptionDoc("system", "-s", "TEXT", "system prompt (a different one starts a new session)"),
     OptionDoc("new", None, None, "start a new session (it becomes the current one)"),
     OptionDoc("session", None, "ID", "continue the stored session ID (it becomes the current one)"),
@@ -46,6 +53,13 @@ CHAT_OPTIONS: tuple[OptionDoc, ...] = (
         "A,B",
         "attach these notebook values below the message, each under its name "
         "(DataFrames as shape, dtypes and first rows; also In[3], Out[3], Err)",
+    ),
+    OptionDoc(
+        "attach",
+        None,
+        "A,B",
+        "attach images to the message: figures or images in the notebook by name, or "
+        "image files by path (text files are inlined; a {fig} placeholder attaches too)",
     ),
     OptionDoc(
         "max_context_chars",

@@ -22,6 +22,7 @@ from pydantic import (
 )
 
 from ._context import DEFAULT_MAX_CONTEXT_CHARS, to_context
+from ._images import is_image
 from ._magic_help import CHAT_OPTIONS, SQL_OPTIONS, OptionDoc, flag_of, render_options
 
 __all__ = [
@@ -60,6 +61,7 @@ class ChatOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(None, **_doc(CHAT_OPTIONS, "model"))
+    endpoint: str | None = Field(None, **_doc(CHAT_OPTIONS, "endpoint"))
     system: str | None = Field(None, **_doc(CHAT_OPTIONS, "system"))
     new: bool = Field(False, **_doc(CHAT_OPTIONS, "new"))
     session: str | None = Field(None, **_doc(CHAT_OPTIONS, "session"))
@@ -71,6 +73,7 @@ class ChatOptions(BaseModel):
     temperature: float | None = Field(None, ge=0, **_doc(CHAT_OPTIONS, "temperature"))
     tag: list[str] | None = Field(None, **_doc(CHAT_OPTIONS, "tag"))
     context: list[str] | None = Field(None, **_doc(CHAT_OPTIONS, "context"))
+    attach: list[str] | None = Field(None, **_doc(CHAT_OPTIONS, "attach"))
     max_context_chars: int | None = Field(None, ge=1, **_doc(CHAT_OPTIONS, "max_context_chars"))
     fix: bool = Field(False, **_doc(CHAT_OPTIONS, "fix"))
     format: Literal["markdown", "text", "code", "json"] | None = Field(
@@ -87,7 +90,7 @@ class ChatOptions(BaseModel):
             return [] if names == ["none"] else names
         return value
 
-    @field_validator("context", "tag", mode="before")
+    @field_validator("context", "tag", "attach", mode="before")
     @classmethod
     def _split_context(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -262,6 +265,7 @@ def interpolate(
     *,
     cells: CellReferences | None = None,
     max_chars: int = DEFAULT_MAX_CONTEXT_CHARS,
+    images: list[Any] | None = None,
 ) -> str:
     """Replace ``{name}``, ``{name.attr}`` and ``{In[3]}``-style references with values.
 
@@ -269,7 +273,8 @@ def interpolate(
     first rows; at most ``max_chars`` characters each). Anything else in braces is left
     alone (JSON in prompts is common), and so is a name that matches nothing (appended
     to ``missing``, when given, so the caller can say so). ``{{name}}`` gives a literal
-    ``{name}``.
+    ``{name}``. With ``images``, a value that is an image (a figure, a PIL image,
+    ``nbchat.Image``) is appended there and stands in the text as ``[image: name]``.
     """
 
     def replace(match: re.Match[str]) -> str:
@@ -280,6 +285,9 @@ def interpolate(
             if missing is not None:
                 missing.append(match.group(0))
             return match.group(0)
+        if images is not None and is_image(value):
+            images.append((match.group(2), value))
+            return f"[image: {match.group(2)}]"
         return to_context(value, max_chars)
 
     return _PLACEHOLDER.sub(replace, text)

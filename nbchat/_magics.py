@@ -25,6 +25,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from IPython.core.error import UsageError
@@ -236,7 +237,9 @@ class ChatMagics(Magics):
         opts = parse_options(ChatOptions, line)
         if opts.model in self.aliases:
             opts = opts.model_copy(update={"model": self.aliases[opts.model]})
-        text = self._message(opts, cell)
+        if opts.endpoint:
+            opts = opts.model_copy(update={"model": self._on_endpoint(opts)})
+        text, attachments = self._message(opts, cell)
         output_type = self._schema(opts)
         tools = self._tools(opts.tools if opts.tools is not None else self.default_tools)
         cell_id = self.cells.cell_key_for_turn()
@@ -254,6 +257,7 @@ class ChatMagics(Magics):
             tools,
             lambda on_event, options: session.send(
                 text,
+                attachments=attachments,
                 cell_id=cell_id,
                 on_event=on_event,
                 options=options,
@@ -269,15 +273,40 @@ class ChatMagics(Magics):
         self._take_answer(opts, result)
         _raise_for(result)
 
-    def _message(self, opts: ChatOptions, cell: str) -> str:
-        """The text a cell sends: placeholders filled, the fix asked, context attached."""
+    def _on_endpoint(self, opts: ChatOptions) -> str:
+        """``-e NAME``: the cell's model on the saved endpoint NAME (``NAME:model``)."""
+        from ._endpoints import find_endpoint
+
+        assert opts.endpoint is not None
+        if find_endpoint(opts.endpoint) is None:
+            raise UsageError(
+                f"%%chat: -e {opts.endpoint}: no saved endpoint of that name "
+                "(%chat endpoint lists them; %chat endpoint add NAME base_url=... saves one)"
+            )
+        model = (
+            opts.model
+            or (self.session.model if self.session else None)
+            or get_defaults().get("model")
+            or os.environ.get("NBCHAT_MODEL")
+        )
+        if not model:
+            raise UsageError(f"%%chat: -e {opts.endpoint}: which model? Give -m MODEL.")
+        prefix, colon, bare = model.partition(":")
+        if colon and find_endpoint(prefix) is not None:
+            model = bare  # -m other:model with -e: the endpoint named by -e wins
+        return f"{opts.endpoint}:{model}"
+
+    def _message(self, opts: ChatOptions, cell: str) -> tuple[str, list[Any]]:
+        """The text a cell sends — placeholders filled, the fix asked, context attached —
+        and the images it attaches (``--attach``, and ``{fig}`` placeholders)."""
         from ._context import DEFAULT_MAX_CONTEXT_CHARS, FORMAT_INSTRUCTIONS, fix_prompt
         from ._magic_options import interpolate
 
         max_chars = opts.max_context_chars or self.max_context_chars or DEFAULT_MAX_CONTEXT_CHARS
         missing: list[str] = []
+        images: list[tuple[str, Any]] = []
         text = interpolate(
-            cell, self.user_ns, missing, cells=self.notebook, max_chars=max_chars
+            cell, self.user_ns, missing, cells=self.notebook, max_chars=max_chars, images=images
         ).strip()
         if missing:  # a typo in a placeholder: say so, send the text as typed
             names = ", ".join(dict.fromkeys(missing))
@@ -297,7 +326,40 @@ class ChatMagics(Magics):
             text += "\n\n" + self._context(opts.context, max_chars)
         if opts.format is not None and not opts.fix:
             text += "\n\n" + FORMAT_INSTRUCTIONS[opts.format]
-        return text
+        return text, self._attachments(opts.attach or [], images)
+
+    def _attachments(self, names: list[str], placeholders: list[tuple[str, Any]]) -> list[Any]:
+        """``--attach`` entries (notebook values by name, else file paths) and the images
+        of ``{placeholders}``, as parts: a bad one is refused before anything is sent."""
+        from ._exceptions import AttachmentError
+        from ._images import attach, to_image
+        from ._magic_options import MISSING, resolve
+
+        parts: list[Any] = []
+        try:
+            for name in names:
+                value = resolve(name, self.user_ns, self.notebook)
+                if value is MISSING:
+                    path = Path(name).expanduser()
+                    if not path.is_file():
+                        raise UsageError(
+                            f"%%chat: --attach {name}: no such variable in the notebook, "
+                            "and no such file"
+                        )
+                    attached = attach([path])
+                    parts += [*attached.texts, *attached.images]
+                    continue
+                image = to_image(value, name=name)
+                if image is None:
+                    raise UsageError(
+                        f"%%chat: --attach {name}: a {type(value).__name__} is not an image "
+                        "(attach a figure, a PIL image, nbchat.Image or an image file)"
+                    )
+                parts.append(image)
+            parts += [to_image(value, name=name) for name, value in placeholders]
+        except AttachmentError as exc:
+            raise UsageError(f"%%chat: {exc}") from None
+        return parts
 
     def _context(self, names: list[str], max_chars: int) -> str:
         """The ``--context`` values, each under its name; an unknown name is refused."""

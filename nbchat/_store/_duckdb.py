@@ -36,6 +36,7 @@ from ._sink import (
     STORED_KINDS,
     Insert,
     RowWrite,
+    attachment_rows,
     message_from_row,
     message_row,
     rows_of,
@@ -185,6 +186,8 @@ class DuckDBStore(Store):
                 for message in messages:
                     # A failed statement ends a transaction: upsert at once, no plain try.
                     _insert(con, message_row(session_id, message), upsert=True)
+                    for image in attachment_rows(message):
+                        _insert(con, image, upsert=True)
                 con.execute("COMMIT")
             except _duckdb().ConstraintException as exc:
                 con.execute("ROLLBACK")

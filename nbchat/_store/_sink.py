@@ -72,6 +72,7 @@ __all__ = [
     "RowWrite",
     "StoreSink",
     "Update",
+    "attachment_rows",
     "message_row",
     "rows_of",
     "session_title",
@@ -406,9 +407,9 @@ def message_row(session_id: str, message: Message) -> Insert:
     return Insert("messages", MESSAGE_COLUMNS, [row[c] for c in MESSAGE_COLUMNS])
 
 
-def attachment_rows(message: Message) -> list[RowWrite]:
+def attachment_rows(message: Message) -> list[Insert]:
     """The ``attachments`` rows of a message's images; an image stored before is kept."""
-    rows: list[RowWrite] = []
+    rows: list[Insert] = []
     for image in message.attachments or []:
         values = [
             image.sha256, image.mime, image.size, image.width, image.height, image.data,
