@@ -541,3 +541,78 @@ def test_chat_cells_in_jupyterlab(fake: FakeOpenAIServer, tmp_path: Path) -> Non
             raise
         finally:
             context.close()
+
+
+# --------------------------------------------------------------------------- images
+
+FIGURE_CELLS = [
+    "%load_ext nbchat\nimport matplotlib.pyplot as plt\nimport nbchat\n\n"
+    "fig, ax = plt.subplots(figsize=(4, 2.5))\nax.plot([3, 1, 2, 5, 4]);",
+    "%%chat\nSay hello.",
+    "session = %chat session\nnbchat.panel(session)",
+    "%%chat --attach fig\nWhat is wrong with this plot?",
+]
+THUMBNAILS = """(root) => Array.from(document.querySelectorAll(root + ' img.nbchat-thumb')).map(
+    (img) => ({ok: img.complete && img.naturalWidth > 0, alt: img.alt}))"""
+
+
+def test_an_attached_figure_shows_in_the_cell_and_the_panel(
+    fake: FakeOpenAIServer, tmp_path: Path
+) -> None:
+    """The figure's thumbnail above the reply in the cell, and in the panel's user bubble."""
+    from playwright.sync_api import expect, sync_playwright
+
+    expect.set_options(timeout=WAIT_MS)
+    ARTIFACTS.mkdir(exist_ok=True)
+    fake.enqueue("Hello!")
+    fake.enqueue("The dip at the third point breaks an otherwise rising line.", chunk_size=8)
+    with (
+        _serve("jupyterlab", tmp_path, fake, FIGURE_CELLS, "figure.ipynb") as served,
+        sync_playwright() as pw,
+    ):
+        context = pw.chromium.launch_persistent_context(
+            user_data_dir=str(tmp_path / "chromium-profile"),
+            executable_path=CHROMIUM,
+            headless=True,
+            args=CHROMIUM_ARGS,
+            viewport={"width": 1000, "height": 1100},
+        )
+        page = context.pages[0] if context.pages else context.new_page()
+        page.set_default_timeout(WAIT_MS)
+        try:
+            page.goto(served.url)
+            page.wait_for_function(KERNEL_IDLE)
+            page.evaluate(
+                """() => {
+                    const commands = window.jupyterapp.commands;
+                    commands.execute('application:toggle-left-area');
+                    commands.execute('notebook:run-all-cells');
+                }"""
+            )
+            cells = page.locator(".jp-Notebook .jp-Cell")
+            turn = cells.nth(3).locator(".jp-OutputArea-output")
+            expect(turn).to_contain_text("fake-model ·")
+            expect(turn.locator("img.nbchat-thumb")).to_be_visible()
+            bubble = page.locator(".nbchat-panel .nbchat-user img.nbchat-thumb")
+            expect(bubble).to_be_visible()
+            expect(page.locator(".nbchat-panel")).to_contain_text("breaks an otherwise")
+            in_cell = page.evaluate(THUMBNAILS, ".jp-Notebook .jp-Cell:nth-child(4)")
+            in_panel = page.evaluate(THUMBNAILS, ".nbchat-panel")
+            assert in_cell and all(i["ok"] for i in in_cell), in_cell  # decoded, not broken
+            assert in_panel and all(i["ok"] for i in in_panel), in_panel
+            assert in_cell[0]["alt"].startswith("[image: fig, ")
+            text = turn.inner_text()
+            assert text.index("breaks an otherwise") < text.index("fake-model ·")
+            (image,) = [
+                p for p in fake.requests[1]["messages"][-1]["content"] if p["type"] == "image_url"
+            ]
+            assert image["image_url"]["url"].startswith("data:image/png;base64,")
+            cells.nth(3).screenshot(path=str(ARTIFACTS / "figure-jupyterlab-cell.png"))
+            page.locator(".nbchat-panel").screenshot(
+                path=str(ARTIFACTS / "figure-jupyterlab-panel.png")
+            )
+        except BaseException:
+            page.screenshot(path=str(ARTIFACTS / "figure-jupyterlab-failure.png"))
+            raise
+        finally:
+            context.close()

@@ -52,6 +52,11 @@ ANSWERS: list[tuple[str, str]] = [
         "p-values measure surprise, overfitting memorises noise, and a confusion matrix "
         "tallies the hits and misses.",
     ),
+    (
+        "this plot",
+        "Revenue climbs in a straight line, one unit a day: nothing looks wrong, but a "
+        "real series this smooth is worth a second look at how it was made.",
+    ),
     ("p-value", "A p-value is the chance of data at least this extreme if nothing were going on."),
     ("overfitting", "Overfitting is a model learning the noise in its training data."),
     ("confusion matrix", "A confusion matrix counts right and wrong predictions per class."),
@@ -82,7 +87,10 @@ def _structured_reply(body: dict[str, Any], prompt: str) -> Reply | None:
 def _last_user_text(messages: list[dict[str, Any]]) -> str:
     for message in reversed(messages):
         if message.get("role") == "user":
-            return str(message.get("content") or "")
+            content = message.get("content") or ""
+            if isinstance(content, list):  # text and image parts: the text
+                return " ".join(str(p.get("text", "")) for p in content if p.get("type") == "text")
+            return str(content)
     return ""
 
 
