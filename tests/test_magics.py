@@ -744,3 +744,29 @@ def test_chat_endpoint_and_cost_plot_subcommands(
     assert image.data[:4] == b"\x89PNG"
     with pytest.raises(ConfigError, match="Usage: %chat endpoint"):
         shell.run_line_magic("chat", "endpoint frobnicate")
+
+
+# --------------------------------------------------------------------------- -e NAME
+
+
+def test_endpoint_flag_sends_the_cell_to_a_saved_endpoint(
+    shell: InteractiveShell, fake: FakeOpenAIServer
+) -> None:
+    with FakeOpenAIServer() as work:
+        run(shell, f"%chat endpoint add work base_url={work.url}")
+        work.enqueue("from work")
+        work.enqueue("a bigger one")
+        fake.enqueue("from the default", repeat=2)
+        assert run(shell, "%%chat\nfirst").error_in_exec is None  # the session: default server
+        assert run(shell, "%%chat -e work\nhello").error_in_exec is None
+        assert run(shell, "%%chat -e work -m big-model\nhello again").error_in_exec is None
+        assert "a bigger one" in pub(shell).last["data"]["text/plain"]
+        assert run(shell, "%%chat\nand here?").error_in_exec is None  # -e was that cell's only
+        assert [r["model"] for r in work.requests] == ["fake-model", "big-model"]
+        assert [r["model"] for r in fake.requests] == ["fake-model", "fake-model"]
+        # The work server saw the whole conversation, as any model of the session would.
+        assert [m["content"] for m in work.requests[0]["messages"]][-1] == "hello"
+        unknown = run(shell, "%%chat -e nowhere\nhello")
+        assert isinstance(unknown.error_in_exec, UsageError)
+        assert "-e nowhere: no saved endpoint of that name" in str(unknown.error_in_exec)
+        assert len(work.requests) == 2 and len(fake.requests) == 2
