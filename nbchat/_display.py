@@ -46,6 +46,7 @@ __all__ = [
     "TurnFailed",
     "TurnInterrupted",
     "one_line",
+    "raise_for",
     "render_mode",
 ]
 
@@ -84,6 +85,14 @@ def turn_failed(result: TurnResult) -> TurnFailed:
 
 
 # ---------------------------------------------------------------------- the renderer
+
+
+def raise_for(result: TurnResult) -> None:
+    """End the cell with one line when the turn did not complete, so "Run all" stops."""
+    if result.status == "interrupted":
+        raise TurnInterrupted(result)
+    if result.status in ("error", "budget_exceeded", "rejected"):
+        raise turn_failed(result)
 
 
 class CellRenderer:

@@ -1,0 +1,467 @@
+"""The ``%chat`` subcommands (config, new, use, resume, cost, models, ...).
+
+``Subcommands`` is mixed into ``ChatMagics``: each ``_cmd_NAME(args)`` answers
+``%chat NAME args`` and returns what the cell shows, working on the magics' state
+(the current session, aliases, default tools) declared below.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from IPython.core.error import UsageError
+
+from ._config import (
+    DEFAULT_KEYS,
+    default_db_path,
+    get_defaults,
+    reset_defaults,
+    resolve_client,
+    set_defaults,
+)
+from ._display import Info, raise_for
+from ._exceptions import NbchatError
+
+if TYPE_CHECKING:
+    from ._magic_options import ChatOptions
+    from ._session import Session, TurnOptions
+    from ._tools import Tool
+    from ._types import Event, TurnResult
+
+__all__ = ["SUBCOMMANDS_HELP", "Subcommands"]
+
+SUBCOMMANDS_HELP = """\
+%chat subcommands:
+  %chat config [key=value ...]    show or set this kernel's defaults for sessions
+                                  (model, base_url, api_key, db, system, temperature,
+                                  max_rounds, budget_usd; key=none removes one;
+                                  prefer NBCHAT_API_KEY: a key typed here is saved
+                                  with the notebook's source)
+  %chat new                       the next %%chat cell starts a new session
+  %chat use ID                    continue the stored session ID
+  %chat session                   the current Session object
+  %chat resume [a,b]              run the tool calls a stopped process left pending,
+                                  then continue (tools: these, or those of %chat tools)
+  %chat abort                     close pending tool calls as aborted instead
+  %chat sessions                  every stored session (DataFrame)
+  %chat history                   the current session's conversation, as cells show it
+                                  (nbchat.transcript(id) gives the DataFrame)
+  %chat cost                      tokens, cost and time of each turn of the current session
+  %chat cost model|day|session|notebook|user|tag
+                                  the whole store's spend, grouped (DataFrame)
+  %chat cost [day|model|session|notebook] --plot [--tokens] [--since D] [--until D]
+                                  the same as a chart
+  %chat endpoint add NAME base_url=URL [api_key_env=VAR] [headers=JSON] [api_version=V]
+                  [api=chat|responses] | remove NAME | list
+                                  named endpoints (-m NAME:model, config endpoint=NAME);
+                                  keys only by environment variable name
+  %chat search WORDS              stored messages with these words, best matches first
+  %chat tools [a,b | none]        show or set the tools of later %%chat cells
+  %chat local [GGUF]              start (or reuse) the embedded local model and use it
+  %chat fix [options]             send the last failing cell and its error; the
+                                  corrected code comes back as a new cell below (not run)
+  %chat models                    the endpoint's models, context windows and prices
+  %chat alias [name=model ...]    show or set model aliases (-m name, config model=name;
+                                  name=none removes one)
+
+%%chat_sql [--out VAR] [--db PATH] [--allow-files]
+  a read-only SQL query on the store, shown as a DataFrame; %%chat_sql? shows its
+  help and the tables
+"""
+
+
+class Subcommands:
+    """The ``%chat NAME`` subcommands, as methods of the magics that hold the state."""
+
+    session: Session | None
+    aliases: dict[str, str]
+    default_tools: list[str]
+    max_context_chars: int | None
+    cell_sessions: dict[str, Session]
+
+    if TYPE_CHECKING:  # what ChatMagics provides
+
+        def _help(self) -> str: ...
+        def _tools(self, specs: list[str]) -> list[Tool]: ...
+        def _use(self, session_id: str, model: str | None = None) -> Session: ...
+        def _open(self, **kwargs: Any) -> Session: ...
+        def _chat_cell(self, line: str, cell: str) -> None: ...
+        def _show_turn(
+            self,
+            session: Session,
+            opts: ChatOptions,
+            tools: list[Tool],
+            run: Callable[[Callable[[Event], None], TurnOptions], TurnResult],
+            *,
+            notice: str | None = None,
+            cell_id: str | None = None,
+        ) -> TurnResult: ...
+
+    def _subcommand(self, line: str) -> Any:
+        try:
+            words = shlex.split(line)
+        except ValueError as exc:
+            raise UsageError(f"%chat: cannot read {line!r} ({exc})") from None
+        if not words or words[0] in ("help", "-h", "--help"):
+            return Info(f"```\n{self._help()}\n```")
+        command, args = words[0], words[1:]
+        handler = getattr(self, f"_cmd_{command}", None)
+        if handler is None:
+            raise UsageError(f"%chat: unknown subcommand {command!r} (%chat help lists them)")
+        return handler(args)
+
+    def _cmd_config(self, args: list[str]) -> Info:
+        if args:
+            updates: dict[str, Any] = {}
+            for arg in args:
+                key, eq, value = arg.partition("=")
+                if not eq:
+                    raise UsageError(f"%chat config: write key=value, not {arg!r}")
+                if key == "max_context_chars":  # a setting of the magics, not of sessions
+                    self.max_context_chars = _context_chars(value)
+                    continue
+                if key == "model":
+                    value = self.aliases.get(value, value)
+                updates[key] = _config_value(key, value)
+            if not updates:
+                return self._config_info()
+            before = get_defaults()
+            set_defaults(**updates)  # unknown keys are refused before anything is saved
+            try:
+                applied = self._settings_changed(before, get_defaults())
+            except BaseException:
+                reset_defaults()  # all or nothing: a refused change leaves no trace
+                set_defaults(**before)
+                raise
+            info = self._config_info()
+            info.rows.append(("this change applies to", applied))
+            return info
+        return self._config_info()
+
+    def _config_info(self) -> Info:
+        """The kernel's settings, with the magics' own (aliases, max_context_chars)."""
+        info = _config_info(self.session)
+        if self.max_context_chars is not None:
+            info.rows.append(("max_context_chars", f"{self.max_context_chars} (kernel)"))
+        info.rows += [(f"alias {name}", model) for name, model in sorted(self.aliases.items())]
+        return info
+
+    def _cmd_new(self, args: list[str]) -> Info:
+        self.session = None
+        return Info("The next `%%chat` cell starts a new session.")
+
+    def _cmd_use(self, args: list[str]) -> Info:
+        if len(args) != 1:
+            raise UsageError("%chat use: give one session id (%chat sessions lists them)")
+        self.session = self._use(args[0])
+        message = f"Continuing session `{self.session.id}` ({len(self.session.history)} messages)."
+        pending = self.session.pending_tool_calls
+        if pending:
+            names = ", ".join(c.name for c in pending)
+            message += (
+                f" It has {len(pending)} pending tool call(s) ({names}) left by a process "
+                "that stopped: `%chat resume` runs them, `%chat abort` closes them."
+            )
+        return Info(message)
+
+    def _cmd_resume(self, args: list[str]) -> Info | None:
+        from ._magic_options import ChatOptions
+
+        session = self._current()
+        if not session.pending_tool_calls:
+            return Info("Nothing to resume: the current session has no pending tool calls.")
+        specs = ChatOptions.model_validate({"tools": ",".join(args)}).tools if args else None
+        tools = self._tools(specs if specs is not None else self.default_tools)
+        raise_for(
+            self._show_turn(
+                session,
+                ChatOptions(),
+                tools,
+                lambda on_event, options: session.resume(on_event=on_event, options=options),
+            )
+        )
+        return None
+
+    def _cmd_abort(self, args: list[str]) -> Info:
+        closed = self._current().abort_pending()
+        return Info(f"Closed {len(closed)} pending tool call(s) as aborted.")
+
+    def _cmd_session(self, args: list[str]) -> Session | None:
+        return self.session
+
+    def _cmd_sessions(self, args: list[str]) -> Any:
+        from ._analysis import sessions_table
+
+        return sessions_table()
+
+    def _cmd_history(self, args: list[str]) -> Any:
+        from ._display import Conversation
+
+        # Shown like the cells it came from (escaped, prices kept as prices); the
+        # DataFrame is nbchat.transcript(id).
+        return Conversation(self._current().history)
+
+    def _cmd_cost(self, args: list[str]) -> Any:
+        from ._analysis import costs_table, turn_costs_table
+
+        if "--plot" in args:
+            from ._plot import plot_for_magic
+
+            return plot_for_magic(args)
+        if not args:
+            return turn_costs_table(self._current().id)
+        if args[0] not in ("model", "day", "session", "notebook", "user", "tag"):
+            raise UsageError(
+                "%chat cost: give model, day, session, notebook, user or tag (or nothing)"
+            )
+        return costs_table(args[0])  # type: ignore[arg-type]
+
+    def _cmd_search(self, args: list[str]) -> Any:
+        from ._analysis import search
+
+        if not args:
+            raise UsageError("%chat search: give the words to look for")
+        found = search(" ".join(args))
+        return found[["session_id", "title", "role", "snippet", "created_at"]]
+
+    def _cmd_endpoint(self, args: list[str]) -> Info:
+        from ._endpoints import endpoint_command
+
+        return endpoint_command(args)
+
+    def _cmd_tools(self, args: list[str]) -> Info:
+        from ._magic_options import ChatOptions
+
+        if args:
+            specs = ChatOptions.model_validate({"tools": ",".join(args)}).tools or []
+            self._tools(specs)  # fail now, not at the next cell
+            self.default_tools = specs
+        rows = [
+            (_tool_label(spec), t.description)
+            for spec, t in zip(self.default_tools, self._tools(self.default_tools), strict=True)
+        ]
+        if not rows:
+            return Info("No tools: `%chat tools a,b` or `%%chat --tools a,b` adds some.")
+        return Info("Tools of the next `%%chat` cells", rows)
+
+    def _cmd_local(self, args: list[str]) -> Info:
+        from ._local import local
+
+        if len(args) > 1:
+            raise UsageError("%chat local: give at most one GGUF model path")
+        before = get_defaults()
+        url = local(args[0] if args else None)
+        self._settings_changed(before, get_defaults())
+        model = get_defaults().get("model", "")
+        return Info(f"Local model `{model}` at {url}; `%%chat` cells use it now.")
+
+    def _cmd_fix(self, args: list[str]) -> None:
+        """``%chat fix [options]``: ``%%chat --fix`` without further instructions."""
+        self._chat_cell(shlex.join(["--fix", *args]), "")
+
+    def _cmd_models(self, args: list[str]) -> Any:
+        """The endpoint's models, with context windows and prices where known."""
+        import pandas as pd
+
+        from ._client import ModelClient
+        from ._pricing import context_window, request_cost
+        from ._runner import run_sync
+        from ._types import RequestUsage
+
+        if args:
+            raise UsageError("%chat models: takes no arguments")
+        session = self.session
+        # Listing needs no model: a placeholder when none is configured.
+        client = session.client if session is not None else ModelClient(_listing_settings())
+        base_url = client.settings.base_url
+        per_input = RequestUsage(prompt_tokens=1_000_000, completion_tokens=0)
+        per_output = RequestUsage(prompt_tokens=0, completion_tokens=1_000_000)
+        rows = []
+        for model in run_sync(client.list_models()):
+            cost_in, _ = request_cost(model, base_url, per_input)
+            cost_out, _ = request_cost(model, base_url, per_output)
+            aliases = ", ".join(a for a, m in self.aliases.items() if m == model)
+            rows.append(
+                {
+                    "model": model,
+                    "context_window": context_window(model, base_url),
+                    "input_usd_per_mtok": cost_in,
+                    "output_usd_per_mtok": cost_out,
+                    "aliases": aliases,
+                }
+            )
+        frame = pd.DataFrame(
+            rows,
+            columns=[
+                "model",
+                "context_window",
+                "input_usd_per_mtok",
+                "output_usd_per_mtok",
+                "aliases",
+            ],
+        )
+        frame["context_window"] = frame["context_window"].astype("Int64")
+        frame[["input_usd_per_mtok", "output_usd_per_mtok"]] = frame[
+            ["input_usd_per_mtok", "output_usd_per_mtok"]
+        ].astype(float)
+        frame.attrs["base_url"] = base_url
+        return frame
+
+    def _cmd_alias(self, args: list[str]) -> Info:
+        """``%chat alias fast=gpt-4o-mini`` (``fast=none`` removes it); none: list them."""
+        for arg in args:
+            name, eq, model = arg.partition("=")
+            if not eq or not name or any(c.isspace() for c in name):
+                raise UsageError(f"%chat alias: write name=model, not {arg!r}")
+            if model.lower() in ("", "none"):
+                self.aliases.pop(name, None)
+            else:
+                self.aliases[name] = self.aliases.get(model, model)
+        if not self.aliases:
+            return Info("No model aliases: `%chat alias fast=gpt-4o-mini` adds one.")
+        rows = [(name, model) for name, model in sorted(self.aliases.items())]
+        return Info("Model aliases (`-m NAME` in `%%chat`, `%chat config model=NAME`)", rows)
+
+    def _current(self) -> Session:
+        if self.session is None:
+            raise UsageError("%chat: no current session yet; run a %%chat cell first")
+        return self.session
+
+    def _settings_changed(self, before: dict[str, Any], after: dict[str, Any]) -> str:
+        """Check a config change as a whole, carry the current conversation over to it.
+
+        Raises (``ConfigError``) before changing anything when the new endpoint cannot
+        be used (no key for it, ...). Returns which sessions the change affects.
+        """
+        session = self.session
+
+        def changed(key: str) -> bool:
+            return before.get(key) != after.get(key)
+
+        endpoint = changed("model") or changed("base_url") or changed("api_key")
+        if endpoint and (
+            session is not None or after.get("model") or os.environ.get("NBCHAT_MODEL")
+        ):
+            resolve_client(after.get("model") or (session.model if session else None))
+        if session is None:
+            return "new sessions"
+        if changed("db"):
+            # Its conversations live in the other store: cells start over in the new one.
+            self.session = None
+            self.cell_sessions.clear()
+        elif changed("base_url") or changed("api_key"):
+            reopened = self._open(session_id=session.id, model=after.get("model"))
+            self.session = reopened
+            for cell_id, known in self.cell_sessions.items():
+                if known is session:
+                    self.cell_sessions[cell_id] = reopened
+        elif changed("model") and after.get("model"):
+            session.set_model(after["model"])
+        # Limits and sampling follow the change in the conversation going on, too.
+        if changed("budget_usd"):
+            session.budgets = session.budgets.model_copy(
+                update={"budget_usd": after.get("budget_usd")}
+            )
+        if changed("max_rounds"):
+            from ._session import DEFAULT_MAX_ROUNDS
+
+            session.max_rounds = after.get("max_rounds") or DEFAULT_MAX_ROUNDS
+        if changed("temperature"):
+            if after.get("temperature") is None:
+                session.request_params.pop("temperature", None)
+            else:
+                session.request_params["temperature"] = after["temperature"]
+        if changed("db"):
+            return "new sessions (the current conversation stays in the old store)"
+        applied = f"the current session {session.id} and new sessions"
+        if changed("system"):
+            applied += " (the system prompt: new sessions only)"
+        return applied
+
+
+def _tool_label(spec: str) -> str:
+    """``python (ask: asks before running code)`` for the python tool, else the name."""
+    name, _, mode = spec.partition(":")
+    if name != "python":
+        return name
+    meaning = {
+        "ask": "asks before running code",
+        "auto": "runs code without asking",
+        "never": "never runs code",
+    }
+    mode = mode or "ask"
+    return f"python ({mode}: {meaning[mode]})"
+
+
+def _config_value(key: str, value: str) -> Any:
+    if key not in DEFAULT_KEYS:
+        return value  # set_defaults names the known keys
+    if value.lower() in ("", "none", "null"):
+        return None
+    try:
+        if key in ("temperature", "budget_usd"):
+            return float(value)
+        if key == "max_rounds":
+            return int(value)
+    except ValueError:
+        raise UsageError(f"%chat config: {key} must be a number, not {value!r}") from None
+    return value
+
+
+def _context_chars(value: str) -> int | None:
+    """``%chat config max_context_chars=N`` (``none``: back to the default)."""
+    if value.lower() in ("", "none", "null"):
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise UsageError(f"%chat config: max_context_chars must be a positive int, not {value!r}")
+    return number
+
+
+def _listing_settings() -> Any:
+    """The endpoint of new sessions, for listing its models (no model needed for that)."""
+    try:
+        return resolve_client()
+    except NbchatError:
+        if get_defaults().get("model") or os.environ.get("NBCHAT_MODEL"):
+            raise  # a real problem (no key, ...): say it
+        return resolve_client("(listing models)")
+
+
+def _config_info(session: Session | None) -> Info:
+    defaults = get_defaults()
+    env = os.environ
+
+    def source(key: str, *names: str) -> str:
+        if key in defaults:
+            return f"{defaults[key]} (kernel)"
+        for name in names:
+            if env.get(name):
+                return f"{env[name]} ({name})"
+        return "—"
+
+    if "api_key" in defaults:
+        key = "set (kernel)"
+    else:
+        found = next((n for n in ("NBCHAT_API_KEY", "OPENAI_API_KEY") if env.get(n)), None)
+        key = f"set ({found})" if found else "not set"
+    rows = [
+        ("model", source("model", "NBCHAT_MODEL")),
+        ("base_url", source("base_url", "NBCHAT_BASE_URL", "OPENAI_BASE_URL")),
+        ("api_key", key),
+        ("db", default_db_path()),
+    ]
+    rows += [
+        (k, str(defaults[k]))
+        for k in ("system", "temperature", "max_rounds", "budget_usd")
+        if k in defaults
+    ]
+    if session is not None:
+        rows.append(("current session", f"{session.id} ({session.model})"))
+    return Info("nbchat settings for new sessions in this kernel", rows)
