@@ -1,0 +1,118 @@
+"""How long a chat waits on a store that other processes write too.
+
+Each process runs turns of one tool round (two requests, so both barriers: before the
+tool runs and before ``send()`` returns) against one fake server, all sharing one DuckDB
+file. What is measured is the time a turn spends in those barriers, the only places the
+loop waits for the store (``StoreSink.flush``; handing events over is measured in
+``bench_store``). Baseline: the same turns in one process alone, in the same run.
+Goal (issue "Performance, raised"): p99 ≤ 5 ms with several processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench._common import figure
+
+TURNS = 60
+
+
+def _reply(body: dict[str, Any]) -> Any:
+    from nbchat.testing import Reply, ToolCallSpec
+
+    last = (body.get("messages") or [{}])[-1]
+    if last.get("role") == "tool":
+        return Reply(text="Done: the tool answered.")
+    return Reply(tool_calls=[ToolCallSpec(name="noop", arguments={})])
+
+
+def child(url: str, db: str, turns: int) -> None:
+    """One process: ``turns`` turns; prints the per-turn barrier waits (s) as JSON."""
+    import nbchat
+    from nbchat._store._sink import StoreSink
+
+    waited = [0.0]
+    flush = StoreSink.flush
+
+    def timed(self: StoreSink, timeout: float) -> bool:
+        started = time.perf_counter()
+        try:
+            return flush(self, timeout)
+        finally:
+            waited[0] += time.perf_counter() - started
+
+    StoreSink.flush = timed  # type: ignore[method-assign]
+
+    @nbchat.tool
+    def noop() -> str:
+        """Do nothing."""
+        return "ok"
+
+    session = nbchat.Session(model="m", base_url=url, api_key="k", db=db, tools=[noop])
+    session.send("warm up")
+    per_turn = []
+    for i in range(turns):
+        waited[0] = 0.0
+        result = session.send(f"turn {i}")
+        assert result.status == "completed", result.error
+        per_turn.append(waited[0])
+    print(json.dumps(per_turn))
+
+
+def _run(url: str, db: Path, processes: int, turns: int) -> list[float]:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "bench.bench_contention", url, str(db), str(turns)],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for _ in range(processes)
+    ]
+    waits: list[float] = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=600)
+        if proc.returncode != 0:
+            raise RuntimeError(f"a contention child failed ({proc.returncode})")
+        waits += json.loads(out.strip().splitlines()[-1])
+    return waits
+
+
+def _pct(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
+
+
+def run(turns: int = TURNS) -> list[dict[str, Any]]:
+    """Per-turn store wait, p50 and p99, for 1 and 4 processes on one file."""
+    from nbchat.testing import FakeOpenAIServer
+
+    figures = []
+    with tempfile.TemporaryDirectory() as tmp, FakeOpenAIServer(fallback=_reply) as fake:
+        alone = _run(fake.url, Path(tmp) / "alone.duckdb", 1, turns)
+        shared = _run(fake.url, Path(tmp) / "shared.duckdb", 4, turns)
+    for q, label in ((0.5, "p50"), (0.99, "p99")):
+        figures.append(
+            figure(
+                f"a turn's wait on the store, 4 processes, {label}",
+                _pct(shared, q) * 1000,
+                "ms",
+                baseline=_pct(alone, q) * 1000,
+                goal="p99 ≤ 5 ms" if label == "p99" else "",
+                ok=(_pct(shared, q) * 1000 <= 5.0) if label == "p99" else None,
+                note=f"baseline: one process alone; {turns} turns each, 2 barriers a turn",
+            )
+        )
+    return figures
+
+
+if __name__ == "__main__":
+    child(sys.argv[1], sys.argv[2], int(sys.argv[3]))
