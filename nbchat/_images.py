@@ -24,6 +24,7 @@ from ._types import ImageDetail, ImagePart
 __all__ = [
     "MAX_IMAGE_BYTES",
     "MAX_TEXT_CHARS",
+    "MAX_TOOL_IMAGES",
     "Attached",
     "Image",
     "attach",
@@ -32,6 +33,7 @@ __all__ = [
 ]
 
 MAX_IMAGE_BYTES = 20 * 1024 * 1024  # what OpenAI accepts per image
+MAX_TOOL_IMAGES = 8  # images one tool call may hand the model (a loop of plots...)
 MAX_TEXT_CHARS = 100_000  # a text file inlined past this is cut, and says so
 _FIGURE_DPI = 100
 
@@ -57,6 +59,8 @@ class Image:
         given = [x for x in (data, path, url) if x is not None]
         if len(given) != 1:
             raise AttachmentError("Image() takes exactly one of data, path= or url=.")
+        if mime is not None and not mime.startswith("image/"):
+            raise AttachmentError(f"Image(mime={mime!r}): an image type such as image/png.")
         self._source: Any = given[0] if path is None else Path(path)
         self.mime = mime
         self.detail: ImageDetail = detail

@@ -267,6 +267,7 @@ class ToolBlock:
 Part = TextPart | NoticePart | ToolBlock
 
 THUMBNAIL_PX = 120  # the height of an attachment's thumbnail
+_SHOWN = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp"})
 # Larger images show as their label: every live update of a cell re-sends its HTML.
 MAX_THUMBNAIL_BYTES = 512 * 1024
 
@@ -280,7 +281,7 @@ def thumbnails_html(images: Iterable[ImagePart], *, height: int = THUMBNAIL_PX) 
     shown = []
     for image in images:
         label = escape(image.label)
-        if image.data is None or image.size > MAX_THUMBNAIL_BYTES:
+        if image.data is None or image.size > MAX_THUMBNAIL_BYTES or image.mime not in _SHOWN:
             shown.append(f"<small>🖼 {label}</small>")
             continue
         shown.append(

@@ -568,13 +568,14 @@ def _to_text(value: Any) -> str:
 def _images_of(value: Any) -> tuple[Any, list[ImagePart]]:
     """What the model reads as text, and the images a tool returned (an image, or a list
     mixing text and images); a figure that cannot be drawn is the tool's error."""
-    from ._images import is_image, to_image
+    from ._images import MAX_TOOL_IMAGES, is_image, to_image
 
     items = list(value) if isinstance(value, list | tuple) else [value]
-    if not any(is_image(item) for item in items):
+    pictures = [item for item in items if is_image(item)]
+    if not pictures:
         return value, []
     try:
-        images = [part for item in items if is_image(item) and (part := to_image(item))]
+        images = [part for item in pictures[:MAX_TOOL_IMAGES] if (part := to_image(item))]
     except Exception as exc:
         raise _CallError("tool_error", f"its image could not be converted: {exc}") from None
     texts = [item if isinstance(item, str) else serialise_result(item) for item in items
@@ -582,6 +583,10 @@ def _images_of(value: Any) -> tuple[Any, list[ImagePart]]:
     labels = ", ".join(image.label for image in images)
     which = "the images follow" if len(images) > 1 else "the image follows"
     note = f"(Returned {labels}; {which} in the next message.)"
+    if len(pictures) > len(images):
+        note += (
+            f" {len(pictures) - len(images)} more images were not sent (at most {MAX_TOOL_IMAGES})."
+        )
     return "\n\n".join([*texts, note]), images
 
 

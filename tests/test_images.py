@@ -396,3 +396,26 @@ def test_a_turn_view_shows_the_users_images_and_a_tools_images() -> None:
     ]
     (turn,) = history_views(stored)
     assert "<img" in turn.html() and "a line" in turn.html()
+
+
+def test_a_tool_hands_the_model_at_most_eight_images(fake: FakeOpenAIServer) -> None:
+    @nbchat.tool
+    def many() -> Any:
+        """Return too many images."""
+        return [Image(png(2 + i, 2)) for i in range(11)]
+
+    fake.enqueue(tool_calls=[{"name": "many", "arguments": {}}])
+    fake.enqueue("ok")
+    result = make(fake, tools=[many]).send("go")
+    (call,) = result.tool_calls
+    assert call.images is not None and len(call.images) == 8
+    assert "3 more images were not sent (at most 8)" in call.result
+    assert len(image_urls(fake.requests[1]["messages"][-1]["content"])) == 8
+
+
+def test_only_image_types_can_be_named_or_shown() -> None:
+    with pytest.raises(AttachmentError, match="an image type such as image/png"):
+        Image(png(), mime="text/html")
+    odd = ImagePart(mime="image/svg+xml", sha256="x", data=b"<svg onload=alert(1)>", size=20)
+    shown = thumbnails_html([odd])
+    assert "<img" not in shown and "onload" not in shown.replace("&lt;", "")
