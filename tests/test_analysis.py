@@ -437,7 +437,7 @@ def test_markdown_fences_survive_backticks_in_content(db_path: Path) -> None:
             '[{"role": "tool", "tool_call_id": "c9", "content": "x"}]',
             "answers no earlier tool call",
         ),
-        ('[{"role": "user", "content": [{"type": "image_url"}]}]', "only text content"),
+        ('[{"role": "user", "content": [{"type": "image_url"}]}]', "an image_url part needs a url"),
         ('[{"role": "assistant", "tool_calls": [{"type": "function"}]}]', "an id and a name"),
     ],
 )
