@@ -53,6 +53,8 @@ EXPECTED_SCHEMA: dict[str, dict[str, str]] = {
         "turn_id": "VARCHAR",
         "strategy": "VARCHAR",
         "error": "VARCHAR",
+        "username": "VARCHAR",
+        "hostname": "VARCHAR",
     },
     "messages": {
         "id": "VARCHAR",
@@ -70,6 +72,8 @@ EXPECTED_SCHEMA: dict[str, dict[str, str]] = {
         "state": "VARCHAR",
         "created_at": TZ,
         "reasoning": "VARCHAR",
+        "username": "VARCHAR",
+        "hostname": "VARCHAR",
     },
     "requests": {
         "id": "VARCHAR",
@@ -95,6 +99,8 @@ EXPECTED_SCHEMA: dict[str, dict[str, str]] = {
         "cache_write_tokens": "BIGINT",
         "suspected_truncation": "BOOLEAN",
         "first_text_ms": "DOUBLE",
+        "username": "VARCHAR",
+        "hostname": "VARCHAR",
     },
     "sessions": {
         "id": "VARCHAR",
@@ -105,6 +111,8 @@ EXPECTED_SCHEMA: dict[str, dict[str, str]] = {
         "parent_id": "VARCHAR",
         "notebook": "VARCHAR",
         "metadata": "JSON",
+        "username": "VARCHAR",
+        "hostname": "VARCHAR",
     },
     "tool_calls": {
         "id": "VARCHAR",
@@ -119,6 +127,8 @@ EXPECTED_SCHEMA: dict[str, dict[str, str]] = {
         "created_at": TZ,
         "round": "INTEGER",
         "error_kind": "VARCHAR",
+        "username": "VARCHAR",
+        "hostname": "VARCHAR",
     },
     "turns": {
         "id": "VARCHAR",
@@ -135,6 +145,8 @@ EXPECTED_SCHEMA: dict[str, dict[str, str]] = {
         "duration_ms": "DOUBLE",
         "started_at": TZ,
         "finished_at": TZ,
+        "username": "VARCHAR",
+        "hostname": "VARCHAR",
     },
 }
 

@@ -36,10 +36,11 @@ from ._sink import (
     STORED_KINDS,
     Insert,
     RowWrite,
+    attributed,
     message_from_row,
     message_row,
     rows_of,
-    utc,
+    session_row,
 )
 
 if TYPE_CHECKING:
@@ -164,27 +165,27 @@ class DuckDBStore(Store):
         messages: Sequence[Message] = (),
     ) -> None:
         """Record a new session (with ``messages``, all in one transaction); ids are unique."""
-        row = [
-            session_id,
-            title,
-            utc(created_at or utcnow()),
-            model,
-            system_prompt,
-            parent_id,
-            notebook,
-            json.dumps(metadata or {}),
-        ]
+        row = session_row(
+            session_id=session_id,
+            model=model,
+            system_prompt=system_prompt,
+            title=title,
+            parent_id=parent_id,
+            notebook=notebook,
+            metadata=metadata,
+            created_at=created_at,
+        )
         with self._connection() as con:
             con.execute("BEGIN TRANSACTION")
             try:
+                names = ", ".join(row.columns)
                 con.execute(
-                    "INSERT INTO sessions (id, title, created_at, model, system_prompt,"
-                    " parent_id, notebook, metadata) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    row,
+                    f"INSERT INTO sessions ({names}) VALUES ({', '.join('?' * len(row.columns))})",
+                    row.values,
                 )
                 for message in messages:
                     # A failed statement ends a transaction: upsert at once, no plain try.
-                    _insert(con, message_row(session_id, message), upsert=True)
+                    _insert(con, attributed(message_row(session_id, message)), upsert=True)
                 con.execute("COMMIT")
             except _duckdb().ConstraintException as exc:
                 con.execute("ROLLBACK")

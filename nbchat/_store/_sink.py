@@ -32,6 +32,7 @@ whole backlog since the "Not saved yet" message.
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import sys
 import threading
@@ -39,10 +40,12 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
+from .._config import whoami
 from .._exceptions import StoreError, StoreLocked, UnstorableRow
 from .._types import (
     CompactionEvent,
@@ -64,14 +67,17 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ATTEMPT_S",
+    "ATTRIBUTION_COLUMNS",
     "EXIT_WAIT_S",
     "STORED_KINDS",
     "Insert",
     "RowWrite",
     "StoreSink",
     "Update",
+    "attributed",
     "message_row",
     "rows_of",
+    "session_row",
     "session_title",
 ]
 
@@ -344,12 +350,42 @@ RowWrite = Insert | Update
 
 
 def rows_of(event: Event) -> tuple[str, list[RowWrite]] | None:
-    """The table ``event`` is stored in and the rows it writes; ``None`` if it is not stored."""
+    """The table ``event`` is stored in and the rows it writes; ``None`` if it is not stored.
+
+    Every inserted row carries who wrote it (``attributed``).
+    """
     entry = _WRITERS.get(event.kind)
     if entry is None:
         return None
     table, writer = entry
-    return table, writer(event)
+    return table, [_attribute(write) for write in writer(event)]
+
+
+def _attribute(write: RowWrite) -> RowWrite:
+    if isinstance(write, Insert):
+        return attributed(write)
+    if write.otherwise is not None:
+        return replace(write, otherwise=attributed(write.otherwise))
+    return write
+
+
+ATTRIBUTION_COLUMNS = ("username", "hostname")
+
+
+def attributed(row: Insert) -> Insert:
+    """``row`` with the user and host of this process (``_config.whoami``) added."""
+    return Insert(
+        row.table,
+        (*row.columns, *ATTRIBUTION_COLUMNS),
+        [*row.values, *_who(os.environ.get("JUPYTERHUB_USER"))],
+        row.keep,
+    )
+
+
+@lru_cache(maxsize=4)
+def _who(hub_user: str | None) -> tuple[str | None, str]:
+    # Keyed by JUPYTERHUB_USER so a changed environment is seen; the rest never changes.
+    return whoami()
 
 
 def utc(value: datetime) -> datetime:
@@ -394,6 +430,31 @@ def message_row(session_id: str, message: Message) -> Insert:
         "created_at": utc(message.created_at),
     }
     return Insert("messages", MESSAGE_COLUMNS, [row[c] for c in MESSAGE_COLUMNS])
+
+
+def session_row(
+    *,
+    session_id: str,
+    model: str | None,
+    system_prompt: str | None,
+    title: str | None,
+    parent_id: str | None,
+    notebook: str | None,
+    metadata: dict[str, Any] | None,
+    created_at: datetime | None,
+) -> Insert:
+    """The ``sessions`` row of a new session (``metadata`` as JSON text), attributed."""
+    row = {
+        "id": session_id,
+        "title": title,
+        "created_at": utc(created_at or utcnow()),
+        "model": model,
+        "system_prompt": system_prompt,
+        "parent_id": parent_id,
+        "notebook": notebook,
+        "metadata": json.dumps(metadata or {}),
+    }
+    return attributed(Insert("sessions", tuple(row), list(row.values()), keep=True))
 
 
 def message_from_row(row: dict[str, Any]) -> Message:
