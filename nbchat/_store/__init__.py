@@ -282,6 +282,11 @@ class Store(ABC):
         """Counters of this process's connection handling (opens, waits), for benchmarks."""
         return {}
 
+    def take_notices(self) -> list[str]:
+        """What the backend has to tell the user since last asked (a team store's server
+        went away, or came back); the sink's writer relays it. Most backends have nothing."""
+        return []
+
 
 # What every analysis function's ``db=`` takes.
 Db: TypeAlias = str | os.PathLike[str] | Store | None
@@ -298,7 +303,9 @@ def _backend(raw: str) -> type[Store]:
     """The backend class for a path or URL."""
     scheme = raw.split("://", 1)[0].lower() if "://" in raw else ""
     if scheme in ("postgres", "postgresql"):
-        raise StoreError("PostgreSQL stores are not supported yet; pass db= a file path.")
+        from ._postgres import PostgresStore
+
+        return PostgresStore
     from ._duckdb import DuckDBStore
 
     return DuckDBStore

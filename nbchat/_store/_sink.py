@@ -236,6 +236,8 @@ class StoreSink:
                     f"failed ({type(exc).__name__}: {exc})."
                 )
             self.write_seconds.append(time.perf_counter() - started)
+            for notice in self.store.take_notices():  # a team store's server went or came
+                self._say(notice)
             backoff, waiting_since = _BACKOFF_FIRST, None
             with self._cond:
                 self._queue.popleft()
