@@ -167,8 +167,8 @@ def rows(store: Store, sql: str, params: list[Any] | None = None) -> list[tuple[
 
 
 @pytest.fixture
-def store(db_path: Path) -> Any:
-    s = Store.open(db_path)
+def store(store_db: str) -> Any:
+    s = Store.open(store_db)
     s.create_session(session_id="s1", model="gpt-4o-mini", system_prompt="Be terse.")
     yield s
     s.close()

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._exceptions import StoreError, UnstorableRow
 from .._types import Event, EventAdapter, Message, Usage, utcnow
-from . import Lease, QueryName, Store, release_lease
+from . import TABLES, Lease, QueryName, Store, release_lease
 from ._lease import Access, LeaseOptions, acquire_lease
 from ._queries import QUERIES, SESSION_USAGE, QueryResult, check_select, to_frame
 from ._records import StoredSession
@@ -344,6 +344,51 @@ class DuckDBStore(Store):
             )
             warnings.warn(self.recovered, UserWarning, stacklevel=3)
 
+    # ------------------------------------------------------------------ copying
+
+    def dump_rows(
+        self, table: str, *, after: str | None, limit: int
+    ) -> tuple[list[str], list[tuple[Any, ...]]]:
+        """Up to ``limit`` rows of ``table`` with ids above ``after``, in id order."""
+        _check_table(table)
+        with self._connection() as con:
+            described = con.execute(f'DESCRIBE "{table}"').fetchall()
+            columns = [str(row[0]) for row in described]
+            stamps = [str(row[1]).startswith("TIMESTAMP") for row in described]
+            select = ", ".join(
+                f'epoch_us("{c}")' if stamp else f'"{c}"'
+                for c, stamp in zip(columns, stamps, strict=True)
+            )
+            rows = con.execute(
+                f'SELECT {select} FROM "{table}" WHERE ?::VARCHAR IS NULL OR id > ?'
+                " ORDER BY id LIMIT ?",
+                [after, after, limit],
+            ).fetchall()
+        return columns, [
+            tuple(_from_epoch_us(v) if stamp else v for v, stamp in zip(row, stamps, strict=True))
+            for row in rows
+        ]
+
+    def load_rows(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> int:
+        """Insert ``rows`` in one transaction, keeping stored rows with the same id."""
+        _check_table(table)
+        names = ", ".join(f'"{c}"' for c in columns)
+        marks = ", ".join("?" * len(columns))
+        with self._connection() as con:
+            con.execute("BEGIN TRANSACTION")
+            try:
+                (before,) = con.execute(f'SELECT count(*) FROM "{table}"').fetchone()
+                con.executemany(
+                    f'INSERT OR IGNORE INTO "{table}" ({names}) VALUES ({marks})',
+                    [list(row) for row in rows],
+                )
+                (after,) = con.execute(f'SELECT count(*) FROM "{table}"').fetchone()
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+        return int(after) - int(before)
+
     # ------------------------------------------------------------------ reading
 
     def session_usage(self, session_id: str) -> Usage:
@@ -417,6 +462,11 @@ class DuckDBStore(Store):
         if self._lease is None:
             return {}
         return self._lease.stats()
+
+
+def _check_table(table: str) -> None:
+    if table not in TABLES:  # names go into SQL text: only the store's own
+        raise StoreError(f"The store has no table {table!r}; its tables are {', '.join(TABLES)}.")
 
 
 def _result(cursor: Any) -> QueryResult:

@@ -99,6 +99,10 @@ def check_url(raw: str) -> str:
     psycopg = psycopg_module()
     shown = shown_url(raw)
     try:
+        urlsplit(raw).port  # noqa: B018  # a port that is not a number
+    except ValueError as exc:
+        raise StoreError(f"Not a valid PostgreSQL URL: {shown} ({exc}).") from None
+    try:
         params = psycopg.conninfo.conninfo_to_dict(raw)
     except psycopg.ProgrammingError as exc:
         detail = redact(str(exc).strip().splitlines()[0], *_password_in(raw))
@@ -299,7 +303,8 @@ class PgLease(Lease):
         self._inherited: list[Any] = []  # a forked child's copies: never closed there
         root = options.spool_dir or default_spool_dir()
         self.spool = Spool(spool_folder(root, self.key))
-        self._counters = {"connects": 0, "spooled": 0, "replayed": 0, "outages": 0}
+        self._counters = {"connects": 0, "write_connects": 0, "spooled": 0, "replayed": 0,
+                          "outages": 0}  # fmt: skip
         self.mirror: Any = None  # _mirror.Mirror, made by the store on first analysis
 
     # -------------------------------------------------------------- connecting
@@ -341,6 +346,7 @@ class PgLease(Lease):
     def _writer(self) -> Any:
         if self._write_con is None or self._write_con.closed or self._write_con.broken:
             self._write_con = self.connect()
+            self._counters["write_connects"] += 1
         return self._write_con
 
     def check(self) -> None:

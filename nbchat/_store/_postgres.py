@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any
 from .._exceptions import StoreError
 from .._types import Event, Message, Usage, utcnow
 from . import Lease, QueryName, Store, release_lease, shared_lease
+from ._duckdb import _check_table
 from ._mirror import Mirror
-from ._pg_lease import DuplicateRow, PgLease, PgOptions, check_url, shown_url
+from ._pg_lease import DuplicateRow, PgLease, PgOptions, _clean, check_url, shown_url
 from ._queries import QUERIES, SESSION_USAGE, check_select, to_frame
 from ._records import StoredSession
 from ._sink import (
@@ -316,6 +317,44 @@ class PostgresStore(Store):
             )
             warnings.warn(self.recovered, UserWarning, stacklevel=4)
 
+    # ------------------------------------------------------------------ copying
+
+    def dump_rows(
+        self, table: str, *, after: str | None, limit: int
+    ) -> tuple[list[str], list[tuple[Any, ...]]]:
+        """Up to ``limit`` rows of ``table`` with ids above ``after``, in id order."""
+        _check_table(table)
+        columns = [
+            str(name)
+            for (name,) in self._fetchall(
+                "SELECT column_name FROM information_schema.columns"
+                " WHERE table_schema = current_schema() AND table_name = ?"
+                " ORDER BY ordinal_position",
+                [table],
+            )
+        ]
+        names = ", ".join(f'"{c}"' for c in columns)
+        rows = self._fetchall(
+            f'SELECT {names} FROM "{table}" WHERE ?::text IS NULL OR id > ? ORDER BY id LIMIT ?',
+            [after, after, limit],
+        )
+        return columns, rows
+
+    def load_rows(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> int:
+        """Insert ``rows`` in one transaction, keeping stored rows with the same id."""
+        _check_table(table)
+        names = ", ".join(f'"{c}"' for c in columns)
+        marks = ", ".join(["%s"] * len(columns))
+        sql = f'INSERT INTO "{table}" ({names}) VALUES ({marks}) ON CONFLICT ("id") DO NOTHING'
+
+        def load(con: Any) -> int:
+            cursor = con.cursor()
+            with con.transaction():
+                cursor.executemany(sql, [[_clean(v) for v in row] for row in rows])
+            return int(cursor.rowcount)
+
+        return int(self._live().run_online(load))
+
     # ------------------------------------------------------------------ reading
 
     def _mirror(self) -> Mirror:
@@ -370,7 +409,9 @@ class PostgresStore(Store):
         if self._lease is None:
             return {}
         mirror = self._lease.mirror
-        return {**self._lease.stats(), **(mirror.counters if mirror is not None else {})}
+        counters = self._lease.stats()
+        counters["opens"] = counters["write_connects"]  # as the DuckDB backend's attaches
+        return {**counters, **(mirror.counters if mirror is not None else {})}
 
 
 def _first(values: Any) -> Any:
