@@ -181,6 +181,12 @@ def ensure_schema(con: Any, timeout: float, shown: str) -> None:
         time.sleep(0.05)
     try:
         migrate(PgMigrationConnection(con))
+        # PostgreSQL only: one session's rows (a transcript, a reopened session) are
+        # found by index, not a scan of every team member's rows. DuckDB needs none.
+        for table in ("messages", "requests", "tool_calls", "compactions", "turns"):
+            con.execute(
+                f'CREATE INDEX IF NOT EXISTS "{table}_session_id" ON "{table}" (session_id)'
+            )
     finally:
         con.execute("SELECT pg_advisory_unlock(%s)", [_MIGRATION_LOCK])
 
