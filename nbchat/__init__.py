@@ -88,6 +88,7 @@ _EXPORTS: dict[str, str] = {
     "register_price": "_pricing",
     "python_tool": "_pytool",
     "Store": "_store",
+    "copy_store": "_store",
 }
 
 if TYPE_CHECKING:
@@ -128,7 +129,7 @@ if TYPE_CHECKING:
     from ._pricing import mark_free, register_price
     from ._pytool import python_tool
     from ._session import Session, TurnOptions, configure
-    from ._store import Store
+    from ._store import Store, copy_store
     from ._tools import Tool, ToolSet, as_tool, tool
     from ._types import (
         CompactionEvent,

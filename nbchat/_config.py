@@ -24,11 +24,13 @@ __all__ = [
     "ClientSettings",
     "Secret",
     "default_db_path",
+    "default_spool_dir",
     "get_defaults",
     "is_loopback",
     "needs_key",
     "resolve_client",
     "set_defaults",
+    "whoami",
 ]
 
 OPENAI_BASE_URL = "https://api.openai.com/v1"
@@ -287,3 +289,25 @@ def default_db_path() -> str:
     if configured:
         return str(configured)
     return str(Path.home() / ".nbchat" / "nbchat.duckdb")
+
+
+def default_spool_dir() -> str:
+    """Where writes to a team store wait while its server is away: ``NBCHAT_SPOOL_DIR``
+    or ``~/.nbchat/spool``."""
+    return _env("NBCHAT_SPOOL_DIR") or str(Path.home() / ".nbchat" / "spool")
+
+
+def whoami() -> tuple[str | None, str]:
+    """Who runs this process and where: ``JUPYTERHUB_USER`` or the OS user, and the host.
+
+    Stored with every session and row (``costs(by="user")``); the user is ``None`` where
+    the environment has no login name (some containers).
+    """
+    import getpass
+    import socket
+
+    try:
+        user: str | None = os.environ.get("JUPYTERHUB_USER") or getpass.getuser()
+    except (KeyError, OSError):
+        user = None
+    return user, socket.gethostname()

@@ -25,7 +25,7 @@ from ._compaction import (
     live_order,
     resolve_strategy,
 )
-from ._config import Secret, get_defaults, resolve_client, set_defaults
+from ._config import Secret, get_defaults, resolve_client, set_defaults, whoami
 from ._exceptions import GuardrailRejected, ModelAPIError, SessionPendingError
 from ._limits import Budgets, Guardrail, Projection, apply_guardrails, stored_usage
 from ._output import FINAL_ANSWER_TOOL, OutputMode, OutputSpec, Parsed
@@ -1368,15 +1368,8 @@ def _with_output(options: TurnOptions | None, output_type: Any) -> TurnOptions |
 
 def _attribution(tags: Iterable[str] | str | None) -> dict[str, Any]:
     """Who ran a session, where, and its tags (``costs(by="user"|"tag")`` group by them)."""
-    import getpass
-    import os
-    import socket
-
     if isinstance(tags, str):
         tags = tags.split(",")
-    try:
-        user = os.environ.get("JUPYTERHUB_USER") or getpass.getuser()
-    except (KeyError, OSError):  # no login name in this environment (some containers)
-        user = None
+    user, host = whoami()
     names = sorted({t.strip() for t in tags or () if t and t.strip()})
-    return {"user": user, "host": socket.gethostname(), "tags": names}
+    return {"user": user, "host": host, "tags": names}

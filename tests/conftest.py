@@ -1,9 +1,13 @@
-"""Shared fixtures: an isolated environment, no network but loopback, a fake model server."""
+"""Shared fixtures: an isolated environment, no network but loopback, a fake model server,
+and a real PostgreSQL server for the team store (``store_db`` runs a test on both backends)."""
 
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +25,13 @@ _ENV = (
     "OPENAI_API_KEY",
     "OPENAI_BASE_URL",
     "NBCHAT_CONFIG",
+    "NBCHAT_SPOOL_DIR",
+    "PGPASSWORD",
+    "PGPASSFILE",
 )
+
+sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+from pg_cluster import ClusterUnavailable, TempCluster  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -32,6 +42,7 @@ def isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Pa
     db = tmp_path / "default.duckdb"
     monkeypatch.setenv("NBCHAT_DB", str(db))
     monkeypatch.setenv("NBCHAT_CONFIG", str(tmp_path / "config.json"))  # named endpoints
+    monkeypatch.setenv("NBCHAT_SPOOL_DIR", str(tmp_path / "spool"))  # a team store's outages
     _config.reset_defaults()
     yield db
     _config.reset_defaults()
@@ -69,3 +80,47 @@ def fake() -> Iterator[FakeOpenAIServer]:
 def db_path(tmp_path: Path) -> Path:
     """A path for a fresh DuckDB store file."""
     return tmp_path / "chats.duckdb"
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+
+
+def start_cluster() -> TempCluster:
+    """A throwaway PostgreSQL server (or ``NBCHAT_TEST_PG``'s); skipped without one, but in
+    CI (``CI`` set) a missing server fails: .ci/run installs it, a skip would hide that."""
+    try:
+        return TempCluster()
+    except (ClusterUnavailable, subprocess.CalledProcessError, OSError) as exc:
+        detail = getattr(exc, "stderr", b"") or b""
+        message = f"no PostgreSQL server for the team-store tests: {exc} {detail.decode()[-500:]}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[TempCluster]:
+    """One PostgreSQL server for the whole test run, stopped at the end."""
+    cluster = start_cluster()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def pg_url(pg_cluster: TempCluster) -> Iterator[str]:
+    """The URL of a fresh, empty database (dropped after the test)."""
+    from nbchat._store import evict_lease
+
+    url = pg_cluster.new_database()
+    yield url
+    evict_lease(url)  # this process's idle connections to it go first
+    pg_cluster.drop_database(url)
+
+
+@pytest.fixture(params=["duckdb", "postgres"])
+def store_db(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh store of each backend: a DuckDB file, then a PostgreSQL database."""
+    if request.param == "duckdb":
+        return str(tmp_path / "chats.duckdb")
+    url: str = request.getfixturevalue("pg_url")
+    return url

@@ -57,9 +57,9 @@ def request(store: Store, sid: str, model: str, cost: float | None, **tokens: in
 
 
 @pytest.fixture
-def store(db_path: Path) -> Any:
+def store(store_db: str) -> Any:
     """Two sessions: a with a tool call, a compaction and mixed known/unknown costs; b empty."""
-    s = Store.open(db_path)
+    s = Store.open(store_db)
     s.create_session(session_id="a", model="gpt-4o-mini", system_prompt="Be terse.", title="A")
     s.handle(TurnStarted(session_id="a", turn_id="t", text="weather?", cell_id="c1"))
     add(s, "a", "system", "Be terse.", 0)
@@ -300,11 +300,11 @@ def test_costs_rejects_unknown_grouping(store: Store) -> None:
         costs(by="week", db=store)  # type: ignore[arg-type]
 
 
-def test_empty_store_gives_empty_frames_with_columns(db_path: Path) -> None:
-    df = usage(db_path)
+def test_empty_store_gives_empty_frames_with_columns(store_db: str) -> None:
+    df = usage(store_db)
     assert df.empty and "cost_usd" in df.columns
     assert str(df["created_at"].dtype) == UTC_TS and str(df["prompt_tokens"].dtype) == "Int64"
-    assert sessions(str(db_path)).empty and costs(db=db_path).empty
+    assert sessions(str(store_db)).empty and costs(db=store_db).empty
 
 
 def test_sql_on_an_in_memory_store_is_read_only_too() -> None:
@@ -414,8 +414,8 @@ def test_export_markdown(store: Store) -> None:
     assert "## Assistant\n\n21 degrees." in md
 
 
-def test_markdown_fences_survive_backticks_in_content(db_path: Path) -> None:
-    with Store.open(db_path) as s:
+def test_markdown_fences_survive_backticks_in_content(store_db: str) -> None:
+    with Store.open(store_db) as s:
         call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
         messages = [
             {"role": "user", "content": "q"},
@@ -441,10 +441,10 @@ def test_markdown_fences_survive_backticks_in_content(db_path: Path) -> None:
         ('[{"role": "assistant", "tool_calls": [{"type": "function"}]}]', "an id and a name"),
     ],
 )
-def test_import_rejects_malformed_data(db_path: Path, data: str, message: str) -> None:
+def test_import_rejects_malformed_data(store_db: str, data: str, message: str) -> None:
     with pytest.raises(StoreError, match=message):
-        import_session(data, db=db_path)
-    assert sessions(db_path).empty  # nothing half-imported
+        import_session(data, db=store_db)
+    assert sessions(store_db).empty  # nothing half-imported
 
 
 def test_export_rejects_unknown_format(store: Store) -> None:
@@ -469,8 +469,8 @@ def _failed_request(store: Store, sid: str, model: str) -> None:
     )
 
 
-def test_a_group_with_no_known_cost_is_nan_never_zero(db_path: Path) -> None:
-    s = Store.open(db_path)
+def test_a_group_with_no_known_cost_is_nan_never_zero(store_db: str) -> None:
+    s = Store.open(store_db)
     s.create_session(session_id="u", model="unpriced", system_prompt=None)
     s.create_session(session_id="r", model="gone", system_prompt=None)
     s.create_session(session_id="idle", model="m", system_prompt=None)
@@ -492,8 +492,8 @@ def test_a_group_with_no_known_cost_is_nan_never_zero(db_path: Path) -> None:
     s.close()
 
 
-def test_superseded_turns_are_shown_as_such_and_not_counted_live(db_path: Path) -> None:
-    s = Store.open(db_path)
+def test_superseded_turns_are_shown_as_such_and_not_counted_live(store_db: str) -> None:
+    s = Store.open(store_db)
     s.create_session(session_id="a", model="m", system_prompt=None)
     for turn in ("t1", "t2"):
         s.handle(TurnStarted(session_id="a", turn_id=turn, text="q", cell_id="c"))
@@ -510,11 +510,11 @@ def test_superseded_turns_are_shown_as_such_and_not_counted_live(db_path: Path) 
     s.close()
 
 
-def test_reprice_costs_stored_requests_at_todays_prices(db_path: Path) -> None:
+def test_reprice_costs_stored_requests_at_todays_prices(store_db: str) -> None:
     from nbchat import reprice
     from nbchat._pricing import forget_price, register_price
 
-    s = Store.open(db_path)
+    s = Store.open(store_db)
     s.create_session(session_id="a", model="house-model", system_prompt=None)
     request(s, "a", "house-model", None, prompt_tokens=1000, completion_tokens=500)
     request(s, "a", "house-model", None)  # no usage reported: still unknown
@@ -533,13 +533,15 @@ def test_reprice_costs_stored_requests_at_todays_prices(db_path: Path) -> None:
     s.close()
 
 
-def test_costs_by_tag_notebook_and_user(fake: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_costs_by_tag_notebook_and_user(
+    store_db: str, fake: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import nbchat
     from nbchat._pricing import forget_price, register_price
 
     monkeypatch.setenv("JUPYTERHUB_USER", "ada")
     register_price("tagged-model", input_per_mtok=1000, output_per_mtok=1000)
-    db = Store.open(":memory:")
+    db = Store.open(store_db)
     try:
         usage = {"prompt_tokens": 10, "completion_tokens": 10}  # $0.02 each
         for tags, notebook in ((["x", "y"], "a.ipynb"), (["x"], "b.ipynb"), (None, None)):
@@ -565,10 +567,10 @@ def test_costs_by_tag_notebook_and_user(fake: Any, monkeypatch: pytest.MonkeyPat
         db.close()
 
 
-def test_untagged_sessions_count_as_untagged(fake: Any) -> None:
+def test_untagged_sessions_count_as_untagged(store_db: str, fake: Any) -> None:
     import nbchat
 
-    db = Store.open(":memory:")
+    db = Store.open(store_db)
     s = nbchat.Session(model="m", base_url=fake.url, api_key="k", db=db)
     fake.enqueue("ok")
     s.send("hi")
@@ -576,10 +578,10 @@ def test_untagged_sessions_count_as_untagged(fake: Any) -> None:
     db.close()
 
 
-def test_search_ranks_messages_by_the_words_they_contain(fake: Any) -> None:
+def test_search_ranks_messages_by_the_words_they_contain(store_db: str, fake: Any) -> None:
     import nbchat
 
-    db = Store.open(":memory:")
+    db = Store.open(store_db)
     s = nbchat.Session(model="m", base_url=fake.url, api_key="k", db=db)
     fake.enqueue("A window function computes over a window of rows; window functions rock.")
     s.send("What is a window function?")

@@ -294,9 +294,9 @@ def test_a_tool_whose_figure_cannot_be_drawn_reports_an_error(fake: FakeOpenAISe
 
 
 def test_the_store_keeps_each_image_once_and_resumes_with_its_bytes(
-    fake: FakeOpenAIServer, tmp_path: Path
+    fake: FakeOpenAIServer, store_db: str, tmp_path: Path
 ) -> None:
-    db = tmp_path / "s.duckdb"
+    db = store_db
     raw = png(5, 5)
     fake.enqueue("same picture twice")
     s = make(fake, db=db)
@@ -308,6 +308,9 @@ def test_the_store_keeps_each_image_once_and_resumes_with_its_bytes(
     assert list(listed["width"]) == [5, 5] and listed["data"].isna().all()
     with_data = nbchat.attachments(db=db, session_id=s.id, with_data=True)
     assert bytes(with_data["data"][0]) == raw
+    copied = nbchat.copy_store(db, tmp_path / "copy.duckdb")
+    assert copied["attachments"] == 1 and copied["messages"] == 2
+    assert nbchat.copy_store(db, tmp_path / "copy.duckdb")["attachments"] == 0  # idempotent
     df = nbchat.transcript(s.id, db=db)
     refs = df["attachments"][0]
     assert [r["sha256"] for r in refs] == [hashlib.sha256(raw).hexdigest()] * 2
@@ -341,8 +344,8 @@ def test_a_store_from_before_attachments_opens_and_gains_them(tmp_path: Path) ->
     assert nbchat.attachments(db=db).empty
 
 
-def test_export_and_import_round_trip_an_image(fake: FakeOpenAIServer, tmp_path: Path) -> None:
-    db = tmp_path / "s.duckdb"
+def test_export_and_import_round_trip_an_image(fake: FakeOpenAIServer, store_db: str) -> None:
+    db = store_db
     raw = png(3, 3)
     fake.enqueue("a tiny square")
     s = make(fake, db=db)

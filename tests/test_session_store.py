@@ -114,12 +114,12 @@ def test_a_reply_streams_whole_while_another_process_holds_the_file(
 
 @pytest.mark.slow
 def test_reopening_a_killed_session_closes_its_running_turn(
-    fake: FakeOpenAIServer, db_path: Path, tmp_path: Path
+    fake: FakeOpenAIServer, store_db: str, tmp_path: Path
 ) -> None:
     fake.enqueue(tool_calls=[{"name": "slow", "arguments": {"seconds": 60}}])
     marker = tmp_path / "tool-started"
     proc = subprocess.Popen(
-        [sys.executable, str(CHILD), "pending-tool", str(db_path), fake.url, str(marker)],
+        [sys.executable, str(CHILD), "pending-tool", str(store_db), fake.url, str(marker)],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -131,10 +131,10 @@ def test_reopening_a_killed_session_closes_its_running_turn(
     # The assistant message asking for the tool was durable before the tool ran.
     proc.kill()
     proc.communicate(timeout=30)
-    with Store.open(db_path) as store:
+    with Store.open(store_db) as store:
         assert store.load_session(session_id).pending_tool_calls()
         assert store._fetchall("SELECT status FROM turns") == [("running",)]
-    again = Session(session_id=session_id, db=db_path, base_url=fake.url, api_key="k")
+    again = Session(session_id=session_id, db=store_db, base_url=fake.url, api_key="k")
     again.abort_pending()
     assert again.store is not None
     (status,) = again.store._fetchall("SELECT status FROM turns")

@@ -53,6 +53,8 @@ EXPECTED_SCHEMA: dict[str, dict[str, str]] = {
         "turn_id": "VARCHAR",
         "strategy": "VARCHAR",
         "error": "VARCHAR",
+        "username": "VARCHAR",
+        "hostname": "VARCHAR",
     },
     "messages": {
         "id": "VARCHAR",
@@ -70,6 +72,8 @@ EXPECTED_SCHEMA: dict[str, dict[str, str]] = {
         "state": "VARCHAR",
         "created_at": TZ,
         "reasoning": "VARCHAR",
+        "username": "VARCHAR",
+        "hostname": "VARCHAR",
         "attachments": "JSON",
     },
     "attachments": {
@@ -106,6 +110,8 @@ EXPECTED_SCHEMA: dict[str, dict[str, str]] = {
         "cache_write_tokens": "BIGINT",
         "suspected_truncation": "BOOLEAN",
         "first_text_ms": "DOUBLE",
+        "username": "VARCHAR",
+        "hostname": "VARCHAR",
     },
     "sessions": {
         "id": "VARCHAR",
@@ -116,6 +122,8 @@ EXPECTED_SCHEMA: dict[str, dict[str, str]] = {
         "parent_id": "VARCHAR",
         "notebook": "VARCHAR",
         "metadata": "JSON",
+        "username": "VARCHAR",
+        "hostname": "VARCHAR",
     },
     "tool_calls": {
         "id": "VARCHAR",
@@ -130,6 +138,8 @@ EXPECTED_SCHEMA: dict[str, dict[str, str]] = {
         "created_at": TZ,
         "round": "INTEGER",
         "error_kind": "VARCHAR",
+        "username": "VARCHAR",
+        "hostname": "VARCHAR",
     },
     "turns": {
         "id": "VARCHAR",
@@ -146,6 +156,8 @@ EXPECTED_SCHEMA: dict[str, dict[str, str]] = {
         "duration_ms": "DOUBLE",
         "started_at": TZ,
         "finished_at": TZ,
+        "username": "VARCHAR",
+        "hostname": "VARCHAR",
     },
 }
 
@@ -166,8 +178,8 @@ def rows(store: Store, sql: str, params: list[Any] | None = None) -> list[tuple[
 
 
 @pytest.fixture
-def store(db_path: Path) -> Any:
-    s = Store.open(db_path)
+def store(store_db: str) -> Any:
+    s = Store.open(store_db)
     s.create_session(session_id="s1", model="gpt-4o-mini", system_prompt="Be terse.")
     yield s
     s.close()

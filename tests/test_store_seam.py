@@ -109,8 +109,8 @@ def test_nothing_outside_the_sink_lists_the_stored_kinds() -> None:
 # --------------------------------------------------------------------------- the table list
 
 
-def test_the_tables_are_the_schema_without_its_bookkeeping(db_path: Path) -> None:
-    with Store.open(db_path) as store:
+def test_the_tables_are_the_schema_without_its_bookkeeping(store_db: str) -> None:
+    with Store.open(store_db) as store:
         names = set(sql("SELECT table_name FROM information_schema.tables", db=store)["table_name"])
     assert set(TABLES) == names - {"_migrations"}
 
@@ -148,13 +148,17 @@ def test_store_open_is_the_duckdb_backend_for_a_path(db_path: Path) -> None:
         assert isinstance(store, DuckDBStore) and isinstance(store, Store)
 
 
-def test_a_postgres_url_is_refused_until_that_backend_exists() -> None:
-    with pytest.raises(StoreError, match="PostgreSQL stores are not supported yet"):
-        Store.open("postgresql://localhost/nbchat")
+def test_a_postgres_url_is_the_postgresql_backend(pg_url: str) -> None:
+    from nbchat._store._postgres import PostgresStore
+
+    with Store.open(pg_url) as store:
+        assert isinstance(store, PostgresStore) and isinstance(store, Store)
+    with Store.open(pg_url.replace("postgresql://", "postgres://", 1)) as store:
+        assert isinstance(store, PostgresStore)
 
 
-def test_user_sql_errors_are_store_errors(db_path: Path) -> None:
-    with Store.open(db_path) as store:
+def test_user_sql_errors_are_store_errors(store_db: str) -> None:
+    with Store.open(store_db) as store:
         for query in ("SELEC 1", "SELECT * FROM nowhere", "SELECT 1; SELECT 2"):
             with pytest.raises(StoreError):
                 sql(query, db=store)
@@ -170,16 +174,16 @@ def test_pending_tool_calls_is_one_function() -> None:
     assert pending_tool_calls([asked, answered, Message(role="user", content="x")]) == []
 
 
-def test_the_store_says_which_calls_are_pending(db_path: Path) -> None:
+def test_the_store_says_which_calls_are_pending(store_db: str) -> None:
     asked = Message(role="assistant", seq=0, tool_calls=[ToolCall(id="a", name="f")])
-    with Store.open(db_path) as store:
+    with Store.open(store_db) as store:
         store.create_session(session_id="s", model="m", system_prompt=None, messages=[asked])
         assert [c.id for c in store.pending_tool_calls("s")] == ["a"]
         assert store.load_session("s").pending_tool_calls() == store.pending_tool_calls("s")
 
 
-def test_session_usage_counts_unknowns_as_unknown(db_path: Path) -> None:
-    with Store.open(db_path) as store:
+def test_session_usage_counts_unknowns_as_unknown(store_db: str) -> None:
+    with Store.open(store_db) as store:
         store.create_session(session_id="s", model="m", system_prompt=None)
         assert store.session_usage("s").requests == 0
         assert store.session_usage("s").cost_usd == 0
@@ -199,9 +203,9 @@ def test_session_usage_counts_unknowns_as_unknown(db_path: Path) -> None:
 # --------------------------------------------------------------------------- issue 13 items
 
 
-def test_a_session_is_titled_after_its_first_message(db_path: Path) -> None:
+def test_a_session_is_titled_after_its_first_message(store_db: str) -> None:
     long = "Please   explain\nthe difference between a list and a tuple in Python, with examples"
-    with Store.open(db_path) as store:
+    with Store.open(store_db) as store:
         store.create_session(session_id="s", model="m", system_prompt=None)
         store.create_session(session_id="named", model="m", system_prompt=None, title="Mine")
         store.write(TurnStarted(session_id="s", turn_id="t1", text=long))
@@ -225,8 +229,8 @@ def _user(store: Store, sid: str, seq: int, cell_id: str | None) -> Message:
     return message
 
 
-def test_session_for_cell_finds_the_latest_live_use_of_the_cell(db_path: Path) -> None:
-    with Store.open(db_path) as store:
+def test_session_for_cell_finds_the_latest_live_use_of_the_cell(store_db: str) -> None:
+    with Store.open(store_db) as store:
         store.create_session(session_id="a", model="m", system_prompt=None, notebook="n1.ipynb")
         store.create_session(session_id="b", model="m", system_prompt=None, notebook="n2.ipynb")
         _user(store, "a", 0, "cell-1")
@@ -240,8 +244,8 @@ def test_session_for_cell_finds_the_latest_live_use_of_the_cell(db_path: Path) -
         assert store.session_for_cell("cell-1") == "a"
 
 
-def test_usage_shows_the_estimates_beside_the_actuals(db_path: Path) -> None:
-    with Store.open(db_path) as store:
+def test_usage_shows_the_estimates_beside_the_actuals(store_db: str) -> None:
+    with Store.open(store_db) as store:
         store.create_session(session_id="s", model="m", system_prompt=None)
         store.write(
             UsageEvent(

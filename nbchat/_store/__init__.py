@@ -9,14 +9,16 @@
 * ``_migrations.py``: the schema, as named migrations.
 * ``_records.py``: what reads hand back (``StoredSession``).
 
-``Store.open(db)`` picks the backend from ``db`` (a path or ``":memory:"`` today; a
-``postgresql://`` URL is the next backend). Each backend keeps the connections of a
-process in the one cache below (``shared_lease``), so the handles of a session, its
-writer and the analysis functions on one store share one connection.
+``Store.open(db)`` picks the backend from ``db``: a path or ``":memory:"`` is DuckDB, a
+``postgresql://`` URL is the team store (``_postgres.py``: ``_pg_lease.py`` its
+connections and migrations, ``_spool.py`` where writes wait while its server is away,
+``_mirror.py`` its analysis, in DuckDB over rows fetched as Arrow). Each backend keeps
+the connections of a process in the one cache below (``shared_lease``), so the handles
+of a session, its writer and the analysis functions on one store share one connection.
 
 A new backend implements the abstract methods of ``Store`` (``_connect`` opens it) and
 of ``Lease``, applies ``_sink.rows_of(event)`` in its own SQL, and runs the queries of
-``_queries.py`` (DuckDB can attach other databases and run them there).
+``_queries.py`` in DuckDB (the PostgreSQL backend fetches the rows they read).
 
 Outside this package nobody writes SQL, imports a driver or reads its errors: they
 call the methods of ``Store`` and get models, ``Usage`` or DataFrames back.
@@ -50,6 +52,9 @@ __all__ = [
     "Store",
     "StoreLocked",
     "UnstorableRow",
+    "copy_store",
+    "evict_lease",
+    "key_of",
     "open_store",
     "pending_tool_calls",
     "release_lease",
@@ -61,6 +66,12 @@ __all__ = [
 TABLES: tuple[str, ...] = (
     "sessions", "messages", "requests", "tool_calls", "compactions", "turns", "attachments",
 )  # fmt: skip
+
+
+def key_of(table: str) -> str:
+    """The column that identifies a row of ``table`` (``copy_store`` pages and dedups by it)."""
+    return "sha256" if table == "attachments" else "id"
+
 
 # The named analysis queries (``Store.frame``); ``_queries.QUERIES`` has one of each.
 QueryName = Literal[
@@ -285,6 +296,25 @@ class Store(ABC):
         """Counters of this process's connection handling (opens, waits), for benchmarks."""
         return {}
 
+    # ------------------------------------------------------------------ copying
+
+    @abstractmethod
+    def dump_rows(
+        self, table: str, *, after: str | None, limit: int
+    ) -> tuple[list[str], list[tuple[Any, ...]]]:
+        """Up to ``limit`` rows of ``table`` with ids above ``after``, in id order, with
+        their column names (timestamps as aware datetimes, JSON as text): ``copy_store``."""
+
+    @abstractmethod
+    def load_rows(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> int:
+        """Insert ``rows`` as they are, in one transaction, leaving alone those whose id is
+        stored already; returns how many were added (``copy_store``)."""
+
+    def take_notices(self) -> list[str]:
+        """What the backend has to tell the user since last asked (a team store's server
+        went away, or came back); the sink's writer relays it. Most backends have nothing."""
+        return []
+
 
 # What every analysis function's ``db=`` takes.
 Db: TypeAlias = str | os.PathLike[str] | Store | None
@@ -301,10 +331,36 @@ def _backend(raw: str) -> type[Store]:
     """The backend class for a path or URL."""
     scheme = raw.split("://", 1)[0].lower() if "://" in raw else ""
     if scheme in ("postgres", "postgresql"):
-        raise StoreError("PostgreSQL stores are not supported yet; pass db= a file path.")
+        from ._postgres import PostgresStore
+
+        return PostgresStore
     from ._duckdb import DuckDBStore
 
     return DuckDBStore
+
+
+def copy_store(src: Db, dst: Db, *, batch: int = 5_000) -> dict[str, int]:
+    """Copy every session and row of the store ``src`` into ``dst``, keeping their ids.
+
+    For moving a local DuckDB file into a team store (or the other way, for a backup):
+    ``copy_store("~/.nbchat/nbchat.duckdb", "postgresql://me@db/nbchat")``. Rows that
+    ``dst`` has already (same id) are left as they are, so running it again adds nothing.
+    Returns the rows added per table.
+    """
+    added: dict[str, int] = {}
+    with open_store(src) as source, open_store(dst) as target:
+        if source.path == target.path:
+            raise StoreError(f"copy_store() needs two stores; both are {source.path}.")
+        for table in TABLES:  # sessions first: a reader never sees rows without their session
+            added[table] = 0
+            after: str | None = None
+            while True:
+                columns, rows = source.dump_rows(table, after=after, limit=batch)
+                if not rows:
+                    break
+                added[table] += target.load_rows(table, columns, rows)
+                after = rows[-1][columns.index(key_of(table))]
+    return added
 
 
 @contextmanager
@@ -377,6 +433,17 @@ def cached_lease(key: str) -> Lease | None:
     """The cached lease for ``key``, if any (for tests and benchmarks)."""
     with _leases_lock:
         return _leases.get(key)
+
+
+def evict_lease(key: str) -> None:
+    """Shut down and forget the cached lease for ``key`` if no handle uses it (tests and
+    benchmarks, before they drop a database)."""
+    with _leases_lock:
+        lease = _leases.get(key)
+        if lease is None or lease.refs > 0:
+            return
+        del _leases[key]
+    lease.shutdown()
 
 
 def release_lease(lease: Lease, *, linger: bool = False) -> None:

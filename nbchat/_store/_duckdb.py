@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._exceptions import StoreError, UnstorableRow
 from .._types import Event, EventAdapter, Message, Usage, utcnow
-from . import Lease, QueryName, Store, release_lease
+from . import TABLES, Lease, QueryName, Store, key_of, release_lease
 from ._lease import Access, LeaseOptions, acquire_lease
 from ._queries import QUERIES, SESSION_USAGE, QueryResult, check_select, to_frame
 from ._records import StoredSession
@@ -37,10 +37,12 @@ from ._sink import (
     Insert,
     RowWrite,
     attachment_rows,
+    attributed,
     message_from_row,
     message_row,
     rows_of,
-    utc,
+    session_row,
+    with_image_bytes,
 )
 
 if TYPE_CHECKING:
@@ -165,27 +167,27 @@ class DuckDBStore(Store):
         messages: Sequence[Message] = (),
     ) -> None:
         """Record a new session (with ``messages``, all in one transaction); ids are unique."""
-        row = [
-            session_id,
-            title,
-            utc(created_at or utcnow()),
-            model,
-            system_prompt,
-            parent_id,
-            notebook,
-            json.dumps(metadata or {}),
-        ]
+        row = session_row(
+            session_id=session_id,
+            model=model,
+            system_prompt=system_prompt,
+            title=title,
+            parent_id=parent_id,
+            notebook=notebook,
+            metadata=metadata,
+            created_at=created_at,
+        )
         with self._connection() as con:
             con.execute("BEGIN TRANSACTION")
             try:
+                names = ", ".join(row.columns)
                 con.execute(
-                    "INSERT INTO sessions (id, title, created_at, model, system_prompt,"
-                    " parent_id, notebook, metadata) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    row,
+                    f"INSERT INTO sessions ({names}) VALUES ({', '.join('?' * len(row.columns))})",
+                    row.values,
                 )
                 for message in messages:
                     # A failed statement ends a transaction: upsert at once, no plain try.
-                    _insert(con, message_row(session_id, message), upsert=True)
+                    _insert(con, attributed(message_row(session_id, message)), upsert=True)
                     for image in attachment_rows(message):
                         _insert(con, image, upsert=True)
                 con.execute("COMMIT")
@@ -348,6 +350,52 @@ class DuckDBStore(Store):
             )
             warnings.warn(self.recovered, UserWarning, stacklevel=3)
 
+    # ------------------------------------------------------------------ copying
+
+    def dump_rows(
+        self, table: str, *, after: str | None, limit: int
+    ) -> tuple[list[str], list[tuple[Any, ...]]]:
+        """Up to ``limit`` rows of ``table`` with ids above ``after``, in id order."""
+        _check_table(table)
+        key = key_of(table)
+        with self._connection() as con:
+            described = con.execute(f'DESCRIBE "{table}"').fetchall()
+            columns = [str(row[0]) for row in described]
+            stamps = [str(row[1]).startswith("TIMESTAMP") for row in described]
+            select = ", ".join(
+                f'epoch_us("{c}")' if stamp else f'"{c}"'
+                for c, stamp in zip(columns, stamps, strict=True)
+            )
+            rows = con.execute(
+                f'SELECT {select} FROM "{table}" WHERE ?::VARCHAR IS NULL OR {key} > ?'
+                f" ORDER BY {key} LIMIT ?",
+                [after, after, limit],
+            ).fetchall()
+        return columns, [
+            tuple(_from_epoch_us(v) if stamp else v for v, stamp in zip(row, stamps, strict=True))
+            for row in rows
+        ]
+
+    def load_rows(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> int:
+        """Insert ``rows`` in one transaction, keeping stored rows with the same id."""
+        _check_table(table)
+        names = ", ".join(f'"{c}"' for c in columns)
+        marks = ", ".join("?" * len(columns))
+        with self._connection() as con:
+            con.execute("BEGIN TRANSACTION")
+            try:
+                (before,) = con.execute(f'SELECT count(*) FROM "{table}"').fetchone()
+                con.executemany(
+                    f'INSERT OR IGNORE INTO "{table}" ({names}) VALUES ({marks})',
+                    [list(row) for row in rows],
+                )
+                (after,) = con.execute(f'SELECT count(*) FROM "{table}"').fetchone()
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+        return int(after) - int(before)
+
     # ------------------------------------------------------------------ reading
 
     def session_usage(self, session_id: str) -> Usage:
@@ -423,6 +471,11 @@ class DuckDBStore(Store):
         return self._lease.stats()
 
 
+def _check_table(table: str) -> None:
+    if table not in TABLES:  # names go into SQL text: only the store's own
+        raise StoreError(f"The store has no table {table!r}; its tables are {', '.join(TABLES)}.")
+
+
 def _result(cursor: Any) -> QueryResult:
     description = cursor.description or []
     columns = [str(item[0]) for item in description]
@@ -459,11 +512,7 @@ def _load_image_bytes(con: Any, messages: list[Message]) -> None:
         ).fetchall()
     )
     for m in messages:
-        if m.attachments:
-            m.attachments = [
-                i.model_copy(update={"data": found.get(i.sha256)}) if i.url is None else i
-                for i in m.attachments
-            ]
+        with_image_bytes(m, found)
 
 
 def _message(row: tuple[Any, ...]) -> Message:

@@ -1,8 +1,11 @@
 """The store's schema, built by named migrations that run in order when a store opens.
 
-Each migration is a function that takes a DuckDB connection and changes the schema
-once. The table ``_migrations`` records the name and time of every migration that
-has run, so opening a store applies only the ones it has not seen. Migrations are
+Each migration is a function that takes a connection and changes the schema once. The
+SQL is DuckDB's, kept to what PostgreSQL also takes: the PostgreSQL backend runs the
+same functions through a small translation (``_pg_lease.PgMigrationConnection``: its
+types, its placeholders), so both backends have one schema. The table ``_migrations``
+records the name and time of every migration that has run, so opening a store applies
+only the ones it has not seen. Migrations are
 never edited after release: a schema change is a new migration appended to
 ``MIGRATIONS``. Each runs in its own transaction together with its record, so a
 crash mid-migration leaves the store at the previous version. A store that records a
@@ -19,9 +22,9 @@ from typing import Any
 
 from .._exceptions import StoreError
 
-__all__ = ["MIGRATIONS", "applied_migrations", "check_not_newer", "migrate"]
+__all__ = ["ATTRIBUTED_TABLES", "MIGRATIONS", "applied_migrations", "check_not_newer", "migrate"]
 
-Connection = Any  # duckdb.DuckDBPyConnection; duckdb is imported lazily by the store
+Connection = Any  # a DuckDB connection, or the PostgreSQL backend's translating wrapper
 Migration = tuple[str, Callable[[Connection], None]]
 
 _RECORD_TABLE = """
@@ -172,7 +175,19 @@ def m004_reasoning_and_cost_sources(con: Connection) -> None:
     con.execute("ALTER TABLE requests ADD COLUMN first_text_ms DOUBLE")
 
 
-def m007_attachments(con: Connection) -> None:
+# The tables whose rows say who wrote them (m005).
+ATTRIBUTED_TABLES = ("sessions", "messages", "requests", "tool_calls", "compactions", "turns")
+
+
+def m005_row_attribution(con: Connection) -> None:
+    """Who wrote each row and on which host (``JUPYTERHUB_USER`` or the OS user): a team
+    store gathers many users' kernels, and a DBA's row-level security needs a column."""
+    for table in ATTRIBUTED_TABLES:
+        con.execute(f"ALTER TABLE {table} ADD COLUMN username VARCHAR")
+        con.execute(f"ALTER TABLE {table} ADD COLUMN hostname VARCHAR")
+
+
+def m006_attachments(con: Connection) -> None:
     """Images sent with messages: each kept once by its hash, referenced from messages."""
     con.execute(
         """
@@ -197,7 +212,8 @@ MIGRATIONS: list[Migration] = [
     ("m002_turns_and_details", m002_turns_and_details),
     ("m003_request_estimates", m003_request_estimates),
     ("m004_reasoning_and_cost_sources", m004_reasoning_and_cost_sources),
-    ("m007_attachments", m007_attachments),
+    ("m005_row_attribution", m005_row_attribution),
+    ("m006_attachments", m006_attachments),
 ]
 
 

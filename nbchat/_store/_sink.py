@@ -40,10 +40,12 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
+from .._config import whoami
 from .._exceptions import StoreError, StoreLocked, UnstorableRow
 from .._types import (
     CompactionEvent,
@@ -60,12 +62,14 @@ from .._types import (
     UsageEvent,
     utcnow,
 )
+from ._migrations import ATTRIBUTED_TABLES
 
 if TYPE_CHECKING:
     from . import Store
 
 __all__ = [
     "ATTEMPT_S",
+    "ATTRIBUTION_COLUMNS",
     "EXIT_WAIT_S",
     "STORED_KINDS",
     "Insert",
@@ -73,9 +77,12 @@ __all__ = [
     "StoreSink",
     "Update",
     "attachment_rows",
+    "attributed",
     "message_row",
     "rows_of",
+    "session_row",
     "session_title",
+    "with_image_bytes",
 ]
 
 ATTEMPT_S = 0.5  # one attempt's wait for the file: short, so stopping is quick
@@ -233,6 +240,8 @@ class StoreSink:
                     f"failed ({type(exc).__name__}: {exc})."
                 )
             self.write_seconds.append(time.perf_counter() - started)
+            for notice in self.store.take_notices():  # a team store's server went or came
+                self._say(notice)
             backoff, waiting_since = _BACKOFF_FIRST, None
             with self._cond:
                 self._queue.popleft()
@@ -347,12 +356,42 @@ RowWrite = Insert | Update
 
 
 def rows_of(event: Event) -> tuple[str, list[RowWrite]] | None:
-    """The table ``event`` is stored in and the rows it writes; ``None`` if it is not stored."""
+    """The table ``event`` is stored in and the rows it writes; ``None`` if it is not stored.
+
+    Every inserted row carries who wrote it (``attributed``).
+    """
     entry = _WRITERS.get(event.kind)
     if entry is None:
         return None
     table, writer = entry
-    return table, writer(event)
+    return table, [_attribute(write) for write in writer(event)]
+
+
+def _attribute(write: RowWrite) -> RowWrite:
+    if isinstance(write, Insert):
+        return attributed(write) if write.table in ATTRIBUTED_TABLES else write
+    if write.otherwise is not None:
+        return replace(write, otherwise=attributed(write.otherwise))
+    return write
+
+
+ATTRIBUTION_COLUMNS = ("username", "hostname")
+
+
+def attributed(row: Insert) -> Insert:
+    """``row`` with the user and host of this process (``_config.whoami``) added."""
+    return Insert(
+        row.table,
+        (*row.columns, *ATTRIBUTION_COLUMNS),
+        [*row.values, *_who(os.environ.get("JUPYTERHUB_USER"))],
+        row.keep,
+    )
+
+
+@lru_cache(maxsize=4)
+def _who(hub_user: str | None) -> tuple[str | None, str]:
+    # Keyed by JUPYTERHUB_USER so a changed environment is seen; the rest never changes.
+    return whoami()
 
 
 def utc(value: datetime) -> datetime:
@@ -417,6 +456,41 @@ def attachment_rows(message: Message) -> list[Insert]:
         ]  # fmt: skip
         rows.append(Insert("attachments", _ATTACHMENT_COLUMNS, values, keep=True))
     return rows
+
+
+def session_row(
+    *,
+    session_id: str,
+    model: str | None,
+    system_prompt: str | None,
+    title: str | None,
+    parent_id: str | None,
+    notebook: str | None,
+    metadata: dict[str, Any] | None,
+    created_at: datetime | None,
+) -> Insert:
+    """The ``sessions`` row of a new session (``metadata`` as JSON text), attributed."""
+    row = {
+        "id": session_id,
+        "title": title,
+        "created_at": utc(created_at or utcnow()),
+        "model": model,
+        "system_prompt": system_prompt,
+        "parent_id": parent_id,
+        "notebook": notebook,
+        "metadata": json.dumps(metadata or {}),
+    }
+    return attributed(Insert("sessions", tuple(row), list(row.values()), keep=True))
+
+
+def with_image_bytes(message: Message, found: dict[str, bytes]) -> Message:
+    """``message`` with the stored bytes of its images put back (``found``: by sha256)."""
+    if message.attachments:
+        message.attachments = [
+            i.model_copy(update={"data": found.get(i.sha256)}) if i.url is None else i
+            for i in message.attachments
+        ]
+    return message
 
 
 def message_from_row(row: dict[str, Any]) -> Message:

@@ -1,0 +1,438 @@
+"""The PostgreSQL backend: a team store that many users' kernels on many hosts share.
+
+``Store.open("postgresql://user@host:5432/nbchat")`` (or ``NBCHAT_DB``). Writes go
+through ``_pg_lease.py`` (psycopg 3: idempotent row writes, the spool while the server
+is away, migrations under an advisory lock); the loop's small reads are plain
+PostgreSQL queries here; analysis (``frame``, ``sql``) runs ``_queries.py``'s DuckDB SQL
+on rows fetched as Arrow (``_mirror.py``). Every row says who wrote it (``username``,
+``hostname``); what a user may see is the database role's business (grants, row-level
+security), not nbchat's.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from .._exceptions import StoreError
+from .._types import Event, Message, Usage, utcnow
+from . import Lease, QueryName, Store, key_of, release_lease, shared_lease
+from ._duckdb import _check_table
+from ._mirror import Mirror
+from ._pg_lease import DuplicateRow, PgLease, PgOptions, _clean, check_url, shown_url
+from ._queries import QUERIES, SESSION_USAGE, check_select, to_frame
+from ._records import StoredSession
+from ._sink import (
+    MESSAGE_COLUMNS,
+    STORED_KINDS,
+    RowWrite,
+    Update,
+    attributed,
+    message_from_row,
+    message_row,
+    rows_of,
+    session_row,
+    with_image_bytes,
+)
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["PostgresStore"]
+
+_SESSION_FIELDS = frozenset(
+    {"title", "model", "system_prompt", "parent_id", "notebook", "metadata"}
+)
+_MESSAGE_SELECT = ", ".join(f'"{c}"' for c in MESSAGE_COLUMNS)
+_mirror_lock = threading.Lock()
+
+
+class PostgresStore(Store):
+    """A PostgreSQL database holding the sessions of a team (see the module docstring)."""
+
+    def __init__(self, lease: PgLease, *, lock_timeout: float) -> None:
+        """Use ``Store.open()``; this wraps an already-open lease."""
+        self._lease: PgLease | None = lease
+        self._lock_timeout = lock_timeout
+        self.path = lease.shown
+        self.recovered: str | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @classmethod
+    def _connect(
+        cls,
+        raw: str,
+        *,
+        lock_timeout: float,
+        spool_dir: str | None = None,
+        connect_timeout: float = 5.0,
+        **options: Any,
+    ) -> PostgresStore:
+        """Connect to the database at the URL ``raw`` (migrating it if needed).
+
+        ``spool_dir`` is where writes wait while the server is away (default
+        ``NBCHAT_SPOOL_DIR`` or ``~/.nbchat/spool``); ``connect_timeout`` bounds one
+        connection attempt. Both are fixed by the first ``open`` of a URL in a process.
+        """
+        if options:
+            raise TypeError(f"unexpected store options: {', '.join(sorted(options))}")
+        url = check_url(raw)
+        pg_options = PgOptions(spool_dir=spool_dir, connect_timeout=connect_timeout)
+        made: list[PgLease] = []
+
+        def make() -> Lease:
+            made.append(PgLease(url, pg_options, lock_timeout))
+            return made[-1]
+
+        lease = shared_lease(shown_url(url), make)
+        assert isinstance(lease, PgLease)
+        store = cls(lease, lock_timeout=lock_timeout)
+        try:
+            if made:  # the first open in this process: connect now, fail clearly
+                lease.check()
+                store._replay_orphans()
+        except BaseException:
+            store.close()
+            if made:
+                lease.shutdown()
+            raise
+        return store
+
+    def close(self, *, linger: bool = False) -> None:
+        """Release this handle; the connections stay for the next ``open`` in this process."""
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            release_lease(lease, linger=linger)
+
+    @property
+    def closed(self) -> bool:
+        """Whether ``close()`` was called."""
+        return self._lease is None
+
+    @property
+    def lock_timeout(self) -> float:
+        """Seconds an operation waits for the server (a lock, a statement)."""
+        return self._lock_timeout
+
+    def _live(self) -> PgLease:
+        if self._lease is None:
+            raise StoreError(f"The store {self.path} is closed.")
+        return self._lease
+
+    def _fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Rows of one PostgreSQL query (``?`` placeholders, as the DuckDB backend's)."""
+
+        def run(con: Any) -> list[tuple[Any, ...]]:
+            rows: list[tuple[Any, ...]] = con.execute(
+                sql.replace("?", "%s"), list(params)
+            ).fetchall()
+            return rows
+
+        return self._live().read(run, self._lock_timeout)  # type: ignore[no-any-return]
+
+    def _write(self, unit: list[RowWrite], table: str) -> None:
+        # For the direct calls (a session's settings); events come through ``write``.
+        lease = self._live()
+        lease.apply(unit, table=table)
+        self._warn_notices(lease)
+
+    def _warn_notices(self, lease: PgLease) -> None:
+        # Direct calls (not through a sink) tell the user with a warning, once per outage.
+        for notice in lease.take_notices():
+            warnings.warn(notice, UserWarning, stacklevel=4)
+
+    def take_notices(self) -> list[str]:
+        """What the user should be told since last asked (the server went away, came back)."""
+        return [] if self._lease is None else self._lease.take_notices()
+
+    # ------------------------------------------------------------------ sessions
+
+    def create_session(
+        self,
+        *,
+        session_id: str,
+        model: str | None,
+        system_prompt: str | None,
+        title: str | None = None,
+        parent_id: str | None = None,
+        notebook: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        created_at: datetime | None = None,
+        messages: Sequence[Message] = (),
+    ) -> None:
+        """Record a new session (with ``messages``, in one transaction); ids are unique.
+
+        While the server is away the session is spooled like any write.
+        """
+        row = session_row(
+            session_id=session_id,
+            model=model,
+            system_prompt=system_prompt,
+            title=title,
+            parent_id=parent_id,
+            notebook=notebook,
+            metadata=metadata,
+            created_at=created_at,
+        )
+        unit: list[RowWrite] = [row, *(attributed(message_row(session_id, m)) for m in messages)]
+        lease = self._live()
+        try:
+            lease.apply(unit, table="sessions", new_session=True)
+        except DuplicateRow:
+            raise StoreError(
+                f"A session or message with this id already exists in {self.path}"
+                f" (session {session_id})."
+            ) from None
+        self._warn_notices(lease)
+
+    def update_session(self, session_id: str, **fields: Any) -> None:
+        """Change some of a session's settings (title, model, system_prompt, metadata...)."""
+        import json
+
+        unknown = set(fields) - _SESSION_FIELDS
+        if unknown:
+            raise StoreError(f"Sessions have no field {', '.join(sorted(unknown))}.")
+        if not fields:
+            return
+        values = {n: json.dumps(v) if n == "metadata" else v for n, v in sorted(fields.items())}
+        self._write([Update("sessions", values, "id", [session_id])], "sessions")
+
+    def has_session(self, session_id: str) -> bool:
+        """Whether a session with this id is stored."""
+        return bool(self._fetchall("SELECT 1 FROM sessions WHERE id = ?", [session_id]))
+
+    def latest_session_id(self, notebook: str | None = None) -> str | None:
+        """The most recently created session (in ``notebook``, if given), or ``None``."""
+        rows = self._fetchall(
+            "SELECT id FROM sessions WHERE ?::text IS NULL OR notebook = ?"
+            " ORDER BY created_at DESC, id DESC LIMIT 1",
+            [notebook, notebook],
+        )
+        return str(rows[0][0]) if rows else None
+
+    def session_for_cell(self, cell_id: str, notebook: str | None = None) -> str | None:
+        """The latest session whose live messages include a user message from ``cell_id``."""
+        rows = self._fetchall(
+            "SELECT m.session_id FROM messages m JOIN sessions s ON s.id = m.session_id"
+            " WHERE m.role = 'user' AND m.state = 'active' AND m.cell_id = ?"
+            " AND (?::text IS NULL OR s.notebook = ?)"
+            " ORDER BY m.created_at DESC, m.seq DESC LIMIT 1",
+            [cell_id, notebook, notebook],
+        )
+        return str(rows[0][0]) if rows else None
+
+    def load_session(self, session_id: str) -> StoredSession:
+        """The session's settings and active messages in order; ``StoreError`` if unknown."""
+        import json
+
+        def load(con: Any) -> tuple[Any, Any, Any, dict[str, bytes]]:
+            head = con.execute(
+                "SELECT id, model, system_prompt, title, parent_id, notebook, created_at,"
+                " metadata FROM sessions WHERE id = %s",
+                [session_id],
+            ).fetchall()
+            rows = con.execute(
+                f"SELECT {_MESSAGE_SELECT} FROM messages"
+                " WHERE session_id = %s AND state = 'active' ORDER BY seq, created_at",
+                [session_id],
+            ).fetchall()
+            (max_seq,) = con.execute(
+                "SELECT coalesce(max(seq), -1) FROM messages WHERE session_id = %s",
+                [session_id],
+            ).fetchone()
+            images = con.execute(  # the bytes of the images these messages carry
+                "SELECT a.sha256, a.data FROM attachments a WHERE a.sha256 IN ("
+                " SELECT DISTINCT r->>'sha256' FROM messages m,"
+                " json_array_elements(m.attachments) r"
+                " WHERE m.session_id = %s AND m.state = 'active' AND m.attachments IS NOT NULL)",
+                [session_id],
+            ).fetchall()
+            return head, rows, max_seq, {sha: bytes(data) for sha, data in images if data}
+
+        head, rows, max_seq, images = self._live().read(load, self._lock_timeout)
+        if not head:
+            raise StoreError(f"No session {session_id} in {self.path}.")
+        sid, model, system_prompt, title, parent_id, notebook, created_at, metadata = head[0]
+        return StoredSession(
+            id=sid,
+            model=model,
+            system_prompt=system_prompt,
+            title=title,
+            parent_id=parent_id,
+            notebook=notebook,
+            created_at=created_at,
+            metadata=json.loads(metadata) if metadata else {},
+            messages=[
+                with_image_bytes(
+                    message_from_row(dict(zip(MESSAGE_COLUMNS, r, strict=True))), images
+                )
+                for r in rows
+            ],
+            max_seq=int(max_seq),
+        )
+
+    # ------------------------------------------------------------------ events
+
+    def write(self, event: Event, *, timeout: float | None = None) -> None:
+        """Write one event's rows now, or spool them while the server is away."""
+        if event.kind not in STORED_KINDS:
+            return
+        entry = rows_of(event)
+        if entry is None:
+            return
+        table, unit = entry
+        if unit:
+            self._live().apply(unit, table=table)
+
+    def end_unfinished_turns(
+        self, session_id: str, *, status: str, error: str, keep: str | None = None
+    ) -> int:
+        """Close the session's turns still running (or never given a status); returns how many."""
+
+        def end(con: Any) -> int:
+            cursor = con.execute(
+                "UPDATE turns SET status = %s, error = coalesce(error, %s),"
+                " finished_at = coalesce(finished_at, %s)"
+                " WHERE session_id = %s AND (status IS NULL OR status = 'running')"
+                " AND (%s::text IS NULL OR id <> %s)",
+                [status, error, utcnow(), session_id, keep, keep],
+            )
+            return int(cursor.rowcount)
+
+        lease = self._live()
+        lease.wait_online(min(self._lock_timeout, 2.0))
+        return int(lease.run_online(end))
+
+    # ------------------------------------------------------------------ recovery
+
+    def save_recovery(self, events: Iterable[Event]) -> str:
+        """Keep events this process could not write in its spool (written when the server
+        is back, by this process or the next one to open the store). Returns the folder."""
+        lease = self._live()
+        for event in events:
+            entry = rows_of(event)
+            if entry is not None and entry[1]:
+                lease.spool.append(entry[1])
+        return str(lease.spool.path or lease.spool.folder)
+
+    def _replay_orphans(self) -> None:
+        lease = self._live()
+        written, broken, names = lease.replay_orphans()
+        if names:
+            lost = f"; {broken} could not be stored" if broken else ""
+            self.recovered = (
+                f"nbchat stored {written} writes that processes which stopped while "
+                f"{self.path} was unreachable had spooled in {', '.join(names)}{lost}."
+            )
+            warnings.warn(self.recovered, UserWarning, stacklevel=4)
+
+    # ------------------------------------------------------------------ copying
+
+    def dump_rows(
+        self, table: str, *, after: str | None, limit: int
+    ) -> tuple[list[str], list[tuple[Any, ...]]]:
+        """Up to ``limit`` rows of ``table`` with ids above ``after``, in id order."""
+        _check_table(table)
+        key = key_of(table)
+        columns = [
+            str(name)
+            for (name,) in self._fetchall(
+                "SELECT column_name FROM information_schema.columns"
+                " WHERE table_schema = current_schema() AND table_name = ?"
+                " ORDER BY ordinal_position",
+                [table],
+            )
+        ]
+        names = ", ".join(f'"{c}"' for c in columns)
+        rows = self._fetchall(
+            f'SELECT {names} FROM "{table}" WHERE ?::text IS NULL OR "{key}" > ?'
+            f' ORDER BY "{key}" LIMIT ?',
+            [after, after, limit],
+        )
+        return columns, rows
+
+    def load_rows(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> int:
+        """Insert ``rows`` in one transaction, keeping stored rows with the same id."""
+        _check_table(table)
+        names = ", ".join(f'"{c}"' for c in columns)
+        marks = ", ".join(["%s"] * len(columns))
+        key = key_of(table)
+        sql = f'INSERT INTO "{table}" ({names}) VALUES ({marks}) ON CONFLICT ("{key}") DO NOTHING'
+
+        def load(con: Any) -> int:
+            cursor = con.cursor()
+            with con.transaction():
+                cursor.executemany(sql, [[_clean(v) for v in row] for row in rows])
+            return int(cursor.rowcount)
+
+        return int(self._live().run_online(load))
+
+    # ------------------------------------------------------------------ reading
+
+    def _mirror(self) -> Mirror:
+        lease = self._live()
+        with _mirror_lock:
+            if lease.mirror is None:
+                lease.mirror = Mirror(lease.url, lease.shown)
+            mirror: Mirror = lease.mirror
+        if not lease.wait_online(min(self._lock_timeout, 2.0)):
+            raise StoreError(lease._away_message())
+        return mirror
+
+    def session_usage(self, session_id: str) -> Usage:
+        """What a stored session already spent (every request, summaries included)."""
+        result = self._mirror().run(SESSION_USAGE, [session_id], session_id=session_id)
+        requests, prompt, completion, cached, reasoning, cost = (
+            _first(result.data[c]) for c in result.columns
+        )
+        return Usage(
+            requests=int(requests),
+            prompt_tokens=None if prompt is None else int(prompt),
+            completion_tokens=None if completion is None else int(completion),
+            cached_tokens=int(cached),
+            reasoning_tokens=int(reasoning),
+            cost_usd=None if cost is None else float(cost),
+        )
+
+    def frame(self, name: QueryName, **params: Any) -> pd.DataFrame:
+        """The named analysis query (``_queries.QUERIES``) as a DataFrame."""
+        query = QUERIES[name]
+        bound = query.bind(params)
+        result = self._mirror().run(query.sql, bound, session_id=params.get("session_id"))
+        return to_frame(result, query.json_columns)
+
+    def sql(
+        self,
+        query: str,
+        params: Sequence[Any] | Mapping[str, Any] | None = None,
+        *,
+        allow_files: bool = False,
+    ) -> pd.DataFrame:
+        """Run one user SELECT in a private DuckDB over the tables it names, sandboxed.
+
+        The query never reaches PostgreSQL: it reads a copy of the rows the database
+        role may see, so it cannot change the store.
+        """
+        check_select(query)
+        return to_frame(self._mirror().run(query, params, user=True, allow_files=allow_files))
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of this process's connections, spool and analysis fetches."""
+        if self._lease is None:
+            return {}
+        mirror = self._lease.mirror
+        counters = self._lease.stats()
+        counters["opens"] = counters["write_connects"]  # as the DuckDB backend's attaches
+        return {**counters, **(mirror.counters if mirror is not None else {})}
+
+
+def _first(values: Any) -> Any:
+    import numpy as np
+
+    if np.ma.getmaskarray(values)[0]:
+        return None
+    return np.ma.getdata(values)[0].item()
