@@ -255,6 +255,7 @@ def _synthetic(path: Path) -> str:
     import duckdb
 
     from nbchat._store import Store
+    from nbchat._store._migrations import fill_counters
 
     Store.open(path).close()  # the schema, by the real migrations
     con = duckdb.connect(str(path))
@@ -286,9 +287,10 @@ def _synthetic(path: Path) -> str:
         SELECT 't' || (i * 2), 's' || (i // {MESSAGES_PER // 2}), 'completed', 'q',
                TIMESTAMPTZ '2026-08-01 00:00:00+00', TIMESTAMPTZ '2026-08-01 00:00:01+00'
         FROM range({SESSIONS * MESSAGES_PER // 2}) t(i);
-        CHECKPOINT;
         """
     )
+    fill_counters(con)  # what writing each row through the store would have kept
+    con.execute("CHECKPOINT")
     con.close()
     return f"s{SESSIONS // 2}"
 

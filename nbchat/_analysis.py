@@ -74,14 +74,16 @@ def transcript(
     ``created_at``, ``id``.
     """
     with open_store(db) as store:
-        if not store.has_session(session_id):
-            raise StoreError(f"No session {session_id} in {store.path}.")
-        return store.frame(
+        frame = store.frame(
             "transcript",
             session_id=session_id,
             include_compacted=include_compacted,
             include_superseded=include_superseded,
         )
+        # Asked only when nothing came back: a stored session has messages, mostly.
+        if frame.empty and not store.has_session(session_id):
+            raise StoreError(f"No session {session_id} in {store.path}.")
+        return frame
 
 
 def usage(db: Db = None, session_id: str | None = None) -> pd.DataFrame:

@@ -19,7 +19,7 @@ import glob
 import json
 import os
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import suppress
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
@@ -36,11 +36,13 @@ from ._sink import (
     STORED_KINDS,
     Insert,
     RowWrite,
+    Update,
     message_from_row,
     message_row,
     rows_of,
     utc,
 )
+from ._tally import COUNTER_TABLES, Bump, apply_rows
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -182,9 +184,8 @@ class DuckDBStore(Store):
                     " parent_id, notebook, metadata) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     row,
                 )
-                for message in messages:
-                    # A failed statement ends a transaction: upsert at once, no plain try.
-                    _insert(con, message_row(session_id, message), upsert=True)
+                # Through the counters, as any stored message (ids already stored: replaced).
+                apply_rows([message_row(session_id, m) for m in messages], _RowOps(con))
                 con.execute("COMMIT")
             except _duckdb().ConstraintException as exc:
                 con.execute("ROLLBACK")
@@ -453,7 +454,7 @@ def _message(row: tuple[Any, ...]) -> Message:
 
 
 def write_event(con: Any, event: Event) -> None:
-    """Write ``event``'s rows (``_sink.rows_of``) on the open connection.
+    """Write ``event``'s rows (``_sink.rows_of``) and their counters in one transaction.
 
     Raises ``UnstorableRow`` if DuckDB refuses the values; other DuckDB errors pass.
     """
@@ -461,29 +462,84 @@ def write_event(con: Any, event: Event) -> None:
     if entry is None:
         return
     table, writes = entry
+    _in_transaction(con, table, lambda: apply_rows(writes, _RowOps(con)))
+
+
+def _in_transaction(con: Any, table: str, work: Callable[[], None]) -> None:
     duckdb = _duckdb()
+    con.execute(parsed("BEGIN TRANSACTION"))
     try:
-        for write in writes:
-            _apply(con, write)
-    except (duckdb.DataError, duckdb.IntegrityError) as exc:
-        # Conversion (2**64 into BIGINT, NaN, bad JSON), out of range, a NOT NULL.
-        raise UnstorableRow(table, first_line(exc)) from exc
-    except (duckdb.BinderException, duckdb.CatalogException) as exc:
-        raise UnstorableRow(
-            table, f"the store's schema is not the one this nbchat expects ({first_line(exc)})"
-        ) from exc
-    except duckdb.InvalidInputException as exc:
-        # The Python value itself cannot be converted (an int past 128 bits, a lone surrogate).
-        raise UnstorableRow(table, first_line(exc)) from exc
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise UnstorableRow(table, f"{type(exc).__name__}: {exc}") from exc
+        work()
+        con.execute(parsed("COMMIT"))
+    except BaseException as exc:
+        con.execute("ROLLBACK")
+        if isinstance(exc, duckdb.DataError | duckdb.IntegrityError):
+            # Conversion (2**64 into BIGINT, NaN, bad JSON), out of range, a NOT NULL.
+            raise UnstorableRow(table, first_line(exc)) from exc
+        if isinstance(exc, duckdb.BinderException | duckdb.CatalogException):
+            raise UnstorableRow(
+                table, f"the store's schema is not the one this nbchat expects ({first_line(exc)})"
+            ) from exc
+        if isinstance(exc, duckdb.InvalidInputException):
+            # The Python value itself cannot be converted (an int past 128 bits, a surrogate).
+            raise UnstorableRow(table, first_line(exc)) from exc
+        if isinstance(exc, TypeError | ValueError | OverflowError):
+            raise UnstorableRow(table, f"{type(exc).__name__}: {exc}") from exc
+        raise
 
 
-def _apply(con: Any, write: RowWrite) -> None:
+class _RowOps:
+    """``_tally.RowOps`` on a DuckDB connection inside a transaction."""
+
+    def __init__(self, con: Any) -> None:
+        self.con = con
+
+    def fetch(
+        self, table: str, key: str, keys: Sequence[Any], columns: Sequence[str]
+    ) -> list[dict[str, Any]]:
+        # Timestamps as epoch microseconds (see _from_epoch_us); names are _tally's own.
+        shown = ", ".join(f"epoch_us({c})" if c.endswith("_at") else c for c in columns)
+        where = f"{key} = ?" if len(keys) == 1 else f"list_contains(?, {key})"
+        sql = parsed(f"SELECT {shown} FROM {table} WHERE {where}")
+        rows = self.con.execute(sql, [keys[0] if len(keys) == 1 else list(keys)]).fetchall()
+        out = []
+        for row in rows:
+            values = dict(zip(columns, row, strict=True))
+            for c in columns:
+                if c.endswith("_at"):
+                    values[c] = _from_epoch_us(values[c])
+            out.append(values)
+        return out
+
+    def apply(self, write: RowWrite, *, exists: bool | None) -> None:
+        if isinstance(write, Insert):
+            # Inside a transaction a failed INSERT would end it: find out first.
+            if exists is None:
+                found = self.con.execute(
+                    parsed(f"SELECT count(*) FROM {write.table} WHERE id = ?"),
+                    [write.values[write.columns.index("id")]],
+                ).fetchone()
+                exists = bool(found and found[0])
+            _insert(self.con, write, upsert=exists)
+        else:
+            _update(self.con, write, self)
+
+    def bump(self, bump: Bump) -> None:
+        names = [*bump.key, *bump.add, *bump.latest]
+        values = [*bump.key.values(), *bump.add.values(), *bump.latest.values()]
+        changes = [f"{c} = {bump.table}.{c} + excluded.{c}" for c in bump.add]
+        changes += [f"{c} = greatest({bump.table}.{c}, excluded.{c})" for c in bump.latest]
+        sql = (
+            f"INSERT INTO {bump.table} ({', '.join(names)})"
+            f" VALUES ({', '.join('?' * len(names))})"
+            f" ON CONFLICT ({', '.join(COUNTER_TABLES[bump.table])})"
+            f" DO UPDATE SET {', '.join(changes)}"
+        )
+        self.con.execute(parsed(sql), values)
+
+
+def _update(con: Any, write: Update, ops: _RowOps) -> None:
     # Table and column names are fixed strings of _sink, never user text.
-    if isinstance(write, Insert):
-        _insert(con, write)
-        return
     names = list(write.values)
     assignments = ", ".join(f"{name} = ?" for name in names)
     if len(write.keys) == 1:
@@ -497,25 +553,17 @@ def _apply(con: Any, write: RowWrite) -> None:
         parsed(f"UPDATE {write.table} SET {assignments} WHERE {where}"), params
     ).fetchone()
     if write.otherwise is not None and (not updated or not updated[0]):
-        _insert(con, write.otherwise)
+        ops.apply(write.otherwise, exists=False)
 
 
 def _insert(con: Any, row: Insert, *, upsert: bool = False) -> None:
-    """Insert one row; a row with the same id is replaced (a replayed event), or kept.
-
-    A plain INSERT is about three times cheaper in DuckDB than an upsert, so the
-    upsert runs only when the plain insert meets an existing id (or with ``upsert``).
-    """
+    """Insert one row; with ``upsert``, a row with the same id is replaced (a replayed
+    event), or kept (``row.keep``). A plain INSERT is about three times cheaper in
+    DuckDB than an upsert, so the upsert runs only when the id is known to exist."""
     names = ", ".join(row.columns)
     marks = ", ".join("?" * len(row.columns))
-    verb = "INSERT OR IGNORE" if row.keep else "INSERT OR REPLACE"
-    if upsert:
-        con.execute(parsed(f"{verb} INTO {row.table} ({names}) VALUES ({marks})"), row.values)
-        return
-    try:
-        con.execute(parsed(f"INSERT INTO {row.table} ({names}) VALUES ({marks})"), row.values)
-    except _duckdb().ConstraintException:
-        con.execute(f"{verb} INTO {row.table} ({names}) VALUES ({marks})", row.values)
+    verb = ("INSERT OR IGNORE" if row.keep else "INSERT OR REPLACE") if upsert else "INSERT"
+    con.execute(parsed(f"{verb} INTO {row.table} ({names}) VALUES ({marks})"), row.values)
 
 
 @lru_cache(maxsize=64)

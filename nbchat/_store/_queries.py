@@ -59,44 +59,36 @@ _KNOWN_COST = """
               AND count(*) FILTER (WHERE {r}cost_usd IS NOT NULL AND {r}error IS NULL) = 0
          THEN NULL ELSE sum({r}cost_usd) END"""
 
-_SESSIONS = f"""
-    WITH m AS (
-        SELECT session_id, count(*) FILTER (WHERE state = 'active') AS messages,
-               max(created_at) AS last_message_at
-        FROM messages GROUP BY session_id
-    ), r AS (
-        SELECT session_id, count(*) AS requests,
-               sum(prompt_tokens)::BIGINT AS prompt_tokens,
-               sum(completion_tokens)::BIGINT AS completion_tokens,
-               {_KNOWN_COST.format(r="")} AS cost_usd,
-               count(*) FILTER (WHERE cost_usd IS NULL) AS unknown_cost_requests,
-               max(created_at) AS last_request_at
-        FROM requests GROUP BY session_id
-    ), superseded AS (  -- turns whose user message a cell re-run replaced
-        SELECT turn_id FROM messages WHERE role = 'user' AND turn_id IS NOT NULL
-        GROUP BY turn_id HAVING bool_and(state = 'superseded')
-    ), t AS (
-        SELECT turns.session_id, count(*) FILTER (WHERE x.turn_id IS NULL) AS turns,
-               count(x.turn_id) AS superseded_turns
-        FROM turns LEFT JOIN superseded x ON x.turn_id = turns.id
-        GROUP BY turns.session_id
+# From the counters kept on write (``_tally.py``), not from every message and request.
+# A turn is superseded when all its user messages are (a cell re-run replaced it).
+_SESSIONS = """
+    WITH x AS (
+        SELECT t.session_id, count(*) AS superseded_turns
+        FROM _turn_counts c JOIN turns t ON t.id = c.turn_id
+        WHERE c.superseded_user_messages = c.user_messages AND c.user_messages > 0
+        GROUP BY t.session_id
     )
     SELECT s.id, s.title, s.model, s.created_at,
-           greatest(s.created_at, m.last_message_at, r.last_request_at) AS last_active,
-           coalesce(t.turns, 0) AS turns, coalesce(t.superseded_turns, 0) AS superseded_turns,
-           coalesce(m.messages, 0) AS messages,
-           coalesce(r.requests, 0) AS requests,
+           greatest(s.created_at, c.last_message_at, c.last_request_at) AS last_active,
+           coalesce(c.turns, 0) - coalesce(x.superseded_turns, 0) AS turns,
+           coalesce(x.superseded_turns, 0) AS superseded_turns,
+           coalesce(c.messages, 0) AS messages,
+           coalesce(c.requests, 0) AS requests,
            -- no request at all costs nothing; requests without a known value stay NULL
-           CASE WHEN r.requests IS NULL THEN 0 ELSE r.prompt_tokens END AS prompt_tokens,
-           CASE WHEN r.requests IS NULL THEN 0 ELSE r.completion_tokens END
+           CASE WHEN coalesce(c.requests, 0) = 0 THEN 0
+                WHEN c.prompt_reported > 0 THEN c.prompt_tokens END AS prompt_tokens,
+           CASE WHEN coalesce(c.requests, 0) = 0 THEN 0
+                WHEN c.completion_reported > 0 THEN c.completion_tokens END
                AS completion_tokens,
-           CASE WHEN r.requests IS NULL THEN 0.0 ELSE r.cost_usd END AS cost_usd,
-           coalesce(r.unknown_cost_requests, 0) AS unknown_cost_requests,
+           CASE WHEN coalesce(c.requests, 0) = 0 THEN 0.0
+                WHEN c.costed = 0 OR (c.requests > c.costed AND c.answered_costed = 0)
+                    THEN NULL
+                ELSE c.cost_usd END AS cost_usd,
+           coalesce(c.requests - c.costed, 0) AS unknown_cost_requests,
            s.system_prompt, s.parent_id, s.notebook, s.metadata
     FROM sessions s
-    LEFT JOIN m ON m.session_id = s.id
-    LEFT JOIN r ON r.session_id = s.id
-    LEFT JOIN t ON t.session_id = s.id
+    LEFT JOIN _session_counts c ON c.session_id = s.id
+    LEFT JOIN x ON x.session_id = s.id
     ORDER BY s.created_at, s.id
 """
 
@@ -324,7 +316,9 @@ def _series(values: Any, type_name: str) -> pd.Series:
         return pd.Series(floats)
     if kind == "BOOLEAN":
         return pd.Series(pd.arrays.BooleanArray(data.astype(bool), mask.copy()))
-    items = [None if missing else item for item, missing in zip(data.tolist(), mask, strict=True)]
+    # Objects (strings, lists...) with None where NULL, without a Python loop.
+    items = np.array(data, dtype=object, copy=True)
+    items[mask] = None
     if kind in _TEXT_TYPES:
         return pd.Series(items, dtype=_text_dtype())
     return pd.Series(items, dtype=object)
@@ -332,15 +326,18 @@ def _series(values: Any, type_name: str) -> pd.Series:
 
 def to_frame(result: QueryResult, json_columns: frozenset[str] = frozenset()) -> pd.DataFrame:
     """A DataFrame of ``result``; ``json_columns`` are parsed into Python objects."""
+    import numpy as np
     import pandas as pd
 
     parse: Callable[[str], Any] = json.loads
     columns: dict[str, pd.Series] = {}
     for name, kind in zip(result.columns, result.types, strict=True):
-        series = _series(result.data[name], kind)
+        values = result.data[name]
         if name in json_columns:
-            series = pd.Series(
-                [None if pd.isna(v) else parse(v) for v in series.tolist()], dtype=object
-            )
-        columns[name] = series
+            mask = np.ma.getmaskarray(values).tolist()
+            texts = np.ma.getdata(values).tolist()
+            parsed = [None if m else parse(t) for t, m in zip(texts, mask, strict=True)]
+            columns[name] = pd.Series(parsed, dtype=object)
+        else:
+            columns[name] = _series(values, kind)
     return pd.DataFrame(columns, columns=result.columns)
