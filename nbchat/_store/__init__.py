@@ -75,6 +75,12 @@ QueryName = Literal[
     "costs_by_user",
     "costs_by_tag",
     "search",
+    "spend_by_day_model",
+    "spend_by_session",
+    "spend_by_session_all",
+    "latency_by_model",
+    "latency_by_model_sampled",
+    "tool_stats",
 ]
 
 
