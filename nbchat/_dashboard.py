@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Dashboard", "dashboard"]
 
+
 # Half a row, less the widgets' own margins: two 50% boxes plus margins overflow the row,
 # and the second one's right edge (the legends) was cut off.
 def _half() -> widgets.Layout:
@@ -119,9 +120,7 @@ class Dashboard(widgets.VBox):  # type: ignore[misc]
         by_day = seen.spend.assign(key=[d.strftime("%Y-%m-%d") for d in seen.spend["day"]])
         self.spend.value = self._chart("spend", lambda ax: draw_costs(ax, by_day, "day"))
         by_model = seen.spend.assign(key=seen.spend["model"].fillna("(unknown model)"))
-        self.by_model.value = self._chart(
-            "by_model", lambda ax: draw_costs(ax, by_model, "model")
-        )
+        self.by_model.value = self._chart("by_model", lambda ax: draw_costs(ax, by_model, "model"))
         self.latency.value = self._chart(
             "latency",
             lambda ax: draw_latency_quantiles(ax, seen.latency, sampled=seen.latency_sampled),
@@ -183,7 +182,10 @@ def _top_sessions(rows: pd.DataFrame) -> pd.DataFrame:
     columns = ["session_id", "label", "cost_usd", "requests", "unknown"]
     if rows.empty:
         return pd.DataFrame({c: [] for c in columns})
-    labels = [session_label(sid, title) for sid, title in zip(rows["session_id"], rows["title"], strict=True)]
+    labels = [
+        session_label(sid, title)
+        for sid, title in zip(rows["session_id"], rows["title"], strict=True)
+    ]
     return rows.assign(label=labels)[columns].reset_index(drop=True)
 
 

@@ -445,7 +445,11 @@ def _order(frame: pd.DataFrame, by: str, top: int) -> list[str]:
         return sorted(frame["key"].unique())
     spend = frame.groupby("key")["cost_usd"].sum(min_count=1)
     # Rows are requests, or groups of them (``cost_groups``) that say how many.
-    count = frame.groupby("key")["requests"].sum() if "requests" in frame else frame.groupby("key").size()
+    count = (
+        frame.groupby("key")["requests"].sum()
+        if "requests" in frame
+        else frame.groupby("key").size()
+    )
     ranked = sorted(spend.index, key=lambda k: (-_or_minus(spend[k]), -int(count[k]), str(k)))
     return ranked[:top] if by in ("session", "notebook") else ranked
 

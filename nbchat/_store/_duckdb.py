@@ -496,13 +496,13 @@ class _RowOps:
 
     def fetch(
         self, table: str, key: str, keys: Sequence[Any], columns: Sequence[str]
-    ) -> list[dict[str, Any]]:
+    ) -> list[Mapping[str, Any]]:
         # Timestamps as epoch microseconds (see _from_epoch_us); names are _tally's own.
         shown = ", ".join(f"epoch_us({c})" if c.endswith("_at") else c for c in columns)
         where = f"{key} = ?" if len(keys) == 1 else f"list_contains(?, {key})"
         sql = parsed(f"SELECT {shown} FROM {table} WHERE {where}")
         rows = self.con.execute(sql, [keys[0] if len(keys) == 1 else list(keys)]).fetchall()
-        out = []
+        out: list[Mapping[str, Any]] = []
         for row in rows:
             values = dict(zip(columns, row, strict=True))
             for c in columns:
@@ -537,8 +537,9 @@ class _RowOps:
         if updated and updated[0]:
             return
         names = [*bump.key, *bump.add, *bump.latest]
+        marks = ", ".join("?" * len(names))
         self.con.execute(
-            parsed(f"INSERT INTO {bump.table} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"),
+            parsed(f"INSERT INTO {bump.table} ({', '.join(names)}) VALUES ({marks})"),
             [*bump.key.values(), *bump.add.values(), *bump.latest.values()],
         )
 

@@ -396,10 +396,11 @@ def _series(values: Any, type_name: str) -> pd.Series:
     if kind == "BOOLEAN":
         return pd.Series(pd.arrays.BooleanArray(data.astype(bool), mask.copy()))
     # Objects (strings, lists...) with None where NULL, without a Python loop.
-    items = np.array(data, dtype=object, copy=True)
+    items: Any = np.array(data, dtype=object, copy=True)
     items[mask] = None
     if kind in _TEXT_TYPES:
-        return pd.Series(items, dtype=_text_dtype())
+        text: pd.Series = pd.Series(items, dtype=_text_dtype())
+        return text
     return pd.Series(items, dtype=object)
 
 

@@ -97,6 +97,11 @@ def _user_turn(row: Row) -> dict[str, Any] | None:
     return {"turn_id": row["turn_id"]}
 
 
+_REQUEST_COLUMNS = (
+    "id", "session_id", "model", "prompt_tokens", "completion_tokens", "cached_tokens",
+    "cost_usd", "error", "created_at",
+)  # fmt: skip
+
 TALLIES: dict[str, Tally] = {
     "messages": Tally(
         ("id", "session_id", "role", "state", "turn_id", "created_at"),
@@ -118,10 +123,7 @@ TALLIES: dict[str, Tally] = {
         ),
     ),
     "requests": Tally(
-        (
-            "id", "session_id", "model", "prompt_tokens", "completion_tokens",
-            "cached_tokens", "cost_usd", "error", "created_at",
-        ),  # fmt: skip
+        _REQUEST_COLUMNS,
         (
             Counter(
                 "_session_counts",
