@@ -10,7 +10,16 @@ from typing import Any
 
 from bench._common import print_table, save
 
-SUITES = ["streaming", "startup", "rendering", "store", "compaction", "contention", "team_store"]
+SUITES = [
+    "streaming",
+    "startup",
+    "rendering",
+    "store",
+    "compaction",
+    "contention",
+    "team_store",
+    "analysis",
+]
 
 
 def main(argv: list[str]) -> int:

@@ -31,7 +31,7 @@ from typing import Any
 from bench._common import figure
 
 CONTENT = "A reply of a few hundred characters, like most chat messages are. " * 5
-SESSIONS, MESSAGES_PER, REQUESTS_PER = 10_000, 100, 50
+SESSIONS, MESSAGES_PER, REQUESTS_PER, TOOLS_PER = 10_000, 100, 50, 10
 
 
 def _median_ms(fn: Callable[[], Any], n: int) -> float:
@@ -250,11 +250,13 @@ def held_file(hold_s: float = 4.0, deltas: int = 5000) -> list[dict[str, Any]]:
     ]
 
 
-def _synthetic(path: Path) -> str:
-    """Fill ``path`` with the large store; returns one session id to read back."""
+def _synthetic(path: Path, sessions: int = SESSIONS) -> str:
+    """Fill ``path`` with the large store (``sessions`` x 100 messages, x 50 requests, x 10
+    tool calls), in bulk SQL; returns one session id to read back."""
     import duckdb
 
     from nbchat._store import Store
+    from nbchat._store._migrations import fill_counters
 
     Store.open(path).close()  # the schema, by the real migrations
     con = duckdb.connect(str(path))
@@ -264,33 +266,40 @@ def _synthetic(path: Path) -> str:
         SELECT 's' || i, 'session ' || i,
                TIMESTAMPTZ '2026-08-01 00:00:00+00' + INTERVAL (i % 90) DAY,
                'model-' || (i % 5)
-        FROM range({SESSIONS}) t(i);
+        FROM range({sessions}) t(i);
         INSERT INTO messages (id, session_id, seq, role, content, turn_id, status, state,
                               created_at)
         SELECT 'm' || i, 's' || (i // {MESSAGES_PER}), i % {MESSAGES_PER},
                CASE WHEN i % 2 = 0 THEN 'user' ELSE 'assistant' END,
                'message text number ' || i, 't' || (i // 2), 'ok', 'active',
                TIMESTAMPTZ '2026-08-01 00:00:00+00' + INTERVAL (i // {MESSAGES_PER} % 90) DAY
-        FROM range({SESSIONS * MESSAGES_PER}) t(i);
+        FROM range({sessions * MESSAGES_PER}) t(i);
         INSERT INTO requests (id, session_id, turn_id, round, model, provider, prompt_tokens,
                               completion_tokens, cost_usd, ttft_ms, duration_ms, finish_reason,
                               created_at, purpose)
         SELECT 'r' || i, 's' || (i // {REQUESTS_PER}), 't' || i, 0, 'model-' || (i % 5),
                'openai', 100 + i % 900, 20 + i % 300,
                CASE WHEN i % 7 = 0 THEN NULL ELSE 0.0001 * (i % 50) END,
-               200.0, 900.0, 'stop',
+               100.0 + (i * 37) % 900, 500.0 + (i * 91) % 5000, 'stop',
                TIMESTAMPTZ '2026-08-01 00:00:00+00' + INTERVAL (i // {REQUESTS_PER} % 90) DAY,
                'chat'
-        FROM range({SESSIONS * REQUESTS_PER}) t(i);
+        FROM range({sessions * REQUESTS_PER}) t(i);
         INSERT INTO turns (id, session_id, status, user_text, started_at, finished_at)
         SELECT 't' || (i * 2), 's' || (i // {MESSAGES_PER // 2}), 'completed', 'q',
                TIMESTAMPTZ '2026-08-01 00:00:00+00', TIMESTAMPTZ '2026-08-01 00:00:01+00'
-        FROM range({SESSIONS * MESSAGES_PER // 2}) t(i);
-        CHECKPOINT;
+        FROM range({sessions * MESSAGES_PER // 2}) t(i);
+        INSERT INTO tool_calls (id, session_id, turn_id, round, call_id, name, arguments,
+                                result, is_error, duration_ms, created_at)
+        SELECT 'c' || i, 's' || (i // {TOOLS_PER}), 't' || (i * 5), 0, 'call_' || i,
+               'tool_' || (i % 4), '{{}}', 'ok', i % 9 = 0, 5.0 + i % 100,
+               TIMESTAMPTZ '2026-08-01 00:00:00+00' + INTERVAL (i // {TOOLS_PER} % 90) DAY
+        FROM range({sessions * TOOLS_PER}) t(i);
         """
     )
+    fill_counters(con)  # what writing each row through the store would have kept
+    con.execute("CHECKPOINT")
     con.close()
-    return f"s{SESSIONS // 2}"
+    return f"s{sessions // 2}"
 
 
 def queries(n: int = 7) -> list[dict[str, Any]]:

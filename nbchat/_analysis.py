@@ -9,7 +9,9 @@ unknown cost is never counted as 0, and the aggregates say how many requests had
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from ._exceptions import StoreError
@@ -76,14 +78,16 @@ def transcript(
     height, detail, name, url; the bytes stay in the store, see ``attachments()``).
     """
     with open_store(db) as store:
-        if not store.has_session(session_id):
-            raise StoreError(f"No session {session_id} in {store.path}.")
-        return store.frame(
+        frame = store.frame(
             "transcript",
             session_id=session_id,
             include_compacted=include_compacted,
             include_superseded=include_superseded,
         )
+        # Asked only when nothing came back: a stored session has messages, mostly.
+        if frame.empty and not store.has_session(session_id):
+            raise StoreError(f"No session {session_id} in {store.path}.")
+        return frame
 
 
 def attachments(
@@ -396,3 +400,55 @@ def search(
     frame.insert(4, "snippet", [snippet(c) for c in frame["content"]])
     columns = ["session_id", "title", "seq", "role", "snippet", "state", "created_at"]
     return frame[[*columns, "matched", "content", "id"]]
+
+
+# ------------------------------------------------------------------ the dashboard's reads
+
+
+@dataclass(frozen=True)
+class Overview:
+    """What the dashboard shows for a range of UTC days, read from the store's counters.
+
+    ``spend``: day, model, requests, cost_usd (known; NaN if none), unknown.
+    ``top_sessions``: the most expensive sessions (session_id, title, the same sums,
+    ``sessions_in_range`` on every row). ``latency``: per model and metric (ttft_ms,
+    duration_ms) the count and the 5th/25th/50th/75th/95th percentiles, from a sample when
+    ``latency_sampled``. ``tools``: per tool, calls, errors and the median duration.
+    """
+
+    spend: pd.DataFrame
+    top_sessions: pd.DataFrame
+    latency: pd.DataFrame
+    latency_sampled: bool
+    tools: pd.DataFrame
+
+
+# Past this many requests in the range the latency figures come from a ~2% sample.
+LATENCY_SAMPLE_ABOVE = 200_000
+
+
+def overview(
+    db: Db = None, since: dt.date | None = None, until: dt.date | None = None, top: int = 10
+) -> Overview:
+    """The dashboard's figures for the UTC days ``since`` to ``until`` (both included)."""
+    days = {"since": since, "until": until}
+    start = None if since is None else dt.datetime.combine(since, dt.time(), dt.UTC)
+    end = None if until is None else dt.datetime.combine(until, dt.time(), dt.UTC)
+    instants = {"since": start, "until": None if end is None else end + dt.timedelta(days=1)}
+    with open_store(db) as store:
+        spend = store.frame("spend_by_day_model", **days)
+        sampled = int(spend["requests"].sum()) > LATENCY_SAMPLE_ABOVE
+        latency = store.frame(
+            "latency_by_model_sampled" if sampled else "latency_by_model", **instants
+        )
+        return Overview(
+            spend=spend,
+            top_sessions=(
+                store.frame("spend_by_session_all", limit=max(1, int(top)))
+                if since is None and until is None
+                else store.frame("spend_by_session", **days, limit=max(1, int(top)))
+            ),
+            latency=latency,
+            latency_sampled=sampled,
+            tools=store.frame("tool_stats", **instants),
+        )

@@ -4,7 +4,9 @@ Spend over time and by model, the most expensive sessions (click one to read its
 transcript below), tool error rates and request latency, for a date range picked with
 two ``DatePicker``s (UTC days, both included). Charts are PNG images drawn off-screen
 (``nbchat.plot`` on Agg figures), so the dashboard needs no plotting front end and works
-the same in JupyterLab, Notebook 7 and Voila. It reads the public DataFrames only.
+the same in JupyterLab, Notebook 7 and Voila. It reads ``_analysis.overview()``: sums the
+store keeps on write and a few small queries, so a refresh costs about the same on a
+store of any size (the latency boxes come from a ~2% sample on large ranges).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import ipywidgets as widgets
 
 from ._exceptions import NbchatError
-from ._plot import costs, figure_png, latency, new_figure, session_label
+from ._plot import draw_costs, draw_latency_quantiles, figure_png, session_label
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -28,6 +30,12 @@ if TYPE_CHECKING:
     Db = str | os.PathLike[str] | Store | None
 
 __all__ = ["Dashboard", "dashboard"]
+
+
+# Half a row, less the widgets' own margins: two 50% boxes plus margins overflow the row,
+# and the second one's right edge (the legends) was cut off.
+def _half() -> widgets.Layout:
+    return widgets.Layout(width="calc(50% - 8px)", height="auto")
 
 
 class Dashboard(widgets.VBox):  # type: ignore[misc]
@@ -58,11 +66,11 @@ class Dashboard(widgets.VBox):  # type: ignore[misc]
             description="Refresh", icon="refresh", tooltip="Read the store again"
         )
         self.summary = widgets.HTML()
-        self.spend = widgets.Image(format="png", layout=widgets.Layout(width="50%"))
-        self.by_model = widgets.Image(format="png", layout=widgets.Layout(width="50%"))
-        self.latency = widgets.Image(format="png", layout=widgets.Layout(width="50%"))
-        self.sessions_list = widgets.VBox(layout=widgets.Layout(width="50%"))
-        self.tools = widgets.HTML(layout=widgets.Layout(width="50%"))
+        self.spend = widgets.Image(format="png", layout=_half())
+        self.by_model = widgets.Image(format="png", layout=_half())
+        self.latency = widgets.Image(format="png", layout=_half())
+        self.sessions_list = widgets.VBox(layout=_half())
+        self.tools = widgets.HTML(layout=_half())
         self.transcript = widgets.HTML()
         self.refresh_button.on_click(lambda _: self.refresh())
         self.since.observe(self._on_dates, names="value")
@@ -103,33 +111,38 @@ class Dashboard(widgets.VBox):  # type: ignore[misc]
         self.refresh()
 
     def _refresh(self) -> None:
-        from ._analysis import tool_calls, usage
-        from ._plot import in_range
+        from ._analysis import overview
 
         since, until = self.since.value, self.until.value
-        window = {"since": since, "until": until}
-        requests = in_range(usage(db=self.db), "created_at", since, until)
-        self.summary.value = _summary_html(requests, since, until)
-        self.spend.value = self._chart(
-            "spend", lambda ax: costs("day", db=self.db, ax=ax, **window)
+        # Sums kept on write and a few small queries: quick on a store of any size.
+        seen = overview(db=self.db, since=since, until=until, top=self.top)
+        self.summary.value = _summary_html(seen.spend, seen.top_sessions, since, until)
+        by_day = seen.spend.assign(key=[d.strftime("%Y-%m-%d") for d in seen.spend["day"]])
+        self.spend.value = self._chart("spend", lambda ax: draw_costs(ax, by_day, "day"))
+        by_model = seen.spend.assign(key=seen.spend["model"].fillna("(unknown model)"))
+        self.by_model.value = self._chart("by_model", lambda ax: draw_costs(ax, by_model, "model"))
+        self.latency.value = self._chart(
+            "latency",
+            lambda ax: draw_latency_quantiles(ax, seen.latency, sampled=seen.latency_sampled),
+            right=0.97,
         )
-        self.by_model.value = self._chart(
-            "by_model", lambda ax: costs("model", db=self.db, ax=ax, **window)
-        )
-        self.latency.value = self._chart("latency", lambda ax: latency(db=self.db, ax=ax, **window))
-        self.top_sessions = _top_sessions(requests, self.db, self.top)
+        self.top_sessions = _top_sessions(seen.top_sessions)
         self._show_sessions(self.top_sessions)
-        calls = in_range(tool_calls(db=self.db), "created_at", since, until)
-        self.tool_errors = _tool_errors(calls)
+        self.tool_errors = _tool_errors(seen.tools)
         self.tools.value = _tools_html(self.tool_errors)
         if self.selected is not None and self.selected not in self._button_ids:
             self.selected = None
             self.transcript.value = ""
 
-    def _chart(self, name: str, draw: Any) -> bytes:
-        figure = new_figure(8.0, 3.6)
+    def _chart(self, name: str, draw: Any, right: float = 0.7) -> bytes:
+        from matplotlib.figure import Figure
+
+        # Fixed margins (room at the right for an outside legend), not constrained
+        # layout: laying out again costs as much as drawing, and a refresh draws three.
+        figure = Figure(figsize=(8.0, 3.6))
+        figure.subplots_adjust(left=0.11, right=right, top=0.9, bottom=0.2)
         self.axes[name] = draw(figure.subplots())
-        return figure_png(figure, dpi=80)
+        return figure_png(figure, dpi=80, tight=True)  # a long legend is never cut off
 
     def _show_sessions(self, top: pd.DataFrame) -> None:
         self._button_ids = list(top["session_id"])
@@ -162,59 +175,37 @@ def dashboard(
     return Dashboard(db=db, since=since, until=until, top=top)
 
 
-def _top_sessions(requests: pd.DataFrame, db: Db, top: int) -> pd.DataFrame:
+def _top_sessions(rows: pd.DataFrame) -> pd.DataFrame:
     """The sessions that spent most in the range: id, label, cost, requests, unknown."""
     import pandas as pd
 
-    from ._analysis import sessions
-
-    if requests.empty:
-        columns = ["session_id", "label", "cost_usd", "requests", "unknown"]
+    columns = ["session_id", "label", "cost_usd", "requests", "unknown"]
+    if rows.empty:
         return pd.DataFrame({c: [] for c in columns})
-    grouped = requests.groupby("session_id").agg(
-        cost_usd=("cost_usd", lambda c: c.sum(min_count=1)),
-        requests=("id", "size"),
-        unknown=("cost_usd", lambda c: int(c.isna().sum())),
-    )
-    titles = sessions(db=db).set_index("id")["title"]
-    grouped["label"] = [session_label(sid, titles.get(sid)) for sid in grouped.index]
-    grouped = grouped.reset_index()
-    grouped["_rank"] = grouped["cost_usd"].fillna(-1.0)
-    grouped = grouped.sort_values(
-        ["_rank", "requests", "session_id"], ascending=[False, False, True]
-    )
-    return grouped.drop(columns="_rank").head(top).reset_index(drop=True)
+    labels = [
+        session_label(sid, title)
+        for sid, title in zip(rows["session_id"], rows["title"], strict=True)
+    ]
+    return rows.assign(label=labels)[columns].reset_index(drop=True)
 
 
 def _tool_errors(calls: pd.DataFrame) -> pd.DataFrame:
     """Per tool: calls, errors, error rate and median duration (ms)."""
-    import pandas as pd
-
-    if calls.empty:
-        return pd.DataFrame(
-            {"tool": [], "calls": [], "errors": [], "error_rate": [], "median_ms": []}
-        )
-    frame = calls.assign(is_error=calls["is_error"].fillna(False).astype(bool))
-    grouped = frame.groupby("name").agg(
-        calls=("id", "size"),
-        errors=("is_error", "sum"),
-        median_ms=("duration_ms", lambda d: d.astype("Float64").median()),
-    )
-    grouped["error_rate"] = grouped["errors"] / grouped["calls"]
-    grouped = grouped.reset_index().rename(columns={"name": "tool"})
-    grouped = grouped.sort_values(["error_rate", "calls"], ascending=[False, False])
-    return grouped[["tool", "calls", "errors", "error_rate", "median_ms"]].reset_index(drop=True)
+    table = calls.assign(error_rate=calls["errors"] / calls["calls"])
+    return table[["tool", "calls", "errors", "error_rate", "median_ms"]].reset_index(drop=True)
 
 
-def _summary_html(requests: pd.DataFrame, since: dt.date | None, until: dt.date | None) -> str:
+def _summary_html(
+    spend: pd.DataFrame, top: pd.DataFrame, since: dt.date | None, until: dt.date | None
+) -> str:
     span = f"{since or 'the start'} to {until or 'today'}"
-    known = requests["cost_usd"].sum(min_count=1)
-    unknown = int(requests["cost_usd"].isna().sum())
+    known = spend["cost_usd"].sum(min_count=1)
+    unknown = int(spend["unknown"].sum())
     note = f", plus {unknown} request(s) with unknown price" if unknown else ""
-    sessions = requests["session_id"].nunique()
+    sessions = int(top["sessions_in_range"].iloc[0]) if len(top) else 0
     return (
-        f"<b>{html.escape(span)}</b>: {len(requests)} requests in {sessions} sessions, "
-        f"{_usd(known)} known cost{note}"
+        f"<b>{html.escape(span)}</b>: {int(spend['requests'].sum())} requests in {sessions} "
+        f"sessions, {_usd(known)} known cost{note}"
     )
 
 

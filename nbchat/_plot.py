@@ -34,6 +34,7 @@ _BYS: tuple[str, ...] = get_args(By)
 _UNKNOWN_HATCH = "///"
 _NO_NOTEBOOK = "(no notebook)"
 _TOP = 15  # sessions / notebooks shown: the most expensive ones
+_MANY = 31  # more bars than this (days, mostly) are drawn as one shape per model
 _OUTSIDE: dict[str, Any] = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0), "fontsize": "small"}
 
 
@@ -54,19 +55,36 @@ def costs(
     """
     requests = _requests(db, since, until)
     ax = _axes(ax)
-    title = f"Cost by {by}"
     if requests.empty:
+        return _empty(ax, f"Cost by {by}")
+    return draw_costs(ax, cost_groups(requests.assign(key=_keys(requests, by, db))), by, top)
+
+
+def cost_groups(requests: pd.DataFrame) -> pd.DataFrame:
+    """Requests (with a ``key`` column) summed per key and model: ``key``, ``model``,
+    ``cost_usd`` (known costs; NaN when none is known), ``requests``, ``unknown``."""
+    grouped = requests.groupby(["key", "model"], dropna=False, observed=True, sort=False)
+    return grouped.agg(
+        cost_usd=("cost_usd", lambda c: c.sum(min_count=1)),
+        requests=("cost_usd", "size"),
+        unknown=("cost_usd", lambda c: int(c.isna().sum())),
+    ).reset_index()
+
+
+def draw_costs(ax: Axes, groups: pd.DataFrame, by: str, top: int = _TOP) -> Axes:
+    """Draw ``cost_groups``-shaped rows: known dollars stacked by model, unknown marked."""
+    title = f"Cost by {by}"
+    if groups.empty:
         return _empty(ax, title)
-    frame = requests.assign(key=_keys(requests, by, db))
-    order = _order(frame, by, top)
-    frame = frame[frame["key"].isin(order)]
+    order = _order(groups, by, top)
+    frame = groups[groups["key"].isin(order)]
     known = frame[frame["cost_usd"].notna()]
     table = known.pivot_table(
         index="key", columns="model", values="cost_usd", aggfunc="sum", observed=True
     )
     table = table.reindex(index=order).fillna(0.0)
     _stack(ax, table, order)
-    unknown = frame[frame["cost_usd"].isna()].groupby("key").size().reindex(order).fillna(0)
+    unknown = frame.groupby("key")["unknown"].sum().reindex(order).fillna(0)
     totals = table.sum(axis=1) if len(table.columns) else None
     missing = int(unknown.sum())
     if missing:
@@ -75,7 +93,8 @@ def costs(
 
         handles, labels = ax.get_legend_handles_labels()
         handles.append(Patch(facecolor="none", edgecolor="0.5", hatch=_UNKNOWN_HATCH))
-        labels.append(f"price unknown: {_requests_n(missing)} (? N, not in bars)")
+        counted = "" if len(order) > _MANY else "? N, "  # many bars carry no "? N" labels
+        labels.append(f"price unknown: {_requests_n(missing)} ({counted}not in bars)")
         ax.legend(handles, labels, title="model", **_OUTSIDE)
         title += f" — {_requests_n(missing)} without a price"
     elif len(table.columns):
@@ -168,6 +187,47 @@ def latency(
         [Patch(facecolor="C0"), Patch(facecolor="C1")],
         ["time to first token", "whole request"],
         fontsize="small",
+    )
+    ax.set_title(title)
+    ax.set_ylabel("seconds")
+    return ax
+
+
+def draw_latency_quantiles(ax: Axes, stats: pd.DataFrame, *, sampled: bool = False) -> Axes:
+    """Box plots from figures already computed (``overview().latency``): per model, time
+    to first token and whole request; boxes at the quartiles, whiskers at the 5th and
+    95th percentiles (seconds)."""
+    title = "Latency per model" + (" (a ~2% sample)" if sampled else "")
+    if stats.empty:
+        return _empty(ax, title)
+    models = sorted(stats["model"].unique())
+    ticks: list[float] = []
+    for i, model in enumerate(models):
+        for offset, (metric, color) in enumerate((("ttft_ms", "C0"), ("duration_ms", "C1"))):
+            rows = stats[(stats["model"] == model) & (stats["metric"] == metric)]
+            if rows.empty:
+                continue
+            low, q1, med, q3, high = (float(v) / 1000.0 for v in rows["quantiles"].iloc[0])
+            figures = {"whislo": low, "q1": q1, "med": med, "q3": q3, "whishi": high}
+            boxes = ax.bxp(
+                [{**figures, "fliers": []}],
+                positions=[3 * i + offset],
+                widths=0.8,
+                patch_artist=True,
+            )
+            boxes["boxes"][0].set_facecolor(color)
+            boxes["medians"][0].set_gid(f"median:{metric}:{model}")
+            boxes["medians"][0].set_color("black")
+        ticks.append(3 * i + 0.5)
+    from matplotlib.patches import Patch
+
+    ax.set_xticks(ticks, models)
+    ax.legend(
+        [Patch(facecolor="C0"), Patch(facecolor="C1")],
+        ["time to first token", "whole request"],
+        fontsize="small",
+        title="whiskers: 5th–95th percentile",
+        title_fontsize="x-small",
     )
     ax.set_title(title)
     ax.set_ylabel("seconds")
@@ -301,12 +361,13 @@ def new_figure(width: float = 8.0, height: float = 4.0) -> Figure:
     return Figure(figsize=(width, height), layout="constrained")
 
 
-def figure_png(figure: Figure, dpi: int = 100) -> bytes:
-    """``figure`` as PNG bytes."""
+def figure_png(figure: Figure, dpi: int = 100, *, tight: bool = False) -> bytes:
+    """``figure`` as PNG bytes; ``tight`` grows or crops it to what was drawn."""
     import io
 
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=dpi)
+    extra: dict[str, Any] = {"bbox_inches": "tight", "pad_inches": 0.05} if tight else {}
+    figure.savefig(buffer, format="png", dpi=dpi, **extra)
     return buffer.getvalue()
 
 
@@ -383,7 +444,12 @@ def _order(frame: pd.DataFrame, by: str, top: int) -> list[str]:
     if by == "day":
         return sorted(frame["key"].unique())
     spend = frame.groupby("key")["cost_usd"].sum(min_count=1)
-    count = frame.groupby("key").size()
+    # Rows are requests, or groups of them (``cost_groups``) that say how many.
+    count = (
+        frame.groupby("key")["requests"].sum()
+        if "requests" in frame
+        else frame.groupby("key").size()
+    )
     ranked = sorted(spend.index, key=lambda k: (-_or_minus(spend[k]), -int(count[k]), str(k)))
     return ranked[:top] if by in ("session", "notebook") else ranked
 
@@ -398,12 +464,20 @@ def _stack(ax: Axes, table: pd.DataFrame, order: list[str]) -> None:
 
     x = np.arange(len(order))
     bottom = np.zeros(len(order))
+    many = len(order) > _MANY
     for column in table.columns:
         heights = table[column].to_numpy(dtype=float)
-        ax.bar(x, heights, bottom=bottom, label=str(column), gid=f"bar:{column}")
+        if many:  # one artist per column, not one per bar: drawing stays quick
+            ax.stairs(bottom + heights, np.arange(len(order) + 1) - 0.5, baseline=bottom,
+                      fill=True, label=str(column), gid=f"bar:{column}")  # fmt: skip
+        else:
+            ax.bar(x, heights, bottom=bottom, label=str(column), gid=f"bar:{column}")
         bottom = bottom + heights
     crowded = len(order) > 4 or sum(len(k) for k in order) > 30
-    ax.set_xticks(x, order, rotation=20 if crowded else 0, ha="right" if crowded else "center")
+    step = -(-len(order) // 10) if many else 1  # many bars: about ten labels
+    ax.set_xticks(
+        x[::step], order[::step], rotation=20 if crowded else 0, ha="right" if crowded else "center"
+    )
     ax.set_xlim(-0.6, len(order) - 0.4)
 
 
@@ -418,6 +492,16 @@ def _mark_unknown(ax: Axes, order: list[str], unknown: pd.Series, totals: Any) -
         ax.set_yticks([])
     # Headroom, so the open column stands out above the tallest known bar.
     top = ax.get_ylim()[1] if totals is None else max(ax.get_ylim()[1], 1.25 * totals.max())
+    if len(order) > _MANY:  # one hatched outline over every such bar; counts in the legend
+        import numpy as np
+
+        bottom = np.zeros(len(order)) if totals is None else totals.to_numpy(dtype=float)
+        has = unknown.to_numpy() > 0
+        ax.stairs(np.where(has, top, bottom), np.arange(len(order) + 1) - 0.5,
+                  baseline=bottom, fill=False, hatch=_UNKNOWN_HATCH, edgecolor="0.6",
+                  linewidth=0, gid="unknown-bars")  # fmt: skip
+        ax.set_ylim(0, top)
+        return
     for i, key in enumerate(order):
         n = int(unknown[key])
         if not n:

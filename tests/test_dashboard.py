@@ -109,3 +109,15 @@ def test_a_store_that_cannot_be_read_is_said_in_the_dashboard(tmp_path: Path) ->
     board = nbchat.dashboard(db=str(broken))
     assert board.summary.value.startswith("<b>Could not read the store:</b>")
     assert board.session_buttons == []
+
+
+def test_a_range_covering_everything_shows_what_all_time_shows(filled: Filled) -> None:
+    # All time reads the per-session counters; a range, the per-day ones: they agree.
+    all_time = nbchat.dashboard(db=filled.db)
+    ranged = nbchat.dashboard(db=filled.db, since=TODAY, until=TODAY)
+    assert [b.description for b in ranged.session_buttons] == [
+        b.description for b in all_time.session_buttons
+    ]
+    assert ranged.summary.value.split(":", 1)[1] == all_time.summary.value.split(":", 1)[1]
+    assert ranged.tool_errors is not None and all_time.tool_errors is not None
+    assert ranged.tool_errors.equals(all_time.tool_errors)

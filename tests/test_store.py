@@ -37,8 +37,38 @@ from nbchat._types import (
 TZ = "TIMESTAMP WITH TIME ZONE"
 
 # The whole schema of a fresh store. A new migration must update this on purpose.
+_REQUEST_SUMS = {
+    "requests": "BIGINT",
+    "prompt_tokens": "BIGINT",
+    "prompt_reported": "BIGINT",
+    "completion_tokens": "BIGINT",
+    "completion_reported": "BIGINT",
+    "cost_usd": "DOUBLE",
+    "costed": "BIGINT",
+    "answered_costed": "BIGINT",
+}
 EXPECTED_SCHEMA: dict[str, dict[str, str]] = {
     "_migrations": {"name": "VARCHAR", "applied_at": TZ},
+    "_session_counts": {
+        "session_id": "VARCHAR",
+        "messages": "BIGINT",
+        "last_message_at": TZ,
+        **_REQUEST_SUMS,
+        "last_request_at": TZ,
+        "turns": "BIGINT",
+    },
+    "_turn_counts": {
+        "turn_id": "VARCHAR",
+        "user_messages": "BIGINT",
+        "superseded_user_messages": "BIGINT",
+    },
+    "_usage_by_day": {
+        "day": "DATE",
+        "session_id": "VARCHAR",
+        "model": "VARCHAR",
+        **_REQUEST_SUMS,
+        "cached_tokens": "BIGINT",
+    },
     "compactions": {
         "id": "VARCHAR",
         "session_id": "VARCHAR",

@@ -89,6 +89,12 @@ QueryName = Literal[
     "costs_by_tag",
     "search",
     "attachments",
+    "spend_by_day_model",
+    "spend_by_session",
+    "spend_by_session_all",
+    "latency_by_model",
+    "latency_by_model_sampled",
+    "tool_stats",
 ]
 
 
@@ -310,6 +316,9 @@ class Store(ABC):
         """Insert ``rows`` as they are, in one transaction, leaving alone those whose id is
         stored already; returns how many were added (``copy_store``)."""
 
+    def loaded(self) -> None:  # noqa: B027 -- a hook: most backends need nothing here
+        """``load_rows`` is done: bring what is kept beside the rows (counters) up to date."""
+
     def take_notices(self) -> list[str]:
         """What the backend has to tell the user since last asked (a team store's server
         went away, or came back); the sink's writer relays it. Most backends have nothing."""
@@ -360,6 +369,7 @@ def copy_store(src: Db, dst: Db, *, batch: int = 5_000) -> dict[str, int]:
                     break
                 added[table] += target.load_rows(table, columns, rows)
                 after = rows[-1][columns.index(key_of(table))]
+        target.loaded()
     return added
 
 

@@ -19,7 +19,7 @@ import glob
 import json
 import os
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import suppress
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
@@ -29,6 +29,7 @@ from .._exceptions import StoreError, UnstorableRow
 from .._types import Event, EventAdapter, Message, Usage, utcnow
 from . import TABLES, Lease, QueryName, Store, key_of, release_lease
 from ._lease import Access, LeaseOptions, acquire_lease
+from ._migrations import fill_counters
 from ._queries import QUERIES, SESSION_USAGE, QueryResult, check_select, to_frame
 from ._records import StoredSession
 from ._sink import (
@@ -36,6 +37,7 @@ from ._sink import (
     STORED_KINDS,
     Insert,
     RowWrite,
+    Update,
     attachment_rows,
     attributed,
     message_from_row,
@@ -44,6 +46,7 @@ from ._sink import (
     session_row,
     with_image_bytes,
 )
+from ._tally import COUNTER_TABLES, Bump, apply_rows
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -185,11 +188,12 @@ class DuckDBStore(Store):
                     f"INSERT INTO sessions ({names}) VALUES ({', '.join('?' * len(row.columns))})",
                     row.values,
                 )
+                # Through the counters, as any stored message (ids already stored: replaced).
+                rows: list[RowWrite] = []
                 for message in messages:
-                    # A failed statement ends a transaction: upsert at once, no plain try.
-                    _insert(con, attributed(message_row(session_id, message)), upsert=True)
-                    for image in attachment_rows(message):
-                        _insert(con, image, upsert=True)
+                    rows.append(attributed(message_row(session_id, message)))
+                    rows.extend(attachment_rows(message))
+                apply_rows(rows, _RowOps(con))
                 con.execute("COMMIT")
             except _duckdb().ConstraintException as exc:
                 con.execute("ROLLBACK")
@@ -376,6 +380,17 @@ class DuckDBStore(Store):
             for row in rows
         ]
 
+    def loaded(self) -> None:
+        """The counters computed again from every row (``load_rows`` bypasses them)."""
+        with self._connection() as con:
+            con.execute("BEGIN TRANSACTION")
+            try:
+                fill_counters(con)
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+
     def load_rows(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> int:
         """Insert ``rows`` in one transaction, keeping stored rows with the same id."""
         _check_table(table)
@@ -525,7 +540,7 @@ def _message(row: tuple[Any, ...]) -> Message:
 
 
 def write_event(con: Any, event: Event) -> None:
-    """Write ``event``'s rows (``_sink.rows_of``) on the open connection.
+    """Write ``event``'s rows (``_sink.rows_of``) and their counters in one transaction.
 
     Raises ``UnstorableRow`` if DuckDB refuses the values; other DuckDB errors pass.
     """
@@ -533,29 +548,91 @@ def write_event(con: Any, event: Event) -> None:
     if entry is None:
         return
     table, writes = entry
+    _in_transaction(con, table, lambda: apply_rows(writes, _RowOps(con)))
+
+
+def _in_transaction(con: Any, table: str, work: Callable[[], None]) -> None:
     duckdb = _duckdb()
+    con.execute(parsed("BEGIN TRANSACTION"))
     try:
-        for write in writes:
-            _apply(con, write)
-    except (duckdb.DataError, duckdb.IntegrityError) as exc:
-        # Conversion (2**64 into BIGINT, NaN, bad JSON), out of range, a NOT NULL.
-        raise UnstorableRow(table, first_line(exc)) from exc
-    except (duckdb.BinderException, duckdb.CatalogException) as exc:
-        raise UnstorableRow(
-            table, f"the store's schema is not the one this nbchat expects ({first_line(exc)})"
-        ) from exc
-    except duckdb.InvalidInputException as exc:
-        # The Python value itself cannot be converted (an int past 128 bits, a lone surrogate).
-        raise UnstorableRow(table, first_line(exc)) from exc
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise UnstorableRow(table, f"{type(exc).__name__}: {exc}") from exc
+        work()
+        con.execute(parsed("COMMIT"))
+    except BaseException as exc:
+        con.execute("ROLLBACK")
+        if isinstance(exc, duckdb.DataError | duckdb.IntegrityError):
+            # Conversion (2**64 into BIGINT, NaN, bad JSON), out of range, a NOT NULL.
+            raise UnstorableRow(table, first_line(exc)) from exc
+        if isinstance(exc, duckdb.BinderException | duckdb.CatalogException):
+            raise UnstorableRow(
+                table, f"the store's schema is not the one this nbchat expects ({first_line(exc)})"
+            ) from exc
+        if isinstance(exc, duckdb.InvalidInputException):
+            # The Python value itself cannot be converted (an int past 128 bits, a surrogate).
+            raise UnstorableRow(table, first_line(exc)) from exc
+        if isinstance(exc, TypeError | ValueError | OverflowError):
+            raise UnstorableRow(table, f"{type(exc).__name__}: {exc}") from exc
+        raise
 
 
-def _apply(con: Any, write: RowWrite) -> None:
+class _RowOps:
+    """``_tally.RowOps`` on a DuckDB connection inside a transaction."""
+
+    def __init__(self, con: Any) -> None:
+        self.con = con
+
+    def fetch(
+        self, table: str, key: str, keys: Sequence[Any], columns: Sequence[str]
+    ) -> list[Mapping[str, Any]]:
+        # Timestamps as epoch microseconds (see _from_epoch_us); names are _tally's own.
+        shown = ", ".join(f"epoch_us({c})" if c.endswith("_at") else c for c in columns)
+        where = f"{key} = ?" if len(keys) == 1 else f"list_contains(?, {key})"
+        sql = parsed(f"SELECT {shown} FROM {table} WHERE {where}")
+        rows = self.con.execute(sql, [keys[0] if len(keys) == 1 else list(keys)]).fetchall()
+        out: list[Mapping[str, Any]] = []
+        for row in rows:
+            values = dict(zip(columns, row, strict=True))
+            for c in columns:
+                if c.endswith("_at"):
+                    values[c] = _from_epoch_us(values[c])
+            out.append(values)
+        return out
+
+    def apply(self, write: RowWrite, *, exists: bool | None) -> None:
+        if isinstance(write, Insert):
+            # Inside a transaction a failed INSERT would end it: find out first.
+            if exists is None:
+                key = key_of(write.table)
+                found = self.con.execute(
+                    parsed(f"SELECT count(*) FROM {write.table} WHERE {key} = ?"),
+                    [write.values[write.columns.index(key)]],
+                ).fetchone()
+                exists = bool(found and found[0])
+            _insert(self.con, write, upsert=exists)
+        else:
+            _update(self.con, write, self)
+
+    def bump(self, bump: Bump) -> None:
+        # UPDATE, and INSERT when no row matched: DuckDB's ON CONFLICT DO UPDATE costs
+        # about three times as much, and the row exists for all but a session's first.
+        changes = [f"{c} = {c} + ?" for c in bump.add]
+        changes += [f"{c} = greatest({c}, ?::TIMESTAMPTZ)" for c in bump.latest]
+        where = " AND ".join(f"{c} = ?" for c in COUNTER_TABLES[bump.table])
+        values = [*bump.add.values(), *bump.latest.values(), *bump.key.values()]
+        updated = self.con.execute(
+            parsed(f"UPDATE {bump.table} SET {', '.join(changes)} WHERE {where}"), values
+        ).fetchone()
+        if updated and updated[0]:
+            return
+        names = [*bump.key, *bump.add, *bump.latest]
+        marks = ", ".join("?" * len(names))
+        self.con.execute(
+            parsed(f"INSERT INTO {bump.table} ({', '.join(names)}) VALUES ({marks})"),
+            [*bump.key.values(), *bump.add.values(), *bump.latest.values()],
+        )
+
+
+def _update(con: Any, write: Update, ops: _RowOps) -> None:
     # Table and column names are fixed strings of _sink, never user text.
-    if isinstance(write, Insert):
-        _insert(con, write)
-        return
     names = list(write.values)
     assignments = ", ".join(f"{name} = ?" for name in names)
     if len(write.keys) == 1:
@@ -569,25 +646,17 @@ def _apply(con: Any, write: RowWrite) -> None:
         parsed(f"UPDATE {write.table} SET {assignments} WHERE {where}"), params
     ).fetchone()
     if write.otherwise is not None and (not updated or not updated[0]):
-        _insert(con, write.otherwise)
+        ops.apply(write.otherwise, exists=False)
 
 
 def _insert(con: Any, row: Insert, *, upsert: bool = False) -> None:
-    """Insert one row; a row with the same id is replaced (a replayed event), or kept.
-
-    A plain INSERT is about three times cheaper in DuckDB than an upsert, so the
-    upsert runs only when the plain insert meets an existing id (or with ``upsert``).
-    """
+    """Insert one row; with ``upsert``, a row with the same id is replaced (a replayed
+    event), or kept (``row.keep``). A plain INSERT is about three times cheaper in
+    DuckDB than an upsert, so the upsert runs only when the id is known to exist."""
     names = ", ".join(row.columns)
     marks = ", ".join("?" * len(row.columns))
-    verb = "INSERT OR IGNORE" if row.keep else "INSERT OR REPLACE"
-    if upsert:
-        con.execute(parsed(f"{verb} INTO {row.table} ({names}) VALUES ({marks})"), row.values)
-        return
-    try:
-        con.execute(parsed(f"INSERT INTO {row.table} ({names}) VALUES ({marks})"), row.values)
-    except _duckdb().ConstraintException:
-        con.execute(f"{verb} INTO {row.table} ({names}) VALUES ({marks})", row.values)
+    verb = ("INSERT OR IGNORE" if row.keep else "INSERT OR REPLACE") if upsert else "INSERT"
+    con.execute(parsed(f"{verb} INTO {row.table} ({names}) VALUES ({marks})"), row.values)
 
 
 @lru_cache(maxsize=64)

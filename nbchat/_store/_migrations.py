@@ -22,7 +22,14 @@ from typing import Any
 
 from .._exceptions import StoreError
 
-__all__ = ["ATTRIBUTED_TABLES", "MIGRATIONS", "applied_migrations", "check_not_newer", "migrate"]
+__all__ = [
+    "ATTRIBUTED_TABLES",
+    "MIGRATIONS",
+    "applied_migrations",
+    "check_not_newer",
+    "fill_counters",
+    "migrate",
+]
 
 Connection = Any  # a DuckDB connection, or the PostgreSQL backend's translating wrapper
 Migration = tuple[str, Callable[[Connection], None]]
@@ -207,6 +214,121 @@ def m006_attachments(con: Connection) -> None:
     con.execute("ALTER TABLE messages ADD COLUMN attachments JSON")
 
 
+# What a group of requests adds to a counter row (``_tally._request_sums``, in SQL).
+_REQUEST_SUMS = """
+    count(*) AS requests,
+    coalesce(sum(prompt_tokens), 0) AS prompt_tokens,
+    count(prompt_tokens) AS prompt_reported,
+    coalesce(sum(completion_tokens), 0) AS completion_tokens,
+    count(completion_tokens) AS completion_reported,
+    coalesce(sum(cost_usd), 0.0) AS cost_usd,
+    count(cost_usd) AS costed,
+    count(*) FILTER (WHERE cost_usd IS NOT NULL AND error IS NULL) AS answered_costed"""
+
+
+def m007_counters(con: Connection) -> None:
+    """Counters kept on write (``_tally.py``): per session, per turn, per day and model;
+    filled here from the rows already stored.
+
+    Not on PostgreSQL (``keeps_counters`` False): the team store's analysis derives them
+    from the rows it fetches, per query (``_mirror``), so its writers keep none.
+    """
+    if not getattr(con, "keeps_counters", True):
+        return
+    sums = """
+        requests BIGINT NOT NULL DEFAULT 0,
+        prompt_tokens BIGINT NOT NULL DEFAULT 0,
+        prompt_reported BIGINT NOT NULL DEFAULT 0,
+        completion_tokens BIGINT NOT NULL DEFAULT 0,
+        completion_reported BIGINT NOT NULL DEFAULT 0,
+        cost_usd DOUBLE NOT NULL DEFAULT 0,
+        costed BIGINT NOT NULL DEFAULT 0,
+        answered_costed BIGINT NOT NULL DEFAULT 0"""
+    con.execute(
+        f"""
+        CREATE TABLE _session_counts (
+            session_id VARCHAR PRIMARY KEY,
+            messages BIGINT NOT NULL DEFAULT 0,
+            last_message_at TIMESTAMPTZ,
+            {sums},
+            last_request_at TIMESTAMPTZ,
+            turns BIGINT NOT NULL DEFAULT 0
+        )
+        """
+    )
+    con.execute(
+        """
+        CREATE TABLE _turn_counts (
+            turn_id VARCHAR PRIMARY KEY,
+            user_messages BIGINT NOT NULL DEFAULT 0,
+            superseded_user_messages BIGINT NOT NULL DEFAULT 0
+        )
+        """
+    )
+    con.execute(
+        f"""
+        CREATE TABLE _usage_by_day (
+            day DATE NOT NULL,
+            session_id VARCHAR NOT NULL,
+            model VARCHAR NOT NULL,
+            {sums},
+            cached_tokens BIGINT NOT NULL DEFAULT 0,
+            PRIMARY KEY (day, session_id, model)
+        )
+        """
+    )
+    fill_counters(con)
+
+
+def fill_counters(con: Connection) -> None:
+    """Compute the counter tables again from every stored row (m007, and bulk loads)."""
+    requests = _REQUEST_SUMS
+    for table in ("_session_counts", "_turn_counts", "_usage_by_day"):
+        con.execute(f"DELETE FROM {table}")
+    con.execute(
+        f"""
+        INSERT INTO _session_counts
+        WITH m AS (
+            SELECT session_id, count(*) FILTER (WHERE state = 'active') AS messages,
+                   max(created_at) AS last_message_at
+            FROM messages GROUP BY session_id
+        ), r AS (
+            SELECT session_id, {requests}, max(created_at) AS last_request_at
+            FROM requests GROUP BY session_id
+        ), t AS (
+            SELECT session_id, count(*) AS turns FROM turns GROUP BY session_id
+        ), ids AS (
+            SELECT session_id FROM m UNION SELECT session_id FROM r
+            UNION SELECT session_id FROM t
+        )
+        SELECT ids.session_id, coalesce(m.messages, 0), m.last_message_at,
+               coalesce(r.requests, 0), coalesce(r.prompt_tokens, 0),
+               coalesce(r.prompt_reported, 0), coalesce(r.completion_tokens, 0),
+               coalesce(r.completion_reported, 0), coalesce(r.cost_usd, 0.0),
+               coalesce(r.costed, 0), coalesce(r.answered_costed, 0), r.last_request_at,
+               coalesce(t.turns, 0)
+        FROM ids LEFT JOIN m USING (session_id) LEFT JOIN r USING (session_id)
+        LEFT JOIN t USING (session_id)
+        """
+    )
+    con.execute(
+        """
+        INSERT INTO _turn_counts
+        SELECT turn_id, count(*), count(*) FILTER (WHERE state = 'superseded')
+        FROM messages WHERE role = 'user' AND turn_id IS NOT NULL GROUP BY turn_id
+        """
+    )
+    con.execute(
+        f"""
+        INSERT INTO _usage_by_day
+        SELECT (created_at AT TIME ZONE 'UTC')::DATE AS day, session_id,
+               coalesce(model, '') AS model, {requests},
+               coalesce(sum(cached_tokens), 0) AS cached_tokens
+        FROM requests GROUP BY ALL
+        """
+    )
+
+
 MIGRATIONS: list[Migration] = [
     ("m001_initial", m001_initial),
     ("m002_turns_and_details", m002_turns_and_details),
@@ -214,6 +336,7 @@ MIGRATIONS: list[Migration] = [
     ("m004_reasoning_and_cost_sources", m004_reasoning_and_cost_sources),
     ("m005_row_attribution", m005_row_attribution),
     ("m006_attachments", m006_attachments),
+    ("m007_counters", m007_counters),
 ]
 
 

@@ -34,10 +34,14 @@ from .._exceptions import StoreError
 from . import TABLES
 from ._duckdb import _duckdb, _result, first_line
 from ._lease import _NO_EXTENSIONS
+from ._migrations import fill_counters
 from ._queries import QueryResult
+from ._tally import COUNTER_TABLES
 
 __all__ = ["Mirror", "needed_columns"]
 
+# The tables the counters are computed from (``fill_counters`` reads them whole).
+_COUNTED = ("sessions", "messages", "requests", "turns")
 _WORD = re.compile(r"[a-z_][a-z0-9_]*")
 _COUNT_STAR = re.compile(r"count\s*\(\s*\*\s*\)", re.I)
 
@@ -86,6 +90,9 @@ class Mirror:
                 wanted = {t: c for t, c in self._schema.items() if t in _words(sql)}
             else:
                 wanted = needed_columns(sql, self._schema)
+            counted = bool(COUNTER_TABLES.keys() & _words(sql))
+            if counted:  # the counters are derived here, from every row they count
+                wanted = {**wanted, **{t: self._schema[t] for t in _COUNTED}}
             fetched = self._fetch(wanted, None if user else session_id)
             started = time.perf_counter()
             con.execute("BEGIN TRANSACTION")
@@ -95,6 +102,8 @@ class Mirror:
                     con.register("_nbchat_rows", data)
                     con.execute(f'INSERT INTO "{table}" ({names}) SELECT {names} FROM _nbchat_rows')
                     con.unregister("_nbchat_rows")
+                if counted:
+                    fill_counters(con)
                 cursor = con.execute(sql, bound)
                 return _result(cursor)
             except duckdb.PermissionException as exc:

@@ -145,6 +145,8 @@ def pg_dialect(sql: str) -> str:
 class PgMigrationConnection:
     """A psycopg connection that takes the migrations' DuckDB SQL (``pg_dialect``)."""
 
+    keeps_counters = False  # m007's counters are derived by the analysis side (_mirror)
+
     def __init__(self, con: Any) -> None:
         self._con = con
         self._cursor: Any = None

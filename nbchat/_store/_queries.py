@@ -59,44 +59,36 @@ _KNOWN_COST = """
               AND count(*) FILTER (WHERE {r}cost_usd IS NOT NULL AND {r}error IS NULL) = 0
          THEN NULL ELSE sum({r}cost_usd) END"""
 
-_SESSIONS = f"""
-    WITH m AS (
-        SELECT session_id, count(*) FILTER (WHERE state = 'active') AS messages,
-               max(created_at) AS last_message_at
-        FROM messages GROUP BY session_id
-    ), r AS (
-        SELECT session_id, count(*) AS requests,
-               sum(prompt_tokens)::BIGINT AS prompt_tokens,
-               sum(completion_tokens)::BIGINT AS completion_tokens,
-               {_KNOWN_COST.format(r="")} AS cost_usd,
-               count(*) FILTER (WHERE cost_usd IS NULL) AS unknown_cost_requests,
-               max(created_at) AS last_request_at
-        FROM requests GROUP BY session_id
-    ), superseded AS (  -- turns whose user message a cell re-run replaced
-        SELECT turn_id FROM messages WHERE role = 'user' AND turn_id IS NOT NULL
-        GROUP BY turn_id HAVING bool_and(state = 'superseded')
-    ), t AS (
-        SELECT turns.session_id, count(*) FILTER (WHERE x.turn_id IS NULL) AS turns,
-               count(x.turn_id) AS superseded_turns
-        FROM turns LEFT JOIN superseded x ON x.turn_id = turns.id
-        GROUP BY turns.session_id
+# From the counters kept on write (``_tally.py``), not from every message and request.
+# A turn is superseded when all its user messages are (a cell re-run replaced it).
+_SESSIONS = """
+    WITH x AS (
+        SELECT t.session_id, count(*) AS superseded_turns
+        FROM _turn_counts c JOIN turns t ON t.id = c.turn_id
+        WHERE c.superseded_user_messages = c.user_messages AND c.user_messages > 0
+        GROUP BY t.session_id
     )
     SELECT s.id, s.title, s.model, s.created_at,
-           greatest(s.created_at, m.last_message_at, r.last_request_at) AS last_active,
-           coalesce(t.turns, 0) AS turns, coalesce(t.superseded_turns, 0) AS superseded_turns,
-           coalesce(m.messages, 0) AS messages,
-           coalesce(r.requests, 0) AS requests,
+           greatest(s.created_at, c.last_message_at, c.last_request_at) AS last_active,
+           coalesce(c.turns, 0) - coalesce(x.superseded_turns, 0) AS turns,
+           coalesce(x.superseded_turns, 0) AS superseded_turns,
+           coalesce(c.messages, 0) AS messages,
+           coalesce(c.requests, 0) AS requests,
            -- no request at all costs nothing; requests without a known value stay NULL
-           CASE WHEN r.requests IS NULL THEN 0 ELSE r.prompt_tokens END AS prompt_tokens,
-           CASE WHEN r.requests IS NULL THEN 0 ELSE r.completion_tokens END
+           CASE WHEN coalesce(c.requests, 0) = 0 THEN 0
+                WHEN c.prompt_reported > 0 THEN c.prompt_tokens END AS prompt_tokens,
+           CASE WHEN coalesce(c.requests, 0) = 0 THEN 0
+                WHEN c.completion_reported > 0 THEN c.completion_tokens END
                AS completion_tokens,
-           CASE WHEN r.requests IS NULL THEN 0.0 ELSE r.cost_usd END AS cost_usd,
-           coalesce(r.unknown_cost_requests, 0) AS unknown_cost_requests,
+           CASE WHEN coalesce(c.requests, 0) = 0 THEN 0.0
+                WHEN c.costed = 0 OR (c.requests > c.costed AND c.answered_costed = 0)
+                    THEN NULL
+                ELSE c.cost_usd END AS cost_usd,
+           coalesce(c.requests - c.costed, 0) AS unknown_cost_requests,
            s.system_prompt, s.parent_id, s.notebook, s.metadata
     FROM sessions s
-    LEFT JOIN m ON m.session_id = s.id
-    LEFT JOIN r ON r.session_id = s.id
-    LEFT JOIN t ON t.session_id = s.id
+    LEFT JOIN _session_counts c ON c.session_id = s.id
+    LEFT JOIN x ON x.session_id = s.id
     ORDER BY s.created_at, s.id
 """
 
@@ -210,6 +202,77 @@ _SEARCH = """
     LIMIT ?
 """
 
+# The dashboard's overview, from the per-day counters (``_usage_by_day``) for a range of
+# UTC days (both included; NULL: open-ended). A group's cost is the sum of its known costs,
+# NULL when none is known; ``unknown`` counts the requests without a price.
+_DAYS = "(? IS NULL OR u.day >= ?) AND (? IS NULL OR u.day <= ?)"
+_DAY_PARAMS = ("since", "since", "until", "until")
+_GROUP_SUMS = """sum(u.requests)::BIGINT AS requests,
+           CASE WHEN sum(u.costed) > 0 THEN sum(u.cost_usd) END AS cost_usd,
+           sum(u.requests - u.costed)::BIGINT AS unknown"""
+
+_SPEND_BY_DAY_MODEL = f"""
+    SELECT u.day, nullif(u.model, '') AS model, {_GROUP_SUMS}
+    FROM _usage_by_day u WHERE {_DAYS}
+    GROUP BY u.day, u.model HAVING sum(u.requests) > 0
+    ORDER BY u.day, u.model
+"""
+
+_SPEND_BY_SESSION_ALL = """
+    WITH g AS (
+        SELECT session_id, requests,
+               CASE WHEN costed > 0 THEN cost_usd END AS cost_usd,
+               requests - costed AS unknown
+        FROM _session_counts WHERE requests > 0
+        ORDER BY coalesce(CASE WHEN costed > 0 THEN cost_usd END, -1) DESC, requests DESC,
+                 session_id
+        LIMIT ?
+    )
+    SELECT g.*, s.title,
+           (SELECT count(*) FROM _session_counts WHERE requests > 0) AS sessions_in_range
+    FROM g LEFT JOIN sessions s ON s.id = g.session_id
+    ORDER BY coalesce(g.cost_usd, -1) DESC, g.requests DESC, g.session_id
+"""
+
+_SPEND_BY_SESSION = f"""
+    WITH g AS (
+        SELECT u.session_id, {_GROUP_SUMS}
+        FROM _usage_by_day u WHERE {_DAYS}
+        GROUP BY u.session_id HAVING sum(u.requests) > 0
+    ), totals AS (
+        SELECT count(*) AS sessions FROM g
+    )
+    SELECT g.*, s.title, totals.sessions AS sessions_in_range
+    FROM g CROSS JOIN totals LEFT JOIN sessions s ON s.id = g.session_id
+    ORDER BY coalesce(g.cost_usd, -1) DESC, g.requests DESC, g.session_id
+    LIMIT ?
+"""
+
+# Request latency per model for a range of instants [since, until): box-plot figures
+# (quartiles; whiskers at the 5th and 95th percentiles). On a large range the sampled
+# variant reads about 1 row in 50 (whole blocks of rows, DuckDB's system sampling).
+_LATENCY = """
+    SELECT model, metric, count(*) AS n,
+           quantile_cont(value, [0.05, 0.25, 0.5, 0.75, 0.95]) AS quantiles
+    FROM (
+        SELECT model, ttft_ms, duration_ms FROM requests {sample}
+        WHERE (? IS NULL OR created_at >= ?) AND (? IS NULL OR created_at < ?)
+          AND model IS NOT NULL
+    ) UNPIVOT (value FOR metric IN (ttft_ms, duration_ms))
+    GROUP BY model, metric ORDER BY model, metric
+"""
+_INSTANTS = ("since", "since", "until", "until")
+
+_TOOL_STATS = """
+    SELECT name AS tool, count(*) AS calls,
+           count(*) FILTER (WHERE is_error) AS errors,
+           median(duration_ms) AS median_ms
+    FROM tool_calls
+    WHERE (? IS NULL OR created_at >= ?) AND (? IS NULL OR created_at < ?)
+    GROUP BY name
+    ORDER BY errors / calls DESC, calls DESC, name
+"""
+
 QUERIES: dict[str, NamedQuery] = {
     "sessions": NamedQuery(_SESSIONS, json_columns=frozenset({"metadata"})),
     "transcript": NamedQuery(
@@ -224,6 +287,14 @@ QUERIES: dict[str, NamedQuery] = {
     # One name bound four times: each placeholder is its own parameter.
     "turns": NamedQuery(_TURNS, ("session_id", "session_id", "session_id", "session_id")),
     "search": NamedQuery(_SEARCH, ("terms", "terms", "session_id", "session_id", "limit")),
+    "spend_by_day_model": NamedQuery(_SPEND_BY_DAY_MODEL, _DAY_PARAMS),
+    "spend_by_session": NamedQuery(_SPEND_BY_SESSION, (*_DAY_PARAMS, "limit")),
+    "spend_by_session_all": NamedQuery(_SPEND_BY_SESSION_ALL, ("limit",)),
+    "latency_by_model": NamedQuery(_LATENCY.format(sample=""), _INSTANTS),
+    "latency_by_model_sampled": NamedQuery(
+        _LATENCY.format(sample="TABLESAMPLE 2 PERCENT (system)"), _INSTANTS
+    ),
+    "tool_stats": NamedQuery(_TOOL_STATS, _INSTANTS),
     "costs_by_model": NamedQuery(
         _costs(
             "r.model, r.provider",
@@ -343,23 +414,29 @@ def _series(values: Any, type_name: str) -> pd.Series:
         return pd.Series(floats)
     if kind == "BOOLEAN":
         return pd.Series(pd.arrays.BooleanArray(data.astype(bool), mask.copy()))
-    items = [None if missing else item for item, missing in zip(data.tolist(), mask, strict=True)]
+    # Objects (strings, lists...) with None where NULL, without a Python loop.
+    items: Any = np.array(data, dtype=object, copy=True)
+    items[mask] = None
     if kind in _TEXT_TYPES:
-        return pd.Series(items, dtype=_text_dtype())
+        text: pd.Series = pd.Series(items, dtype=_text_dtype())
+        return text
     return pd.Series(items, dtype=object)
 
 
 def to_frame(result: QueryResult, json_columns: frozenset[str] = frozenset()) -> pd.DataFrame:
     """A DataFrame of ``result``; ``json_columns`` are parsed into Python objects."""
+    import numpy as np
     import pandas as pd
 
     parse: Callable[[str], Any] = json.loads
     columns: dict[str, pd.Series] = {}
     for name, kind in zip(result.columns, result.types, strict=True):
-        series = _series(result.data[name], kind)
+        values = result.data[name]
         if name in json_columns:
-            series = pd.Series(
-                [None if pd.isna(v) else parse(v) for v in series.tolist()], dtype=object
-            )
-        columns[name] = series
+            mask = np.ma.getmaskarray(values).tolist()
+            texts = np.ma.getdata(values).tolist()
+            parsed = [None if m else parse(t) for t, m in zip(texts, mask, strict=True)]
+            columns[name] = pd.Series(parsed, dtype=object)
+        else:
+            columns[name] = _series(values, kind)
     return pd.DataFrame(columns, columns=result.columns)

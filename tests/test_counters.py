@@ -1,0 +1,274 @@
+"""The counters kept on write (m007, ``_store/_tally.py``) against the rows they count.
+
+A random store is written event by event — messages, marks (compaction, supersede),
+requests with and without tokens and prices, turns, replays of earlier events, sessions
+created with history, ``end_unfinished_turns`` — and then ``sessions()`` (which reads the
+counters) must equal the full aggregation over every row that it replaced, and the
+per-day table must equal a GROUP BY of the requests.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+import nbchat
+from nbchat._store import Store
+from nbchat._store._migrations import fill_counters
+from nbchat._types import (
+    Message,
+    MessageAdded,
+    MessagesMarked,
+    RequestUsage,
+    TurnFinished,
+    TurnResult,
+    TurnStarted,
+    Usage,
+    UsageEvent,
+    new_id,
+)
+
+# What sessions() computed before the counters: every message, request and turn, per call.
+FULL_SESSIONS = """
+    WITH m AS (
+        SELECT session_id, count(*) FILTER (WHERE state = 'active') AS messages,
+               max(created_at) AS last_message_at
+        FROM messages GROUP BY session_id
+    ), r AS (
+        SELECT session_id, count(*) AS requests,
+               sum(prompt_tokens)::BIGINT AS prompt_tokens,
+               sum(completion_tokens)::BIGINT AS completion_tokens,
+               CASE WHEN count(*) FILTER (WHERE cost_usd IS NULL) > 0
+                         AND count(*) FILTER (WHERE cost_usd IS NOT NULL AND error IS NULL) = 0
+                    THEN NULL ELSE sum(cost_usd) END AS cost_usd,
+               count(*) FILTER (WHERE cost_usd IS NULL) AS unknown_cost_requests,
+               max(created_at) AS last_request_at
+        FROM requests GROUP BY session_id
+    ), superseded AS (
+        SELECT turn_id FROM messages WHERE role = 'user' AND turn_id IS NOT NULL
+        GROUP BY turn_id HAVING bool_and(state = 'superseded')
+    ), t AS (
+        SELECT turns.session_id, count(*) FILTER (WHERE x.turn_id IS NULL) AS turns,
+               count(x.turn_id) AS superseded_turns
+        FROM turns LEFT JOIN superseded x ON x.turn_id = turns.id
+        GROUP BY turns.session_id
+    )
+    SELECT s.id, s.title, s.model, s.created_at,
+           greatest(s.created_at, m.last_message_at, r.last_request_at) AS last_active,
+           coalesce(t.turns, 0) AS turns, coalesce(t.superseded_turns, 0) AS superseded_turns,
+           coalesce(m.messages, 0) AS messages,
+           coalesce(r.requests, 0) AS requests,
+           CASE WHEN r.requests IS NULL THEN 0 ELSE r.prompt_tokens END AS prompt_tokens,
+           CASE WHEN r.requests IS NULL THEN 0 ELSE r.completion_tokens END
+               AS completion_tokens,
+           CASE WHEN r.requests IS NULL THEN 0.0 ELSE r.cost_usd END AS cost_usd,
+           coalesce(r.unknown_cost_requests, 0) AS unknown_cost_requests,
+           s.system_prompt, s.parent_id, s.notebook, s.metadata
+    FROM sessions s
+    LEFT JOIN m ON m.session_id = s.id
+    LEFT JOIN r ON r.session_id = s.id
+    LEFT JOIN t ON t.session_id = s.id
+    ORDER BY s.created_at, s.id
+"""
+
+BY_DAY = """
+    SELECT (created_at AT TIME ZONE 'UTC')::DATE AS day, session_id,
+           coalesce(model, '') AS model, count(*) AS requests,
+           coalesce(sum(prompt_tokens), 0)::BIGINT AS prompt_tokens,
+           count(prompt_tokens) AS prompt_reported,
+           coalesce(sum(completion_tokens), 0)::BIGINT AS completion_tokens,
+           coalesce(sum(cached_tokens), 0)::BIGINT AS cached_tokens,
+           coalesce(sum(cost_usd), 0.0) AS cost_usd, count(cost_usd) AS costed,
+           count(*) FILTER (WHERE cost_usd IS NOT NULL AND error IS NULL) AS answered_costed
+    FROM requests GROUP BY ALL ORDER BY ALL
+"""
+COUNTED_BY_DAY = """
+    SELECT day, session_id, model, requests, prompt_tokens, prompt_reported,
+           completion_tokens, cached_tokens, cost_usd, costed, answered_costed
+    FROM _usage_by_day WHERE requests <> 0 ORDER BY ALL
+"""
+
+
+def full_sessions(store: Store) -> pd.DataFrame:
+    frame = store.sql(FULL_SESSIONS)
+    frame["metadata"] = frame["metadata"].map(lambda v: None if pd.isna(v) else json.loads(v))
+    return frame
+
+
+def assert_same(counted: pd.DataFrame, full: pd.DataFrame) -> None:
+    assert list(counted.columns) == list(full.columns)
+    assert list(counted.dtypes) == list(full.dtypes)
+    exact = [c for c in counted.columns if c != "cost_usd"]
+    pd.testing.assert_frame_equal(counted[exact], full[exact])
+    # Sums of floats in another order (and differences on replays): equal, not bit-equal.
+    pd.testing.assert_series_equal(counted["cost_usd"], full["cost_usd"], rtol=1e-9, atol=1e-12)
+
+
+class RandomStore:
+    """Writes a plausible but random history of several sessions, replays included."""
+
+    def __init__(self, store: Store, seed: int) -> None:
+        self.store = store
+        self.rng = random.Random(seed)
+        self.written: list[Any] = []
+        self.messages: dict[str, list[Message]] = {}
+        self.turns: dict[str, list[str]] = {}
+
+    def write(self, event: Any) -> None:
+        self.store.write(event)
+        self.written.append(event)
+
+    def session(self) -> str:
+        sid = new_id()
+        history = []
+        if self.rng.random() < 0.3:  # a session created with history (a fork, an import)
+            turn = new_id()
+            history = [
+                Message(role="user", content="q", seq=0, turn_id=turn),
+                Message(role="assistant", content="a", seq=1, turn_id=turn),
+            ]
+        self.store.create_session(
+            session_id=sid, model="m", system_prompt=None, messages=history,
+            metadata={"n": self.rng.randint(0, 9)},
+        )  # fmt: skip
+        self.messages[sid] = list(history)
+        self.turns[sid] = []
+        return sid
+
+    def turn(self, sid: str) -> None:
+        rng = self.rng
+        turn = new_id()
+        self.turns[sid].append(turn)
+        if rng.random() < 0.9:
+            self.write(TurnStarted(session_id=sid, turn_id=turn, text="question"))
+        seq = len(self.messages[sid])
+        users = 2 if rng.random() < 0.2 else 1  # a typed answer's correction is a user message
+        for i in range(users + rng.randint(0, 3)):
+            role = "user" if i < users else rng.choice(["assistant", "tool", "assistant"])
+            state = "superseded" if rng.random() < 0.05 else "active"  # a rejected reply
+            message = Message(role=role, content="x", seq=seq, turn_id=turn, state=state)
+            seq += 1
+            self.messages[sid].append(message)
+            self.write(MessageAdded(session_id=sid, message=message))
+        for _ in range(rng.randint(0, 3)):
+            tokens = None if rng.random() < 0.15 else rng.randint(1, 5000)
+            self.write(
+                UsageEvent(
+                    session_id=sid,
+                    turn_id=turn,
+                    model=rng.choice(["a", "b", "c"]),
+                    usage=None
+                    if rng.random() < 0.1
+                    else RequestUsage(
+                        prompt_tokens=tokens,
+                        completion_tokens=None if rng.random() < 0.1 else rng.randint(1, 900),
+                        cached_tokens=rng.choice([None, 0, 10]),
+                    ),
+                    cost_usd=None if rng.random() < 0.3 else rng.choice([0.0, 0.001, 0.37]),
+                    error="HTTP 500" if rng.random() < 0.15 else None,
+                )
+            )
+        if rng.random() < 0.8:
+            result = TurnResult(
+                session_id=sid, turn_id=turn, status="completed", usage=Usage(requests=1)
+            )
+            self.write(TurnFinished(session_id=sid, turn_id=turn, result=result))
+
+    def mark(self, sid: str, state: str) -> None:
+        live = [m for m in self.messages[sid] if m.state == "active"]
+        if not live:
+            return
+        start = self.rng.randrange(len(live))
+        chosen = live[start:] if state == "superseded" else live[: start + 1]
+        for m in chosen:
+            m.state = state  # type: ignore[assignment]
+        self.write(MessagesMarked(session_id=sid, message_ids=[m.id for m in chosen], state=state))
+
+    def run(self, steps: int) -> None:
+        rng = self.rng
+        sessions = [self.session() for _ in range(4)]
+        for _ in range(steps):
+            roll = rng.random()
+            sid = rng.choice(sessions)
+            if roll < 0.55:
+                self.turn(sid)
+            elif roll < 0.65:
+                self.mark(sid, "compacted")
+            elif roll < 0.75:
+                self.mark(sid, "superseded")
+            elif roll < 0.9 and self.written:  # a replay: an earlier event written again
+                self.store.write(rng.choice(self.written))
+            elif roll < 0.95:
+                sessions.append(self.session())
+            else:
+                self.store.end_unfinished_turns(sid, status="interrupted", error="gone")
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_sessions_from_the_counters_equal_the_full_aggregation(tmp_path: Path, seed: int) -> None:
+    with Store.open(tmp_path / "random.duckdb") as store:
+        RandomStore(store, seed).run(160)
+        counted = nbchat.sessions(db=store)
+        full = full_sessions(store)
+        assert len(counted) >= 4
+        assert counted["superseded_turns"].sum() > 0 or seed  # the cases are reached
+        assert_same(counted, full)
+        by_day = store.sql(COUNTED_BY_DAY)
+        expected = store.sql(BY_DAY)
+        pd.testing.assert_frame_equal(
+            by_day.drop(columns="cost_usd"), expected.drop(columns="cost_usd")
+        )
+        pd.testing.assert_series_equal(by_day["cost_usd"], expected["cost_usd"], atol=1e-12)
+
+
+def test_replaying_every_event_again_changes_no_counter(tmp_path: Path) -> None:
+    with Store.open(tmp_path / "replay.duckdb") as store:
+        history = RandomStore(store, 99)
+        history.run(80)
+        before = nbchat.sessions(db=store)
+        for event in history.written:  # a recovery file imported twice, in order
+            store.write(event)
+        after = nbchat.sessions(db=store)
+        # A replayed request row is stamped when it is written again: only that moves.
+        assert (after["last_active"] >= before["last_active"]).all()
+        assert_same(after.drop(columns="last_active"), before.drop(columns="last_active"))
+        assert_same(after, full_sessions(store))
+
+
+def test_the_migration_fills_the_counters_of_an_older_store(tmp_path: Path) -> None:
+    import duckdb
+
+    from nbchat._store._migrations import migrate
+
+    path = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(path))
+    migrate(con, stop_after="m006_attachments")
+    con.close()
+    with Store.open(tmp_path / "source.duckdb") as source:
+        RandomStore(source, 7).run(60)
+        expected = nbchat.sessions(db=source)
+    # The same rows, copied into a store that has no counters yet.
+    con = duckdb.connect(str(path))
+    con.execute(f"ATTACH '{tmp_path / 'source.duckdb'}' AS src (READ_ONLY)")
+    for table in ("sessions", "messages", "requests", "turns"):
+        con.execute(f"INSERT INTO {table} SELECT * FROM src.{table}")
+    con.execute("DETACH src")
+    con.close()
+    with Store.open(path) as store:  # m007 runs here
+        assert_same(nbchat.sessions(db=store), expected)
+
+
+def test_fill_counters_recomputes_what_writes_kept(tmp_path: Path) -> None:
+    with Store.open(tmp_path / "fill.duckdb") as store:
+        RandomStore(store, 3).run(60)
+        kept = store.sql("SELECT * FROM _session_counts ORDER BY session_id")
+        with store._connection() as con:  # type: ignore[attr-defined]
+            fill_counters(con)
+        again = store.sql("SELECT * FROM _session_counts ORDER BY session_id")
+    pd.testing.assert_frame_equal(kept.drop(columns="cost_usd"), again.drop(columns="cost_usd"))
+    pd.testing.assert_series_equal(kept["cost_usd"], again["cost_usd"], atol=1e-12)
