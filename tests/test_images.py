@@ -422,3 +422,14 @@ def test_only_image_types_can_be_named_or_shown() -> None:
     odd = ImagePart(mime="image/svg+xml", sha256="x", data=b"<svg onload=alert(1)>", size=20)
     shown = thumbnails_html([odd])
     assert "<img" not in shown and "onload" not in shown.replace("&lt;", "")
+
+
+def test_an_image_row_survives_the_team_stores_spool() -> None:
+    from nbchat._store._sink import attachment_rows
+    from nbchat._store._spool import decode_unit, encode_unit
+
+    raw = png(2, 2)
+    message = Message(role="user", content="x", attachments=[to_image(raw)])  # type: ignore[list-item]
+    unit = list(attachment_rows(message))
+    (back,) = decode_unit(encode_unit(unit))
+    assert back == unit[0] and bytes(back.values[5]) == raw  # type: ignore[union-attr]

@@ -14,6 +14,7 @@ is written by id.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -50,12 +51,16 @@ def spool_folder(root: str, key: str) -> Path:
 def _default(value: Any) -> Any:
     if isinstance(value, datetime):
         return {"$t": value.isoformat()}
+    if isinstance(value, bytes):  # an image's bytes (the attachments table)
+        return {"$b": base64.b64encode(value).decode()}
     raise TypeError(f"cannot spool a {type(value).__name__}")
 
 
 def _hook(data: dict[str, Any]) -> Any:
     if len(data) == 1 and "$t" in data:
         return datetime.fromisoformat(data["$t"])
+    if len(data) == 1 and "$b" in data:
+        return base64.b64decode(data["$b"])
     return data
 
 
