@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._exceptions import StoreError, UnstorableRow
 from .._types import Event, EventAdapter, Message, Usage, utcnow
-from . import TABLES, Lease, QueryName, Store, key_of, release_lease
+from . import TABLES, Lease, QueryName, key_of, release_lease
 from ._lease import Access, LeaseOptions, acquire_lease
 from ._migrations import fill_counters
 from ._queries import QUERIES, SESSION_USAGE, QueryResult, check_select, to_frame
@@ -46,6 +46,7 @@ from ._sink import (
     session_row,
     with_image_bytes,
 )
+from ._sql import SqlStore
 from ._tally import COUNTER_TABLES, Bump, apply_rows
 
 if TYPE_CHECKING:
@@ -68,7 +69,7 @@ def _from_epoch_us(value: int | None) -> datetime | None:
     return None if value is None else _EPOCH + timedelta(microseconds=value)
 
 
-class DuckDBStore(Store):
+class DuckDBStore(SqlStore):
     """A DuckDB file (or ``:memory:``) holding sessions, messages, requests and more.
 
     Open with ``Store.open(db)``. Several processes may share one file: each holds it
@@ -217,30 +218,6 @@ class DuckDBStore(Store):
         # Column names come from the fixed set above, never from the caller's text.
         assignments = ", ".join(f"{name} = ?" for name in names)
         self._execute(f"UPDATE sessions SET {assignments} WHERE id = ?", [*values, session_id])
-
-    def has_session(self, session_id: str) -> bool:
-        """Whether a session with this id is stored."""
-        return bool(self._fetchall("SELECT 1 FROM sessions WHERE id = ?", [session_id]))
-
-    def latest_session_id(self, notebook: str | None = None) -> str | None:
-        """The most recently created session (in ``notebook``, if given), or ``None``."""
-        rows = self._fetchall(
-            "SELECT id FROM sessions WHERE ? IS NULL OR notebook = ?"
-            " ORDER BY created_at DESC, id DESC LIMIT 1",
-            [notebook, notebook],
-        )
-        return str(rows[0][0]) if rows else None
-
-    def session_for_cell(self, cell_id: str, notebook: str | None = None) -> str | None:
-        """The latest session whose live messages include a user message from ``cell_id``."""
-        rows = self._fetchall(
-            "SELECT m.session_id FROM messages m JOIN sessions s ON s.id = m.session_id"
-            " WHERE m.role = 'user' AND m.state = 'active' AND m.cell_id = ?"
-            " AND (? IS NULL OR s.notebook = ?)"
-            " ORDER BY m.created_at DESC, m.seq DESC LIMIT 1",
-            [cell_id, notebook, notebook],
-        )
-        return str(rows[0][0]) if rows else None
 
     def load_session(self, session_id: str) -> StoredSession:
         """The session's settings and active messages in order; ``StoreError`` if unknown."""

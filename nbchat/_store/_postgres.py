@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._exceptions import StoreError
 from .._types import Event, Message, Usage, utcnow
-from . import Lease, QueryName, Store, key_of, release_lease, shared_lease
+from . import Lease, QueryName, key_of, release_lease, shared_lease
 from ._duckdb import _check_table
 from ._mirror import Mirror
 from ._pg_lease import DuplicateRow, PgLease, PgOptions, _clean, check_url, shown_url
@@ -30,6 +30,7 @@ from ._sink import (
     STORED_KINDS,
     RowWrite,
     Update,
+    attachment_rows,
     attributed,
     message_from_row,
     message_row,
@@ -37,6 +38,7 @@ from ._sink import (
     session_row,
     with_image_bytes,
 )
+from ._sql import SqlStore
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -50,7 +52,7 @@ _MESSAGE_SELECT = ", ".join(f'"{c}"' for c in MESSAGE_COLUMNS)
 _mirror_lock = threading.Lock()
 
 
-class PostgresStore(Store):
+class PostgresStore(SqlStore):
     """A PostgreSQL database holding the sessions of a team (see the module docstring)."""
 
     def __init__(self, lease: PgLease, *, lock_timeout: float) -> None:
@@ -178,7 +180,9 @@ class PostgresStore(Store):
             metadata=metadata,
             created_at=created_at,
         )
-        unit: list[RowWrite] = [row, *(attributed(message_row(session_id, m)) for m in messages)]
+        unit: list[RowWrite] = [row]
+        for message in messages:
+            unit += [attributed(message_row(session_id, message)), *attachment_rows(message)]
         lease = self._live()
         try:
             lease.apply(unit, table="sessions", new_session=True)
@@ -200,30 +204,6 @@ class PostgresStore(Store):
             return
         values = {n: json.dumps(v) if n == "metadata" else v for n, v in sorted(fields.items())}
         self._write([Update("sessions", values, "id", [session_id])], "sessions")
-
-    def has_session(self, session_id: str) -> bool:
-        """Whether a session with this id is stored."""
-        return bool(self._fetchall("SELECT 1 FROM sessions WHERE id = ?", [session_id]))
-
-    def latest_session_id(self, notebook: str | None = None) -> str | None:
-        """The most recently created session (in ``notebook``, if given), or ``None``."""
-        rows = self._fetchall(
-            "SELECT id FROM sessions WHERE ?::text IS NULL OR notebook = ?"
-            " ORDER BY created_at DESC, id DESC LIMIT 1",
-            [notebook, notebook],
-        )
-        return str(rows[0][0]) if rows else None
-
-    def session_for_cell(self, cell_id: str, notebook: str | None = None) -> str | None:
-        """The latest session whose live messages include a user message from ``cell_id``."""
-        rows = self._fetchall(
-            "SELECT m.session_id FROM messages m JOIN sessions s ON s.id = m.session_id"
-            " WHERE m.role = 'user' AND m.state = 'active' AND m.cell_id = ?"
-            " AND (?::text IS NULL OR s.notebook = ?)"
-            " ORDER BY m.created_at DESC, m.seq DESC LIMIT 1",
-            [cell_id, notebook, notebook],
-        )
-        return str(rows[0][0]) if rows else None
 
     def load_session(self, session_id: str) -> StoredSession:
         """The session's settings and active messages in order; ``StoreError`` if unknown."""
