@@ -64,8 +64,9 @@ __all__ = ["Session", "TurnOptions", "configure"]
 
 EventHandler = Callable[[Event], None]
 DEFAULT_MAX_ROUNDS = 16
-# The chat-completions field reasoning is sent back in (DeepSeek's and vLLM's name).
-REASONING_FIELD = "reasoning_content"
+# The field reasoning is sent back in, per wire: chat completions (DeepSeek's and vLLM's
+# name), and the Responses API's reasoning items (which _responses puts before the calls).
+REASONING_FIELDS = {"chat": "reasoning_content", "responses": "reasoning_items"}
 MAX_ROUNDS_NOTE = (
     "You have reached the limit on tool calls for this turn. Do not call tools; "
     "answer now as well as you can with the information you already have."
@@ -1078,11 +1079,13 @@ class Session:
         DeepSeek's refuse a tool round without it), never from earlier turns (it is
         kept in the store); ``"always"`` / ``"never"``.
         """
-        if message.reasoning is None or self.reasoning_replay == "never":
+        if (message.reasoning is None and message.reasoning_items is None) or (
+            self.reasoning_replay == "never"
+        ):
             return None
         if self.reasoning_replay == "auto" and message.turn_id != turn.turn_id:
             return None
-        return REASONING_FIELD
+        return REASONING_FIELDS[turn.settings.client.api]
 
     def _context(self, turn: _Turn) -> list[Message]:
         """The messages a request of ``turn`` sends: the conversation, or for an isolated
@@ -1164,6 +1167,7 @@ class Session:
             role="assistant",
             content=folder.text or None,
             reasoning=folder.reasoning or None,
+            reasoning_items=folder.reasoning_items or None,
             tool_calls=calls or None,
             turn_id=turn.turn_id,
             round=turn.round,

@@ -61,6 +61,7 @@ __all__ = [
     "Fallback",
     "Reply",
     "ToolCallSpec",
+    "chat_request",
     "echo_reply",
     "estimate_prompt_tokens",
     "main",
@@ -230,6 +231,17 @@ def echo_reply(body: dict[str, Any]) -> Reply:
     return Reply(text=f"Echo: {last}")
 
 
+def chat_request(body: dict[str, Any]) -> dict[str, Any]:
+    """A request body in the chat-completions form, whichever wire it came on.
+
+    A Responses request's instructions and input items become ``messages`` (a reasoning
+    item the ``reasoning_content`` of the assistant message after it), its tools and
+    options take their chat names; a chat request is returned as it is. For tests and
+    fallbacks that read requests the same way on both wire formats.
+    """
+    return _fake_responses.chat_body(body) if "input" in body else body
+
+
 def _split(s: str, size: int) -> list[str]:
     return [s[i : i + size] for i in range(0, len(s), size)]
 
@@ -254,7 +266,9 @@ class FakeOpenAIServer:
     ``context_length_exceeded`` without taking a reply from the queue. With
     ``require_reasoning_replay=True`` it behaves like DeepSeek's thinking mode: a tool
     round whose assistant message (after the last user message) comes back without its
-    ``reasoning_content`` is answered 400.
+    ``reasoning_content`` is answered 400; on ``/v1/responses`` like OpenAI's reasoning
+    models: a function call of the current turn sent back without the reasoning item
+    that preceded it is answered 400.
     ``GET /v1/models`` lists ``models``, each card with the fields ``model_info`` gives
     it (``{"m": {"max_model_len": 8192}}`` as vLLM, ``{"context_length": ...}`` as
     OpenRouter); ``props`` is answered at ``GET /props`` as llama.cpp does
@@ -419,9 +433,19 @@ class FakeOpenAIServer:
 
     @property
     def requests(self) -> list[dict[str, Any]]:
-        """Every chat-completions request body received, parsed, in order (a copy)."""
+        """Every request body received (either wire format), parsed, in order (a copy)."""
         with self._cond:
             return list(self._requests)
+
+    @property
+    def chat_requests(self) -> list[dict[str, Any]]:
+        """``requests``, each in the chat-completions form: a Responses request's
+        instructions and input items read back as ``messages`` (its reasoning items as
+        the ``reasoning_content`` of the assistant message they precede), its tools and
+        options under their chat names. For tests that run on both wire formats."""
+        return [
+            _fake_responses.chat_body(body) if "input" in body else body for body in self.requests
+        ]
 
     @property
     def request_headers(self) -> list[dict[str, str]]:
@@ -481,16 +505,12 @@ class FakeOpenAIServer:
                             f"However, your messages resulted in {tokens} tokens.",
                         )
                     )
-            if self.require_reasoning_replay and _reasoning_missing(body):
-                return number, Reply(
-                    error=ErrorSpec(
-                        status=400,
-                        code="invalid_request_error",
-                        param="messages",
-                        message="The reasoning_content in the thinking mode must be passed "
-                        "back to the API.",
-                    )
-                )
+            problem = _fake_responses.input_error(body) if "input" in body else None
+            if problem is not None:  # OpenAI checks the items before anything else
+                return number, Reply(error=ErrorSpec(status=400, message=problem, param="input"))
+            refusal = _replay_refusal(body, self.require_reasoning_replay)
+            if refusal is not None:
+                return number, Reply(error=refusal)
             if self._queue:
                 return number, self._queue.popleft()
             fallback = self.fallback
@@ -597,6 +617,31 @@ def _completion(reply: Reply, body: dict[str, Any], number: int) -> bytes:
     }
     usage = _usage_for(reply, body, calls)
     return _dumps(out) if usage is None else _with_usage(_dumps(out), reply, usage)
+
+
+def _replay_refusal(body: dict[str, Any], required: bool) -> ErrorSpec | None:
+    """The error for a request that sends reasoning back wrongly, or (``required``)
+    leaves it out of a tool round: DeepSeek's 400 on chat, OpenAI's on Responses."""
+    if "input" in body:
+        bad = _fake_responses.replay_error(body)
+        if bad is not None:
+            return ErrorSpec(status=bad[0], message=bad[1], param="input")
+        call = _fake_responses.reasoning_missing(body) if required else None
+        if call is None:
+            return None
+        message = (
+            f"Item of type 'function_call' (call_id {call!r}) was provided without its "
+            "required 'reasoning' item."
+        )
+        return ErrorSpec(status=400, message=message, param="input")
+    if not required or not _reasoning_missing(body):
+        return None
+    return ErrorSpec(
+        status=400,
+        code="invalid_request_error",
+        param="messages",
+        message="The reasoning_content in the thinking mode must be passed back to the API.",
+    )
 
 
 def _reasoning_missing(body: dict[str, Any]) -> bool:
