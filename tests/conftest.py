@@ -69,3 +69,14 @@ def fake() -> Iterator[FakeOpenAIServer]:
 def db_path(tmp_path: Path) -> Path:
     """A path for a fresh DuckDB store file."""
     return tmp_path / "chats.duckdb"
+
+
+@pytest.fixture(params=["chat", "responses"])
+def wire(request: pytest.FixtureRequest, isolated_env: Path) -> str:
+    """Sessions made without ``api=`` speak this wire format: the loop suites run on both.
+
+    Set as the kernel default (``%chat config api=...``), so a test body makes its
+    sessions as usual; ``fake.chat_requests`` reads what either format sent.
+    """
+    _config.set_defaults(api=request.param)
+    return str(request.param)
