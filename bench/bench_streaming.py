@@ -1,7 +1,7 @@
 """Streaming: nbchat's loop against the bare openai SDK loop over the same fake stream.
 
 - throughput: ``Session.stream()`` (store on, rendering off) over a 10,000-chunk reply,
-  against ``for chunk in client.chat.completions.create(..., stream=True)``; goal ≥ 2x.
+  against ``for chunk in client.chat.completions.create(..., stream=True)``; goal ≥ 6x.
 - time to first token: extra milliseconds over the raw SDK; goal ≤ 20 ms.
 - memory: peak traced allocation while streaming a 100,000-token reply, as a multiple
   of the reply's size (the server runs in another process so its buffers don't count).
@@ -46,7 +46,9 @@ async def _nbchat_stream(session: Any, text: str = "go") -> int:
     return n
 
 
-def throughput(repeats: int = 3) -> list[dict[str, Any]]:
+def throughput(repeats: int = 5) -> list[dict[str, Any]]:
+    """Per-chunk time of both loops, each the best of ``repeats`` runs, the runs of the
+    two interleaved so that a change in the machine's load hits both alike."""
     import openai
 
     import nbchat
@@ -60,18 +62,24 @@ def throughput(repeats: int = 3) -> list[dict[str, Any]]:
         )
         _sdk_stream(client)  # warm both paths (imports, connections)
         asyncio.run(_nbchat_stream(session))
-        sdk = best_of(repeats, lambda: _sdk_stream(client))
-        ours = best_of(repeats, lambda: asyncio.run(_nbchat_stream(session)))
+        sdk: list[float] = []
+        ours: list[float] = []
+        for _ in range(repeats):
+            sdk.append(best_of(1, lambda: _sdk_stream(client)))
+            ours.append(best_of(1, lambda: asyncio.run(_nbchat_stream(session))))
         client.close()
-    per_sdk, per_ours = sdk / CHUNKS * 1e6, ours / CHUNKS * 1e6
+    per_sdk, per_ours = min(sdk) / CHUNKS * 1e6, min(ours) / CHUNKS * 1e6
+    ratios = sorted(s / o for s, o in zip(sdk, ours, strict=True))
     return [
         figure(
             "stream 10k chunks: time per chunk",
             per_ours,
             "us/chunk",
             baseline=per_sdk,
-            goal="ratio >= 2 (vs bare SDK loop)",
-            ok=per_sdk / per_ours >= 2,
+            goal="ratio >= 6 (vs bare SDK loop)",
+            ok=per_sdk / per_ours >= 6,
+            note=f"ratio per interleaved pair {ratios[0]:.1f}-{ratios[-1]:.1f}x "
+            f"(store on, rendering off; the fake server runs in this process for both)",
         )
     ]
 

@@ -500,7 +500,11 @@ class ModelClient:
                         _responses.ResponsesStream() if self.api == "responses" else _ChatStream()
                     )
                     head: bytes | None = None
-                    async for data in response.aiter_bytes():
+                    # A body without a content encoding is read as it came, past httpx's
+                    # decoder and re-chunker (each a layer per chunk).
+                    encoding = response.headers.get("content-encoding", "").strip().lower()
+                    body = response.aiter_raw() if encoding in ("", "identity") else None
+                    async for data in body or response.aiter_bytes():
                         if head is None:
                             head = data
                             if not sse and data.lstrip()[:1] == b"<":

@@ -246,13 +246,23 @@ def _split(s: str, size: int) -> list[str]:
     return [s[i : i + size] for i in range(0, len(s), size)]
 
 
+# Made once: json.dumps with options builds an encoder per call, and the server encodes
+# one object per streamed chunk (its time is on the test's CPU, like the client's).
+_COMPACT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+_COMPACT_ASCII = json.JSONEncoder(separators=(",", ":"))
+
+
 def _dumps(obj: Any, indent: int | None = None) -> bytes:
-    separators = (",", ":") if indent is None else (",", ": ")
-    text = json.dumps(obj, ensure_ascii=False, separators=separators, indent=indent)
+    if indent is None:
+        try:
+            return _COMPACT.encode(obj).encode()
+        except UnicodeEncodeError:  # lone surrogates: send them as JSON escapes
+            return _COMPACT_ASCII.encode(obj).encode()
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ": "), indent=indent)
     try:
         return text.encode()
-    except UnicodeEncodeError:  # lone surrogates: send them as JSON escapes
-        return json.dumps(obj, separators=separators, indent=indent).encode()
+    except UnicodeEncodeError:
+        return json.dumps(obj, separators=(",", ": "), indent=indent).encode()
 
 
 class FakeOpenAIServer:
