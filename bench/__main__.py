@@ -10,7 +10,7 @@ from typing import Any
 
 from bench._common import print_table, save
 
-SUITES = ["streaming", "startup", "rendering", "store", "compaction"]
+SUITES = ["streaming", "startup", "rendering", "store", "compaction", "history"]
 
 
 def main(argv: list[str]) -> int:

@@ -45,6 +45,7 @@ from ._types import (
 )
 from ._wire import (
     REASONING_ITEM,
+    BodyEncoder,
     SSEParser,
     context_window_from_models,
     context_window_from_props,
@@ -314,6 +315,7 @@ class ModelClient:
         if api is not None and api not in ("chat", "responses"):
             raise ValueError(f"api must be 'chat' or 'responses', not {api!r}")
         self._api = api
+        self._encoder = BodyEncoder()
 
     def __repr__(self) -> str:
         return (
@@ -442,6 +444,16 @@ class ModelClient:
         # a 600-message history; auth, retries and errors are the same.
         options = self._request_options(stream)
         path = "/responses" if self.api == "responses" else "/chat/completions"
+        if path == "/chat/completions" and self.settings.api_version is None:
+            # Sent as bytes, each message encoded once per conversation (Azure's client
+            # reads the model from the JSON body to route the request: not there).
+            return await client.post(
+                path,
+                content=self._encoder.encode(body),
+                cast_to=_response_class(),
+                stream=True,
+                options=options,
+            )
         try:
             return await client.post(
                 path,
@@ -503,8 +515,8 @@ class ModelClient:
                     # A body without a content encoding is read as it came, past httpx's
                     # decoder and re-chunker (each a layer per chunk).
                     encoding = response.headers.get("content-encoding", "").strip().lower()
-                    body = response.aiter_raw() if encoding in ("", "identity") else None
-                    async for data in body or response.aiter_bytes():
+                    raw = encoding in ("", "identity")
+                    async for data in response.aiter_raw() if raw else response.aiter_bytes():
                         if head is None:
                             head = data
                             if not sse and data.lstrip()[:1] == b"<":

@@ -286,6 +286,8 @@ class Session:
         self.usage = Usage()
         self._runner: TurnRunner[Event] = TurnRunner()
         self._reserved_usd = 0.0  # estimated cost of requests in flight
+        # Each message's chat dict, by id (see _wire_messages).
+        self._wire: dict[str, tuple[Any, Any, dict[str | None, dict[str, Any]]]] = {}
         # The store's writer thread takes the events; the loop never waits on the file
         # except at the two barriers (before tools run, before a turn returns).
         self._sink = StoreSink(self.store, notify=self._store_notice) if self.store else None
@@ -808,7 +810,7 @@ class Session:
         hold_text = bool(self.output_guardrails)
         retried = False
         while True:
-            payload = [m.to_openai(self._replayed(turn, m)) for m in self._context(turn)]
+            payload = self._wire_messages(turn)
             if final:
                 payload.append({"role": "system", "content": MAX_ROUNDS_NOTE})
             params = turn.settings.request_params
@@ -1086,6 +1088,25 @@ class Session:
         if self.reasoning_replay == "auto" and message.turn_id != turn.turn_id:
             return None
         return REASONING_FIELDS[turn.settings.client.api]
+
+    def _wire_messages(self, turn: _Turn) -> list[dict[str, Any]]:
+        """The context as the chat dicts a request sends; a message's dict is made once
+        and handed again while it is unchanged, so the client encodes it only once."""
+        made, kept = self._wire, {}
+        out = []
+        for m in self._context(turn):
+            field = self._replayed(turn, m)
+            hit = made.get(m.id)
+            if hit is None or hit[0] is not m.content or hit[1] is not m.tool_calls:
+                hit = (m.content, m.tool_calls, {})
+            wire = hit[2].get(field)
+            if wire is None:
+                wire = hit[2][field] = m.to_openai(field)
+            kept[m.id] = hit
+            out.append(wire)
+        if not turn.settings.isolated:
+            self._wire = kept  # what left the conversation is let go
+        return out
 
     def _context(self, turn: _Turn) -> list[Message]:
         """The messages a request of ``turn`` sends: the conversation, or for an isolated

@@ -22,9 +22,11 @@ from ._types import RequestUsage
 
 __all__ = [
     "REASONING_ITEM",
+    "BodyEncoder",
     "SSEParser",
     "context_window_from_models",
     "context_window_from_props",
+    "encode_json",
     "error_from_body",
     "load_json",
     "parse_chunk",
@@ -307,3 +309,51 @@ class SSEParser:
     def close(self) -> list[bytes]:
         """At the end of the body: the payload of a last event left unterminated."""
         return self.feed(b"\n\n") if self.buffer or self.data else []
+
+
+# --------------------------------------------------------------------------- request bodies
+
+_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
+def encode_json(obj: Any) -> bytes:
+    """``obj`` as compact UTF-8 JSON; text UTF-8 cannot encode (a lone surrogate from a
+    non-UTF-8 file name) goes as U+FFFD."""
+    try:
+        return _JSON.encode(obj).encode()
+    except UnicodeEncodeError:
+        return _JSON.encode(valid_data(obj)).encode()
+
+
+class BodyEncoder:
+    """JSON bytes of chat-completions request bodies, each message encoded once.
+
+    A conversation sends the same messages again on every request; the session hands
+    the same dicts each time, so their encodings are kept (by identity, holding the
+    dict so the identity stays its own) and a body is spliced together from them,
+    instead of serialising a 2,000-message history from scratch for each request.
+    """
+
+    _MARK = b'"messages":[]'
+
+    def __init__(self) -> None:
+        self._known: dict[int, tuple[Any, bytes]] = {}
+
+    def encode(self, body: dict[str, Any]) -> bytes:
+        """``body`` encoded; only the messages not sent before are serialised."""
+        messages = body.get("messages")
+        if not isinstance(messages, list):
+            return encode_json(body)
+        known, kept = self._known, {}
+        parts = []
+        for message in messages:
+            hit = known.get(id(message))
+            if hit is None or hit[0] is not message:
+                hit = (message, encode_json(message))
+            kept[id(message)] = hit
+            parts.append(hit[1])
+        self._known = kept  # what is no longer sent is let go
+        head = encode_json({**body, "messages": []})
+        # The only key before "messages" is "model", a plain string: the first match is it.
+        at = head.index(self._MARK) + len(self._MARK) - 1
+        return head[:at] + b",".join(parts) + head[at:]
