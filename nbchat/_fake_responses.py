@@ -166,11 +166,9 @@ def _head(body: dict[str, Any], number: int) -> dict[str, Any]:
 
 
 def _with_usage(obj: dict[str, Any], reply: Reply, usage: Any) -> bytes:
-    from .testing import _dumps
+    from . import testing
 
-    encoded = _dumps(obj)
-    raw = reply.usage_json.encode() if reply.usage_json is not None else _dumps(usage)
-    return encoded[:-1] + b',"usage":' + raw + b"}"
+    return testing._with_usage(testing._dumps(obj), reply, usage)
 
 
 def response_object(

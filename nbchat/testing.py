@@ -595,6 +595,17 @@ def _prompt(body: dict[str, Any]) -> Any:
     return prompt_of(body)
 
 
+def _chat_head(body: dict[str, Any], number: int, kind: str) -> dict[str, Any]:
+    """The fields a chat completion (or each of its chunks) opens with."""
+    return {
+        "id": f"chatcmpl-fake{number}",
+        "object": kind,
+        "created": int(time.time()),
+        "model": body.get("model", ""),
+        "system_fingerprint": _FINGERPRINT,
+    }
+
+
 def _completion(reply: Reply, body: dict[str, Any], number: int) -> bytes:
     """The whole reply as one ``chat.completion`` object (non-streamed), encoded."""
     calls = _calls(reply, number)
@@ -611,11 +622,7 @@ def _completion(reply: Reply, body: dict[str, Any], number: int) -> bytes:
             for i, n, a in calls
         ]
     out = {
-        "id": f"chatcmpl-fake{number}",
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": body.get("model", ""),
-        "system_fingerprint": _FINGERPRINT,
+        **_chat_head(body, number, "chat.completion"),
         "choices": [
             {
                 "index": 0,
@@ -681,13 +688,7 @@ def _stream_events(reply: Reply, body: dict[str, Any], number: int) -> list[byte
     opts = body.get("stream_options")
     usage = _usage_for(reply, body, calls)
     with_usage = isinstance(opts, dict) and bool(opts.get("include_usage")) and usage is not None
-    head = {
-        "id": f"chatcmpl-fake{number}",
-        "object": "chat.completion.chunk",
-        "created": int(time.time()),
-        "model": body.get("model", ""),
-        "system_fingerprint": _FINGERPRINT,
-    }
+    head = _chat_head(body, number, "chat.completion.chunk")
     # Only the delta changes from chunk to chunk: encode the rest once.
     prefix = b"data: " + _dumps(head)[:-1] + b',"choices":[{"index":0,"delta":'
     end = (b',"usage":null' if with_usage else b"") + b"}\n\n"
