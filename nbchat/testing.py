@@ -46,7 +46,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType, TracebackType
 from typing import Any, Literal, Self, cast
@@ -682,8 +682,11 @@ def _finish(calls: list[tuple[str, str, str]]) -> str:
     return "tool_calls" if calls else "stop"
 
 
-def _stream_events(reply: Reply, body: dict[str, Any], number: int) -> list[bytes]:
-    """Every SSE event of a streamed reply, pre-encoded (``data: [DONE]`` not included)."""
+def _stream_events(reply: Reply, body: dict[str, Any], number: int) -> Iterator[bytes]:
+    """Every SSE event of a streamed reply, encoded as it is sent (``data: [DONE]`` not
+    included): a long reply starts at once, and the encoding of one batch overlaps with
+    the client reading the one before (in a server of its own process). What can fail
+    (usage, calls, the head) is worked out before the first event."""
     calls = _calls(reply, number)
     opts = body.get("stream_options")
     usage = _usage_for(reply, body, calls)
@@ -692,10 +695,16 @@ def _stream_events(reply: Reply, body: dict[str, Any], number: int) -> list[byte
     # Only the delta changes from chunk to chunk: encode the rest once.
     prefix = b"data: " + _dumps(head)[:-1] + b',"choices":[{"index":0,"delta":'
     end = (b',"usage":null' if with_usage else b"") + b"}\n\n"
+    usage_event = None
+    if with_usage and reply.stream_error is None:
+        usage_event = (
+            b"data: " + _with_usage(_dumps({**head, "choices": []}), reply, usage) + b"\n\n"
+        )
+    reshape = reply.multiline_data or reply.line_ending != "\n"
 
     def ev(delta: dict[str, Any], finish: str | None = None) -> bytes:
         finish_json = _dumps(finish) if finish else b"null"
-        return (
+        event = (
             prefix
             + _dumps(delta)
             + b',"logprobs":null,"finish_reason":'
@@ -703,40 +712,41 @@ def _stream_events(reply: Reply, body: dict[str, Any], number: int) -> list[byte
             + b"}]"
             + end
         )
+        return _reshaped(event, reply) if reshape else event
 
-    first = {
-        "role": "assistant",
-        "content": "" if reply.text or not calls else None,
-        "refusal": None,
-    }
-    events = [ev(first)]
-    events += [
-        ev({"reasoning_content": p}) for p in _split(reply.reasoning or "", reply.chunk_size)
-    ]
-    events += [ev({"content": p}) for p in reply.text_pieces()]
-    per_call: list[list[dict[str, Any]]] = []
-    for index, (call_id, name, args) in enumerate(calls):
-        fn = {"name": name, "arguments": ""}
-        deltas = [{"index": index, "id": call_id, "type": "function", "function": fn}]
-        deltas += [
-            {"index": index, "function": {"arguments": frag}}
-            for frag in _split(args, reply.chunk_size)
-        ]
-        per_call.append(deltas)
-    for group in itertools.zip_longest(*per_call):  # round-robin: fragments interleave
-        events += [ev({"tool_calls": [d]}) for d in group if d is not None]
-    if reply.stream_error is not None:
-        events.append(b"data: " + _dumps(reply.stream_error.body()) + b"\n\n")
-        with_usage = False
-    else:
-        events.append(ev({}, reply.finish_reason or _finish(calls)))
-    if with_usage:
-        events.append(
-            b"data: " + _with_usage(_dumps({**head, "choices": []}), reply, usage) + b"\n\n"
-        )
-    if reply.multiline_data or reply.line_ending != "\n":
-        events = [_reshaped(e, reply) for e in events]
-    return events
+    def events() -> Iterator[bytes]:
+        first = {
+            "role": "assistant",
+            "content": "" if reply.text or not calls else None,
+            "refusal": None,
+        }
+        yield ev(first)
+        for p in _split(reply.reasoning or "", reply.chunk_size):
+            yield ev({"reasoning_content": p})
+        for p in reply.text_pieces():
+            yield ev({"content": p})
+        per_call: list[list[dict[str, Any]]] = []
+        for index, (call_id, name, args) in enumerate(calls):
+            fn = {"name": name, "arguments": ""}
+            deltas = [{"index": index, "id": call_id, "type": "function", "function": fn}]
+            deltas += [
+                {"index": index, "function": {"arguments": frag}}
+                for frag in _split(args, reply.chunk_size)
+            ]
+            per_call.append(deltas)
+        for group in itertools.zip_longest(*per_call):  # round-robin: fragments interleave
+            for d in group:
+                if d is not None:
+                    yield ev({"tool_calls": [d]})
+        if reply.stream_error is not None:
+            error = b"data: " + _dumps(reply.stream_error.body()) + b"\n\n"
+            yield _reshaped(error, reply) if reshape else error
+        else:
+            yield ev({}, reply.finish_reason or _finish(calls))
+        if usage_event is not None:
+            yield _reshaped(usage_event, reply) if reshape else usage_event
+
+    return events()
 
 
 def _reshaped(event: bytes, reply: Reply) -> bytes:
@@ -913,7 +923,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_error(self.fake._internal_error(f"could not answer: {exc!r}"))
 
     def _send_stream(
-        self, events: list[bytes], reply: Reply, number: int, *, done: bool = True
+        self, events: Iterable[bytes], reply: Reply, number: int, *, done: bool = True
     ) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
@@ -922,25 +932,31 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("x-request-id", f"req_fake{number}")
         self.end_headers()
         cut = reply.cut_after
-        frames = [_frame(e) for e in (events if cut is None else events[:cut])]
+        frames = (_frame(e) for e in (events if cut is None else itertools.islice(events, cut)))
         tail = b"" if cut is not None else _END
         if cut is None and done:  # the Responses API has no [DONE]
             tail = _frame(_reshaped(b"data: [DONE]\n\n", reply)) + _END
         stall = reply.stall_after
         if reply.delay or stall is not None:
+            sent = 0
             for i, f in enumerate(frames):
                 if i == stall:
                     self.wfile.flush()
                     self.fake._stopping.wait(reply.stall_seconds)
                 time.sleep(reply.delay)
                 self.wfile.write(f)
-            if stall is not None and stall >= len(frames):
+                sent = i + 1
+            if stall is not None and stall >= sent:
                 self.fake._stopping.wait(reply.stall_seconds)
             self.wfile.write(tail)
         else:  # batched: one syscall per few hundred chunks
-            for i in range(0, len(frames), 512):
-                self.wfile.write(b"".join(frames[i : i + 512]))
-            self.wfile.write(tail)
+            batch: list[bytes] = []
+            for f in frames:
+                batch.append(f)
+                if len(batch) == 512:
+                    self.wfile.write(b"".join(batch))
+                    batch.clear()
+            self.wfile.write(b"".join(batch) + tail)
         if cut is not None:
             # Close without the chunked terminator: the client sees a broken stream.
             self.close_connection = True
