@@ -1,6 +1,7 @@
 """Long sessions: nbchat's own cost per turn with 2,000 messages of history against 10.
 
-Both sessions talk to the same fake server, run in another process so that its work
+On each wire format (chat completions, the Responses API), both sessions talk to the
+same fake server, run in another process so that its work
 (parsing ever larger requests) is not counted; a turn is one ``send()`` with the store
 on. What is measured is this process's CPU time per turn (every nbchat thread: the
 caller, the background loop, the store's writer), the median over ``turns`` turns, the
@@ -25,12 +26,12 @@ SHORT, LONG = 10, 2_000
 WORDS = "The quarterly figures moved as expected; the notebook checks them again. " * 3
 
 
-def _session(url: str, db: Path, history: int) -> Any:
+def _session(url: str, db: Path, history: int, api: str = "chat") -> Any:
     """A session whose history holds ``history`` messages (stored, as turns leave them)."""
     import nbchat
     from nbchat._types import Message
 
-    s = nbchat.Session(model="bench", base_url=url, api_key="b", db=db, system="Be brief.")
+    s = nbchat.Session(model="bench", base_url=url, api_key="b", db=db, system="Be brief.", api=api)
     for i in range(history - 1):  # the system prompt is the first message
         role = "user" if i % 2 == 0 else "assistant"
         s._add(Message(role=role, content=f"{i}: {WORDS}", turn_id=f"t{i // 2}"))
@@ -47,7 +48,7 @@ def _turn_cpu(session: Any, text: str) -> float:
     return time.process_time() - t0
 
 
-def per_turn(turns: int = 30) -> list[dict[str, Any]]:
+def per_turn(turns: int = 30, api: str = "chat") -> list[dict[str, Any]]:
     """The median CPU milliseconds of a turn at SHORT and at LONG messages of history."""
     server = subprocess.Popen(
         [sys.executable, "-m", "nbchat.testing", "--echo"], stdout=subprocess.PIPE, text=True
@@ -56,8 +57,8 @@ def per_turn(turns: int = 30) -> list[dict[str, Any]]:
         assert server.stdout is not None
         url = server.stdout.readline().strip()
         with tempfile.TemporaryDirectory() as tmp:
-            short = _session(url, Path(tmp) / "short.duckdb", SHORT)
-            long = _session(url, Path(tmp) / "long.duckdb", LONG)
+            short = _session(url, Path(tmp) / "short.duckdb", SHORT, api)
+            long = _session(url, Path(tmp) / "long.duckdb", LONG, api)
             for s in (short, long):  # warm: connections, caches, the first-turn work
                 _turn_cpu(s, "warm up")
             times: dict[int, list[float]] = {SHORT: [], LONG: []}
@@ -73,7 +74,7 @@ def per_turn(turns: int = 30) -> list[dict[str, Any]]:
     ratio = long_ms / short_ms
     return [
         figure(
-            f"turn overhead at {LONG:,} vs {SHORT} messages",
+            f"turn overhead at {LONG:,} vs {SHORT} messages ({api})",
             long_ms,
             "ms CPU",
             baseline=short_ms,
@@ -86,8 +87,8 @@ def per_turn(turns: int = 30) -> list[dict[str, Any]]:
 
 
 def run() -> list[dict[str, Any]]:
-    """The long-session figure."""
-    return per_turn()
+    """The long-session figure, on each wire format."""
+    return [*per_turn(api="chat"), *per_turn(api="responses")]
 
 
 if __name__ == "__main__":

@@ -316,6 +316,7 @@ class ModelClient:
             raise ValueError(f"api must be 'chat' or 'responses', not {api!r}")
         self._api = api
         self._encoder = BodyEncoder()
+        self._input_items: dict[int, Any] = {}  # the Responses items of each message sent
 
     def __repr__(self) -> str:
         return (
@@ -422,7 +423,9 @@ class ModelClient:
         params: dict[str, Any],
     ) -> dict[str, Any]:
         if self.api == "responses":
-            return _responses.request_body(self.model, messages, tools, stream, params)
+            return _responses.request_body(
+                self.model, messages, tools, stream, params, self._input_items
+            )
         body: dict[str, Any] = {"model": self.settings.model, "messages": messages, **params}
         if tools:
             body["tools"] = tools
@@ -444,12 +447,13 @@ class ModelClient:
         # a 600-message history; auth, retries and errors are the same.
         options = self._request_options(stream)
         path = "/responses" if self.api == "responses" else "/chat/completions"
-        if path == "/chat/completions" and self.settings.api_version is None:
-            # Sent as bytes, each message encoded once per conversation (Azure's client
-            # reads the model from the JSON body to route the request: not there).
+        if self.settings.api_version is None:
+            # Sent as bytes, each message (or item) encoded once per conversation (Azure's
+            # client reads the model from the JSON body to route the request: not there).
+            key = "input" if self.api == "responses" else "messages"
             return await client.post(
                 path,
-                content=self._encoder.encode(body),
+                content=self._encoder.encode(body, key),
                 cast_to=_response_class(),
                 stream=True,
                 options=options,

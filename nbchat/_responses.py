@@ -98,47 +98,66 @@ def _parts(content: Any, role: str) -> Any:
     return parts
 
 
-def to_input(messages: list[dict[str, Any]]) -> tuple[str | None, list[dict[str, Any]]]:
+def to_input(
+    messages: list[dict[str, Any]], known: dict[int, Any] | None = None
+) -> tuple[str | None, list[dict[str, Any]]]:
     """(instructions, input items) for a chat-format message list.
 
     A first system message (the session's system prompt) becomes ``instructions``;
     later ones (a compaction summary, notes the loop appends) stay in place as system
-    messages, so the instructions stay what the user set.
+    messages, so the instructions stay what the user set. ``known`` keeps each message
+    dict's items between requests (by identity: a session hands unchanged messages
+    again), so a long history is converted once and its items are the same objects.
     """
     instructions: str | None = None
     items: list[dict[str, Any]] = []
+    kept: dict[int, Any] = {}
     for n, message in enumerate(messages):
-        role = message.get("role")
-        content = message.get("content")
-        if role == "system" and n == 0:
-            instructions = _text_of(content)
-        elif role == "tool":
-            items.append(
-                {
-                    "type": "function_call_output",
-                    "call_id": message.get("tool_call_id") or "",
-                    "output": _text_of(content),
-                }
-            )
-        elif role == "assistant":
-            # Reasoning first, as it came: OpenAI refuses a function_call sent back
-            # without the reasoning item that preceded it.
-            items += message.get(REASONING_ITEMS) or []
-            if content:
-                items.append({"role": "assistant", "content": _parts(content, "assistant")})
-            for call in message.get("tool_calls") or []:
-                fn = call.get("function") or {}
-                items.append(
-                    {
-                        "type": "function_call",
-                        "call_id": call.get("id") or "",
-                        "name": fn.get("name") or "",
-                        "arguments": fn.get("arguments") or "",
-                    }
-                )
-        else:
-            items.append({"role": role or "user", "content": _parts(content, str(role))})
+        if n == 0 and message.get("role") == "system":
+            instructions = _text_of(message.get("content"))
+            continue
+        hit = known.get(id(message)) if known is not None else None
+        if hit is None or hit[0] is not message:
+            hit = (message, _items(message))
+        kept[id(message)] = hit
+        items += hit[1]
+    if known is not None:
+        known.clear()
+        known.update(kept)  # what is no longer sent is let go
     return instructions, items
+
+
+def _items(message: dict[str, Any]) -> list[dict[str, Any]]:
+    """The input items of one chat message (not the leading system prompt)."""
+    role = message.get("role")
+    content = message.get("content")
+    if role == "tool":
+        output = _text_of(content)
+        return [
+            {
+                "type": "function_call_output",
+                "call_id": message.get("tool_call_id") or "",
+                "output": output,
+            }
+        ]
+    if role != "assistant":
+        return [{"role": role or "user", "content": _parts(content, str(role))}]
+    # Reasoning first, as it came: OpenAI refuses a function_call sent back without the
+    # reasoning item that preceded it.
+    items = list(message.get(REASONING_ITEMS) or [])
+    if content:
+        items.append({"role": "assistant", "content": _parts(content, "assistant")})
+    for call in message.get("tool_calls") or []:
+        fn = call.get("function") or {}
+        items.append(
+            {
+                "type": "function_call",
+                "call_id": call.get("id") or "",
+                "name": fn.get("name") or "",
+                "arguments": fn.get("arguments") or "",
+            }
+        )
+    return items
 
 
 def to_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -188,9 +207,11 @@ def request_body(
     tools: list[dict[str, Any]] | None,
     stream: bool,
     params: dict[str, Any],
+    known: dict[int, Any] | None = None,
 ) -> dict[str, Any]:
-    """The JSON body of ``POST /responses`` for one request of the loop."""
-    instructions, items = to_input(messages)
+    """The JSON body of ``POST /responses`` for one request of the loop (``known``: see
+    ``to_input``)."""
+    instructions, items = to_input(messages, known)
     body: dict[str, Any] = {"model": model, "input": items, "store": False}
     if instructions is not None:
         body["instructions"] = instructions

@@ -326,7 +326,7 @@ def encode_json(obj: Any) -> bytes:
 
 
 class BodyEncoder:
-    """JSON bytes of chat-completions request bodies, each message encoded once.
+    """JSON bytes of request bodies, each message (or input item) encoded once.
 
     A conversation sends the same messages again on every request; the session hands
     the same dicts each time, so their encodings are kept (by identity, holding the
@@ -334,15 +334,14 @@ class BodyEncoder:
     instead of serialising a 2,000-message history from scratch for each request.
     """
 
-    _MARK = b'"messages":[]'
-
     def __init__(self) -> None:
         self._known: dict[int, tuple[Any, bytes]] = {}
 
-    def encode(self, body: dict[str, Any]) -> bytes:
-        """``body`` encoded; only the messages not sent before are serialised."""
-        messages = body.get("messages")
-        if not isinstance(messages, list):
+    def encode(self, body: dict[str, Any], key: str = "messages") -> bytes:
+        """``body`` encoded; only the entries of ``body[key]`` (chat ``messages``,
+        Responses ``input`` items) not sent before are serialised."""
+        messages = body.get(key)
+        if not isinstance(messages, list) or list(body)[:2] != ["model", key]:
             return encode_json(body)
         known, kept = self._known, {}
         parts = []
@@ -353,7 +352,8 @@ class BodyEncoder:
             kept[id(message)] = hit
             parts.append(hit[1])
         self._known = kept  # what is no longer sent is let go
-        head = encode_json({**body, "messages": []})
-        # The only key before "messages" is "model", a plain string: the first match is it.
-        at = head.index(self._MARK) + len(self._MARK) - 1
+        head = encode_json({**body, key: []})
+        # The only key before it is "model", a plain string: the first match is the key.
+        mark = b'"' + key.encode() + b'":[]'
+        at = head.index(mark) + len(mark) - 1
         return head[:at] + b",".join(parts) + head[at:]

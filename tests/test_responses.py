@@ -408,3 +408,20 @@ def test_the_fake_refuses_what_openai_refuses_in_input(fake: FakeOpenAIServer) -
                 )
             assert info.value.status_code == status and words in str(info.value)
     assert fake.pending == 0
+
+
+def test_input_items_are_made_once_per_message_and_let_go_after() -> None:
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    history = [
+        {"role": "system", "content": "sys"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "42"},
+    ]
+    known: dict[int, Any] = {}
+    _, first = to_input(history, known)
+    _, again = to_input([*history, {"role": "user", "content": "more"}], known)
+    assert again[:3] == first and all(a is b for a, b in zip(first, again, strict=False))
+    assert to_input(history) == to_input(history, {})  # the same items with or without
+    _, short = to_input(history[:2], known)
+    assert short == [{"role": "user", "content": "hi"}] and len(known) == 1
