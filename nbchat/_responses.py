@@ -143,11 +143,13 @@ def _items(message: dict[str, Any]) -> list[dict[str, Any]]:
     if role != "assistant":
         return [{"role": role or "user", "content": _parts(content, str(role))}]
     # Reasoning first, as it came: OpenAI refuses a function_call sent back without the
-    # reasoning item that preceded it.
-    items = list(message.get(REASONING_ITEMS) or [])
+    # reasoning item that preceded it, and a reasoning item without what followed it (a
+    # reply cut off before its text has nothing to follow).
+    calls = message.get("tool_calls") or []
+    items = list(message.get(REASONING_ITEMS) or []) if content or calls else []
     if content:
         items.append({"role": "assistant", "content": _parts(content, "assistant")})
-    for call in message.get("tool_calls") or []:
+    for call in calls:
         fn = call.get("function") or {}
         items.append(
             {

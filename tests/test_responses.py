@@ -368,6 +368,9 @@ def test_reasoning_items_reach_the_folder_and_go_back_before_the_calls(
     assert [i.get("type") for i in items] == [None, "reasoning", "function_call"]
     _, items = to_input([*HI, assistant])
     assert [i.get("type") for i in items] == [None, "function_call"]
+    # A reasoning item with nothing after it (a reply cut before its text) stays out.
+    _, items = to_input([*HI, {"role": "assistant", "content": None, "reasoning_items": [item]}])
+    assert [i.get("type") for i in items] == [None]
 
 
 def test_a_reasoning_item_without_its_encrypted_content_is_not_kept() -> None:
