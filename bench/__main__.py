@@ -19,6 +19,7 @@ SUITES = [
     "contention",
     "team_store",
     "analysis",
+    "history",
 ]
 
 

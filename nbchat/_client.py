@@ -44,10 +44,9 @@ from ._types import (
     trusted,
 )
 from ._wire import (
-    Chunk,
-    FunctionDelta,
+    REASONING_ITEM,
+    BodyEncoder,
     SSEParser,
-    ToolCallChunk,
     context_window_from_models,
     context_window_from_props,
     error_from_body,
@@ -76,7 +75,7 @@ _warned_keyless: set[str] = set()
 class _Decoder(Protocol):
     finished: bool
 
-    def feed(self, payload: bytes) -> Chunk: ...
+    def feed(self, payload: bytes) -> dict[str, Any]: ...
 
 
 class _ChatStream:
@@ -84,7 +83,7 @@ class _ChatStream:
 
     finished = False
 
-    def feed(self, payload: bytes) -> Chunk:
+    def feed(self, payload: bytes) -> dict[str, Any]:
         return parse_chunk(payload)
 
 
@@ -121,6 +120,9 @@ class RoundFolder:
         self.first_token_at: float | None = None  # reasoning counts: the model answered
         self.first_text_at: float | None = None  # the answer itself began
         self.chunks = 0
+        # The Responses API's reasoning items, as received: sent back with the tool calls
+        # that followed them (the encrypted reasoning of a stateless request).
+        self.reasoning_items: list[Any] = []
 
     @property
     def text(self) -> str:
@@ -153,45 +155,85 @@ class RoundFolder:
             for _, c in sorted(self.calls.items())
         ]
 
-    def feed(self, chunk: Chunk) -> list[Event]:
-        """Fold one parsed chunk in; return the events it produced."""
+    def feed(self, chunk: dict[str, Any]) -> list[Event]:
+        """Fold one chunk (a ``chat.completion.chunk`` object) in; return its events.
+
+        This runs once per streamed chunk: each field is checked as it is read, and a
+        field of the wrong type makes the answer broken (``ValueError``).
+        """
         self.chunks += 1
-        if chunk.error is not None:
-            raise error_from_body(chunk.error)
-        if chunk.model and self.model is None:
-            self.model = chunk.model
-        if chunk.usage is not None:
-            self.usage = request_usage(chunk.usage) or self.usage
+        get = chunk.get
+        error = get("error")
+        if error is not None:
+            raise error_from_body(error)
+        if self.model is None:
+            model = get("model")
+            if model and isinstance(model, str):
+                self.model = model
+        usage = get("usage")
+        if usage is not None:
+            self.usage = request_usage(usage) or self.usage
+        choices = get("choices")
+        if not choices:
+            return []
+        if not isinstance(choices, list):
+            raise ValueError(f"'choices' is not a list: {choices!r:.60}")
         events: list[Event] = []
-        for choice in chunk.choices:
-            if choice.finish_reason:
-                self.finish_reason = choice.finish_reason
-            delta = choice.delta or choice.message
-            if delta is None:
+        for choice in choices:
+            if not isinstance(choice, dict):
+                raise ValueError(f"a choice is not an object: {choice!r:.60}")
+            finish = choice.get("finish_reason")
+            if finish:
+                self.finish_reason = _string(finish, "finish_reason")
+            delta = choice.get("delta") or choice.get("message")
+            if not delta:
                 continue
-            if delta.content:
-                self._mark_first_token(answer=True)
-                self.text_buffer.append(delta.content)
-                events.append(self._text_event(TextDelta, "text_delta", delta.content))
-            reasoning = delta.reasoning_content or delta.reasoning
-            if reasoning:
-                self._mark_first_token(answer=False)
+            if not isinstance(delta, dict):
+                raise ValueError(f"a delta is not an object: {delta!r:.60}")
+            content = delta.get("content")
+            if content:
+                if self.first_text_at is None:
+                    self._mark_first_token(answer=True)
+                self.text_buffer.append(_string(content, "content"))
+                events.append(self._text_event(TextDelta, "text_delta", content))
+            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+            if reasoning and isinstance(reasoning, str):  # other shapes are not text
+                if self.first_token_at is None:
+                    self._mark_first_token(answer=False)
                 self.reasoning_buffer.append(reasoning)
                 events.append(self._text_event(ReasoningDelta, "reasoning_delta", reasoning))
-            if delta.tool_calls:
-                self._mark_first_token(answer=True)
-                for position, tc in enumerate(delta.tool_calls):
+            calls = delta.get("tool_calls")
+            if calls:
+                if not isinstance(calls, list):
+                    raise ValueError(f"'tool_calls' is not a list: {calls!r:.60}")
+                if self.first_text_at is None:
+                    self._mark_first_token(answer=True)
+                for position, tc in enumerate(calls):
                     events.extend(self._feed_tool_call(tc, position))
+            item = delta.get(REASONING_ITEM)
+            if item is not None:
+                self.reasoning_items.append(item)
         return events
 
-    def _feed_tool_call(self, tc: ToolCallChunk, position: int) -> list[Event]:
+    def _feed_tool_call(self, tc: Any, position: int) -> list[Event]:
+        if not isinstance(tc, dict):
+            raise ValueError(f"a tool call is not an object: {tc!r:.60}")
         # Some servers omit `index` on non-streamed messages: fall back to the position.
-        index = tc.index if tc.index is not None else position
-        fn = tc.function or FunctionDelta()
+        index = tc.get("index")
+        if index is None:
+            index = position
+        elif not isinstance(index, int) or isinstance(index, bool):
+            raise ValueError(f"a tool call's index is not an integer: {index!r:.60}")
+        fn = tc.get("function") or {}
+        if not isinstance(fn, dict):
+            raise ValueError(f"a tool call's function is not an object: {fn!r:.60}")
+        name = _optional_string(fn.get("name"), "name")
+        arguments = _optional_string(fn.get("arguments"), "arguments")
         events: list[Event] = []
         pending = self.calls.get(index)
         if pending is None:
-            pending = _PendingCall(tc.id or f"call_{new_id()[:24]}", fn.name or "")
+            call_id = _optional_string(tc.get("id"), "id")
+            pending = _PendingCall(call_id or f"call_{new_id()[:24]}", name or "")
             self.calls[index] = pending
             events.append(
                 self._stamp(
@@ -200,14 +242,14 @@ class RoundFolder:
                     )
                 )
             )
-        elif fn.name and not pending.name:
-            pending.name = fn.name
-        if fn.arguments:
-            pending.fragments.append(fn.arguments)
+        elif name and not pending.name:
+            pending.name = name
+        if arguments:
+            pending.fragments.append(arguments)
             events.append(
                 self._stamp(
                     ToolCallDelta.model_construct(
-                        index=index, call_id=pending.call_id, arguments_delta=fn.arguments
+                        index=index, call_id=pending.call_id, arguments_delta=arguments
                     )
                 )
             )
@@ -273,6 +315,8 @@ class ModelClient:
         if api is not None and api not in ("chat", "responses"):
             raise ValueError(f"api must be 'chat' or 'responses', not {api!r}")
         self._api = api
+        self._encoder = BodyEncoder()
+        self._input_items: dict[int, Any] = {}  # the Responses items of each message sent
 
     def __repr__(self) -> str:
         return (
@@ -379,7 +423,9 @@ class ModelClient:
         params: dict[str, Any],
     ) -> dict[str, Any]:
         if self.api == "responses":
-            return _responses.request_body(self.model, messages, tools, stream, params)
+            return _responses.request_body(
+                self.model, messages, tools, stream, params, self._input_items
+            )
         body: dict[str, Any] = {"model": self.settings.model, "messages": messages, **params}
         if tools:
             body["tools"] = tools
@@ -401,6 +447,17 @@ class ModelClient:
         # a 600-message history; auth, retries and errors are the same.
         options = self._request_options(stream)
         path = "/responses" if self.api == "responses" else "/chat/completions"
+        if self.settings.api_version is None:
+            # Sent as bytes, each message (or item) encoded once per conversation (Azure's
+            # client reads the model from the JSON body to route the request: not there).
+            key = "input" if self.api == "responses" else "messages"
+            return await client.post(
+                path,
+                content=self._encoder.encode(body, key),
+                cast_to=_response_class(),
+                stream=True,
+                options=options,
+            )
         try:
             return await client.post(
                 path,
@@ -459,7 +516,11 @@ class ModelClient:
                         _responses.ResponsesStream() if self.api == "responses" else _ChatStream()
                     )
                     head: bytes | None = None
-                    async for data in response.aiter_bytes():
+                    # A body without a content encoding is read as it came, past httpx's
+                    # decoder and re-chunker (each a layer per chunk).
+                    encoding = response.headers.get("content-encoding", "").strip().lower()
+                    raw = encoding in ("", "identity")
+                    async for data in response.aiter_raw() if raw else response.aiter_bytes():
                         if head is None:
                             head = data
                             if not sse and data.lstrip()[:1] == b"<":
@@ -479,7 +540,7 @@ class ModelClient:
                 finally:
                     await response.aclose()
 
-    def _parse_reply(self, raw: bytes, content_type: str) -> Chunk:
+    def _parse_reply(self, raw: bytes, content_type: str) -> dict[str, Any]:
         """A whole (non-streamed) answer as one chunk, or say what came instead of JSON."""
         try:
             return _responses.reply_chunk(raw) if self.api == "responses" else parse_chunk(raw)
@@ -749,6 +810,16 @@ def _describe(exc: BaseException) -> str:
         doc = (type(exc).__doc__ or "").strip().splitlines()
         text = doc[0].rstrip(".") if doc else "no detail given"
     return f"{type(exc).__name__}: {text}"
+
+
+def _string(value: Any, field: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{field!r} is not a string: {value!r:.60}")
+    return value
+
+
+def _optional_string(value: Any, field: str) -> str | None:
+    return None if value is None else _string(value, field)
 
 
 def _check_complete(parser: SSEParser, folder: RoundFolder) -> None:

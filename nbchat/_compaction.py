@@ -99,11 +99,26 @@ class TokenEstimator:
         self._anchor_tokens: int | None = None
         self._anchor_raw = 0.0
         self._anchor_extra = 0
+        # Each message's characters once measured, by id, with the content and calls they
+        # were measured on (a guardrail may replace them): a long history is not
+        # serialised again on every request.
+        self._sizes: dict[str, tuple[Any, Any, int]] = {}
 
     @staticmethod
     def heuristic(messages: Sequence[Message], extra_chars: int = 0) -> float:
         """The uncalibrated estimate: characters / 4 (``extra_chars``: tool definitions)."""
         return (sum(message_chars(m) for m in messages) + extra_chars) / CHARS_PER_TOKEN
+
+    def _heuristic(self, messages: Sequence[Message], extra_chars: int = 0) -> float:
+        """``heuristic``, each message measured once."""
+        sizes = self._sizes
+        total = extra_chars
+        for m in messages:
+            known = sizes.get(m.id)
+            if known is None or known[0] is not m.content or known[1] is not m.tool_calls:
+                known = sizes[m.id] = (m.content, m.tool_calls, message_chars(m))
+            total += known[2]
+        return total / CHARS_PER_TOKEN
 
     def _extends_anchor(self, messages: Sequence[Message]) -> bool:
         n = len(self._anchor_ids)
@@ -114,12 +129,12 @@ class TokenEstimator:
     def estimate(self, messages: Sequence[Message], extra_chars: int = 0) -> int:
         """Estimated prompt tokens of ``messages`` (plus ``extra_chars`` of tool specs)."""
         if self._anchor_tokens is None:
-            return math.ceil(self.ratio * self.heuristic(messages, extra_chars))
+            return math.ceil(self.ratio * self._heuristic(messages, extra_chars))
         if self._extends_anchor(messages):  # the usual case: estimate only what is new
-            added = self.heuristic(messages[len(self._anchor_ids) :], extra_chars)
+            added = self._heuristic(messages[len(self._anchor_ids) :], extra_chars)
             added -= self._anchor_extra / CHARS_PER_TOKEN
         else:
-            added = self.heuristic(messages, extra_chars) - self._anchor_raw
+            added = self._heuristic(messages, extra_chars) - self._anchor_raw
         return max(0, self._anchor_tokens + math.ceil(self.ratio * added))
 
     def observe(
@@ -129,15 +144,17 @@ class TokenEstimator:
         if not prompt_tokens or prompt_tokens <= 0:
             return
         if self._anchor_tokens is not None and self._extends_anchor(messages):
-            grown = self.heuristic(messages[len(self._anchor_ids) :], extra_chars)
+            grown = self._heuristic(messages[len(self._anchor_ids) :], extra_chars)
             grown -= self._anchor_extra / CHARS_PER_TOKEN
             if grown >= self.MIN_GROWTH:
                 # Clamped: one odd report must not make every later estimate absurd.
                 learned = (prompt_tokens - self._anchor_tokens) / grown
                 self.ratio = min(4.0, max(0.25, learned))
         self._anchor_ids = [m.id for m in messages]
+        sizes = self._sizes
+        self._sizes = {i: sizes[i] for i in self._anchor_ids if i in sizes}  # the live ones
         self._anchor_tokens = prompt_tokens
-        self._anchor_raw = self.heuristic(messages, extra_chars)
+        self._anchor_raw = self._heuristic(messages, extra_chars)
         self._anchor_extra = extra_chars
 
 

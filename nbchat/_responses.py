@@ -8,20 +8,24 @@ calls and results become ``function_call`` / ``function_call_output`` items), an
 values chat completions produce, so ``RoundFolder`` and the loop above it are unchanged.
 
 Requests are sent with ``store: false``: nbchat sends the whole history each time and
-keeps it itself, so nothing needs to stay on the provider's side.
+keeps it itself, so nothing needs to stay on the provider's side. A reasoning model's
+reasoning then lives only in the encrypted reasoning items it answers with (asked for
+with ``include: ["reasoning.encrypted_content"]``); they go back, before the function
+calls they preceded, in the tool rounds of the same turn (``reasoning_replay``).
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from ._text import valid_data
-from ._wire import Choice, Chunk, Delta, FunctionDelta, ToolCallChunk
+from ._wire import REASONING_ITEM, load_json
 
 __all__ = [
+    "ENCRYPTED_REASONING",
+    "REASONING_ITEMS",
     "RESPONSES_ONLY_MODELS",
     "ResponsesStream",
+    "reasoning_model",
     "reply_chunk",
     "request_body",
     "responses_only",
@@ -40,6 +44,19 @@ RESPONSES_ONLY_MODELS = (
     "codex-mini-latest",
     "computer-use-preview",
 )
+
+
+# OpenAI's reasoning models: their reasoning can come back encrypted, for replay.
+REASONING_MODEL_PREFIXES = ("o1", "o3", "o4-", "gpt-5", "codex-", "computer-use")
+ENCRYPTED_REASONING = "reasoning.encrypted_content"
+# The key of an assistant message (chat format) that carries its reasoning items.
+REASONING_ITEMS = "reasoning_items"
+
+
+def reasoning_model(model: str) -> bool:
+    """Whether ``model`` is one of OpenAI's reasoning models (``o4-mini``, ``gpt-5``...)."""
+    name = model.strip().lower().rsplit("/", 1)[-1]
+    return name.startswith(REASONING_MODEL_PREFIXES)
 
 
 def responses_only(model: str) -> bool:
@@ -73,52 +90,76 @@ def _parts(content: Any, role: str) -> Any:
         elif kind == "image_url":
             image = part.get("image_url")
             url = image.get("url") if isinstance(image, dict) else image
-            out: dict[str, Any] = {"type": "input_image", "image_url": url}
-            if isinstance(image, dict) and image.get("detail"):
-                out["detail"] = image["detail"]
-            parts.append(out)
+            # The SDK's ResponseInputImageParam requires a detail (chat's defaults to auto).
+            detail = image.get("detail") if isinstance(image, dict) else None
+            parts.append({"type": "input_image", "image_url": url, "detail": detail or "auto"})
         else:
             parts.append(part)  # already a Responses part (input_file, input_audio...)
     return parts
 
 
-def to_input(messages: list[dict[str, Any]]) -> tuple[str | None, list[dict[str, Any]]]:
+def to_input(
+    messages: list[dict[str, Any]], known: dict[int, Any] | None = None
+) -> tuple[str | None, list[dict[str, Any]]]:
     """(instructions, input items) for a chat-format message list.
 
-    The system messages before the first other message become ``instructions``; later
-    ones (notes the loop appends) stay in place as system messages.
+    A first system message (the session's system prompt) becomes ``instructions``;
+    later ones (a compaction summary, notes the loop appends) stay in place as system
+    messages, so the instructions stay what the user set. ``known`` keeps each message
+    dict's items between requests (by identity: a session hands unchanged messages
+    again), so a long history is converted once and its items are the same objects.
     """
-    instructions: list[str] = []
+    instructions: str | None = None
     items: list[dict[str, Any]] = []
-    for message in messages:
-        role = message.get("role")
-        content = message.get("content")
-        if role == "system" and not items:
-            instructions.append(_text_of(content))
-        elif role == "tool":
-            items.append(
-                {
-                    "type": "function_call_output",
-                    "call_id": message.get("tool_call_id") or "",
-                    "output": _text_of(content),
-                }
-            )
-        elif role == "assistant":
-            if content:
-                items.append({"role": "assistant", "content": _parts(content, "assistant")})
-            for call in message.get("tool_calls") or []:
-                fn = call.get("function") or {}
-                items.append(
-                    {
-                        "type": "function_call",
-                        "call_id": call.get("id") or "",
-                        "name": fn.get("name") or "",
-                        "arguments": fn.get("arguments") or "",
-                    }
-                )
-        else:
-            items.append({"role": role or "user", "content": _parts(content, str(role))})
-    return ("\n\n".join(instructions) if instructions else None), items
+    kept: dict[int, Any] = {}
+    for n, message in enumerate(messages):
+        if n == 0 and message.get("role") == "system":
+            instructions = _text_of(message.get("content"))
+            continue
+        hit = known.get(id(message)) if known is not None else None
+        if hit is None or hit[0] is not message:
+            hit = (message, _items(message))
+        kept[id(message)] = hit
+        items += hit[1]
+    if known is not None:
+        known.clear()
+        known.update(kept)  # what is no longer sent is let go
+    return instructions, items
+
+
+def _items(message: dict[str, Any]) -> list[dict[str, Any]]:
+    """The input items of one chat message (not the leading system prompt)."""
+    role = message.get("role")
+    content = message.get("content")
+    if role == "tool":
+        output = _text_of(content)
+        return [
+            {
+                "type": "function_call_output",
+                "call_id": message.get("tool_call_id") or "",
+                "output": output,
+            }
+        ]
+    if role != "assistant":
+        return [{"role": role or "user", "content": _parts(content, str(role))}]
+    # Reasoning first, as it came: OpenAI refuses a function_call sent back without the
+    # reasoning item that preceded it, and a reasoning item without what followed it (a
+    # reply cut off before its text has nothing to follow).
+    calls = message.get("tool_calls") or []
+    items = list(message.get(REASONING_ITEMS) or []) if content or calls else []
+    if content:
+        items.append({"role": "assistant", "content": _parts(content, "assistant")})
+    for call in calls:
+        fn = call.get("function") or {}
+        items.append(
+            {
+                "type": "function_call",
+                "call_id": call.get("id") or "",
+                "name": fn.get("name") or "",
+                "arguments": fn.get("arguments") or "",
+            }
+        )
+    return items
 
 
 def to_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -168,13 +209,21 @@ def request_body(
     tools: list[dict[str, Any]] | None,
     stream: bool,
     params: dict[str, Any],
+    known: dict[int, Any] | None = None,
 ) -> dict[str, Any]:
-    """The JSON body of ``POST /responses`` for one request of the loop."""
-    instructions, items = to_input(messages)
+    """The JSON body of ``POST /responses`` for one request of the loop (``known``: see
+    ``to_input``)."""
+    instructions, items = to_input(messages, known)
     body: dict[str, Any] = {"model": model, "input": items, "store": False}
     if instructions is not None:
         body["instructions"] = instructions
     body.update(_params(params))
+    if "reasoning" in body or reasoning_model(model):
+        # Stateless requests keep a reasoning model's reasoning only in encrypted form,
+        # sent back with the tool calls it led to (other models refuse this include).
+        include = list(body.get("include") or [])
+        if ENCRYPTED_REASONING not in include:
+            body["include"] = [*include, ENCRYPTED_REASONING]
     if tools:
         body["tools"] = to_tools(tools)
     if stream:
@@ -202,49 +251,64 @@ def _failure(response: Any) -> dict[str, Any]:
     return {"error": error}
 
 
-_EMPTY = Chunk.model_construct(model=None, choices=[], usage=None, error=None)
+Chunk = dict[str, Any]  # a chat-completions chunk object, as RoundFolder reads it
+_EMPTY: Chunk = {}
 
 
 def _chunk(
-    delta: Delta | None = None,
+    delta: dict[str, Any] | None = None,
     *,
     finish: str | None = None,
     usage: Any = None,
     error: dict[str, Any] | None = None,
     model: str | None = None,
 ) -> Chunk:
-    choices = []
+    chunk: Chunk = {}
     if delta is not None or finish is not None:
-        choices = [Choice.model_construct(delta=delta, message=None, finish_reason=finish)]
-    return Chunk.model_construct(model=model, choices=choices, usage=usage, error=error)
+        chunk["choices"] = [{"delta": delta, "finish_reason": finish}]
+    if usage is not None:
+        chunk["usage"] = usage
+    if error is not None:
+        chunk["error"] = error
+    if model is not None:
+        chunk["model"] = model
+    return chunk
 
 
-def _call_chunk(index: int, call_id: str | None, name: str | None, args: str | None) -> Chunk:
-    fn = FunctionDelta.model_construct(name=name, arguments=args or None)
-    call = ToolCallChunk.model_construct(index=index, id=call_id, function=fn)
-    return _chunk(Delta.model_construct(tool_calls=[call]))
+def _call(index: int, call_id: Any, name: Any, args: Any) -> dict[str, Any]:
+    return {"index": index, "id": call_id, "function": {"name": name, "arguments": args or None}}
 
 
-def _text_chunk(text: str) -> Chunk:
-    return _chunk(Delta.model_construct(content=text))
+def _call_chunk(index: int, call_id: Any, name: Any, args: Any) -> Chunk:
+    return _chunk({"tool_calls": [_call(index, call_id, name, args)]})
 
 
-def _reasoning_chunk(text: str) -> Chunk:
-    return _chunk(Delta.model_construct(reasoning=text))
-
-
-def _load(payload: bytes) -> Any:
-    data = json.loads(payload)
-    # The standard parser accepts lone surrogate escapes; stored text must be valid.
-    return valid_data(data) if b"\\ud" in payload.lower() else data
+def _replayable(item: dict[str, Any]) -> dict[str, Any] | None:
+    """A reasoning output item as it can be sent back (id, summary, encrypted content),
+    or ``None`` when it cannot: requests are ``store: false``, so an item without its
+    encrypted content refers to nothing the server kept ("Item ... not found")."""
+    if not item.get("encrypted_content") or not item.get("id"):
+        return None
+    summary = [
+        {"type": "summary_text", "text": str(part.get("text") or "")}
+        for part in item.get("summary") or []
+        if isinstance(part, dict)
+    ]
+    return {
+        "type": "reasoning",
+        "id": item["id"],
+        "summary": summary,
+        "encrypted_content": item["encrypted_content"],
+    }
 
 
 class ResponsesStream:
-    """Turns the events of one streamed response into chat-completions ``Chunk`` values.
+    """Turns the events of one streamed response into chat-completions chunks.
 
     Function calls are numbered in the order their items appear; their argument deltas
     are matched by ``item_id``. A server that skips the deltas and sends only the
-    finished item (or ``...arguments.done``) still yields the whole call, once.
+    finished item (or ``...arguments.done``) still yields the whole call, once. A
+    finished reasoning item that can be sent back comes under ``REASONING_ITEM``.
     """
 
     def __init__(self) -> None:
@@ -255,14 +319,14 @@ class ResponsesStream:
 
     def feed(self, payload: bytes) -> Chunk:
         """One SSE ``data`` payload as a chunk (an empty one for events that add nothing)."""
-        event = _load(payload)
+        event = load_json(payload)
         if not isinstance(event, dict):
             raise ValueError(f"a Responses event is a JSON object, got {payload[:60]!r}")
         kind = event.get("type")
         item_id = str(event.get("item_id") or "")
         if kind == "response.output_text.delta" or kind == "response.refusal.delta":
             self._streamed.add(item_id)
-            return _text_chunk(str(event.get("delta") or ""))
+            return _chunk({"content": str(event.get("delta") or "")})
         if kind in ("response.reasoning_summary_text.delta", "response.reasoning_text.delta"):
             return self._reasoning(event, item_id)
         if kind == "response.function_call_arguments.delta":
@@ -299,14 +363,14 @@ class ResponsesStream:
         return index
 
     def _reasoning(self, event: dict[str, Any], item_id: str) -> Chunk:
-        # Summary parts are paragraphs: keep them apart in the joined reasoning text.
+        # Summary parts (and reasoning items) are paragraphs: keep them apart in the text.
         part = (item_id, int(event.get("summary_index") or 0))
         text = str(event.get("delta") or "")
         if part not in self._summary_parts:
-            if any(p[0] == item_id for p in self._summary_parts):
+            if self._summary_parts:
                 text = "\n\n" + text
             self._summary_parts.add(part)
-        return _reasoning_chunk(text)
+        return _chunk({"reasoning": text})
 
     def _item(self, item: Any, *, done: bool) -> Chunk:
         if not isinstance(item, dict):
@@ -325,19 +389,40 @@ class ResponsesStream:
                 self._streamed.add(item_id)
                 return _call_chunk(index, None, None, args)
         elif kind == "message" and done and item_id not in self._streamed:
-            text = "".join(
-                str(p.get("text") or p.get("refusal") or "")
-                for p in item.get("content") or []
-                if isinstance(p, dict)
-            )
+            text = _message_text(item)
             if text:
-                return _text_chunk(text)
+                return _chunk({"content": text})
+        elif kind == "reasoning" and done:
+            delta: dict[str, Any] = {}
+            if not any(p[0] == item_id for p in self._summary_parts):
+                # A server that sent the summary only in the finished item.
+                summary = _summary_text(item)
+                if summary:
+                    delta["reasoning"] = summary
+            replayable = _replayable(item)
+            if replayable is not None:
+                delta[REASONING_ITEM] = replayable
+            if delta:
+                return _chunk(delta)
         return _EMPTY
+
+
+def _message_text(item: dict[str, Any]) -> str:
+    return "".join(
+        str(p.get("text") or p.get("refusal") or "")
+        for p in item.get("content") or []
+        if isinstance(p, dict)
+    )
+
+
+def _summary_text(item: dict[str, Any]) -> str:
+    parts = [s.get("text") for s in item.get("summary") or [] if isinstance(s, dict)]
+    return "\n\n".join(str(t) for t in parts if t)
 
 
 def reply_chunk(raw: bytes) -> Chunk:
     """A whole (non-streamed) Responses answer as one chunk."""
-    response = _load(raw)
+    response = load_json(raw)
     if not isinstance(response, dict) or "output" not in response:
         if isinstance(response, dict) and isinstance(response.get("error"), dict):
             return _chunk(error={"error": response["error"]})
@@ -346,32 +431,33 @@ def reply_chunk(raw: bytes) -> Chunk:
         return _chunk(error=_failure(response))
     text: list[str] = []
     reasoning: list[str] = []
-    calls: list[ToolCallChunk] = []
+    calls: list[dict[str, Any]] = []
+    choices: list[dict[str, Any]] = []
     for item in response.get("output") or []:
         if not isinstance(item, dict):
             continue
         kind = item.get("type")
         if kind == "message":
-            for part in item.get("content") or []:
-                if isinstance(part, dict):
-                    text.append(str(part.get("text") or part.get("refusal") or ""))
+            text.append(_message_text(item))
         elif kind == "reasoning":
-            reasoning += [str(s.get("text", "")) for s in item.get("summary") or []]
+            reasoning.append(_summary_text(item))
+            replayable = _replayable(item)
+            if replayable is not None:
+                choices.append({"delta": {REASONING_ITEM: replayable}})
         elif kind == "function_call":
-            fn = FunctionDelta.model_construct(
-                name=item.get("name"), arguments=item.get("arguments") or None
-            )
             calls.append(
-                ToolCallChunk.model_construct(index=len(calls), id=item.get("call_id"), function=fn)
+                _call(len(calls), item.get("call_id"), item.get("name"), item.get("arguments"))
             )
-    delta = Delta.model_construct(
-        content="".join(text) or None,
-        reasoning="\n\n".join(r for r in reasoning if r) or None,
-        tool_calls=calls or None,
-    )
-    return _chunk(
-        delta,
+    message = {
+        "content": "".join(text) or None,
+        "reasoning": "\n\n".join(r for r in reasoning if r) or None,
+        "tool_calls": calls or None,
+    }
+    chunk = _chunk(
+        message,
         finish=_finish(response, bool(calls)),
         usage=response.get("usage"),
         model=response.get("model"),
     )
+    chunk["choices"] += choices
+    return chunk

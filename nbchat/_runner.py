@@ -10,6 +10,7 @@ also keeps Ctrl-C / kernel interrupts landing where they can be handled.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import queue
@@ -98,6 +99,35 @@ class _Failure:
         self.exc = exc
 
 
+class _Channel:
+    """Items from a turn's task to its consumer on the same loop: an ``asyncio.Queue``
+    without the bookkeeping it does per item (this runs once per streamed chunk)."""
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: collections.deque[Any] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, item: Any) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self) -> Any:
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.popleft()
+
+
 class TurnRunner(Generic[T]):
     """Runs one turn at a time for its owner, for sync or async callers, and stops it.
 
@@ -148,11 +178,11 @@ class TurnRunner(Generic[T]):
 
     async def stream(self, turn: AsyncIterator[T]) -> AsyncIterator[T]:
         """Drive ``turn`` as a task on the running loop, yielding its items."""
-        items: asyncio.Queue[Any] = asyncio.Queue()
+        items = _Channel()
         self._inflight += 1
         # Backpressure: a reply already buffered in the socket would otherwise be parsed
         # whole before this consumer runs, holding every item in memory at once.
-        task = asyncio.ensure_future(self._pump(turn, items.put_nowait, lambda: items.qsize() > 64))
+        task = asyncio.ensure_future(self._pump(turn, items.put, lambda: len(items) > 64))
         try:
             while True:
                 item = await items.get()

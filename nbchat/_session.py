@@ -65,8 +65,9 @@ __all__ = ["Session", "TurnOptions", "configure"]
 
 EventHandler = Callable[[Event], None]
 DEFAULT_MAX_ROUNDS = 16
-# The chat-completions field reasoning is sent back in (DeepSeek's and vLLM's name).
-REASONING_FIELD = "reasoning_content"
+# The field reasoning is sent back in, per wire: chat completions (DeepSeek's and vLLM's
+# name), and the Responses API's reasoning items (which _responses puts before the calls).
+REASONING_FIELDS = {"chat": "reasoning_content", "responses": "reasoning_items"}
 MAX_ROUNDS_NOTE = (
     "You have reached the limit on tool calls for this turn. Do not call tools; "
     "answer now as well as you can with the information you already have."
@@ -286,6 +287,8 @@ class Session:
         self.usage = Usage()
         self._runner: TurnRunner[Event] = TurnRunner()
         self._reserved_usd = 0.0  # estimated cost of requests in flight
+        # Each message's chat dict, by id (see _wire_messages).
+        self._wire: dict[str, tuple[Any, Any, dict[str | None, dict[str, Any]]]] = {}
         # The store's writer thread takes the events; the loop never waits on the file
         # except at the two barriers (before tools run, before a turn returns).
         self._sink = StoreSink(self.store, notify=self._store_notice) if self.store else None
@@ -829,7 +832,7 @@ class Session:
         hold_text = bool(self.output_guardrails)
         retried = False
         while True:
-            payload = [m.to_openai(self._replayed(turn, m)) for m in self._context(turn)]
+            payload = self._wire_messages(turn)
             if final:
                 payload.append({"role": "system", "content": MAX_ROUNDS_NOTE})
             params = turn.settings.request_params
@@ -1100,11 +1103,32 @@ class Session:
         DeepSeek's refuse a tool round without it), never from earlier turns (it is
         kept in the store); ``"always"`` / ``"never"``.
         """
-        if message.reasoning is None or self.reasoning_replay == "never":
+        if (message.reasoning is None and message.reasoning_items is None) or (
+            self.reasoning_replay == "never"
+        ):
             return None
         if self.reasoning_replay == "auto" and message.turn_id != turn.turn_id:
             return None
-        return REASONING_FIELD
+        return REASONING_FIELDS[turn.settings.client.api]
+
+    def _wire_messages(self, turn: _Turn) -> list[dict[str, Any]]:
+        """The context as the chat dicts a request sends; a message's dict is made once
+        and handed again while it is unchanged, so the client encodes it only once."""
+        made, kept = self._wire, {}
+        out = []
+        for m in self._context(turn):
+            field = self._replayed(turn, m)
+            hit = made.get(m.id)
+            if hit is None or hit[0] is not m.content or hit[1] is not m.tool_calls:
+                hit = (m.content, m.tool_calls, {})
+            wire = hit[2].get(field)
+            if wire is None:
+                wire = hit[2][field] = m.to_openai(field)
+            kept[m.id] = hit
+            out.append(wire)
+        if not turn.settings.isolated:
+            self._wire = kept  # what left the conversation is let go
+        return out
 
     def _context(self, turn: _Turn) -> list[Message]:
         """The messages a request of ``turn`` sends: the conversation, or for an isolated
@@ -1186,6 +1210,7 @@ class Session:
             role="assistant",
             content=folder.text or None,
             reasoning=folder.reasoning or None,
+            reasoning_items=folder.reasoning_items or None,
             tool_calls=calls or None,
             turn_id=turn.turn_id,
             round=turn.round,

@@ -211,6 +211,9 @@ class Message(_Model):
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
+    # The Responses API's reasoning items (id, summary, encrypted content) this reply came
+    # with: sent back with its tool calls. Opaque, and kept in memory only (not stored).
+    reasoning_items: list[dict[str, Any]] | None = Field(default=None, exclude=True)
 
     id: str = Field(default_factory=new_id)
     seq: int = 0
@@ -225,13 +228,17 @@ class Message(_Model):
         """This message as the dict the chat completions API expects.
 
         Its reasoning goes along only when ``reasoning_field`` names the field to put it
-        in (``"reasoning_content"``: some servers want it back within a turn).
+        in (``"reasoning_content"``: some servers want it back within a turn), or with
+        ``"reasoning_items"`` its Responses API items (which that wire sends back).
         """
         out: dict[str, Any] = {"role": self.role, "content": self.content}
         if self.attachments:
             text = [{"type": "text", "text": self.content}] if self.content else []
             out["content"] = text + [part.to_openai() for part in self.attachments]
-        if reasoning_field is not None and self.reasoning:
+        if reasoning_field == "reasoning_items":
+            if self.reasoning_items:
+                out[reasoning_field] = self.reasoning_items
+        elif reasoning_field is not None and self.reasoning:
             out[reasoning_field] = self.reasoning
         if self.name is not None:
             out["name"] = self.name

@@ -46,7 +46,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType, TracebackType
 from typing import Any, Literal, Self, cast
@@ -61,6 +61,7 @@ __all__ = [
     "Fallback",
     "Reply",
     "ToolCallSpec",
+    "chat_request",
     "echo_reply",
     "estimate_prompt_tokens",
     "main",
@@ -230,17 +231,38 @@ def echo_reply(body: dict[str, Any]) -> Reply:
     return Reply(text=f"Echo: {last}")
 
 
+def chat_request(body: dict[str, Any]) -> dict[str, Any]:
+    """A request body in the chat-completions form, whichever wire it came on.
+
+    A Responses request's instructions and input items become ``messages`` (a reasoning
+    item the ``reasoning_content`` of the assistant message after it), its tools and
+    options take their chat names; a chat request is returned as it is. For tests and
+    fallbacks that read requests the same way on both wire formats.
+    """
+    return _fake_responses.chat_body(body) if "input" in body else body
+
+
 def _split(s: str, size: int) -> list[str]:
     return [s[i : i + size] for i in range(0, len(s), size)]
 
 
+# Made once: json.dumps with options builds an encoder per call, and the server encodes
+# one object per streamed chunk (its time is on the test's CPU, like the client's).
+_COMPACT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+_COMPACT_ASCII = json.JSONEncoder(separators=(",", ":"))
+
+
 def _dumps(obj: Any, indent: int | None = None) -> bytes:
-    separators = (",", ":") if indent is None else (",", ": ")
-    text = json.dumps(obj, ensure_ascii=False, separators=separators, indent=indent)
+    if indent is None:
+        try:
+            return _COMPACT.encode(obj).encode()
+        except UnicodeEncodeError:  # lone surrogates: send them as JSON escapes
+            return _COMPACT_ASCII.encode(obj).encode()
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ": "), indent=indent)
     try:
         return text.encode()
-    except UnicodeEncodeError:  # lone surrogates: send them as JSON escapes
-        return json.dumps(obj, separators=separators, indent=indent).encode()
+    except UnicodeEncodeError:
+        return json.dumps(obj, separators=(",", ": "), indent=indent).encode()
 
 
 class FakeOpenAIServer:
@@ -254,7 +276,9 @@ class FakeOpenAIServer:
     ``context_length_exceeded`` without taking a reply from the queue. With
     ``require_reasoning_replay=True`` it behaves like DeepSeek's thinking mode: a tool
     round whose assistant message (after the last user message) comes back without its
-    ``reasoning_content`` is answered 400.
+    ``reasoning_content`` is answered 400; on ``/v1/responses`` like OpenAI's reasoning
+    models: a function call of the current turn sent back without the reasoning item
+    that preceded it is answered 400.
     ``GET /v1/models`` lists ``models``, each card with the fields ``model_info`` gives
     it (``{"m": {"max_model_len": 8192}}`` as vLLM, ``{"context_length": ...}`` as
     OpenRouter); ``props`` is answered at ``GET /props`` as llama.cpp does
@@ -419,9 +443,19 @@ class FakeOpenAIServer:
 
     @property
     def requests(self) -> list[dict[str, Any]]:
-        """Every chat-completions request body received, parsed, in order (a copy)."""
+        """Every request body received (either wire format), parsed, in order (a copy)."""
         with self._cond:
             return list(self._requests)
+
+    @property
+    def chat_requests(self) -> list[dict[str, Any]]:
+        """``requests``, each in the chat-completions form: a Responses request's
+        instructions and input items read back as ``messages`` (its reasoning items as
+        the ``reasoning_content`` of the assistant message they precede), its tools and
+        options under their chat names. For tests that run on both wire formats."""
+        return [
+            _fake_responses.chat_body(body) if "input" in body else body for body in self.requests
+        ]
 
     @property
     def request_headers(self) -> list[dict[str, str]]:
@@ -481,16 +515,12 @@ class FakeOpenAIServer:
                             f"However, your messages resulted in {tokens} tokens.",
                         )
                     )
-            if self.require_reasoning_replay and _reasoning_missing(body):
-                return number, Reply(
-                    error=ErrorSpec(
-                        status=400,
-                        code="invalid_request_error",
-                        param="messages",
-                        message="The reasoning_content in the thinking mode must be passed "
-                        "back to the API.",
-                    )
-                )
+            problem = _fake_responses.input_error(body) if "input" in body else None
+            if problem is not None:  # OpenAI checks the items before anything else
+                return number, Reply(error=ErrorSpec(status=400, message=problem, param="input"))
+            refusal = _replay_refusal(body, self.require_reasoning_replay)
+            if refusal is not None:
+                return number, Reply(error=refusal)
             if self._queue:
                 return number, self._queue.popleft()
             fallback = self.fallback
@@ -565,6 +595,17 @@ def _prompt(body: dict[str, Any]) -> Any:
     return prompt_of(body)
 
 
+def _chat_head(body: dict[str, Any], number: int, kind: str) -> dict[str, Any]:
+    """The fields a chat completion (or each of its chunks) opens with."""
+    return {
+        "id": f"chatcmpl-fake{number}",
+        "object": kind,
+        "created": int(time.time()),
+        "model": body.get("model", ""),
+        "system_fingerprint": _FINGERPRINT,
+    }
+
+
 def _completion(reply: Reply, body: dict[str, Any], number: int) -> bytes:
     """The whole reply as one ``chat.completion`` object (non-streamed), encoded."""
     calls = _calls(reply, number)
@@ -581,11 +622,7 @@ def _completion(reply: Reply, body: dict[str, Any], number: int) -> bytes:
             for i, n, a in calls
         ]
     out = {
-        "id": f"chatcmpl-fake{number}",
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": body.get("model", ""),
-        "system_fingerprint": _FINGERPRINT,
+        **_chat_head(body, number, "chat.completion"),
         "choices": [
             {
                 "index": 0,
@@ -597,6 +634,31 @@ def _completion(reply: Reply, body: dict[str, Any], number: int) -> bytes:
     }
     usage = _usage_for(reply, body, calls)
     return _dumps(out) if usage is None else _with_usage(_dumps(out), reply, usage)
+
+
+def _replay_refusal(body: dict[str, Any], required: bool) -> ErrorSpec | None:
+    """The error for a request that sends reasoning back wrongly, or (``required``)
+    leaves it out of a tool round: DeepSeek's 400 on chat, OpenAI's on Responses."""
+    if "input" in body:
+        bad = _fake_responses.replay_error(body)
+        if bad is not None:
+            return ErrorSpec(status=bad[0], message=bad[1], param="input")
+        call = _fake_responses.reasoning_missing(body) if required else None
+        if call is None:
+            return None
+        message = (
+            f"Item of type 'function_call' (call_id {call!r}) was provided without its "
+            "required 'reasoning' item."
+        )
+        return ErrorSpec(status=400, message=message, param="input")
+    if not required or not _reasoning_missing(body):
+        return None
+    return ErrorSpec(
+        status=400,
+        code="invalid_request_error",
+        param="messages",
+        message="The reasoning_content in the thinking mode must be passed back to the API.",
+    )
 
 
 def _reasoning_missing(body: dict[str, Any]) -> bool:
@@ -620,26 +682,29 @@ def _finish(calls: list[tuple[str, str, str]]) -> str:
     return "tool_calls" if calls else "stop"
 
 
-def _stream_events(reply: Reply, body: dict[str, Any], number: int) -> list[bytes]:
-    """Every SSE event of a streamed reply, pre-encoded (``data: [DONE]`` not included)."""
+def _stream_events(reply: Reply, body: dict[str, Any], number: int) -> Iterator[bytes]:
+    """Every SSE event of a streamed reply, encoded as it is sent (``data: [DONE]`` not
+    included): a long reply starts at once, and the encoding of one batch overlaps with
+    the client reading the one before (in a server of its own process). What can fail
+    (usage, calls, the head) is worked out before the first event."""
     calls = _calls(reply, number)
     opts = body.get("stream_options")
     usage = _usage_for(reply, body, calls)
     with_usage = isinstance(opts, dict) and bool(opts.get("include_usage")) and usage is not None
-    head = {
-        "id": f"chatcmpl-fake{number}",
-        "object": "chat.completion.chunk",
-        "created": int(time.time()),
-        "model": body.get("model", ""),
-        "system_fingerprint": _FINGERPRINT,
-    }
+    head = _chat_head(body, number, "chat.completion.chunk")
     # Only the delta changes from chunk to chunk: encode the rest once.
     prefix = b"data: " + _dumps(head)[:-1] + b',"choices":[{"index":0,"delta":'
     end = (b',"usage":null' if with_usage else b"") + b"}\n\n"
+    usage_event = None
+    if with_usage and reply.stream_error is None:
+        usage_event = (
+            b"data: " + _with_usage(_dumps({**head, "choices": []}), reply, usage) + b"\n\n"
+        )
+    reshape = reply.multiline_data or reply.line_ending != "\n"
 
     def ev(delta: dict[str, Any], finish: str | None = None) -> bytes:
         finish_json = _dumps(finish) if finish else b"null"
-        return (
+        event = (
             prefix
             + _dumps(delta)
             + b',"logprobs":null,"finish_reason":'
@@ -647,40 +712,41 @@ def _stream_events(reply: Reply, body: dict[str, Any], number: int) -> list[byte
             + b"}]"
             + end
         )
+        return _reshaped(event, reply) if reshape else event
 
-    first = {
-        "role": "assistant",
-        "content": "" if reply.text or not calls else None,
-        "refusal": None,
-    }
-    events = [ev(first)]
-    events += [
-        ev({"reasoning_content": p}) for p in _split(reply.reasoning or "", reply.chunk_size)
-    ]
-    events += [ev({"content": p}) for p in reply.text_pieces()]
-    per_call: list[list[dict[str, Any]]] = []
-    for index, (call_id, name, args) in enumerate(calls):
-        fn = {"name": name, "arguments": ""}
-        deltas = [{"index": index, "id": call_id, "type": "function", "function": fn}]
-        deltas += [
-            {"index": index, "function": {"arguments": frag}}
-            for frag in _split(args, reply.chunk_size)
-        ]
-        per_call.append(deltas)
-    for group in itertools.zip_longest(*per_call):  # round-robin: fragments interleave
-        events += [ev({"tool_calls": [d]}) for d in group if d is not None]
-    if reply.stream_error is not None:
-        events.append(b"data: " + _dumps(reply.stream_error.body()) + b"\n\n")
-        with_usage = False
-    else:
-        events.append(ev({}, reply.finish_reason or _finish(calls)))
-    if with_usage:
-        events.append(
-            b"data: " + _with_usage(_dumps({**head, "choices": []}), reply, usage) + b"\n\n"
-        )
-    if reply.multiline_data or reply.line_ending != "\n":
-        events = [_reshaped(e, reply) for e in events]
-    return events
+    def events() -> Iterator[bytes]:
+        first = {
+            "role": "assistant",
+            "content": "" if reply.text or not calls else None,
+            "refusal": None,
+        }
+        yield ev(first)
+        for p in _split(reply.reasoning or "", reply.chunk_size):
+            yield ev({"reasoning_content": p})
+        for p in reply.text_pieces():
+            yield ev({"content": p})
+        per_call: list[list[dict[str, Any]]] = []
+        for index, (call_id, name, args) in enumerate(calls):
+            fn = {"name": name, "arguments": ""}
+            deltas = [{"index": index, "id": call_id, "type": "function", "function": fn}]
+            deltas += [
+                {"index": index, "function": {"arguments": frag}}
+                for frag in _split(args, reply.chunk_size)
+            ]
+            per_call.append(deltas)
+        for group in itertools.zip_longest(*per_call):  # round-robin: fragments interleave
+            for d in group:
+                if d is not None:
+                    yield ev({"tool_calls": [d]})
+        if reply.stream_error is not None:
+            error = b"data: " + _dumps(reply.stream_error.body()) + b"\n\n"
+            yield _reshaped(error, reply) if reshape else error
+        else:
+            yield ev({}, reply.finish_reason or _finish(calls))
+        if usage_event is not None:
+            yield _reshaped(usage_event, reply) if reshape else usage_event
+
+    return events()
 
 
 def _reshaped(event: bytes, reply: Reply) -> bytes:
@@ -857,7 +923,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_error(self.fake._internal_error(f"could not answer: {exc!r}"))
 
     def _send_stream(
-        self, events: list[bytes], reply: Reply, number: int, *, done: bool = True
+        self, events: Iterable[bytes], reply: Reply, number: int, *, done: bool = True
     ) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
@@ -866,25 +932,31 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("x-request-id", f"req_fake{number}")
         self.end_headers()
         cut = reply.cut_after
-        frames = [_frame(e) for e in (events if cut is None else events[:cut])]
+        frames = (_frame(e) for e in (events if cut is None else itertools.islice(events, cut)))
         tail = b"" if cut is not None else _END
         if cut is None and done:  # the Responses API has no [DONE]
             tail = _frame(_reshaped(b"data: [DONE]\n\n", reply)) + _END
         stall = reply.stall_after
         if reply.delay or stall is not None:
+            sent = 0
             for i, f in enumerate(frames):
                 if i == stall:
                     self.wfile.flush()
                     self.fake._stopping.wait(reply.stall_seconds)
                 time.sleep(reply.delay)
                 self.wfile.write(f)
-            if stall is not None and stall >= len(frames):
+                sent = i + 1
+            if stall is not None and stall >= sent:
                 self.fake._stopping.wait(reply.stall_seconds)
             self.wfile.write(tail)
         else:  # batched: one syscall per few hundred chunks
-            for i in range(0, len(frames), 512):
-                self.wfile.write(b"".join(frames[i : i + 512]))
-            self.wfile.write(tail)
+            batch: list[bytes] = []
+            for f in frames:
+                batch.append(f)
+                if len(batch) == 512:
+                    self.wfile.write(b"".join(batch))
+                    batch.clear()
+            self.wfile.write(b"".join(batch) + tail)
         if cut is not None:
             # Close without the chunked terminator: the client sees a broken stream.
             self.close_connection = True

@@ -124,3 +124,14 @@ def store_db(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return str(tmp_path / "chats.duckdb")
     url: str = request.getfixturevalue("pg_url")
     return url
+
+
+@pytest.fixture(params=["chat", "responses"])
+def wire(request: pytest.FixtureRequest, isolated_env: Path) -> str:
+    """Sessions made without ``api=`` speak this wire format: the loop suites run on both.
+
+    Set as the kernel default (``%chat config api=...``), so a test body makes its
+    sessions as usual; ``fake.chat_requests`` reads what either format sent.
+    """
+    _config.set_defaults(api=request.param)
+    return str(request.param)

@@ -133,3 +133,21 @@ def test_server_reported_cost_and_cache_writes(fake: FakeOpenAIServer) -> None:
     assert event.cost_usd == 0.0042 and event.cost_source == "server"
     assert event.usage is not None and event.usage.cache_write_tokens == 30
     assert event.usage.reported_cost_usd == 0.0042
+
+
+def test_body_encoder_splices_the_same_json_and_encodes_each_message_once() -> None:
+    from nbchat._wire import BodyEncoder
+
+    messages = [{"role": "user", "content": f"m{i} é \udcff"} for i in range(3)]
+    body = {"model": "m", "messages": messages, "temperature": 0.5, "stream": True}
+    encoder = BodyEncoder()
+    first = encoder.encode(body)
+    assert json.loads(first) == {
+        **body,
+        "messages": [{**m, "content": m["content"].replace("\udcff", "\ufffd")} for m in messages],
+    }
+    messages.append({"role": "assistant", "content": 'a "messages":[] inside'})
+    again = encoder.encode(body)
+    assert json.loads(again)["messages"][-1]["content"] == 'a "messages":[] inside'
+    assert again.startswith(first[: first.index(b"]")]), "the kept encodings are reused"
+    assert json.loads(encoder.encode({"model": "m", "messages": []}))["messages"] == []

@@ -25,22 +25,31 @@ from nbchat._compaction import (
 from nbchat._exceptions import ModelAPIError
 from nbchat._store import Store
 from nbchat._summary import SUMMARY_HEADER
-from nbchat.testing import ErrorSpec, FakeOpenAIServer, Reply, estimate_prompt_tokens
+from nbchat.testing import (
+    ErrorSpec,
+    FakeOpenAIServer,
+    Reply,
+    chat_request,
+    estimate_prompt_tokens,
+)
 
 SUMMARISER = "summariser"
 Body = dict[str, Any]
+
+
+pytestmark = pytest.mark.usefixtures("wire")  # every test here runs on both wire formats
 
 
 # --------------------------------------------------------------------------- helpers
 
 
 def is_summary_request(body: Body) -> bool:
-    first = body["messages"][0]
+    first = chat_request(body)["messages"][0]
     return first["role"] == "system" and first["content"].startswith("You condense")
 
 
 def last_user(body: Body) -> str:
-    return str([m for m in body["messages"] if m["role"] == "user"][-1]["content"])
+    return str([m for m in chat_request(body)["messages"] if m["role"] == "user"][-1]["content"])
 
 
 def chatty(
@@ -67,7 +76,7 @@ def make(fake: FakeOpenAIServer, db: Any = False, **kw: Any) -> Session:
 
 
 def chat_requests(fake: FakeOpenAIServer) -> list[Body]:
-    return [b for b in fake.requests if not is_summary_request(b)]
+    return [b for b in fake.chat_requests if not is_summary_request(b)]
 
 
 def summaries_in(body: Body) -> list[int]:
@@ -228,7 +237,7 @@ def test_sixty_turns_compact_repeatedly_with_bounded_prompts(db_path: Path) -> N
             assert r.status == "completed", r.error
             assert r.rounds == 1, "summariser requests are not rounds"
         chat = chat_requests(fake)
-        summary_bodies = [b for b in fake.requests if is_summary_request(b)]
+        summary_bodies = [b for b in fake.chat_requests if is_summary_request(b)]
 
     assert len(chat) == 60
     sizes = [estimate_prompt_tokens(b["messages"]) for b in chat]
@@ -279,7 +288,7 @@ def test_tool_groups_are_never_split(fake: FakeOpenAIServer) -> None:
     def fallback(body: Body) -> Reply | str:
         if is_summary_request(body):
             return "Summary: lookups were made and answered."
-        messages = body["messages"]
+        messages = chat_request(body)["messages"]
         last_user_at = max(i for i, m in enumerate(messages) if m["role"] == "user")
         rounds = sum(
             1 for m in messages[last_user_at:] if m["role"] == "assistant" and m.get("tool_calls")
@@ -302,7 +311,7 @@ def test_tool_groups_are_never_split(fake: FakeOpenAIServer) -> None:
         check_tool_pairs(body["messages"])
         assert estimate_prompt_tokens(body["messages"]) <= 3000
     assert validate_history(s.history) is None
-    summary_prompt = next(b for b in fake.requests if is_summary_request(b))
+    summary_prompt = next(b for b in fake.chat_requests if is_summary_request(b))
     assert "(calls tool lookup with" in summary_prompt["messages"][1]["content"]
 
 
@@ -317,7 +326,7 @@ def test_a_failing_summariser_leaves_the_turn_working(fake: FakeOpenAIServer) ->
     assert failures and all("summariser is down" in (e.error or "") for e in failures)
     assert not any(e.kind == "messages_marked" for e in events), "nothing was folded"
     assert len(s.history) == 24, "the history is intact"
-    summary_requests = [b for b in fake.requests if is_summary_request(b)]
+    summary_requests = [b for b in fake.chat_requests if is_summary_request(b)]
     assert len(summary_requests) == len(failures), "one attempt per turn, not per request"
     usage = [e for e in events if e.kind == "usage" and e.purpose == "summary"]
     assert len(usage) == len(failures) and all(u.error for u in usage)
@@ -341,7 +350,7 @@ def test_an_empty_summary_is_a_failure_not_a_compaction(fake: FakeOpenAIServer) 
 
 def test_a_summary_that_saves_little_is_refused(fake: FakeOpenAIServer) -> None:
     """An "echo" summariser repeats the transcript: folding it would gain nothing."""
-    fake.fallback = chatty(summary=lambda body: body["messages"][-1]["content"])
+    fake.fallback = chatty(summary=lambda body: chat_request(body)["messages"][-1]["content"])
     events: list[Any] = []
     s = make(fake, context_window=1500, on_event=events.append)
     for i in range(12):
@@ -378,7 +387,8 @@ def test_context_length_exceeded_forces_one_compaction_and_a_retry(db_path: Path
 
 def test_llama_cpp_overflow_without_a_window_still_recovers(fake: FakeOpenAIServer) -> None:
     def fallback(body: Body) -> Reply | str:
-        if not is_summary_request(body) and estimate_prompt_tokens(body["messages"]) > 1200:
+        messages = chat_request(body)["messages"]
+        if not is_summary_request(body) and estimate_prompt_tokens(messages) > 1200:
             return Reply(
                 error=ErrorSpec(
                     status=400,
@@ -416,7 +426,7 @@ def test_without_compaction_an_overflow_is_an_error(fake: FakeOpenAIServer) -> N
     fake.fallback = chatty()
     s = make(fake, compaction=None, context_window=800)
     statuses = [s.send(f"m{i} " + "q" * 300).status for i in range(8)]
-    assert "error" in statuses and not any(b for b in fake.requests if is_summary_request(b))
+    assert "error" in statuses and not any(b for b in fake.chat_requests if is_summary_request(b))
 
 
 def test_unknown_window_means_no_automatic_compaction(fake: FakeOpenAIServer) -> None:
@@ -435,7 +445,7 @@ def test_the_trigger_follows_the_servers_token_counts(fake: FakeOpenAIServer) ->
     def fallback(body: Body) -> Reply | str:
         if is_summary_request(body):
             return "Summary: numbered messages."
-        tokens = 2 * estimate_prompt_tokens(body["messages"])
+        tokens = 2 * estimate_prompt_tokens(chat_request(body)["messages"])
         return Reply(
             text="ok " + "z" * 100, usage={"prompt_tokens": tokens, "completion_tokens": 30}
         )
@@ -465,13 +475,13 @@ def test_window_strategy_drops_oldest_exchanges_without_a_model(fake: FakeOpenAI
     s = make(fake, system="sys", compaction="window", context_window=2000, on_event=events.append)
     for i in range(40):
         assert s.send(f"message {i}: " + "q" * 150).status == "completed"
-    assert not [b for b in fake.requests if is_summary_request(b)]
+    assert not [b for b in fake.chat_requests if is_summary_request(b)]
     compactions = [e for e in events if e.kind == "compaction"]
     assert compactions and all(c.strategy == "window" and c.model is None for c in compactions)
     assert all(c.cost_usd == 0.0 and c.summary is None for c in compactions)
-    sizes = [estimate_prompt_tokens(b["messages"]) for b in fake.requests]
+    sizes = [estimate_prompt_tokens(b["messages"]) for b in fake.chat_requests]
     assert max(sizes) <= 1600
-    assert fake.requests[-1]["messages"][0] == {"role": "system", "content": "sys"}
+    assert fake.chat_requests[-1]["messages"][0] == {"role": "system", "content": "sys"}
     kept = [m for m in s.history if m.role == "user"]
     assert len(kept) > 4, "a sliding window keeps more than keep_last_n when it fits"
     assert kept[-1].content == "message 39: " + "q" * 150
@@ -524,7 +534,7 @@ def test_a_custom_strategy_is_used_and_checked(fake: FakeOpenAIServer) -> None:
     assert r.status == "completed"
     [refused] = [e for e in events if e.kind == "compaction"]
     assert "invalid" in (refused.error or "") and "lost their results" in (refused.error or "")
-    check_tool_pairs(fake.requests[-1]["messages"])
+    check_tool_pairs(fake.chat_requests[-1]["messages"])
 
 
 def test_a_reopened_session_puts_the_summary_back_in_place(db_path: Path) -> None:
@@ -538,7 +548,7 @@ def test_a_reopened_session_puts_the_summary_back_in_place(db_path: Path) -> Non
         assert [m.id for m in again.history] == live
         assert again.messages == s.messages
         again.send("after reopening")
-        body = fake.requests[-1]
+        body = fake.chat_requests[-1]
         assert summaries_in(body) == [1] and body["messages"][0]["content"] == "sys"
     compacted = rows(
         db_path, "SELECT count(*) AS n FROM messages WHERE state = 'compacted' AND role = 'user'"
@@ -570,5 +580,5 @@ def test_the_window_the_server_reports_drives_compaction() -> None:
         for i in range(20):
             s.send(f"note {i}: " + "lorem ipsum " * 30)
         assert len(nbchat.compactions(db=s.store)) >= 1
-        assert max(len(r["messages"]) for r in fake.requests) < 40
+        assert max(len(r["messages"]) for r in fake.chat_requests) < 40
         assert s.client.cached_context_window() == 1500  # asked once, then cached

@@ -14,7 +14,9 @@ from pydantic import BaseModel
 
 import nbchat
 from nbchat._pricing import forget_price, register_price
-from nbchat.testing import FakeOpenAIServer, Reply
+from nbchat.testing import FakeOpenAIServer, Reply, chat_request
+
+pytestmark = pytest.mark.usefixtures("wire")  # every test here runs on both wire formats
 
 
 class Person(BaseModel):
@@ -24,7 +26,7 @@ class Person(BaseModel):
 
 def person_from(body: dict[str, Any]) -> Reply:
     """A model that reads 'NAME is AGE' from the one user message it was sent."""
-    users = [m["content"] for m in body["messages"] if m["role"] == "user"]
+    users = [m["content"] for m in chat_request(body)["messages"] if m["role"] == "user"]
     assert len(users) == 1, "each row must be sent alone"
     match = re.match(r"(\w+) is (\d+)", users[0])
     answer = {"name": match.group(1), "age": int(match.group(2))} if match else {"name": "?"}

@@ -24,6 +24,9 @@ CHEAP = "cheap-model"
 COSTLY_SUMMARISER = "costly-summariser"
 
 
+pytestmark = pytest.mark.usefixtures("wire")  # every test here runs on both wire formats
+
+
 @pytest.fixture
 def prices() -> Iterator[None]:
     register_price(PRICED, input_per_mtok=1000, output_per_mtok=1000)
@@ -198,7 +201,7 @@ def test_summariser_cost_counts_toward_the_budget(fake: FakeOpenAIServer, prices
         statuses.append(s.send(f"message {len(statuses)}: " + "q" * 200).status)
         assert len(statuses) < 40, "the context window of 1000 tokens forces a compaction"
     # The turn that compacted paid $5.50 for its summary, then stopped: no chat request.
-    assert fake.requests[-1]["model"] == COSTLY_SUMMARISER
+    assert fake.chat_requests[-1]["model"] == COSTLY_SUMMARISER
     last_turn = events[max(i for i, e in enumerate(events) if e.kind == "turn_started") :]
     kinds = [e.kind for e in last_turn]
     assert kinds.index("usage") < kinds.index("compaction") < kinds.index("limit_reached")
@@ -270,10 +273,10 @@ def test_input_guardrail_rewrites_what_the_model_sees(fake: FakeOpenAIServer) ->
 
     s = make(fake, input_guardrails=[mask_emails, shout])
     s.send("write to ada@example.com now!")
-    assert fake.requests[0]["messages"][-1]["content"] == "WRITE TO <EMAIL> NOW!"
+    assert fake.chat_requests[0]["messages"][-1]["content"] == "WRITE TO <EMAIL> NOW!"
     assert s.messages[0]["content"] == "WRITE TO <EMAIL> NOW!"
     s.send("and nothing else")  # shout returns None: unchanged
-    assert fake.requests[1]["messages"][-1]["content"] == "and nothing else"
+    assert fake.chat_requests[1]["messages"][-1]["content"] == "and nothing else"
 
 
 def test_input_rejection_is_stored_with_a_clear_status(
@@ -295,7 +298,7 @@ def test_input_rejection_is_stored_with_a_clear_status(
     assert error.error_kind == "guardrail"
     assert "Rejected by a guardrail" in _shown(events)
     assert s.send("hello").status == "completed"
-    assert [m["content"] for m in fake.requests[0]["messages"]] == ["hello"]
+    assert [m["content"] for m in fake.chat_requests[0]["messages"]] == ["hello"]
     with Store.open(str(db_path)) as store:
         result = store.query(
             "SELECT content, status, state FROM messages WHERE role = 'user' ORDER BY seq"
@@ -344,7 +347,7 @@ def test_output_rejection_keeps_the_reply_out_of_the_conversation(
     assert stored.status == "rejected" and stored.state == "superseded"
     assert s.messages == [{"role": "user", "content": "go"}]
     s.send("again")
-    assert "something unsafe" not in str(fake.requests[-1]["messages"])
+    assert "something unsafe" not in str(fake.chat_requests[-1]["messages"])
 
 
 def test_output_guardrails_judge_text_before_tool_calls(fake: FakeOpenAIServer) -> None:

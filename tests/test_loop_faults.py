@@ -14,6 +14,8 @@ import nbchat
 from nbchat import _runner
 from nbchat.testing import FakeOpenAIServer
 
+pytestmark = pytest.mark.usefixtures("wire")  # every test here runs on both wire formats
+
 
 def _session(server: FakeOpenAIServer, tools: list[Any], **kwargs: Any) -> nbchat.Session:
     return nbchat.Session(
@@ -22,7 +24,7 @@ def _session(server: FakeOpenAIServer, tools: list[Any], **kwargs: Any) -> nbcha
 
 
 def _tool_results(server: FakeOpenAIServer, request: int) -> list[dict[str, Any]]:
-    return [m for m in server.requests[request]["messages"] if m["role"] == "tool"]
+    return [m for m in server.chat_requests[request]["messages"] if m["role"] == "tool"]
 
 
 def sync_interrupt() -> str:
@@ -173,7 +175,7 @@ def test_a_lone_surrogate_in_the_users_text_is_replaced_visibly(fake: FakeOpenAI
     s = _session(fake, [])
     fake.enqueue("ok")
     assert s.send("look at \udcff this").status == "completed"
-    assert fake.requests[0]["messages"][-1]["content"] == "look at \ufffd this"
+    assert fake.chat_requests[0]["messages"][-1]["content"] == "look at \ufffd this"
 
 
 def lookup(key: str) -> str:
@@ -189,7 +191,7 @@ def test_a_tool_call_without_a_name_becomes_an_error_the_model_sees(
     fake.enqueue("sorry")
     result = s.send("go")
     assert (result.status, result.text) == ("completed", "sorry")
-    call = fake.requests[1]["messages"][-2]["tool_calls"][0]
+    call = fake.chat_requests[1]["messages"][-2]["tool_calls"][0]
     assert call["function"]["name"]  # never the empty string OpenAI rejects
     payload = json.loads(_tool_results(fake, 1)[0]["content"])
     assert payload["error_kind"] == "invalid_tool_call"
@@ -208,7 +210,7 @@ def test_duplicate_and_reused_tool_call_ids_are_made_unique(fake: FakeOpenAIServ
     fake.enqueue("done")
     result = s.send("go")
     assert result.status == "completed"
-    messages = fake.requests[2]["messages"]
+    messages = fake.chat_requests[2]["messages"]
     call_ids = [c["id"] for m in messages if m.get("tool_calls") for c in m["tool_calls"]]
     answer_ids = [m["tool_call_id"] for m in messages if m["role"] == "tool"]
     assert len(call_ids) == 3 and len(set(call_ids)) == 3
@@ -220,9 +222,12 @@ def test_duplicate_and_reused_tool_call_ids_are_made_unique(fake: FakeOpenAIServ
     assert sorted(stored["result"]) == ["value of a", "value of b", "value of c"]
 
 
-def test_a_cut_stream_keeps_the_partial_text_in_the_result(fake: FakeOpenAIServer) -> None:
+def test_a_cut_stream_keeps_the_partial_text_in_the_result(
+    fake: FakeOpenAIServer, wire: str
+) -> None:
     s = _session(fake, [])
-    fake.enqueue("abcdefgh", chunk_size=2, cut_after=4)
+    opening = 1 if wire == "chat" else 4  # the events before the text (see test_session)
+    fake.enqueue("abcdefgh", chunk_size=2, cut_after=opening + 3)
     result = s.send("go")
     assert result.status == "error"
     assert result.text and "abcdefgh".startswith(result.text)
@@ -259,7 +264,7 @@ def test_max_rounds_zero_without_tool_calls_is_a_plain_answer(fake: FakeOpenAISe
     result = s.send("hi", on_event=events.append)
     assert (result.status, result.text) == ("completed", "just text")
     assert [e for e in events if e.kind == "limit_reached"] == []
-    assert "tools" not in fake.requests[0]  # no tool rounds allowed: none offered
+    assert "tools" not in fake.chat_requests[0]  # no tool rounds allowed: none offered
 
 
 def test_a_cancel_after_the_turn_ended_is_no_error(fake: FakeOpenAIServer) -> None:

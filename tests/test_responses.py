@@ -9,6 +9,7 @@ from typing import Any
 import openai
 import pytest
 
+import nbchat
 from nbchat import ModelAPIError
 from nbchat._client import ModelClient, RoundFolder
 from nbchat._config import resolve_client
@@ -52,13 +53,14 @@ def test_chat_history_becomes_instructions_and_input_items() -> None:
         {"role": "system", "content": "Answer now."},
     ]
     instructions, items = to_input(messages)
-    assert instructions == "Be terse.\n\nUse SI units."
+    assert instructions == "Be terse."
     assert items == [
+        {"role": "system", "content": "Use SI units."},
         {
             "role": "user",
             "content": [
                 {"type": "input_text", "text": "Look:"},
-                {"type": "input_image", "image_url": "data:x"},
+                {"type": "input_image", "image_url": "data:x", "detail": "auto"},
             ],
         },
         {"role": "assistant", "content": "Checking."},
@@ -250,3 +252,179 @@ def test_the_real_sdk_reads_the_fakes_responses_stream(fake: FakeOpenAIServer) -
     [call] = [o for o in done.response.output if o.type == "function_call"]
     assert (call.name, call.arguments) == ("f", '{"a":1}')
     assert [e.sequence_number for e in events] == list(range(len(events)))
+
+
+# ----------------------------------------------------------------- the Responses API's items
+
+
+def lookup(key: str) -> str:
+    """Look a key up."""
+    return f"value of {key}"
+
+
+def _reasoner(fake: FakeOpenAIServer, **kw: Any) -> nbchat.Session:
+    """A session on the Responses API, by default with one of OpenAI's reasoning models."""
+    kw.setdefault("model", "o4-mini")
+    return nbchat.Session(
+        base_url=fake.url, api_key="sk-test", db=":memory:", api="responses", **kw
+    )
+
+
+def _items(body: dict[str, Any]) -> list[tuple[str, str]]:
+    """(type or role, id or call id) of each input item a Responses request sent."""
+    return [
+        (i.get("type") or i["role"], i.get("id") or i.get("call_id") or "") for i in body["input"]
+    ]
+
+
+def test_responses_reasoning_items_go_back_encrypted_before_their_calls(
+    fake: FakeOpenAIServer,
+) -> None:
+    s = _reasoner(fake, tools=[lookup])
+    fake.enqueue(
+        reasoning="Look it up.",
+        tool_calls=[
+            {"name": "lookup", "arguments": {"key": "a"}, "id": "c1"},
+            {"name": "lookup", "arguments": {"key": "b"}, "id": "c2"},
+        ],
+    )
+    fake.enqueue("a and b.")
+    fake.enqueue("Next.")
+    assert s.send("what are a and b?").text == "a and b."
+    first, second = fake.requests[:2]
+    assert first["store"] is False and first["include"] == ["reasoning.encrypted_content"]
+    assert _items(second) == [
+        ("user", ""),
+        ("reasoning", "rs_fake1"),
+        ("function_call", "c1"),
+        ("function_call", "c2"),
+        ("function_call_output", "c1"),
+        ("function_call_output", "c2"),
+    ]
+    reasoning = second["input"][1]
+    assert reasoning["encrypted_content"] == "gAAAA_fake_reasoning_1"
+    assert reasoning["summary"] == [{"type": "summary_text", "text": "Look it up."}]
+    s.send("and c?")
+    # auto: a later turn sends no reasoning items (the text stays on the message).
+    assert [kind for kind, _ in _items(fake.requests[2])].count("reasoning") == 0
+    assert s.history[1].reasoning == "Look it up." and s.history[1].reasoning_items
+
+
+def test_a_responses_model_that_wants_its_reasoning_back_gets_it(fake: FakeOpenAIServer) -> None:
+    """OpenAI refuses a function call sent back without the reasoning item before it."""
+    with FakeOpenAIServer(require_reasoning_replay=True) as strict:
+        for mode, status in (("auto", "completed"), ("always", "completed"), ("never", "error")):
+            s = _reasoner(strict, tools=[lookup], reasoning_replay=mode, max_retries=0)
+            strict.enqueue(
+                reasoning="Look it up.", tool_calls=[{"name": "lookup", "arguments": {"key": "a"}}]
+            )
+            strict.enqueue("It is a.")
+            result = s.send("what is a?")
+            assert result.status == status, (mode, result.error)
+            if status == "error":
+                assert "without its required 'reasoning' item" in (result.error or "")
+
+
+def test_reasoning_without_encrypted_content_is_not_sent_back(fake: FakeOpenAIServer) -> None:
+    """A model nbchat does not know reasons is not asked for encrypted reasoning (others
+    refuse the include); its summary is kept, and nothing unusable is sent back (a
+    stateless request's item without encrypted content is a 404 "not found")."""
+    s = _reasoner(fake, model="my-deployment", tools=[lookup])
+    fake.enqueue(reasoning="Hmm.", tool_calls=[{"name": "lookup", "arguments": {"key": "a"}}])
+    fake.enqueue("It is a.")
+    result = s.send("what is a?")
+    assert (result.status, result.reasoning) == ("completed", "Hmm.")
+    assert "include" not in fake.requests[0]
+    assert [kind for kind, _ in _items(fake.requests[1])] == [
+        "user",
+        "function_call",
+        "function_call_output",
+    ]
+
+
+def test_reasoning_effort_asks_for_encrypted_reasoning_on_any_model(fake: FakeOpenAIServer) -> None:
+    s = _reasoner(fake, model="my-deployment", request_params={"reasoning_effort": "low"})
+    fake.enqueue("ok", reasoning="brief")
+    s.send("hi")
+    body = fake.requests[0]
+    assert body["reasoning"] == {"effort": "low", "summary": "auto"}
+    assert body["include"] == ["reasoning.encrypted_content"]
+
+
+def test_reasoning_items_reach_the_folder_and_go_back_before_the_calls(
+    fake: FakeOpenAIServer,
+) -> None:
+    for stream in (True, False):
+        fake.enqueue(reasoning="think", tool_calls=[{"name": "f", "arguments": {}, "id": "c1"}])
+        folder = RoundFolder()
+        run(client_for(fake, "o3", api="responses"), folder, stream=stream)
+        assert folder.reasoning == "think"
+        [item] = folder.reasoning_items
+        assert item["type"] == "reasoning" and item["id"].startswith("rs_fake")
+        assert item["encrypted_content"].startswith("gAAAA_fake_reasoning_")
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    assistant = {"role": "assistant", "content": None, "tool_calls": [call]}
+    _, items = to_input([*HI, {**assistant, "reasoning_items": [item]}])
+    assert [i.get("type") for i in items] == [None, "reasoning", "function_call"]
+    _, items = to_input([*HI, assistant])
+    assert [i.get("type") for i in items] == [None, "function_call"]
+    # A reasoning item with nothing after it (a reply cut before its text) stays out.
+    _, items = to_input([*HI, {"role": "assistant", "content": None, "reasoning_items": [item]}])
+    assert [i.get("type") for i in items] == [None]
+
+
+def test_a_reasoning_item_without_its_encrypted_content_is_not_kept() -> None:
+    """store=false: the server kept nothing, so an id alone refers to nothing."""
+    stream = ResponsesStream()
+    item = {"id": "rs_1", "type": "reasoning", "summary": [{"type": "summary_text", "text": "s"}]}
+    event = {"type": "response.output_item.done", "output_index": 0, "item": item}
+    chunk = stream.feed(json.dumps(event).encode())
+    assert chunk == {"choices": [{"delta": {"reasoning": "s"}, "finish_reason": None}]}
+
+
+def test_the_fake_refuses_what_openai_refuses_in_input(fake: FakeOpenAIServer) -> None:
+    bad_inputs = {
+        "without encrypted content": (
+            404,
+            [{"type": "reasoning", "id": "rs_fake1", "summary": []}],
+            "not found",
+        ),
+        "an output without its call": (
+            400,
+            [{"type": "function_call_output", "call_id": "c9", "output": "x"}],
+            "No tool call found",
+        ),
+        "a call without its output": (
+            400,
+            [{"type": "function_call", "call_id": "c9", "name": "f", "arguments": "{}"}],
+            "No tool output found",
+        ),
+        "null content": (400, [{"role": "assistant", "content": None}], "content"),
+    }
+    with openai.OpenAI(base_url=fake.url, api_key="k", max_retries=0) as client:
+        for status, items, words in bad_inputs.values():
+            with pytest.raises(openai.APIStatusError) as info:
+                client.post(
+                    "/responses",
+                    body={"model": "m", "input": [*items], "store": False},
+                    cast_to=object,
+                )
+            assert info.value.status_code == status and words in str(info.value)
+    assert fake.pending == 0
+
+
+def test_input_items_are_made_once_per_message_and_let_go_after() -> None:
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    history = [
+        {"role": "system", "content": "sys"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "42"},
+    ]
+    known: dict[int, Any] = {}
+    _, first = to_input(history, known)
+    _, again = to_input([*history, {"role": "user", "content": "more"}], known)
+    assert again[:3] == first and all(a is b for a, b in zip(first, again, strict=False))
+    assert to_input(history) == to_input(history, {})  # the same items with or without
+    _, short = to_input(history[:2], known)
+    assert short == [{"role": "user", "content": "hi"}] and len(known) == 1

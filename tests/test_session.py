@@ -18,6 +18,14 @@ from nbchat import ConfigError, Session, SessionPendingError
 from nbchat._wire import SSEParser
 from nbchat.testing import FakeOpenAIServer
 
+pytestmark = pytest.mark.usefixtures("wire")  # every test here runs on both wire formats
+
+
+# How many events each wire format sends before the first text (chat: the role chunk;
+# Responses: created, in_progress, output_item.added, content_part.added): a cut_after
+# past them cuts inside the text on both.
+OPENING = {"chat": 1, "responses": 4}
+
 
 def make(fake: FakeOpenAIServer, db: Any = False, **kw: Any) -> Session:
     kw.setdefault("max_retries", 0)
@@ -35,7 +43,7 @@ def payload(message: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- replies
 
 
-def test_plain_streamed_reply(fake: FakeOpenAIServer) -> None:
+def test_plain_streamed_reply(fake: FakeOpenAIServer, wire: str) -> None:
     fake.enqueue("Hello there, notebook!", chunk_size=3)
     s = make(fake, system="Be terse.")
     events: list[Any] = []
@@ -55,9 +63,10 @@ def test_plain_streamed_reply(fake: FakeOpenAIServer) -> None:
         {"role": "user", "content": "hi"},
         {"role": "assistant", "content": "Hello there, notebook!"},
     ]
-    body = fake.requests[0]
-    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
-    assert body["model"] == "test-model"
+    body = fake.chat_requests[0]
+    assert body["stream"] is True and body["model"] == "test-model"
+    if wire == "chat":  # the Responses API always sends usage: it has no stream_options
+        assert body["stream_options"] == {"include_usage": True}
 
 
 def test_conversation_continues_across_sends(fake: FakeOpenAIServer) -> None:
@@ -66,7 +75,7 @@ def test_conversation_continues_across_sends(fake: FakeOpenAIServer) -> None:
     s = make(fake)
     s.send("first")
     s.send("second")
-    assert [m["content"] for m in fake.requests[1]["messages"]] == ["first", "one", "second"]
+    assert [m["content"] for m in fake.chat_requests[1]["messages"]] == ["first", "one", "second"]
 
 
 def test_multibyte_characters_split_across_chunks(fake: FakeOpenAIServer) -> None:
@@ -97,7 +106,7 @@ def test_non_streaming_mode(fake: FakeOpenAIServer) -> None:
     fake.enqueue("whole reply")
     r = make(fake, stream=False).send("hi")
     assert r.text == "whole reply" and r.status == "completed"
-    assert "stream" not in fake.requests[0]
+    assert "stream" not in fake.chat_requests[0]
 
 
 # --------------------------------------------------------------------------- tools
@@ -144,14 +153,14 @@ def test_three_parallel_tool_calls_with_interleaved_fragments(fake: FakeOpenAISe
     assert abs(started[0] - started[1]) < 0.2, "the two slow calls ran concurrently"
     started_events = [e for e in events if e.kind == "tool_call_started"]
     assert [e.name for e in started_events] == ["slow_add", "norm", "slow_add"]
-    second = fake.requests[1]["messages"]
+    second = fake.chat_requests[1]["messages"]
     assert [m["role"] for m in second] == ["user", "assistant", "tool", "tool", "tool"]
     call_ids = [c["id"] for c in second[1]["tool_calls"]]
     assert [m["tool_call_id"] for m in second[2:]] == call_ids
     assert json.loads(second[1]["tool_calls"][1]["function"]["arguments"]) == {
         "p": {"x": 3, "y": 4}
     }
-    assert fake.requests[0]["tools"][0]["function"]["name"] == "slow_add"
+    assert fake.chat_requests[0]["tools"][0]["function"]["name"] == "slow_add"
 
 
 @pytest.mark.parametrize(
@@ -181,7 +190,7 @@ def test_tool_failures_go_back_to_the_model(
     assert r.status == "completed" and r.text == "Sorry, that failed."
     [record] = r.tool_calls
     assert record.is_error and record.error_kind == error_kind
-    tool_message = fake.requests[1]["messages"][-1]
+    tool_message = fake.chat_requests[1]["messages"][-1]
     body = payload(tool_message)
     assert body["ok"] is False and body["error_kind"] == error_kind and body["message"]
     if error_kind == "tool_error":
@@ -199,8 +208,8 @@ def test_max_rounds_asks_for_a_final_answer_without_tools(fake: FakeOpenAIServer
 
     assert r.status == "max_rounds" and r.text == "best effort answer"
     assert len(fake.requests) == 3 and len(r.tool_calls) == 2
-    assert "tools" in fake.requests[1] and "tools" not in fake.requests[2]
-    assert fake.requests[2]["messages"][-1]["role"] == "system"
+    assert "tools" in fake.chat_requests[1] and "tools" not in fake.chat_requests[2]
+    assert fake.chat_requests[2]["messages"][-1]["role"] == "system"
 
 
 # --------------------------------------------------------------------------- server errors
@@ -234,8 +243,8 @@ def test_500_ends_the_turn_with_error_and_the_next_turn_works(fake: FakeOpenAISe
     assert s.send("again").text == "recovered"
 
 
-def test_stream_cut_midway_keeps_the_partial_reply(fake: FakeOpenAIServer) -> None:
-    fake.enqueue("abcdefghijklmnopqrstuvwxyz", chunk_size=2, cut_after=4)
+def test_stream_cut_midway_keeps_the_partial_reply(fake: FakeOpenAIServer, wire: str) -> None:
+    fake.enqueue("abcdefghijklmnopqrstuvwxyz", chunk_size=2, cut_after=OPENING[wire] + 3)
     s = make(fake)
     r = s.send("hi")
     assert r.status == "error" and "stream" in (r.error or "")
@@ -275,7 +284,7 @@ def test_cancel_from_another_thread_mid_stream(fake: FakeOpenAIServer) -> None:
     [assistant] = [m for m in r.messages if m.role == "assistant"]
     assert assistant.status == "interrupted" and assistant.content == r.text
     assert s.send("next").text == "fine"
-    assert fake.requests[1]["messages"][1] == {"role": "assistant", "content": r.text}
+    assert fake.chat_requests[1]["messages"][1] == {"role": "assistant", "content": r.text}
 
 
 def test_keyboard_interrupt_stops_the_turn(fake: FakeOpenAIServer) -> None:
@@ -359,7 +368,7 @@ def test_concurrent_sends_are_serialised(fake: FakeOpenAIServer) -> None:
     for t in threads:
         t.join(10)
     assert sorted(results) == ["A", "B"]
-    assert len(fake.requests[1]["messages"]) == 3, "the second turn saw the whole first turn"
+    assert len(fake.chat_requests[1]["messages"]) == 3, "the second turn saw the whole first turn"
 
 
 # --------------------------------------------------------------------------- configuration
@@ -385,7 +394,7 @@ def test_env_configuration_and_key_never_in_repr(
     fake.enqueue("ok")
     s = Session(db=False)
     s.send("hi")
-    assert fake.requests[0]["model"] == "env-model"
+    assert fake.chat_requests[0]["model"] == "env-model"
     for text in (repr(s), repr(s.client), repr(s.client.settings), str(s.client.settings)):
         assert "sk-very-secret" not in text
     assert all("sk-very-secret" not in json.dumps(h) for h in fake.request_headers)
@@ -398,7 +407,7 @@ def test_kernel_defaults_beat_the_environment(
     nbchat.configure(model="kernel-model", base_url=fake.url)
     fake.enqueue("ok")
     Session(db=False).send("hi")
-    assert fake.requests[0]["model"] == "kernel-model"
+    assert fake.chat_requests[0]["model"] == "kernel-model"
     with pytest.raises(ConfigError, match="Unknown setting"):
         nbchat.configure(modle="typo")
 
@@ -464,7 +473,7 @@ def test_rerunning_a_cell_forks_the_conversation(fake: FakeOpenAIServer, tmp_pat
         {"role": "user", "content": "cell one edited"},
         {"role": "assistant", "content": "r1 again"},
     ]
-    assert fake.requests[2]["messages"] == [{"role": "user", "content": "cell one edited"}]
+    assert fake.chat_requests[2]["messages"] == [{"role": "user", "content": "cell one edited"}]
 
 
 def test_pending_session_refuses_send(fake: FakeOpenAIServer) -> None:
@@ -487,7 +496,7 @@ def test_configure_defaults_fill_session_options(fake: FakeOpenAIServer) -> None
     fake.enqueue("ok")
     s = Session(model="m", base_url=fake.url, db=False)
     s.send("hi")
-    body = fake.requests[0]
+    body = fake.chat_requests[0]
     assert body["messages"][0] == {"role": "system", "content": "Be brief."}
     assert body["temperature"] == 0.25
     assert s.max_rounds == 3 and s.budgets.budget_usd == 2.0

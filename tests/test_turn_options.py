@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 import nbchat
 from nbchat import TurnOptions
 from nbchat.testing import FakeOpenAIServer
+
+pytestmark = pytest.mark.usefixtures("wire")  # every test here runs on both wire formats
 
 
 def shout(text: str) -> str:
@@ -37,12 +41,12 @@ def test_options_apply_to_one_turn_only(fake: FakeOpenAIServer) -> None:
         request_params={"max_tokens": 50},
     )
     assert s.send("hi", options=options).text == "one"
-    first = fake.requests[0]
+    first = fake.chat_requests[0]
     assert (first["model"], first["temperature"], first["max_tokens"]) == ("other-model", 0.9, 50)
     assert "stream" not in first and "tools" not in first  # max_rounds=0 offers no tools
     fake.enqueue("two")
     assert s.send("again").text == "two"
-    second = fake.requests[1]
+    second = fake.chat_requests[1]
     assert (second["model"], second["temperature"], second["stream"]) == ("base-model", 0.1, True)
     assert [t["function"]["name"] for t in second["tools"]] == ["shout"]
     assert "max_tokens" not in second
@@ -85,7 +89,7 @@ def test_new_starts_an_empty_session_set_up_the_same_way(fake: FakeOpenAIServer)
     assert fresh.id != s.id and fresh.store is s.store
     fake.enqueue("fresh")
     assert fresh.send("hello").text == "fresh"
-    body = fake.requests[-1]
+    body = fake.chat_requests[-1]
     assert body["messages"] == [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "hello please"},

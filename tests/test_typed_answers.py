@@ -12,6 +12,8 @@ from pydantic import BaseModel
 import nbchat
 from nbchat.testing import FakeOpenAIServer
 
+pytestmark = pytest.mark.usefixtures("wire")  # every test here runs on both wire formats
+
 
 class City(BaseModel):
     name: str
@@ -36,7 +38,7 @@ def test_a_valid_json_answer_becomes_the_output(fake: FakeOpenAIServer) -> None:
     r = _session(fake).send("Largest city in Norway?", output_type=City)
     assert r.status == "completed"
     assert r.output == City(name="Oslo", population=709000)
-    body = fake.requests[0]
+    body = fake.chat_requests[0]
     schema = body["response_format"]["json_schema"]
     assert (schema["name"], schema["strict"]) == ("City", True)
     assert schema["schema"]["additionalProperties"] is False
@@ -70,7 +72,7 @@ def test_an_invalid_answer_is_explained_and_tried_again(fake: FakeOpenAIServer) 
     s = _session(fake)
     r = s.send("go", output_type=City)
     assert r.status == "completed" and r.output.population == 709000
-    correction = fake.requests[1]["messages"][-2]  # the last is the format instruction
+    correction = fake.chat_requests[1]["messages"][-2]  # the last is the format instruction
     assert correction["role"] == "user"
     assert "population" in correction["content"] and "integer" in correction["content"]
 
@@ -110,8 +112,8 @@ def test_an_endpoint_without_json_schema_gets_a_final_answer_tool(
     r = s.send("go", output_type=City)
     assert r.status == "completed", r.error
     assert r.output == City(name="Oslo", population=5)
-    assert "response_format" not in fake.requests[1]
-    assert [t["function"]["name"] for t in fake.requests[1]["tools"]] == ["final_answer"]
+    assert "response_format" not in fake.chat_requests[1]
+    assert [t["function"]["name"] for t in fake.chat_requests[1]["tools"]] == ["final_answer"]
     # The history stays valid: the tool call has its answer.
     assert s.messages[-1]["role"] == "tool" and s.messages[-1]["content"] == "ok"
     assert r.rounds == 1
@@ -135,4 +137,4 @@ def test_tool_mode_can_be_chosen_and_other_tools_still_run(fake: FakeOpenAIServe
     r = s.send("go", output_type=City)
     assert r.status == "completed" and r.output.population == 709000
     assert [c.name for c in r.tool_calls] == ["population"]
-    assert "response_format" not in fake.requests[0]
+    assert "response_format" not in fake.chat_requests[0]

@@ -387,3 +387,38 @@ def test_a_401_from_a_local_server_without_a_key_says_none_was_set(
     fake.enqueue_error(401, "This server wants a key")
     message = str(error_of(client_for(fake, key=None)))
     assert "No key was set" in message and "%chat config api_key=..." in message
+
+
+def test_a_gzip_encoded_event_stream_is_decoded() -> None:
+    """Most streams come unencoded (read raw, past httpx's decoder); a gzipped one too."""
+    import gzip
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    events = [{"choices": [{"delta": {"content": piece}}]} for piece in ("zip", "ped")]
+    sse = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
+    body = gzip.compress(sse + b"data: [DONE]\n\n")
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        folder = RoundFolder()
+        run(ModelClient(resolve_client("m", url, KEY), max_retries=0), folder)
+        assert folder.text == "zipped"
+    finally:
+        server.shutdown()
+        server.server_close()
