@@ -35,6 +35,7 @@ user message until it is killed; ``--script replies.json`` plays a list of repli
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import itertools
 import json
@@ -211,8 +212,42 @@ Fallback = Callable[[dict[str, Any]], Reply | str]
 
 
 def estimate_prompt_tokens(messages: Any) -> int:
-    """The fake's token estimate of a prompt: ceil(characters of its compact JSON / 4)."""
-    return math.ceil(len(json.dumps(messages, ensure_ascii=False, separators=(",", ":"))) / 4)
+    """The fake's token estimate of a prompt: ceil(characters of its compact JSON / 4),
+    with each image counted by OpenAI's tile rule (``ImagePart.tokens``), not its base64."""
+    images: list[int] = []
+    text = json.dumps(_without_images(messages, images), ensure_ascii=False, separators=(",", ":"))
+    return math.ceil(len(text) / 4) + sum(images)
+
+
+def _without_images(value: Any, images: list[int]) -> Any:
+    """``value`` with its image parts (either wire) taken out and their tokens counted."""
+    if isinstance(value, list):
+        return [_without_images(v, images) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if value.get("type") in ("image_url", "input_image"):
+        spec = value.get("image_url")
+        url = spec.get("url") if isinstance(spec, dict) else spec
+        detail = (spec.get("detail") if isinstance(spec, dict) else None) or value.get("detail")
+        images.append(_image_tokens(url if isinstance(url, str) else "", detail))
+        return {"type": value["type"]}
+    return {k: _without_images(v, images) for k, v in value.items()}
+
+
+def _image_tokens(url: str, detail: Any) -> int:
+    from ._images import to_image
+    from ._types import ImagePart
+
+    part: ImagePart | None = None
+    if url.startswith("data:"):
+        try:
+            part = to_image(base64.b64decode(url.partition(",")[2]))
+        except Exception:  # a broken image still costs something; the model would say so
+            part = None
+    if part is None:
+        part = ImagePart(mime="image/*", sha256="")
+    level = detail if detail in ("low", "high") else "auto"
+    return part.model_copy(update={"detail": level}).tokens()
 
 
 def echo_reply(body: dict[str, Any]) -> Reply:

@@ -433,3 +433,16 @@ def test_an_image_row_survives_the_team_stores_spool() -> None:
     unit = list(attachment_rows(message))
     (back,) = decode_unit(encode_unit(unit))
     assert back == unit[0] and bytes(back.values[5]) == raw  # type: ignore[union-attr]
+
+
+def test_the_fake_server_counts_an_image_by_its_tiles_not_its_base64(
+    fake: FakeOpenAIServer,
+) -> None:
+    from nbchat.testing import estimate_prompt_tokens
+
+    big = png(1024, 1024) + b"\x00" * 100_000  # a large file of a 1024² image
+    fake.enqueue("seen")
+    result = make(fake).send("look", attachments=[big])
+    sent = fake.requests[0]["messages"]
+    assert estimate_prompt_tokens(sent) < 800  # 765 for the image, a few for the text
+    assert result.usage.prompt_tokens == estimate_prompt_tokens(sent)
