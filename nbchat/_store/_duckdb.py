@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._exceptions import StoreError, UnstorableRow
 from .._types import Event, EventAdapter, Message, Usage, utcnow
-from . import TABLES, Lease, QueryName, key_of, release_lease
+from . import TABLES, Lease, QueryName, key_of
 from ._lease import Access, LeaseOptions, acquire_lease
 from ._migrations import fill_counters
 from ._queries import QUERIES, SESSION_USAGE, QueryResult, check_select, to_frame
@@ -69,21 +69,13 @@ def _from_epoch_us(value: int | None) -> datetime | None:
     return None if value is None else _EPOCH + timedelta(microseconds=value)
 
 
-class DuckDBStore(SqlStore):
+class DuckDBStore(SqlStore[Lease]):
     """A DuckDB file (or ``:memory:``) holding sessions, messages, requests and more.
 
     Open with ``Store.open(db)``. Several processes may share one file: each holds it
     only while it is writing or reading, and waits (bounded by ``lock_timeout``
     seconds) for the others.
     """
-
-    def __init__(self, lease: Lease, *, lock_timeout: float) -> None:
-        """Use ``Store.open()``; this wraps an already-open lease."""
-        self._lease: Lease | None = lease
-        self._lock_timeout = lock_timeout
-        self.path = lease.key
-        # What the last open wrote from recovery files (also a UserWarning), or None.
-        self.recovered: str | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -113,7 +105,7 @@ class DuckDBStore(SqlStore):
             linger=linger, min_hold=min_hold, sync_every_write=sync_every_write
         )
         lease = acquire_lease(raw, lease_options, lock_timeout)
-        store = cls(lease, lock_timeout=lock_timeout)
+        store = cls(lease, lock_timeout=lock_timeout, path=lease.key)
         if lease.key != ":memory:" and glob.glob(glob.escape(lease.key) + _RECOVERY + "*"):
             try:
                 store._import_recovery()
@@ -121,25 +113,6 @@ class DuckDBStore(SqlStore):
                 store.close()
                 raise
         return store
-
-    def close(self, *, linger: bool = False) -> None:
-        """Release this handle; the file is let go when no other handle in the process uses it.
-
-        ``linger=True`` keeps it attached for the lease's linger (0.5 s) after the last use.
-        """
-        lease, self._lease = self._lease, None
-        if lease is not None:
-            release_lease(lease, linger=linger)
-
-    @property
-    def closed(self) -> bool:
-        """Whether ``close()`` was called."""
-        return self._lease is None
-
-    @property
-    def lock_timeout(self) -> float:
-        """Seconds an operation waits for another process holding the file."""
-        return self._lock_timeout
 
     def _connection(self, timeout: float | None = None) -> Any:
         if self._lease is None:

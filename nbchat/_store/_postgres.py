@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._exceptions import StoreError
 from .._types import Event, Message, Usage, utcnow
-from . import Lease, QueryName, key_of, release_lease, shared_lease
+from . import Lease, QueryName, key_of, shared_lease
 from ._duckdb import _check_table
 from ._mirror import Mirror
 from ._pg_lease import DuplicateRow, PgLease, PgOptions, _clean, check_url, shown_url
@@ -52,15 +52,8 @@ _MESSAGE_SELECT = ", ".join(f'"{c}"' for c in MESSAGE_COLUMNS)
 _mirror_lock = threading.Lock()
 
 
-class PostgresStore(SqlStore):
+class PostgresStore(SqlStore[PgLease]):
     """A PostgreSQL database holding the sessions of a team (see the module docstring)."""
-
-    def __init__(self, lease: PgLease, *, lock_timeout: float) -> None:
-        """Use ``Store.open()``; this wraps an already-open lease."""
-        self._lease: PgLease | None = lease
-        self._lock_timeout = lock_timeout
-        self.path = lease.shown
-        self.recovered: str | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -92,7 +85,7 @@ class PostgresStore(SqlStore):
 
         lease = shared_lease(shown_url(url), make)
         assert isinstance(lease, PgLease)
-        store = cls(lease, lock_timeout=lock_timeout)
+        store = cls(lease, lock_timeout=lock_timeout, path=lease.shown)
         try:
             if made:  # the first open in this process: connect now, fail clearly
                 lease.check()
@@ -103,22 +96,6 @@ class PostgresStore(SqlStore):
                 lease.shutdown()
             raise
         return store
-
-    def close(self, *, linger: bool = False) -> None:
-        """Release this handle; the connections stay for the next ``open`` in this process."""
-        lease, self._lease = self._lease, None
-        if lease is not None:
-            release_lease(lease, linger=linger)
-
-    @property
-    def closed(self) -> bool:
-        """Whether ``close()`` was called."""
-        return self._lease is None
-
-    @property
-    def lock_timeout(self) -> float:
-        """Seconds an operation waits for the server (a lock, a statement)."""
-        return self._lock_timeout
 
     def _live(self) -> PgLease:
         if self._lease is None:

@@ -1,4 +1,5 @@
-"""What both SQL backends answer with the same query: a session's existence, the latest
+"""What both SQL backends share: a handle on a ``Lease`` (open, closed, the lock
+timeout), and the reads answered by the same query — a session's existence, the latest
 session, the session a notebook cell belongs to.
 
 ``SqlStore`` implements those methods of ``Store`` over ``_fetchall`` (``?``
@@ -10,15 +11,42 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Generic, TypeVar
 
-from . import Store
+from . import Lease, Store, release_lease
+
+L = TypeVar("L", bound=Lease)
 
 __all__ = ["SqlStore"]
 
 
-class SqlStore(Store):
-    """A ``Store`` whose simple reads are one shared SQL query each."""
+class SqlStore(Store, Generic[L]):
+    """A ``Store`` holding one ``Lease``, whose simple reads are one shared SQL query each."""
+
+    def __init__(self, lease: L, *, lock_timeout: float, path: str) -> None:
+        """Use ``Store.open()``; this wraps an already-open lease."""
+        self._lease: L | None = lease
+        self._lock_timeout = lock_timeout
+        self.path = path
+        # What the last open wrote from recovery or spool files (also a warning), or None.
+        self.recovered: str | None = None
+
+    def close(self, *, linger: bool = False) -> None:
+        """Release this handle; the lease is let go when no other handle in the process
+        uses it (``linger=True``: kept a moment for the next ``open``)."""
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            release_lease(lease, linger=linger)
+
+    @property
+    def closed(self) -> bool:
+        """Whether ``close()`` was called."""
+        return self._lease is None
+
+    @property
+    def lock_timeout(self) -> float:
+        """Seconds an operation waits for another writer (a file's lease, a server's lock)."""
+        return self._lock_timeout
 
     @abstractmethod
     def _fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
