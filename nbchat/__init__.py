@@ -54,7 +54,7 @@ _EXPORTS: dict[str, str] = {
     "configure": "_session",
     # the loop and its parts
     "Session": "_session",
-    "TurnOptions": "_session",
+    "TurnOptions": "_turn",
     "Tool": "_tools",
     "ToolSet": "_tools",
     "as_tool": "_tools",
@@ -128,9 +128,10 @@ if TYPE_CHECKING:
     from ._plot import plot
     from ._pricing import mark_free, register_price
     from ._pytool import python_tool
-    from ._session import Session, TurnOptions, configure
+    from ._session import Session, configure
     from ._store import Store, copy_store
     from ._tools import Tool, ToolSet, as_tool, tool
+    from ._turn import TurnOptions
     from ._types import (
         CompactionEvent,
         ErrorEvent,

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
-from ._session import Session, TurnOptions
+from ._session import Session
+from ._turn import TurnOptions
 from ._types import TurnResult
 
 if TYPE_CHECKING:

@@ -27,8 +27,9 @@ from ._exceptions import NbchatError
 
 if TYPE_CHECKING:
     from ._magic_options import ChatOptions
-    from ._session import Session, TurnOptions
+    from ._session import Session
     from ._tools import Tool
+    from ._turn import TurnOptions
     from ._types import Event, TurnResult
 
 __all__ = ["SUBCOMMANDS_HELP", "Subcommands"]

@@ -43,8 +43,9 @@ from ._store import TABLES
 if TYPE_CHECKING:
     from ._magic_options import ChatOptions
     from ._pytool import Approval
-    from ._session import Session, TurnOptions
+    from ._session import Session
     from ._tools import Tool
+    from ._turn import TurnOptions
     from ._types import Event, TurnResult
 
 __all__ = ["ChatMagics", "load_ipython_extension", "magics_of", "unload_ipython_extension"]
@@ -107,7 +108,7 @@ def _replaces_notice(replaced: list[str]) -> str | None:
 
 def _turn_options(opts: ChatOptions, tools: list[Tool]) -> TurnOptions:
     """A cell's options as the options of its one turn (the session is left as it is)."""
-    from ._session import TurnOptions
+    from ._turn import TurnOptions
 
     return TurnOptions(
         model=opts.model,
