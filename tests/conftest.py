@@ -4,9 +4,7 @@ and a real PostgreSQL server for the team store (``store_db`` runs a test on bot
 from __future__ import annotations
 
 import ipaddress
-import os
 import socket
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,7 +29,7 @@ _ENV = (
 )
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
-from pg_cluster import ClusterUnavailable, TempCluster  # noqa: E402
+from pg_cluster import TempCluster, start_cluster  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -83,19 +81,6 @@ def db_path(tmp_path: Path) -> Path:
 
 
 # --------------------------------------------------------------------------- PostgreSQL
-
-
-def start_cluster() -> TempCluster:
-    """A throwaway PostgreSQL server (or ``NBCHAT_TEST_PG``'s); skipped without one, but in
-    CI (``CI`` set) a missing server fails: .ci/run installs it, a skip would hide that."""
-    try:
-        return TempCluster()
-    except (ClusterUnavailable, subprocess.CalledProcessError, OSError) as exc:
-        detail = getattr(exc, "stderr", b"") or b""
-        message = f"no PostgreSQL server for the team-store tests: {exc} {detail.decode()[-500:]}"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
 
 
 @pytest.fixture(scope="session")

@@ -22,8 +22,7 @@ from typing import Any
 import pandas as pd
 import psycopg
 import pytest
-from conftest import start_cluster
-from pg_cluster import PASSWORD_ROLE, TempCluster, wait_until_up
+from pg_cluster import PASSWORD_ROLE, TempCluster, start_cluster, wait_until_up
 from test_store import EXPECTED_SCHEMA
 
 import nbchat

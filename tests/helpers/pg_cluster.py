@@ -24,6 +24,8 @@ import uuid
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+import pytest
+
 __all__ = ["PASSWORD_ROLE", "ClusterUnavailable", "TempCluster", "find_bin_dir"]
 
 # A role whose connections need the password below (scram), for authentication tests.
@@ -201,3 +203,16 @@ if __name__ == "__main__":
         print(cluster.base_url, flush=True)
         with contextlib.suppress(EOFError):
             input("PostgreSQL is running; press Enter to stop it. ")
+
+
+def start_cluster() -> TempCluster:
+    """A throwaway PostgreSQL server (or ``NBCHAT_TEST_PG``'s); skipped without one, but in
+    CI (``CI`` set) a missing server fails: .ci/run installs it, a skip would hide that."""
+    try:
+        return TempCluster()
+    except (ClusterUnavailable, subprocess.CalledProcessError, OSError) as exc:
+        detail = getattr(exc, "stderr", b"") or b""
+        message = f"no PostgreSQL server for the team-store tests: {exc} {detail.decode()[-500:]}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
