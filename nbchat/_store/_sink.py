@@ -113,7 +113,8 @@ class StoreSink:
         self._queue: deque[Event] = deque()
         self._handed = 0  # events accepted by handle()
         self._done = 0  # events written or skipped
-        self._outage = False  # the user was told the store is unavailable
+        self._outage = False  # the store is unavailable now: barriers do not wait
+        self._told = False  # the user was told so, and not yet that all is saved
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._own: Store | None = None  # a handle of our own, if the caller closed theirs
@@ -144,8 +145,9 @@ class StoreSink:
     def flush(self, timeout: float) -> bool:
         """Wait until every event handed so far is written (True) or ``timeout`` s pass.
 
-        Returns False at once while the store is known to be unavailable (the user was
-        told); unwritten events stay queued and keep being retried in the background.
+        Returns False at once while the store is unavailable (``unavailable``: the user
+        has been told); unwritten events stay queued and keep being retried in the
+        background. Once a write succeeds again, barriers wait for the backlog.
         """
         deadline = time.monotonic() + timeout
         with self._cond:
@@ -165,7 +167,8 @@ class StoreSink:
 
     @property
     def unavailable(self) -> bool:
-        """Whether the store is known to be unavailable (the user was told)."""
+        """Whether the store is unavailable now (a write has waited ``patience`` s and
+        none has succeeded since); barriers do not wait meanwhile."""
         return self._outage
 
     def close(self, timeout: float = EXIT_WAIT_S) -> list[Event]:
@@ -247,9 +250,11 @@ class StoreSink:
                 self._queue.popleft()
                 self._done += 1
                 drained = not self._queue
-                recovered = drained and self._outage
+                # The store answers again: barriers wait for the backlog from here on.
+                self._outage = False
+                recovered = drained and self._told
                 if recovered:
-                    self._outage = False
+                    self._told = False
                 self._cond.notify_all()
             if recovered:
                 self._say(f"Saved now: the store {self.store.path} is free again.")
@@ -266,6 +271,9 @@ class StoreSink:
         with self._cond:
             self._outage = True
             self._cond.notify_all()  # barriers stop waiting
+            told, self._told = self._told, True
+        if told:
+            return  # once per outage, until everything is saved
         if isinstance(exc, StoreLocked):
             why = (
                 f"another process{exc.holder} has held the store {self.store.path} "
