@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from nbchat import _config
+from nbchat import _client, _config
 from nbchat.testing import FakeOpenAIServer
 
 _ENV = (
@@ -42,6 +42,9 @@ def isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Pa
     monkeypatch.setenv("NBCHAT_CONFIG", str(tmp_path / "config.json"))  # named endpoints
     monkeypatch.setenv("NBCHAT_SPOOL_DIR", str(tmp_path / "spool"))  # a team store's outages
     _config.reset_defaults()
+    # What servers said of their context windows is kept per base URL for the process;
+    # a fake server's port is reused by later tests, so each test starts without it.
+    _client._windows.clear()
     yield db
     _config.reset_defaults()
 
