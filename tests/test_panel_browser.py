@@ -457,23 +457,18 @@ OUTPUT_TAGS = """() => {
 }"""
 
 
-def test_chat_cells_in_jupyterlab(fake: FakeOpenAIServer, tmp_path: Path) -> None:
-    """A %%chat turn in order, prices and math, and a hostile reply that runs nothing."""
-    from playwright.sync_api import expect, sync_playwright
+@contextmanager
+def _lab_run_all(
+    tmp_path: Path, fake: FakeOpenAIServer, cells: list[str], name: str, failure: str
+) -> Iterator[tuple[Served, Any]]:
+    """``cells`` as a notebook in JupyterLab with every cell run; yields (served, page).
 
-    expect.set_options(timeout=WAIT_MS)
-    ARTIFACTS.mkdir(exist_ok=True)
-    fake.enqueue(
-        "Let me look that up.",
-        tool_calls=[
-            {"name": "lookup", "arguments": {"key": "a"}},
-            {"name": "lookup", "arguments": {"key": "b"}},
-        ],
-    )
-    fake.enqueue(ROUND_2, chunk_size=6, delay=0.02)
-    fake.enqueue(HOSTILE_JS)
+    A failure inside the block saves ``failure`` (a screenshot name) in test-artifacts/.
+    """
+    from playwright.sync_api import sync_playwright
+
     with (
-        _serve("jupyterlab", tmp_path, fake, CELLS, "cells.ipynb") as served,
+        _serve("jupyterlab", tmp_path, fake, cells, name) as served,
         sync_playwright() as pw,
     ):
         context = pw.chromium.launch_persistent_context(
@@ -495,52 +490,74 @@ def test_chat_cells_in_jupyterlab(fake: FakeOpenAIServer, tmp_path: Path) -> Non
                     commands.execute('notebook:run-all-cells');
                 }"""
             )
-            cells = page.locator(".jp-Notebook .jp-Cell")
-            turn = cells.nth(1).locator(".jp-OutputArea-output")
-            # While the tools run, round 1's text and both blocks are already there.
-            expect(turn).to_contain_text("running…")
-            expect(turn).to_contain_text("Let me look that up.")
-            expect(turn.locator("details")).to_have_count(2)
-            expect(turn).to_contain_text("fake-model ·")  # the footer: the turn ended
-            expect(cells.nth(2).locator(".jp-OutputArea-output")).to_contain_text("fake-model ·")
-            expect(cells.nth(3).locator(".jp-RenderedMarkdown")).to_contain_text("list-fence")
-            page.wait_for_function(KERNEL_IDLE)
-
-            text = turn.inner_text()
-            assert text.index("Let me look that up.") < text.index("lookup") < text.index("Both")
-            assert "$5 per month and $20 per year" in text  # prices are not math
-            expect(turn.locator("mjx-container").first).to_be_visible()  # the math is
-            assert turn.locator("mjx-container").count() == 1
-            expect(turn.locator("pre span[style]").first).to_be_visible()  # highlighted
-            turn.locator("details").first.locator("summary").click()  # open one block
-            expect(turn.locator("details").first).to_contain_text('"key": "a"')
-            cells.nth(1).screenshot(path=str(ARTIFACTS / "cell-jupyterlab.png"))
-
-            hostile = cells.nth(2).locator(".jp-OutputArea-output")
-            expect(hostile).to_contain_text('<img src=x onerror="window.nbchatPwned = 1">')
-            live = page.evaluate(OUTPUT_TAGS)
-            assert live["pwned"] is None and live["img"] == live["iframe"] == 0, live
-            assert live["details"][2] == live["details"][3] == 0, live  # <details> as text
-
-            # Saved and opened again: outputs of a trusted notebook render unsanitised.
-            page.evaluate("() => window.jupyterapp.commands.execute('docmanager:save')")
-            saved = tmp_path / "nb" / "cells.ipynb"
-            deadline = time.monotonic() + 30
-            while "nbchatPwned" not in saved.read_text() and time.monotonic() < deadline:
-                time.sleep(0.2)
-            assert "nbchatPwned" in saved.read_text()  # the hostile reply is in the file
-            page.goto(served.url.replace("?reset&", "?"))
-            reopened = page.locator(".jp-Notebook .jp-Cell").nth(2)
-            expect(reopened).to_contain_text("window.nbchatPwned = 1")
-            page.wait_for_timeout(1500)  # time for anything that would run to run
-            again = page.evaluate(OUTPUT_TAGS)
-            assert again["pwned"] is None and again["img"] == again["iframe"] == 0, again
-            assert again["script"] == 0 and again["details"][2] == 0, again
+            yield served, page
         except BaseException:
-            page.screenshot(path=str(ARTIFACTS / "cell-jupyterlab-failure.png"))
+            page.screenshot(path=str(ARTIFACTS / failure))
             raise
         finally:
             context.close()
+
+
+def test_chat_cells_in_jupyterlab(fake: FakeOpenAIServer, tmp_path: Path) -> None:
+    """A %%chat turn in order, prices and math, and a hostile reply that runs nothing."""
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=WAIT_MS)
+    ARTIFACTS.mkdir(exist_ok=True)
+    fake.enqueue(
+        "Let me look that up.",
+        tool_calls=[
+            {"name": "lookup", "arguments": {"key": "a"}},
+            {"name": "lookup", "arguments": {"key": "b"}},
+        ],
+    )
+    fake.enqueue(ROUND_2, chunk_size=6, delay=0.02)
+    fake.enqueue(HOSTILE_JS)
+    with _lab_run_all(tmp_path, fake, CELLS, "cells.ipynb", "cell-jupyterlab-failure.png") as (
+        served,
+        page,
+    ):
+        cells = page.locator(".jp-Notebook .jp-Cell")
+        turn = cells.nth(1).locator(".jp-OutputArea-output")
+        # While the tools run, round 1's text and both blocks are already there.
+        expect(turn).to_contain_text("running…")
+        expect(turn).to_contain_text("Let me look that up.")
+        expect(turn.locator("details")).to_have_count(2)
+        expect(turn).to_contain_text("fake-model ·")  # the footer: the turn ended
+        expect(cells.nth(2).locator(".jp-OutputArea-output")).to_contain_text("fake-model ·")
+        expect(cells.nth(3).locator(".jp-RenderedMarkdown")).to_contain_text("list-fence")
+        page.wait_for_function(KERNEL_IDLE)
+
+        text = turn.inner_text()
+        assert text.index("Let me look that up.") < text.index("lookup") < text.index("Both")
+        assert "$5 per month and $20 per year" in text  # prices are not math
+        expect(turn.locator("mjx-container").first).to_be_visible()  # the math is
+        assert turn.locator("mjx-container").count() == 1
+        expect(turn.locator("pre span[style]").first).to_be_visible()  # highlighted
+        turn.locator("details").first.locator("summary").click()  # open one block
+        expect(turn.locator("details").first).to_contain_text('"key": "a"')
+        cells.nth(1).screenshot(path=str(ARTIFACTS / "cell-jupyterlab.png"))
+
+        hostile = cells.nth(2).locator(".jp-OutputArea-output")
+        expect(hostile).to_contain_text('<img src=x onerror="window.nbchatPwned = 1">')
+        live = page.evaluate(OUTPUT_TAGS)
+        assert live["pwned"] is None and live["img"] == live["iframe"] == 0, live
+        assert live["details"][2] == live["details"][3] == 0, live  # <details> as text
+
+        # Saved and opened again: outputs of a trusted notebook render unsanitised.
+        page.evaluate("() => window.jupyterapp.commands.execute('docmanager:save')")
+        saved = tmp_path / "nb" / "cells.ipynb"
+        deadline = time.monotonic() + 30
+        while "nbchatPwned" not in saved.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "nbchatPwned" in saved.read_text()  # the hostile reply is in the file
+        page.goto(served.url.replace("?reset&", "?"))
+        reopened = page.locator(".jp-Notebook .jp-Cell").nth(2)
+        expect(reopened).to_contain_text("window.nbchatPwned = 1")
+        page.wait_for_timeout(1500)  # time for anything that would run to run
+        again = page.evaluate(OUTPUT_TAGS)
+        assert again["pwned"] is None and again["img"] == again["iframe"] == 0, again
+        assert again["script"] == 0 and again["details"][2] == 0, again
 
 
 # --------------------------------------------------------------------------- images
@@ -560,59 +577,34 @@ def test_an_attached_figure_shows_in_the_cell_and_the_panel(
     fake: FakeOpenAIServer, tmp_path: Path
 ) -> None:
     """The figure's thumbnail above the reply in the cell, and in the panel's user bubble."""
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     expect.set_options(timeout=WAIT_MS)
     ARTIFACTS.mkdir(exist_ok=True)
     fake.enqueue("Hello!")
     fake.enqueue("The dip at the third point breaks an otherwise rising line.", chunk_size=8)
-    with (
-        _serve("jupyterlab", tmp_path, fake, FIGURE_CELLS, "figure.ipynb") as served,
-        sync_playwright() as pw,
-    ):
-        context = pw.chromium.launch_persistent_context(
-            user_data_dir=str(tmp_path / "chromium-profile"),
-            executable_path=CHROMIUM,
-            headless=True,
-            args=CHROMIUM_ARGS,
-            viewport={"width": 1000, "height": 1100},
+    with _lab_run_all(
+        tmp_path, fake, FIGURE_CELLS, "figure.ipynb", "figure-jupyterlab-failure.png"
+    ) as (_, page):
+        cells = page.locator(".jp-Notebook .jp-Cell")
+        turn = cells.nth(3).locator(".jp-OutputArea-output")
+        expect(turn).to_contain_text("fake-model ·")
+        expect(turn.locator("img.nbchat-thumb")).to_be_visible()
+        bubble = page.locator(".nbchat-panel .nbchat-user img.nbchat-thumb")
+        expect(bubble).to_be_visible()
+        expect(page.locator(".nbchat-panel")).to_contain_text("breaks an otherwise")
+        in_cell = page.evaluate(THUMBNAILS, ".jp-Notebook .jp-Cell:nth-child(4)")
+        in_panel = page.evaluate(THUMBNAILS, ".nbchat-panel")
+        assert in_cell and all(i["ok"] for i in in_cell), in_cell  # decoded, not broken
+        assert in_panel and all(i["ok"] for i in in_panel), in_panel
+        assert in_cell[0]["alt"].startswith("[image: fig, ")
+        text = turn.inner_text()
+        assert text.index("breaks an otherwise") < text.index("fake-model ·")
+        (image,) = [
+            p for p in fake.requests[1]["messages"][-1]["content"] if p["type"] == "image_url"
+        ]
+        assert image["image_url"]["url"].startswith("data:image/png;base64,")
+        cells.nth(3).screenshot(path=str(ARTIFACTS / "figure-jupyterlab-cell.png"))
+        page.locator(".nbchat-panel").screenshot(
+            path=str(ARTIFACTS / "figure-jupyterlab-panel.png")
         )
-        page = context.pages[0] if context.pages else context.new_page()
-        page.set_default_timeout(WAIT_MS)
-        try:
-            page.goto(served.url)
-            page.wait_for_function(KERNEL_IDLE)
-            page.evaluate(
-                """() => {
-                    const commands = window.jupyterapp.commands;
-                    commands.execute('application:toggle-left-area');
-                    commands.execute('notebook:run-all-cells');
-                }"""
-            )
-            cells = page.locator(".jp-Notebook .jp-Cell")
-            turn = cells.nth(3).locator(".jp-OutputArea-output")
-            expect(turn).to_contain_text("fake-model ·")
-            expect(turn.locator("img.nbchat-thumb")).to_be_visible()
-            bubble = page.locator(".nbchat-panel .nbchat-user img.nbchat-thumb")
-            expect(bubble).to_be_visible()
-            expect(page.locator(".nbchat-panel")).to_contain_text("breaks an otherwise")
-            in_cell = page.evaluate(THUMBNAILS, ".jp-Notebook .jp-Cell:nth-child(4)")
-            in_panel = page.evaluate(THUMBNAILS, ".nbchat-panel")
-            assert in_cell and all(i["ok"] for i in in_cell), in_cell  # decoded, not broken
-            assert in_panel and all(i["ok"] for i in in_panel), in_panel
-            assert in_cell[0]["alt"].startswith("[image: fig, ")
-            text = turn.inner_text()
-            assert text.index("breaks an otherwise") < text.index("fake-model ·")
-            (image,) = [
-                p for p in fake.requests[1]["messages"][-1]["content"] if p["type"] == "image_url"
-            ]
-            assert image["image_url"]["url"].startswith("data:image/png;base64,")
-            cells.nth(3).screenshot(path=str(ARTIFACTS / "figure-jupyterlab-cell.png"))
-            page.locator(".nbchat-panel").screenshot(
-                path=str(ARTIFACTS / "figure-jupyterlab-panel.png")
-            )
-        except BaseException:
-            page.screenshot(path=str(ARTIFACTS / "figure-jupyterlab-failure.png"))
-            raise
-        finally:
-            context.close()
