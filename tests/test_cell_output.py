@@ -20,7 +20,7 @@ from nbchat.testing import FakeOpenAIServer
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 sys.path.insert(0, str(Path(__file__).parent))
-from magics_kernel import Execution, Kernel, kernel_env, running_kernel
+from magics_kernel import Execution, Kernel, fresh_session, nbchat_kernel
 from test_view import HOSTILE, _jupyter_like, assert_inert
 
 pytestmark = pytest.mark.slow
@@ -34,18 +34,13 @@ def server() -> Iterator[FakeOpenAIServer]:
 
 @pytest.fixture(scope="module")
 def kernel(server: FakeOpenAIServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kernel]:
-    store = tmp_path_factory.mktemp("cells") / "cells.duckdb"
-    with running_kernel(kernel_env(server.url, str(store))) as k:
-        assert k.execute("%load_ext nbchat").status == "ok"
-        assert k.execute(LOOKUP).status == "ok"
+    with nbchat_kernel(server.url, tmp_path_factory.mktemp("cells") / "cells.duckdb", LOOKUP) as k:
         yield k
 
 
 @pytest.fixture
 def fake(server: FakeOpenAIServer, kernel: Kernel) -> FakeOpenAIServer:
-    server.reset()
-    assert kernel.execute("%chat new").status == "ok"
-    return server
+    return fresh_session(server, kernel)
 
 
 LOOKUP = '''

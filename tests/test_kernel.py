@@ -15,7 +15,7 @@ from nbchat._analysis import transcript
 from nbchat.testing import FakeOpenAIServer
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
-from magics_kernel import Execution, Kernel, kernel_env, running_kernel
+from magics_kernel import Execution, Kernel, fresh_session, nbchat_kernel
 
 pytestmark = pytest.mark.slow
 
@@ -33,17 +33,14 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def kernel(server: FakeOpenAIServer, store: Path) -> Iterator[Kernel]:
-    with running_kernel(kernel_env(server.url, str(store))) as k:
-        assert k.execute("%load_ext nbchat").status == "ok"
+    with nbchat_kernel(server.url, store) as k:
         yield k
 
 
 @pytest.fixture
 def fake(server: FakeOpenAIServer, kernel: Kernel) -> FakeOpenAIServer:
     """The module's server, emptied, and a fresh current session in the kernel."""
-    server.reset()
-    assert kernel.execute("%chat new").status == "ok"
-    return server
+    return fresh_session(server, kernel)
 
 
 def final(run: Execution) -> dict[str, Any]:

@@ -13,7 +13,14 @@ import pytest
 from nbchat.testing import FakeOpenAIServer
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
-from magics_kernel import Execution, Kernel, kernel_env, running_kernel
+from magics_kernel import (
+    Execution,
+    Kernel,
+    fresh_session,
+    kernel_env,
+    nbchat_kernel,
+    running_kernel,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -26,17 +33,13 @@ def server() -> Iterator[FakeOpenAIServer]:
 
 @pytest.fixture(scope="module")
 def kernel(server: FakeOpenAIServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kernel]:
-    store = tmp_path_factory.mktemp("kernel-context") / "kernel.duckdb"
-    with running_kernel(kernel_env(server.url, str(store))) as k:
-        assert k.execute("%load_ext nbchat").status == "ok"
+    with nbchat_kernel(server.url, tmp_path_factory.mktemp("context") / "k.duckdb") as k:
         yield k
 
 
 @pytest.fixture
 def fake(server: FakeOpenAIServer, kernel: Kernel) -> FakeOpenAIServer:
-    server.reset()
-    assert kernel.execute("%chat new").status == "ok"
-    return server
+    return fresh_session(server, kernel)
 
 
 def next_inputs(run: Execution) -> list[dict[str, Any]]:

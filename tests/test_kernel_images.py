@@ -14,7 +14,7 @@ import pytest
 from nbchat.testing import FakeOpenAIServer
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
-from magics_kernel import Kernel, kernel_env, running_kernel
+from magics_kernel import Kernel, fresh_session, nbchat_kernel
 
 pytestmark = pytest.mark.slow
 
@@ -33,18 +33,13 @@ def server() -> Iterator[FakeOpenAIServer]:
 
 @pytest.fixture(scope="module")
 def kernel(server: FakeOpenAIServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kernel]:
-    store = tmp_path_factory.mktemp("kernel-images") / "kernel.duckdb"
-    with running_kernel(kernel_env(server.url, str(store))) as k:
-        assert k.execute("%load_ext nbchat").status == "ok"
-        assert k.execute(PLOT).status == "ok"
+    with nbchat_kernel(server.url, tmp_path_factory.mktemp("images") / "k.duckdb", PLOT) as k:
         yield k
 
 
 @pytest.fixture
 def fake(server: FakeOpenAIServer, kernel: Kernel) -> FakeOpenAIServer:
-    server.reset()
-    assert kernel.execute("%chat new").status == "ok"
-    return server
+    return fresh_session(server, kernel)
 
 
 def user_content(body: dict[str, Any]) -> Any:

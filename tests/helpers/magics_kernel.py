@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.manager import KernelManager
@@ -155,3 +155,23 @@ def running_kernel(env: Mapping[str, str]) -> Iterator[Kernel]:
         yield kernel
     finally:
         kernel.close()
+
+
+S = TypeVar("S", bound=Any)  # the fake server
+
+
+@contextmanager
+def nbchat_kernel(base_url: str, db: str | os.PathLike[str], *setup: str) -> Iterator[Kernel]:
+    """A kernel on the fake server at ``base_url``, storing in ``db``, with nbchat loaded
+    and the ``setup`` cells run (each must succeed)."""
+    with running_kernel(kernel_env(base_url, str(db))) as kernel:
+        for code in ("%load_ext nbchat", *setup):
+            assert kernel.execute(code).status == "ok", code
+        yield kernel
+
+
+def fresh_session(server: S, kernel: Kernel) -> S:
+    """``server`` emptied, and a new current session in ``kernel``: each test's start."""
+    server.reset()
+    assert kernel.execute("%chat new").status == "ok"
+    return server
