@@ -46,6 +46,16 @@ def best_of(repeats: int, fn: Callable[[], Any]) -> float:
     return min(times)
 
 
+def median_ms(fn: Callable[[], Any], n: int) -> float:
+    """The median wall-clock time of ``n`` calls of ``fn()``, in milliseconds."""
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(samples)
+
+
 def median_of(samples: list[float]) -> float:
     """The median of a list of samples."""
     return statistics.median(samples)

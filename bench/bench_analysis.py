@@ -21,14 +21,13 @@ analysis`` is a quick run (100k messages).
 from __future__ import annotations
 
 import os
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench._common import figure
+from bench._common import figure, median_ms
 from bench.bench_store import MESSAGES_PER, REQUESTS_PER, _synthetic
 
 # sessions() before m007: every message, request and turn aggregated on each call.
@@ -72,15 +71,6 @@ FULL_SESSIONS = """
 """
 
 
-def _median_ms(fn: Callable[[], Any], n: int) -> float:
-    samples = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(samples)
-
-
 def _sizes() -> list[int]:
     raw = os.environ.get("NBCHAT_BENCH_SESSIONS", "10000,100000")
     return [int(part) for part in raw.split(",") if part.strip()]
@@ -109,7 +99,7 @@ def _write_cost(path: Path, label: str, n: int) -> list[dict[str, Any]]:
     counter = iter(range(10**9))
     store = Store.open(path)
     try:
-        with_counters = _median_ms(lambda: [store.write(e) for e in events(next(counter))], n)
+        with_counters = median_ms(lambda: [store.write(e) for e in events(next(counter))], n)
 
         def rows_alone() -> None:  # what a write did before m007: the rows, autocommitted
             with store._connection() as con:  # type: ignore[attr-defined]
@@ -120,7 +110,7 @@ def _write_cost(path: Path, label: str, n: int) -> list[dict[str, Any]]:
                     for write in entry[1]:
                         ops.apply(write, exists=False)
 
-        alone = _median_ms(rows_alone, n)
+        alone = median_ms(rows_alone, n)
     finally:
         store.close()
     return [
@@ -152,14 +142,14 @@ def _one_size(sessions: int, n: int) -> list[dict[str, Any]]:
         con = duckdb.connect(str(path), read_only=True)
         count = "SELECT count(*) FROM messages"
         con.execute(count).fetchall()
-        base = _median_ms(lambda: con.execute(count).fetchall(), max(n, 15))
+        base = median_ms(lambda: con.execute(count).fetchall(), max(n, 15))
         con.close()
         note = f"baseline: SELECT count(*) FROM messages; store built in {built:.0f} s"
         figures = []
 
         def add(name: str, fn: Callable[[], Any], goal: float | None, runs: int = n) -> float:
             fn()  # warm: the store's instance and DuckDB's caches
-            ours = _median_ms(fn, runs)
+            ours = median_ms(fn, runs)
             figures.append(
                 figure(
                     f"{name}, {label}",

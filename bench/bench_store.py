@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,19 +27,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench._common import figure
+from bench._common import figure, median_ms
 
 CONTENT = "A reply of a few hundred characters, like most chat messages are. " * 5
 SESSIONS, MESSAGES_PER, REQUESTS_PER, TOOLS_PER = 10_000, 100, 50, 10
-
-
-def _median_ms(fn: Callable[[], Any], n: int) -> float:
-    samples = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(samples)
 
 
 def write_cost(n: int = 500) -> list[dict[str, Any]]:
@@ -74,11 +64,11 @@ def write_cost(n: int = 500) -> list[dict[str, Any]]:
             )
 
         write()
-        ours = _median_ms(write, n)
-        base = _median_ms(floor_insert, n)
+        ours = median_ms(write, n)
+        base = median_ms(floor_insert, n)
         count = "SELECT count(*) FROM messages"
-        sandboxed = _median_ms(lambda: (write(), store.query_read_only(count)), 50)
-        trusted = _median_ms(lambda: (write(), store.query(count)), 50)
+        sandboxed = median_ms(lambda: (write(), store.query_read_only(count)), 50)
+        trusted = median_ms(lambda: (write(), store.query(count)), 50)
         store.close()
     return [
         figure(
@@ -321,9 +311,7 @@ def queries(n: int = 7) -> list[dict[str, Any]]:
         # handle still holds it (its lease lets go 0.5 s after the last query).
         con = duckdb.connect(str(path), read_only=True)
         bases = {
-            table: _median_ms(
-                lambda q=f"SELECT count(*) FROM {table}": con.execute(q).fetchall(), n
-            )
+            table: median_ms(lambda q=f"SELECT count(*) FROM {table}": con.execute(q).fetchall(), n)
             for table in ("requests", "messages", "sessions")
         }
         con.close()
@@ -331,7 +319,7 @@ def queries(n: int = 7) -> list[dict[str, Any]]:
         assert len(nbchat.transcript(session_id, db=path)) == MESSAGES_PER
         for name, fn, goal, table in cases:
             fn()  # warm: the store's instance and DuckDB's caches
-            ours = _median_ms(fn, n)
+            ours = median_ms(fn, n)
             figures.append(
                 figure(
                     f"{name} on 1M messages / 500k requests",

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from bench._common import figure
+from bench._common import figure, median_ms
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -297,15 +296,6 @@ _PUSHED_DOWN = """
 """
 
 
-def _median_ms(fn: Callable[[], Any], n: int) -> float:
-    samples = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(samples)
-
-
 def queries(n: int = 5) -> list[dict[str, Any]]:
     import psycopg
 
@@ -331,8 +321,8 @@ def queries(n: int = 5) -> list[dict[str, Any]]:
         ]
         for name, fn in cases:
             fn(str(duck)), fn(url)  # warm: instances, connections, caches
-            local = _median_ms(lambda fn=fn: fn(str(duck)), n)
-            team = _median_ms(lambda fn=fn: fn(url), n)
+            local = median_ms(lambda fn=fn: fn(str(duck)), n)
+            team = median_ms(lambda fn=fn: fn(url), n)
             figures.append(
                 figure(
                     f"team store {name}",
@@ -343,8 +333,8 @@ def queries(n: int = 5) -> list[dict[str, Any]]:
                 )
             )
         with psycopg.connect(url) as con:
-            pushed = _median_ms(lambda: con.execute(_PUSHED_DOWN).fetchall(), n)
-        fetched = _median_ms(lambda: nbchat.costs(by="model", db=url), n)
+            pushed = median_ms(lambda: con.execute(_PUSHED_DOWN).fetchall(), n)
+        fetched = median_ms(lambda: nbchat.costs(by="model", db=url), n)
         figures.append(
             figure(
                 "costs(by='model') pushed down to PostgreSQL",
