@@ -10,6 +10,9 @@ The owning process holds an exclusive ``flock`` on its file while it lives. A fi
 nobody holds belongs to a process that is gone: whoever opens the same store next
 replays it (``claim_orphans``) and deletes it. Replaying twice is harmless: every row
 is written by id.
+
+``LineFile`` is those file mechanics for any item with a line codec; ``Spool`` is it
+for units, and the store sink's journal (``_journal.py``) is it for events.
 """
 
 from __future__ import annotations
@@ -20,11 +23,11 @@ import json
 import os
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import suppress
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from ._sink import Insert, RowWrite, Update
 
@@ -33,9 +36,10 @@ try:  # POSIX; without it a file is an orphan when its process id is not running
 except ImportError:  # pragma: no cover - Windows only
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["Spool", "decode_unit", "encode_unit", "spool_folder"]
+__all__ = ["LineFile", "Spool", "decode_unit", "encode_unit", "spool_folder"]
 
 Unit = list[RowWrite]
+T = TypeVar("T")
 
 
 def spool_folder(root: str, key: str) -> Path:
@@ -116,25 +120,31 @@ def decode_unit(line: bytes) -> Unit:
 # ------------------------------------------------------------------ the files
 
 
-class Spool:
-    """This process's spool file for one store (made on the first ``append``)."""
+class LineFile(Generic[T]):
+    """This process's file of JSON lines in ``folder`` (made on the first ``append``),
+    held with an exclusive lock while the process lives; ``encode``/``decode`` turn one
+    item into one line (newline included) and back."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(
+        self, folder: Path, encode: Callable[[T], bytes], decode: Callable[[bytes], T]
+    ) -> None:
         self.folder = folder
+        self._encode = encode
+        self._decode = decode
         self.path: Path | None = None
         self._fd: int | None = None
         self.size = 0  # bytes appended to our file (we are its only writer)
 
-    def append(self, unit: Unit) -> None:
-        """Add ``unit`` to our file; raises ``OSError`` if it cannot be written."""
-        line = encode_unit(unit)
+    def append(self, item: T) -> None:
+        """Add ``item`` to our file; raises ``OSError`` if it cannot be written."""
+        line = self._encode(item)
         if self._fd is None:
             self._open()
         assert self._fd is not None
         written = os.write(self._fd, line)
         if written != len(line):  # a full disk: never leave half a line behind
             os.ftruncate(self._fd, self.size)
-            raise OSError(f"the spool file {self.path} is full")
+            raise OSError(f"the file {self.path} is full")
         self.size += written
 
     def _open(self) -> None:
@@ -145,15 +155,15 @@ class Spool:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # ours alone while we live
         self.path, self._fd, self.size = path, fd, 0
 
-    def read_from(self, offset: int) -> tuple[list[Unit], int]:
-        """Our units from byte ``offset`` on (whole lines only); and the offset after them."""
+    def read_from(self, offset: int) -> tuple[list[T], int]:
+        """Our items from byte ``offset`` on (whole lines only); and the offset after them."""
         if self.path is None or offset >= self.size:
             return [], offset
         with open(self.path, "rb") as source:
             source.seek(offset)
             data = source.read(self.size - offset)
         end = data.rfind(b"\n") + 1
-        return [decode_unit(line) for line in data[:end].splitlines() if line], offset + end
+        return [self._decode(line) for line in data[:end].splitlines() if line], offset + end
 
     def clear(self) -> None:
         """Everything in our file is stored: empty it (the lock stays ours)."""
@@ -176,10 +186,10 @@ class Spool:
                 os.remove(path)
         os.close(fd)
 
-    def claim_orphans(self) -> Iterator[tuple[Path, list[Unit], int]]:
+    def claim_orphans(self) -> Iterator[tuple[Path, list[T], int]]:
         """Files left by processes that are gone, each held while the caller replays it.
 
-        Yields (path, units, lines that could not be read); the file is deleted when
+        Yields (path, items, lines that could not be read); the file is deleted when
         the caller asks for the next one, so a failed replay leaves it for next time.
         """
         if not self.folder.is_dir():
@@ -196,17 +206,25 @@ class Spool:
                     continue
                 with os.fdopen(os.dup(fd), "rb") as source:
                     lines = source.read().splitlines()
-                units, broken = [], 0
+                items: list[T] = []
+                broken = 0
                 for line in lines:
                     try:
-                        units.append(decode_unit(line))
+                        items.append(self._decode(line))
                     except (ValueError, KeyError, TypeError):
                         broken += 1  # a line cut by a crash mid-write
-                yield path, units, broken
+                yield path, items, broken
                 with suppress(OSError):
                     os.remove(path)
             finally:
                 os.close(fd)
+
+
+class Spool(LineFile[Unit]):
+    """This process's spool file for one team store: row-write units as JSON lines."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(folder, encode_unit, decode_unit)
 
 
 def _is_orphan(fd: int, path: Path) -> bool:
