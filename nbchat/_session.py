@@ -556,8 +556,9 @@ class Session(TurnLoop):
         return event
 
     async def _barrier(self) -> None:
-        """Wait (bounded) until the store has written everything handed to it so far."""
-        if self._sink is not None and self.store is not None:
+        """Make everything handed to the store so far durable: in its journal at once, or
+        without one, written (waited for on a thread, bounded)."""
+        if self._sink is not None and self.store is not None and not self._sink.journal():
             await asyncio.to_thread(self._sink.flush, self.store.lock_timeout)
 
     def _record(self, message: Message, turn: _Turn | None = None) -> Event:

@@ -180,7 +180,7 @@ def test_handle_does_not_wait_for_a_file_another_process_holds(
 
     told = notes.wait_for("Not saved yet")
     assert f"another process (PID {proc.pid}) has held the store {db_path} for 0.5 s" in told
-    assert "kept in memory and written once the store is free" in told
+    assert "kept in this process's journal and written once the store is free" in told
     assert sink.unavailable
     assert sink.flush(30) is False  # a barrier does not wait once the user was told
     assert proc.poll() is None
@@ -264,9 +264,40 @@ def test_events_queued_at_exit_are_written_once_the_file_frees(
     assert contents(db_path, "exiting") == ["turn 0", None, "ok", "done"]
 
 
-def test_events_still_locked_at_exit_go_to_a_recovery_file(
+def test_events_still_locked_at_exit_stay_in_the_journal(
     db_path: Path, tmp_path: Path, holder: Any
 ) -> None:
+    proc, err = finish_locked(db_path, tmp_path, holder, hold=60, wait=0.5)
+    (journal,) = (tmp_path / "chats.duckdb.nbchat-journal").glob("*.jsonl")
+    assert err.count("\n") == 1 and "still locked at exit" in err
+    assert f"9 events were kept in {journal}" in err
+    assert list(tmp_path.glob("*recovery*")) == []  # the journal keeps them: no second copy
+    proc.kill()
+    proc.communicate(timeout=30)
+
+    with Store.open(db_path) as store:  # replayed quietly: the user was told at exit
+        assert store.recovered is not None
+        assert "stored 9 events" in store.recovered and journal.name in store.recovered
+        check_exiting_turn(store)
+    assert not journal.exists()
+    with Store.open(db_path) as store:  # replayed once: no warning, no second copy
+        assert len(store.load_session("exiting").messages) == 4
+
+
+def check_exiting_turn(store: Store) -> None:
+    """The turn ``finish-locked`` handed over is stored whole, once."""
+    assert contents(store, "exiting") == ["turn 0", None, "ok", "done"]
+    turns = store.query("SELECT status, user_text FROM turns").data
+    assert list(turns["status"]) == ["completed"] and list(turns["user_text"]) == ["turn 0"]
+    assert len(store.query("SELECT id FROM requests").data["id"]) == 2
+    assert len(store.query("SELECT id FROM tool_calls").data["id"]) == 1
+
+
+def test_without_a_journal_events_locked_at_exit_go_to_a_recovery_file(
+    db_path: Path, tmp_path: Path, holder: Any
+) -> None:
+    # A file where the journal's folder would be: the journal cannot be made.
+    (tmp_path / "chats.duckdb.nbchat-journal").write_text("in the way")
     proc, err = finish_locked(db_path, tmp_path, holder, hold=60, wait=0.5)
     (recovery,) = tmp_path.glob("*.nbchat-recovery-*.jsonl")
     assert err.count("\n") == 1 and "still locked at exit" in err
@@ -278,11 +309,7 @@ def test_events_still_locked_at_exit_go_to_a_recovery_file(
         store = Store.open(db_path)
     with store:
         assert store.recovered is not None and "stored 9 events" in store.recovered
-        assert contents(store, "exiting") == ["turn 0", None, "ok", "done"]
-        turns = store.query("SELECT status, user_text FROM turns").data
-        assert list(turns["status"]) == ["completed"] and list(turns["user_text"]) == ["turn 0"]
-        assert len(store.query("SELECT id FROM requests").data["id"]) == 2
-        assert len(store.query("SELECT id FROM tool_calls").data["id"]) == 1
+        check_exiting_turn(store)
     assert not recovery.exists()
     with Store.open(db_path) as store:  # imported once: no warning, no second copy
         assert len(store.load_session("exiting").messages) == 4
@@ -360,3 +387,122 @@ def test_an_unexpected_error_skips_the_event_instead_of_freezing(
     ]
     assert contents(free_store) == ["message 0", "message 1"]
     assert sink.close() == []
+
+
+# --------------------------------------------------------------------------- the journal
+
+
+def test_a_barrier_does_not_wait_for_a_held_file_and_a_sigkill_loses_nothing_past_it(
+    db_path: Path, tmp_path: Path, holder: Any
+) -> None:
+    ready = tmp_path / "child-let-go"
+    child = subprocess.Popen(
+        [sys.executable, str(HELPERS / "sink_child.py"), "barrier-locked", str(db_path),
+         str(ready)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            assert child.poll() is None, child.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        hold = holder(60, ready=Path(str(ready) + ".held"))
+        assert child.stdout is not None
+        done = [json.loads(child.stdout.readline()) for _ in range(3)]
+        # Every barrier returned while the other process held the file all along.
+        assert hold.poll() is None
+        assert [d["completed"] for d in done] == [0, 1, 2]
+        assert done[-1]["pending"] > 0  # not in the store file yet: in the journal only
+        child.kill()  # SIGKILL: no exit hook runs
+        child.communicate(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+    hold.kill()
+    hold.communicate(timeout=30)
+
+    journals = tmp_path / "chats.duckdb.nbchat-journal"
+    (left,) = journals.glob("*.jsonl")
+    with Store.open(db_path) as store:  # replays the dead process's journal
+        assert store.recovered is not None and left.name in store.recovered
+        assert contents(store, "killed") == [
+            text for n in range(3) for text in (f"turn {n}", None, "ok", "done")
+        ]
+        turns = store.query("SELECT status FROM turns ORDER BY started_at").data
+        assert list(turns["status"]) == ["completed"] * 3
+        assert len(store.query("SELECT id FROM requests").data["id"]) == 6
+    assert list(journals.glob("*.jsonl")) == []
+    with Store.open(db_path) as store:  # replayed once
+        assert store.recovered is None
+        assert len(store.load_session("killed").messages) == 12
+
+
+def test_a_read_in_the_same_process_waits_for_its_own_unwritten_events(
+    free_store: Store, holder: Any, db_path: Path
+) -> None:
+    sink = StoreSink(free_store, notify=Notes())
+    wait_released(free_store)
+    proc = holder(1.0)
+    for seq in range(5):
+        sink.handle(message(seq))
+    assert sink.barrier(30) and proc.poll() is None  # durable, with the file still held
+    assert sink.pending == 5
+    # A read of the same store in this process sees them: it waits for the writer.
+    with Store.open(db_path) as other_handle:
+        assert contents(other_handle) == [f"message {seq}" for seq in range(5)]
+    assert sink.pending == 0
+    assert sink.close() == []
+
+
+def test_the_journal_is_emptied_once_written_and_deleted_at_close(free_store: Store) -> None:
+    sink = StoreSink(free_store, notify=Notes())
+    for seq in range(3):
+        sink.handle(message(seq))
+    assert sink.barrier(30) and sink.flush(30)
+    (journal,) = Path(free_store.path + ".nbchat-journal").glob("*.jsonl")
+    deadline = time.monotonic() + 10
+    while journal.stat().st_size and time.monotonic() < deadline:
+        time.sleep(0.01)  # the writer empties it after its last write
+    assert journal.stat().st_size == 0
+    assert sink.close() == [] and sink.kept_in is None
+    assert not journal.exists()
+
+
+def test_a_live_process_journal_is_not_replayed_by_another_opener(
+    free_store: Store, holder: Any, db_path: Path
+) -> None:
+    from nbchat._store._journal import Journal, replay_orphans
+
+    folder = free_store.journal_folder()
+    assert folder is not None
+    mine = Journal(folder)
+    mine.append(message(7))  # held by this open file, as a live kernel holds its own
+    with Store.open(db_path) as store:
+        assert replay_orphans(store) is None
+        assert contents(store) == []
+    assert mine.path is not None and mine.path.exists()
+    mine.close()  # let go with a line in it: now it belongs to nobody
+    with Store.open(db_path) as store:
+        assert store.recovered is not None and "stored 1 events" in store.recovered
+        assert contents(store) == ["message 7"]
+
+
+def test_without_a_journal_a_barrier_waits_for_the_store_and_says_why(
+    db_path: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "chats.duckdb.nbchat-journal").write_text("in the way")
+    notes = Notes()
+    with Store.open(db_path) as store:
+        store.create_session(session_id="s", model="m", system_prompt=None)
+        sink = StoreSink(store, notify=notes)
+        sink.handle(message(0))
+        assert sink.barrier(30)  # waited for the store itself
+        assert sink.pending == 0
+        told = notes.wait_for("journal")
+        assert "cannot be written" in told and "waits for the store file itself" in told
+        assert contents(store) == ["message 0"]
+        assert sink.close() == []

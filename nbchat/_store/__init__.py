@@ -34,6 +34,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 from .._config import default_db_path
@@ -274,6 +275,11 @@ class Store(ABC):
 
         Returns where they were kept; raises ``OSError`` if they cannot be kept.
         """
+
+    def journal_folder(self) -> Path | None:
+        """Where this process's sink journals the events it keeps before the store has
+        written them (``_journal.py``); None: barriers wait for the store itself."""
+        return None
 
     # ------------------------------------------------------------------ reading
 

@@ -19,15 +19,17 @@ import glob
 import json
 import os
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import suppress
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._exceptions import StoreError, UnstorableRow
 from .._types import Event, EventAdapter, Message, Usage, utcnow
 from . import TABLES, Lease, QueryName, key_of
+from ._journal import journal_folder
 from ._lease import Access, LeaseOptions, acquire_lease
 from ._migrations import fill_counters
 from ._queries import QUERIES, SESSION_USAGE, QueryResult, check_select, to_frame
@@ -44,6 +46,7 @@ from ._sink import (
     message_row,
     rows_of,
     session_row,
+    settled,
     with_image_bytes,
 )
 from ._sql import SqlStore
@@ -106,18 +109,26 @@ class DuckDBStore(SqlStore[Lease]):
         )
         lease = acquire_lease(raw, lease_options, lock_timeout)
         store = cls(lease, lock_timeout=lock_timeout, path=lease.key)
-        if lease.key != ":memory:" and glob.glob(glob.escape(lease.key) + _RECOVERY + "*"):
-            try:
+        try:
+            if lease.key != ":memory:" and glob.glob(glob.escape(lease.key) + _RECOVERY + "*"):
                 store._import_recovery()
-            except BaseException:
-                store.close()
-                raise
+            store._replay_journals()
+        except BaseException:
+            store.close()
+            raise
         return store
 
-    def _connection(self, timeout: float | None = None) -> Any:
+    def journal_folder(self) -> Path | None:
+        return journal_folder(self.path)
+
+    @contextmanager
+    def _connection(self, timeout: float | None = None, access: Access = "write") -> Iterator[Any]:
+        """The file's connection; this process's sinks write what they hold first."""
         if self._lease is None:
             raise StoreError(f"The store {self.path} is closed.")
-        return self._lease.connection(self._lock_timeout if timeout is None else timeout)
+        wait = self._lock_timeout if timeout is None else timeout
+        with settled(self), self._lease.connection(wait, access) as con:
+            yield con
 
     def _execute(self, sql: str, params: Sequence[Any] = ()) -> None:
         with self._connection() as con:
@@ -194,6 +205,7 @@ class DuckDBStore(SqlStore[Lease]):
 
     def load_session(self, session_id: str) -> StoredSession:
         """The session's settings and active messages in order; ``StoreError`` if unknown."""
+        self._replay_journals()  # a process that died in this session may have left one
         with self._connection() as con:
             head = con.execute(
                 "SELECT id, model, system_prompt, title, parent_id, notebook,"
@@ -416,7 +428,7 @@ class DuckDBStore(SqlStore[Lease]):
         bound = dict(params) if isinstance(params, Mapping) else list(params or [])
         access: Access = "files" if allow_files else "sandbox"
         duckdb = _duckdb()
-        with self._lease.connection(self._lock_timeout, access) as con:
+        with self._connection(access=access) as con:
             con.execute("BEGIN TRANSACTION READ ONLY")
             try:
                 cursor = con.execute(sql, bound)

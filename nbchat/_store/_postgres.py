@@ -15,6 +15,7 @@ import threading
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._exceptions import StoreError
@@ -36,6 +37,7 @@ from ._sink import (
     message_row,
     rows_of,
     session_row,
+    settle,
     with_image_bytes,
 )
 from ._sql import SqlStore
@@ -90,6 +92,7 @@ class PostgresStore(SqlStore[PgLease]):
             if made:  # the first open in this process: connect now, fail clearly
                 lease.check()
                 store._replay_orphans()
+            store._replay_journals()
         except BaseException:
             store.close()
             if made:
@@ -98,9 +101,14 @@ class PostgresStore(SqlStore[PgLease]):
         return store
 
     def _live(self) -> PgLease:
+        """The lease; this process's sinks write what they hold for this store first."""
         if self._lease is None:
             raise StoreError(f"The store {self.path} is closed.")
+        settle(self)
         return self._lease
+
+    def journal_folder(self) -> Path | None:
+        return None if self._lease is None else self._lease.spool.folder / "journal"
 
     def _fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """Rows of one PostgreSQL query (``?`` placeholders, as the DuckDB backend's)."""
@@ -185,6 +193,8 @@ class PostgresStore(SqlStore[PgLease]):
     def load_session(self, session_id: str) -> StoredSession:
         """The session's settings and active messages in order; ``StoreError`` if unknown."""
         import json
+
+        self._replay_journals()  # a process that died in this session may have left one
 
         def load(con: Any) -> tuple[Any, Any, Any, dict[str, bytes]]:
             head = con.execute(

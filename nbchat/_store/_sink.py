@@ -16,17 +16,25 @@ lookup. One writer thread per sink writes the queue in order.
   when the backlog is written.
 * **A row DuckDB can never take** (a value out of range, a broken constraint) is
   skipped and reported, one message per row, so it cannot freeze the rows behind it.
-* **Barriers.** ``flush(timeout)`` waits until everything handed so far is written:
-  the session calls it before running tools and before ``send()`` returns. While the
-  store is known to be unavailable (the user has been told), it returns at once.
-* **Exit.** An ``atexit`` hook gives every sink up to ``EXIT_WAIT_S`` in all to drain,
-  then writes what is left to a recovery file beside the store, which the next
-  ``Store.open`` of that file writes; one line on stderr says so.
+* **Barriers.** ``barrier()`` makes everything handed so far durable: it appends what
+  the writer has not journaled yet to this process's journal (``_journal.py``) on the
+  caller's thread and returns, without waiting for the store. The session calls it
+  before running tools and before ``send()`` returns. Without a journal (``:memory:``, a
+  folder it cannot write) it is ``flush(timeout)``, which waits until everything handed
+  so far is written, and returns at once while the store is known to be unavailable
+  (the user has been told).
+* **Reading your own writes.** A store read in this process (``settled``, which the
+  backends' connections enter) first waits, bounded, for this process's sinks on the
+  same store to write what they hold, so a turn ``send()`` returned is in what
+  ``transcript()`` reads, even while the file was busy.
+* **Exit.** An ``atexit`` hook gives every sink up to ``EXIT_WAIT_S`` in all to drain;
+  what is left stays in the journal (or, without one, goes to a recovery file beside
+  the store), which the next ``Store.open`` of that file writes; one line on stderr says
+  so.
 
-What a SIGKILL can lose: the events handed to ``handle()`` and not yet written — in
-normal operation the writer is a write or two (a few ms) behind, and nothing is lost
-past a barrier that returned True; while the file is held by another process, the
-whole backlog since the "Not saved yet" message.
+What a SIGKILL can lose: the events handed to ``handle()`` and not yet journaled. The
+writer thread journals each event as soon as it wakes (well under a millisecond), and
+nothing is lost past a barrier: not while the file is held by another process either.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
@@ -65,7 +74,10 @@ from .._types import (
 from ._migrations import ATTRIBUTED_TABLES
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from . import Store
+    from ._journal import Journal
 
 __all__ = [
     "ATTEMPT_S",
@@ -82,6 +94,8 @@ __all__ = [
     "rows_of",
     "session_row",
     "session_title",
+    "settle",
+    "settled",
     "with_image_bytes",
 ]
 
@@ -92,6 +106,7 @@ _BACKOFF_MAX = 1.0
 _IDLE_EXIT = 2.0  # an idle writer thread ends; the next stored event starts another
 
 _live: weakref.WeakSet[StoreSink] = weakref.WeakSet()
+_here = threading.local()  # .writer: this is a sink's writer; .depth: inside settled()
 
 
 class StoreSink:
@@ -113,11 +128,17 @@ class StoreSink:
         self._queue: deque[Event] = deque()
         self._handed = 0  # events accepted by handle()
         self._done = 0  # events written or skipped
+        self._unjournaled: deque[Event] = deque()  # handed, not in the journal yet
+        self._journaled = 0  # events in the journal (the first ones handed)
+        self._journal_lock = threading.Lock()  # one appender at a time: order is kept
+        self._journal: Journal | None = None  # made on the first event
+        self._journal_off = store.journal_folder() is None  # no journal: barriers wait
         self._outage = False  # the store is unavailable now: barriers do not wait
         self._told = False  # the user was told so, and not yet that all is saved
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._own: Store | None = None  # a handle of our own, if the caller closed theirs
+        self.kept_in: str | None = None  # after close(): the journal keeping what was left
         # The last writes' durations (s), for benchmarks.
         self.write_seconds: deque[float] = deque(maxlen=10_000)
         _live.add(self)
@@ -132,6 +153,8 @@ class StoreSink:
             if self._stopping:
                 raise StoreError("This store sink is closed.")
             self._queue.append(event)
+            if not self._journal_off:
+                self._unjournaled.append(event)
             self._handed += 1
             if self._thread is None:
                 self._start_writer()
@@ -141,6 +164,55 @@ class StoreSink:
         # With the condition held. A daemon: the exit hook, not the interpreter, waits for it.
         self._thread = threading.Thread(target=self._run, name="nbchat-store-writer", daemon=True)
         self._thread.start()
+
+    def barrier(self, timeout: float) -> bool:
+        """Make every event handed so far durable: journaled now, on this thread, or
+        without a journal, written (``flush``); True when it is."""
+        return self.journal() or self.flush(timeout)
+
+    def journal(self) -> bool:
+        """Append the events not journaled yet, on this thread; True when every event
+        handed so far is in the journal (False: there is none, wait with ``flush``)."""
+        if self._journal_off:
+            return False
+        with self._journal_lock:
+            if self._journal_off:
+                return False
+            if self._journal is None:
+                from ._journal import Journal
+
+                folder = self.store.journal_folder()
+                assert folder is not None
+                self._journal = Journal(folder)
+            while self._unjournaled:
+                event = self._unjournaled[0]
+                try:
+                    self._journal.append(event)
+                except (OSError, ValueError) as exc:
+                    return self._journal_failed(exc)
+                self._unjournaled.popleft()
+                self._journaled += 1
+            return True
+
+    def _journal_failed(self, exc: Exception) -> bool:
+        # With the journal lock held. From here on barriers wait for the store itself.
+        self._journal_off = True
+        self._unjournaled.clear()
+        where = self.store.journal_folder()
+        self._say(
+            f"The store's journal {where} cannot be written ({exc}); each turn now waits "
+            "for the store file itself."
+        )
+        return False
+
+    def _clear_journal(self) -> None:
+        """Everything journaled is written: empty the journal (the writer, when drained)."""
+        with self._journal_lock:
+            with self._cond:
+                written = self._done >= self._journaled
+            if written and self._journal is not None and self._journal.size:
+                with suppress(OSError):  # left as it is: replaying it later is harmless
+                    self._journal.clear()
 
     def flush(self, timeout: float) -> bool:
         """Wait until every event handed so far is written (True) or ``timeout`` s pass.
@@ -183,11 +255,29 @@ class StoreSink:
         with self._cond:
             left = list(self._queue)
             self._queue.clear()
+        self.kept_in = self._close_journal(keep=bool(left))
         own, self._own = self._own, None
         if own is not None:
             own.close()
         _live.discard(self)
         return left
+
+    def _close_journal(self, *, keep: bool) -> str | None:
+        """Let go of the journal; returns its path if it keeps unwritten events (the next
+        open of the store writes them), else deletes it."""
+        if keep and not self.journal():
+            return None
+        with self._journal_lock:
+            journal, self._journal = self._journal, None
+            self._journal_off = True  # closed: nothing more is journaled
+        if journal is None:
+            return None
+        path = journal.path
+        with suppress(OSError):
+            if not keep:
+                journal.clear()
+            journal.close()
+        return str(path) if keep and path is not None else None
 
     def flush_quietly(self, timeout: float) -> bool:
         """``flush`` that also waits through an outage (the exit path: last chance)."""
@@ -201,6 +291,7 @@ class StoreSink:
     # ------------------------------------------------------------------ the writer
 
     def _run(self) -> None:
+        _here.writer = True  # its own writes never wait in settled()
         backoff = _BACKOFF_FIRST
         waiting_since: float | None = None  # when the head of the queue first failed
         while True:
@@ -216,6 +307,7 @@ class StoreSink:
                     self._queue.clear()
                     self._cond.notify_all()
                     continue
+            self.journal()  # durable first, then to the store when it is free
             started = time.perf_counter()
             attempt_began = time.monotonic()
             try:
@@ -256,6 +348,8 @@ class StoreSink:
                 if recovered:
                     self._told = False
                 self._cond.notify_all()
+            if drained:
+                self._clear_journal()
             if recovered:
                 self._say(f"Saved now: the store {self.store.path} is free again.")
 
@@ -281,8 +375,9 @@ class StoreSink:
             )
         else:
             why = str(exc).rstrip(".")
+        kept = "memory" if self._journal_off else "this process's journal"
         self._say(
-            f"Not saved yet: {why}. The conversation goes on; it is kept in memory and "
+            f"Not saved yet: {why}. The conversation goes on; it is kept in {kept} and "
             "written once the store is free."
         )
 
@@ -297,11 +392,43 @@ def _after_fork_in_child() -> None:
     # The writer threads did not follow us into the child; its own start on demand.
     for sink in list(_live):
         sink._cond = threading.Condition()
+        sink._journal_lock = threading.Lock()
         sink._thread = None
+        if sink._journal is not None:
+            sink._journal.forget()  # the parent's file: the child makes its own
 
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+@contextmanager
+def settled(store: Store) -> Iterator[None]:
+    """Around a use of ``store``: first let this process's sinks write what they hold for
+    the same store (bounded by its lock timeout), so a read sees this process's turns.
+
+    Not on a writer thread, and only at the outermost use (a nested one would wait for a
+    writer that waits for the connection this thread holds).
+    """
+    depth = getattr(_here, "depth", 0)
+    if depth == 0:
+        settle(store)
+    _here.depth = depth + 1
+    try:
+        yield
+    finally:
+        _here.depth = depth
+
+
+def settle(store: Store) -> None:
+    """Wait (bounded) for this process's sinks to write what they hold for ``store``;
+    nothing on a writer thread. ``settled`` for a backend whose uses do not nest."""
+    if getattr(_here, "writer", False):
+        return
+    for sink in list(_live):
+        same = sink.store is store or sink.store.path == store.path != ":memory:"
+        if same and sink._handed > sink._done:
+            sink.flush(store.lock_timeout)
 
 
 @atexit.register
@@ -311,6 +438,14 @@ def _drain_at_exit() -> None:
     for sink in list(_live):
         left = sink.close(max(0.0, deadline - time.monotonic()))
         if not left or sink.store.path == ":memory:":
+            continue
+        if sink.kept_in is not None:
+            print(
+                f"nbchat: the store {sink.store.path} was still locked at exit; "
+                f"{len(left)} events were kept in {sink.kept_in} and will be stored when "
+                "it is next opened.",
+                file=sys.stderr,
+            )
             continue
         try:
             where = sink.store.save_recovery(left)

@@ -1,6 +1,7 @@
 """What both SQL backends share: a handle on a ``Lease`` (open, closed, the lock
-timeout), and the reads answered by the same query — a session's existence, the latest
-session, the session a notebook cell belongs to.
+timeout), replaying the journals dead processes left, and the reads answered by the
+same query — a session's existence, the latest session, the session a notebook cell
+belongs to.
 
 ``SqlStore`` implements those methods of ``Store`` over ``_fetchall`` (``?``
 placeholders, SQL that DuckDB and PostgreSQL both read); each backend supplies
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any, Generic, TypeVar
 
 from . import Lease, Store, release_lease
+from ._journal import replay_orphans
 
 L = TypeVar("L", bound=Lease)
 
@@ -30,6 +32,17 @@ class SqlStore(Store, Generic[L]):
         self.path = path
         # What the last open wrote from recovery or spool files (also a warning), or None.
         self.recovered: str | None = None
+
+    def _replay_journals(self) -> None:
+        """Store what the journals of processes that are gone hold (``_journal.py``).
+
+        Quietly (``recovered`` says what was done): it is the journal's normal use, most
+        of what a killed process journaled was stored already, and nothing is lost.
+        Backends call it when a store is opened and before a session is loaded.
+        """
+        done = replay_orphans(self)
+        if done is not None:
+            self.recovered = done
 
     def close(self, *, linger: bool = False) -> None:
         """Release this handle; the lease is let go when no other handle in the process

@@ -67,7 +67,8 @@ def turns(path: str, session_id: str, count: str, tool_seconds: str) -> None:
     """Run ``count`` turns through a sink, with the session's barriers; print each one done.
 
     A line ``{"completed": n}`` is printed only after the barrier at the end of turn n
-    returned True: that turn is durable. The parent SIGKILLs this process at random.
+    returned True: that turn is durable (journaled, or written). The parent SIGKILLs
+    this process at random.
     """
     from nbchat._store import Store
     from nbchat._store._sink import StoreSink
@@ -81,12 +82,12 @@ def turns(path: str, session_id: str, count: str, tool_seconds: str) -> None:
         before, tool, after = turn_events(session_id, number)
         for event in before:
             sink.handle(event)
-        assert sink.flush(60), "the barrier before tools timed out"
+        assert sink.barrier(60), "the barrier before tools timed out"
         print(json.dumps({"tools_running": number}), flush=True)
         time.sleep(float(tool_seconds) * random.random())  # the tool runs: a kill may land
         for event in [*tool, *after]:
             sink.handle(event)
-        assert sink.flush(60), "the barrier before send() returns timed out"
+        assert sink.barrier(60), "the barrier before send() returns timed out"
         print(json.dumps({"completed": number}), flush=True)
     writes = sorted(sink.write_seconds)
     print(json.dumps({"writes": len(writes), "p50_ms": 1000 * writes[len(writes) // 2],
@@ -115,6 +116,32 @@ def finish_locked(path: str, exit_wait: str, ready: str) -> None:
     # A normal exit: the atexit hook flushes (bounded) or writes the recovery file.
 
 
+def barrier_locked(path: str, ready: str) -> None:
+    """Run three turns through a sink's barriers while another process holds the file,
+    print each one done, then wait to be killed."""
+    from nbchat._store import Store
+    from nbchat._store._sink import StoreSink
+
+    store = Store.open(path, lock_timeout=60, linger=0.05)
+    store.create_session(session_id="killed", model="m", system_prompt=None)
+    while store.stats()["open"]:  # the lease lets go of the file: the holder takes it
+        time.sleep(0.01)
+    Path(ready).touch()
+    while not Path(ready + ".held").exists():
+        time.sleep(0.01)
+    sink = StoreSink(store, notify=lambda message: None)
+    for number in range(3):
+        before, tool, after = turn_events("killed", number)
+        for event in before:
+            sink.handle(event)
+        assert sink.barrier(60)
+        for event in [*tool, *after]:
+            sink.handle(event)
+        assert sink.barrier(60)
+        print(json.dumps({"completed": number, "pending": sink.pending}), flush=True)
+    time.sleep(600)
+
+
 def hold_until(path: str, stop: str, released: str, most: str, ready: str) -> None:
     """Hold the file (plain DuckDB) until ``stop`` appears or ``most`` seconds pass.
 
@@ -132,7 +159,12 @@ def hold_until(path: str, stop: str, released: str, most: str, ready: str) -> No
     con.close()
 
 
-MODES = {"turns": turns, "finish-locked": finish_locked, "hold-until": hold_until}
+MODES = {
+    "turns": turns,
+    "finish-locked": finish_locked,
+    "barrier-locked": barrier_locked,
+    "hold-until": hold_until,
+}
 
 if __name__ == "__main__":
     MODES[sys.argv[1]](*sys.argv[2:])

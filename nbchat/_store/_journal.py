@@ -1,0 +1,80 @@
+"""The store sink's journal: every stored event on local disk before the loop goes on.
+
+A shared DuckDB file takes one writer at a time, so a chat that waited for the file at
+its barriers waited for every other process writing it. Instead, the sink appends each
+event it keeps to this process's journal, ``<store>.nbchat-journal/<pid>-<random>.jsonl``
+(one JSON line per event, ``LineFile`` of ``_spool.py``), and a barrier waits only for
+that append; the writer thread then takes the file when it can. A line reaches the
+operating system before ``append`` returns, so a killed process loses nothing its
+journal holds (a power cut may lose what the OS had not written to disk yet).
+
+The journal is emptied each time the writer has stored everything it holds, and deleted
+when the process ends with nothing unstored. One left by a process that is gone (its
+lock is free) is replayed by the next process that opens the store, or loads a session
+from it (``replay_orphans``); every row is written by id, so a replay of events that were
+already stored changes nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .._exceptions import UnstorableRow
+from .._types import Event, EventAdapter
+from ._spool import LineFile
+
+if TYPE_CHECKING:
+    from . import Store
+
+__all__ = ["Journal", "journal_folder", "replay_orphans"]
+
+_SUFFIX = ".nbchat-journal"
+
+
+def journal_folder(path: str) -> Path | None:
+    """Where the journals of the store file at ``path`` live (None for ``:memory:``)."""
+    return None if path == ":memory:" else Path(path + _SUFFIX)
+
+
+def _line(event: Event) -> bytes:
+    return EventAdapter.dump_json(event) + b"\n"
+
+
+def _event(line: bytes) -> Event:
+    return EventAdapter.validate_json(line)
+
+
+class Journal(LineFile[Event]):
+    """This process's journal for one store."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(folder, _line, _event)
+
+
+def replay_orphans(store: Store) -> str | None:
+    """Store the events of journals whose processes are gone, then delete those files.
+
+    Returns what was done, for the user (also the store's ``recovered``), or None.
+    """
+    folder = store.journal_folder()
+    if folder is None or not folder.is_dir():
+        return None
+    stored = skipped = 0
+    names: list[str] = []
+    for path, events, broken in Journal(folder).claim_orphans():
+        for event in events:
+            try:
+                store.write(event)
+                stored += 1
+            except UnstorableRow:
+                skipped += 1
+        skipped += broken
+        names.append(path.name)
+    if not names:
+        return None
+    lost = f"; {skipped} could not be stored" if skipped else ""
+    return (
+        f"nbchat stored {stored} events that a process which ended before writing them "
+        f"to {store.path} had kept in its journal ({', '.join(names)}){lost}."
+    )
