@@ -3,8 +3,9 @@
 Each process runs turns of one tool round (two requests, so both barriers: before the
 tool runs and before ``send()`` returns) against one fake server, all sharing one DuckDB
 file. What is measured is the time a turn spends in those barriers, the only places the
-loop waits for the store (``StoreSink.flush``; handing events over is measured in
-``bench_store``). Baseline: the same turns in one process alone, in the same run.
+loop waits for the store (``Session._barrier``: the sink's journal, or without one the
+store itself; handing events over is measured in ``bench_store``). Baseline: the same
+turns in one process alone, in the same run.
 Goal (issue "Performance, raised"): p99 ≤ 5 ms with several processes.
 """
 
@@ -36,19 +37,19 @@ def _reply(body: dict[str, Any]) -> Any:
 def child(url: str, db: str, turns: int) -> None:
     """One process: ``turns`` turns; prints the per-turn barrier waits (s) as JSON."""
     import nbchat
-    from nbchat._store._sink import StoreSink
+    from nbchat._session import Session
 
     waited = [0.0]
-    flush = StoreSink.flush
+    barrier = Session._barrier
 
-    def timed(self: StoreSink, timeout: float) -> bool:
+    async def timed(self: Session) -> None:
         started = time.perf_counter()
         try:
-            return flush(self, timeout)
+            await barrier(self)
         finally:
             waited[0] += time.perf_counter() - started
 
-    StoreSink.flush = timed  # type: ignore[method-assign]
+    Session._barrier = timed  # type: ignore[method-assign]
 
     @nbchat.tool
     def noop() -> str:
