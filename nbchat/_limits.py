@@ -7,8 +7,8 @@ price, a server that reports no usage) is never counted as zero: the check says 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -63,12 +63,7 @@ class Budgets(BaseModel):
         sent, not after it overspent.
         """
         notices: list[str] = []
-        for scope, spent, limit in (
-            ("session", session, self.budget_usd),
-            ("turn", turn, self.turn_budget_usd),
-        ):
-            if limit is None:
-                continue
+        for name, scope, spent, limit in self._set_limits("usd", session, turn):
             if spent.cost_usd is None:
                 notices.append(
                     f"The {scope} budget of {money(limit)} cannot be checked: the cost "
@@ -77,7 +72,7 @@ class Budgets(BaseModel):
                 )
             elif spent.cost_usd >= limit:
                 detail = f"{money(spent.cost_usd)} spent of {money(limit)}"
-                return _stop(scope, "usd", detail, notices)
+                return _stop(name, scope, detail, notices)
             elif (
                 next_request is not None
                 and next_request.cost_usd is not None
@@ -88,33 +83,39 @@ class Budgets(BaseModel):
                     f"request would cost about {money(next_request.cost_usd)} "
                     f"({next_request.describe()})"
                 )
-                return _stop(scope, "usd", detail, notices, before=True)
-        for scope, spent, token_limit in (
-            ("session", session, self.max_tokens_total),
-            ("turn", turn, self.turn_max_tokens),
-        ):
-            if token_limit is None:
-                continue
+                return _stop(name, scope, detail, notices, before=True)
+        for name, scope, spent, limit in self._set_limits("tokens", session, turn):
             if spent.total_tokens is None:
                 notices.append(
-                    f"The {scope} token limit of {token_limit} cannot be checked: the server "
+                    f"The {scope} token limit of {limit} cannot be checked: the server "
                     "did not report usage for some requests."
                 )
-            elif spent.total_tokens >= token_limit:
-                detail = f"{spent.total_tokens} of {token_limit} tokens used"
-                return _stop(scope, "tokens", detail, notices)
+            elif spent.total_tokens >= limit:
+                detail = f"{spent.total_tokens} of {limit} tokens used"
+                return _stop(name, scope, detail, notices)
         return BudgetCheck(notices=notices)
+
+    def _set_limits(
+        self, unit: Literal["usd", "tokens"], session: Usage, turn: Usage
+    ) -> Iterator[tuple[str, str, Usage, float]]:
+        """Each ``unit`` limit that is set, the session's first: name, scope, its spend, limit."""
+        if unit == "usd":
+            limits = (("budget_usd", self.budget_usd), ("turn_budget_usd", self.turn_budget_usd))
+        else:
+            limits = (
+                ("max_tokens_total", self.max_tokens_total),
+                ("turn_max_tokens", self.turn_max_tokens),
+            )
+        for (name, limit), scope, spent in zip(
+            limits, ("session", "turn"), (session, turn), strict=True
+        ):
+            if limit is not None:
+                yield name, scope, spent, limit
 
 
 def _stop(
-    scope: str, unit: str, detail: str, notices: list[str], *, before: bool = False
+    name: str, scope: str, detail: str, notices: list[str], *, before: bool = False
 ) -> BudgetCheck:
-    name = {
-        ("session", "usd"): "budget_usd",
-        ("turn", "usd"): "turn_budget_usd",
-        ("session", "tokens"): "max_tokens_total",
-        ("turn", "tokens"): "turn_max_tokens",
-    }[(scope, unit)]
     verb = "would cross" if before else "is reached"
     return BudgetCheck(
         limit=name,

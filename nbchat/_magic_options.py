@@ -17,6 +17,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -43,6 +44,13 @@ _CELL_REF = r"(?:In|Out|Err)\[-?\d+\]"
 # What a placeholder or a --context entry may name: a variable (``df``, ``df.shape``),
 # a cell's source, result or error (``In[3]``, ``Out[3]``, ``Err[3]``), the last error.
 _NAME = re.compile(_CELL_REF + "|" + _DOTTED)
+# The options whose values are names, each checked by one validator: the pattern a name
+# must match, and what the error says a name that does not match is not.
+_NAMES = {
+    "context": (_NAME, "a variable name, In[n], Out[n], Err[n] or Err"),
+    "out": (re.compile(_IDENT), "a valid variable name"),
+    "schema_": (re.compile(_DOTTED), "the name of a type in the notebook"),
+}
 
 
 # ---------------------------------------------------------------------- options
@@ -97,19 +105,13 @@ class ChatOptions(BaseModel):
             return [n.strip() for n in value.split(",") if n.strip()]
         return value
 
-    @field_validator("context")
+    @field_validator(*_NAMES)
     @classmethod
-    def _references(cls, value: list[str] | None) -> list[str] | None:
-        for name in value or []:
-            if not _NAME.fullmatch(name):
-                raise ValueError(f"{name!r} is not a variable name, In[n], Out[n], Err[n] or Err")
-        return value
-
-    @field_validator("schema_")
-    @classmethod
-    def _dotted(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(_DOTTED, value):
-            raise ValueError(f"{value!r} is not the name of a type in the notebook")
+    def _names(cls, value: str | list[str] | None, info: ValidationInfo) -> str | list[str] | None:
+        pattern, what = _NAMES[str(info.field_name)]
+        for name in [value] if isinstance(value, str) else value or []:
+            if not pattern.fullmatch(name):
+                raise ValueError(f"{name!r} is not {what}")
         return value
 
     @model_validator(mode="after")
@@ -119,13 +121,6 @@ class ChatOptions(BaseModel):
         if self.fix and self.format not in (None, "code"):
             raise ValueError("--fix answers with code: use it without --format")
         return self
-
-    @field_validator("out")
-    @classmethod
-    def _identifier(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(_IDENT, value):
-            raise ValueError(f"{value!r} is not a valid variable name")
-        return value
 
 
 class SqlOptions(BaseModel):

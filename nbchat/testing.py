@@ -448,26 +448,17 @@ class FakeOpenAIServer:
         message: str = "fake error",
         code: str | None = None,
         *,
-        type: str | None = None,
-        param: str | None = None,
-        retry_after: float | None = None,
-        echo_key: bool = False,
         repeat: int = 1,
+        **fields: Any,
     ) -> Reply:
         """Queue an HTTP error in OpenAI's shape, e.g. ``enqueue_error(429, retry_after=1)``.
 
+        The keyword arguments are the other fields of ``ErrorSpec`` (``type``, ``param``,
+        ``retry_after``, ``should_retry``, ``echo_key``).
         ``enqueue_error(401, "Incorrect API key", echo_key=True)`` echoes the request's
         ``Authorization`` header in the message, as careless proxies do.
         """
-        spec = ErrorSpec(
-            status=status,
-            message=message,
-            code=code,
-            type=type,
-            param=param,
-            retry_after=retry_after,
-            echo_key=echo_key,
-        )
+        spec = ErrorSpec(status=status, message=message, code=code, **fields)
         return self.enqueue(Reply(error=spec), repeat=repeat)
 
     @property

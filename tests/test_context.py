@@ -172,6 +172,7 @@ def test_context_option_and_the_rules_between_options() -> None:
         ("--schema City --format json", "--schema gives a typed answer"),
         ("--fix --format json", "--fix answers with code"),
         ("--context 3x", "'3x' is not a variable name"),
+        ("--schema mod.3x", "--schema: Value error, 'mod.3x' is not the name of a type"),
         ("--format html", "--format: Input should be"),
         ("--max-context-chars 0", "--max-context-chars: Input should be greater"),
     ]:

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 import nbchat.testing
 from nbchat.testing import (
+    ErrorSpec,
     FakeOpenAIServer,
     Reply,
     ToolCallSpec,
@@ -282,6 +283,15 @@ def test_retry_after_is_honoured_by_client_retries(server: FakeOpenAIServer) -> 
         completion = c.chat.completions.create(model="m", messages=MESSAGES)
     assert completion.choices[0].message.content == "second try"
     assert len(server.requests) == 2
+
+
+def test_enqueue_error_takes_every_field_of_the_error_spec(server: FakeOpenAIServer) -> None:
+    spec = server.enqueue_error(503, "busy", should_retry=False, type="overloaded").error
+    assert spec == ErrorSpec(status=503, message="busy", should_retry=False, type="overloaded")
+    r = httpx.post(f"{server.url}/chat/completions", json={"model": "m", "messages": MESSAGES})
+    assert (r.status_code, r.headers["x-should-retry"]) == (503, "false")
+    with pytest.raises(ValidationError, match="retry_afterr"):
+        server.enqueue_error(429, retry_afterr=1)
 
 
 def test_context_window_rejects_long_prompts_without_using_the_queue(
