@@ -27,6 +27,7 @@ call the methods of ``Store`` and get models, ``Usage`` or DataFrames back.
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import threading
 from abc import ABC, abstractmethod
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
 
     from .._types import Event, Message, ToolCall, Usage
     from ._records import StoredSession
+    from ._sink import RowWrite, Update
 
 __all__ = [
     "TABLES",
@@ -53,6 +55,7 @@ __all__ = [
     "Store",
     "StoreLocked",
     "UnstorableRow",
+    "check_table",
     "copy_store",
     "evict_lease",
     "key_of",
@@ -67,6 +70,17 @@ __all__ = [
 TABLES: tuple[str, ...] = (
     "sessions", "messages", "requests", "tool_calls", "compactions", "turns", "attachments",
 )  # fmt: skip
+
+
+# Columns of ``sessions`` a caller may change after creation (``update_session``).
+SESSION_FIELDS = frozenset({"title", "model", "system_prompt", "parent_id", "notebook", "metadata"})
+
+
+def check_table(table: str) -> str:
+    """``table`` if it is one of the store's own tables (names go into SQL text)."""
+    if table not in TABLES:
+        raise StoreError(f"The store has no table {table!r}; its tables are {', '.join(TABLES)}.")
+    return table
 
 
 def key_of(table: str) -> str:
@@ -200,7 +214,6 @@ class Store(ABC):
 
     # ------------------------------------------------------------------ sessions
 
-    @abstractmethod
     def create_session(
         self,
         *,
@@ -215,10 +228,42 @@ class Store(ABC):
         messages: Sequence[Message] = (),
     ) -> None:
         """Record a new session (with ``messages``, all at once); ids are unique."""
+        from ._sink import attachment_rows, attributed, message_row, session_row
+
+        row = session_row(
+            session_id=session_id,
+            model=model,
+            system_prompt=system_prompt,
+            title=title,
+            parent_id=parent_id,
+            notebook=notebook,
+            metadata=metadata,
+            created_at=created_at,
+        )
+        unit: list[RowWrite] = [row]
+        for message in messages:
+            unit += [attributed(message_row(session_id, message)), *attachment_rows(message)]
+        self._insert_session(session_id, unit)
 
     @abstractmethod
+    def _insert_session(self, session_id: str, unit: list[RowWrite]) -> None:
+        """Write a new session's row (``unit[0]``) and its messages' rows in one go;
+        ``StoreError`` if the session (or a message) is stored already."""
+
     def update_session(self, session_id: str, **fields: Any) -> None:
         """Change some of a session's settings (title, model, system_prompt, metadata...)."""
+        from ._sink import Update
+
+        unknown = set(fields) - SESSION_FIELDS
+        if unknown:
+            raise StoreError(f"Sessions have no field {', '.join(sorted(unknown))}.")
+        if fields:
+            values = {n: json.dumps(v) if n == "metadata" else v for n, v in sorted(fields.items())}
+            self._apply(Update("sessions", values, "id", [session_id]))
+
+    @abstractmethod
+    def _apply(self, write: Update) -> None:
+        """Apply one row write made here (not an event's: those come through ``write``)."""
 
     @abstractmethod
     def has_session(self, session_id: str) -> bool:
@@ -283,12 +328,26 @@ class Store(ABC):
 
     # ------------------------------------------------------------------ reading
 
-    @abstractmethod
     def session_usage(self, session_id: str) -> Usage:
         """What a stored session already spent (every request, summaries included).
 
         A total is ``None`` when any request's figure is unknown, as in ``Usage``.
         """
+        from .._types import Usage
+
+        requests, prompt, completion, cached, reasoning, cost = self._usage_row(session_id)
+        return Usage(
+            requests=int(requests),
+            prompt_tokens=None if prompt is None else int(prompt),
+            completion_tokens=None if completion is None else int(completion),
+            cached_tokens=int(cached),
+            reasoning_tokens=int(reasoning),
+            cost_usd=None if cost is None else float(cost),
+        )
+
+    @abstractmethod
+    def _usage_row(self, session_id: str) -> Sequence[Any]:
+        """The one row of ``_queries.SESSION_USAGE`` for the session."""
 
     @abstractmethod
     def frame(self, name: QueryName, **params: Any) -> pd.DataFrame:
@@ -310,17 +369,29 @@ class Store(ABC):
 
     # ------------------------------------------------------------------ copying
 
-    @abstractmethod
     def dump_rows(
         self, table: str, *, after: str | None, limit: int
     ) -> tuple[list[str], list[tuple[Any, ...]]]:
         """Up to ``limit`` rows of ``table`` with ids above ``after``, in id order, with
         their column names (timestamps as aware datetimes, JSON as text): ``copy_store``."""
+        return self._dump_rows(check_table(table), key_of(table), after, limit)
 
     @abstractmethod
+    def _dump_rows(
+        self, table: str, key: str, after: str | None, limit: int
+    ) -> tuple[list[str], list[tuple[Any, ...]]]:
+        """``dump_rows`` of a table checked to be the store's own, ``key`` its key."""
+
     def load_rows(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> int:
         """Insert ``rows`` as they are, in one transaction, leaving alone those whose id is
         stored already; returns how many were added (``copy_store``)."""
+        names = ", ".join(f'"{c}"' for c in columns)
+        return self._load_rows(check_table(table), names, len(columns), rows)
+
+    @abstractmethod
+    def _load_rows(self, table: str, names: str, width: int, rows: Sequence[Sequence[Any]]) -> int:
+        """``load_rows`` of a table checked to be the store's own; ``names`` the quoted
+        list of its ``width`` columns."""
 
     def loaded(self) -> None:  # noqa: B027 -- a hook: most backends need nothing here
         """``load_rows`` is done: bring what is kept beside the rows (counters) up to date."""

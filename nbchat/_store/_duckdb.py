@@ -16,9 +16,7 @@ the store (``<db>.nbchat-recovery-<pid>.jsonl``), which the next ``Store.open`` 
 from __future__ import annotations
 
 import glob
-import json
 import os
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime, timedelta
@@ -27,8 +25,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._exceptions import StoreError, UnstorableRow
-from .._types import Event, EventAdapter, Message, Usage, utcnow
-from . import TABLES, Lease, QueryName, key_of
+from .._types import Event, EventAdapter, Message, utcnow
+from . import Lease, QueryName, key_of
 from ._journal import journal_folder
 from ._lease import Access, LeaseOptions, acquire_lease
 from ._migrations import fill_counters
@@ -40,12 +38,8 @@ from ._sink import (
     Insert,
     RowWrite,
     Update,
-    attachment_rows,
-    attributed,
     message_from_row,
-    message_row,
     rows_of,
-    session_row,
     settled,
     with_image_bytes,
 )
@@ -60,10 +54,6 @@ __all__ = ["DuckDBStore", "warm_up"]
 _RECOVERY = ".nbchat-recovery-"
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-# Columns of `sessions` a caller may change after creation.
-_SESSION_FIELDS = frozenset(
-    {"title", "model", "system_prompt", "parent_id", "notebook", "metadata"}
-)
 
 
 def _from_epoch_us(value: int | None) -> datetime | None:
@@ -141,30 +131,9 @@ class DuckDBStore(SqlStore[Lease]):
 
     # ------------------------------------------------------------------ sessions
 
-    def create_session(
-        self,
-        *,
-        session_id: str,
-        model: str | None,
-        system_prompt: str | None,
-        title: str | None = None,
-        parent_id: str | None = None,
-        notebook: str | None = None,
-        metadata: dict[str, Any] | None = None,
-        created_at: datetime | None = None,
-        messages: Sequence[Message] = (),
-    ) -> None:
-        """Record a new session (with ``messages``, all in one transaction); ids are unique."""
-        row = session_row(
-            session_id=session_id,
-            model=model,
-            system_prompt=system_prompt,
-            title=title,
-            parent_id=parent_id,
-            notebook=notebook,
-            metadata=metadata,
-            created_at=created_at,
-        )
+    def _insert_session(self, session_id: str, unit: list[RowWrite]) -> None:
+        row, messages = unit[0], unit[1:]
+        assert isinstance(row, Insert)
         with self._connection() as con:
             con.execute("BEGIN TRANSACTION")
             try:
@@ -174,11 +143,7 @@ class DuckDBStore(SqlStore[Lease]):
                     row.values,
                 )
                 # Through the counters, as any stored message (ids already stored: replaced).
-                rows: list[RowWrite] = []
-                for message in messages:
-                    rows.append(attributed(message_row(session_id, message)))
-                    rows.extend(attachment_rows(message))
-                apply_rows(rows, _RowOps(con))
+                apply_rows(messages, _RowOps(con))
                 con.execute("COMMIT")
             except _duckdb().ConstraintException as exc:
                 con.execute("ROLLBACK")
@@ -190,18 +155,9 @@ class DuckDBStore(SqlStore[Lease]):
                 con.execute("ROLLBACK")
                 raise
 
-    def update_session(self, session_id: str, **fields: Any) -> None:
-        """Change some of a session's settings (title, model, system_prompt, metadata...)."""
-        unknown = set(fields) - _SESSION_FIELDS
-        if unknown:
-            raise StoreError(f"Sessions have no field {', '.join(sorted(unknown))}.")
-        if not fields:
-            return
-        names = sorted(fields)
-        values = [json.dumps(fields[n]) if n == "metadata" else fields[n] for n in names]
-        # Column names come from the fixed set above, never from the caller's text.
-        assignments = ", ".join(f"{name} = ?" for name in names)
-        self._execute(f"UPDATE sessions SET {assignments} WHERE id = ?", [*values, session_id])
+    def _apply(self, write: Update) -> None:
+        with self._connection() as con:
+            _update(con, write, _RowOps(con))
 
     def load_session(self, session_id: str) -> StoredSession:
         """The session's settings and active messages in order; ``StoreError`` if unknown."""
@@ -224,18 +180,9 @@ class DuckDBStore(SqlStore[Lease]):
             ).fetchone()
             messages = [_message(row) for row in rows]
             _load_image_bytes(con, messages)
-        sid, model, system_prompt, title, parent_id, notebook, created_us, metadata = head[0]
-        return StoredSession(
-            id=sid,
-            model=model,
-            system_prompt=system_prompt,
-            title=title,
-            parent_id=parent_id,
-            notebook=notebook,
-            created_at=_from_epoch_us(created_us),
-            metadata=json.loads(metadata) if metadata else {},
-            messages=messages,
-            max_seq=int(max_seq),
+        *settings, created_us, metadata = head[0]
+        return StoredSession.of_row(
+            [*settings, _from_epoch_us(created_us), metadata], messages=messages, max_seq=max_seq
         )
 
     # ------------------------------------------------------------------ events
@@ -308,22 +255,14 @@ class DuckDBStore(SqlStore[Lease]):
                 with suppress(OSError):  # a read-only folder: imported again next time, harmless
                     os.remove(name)
                 names.append(os.path.basename(name))
-        if names:
-            lost = f"; {skipped} could not be stored" if skipped else ""
-            self.recovered = (
-                f"nbchat stored {stored} events that a process exiting while {self.path} "
-                f"was locked had kept in {', '.join(names)}{lost}."
-            )
-            warnings.warn(self.recovered, UserWarning, stacklevel=3)
+        what = f"{stored} events that a process exiting while {self.path} was locked had kept in"
+        self._tell_recovered(what, names, skipped, warn=True)
 
     # ------------------------------------------------------------------ copying
 
-    def dump_rows(
-        self, table: str, *, after: str | None, limit: int
+    def _dump_rows(
+        self, table: str, key: str, after: str | None, limit: int
     ) -> tuple[list[str], list[tuple[Any, ...]]]:
-        """Up to ``limit`` rows of ``table`` with ids above ``after``, in id order."""
-        _check_table(table)
-        key = key_of(table)
         with self._connection() as con:
             described = con.execute(f'DESCRIBE "{table}"').fetchall()
             columns = [str(row[0]) for row in described]
@@ -353,11 +292,8 @@ class DuckDBStore(SqlStore[Lease]):
                 con.execute("ROLLBACK")
                 raise
 
-    def load_rows(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> int:
-        """Insert ``rows`` in one transaction, keeping stored rows with the same id."""
-        _check_table(table)
-        names = ", ".join(f'"{c}"' for c in columns)
-        marks = ", ".join("?" * len(columns))
+    def _load_rows(self, table: str, names: str, width: int, rows: Sequence[Sequence[Any]]) -> int:
+        marks = ", ".join("?" * width)
         with self._connection() as con:
             con.execute("BEGIN TRANSACTION")
             try:
@@ -375,18 +311,9 @@ class DuckDBStore(SqlStore[Lease]):
 
     # ------------------------------------------------------------------ reading
 
-    def session_usage(self, session_id: str) -> Usage:
-        """What a stored session already spent (every request, summaries included)."""
+    def _usage_row(self, session_id: str) -> Sequence[Any]:
         [row] = self._fetchall(SESSION_USAGE, [session_id])
-        requests, prompt, completion, cached, reasoning, cost = row
-        return Usage(
-            requests=int(requests),
-            prompt_tokens=None if prompt is None else int(prompt),
-            completion_tokens=None if completion is None else int(completion),
-            cached_tokens=int(cached),
-            reasoning_tokens=int(reasoning),
-            cost_usd=None if cost is None else float(cost),
-        )
+        return row
 
     def frame(self, name: QueryName, **params: Any) -> pd.DataFrame:
         """The named analysis query (``_queries.QUERIES``) as a DataFrame."""
@@ -446,11 +373,6 @@ class DuckDBStore(SqlStore[Lease]):
         if self._lease is None:
             return {}
         return self._lease.stats()
-
-
-def _check_table(table: str) -> None:
-    if table not in TABLES:  # names go into SQL text: only the store's own
-        raise StoreError(f"The store has no table {table!r}; its tables are {', '.join(TABLES)}.")
 
 
 def _result(cursor: Any) -> QueryResult:

@@ -52,16 +52,16 @@ class Journal(LineFile[Event]):
         super().__init__(folder, _line, _event)
 
 
-def replay_orphans(store: Store) -> str | None:
+def replay_orphans(store: Store) -> tuple[int, int, list[str]]:
     """Store the events of journals whose processes are gone, then delete those files.
 
-    Returns what was done, for the user (also the store's ``recovered``), or None.
+    Returns how many events were stored, how many could not be, and the files' names.
     """
-    folder = store.journal_folder()
-    if folder is None or not folder.is_dir():
-        return None
     stored = skipped = 0
     names: list[str] = []
+    folder = store.journal_folder()
+    if folder is None or not folder.is_dir():
+        return stored, skipped, names
     for path, events, broken in Journal(folder).claim_orphans():
         for event in events:
             try:
@@ -71,10 +71,4 @@ def replay_orphans(store: Store) -> str | None:
                 skipped += 1
         skipped += broken
         names.append(path.name)
-    if not names:
-        return None
-    lost = f"; {skipped} could not be stored" if skipped else ""
-    return (
-        f"nbchat stored {stored} events that a process which ended before writing them "
-        f"to {store.path} had kept in its journal ({', '.join(names)}){lost}."
-    )
+    return stored, skipped, names

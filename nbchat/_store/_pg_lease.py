@@ -224,6 +224,22 @@ def _insert_sql(table: str, columns: tuple[str, ...], keep: bool) -> str:
     return f"INSERT INTO {_quoted(table)} ({names}) VALUES ({marks}) {conflict}"
 
 
+def _write_unit(con: Any, unit: Unit) -> str | None:
+    """Apply one spooled unit on ``con``: None, or why the server refused it (skipped).
+
+    Raises ``psycopg.Error`` when the connection itself broke.
+    """
+    psycopg = psycopg_module()
+    try:
+        for write in unit:
+            apply_write(con, write)
+    except psycopg.Error as exc:
+        if con.broken or con.closed:
+            raise
+        return describe(exc)
+    return None
+
+
 @lru_cache(maxsize=64)
 def _update_sql(table: str, names: tuple[str, ...], key: str, many: bool, if_null: str) -> str:
     assignments = ", ".join(f"{_quoted(n)} = %s" for n in names)
@@ -519,14 +535,11 @@ class PgLease(Lease):
             units, offset = self.spool.read_from(offset)
             for unit in units:
                 try:
-                    for write in unit:
-                        apply_write(con, write)
-                except psycopg.Error as exc:
-                    if con.broken or con.closed:
-                        return False
-                    self._notices.append(
-                        f"Not saved: one spooled write was skipped ({describe(exc)})."
-                    )
+                    refused = _write_unit(con, unit)
+                except psycopg.Error:
+                    return False  # the connection broke
+                if refused:
+                    self._notices.append(f"Not saved: one spooled write was skipped ({refused}).")
                 written += 1
             with self._lock:
                 if offset < self.spool.size:
@@ -564,16 +577,10 @@ class PgLease(Lease):
             for path, units, unreadable in self.spool.claim_orphans():
                 for unit in units:
                     try:
-                        for write in unit:
-                            apply_write(con, write)
-                    except psycopg.Error as exc:
-                        if con.broken or con.closed:
-                            raise StoreError(
-                                f"Lost the store {self.shown}: {describe(exc)}"
-                            ) from None
-                        broken += 1
-                        continue
-                    written += 1
+                        refused = _write_unit(con, unit)
+                    except psycopg.Error as exc:  # the connection broke
+                        raise StoreError(f"Lost the store {self.shown}: {describe(exc)}") from None
+                    broken, written = (broken + 1, written) if refused else (broken, written + 1)
                 broken += unreadable
                 names.append(path.name)
         return written, broken, names

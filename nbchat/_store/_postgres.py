@@ -14,14 +14,12 @@ from __future__ import annotations
 import threading
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._exceptions import StoreError
-from .._types import Event, Message, Usage, utcnow
+from .._types import Event, utcnow
 from . import Lease, QueryName, key_of, shared_lease
-from ._duckdb import _check_table
 from ._mirror import Mirror
 from ._pg_lease import DuplicateRow, PgLease, PgOptions, _clean, check_url, shown_url
 from ._queries import QUERIES, SESSION_USAGE, check_select, to_frame
@@ -31,12 +29,8 @@ from ._sink import (
     STORED_KINDS,
     RowWrite,
     Update,
-    attachment_rows,
-    attributed,
     message_from_row,
-    message_row,
     rows_of,
-    session_row,
     settle,
     with_image_bytes,
 )
@@ -47,9 +41,6 @@ if TYPE_CHECKING:
 
 __all__ = ["PostgresStore"]
 
-_SESSION_FIELDS = frozenset(
-    {"title", "model", "system_prompt", "parent_id", "notebook", "metadata"}
-)
 _MESSAGE_SELECT = ", ".join(f'"{c}"' for c in MESSAGE_COLUMNS)
 _mirror_lock = threading.Lock()
 
@@ -138,36 +129,8 @@ class PostgresStore(SqlStore[PgLease]):
 
     # ------------------------------------------------------------------ sessions
 
-    def create_session(
-        self,
-        *,
-        session_id: str,
-        model: str | None,
-        system_prompt: str | None,
-        title: str | None = None,
-        parent_id: str | None = None,
-        notebook: str | None = None,
-        metadata: dict[str, Any] | None = None,
-        created_at: datetime | None = None,
-        messages: Sequence[Message] = (),
-    ) -> None:
-        """Record a new session (with ``messages``, in one transaction); ids are unique.
-
-        While the server is away the session is spooled like any write.
-        """
-        row = session_row(
-            session_id=session_id,
-            model=model,
-            system_prompt=system_prompt,
-            title=title,
-            parent_id=parent_id,
-            notebook=notebook,
-            metadata=metadata,
-            created_at=created_at,
-        )
-        unit: list[RowWrite] = [row]
-        for message in messages:
-            unit += [attributed(message_row(session_id, message)), *attachment_rows(message)]
+    def _insert_session(self, session_id: str, unit: list[RowWrite]) -> None:
+        """While the server is away the new session is spooled like any write."""
         lease = self._live()
         try:
             lease.apply(unit, table="sessions", new_session=True)
@@ -178,21 +141,11 @@ class PostgresStore(SqlStore[PgLease]):
             ) from None
         self._warn_notices(lease)
 
-    def update_session(self, session_id: str, **fields: Any) -> None:
-        """Change some of a session's settings (title, model, system_prompt, metadata...)."""
-        import json
-
-        unknown = set(fields) - _SESSION_FIELDS
-        if unknown:
-            raise StoreError(f"Sessions have no field {', '.join(sorted(unknown))}.")
-        if not fields:
-            return
-        values = {n: json.dumps(v) if n == "metadata" else v for n, v in sorted(fields.items())}
-        self._write([Update("sessions", values, "id", [session_id])], "sessions")
+    def _apply(self, write: Update) -> None:
+        self._write([write], write.table)
 
     def load_session(self, session_id: str) -> StoredSession:
         """The session's settings and active messages in order; ``StoreError`` if unknown."""
-        import json
 
         self._replay_journals()  # a process that died in this session may have left one
 
@@ -223,24 +176,11 @@ class PostgresStore(SqlStore[PgLease]):
         head, rows, max_seq, images = self._live().read(load, self._lock_timeout)
         if not head:
             raise StoreError(f"No session {session_id} in {self.path}.")
-        sid, model, system_prompt, title, parent_id, notebook, created_at, metadata = head[0]
-        return StoredSession(
-            id=sid,
-            model=model,
-            system_prompt=system_prompt,
-            title=title,
-            parent_id=parent_id,
-            notebook=notebook,
-            created_at=created_at,
-            metadata=json.loads(metadata) if metadata else {},
-            messages=[
-                with_image_bytes(
-                    message_from_row(dict(zip(MESSAGE_COLUMNS, r, strict=True))), images
-                )
-                for r in rows
-            ],
-            max_seq=int(max_seq),
-        )
+        messages = [
+            with_image_bytes(message_from_row(dict(zip(MESSAGE_COLUMNS, r, strict=True))), images)
+            for r in rows
+        ]
+        return StoredSession.of_row(head[0], messages=messages, max_seq=max_seq)
 
     # ------------------------------------------------------------------ events
 
@@ -289,22 +229,17 @@ class PostgresStore(SqlStore[PgLease]):
     def _replay_orphans(self) -> None:
         lease = self._live()
         written, broken, names = lease.replay_orphans()
-        if names:
-            lost = f"; {broken} could not be stored" if broken else ""
-            self.recovered = (
-                f"nbchat stored {written} writes that processes which stopped while "
-                f"{self.path} was unreachable had spooled in {', '.join(names)}{lost}."
-            )
-            warnings.warn(self.recovered, UserWarning, stacklevel=4)
+        what = (
+            f"{written} writes that processes which stopped while {self.path} was "
+            "unreachable had spooled in"
+        )
+        self._tell_recovered(what, names, broken, warn=True)
 
     # ------------------------------------------------------------------ copying
 
-    def dump_rows(
-        self, table: str, *, after: str | None, limit: int
+    def _dump_rows(
+        self, table: str, key: str, after: str | None, limit: int
     ) -> tuple[list[str], list[tuple[Any, ...]]]:
-        """Up to ``limit`` rows of ``table`` with ids above ``after``, in id order."""
-        _check_table(table)
-        key = key_of(table)
         columns = [
             str(name)
             for (name,) in self._fetchall(
@@ -322,11 +257,8 @@ class PostgresStore(SqlStore[PgLease]):
         )
         return columns, rows
 
-    def load_rows(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> int:
-        """Insert ``rows`` in one transaction, keeping stored rows with the same id."""
-        _check_table(table)
-        names = ", ".join(f'"{c}"' for c in columns)
-        marks = ", ".join(["%s"] * len(columns))
+    def _load_rows(self, table: str, names: str, width: int, rows: Sequence[Sequence[Any]]) -> int:
+        marks = ", ".join(["%s"] * width)
         key = key_of(table)
         sql = f'INSERT INTO "{table}" ({names}) VALUES ({marks}) ON CONFLICT ("{key}") DO NOTHING'
 
@@ -350,20 +282,9 @@ class PostgresStore(SqlStore[PgLease]):
             raise StoreError(lease._away_message())
         return mirror
 
-    def session_usage(self, session_id: str) -> Usage:
-        """What a stored session already spent (every request, summaries included)."""
+    def _usage_row(self, session_id: str) -> Sequence[Any]:
         result = self._mirror().run(SESSION_USAGE, [session_id], session_id=session_id)
-        requests, prompt, completion, cached, reasoning, cost = (
-            _first(result.data[c]) for c in result.columns
-        )
-        return Usage(
-            requests=int(requests),
-            prompt_tokens=None if prompt is None else int(prompt),
-            completion_tokens=None if completion is None else int(completion),
-            cached_tokens=int(cached),
-            reasoning_tokens=int(reasoning),
-            cost_usd=None if cost is None else float(cost),
-        )
+        return [_first(result.data[c]) for c in result.columns]
 
     def frame(self, name: QueryName, **params: Any) -> pd.DataFrame:
         """The named analysis query (``_queries.QUERIES``) as a DataFrame."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -28,6 +30,20 @@ class StoredSession(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
     messages: list[Message] = Field(default_factory=list)
     max_seq: int = -1
+
+    @classmethod
+    def of_row(cls, head: Sequence[Any], *, messages: list[Message], max_seq: int) -> StoredSession:
+        """From a ``sessions`` row read as (id, model, system_prompt, title, parent_id,
+        notebook, created_at as a datetime, metadata as JSON text)."""
+        names = ("id", "model", "system_prompt", "title", "parent_id", "notebook")
+        *settings, created_at, metadata = head
+        return cls(
+            **dict(zip(names, settings, strict=True)),
+            created_at=created_at,
+            metadata=json.loads(metadata) if metadata else {},
+            messages=messages,
+            max_seq=int(max_seq),
+        )
 
     def pending_tool_calls(self) -> list[ToolCall]:
         """Tool calls of the last assistant message that have no result yet (pending)."""

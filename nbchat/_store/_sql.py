@@ -10,6 +10,7 @@ placeholders, SQL that DuckDB and PostgreSQL both read); each backend supplies
 
 from __future__ import annotations
 
+import warnings
 from abc import abstractmethod
 from collections.abc import Sequence
 from typing import Any, Generic, TypeVar
@@ -33,6 +34,18 @@ class SqlStore(Store, Generic[L]):
         # What the last open wrote from recovery or spool files (also a warning), or None.
         self.recovered: str | None = None
 
+    def _tell_recovered(self, what: str, names: list[str], skipped: int, *, warn: bool) -> None:
+        """Say what was stored from files a process left: ``recovered``, and a warning.
+
+        ``what`` reads on to the files' names: "3 events that ... had kept in".
+        """
+        if not names:
+            return
+        lost = f"; {skipped} could not be stored" if skipped else ""
+        self.recovered = f"nbchat stored {what} {', '.join(names)}{lost}."
+        if warn:
+            warnings.warn(self.recovered, UserWarning, stacklevel=4)
+
     def _replay_journals(self) -> None:
         """Store what the journals of processes that are gone hold (``_journal.py``).
 
@@ -40,9 +53,14 @@ class SqlStore(Store, Generic[L]):
         of what a killed process journaled was stored already, and nothing is lost.
         Backends call it when a store is opened and before a session is loaded.
         """
-        done = replay_orphans(self)
-        if done is not None:
-            self.recovered = done
+        stored, skipped, names = replay_orphans(self)
+        self._tell_recovered(
+            f"{stored} events that a process which ended before writing them to "
+            f"{self.path} had kept in its journal",
+            names,
+            skipped,
+            warn=False,
+        )
 
     def close(self, *, linger: bool = False) -> None:
         """Release this handle; the lease is let go when no other handle in the process
