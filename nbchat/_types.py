@@ -384,7 +384,12 @@ class _Event(_Model):
     turn_id: str = ""
 
 
-class TurnStarted(_Event):
+class _StoredEvent(_Event):
+    # When it happened: its rows are stored with this time, however late they are written.
+    at: datetime = Field(default_factory=utcnow)
+
+
+class TurnStarted(_StoredEvent):
     """A turn began: the user's text is about to be sent."""
 
     kind: Literal["turn_started"] = "turn_started"
@@ -430,21 +435,21 @@ class ToolCallDelta(_CallEvent):
     arguments_delta: str
 
 
-class ToolResult(_Event):
+class ToolResult(_StoredEvent):
     """A tool finished (or failed); ``call.result`` is what the model will see."""
 
     kind: Literal["tool_result"] = "tool_result"
     call: ToolCallRecord
 
 
-class MessageAdded(_Event):
+class MessageAdded(_StoredEvent):
     """A message is complete and part of the conversation (store writes it now)."""
 
     kind: Literal["message"] = "message"
     message: Message
 
 
-class MessagesMarked(_Event):
+class MessagesMarked(_StoredEvent):
     """Stored messages changed state (superseded by a cell re-run, or compacted)."""
 
     kind: Literal["messages_marked"] = "messages_marked"
@@ -452,7 +457,7 @@ class MessagesMarked(_Event):
     state: MessageState
 
 
-class UsageEvent(_Event):
+class UsageEvent(_StoredEvent):
     """One model request finished (or failed): its usage, cost and timing."""
 
     kind: Literal["usage"] = "usage"
@@ -477,7 +482,7 @@ class UsageEvent(_Event):
     suspected_truncation: bool = False
 
 
-class CompactionEvent(_Event):
+class CompactionEvent(_StoredEvent):
     """The history was compacted (or an attempt failed: ``error`` says why)."""
 
     kind: Literal["compaction"] = "compaction"
@@ -517,7 +522,7 @@ class Notice(_Event):
     message: str
 
 
-class TurnFinished(_Event):
+class TurnFinished(_StoredEvent):
     """The turn ended; ``result`` is the same object ``send()`` returns."""
 
     kind: Literal["turn_finished"] = "turn_finished"

@@ -6,6 +6,7 @@ process holds the file with a plain DuckDB connection, as another program would.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import subprocess
 import sys
@@ -506,3 +507,21 @@ def test_without_a_journal_a_barrier_waits_for_the_store_and_says_why(
         assert "cannot be written" in told and "waits for the store file itself" in told
         assert contents(store) == ["message 0"]
         assert sink.close() == []
+
+
+def test_rows_keep_the_time_their_event_happened_not_when_they_were_written(
+    free_store: Store, holder: Any
+) -> None:
+    sink = StoreSink(free_store, notify=Notes())
+    wait_released(free_store)
+    proc = holder(1.0)
+    event = UsageEvent(session_id="s", model="m", usage=RequestUsage(prompt_tokens=1))
+    sink.handle(event)
+    assert sink.barrier(30) and proc.poll() is None
+    assert sink.flush(30)  # written once the holder let go, a second or so later
+    (stamp,) = free_store.query("SELECT epoch_us(created_at) FROM requests").data[
+        "epoch_us(created_at)"
+    ]
+    epoch = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+    assert int(stamp) == (event.at - epoch) // dt.timedelta(microseconds=1)
+    assert sink.close() == []

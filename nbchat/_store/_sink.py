@@ -690,7 +690,7 @@ def _write_usage(event: UsageEvent) -> list[RowWrite]:
         "estimated_prompt_tokens": event.estimated_prompt_tokens,
         "estimated_cost_usd": event.estimated_cost_usd,
         "suspected_truncation": event.suspected_truncation,
-        "created_at": utcnow(),
+        "created_at": utc(event.at),
     }
     return [Insert("requests", tuple(row), list(row.values()))]
 
@@ -712,7 +712,7 @@ def _write_tool_result(event: ToolResult) -> list[RowWrite]:
         call.is_error,
         call.error_kind,
         call.duration_ms,
-        utcnow(),
+        utc(event.at),
     ]
     return [Insert("tool_calls", _TOOL_CALL_COLUMNS, values)]
 
@@ -731,7 +731,7 @@ def _write_compaction(event: CompactionEvent) -> list[RowWrite]:
         event.model,
         event.cost_usd,
         event.error,
-        utcnow(),
+        utc(event.at),
     ]
     return [Insert("compactions", _COMPACTION_COLUMNS, values)]
 
@@ -741,7 +741,7 @@ def _write_turn_started(event: TurnStarted) -> list[RowWrite]:
         Insert(
             "turns",
             ("id", "session_id", "cell_id", "user_text", "status", "started_at"),
-            [event.turn_id, event.session_id, event.cell_id, event.text, "running", utcnow()],
+            [event.turn_id, event.session_id, event.cell_id, event.text, "running", utc(event.at)],
             keep=True,  # resume() continues a stored turn under the same id
         )
     ]
@@ -766,7 +766,7 @@ def session_title(text: str | None) -> str | None:
 
 def _write_turn_finished(event: TurnFinished) -> list[RowWrite]:
     result = event.result
-    now = utcnow()
+    now = utc(event.at)
     turn_id = result.turn_id or event.turn_id
     outcome = [
         result.status,
