@@ -161,6 +161,21 @@ def _pct(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
 
 
+def _journal_append(folder: Path, events: list[Any]) -> float:
+    """Median µs to append one stored event to a journal (encode + one write)."""
+    from nbchat._store._journal import Journal
+
+    journal = Journal(folder)
+    costs = []
+    for event in events:
+        t0 = time.perf_counter()
+        journal.append(event)
+        costs.append(time.perf_counter() - t0)
+    journal.clear()
+    journal.close()
+    return _pct(costs, 0.5) * 1e6
+
+
 def held_file(hold_s: float = 4.0, deltas: int = 5000) -> list[dict[str, Any]]:
     from nbchat._store import Store
     from nbchat._store._sink import StoreSink
@@ -197,9 +212,12 @@ def held_file(hold_s: float = 4.0, deltas: int = 5000) -> list[dict[str, Any]]:
         holder = _hold(path, hold_s)
         held_s, _ = _stream(sink.handle, _reply("held", deltas))
         t0 = time.perf_counter()
-        sink.flush(30)  # the end-of-turn barrier: waits for the holder, within patience
+        assert sink.barrier(30)  # the end-of-turn barrier: the journal, not the file
         barrier_s = time.perf_counter() - t0
+        sink.flush(30)  # the writer: waits for the holder, within patience
+        landed_s = time.perf_counter() - t0
         holder.communicate()
+        journal_us = _journal_append(Path(tmp) / "journal", many)
         sink.close()
         idle()
         holder = _hold(path, hold_s)
@@ -231,7 +249,16 @@ def held_file(hold_s: float = 4.0, deltas: int = 5000) -> list[dict[str, Any]]:
             "end-of-turn barrier, file held",
             barrier_s * 1000,
             "ms",
-            note=f"flush() waits for the holder (at most the lock timeout); held {hold_s:g} s",
+            goal="≤ 5 ms",
+            ok=barrier_s <= 0.005,
+            note=f"the journal; the rows reached the file {landed_s:.1f} s later, when the "
+            f"holder let go (held {hold_s:g} s)",
+        ),
+        figure(
+            "journal append of a stored event, median",
+            journal_us,
+            "µs",
+            note="what a barrier pays per event the writer has not journaled yet",
         ),
         figure("handle() of a stored event, p50", _pct(handles, 0.5) * 1e6, "µs", note=busy),
         figure("handle() of a stored event, p99", _pct(handles, 0.99) * 1e6, "µs", note=busy),
