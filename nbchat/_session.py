@@ -406,8 +406,8 @@ class Session(TurnLoop):
         finally:
             if not task.done():
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            with contextlib.suppress(asyncio.CancelledError):
+                await task  # a turn's own failure is raised here, never dropped
             while not events.empty():  # what the cancelled turns said on their way out
                 if (event := events.get_nowait()) is not None:
                     yield event

@@ -518,3 +518,20 @@ def test_a_failing_on_event_stops_the_turn_and_raises(fake: FakeOpenAIServer) ->
     assert time.perf_counter() - t0 < 2, "the turn was cancelled, not run to its end"
     assert s.history[-1].status == "interrupted"
     assert s.send("again").text == "next one"
+
+
+def test_send_each_raises_a_failure_of_the_loop_itself_instead_of_dropping_it(
+    fake: FakeOpenAIServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = Session(model="m", base_url=fake.url, api_key="k", db=False)
+    real = Session._turn
+
+    def broken(self: Session, text: str | None, *args: Any, **kwargs: Any) -> Any:
+        if text == "boom":
+            raise RuntimeError("a bug in the loop")  # not a turn outcome: nothing to store
+        return real(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Session, "_turn", broken)
+    fake.enqueue("fine")
+    with pytest.raises(RuntimeError, match="a bug in the loop"):
+        s.send_each(["fine", "boom"], concurrency=1)
