@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -525,3 +526,26 @@ def test_rows_keep_the_time_their_event_happened_not_when_they_were_written(
     epoch = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
     assert int(stamp) == (event.at - epoch) // dt.timedelta(microseconds=1)
     assert sink.close() == []
+
+
+def test_a_forked_child_journals_in_a_file_of_its_own(free_store: Store) -> None:
+    sink = StoreSink(free_store, notify=Notes())
+    sink.handle(message(0))
+    assert sink.barrier(30) and sink._journal is not None
+    parent_journal = sink._journal.path
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: a kernel forked by multiprocessing, say
+        try:
+            sink.handle(message(1))
+            ok = sink.journal()
+            mine = None if sink._journal is None else str(sink._journal.path)
+            os.write(write_end, json.dumps({"ok": ok, "path": mine}).encode())
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    child = json.loads(os.read(read_end, 65536))
+    os.close(read_end)
+    os.close(write_end)
+    assert child["ok"] and child["path"] not in (None, str(parent_journal))
+    assert sink.flush(30) and sink.close() == []

@@ -657,7 +657,7 @@ class PgLease(Lease):
         self._read_lock = threading.RLock()
         self._online, self._reconnecting, self._outage_told = True, False, False
         self._notices = []
-        self.spool.forget()
+        self.spool.after_fork()
         if self.mirror is not None:
             self.mirror.after_fork()
 

@@ -395,7 +395,7 @@ def _after_fork_in_child() -> None:
         sink._journal_lock = threading.Lock()
         sink._thread = None
         if sink._journal is not None:
-            sink._journal.forget()  # the parent's file: the child makes its own
+            sink._journal.after_fork()  # the parent's file: the child makes its own
 
 
 if hasattr(os, "register_at_fork"):

@@ -172,8 +172,17 @@ class LineFile(Generic[T]):
             self.size = 0
 
     def forget(self) -> None:
-        """In a forked child: the parent's file is not ours (the parent still holds it)."""
+        """Stop using our file (without closing or deleting it)."""
         self.path, self._fd, self.size = None, None, 0
+
+    def after_fork(self) -> None:
+        """In a forked child: the parent's file is not ours. Its descriptor is closed, so
+        the file is free once the parent is gone (the lock stays the parent's)."""
+        fd = self._fd
+        self.forget()
+        if fd is not None:
+            with suppress(OSError):
+                os.close(fd)
 
     def close(self) -> None:
         """Close our file; delete it if it is empty (else the next open replays it)."""
