@@ -52,6 +52,7 @@ __all__ = [
 
 RenderMode = Literal["live", "final", "text"]
 TICK_SECONDS = 0.5  # how often a running tool's time moves in the cell
+_ASK_WAIT_S = 2.0  # at most, for the display to show the call that asks to run code
 
 
 def render_mode(shell: Any, *, stream: bool) -> RenderMode:
@@ -114,6 +115,7 @@ class CellRenderer:
         self.shown = False
         self._printed_text = False
         self._lock = threading.RLock()  # the approval question comes from a tool thread
+        self._seen = threading.Condition(self._lock)  # an event reached the view
         self._done = threading.Event()
         self._ticking = False
 
@@ -122,6 +124,7 @@ class CellRenderer:
             if self.mode == "text":
                 self._print(event)
             changed = self.view.handle(event)
+            self._seen.notify_all()
             if self.mode != "live" or event.kind == "turn_finished":
                 return  # the end is shown by finish(), exactly once
             if not changed and event.kind != "turn_started":
@@ -183,7 +186,14 @@ class CellRenderer:
         from ._pytool import prompt_user
 
         with self._lock:
-            block = self.view.approval_block(code)
+            # The tool may ask before this thread has shown the call that runs it (the
+            # loop goes on to the tools without waiting for the display): wait a moment.
+            deadline = time.monotonic() + _ASK_WAIT_S
+            while (block := self.view.approval_block(code)) is None:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._done.is_set():
+                    break
+                self._seen.wait(left)
             if block is not None:
                 block.approval = "waiting"
                 if self.mode != "text":
