@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 if TYPE_CHECKING:
@@ -161,36 +161,15 @@ def latency(
     title = "Latency per model"
     if requests.empty:
         return _empty(ax, title)
-    models = sorted(requests["model"].dropna().unique())
-    ticks: list[float] = []
-    for i, model in enumerate(models):
-        rows = requests[requests["model"] == model]
-        for offset, (column, color) in enumerate((("ttft_ms", "C0"), ("duration_ms", "C1"))):
-            seconds = rows[column].astype("Float64").dropna().astype(float) / 1000.0
-            if seconds.empty:
-                continue
-            boxes = ax.boxplot(
-                [seconds.to_numpy()],
-                positions=[3 * i + offset],
-                widths=0.8,
-                patch_artist=True,
-                showfliers=True,
-            )
-            boxes["boxes"][0].set_facecolor(color)
-            boxes["medians"][0].set_gid(f"median:{column}:{model}")
-            boxes["medians"][0].set_color("black")
-        ticks.append(3 * i + 0.5)
-    from matplotlib.patches import Patch
+    from matplotlib.cbook import boxplot_stats
 
-    ax.set_xticks(ticks, models)
-    ax.legend(
-        [Patch(facecolor="C0"), Patch(facecolor="C1")],
-        ["time to first token", "whole request"],
-        fontsize="small",
-    )
-    ax.set_title(title)
-    ax.set_ylabel("seconds")
-    return ax
+    def box(model: str, metric: str) -> dict[str, Any] | None:
+        rows = requests[requests["model"] == model]
+        seconds = rows[metric].astype("Float64").dropna().astype(float) / 1000.0
+        # What ``ax.boxplot`` would draw: quartiles, whiskers at 1.5 IQR, the points beyond.
+        return None if seconds.empty else boxplot_stats(seconds.to_numpy())[0]
+
+    return _latency_boxes(ax, sorted(requests["model"].dropna().unique()), box, title)
 
 
 def draw_latency_quantiles(ax: Axes, stats: pd.DataFrame, *, sampled: bool = False) -> Axes:
@@ -200,21 +179,37 @@ def draw_latency_quantiles(ax: Axes, stats: pd.DataFrame, *, sampled: bool = Fal
     title = "Latency per model" + (" (a ~2% sample)" if sampled else "")
     if stats.empty:
         return _empty(ax, title)
+
+    def box(model: str, metric: str) -> dict[str, Any] | None:
+        rows = stats[(stats["model"] == model) & (stats["metric"] == metric)]
+        if rows.empty:
+            return None
+        low, q1, med, q3, high = (float(v) / 1000.0 for v in rows["quantiles"].iloc[0])
+        return {"whislo": low, "q1": q1, "med": med, "q3": q3, "whishi": high, "fliers": []}
+
     models = sorted(stats["model"].unique())
+    return _latency_boxes(ax, models, box, title, whiskers="whiskers: 5th–95th percentile")
+
+
+_LATENCY_METRICS = (("ttft_ms", "C0"), ("duration_ms", "C1"))
+
+
+def _latency_boxes(
+    ax: Axes,
+    models: list[str],
+    box: Callable[[str, str], dict[str, Any] | None],
+    title: str,
+    whiskers: str | None = None,
+) -> Axes:
+    """Per model, a box for each metric (``box(model, metric)``: ``Axes.bxp`` figures, in
+    seconds; ``None`` when it has no values), side by side, and the legend that names them."""
     ticks: list[float] = []
     for i, model in enumerate(models):
-        for offset, (metric, color) in enumerate((("ttft_ms", "C0"), ("duration_ms", "C1"))):
-            rows = stats[(stats["model"] == model) & (stats["metric"] == metric)]
-            if rows.empty:
+        for offset, (metric, color) in enumerate(_LATENCY_METRICS):
+            figures = box(model, metric)
+            if figures is None:
                 continue
-            low, q1, med, q3, high = (float(v) / 1000.0 for v in rows["quantiles"].iloc[0])
-            figures = {"whislo": low, "q1": q1, "med": med, "q3": q3, "whishi": high}
-            boxes = ax.bxp(
-                [{**figures, "fliers": []}],
-                positions=[3 * i + offset],
-                widths=0.8,
-                patch_artist=True,
-            )
+            boxes = ax.bxp([figures], positions=[3 * i + offset], widths=0.8, patch_artist=True)
             boxes["boxes"][0].set_facecolor(color)
             boxes["medians"][0].set_gid(f"median:{metric}:{model}")
             boxes["medians"][0].set_color("black")
@@ -223,10 +218,10 @@ def draw_latency_quantiles(ax: Axes, stats: pd.DataFrame, *, sampled: bool = Fal
 
     ax.set_xticks(ticks, models)
     ax.legend(
-        [Patch(facecolor="C0"), Patch(facecolor="C1")],
+        [Patch(facecolor=color) for _, color in _LATENCY_METRICS],
         ["time to first token", "whole request"],
         fontsize="small",
-        title="whiskers: 5th–95th percentile",
+        title=whiskers,
         title_fontsize="x-small",
     )
     ax.set_title(title)
