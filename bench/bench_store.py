@@ -240,13 +240,24 @@ def held_file(hold_s: float = 4.0, deltas: int = 5000) -> list[dict[str, Any]]:
     ]
 
 
-def _synthetic(path: Path, sessions: int = SESSIONS) -> str:
+def _synthetic(path: Path, sessions: int = SESSIONS, *, in_time_order: bool = False) -> str:
     """Fill ``path`` with the large store (``sessions`` x 100 messages, x 50 requests, x 10
-    tool calls), in bulk SQL; returns one session id to read back."""
+    tool calls), in bulk SQL; returns one session id to read back.
+
+    Sessions fall on 90 UTC days. By default session ``k`` is on day ``k % 90``, so the
+    rows are stored in session order and every stretch of them spans all 90 days;
+    ``in_time_order`` puts session ``k`` on day ``k * 90 // sessions`` instead, so the
+    rows lie in the order of their times, as a store written as things happen has them.
+    """
     import duckdb
 
     from nbchat._store import Store
     from nbchat._store._migrations import fill_counters
+
+    def day(per: int = 1) -> str:  # the day of row ``i``'s session, ``per`` rows a session
+        session = f"i // {per}"
+        days = f"{session} * 90 // {sessions}" if in_time_order else f"{session} % 90"
+        return f"INTERVAL ({days}) DAY"
 
     Store.open(path).close()  # the schema, by the real migrations
     con = duckdb.connect(str(path))
@@ -254,7 +265,7 @@ def _synthetic(path: Path, sessions: int = SESSIONS) -> str:
         f"""
         INSERT INTO sessions (id, title, created_at, model)
         SELECT 's' || i, 'session ' || i,
-               TIMESTAMPTZ '2026-08-01 00:00:00+00' + INTERVAL (i % 90) DAY,
+               TIMESTAMPTZ '2026-08-01 00:00:00+00' + {day()},
                'model-' || (i % 5)
         FROM range({sessions}) t(i);
         INSERT INTO messages (id, session_id, seq, role, content, turn_id, status, state,
@@ -262,7 +273,7 @@ def _synthetic(path: Path, sessions: int = SESSIONS) -> str:
         SELECT 'm' || i, 's' || (i // {MESSAGES_PER}), i % {MESSAGES_PER},
                CASE WHEN i % 2 = 0 THEN 'user' ELSE 'assistant' END,
                'message text number ' || i, 't' || (i // 2), 'ok', 'active',
-               TIMESTAMPTZ '2026-08-01 00:00:00+00' + INTERVAL (i // {MESSAGES_PER} % 90) DAY
+               TIMESTAMPTZ '2026-08-01 00:00:00+00' + {day(MESSAGES_PER)}
         FROM range({sessions * MESSAGES_PER}) t(i);
         INSERT INTO requests (id, session_id, turn_id, round, model, provider, prompt_tokens,
                               completion_tokens, cost_usd, ttft_ms, duration_ms, finish_reason,
@@ -271,7 +282,7 @@ def _synthetic(path: Path, sessions: int = SESSIONS) -> str:
                'openai', 100 + i % 900, 20 + i % 300,
                CASE WHEN i % 7 = 0 THEN NULL ELSE 0.0001 * (i % 50) END,
                100.0 + (i * 37) % 900, 500.0 + (i * 91) % 5000, 'stop',
-               TIMESTAMPTZ '2026-08-01 00:00:00+00' + INTERVAL (i // {REQUESTS_PER} % 90) DAY,
+               TIMESTAMPTZ '2026-08-01 00:00:00+00' + {day(REQUESTS_PER)},
                'chat'
         FROM range({sessions * REQUESTS_PER}) t(i);
         INSERT INTO turns (id, session_id, status, user_text, started_at, finished_at)
@@ -282,7 +293,7 @@ def _synthetic(path: Path, sessions: int = SESSIONS) -> str:
                                 result, is_error, duration_ms, created_at)
         SELECT 'c' || i, 's' || (i // {TOOLS_PER}), 't' || (i * 5), 0, 'call_' || i,
                'tool_' || (i % 4), '{{}}', 'ok', i % 9 = 0, 5.0 + i % 100,
-               TIMESTAMPTZ '2026-08-01 00:00:00+00' + INTERVAL (i // {TOOLS_PER} % 90) DAY
+               TIMESTAMPTZ '2026-08-01 00:00:00+00' + {day(TOOLS_PER)}
         FROM range({sessions * TOOLS_PER}) t(i);
         """
     )
