@@ -121,3 +121,52 @@ def test_a_range_covering_everything_shows_what_all_time_shows(filled: Filled) -
     assert ranged.summary.value.split(":", 1)[1] == all_time.summary.value.split(":", 1)[1]
     assert ranged.tool_errors is not None and all_time.tool_errors is not None
     assert ranged.tool_errors.equals(all_time.tool_errors)
+
+
+def test_a_refresh_draws_again_only_the_charts_whose_figures_changed(
+    filled: Filled, fake: FakeOpenAIServer
+) -> None:
+    board = nbchat.dashboard(db=filled.db)
+    drawn = {name: (ax, getattr(board, name).value) for name, ax in board.axes.items()}
+    board.refresh()  # nothing new: the same pictures, not drawn again
+    assert {name: (ax, getattr(board, name).value) for name, ax in board.axes.items()} == drawn
+
+    def spent(ax: object) -> float:
+        return sum(p.get_height() for c in ax.containers for p in c)  # type: ignore[attr-defined]
+
+    before = spent(board.axes["by_model"])
+    late = Session(model=CHEAP, base_url=fake.url, api_key="sk-test", db=filled.db)
+    fake.enqueue("late", usage={"prompt_tokens": 20_000, "completion_tokens": 0})
+    with prices():
+        late.send("one more")
+    board.refresh()
+    # a new request: every chart drawn again, from the new figures
+    for name, (ax, png) in drawn.items():
+        assert board.axes[name] is not ax and getattr(board, name).value != png
+    assert spent(board.axes["by_model"]) == pytest.approx(before + 0.01)
+    assert spent(board.axes["spend"]) == pytest.approx(before + 0.01)
+    cheap = next(
+        line for line in board.axes["latency"].lines if line.get_gid() == f"median:ttft_ms:{CHEAP}"
+    )
+    ttfts = nbchat.usage(db=filled.db).query("model == @CHEAP")["ttft_ms"].astype(float)
+    assert cheap.get_ydata()[0] == pytest.approx(ttfts.median() / 1000)
+
+
+def test_a_sampled_latency_is_kept_until_a_request_is_added(
+    filled: Filled, fake: FakeOpenAIServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nbchat import _analysis
+
+    monkeypatch.setattr(_analysis, "LATENCY_SAMPLE_ABOVE", 0)  # this small store is "large"
+    first = _analysis.overview(db=filled.db)
+    assert first.latency_sampled
+    again = _analysis.overview(db=filled.db, previous=first)
+    assert again.latency is first.latency  # the same requests: not sampled again
+    other_days = _analysis.overview(db=filled.db, since=TODAY, previous=first)
+    assert other_days.latency is not first.latency  # another range: read
+    late = Session(model=CHEAP, base_url=fake.url, api_key="sk-test", db=filled.db)
+    fake.enqueue("late")
+    late.send("one more")
+    after = _analysis.overview(db=filled.db, previous=again)
+    assert after.latency is not first.latency  # a request was added: sampled again
+    assert int(after.spend["requests"].sum()) == int(first.spend["requests"].sum()) + 1
