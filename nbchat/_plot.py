@@ -381,7 +381,7 @@ def figure_png(figure: Figure, dpi: int = 100, *, tight: bool = False) -> bytes:
         from PIL import Image
 
         figure.set_dpi(dpi)
-        canvas = FigureCanvasAgg(figure)
+        canvas: Any = FigureCanvasAgg(figure)  # its methods carry no annotations
         canvas.draw()
         box = figure.get_tightbbox(canvas.get_renderer()).padded(_PAD_INCHES)
         width, height = figure.get_size_inches()
