@@ -22,7 +22,15 @@ from .._exceptions import StoreError
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["QUERIES", "SESSION_USAGE", "NamedQuery", "QueryResult", "check_select", "to_frame"]
+__all__ = [
+    "QUERIES",
+    "SESSION_TIMES",
+    "SESSION_USAGE",
+    "NamedQuery",
+    "QueryResult",
+    "check_select",
+    "to_frame",
+]
 
 
 @dataclass(frozen=True)
@@ -41,6 +49,10 @@ class NamedQuery:
     sql: str
     params: tuple[str, ...] = ()
     json_columns: frozenset[str] = field(default_factory=frozenset)
+    # Its ``first_us`` and ``last_us`` bound the times of one session's messages (epoch
+    # microseconds, both included): a backend that keeps the counters passes the
+    # session's (m008); the others leave them open (NULL), which reads the same rows.
+    session_times: bool = False
 
     def bind(self, values: Mapping[str, Any]) -> list[Any]:
         """The placeholder values, from ``values`` by name (a missing one is ``None``)."""
@@ -92,14 +104,25 @@ _SESSIONS = """
     ORDER BY s.created_at, s.id
 """
 
+# Ids are random, so every stretch of the table holds every id and DuckDB reads the whole
+# session_id column to find one session; its messages' times (the counters' bounds) let
+# it skip the stretches written before or after them.
 _TRANSCRIPT = """
     SELECT seq, role, content, reasoning, name, tool_calls, tool_call_id, status, state,
            turn_id, round, cell_id, created_at, id, attachments
     FROM messages
     WHERE session_id = ?
+      AND created_at BETWEEN coalesce(make_timestamptz(?::BIGINT), '-infinity'::TIMESTAMPTZ)
+                         AND coalesce(make_timestamptz(?::BIGINT), 'infinity'::TIMESTAMPTZ)
       AND (state = 'active' OR (? AND state = 'compacted') OR (? AND state = 'superseded'))
     ORDER BY seq, created_at
 """
+
+# The bounds of a session's message times, from the counters (``session_times``).
+SESSION_TIMES = (
+    "SELECT epoch_us(first_message_at), epoch_us(last_message_at)"
+    " FROM _session_counts WHERE session_id = ?"
+)
 
 # One row per image a message carries (an image sent twice is two rows, one stored copy).
 _ATTACHMENTS = """
@@ -277,8 +300,9 @@ QUERIES: dict[str, NamedQuery] = {
     "sessions": NamedQuery(_SESSIONS, json_columns=frozenset({"metadata"})),
     "transcript": NamedQuery(
         _TRANSCRIPT,
-        ("session_id", "include_compacted", "include_superseded"),
+        ("session_id", "first_us", "last_us", "include_compacted", "include_superseded"),
         json_columns=frozenset({"tool_calls", "attachments"}),
+        session_times=True,
     ),
     "attachments": NamedQuery(_ATTACHMENTS, ("with_data", "session_id", "session_id")),
     "usage": NamedQuery(_USAGE, _BY_SESSION),
