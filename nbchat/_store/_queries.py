@@ -412,39 +412,39 @@ def _text_dtype() -> Any:
     return "str" if int(pd.__version__.split(".")[0]) >= 3 else object
 
 
-def _series(values: Any, type_name: str) -> pd.Series:
-    """One DuckDB result column as a pandas Series of the matching dtype."""
+def _column(values: Any, type_name: str) -> Any:
+    """One DuckDB result column as the array of a DataFrame column of the matching dtype."""
     import numpy as np
     import pandas as pd
 
     mask = np.ma.getmaskarray(values)
     data = np.ma.getdata(values)
+    nulls = bool(mask.any())
     kind = type_name.upper()
     if kind == "DATE":  # a calendar day, not a midnight timestamp
         days = data.astype("datetime64[D]").tolist()
-        return pd.Series([None if m else d for d, m in zip(days, mask, strict=True)], dtype=object)
-    if kind == "TIMESTAMP WITH TIME ZONE" or kind.startswith("TIMESTAMP"):
-        stamps = data.astype("datetime64[us]").copy()
+        return np.array([None if m else d for d, m in zip(days, mask, strict=True)] or [], object)
+    if kind.startswith("TIMESTAMP"):
+        stamps = data.astype("datetime64[us]", copy=True)
         stamps[mask] = np.datetime64("NaT")
-        series = pd.Series(stamps)
         if kind == "TIMESTAMP WITH TIME ZONE":
-            series = series.dt.tz_localize("UTC")
-        return series
+            return pd.DatetimeIndex(stamps).tz_localize("UTC").array
+        return stamps
     if kind in _INTEGER_TYPES:
-        return pd.Series(pd.arrays.IntegerArray(data.astype("int64"), mask.copy()))
+        return pd.arrays.IntegerArray(data.astype("int64"), mask.copy())
     if kind in _FLOAT_TYPES or kind.startswith("DECIMAL"):
-        floats = data.astype("float64").copy()
+        floats = data.astype("float64", copy=True)
         floats[mask] = np.nan
-        return pd.Series(floats)
+        return floats
     if kind == "BOOLEAN":
-        return pd.Series(pd.arrays.BooleanArray(data.astype(bool), mask.copy()))
+        return pd.arrays.BooleanArray(data.astype(bool), mask.copy())
     # Objects (strings, lists...) with None where NULL, without a Python loop.
     items: Any = np.array(data, dtype=object, copy=True)
-    items[mask] = None
+    if nulls:
+        items[mask] = None
     if kind in _TEXT_TYPES:
-        text: pd.Series = pd.Series(items, dtype=_text_dtype())
-        return text
-    return pd.Series(items, dtype=object)
+        return pd.array(items, dtype=_text_dtype())
+    return items
 
 
 def to_frame(result: QueryResult, json_columns: frozenset[str] = frozenset()) -> pd.DataFrame:
@@ -453,14 +453,18 @@ def to_frame(result: QueryResult, json_columns: frozenset[str] = frozenset()) ->
     import pandas as pd
 
     parse: Callable[[str], Any] = json.loads
-    columns: dict[str, pd.Series] = {}
+    columns: dict[str, Any] = {}
     for name, kind in zip(result.columns, result.types, strict=True):
         values = result.data[name]
         if name in json_columns:
             mask = np.ma.getmaskarray(values).tolist()
             texts = np.ma.getdata(values).tolist()
             parsed = [None if m else parse(t) for t, m in zip(texts, mask, strict=True)]
-            columns[name] = pd.Series(parsed, dtype=object)
+            column = np.empty(len(parsed), dtype=object)  # a list of lists stays one column
+            column[:] = parsed
+            columns[name] = column
         else:
-            columns[name] = _series(values, kind)
-    return pd.DataFrame(columns, columns=result.columns)
+            columns[name] = _column(values, kind)
+    # Arrays, not Series: no index to align, and nothing copied again (~3 ms on 10k rows).
+    rows = len(next(iter(result.data.values()))) if result.data else 0
+    return pd.DataFrame(columns, index=pd.RangeIndex(rows), columns=result.columns, copy=False)
