@@ -24,6 +24,7 @@ from ._plot import draw_costs, draw_latency_quantiles, figure_png, session_label
 if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
     from ._analysis import Overview
     from ._store import Store
@@ -57,6 +58,7 @@ class Dashboard(widgets.VBox):  # type: ignore[misc]
         self.top = top
         self.axes: dict[str, Axes] = {}
         self._charted: dict[str, pd.DataFrame] = {}  # what each chart was drawn from
+        self._figures: dict[str, Figure] = {}
         self._seen: Overview | None = None  # the last overview read
         self.top_sessions: pd.DataFrame | None = None
         self.tool_errors: pd.DataFrame | None = None
@@ -152,16 +154,23 @@ class Dashboard(widgets.VBox):  # type: ignore[misc]
         # Fixed margins, not constrained layout (laying out again costs as much as drawing).
         # The chart is 8 x 3.6 inches on a larger canvas, so what is drawn outside its axes
         # (a legend, long tick labels) fits on it, and the PNG is cut to what was drawn:
-        # one drawing, and nothing cut off.
-        left, bottom, width, height = _AROUND, _AROUND, 8.0 + _AROUND + _ROOM, 3.6 + _AROUND
-        figure = Figure(figsize=(width, height))
-        figure.subplots_adjust(
-            left=(left + 0.88) / width,
-            right=(left + 8.0 * right) / width,
-            bottom=(bottom + 0.72) / height,
-            top=(bottom + 3.24) / height,
-        )
-        self.axes[name] = draw(figure.subplots())
+        # one drawing, and nothing cut off. Each chart keeps its figure, cleared for the
+        # next drawing: its canvas keeps the sizes of the texts it drew (tick labels,
+        # legends), which measuring again was much of a drawing's time.
+        figure = self._figures.get(name)
+        if figure is None:
+            left, bottom, width, height = _AROUND, _AROUND, 8.0 + _AROUND + _ROOM, 3.6 + _AROUND
+            figure = self._figures[name] = Figure(figsize=(width, height))
+            figure.subplots_adjust(
+                left=(left + 0.88) / width,
+                right=(left + 8.0 * right) / width,
+                bottom=(bottom + 0.72) / height,
+                top=(bottom + 3.24) / height,
+            )
+            figure.subplots()
+        ax = figure.axes[0]
+        ax.clear()
+        self.axes[name] = draw(ax)
         self._images[name].value = figure_png(figure, dpi=80, tight=True)
         self._charted[name] = data
 

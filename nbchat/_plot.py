@@ -368,9 +368,10 @@ def new_figure(width: float = 8.0, height: float = 4.0) -> Figure:
 def figure_png(figure: Figure, dpi: int = 100, *, tight: bool = False) -> bytes:
     """``figure`` as PNG bytes; ``tight`` grows or crops it to what was drawn.
 
-    Tight, the figure is drawn once and the drawn area cut out of the canvas; only when
-    something lies past the canvas (a long legend) is it drawn again by ``savefig``, which
-    grows the canvas to it (and lays the figure out once more to find how far).
+    Tight, the figure is drawn once and the drawn pixels cut out of the canvas; only when
+    something reaches the canvas's edge (a long legend, cut off) is it drawn again by
+    ``savefig``, which grows the canvas to it (laying the figure out once more to find
+    how far). A figure's Agg canvas is kept: drawn again, it reuses the text it measured.
     """
     import io
 
@@ -381,16 +382,22 @@ def figure_png(figure: Figure, dpi: int = 100, *, tight: bool = False) -> bytes:
         from PIL import Image
 
         figure.set_dpi(dpi)
-        canvas: Any = FigureCanvasAgg(figure)  # its methods carry no annotations
+        canvas: Any = figure.canvas  # Agg's methods carry no annotations
+        if not isinstance(canvas, FigureCanvasAgg):
+            canvas = FigureCanvasAgg(figure)
         canvas.draw()
-        box = figure.get_tightbbox(canvas.get_renderer()).padded(_PAD_INCHES)
-        width, height = figure.get_size_inches()
-        if box.x0 >= 0 and box.y0 >= 0 and box.x1 <= width and box.y1 <= height:
-            pixels = np.asarray(canvas.buffer_rgba())
-            top, bottom = int((height - box.y1) * dpi), -int(-(height - box.y0) * dpi)
-            left, right = int(box.x0 * dpi), -int(-box.x1 * dpi)
-            Image.fromarray(pixels[top:bottom, left:right]).save(buffer, format="png")
-            return buffer.getvalue()
+        pixels = np.asarray(canvas.buffer_rgba())
+        drawn = (pixels != pixels[0, 0]).any(axis=2)  # not the background
+        rows, columns = np.flatnonzero(drawn.any(axis=1)), np.flatnonzero(drawn.any(axis=0))
+        pad = round(_PAD_INCHES * dpi)
+        if len(rows) and len(columns):
+            top, bottom, left, right = rows[0], rows[-1], columns[0], columns[-1]
+            if top > 0 and left > 0 and bottom < len(drawn) - 1 and right < len(drawn[0]) - 1:
+                cut = pixels[
+                    max(0, top - pad) : bottom + 1 + pad, max(0, left - pad) : right + 1 + pad
+                ]
+                Image.fromarray(cut).save(buffer, format="png")
+                return buffer.getvalue()
     extra: dict[str, Any] = {"bbox_inches": "tight", "pad_inches": _PAD_INCHES} if tight else {}
     figure.savefig(buffer, format="png", dpi=dpi, **extra)
     return buffer.getvalue()

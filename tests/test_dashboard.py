@@ -127,9 +127,11 @@ def test_a_refresh_draws_again_only_the_charts_whose_figures_changed(
     filled: Filled, fake: FakeOpenAIServer
 ) -> None:
     board = nbchat.dashboard(db=filled.db)
-    drawn = {name: (ax, getattr(board, name).value) for name, ax in board.axes.items()}
+    drawn = {name: getattr(board, name).value for name in board.axes}
+    charted = dict(board._charted)
     board.refresh()  # nothing new: the same pictures, not drawn again
-    assert {name: (ax, getattr(board, name).value) for name, ax in board.axes.items()} == drawn
+    assert {name: getattr(board, name).value for name in board.axes} == drawn
+    assert all(board._charted[name] is charted[name] for name in charted)
 
     def spent(ax: object) -> float:
         return sum(p.get_height() for c in ax.containers for p in c)  # type: ignore[attr-defined]
@@ -141,8 +143,8 @@ def test_a_refresh_draws_again_only_the_charts_whose_figures_changed(
         late.send("one more")
     board.refresh()
     # a new request: every chart drawn again, from the new figures
-    for name, (ax, png) in drawn.items():
-        assert board.axes[name] is not ax and getattr(board, name).value != png
+    for name, png in drawn.items():
+        assert board._charted[name] is not charted[name] and getattr(board, name).value != png
     assert spent(board.axes["by_model"]) == pytest.approx(before + 0.01)
     assert spent(board.axes["spend"]) == pytest.approx(before + 0.01)
     cheap = next(

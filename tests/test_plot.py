@@ -378,4 +378,4 @@ def test_a_tight_png_is_what_was_drawn_and_grows_for_a_long_legend() -> None:
     short, long = png("a"), png("a label far longer than the room beside the axes " * 2)
     assert short[0] < 6 * 50  # cut to what was drawn
     assert long[0] > 6 * 50  # grown: the legend is not cut off
-    assert short[1] == long[1]
+    assert abs(short[1] - long[1]) <= 3  # the same height (cut by pixels, or by extents)
