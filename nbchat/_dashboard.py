@@ -149,7 +149,7 @@ class Dashboard(widgets.VBox):  # type: ignore[misc]
         from matplotlib.figure import Figure
 
         shown = self._charted.get(name)
-        if shown is not None and shown.equals(data):
+        if shown is not None and _same_figures(shown, data):
             return
         # Fixed margins, not constrained layout (laying out again costs as much as drawing).
         # The chart is 8 x 3.6 inches on a larger canvas, so what is drawn outside its axes
@@ -208,6 +208,24 @@ def dashboard(
 # Inches of canvas beyond a chart's own 8 x 3.6: at its left and bottom, and at its right
 # (where the legends drawn outside the axes go).
 _AROUND, _ROOM = 0.5, 1.6
+
+
+def _same_figures(before: pd.DataFrame, now: pd.DataFrame) -> bool:
+    """Whether a chart's figures are unchanged: the same rows, counts and labels, and sums
+    equal to 1e-9 (DuckDB adds floats across threads in no fixed order, so the same rows
+    can sum to another last bit; any new request changes a count)."""
+    import numpy as np
+
+    if list(before.columns) != list(now.columns) or len(before) != len(now):
+        return False
+    for column in before.columns:
+        a, b = before[column], now[column]
+        if a.dtype == "float64" and b.dtype == "float64":
+            if not np.allclose(a.to_numpy(), b.to_numpy(), rtol=1e-9, atol=0, equal_nan=True):
+                return False
+        elif not a.equals(b):
+            return False
+    return True
 
 
 def _latency_figures(latency: pd.DataFrame, sampled: bool) -> pd.DataFrame:

@@ -172,3 +172,21 @@ def test_a_sampled_latency_is_kept_until_a_request_is_added(
     after = _analysis.overview(db=filled.db, previous=again)
     assert after.latency is not first.latency  # a request was added: sampled again
     assert int(after.spend["requests"].sum()) == int(first.spend["requests"].sum()) + 1
+
+
+def test_sums_that_differ_in_their_last_bits_are_the_same_figures() -> None:
+    import pandas as pd
+
+    from nbchat._dashboard import _same_figures
+
+    def spend(cost: float, requests: int) -> pd.DataFrame:
+        return pd.DataFrame(
+            {"model": ["a", "b"], "requests": [requests, 1], "cost_usd": [cost, float("nan")]}
+        )
+
+    total = 0.1 + 0.2 + 0.3  # the same sum in another order: 0.6 vs 0.6000000000000001
+    assert total != 0.3 + 0.2 + 0.1
+    assert _same_figures(spend(total, 3), spend(0.3 + 0.2 + 0.1, 3))
+    assert not _same_figures(spend(total, 3), spend(total, 4))  # one more request
+    assert not _same_figures(spend(total, 3), spend(total + 0.0001, 3))
+    assert not _same_figures(spend(total, 3), spend(total, 3).iloc[:1])
