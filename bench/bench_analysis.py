@@ -2,15 +2,17 @@
 
 For each size (``NBCHAT_BENCH_SESSIONS``, default ``10000,100000``: 1M and 10M messages,
 500k and 5M requests, 100k and 1M tool calls) a store is built with bulk SQL
-(``bench_store._synthetic``, then ``fill_counters``), and the median time of each figure
-is taken against ``SELECT count(*) FROM messages`` on a plain DuckDB connection to the
-same file, measured in the same run:
+(``bench_store._synthetic``, then ``fill_counters``) with its rows laid out as a store
+written over time has them (``as_written``: in the order of their times, random session
+ids), and the median time of each figure is taken against ``SELECT count(*) FROM
+messages`` on a plain DuckDB connection to the same file, measured in the same run:
 
 - ``sessions()`` (goal ≤ 20 ms at 1M messages), and the full aggregation it replaced (the
   same query over every message, request and turn, through the same DataFrame code);
 - ``transcript(id)`` (goal ≤ 5 ms at 1M);
-- a dashboard refresh (goal ≤ 200 ms at 10M), and of it the store reads
-  (``overview()``) — the rest is matplotlib drawing three PNGs;
+- a dashboard refresh (goal ≤ 200 ms at 10M): with nothing new (no chart is drawn again)
+  and after a request was written (its charts are), and of it the store reads
+  (``overview()``);
 - the write cost the counters add: one message and one request written through the
   store (rows + counters, one transaction) against the same rows alone, on the big store.
 
@@ -27,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench._common import figure, median_ms
+from bench._common import figure, median_ms, median_of
 from bench.bench_store import MESSAGES_PER, REQUESTS_PER, _synthetic
 
 # sessions() before m007: every message, request and turn aggregated on each call.
@@ -81,7 +83,7 @@ def _label(sessions: int) -> str:
     return f"{messages / 1e6:g}M messages" if messages >= 1e6 else f"{messages // 1000}k messages"
 
 
-def _write_cost(path: Path, label: str, n: int) -> list[dict[str, Any]]:
+def _write_cost(path: Path, session_id: str, label: str, n: int) -> list[dict[str, Any]]:
     """A message and a request written with their counters, against the rows alone."""
     from nbchat._store import Store
     from nbchat._store._duckdb import _RowOps
@@ -92,8 +94,8 @@ def _write_cost(path: Path, label: str, n: int) -> list[dict[str, Any]]:
         message = Message(role="assistant", content="a reply " * 40, seq=1000 + i)
         usage = RequestUsage(prompt_tokens=900, completion_tokens=40)
         return [
-            MessageAdded(session_id="s7", message=message),
-            UsageEvent(session_id="s7", model="model-1", usage=usage, cost_usd=0.001),
+            MessageAdded(session_id=session_id, message=message),
+            UsageEvent(session_id=session_id, model="model-1", usage=usage, cost_usd=0.001),
         ]
 
     counter = iter(range(10**9))
@@ -124,6 +126,30 @@ def _write_cost(path: Path, label: str, n: int) -> list[dict[str, Any]]:
     ]
 
 
+def _refreshes_after_a_request(path: Path, session_id: str, board: Any, n: int) -> list[float]:
+    """The times of ``n`` dashboard refreshes, each after one more request was stored."""
+    from nbchat._store import Store
+    from nbchat._types import RequestUsage, UsageEvent
+
+    def write() -> None:
+        usage = RequestUsage(prompt_tokens=900, completion_tokens=40)
+        event = UsageEvent(
+            session_id=session_id, model="model-1", usage=usage, cost_usd=0.001, ttft_ms=300.0
+        )
+        with Store.open(path) as store:
+            store.write(event)
+
+    write()
+    board.refresh()  # warm: the day of the new requests is a new bar
+    samples = []
+    for _ in range(n):
+        write()
+        t0 = time.perf_counter()
+        board.refresh()
+        samples.append((time.perf_counter() - t0) * 1000)
+    return samples
+
+
 def _one_size(sessions: int, n: int) -> list[dict[str, Any]]:
     import duckdb
 
@@ -137,7 +163,7 @@ def _one_size(sessions: int, n: int) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "big.duckdb"
         t0 = time.perf_counter()
-        session_id = _synthetic(path, sessions)
+        session_id = _synthetic(path, sessions, as_written=True)
         built = time.perf_counter() - t0
         con = duckdb.connect(str(path), read_only=True)
         count = "SELECT count(*) FROM messages"
@@ -180,9 +206,23 @@ def _one_size(sessions: int, n: int) -> list[dict[str, Any]]:
         add("overview() (the dashboard's reads)", lambda: overview(db=path), None)
         board = Dashboard(db=path)
         assert f"{sessions * REQUESTS_PER} requests" in board.summary.value
-        add("dashboard refresh", board.refresh, 200 if big else None, runs=max(3, n // 2))
+        goal = 200 if big else None
+        add("dashboard refresh, nothing new", board.refresh, goal, runs=max(3, n // 2))
+        samples = _refreshes_after_a_request(path, session_id, board, max(3, n // 2))
+        assert f"{sessions * REQUESTS_PER + len(samples) + 1} requests" in board.summary.value
+        figures.append(
+            figure(
+                f"dashboard refresh after a request, {label}",
+                median_of(samples),
+                "ms",
+                baseline=base,
+                goal="" if goal is None else f"<= {goal:g} ms",
+                ok=None if goal is None else median_of(samples) <= goal,
+                note=note + "; a request written before each (its charts drawn again)",
+            )
+        )
         if not big:
-            figures.extend(_write_cost(path, label, 200))
+            figures.extend(_write_cost(path, session_id, label, 200))
     return figures
 
 

@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 import tempfile
@@ -267,56 +268,74 @@ def held_file(hold_s: float = 4.0, deltas: int = 5000) -> list[dict[str, Any]]:
     ]
 
 
-def _synthetic(path: Path, sessions: int = SESSIONS) -> str:
+def _synthetic(path: Path, sessions: int = SESSIONS, *, as_written: bool = False) -> str:
     """Fill ``path`` with the large store (``sessions`` x 100 messages, x 50 requests, x 10
-    tool calls), in bulk SQL; returns one session id to read back."""
+    tool calls), in bulk SQL; returns one session id to read back.
+
+    Sessions fall on 90 UTC days. By default session ``k`` is ``s<k>``, on day ``k % 90``:
+    the rows are stored in session order, every stretch of them spans all 90 days, and
+    neighbouring rows have neighbouring session ids. ``as_written`` lays the rows out as
+    a store written over time has them: session ``k`` on day ``k * 90 // sessions`` (the
+    rows in the order of their times) and its id random-looking hex (``md5('s<k>')``, as
+    nbchat's ids are random), so a stretch of rows spans a few days and every id.
+    """
     import duckdb
 
     from nbchat._store import Store
     from nbchat._store._migrations import fill_counters
+
+    def day(per: int = 1) -> str:  # the day of row ``i``'s session, ``per`` rows a session
+        session = f"i // {per}"
+        days = f"{session} * 90 // {sessions}" if as_written else f"{session} % 90"
+        return f"INTERVAL ({days}) DAY"
+
+    def sid(per: int = 1) -> str:  # the id of row ``i``'s session
+        name = f"'s' || (i // {per})"
+        return f"md5({name})" if as_written else name
 
     Store.open(path).close()  # the schema, by the real migrations
     con = duckdb.connect(str(path))
     con.execute(
         f"""
         INSERT INTO sessions (id, title, created_at, model)
-        SELECT 's' || i, 'session ' || i,
-               TIMESTAMPTZ '2026-08-01 00:00:00+00' + INTERVAL (i % 90) DAY,
+        SELECT {sid()}, 'session ' || i,
+               TIMESTAMPTZ '2026-08-01 00:00:00+00' + {day()},
                'model-' || (i % 5)
         FROM range({sessions}) t(i);
         INSERT INTO messages (id, session_id, seq, role, content, turn_id, status, state,
                               created_at)
-        SELECT 'm' || i, 's' || (i // {MESSAGES_PER}), i % {MESSAGES_PER},
+        SELECT 'm' || i, {sid(MESSAGES_PER)}, i % {MESSAGES_PER},
                CASE WHEN i % 2 = 0 THEN 'user' ELSE 'assistant' END,
                'message text number ' || i, 't' || (i // 2), 'ok', 'active',
-               TIMESTAMPTZ '2026-08-01 00:00:00+00' + INTERVAL (i // {MESSAGES_PER} % 90) DAY
+               TIMESTAMPTZ '2026-08-01 00:00:00+00' + {day(MESSAGES_PER)}
         FROM range({sessions * MESSAGES_PER}) t(i);
         INSERT INTO requests (id, session_id, turn_id, round, model, provider, prompt_tokens,
                               completion_tokens, cost_usd, ttft_ms, duration_ms, finish_reason,
                               created_at, purpose)
-        SELECT 'r' || i, 's' || (i // {REQUESTS_PER}), 't' || i, 0, 'model-' || (i % 5),
+        SELECT 'r' || i, {sid(REQUESTS_PER)}, 't' || i, 0, 'model-' || (i % 5),
                'openai', 100 + i % 900, 20 + i % 300,
                CASE WHEN i % 7 = 0 THEN NULL ELSE 0.0001 * (i % 50) END,
                100.0 + (i * 37) % 900, 500.0 + (i * 91) % 5000, 'stop',
-               TIMESTAMPTZ '2026-08-01 00:00:00+00' + INTERVAL (i // {REQUESTS_PER} % 90) DAY,
+               TIMESTAMPTZ '2026-08-01 00:00:00+00' + {day(REQUESTS_PER)},
                'chat'
         FROM range({sessions * REQUESTS_PER}) t(i);
         INSERT INTO turns (id, session_id, status, user_text, started_at, finished_at)
-        SELECT 't' || (i * 2), 's' || (i // {MESSAGES_PER // 2}), 'completed', 'q',
+        SELECT 't' || (i * 2), {sid(MESSAGES_PER // 2)}, 'completed', 'q',
                TIMESTAMPTZ '2026-08-01 00:00:00+00', TIMESTAMPTZ '2026-08-01 00:00:01+00'
         FROM range({sessions * MESSAGES_PER // 2}) t(i);
         INSERT INTO tool_calls (id, session_id, turn_id, round, call_id, name, arguments,
                                 result, is_error, duration_ms, created_at)
-        SELECT 'c' || i, 's' || (i // {TOOLS_PER}), 't' || (i * 5), 0, 'call_' || i,
+        SELECT 'c' || i, {sid(TOOLS_PER)}, 't' || (i * 5), 0, 'call_' || i,
                'tool_' || (i % 4), '{{}}', 'ok', i % 9 = 0, 5.0 + i % 100,
-               TIMESTAMPTZ '2026-08-01 00:00:00+00' + INTERVAL (i // {TOOLS_PER} % 90) DAY
+               TIMESTAMPTZ '2026-08-01 00:00:00+00' + {day(TOOLS_PER)}
         FROM range({sessions * TOOLS_PER}) t(i);
         """
     )
     fill_counters(con)  # what writing each row through the store would have kept
     con.execute("CHECKPOINT")
     con.close()
-    return f"s{sessions // 2}"
+    name = f"s{sessions // 2}"
+    return hashlib.md5(name.encode()).hexdigest() if as_written else name
 
 
 def queries(n: int = 7) -> list[dict[str, Any]]:

@@ -414,6 +414,7 @@ class Overview:
     ``sessions_in_range`` on every row). ``latency``: per model and metric (ttft_ms,
     duration_ms) the count and the 5th/25th/50th/75th/95th percentiles, from a sample when
     ``latency_sampled``. ``tools``: per tool, calls, errors and the median duration.
+    ``days``: the range read (``since``, ``until``).
     """
 
     spend: pd.DataFrame
@@ -421,6 +422,7 @@ class Overview:
     latency: pd.DataFrame
     latency_sampled: bool
     tools: pd.DataFrame
+    days: tuple[dt.date | None, dt.date | None] = (None, None)
 
 
 # Past this many requests in the range the latency figures come from a ~2% sample.
@@ -428,9 +430,20 @@ LATENCY_SAMPLE_ABOVE = 200_000
 
 
 def overview(
-    db: Db = None, since: dt.date | None = None, until: dt.date | None = None, top: int = 10
+    db: Db = None,
+    since: dt.date | None = None,
+    until: dt.date | None = None,
+    top: int = 10,
+    *,
+    previous: Overview | None = None,
 ) -> Overview:
-    """The dashboard's figures for the UTC days ``since`` to ``until`` (both included)."""
+    """The dashboard's figures for the UTC days ``since`` to ``until`` (both included).
+
+    ``previous`` is an overview read before: if it is of the same days, its latency came
+    from a sample, and the requests per day and model are still the same, its latency
+    figures are kept rather than sampled again (a new sample of the same requests would
+    only move the boxes by chance, and on a large store it is the costliest read).
+    """
     days = {"since": since, "until": until}
     start = None if since is None else dt.datetime.combine(since, dt.time(), dt.UTC)
     end = None if until is None else dt.datetime.combine(until, dt.time(), dt.UTC)
@@ -438,9 +451,20 @@ def overview(
     with open_store(db) as store:
         spend = store.frame("spend_by_day_model", **days)
         sampled = int(spend["requests"].sum()) > LATENCY_SAMPLE_ABOVE
-        latency = store.frame(
-            "latency_by_model_sampled" if sampled else "latency_by_model", **instants
+        unchanged = (
+            previous is not None
+            and previous.days == (since, until)
+            and previous.latency_sampled
+            and sampled
+            and _same_requests(previous.spend, spend)
         )
+        if unchanged:
+            assert previous is not None
+            latency = previous.latency
+        else:
+            latency = store.frame(
+                "latency_by_model_sampled" if sampled else "latency_by_model", **instants
+            )
         return Overview(
             spend=spend,
             top_sessions=(
@@ -451,4 +475,11 @@ def overview(
             latency=latency,
             latency_sampled=sampled,
             tools=store.frame("tool_stats", **instants),
+            days=(since, until),
         )
+
+
+def _same_requests(before: pd.DataFrame, now: pd.DataFrame) -> bool:
+    """Whether two ``spend_by_day_model`` reads count the same requests per day and model."""
+    keys = ["day", "model", "requests"]
+    return bool(before[keys].equals(now[keys]))

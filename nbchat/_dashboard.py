@@ -24,7 +24,9 @@ from ._plot import draw_costs, draw_latency_quantiles, figure_png, session_label
 if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
+    from ._analysis import Overview
     from ._store import Store
 
     Db = str | os.PathLike[str] | Store | None
@@ -55,6 +57,9 @@ class Dashboard(widgets.VBox):  # type: ignore[misc]
         self.db = db
         self.top = top
         self.axes: dict[str, Axes] = {}
+        self._charted: dict[str, pd.DataFrame] = {}  # what each chart was drawn from
+        self._figures: dict[str, Figure] = {}
+        self._seen: Overview | None = None  # the last overview read
         self.top_sessions: pd.DataFrame | None = None
         self.tool_errors: pd.DataFrame | None = None
         self.session_buttons: list[widgets.Button] = []
@@ -72,6 +77,7 @@ class Dashboard(widgets.VBox):  # type: ignore[misc]
         self.sessions_list = widgets.VBox(layout=_half())
         self.tools = widgets.HTML(layout=_half())
         self.transcript = widgets.HTML()
+        self._images = {"spend": self.spend, "by_model": self.by_model, "latency": self.latency}
         self.refresh_button.on_click(lambda _: self.refresh())
         self.since.observe(self._on_dates, names="value")
         self.until.observe(self._on_dates, names="value")
@@ -115,14 +121,17 @@ class Dashboard(widgets.VBox):  # type: ignore[misc]
 
         since, until = self.since.value, self.until.value
         # Sums kept on write and a few small queries: quick on a store of any size.
-        seen = overview(db=self.db, since=since, until=until, top=self.top)
+        seen = overview(db=self.db, since=since, until=until, top=self.top, previous=self._seen)
+        self._seen = seen
         self.summary.value = _summary_html(seen.spend, seen.top_sessions, since, until)
         by_day = seen.spend.assign(key=[d.strftime("%Y-%m-%d") for d in seen.spend["day"]])
-        self.spend.value = self._chart("spend", lambda ax: draw_costs(ax, by_day, "day"))
+        self._chart("spend", by_day, lambda ax: draw_costs(ax, by_day, "day"))
         by_model = seen.spend.assign(key=seen.spend["model"].fillna("(unknown model)"))
-        self.by_model.value = self._chart("by_model", lambda ax: draw_costs(ax, by_model, "model"))
-        self.latency.value = self._chart(
+        self._chart("by_model", by_model, lambda ax: draw_costs(ax, by_model, "model"))
+        latency = _latency_figures(seen.latency, seen.latency_sampled)
+        self._chart(
             "latency",
+            latency,
             lambda ax: draw_latency_quantiles(ax, seen.latency, sampled=seen.latency_sampled),
             right=0.97,
         )
@@ -134,15 +143,36 @@ class Dashboard(widgets.VBox):  # type: ignore[misc]
             self.selected = None
             self.transcript.value = ""
 
-    def _chart(self, name: str, draw: Any, right: float = 0.7) -> bytes:
+    def _chart(self, name: str, data: pd.DataFrame, draw: Any, right: float = 0.7) -> None:
+        """Draw chart ``name`` from ``data`` into its image, unless it shows ``data`` already:
+        a chart is drawn again only when the figures it is drawn from changed."""
         from matplotlib.figure import Figure
 
-        # Fixed margins (room at the right for an outside legend), not constrained
-        # layout: laying out again costs as much as drawing, and a refresh draws three.
-        figure = Figure(figsize=(8.0, 3.6))
-        figure.subplots_adjust(left=0.11, right=right, top=0.9, bottom=0.2)
-        self.axes[name] = draw(figure.subplots())
-        return figure_png(figure, dpi=80, tight=True)  # a long legend is never cut off
+        shown = self._charted.get(name)
+        if shown is not None and _same_figures(shown, data):
+            return
+        # Fixed margins, not constrained layout (laying out again costs as much as drawing).
+        # The chart is 8 x 3.6 inches on a larger canvas, so what is drawn outside its axes
+        # (a legend, long tick labels) fits on it, and the PNG is cut to what was drawn:
+        # one drawing, and nothing cut off. Each chart keeps its figure, cleared for the
+        # next drawing: its canvas keeps the sizes of the texts it drew (tick labels,
+        # legends), which measuring again was much of a drawing's time.
+        figure = self._figures.get(name)
+        if figure is None:
+            left, bottom, width, height = _AROUND, _AROUND, 8.0 + _AROUND + _ROOM, 3.6 + _AROUND
+            figure = self._figures[name] = Figure(figsize=(width, height))
+            figure.subplots_adjust(
+                left=(left + 0.88) / width,
+                right=(left + 8.0 * right) / width,
+                bottom=(bottom + 0.72) / height,
+                top=(bottom + 3.24) / height,
+            )
+            figure.subplots()
+        ax = figure.axes[0]
+        ax.clear()
+        self.axes[name] = draw(ax)
+        self._images[name].value = figure_png(figure, dpi=80, tight=True)
+        self._charted[name] = data
 
     def _show_sessions(self, top: pd.DataFrame) -> None:
         self._button_ids = list(top["session_id"])
@@ -173,6 +203,42 @@ def dashboard(
     how many sessions are listed.
     """
     return Dashboard(db=db, since=since, until=until, top=top)
+
+
+# Inches of canvas beyond a chart's own 8 x 3.6: at its left and bottom, and at its right
+# (where the legends drawn outside the axes go).
+_AROUND, _ROOM = 0.5, 1.6
+
+
+def _same_figures(before: pd.DataFrame, now: pd.DataFrame) -> bool:
+    """Whether a chart's figures are unchanged: the same rows, counts and labels, and sums
+    equal to 1e-9 (DuckDB adds floats across threads in no fixed order, so the same rows
+    can sum to another last bit; any new request changes a count)."""
+    import numpy as np
+
+    if list(before.columns) != list(now.columns) or len(before) != len(now):
+        return False
+    for column in before.columns:
+        a, b = before[column], now[column]
+        if a.dtype == "float64" and b.dtype == "float64":
+            if not np.allclose(a.to_numpy(), b.to_numpy(), rtol=1e-9, atol=0, equal_nan=True):
+                return False
+        elif not a.equals(b):
+            return False
+    return True
+
+
+def _latency_figures(latency: pd.DataFrame, sampled: bool) -> pd.DataFrame:
+    """The latency chart's figures as plain columns (``DataFrame.equals`` cannot compare
+    the quantile lists), with whether they come from a sample (it is in the title)."""
+    import pandas as pd
+
+    quantiles = pd.DataFrame(
+        [[float(v) for v in q] for q in latency["quantiles"]],
+        columns=["q05", "q25", "q50", "q75", "q95"],
+        dtype=float,
+    )
+    return latency.drop(columns="quantiles").join(quantiles).assign(sampled=sampled)
 
 
 def _top_sessions(rows: pd.DataFrame) -> pd.DataFrame:

@@ -597,3 +597,30 @@ def test_search_ranks_messages_by_the_words_they_contain(store_db: str, fake: An
     with pytest.raises(ValueError):
         nbchat.search("   ", db=db)
     db.close()
+
+
+def test_sql_gives_each_kind_of_column_its_dtype_with_nulls_kept(store: Store) -> None:
+    df = sql(
+        "SELECT * FROM (VALUES"
+        " (1::TINYINT, 2.5::DECIMAL(4, 2), 10::HUGEINT, true, DATE '2026-01-31',"
+        "  TIMESTAMP '2026-01-31 12:00:00', TIMESTAMPTZ '2026-01-31 12:00:00+00', 'x', [1, 2]),"
+        " (NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL)"
+        ") t(i, d, h, b, day, naive, aware, s, l)",
+        db=store,
+    )
+    dtypes = {name: str(dtype) for name, dtype in df.dtypes.items()}
+    assert dtypes == {
+        "i": "Int64", "d": "float64", "h": "float64", "b": "boolean", "day": "object",
+        "naive": "datetime64[us]", "aware": UTC_TS, "s": str(STR), "l": "object",
+    }  # fmt: skip
+    first, second = df.iloc[0], df.iloc[1]
+    assert (first["i"], first["d"], first["h"], bool(first["b"])) == (1, 2.5, 10.0, True)
+    assert first["day"] == date(2026, 1, 31) and first["s"] == "x"
+    assert first["aware"] == pd.Timestamp("2026-01-31 12:00", tz="UTC")
+    assert first["naive"] == pd.Timestamp("2026-01-31 12:00") and list(first["l"]) == [1, 2]
+    assert second["i"] is pd.NA and second["b"] is pd.NA and second["day"] is None
+    assert pd.isna(second["d"]) and pd.isna(second["naive"]) and pd.isna(second["aware"])
+    assert pd.isna(second["s"]) and second["l"] is None
+    empty = sql("SELECT 1::BIGINT AS n, now() AS t WHERE false", db=store)
+    assert list(empty.columns) == ["n", "t"] and empty.empty
+    assert str(empty["n"].dtype) == "Int64" and str(empty["t"].dtype) == UTC_TS

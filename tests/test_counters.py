@@ -272,3 +272,66 @@ def test_fill_counters_recomputes_what_writes_kept(tmp_path: Path) -> None:
         again = store.sql("SELECT * FROM _session_counts ORDER BY session_id")
     pd.testing.assert_frame_equal(kept.drop(columns="cost_usd"), again.drop(columns="cost_usd"))
     pd.testing.assert_series_equal(kept["cost_usd"], again["cost_usd"], atol=1e-12)
+
+
+# What transcript() read before m008: the session's messages, with no bound on their times.
+ALL_MESSAGES = """
+    SELECT seq, role, content, reasoning, name, tool_calls, tool_call_id, status, state,
+           turn_id, round, cell_id, created_at, id, attachments
+    FROM messages WHERE session_id = ? ORDER BY seq, created_at
+"""
+
+MESSAGE_TIMES = """
+    SELECT c.session_id, c.first_message_at, c.last_message_at,
+           min(m.created_at) AS first, max(m.created_at) AS last
+    FROM _session_counts c JOIN messages m USING (session_id)
+    GROUP BY ALL
+"""
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_counted_message_times_bound_every_message_of_a_session(
+    tmp_path: Path, seed: int
+) -> None:
+    with Store.open(tmp_path / "times.duckdb") as store:
+        history = RandomStore(store, seed)
+        history.run(120)
+        for event in history.written[::3]:  # replays: rows written again, some later
+            store.write(event)
+        times = store.sql(MESSAGE_TIMES)
+        assert len(times) >= 4
+        assert (times["first_message_at"] <= times["first"]).all()
+        assert (times["last_message_at"] >= times["last"]).all()
+        for sid in times["session_id"]:
+            shown = nbchat.transcript(
+                sid, db=store, include_compacted=True, include_superseded=True
+            )
+            expected = store.sql(ALL_MESSAGES, [sid])
+            for column in ("tool_calls", "attachments"):  # parsed by transcript()
+                expected[column] = [
+                    json.loads(t) if isinstance(t, str) else None for t in expected[column]
+                ]
+            pd.testing.assert_frame_equal(shown, expected)
+
+
+def test_m008_fills_the_first_message_times_of_a_store_with_counters(tmp_path: Path) -> None:
+    import duckdb
+
+    from nbchat._store._migrations import migrate
+
+    with Store.open(tmp_path / "source.duckdb") as source:
+        RandomStore(source, 5).run(60)
+    path = tmp_path / "m007.duckdb"
+    con = duckdb.connect(str(path))
+    migrate(con, stop_after="m007_counters")
+    con.execute(f"ATTACH '{tmp_path / 'source.duckdb'}' AS src (READ_ONLY)")
+    for table in ("sessions", "messages", "requests", "turns"):
+        con.execute(f"INSERT INTO {table} SELECT * FROM src.{table}")
+    con.execute("DETACH src")
+    fill_counters(con)  # the counters as m007 kept them: no first times yet
+    con.close()
+    with Store.open(path) as store:  # m008 runs here
+        times = store.sql(MESSAGE_TIMES)
+        assert len(times) >= 4
+        assert times["first_message_at"].equals(times["first"])
+        assert times["last_message_at"].equals(times["last"])

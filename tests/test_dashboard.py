@@ -121,3 +121,72 @@ def test_a_range_covering_everything_shows_what_all_time_shows(filled: Filled) -
     assert ranged.summary.value.split(":", 1)[1] == all_time.summary.value.split(":", 1)[1]
     assert ranged.tool_errors is not None and all_time.tool_errors is not None
     assert ranged.tool_errors.equals(all_time.tool_errors)
+
+
+def test_a_refresh_draws_again_only_the_charts_whose_figures_changed(
+    filled: Filled, fake: FakeOpenAIServer
+) -> None:
+    board = nbchat.dashboard(db=filled.db)
+    drawn = {name: getattr(board, name).value for name in board.axes}
+    charted = dict(board._charted)
+    board.refresh()  # nothing new: the same pictures, not drawn again
+    assert {name: getattr(board, name).value for name in board.axes} == drawn
+    assert all(board._charted[name] is charted[name] for name in charted)
+
+    def spent(ax: object) -> float:
+        return sum(p.get_height() for c in ax.containers for p in c)  # type: ignore[attr-defined]
+
+    before = spent(board.axes["by_model"])
+    late = Session(model=CHEAP, base_url=fake.url, api_key="sk-test", db=filled.db)
+    fake.enqueue("late", usage={"prompt_tokens": 20_000, "completion_tokens": 0})
+    with prices():
+        late.send("one more")
+    board.refresh()
+    # a new request: every chart drawn again, from the new figures
+    for name, png in drawn.items():
+        assert board._charted[name] is not charted[name] and getattr(board, name).value != png
+    assert spent(board.axes["by_model"]) == pytest.approx(before + 0.01)
+    assert spent(board.axes["spend"]) == pytest.approx(before + 0.01)
+    cheap = next(
+        line for line in board.axes["latency"].lines if line.get_gid() == f"median:ttft_ms:{CHEAP}"
+    )
+    ttfts = nbchat.usage(db=filled.db).query("model == @CHEAP")["ttft_ms"].astype(float)
+    assert cheap.get_ydata()[0] == pytest.approx(ttfts.median() / 1000)
+
+
+def test_a_sampled_latency_is_kept_until_a_request_is_added(
+    filled: Filled, fake: FakeOpenAIServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nbchat import _analysis
+
+    monkeypatch.setattr(_analysis, "LATENCY_SAMPLE_ABOVE", 0)  # this small store is "large"
+    first = _analysis.overview(db=filled.db)
+    assert first.latency_sampled
+    again = _analysis.overview(db=filled.db, previous=first)
+    assert again.latency is first.latency  # the same requests: not sampled again
+    other_days = _analysis.overview(db=filled.db, since=TODAY, previous=first)
+    assert other_days.latency is not first.latency  # another range: read
+    late = Session(model=CHEAP, base_url=fake.url, api_key="sk-test", db=filled.db)
+    fake.enqueue("late")
+    late.send("one more")
+    after = _analysis.overview(db=filled.db, previous=again)
+    assert after.latency is not first.latency  # a request was added: sampled again
+    assert int(after.spend["requests"].sum()) == int(first.spend["requests"].sum()) + 1
+
+
+def test_sums_that_differ_in_their_last_bits_are_the_same_figures() -> None:
+    import pandas as pd
+
+    from nbchat._dashboard import _same_figures
+
+    def spend(cost: float, requests: int) -> pd.DataFrame:
+        return pd.DataFrame(
+            {"model": ["a", "b"], "requests": [requests, 1], "cost_usd": [cost, float("nan")]}
+        )
+
+    total = 0.1 + 0.2 + 0.3  # the same sum in another order: 0.6 vs 0.6000000000000001
+    assert total != 0.3 + 0.2 + 0.1
+    assert _same_figures(spend(total, 3), spend(0.3 + 0.2 + 0.1, 3))
+    assert not _same_figures(spend(total, 3), spend(total, 4))  # one more request
+    assert not _same_figures(spend(total, 3), spend(total + 0.0001, 3))
+    assert not _same_figures(spend(total, 3), spend(total, 3).iloc[:1])

@@ -315,3 +315,67 @@ def test_plot_for_magic_returns_a_png_of_the_chart_asked_for(filled: Filled) -> 
 def test_plot_is_a_namespace_of_charts() -> None:
     assert {"costs", "tokens", "latency", "context"} <= set(dir(nbchat.plot))
     assert "costs(by=...)" in repr(nbchat.plot)
+
+
+# --------------------------------------------------------------------------- many bars, PNGs
+
+
+def test_many_days_are_one_shape_per_model_at_each_days_cost() -> None:
+    import numpy as np
+    import pandas as pd
+
+    from nbchat._plot import draw_costs
+
+    days = [f"2026-03-{d:02d}" for d in range(1, 32)] + [f"2026-04-{d:02d}" for d in range(1, 10)]
+    groups = pd.DataFrame(
+        {
+            "key": days * 2,
+            "model": ["a"] * len(days) + ["b"] * len(days),
+            "cost_usd": [0.01 * (i + 1) for i in range(len(days))] + [0.5] * len(days),
+            "requests": [1] * (2 * len(days)),
+            "unknown": [0] * len(days) + [2 if i == 3 else 0 for i in range(len(days))],
+        }
+    )
+    figure = plt.figure()
+    ax = draw_costs(figure.subplots(), groups, "day")
+    shapes = {c.get_gid(): c.get_paths()[0] for c in ax.collections}
+    assert set(shapes) == {"bar:a", "bar:b", "unknown-bars"}
+
+    def spans(gid: str, day: int) -> tuple[float, float]:  # the shape over a day (to 0.5e-3)
+        inside = [y for y in np.linspace(0, 1.5, 3001) if shapes[gid].contains_point((day, y))]
+        return min(inside), max(inside)
+
+    for day in range(len(days)):  # a's cost that day, and b's stacked on it
+        a = 0.01 * (day + 1)
+        assert spans("bar:a", day) == pytest.approx((0, a), abs=1e-3)
+        assert spans("bar:b", day) == pytest.approx((a, a + 0.5), abs=1e-3)
+    top = ax.get_ylim()[1]
+    assert top == pytest.approx(1.25 * (0.01 * len(days) + 0.5))  # headroom over the top bar
+    assert spans("unknown-bars", 3) == pytest.approx((0.04 + 0.5, top), abs=1e-3)
+    assert not any(shapes["unknown-bars"].contains_point((2, y)) for y in (0.6, 1.0))
+    assert legend(ax) == ["a", "b", "price unknown: 2 requests (not in bars)"]
+
+
+def test_a_tight_png_is_what_was_drawn_and_grows_for_a_long_legend() -> None:
+    import io
+
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+    from nbchat._plot import figure_png
+
+    def png(label: str) -> tuple[int, int]:
+        figure = Figure(figsize=(6, 3))
+        figure.subplots_adjust(left=0.15, right=0.7)
+        ax = figure.subplots()
+        ax.plot([0, 1], [0, 1], label=label)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        data = figure_png(figure, dpi=50, tight=True)
+        assert data[:4] == b"\x89PNG"
+        size: tuple[int, int] = Image.open(io.BytesIO(data)).size
+        return size
+
+    short, long = png("a"), png("a label far longer than the room beside the axes " * 2)
+    assert short[0] < 6 * 50  # cut to what was drawn
+    assert long[0] > 6 * 50  # grown: the legend is not cut off
+    assert abs(short[1] - long[1]) <= 3  # the same height (cut by pixels, or by extents)

@@ -56,6 +56,7 @@ EXPECTED_SCHEMA: dict[str, dict[str, str]] = {
         **_REQUEST_SUMS,
         "last_request_at": TZ,
         "turns": "BIGINT",
+        "first_message_at": TZ,
     },
     "_turn_counts": {
         "turn_id": "VARCHAR",

@@ -281,16 +281,26 @@ def m007_counters(con: Connection) -> None:
 
 
 def fill_counters(con: Connection) -> None:
-    """Compute the counter tables again from every stored row (m007, and bulk loads)."""
+    """Compute the counter tables again from every stored row (m007, m008, bulk loads)."""
     requests = _REQUEST_SUMS
     for table in ("_session_counts", "_turn_counts", "_usage_by_day"):
         con.execute(f"DELETE FROM {table}")
+    # The earliest message time is m008's: m007 fills the table as it was before it.
+    [(has_first,)] = con.execute(
+        "SELECT count(*) FROM information_schema.columns"
+        " WHERE table_name = '_session_counts' AND column_name = 'first_message_at'"
+    ).fetchall()
+    first = ("", "") if not has_first else (", first_message_at", ", m.first_message_at")
     con.execute(
         f"""
-        INSERT INTO _session_counts
+        INSERT INTO _session_counts (
+            session_id, messages, last_message_at, requests, prompt_tokens, prompt_reported,
+            completion_tokens, completion_reported, cost_usd, costed, answered_costed,
+            last_request_at, turns{first[0]}
+        )
         WITH m AS (
             SELECT session_id, count(*) FILTER (WHERE state = 'active') AS messages,
-                   max(created_at) AS last_message_at
+                   max(created_at) AS last_message_at, min(created_at) AS first_message_at
             FROM messages GROUP BY session_id
         ), r AS (
             SELECT session_id, {requests}, max(created_at) AS last_request_at
@@ -306,7 +316,7 @@ def fill_counters(con: Connection) -> None:
                coalesce(r.prompt_reported, 0), coalesce(r.completion_tokens, 0),
                coalesce(r.completion_reported, 0), coalesce(r.cost_usd, 0.0),
                coalesce(r.costed, 0), coalesce(r.answered_costed, 0), r.last_request_at,
-               coalesce(t.turns, 0)
+               coalesce(t.turns, 0){first[1]}
         FROM ids LEFT JOIN m USING (session_id) LEFT JOIN r USING (session_id)
         LEFT JOIN t USING (session_id)
         """
@@ -329,6 +339,25 @@ def fill_counters(con: Connection) -> None:
     )
 
 
+def m008_first_message_times(con: Connection) -> None:
+    """Each session's earliest message time beside its latest (``_session_counts``), so a
+    session's messages are read from the stretch of the table between the two (DuckDB
+    skips row groups whose times lie outside), not from every row; filled from the rows.
+
+    Not on PostgreSQL, like m007: it keeps no counters.
+    """
+    if not getattr(con, "keeps_counters", True):
+        return
+    con.execute("ALTER TABLE _session_counts ADD COLUMN first_message_at TIMESTAMPTZ")
+    con.execute(
+        """
+        UPDATE _session_counts SET first_message_at = m.first
+        FROM (SELECT session_id, min(created_at) AS first FROM messages GROUP BY session_id) m
+        WHERE m.session_id = _session_counts.session_id
+        """
+    )
+
+
 MIGRATIONS: list[Migration] = [
     ("m001_initial", m001_initial),
     ("m002_turns_and_details", m002_turns_and_details),
@@ -337,6 +366,7 @@ MIGRATIONS: list[Migration] = [
     ("m005_row_attribution", m005_row_attribution),
     ("m006_attachments", m006_attachments),
     ("m007_counters", m007_counters),
+    ("m008_first_message_times", m008_first_message_times),
 ]
 
 

@@ -22,7 +22,15 @@ from .._exceptions import StoreError
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["QUERIES", "SESSION_USAGE", "NamedQuery", "QueryResult", "check_select", "to_frame"]
+__all__ = [
+    "QUERIES",
+    "SESSION_TIMES",
+    "SESSION_USAGE",
+    "NamedQuery",
+    "QueryResult",
+    "check_select",
+    "to_frame",
+]
 
 
 @dataclass(frozen=True)
@@ -41,6 +49,10 @@ class NamedQuery:
     sql: str
     params: tuple[str, ...] = ()
     json_columns: frozenset[str] = field(default_factory=frozenset)
+    # Its ``first_us`` and ``last_us`` bound the times of one session's messages (epoch
+    # microseconds, both included): a backend that keeps the counters passes the
+    # session's (m008); the others leave them open (NULL), which reads the same rows.
+    session_times: bool = False
 
     def bind(self, values: Mapping[str, Any]) -> list[Any]:
         """The placeholder values, from ``values`` by name (a missing one is ``None``)."""
@@ -92,14 +104,25 @@ _SESSIONS = """
     ORDER BY s.created_at, s.id
 """
 
+# Ids are random, so every stretch of the table holds every id and DuckDB reads the whole
+# session_id column to find one session; its messages' times (the counters' bounds) let
+# it skip the stretches written before or after them.
 _TRANSCRIPT = """
     SELECT seq, role, content, reasoning, name, tool_calls, tool_call_id, status, state,
            turn_id, round, cell_id, created_at, id, attachments
     FROM messages
     WHERE session_id = ?
+      AND created_at BETWEEN coalesce(make_timestamptz(?::BIGINT), '-infinity'::TIMESTAMPTZ)
+                         AND coalesce(make_timestamptz(?::BIGINT), 'infinity'::TIMESTAMPTZ)
       AND (state = 'active' OR (? AND state = 'compacted') OR (? AND state = 'superseded'))
     ORDER BY seq, created_at
 """
+
+# The bounds of a session's message times, from the counters (``session_times``).
+SESSION_TIMES = (
+    "SELECT epoch_us(first_message_at), epoch_us(last_message_at)"
+    " FROM _session_counts WHERE session_id = ?"
+)
 
 # One row per image a message carries (an image sent twice is two rows, one stored copy).
 _ATTACHMENTS = """
@@ -277,8 +300,9 @@ QUERIES: dict[str, NamedQuery] = {
     "sessions": NamedQuery(_SESSIONS, json_columns=frozenset({"metadata"})),
     "transcript": NamedQuery(
         _TRANSCRIPT,
-        ("session_id", "include_compacted", "include_superseded"),
+        ("session_id", "first_us", "last_us", "include_compacted", "include_superseded"),
         json_columns=frozenset({"tool_calls", "attachments"}),
+        session_times=True,
     ),
     "attachments": NamedQuery(_ATTACHMENTS, ("with_data", "session_id", "session_id")),
     "usage": NamedQuery(_USAGE, _BY_SESSION),
@@ -388,39 +412,39 @@ def _text_dtype() -> Any:
     return "str" if int(pd.__version__.split(".")[0]) >= 3 else object
 
 
-def _series(values: Any, type_name: str) -> pd.Series:
-    """One DuckDB result column as a pandas Series of the matching dtype."""
+def _column(values: Any, type_name: str) -> Any:
+    """One DuckDB result column as the array of a DataFrame column of the matching dtype."""
     import numpy as np
     import pandas as pd
 
     mask = np.ma.getmaskarray(values)
     data = np.ma.getdata(values)
+    nulls = bool(mask.any())
     kind = type_name.upper()
     if kind == "DATE":  # a calendar day, not a midnight timestamp
         days = data.astype("datetime64[D]").tolist()
-        return pd.Series([None if m else d for d, m in zip(days, mask, strict=True)], dtype=object)
-    if kind == "TIMESTAMP WITH TIME ZONE" or kind.startswith("TIMESTAMP"):
-        stamps = data.astype("datetime64[us]").copy()
+        return np.array([None if m else d for d, m in zip(days, mask, strict=True)] or [], object)
+    if kind.startswith("TIMESTAMP"):
+        stamps = data.astype("datetime64[us]", copy=True)
         stamps[mask] = np.datetime64("NaT")
-        series = pd.Series(stamps)
         if kind == "TIMESTAMP WITH TIME ZONE":
-            series = series.dt.tz_localize("UTC")
-        return series
+            return pd.DatetimeIndex(stamps).tz_localize("UTC").array
+        return stamps
     if kind in _INTEGER_TYPES:
-        return pd.Series(pd.arrays.IntegerArray(data.astype("int64"), mask.copy()))
+        return pd.arrays.IntegerArray(data.astype("int64"), mask.copy())
     if kind in _FLOAT_TYPES or kind.startswith("DECIMAL"):
-        floats = data.astype("float64").copy()
+        floats = data.astype("float64", copy=True)
         floats[mask] = np.nan
-        return pd.Series(floats)
+        return floats
     if kind == "BOOLEAN":
-        return pd.Series(pd.arrays.BooleanArray(data.astype(bool), mask.copy()))
+        return pd.arrays.BooleanArray(data.astype(bool), mask.copy())
     # Objects (strings, lists...) with None where NULL, without a Python loop.
     items: Any = np.array(data, dtype=object, copy=True)
-    items[mask] = None
+    if nulls:
+        items[mask] = None
     if kind in _TEXT_TYPES:
-        text: pd.Series = pd.Series(items, dtype=_text_dtype())
-        return text
-    return pd.Series(items, dtype=object)
+        return pd.array(items, dtype=_text_dtype())
+    return items
 
 
 def to_frame(result: QueryResult, json_columns: frozenset[str] = frozenset()) -> pd.DataFrame:
@@ -429,14 +453,18 @@ def to_frame(result: QueryResult, json_columns: frozenset[str] = frozenset()) ->
     import pandas as pd
 
     parse: Callable[[str], Any] = json.loads
-    columns: dict[str, pd.Series] = {}
+    columns: dict[str, Any] = {}
     for name, kind in zip(result.columns, result.types, strict=True):
         values = result.data[name]
         if name in json_columns:
             mask = np.ma.getmaskarray(values).tolist()
             texts = np.ma.getdata(values).tolist()
             parsed = [None if m else parse(t) for t, m in zip(texts, mask, strict=True)]
-            columns[name] = pd.Series(parsed, dtype=object)
+            column = np.empty(len(parsed), dtype=object)  # a list of lists stays one column
+            column[:] = parsed
+            columns[name] = column
         else:
-            columns[name] = _series(values, kind)
-    return pd.DataFrame(columns, columns=result.columns)
+            columns[name] = _column(values, kind)
+    # Arrays, not Series: no index to align, and nothing copied again (~3 ms on 10k rows).
+    rows = len(next(iter(result.data.values()))) if result.data else 0
+    return pd.DataFrame(columns, index=pd.RangeIndex(rows), columns=result.columns, copy=False)

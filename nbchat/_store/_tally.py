@@ -4,7 +4,8 @@ Three bookkeeping tables sum the rows of ``messages``, ``requests`` and ``turns`
 
 * ``_session_counts`` (one row per session): active messages, requests, token and cost
   sums with how many rows reported them, turns, and the latest message and request times
-  — what ``sessions()`` shows.
+  — what ``sessions()`` shows — and the earliest message time (m008): between it and the
+  latest lie all the session's messages, which lets ``transcript()`` skip the rest.
 * ``_turn_counts`` (one row per turn with a user message): user messages, and how many of
   them are superseded — a turn whose user messages all are was replaced by a cell re-run.
 * ``_usage_by_day`` (one row per UTC day, session and model): requests, tokens and costs
@@ -16,7 +17,9 @@ columns of the rows a write touches before and after it, and adds the difference
 contributions (``bumps``). A backend supplies four primitives (``RowOps``) and runs
 ``apply_rows`` on every event's rows (``_sink.rows_of``) inside one transaction; the
 arithmetic is here, once. Sums are exact; a latest time only ever moves forward, which
-matches the rows because a replayed row's time is never earlier than the row it replaces.
+matches the rows because a replayed row's time is never earlier than the row it replaces;
+an earliest time only ever moves back, so it may be earlier than any row left (a replayed
+row moved later), never later: a bound, not a figure.
 """
 
 from __future__ import annotations
@@ -31,28 +34,32 @@ from ._sink import Insert, RowWrite, Update
 __all__ = ["COUNTER_TABLES", "TALLIES", "Bump", "RowOps", "apply_rows", "bumps"]
 
 Row = Mapping[str, Any]
+_Slot = tuple[str, tuple[tuple[str, Any], ...]]  # a counter row: its table and key
 
 
 @dataclass(frozen=True)
 class Bump:
     """Add ``add`` to the counter row of ``table`` at ``key`` (created at zero if missing),
-    and raise each ``latest`` column to at least its value."""
+    raise each ``latest`` column to at least its value, lower each ``earliest`` one to at
+    most its value."""
 
     table: str
     key: dict[str, Any]
     add: dict[str, int | float] = field(default_factory=dict)
     latest: dict[str, datetime] = field(default_factory=dict)
+    earliest: dict[str, datetime] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Counter:
     """How one source row counts in one counter table: its key (``None``: nowhere), the
-    amounts it adds, the times it raises."""
+    amounts it adds, the times it raises and the times it lowers."""
 
     table: str
     key: Callable[[Row], dict[str, Any] | None]
     sums: Callable[[Row], dict[str, int | float]]
     latest: Callable[[Row], dict[str, datetime | None]] = lambda row: {}
+    earliest: Callable[[Row], dict[str, datetime | None]] = lambda row: {}
 
 
 @dataclass(frozen=True)
@@ -111,6 +118,7 @@ TALLIES: dict[str, Tally] = {
                 _session,
                 lambda row: {"messages": int(row["state"] == "active")},
                 lambda row: {"last_message_at": row["created_at"]},
+                lambda row: {"first_message_at": row["created_at"]},
             ),
             Counter(
                 "_turn_counts",
@@ -162,8 +170,9 @@ def bumps(table: str, before: Iterable[Row], after: Iterable[Row]) -> list[Bump]
     tally = TALLIES.get(table)
     if tally is None:
         return []
-    totals: dict[tuple[str, tuple[tuple[str, Any], ...]], dict[str, int | float]] = {}
-    latest: dict[tuple[str, tuple[tuple[str, Any], ...]], dict[str, datetime]] = {}
+    totals: dict[_Slot, dict[str, int | float]] = {}
+    latest: dict[_Slot, dict[str, datetime]] = {}
+    earliest: dict[_Slot, dict[str, datetime]] = {}
     for sign, rows in ((-1, before), (1, after)):
         for row in rows:
             for counter in tally.counters:
@@ -175,17 +184,26 @@ def bumps(table: str, before: Iterable[Row], after: Iterable[Row]) -> list[Bump]
                 for name, amount in counter.sums(row).items():
                     sums[name] = sums.get(name, 0) + sign * amount
                 if sign > 0:
-                    times = latest.setdefault(slot, {})
-                    for name, stamp in counter.latest(row).items():
-                        if stamp is not None and (name not in times or stamp > times[name]):
-                            times[name] = stamp
+                    _keep(latest.setdefault(slot, {}), counter.latest(row), max)
+                    _keep(earliest.setdefault(slot, {}), counter.earliest(row), min)
     out = []
     for slot, sums in totals.items():
         changed = {name: amount for name, amount in sums.items() if amount != 0}
-        times = latest.get(slot, {})
-        if changed or times:
-            out.append(Bump(slot[0], dict(slot[1]), changed, times))
+        later, sooner = latest.get(slot, {}), earliest.get(slot, {})
+        if changed or later or sooner:
+            out.append(Bump(slot[0], dict(slot[1]), changed, later, sooner))
     return out
+
+
+def _keep(
+    times: dict[str, datetime],
+    stamps: Mapping[str, datetime | None],
+    pick: Callable[[datetime, datetime], datetime],
+) -> None:
+    """Put each known stamp into ``times``, keeping the ``pick`` (max or min) of the two."""
+    for name, stamp in stamps.items():
+        if stamp is not None:
+            times[name] = stamp if name not in times else pick(times[name], stamp)
 
 
 class RowOps(Protocol):
