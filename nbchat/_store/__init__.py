@@ -480,6 +480,7 @@ class Lease(ABC):
     key: str
     refs: int = 0
     shared: bool = True
+    leftovers_checked = False  # files other processes left were looked for (first open)
 
     @abstractmethod
     def connection(self, timeout: float, access: Any = "write") -> AbstractContextManager[Any]:

@@ -107,8 +107,13 @@ class DuckDBStore(SqlStore[Lease]):
         lease = acquire_lease(raw, lease_options, lock_timeout)
         store = cls(lease, lock_timeout=lock_timeout, path=lease.key)
         try:
-            if lease.key != ":memory:" and glob.glob(glob.escape(lease.key) + _RECOVERY + "*"):
-                store._import_recovery()
+            # Recovery files are looked for once per process (a directory listing each
+            # time would cost every analysis call); journals at every open (their own
+            # small folder) and before a session is loaded.
+            if not lease.leftovers_checked and lease.key != ":memory:":
+                if glob.glob(glob.escape(lease.key) + _RECOVERY + "*"):
+                    store._import_recovery()
+                lease.leftovers_checked = True
             store._replay_journals()
         except BaseException:
             store.close()
