@@ -480,7 +480,9 @@ class Lease(ABC):
     key: str
     refs: int = 0
     shared: bool = True
-    leftovers_checked = False  # files other processes left were looked for (first open)
+    # Files other processes left were looked for (at the first open, or the first after
+    # the store was closed without linger; the analysis functions' linger keeps it).
+    leftovers_checked = False
 
     @abstractmethod
     def connection(self, timeout: float, access: Any = "write") -> AbstractContextManager[Any]:
@@ -555,6 +557,7 @@ def release_lease(lease: Lease, *, linger: bool = False) -> None:
         lease.shutdown()
     elif not linger:
         lease.release()
+        lease.leftovers_checked = False  # closed for good: the next open looks again
     for item in evicted:
         if item is not lease:
             item.shutdown()
