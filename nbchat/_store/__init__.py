@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from .._types import Event, Message, ToolCall, Usage
+    from ._queries import QueryResult
     from ._records import StoredSession
     from ._sink import RowWrite, Update
 
@@ -353,7 +354,6 @@ class Store(ABC):
     def frame(self, name: QueryName, **params: Any) -> pd.DataFrame:
         """The named analysis query (``_queries.QUERIES``) as a DataFrame."""
 
-    @abstractmethod
     def sql(
         self,
         query: str,
@@ -361,7 +361,21 @@ class Store(ABC):
         *,
         allow_files: bool = False,
     ) -> pd.DataFrame:
-        """Run one user SELECT, read-only and sandboxed; ``StoreError`` for anything else."""
+        """Run one user SELECT, read-only and sandboxed; ``StoreError`` for anything else.
+
+        ``params`` is a sequence for ``?`` placeholders or a mapping for ``$name`` ones;
+        ``allow_files=True`` lets the query read files (``read_csv``...).
+        """
+        from ._queries import check_select, to_frame
+
+        check_select(query)
+        return to_frame(self._select(query, params, allow_files=allow_files))
+
+    @abstractmethod
+    def _select(
+        self, query: str, params: Sequence[Any] | Mapping[str, Any] | None, *, allow_files: bool
+    ) -> QueryResult:
+        """``sql``'s checked SELECT, run read-only and sandboxed, as columns."""
 
     def stats(self) -> dict[str, Any]:
         """Counters of this process's connection handling (opens, waits), for benchmarks."""

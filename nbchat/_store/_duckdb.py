@@ -35,7 +35,6 @@ from ._queries import (
     SESSION_TIMES,
     SESSION_USAGE,
     QueryResult,
-    check_select,
     to_frame,
 )
 from ._records import StoredSession
@@ -340,16 +339,10 @@ class DuckDBStore(SqlStore[Lease]):
             result = _result(con.execute(parsed(query.sql), query.bind(params)))
         return to_frame(result, query.json_columns)
 
-    def sql(
-        self,
-        query: str,
-        params: Sequence[Any] | Mapping[str, Any] | None = None,
-        *,
-        allow_files: bool = False,
-    ) -> pd.DataFrame:
-        """Run one user SELECT, read-only and sandboxed (see ``query_read_only``)."""
-        check_select(query)
-        return to_frame(self.query_read_only(query, params, allow_files=allow_files))
+    def _select(
+        self, query: str, params: Sequence[Any] | Mapping[str, Any] | None, *, allow_files: bool
+    ) -> QueryResult:
+        return self.query_read_only(query, params, allow_files=allow_files)
 
     def query(self, sql: str, params: Sequence[Any] | None = None) -> QueryResult:
         """Run one query built by nbchat (parameterised) and return its columns."""
@@ -381,10 +374,7 @@ class DuckDBStore(SqlStore[Lease]):
                 cursor = con.execute(sql, bound)
                 return _result(cursor)
             except duckdb.PermissionException as exc:
-                raise StoreError(
-                    f"The query may not read files: {first_line(exc)}. Queries on the store "
-                    "run sandboxed; pass allow_files=True to let one read files."
-                ) from exc
+                raise sandbox_refused(exc) from exc
             finally:
                 con.execute("ROLLBACK")
 
@@ -570,6 +560,14 @@ def parsed(sql: str) -> Any:
     """``sql`` parsed once: DuckDB's parser is a large part of a one-row INSERT's cost
     (~30%), and a parsed statement can be executed again and again."""
     return _duckdb().extract_statements(sql)[0]
+
+
+def sandbox_refused(exc: BaseException) -> StoreError:
+    """The error for a user query that tried to read files without ``allow_files``."""
+    return StoreError(
+        f"The query may not read files: {first_line(exc)}. Queries on the store run "
+        "sandboxed; pass allow_files=True to let one read files."
+    )
 
 
 def first_line(exc: BaseException) -> str:

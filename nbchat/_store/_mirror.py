@@ -32,7 +32,7 @@ from typing import Any
 
 from .._exceptions import StoreError
 from . import TABLES
-from ._duckdb import _duckdb, _result, first_line
+from ._duckdb import _duckdb, _result, sandbox_refused
 from ._lease import _NO_EXTENSIONS
 from ._migrations import fill_counters
 from ._queries import QueryResult
@@ -107,10 +107,7 @@ class Mirror:
                 cursor = con.execute(sql, bound)
                 return _result(cursor)
             except duckdb.PermissionException as exc:
-                raise StoreError(
-                    f"The query may not read files: {first_line(exc)}. Queries on the store "
-                    "run sandboxed; pass allow_files=True to let one read files."
-                ) from exc
+                raise sandbox_refused(exc) from exc
             except duckdb.Error as exc:
                 raise StoreError(f"Store {self.shown}: {exc}") from exc
             finally:

@@ -22,7 +22,7 @@ from .._types import Event, utcnow
 from . import Lease, QueryName, key_of, shared_lease
 from ._mirror import Mirror
 from ._pg_lease import DuplicateRow, PgLease, PgOptions, _clean, check_url, shown_url
-from ._queries import QUERIES, SESSION_USAGE, check_select, to_frame
+from ._queries import QUERIES, SESSION_USAGE, QueryResult, to_frame
 from ._records import StoredSession
 from ._sink import (
     MESSAGE_COLUMNS,
@@ -293,20 +293,12 @@ class PostgresStore(SqlStore[PgLease]):
         result = self._mirror().run(query.sql, bound, session_id=params.get("session_id"))
         return to_frame(result, query.json_columns)
 
-    def sql(
-        self,
-        query: str,
-        params: Sequence[Any] | Mapping[str, Any] | None = None,
-        *,
-        allow_files: bool = False,
-    ) -> pd.DataFrame:
-        """Run one user SELECT in a private DuckDB over the tables it names, sandboxed.
-
-        The query never reaches PostgreSQL: it reads a copy of the rows the database
-        role may see, so it cannot change the store.
-        """
-        check_select(query)
-        return to_frame(self._mirror().run(query, params, user=True, allow_files=allow_files))
+    def _select(
+        self, query: str, params: Sequence[Any] | Mapping[str, Any] | None, *, allow_files: bool
+    ) -> QueryResult:
+        """In a private DuckDB over the tables it names: the query never reaches
+        PostgreSQL, it reads a copy of the rows the database role may see."""
+        return self._mirror().run(query, params, user=True, allow_files=allow_files)
 
     def stats(self) -> dict[str, Any]:
         """Counters of this process's connections, spool and analysis fetches."""
