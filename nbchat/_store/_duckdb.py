@@ -49,7 +49,7 @@ from ._sink import (
     settled,
     with_image_bytes,
 )
-from ._sql import SqlStore
+from ._sql import SqlStore, load_queries
 from ._tally import COUNTER_TABLES, Bump, apply_rows
 
 if TYPE_CHECKING:
@@ -173,22 +173,13 @@ class DuckDBStore(SqlStore[Lease]):
     def load_session(self, session_id: str) -> StoredSession:
         """The session's settings and active messages in order; ``StoreError`` if unknown."""
         self._replay_journals()  # a process that died in this session may have left one
+        head_sql, rows_sql, max_seq_sql = _LOAD
         with self._connection() as con:
-            head = con.execute(
-                "SELECT id, model, system_prompt, title, parent_id, notebook,"
-                " epoch_us(created_at), metadata FROM sessions WHERE id = ?",
-                [session_id],
-            ).fetchall()
+            head = con.execute(head_sql, [session_id]).fetchall()
             if not head:
                 raise StoreError(f"No session {session_id} in {self.path}.")
-            rows = con.execute(
-                f"SELECT {_MESSAGE_SELECT} FROM messages"
-                " WHERE session_id = ? AND state = 'active' ORDER BY seq, created_at",
-                [session_id],
-            ).fetchall()
-            (max_seq,) = con.execute(
-                "SELECT coalesce(max(seq), -1) FROM messages WHERE session_id = ?", [session_id]
-            ).fetchone()
+            rows = con.execute(rows_sql, [session_id]).fetchall()
+            (max_seq,) = con.execute(max_seq_sql, [session_id]).fetchone()
             messages = [_message(row) for row in rows]
             _load_image_bytes(con, messages)
         *settings, created_us, metadata = head[0]
@@ -408,6 +399,7 @@ def _duckdb() -> Any:
 _MESSAGE_SELECT = ", ".join(
     "epoch_us(created_at)" if c == "created_at" else c for c in MESSAGE_COLUMNS
 )
+_LOAD = load_queries("epoch_us(created_at)", _MESSAGE_SELECT)
 
 
 def _load_image_bytes(con: Any, messages: list[Message]) -> None:

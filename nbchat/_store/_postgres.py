@@ -34,7 +34,7 @@ from ._sink import (
     settle,
     with_image_bytes,
 )
-from ._sql import SqlStore
+from ._sql import SqlStore, load_queries
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 __all__ = ["PostgresStore"]
 
 _MESSAGE_SELECT = ", ".join(f'"{c}"' for c in MESSAGE_COLUMNS)
+_LOAD = tuple(q.replace("?", "%s") for q in load_queries("created_at", _MESSAGE_SELECT))
 _mirror_lock = threading.Lock()
 
 
@@ -150,20 +151,10 @@ class PostgresStore(SqlStore[PgLease]):
         self._replay_journals()  # a process that died in this session may have left one
 
         def load(con: Any) -> tuple[Any, Any, Any, dict[str, bytes]]:
-            head = con.execute(
-                "SELECT id, model, system_prompt, title, parent_id, notebook, created_at,"
-                " metadata FROM sessions WHERE id = %s",
-                [session_id],
-            ).fetchall()
-            rows = con.execute(
-                f"SELECT {_MESSAGE_SELECT} FROM messages"
-                " WHERE session_id = %s AND state = 'active' ORDER BY seq, created_at",
-                [session_id],
-            ).fetchall()
-            (max_seq,) = con.execute(
-                "SELECT coalesce(max(seq), -1) FROM messages WHERE session_id = %s",
-                [session_id],
-            ).fetchone()
+            head_sql, rows_sql, max_seq_sql = _LOAD
+            head = con.execute(head_sql, [session_id]).fetchall()
+            rows = con.execute(rows_sql, [session_id]).fetchall()
+            (max_seq,) = con.execute(max_seq_sql, [session_id]).fetchone()
             images = con.execute(  # the bytes of the images these messages carry
                 "SELECT a.sha256, a.data FROM attachments a WHERE a.sha256 IN ("
                 " SELECT DISTINCT r->>'sha256' FROM messages m,"

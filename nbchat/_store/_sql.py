@@ -20,7 +20,20 @@ from ._journal import replay_orphans
 
 L = TypeVar("L", bound=Lease)
 
-__all__ = ["SqlStore"]
+__all__ = ["SqlStore", "load_queries"]
+
+
+def load_queries(created_at: str, message_columns: str) -> tuple[str, str, str]:
+    """``load_session``'s three reads (``?`` placeholders): the session's row, its active
+    messages in order, its highest ``seq``. ``created_at`` and ``message_columns`` are
+    how the backend selects timestamps (as epoch microseconds, or as they are)."""
+    return (
+        "SELECT id, model, system_prompt, title, parent_id, notebook, "
+        f"{created_at}, metadata FROM sessions WHERE id = ?",
+        f"SELECT {message_columns} FROM messages"
+        " WHERE session_id = ? AND state = 'active' ORDER BY seq, created_at",
+        "SELECT coalesce(max(seq), -1) FROM messages WHERE session_id = ?",
+    )
 
 
 class SqlStore(Store, Generic[L]):
