@@ -554,7 +554,7 @@ def utc(value: datetime) -> datetime:
     return value.astimezone(UTC)
 
 
-# Column lists in the order the writers pass values.
+# The columns of the rows ``_row`` builds from an event's (or record's) attributes.
 
 _TOOL_CALL_COLUMNS = (
     "id", "session_id", "turn_id", "round", "call_id", "name", "arguments", "result",
@@ -705,45 +705,37 @@ def _write_usage(event: UsageEvent) -> list[RowWrite]:
     return [Insert("requests", tuple(row), list(row.values()))]
 
 
+def _row(table: str, columns: tuple[str, ...], source: Any, **given: Any) -> Insert:
+    """A row of ``columns``: each the attribute of ``source`` by that name, unless given."""
+    values = [given[c] if c in given else getattr(source, c) for c in columns]
+    return Insert(table, columns, values)
+
+
 def _write_tool_result(event: ToolResult) -> list[RowWrite]:
     call = event.call
-    turn_id = call.turn_id or event.turn_id or None
     # The row is keyed by the record's own id: the model's call id is not unique
     # (fakes and some servers reuse "call_0", even within one turn).
-    values = [
-        call.id,
-        event.session_id,
-        turn_id,
-        call.round,
-        call.call_id,
-        call.name,
-        call.arguments,
-        call.result,
-        call.is_error,
-        call.error_kind,
-        call.duration_ms,
-        utc(event.at),
-    ]
-    return [Insert("tool_calls", _TOOL_CALL_COLUMNS, values)]
+    row = _row(
+        "tool_calls",
+        _TOOL_CALL_COLUMNS,
+        call,
+        session_id=event.session_id,
+        turn_id=call.turn_id or event.turn_id or None,
+        created_at=utc(event.at),
+    )
+    return [row]
 
 
 def _write_compaction(event: CompactionEvent) -> list[RowWrite]:
-    values = [
-        event.compaction_id,
-        event.session_id,
-        event.turn_id or None,
-        event.strategy,
-        event.from_seq,
-        event.to_seq,
-        event.summary,
-        event.tokens_before,
-        event.tokens_after,
-        event.model,
-        event.cost_usd,
-        event.error,
-        utc(event.at),
-    ]
-    return [Insert("compactions", _COMPACTION_COLUMNS, values)]
+    row = _row(
+        "compactions",
+        _COMPACTION_COLUMNS,
+        event,
+        id=event.compaction_id,
+        turn_id=event.turn_id or None,
+        created_at=utc(event.at),
+    )
+    return [row]
 
 
 def _write_turn_started(event: TurnStarted) -> list[RowWrite]:
