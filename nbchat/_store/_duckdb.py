@@ -49,7 +49,7 @@ from ._sink import (
     settled,
     with_image_bytes,
 )
-from ._sql import SqlStore, load_queries
+from ._sql import END_TURNS, SqlStore, load_queries
 from ._tally import COUNTER_TABLES, Bump, apply_rows
 
 if TYPE_CHECKING:
@@ -205,13 +205,8 @@ class DuckDBStore(SqlStore[Lease]):
         resolves; ``keep`` is a turn id to leave alone (the one running now).
         """
         with self._connection() as con:
-            row = con.execute(
-                "UPDATE turns SET status = ?, error = coalesce(error, ?),"
-                " finished_at = coalesce(finished_at, ?)"
-                " WHERE session_id = ? AND (status IS NULL OR status = 'running')"
-                " AND (? IS NULL OR id <> ?)",
-                [status, error, utcnow(), session_id, keep, keep],
-            ).fetchone()
+            params = [status, error, utcnow(), session_id, keep, keep]
+            row = con.execute(END_TURNS, params).fetchone()
         return int(row[0]) if row else 0
 
     # ------------------------------------------------------------------ recovery

@@ -34,7 +34,7 @@ from ._sink import (
     settle,
     with_image_bytes,
 )
-from ._sql import SqlStore, load_queries
+from ._sql import END_TURNS, SqlStore, load_queries
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -192,13 +192,8 @@ class PostgresStore(SqlStore[PgLease]):
         """Close the session's turns still running (or never given a status); returns how many."""
 
         def end(con: Any) -> int:
-            cursor = con.execute(
-                "UPDATE turns SET status = %s, error = coalesce(error, %s),"
-                " finished_at = coalesce(finished_at, %s)"
-                " WHERE session_id = %s AND (status IS NULL OR status = 'running')"
-                " AND (%s::text IS NULL OR id <> %s)",
-                [status, error, utcnow(), session_id, keep, keep],
-            )
+            params = [status, error, utcnow(), session_id, keep, keep]
+            cursor = con.execute(END_TURNS.replace("?", "%s"), params)
             return int(cursor.rowcount)
 
         lease = self._live()

@@ -20,7 +20,15 @@ from ._journal import replay_orphans
 
 L = TypeVar("L", bound=Lease)
 
-__all__ = ["SqlStore", "load_queries"]
+__all__ = ["END_TURNS", "SqlStore", "load_queries"]
+
+# ``end_unfinished_turns``: status, error, now, session id, and the turn to keep twice.
+END_TURNS = (
+    "UPDATE turns SET status = ?, error = coalesce(error, ?),"
+    " finished_at = coalesce(finished_at, ?)"
+    " WHERE session_id = ? AND (status IS NULL OR status = 'running')"
+    " AND (CAST(? AS VARCHAR) IS NULL OR id <> ?)"
+)
 
 
 def load_queries(created_at: str, message_columns: str) -> tuple[str, str, str]:
