@@ -94,21 +94,28 @@ def turns(path: str, session_id: str, count: str, tool_seconds: str) -> None:
                       "p99_ms": 1000 * writes[int(len(writes) * 0.99)]}), flush=True)  # fmt: skip
 
 
-def finish_locked(path: str, exit_wait: str, ready: str) -> None:
-    """Hand a whole turn to a sink while another process holds the file, then exit normally."""
-    import nbchat._store._sink as sink_module
+def sink_once_held(path: str, session_id: str, ready: str) -> Any:
+    """A sink on a new session of the store at ``path``, once another process holds the
+    file: this one lets go, touches ``ready`` and waits for ``ready.held``."""
     from nbchat._store import Store
     from nbchat._store._sink import StoreSink
 
-    sink_module.EXIT_WAIT_S = float(exit_wait)
     store = Store.open(path, lock_timeout=60, linger=0.05)
-    store.create_session(session_id="exiting", model="m", system_prompt=None)
+    store.create_session(session_id=session_id, model="m", system_prompt=None)
     while store.stats()["open"]:  # the lease lets go of the file: the holder takes it
         time.sleep(0.01)
     Path(ready).touch()
     while not Path(ready + ".held").exists():
         time.sleep(0.01)
-    sink = StoreSink(store, notify=lambda message: None)
+    return StoreSink(store, notify=lambda message: None)
+
+
+def finish_locked(path: str, exit_wait: str, ready: str) -> None:
+    """Hand a whole turn to a sink while another process holds the file, then exit normally."""
+    import nbchat._store._sink as sink_module
+
+    sink_module.EXIT_WAIT_S = float(exit_wait)
+    sink = sink_once_held(path, "exiting", ready)
     before, tool, after = turn_events("exiting", 0)
     for event in [*before, *tool, *after]:
         sink.handle(event)
@@ -119,17 +126,7 @@ def finish_locked(path: str, exit_wait: str, ready: str) -> None:
 def barrier_locked(path: str, ready: str) -> None:
     """Run three turns through a sink's barriers while another process holds the file,
     print each one done, then wait to be killed."""
-    from nbchat._store import Store
-    from nbchat._store._sink import StoreSink
-
-    store = Store.open(path, lock_timeout=60, linger=0.05)
-    store.create_session(session_id="killed", model="m", system_prompt=None)
-    while store.stats()["open"]:  # the lease lets go of the file: the holder takes it
-        time.sleep(0.01)
-    Path(ready).touch()
-    while not Path(ready + ".held").exists():
-        time.sleep(0.01)
-    sink = StoreSink(store, notify=lambda message: None)
+    sink = sink_once_held(path, "killed", ready)
     for number in range(3):
         before, tool, after = turn_events("killed", number)
         for event in before:
