@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -56,6 +57,8 @@ from ._wire import (
 )
 
 if TYPE_CHECKING:
+    import ssl
+
     import openai
 
 __all__ = ["ModelClient", "RoundFolder", "truncation_notice"]
@@ -378,9 +381,16 @@ class ModelClient:
     def _new_client(self) -> openai.AsyncOpenAI:
         import openai
 
+        # The SDK's default HTTP client loads the CA bundle into a new SSL context for
+        # every client (~40 ms, paid each turn on a loop other than nbchat's own); the
+        # same client with one shared context is what it builds otherwise.
+        options = self._options()
+        options["http_client"] = openai.DefaultAsyncHttpxClient(
+            verify=_ssl_context(*_ssl_env()), timeout=self.timeout
+        )
         if self.settings.api_version is not None:
-            return openai.AsyncAzureOpenAI(**self._options())
-        return openai.AsyncOpenAI(**self._options())
+            return openai.AsyncAzureOpenAI(**options)
+        return openai.AsyncOpenAI(**options)
 
     def _cache_key(self) -> tuple[Any, ...]:
         s = self.settings
@@ -773,6 +783,19 @@ def _http_library() -> Any:
         "nbchat cannot find the HTTP library under this openai version "
         f"({openai.__version__}): openai.DefaultAsyncHttpxClient is not an httpx AsyncClient."
     )
+
+
+def _ssl_env() -> tuple[str | None, str | None]:
+    """What in the environment changes the default SSL context (the CA file or folder)."""
+    return os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR")
+
+
+@functools.cache
+def _ssl_context(cert_file: str | None, cert_dir: str | None) -> ssl.SSLContext:
+    """The HTTP library's default SSL context, built once per CA setting: a context is
+    not tied to a loop or a thread, and building one costs ~40 ms."""
+    context: ssl.SSLContext = _http_library().create_ssl_context()
+    return context
 
 
 def _response_class() -> type[Any]:
