@@ -195,10 +195,14 @@ class RoundFolder:
                 raise ValueError(f"a delta is not an object: {delta!r:.60}")
             content = delta.get("content")
             if content:
+                if not isinstance(content, str):
+                    raise ValueError(f"'content' is not a string: {content!r:.60}")
                 if self.first_text_at is None:
                     self._mark_first_token(answer=True)
-                self.text_buffer.append(_string(content, "content"))
+                self.text_buffer.append(content)
                 events.append(self._text_event(TextDelta, "text_delta", content))
+                if len(delta) == 1:
+                    continue  # the common chunk: its text is all it holds
             reasoning = delta.get("reasoning_content") or delta.get("reasoning")
             if reasoning and isinstance(reasoning, str):  # other shapes are not text
                 if self.first_token_at is None:
