@@ -85,9 +85,7 @@ class _ChatStream:
     """Chat completions chunks as they come (the end is ``[DONE]``, seen by the parser)."""
 
     finished = False
-
-    def feed(self, payload: bytes) -> dict[str, Any]:
-        return parse_chunk(payload)
+    feed = staticmethod(parse_chunk)  # a chunk is its JSON object: no call in between
 
 
 # --------------------------------------------------------------------------- folding
@@ -534,13 +532,14 @@ class ModelClient:
                     # decoder and re-chunker (each a layer per chunk).
                     encoding = response.headers.get("content-encoding", "").strip().lower()
                     raw = encoding in ("", "identity")
+                    frame, decode, fold = parser.feed, decoder.feed, folder.feed  # per chunk
                     async for data in response.aiter_raw() if raw else response.aiter_bytes():
                         if head is None:
                             head = data
                             if not sse and data.lstrip()[:1] == b"<":
                                 raise self._not_expected(content_type, data, "an event stream")
-                        for payload in parser.feed(data):
-                            for event in folder.feed(decoder.feed(payload)):
+                        for payload in frame(data):
+                            for event in fold(decode(payload)):
                                 yield event
                         if parser.done or decoder.finished:
                             break
