@@ -62,9 +62,17 @@ def _server(replies: int, in_process: bool) -> Iterator[str]:
             server.enqueue("x" * CHUNKS, chunk_size=1, repeat=replies)
             yield server.url
         return
+    with _server_process([{"text": "x" * CHUNKS, "chunk_size": 1}] * replies) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def _server_process(replies: list[dict[str, Any]]) -> Iterator[str]:
+    """The URL of a fake server in a process of its own that plays ``replies`` (its
+    script: ``Reply`` fields), so that its buffers and CPU are not this process's."""
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "script.json"
-        script.write_text(json.dumps([{"text": "x" * CHUNKS, "chunk_size": 1}] * replies))
+        script.write_text(json.dumps(replies))
         process = subprocess.Popen(
             [sys.executable, "-m", "nbchat.testing", "--script", str(script)],
             stdout=subprocess.PIPE,
@@ -177,28 +185,15 @@ def memory(tokens: int = 100_000) -> list[dict[str, Any]]:
     import nbchat
 
     text = "abcd" * tokens  # ~4 characters per token
-    with tempfile.TemporaryDirectory() as tmp:
-        script = Path(tmp) / "script.json"
-        # a short warm-up reply first, so imports and connection set-up are not counted
-        script.write_text(json.dumps([{"text": "warm"}, {"text": text, "chunk_size": 4}]))
-        server = subprocess.Popen(
-            [sys.executable, "-m", "nbchat.testing", "--script", str(script)],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            assert server.stdout is not None
-            url = server.stdout.readline().strip()
-            session = nbchat.Session(model="bench", base_url=url, api_key="b", db=False)
-            asyncio.run(_nbchat_stream(session))
-            tracemalloc.start()
-            before = tracemalloc.get_traced_memory()[0]
-            n = asyncio.run(_nbchat_stream(session))
-            peak = tracemalloc.get_traced_memory()[1] - before
-            tracemalloc.stop()
-        finally:
-            server.terminate()
-            server.wait()
+    # a short warm-up reply first, so imports and connection set-up are not counted
+    with _server_process([{"text": "warm"}, {"text": text, "chunk_size": 4}]) as url:
+        session = nbchat.Session(model="bench", base_url=url, api_key="b", db=False)
+        asyncio.run(_nbchat_stream(session))
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        n = asyncio.run(_nbchat_stream(session))
+        peak = tracemalloc.get_traced_memory()[1] - before
+        tracemalloc.stop()
     assert n == tokens, n
     size = len(text.encode())
     multiple = peak / size

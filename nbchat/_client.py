@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -56,6 +57,8 @@ from ._wire import (
 )
 
 if TYPE_CHECKING:
+    import ssl
+
     import openai
 
 __all__ = ["ModelClient", "RoundFolder", "truncation_notice"]
@@ -82,9 +85,7 @@ class _ChatStream:
     """Chat completions chunks as they come (the end is ``[DONE]``, seen by the parser)."""
 
     finished = False
-
-    def feed(self, payload: bytes) -> dict[str, Any]:
-        return parse_chunk(payload)
+    feed = staticmethod(parse_chunk)  # a chunk is its JSON object: no call in between
 
 
 # --------------------------------------------------------------------------- folding
@@ -192,10 +193,14 @@ class RoundFolder:
                 raise ValueError(f"a delta is not an object: {delta!r:.60}")
             content = delta.get("content")
             if content:
+                if not isinstance(content, str):
+                    raise ValueError(f"'content' is not a string: {content!r:.60}")
                 if self.first_text_at is None:
                     self._mark_first_token(answer=True)
-                self.text_buffer.append(_string(content, "content"))
+                self.text_buffer.append(content)
                 events.append(self._text_event(TextDelta, "text_delta", content))
+                if len(delta) == 1:
+                    continue  # the common chunk: its text is all it holds
             reasoning = delta.get("reasoning_content") or delta.get("reasoning")
             if reasoning and isinstance(reasoning, str):  # other shapes are not text
                 if self.first_token_at is None:
@@ -378,9 +383,16 @@ class ModelClient:
     def _new_client(self) -> openai.AsyncOpenAI:
         import openai
 
+        # The SDK's default HTTP client loads the CA bundle into a new SSL context for
+        # every client (~40 ms, paid each turn on a loop other than nbchat's own); the
+        # same client with one shared context is what it builds otherwise.
+        options = self._options()
+        options["http_client"] = openai.DefaultAsyncHttpxClient(
+            verify=_ssl_context(*_ssl_env()), timeout=self.timeout
+        )
         if self.settings.api_version is not None:
-            return openai.AsyncAzureOpenAI(**self._options())
-        return openai.AsyncOpenAI(**self._options())
+            return openai.AsyncAzureOpenAI(**options)
+        return openai.AsyncOpenAI(**options)
 
     def _cache_key(self) -> tuple[Any, ...]:
         s = self.settings
@@ -520,13 +532,14 @@ class ModelClient:
                     # decoder and re-chunker (each a layer per chunk).
                     encoding = response.headers.get("content-encoding", "").strip().lower()
                     raw = encoding in ("", "identity")
+                    frame, decode, fold = parser.feed, decoder.feed, folder.feed  # per chunk
                     async for data in response.aiter_raw() if raw else response.aiter_bytes():
                         if head is None:
                             head = data
                             if not sse and data.lstrip()[:1] == b"<":
                                 raise self._not_expected(content_type, data, "an event stream")
-                        for payload in parser.feed(data):
-                            for event in folder.feed(decoder.feed(payload)):
+                        for payload in frame(data):
+                            for event in fold(decode(payload)):
                                 yield event
                         if parser.done or decoder.finished:
                             break
@@ -773,6 +786,19 @@ def _http_library() -> Any:
         "nbchat cannot find the HTTP library under this openai version "
         f"({openai.__version__}): openai.DefaultAsyncHttpxClient is not an httpx AsyncClient."
     )
+
+
+def _ssl_env() -> tuple[str | None, str | None]:
+    """What in the environment changes the default SSL context (the CA file or folder)."""
+    return os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR")
+
+
+@functools.cache
+def _ssl_context(cert_file: str | None, cert_dir: str | None) -> ssl.SSLContext:
+    """The HTTP library's default SSL context, built once per CA setting: a context is
+    not tied to a loop or a thread, and building one costs ~40 ms."""
+    context: ssl.SSLContext = _http_library().create_ssl_context()
+    return context
 
 
 def _response_class() -> type[Any]:

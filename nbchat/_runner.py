@@ -10,7 +10,6 @@ also keeps Ctrl-C / kernel interrupts landing where they can be handled.
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
 import contextlib
 import queue
@@ -100,32 +99,39 @@ class _Failure:
 
 
 class _Channel:
-    """Items from a turn's task to its consumer on the same loop: an ``asyncio.Queue``
-    without the bookkeeping it does per item (this runs once per streamed chunk)."""
+    """Items from a turn's task to its consumer on the same loop, taken in batches: an
+    ``asyncio.Queue`` without the bookkeeping it does per item (this runs per chunk)."""
 
     __slots__ = ("_items", "_waiter")
 
     def __init__(self) -> None:
-        self._items: collections.deque[Any] = collections.deque()
+        self._items: list[Any] = []
         self._waiter: asyncio.Future[None] | None = None
 
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def put(self, item: Any) -> None:
-        self._items.append(item)
+    def put(self, item: Any) -> bool:
+        """Queue ``item``; True when the consumer is behind and the producer should let
+        it run (a reply already in the socket would otherwise be parsed whole first)."""
+        items = self._items
+        items.append(item)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+        return len(items) > _BACKLOG
 
-    async def get(self) -> Any:
+    async def take(self) -> list[Any]:
+        """Every item queued so far (at least one), waiting for the first if need be."""
         while not self._items:
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter
             finally:
                 self._waiter = None
-        return self._items.popleft()
+        items, self._items = self._items, []
+        return items
+
+
+# Items a consumer on the turn's own loop may fall behind by before the turn waits for it.
+_BACKLOG = 64
 
 
 class TurnRunner(Generic[T]):
@@ -180,17 +186,15 @@ class TurnRunner(Generic[T]):
         """Drive ``turn`` as a task on the running loop, yielding its items."""
         items = _Channel()
         self._inflight += 1
-        # Backpressure: a reply already buffered in the socket would otherwise be parsed
-        # whole before this consumer runs, holding every item in memory at once.
-        task = asyncio.ensure_future(self._pump(turn, items.put, lambda: len(items) > 64))
+        task = asyncio.ensure_future(self._pump(turn, items.put))
         try:
             while True:
-                item = await items.get()
-                if item is _DONE:
-                    break
-                if isinstance(item, _Failure):
-                    raise item.exc
-                yield item
+                for item in await items.take():
+                    if item is _DONE:
+                        return
+                    if isinstance(item, _Failure):
+                        raise item.exc
+                    yield item
         finally:
             if not task.done():
                 self.cancel()
@@ -261,15 +265,10 @@ class TurnRunner(Generic[T]):
         if failed is not None:
             raise failed
 
-    async def _pump(
-        self,
-        turn: AsyncIterator[T],
-        put: Callable[[Any], None],
-        backlog: Callable[[], bool] | None = None,
-    ) -> None:
+    async def _pump(self, turn: AsyncIterator[T], put: Callable[[Any], bool | None]) -> None:
         """Drive ``turn`` under the lock, handing items to ``put``, then ``_DONE``.
 
-        When ``backlog()`` says the consumer (on this same loop) is behind, yield to it.
+        When ``put`` says the consumer (on this same loop) is behind, yield to it.
         """
         try:
             await self._acquire()
@@ -279,8 +278,7 @@ class TurnRunner(Generic[T]):
                 if self.cancel_requested and self._task is not None:
                     self._task.cancel()  # cancel() came before this task existed
                 async for item in turn:
-                    put(item)
-                    if backlog is not None and backlog():
+                    if put(item):
                         await asyncio.sleep(0)
             finally:
                 self._task = self._task_loop = None
