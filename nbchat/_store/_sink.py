@@ -17,9 +17,10 @@ writes the queue to the store in order.
   when the backlog is written.
 * **A row DuckDB can never take** (a value out of range, a broken constraint) is
   skipped and reported, one message per row, so it cannot freeze the rows behind it.
-* **Barriers.** ``barrier()`` makes everything handed so far durable: it appends what
-  the writer has not journaled yet to this process's journal (``_journal.py``) on the
-  caller's thread and returns, without waiting for the store. The session calls it
+* **Barriers.** ``barrier()`` makes everything handed so far durable: ``handle()`` has
+  already appended each event to this process's journal (``_journal.py``), so it only
+  appends any that could not be, on the caller's thread, and returns, without waiting
+  for the store. The session calls it
   before running tools and before ``send()`` returns. Without a journal (``:memory:``, a
   folder it cannot write) it is ``flush(timeout)``, which waits until everything handed
   so far is written, and returns at once while the store is known to be unavailable
@@ -184,6 +185,7 @@ class StoreSink:
         handed so far is in the journal (False: there is none, wait with ``flush``)."""
         if self._journal_off:
             return False
+        failed: Exception | None = None
         with self._journal_lock:
             if self._journal_off:
                 return False
@@ -194,23 +196,20 @@ class StoreSink:
                 assert folder is not None
                 self._journal = Journal(folder)
             while self._unjournaled:
-                event = self._unjournaled[0]
                 try:
-                    self._journal.append(event)
+                    self._journal.append(self._unjournaled[0])
                 except (OSError, ValueError) as exc:
-                    return self._journal_failed(exc)
+                    failed = exc  # from here on barriers wait for the store itself
+                    self._journal_off = True
+                    self._unjournaled.clear()
+                    break
                 self._unjournaled.popleft()
                 self._journaled += 1
+        if failed is None:
             return True
-
-    def _journal_failed(self, exc: Exception) -> bool:
-        # With the journal lock held. From here on barriers wait for the store itself.
-        self._journal_off = True
-        self._unjournaled.clear()
-        where = self.store.journal_folder()
-        self._say(
-            f"The store's journal {where} cannot be written ({exc}); each turn now waits "
-            "for the store file itself."
+        self._say(  # outside the lock: the callback is the user's
+            f"The store's journal {self.store.journal_folder()} cannot be written "
+            f"({failed}); each turn now waits for the store file itself."
         )
         return False
 
