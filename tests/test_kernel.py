@@ -11,11 +11,10 @@ from typing import Any
 
 import pytest
 
-from nbchat._analysis import transcript
 from nbchat.testing import FakeOpenAIServer
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
-from magics_kernel import Execution, Kernel, fresh_session, nbchat_kernel
+from magics_kernel import Execution, Kernel, fresh_session, nbchat_kernel, stored_rows
 
 pytestmark = pytest.mark.slow
 
@@ -75,7 +74,7 @@ def test_rerunning_a_cell_forks_the_conversation(
 
     session_id = final(rerun)["metadata"]["nbchat"]["session_id"]
     assert final(first)["metadata"]["nbchat"]["session_id"] == session_id
-    rows = transcript(session_id, db=store, include_superseded=True)
+    rows = stored_rows(session_id, store, 6, include_superseded=True)
     stored = list(zip(rows["content"], rows["state"], rows["cell_id"], strict=True))
     assert stored == [
         ("Q1", "superseded", "cell-a"),
@@ -126,7 +125,7 @@ def test_interrupt_mid_stream_keeps_the_partial_reply(
     check = kernel.execute(f"print(partial == {partial!r})")
     assert check.stdout == "True\n"
     session_id = shown["metadata"]["nbchat"]["session_id"]
-    rows = transcript(session_id, db=store)
+    rows = stored_rows(session_id, store, 2)
     assert list(rows["status"]) == ["ok", "interrupted"]
     assert rows["content"].iloc[-1] == partial
 

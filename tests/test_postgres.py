@@ -240,12 +240,24 @@ def test_a_server_stopped_for_5_s_mid_turn_loses_nothing(
 
     fake.enqueue(tool_calls=[{"name": "stop_the_database", "arguments": {}}])
     fake.enqueue("the answer, written while the server was away")
-    s = Session(model="m", base_url=fake.url, api_key="k", db=url, tools=[stop_the_database])
-    events: list[Any] = []
-    result = s.send("go", on_event=events.append)
+    events: list[Any] = []  # the session's own handler: the writer's notices come there too
+    s = Session(
+        model="m",
+        base_url=fake.url,
+        api_key="k",
+        db=url,
+        tools=[stop_the_database],
+        on_event=events.append,
+    )
+    result = s.send("go")
+    # The turn ended without waiting for the server (its events are in the journal).
     assert result.status == "completed" and not restarted.is_set()
-    told = [e.message for e in events if e.kind == "notice" and "Not saved yet" in e.message]
-    assert len(told) == 1 and url in told[0]
+
+    def told() -> list[str]:
+        return [e.message for e in events if e.kind == "notice" and "Not saved yet" in e.message]
+
+    wait_for(lambda: bool(told()), "the user to be told the store is away")
+    assert len(told()) == 1 and url in told()[0]
 
     wait_for(restarted.is_set, "the server to restart")
     wait_until_up(own_cluster)

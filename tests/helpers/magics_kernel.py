@@ -175,3 +175,16 @@ def fresh_session(server: S, kernel: Kernel) -> S:
     server.reset()
     assert kernel.execute("%chat new").status == "ok"
     return server
+
+
+def stored_rows(session_id: str, db: str | os.PathLike[str], count: int, **options: Any) -> Any:
+    """``transcript(session_id)`` read from this (another) process once it holds ``count``
+    rows: a kernel's turn is durable in its journal when the cell ends and reaches the
+    store file a moment later. Fails after 30 s (a bound, not a timing)."""
+    from nbchat._analysis import transcript
+
+    deadline = time.monotonic() + 30
+    while len(rows := transcript(session_id, db=db, **options)) < count:
+        assert time.monotonic() < deadline, f"only {len(rows)} of {count} rows were stored"
+        time.sleep(0.05)
+    return rows
