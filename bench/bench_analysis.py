@@ -157,7 +157,7 @@ def _one_size(sessions: int, n: int) -> list[dict[str, Any]]:
     from nbchat._analysis import overview
     from nbchat._dashboard import Dashboard
     from nbchat._store import Store
-    from nbchat._store._queries import to_frame
+    from nbchat._store._frames import to_frame
 
     label = _label(sessions)
     with tempfile.TemporaryDirectory() as tmp:

@@ -205,6 +205,10 @@ class RandomStore:
                 self.store.write(rng.choice(self.written))
             elif roll < 0.95:
                 sessions.append(self.session())
+            elif roll < 0.975:  # settings changed: the session's row, not an event's
+                self.store.update_session(
+                    sid, title=f"t{rng.randint(0, 9)}", metadata={"tags": [rng.choice("xyz")]}
+                )
             else:
                 self.store.end_unfinished_turns(sid, status="interrupted", error="gone")
 
@@ -263,15 +267,26 @@ def test_the_migration_fills_the_counters_of_an_older_store(tmp_path: Path) -> N
         assert_same(nbchat.sessions(db=store), expected)
 
 
-def test_fill_counters_recomputes_what_writes_kept(tmp_path: Path) -> None:
-    with Store.open(tmp_path / "fill.duckdb") as store:
-        RandomStore(store, 3).run(60)
-        kept = store.sql("SELECT * FROM _session_counts ORDER BY session_id")
-        with store._connection() as con:  # type: ignore[attr-defined]
-            fill_counters(con)
-        again = store.sql("SELECT * FROM _session_counts ORDER BY session_id")
+COUNTED = ("_session_counts", "_turn_counts")
+
+
+def assert_same_counters(kept: pd.DataFrame, again: pd.DataFrame) -> None:
+    if "cost_usd" not in kept:
+        pd.testing.assert_frame_equal(kept, again)
+        return
     pd.testing.assert_frame_equal(kept.drop(columns="cost_usd"), again.drop(columns="cost_usd"))
     pd.testing.assert_series_equal(kept["cost_usd"], again["cost_usd"], atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_fill_counters_recomputes_what_writes_kept(tmp_path: Path, seed: int) -> None:
+    with Store.open(tmp_path / "fill.duckdb") as store:
+        RandomStore(store, seed).run(80)
+        kept = {t: store.sql(f"SELECT * FROM {t} ORDER BY ALL") for t in COUNTED}
+        with store._connection() as con:  # type: ignore[attr-defined]
+            fill_counters(con)
+        for table, frame in kept.items():
+            assert_same_counters(frame, store.sql(f"SELECT * FROM {table} ORDER BY ALL"))
 
 
 # What transcript() read before m008: the session's messages, with no bound on their times.
@@ -335,3 +350,32 @@ def test_m008_fills_the_first_message_times_of_a_store_with_counters(tmp_path: P
         assert len(times) >= 4
         assert times["first_message_at"].equals(times["first"])
         assert times["last_message_at"].equals(times["last"])
+
+
+def test_m009_copies_each_session_into_its_counters_and_counts_superseded_turns(
+    tmp_path: Path,
+) -> None:
+    import duckdb
+
+    from nbchat._store._migrations import migrate
+
+    with Store.open(tmp_path / "source.duckdb") as source:
+        RandomStore(source, 11).run(120)
+        expected = nbchat.sessions(db=source)
+        assert expected["superseded_turns"].sum() > 0
+    path = tmp_path / "m008.duckdb"
+    con = duckdb.connect(str(path))
+    migrate(con, stop_after="m008_first_message_times")
+    con.execute(f"ATTACH '{tmp_path / 'source.duckdb'}' AS src (READ_ONLY)")
+    for table in ("sessions", "messages", "requests", "turns"):
+        con.execute(f"INSERT INTO {table} SELECT * FROM src.{table}")
+    con.execute("DETACH src")
+    fill_counters(con)  # the counters as m008 kept them: no copies, no superseded turns
+    con.close()
+    with Store.open(path) as store:  # m009 runs here
+        assert_same(nbchat.sessions(db=store), expected)
+        migrated = {t: store.sql(f"SELECT * FROM {t} ORDER BY ALL") for t in COUNTED}
+        with store._connection() as con:  # type: ignore[attr-defined]
+            fill_counters(con)
+        for table, frame in migrated.items():
+            assert_same_counters(frame, store.sql(f"SELECT * FROM {table} ORDER BY ALL"))

@@ -27,16 +27,11 @@ from typing import TYPE_CHECKING, Any
 from .._exceptions import StoreError, UnstorableRow
 from .._types import Event, EventAdapter, Message, utcnow
 from . import Lease, QueryName, key_of
+from ._frames import QueryResult, arrow_readable, to_frame
 from ._journal import journal_folder
 from ._lease import Access, LeaseOptions, acquire_lease
 from ._migrations import fill_counters
-from ._queries import (
-    QUERIES,
-    SESSION_TIMES,
-    SESSION_USAGE,
-    QueryResult,
-    to_frame,
-)
+from ._queries import QUERIES, SESSION_TIMES, SESSION_USAGE
 from ._records import StoredSession
 from ._sink import (
     MESSAGE_COLUMNS,
@@ -50,7 +45,7 @@ from ._sink import (
     with_image_bytes,
 )
 from ._sql import END_TURNS, SqlStore, load_queries
-from ._tally import COUNTER_TABLES, Bump, apply_rows
+from ._tally import COUNTER_TABLES, Bump, apply_rows, bumps
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -153,8 +148,14 @@ class DuckDBStore(SqlStore[Lease]):
                     f"INSERT INTO sessions ({names}) VALUES ({', '.join('?' * len(row.columns))})",
                     row.values,
                 )
-                # Through the counters, as any stored message (ids already stored: replaced).
-                apply_rows(messages, _RowOps(con))
+                # Counted as any stored row (the row's copy in its counters, m009); the
+                # messages through the counters too (ids already stored: replaced).
+                ops = _RowOps(con)
+                for bump in bumps(
+                    "sessions", [], [dict(zip(row.columns, row.values, strict=True))]
+                ):
+                    ops.bump(bump)
+                apply_rows(messages, ops)
                 con.execute("COMMIT")
             except _duckdb().ConstraintException as exc:
                 con.execute("ROLLBACK")
@@ -168,7 +169,13 @@ class DuckDBStore(SqlStore[Lease]):
 
     def _apply(self, write: Update) -> None:
         with self._connection() as con:
-            _update(con, write, _RowOps(con))
+            con.execute("BEGIN TRANSACTION")
+            try:
+                apply_rows([write], _RowOps(con))  # a session's row is copied in its counters
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
 
     def load_session(self, session_id: str) -> StoredSession:
         """The session's settings and active messages in order; ``StoreError`` if unknown."""
@@ -317,12 +324,12 @@ class DuckDBStore(SqlStore[Lease]):
         query = QUERIES[name]
         with self._connection() as con:
             if query.session_times:  # from the counters, in the same hold of the file
-                times = con.execute(parsed(SESSION_TIMES), [params["session_id"]]).fetchone()
+                times = con.execute(parsed(SESSION_TIMES), [params["session_id"]]).fetchall()
                 params = {**params, "first_us": None, "last_us": None}
-                if times is not None:
-                    params["first_us"], params["last_us"] = times
+                if times:
+                    params["first_us"], params["last_us"] = times[0]
             # Parsed once (``parsed``): parsing was ~0.6 ms of a transcript's read.
-            result = _result(con.execute(parsed(query.sql), query.bind(params)))
+            result = _frame_rows(con, parsed(query.sql), query.bind(params))
         return to_frame(result, query.json_columns)
 
     def _select(
@@ -357,8 +364,7 @@ class DuckDBStore(SqlStore[Lease]):
         with self._connection(access=access) as con:
             con.execute("BEGIN TRANSACTION READ ONLY")
             try:
-                cursor = con.execute(sql, bound)
-                return _result(cursor)
+                return _frame_rows(con, sql, bound)
             except duckdb.PermissionException as exc:
                 raise sandbox_refused(exc) from exc
             finally:
@@ -377,6 +383,20 @@ def _result(cursor: Any) -> QueryResult:
     types = [str(item[1]) for item in description]
     data = cursor.fetchnumpy() if columns else {}
     return QueryResult(columns=columns, types=types, data=dict(data))
+
+
+def _frame_rows(con: Any, sql: Any, params: Sequence[Any] | Mapping[str, Any]) -> QueryResult:
+    """The rows of one SELECT for a DataFrame: as Arrow when its column types allow
+    (``_frames.arrow_readable``), else as numpy. Through a relation: its types are known
+    before it runs, and DuckDB fetches Arrow from it without copying the rows again."""
+    relation = con.sql(sql, params=params)
+    if relation is None:  # not a query: no rows
+        return QueryResult(columns=[], types=[])
+    columns = [str(name) for name in relation.columns]
+    types = [str(kind) for kind in relation.types]
+    if arrow_readable(types):
+        return QueryResult(columns=columns, types=types, table=relation.to_arrow_table())
+    return QueryResult(columns=columns, types=types, data=dict(relation.fetchnumpy()))
 
 
 def warm_up() -> None:
@@ -498,19 +518,20 @@ class _RowOps:
         changes = [f"{c} = {c} + ?" for c in bump.add]
         changes += [f"{c} = greatest({c}, ?::TIMESTAMPTZ)" for c in bump.latest]
         changes += [f"{c} = least({c}, ?::TIMESTAMPTZ)" for c in bump.earliest]
+        changes += [f"{c} = ?" for c in bump.copy]
         where = " AND ".join(f"{c} = ?" for c in COUNTER_TABLES[bump.table])
         times = [*bump.latest.values(), *bump.earliest.values()]
-        values = [*bump.add.values(), *times, *bump.key.values()]
+        values = [*bump.add.values(), *times, *bump.copy.values(), *bump.key.values()]
         updated = self.con.execute(
             parsed(f"UPDATE {bump.table} SET {', '.join(changes)} WHERE {where}"), values
         ).fetchone()
         if updated and updated[0]:
             return
-        names = [*bump.key, *bump.add, *bump.latest, *bump.earliest]
+        names = [*bump.key, *bump.add, *bump.latest, *bump.earliest, *bump.copy]
         marks = ", ".join("?" * len(names))
         self.con.execute(
             parsed(f"INSERT INTO {bump.table} ({', '.join(names)}) VALUES ({marks})"),
-            [*bump.key.values(), *bump.add.values(), *times],
+            [*bump.key.values(), *bump.add.values(), *times, *bump.copy.values()],
         )
 
 
