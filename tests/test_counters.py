@@ -271,6 +271,9 @@ COUNTED = ("_session_counts", "_turn_counts")
 
 
 def assert_same_counters(kept: pd.DataFrame, again: pd.DataFrame) -> None:
+    if "messages_version" in kept:  # a random number, new with every refill
+        assert kept["messages_version"].notna().all() and again["messages_version"].notna().all()
+        kept, again = kept.drop(columns="messages_version"), again.drop(columns="messages_version")
     if "cost_usd" not in kept:
         pd.testing.assert_frame_equal(kept, again)
         return
@@ -379,3 +382,94 @@ def test_m009_copies_each_session_into_its_counters_and_counts_superseded_turns(
             fill_counters(con)
         for table, frame in migrated.items():
             assert_same_counters(frame, store.sql(f"SELECT * FROM {table} ORDER BY ALL"))
+
+
+# Another process writes to the store: a message, a mark of an existing one, a replay.
+OTHER_PROCESS = """
+import sys
+from nbchat._store import Store
+from nbchat._types import Message, MessageAdded, MessagesMarked
+path, sid, marked = sys.argv[1:4]
+with Store.open(path) as store:
+    store.write(MessageAdded(session_id=sid, message=Message(role="user", content="new", seq=90)))
+    store.write(MessagesMarked(session_id=sid, message_ids=[marked], state="compacted"))
+"""
+
+
+def test_a_kept_transcript_is_read_again_after_any_write_of_its_messages(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """transcript() keeps the rows it read (``_KeptRows``) while the session's
+    ``messages_version`` says they are the stored ones: writes from this process and
+    from another one, marks, replays and a refill of the counters all read them again."""
+    import subprocess
+    import sys
+
+    import nbchat._store._duckdb as duckdb_store
+
+    path = tmp_path / "kept.duckdb"
+    reads: list[str] = []
+    real = duckdb_store._frame_rows
+
+    def counted(con: Any, sql: Any, params: Any) -> Any:
+        if sql is duckdb_store.parsed(duckdb_store.QUERIES["transcript"].sql):
+            reads.append(params[0])  # a transcript read from the file
+        return real(con, sql, params)
+
+    monkeypatch.setattr(duckdb_store, "_frame_rows", counted)
+
+    def shown(sid: str, **flags: bool) -> pd.DataFrame:
+        frame = nbchat.transcript(sid, db=store, **flags)
+        expected = store.sql(ALL_MESSAGES, [sid])
+        if not flags:
+            expected = expected[expected["state"] == "active"].reset_index(drop=True)
+        for column in ("tool_calls", "attachments"):
+            expected[column] = [
+                json.loads(t) if isinstance(t, str) else None for t in expected[column]
+            ]
+        pd.testing.assert_frame_equal(frame, expected)
+        return frame
+
+    store = Store.open(path)
+    history = RandomStore(store, 21)
+    history.run(40)
+    sid = next(iter(history.messages))
+    everything = {"include_compacted": True, "include_superseded": True}
+    shown(sid), shown(sid, **everything)
+    before = len(reads)
+    first = shown(sid)
+    first.loc[0, "content"] = "changed by the user"  # the kept rows are not the frame's
+    first.loc[0, "seq"] = 99
+    shown(sid), shown(sid, **everything)
+    assert len(reads) == before  # nothing written: the kept rows, checked by their version
+
+    written = []
+    for event in history.written:  # a replay of this session's events: read again
+        if getattr(event, "session_id", None) == sid and isinstance(event, MessageAdded):
+            store.write(event)
+            written.append(event)
+            before = len(reads)
+            shown(sid)
+            assert len(reads) == before + 1
+    assert written
+    live = shown(sid)
+    store.close()  # let another process have the file
+
+    marked = str(live["id"].iloc[-1])
+    other = subprocess.run(
+        [sys.executable, "-c", OTHER_PROCESS, str(path), sid, marked],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert other.returncode == 0, other.stderr
+    store = Store.open(path)
+    try:
+        after = shown(sid)
+        assert "new" in set(after["content"]) and marked not in set(after["id"])
+        shown(sid, **everything)
+        with store._connection() as con:  # type: ignore[attr-defined]
+            fill_counters(con)  # new versions for every session: read again
+        before = len(reads)
+        shown(sid)
+        assert len(reads) == before + 1
+    finally:
+        store.close()

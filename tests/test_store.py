@@ -65,6 +65,7 @@ EXPECTED_SCHEMA: dict[str, dict[str, str]] = {
         "notebook": "VARCHAR",
         "metadata": "JSON",
         "superseded_turns": "BIGINT",
+        "messages_version": "BIGINT",
     },
     "_turn_counts": {
         "turn_id": "VARCHAR",

@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import glob
 import os
+import threading
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime, timedelta
@@ -322,20 +325,28 @@ class DuckDBStore(SqlStore[Lease]):
     def frame(self, name: QueryName, **params: Any) -> pd.DataFrame:
         """The named analysis query (``_queries.QUERIES``) as a DataFrame."""
         query = QUERIES[name]
+        assert self._lease is not None
+        kept = _kept_rows(self._lease)
         with self._connection() as con:
-            if query.session_times:  # from the counters, in the same hold of the file
-                times = con.execute(parsed(SESSION_TIMES), [params["session_id"]]).fetchall()
-                params = {**params, "first_us": None, "last_us": None}
-                if times:
-                    params["first_us"], params["last_us"] = times[0]
-            # Parsed once (``parsed``): parsing was ~0.6 ms of a transcript's read.
-            result = _frame_rows(con, parsed(query.sql), query.bind(params))
-        return to_frame(result, query.json_columns)
+            if not query.session_times:
+                # Parsed once (``parsed``): parsing was ~0.6 ms of a transcript's read.
+                result = _frame_rows(con, parsed(query.sql), query.bind(params))
+                return to_frame(result, query.json_columns)
+            # From the counters, in the same hold of the file (no other writer between).
+            times = con.execute(parsed(SESSION_TIMES), [params["session_id"]]).fetchall()
+            first_us, last_us, version = times[0] if times else (None, None, None)
+            key = (name, *sorted(params.items()))
+            rows = kept.get(key, version)
+            if rows is None:
+                bounds = {"first_us": first_us, "last_us": last_us}
+                rows = _frame_rows(con, parsed(query.sql), query.bind({**params, **bounds}))
+                kept.put(key, version, rows)
+        return to_frame(rows, query.json_columns)
 
     def _select(
         self, query: str, params: Sequence[Any] | Mapping[str, Any] | None, *, allow_files: bool
     ) -> QueryResult:
-        return self.query_read_only(query, params, allow_files=allow_files)
+        return self.query_read_only(query, params, allow_files=allow_files, for_frame=True)
 
     def query(self, sql: str, params: Sequence[Any] | None = None) -> QueryResult:
         """Run one query built by nbchat (parameterised) and return its columns."""
@@ -349,12 +360,15 @@ class DuckDBStore(SqlStore[Lease]):
         params: Sequence[Any] | Mapping[str, Any] | None = None,
         *,
         allow_files: bool = False,
+        for_frame: bool = False,
     ) -> QueryResult:
         """Run one user query, sandboxed, on the store opened read-only.
 
         The query cannot change the store, read or write other files (``read_csv``,
         ``glob``...) or load extensions; ``allow_files=True`` lets it read files.
         ``params`` is a sequence for ``?`` placeholders or a mapping for ``$name`` ones.
+        The columns are numpy arrays; ``for_frame`` fetches what ``to_frame`` reads
+        fastest (``_frame_rows``).
         """
         if self._lease is None:
             raise StoreError(f"The store {self.path} is closed.")
@@ -364,7 +378,9 @@ class DuckDBStore(SqlStore[Lease]):
         with self._connection(access=access) as con:
             con.execute("BEGIN TRANSACTION READ ONLY")
             try:
-                return _frame_rows(con, sql, bound)
+                return (
+                    _frame_rows(con, sql, bound) if for_frame else _result(con.execute(sql, bound))
+                )
             except duckdb.PermissionException as exc:
                 raise sandbox_refused(exc) from exc
             finally:
@@ -375,6 +391,52 @@ class DuckDBStore(SqlStore[Lease]):
         if self._lease is None:
             return {}
         return self._lease.stats()
+
+
+class _KeptRows:
+    """The last few Arrow results of one session's rows (``transcript()``) a lease read,
+    each with the session's ``messages_version`` then.
+
+    Every write of a session's messages, by any process, sets a new random version in
+    the same transaction (``_tally.Tally.stamp``; a refill of the counters, new ones
+    for all): the version read with the file held says whether the kept rows are still
+    the stored ones. Arrow tables are immutable, and each call builds its own frame.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._rows: OrderedDict[tuple[Any, ...], tuple[int, QueryResult]] = OrderedDict()
+
+    def get(self, key: tuple[Any, ...], version: int | None) -> QueryResult | None:
+        with self._lock:
+            found = self._rows.get(key)
+            if version is None or found is None or found[0] != version:
+                return None
+            self._rows.move_to_end(key)
+            return found[1]
+
+    def put(self, key: tuple[Any, ...], version: int | None, result: QueryResult) -> None:
+        if version is None or result.table is None or result.table.num_rows > _KEEP_ROWS:
+            return
+        with self._lock:
+            self._rows[key] = (version, result)
+            self._rows.move_to_end(key)
+            while len(self._rows) > _KEEP_RESULTS:
+                self._rows.popitem(last=False)
+
+
+_KEEP_RESULTS = 8  # transcripts kept per store
+_KEEP_ROWS = 20_000  # and none longer
+_kept: weakref.WeakKeyDictionary[Lease, _KeptRows] = weakref.WeakKeyDictionary()
+_kept_lock = threading.Lock()
+
+
+def _kept_rows(lease: Lease) -> _KeptRows:
+    with _kept_lock:
+        kept = _kept.get(lease)
+        if kept is None:
+            kept = _kept[lease] = _KeptRows()
+        return kept
 
 
 def _result(cursor: Any) -> QueryResult:

@@ -317,6 +317,7 @@ def fill_counters(con: Connection) -> None:
     summaries = "superseded_turns" in present  # m009: the session's row, copied
     if summaries:
         extra += [(c, f"s.{c}") for c in _SESSION_COPIES]
+        extra.append(("messages_version", _NEW_VERSION))
     con.execute(
         f"""
         INSERT INTO _session_counts (
@@ -396,6 +397,10 @@ def m008_first_message_times(con: Connection) -> None:
     )
 
 
+# A new ``messages_version`` (``_tally.Tally.stamp``): a reader that kept a session's
+# messages reads them again.
+_NEW_VERSION = "(random() * 4611686018427387904)::BIGINT"
+
 # The columns of a session's row that m009 copies into its counter row
 # (``_tally.SESSION_COPIES``), with their types.
 _SESSION_COPIES = {
@@ -413,7 +418,9 @@ def m009_session_summaries(con: Connection) -> None:
     """Everything ``sessions()`` shows in one row per session (``_session_counts``): a
     copy of the session's own columns (``created_at`` NULL while only counters exist)
     and its superseded turns, with each turn's session and ``turns`` rows kept in
-    ``_turn_counts`` to count them (``_tally.py``); filled from the rows.
+    ``_turn_counts`` to count them (``_tally.py``); filled from the rows. And a random
+    ``messages_version`` that every write of the session's messages changes, so a
+    transcript read once is known to be still current.
 
     Not on PostgreSQL, like m007: it keeps no counters.
     """
@@ -422,11 +429,13 @@ def m009_session_summaries(con: Connection) -> None:
     for name, kind in _SESSION_COPIES.items():
         con.execute(f"ALTER TABLE _session_counts ADD COLUMN {name} {kind}")
     con.execute("ALTER TABLE _session_counts ADD COLUMN superseded_turns BIGINT NOT NULL DEFAULT 0")
+    con.execute("ALTER TABLE _session_counts ADD COLUMN messages_version BIGINT")
     con.execute("ALTER TABLE _turn_counts ADD COLUMN session_id VARCHAR")
     con.execute("ALTER TABLE _turn_counts ADD COLUMN turn_rows BIGINT NOT NULL DEFAULT 0")
     # Filled by updates, not by fill_counters: DuckDB commits half a million rows deleted
     # and inserted again in a keyed table in ~50 s, these in ~5 s (1M messages).
     copies = ", ".join(f"{name} = s.{name}" for name in _SESSION_COPIES)
+    copies += f", messages_version = {_NEW_VERSION}"
     con.execute(
         f"UPDATE _session_counts SET {copies} FROM sessions s"
         " WHERE s.id = _session_counts.session_id"

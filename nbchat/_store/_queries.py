@@ -91,9 +91,10 @@ _TRANSCRIPT = """
     ORDER BY seq, created_at
 """
 
-# The bounds of a session's message times, from the counters (``session_times``).
+# The bounds of a session's message times, from the counters (``session_times``), and
+# the version of its messages (m009: a new one with every write of them).
 SESSION_TIMES = (
-    "SELECT epoch_us(first_message_at), epoch_us(last_message_at)"
+    "SELECT epoch_us(first_message_at), epoch_us(last_message_at), messages_version"
     " FROM _session_counts WHERE session_id = ?"
 )
 

@@ -31,8 +31,9 @@ row moved later), never later: a bound, not a figure.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
 from typing import Any, Protocol
 
@@ -83,10 +84,14 @@ class Counter:
 
 @dataclass(frozen=True)
 class Tally:
-    """The counters of one source table and the columns they read."""
+    """The counters of one source table and the columns they read; ``stamp`` is a column
+    of ``_session_counts`` set to a new random number by every write of the table's rows
+    (even one that changes no counter): a reader that kept rows of a session knows
+    from it whether they are still the stored ones."""
 
     columns: tuple[str, ...]
     counters: tuple[Counter, ...]
+    stamp: str | None = None
 
 
 def _day(row: Row) -> date:
@@ -151,7 +156,8 @@ _REQUEST_COLUMNS = (
 TALLIES: dict[str, Tally] = {
     "messages": Tally(
         ("id", "session_id", "role", "state", "turn_id", "created_at"),
-        (
+        stamp="messages_version",  # transcript()'s rows, kept by a reader (m009)
+        counters=(
             Counter(
                 "_session_counts",
                 _session,
@@ -312,11 +318,30 @@ def apply_rows(writes: Iterable[RowWrite], ops: RowOps) -> None:
             ops.apply(write, exists=None)
             known = _updated(write, before, tally.columns)
             after = ops.fetch(write.table, key, keys, tally.columns) if known is None else known
-        for bump in bumps(write.table, before, after):
+        changes = bumps(write.table, before, after)
+        if tally.stamp is not None:
+            changes = _stamped(changes, [*before, *after], tally.stamp)
+        for bump in changes:
             if bump.table == "_turn_counts":
                 _bump_turn(bump, ops)
             else:
                 ops.bump(bump)
+
+
+def _stamped(changes: list[Bump], rows: Sequence[Row], column: str) -> list[Bump]:
+    """``changes`` with ``column`` of the counters of every session of ``rows`` set to a
+    new random number, in the bump of those counters if there is one (no extra write)."""
+    token = secrets.randbits(63)  # not random's: a user's random.seed() must not repeat it
+    sessions = {row["session_id"] for row in rows}
+    out = []
+    for bump in changes:
+        session = bump.key.get("session_id") if bump.table == "_session_counts" else None
+        if session in sessions:
+            bump = replace(bump, copy={**bump.copy, column: token})
+            sessions.discard(session)
+        out.append(bump)
+    out += [Bump("_session_counts", {"session_id": s}, copy={column: token}) for s in sessions]
+    return out
 
 
 def _updated(write: Update, before: list[Row], columns: Sequence[str]) -> list[Row] | None:
