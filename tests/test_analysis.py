@@ -624,3 +624,39 @@ def test_sql_gives_each_kind_of_column_its_dtype_with_nulls_kept(store: Store) -
     empty = sql("SELECT 1::BIGINT AS n, now() AS t WHERE false", db=store)
     assert list(empty.columns) == ["n", "t"] and empty.empty
     assert str(empty["n"].dtype) == "Int64" and str(empty["t"].dtype) == UTC_TS
+
+
+def test_frames_from_arrow_and_from_numpy_are_the_same(store: Store, monkeypatch: Any) -> None:
+    """With pyarrow, rows of plain types are fetched as Arrow; without, as numpy: the
+    frames must not tell the two apart (dtypes, NULLs, parsed JSON)."""
+    import nbchat._store._duckdb as duckdb_store
+
+    every_type = (
+        "SELECT * FROM (VALUES"
+        " (1::TINYINT, 7::UINTEGER, 2.5::DECIMAL(4, 2), 10::HUGEINT, 1.5::FLOAT, true,"
+        "  DATE '2026-01-31', TIMESTAMP '2026-01-31 12:00:00',"
+        "  TIMESTAMPTZ '2026-01-31 12:00:00+00',"
+        "  TIMESTAMP_NS '2026-01-31 12:00:00.123456789', 'x', '{\"a\": 1}'::JSON,"
+        "  '8c1f3e0a-2b4d-4e5f-9a6b-7c8d9e0f1a2b'::UUID),"
+        " (NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL)"
+        ") t(i, u, d, h, f, b, day, naive, aware, ns, s, j, id)"
+    )
+
+    def frames() -> list[pd.DataFrame]:
+        return [
+            sessions(db=store),
+            transcript("a", db=store, include_compacted=True, include_superseded=True),
+            usage(db=store),
+            turns(db=store),
+            costs(by="day", db=store),
+            sql(every_type, db=store),
+            sql("SELECT * FROM requests WHERE false", db=store),
+        ]
+
+    assert duckdb_store.arrow_readable(["VARCHAR", "BIGINT", "TIMESTAMP WITH TIME ZONE"])
+    from_arrow = frames()
+    monkeypatch.setattr(duckdb_store, "arrow_readable", lambda types: False)
+    from_numpy = frames()
+    for arrow, numpy in zip(from_arrow, from_numpy, strict=True):
+        pd.testing.assert_frame_equal(arrow, numpy)
+    assert from_arrow[1]["tool_calls"].map(lambda v: isinstance(v, list | type(None))).all()

@@ -205,6 +205,10 @@ class RandomStore:
                 self.store.write(rng.choice(self.written))
             elif roll < 0.95:
                 sessions.append(self.session())
+            elif roll < 0.975:  # settings changed: the session's row, not an event's
+                self.store.update_session(
+                    sid, title=f"t{rng.randint(0, 9)}", metadata={"tags": [rng.choice("xyz")]}
+                )
             else:
                 self.store.end_unfinished_turns(sid, status="interrupted", error="gone")
 
@@ -263,15 +267,29 @@ def test_the_migration_fills_the_counters_of_an_older_store(tmp_path: Path) -> N
         assert_same(nbchat.sessions(db=store), expected)
 
 
-def test_fill_counters_recomputes_what_writes_kept(tmp_path: Path) -> None:
-    with Store.open(tmp_path / "fill.duckdb") as store:
-        RandomStore(store, 3).run(60)
-        kept = store.sql("SELECT * FROM _session_counts ORDER BY session_id")
-        with store._connection() as con:  # type: ignore[attr-defined]
-            fill_counters(con)
-        again = store.sql("SELECT * FROM _session_counts ORDER BY session_id")
+COUNTED = ("_session_counts", "_turn_counts")
+
+
+def assert_same_counters(kept: pd.DataFrame, again: pd.DataFrame) -> None:
+    if "messages_version" in kept:  # a random number, new with every refill
+        assert kept["messages_version"].notna().all() and again["messages_version"].notna().all()
+        kept, again = kept.drop(columns="messages_version"), again.drop(columns="messages_version")
+    if "cost_usd" not in kept:
+        pd.testing.assert_frame_equal(kept, again)
+        return
     pd.testing.assert_frame_equal(kept.drop(columns="cost_usd"), again.drop(columns="cost_usd"))
     pd.testing.assert_series_equal(kept["cost_usd"], again["cost_usd"], atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_fill_counters_recomputes_what_writes_kept(tmp_path: Path, seed: int) -> None:
+    with Store.open(tmp_path / "fill.duckdb") as store:
+        RandomStore(store, seed).run(80)
+        kept = {t: store.sql(f"SELECT * FROM {t} ORDER BY ALL") for t in COUNTED}
+        with store._connection() as con:  # type: ignore[attr-defined]
+            fill_counters(con)
+        for table, frame in kept.items():
+            assert_same_counters(frame, store.sql(f"SELECT * FROM {table} ORDER BY ALL"))
 
 
 # What transcript() read before m008: the session's messages, with no bound on their times.
@@ -335,3 +353,123 @@ def test_m008_fills_the_first_message_times_of_a_store_with_counters(tmp_path: P
         assert len(times) >= 4
         assert times["first_message_at"].equals(times["first"])
         assert times["last_message_at"].equals(times["last"])
+
+
+def test_m009_copies_each_session_into_its_counters_and_counts_superseded_turns(
+    tmp_path: Path,
+) -> None:
+    import duckdb
+
+    from nbchat._store._migrations import migrate
+
+    with Store.open(tmp_path / "source.duckdb") as source:
+        RandomStore(source, 11).run(120)
+        expected = nbchat.sessions(db=source)
+        assert expected["superseded_turns"].sum() > 0
+    path = tmp_path / "m008.duckdb"
+    con = duckdb.connect(str(path))
+    migrate(con, stop_after="m008_first_message_times")
+    con.execute(f"ATTACH '{tmp_path / 'source.duckdb'}' AS src (READ_ONLY)")
+    for table in ("sessions", "messages", "requests", "turns"):
+        con.execute(f"INSERT INTO {table} SELECT * FROM src.{table}")
+    con.execute("DETACH src")
+    fill_counters(con)  # the counters as m008 kept them: no copies, no superseded turns
+    con.close()
+    with Store.open(path) as store:  # m009 runs here
+        assert_same(nbchat.sessions(db=store), expected)
+        migrated = {t: store.sql(f"SELECT * FROM {t} ORDER BY ALL") for t in COUNTED}
+        with store._connection() as con:  # type: ignore[attr-defined]
+            fill_counters(con)
+        for table, frame in migrated.items():
+            assert_same_counters(frame, store.sql(f"SELECT * FROM {table} ORDER BY ALL"))
+
+
+# Another process writes to the store: a message, a mark of an existing one, a replay.
+OTHER_PROCESS = """
+import sys
+from nbchat._store import Store
+from nbchat._types import Message, MessageAdded, MessagesMarked
+path, sid, marked = sys.argv[1:4]
+with Store.open(path) as store:
+    store.write(MessageAdded(session_id=sid, message=Message(role="user", content="new", seq=90)))
+    store.write(MessagesMarked(session_id=sid, message_ids=[marked], state="compacted"))
+"""
+
+
+def test_a_kept_transcript_is_read_again_after_any_write_of_its_messages(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """transcript() keeps the rows it read (``_KeptRows``) while the session's
+    ``messages_version`` says they are the stored ones: writes from this process and
+    from another one, marks, replays and a refill of the counters all read them again."""
+    import subprocess
+    import sys
+
+    import nbchat._store._duckdb as duckdb_store
+
+    path = tmp_path / "kept.duckdb"
+    reads: list[str] = []
+    real = duckdb_store._frame_rows
+
+    def counted(con: Any, sql: Any, params: Any) -> Any:
+        if sql is duckdb_store.parsed(duckdb_store.QUERIES["transcript"].sql):
+            reads.append(params[0])  # a transcript read from the file
+        return real(con, sql, params)
+
+    monkeypatch.setattr(duckdb_store, "_frame_rows", counted)
+
+    def shown(sid: str, **flags: bool) -> pd.DataFrame:
+        frame = nbchat.transcript(sid, db=store, **flags)
+        expected = store.sql(ALL_MESSAGES, [sid])
+        if not flags:
+            expected = expected[expected["state"] == "active"].reset_index(drop=True)
+        for column in ("tool_calls", "attachments"):
+            expected[column] = [
+                json.loads(t) if isinstance(t, str) else None for t in expected[column]
+            ]
+        pd.testing.assert_frame_equal(frame, expected)
+        return frame
+
+    store = Store.open(path)
+    history = RandomStore(store, 21)
+    history.run(40)
+    sid = next(iter(history.messages))
+    everything = {"include_compacted": True, "include_superseded": True}
+    shown(sid), shown(sid, **everything)
+    before = len(reads)
+    first = shown(sid)
+    first.loc[0, "content"] = "changed by the user"  # the kept rows are not the frame's
+    first.loc[0, "seq"] = 99
+    shown(sid), shown(sid, **everything)
+    assert len(reads) == before  # nothing written: the kept rows, checked by their version
+
+    written = []
+    for event in history.written:  # a replay of this session's events: read again
+        if getattr(event, "session_id", None) == sid and isinstance(event, MessageAdded):
+            store.write(event)
+            written.append(event)
+            before = len(reads)
+            shown(sid)
+            assert len(reads) == before + 1
+    assert written
+    live = shown(sid)
+    store.close()  # let another process have the file
+
+    marked = str(live["id"].iloc[-1])
+    other = subprocess.run(
+        [sys.executable, "-c", OTHER_PROCESS, str(path), sid, marked],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert other.returncode == 0, other.stderr
+    store = Store.open(path)
+    try:
+        after = shown(sid)
+        assert "new" in set(after["content"]) and marked not in set(after["id"])
+        shown(sid, **everything)
+        with store._connection() as con:  # type: ignore[attr-defined]
+            fill_counters(con)  # new versions for every session: read again
+        before = len(reads)
+        shown(sid)
+        assert len(reads) == before + 1
+    finally:
+        store.close()

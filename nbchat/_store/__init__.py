@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from .._types import Event, Message, ToolCall, Usage
-    from ._queries import QueryResult
+    from ._frames import QueryResult
     from ._records import StoredSession
     from ._sink import RowWrite, Update
 
@@ -366,7 +366,8 @@ class Store(ABC):
         ``params`` is a sequence for ``?`` placeholders or a mapping for ``$name`` ones;
         ``allow_files=True`` lets the query read files (``read_csv``...).
         """
-        from ._queries import check_select, to_frame
+        from ._frames import to_frame
+        from ._queries import check_select
 
         check_select(query)
         return to_frame(self._select(query, params, allow_files=allow_files))

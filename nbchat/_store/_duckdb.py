@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import glob
 import os
+import threading
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime, timedelta
@@ -27,16 +30,11 @@ from typing import TYPE_CHECKING, Any
 from .._exceptions import StoreError, UnstorableRow
 from .._types import Event, EventAdapter, Message, utcnow
 from . import Lease, QueryName, key_of
+from ._frames import QueryResult, arrow_readable, to_frame
 from ._journal import journal_folder
 from ._lease import Access, LeaseOptions, acquire_lease
 from ._migrations import fill_counters
-from ._queries import (
-    QUERIES,
-    SESSION_TIMES,
-    SESSION_USAGE,
-    QueryResult,
-    to_frame,
-)
+from ._queries import QUERIES, SESSION_TIMES, SESSION_USAGE
 from ._records import StoredSession
 from ._sink import (
     MESSAGE_COLUMNS,
@@ -50,7 +48,7 @@ from ._sink import (
     with_image_bytes,
 )
 from ._sql import END_TURNS, SqlStore, load_queries
-from ._tally import COUNTER_TABLES, Bump, apply_rows
+from ._tally import COUNTER_TABLES, Bump, apply_rows, bumps
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -153,8 +151,14 @@ class DuckDBStore(SqlStore[Lease]):
                     f"INSERT INTO sessions ({names}) VALUES ({', '.join('?' * len(row.columns))})",
                     row.values,
                 )
-                # Through the counters, as any stored message (ids already stored: replaced).
-                apply_rows(messages, _RowOps(con))
+                # Counted as any stored row (the row's copy in its counters, m009); the
+                # messages through the counters too (ids already stored: replaced).
+                ops = _RowOps(con)
+                for bump in bumps(
+                    "sessions", [], [dict(zip(row.columns, row.values, strict=True))]
+                ):
+                    ops.bump(bump)
+                apply_rows(messages, ops)
                 con.execute("COMMIT")
             except _duckdb().ConstraintException as exc:
                 con.execute("ROLLBACK")
@@ -168,7 +172,13 @@ class DuckDBStore(SqlStore[Lease]):
 
     def _apply(self, write: Update) -> None:
         with self._connection() as con:
-            _update(con, write, _RowOps(con))
+            con.execute("BEGIN TRANSACTION")
+            try:
+                apply_rows([write], _RowOps(con))  # a session's row is copied in its counters
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
 
     def load_session(self, session_id: str) -> StoredSession:
         """The session's settings and active messages in order; ``StoreError`` if unknown."""
@@ -315,20 +325,28 @@ class DuckDBStore(SqlStore[Lease]):
     def frame(self, name: QueryName, **params: Any) -> pd.DataFrame:
         """The named analysis query (``_queries.QUERIES``) as a DataFrame."""
         query = QUERIES[name]
+        assert self._lease is not None
+        kept = _kept_rows(self._lease)
         with self._connection() as con:
-            if query.session_times:  # from the counters, in the same hold of the file
-                times = con.execute(parsed(SESSION_TIMES), [params["session_id"]]).fetchone()
-                params = {**params, "first_us": None, "last_us": None}
-                if times is not None:
-                    params["first_us"], params["last_us"] = times
-            # Parsed once (``parsed``): parsing was ~0.6 ms of a transcript's read.
-            result = _result(con.execute(parsed(query.sql), query.bind(params)))
-        return to_frame(result, query.json_columns)
+            if not query.session_times:
+                # Parsed once (``parsed``): parsing was ~0.6 ms of a transcript's read.
+                result = _frame_rows(con, parsed(query.sql), query.bind(params))
+                return to_frame(result, query.json_columns)
+            # From the counters, in the same hold of the file (no other writer between).
+            times = con.execute(parsed(SESSION_TIMES), [params["session_id"]]).fetchall()
+            first_us, last_us, version = times[0] if times else (None, None, None)
+            key = (name, *sorted(params.items()))
+            rows = kept.get(key, version)
+            if rows is None:
+                bounds = {"first_us": first_us, "last_us": last_us}
+                rows = _frame_rows(con, parsed(query.sql), query.bind({**params, **bounds}))
+                kept.put(key, version, rows)
+        return to_frame(rows, query.json_columns)
 
     def _select(
         self, query: str, params: Sequence[Any] | Mapping[str, Any] | None, *, allow_files: bool
     ) -> QueryResult:
-        return self.query_read_only(query, params, allow_files=allow_files)
+        return self.query_read_only(query, params, allow_files=allow_files, for_frame=True)
 
     def query(self, sql: str, params: Sequence[Any] | None = None) -> QueryResult:
         """Run one query built by nbchat (parameterised) and return its columns."""
@@ -342,12 +360,15 @@ class DuckDBStore(SqlStore[Lease]):
         params: Sequence[Any] | Mapping[str, Any] | None = None,
         *,
         allow_files: bool = False,
+        for_frame: bool = False,
     ) -> QueryResult:
         """Run one user query, sandboxed, on the store opened read-only.
 
         The query cannot change the store, read or write other files (``read_csv``,
         ``glob``...) or load extensions; ``allow_files=True`` lets it read files.
         ``params`` is a sequence for ``?`` placeholders or a mapping for ``$name`` ones.
+        The columns are numpy arrays; ``for_frame`` fetches what ``to_frame`` reads
+        fastest (``_frame_rows``).
         """
         if self._lease is None:
             raise StoreError(f"The store {self.path} is closed.")
@@ -357,8 +378,9 @@ class DuckDBStore(SqlStore[Lease]):
         with self._connection(access=access) as con:
             con.execute("BEGIN TRANSACTION READ ONLY")
             try:
-                cursor = con.execute(sql, bound)
-                return _result(cursor)
+                return (
+                    _frame_rows(con, sql, bound) if for_frame else _result(con.execute(sql, bound))
+                )
             except duckdb.PermissionException as exc:
                 raise sandbox_refused(exc) from exc
             finally:
@@ -371,12 +393,72 @@ class DuckDBStore(SqlStore[Lease]):
         return self._lease.stats()
 
 
+class _KeptRows:
+    """The last few Arrow results of one session's rows (``transcript()``) a lease read,
+    each with the session's ``messages_version`` then.
+
+    Every write of a session's messages, by any process, sets a new random version in
+    the same transaction (``_tally.Tally.stamp``; a refill of the counters, new ones
+    for all): the version read with the file held says whether the kept rows are still
+    the stored ones. Arrow tables are immutable, and each call builds its own frame.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._rows: OrderedDict[tuple[Any, ...], tuple[int, QueryResult]] = OrderedDict()
+
+    def get(self, key: tuple[Any, ...], version: int | None) -> QueryResult | None:
+        with self._lock:
+            found = self._rows.get(key)
+            if version is None or found is None or found[0] != version:
+                return None
+            self._rows.move_to_end(key)
+            return found[1]
+
+    def put(self, key: tuple[Any, ...], version: int | None, result: QueryResult) -> None:
+        if version is None or result.table is None or result.table.num_rows > _KEEP_ROWS:
+            return
+        with self._lock:
+            self._rows[key] = (version, result)
+            self._rows.move_to_end(key)
+            while len(self._rows) > _KEEP_RESULTS:
+                self._rows.popitem(last=False)
+
+
+_KEEP_RESULTS = 8  # transcripts kept per store
+_KEEP_ROWS = 20_000  # and none longer
+_kept: weakref.WeakKeyDictionary[Lease, _KeptRows] = weakref.WeakKeyDictionary()
+_kept_lock = threading.Lock()
+
+
+def _kept_rows(lease: Lease) -> _KeptRows:
+    with _kept_lock:
+        kept = _kept.get(lease)
+        if kept is None:
+            kept = _kept[lease] = _KeptRows()
+        return kept
+
+
 def _result(cursor: Any) -> QueryResult:
     description = cursor.description or []
     columns = [str(item[0]) for item in description]
     types = [str(item[1]) for item in description]
     data = cursor.fetchnumpy() if columns else {}
     return QueryResult(columns=columns, types=types, data=dict(data))
+
+
+def _frame_rows(con: Any, sql: Any, params: Sequence[Any] | Mapping[str, Any]) -> QueryResult:
+    """The rows of one SELECT for a DataFrame: as Arrow when its column types allow
+    (``_frames.arrow_readable``), else as numpy. Through a relation: its types are known
+    before it runs, and DuckDB fetches Arrow from it without copying the rows again."""
+    relation = con.sql(sql, params=params)
+    if relation is None:  # not a query: no rows
+        return QueryResult(columns=[], types=[])
+    columns = [str(name) for name in relation.columns]
+    types = [str(kind) for kind in relation.types]
+    if arrow_readable(types):
+        return QueryResult(columns=columns, types=types, table=relation.to_arrow_table())
+    return QueryResult(columns=columns, types=types, data=dict(relation.fetchnumpy()))
 
 
 def warm_up() -> None:
@@ -498,19 +580,20 @@ class _RowOps:
         changes = [f"{c} = {c} + ?" for c in bump.add]
         changes += [f"{c} = greatest({c}, ?::TIMESTAMPTZ)" for c in bump.latest]
         changes += [f"{c} = least({c}, ?::TIMESTAMPTZ)" for c in bump.earliest]
+        changes += [f"{c} = ?" for c in bump.copy]
         where = " AND ".join(f"{c} = ?" for c in COUNTER_TABLES[bump.table])
         times = [*bump.latest.values(), *bump.earliest.values()]
-        values = [*bump.add.values(), *times, *bump.key.values()]
+        values = [*bump.add.values(), *times, *bump.copy.values(), *bump.key.values()]
         updated = self.con.execute(
             parsed(f"UPDATE {bump.table} SET {', '.join(changes)} WHERE {where}"), values
         ).fetchone()
         if updated and updated[0]:
             return
-        names = [*bump.key, *bump.add, *bump.latest, *bump.earliest]
+        names = [*bump.key, *bump.add, *bump.latest, *bump.earliest, *bump.copy]
         marks = ", ".join("?" * len(names))
         self.con.execute(
             parsed(f"INSERT INTO {bump.table} ({', '.join(names)}) VALUES ({marks})"),
-            [*bump.key.values(), *bump.add.values(), *times],
+            [*bump.key.values(), *bump.add.values(), *times, *bump.copy.values()],
         )
 
 

@@ -280,23 +280,50 @@ def m007_counters(con: Connection) -> None:
     fill_counters(con)
 
 
+# Each turn's user messages, how many of them are superseded, and its session.
+_USER_TURNS = """
+    SELECT turn_id, any_value(session_id) AS session_id, count(*) AS n,
+           count(*) FILTER (WHERE state = 'superseded') AS superseded
+    FROM messages WHERE role = 'user' AND turn_id IS NOT NULL GROUP BY turn_id"""
+
+# Each session's superseded turns, from the turns' counters (``_tally.superseded``, in SQL).
+_SUPERSEDED_TURNS = """
+    UPDATE _session_counts SET superseded_turns = x.turns
+    FROM (
+        SELECT session_id, count(*) AS turns FROM _turn_counts
+        WHERE turn_rows > 0 AND user_messages > 0 AND superseded_user_messages = user_messages
+        GROUP BY session_id
+    ) x
+    WHERE x.session_id = _session_counts.session_id
+"""
+
+
 def fill_counters(con: Connection) -> None:
-    """Compute the counter tables again from every stored row (m007, m008, bulk loads)."""
+    """Compute the counter tables again from every stored row (m007 to m009, bulk loads)."""
     requests = _REQUEST_SUMS
     for table in ("_session_counts", "_turn_counts", "_usage_by_day"):
         con.execute(f"DELETE FROM {table}")
-    # The earliest message time is m008's: m007 fills the table as it was before it.
-    [(has_first,)] = con.execute(
-        "SELECT count(*) FROM information_schema.columns"
-        " WHERE table_name = '_session_counts' AND column_name = 'first_message_at'"
-    ).fetchall()
-    first = ("", "") if not has_first else (", first_message_at", ", m.first_message_at")
+    # The columns later migrations add: m007 and m008 fill the tables as they were then.
+    present = {
+        str(name)
+        for (name,) in con.execute(
+            "SELECT column_name FROM information_schema.columns"
+            " WHERE table_name = '_session_counts'"
+        ).fetchall()
+    }
+    extra: list[tuple[str, str]] = []  # (column, the value selected for it)
+    if "first_message_at" in present:  # m008
+        extra.append(("first_message_at", "m.first_message_at"))
+    summaries = "superseded_turns" in present  # m009: the session's row, copied
+    if summaries:
+        extra += [(c, f"s.{c}") for c in _SESSION_COPIES]
+        extra.append(("messages_version", _NEW_VERSION))
     con.execute(
         f"""
         INSERT INTO _session_counts (
             session_id, messages, last_message_at, requests, prompt_tokens, prompt_reported,
             completion_tokens, completion_reported, cost_usd, costed, answered_costed,
-            last_request_at, turns{first[0]}
+            last_request_at, turns{"".join(f", {c}" for c, _ in extra)}
         )
         WITH m AS (
             SELECT session_id, count(*) FILTER (WHERE state = 'active') AS messages,
@@ -309,25 +336,37 @@ def fill_counters(con: Connection) -> None:
             SELECT session_id, count(*) AS turns FROM turns GROUP BY session_id
         ), ids AS (
             SELECT session_id FROM m UNION SELECT session_id FROM r
-            UNION SELECT session_id FROM t
+            UNION SELECT session_id FROM t UNION SELECT id FROM sessions
         )
         SELECT ids.session_id, coalesce(m.messages, 0), m.last_message_at,
                coalesce(r.requests, 0), coalesce(r.prompt_tokens, 0),
                coalesce(r.prompt_reported, 0), coalesce(r.completion_tokens, 0),
                coalesce(r.completion_reported, 0), coalesce(r.cost_usd, 0.0),
                coalesce(r.costed, 0), coalesce(r.answered_costed, 0), r.last_request_at,
-               coalesce(t.turns, 0){first[1]}
+               coalesce(t.turns, 0){"".join(f", {v}" for _, v in extra)}
         FROM ids LEFT JOIN m USING (session_id) LEFT JOIN r USING (session_id)
-        LEFT JOIN t USING (session_id)
+        LEFT JOIN t USING (session_id) LEFT JOIN sessions s ON s.id = ids.session_id
         """
     )
-    con.execute(
-        """
-        INSERT INTO _turn_counts
-        SELECT turn_id, count(*), count(*) FILTER (WHERE state = 'superseded')
-        FROM messages WHERE role = 'user' AND turn_id IS NOT NULL GROUP BY turn_id
-        """
-    )
+    users = _USER_TURNS
+    if not summaries:
+        con.execute(f"INSERT INTO _turn_counts SELECT turn_id, n, superseded FROM ({users})")
+    else:
+        con.execute(
+            f"""
+            INSERT INTO _turn_counts (
+                turn_id, user_messages, superseded_user_messages, session_id, turn_rows
+            )
+            WITH u AS ({users}), t AS (
+                SELECT id AS turn_id, any_value(session_id) AS session_id, count(*) AS n
+                FROM turns GROUP BY id
+            )
+            SELECT turn_id, coalesce(u.n, 0), coalesce(u.superseded, 0),
+                   coalesce(t.session_id, u.session_id), coalesce(t.n, 0)
+            FROM u FULL JOIN t USING (turn_id)
+            """
+        )
+        con.execute(_SUPERSEDED_TURNS)
     con.execute(
         f"""
         INSERT INTO _usage_by_day
@@ -358,6 +397,70 @@ def m008_first_message_times(con: Connection) -> None:
     )
 
 
+# A new ``messages_version`` (``_tally.Tally.stamp``): a reader that kept a session's
+# messages reads them again.
+_NEW_VERSION = "(random() * 4611686018427387904)::BIGINT"
+
+# The columns of a session's row that m009 copies into its counter row
+# (``_tally.SESSION_COPIES``), with their types.
+_SESSION_COPIES = {
+    "title": "VARCHAR",
+    "model": "VARCHAR",
+    "created_at": "TIMESTAMPTZ",
+    "system_prompt": "VARCHAR",
+    "parent_id": "VARCHAR",
+    "notebook": "VARCHAR",
+    "metadata": "JSON",
+}
+
+
+def m009_session_summaries(con: Connection) -> None:
+    """Everything ``sessions()`` shows in one row per session (``_session_counts``): a
+    copy of the session's own columns (``created_at`` NULL while only counters exist)
+    and its superseded turns, with each turn's session and ``turns`` rows kept in
+    ``_turn_counts`` to count them (``_tally.py``); filled from the rows. And a random
+    ``messages_version`` that every write of the session's messages changes, so a
+    transcript read once is known to be still current.
+
+    Not on PostgreSQL, like m007: it keeps no counters.
+    """
+    if not getattr(con, "keeps_counters", True):
+        return
+    for name, kind in _SESSION_COPIES.items():
+        con.execute(f"ALTER TABLE _session_counts ADD COLUMN {name} {kind}")
+    con.execute("ALTER TABLE _session_counts ADD COLUMN superseded_turns BIGINT NOT NULL DEFAULT 0")
+    con.execute("ALTER TABLE _session_counts ADD COLUMN messages_version BIGINT")
+    con.execute("ALTER TABLE _turn_counts ADD COLUMN session_id VARCHAR")
+    con.execute("ALTER TABLE _turn_counts ADD COLUMN turn_rows BIGINT NOT NULL DEFAULT 0")
+    # Filled by updates, not by fill_counters: DuckDB commits half a million rows deleted
+    # and inserted again in a keyed table in ~50 s, these in ~5 s (1M messages).
+    copies = ", ".join(f"{name} = s.{name}" for name in _SESSION_COPIES)
+    copies += f", messages_version = {_NEW_VERSION}"
+    con.execute(
+        f"UPDATE _session_counts SET {copies} FROM sessions s"
+        " WHERE s.id = _session_counts.session_id"
+    )
+    names = ", ".join(_SESSION_COPIES)
+    con.execute(  # sessions with nothing counted yet
+        f"INSERT INTO _session_counts (session_id, {names}) SELECT id, {names} FROM sessions s"
+        " WHERE NOT EXISTS (SELECT 1 FROM _session_counts c WHERE c.session_id = s.id)"
+    )
+    con.execute(
+        f"UPDATE _turn_counts SET session_id = u.session_id FROM ({_USER_TURNS}) u"
+        " WHERE u.turn_id = _turn_counts.turn_id"
+    )
+    con.execute(
+        "UPDATE _turn_counts SET session_id = t.session_id, turn_rows = 1 FROM turns t"
+        " WHERE t.id = _turn_counts.turn_id"
+    )
+    con.execute(  # turns without a user message
+        "INSERT INTO _turn_counts (turn_id, session_id, turn_rows)"
+        " SELECT id, session_id, 1 FROM turns t"
+        " WHERE NOT EXISTS (SELECT 1 FROM _turn_counts c WHERE c.turn_id = t.id)"
+    )
+    con.execute(_SUPERSEDED_TURNS)
+
+
 MIGRATIONS: list[Migration] = [
     ("m001_initial", m001_initial),
     ("m002_turns_and_details", m002_turns_and_details),
@@ -367,6 +470,7 @@ MIGRATIONS: list[Migration] = [
     ("m006_attachments", m006_attachments),
     ("m007_counters", m007_counters),
     ("m008_first_message_times", m008_first_message_times),
+    ("m009_session_summaries", m009_session_summaries),
 ]
 
 

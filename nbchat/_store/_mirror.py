@@ -33,9 +33,9 @@ from typing import Any
 from .._exceptions import StoreError
 from . import TABLES
 from ._duckdb import _duckdb, _result, sandbox_refused
+from ._frames import QueryResult
 from ._lease import _NO_EXTENSIONS
 from ._migrations import fill_counters
-from ._queries import QueryResult
 from ._tally import COUNTER_TABLES
 
 __all__ = ["Mirror", "needed_columns"]

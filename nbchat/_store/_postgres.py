@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING, Any
 from .._exceptions import StoreError
 from .._types import Event, utcnow
 from . import Lease, QueryName, key_of, shared_lease
+from ._frames import QueryResult, to_frame
 from ._mirror import Mirror
 from ._pg_lease import DuplicateRow, PgLease, PgOptions, _clean, check_url, shown_url
-from ._queries import QUERIES, SESSION_USAGE, QueryResult, to_frame
+from ._queries import QUERIES, SESSION_USAGE
 from ._records import StoredSession
 from ._sink import (
     MESSAGE_COLUMNS,

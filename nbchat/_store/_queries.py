@@ -1,10 +1,9 @@
-"""The analysis queries, by name, and DuckDB results as pandas DataFrames.
+"""The analysis queries, by name.
 
 Each ``NamedQuery`` is the SQL of one DataFrame of ``nbchat._analysis`` and the names
 of its parameters, in the order of its ``?`` placeholders. The queries are DuckDB SQL:
 a second backend runs them through DuckDB too (attached to its database), so there is
-one copy of each. ``to_frame`` turns a result into typed columns (timezone-aware
-timestamps, nullable integers, floats with NaN, JSON columns parsed).
+one copy of each. ``_frames.to_frame`` turns a result into typed columns.
 
 A new DataFrame is a query here (and its name in ``QueryName``) plus a function in
 ``_analysis.py`` that asks the store for it.
@@ -12,34 +11,19 @@ A new DataFrame is a query here (and its name in ``QueryName``) plus a function 
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .._exceptions import StoreError
-
-if TYPE_CHECKING:
-    import pandas as pd
 
 __all__ = [
     "QUERIES",
     "SESSION_TIMES",
     "SESSION_USAGE",
     "NamedQuery",
-    "QueryResult",
     "check_select",
-    "to_frame",
 ]
-
-
-@dataclass(frozen=True)
-class QueryResult:
-    """Rows of a query as numpy columns (masked where NULL), with DuckDB's type names."""
-
-    columns: list[str]
-    types: list[str]
-    data: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -71,37 +55,26 @@ _KNOWN_COST = """
               AND count(*) FILTER (WHERE {r}cost_usd IS NOT NULL AND {r}error IS NULL) = 0
          THEN NULL ELSE sum({r}cost_usd) END"""
 
-# From the counters kept on write (``_tally.py``), not from every message and request.
-# A turn is superseded when all its user messages are (a cell re-run replaced it).
+# From the counters kept on write (``_tally.py``), which hold a copy of each session's row
+# (m009): one table read, no join. A row without ``created_at`` counts rows of a session
+# whose own row is not stored (yet): not a session to list.
 _SESSIONS = """
-    WITH x AS (
-        SELECT t.session_id, count(*) AS superseded_turns
-        FROM _turn_counts c JOIN turns t ON t.id = c.turn_id
-        WHERE c.superseded_user_messages = c.user_messages AND c.user_messages > 0
-        GROUP BY t.session_id
-    )
-    SELECT s.id, s.title, s.model, s.created_at,
-           greatest(s.created_at, c.last_message_at, c.last_request_at) AS last_active,
-           coalesce(c.turns, 0) - coalesce(x.superseded_turns, 0) AS turns,
-           coalesce(x.superseded_turns, 0) AS superseded_turns,
-           coalesce(c.messages, 0) AS messages,
-           coalesce(c.requests, 0) AS requests,
+    SELECT session_id AS id, title, model, created_at,
+           greatest(created_at, last_message_at, last_request_at) AS last_active,
+           turns - superseded_turns AS turns, superseded_turns, messages, requests,
            -- no request at all costs nothing; requests without a known value stay NULL
-           CASE WHEN coalesce(c.requests, 0) = 0 THEN 0
-                WHEN c.prompt_reported > 0 THEN c.prompt_tokens END AS prompt_tokens,
-           CASE WHEN coalesce(c.requests, 0) = 0 THEN 0
-                WHEN c.completion_reported > 0 THEN c.completion_tokens END
+           CASE WHEN requests = 0 THEN 0 WHEN prompt_reported > 0 THEN prompt_tokens END
+               AS prompt_tokens,
+           CASE WHEN requests = 0 THEN 0 WHEN completion_reported > 0 THEN completion_tokens END
                AS completion_tokens,
-           CASE WHEN coalesce(c.requests, 0) = 0 THEN 0.0
-                WHEN c.costed = 0 OR (c.requests > c.costed AND c.answered_costed = 0)
-                    THEN NULL
-                ELSE c.cost_usd END AS cost_usd,
-           coalesce(c.requests - c.costed, 0) AS unknown_cost_requests,
-           s.system_prompt, s.parent_id, s.notebook, s.metadata
-    FROM sessions s
-    LEFT JOIN _session_counts c ON c.session_id = s.id
-    LEFT JOIN x ON x.session_id = s.id
-    ORDER BY s.created_at, s.id
+           CASE WHEN requests = 0 THEN 0.0
+                WHEN costed = 0 OR (requests > costed AND answered_costed = 0) THEN NULL
+                ELSE cost_usd END AS cost_usd,
+           requests - costed AS unknown_cost_requests,
+           system_prompt, parent_id, notebook, metadata
+    FROM _session_counts
+    WHERE created_at IS NOT NULL
+    ORDER BY created_at, session_id
 """
 
 # Ids are random, so every stretch of the table holds every id and DuckDB reads the whole
@@ -118,9 +91,10 @@ _TRANSCRIPT = """
     ORDER BY seq, created_at
 """
 
-# The bounds of a session's message times, from the counters (``session_times``).
+# The bounds of a session's message times, from the counters (``session_times``), and
+# the version of its messages (m009: a new one with every write of them).
 SESSION_TIMES = (
-    "SELECT epoch_us(first_message_at), epoch_us(last_message_at)"
+    "SELECT epoch_us(first_message_at), epoch_us(last_message_at), messages_version"
     " FROM _session_counts WHERE session_id = ?"
 )
 
@@ -394,77 +368,3 @@ def check_select(query: str) -> None:
         raise StoreError(
             f"sql() is read-only: it runs SELECT queries, and this is a {kind.name} statement."
         )
-
-
-# ------------------------------------------------------------------ result -> DataFrame
-
-_INTEGER_TYPES = frozenset(
-    {"TINYINT", "SMALLINT", "INTEGER", "BIGINT", "UTINYINT", "USMALLINT", "UINTEGER"}
-)
-_FLOAT_TYPES = frozenset({"FLOAT", "DOUBLE", "HUGEINT", "UBIGINT", "UHUGEINT"})
-_TEXT_TYPES = frozenset({"VARCHAR", "JSON", "UUID"})
-
-
-def _text_dtype() -> Any:
-    import pandas as pd
-
-    # pandas 3 has a real string dtype ("str", NaN for missing); older pandas uses object.
-    return "str" if int(pd.__version__.split(".")[0]) >= 3 else object
-
-
-def _column(values: Any, type_name: str) -> Any:
-    """One DuckDB result column as the array of a DataFrame column of the matching dtype."""
-    import numpy as np
-    import pandas as pd
-
-    mask = np.ma.getmaskarray(values)
-    data = np.ma.getdata(values)
-    nulls = bool(mask.any())
-    kind = type_name.upper()
-    if kind == "DATE":  # a calendar day, not a midnight timestamp
-        days = data.astype("datetime64[D]").tolist()
-        return np.array([None if m else d for d, m in zip(days, mask, strict=True)] or [], object)
-    if kind.startswith("TIMESTAMP"):
-        stamps = data.astype("datetime64[us]", copy=True)
-        stamps[mask] = np.datetime64("NaT")
-        if kind == "TIMESTAMP WITH TIME ZONE":
-            return pd.DatetimeIndex(stamps).tz_localize("UTC").array
-        return stamps
-    if kind in _INTEGER_TYPES:
-        return pd.arrays.IntegerArray(data.astype("int64"), mask.copy())
-    if kind in _FLOAT_TYPES or kind.startswith("DECIMAL"):
-        floats = data.astype("float64", copy=True)
-        floats[mask] = np.nan
-        return floats
-    if kind == "BOOLEAN":
-        return pd.arrays.BooleanArray(data.astype(bool), mask.copy())
-    # Objects (strings, lists...) with None where NULL, without a Python loop.
-    items: Any = np.array(data, dtype=object, copy=True)
-    if nulls:
-        items[mask] = None
-    if kind in _TEXT_TYPES:
-        return pd.array(items, dtype=_text_dtype())
-    return items
-
-
-def to_frame(result: QueryResult, json_columns: frozenset[str] = frozenset()) -> pd.DataFrame:
-    """A DataFrame of ``result``; ``json_columns`` are parsed into Python objects."""
-    import numpy as np
-    import pandas as pd
-
-    parse: Callable[[str], Any] = json.loads
-    columns: dict[str, Any] = {}
-    for name, kind in zip(result.columns, result.types, strict=True):
-        values = result.data[name]
-        if name in json_columns:
-            mask = np.ma.getmaskarray(values).tolist()
-            texts = np.ma.getdata(values).tolist()
-            parsed = [None if m else parse(t) for t, m in zip(texts, mask, strict=True)]
-            column = np.empty(len(parsed), dtype=object)  # a list of lists stays one column
-            column[:] = parsed
-            columns[name] = column
-        else:
-            columns[name] = _column(values, kind)
-    # Arrays, not Series: no index to align, and nothing copied again (~3 ms on 10k rows).
-    rows = len(next(iter(result.data.values()))) if result.data else 0
-    return pd.DataFrame(columns, index=pd.RangeIndex(rows), columns=result.columns, copy=False)
