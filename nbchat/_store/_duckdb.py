@@ -440,16 +440,15 @@ def write_events(con: Any, events: Sequence[Event]) -> None:
     entries = [entry for event in events if (entry := rows_of(event)) is not None]
     if not entries:
         return
-    current = [entries[0][0]]
+    ops = _BatchOps(con, [write for _, writes in entries for write in writes])
 
     def work() -> None:
-        ops = _BatchOps(con, [write for _, writes in entries for write in writes])
-        for table, writes in entries:
-            current[0] = table
+        ops.look_up()
+        for _, writes in entries:
             apply_rows(writes, ops)
-        current[0] = ops.finish()
+        ops.finish()
 
-    _in_transaction(con, lambda: current[0], work)
+    _in_transaction(con, lambda: ops.writing, work)
 
 
 def _in_transaction(con: Any, table_of: Callable[[], str], work: Callable[[], None]) -> None:
@@ -548,15 +547,20 @@ class _BatchOps(_RowOps):
 
     def __init__(self, con: Any, writes: Sequence[RowWrite]) -> None:
         super().__init__(con)
+        self.writing = ""  # the table of the statement sent last (what a failure names)
         self._absent: dict[str, set[Any]] = {}  # per table: keys known not to be stored
         self._held: dict[str, list[Insert]] = {}
         self._bumps: dict[tuple[str, tuple[tuple[str, Any], ...]], Bump] = {}
-        wanted: dict[str, set[Any]] = {}
+        self._wanted: dict[str, set[Any]] = {}
         for write in writes:
             row = write if isinstance(write, Insert) else write.otherwise
             if row is not None:
-                wanted.setdefault(row.table, set()).add(_key_value(row))
-        for table, keys in wanted.items():
+                self._wanted.setdefault(row.table, set()).add(_key_value(row))
+
+    def look_up(self) -> None:
+        """Ask, once per table, which of the rows to insert are stored already."""
+        for table, keys in self._wanted.items():
+            self.writing = table
             key, listed = key_of(table), list(keys)
             sql = f"SELECT {key} FROM {table} WHERE {key} IN ({', '.join('?' * len(listed))})"
             stored = {found for (found,) in self.con.execute(parsed(sql), listed).fetchall()}
@@ -580,6 +584,7 @@ class _BatchOps(_RowOps):
                 self._held.setdefault(write.table, []).append(write)
                 return
         self._send(write.table)
+        self.writing = write.table
         super().apply(write, exists=exists)
 
     def bump(self, bump: Bump) -> None:
@@ -597,21 +602,19 @@ class _BatchOps(_RowOps):
         for name, stamp in bump.earliest.items():
             held.earliest[name] = min(held.earliest.get(name, stamp), stamp)
 
-    def finish(self) -> str:
-        """Send the held inserts and the summed bumps; returns the table written last
-        (what a failure here is reported as)."""
-        last = ""
+    def finish(self) -> None:
+        """Send the held inserts and the summed bumps."""
         for table in list(self._held):
-            last = table
             self._send(table)
         for bump in self._bumps.values():
             if bump.latest or bump.earliest or any(bump.add.values()):
-                last = bump.table
+                self.writing = bump.table
                 super().bump(bump)
-        return last
 
     def _send(self, table: str) -> None:
         rows = self._held.pop(table, None)
+        if rows:
+            self.writing = table
         while rows:
             # One statement per run of rows with the same columns (a table's rows have one
             # shape but for a turn's ``otherwise`` row).
