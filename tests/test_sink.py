@@ -549,3 +549,36 @@ def test_a_forked_child_journals_in_a_file_of_its_own(free_store: Store) -> None
     os.close(write_end)
     assert child["ok"] and child["path"] not in (None, str(parent_journal))
     assert sink.flush(30) and sink.close() == []
+
+
+def test_a_journal_line_is_the_event_union_encoding_for_every_stored_kind() -> None:
+    # _journal encodes with each event's own serializer (faster than the union's); the
+    # bytes must be the union's, and read back as the same event.
+    import nbchat
+    from nbchat._store._journal import _event, _line
+    from nbchat._types import CompactionEvent, EventAdapter, MessagesMarked
+    from nbchat.testing import FakeOpenAIServer, Reply, ToolCallSpec
+
+    handed: list[Any] = []
+
+    @nbchat.tool
+    def noop() -> str:
+        """Do nothing."""
+        return "ok"
+
+    with FakeOpenAIServer() as server:
+        server.enqueue(Reply(tool_calls=[ToolCallSpec(name="noop", arguments={})]))
+        server.enqueue("done")
+        session = nbchat.Session(
+            model="m", base_url=server.url, api_key="k", db=":memory:", tools=[noop]
+        )
+        session.send("go", on_event=lambda event: handed.append(event))
+    handed += [
+        MessagesMarked(session_id="s", message_ids=["a", "b"], state="compacted"),
+        CompactionEvent(session_id="s", strategy="summary", from_seq=0, to_seq=3, cost_usd=0.1),
+    ]
+    stored = [event for event in handed if event.kind in STORED_KINDS]
+    assert {event.kind for event in stored} == STORED_KINDS
+    for event in stored:
+        assert _line(event) == EventAdapter.dump_json(event) + b"\n"
+        assert _event(_line(event)) == event

@@ -305,6 +305,16 @@ class Store(ABC):
         ``StoreError`` otherwise (the disk, a closed store: possibly worth a retry).
         """
 
+    def write_many(self, events: Sequence[Event], *, timeout: float | None = None) -> None:
+        """Write several events' rows, in order; raises as ``write`` does.
+
+        A backend may write them all in one transaction (all or none); this one writes
+        them one by one, so a failure may leave the first ones written (harmless: a
+        retry rewrites them by id).
+        """
+        for event in events:
+            self.write(event, timeout=timeout)
+
     @abstractmethod
     def end_unfinished_turns(
         self, session_id: str, *, status: str, error: str, keep: str | None = None

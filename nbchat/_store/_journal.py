@@ -38,7 +38,9 @@ def journal_folder(path: str) -> Path | None:
 
 
 def _line(event: Event) -> bytes:
-    return EventAdapter.dump_json(event) + b"\n"
+    # The event's own serializer: the same bytes as EventAdapter.dump_json (a test checks
+    # every stored kind), in about half the time, which the loop pays for each event.
+    return type(event).__pydantic_serializer__.to_json(event) + b"\n"
 
 
 def _event(line: bytes) -> Event:

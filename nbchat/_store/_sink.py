@@ -8,7 +8,10 @@ writer), as ``Insert`` and ``Update`` values a backend applies in its own SQL;
 ``StoreSink.handle(event)`` is on the per-token path, so it never touches the store:
 an event the store keeps goes on a queue and into this process's journal (one append),
 everything else (deltas, notices) costs one set lookup. One writer thread per sink
-writes the queue to the store in order.
+writes the queue to the store in order, what has queued up (up to ``BATCH_MAX`` events)
+in one transaction: each DuckDB statement costs ~0.3 ms, and a commit per event kept a
+writer behind the chats of a shared file. A batch the store refuses is written again
+one event at a time, so only the row that cannot be stored is skipped.
 
 * **Another process holds the file.** The writer retries the head of the queue with
   short attempts (``ATTEMPT_S``) and bounded backoff, forever; later events wait
@@ -55,6 +58,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
+from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 from .._config import whoami
@@ -106,6 +110,7 @@ ATTEMPT_S = 0.5  # one attempt's wait for the file: short, so stopping is quick
 EXIT_WAIT_S = 5.0  # at interpreter exit, the longest wait for all sinks to drain
 _BACKOFF_FIRST = 0.05  # after an attempt that failed fast (not a lock wait)
 _BACKOFF_MAX = 1.0
+BATCH_MAX = 32  # the most queued events the writer writes in one transaction
 _IDLE_EXIT = 2.0  # an idle writer thread ends; the next stored event starts another
 
 _live: weakref.WeakSet[StoreSink] = weakref.WeakSet()
@@ -131,6 +136,7 @@ class StoreSink:
         self._queue: deque[Event] = deque()
         self._handed = 0  # events accepted by handle()
         self._done = 0  # events written or skipped
+        self._singly_until = 0  # a batch failed: write one at a time until _done is here
         self._unjournaled: deque[Event] = deque()  # handed, not in the journal yet
         self._journaled = 0  # events in the journal (the first ones handed)
         self._journal_lock = threading.Lock()  # one appender at a time: order is kept
@@ -309,7 +315,10 @@ class StoreSink:
                 if self._stopping or not self._queue:
                     self._thread = None  # idle (or closed): handle() starts another
                     return
-                event = self._queue[0]  # stays queued until written: order is kept
+                # The head of the queue, and what follows it: a backlog is written in one
+                # transaction. Events stay queued until written: order is kept.
+                take = 1 if self._done < self._singly_until else BATCH_MAX
+                batch = list(islice(self._queue, take))
                 if self.store.closed and self.store.path == ":memory:":
                     self._done += len(self._queue)  # nowhere left to write them
                     self._queue.clear()
@@ -320,8 +329,14 @@ class StoreSink:
             started = time.perf_counter()
             attempt_began = time.monotonic()
             try:
-                self._target().write(event, timeout=min(ATTEMPT_S, self.patience))
+                if len(batch) == 1:
+                    self._target().write(batch[0], timeout=min(ATTEMPT_S, self.patience))
+                else:
+                    self._target().write_many(batch, timeout=min(ATTEMPT_S, self.patience))
             except UnstorableRow as exc:
+                if len(batch) > 1:  # nothing of it was written: find the refused one alone
+                    self._singly_until = self._done + len(batch)
+                    continue
                 self._say(
                     f"Not saved: one {exc.table} row was skipped because it cannot be "
                     f"stored ({exc.reason})."
@@ -339,8 +354,11 @@ class StoreSink:
                     backoff = min(backoff * 2, _BACKOFF_MAX)
                 continue
             except Exception as exc:  # a bug, not the file: skip, or the queue freezes
+                if len(batch) > 1:
+                    self._singly_until = self._done + len(batch)
+                    continue
                 self._say(
-                    f"Not saved: one event ({event.kind}) was skipped because writing it "
+                    f"Not saved: one event ({batch[0].kind}) was skipped because writing it "
                     f"failed ({type(exc).__name__}: {exc})."
                 )
             self.write_seconds.append(time.perf_counter() - started)
@@ -348,8 +366,9 @@ class StoreSink:
                 self._say(notice)
             backoff, waiting_since = _BACKOFF_FIRST, None
             with self._cond:
-                self._queue.popleft()
-                self._done += 1
+                for _ in range(min(len(batch), len(self._queue))):  # close() may have emptied it
+                    self._queue.popleft()
+                self._done += len(batch)
                 drained = not self._queue
                 # The store answers again: barriers wait for the backlog from here on.
                 self._outage = False
