@@ -66,6 +66,9 @@ class Dashboard(widgets.VBox):  # type: ignore[misc]
         self.top_sessions: pd.DataFrame | None = None
         self.tool_errors: pd.DataFrame | None = None
         self.session_buttons: list[widgets.Button] = []
+        self._buttons: list[widgets.Button] = []  # made so far; the first ones are shown
+        self._sessions_heading = widgets.HTML("<b>Top sessions</b> (click one for its transcript)")
+        self._no_sessions = widgets.HTML("<i>no sessions in this range</i>")
         self._button_ids: list[str] = []
         self.selected: str | None = None
         self.since = widgets.DatePicker(description="From", value=since)
@@ -154,23 +157,24 @@ class Dashboard(widgets.VBox):  # type: ignore[misc]
         self._charted[name] = data
 
     def _show_sessions(self, top: pd.DataFrame) -> None:
-        self._button_ids = list(top["session_id"])
-        self.session_buttons = []
-        for row in top.to_dict("records"):
-            sid = str(row["session_id"])
+        # Buttons are kept and relabelled: making widgets (and their comms) was most of it.
+        self._button_ids = [str(sid) for sid in top["session_id"]]
+        for i in range(len(self._buttons), len(top)):
+            button = widgets.Button(layout=widgets.Layout(width="auto"))
+            button.on_click(lambda _, i=i: self.show_session(self._button_ids[i]))
+            self._buttons.append(button)
+        self.session_buttons = self._buttons[: len(top)]
+        for button, sid, row in zip(
+            self.session_buttons, self._button_ids, top.to_dict("records"), strict=True
+        ):
             unknown = f" (+{row['unknown']} unknown)" if row["unknown"] else ""
-            cost = _usd(row["cost_usd"])
-            button = widgets.Button(
-                description=f"{row['label']} — {cost} · {row['requests']} req{unknown}",
-                tooltip=f"Show the transcript of session {sid}",
-                layout=widgets.Layout(width="auto"),
-                button_style="info" if sid == self.selected else "",
+            button.description = (
+                f"{row['label']} — {_usd(row['cost_usd'])} · {row['requests']} req{unknown}"
             )
-            button.on_click(lambda _, sid=sid: self.show_session(sid))
-            self.session_buttons.append(button)
-        heading = widgets.HTML("<b>Top sessions</b> (click one for its transcript)")
-        empty = [widgets.HTML("<i>no sessions in this range</i>")] if top.empty else []
-        self.sessions_list.children = [heading, *self.session_buttons, *empty]
+            button.tooltip = f"Show the transcript of session {sid}"
+            button.button_style = "info" if sid == self.selected else ""
+        empty = [self._no_sessions] if top.empty else []
+        self.sessions_list.children = [self._sessions_heading, *self.session_buttons, *empty]
 
 
 def dashboard(
