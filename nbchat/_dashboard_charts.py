@@ -83,6 +83,8 @@ class LiveChart:
         self._background: Any = None  # the canvas without the data artists
         self._area: tuple[slice, slice] | None = None  # where the canvas was drawn on
         self._artists: list[Artist] = []
+        self._picture = b""  # the PNG made last, of the artists at _drawn_at
+        self._drawn_at: _Where | None = None
 
     def picture(self, scene: Scene) -> bytes:
         """The chart of ``scene`` as PNG bytes, cut to what was drawn."""
@@ -92,10 +94,14 @@ class LiveChart:
             placed = scene.place(ax)
             # The same layout was drawn with the same artists; checked, as it is cheap.
             if len(placed) == len(self._artists) and all(map(_same, placed, self._artists)):
+                where = self._where()
+                if _within(where, self._drawn_at, ax):  # nothing moved by a 256th of a pixel
+                    return self._picture
                 self._canvas.restore_region(self._background)
                 for artist in self._drawn_last():
-                    self.figure.draw_artist(artist)
-                return self._png()
+                    if not _nothing(artist):
+                        self.figure.draw_artist(artist)
+                return self._png(where)
         ax.clear()
         scene.draw(ax)
         self._artists = scene.place(ax)
@@ -112,7 +118,7 @@ class LiveChart:
             self._background = None
             return figure_png(self.figure, dpi=self.dpi, tight=True)
         self._layout = layout
-        return self._png()
+        return self._png(self._where())
 
     def _drawn_last(self) -> list[Artist]:
         # In the order the Axes draws them: by zorder, the spines over the data.
@@ -123,9 +129,39 @@ class LiveChart:
 
         return np.asarray(self._canvas.buffer_rgba())
 
-    def _png(self) -> bytes:
+    def _png(self, where: _Where | None) -> bytes:
         assert self._area is not None
-        return png_of(self._pixels()[self._area])
+        self._picture, self._drawn_at = png_of(self._pixels()[self._area]), where
+        return self._picture
+
+    def _where(self) -> _Where | None:
+        """Where the data artists are, in data coordinates, and their texts (``None``: an
+        artist of another kind, never taken as unmoved). Compared within one layout, where
+        data maps to pixels the same way (``_within``)."""
+        from matplotlib.collections import Collection
+        from matplotlib.lines import Line2D
+        from matplotlib.patches import PathPatch, Rectangle
+        from matplotlib.text import Annotation
+
+        data = self.ax.transData
+        points: list[Any] = []
+        texts: list[str] = []
+        for artist in self._artists:
+            if isinstance(artist, Rectangle) and artist.get_angle() == 0:
+                x, y, w, h = artist.get_x(), artist.get_y(), artist.get_width(), artist.get_height()
+                points.append([[x, y], [x + w, y + h]])
+            elif isinstance(artist, PathPatch) and artist.get_data_transform() is data:
+                points.append(artist.get_path().vertices)
+            elif isinstance(artist, Line2D) and artist.get_transform() is data:
+                points.append(artist.get_xydata())
+            elif isinstance(artist, Collection) and artist.get_transform() is data:
+                points.extend(path.vertices for path in artist.get_paths())
+            elif isinstance(artist, Annotation) and artist.xycoords == "data":
+                points.append([artist.xy])
+                texts.append(artist.get_text())
+            else:
+                return None
+        return points, texts
 
 
 def png_of(pixels: Any) -> bytes:
@@ -156,6 +192,41 @@ def png_of(pixels: Any) -> bytes:
 
 def _same(a: object, b: object) -> bool:
     return a is b
+
+
+_Where = tuple[list[Any], list[str]]
+
+
+def _within(now: _Where | None, drawn: _Where | None, ax: Axes) -> bool:
+    """Whether the data artists are where they were drawn, to a 256th of a pixel (the
+    precision Agg draws at: a move that small changes an edge pixel by at most one level
+    of 255), with the same texts. Both are of one layout, so data maps to pixels the same
+    way: by ``ax.transData``'s scale (the dashboard's axes are linear)."""
+    import numpy as np
+
+    if now is None or drawn is None or now[1] != drawn[1] or len(now[0]) != len(drawn[0]):
+        return False
+    matrix = ax.transData.get_affine().get_matrix()
+    pixels = np.abs([matrix[0, 0], matrix[1, 1]])  # per unit of x, of y
+    for a, b in zip(now[0], drawn[0], strict=True):
+        a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+        if a.shape != b.shape or not bool(np.all(np.abs(a - b) * pixels < 1 / 256)):
+            return False
+    return True
+
+
+def _nothing(artist: Artist) -> bool:
+    """Whether ``artist`` draws nothing: a bar of no height (``ax.bar`` gives each model a
+    bar at every key, most of them empty on the by-model chart)."""
+    from matplotlib.colors import to_rgba
+    from matplotlib.patches import Rectangle
+
+    return (
+        isinstance(artist, Rectangle)
+        and (artist.get_height() == 0 or artist.get_width() == 0)
+        and (artist.get_linewidth() == 0 or to_rgba(artist.get_edgecolor())[3] == 0)
+        and not artist.get_hatch()
+    )
 
 
 def _round_top(ax: Axes, value: float) -> float:

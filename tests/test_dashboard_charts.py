@@ -27,7 +27,8 @@ def spend(days: int, bump: float = 0.0, unknown: int = 2) -> pd.DataFrame:
     rows = []
     for i, model in enumerate(MODELS):
         for d, key in enumerate(keys):
-            cost = 0.01 * (i + 1) * (1 + d % 5) + (bump if model == "beta" and d == days - 1 else 0)
+            cost = 0.0003 + 0.01 * (i + 1) * (1 + d % 5)
+            cost += bump if model == "beta" and d == days - 1 else 0
             missing = unknown if model == "gamma" and d == 1 else 0
             rows.append((key, model, cost, 3, missing))
     return pd.DataFrame(rows, columns=["key", "model", "cost_usd", "requests", "unknown"])
@@ -98,6 +99,18 @@ def test_figures_that_move_a_little_redraw_only_the_data_over_the_kept_picture(
     assert chart.picture(moved)[:4] == b"\x89PNG"
     assert chart._background is kept, "the picture around the data was kept"
     assert shown(chart.ax) == drawn_afresh(moved), "the same chart as drawn whole"
+
+
+@pytest.mark.parametrize("days", [3, 60])
+def test_figures_that_move_less_than_a_256th_of_a_pixel_keep_the_picture(days: int) -> None:
+    chart = LiveChart()
+    first = chart.picture(CostScene(spend(days), "day"))
+    tiny = CostScene(spend(days, bump=1e-9), "day")  # a billionth of a dollar more
+    assert chart.picture(tiny) is first
+    assert shown(chart.ax) == drawn_afresh(tiny)  # the Axes carry the new figures
+    more = CostScene(spend(days, bump=0.01), "day")  # a cent: a pixel or more
+    assert chart.picture(more) is not first
+    assert shown(chart.ax) == drawn_afresh(more)
 
 
 def test_a_new_layout_draws_the_whole_chart_again() -> None:
