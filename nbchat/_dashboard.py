@@ -5,9 +5,9 @@ transcript below), tool error rates and request latency, for a date range picked
 two ``DatePicker``s (UTC days, both included). Charts are PNG images drawn off-screen
 (``nbchat.plot``'s drawing on Agg figures; a refresh that only moves bars or boxes draws
 just those, ``_dashboard_charts``), so the dashboard needs no plotting front end and
-works the same in JupyterLab, Notebook 7 and Voila. It reads ``_analysis.overview()``: sums the
-store keeps on write and a few small queries, so a refresh costs about the same on a
-store of any size (the latency boxes come from a ~2% sample on large ranges).
+works the same in JupyterLab, Notebook 7 and Voila. It reads ``_analysis.overview()``:
+sums the store keeps on write and a few small queries, so a refresh costs about the same
+on a store of any size (the latency boxes come from a ~2% sample on large ranges).
 """
 
 from __future__ import annotations
