@@ -3,10 +3,11 @@
 Spend over time and by model, the most expensive sessions (click one to read its
 transcript below), tool error rates and request latency, for a date range picked with
 two ``DatePicker``s (UTC days, both included). Charts are PNG images drawn off-screen
-(``nbchat.plot`` on Agg figures), so the dashboard needs no plotting front end and works
-the same in JupyterLab, Notebook 7 and Voila. It reads ``_analysis.overview()``: sums the
-store keeps on write and a few small queries, so a refresh costs about the same on a
-store of any size (the latency boxes come from a ~2% sample on large ranges).
+(``nbchat.plot``'s drawing on Agg figures; a refresh that only moves bars or boxes draws
+just those, ``_dashboard_charts``), so the dashboard needs no plotting front end and
+works the same in JupyterLab, Notebook 7 and Voila. It reads ``_analysis.overview()``:
+sums the store keeps on write and a few small queries, so a refresh costs about the same
+on a store of any size (the latency boxes come from a ~2% sample on large ranges).
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ from typing import TYPE_CHECKING, Any
 
 import ipywidgets as widgets
 
+from ._dashboard_charts import CostScene, LatencyScene, LiveChart, Scene
 from ._exceptions import NbchatError
-from ._plot import draw_costs, draw_latency_quantiles, figure_png, session_label
+from ._plot import session_label
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import pandas as pd
     from matplotlib.axes import Axes
-    from matplotlib.figure import Figure
 
     from ._analysis import Overview
     from ._store import Store
@@ -58,11 +61,14 @@ class Dashboard(widgets.VBox):  # type: ignore[misc]
         self.top = top
         self.axes: dict[str, Axes] = {}
         self._charted: dict[str, pd.DataFrame] = {}  # what each chart was drawn from
-        self._figures: dict[str, Figure] = {}
+        self._charts = {"spend": LiveChart(), "by_model": LiveChart(), "latency": LiveChart(0.97)}
         self._seen: Overview | None = None  # the last overview read
         self.top_sessions: pd.DataFrame | None = None
         self.tool_errors: pd.DataFrame | None = None
         self.session_buttons: list[widgets.Button] = []
+        self._buttons: list[widgets.Button] = []  # made so far; the first ones are shown
+        self._sessions_heading = widgets.HTML("<b>Top sessions</b> (click one for its transcript)")
+        self._no_sessions = widgets.HTML("<i>no sessions in this range</i>")
         self._button_ids: list[str] = []
         self.selected: str | None = None
         self.since = widgets.DatePicker(description="From", value=since)
@@ -125,16 +131,11 @@ class Dashboard(widgets.VBox):  # type: ignore[misc]
         self._seen = seen
         self.summary.value = _summary_html(seen.spend, seen.top_sessions, since, until)
         by_day = seen.spend.assign(key=[d.strftime("%Y-%m-%d") for d in seen.spend["day"]])
-        self._chart("spend", by_day, lambda ax: draw_costs(ax, by_day, "day"))
+        self._chart("spend", by_day, lambda: CostScene(by_day, "day"))
         by_model = seen.spend.assign(key=seen.spend["model"].fillna("(unknown model)"))
-        self._chart("by_model", by_model, lambda ax: draw_costs(ax, by_model, "model"))
+        self._chart("by_model", by_model, lambda: CostScene(by_model, "model"))
         latency = _latency_figures(seen.latency, seen.latency_sampled)
-        self._chart(
-            "latency",
-            latency,
-            lambda ax: draw_latency_quantiles(ax, seen.latency, sampled=seen.latency_sampled),
-            right=0.97,
-        )
+        self._chart("latency", latency, lambda: LatencyScene(seen.latency, seen.latency_sampled))
         self.top_sessions = _top_sessions(seen.top_sessions)
         self._show_sessions(self.top_sessions)
         self.tool_errors = _tool_errors(seen.tools)
@@ -143,55 +144,37 @@ class Dashboard(widgets.VBox):  # type: ignore[misc]
             self.selected = None
             self.transcript.value = ""
 
-    def _chart(self, name: str, data: pd.DataFrame, draw: Any, right: float = 0.7) -> None:
+    def _chart(self, name: str, data: pd.DataFrame, scene: Callable[[], Scene]) -> None:
         """Draw chart ``name`` from ``data`` into its image, unless it shows ``data`` already:
-        a chart is drawn again only when the figures it is drawn from changed."""
-        from matplotlib.figure import Figure
-
+        a chart is drawn again only when the figures it is drawn from changed (and then,
+        mostly, only its data artists: ``_dashboard_charts``)."""
         shown = self._charted.get(name)
         if shown is not None and _same_figures(shown, data):
             return
-        # Fixed margins, not constrained layout (laying out again costs as much as drawing).
-        # The chart is 8 x 3.6 inches on a larger canvas, so what is drawn outside its axes
-        # (a legend, long tick labels) fits on it, and the PNG is cut to what was drawn:
-        # one drawing, and nothing cut off. Each chart keeps its figure, cleared for the
-        # next drawing: its canvas keeps the sizes of the texts it drew (tick labels,
-        # legends), which measuring again was much of a drawing's time.
-        figure = self._figures.get(name)
-        if figure is None:
-            left, bottom, width, height = _AROUND, _AROUND, 8.0 + _AROUND + _ROOM, 3.6 + _AROUND
-            figure = self._figures[name] = Figure(figsize=(width, height))
-            figure.subplots_adjust(
-                left=(left + 0.88) / width,
-                right=(left + 8.0 * right) / width,
-                bottom=(bottom + 0.72) / height,
-                top=(bottom + 3.24) / height,
-            )
-            figure.subplots()
-        ax = figure.axes[0]
-        ax.clear()
-        self.axes[name] = draw(ax)
-        self._images[name].value = figure_png(figure, dpi=80, tight=True)
+        chart = self._charts[name]
+        self._images[name].value = chart.picture(scene())
+        self.axes[name] = chart.ax
         self._charted[name] = data
 
     def _show_sessions(self, top: pd.DataFrame) -> None:
-        self._button_ids = list(top["session_id"])
-        self.session_buttons = []
-        for row in top.to_dict("records"):
-            sid = str(row["session_id"])
+        # Buttons are kept and relabelled: making widgets (and their comms) was most of it.
+        self._button_ids = [str(sid) for sid in top["session_id"]]
+        for i in range(len(self._buttons), len(top)):
+            button = widgets.Button(layout=widgets.Layout(width="auto"))
+            button.on_click(lambda _, i=i: self.show_session(self._button_ids[i]))
+            self._buttons.append(button)
+        self.session_buttons = self._buttons[: len(top)]
+        for button, sid, row in zip(
+            self.session_buttons, self._button_ids, top.to_dict("records"), strict=True
+        ):
             unknown = f" (+{row['unknown']} unknown)" if row["unknown"] else ""
-            cost = _usd(row["cost_usd"])
-            button = widgets.Button(
-                description=f"{row['label']} — {cost} · {row['requests']} req{unknown}",
-                tooltip=f"Show the transcript of session {sid}",
-                layout=widgets.Layout(width="auto"),
-                button_style="info" if sid == self.selected else "",
+            button.description = (
+                f"{row['label']} — {_usd(row['cost_usd'])} · {row['requests']} req{unknown}"
             )
-            button.on_click(lambda _, sid=sid: self.show_session(sid))
-            self.session_buttons.append(button)
-        heading = widgets.HTML("<b>Top sessions</b> (click one for its transcript)")
-        empty = [widgets.HTML("<i>no sessions in this range</i>")] if top.empty else []
-        self.sessions_list.children = [heading, *self.session_buttons, *empty]
+            button.tooltip = f"Show the transcript of session {sid}"
+            button.button_style = "info" if sid == self.selected else ""
+        empty = [self._no_sessions] if top.empty else []
+        self.sessions_list.children = [self._sessions_heading, *self.session_buttons, *empty]
 
 
 def dashboard(
@@ -203,11 +186,6 @@ def dashboard(
     how many sessions are listed.
     """
     return Dashboard(db=db, since=since, until=until, top=top)
-
-
-# Inches of canvas beyond a chart's own 8 x 3.6: at its left and bottom, and at its right
-# (where the legends drawn outside the axes go).
-_AROUND, _ROOM = 0.5, 1.6
 
 
 def _same_figures(before: pd.DataFrame, now: pd.DataFrame) -> bool:

@@ -13,8 +13,10 @@ requests of unknown price is labelled "? N", and the legend and title give the t
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 if TYPE_CHECKING:
@@ -71,38 +73,97 @@ def cost_groups(requests: pd.DataFrame) -> pd.DataFrame:
     ).reset_index()
 
 
+@dataclass(frozen=True, eq=False)
+class CostBars:
+    """A cost chart's figures before drawing: the keys in the order shown, the known
+    dollars per key (rows, in ``order``) and model (columns), the requests of unknown
+    price per key."""
+
+    by: str
+    order: list[str]
+    table: pd.DataFrame
+    unknown: pd.Series
+
+    @functools.cached_property
+    def totals(self) -> pd.Series | None:
+        """Known dollars per key, or ``None`` when no model has a known cost."""
+        return self.table.sum(axis=1) if len(self.table.columns) else None
+
+    @functools.cached_property
+    def missing(self) -> int:
+        """Requests of unknown price in the chart."""
+        return int(self.unknown.sum())
+
+    @property
+    def many(self) -> bool:
+        """Too many bars for one artist each: one shape per model, no "? N" labels."""
+        return len(self.order) > _MANY
+
+    @property
+    def title(self) -> str:
+        """The chart's title (with the requests of unknown price, if any)."""
+        title = f"Cost by {self.by}"
+        return title + f" — {_requests_n(self.missing)} without a price" if self.missing else title
+
+
+def cost_bars(groups: pd.DataFrame, by: str, top: int = _TOP) -> CostBars | None:
+    """The figures ``draw_costs`` draws from ``cost_groups``-shaped rows (``None``: none)."""
+    if groups.empty:
+        return None
+    import numpy as np
+    import pandas as pd
+
+    order = _order(groups, by, top)
+    # Each row's place in the chart (by dicts: an Index of Arrow strings was slower),
+    # summed with numpy: pivot_table took ~20 ms here.
+    places = {key: i for i, key in enumerate(order)}
+    row = np.array([places.get(key, -1) for key in groups["key"].tolist()], dtype=np.intp)
+    shown = row >= 0  # not shown: past the top ones
+    cost = groups["cost_usd"].to_numpy(dtype=float, na_value=np.nan)
+    known = shown & ~np.isnan(cost) & groups["model"].notna().to_numpy()
+    names = [name for name, k in zip(groups["model"].tolist(), known, strict=True) if k]
+    models = sorted(set(names))
+    columns = {name: j for j, name in enumerate(models)}
+    column = np.array([columns[name] for name in names], dtype=np.intp)
+    dollars = np.zeros((len(order), len(models)))
+    np.add.at(dollars, (row[known], column), cost[known])
+    unknown = np.zeros(len(order), dtype=np.int64)
+    counts = groups["unknown"].to_numpy(dtype=np.int64, na_value=0)
+    np.add.at(unknown, row[shown], counts[shown])
+    index = pd.Index(order, name="key")
+    return CostBars(
+        by=by,
+        order=order,
+        table=pd.DataFrame(dollars, index=index, columns=pd.Index(models, name="model")),
+        unknown=pd.Series(unknown, index=index, name="unknown"),
+    )
+
+
 def draw_costs(ax: Axes, groups: pd.DataFrame, by: str, top: int = _TOP) -> Axes:
     """Draw ``cost_groups``-shaped rows: known dollars stacked by model, unknown marked."""
-    title = f"Cost by {by}"
-    if groups.empty:
-        return _empty(ax, title)
-    order = _order(groups, by, top)
-    frame = groups[groups["key"].isin(order)]
-    known = frame[frame["cost_usd"].notna()]
-    table = known.pivot_table(
-        index="key", columns="model", values="cost_usd", aggfunc="sum", observed=True
-    )
-    table = table.reindex(index=order).fillna(0.0)
+    bars = cost_bars(groups, by, top)
+    return _empty(ax, f"Cost by {by}") if bars is None else draw_cost_bars(ax, bars)
+
+
+def draw_cost_bars(ax: Axes, bars: CostBars) -> Axes:
+    """Draw ``cost_bars`` figures: known dollars stacked by model, unknown marked."""
+    order, table, totals, missing = bars.order, bars.table, bars.totals, bars.missing
     _stack(ax, table, order)
-    unknown = frame.groupby("key")["unknown"].sum().reindex(order).fillna(0)
-    totals = table.sum(axis=1) if len(table.columns) else None
-    missing = int(unknown.sum())
     if missing:
-        _mark_unknown(ax, order, unknown, totals)
+        _mark_unknown(ax, order, bars.unknown, totals)
         from matplotlib.patches import Patch
 
         handles, labels = ax.get_legend_handles_labels()
         handles.append(Patch(facecolor="none", edgecolor="0.5", hatch=_UNKNOWN_HATCH))
-        counted = "" if len(order) > _MANY else "? N, "  # many bars carry no "? N" labels
+        counted = "" if bars.many else "? N, "  # many bars carry no "? N" labels
         labels.append(f"price unknown: {_requests_n(missing)} ({counted}not in bars)")
         ax.legend(handles, labels, title="model", **_OUTSIDE)
-        title += f" — {_requests_n(missing)} without a price"
     elif len(table.columns):
         ax.legend(title="model", **_OUTSIDE)
-    ax.set_title(title)
+    ax.set_title(bars.title)
     ax.set_ylabel("cost (USD, known prices)")
     if totals is not None:
-        _usd_ticks(ax)
+        usd_ticks(ax)
     return ax
 
 
@@ -180,18 +241,29 @@ def draw_latency_quantiles(ax: Axes, stats: pd.DataFrame, *, sampled: bool = Fal
     if stats.empty:
         return _empty(ax, title)
 
-    def box(model: str, metric: str) -> dict[str, Any] | None:
-        rows = stats[(stats["model"] == model) & (stats["metric"] == metric)]
-        if rows.empty:
-            return None
-        low, q1, med, q3, high = (float(v) / 1000.0 for v in rows["quantiles"].iloc[0])
-        return {"whislo": low, "q1": q1, "med": med, "q3": q3, "whishi": high, "fliers": []}
-
     models = sorted(stats["model"].unique())
-    return _latency_boxes(ax, models, box, title, whiskers="whiskers: 5th–95th percentile")
+    boxes = quantile_boxes(stats)
+    return _latency_boxes(
+        ax, models, lambda *which: boxes.get(which), title, whiskers=_QUANTILE_WHISKERS
+    )
 
 
-_LATENCY_METRICS = (("ttft_ms", "C0"), ("duration_ms", "C1"))
+def quantile_boxes(stats: pd.DataFrame) -> dict[tuple[str, str], dict[str, Any]]:
+    """``draw_latency_quantiles``' boxes as ``Axes.bxp`` figures (seconds), by model and
+    metric (the first row of each)."""
+    boxes: dict[tuple[str, str], dict[str, Any]] = {}
+    for model, metric, quantiles in zip(
+        stats["model"], stats["metric"], stats["quantiles"], strict=True
+    ):
+        low, q1, med, q3, high = (float(v) / 1000.0 for v in quantiles)
+        figures = {"whislo": low, "q1": q1, "med": med, "q3": q3, "whishi": high, "fliers": []}
+        boxes.setdefault((model, metric), figures)
+    return boxes
+
+
+_QUANTILE_WHISKERS = "whiskers: 5th–95th percentile"
+LATENCY_METRICS = ("ttft_ms", "duration_ms")
+_LATENCY_METRICS = tuple(zip(LATENCY_METRICS, ("C0", "C1"), strict=True))
 
 
 def _latency_boxes(
@@ -202,7 +274,9 @@ def _latency_boxes(
     whiskers: str | None = None,
 ) -> Axes:
     """Per model, a box for each metric (``box(model, metric)``: ``Axes.bxp`` figures, in
-    seconds; ``None`` when it has no values), side by side, and the legend that names them."""
+    seconds; ``None`` when it has no values), side by side, and the legend that names them.
+    Each part of a box has a gid: ``box``, ``median``, ``whisker-low`` / ``-high`` and
+    ``cap-low`` / ``-high``, then ``:metric:model``."""
     shown: list[tuple[dict[str, Any], float, str, str]] = []  # figures, x, colour, gid
     for i, model in enumerate(models):
         for offset, (metric, color) in enumerate(_LATENCY_METRICS):
@@ -212,12 +286,18 @@ def _latency_boxes(
     if shown:  # one bxp call: each call reads every rc setting again (most of a chart's time)
         stats, positions, colors, gids = zip(*shown, strict=True)
         boxes = ax.bxp(list(stats), positions=list(positions), widths=0.8, patch_artist=True)
-        for patch, median, color, gid in zip(
-            boxes["boxes"], boxes["medians"], colors, gids, strict=True
+        for i, (patch, median, color, gid) in enumerate(
+            zip(boxes["boxes"], boxes["medians"], colors, gids, strict=True)
         ):
             patch.set_facecolor(color)
-            median.set_gid(gid)
             median.set_color("black")
+            which = gid.removeprefix("median:")
+            median.set_gid(gid)
+            patch.set_gid(f"box:{which}")
+            for part in ("whisker", "cap"):  # bxp gives each box two of each: low, high
+                low, high = boxes[f"{part}s"][2 * i : 2 * i + 2]
+                low.set_gid(f"{part}-low:{which}")
+                high.set_gid(f"{part}-high:{which}")
     from matplotlib.patches import Patch
 
     ax.set_xticks([3 * i + 0.5 for i in range(len(models))], models)
@@ -387,23 +467,32 @@ def figure_png(figure: Figure, dpi: int = 100, *, tight: bool = False) -> bytes:
             canvas = FigureCanvasAgg(figure)
         canvas.draw()
         pixels = np.asarray(canvas.buffer_rgba())
-        drawn = (pixels != pixels[0, 0]).any(axis=2)  # not the background
-        rows, columns = np.flatnonzero(drawn.any(axis=1)), np.flatnonzero(drawn.any(axis=0))
-        pad = round(_PAD_INCHES * dpi)
-        if len(rows) and len(columns):
-            top, bottom, left, right = rows[0], rows[-1], columns[0], columns[-1]
-            if top > 0 and left > 0 and bottom < len(drawn) - 1 and right < len(drawn[0]) - 1:
-                cut = pixels[
-                    max(0, top - pad) : bottom + 1 + pad, max(0, left - pad) : right + 1 + pad
-                ]
-                Image.fromarray(cut).save(buffer, format="png")
-                return buffer.getvalue()
+        area = drawn_area(pixels, round(_PAD_INCHES * dpi))
+        if area is not None:
+            Image.fromarray(pixels[area]).save(buffer, format="png")
+            return buffer.getvalue()
     extra: dict[str, Any] = {"bbox_inches": "tight", "pad_inches": _PAD_INCHES} if tight else {}
     figure.savefig(buffer, format="png", dpi=dpi, **extra)
     return buffer.getvalue()
 
 
 _PAD_INCHES = 0.05
+
+
+def drawn_area(pixels: Any, pad: int) -> tuple[slice, slice] | None:
+    """The rows and columns of an RGBA canvas that were drawn on (not its first pixel's
+    colour), ``pad`` pixels wider; ``None`` when the drawing reaches an edge (it may have
+    been cut off) or there is none."""
+    import numpy as np
+
+    drawn = (pixels != pixels[0, 0]).any(axis=2)
+    rows, columns = np.flatnonzero(drawn.any(axis=1)), np.flatnonzero(drawn.any(axis=0))
+    if not len(rows) or not len(columns):
+        return None
+    top, bottom, left, right = int(rows[0]), int(rows[-1]), int(columns[0]), int(columns[-1])
+    if top == 0 or left == 0 or bottom == len(drawn) - 1 or right == len(drawn[0]) - 1:
+        return None
+    return slice(max(0, top - pad), bottom + 1 + pad), slice(max(0, left - pad), right + 1 + pad)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -498,17 +587,14 @@ def _stack(ax: Axes, table: pd.DataFrame, order: list[str]) -> None:
     import numpy as np
 
     x = np.arange(len(order))
-    bottom = np.zeros(len(order))
     many = len(order) > _MANY
-    for i, column in enumerate(table.columns):
-        heights = table[column].to_numpy(dtype=float)
+    for i, (column, bottom, heights) in enumerate(stacked(table)):
         if many:  # one artist per column, not one per bar: drawing stays quick
             color = f"C{i % 10}"  # the colour ax.bar gives the column's bars
             _steps(ax, bottom, bottom + heights, label=str(column), gid=f"bar:{column}",
                    facecolor=color)  # fmt: skip
         else:
             ax.bar(x, heights, bottom=bottom, label=str(column), gid=f"bar:{column}")
-        bottom = bottom + heights
     crowded = len(order) > 4 or sum(len(k) for k in order) > 30
     step = -(-len(order) // 10) if many else 1  # many bars: about ten labels
     ax.set_xticks(
@@ -517,17 +603,36 @@ def _stack(ax: Axes, table: pd.DataFrame, order: list[str]) -> None:
     ax.set_xlim(-0.6, len(order) - 0.4)
 
 
+def stacked(table: pd.DataFrame) -> list[tuple[Any, Any, Any]]:
+    """Per column of ``table``: the column, and its bars' bottoms and heights (arrays), each
+    column stacked on the ones before it."""
+    import numpy as np
+
+    layers = []
+    bottom = np.zeros(len(table))
+    for column in table.columns:
+        heights = table[column].to_numpy(dtype=float)
+        layers.append((column, bottom, heights))
+        bottom = bottom + heights
+    return layers
+
+
 def _steps(ax: Axes, bottom: Any, top: Any, **style: Any) -> None:
     """One filled shape from ``bottom`` to ``top`` over bars 0, 1, ... (each 1 wide).
 
     ``fill_between`` rather than ``ax.stairs``: adding a patch measures its limits one
     path segment at a time in Python (~15 ms for 90 bars), a collection all at once.
     """
+    ax.fill_between(*step_outline(bottom, top), step="post", linewidth=0, **style)
+
+
+def step_outline(bottom: Any, top: Any) -> tuple[Any, Any, Any]:
+    """``fill_between(..., step="post")``'s x, y1 and y2 for bars 0, 1, ... (each 1 wide)
+    from ``bottom`` to ``top``."""
     import numpy as np
 
     edges = np.arange(len(top) + 1) - 0.5
-    ax.fill_between(edges, np.append(bottom, bottom[-1]), np.append(top, top[-1]),
-                    step="post", linewidth=0, **style)  # fmt: skip
+    return edges, np.append(bottom, bottom[-1]), np.append(top, top[-1])
 
 
 def _mark_unknown(ax: Axes, order: list[str], unknown: pd.Series, totals: Any) -> None:
@@ -575,7 +680,7 @@ def _requests_n(n: int) -> str:
     return f"{n} request{'s' if n != 1 else ''}"
 
 
-def _usd_ticks(ax: Axes) -> None:
+def usd_ticks(ax: Axes) -> None:
     """Dollar tick labels with enough decimals for cents or for millionths of a cent."""
     import math
 

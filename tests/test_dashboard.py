@@ -190,3 +190,24 @@ def test_sums_that_differ_in_their_last_bits_are_the_same_figures() -> None:
     assert not _same_figures(spend(total, 3), spend(total, 4))  # one more request
     assert not _same_figures(spend(total, 3), spend(total + 0.0001, 3))
     assert not _same_figures(spend(total, 3), spend(total, 3).iloc[:1])
+
+
+def test_a_refresh_relabels_the_session_buttons_it_has(
+    filled: Filled, fake: FakeOpenAIServer
+) -> None:
+    board = nbchat.dashboard(db=filled.db)
+    buttons = list(board.session_buttons)
+    board.session_buttons[1].click()
+    late = Session(model=PRICED, base_url=fake.url, api_key="sk-test", db=filled.db)
+    fake.enqueue("late", usage={"prompt_tokens": 10_000, "completion_tokens": 0})
+    with prices():
+        late.send("one more")
+    board.refresh()  # a new most expensive session: four buttons, the first three kept
+    assert board.session_buttons[:3] == buttons and len(board.session_buttons) == 4
+    assert board.session_buttons[0].description.startswith(f"one more · {late.id[:8]}")
+    assert [b.button_style for b in board.session_buttons] == ["", "", "info", ""]
+    board.session_buttons[0].click()  # a kept button shows the session it now names
+    assert board.selected == late.id and late.id in board.transcript.value
+    board.since.value = TODAY + dt.timedelta(days=1)
+    assert board.session_buttons == []
+    assert "no sessions in this range" in board.sessions_list.children[-1].value
