@@ -656,6 +656,7 @@ class _BatchOps(_RowOps):
         if key == key_of(table) and all(k in absent for k in keys):
             return []  # not stored, not held: nothing to read
         self._send(table)
+        self._send_bumps(table)  # a counter read (a turn's state) sees the bumps before it
         return super().fetch(table, key, keys, columns)
 
     def apply(self, write: RowWrite, *, exists: bool | None) -> None:
@@ -675,7 +676,12 @@ class _BatchOps(_RowOps):
         held = self._bumps.get(slot)
         if held is None:
             self._bumps[slot] = Bump(
-                bump.table, dict(bump.key), dict(bump.add), dict(bump.latest), dict(bump.earliest)
+                bump.table,
+                dict(bump.key),
+                add=dict(bump.add),
+                latest=dict(bump.latest),
+                earliest=dict(bump.earliest),
+                copy=dict(bump.copy),
             )
             return
         for name, amount in bump.add.items():
@@ -684,13 +690,19 @@ class _BatchOps(_RowOps):
             held.latest[name] = max(held.latest.get(name, stamp), stamp)
         for name, stamp in bump.earliest.items():
             held.earliest[name] = min(held.earliest.get(name, stamp), stamp)
+        held.copy.update(bump.copy)  # copied values: the last one is what stays
 
     def finish(self) -> None:
         """Send the held inserts and the summed bumps."""
         for table in list(self._held):
             self._send(table)
-        for bump in self._bumps.values():
-            if bump.latest or bump.earliest or any(bump.add.values()):
+        self._send_bumps(None)
+
+    def _send_bumps(self, table: str | None) -> None:
+        """Apply the held bumps of ``table`` (of every table: ``None``)."""
+        for slot in [slot for slot in self._bumps if table is None or slot[0] == table]:
+            bump = self._bumps.pop(slot)
+            if bump.latest or bump.earliest or bump.copy or any(bump.add.values()):
                 self.writing = bump.table
                 super().bump(bump)
 
