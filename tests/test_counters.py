@@ -285,11 +285,16 @@ def assert_same_counters(kept: pd.DataFrame, again: pd.DataFrame) -> None:
 def test_fill_counters_recomputes_what_writes_kept(tmp_path: Path, seed: int) -> None:
     with Store.open(tmp_path / "fill.duckdb") as store:
         RandomStore(store, seed).run(80)
-        kept = {t: store.sql(f"SELECT * FROM {t} ORDER BY ALL") for t in COUNTED}
-        with store._connection() as con:  # type: ignore[attr-defined]
-            fill_counters(con)
-        for table, frame in kept.items():
-            assert_same_counters(frame, store.sql(f"SELECT * FROM {table} ORDER BY ALL"))
+        assert_refill_agrees(store)
+
+
+def assert_refill_agrees(store: Store) -> None:
+    """The counters recomputed from every row are the ones the store has."""
+    kept = {t: store.sql(f"SELECT * FROM {t} ORDER BY ALL") for t in COUNTED}
+    with store._connection() as con:  # type: ignore[attr-defined]
+        fill_counters(con)
+    for table, frame in kept.items():
+        assert_same_counters(frame, store.sql(f"SELECT * FROM {table} ORDER BY ALL"))
 
 
 # What transcript() read before m008: the session's messages, with no bound on their times.
@@ -332,22 +337,30 @@ def test_the_counted_message_times_bound_every_message_of_a_session(
             pd.testing.assert_frame_equal(shown, expected)
 
 
-def test_m008_fills_the_first_message_times_of_a_store_with_counters(tmp_path: Path) -> None:
+def copied_at(path: Path, source: Path, migration: str) -> None:
+    """A store at ``path`` migrated up to ``migration`` only, holding ``source``'s rows
+    and the counters that migration's code kept for them."""
     import duckdb
 
     from nbchat._store._migrations import migrate
 
+    con = duckdb.connect(str(path))
+    try:
+        migrate(con, stop_after=migration)
+        con.execute(f"ATTACH '{source}' AS src (READ_ONLY)")
+        for table in ("sessions", "messages", "requests", "turns"):
+            con.execute(f"INSERT INTO {table} SELECT * FROM src.{table}")
+        con.execute("DETACH src")
+        fill_counters(con)
+    finally:
+        con.close()
+
+
+def test_m008_fills_the_first_message_times_of_a_store_with_counters(tmp_path: Path) -> None:
     with Store.open(tmp_path / "source.duckdb") as source:
         RandomStore(source, 5).run(60)
     path = tmp_path / "m007.duckdb"
-    con = duckdb.connect(str(path))
-    migrate(con, stop_after="m007_counters")
-    con.execute(f"ATTACH '{tmp_path / 'source.duckdb'}' AS src (READ_ONLY)")
-    for table in ("sessions", "messages", "requests", "turns"):
-        con.execute(f"INSERT INTO {table} SELECT * FROM src.{table}")
-    con.execute("DETACH src")
-    fill_counters(con)  # the counters as m007 kept them: no first times yet
-    con.close()
+    copied_at(path, tmp_path / "source.duckdb", "m007_counters")  # no first times yet
     with Store.open(path) as store:  # m008 runs here
         times = store.sql(MESSAGE_TIMES)
         assert len(times) >= 4
@@ -358,30 +371,16 @@ def test_m008_fills_the_first_message_times_of_a_store_with_counters(tmp_path: P
 def test_m009_copies_each_session_into_its_counters_and_counts_superseded_turns(
     tmp_path: Path,
 ) -> None:
-    import duckdb
-
-    from nbchat._store._migrations import migrate
-
     with Store.open(tmp_path / "source.duckdb") as source:
         RandomStore(source, 11).run(120)
         expected = nbchat.sessions(db=source)
         assert expected["superseded_turns"].sum() > 0
     path = tmp_path / "m008.duckdb"
-    con = duckdb.connect(str(path))
-    migrate(con, stop_after="m008_first_message_times")
-    con.execute(f"ATTACH '{tmp_path / 'source.duckdb'}' AS src (READ_ONLY)")
-    for table in ("sessions", "messages", "requests", "turns"):
-        con.execute(f"INSERT INTO {table} SELECT * FROM src.{table}")
-    con.execute("DETACH src")
-    fill_counters(con)  # the counters as m008 kept them: no copies, no superseded turns
-    con.close()
+    # The counters as m008 kept them: no copies, no superseded turns.
+    copied_at(path, tmp_path / "source.duckdb", "m008_first_message_times")
     with Store.open(path) as store:  # m009 runs here
         assert_same(nbchat.sessions(db=store), expected)
-        migrated = {t: store.sql(f"SELECT * FROM {t} ORDER BY ALL") for t in COUNTED}
-        with store._connection() as con:  # type: ignore[attr-defined]
-            fill_counters(con)
-        for table, frame in migrated.items():
-            assert_same_counters(frame, store.sql(f"SELECT * FROM {table} ORDER BY ALL"))
+        assert_refill_agrees(store)
 
 
 # Another process writes to the store: a message, a mark of an existing one, a replay.
