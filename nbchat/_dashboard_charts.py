@@ -26,6 +26,7 @@ from ._plot import (
     draw_latency_quantiles,
     drawn_area,
     figure_png,
+    plain,
     quantile_boxes,
     stacked,
     step_outline,
@@ -316,7 +317,7 @@ class CostScene:
             rectangles = {str(c.get_label()): list(c) for c in ax.containers}
             for column, bottom, heights in stacked(bars.table):
                 for rectangle, low, height in zip(
-                    rectangles[str(column)], bottom, heights, strict=True
+                    rectangles[plain(str(column))], bottom, heights, strict=True
                 ):
                     rectangle.set_y(float(low))
                     rectangle.set_height(float(height))

@@ -300,7 +300,7 @@ def _latency_boxes(
                 high.set_gid(f"{part}-high:{which}")
     from matplotlib.patches import Patch
 
-    ax.set_xticks([3 * i + 0.5 for i in range(len(models))], models)
+    ax.set_xticks([3 * i + 0.5 for i in range(len(models))], [plain(m) for m in models])
     # Below the axes, never over a box; a legend placed "best" is searched for on every
     # draw, and that search was most of the chart's drawing time.
     ax.legend(
@@ -553,6 +553,13 @@ def _keys(requests: pd.DataFrame, by: str, db: Db) -> pd.Series:
     return requests["session_id"].map(labels).fillna(_NO_NOTEBOOK if by == "notebook" else "?")
 
 
+def plain(text: str) -> str:
+    """``text`` as matplotlib should show it, as it is: a pair of ``$`` in a title, a
+    notebook's or a model's name would be read as mathtext (``costs $5 and $20`` set in
+    italics, a bad formula failing the whole draw). An escaped ``\\$`` is drawn as ``$``."""
+    return text.replace("$", r"\$")
+
+
 def session_label(session_id: str, title: Any) -> str:
     """A short, unique label for a session: its title (cut) and the id's first 8 hex."""
     if isinstance(title, str) and title.strip():
@@ -591,14 +598,17 @@ def _stack(ax: Axes, table: pd.DataFrame, order: list[str]) -> None:
     for i, (column, bottom, heights) in enumerate(stacked(table)):
         if many:  # one artist per column, not one per bar: drawing stays quick
             color = f"C{i % 10}"  # the colour ax.bar gives the column's bars
-            _steps(ax, bottom, bottom + heights, label=str(column), gid=f"bar:{column}",
+            _steps(ax, bottom, bottom + heights, label=plain(str(column)), gid=f"bar:{column}",
                    facecolor=color)  # fmt: skip
         else:
-            ax.bar(x, heights, bottom=bottom, label=str(column), gid=f"bar:{column}")
+            ax.bar(x, heights, bottom=bottom, label=plain(str(column)), gid=f"bar:{column}")
     crowded = len(order) > 4 or sum(len(k) for k in order) > 30
     step = -(-len(order) // 10) if many else 1  # many bars: about ten labels
     ax.set_xticks(
-        x[::step], order[::step], rotation=20 if crowded else 0, ha="right" if crowded else "center"
+        x[::step],
+        [plain(str(key)) for key in order[::step]],
+        rotation=20 if crowded else 0,
+        ha="right" if crowded else "center",
     )
     ax.set_xlim(-0.6, len(order) - 0.4)
 

@@ -379,3 +379,44 @@ def test_a_tight_png_is_what_was_drawn_and_grows_for_a_long_legend() -> None:
     assert short[0] < 6 * 50  # cut to what was drawn
     assert long[0] > 6 * 50  # grown: the legend is not cut off
     assert abs(short[1] - long[1]) <= 3  # the same height (cut by pixels, or by extents)
+
+
+def test_dollar_signs_in_titles_notebooks_and_model_names_are_drawn_as_they_are(
+    tmp_path: Path, fake: FakeOpenAIServer
+) -> None:
+    # Text from users and servers: a pair of $ would be mathtext (set in italics, or a
+    # bad formula failing the whole draw), so every label escapes it.
+    db = str(tmp_path / "dollars.duckdb")
+    for title, model, notebook in (
+        ("costs $5 and $20", "m$1", "/nb/$HOME and $PATH.ipynb"),
+        (r"a $\frac{$ b", r"x$\alpha$", None),
+    ):
+        register_price(model, input_per_mtok=1.0, output_per_mtok=2.0)
+        fake.enqueue("ok", usage=_usage(100, 10))
+        session = nbchat.Session(
+            model=model, base_url=fake.url, api_key="k", db=db, title=title, notebook=notebook
+        )
+        try:
+            assert session.send("hi").status == "completed"
+        finally:
+            forget_price(model)
+    charts = {
+        "session": nbchat.plot.costs(by="session", db=db),
+        "notebook": nbchat.plot.costs(by="notebook", db=db),
+        "model": nbchat.plot.tokens(by="model", db=db),
+        "latency": nbchat.plot.latency(db=db),
+    }
+    for ax in charts.values():
+        ax.figure.canvas.draw()  # a bad formula raised here
+    assert sorted(t.split(" · ")[0] for t in ticks(charts["session"])) == [
+        r"a \$\frac{\$ b",
+        r"costs \$5 and \$20",
+    ]
+    assert r"\$HOME and \$PATH.ipynb" in ticks(charts["notebook"])
+    assert set(ticks(charts["latency"])) == {r"m\$1", r"x\$\alpha\$"}
+    assert {r"m\$1", r"x\$\alpha\$"} <= set(legend(charts["session"]))
+    for ax in charts.values():  # and none of them is read as mathtext
+        texts = [*ax.get_xticklabels(), *(ax.get_legend().get_texts() if ax.get_legend() else [])]
+        assert not any(matplotlib.cbook.is_math_text(t.get_text()) for t in texts)
+    board = nbchat.dashboard(db=db)  # its charts draw the same labels
+    assert board.spend.value and board.by_model.value and board.latency.value
