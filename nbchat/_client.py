@@ -211,8 +211,7 @@ class RoundFolder:
             if calls:
                 if not isinstance(calls, list):
                     raise ValueError(f"'tool_calls' is not a list: {calls!r:.60}")
-                if self.first_text_at is None:
-                    self._mark_first_token(answer=True)
+                self._mark_first_token(answer=True)  # rarer than text: no inline check
                 for position, tc in enumerate(calls):
                     events.extend(self._feed_tool_call(tc, position))
             item = delta.get(REASONING_ITEM)
@@ -323,12 +322,6 @@ class ModelClient:
         self._encoder = BodyEncoder()
         self._input_items: dict[int, Any] = {}  # the Responses items of each message sent
 
-    def __repr__(self) -> str:
-        return (
-            f"ModelClient(model={self.settings.model!r}, base_url={self.settings.base_url!r}, "
-            f"api={self.api!r})"
-        )
-
     @property
     def model(self) -> str:
         """The model name requests go to."""
@@ -343,6 +336,10 @@ class ModelClient:
         if self.settings.api is not None:
             return self.settings.api
         return "responses" if _responses.responses_only(self.model) else "chat"
+
+    def __repr__(self) -> str:
+        where = self.settings.base_url
+        return f"ModelClient(model={self.model!r}, base_url={where!r}, api={self.api!r})"
 
     def for_model(self, model: str) -> ModelClient:
         """A client for another model on the same endpoint, key and timeouts
