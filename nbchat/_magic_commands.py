@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shlex
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from IPython.core.error import UsageError
@@ -26,11 +25,9 @@ from ._display import Info, raise_for
 from ._exceptions import NbchatError
 
 if TYPE_CHECKING:
-    from ._magic_options import ChatOptions
+    from ._cell_turns import CellTurns
     from ._session import Session
     from ._tools import Tool
-    from ._turn import TurnOptions
-    from ._types import Event, TurnResult
 
 __all__ = ["SUBCOMMANDS_HELP", "Subcommands"]
 
@@ -82,6 +79,7 @@ class Subcommands:
     default_tools: list[str]
     max_context_chars: int | None
     cell_sessions: dict[str, Session]
+    cell_turns: CellTurns
 
     if TYPE_CHECKING:  # what ChatMagics provides
 
@@ -90,16 +88,6 @@ class Subcommands:
         def _use(self, session_id: str, model: str | None = None) -> Session: ...
         def _open(self, **kwargs: Any) -> Session: ...
         def _chat_cell(self, line: str, cell: str) -> None: ...
-        def _show_turn(
-            self,
-            session: Session,
-            opts: ChatOptions,
-            tools: list[Tool],
-            run: Callable[[Callable[[Event], None], TurnOptions], TurnResult],
-            *,
-            notice: str | None = None,
-            cell_id: str | None = None,
-        ) -> TurnResult: ...
 
     def _subcommand(self, line: str) -> Any:
         try:
@@ -177,7 +165,7 @@ class Subcommands:
         specs = ChatOptions.model_validate({"tools": ",".join(args)}).tools if args else None
         tools = self._tools(specs if specs is not None else self.default_tools)
         raise_for(
-            self._show_turn(
+            self.cell_turns.show(
                 session,
                 ChatOptions(),
                 tools,

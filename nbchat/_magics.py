@@ -23,17 +23,17 @@ import os
 import sys
 import threading
 import weakref
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_cell_magic, magics_class
 
+from ._cell_turns import CellTurns
 from ._config import (
     get_defaults,
 )
-from ._display import CellRenderer, one_line, raise_for, render_mode
+from ._display import one_line, raise_for
 from ._exceptions import NbchatError, SessionPendingError, TurnFailed, TurnInterrupted
 from ._magic_commands import SUBCOMMANDS_HELP, Subcommands
 from ._magic_help import CHAT_OPTIONS, SQL_OPTIONS, render_options
@@ -45,8 +45,7 @@ if TYPE_CHECKING:
     from ._pytool import Approval
     from ._session import Session
     from ._tools import Tool
-    from ._turn import TurnOptions
-    from ._types import Event, TurnResult
+    from ._types import TurnResult
 
 __all__ = ["ChatMagics", "load_ipython_extension", "magics_of", "unload_ipython_extension"]
 
@@ -76,13 +75,6 @@ class _Cells:
         return None
 
 
-_KEPT_OUTPUTS = 200
-SUPERSEDED_NOTE = (
-    "⤴ Superseded: an earlier cell of this conversation was re-run, so this turn is no "
-    "longer part of it (it stays in the store, marked superseded)."
-)
-
-
 def _replaced_cells(session: Session, cell_id: str | None) -> list[str]:
     """The cells whose turns a re-run of ``cell_id`` will replace (those after its own)."""
     if cell_id is None:
@@ -106,20 +98,6 @@ def _replaces_notice(replaced: list[str]) -> str | None:
     return f"This re-run replaces this cell's earlier turn and {later} of the conversation."
 
 
-def _turn_options(opts: ChatOptions, tools: list[Tool]) -> TurnOptions:
-    """A cell's options as the options of its one turn (the session is left as it is)."""
-    from ._turn import TurnOptions
-
-    return TurnOptions(
-        model=opts.model,
-        tools=tools,
-        temperature=opts.temperature,
-        max_rounds=opts.max_rounds,
-        budget_usd=opts.budget,
-        stream=False if opts.no_stream else None,
-    )
-
-
 # ---------------------------------------------------------------------- the magics
 
 
@@ -134,8 +112,7 @@ class ChatMagics(Subcommands, Magics):
         self.default_tools: list[str] = []
         # The session each cell's last turn went to, by cell id.
         self.cell_sessions: dict[str, Session] = {}
-        # The live display of each cell's last turn (the latest few), by cell id.
-        self.cell_outputs: dict[str, CellRenderer] = {}
+        self.cell_turns = CellTurns(shell)  # shows turns, keeps the latest displays
         self.notebook = NotebookCells(shell)
         # Kept with this kernel's defaults (%chat config shows them): model aliases
         # (%chat alias fast=gpt-4o-mini) and the size of values put in a message.
@@ -204,7 +181,7 @@ class ChatMagics(Subcommands, Magics):
             session.tag(*opts.tag)
         if cell_id is not None:
             self.cell_sessions[cell_id] = session
-        result = self._show_turn(
+        result = self.cell_turns.show(
             session,
             opts,
             tools,
@@ -219,10 +196,7 @@ class ChatMagics(Subcommands, Magics):
             notice=" ".join(said) or None,
             cell_id=cell_id,
         )
-        for other in replaced:  # their outputs stay on screen: say they no longer count
-            shown = self.cell_outputs.get(other)
-            if shown is not None:
-                shown.mark(SUPERSEDED_NOTE)
+        self.cell_turns.mark_superseded(replaced)  # their outputs stay on screen
         self._take_answer(opts, result)
         raise_for(result)
 
@@ -387,37 +361,6 @@ class ChatMagics(Subcommands, Magics):
         pretty = json.dumps(value, indent=2, ensure_ascii=False)
         display(Markdown(f"```json\n{pretty}\n```"))  # type: ignore[no-untyped-call]
         return value
-
-    def _show_turn(
-        self,
-        session: Session,
-        opts: ChatOptions,
-        tools: list[Tool],
-        run: Callable[[Callable[[Event], None], TurnOptions], TurnResult],
-        *,
-        notice: str | None = None,
-        cell_id: str | None = None,
-    ) -> TurnResult:
-        """Run one turn with the cell's options, shown in the cell as it happens.
-
-        ``notice`` is said first (a re-run replacing later turns); the display is kept
-        by ``cell_id`` so a later re-run elsewhere can mark it superseded.
-        """
-        from ._pytool import asking
-
-        mode = render_mode(self.shell, stream=not opts.no_stream)
-        # Session.send turns a kernel interrupt into cancel(), so no event is lost.
-        renderer = CellRenderer(opts.model or session.model, mode)
-        if notice is not None:
-            renderer.note(notice)
-        if cell_id is not None and mode == "live":
-            self.cell_outputs[cell_id] = renderer
-            while len(self.cell_outputs) > _KEPT_OUTPUTS:
-                self.cell_outputs.pop(next(iter(self.cell_outputs)))
-        with asking(renderer.ask):  # python:ask asks in its tool block
-            result = run(renderer, _turn_options(opts, tools))
-        renderer.finish()
-        return result
 
     def _session_for(self, opts: ChatOptions, cell_id: str | None) -> Session:
         if opts.new and opts.session:
