@@ -107,13 +107,20 @@ def set_defaults(**values: Any) -> dict[str, Any]:
         if value is None:
             _defaults.pop(key, None)
         else:
-            _defaults[key] = Secret(value, KEY_FROM_KERNEL) if key == "api_key" else value
+            secret = key == "api_key" and not isinstance(value, Secret)
+            _defaults[key] = Secret(value, KEY_FROM_KERNEL) if secret else value
     return get_defaults()
 
 
 def get_defaults() -> dict[str, Any]:
     """A copy of this process's defaults (the API key stays a ``Secret``)."""
     return dict(_defaults)
+
+
+def restore_defaults(saved: dict[str, Any]) -> None:
+    """Put back defaults exactly as ``get_defaults()`` returned them."""
+    _defaults.clear()
+    _defaults.update(saved)
 
 
 def reset_defaults() -> None:

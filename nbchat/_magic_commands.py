@@ -17,8 +17,8 @@ from ._config import (
     DEFAULT_KEYS,
     default_db_path,
     get_defaults,
-    reset_defaults,
     resolve_client,
+    restore_defaults,
     set_defaults,
 )
 from ._display import Info, raise_for
@@ -122,8 +122,7 @@ class Subcommands:
             try:
                 applied = self._settings_changed(before, get_defaults())
             except BaseException:
-                reset_defaults()  # all or nothing: a refused change leaves no trace
-                set_defaults(**before)
+                restore_defaults(before)  # all or nothing: a refused change leaves no trace
                 raise
             info = self._config_info()
             info.rows.append(("this change applies to", applied))

@@ -6,7 +6,8 @@ import pytest
 from IPython.core.interactiveshell import InteractiveShell
 from test_magics import RecordingPublisher, pub, run, shell  # noqa: F401  (fixtures)
 
-from nbchat import ConfigError
+import nbchat
+from nbchat import ConfigError, TurnFailed
 from nbchat._config import get_defaults
 from nbchat._magics import magics_of
 from nbchat.testing import FakeOpenAIServer
@@ -40,6 +41,28 @@ def test_a_refused_change_keeps_the_current_session_on_its_endpoint(
     fake.enqueue("second")
     assert run(shell, "%%chat\nagain").success
     assert len(fake.requests) == 2 and "temperature" not in fake.requests[1]
+
+
+def test_a_refused_change_puts_the_kernels_key_back_as_it_was(
+    shell: InteractiveShell,  # noqa: F811
+    fake: FakeOpenAIServer,
+) -> None:
+    # A trial found the key put back wrapped twice: the next server error then failed
+    # inside redaction, with a traceback, and left its turn "running" in the store.
+    assert run(shell, "%chat config api_key=sk-test-abcdef").success
+    result = run(shell, "%chat config base_url=https://api.openai.com/v1 api_key=")
+    assert isinstance(result.error_in_exec, ConfigError)
+    assert get_defaults()["api_key"].get_secret_value() == "sk-test-abcdef"
+    fake.enqueue_error(500, "boom (key sk-test-abcdef)", repeat=3)
+    result = run(shell, "%%chat --new\nafter the refused change")
+    assert isinstance(result.error_in_exec, TurnFailed)
+    assert "HTTP 500" in str(result.error_in_exec) and "sk-test-abcdef" not in str(
+        result.error_in_exec
+    )
+    session = _current(shell)
+    assert nbchat.turns(session_id=session.id, db=session.store.path).status.tolist() == [  # type: ignore[attr-defined]
+        "error"
+    ]
 
 
 def test_config_says_which_sessions_it_affects_and_applies_limits_now(
