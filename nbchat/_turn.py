@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
+import traceback
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -23,7 +25,7 @@ from ._exceptions import GuardrailRejected, ModelAPIError
 from ._limits import Budgets, Guardrail, Projection, apply_guardrails
 from ._output import FINAL_ANSWER_TOOL, OutputMode, OutputSpec, Parsed
 from ._runner import TurnRunner
-from ._text import valid_text
+from ._text import redact, valid_text
 from ._tools import INVALID_TOOL_NAME, ToolSet, error_payload, valid_tool_name
 from ._types import (
     ErrorEvent,
@@ -49,6 +51,8 @@ from ._types import (
 )
 
 __all__ = ["MAX_ROUNDS_NOTE", "REASONING_FIELDS", "TurnLoop", "TurnOptions"]
+
+logger = logging.getLogger("nbchat")
 
 # The field reasoning is sent back in, per wire: chat completions (DeepSeek's and vLLM's
 # name), and the Responses API's reasoning items (which _responses puts before the calls).
@@ -207,6 +211,16 @@ class TurnLoop:
         except asyncio.CancelledError:
             for event in self._interrupted(turn):
                 yield event
+        except Exception as exc:  # a bug: the turn still ends, stored as failed, never "running"
+            turn.status, turn.error = "error", _internal(turn, exc, "running the turn")
+            yield self._emit(
+                ErrorEvent(
+                    session_id=self.id,
+                    turn_id=turn.turn_id,
+                    message=turn.error,
+                    error_kind="internal",
+                )
+            )
         yield self._finish(turn)
         # A stop that comes after the turn ended (■ or Ctrl-C as it finishes) has nothing
         # left to stop; the writer keeps going in the background.
@@ -346,6 +360,8 @@ class TurnLoop:
                         yield self._emit(event)
             except ModelAPIError as exc:
                 turn.failure = exc
+            except Exception as exc:  # nbchat's own fault, not the server's: end it the same way
+                turn.failure = ModelAPIError(_internal(turn, exc, "handling the model's answer"))
             finally:
                 # Runs on cancellation too: a request that was cut short is still recorded.
                 self._reserved_usd -= reserved or 0.0
@@ -815,6 +831,22 @@ class TurnLoop:
             reasoning="".join(m.reasoning or "" for m in turn.messages if m.role == "assistant"),
         )
         return self._emit(TurnFinished(session_id=self.id, turn_id=turn.turn_id, result=result))
+
+
+def _internal(turn: _Turn, exc: Exception, doing: str) -> str:
+    """The one-line message of a turn that failed inside nbchat; the traceback is logged.
+
+    Both are redacted like a server's error (the key, and anything shaped like one): an
+    exception's text may quote anything.
+    """
+    key = turn.settings.client.settings.api_key.get_secret_value()
+    details = "".join(traceback.format_exception(exc))
+    logger.error("nbchat failed while %s:\n%s", doing, redact(details, key))
+    return redact(
+        f"nbchat failed while {doing} ({type(exc).__name__}: {exc}). This is a bug in "
+        "nbchat; the traceback is in the log (logger 'nbchat'). Please report it.",
+        key,
+    )
 
 
 def _chars(tools: list[dict[str, Any]] | None) -> int:
