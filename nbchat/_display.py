@@ -52,6 +52,7 @@ __all__ = [
 
 RenderMode = Literal["live", "final", "text"]
 TICK_SECONDS = 0.5  # how often a running tool's time moves in the cell
+_CATCH_UP_S = 0.1  # how often held-back text is looked at while a stream pauses
 _ASK_WAIT_S = 2.0  # at most, for the display to show the call that asks to run code
 
 
@@ -118,6 +119,7 @@ class CellRenderer:
         self._seen = threading.Condition(self._lock)  # an event reached the view
         self._done = threading.Event()
         self._ticking = False
+        self._catching_up = False
 
     def __call__(self, event: Event) -> None:
         with self._lock:
@@ -137,6 +139,8 @@ class CellRenderer:
                 self._publish(update=False)
             elif now or self.throttle.due(self.view.size):
                 self._publish(update=True)
+            elif not self._catching_up:
+                self._start_catch_up()  # held back: shown later even if nothing else comes
 
     def note(self, message: str) -> None:
         """Say ``message`` in the turn, where the turn is now (before it starts: first)."""
@@ -160,6 +164,26 @@ class CellRenderer:
                 self._print_footer()
             else:
                 self._publish(update=self.shown)
+
+    def _start_catch_up(self) -> None:
+        """Show held-back text once the throttle allows, though no event comes to ask.
+
+        The throttle is asked on each event; when a stream pauses (a stalled server, a
+        slow tool call being written), what arrived last would wait for the next event.
+        """
+        self._catching_up = True
+        context = contextvars.copy_context()
+
+        def catch_up() -> None:
+            while not self._done.wait(_CATCH_UP_S):
+                with self._lock:
+                    live = self.view.result is None and not self._done.is_set()
+                    if live and self.throttle.due(self.view.size):
+                        self._publish(update=True)
+
+        threading.Thread(
+            target=context.run, args=(catch_up,), name="nbchat-catch-up", daemon=True
+        ).start()
 
     def _start_ticker(self) -> None:
         """While tools run, re-show the turn every ``TICK_SECONDS`` ("running… 2.1 s")."""

@@ -228,7 +228,7 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
         throttle = Throttle()
         result: TurnResult | None = None
         failure: str | None = None
-        ticker = asyncio.ensure_future(self._tick())
+        ticker = asyncio.ensure_future(self._tick(throttle))
         self._live = (view, bubble)
         try:
             if self._mirror is not None:  # queued behind a cell's turn on this session
@@ -265,13 +265,19 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
             self._finish(result, failure)
         return result
 
-    async def _tick(self) -> None:
+    async def _tick(self, throttle: Throttle) -> None:
         while True:
             await asyncio.sleep(TICK_SECONDS)
             self._render_status()
             live = self._live
-            if live is not None and any(b.result is None for b in live[0].tools.values()):
-                self._show_turn(live[1], live[0], live=True)  # "running… 2.1 s" moves
+            if live is None:
+                continue
+            view, bubble = live
+            # "running… 2.1 s" moves; text the throttle held back shows though a stream
+            # paused (no event comes to show it).
+            if any(b.result is None for b in view.tools.values()) or throttle.due(view.size):
+                self._show_turn(bubble, view, live=True)
+                throttle.mark(view.size)
 
     def _ask(self, code: str) -> bool:
         """Run / Skip buttons under the turn; blocks the python tool's thread until a click."""

@@ -147,6 +147,24 @@ def test_display_updates_are_coalesced(kernel: Kernel, fake: FakeOpenAIServer) -
     assert final(run)["data"]["text/plain"] == "".join(chunks)
 
 
+def test_text_that_arrived_before_a_stall_is_shown_during_it(
+    kernel: Kernel, fake: FakeOpenAIServer
+) -> None:
+    # A trial saw only "⏳ model…" for the whole of a 15 s stall: the throttle held the
+    # last chunks back and was asked again only when the next chunk came.
+    reply = "Alpha beta gamma delta epsilon zeta eta theta iota kappa."
+    fake.enqueue(reply, chunk_size=6, stall_after=6, stall_seconds=3)
+    run = kernel.execute("%%chat\nStall, then go on.", cell_id="cell-stall")
+    assert run.status == "ok", run.reply
+    shown = [
+        m["content"]["data"]["text/plain"]
+        for _, m in run.messages
+        if m["header"]["msg_type"] in ("display_data", "update_display_data")
+    ]
+    assert reply[:30] in shown  # the five text chunks before the stall, on their own
+    assert shown[-1] == reply
+
+
 def test_python_tool_asks_through_the_input_box(kernel: Kernel, fake: FakeOpenAIServer) -> None:
     assert kernel.execute("import pandas as pd\ndf = pd.DataFrame({'x': [1, 2, 3]})").status == "ok"
     code = "summary = int(df['x'].sum())\nsummary"

@@ -502,3 +502,16 @@ def test_new_chat_keeps_every_setting_of_the_session(fake: FakeOpenAIServer) -> 
     assert (body["temperature"], body["seed"]) == (0.3, 11)
     assert body["messages"][-1]["content"] == "hello please"
     assert p.session.compactor is not None and p.session.compactor.context_window == 5000
+
+
+def test_text_that_arrived_before_a_stall_shows_during_it(fake: FakeOpenAIServer) -> None:
+    # The throttle held the last chunks back until the next one came, so a stalled
+    # server left the bubble empty though text had arrived.
+    reply = "Alpha beta gamma delta epsilon zeta eta theta iota kappa."
+    fake.enqueue(reply, chunk_size=6, stall_after=6, stall_seconds=5)
+    p = make(fake)
+    p.submit("stall")
+    wait_until(lambda: len(bubbles(p)) > 1 and "epsilon" in bubbles(p)[1][1])
+    assert p.busy and "zeta" not in bubbles(p)[1][1]  # shown while the server is silent
+    result = p.wait(TIMEOUT)
+    assert result is not None and result.text == reply
