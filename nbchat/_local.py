@@ -246,6 +246,9 @@ def local(
             info, server = _start(server_module, wanted, verbose=verbose)
             _running = (info, server)
             _register_exit_hook()
+    from ._pricing import mark_free_endpoint
+
+    mark_free_endpoint(info.url)  # any model name a request gives runs here, for free
     if set_default:
         set_defaults(model=info.name, base_url=info.url)
     return info.url
@@ -356,6 +359,9 @@ def _stop_locked() -> LocalServer | None:
         return None
     info = _running[0]
     _running = None  # the last reference: the server stops here
+    from ._pricing import forget_free_endpoint
+
+    forget_free_endpoint(info.url)  # the port may go to another server
     return info
 
 

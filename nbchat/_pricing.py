@@ -30,6 +30,7 @@ __all__ = [
     "forget_price",
     "is_free",
     "mark_free",
+    "mark_free_endpoint",
     "price_request",
     "provider_for",
     "provider_from_url",
@@ -52,6 +53,7 @@ class UserPrice:
 
 
 _user_prices: dict[str, UserPrice] = {}
+_free_endpoints: set[str] = set()  # base URLs where every model is free (the embedded one)
 _lock = threading.Lock()
 
 
@@ -98,13 +100,28 @@ def mark_free(model: str, *, context_window: int | None = None) -> None:
         _user_prices[_key(model)] = UserPrice(context_window=context_window, free=True)
 
 
+def mark_free_endpoint(base_url: str) -> None:
+    """Record that every model at ``base_url`` costs nothing (the embedded model's
+    server answers whatever model name a request gives, ``-m gpt-5`` included)."""
+    with _lock:
+        _free_endpoints.add(base_url.rstrip("/"))
+
+
+def forget_free_endpoint(base_url: str) -> None:
+    """Undo ``mark_free_endpoint`` (the server at ``base_url`` is gone)."""
+    with _lock:
+        _free_endpoints.discard(base_url.rstrip("/"))
+
+
 def forget_price(model: str) -> None:
     """Undo ``register_price``/``mark_free`` for ``model``."""
     with _lock:
         _user_prices.pop(_key(model), None)
 
 
-def _user_price(model: str) -> UserPrice | None:
+def _user_price(model: str, base_url: str | None = None) -> UserPrice | None:
+    if base_url is not None and base_url.rstrip("/") in _free_endpoints:
+        return UserPrice(free=True)
     if _key(model).startswith(LOCAL_PREFIX):
         with _lock:
             return _user_prices.get(_key(model), UserPrice(free=True))
@@ -182,7 +199,7 @@ def price_request(
     reported = getattr(usage, "reported_cost_usd", None)
     if reported is not None:
         return _cost(float(reported)), provider_for(model, base_url), "server"
-    price = _user_price(model)
+    price = _user_price(model, base_url)
     if price is not None and price.free:
         local = _key(model).startswith(LOCAL_PREFIX) or is_loopback(base_url)
         return 0.0, "local" if local else provider_for(model, base_url), "free"

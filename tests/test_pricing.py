@@ -11,9 +11,11 @@ import pytest
 from nbchat import ConfigError
 from nbchat._pricing import (
     context_window,
+    forget_free_endpoint,
     forget_price,
     is_free,
     mark_free,
+    mark_free_endpoint,
     price_request,
     provider_for,
     register_price,
@@ -104,6 +106,21 @@ def test_local_and_marked_free_models_cost_zero() -> None:
     assert request_cost("llama3.2:3b", "http://localhost:11434/v1", USAGE) == (None, None)
     mark_free("llama3.2:3b")
     assert request_cost("llama3.2:3b", "http://localhost:11434/v1", USAGE) == (0.0, "local")
+
+
+def test_every_model_at_a_free_endpoint_costs_zero() -> None:
+    # The embedded server answers any model name (%%chat -m gpt-5 after %chat local):
+    # a trial saw such a request counted as "cost unknown" everywhere.
+    url = "http://127.0.0.1:50123/v1"
+    assert request_cost("gpt-5-nonexistent", url, USAGE) == (None, None)
+    mark_free_endpoint(url + "/")
+    try:
+        assert request_cost("gpt-5-nonexistent", url, USAGE) == (0.0, "local")
+        assert request_cost("gpt-4o-mini", url, None) == (0.0, "local")
+        assert request_cost("gpt-4o-mini", "http://127.0.0.1:50124/v1", USAGE)[0] != 0.0
+    finally:
+        forget_free_endpoint(url)
+    assert request_cost("gpt-5-nonexistent", url, USAGE) == (None, None)
 
 
 def test_context_window_from_data_or_registration() -> None:
