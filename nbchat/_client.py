@@ -766,10 +766,13 @@ class ModelClient:
 
 def _close_kept_clients() -> None:
     """Close the clients kept on the background loop, at exit: aiohttp reports a session
-    that the garbage collector finds open ("Unclosed client session") on stderr."""
+    that the garbage collector finds open ("Unclosed client session") on stderr.
+
+    They stay in the cache: the tasks of a loop that died hold on to its clients, and
+    freeing those now would report each such task "destroyed but pending".
+    """
     with _cache_lock:
         clients = list(_async_clients.values())
-        _async_clients.clear()
 
     async def close_all() -> None:
         for client in clients:
@@ -777,13 +780,13 @@ def _close_kept_clients() -> None:
                 await client.close()
 
     loop = _runner.current_background_loop()
-    if loop is None or not _runner.loop_alive():
-        thread = threading.Thread(target=asyncio.run, args=(close_all(),), daemon=True)
-        thread.start()
-        thread.join(_CLOSE_WAIT)
+    if loop is not None and _runner.loop_alive():
+        with contextlib.suppress(Exception):  # the loop is stuck, or went away meanwhile
+            asyncio.run_coroutine_threadsafe(close_all(), loop).result(_CLOSE_WAIT)
         return
-    with contextlib.suppress(Exception):  # the loop is stuck, or went away meanwhile
-        asyncio.run_coroutine_threadsafe(close_all(), loop).result(_CLOSE_WAIT)
+    thread = threading.Thread(target=asyncio.run, args=(close_all(),), daemon=True)
+    thread.start()
+    thread.join(_CLOSE_WAIT)
 
 
 # How long exit waits for the kept clients to close their connections.
