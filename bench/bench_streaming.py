@@ -153,7 +153,7 @@ def throughput(repeats: int = 5, in_process: bool = True) -> list[dict[str, Any]
             "baseline: the sync SDK loop, default client)",
         ),
         figure(
-            f"{name}, vs SDK on aiohttp",
+            "  the same, vs the SDK loop on aiohttp",
             per_ours,
             "us/chunk",
             baseline=per_sdk_aiohttp,
