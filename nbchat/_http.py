@@ -119,10 +119,9 @@ def http_client(timeout: float) -> Any:
 
 
 def transport_of(client: Any) -> Transport:
-    """Which transport an HTTP client from ``http_client`` (or an openai client) uses."""
-    inner = getattr(client, "_client", client)  # an openai client keeps its HTTP client there
+    """Which transport an HTTP client from ``http_client`` uses."""
     aiohttp_client = _aiohttp_client_class()
-    return "aiohttp" if aiohttp_client and isinstance(inner, aiohttp_client) else "httpx"
+    return "aiohttp" if aiohttp_client and isinstance(client, aiohttp_client) else "httpx"
 
 
 def transport_cause(exc: BaseException) -> BaseException:
