@@ -15,13 +15,12 @@ What the server sends is parsed and checked in ``_wire``; every error leaving
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import dataclasses
-import functools
 import json
 import logging
 import os
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -30,6 +29,14 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from . import _responses, _runner
 from ._config import ClientSettings, WireAPI, resolve_client
 from ._exceptions import ModelAPIError
+from ._http import (
+    TRANSPORT_ENV,
+    _http_library,
+    _response_class,
+    _transport_errors,
+    http_client,
+    transport_cause,
+)
 from ._text import redact, redact_data, valid_data, valid_text
 from ._types import (
     Event,
@@ -57,8 +64,6 @@ from ._wire import (
 )
 
 if TYPE_CHECKING:
-    import ssl
-
     import openai
 
 __all__ = ["ModelClient", "RoundFolder", "truncation_notice"]
@@ -380,13 +385,8 @@ class ModelClient:
     def _new_client(self) -> openai.AsyncOpenAI:
         import openai
 
-        # The SDK's default HTTP client loads the CA bundle into a new SSL context for
-        # every client (~40 ms, paid each turn on a loop other than nbchat's own); the
-        # same client with one shared context is what it builds otherwise.
         options = self._options()
-        options["http_client"] = openai.DefaultAsyncHttpxClient(
-            verify=_ssl_context(*_ssl_env()), timeout=self.timeout
-        )
+        options["http_client"] = http_client(self.timeout)
         if self.settings.api_version is not None:
             return openai.AsyncAzureOpenAI(**options)
         return openai.AsyncOpenAI(**options)
@@ -400,6 +400,7 @@ class ModelClient:
             self.timeout,
             s.headers,
             s.api_version,
+            os.environ.get(TRANSPORT_ENV),
         )
 
     @contextlib.asynccontextmanager
@@ -418,6 +419,8 @@ class ModelClient:
             with _cache_lock:
                 client = _async_clients.get(key)
                 if client is None:
+                    if not _async_clients:
+                        atexit.register(_close_kept_clients)
                     client = _async_clients[key] = self._new_client()
             yield client
         else:
@@ -607,6 +610,7 @@ class ModelClient:
         self, exc: BaseException, folder: RoundFolder | None, stream: bool
     ) -> ModelAPIError:
         http = _http_library()
+        exc = transport_cause(exc)
         if isinstance(exc, http.ReadTimeout):
             n = folder.chunks if folder is not None else 0
             if stream and self.stall_timeout is not None:
@@ -760,54 +764,33 @@ class ModelClient:
             await response.aclose()
 
 
-# ------------------------------------------------------------- the HTTP library under openai
-# openai 1.x is built on httpx, later versions on its fork httpx2. nbchat needs that
-# library's Response class (to ask client.post for the raw response) and its error
-# classes (a stream cut or stalled mid-way raises them unwrapped). Both come from here.
+def _close_kept_clients() -> None:
+    """Close the clients kept on the background loop, at exit: aiohttp reports a session
+    that the garbage collector finds open ("Unclosed client session") on stderr.
 
-
-@functools.cache
-def _http_library() -> Any:
-    """The module (``httpx`` or ``httpx2``) whose client the installed ``openai`` uses.
-
-    Found through public names only: ``openai.DefaultAsyncHttpxClient`` subclasses that
-    library's ``AsyncClient``, which both libraries export under their own module name.
+    They stay in the cache: the tasks of a loop that died hold on to its clients, and
+    freeing those now would report each such task "destroyed but pending".
     """
-    import openai
+    with _cache_lock:
+        clients = list(_async_clients.values())
 
-    for base in openai.DefaultAsyncHttpxClient.__mro__[1:]:
-        module = sys.modules.get(base.__module__)
-        if module is not None and base is getattr(module, "AsyncClient", None):
-            return module
-    raise ImportError(
-        "nbchat cannot find the HTTP library under this openai version "
-        f"({openai.__version__}): openai.DefaultAsyncHttpxClient is not an httpx AsyncClient."
-    )
+    async def close_all() -> None:
+        for client in clients:
+            with contextlib.suppress(Exception):  # a client of a loop that died, say
+                await client.close()
 
-
-def _ssl_env() -> tuple[str | None, str | None]:
-    """What in the environment changes the default SSL context (the CA file or folder)."""
-    return os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR")
-
-
-@functools.cache
-def _ssl_context(cert_file: str | None, cert_dir: str | None) -> ssl.SSLContext:
-    """The HTTP library's default SSL context, built once per CA setting: a context is
-    not tied to a loop or a thread, and building one costs ~40 ms."""
-    context: ssl.SSLContext = _http_library().create_ssl_context()
-    return context
+    loop = _runner.current_background_loop()
+    if loop is not None and _runner.loop_alive():
+        with contextlib.suppress(Exception):  # the loop is stuck, or went away meanwhile
+            asyncio.run_coroutine_threadsafe(close_all(), loop).result(_CLOSE_WAIT)
+        return
+    thread = threading.Thread(target=asyncio.run, args=(close_all(),), daemon=True)
+    thread.start()
+    thread.join(_CLOSE_WAIT)
 
 
-def _response_class() -> type[Any]:
-    """The raw HTTP response class ``client.post(cast_to=...)`` hands back unparsed."""
-    return _http_library().Response  # type: ignore[no-any-return]
-
-
-@functools.cache
-def _transport_errors() -> tuple[type[BaseException], ...]:
-    """What a cut, stalled or undecodable connection raises while a body is read."""
-    http = _http_library()
-    return (http.HTTPError, http.StreamError, OSError)
+# How long exit waits for the kept clients to close their connections.
+_CLOSE_WAIT = 2.0
 
 
 def _cleaned(error: ModelAPIError, secrets: tuple[str, ...]) -> ModelAPIError:

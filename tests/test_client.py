@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from nbchat import ModelAPIError, _client
+from nbchat import ModelAPIError
 from nbchat._client import ModelClient, RoundFolder, truncation_notice
 from nbchat._config import resolve_client
 from nbchat._types import Event
@@ -66,36 +66,6 @@ def test_http_error_keeps_status_code_and_server_code(fake: FakeOpenAIServer) ->
         run(client_for(fake), RoundFolder())
     assert info.value.status_code == 400 and info.value.code == "context_length_exceeded"
     assert "maximum context length" in str(info.value)
-
-
-def test_clients_on_fresh_loops_load_the_ca_bundle_once(
-    fake: FakeOpenAIServer, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A turn on a loop other than nbchat's opens its own client; the SSL context (the
-    CA bundle, ~40 ms to load) is shared by all of them, and still verifies."""
-    import ssl
-
-    loads: list[Any] = []
-    load = ssl.SSLContext.load_verify_locations
-
-    def counted(self: ssl.SSLContext, *args: Any, **kwargs: Any) -> None:
-        loads.append(args)
-        load(self, *args, **kwargs)
-
-    monkeypatch.setattr(ssl.SSLContext, "load_verify_locations", counted)
-    _client._ssl_context.cache_clear()
-    fake.enqueue("one", repeat=3)
-    client = client_for(fake)
-    for _ in range(3):
-        folder = RoundFolder()
-        run(client, folder)
-        assert folder.text == "one"
-    assert len(loads) == 1
-    context = _client._ssl_context(*_client._ssl_env())
-    assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
-    certifi = pytest.importorskip("certifi")
-    monkeypatch.setenv("SSL_CERT_FILE", certifi.where())
-    assert _client._ssl_context(*_client._ssl_env()) is not context  # the setting is honoured
 
 
 def test_list_models(fake: FakeOpenAIServer) -> None:
