@@ -1,0 +1,150 @@
+"""The transcripts a process read, kept for its next reads of the same sessions.
+
+``transcript()`` reads a session's rows from wherever in the file its time window
+falls, and decoding that stretch of every column is most of its cost. A process keeps
+the last few results (``KeptRows``), each with the session's ``messages_version`` when
+it was read: every write of a session's messages, by any process, sets a new version in
+the same transaction (``_tally.Tally.stamp``; a refill of the counters, new ones for
+all), so the version read with the file held says whether the kept rows are still the
+stored ones.
+
+This process's own writes go through: the writer reads the kept sessions' versions at
+the start of its transaction, records the messages rows it writes (``Recorder``), and
+after the commit applies them to the kept rows whose version was the stored one
+(``KeptRows.write_through``), with the version the write set. A read after this
+process's write is then a read of the version alone. A write the recorder cannot follow
+(an update of a row the kept rows leave out) drops the kept rows; another process's
+write leaves them stale, and the next read reads the session from the file.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from ._frames import QueryResult
+from ._sink import Insert, RowWrite, Update
+
+__all__ = ["KEEP_RESULTS", "KeptRows", "Recorder"]
+
+KEEP_RESULTS = 8  # transcripts kept per store
+_KEEP_ROWS = 20_000  # and none longer
+
+# The states ``transcript()`` shows with each of its two flags (``_queries._TRANSCRIPT``).
+_FLAGS = {"compacted": "include_compacted", "superseded": "include_superseded"}
+
+
+@dataclass
+class Recorder:
+    """What one transaction wrote to ``messages``, for ``KeptRows.write_through``:
+    the kept sessions' versions at its start, its writes in order (each ``Insert`` with
+    whether its id was stored), the session of each row it read, and the version it
+    left on each session whose messages it wrote."""
+
+    before: dict[str, int | None] = field(default_factory=dict)
+    writes: list[tuple[RowWrite, bool | None]] = field(default_factory=list)
+    sessions: dict[Any, str] = field(default_factory=dict)
+    stamped: dict[str, int] = field(default_factory=dict)
+
+    def fetched(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        for row in rows:
+            if "id" in row and "session_id" in row:
+                self.sessions[row["id"]] = row["session_id"]
+
+
+class KeptRows:
+    """The last few Arrow results of one session's rows a lease read, by query and
+    parameters, each with the session's ``messages_version`` then.
+
+    Arrow tables are immutable and each call builds its own frame, so a kept result is
+    never changed by its readers; a write-through replaces it.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._rows: OrderedDict[tuple[Any, ...], tuple[int, QueryResult]] = OrderedDict()
+
+    def get(self, key: tuple[Any, ...], version: int | None) -> QueryResult | None:
+        with self._lock:
+            found = self._rows.get(key)
+            if version is None or found is None or found[0] != version:
+                return None
+            self._rows.move_to_end(key)
+            return found[1]
+
+    def put(self, key: tuple[Any, ...], version: int | None, result: QueryResult) -> None:
+        if version is None or result.table is None or result.table.num_rows > _KEEP_ROWS:
+            return
+        with self._lock:
+            self._rows[key] = (version, result)
+            self._rows.move_to_end(key)
+            while len(self._rows) > KEEP_RESULTS:
+                self._rows.popitem(last=False)
+
+    def sessions(self) -> list[str]:
+        """The sessions some kept rows are of."""
+        with self._lock:
+            return sorted({str(dict(key[1:])["session_id"]) for key in self._rows})
+
+    def write_through(self, recorded: Recorder) -> None:
+        """Apply a committed transaction's writes to the kept rows of the sessions it
+        stamped; rows kept at another version than the one it started from, or that its
+        writes cannot be applied to, are dropped."""
+        with self._lock:
+            for key, (version, result) in list(self._rows.items()):
+                params = dict(key[1:])
+                session = str(params["session_id"])
+                if session not in recorded.stamped:
+                    continue  # its messages were not written
+                del self._rows[key]
+                if recorded.before.get(session, None) != version:
+                    continue  # another process wrote them since they were read
+                patched = _patched(result, session, params, recorded)
+                if patched is not None and patched.table.num_rows <= _KEEP_ROWS:
+                    self._rows[key] = (recorded.stamped[session], patched)
+
+
+def _patched(
+    result: QueryResult, session: str, params: Mapping[str, Any], recorded: Recorder
+) -> QueryResult | None:
+    """``result`` with ``recorded``'s writes applied as the store applied them, filtered
+    and ordered as the query does; ``None`` when that cannot be known from the rows."""
+    import pyarrow as pa
+
+    table = result.table
+    rows: dict[Any, dict[str, Any]] = {row["id"]: row for row in table.to_pylist()}
+    columns = table.column_names
+    for write, exists in recorded.writes:
+        if isinstance(write, Insert):
+            values = dict(zip(write.columns, write.values, strict=True))
+            if write.keep and exists:
+                continue  # INSERT OR IGNORE of a stored row: nothing changed
+            rows.pop(values["id"], None)  # replaced (or new)
+            if values.get("session_id") == session:
+                rows[values["id"]] = {c: values.get(c) for c in columns}
+        elif isinstance(write, Update):
+            if write.key != "id":
+                return None
+            for row_id in write.keys:
+                row = rows.get(row_id)
+                if row is None:
+                    if recorded.sessions.get(row_id) == session:
+                        return None  # a stored row the kept ones leave out (its state)
+                    continue
+                check = write.only_if_null
+                if check is not None and (check not in row or row[check] is not None):
+                    if check not in row:
+                        return None
+                    continue
+                row.update({c: v for c, v in write.values.items() if c in row})
+    shown = {"active"} | {state for state, flag in _FLAGS.items() if params.get(flag)}
+    kept = [row for row in rows.values() if row["state"] in shown]
+    kept.sort(key=lambda row: (row["seq"], row["created_at"]))
+    try:
+        patched = pa.Table.from_pylist(kept, schema=table.schema)
+    except (pa.ArrowException, TypeError, ValueError, OverflowError):
+        return None
+    return replace(result, table=patched)
