@@ -413,7 +413,8 @@ class Overview:
     ``top_sessions``: the most expensive sessions (session_id, title, the same sums,
     ``sessions_in_range`` on every row). ``latency``: per model and metric (ttft_ms,
     duration_ms) the count and the 5th/25th/50th/75th/95th percentiles, from a sample when
-    ``latency_sampled``. ``tools``: per tool, calls, errors and the median duration.
+    ``latency_sampled``. ``tools``: per tool, calls, errors and the median duration
+    (from duration bins, within ~2%).
     ``days``: the range read (``since``, ``until``).
     """
 
@@ -474,7 +475,7 @@ def overview(
             ),
             latency=latency,
             latency_sampled=sampled,
-            tools=store.frame("tool_stats", **instants),
+            tools=store.frame("tool_stats", **days),
             days=(since, until),
         )
 

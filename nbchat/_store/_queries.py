@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .._exceptions import StoreError
+from ._migrations import BINS_PER_DOUBLING, NO_DURATION
 
 __all__ = [
     "QUERIES",
@@ -260,14 +261,32 @@ _LATENCY = """
 """
 _INSTANTS = ("since", "since", "until", "until")
 
-_TOOL_STATS = """
-    SELECT name AS tool, count(*) AS calls,
-           count(*) FILTER (WHERE is_error) AS errors,
-           median(duration_ms) AS median_ms
-    FROM tool_calls
-    WHERE (? IS NULL OR created_at >= ?) AND (? IS NULL OR created_at < ?)
-    GROUP BY name
-    ORDER BY errors / calls DESC, calls DESC, name
+# Per tool: calls, errors and the median duration, from the counters per day, tool and
+# duration bin (m010): the median is the middle of the bin the middle call falls in (of
+# the two middle calls' bins, averaged, for an even count), so within half a bin
+# (~2.2%, ``_migrations.duration_bin``) of the rows' median.
+_TOOL_STATS = f"""
+    WITH b AS (
+        SELECT u.tool, u.bin, sum(u.calls) AS calls, sum(u.errors) AS errors
+        FROM _tool_counts u WHERE {_DAYS}
+        GROUP BY u.tool, u.bin
+    ), timed AS (
+        SELECT tool, bin, sum(calls) OVER (PARTITION BY tool ORDER BY bin) AS upto,
+               sum(calls) OVER (PARTITION BY tool) AS timed
+        FROM b WHERE bin <> {NO_DURATION}
+    ), middle AS (  -- the bins of the middle call (of the two middle ones: an even count)
+        SELECT tool, min(bin) FILTER (WHERE upto >= (timed + 1) // 2) AS low,
+               min(bin) FILTER (WHERE upto >= timed // 2 + 1) AS high
+        FROM timed WHERE timed > 0 GROUP BY tool
+    )
+    SELECT * FROM (
+        SELECT b.tool, sum(b.calls)::BIGINT AS calls, sum(b.errors)::BIGINT AS errors,
+               any_value(2 ** ((middle.low + 0.5) / {BINS_PER_DOUBLING}) / 2
+                         + 2 ** ((middle.high + 0.5) / {BINS_PER_DOUBLING}) / 2) AS median_ms
+        FROM b LEFT JOIN middle USING (tool)
+        GROUP BY b.tool HAVING sum(b.calls) > 0
+    )
+    ORDER BY errors / calls DESC, calls DESC, tool
 """
 
 QUERIES: dict[str, NamedQuery] = {
@@ -292,7 +311,7 @@ QUERIES: dict[str, NamedQuery] = {
     "latency_by_model_sampled": NamedQuery(
         _LATENCY.format(sample="TABLESAMPLE 2 PERCENT (system)"), _INSTANTS
     ),
-    "tool_stats": NamedQuery(_TOOL_STATS, _INSTANTS),
+    "tool_stats": NamedQuery(_TOOL_STATS, _DAY_PARAMS),
     "costs_by_model": NamedQuery(
         _costs(
             "r.model, r.provider",

@@ -14,6 +14,9 @@ Three bookkeeping tables sum the rows of ``messages``, ``requests`` and ``turns`
   are was replaced by a cell re-run — its ``turns`` rows and its session (m009).
 * ``_usage_by_day`` (one row per UTC day, session and model): requests, tokens and costs
   — what the dashboard draws.
+* ``_tool_counts`` (m010; one row per UTC day, tool and duration bin): tool calls and
+  errors — the dashboard's tool table, whose median duration is read from the bins
+  (``_migrations.duration_bin``: 16 per doubling, so within ~2% of the median of the rows).
 
 A counter is never incremented blindly, so replays (the same event written twice), marks
 (compaction, supersede) and replaced rows keep it exact: ``apply_rows`` reads the counted
@@ -37,6 +40,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
 from typing import Any, Protocol
 
+from ._migrations import duration_bin
 from ._sink import Insert, RowWrite, Update
 
 __all__ = [
@@ -208,6 +212,20 @@ TALLIES: dict[str, Tally] = {
             ),
         ),
     ),
+    "tool_calls": Tally(
+        ("id", "name", "is_error", "duration_ms", "created_at"),
+        (
+            Counter(
+                "_tool_counts",
+                lambda row: {
+                    "day": _day(row),
+                    "tool": row["name"],
+                    "bin": duration_bin(row["duration_ms"]),
+                },
+                lambda row: {"calls": 1, "errors": int(bool(row["is_error"]))},
+            ),
+        ),
+    ),
     "sessions": Tally(
         ("id", *SESSION_COPIES),
         (
@@ -227,6 +245,7 @@ COUNTER_TABLES: dict[str, tuple[str, ...]] = {
     "_session_counts": ("session_id",),
     "_turn_counts": ("turn_id",),
     "_usage_by_day": ("day", "session_id", "model"),
+    "_tool_counts": ("day", "tool", "bin"),  # m010
 }
 
 
