@@ -1,4 +1,5 @@
-"""The tool counters kept on write (m010) and the notice a long migration gives first.
+"""The tool counters kept on write (m010), the dashboard's kept latency sample, and the
+notice a long migration gives first.
 
 Random tool results — errors, unknown and odd durations, replays that change a call's
 duration or error — are written through the store; the counters must equal a refill
@@ -11,11 +12,13 @@ from __future__ import annotations
 import math
 import random
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pandas as pd
 import pytest
 
+from nbchat import _analysis
 from nbchat._store import Store
 from nbchat._store._migrations import (
     BINS_PER_DOUBLING,
@@ -85,6 +88,45 @@ def test_a_duration_s_bin_holds_it() -> None:
         assert low <= ms < low * 2 ** (1 / BINS_PER_DOUBLING) * (1 + 1e-12)
     assert duration_bin(None) == duration_bin(math.nan) == duration_bin(math.inf) == NO_DURATION
     assert duration_bin(0.0) == duration_bin(-5.0) == duration_bin(1 / 64)
+
+
+def test_a_kept_latency_sample_is_drawn_again_past_one_percent_more_requests() -> None:
+    before = {"a": 1000, "b": 300_000}
+    assert _analysis.nearly_the_same(before, {"a": 1010, "b": 302_000})
+    assert not _analysis.nearly_the_same(before, {"a": 1011, "b": 300_000})
+    assert not _analysis.nearly_the_same(before, {"a": 1000, "b": 300_000, "c": 1})
+    assert not _analysis.nearly_the_same(before, {"b": 300_000})
+
+
+def test_the_latency_sample_is_compared_with_the_requests_it_was_drawn_at(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A kept sample keeps the counts it was drawn at: many small steps add up."""
+    reads: list[str] = []
+
+    class FakeStore:
+        def __init__(self, requests: int) -> None:
+            self.requests = requests
+
+        def __enter__(self) -> FakeStore:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+        def frame(self, name: str, **params: Any) -> pd.DataFrame:
+            reads.append(name)
+            if name == "spend_by_day_model":
+                return pd.DataFrame({"day": [1], "model": ["m"], "requests": [self.requests]})
+            return pd.DataFrame({"n": [len(reads)]})
+
+    monkeypatch.setattr(_analysis, "LATENCY_SAMPLE_ABOVE", 10)
+    seen = None
+    for requests in range(1000, 1031, 3):  # 0.3% more each time
+        monkeypatch.setattr(_analysis, "open_store", lambda db, n=requests: FakeStore(n))
+        seen = _analysis.overview(db="x", previous=seen)
+    drawn = [name for name in reads if name.startswith("latency")]
+    assert len(drawn) == 3  # at 1000, 1012 and 1024 (not after every request)
 
 
 def test_a_long_migration_says_so_on_stderr_first(
