@@ -203,3 +203,23 @@ def test_a_read_right_after_a_write_of_its_session_reads_no_rows(
         assert list(frame["seq"]) == [1] and len(reads) == 1
         everything = nbchat.transcript(sid, db=store, include_compacted=True)
         assert list(everything["seq"]) == [0, 1] and len(reads) == 2
+
+
+def test_a_frame_of_kept_rows_is_the_callers_to_change(tmp_path: Path) -> None:
+    """Kept rows are handed out as copies: changing a frame, even the lists and dicts
+    its JSON columns hold, changes nothing the next read returns."""
+    from nbchat._types import ToolCall
+
+    with Store.open(tmp_path / "own.duckdb") as store:
+        sid = new_id()
+        store.create_session(session_id=sid, model="m", system_prompt=None, messages=[])
+        call = ToolCall(id="c1", name="read", arguments="{}")
+        asked = Message(role="assistant", content="", seq=0, tool_calls=[call])
+        store.write(MessageAdded(session_id=sid, message=asked))
+        for _ in range(3):
+            frame = nbchat.transcript(sid, db=store)
+            assert frame["tool_calls"][0][0]["name"] == "read"
+            assert list(frame["content"]) == [""]
+            frame["tool_calls"][0][0]["name"] = "changed"
+            frame["tool_calls"][0].append({"name": "more"})
+            frame.loc[0, "content"] = "changed too"

@@ -351,7 +351,7 @@ class DuckDBStore(SqlStore[Lease]):
                 bounds = {"first_us": first_us, "last_us": last_us}
                 rows = _frame_rows(con, parsed(query.sql), query.bind({**params, **bounds}))
                 kept.put(key, version, rows)
-        return to_frame(rows, query.json_columns)
+        return kept.frame(key, rows, query.json_columns)
 
     def _select(
         self, query: str, params: Sequence[Any] | Mapping[str, Any] | None, *, allow_files: bool

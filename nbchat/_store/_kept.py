@@ -19,14 +19,18 @@ write leaves them stale, and the next read reads the session from the file.
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ._frames import QueryResult
+from ._frames import QueryResult, to_frame
 from ._sink import Insert, RowWrite, Update
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["KEEP_RESULTS", "KeptRows", "Recorder"]
 
@@ -35,6 +39,25 @@ _KEEP_ROWS = 20_000  # and none longer
 
 # The states ``transcript()`` shows with each of its two flags (``_queries._TRANSCRIPT``).
 _FLAGS = {"compacted": "include_compacted", "superseded": "include_superseded"}
+
+
+@dataclass
+class _Kept:
+    version: int
+    result: QueryResult
+    frame: pd.DataFrame | None = None
+
+
+def _copied(frame: pd.DataFrame, json_columns: frozenset[str]) -> pd.DataFrame:
+    """A copy of ``frame`` that shares nothing a caller can change: its parsed JSON
+    values (lists, dicts) are copied too, not only the column holding them."""
+    import pandas as pd
+
+    out = frame.copy(deep=True)
+    for name in json_columns & set(out.columns):
+        values = [copy.deepcopy(v) for v in out[name]]
+        out[name] = pd.Series(values, index=out.index, dtype=object)
+    return out
 
 
 @dataclass
@@ -65,24 +88,44 @@ class KeptRows:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._rows: OrderedDict[tuple[Any, ...], tuple[int, QueryResult]] = OrderedDict()
+        # Each result with its version, and the frame made of it once asked for.
+        self._rows: OrderedDict[tuple[Any, ...], _Kept] = OrderedDict()
 
     def get(self, key: tuple[Any, ...], version: int | None) -> QueryResult | None:
         with self._lock:
             found = self._rows.get(key)
-            if version is None or found is None or found[0] != version:
+            if version is None or found is None or found.version != version:
                 return None
             self._rows.move_to_end(key)
-            return found[1]
+            return found.result
 
     def put(self, key: tuple[Any, ...], version: int | None, result: QueryResult) -> None:
         if version is None or result.table is None or result.table.num_rows > _KEEP_ROWS:
             return
         with self._lock:
-            self._rows[key] = (version, result)
+            self._rows[key] = _Kept(version, result)
             self._rows.move_to_end(key)
             while len(self._rows) > KEEP_RESULTS:
                 self._rows.popitem(last=False)
+
+    def frame(
+        self, key: tuple[Any, ...], result: QueryResult, json_columns: frozenset[str]
+    ) -> pd.DataFrame:
+        """``to_frame(result)``, copied from the frame made of it before if it is kept:
+        making one was most of what a read of kept rows cost (~1.4 ms for 100 rows,
+        a copy ~0.3 ms). The kept frame is never handed out, only copies of it."""
+        with self._lock:
+            found = self._rows.get(key)
+            made = found.frame if found is not None and found.result is result else None
+        if made is None:
+            made = to_frame(result, json_columns)
+            with self._lock:
+                found = self._rows.get(key)
+                if found is not None and found.result is result:
+                    found.frame = made
+                else:
+                    return made  # not kept (any more): this one is the caller's
+        return _copied(made, json_columns)
 
     def sessions(self) -> list[str]:
         """The sessions some kept rows are of."""
@@ -94,7 +137,8 @@ class KeptRows:
         stamped; rows kept at another version than the one it started from, or that its
         writes cannot be applied to, are dropped."""
         with self._lock:
-            for key, (version, result) in list(self._rows.items()):
+            for key, kept in list(self._rows.items()):
+                version, result = kept.version, kept.result
                 params = dict(key[1:])
                 session = str(params["session_id"])
                 if session not in recorded.stamped:
@@ -104,7 +148,7 @@ class KeptRows:
                     continue  # another process wrote them since they were read
                 patched = _patched(result, session, params, recorded)
                 if patched is not None and patched.table.num_rows <= _KEEP_ROWS:
-                    self._rows[key] = (recorded.stamped[session], patched)
+                    self._rows[key] = _Kept(recorded.stamped[session], patched)
 
 
 def _patched(
