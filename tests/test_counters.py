@@ -267,7 +267,7 @@ def test_the_migration_fills_the_counters_of_an_older_store(tmp_path: Path) -> N
         assert_same(nbchat.sessions(db=store), expected)
 
 
-COUNTED = ("_session_counts", "_turn_counts")
+COUNTED = ("_session_counts", "_turn_counts", "_usage_by_day_model", "_tool_counts")
 
 
 def assert_same_counters(kept: pd.DataFrame, again: pd.DataFrame) -> None:

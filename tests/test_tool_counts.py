@@ -144,9 +144,9 @@ def test_a_long_migration_says_so_on_stderr_first(
         )
     capsys.readouterr()
     with duckdb.connect(str(path)) as con:
-        assert migrate(con) == ["m010_tool_counts"]
+        assert migrate(con) == ["m010_dashboard_counts"]
     err = capsys.readouterr().err
-    assert "m010_tool_counts" in err and "20,000 rows" in err and len(err.splitlines()) == 1
+    assert "m010_dashboard_counts" in err and "20,000 rows" in err and len(err.splitlines()) == 1
     with duckdb.connect(str(path)) as con:
         migrate(con)  # nothing left to do: nothing said
     assert capsys.readouterr().err == ""

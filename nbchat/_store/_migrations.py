@@ -231,6 +231,18 @@ _REQUEST_SUMS = """
     count(*) FILTER (WHERE cost_usd IS NOT NULL AND error IS NULL) AS answered_costed"""
 
 
+# The columns of the request sums in a counter table (m007, m010).
+_SUMS = """
+        requests BIGINT NOT NULL DEFAULT 0,
+        prompt_tokens BIGINT NOT NULL DEFAULT 0,
+        prompt_reported BIGINT NOT NULL DEFAULT 0,
+        completion_tokens BIGINT NOT NULL DEFAULT 0,
+        completion_reported BIGINT NOT NULL DEFAULT 0,
+        cost_usd DOUBLE NOT NULL DEFAULT 0,
+        costed BIGINT NOT NULL DEFAULT 0,
+        answered_costed BIGINT NOT NULL DEFAULT 0"""
+
+
 def m007_counters(con: Connection) -> None:
     """Counters kept on write (``_tally.py``): per session, per turn, per day and model;
     filled here from the rows already stored.
@@ -240,15 +252,7 @@ def m007_counters(con: Connection) -> None:
     """
     if not getattr(con, "keeps_counters", True):
         return
-    sums = """
-        requests BIGINT NOT NULL DEFAULT 0,
-        prompt_tokens BIGINT NOT NULL DEFAULT 0,
-        prompt_reported BIGINT NOT NULL DEFAULT 0,
-        completion_tokens BIGINT NOT NULL DEFAULT 0,
-        completion_reported BIGINT NOT NULL DEFAULT 0,
-        cost_usd DOUBLE NOT NULL DEFAULT 0,
-        costed BIGINT NOT NULL DEFAULT 0,
-        answered_costed BIGINT NOT NULL DEFAULT 0"""
+    sums = _SUMS
     con.execute(
         f"""
         CREATE TABLE _session_counts (
@@ -315,7 +319,7 @@ def fill_counters(con: Connection) -> None:
         ).fetchall()
     }
     if tables:  # m010
-        fill_tool_counts(con)
+        fill_dashboard_counts(con)
     # The columns later migrations add: m007 and m008 fill the tables as they were then.
     present = {
         str(name)
@@ -414,6 +418,20 @@ _DURATION_BIN = f"""
          ELSE {NO_DURATION} END"""
 
 
+def fill_dashboard_counts(con: Connection) -> None:
+    """Compute m010's counters again from every stored tool call and request."""
+    fill_tool_counts(con)
+    con.execute("DELETE FROM _usage_by_day_model")
+    con.execute(
+        f"""
+        INSERT INTO _usage_by_day_model
+        SELECT (created_at AT TIME ZONE 'UTC')::DATE AS day, coalesce(model, '') AS model,
+               {_REQUEST_SUMS}, coalesce(sum(cached_tokens), 0) AS cached_tokens
+        FROM requests GROUP BY ALL
+        """
+    )
+
+
 def fill_tool_counts(con: Connection) -> None:
     """Compute ``_tool_counts`` again from every stored tool call (m010)."""
     con.execute("DELETE FROM _tool_counts")
@@ -510,10 +528,11 @@ def m009_session_summaries(con: Connection) -> None:
     con.execute(_SUPERSEDED_TURNS)
 
 
-def m010_tool_counts(con: Connection) -> None:
-    """Tool calls and errors per UTC day, tool and duration bin (``_tally.py``), so the
-    dashboard's tool table reads a few thousand counters, not every call; filled from
-    the calls stored.
+def m010_dashboard_counts(con: Connection) -> None:
+    """Two more counters for the dashboard (``_tally.py``): tool calls and errors per UTC
+    day, tool and duration bin, so its tool table reads a few thousand counters, not
+    every call; and requests and costs per UTC day and model, so its spend charts read
+    one row per day and model, not one per day, session and model. Filled from the rows.
 
     Not on PostgreSQL, like m007: it keeps no counters.
     """
@@ -531,7 +550,18 @@ def m010_tool_counts(con: Connection) -> None:
         )
         """
     )
-    fill_tool_counts(con)
+    con.execute(
+        f"""
+        CREATE TABLE _usage_by_day_model (
+            day DATE NOT NULL,
+            model VARCHAR NOT NULL,
+            {_SUMS},
+            cached_tokens BIGINT NOT NULL DEFAULT 0,
+            PRIMARY KEY (day, model)
+        )
+        """
+    )
+    fill_dashboard_counts(con)
 
 
 MIGRATIONS: list[Migration] = [
@@ -544,7 +574,7 @@ MIGRATIONS: list[Migration] = [
     ("m007_counters", m007_counters),
     ("m008_first_message_times", m008_first_message_times),
     ("m009_session_summaries", m009_session_summaries),
-    ("m010_tool_counts", m010_tool_counts),
+    ("m010_dashboard_counts", m010_dashboard_counts),
 ]
 
 # The migrations that read every row of some tables (to fill counters), with those
@@ -556,7 +586,7 @@ _READ_ROWS: dict[str, tuple[tuple[str, ...], float]] = {
     "m007_counters": (("messages", "requests", "turns"), 200_000),
     "m008_first_message_times": (("messages",), 1_000_000),
     "m009_session_summaries": (("messages", "turns", "sessions"), 200_000),
-    "m010_tool_counts": (("tool_calls",), 1_000_000),
+    "m010_dashboard_counts": (("tool_calls", "requests"), 1_000_000),
 }
 _NOTICE_AFTER_S = 1.5
 

@@ -200,8 +200,9 @@ _SEARCH = """
     LIMIT ?
 """
 
-# The dashboard's overview, from the per-day counters (``_usage_by_day``) for a range of
-# UTC days (both included; NULL: open-ended). A group's cost is the sum of its known costs,
+# The dashboard's overview, from the per-day counters (``_usage_by_day_model``: per day and
+# model, m010; ``_usage_by_day``: per day, session and model) for a range of UTC days
+# (both included; NULL: open-ended). A group's cost is the sum of its known costs,
 # NULL when none is known; ``unknown`` counts the requests without a price.
 _DAYS = "(? IS NULL OR u.day >= ?) AND (? IS NULL OR u.day <= ?)"
 _DAY_PARAMS = ("since", "since", "until", "until")
@@ -211,7 +212,7 @@ _GROUP_SUMS = """sum(u.requests)::BIGINT AS requests,
 
 _SPEND_BY_DAY_MODEL = f"""
     SELECT u.day, nullif(u.model, '') AS model, {_GROUP_SUMS}
-    FROM _usage_by_day u WHERE {_DAYS}
+    FROM _usage_by_day_model u WHERE {_DAYS}
     GROUP BY u.day, u.model HAVING sum(u.requests) > 0
     ORDER BY u.day, u.model
 """
@@ -220,15 +221,16 @@ _SPEND_BY_SESSION_ALL = """
     WITH g AS (
         SELECT session_id, requests,
                CASE WHEN costed > 0 THEN cost_usd END AS cost_usd,
-               requests - costed AS unknown
+               requests - costed AS unknown,
+               title  -- the session's, copied in its counters (m009)
         FROM _session_counts WHERE requests > 0
         ORDER BY coalesce(CASE WHEN costed > 0 THEN cost_usd END, -1) DESC, requests DESC,
                  session_id
         LIMIT ?
     )
-    SELECT g.*, s.title,
+    SELECT g.*,
            (SELECT count(*) FROM _session_counts WHERE requests > 0) AS sessions_in_range
-    FROM g LEFT JOIN sessions s ON s.id = g.session_id
+    FROM g
     ORDER BY coalesce(g.cost_usd, -1) DESC, g.requests DESC, g.session_id
 """
 
