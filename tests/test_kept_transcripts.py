@@ -138,19 +138,25 @@ class _History:
         assert done.returncode == 0, done.stderr
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
-def test_kept_transcripts_are_what_the_file_holds_after_any_writes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int
-) -> None:
-    reads: list[str] = []
+@pytest.fixture
+def reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The session ids of the transcripts read from the file (not from kept rows)."""
+    found: list[str] = []
     real = duckdb_store._frame_rows
 
     def counted(con: Any, sql: Any, params: Any) -> Any:
         if sql is duckdb_store.parsed(duckdb_store.QUERIES["transcript"].sql):
-            reads.append(params[0])
+            found.append(params[0])
         return real(con, sql, params)
 
     monkeypatch.setattr(duckdb_store, "_frame_rows", counted)
+    return found
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_kept_transcripts_are_what_the_file_holds_after_any_writes(
+    tmp_path: Path, reads: list[str], seed: int
+) -> None:
     path = tmp_path / "kept.duckdb"
     store = Store.open(path)
     try:
@@ -179,17 +185,8 @@ def test_kept_transcripts_are_what_the_file_holds_after_any_writes(
 
 
 def test_a_read_right_after_a_write_of_its_session_reads_no_rows(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, reads: list[str]
 ) -> None:
-    reads: list[str] = []
-    real = duckdb_store._frame_rows
-
-    def counted(con: Any, sql: Any, params: Any) -> Any:
-        if sql is duckdb_store.parsed(duckdb_store.QUERIES["transcript"].sql):
-            reads.append(params[0])
-        return real(con, sql, params)
-
-    monkeypatch.setattr(duckdb_store, "_frame_rows", counted)
     with Store.open(tmp_path / "one.duckdb") as store:
         sid = new_id()
         store.create_session(session_id=sid, model="m", system_prompt=None, messages=[])
