@@ -134,7 +134,7 @@ def test_a_long_migration_says_so_on_stderr_first(
 ) -> None:
     from nbchat._store import _migrations
 
-    monkeypatch.setattr(_migrations, "_NOTICE_AFTER_S", 0.01)  # 10k calls at 1M a second
+    monkeypatch.setattr(_migrations, "_NOTICE_AFTER_S", 0.01)  # 20k calls: ~0.07 s
     path = tmp_path / "old.duckdb"
     with duckdb.connect(str(path)) as con:
         migrate(con, stop_after="m009_session_summaries")
