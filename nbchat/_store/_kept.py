@@ -146,7 +146,12 @@ class KeptRows:
                 del self._rows[key]
                 if recorded.before.get(session, None) != version:
                     continue  # another process wrote them since they were read
-                patched = _patched(result, session, params, recorded)
+                try:
+                    patched = _patched(result, session, params, recorded)
+                except (KeyError, TypeError, ValueError):
+                    # Rows it cannot follow: read from the file next time. The write is
+                    # committed and must not look failed to the writer (it would retry).
+                    patched = None
                 if patched is not None and patched.table.num_rows <= _KEEP_ROWS:
                     self._rows[key] = _Kept(recorded.stamped[session], patched)
 
