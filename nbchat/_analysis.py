@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from ._exceptions import StoreError
@@ -413,8 +413,8 @@ class Overview:
     ``top_sessions``: the most expensive sessions (session_id, title, the same sums,
     ``sessions_in_range`` on every row). ``latency``: per model and metric (ttft_ms,
     duration_ms) the count and the 5th/25th/50th/75th/95th percentiles, from a sample when
-    ``latency_sampled``. ``tools``: per tool, calls, errors and the median duration.
-    ``days``: the range read (``since``, ``until``).
+    ``latency_sampled``. ``tools``: per tool, calls, errors and the median duration
+    (from duration bins, within ~2%). ``days``: the range read (``since``, ``until``).
     """
 
     spend: pd.DataFrame
@@ -423,10 +423,15 @@ class Overview:
     latency_sampled: bool
     tools: pd.DataFrame
     days: tuple[dt.date | None, dt.date | None] = (None, None)
+    # The requests per model in the range when ``latency`` was read (a kept sample's).
+    latency_requests: Mapping[str, int] = field(default_factory=dict)
 
 
-# Past this many requests in the range the latency figures come from a ~2% sample.
+# Past this many requests in the range the latency figures come from a ~2% sample,
+# drawn again when a model's requests in the range changed by more than
+# ``LATENCY_RESAMPLE_AFTER`` (a fraction) since it was drawn.
 LATENCY_SAMPLE_ABOVE = 200_000
+LATENCY_RESAMPLE_AFTER = 0.01
 
 
 def overview(
@@ -440,9 +445,11 @@ def overview(
     """The dashboard's figures for the UTC days ``since`` to ``until`` (both included).
 
     ``previous`` is an overview read before: if it is of the same days, its latency came
-    from a sample, and the requests per day and model are still the same, its latency
-    figures are kept rather than sampled again (a new sample of the same requests would
-    only move the boxes by chance, and on a large store it is the costliest read).
+    from a sample, and each model's requests in the range changed by at most
+    ``LATENCY_RESAMPLE_AFTER`` since that sample was drawn, its latency figures are kept
+    rather than sampled again. A sample of ~2% of the rows says nothing a handful of
+    requests more would change (a new one would only move the boxes by chance), and on
+    a large store it was the costliest read of a refresh after every request.
     """
     days = {"since": since, "until": until}
     start = None if since is None else dt.datetime.combine(since, dt.time(), dt.UTC)
@@ -451,16 +458,17 @@ def overview(
     with open_store(db) as store:
         spend = store.frame("spend_by_day_model", **days)
         sampled = int(spend["requests"].sum()) > LATENCY_SAMPLE_ABOVE
+        requests = _requests_per_model(spend)
         unchanged = (
             previous is not None
             and previous.days == (since, until)
             and previous.latency_sampled
             and sampled
-            and _same_requests(previous.spend, spend)
+            and nearly_the_same(previous.latency_requests, requests)
         )
         if unchanged:
             assert previous is not None
-            latency = previous.latency
+            latency, requests = previous.latency, dict(previous.latency_requests)
         else:
             latency = store.frame(
                 "latency_by_model_sampled" if sampled else "latency_by_model", **instants
@@ -474,12 +482,20 @@ def overview(
             ),
             latency=latency,
             latency_sampled=sampled,
-            tools=store.frame("tool_stats", **instants),
+            tools=store.frame("tool_stats", **days),
             days=(since, until),
+            latency_requests=requests,
         )
 
 
-def _same_requests(before: pd.DataFrame, now: pd.DataFrame) -> bool:
-    """Whether two ``spend_by_day_model`` reads count the same requests per day and model."""
-    keys = ["day", "model", "requests"]
-    return bool(before[keys].equals(now[keys]))
+def _requests_per_model(spend: pd.DataFrame) -> dict[str, int]:
+    sums = spend.groupby(spend["model"].fillna(""), sort=True)["requests"].sum()
+    return {str(model): int(n) for model, n in sums.items()}
+
+
+def nearly_the_same(before: Mapping[str, int], now: Mapping[str, int]) -> bool:
+    """Whether requests per model ``now`` are those of ``before`` give or take
+    ``LATENCY_RESAMPLE_AFTER`` of each (the same models, none new, none gone)."""
+    if before.keys() != now.keys():
+        return False
+    return all(abs(now[m] - n) <= LATENCY_RESAMPLE_AFTER * n for m, n in before.items())

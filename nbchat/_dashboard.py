@@ -261,7 +261,9 @@ def _tools_html(table: pd.DataFrame) -> str:
         f"<td>{r.error_rate:.0%}</td><td>{_ms(r.median_ms)}</td></tr>"
         for r in table.itertuples()
     )
-    head = "<tr><th>tool</th><th>calls</th><th>errors</th><th>error rate</th><th>median</th></tr>"
+    # The median comes from duration bins kept on write (``_store/_queries.py``).
+    median = "<th title='from durations counted in bins: within ~2%'>median ≈</th>"
+    head = f"<tr><th>tool</th><th>calls</th><th>errors</th><th>error rate</th>{median}</tr>"
     return f"{_STYLE}<b>Tool calls</b><table class='nbchat-tools'>{head}{rows}</table>"
 
 

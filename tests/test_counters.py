@@ -267,7 +267,7 @@ def test_the_migration_fills_the_counters_of_an_older_store(tmp_path: Path) -> N
         assert_same(nbchat.sessions(db=store), expected)
 
 
-COUNTED = ("_session_counts", "_turn_counts")
+COUNTED = ("_session_counts", "_turn_counts", "_usage_by_day_model", "_tool_counts")
 
 
 def assert_same_counters(kept: pd.DataFrame, again: pd.DataFrame) -> None:
@@ -398,9 +398,10 @@ with Store.open(path) as store:
 def test_a_kept_transcript_is_read_again_after_any_write_of_its_messages(
     tmp_path: Path, monkeypatch: Any
 ) -> None:
-    """transcript() keeps the rows it read (``_KeptRows``) while the session's
-    ``messages_version`` says they are the stored ones: writes from this process and
-    from another one, marks, replays and a refill of the counters all read them again."""
+    """transcript() keeps the rows it read (``_kept.KeptRows``) while the session's
+    ``messages_version`` says they are the stored ones: this process's writes update
+    them; writes from another process, marks, replays and a refill of the counters read
+    them again."""
     import subprocess
     import sys
 
@@ -443,13 +444,13 @@ def test_a_kept_transcript_is_read_again_after_any_write_of_its_messages(
     assert len(reads) == before  # nothing written: the kept rows, checked by their version
 
     written = []
-    for event in history.written:  # a replay of this session's events: read again
+    for event in history.written:  # a replay of this session's events, by this process:
         if getattr(event, "session_id", None) == sid and isinstance(event, MessageAdded):
-            store.write(event)
-            written.append(event)
             before = len(reads)
-            shown(sid)
-            assert len(reads) == before + 1
+            store.write(event)
+            shown(sid)  # the kept rows, brought up to date by the write (``_kept.py``)
+            assert len(reads) == before
+            written.append(event)
     assert written
     live = shown(sid)
     store.close()  # let another process have the file

@@ -81,6 +81,19 @@ EXPECTED_SCHEMA: dict[str, dict[str, str]] = {
         **_REQUEST_SUMS,
         "cached_tokens": "BIGINT",
     },
+    "_usage_by_day_model": {  # m010
+        "day": "DATE",
+        "model": "VARCHAR",
+        **_REQUEST_SUMS,
+        "cached_tokens": "BIGINT",
+    },
+    "_tool_counts": {  # m010
+        "day": "DATE",
+        "tool": "VARCHAR",
+        "bin": "INTEGER",
+        "calls": "BIGINT",
+        "errors": "BIGINT",
+    },
     "compactions": {
         "id": "VARCHAR",
         "session_id": "VARCHAR",

@@ -19,7 +19,6 @@ import glob
 import os
 import threading
 import weakref
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime, timedelta
@@ -32,6 +31,7 @@ from .._types import Event, EventAdapter, Message, utcnow
 from . import Lease, QueryName, key_of
 from ._frames import QueryResult, arrow_readable, to_frame
 from ._journal import journal_folder
+from ._kept import KeptRows, Recorder
 from ._lease import Access, LeaseOptions, acquire_lease
 from ._migrations import fill_counters
 from ._queries import QUERIES, SESSION_TIMES, SESSION_USAGE
@@ -203,14 +203,18 @@ class DuckDBStore(SqlStore[Lease]):
         """Write one event's rows now, waiting up to ``timeout`` s (default ``lock_timeout``)."""
         if event.kind not in STORED_KINDS:
             return
+        assert self._lease is not None
+        kept = _kept_rows(self._lease)
         with self._connection(timeout) as con:
-            write_event(con, event)
+            write_events(con, [event], kept)
 
     def write_many(self, events: Sequence[Event], *, timeout: float | None = None) -> None:
         """Write several events' rows in one transaction (all or none), in one hold of
         the file: a commit per event was most of what a backlog cost the writer."""
+        assert self._lease is not None
+        kept = _kept_rows(self._lease)
         with self._connection(timeout) as con:
-            write_events(con, events)
+            write_events(con, events, kept)
 
     def end_unfinished_turns(
         self, session_id: str, *, status: str, error: str, keep: str | None = None
@@ -347,7 +351,7 @@ class DuckDBStore(SqlStore[Lease]):
                 bounds = {"first_us": first_us, "last_us": last_us}
                 rows = _frame_rows(con, parsed(query.sql), query.bind({**params, **bounds}))
                 kept.put(key, version, rows)
-        return to_frame(rows, query.json_columns)
+        return kept.frame(key, rows, query.json_columns)
 
     def _select(
         self, query: str, params: Sequence[Any] | Mapping[str, Any] | None, *, allow_files: bool
@@ -399,49 +403,15 @@ class DuckDBStore(SqlStore[Lease]):
         return self._lease.stats()
 
 
-class _KeptRows:
-    """The last few Arrow results of one session's rows (``transcript()``) a lease read,
-    each with the session's ``messages_version`` then.
-
-    Every write of a session's messages, by any process, sets a new random version in
-    the same transaction (``_tally.Tally.stamp``; a refill of the counters, new ones
-    for all): the version read with the file held says whether the kept rows are still
-    the stored ones. Arrow tables are immutable, and each call builds its own frame.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._rows: OrderedDict[tuple[Any, ...], tuple[int, QueryResult]] = OrderedDict()
-
-    def get(self, key: tuple[Any, ...], version: int | None) -> QueryResult | None:
-        with self._lock:
-            found = self._rows.get(key)
-            if version is None or found is None or found[0] != version:
-                return None
-            self._rows.move_to_end(key)
-            return found[1]
-
-    def put(self, key: tuple[Any, ...], version: int | None, result: QueryResult) -> None:
-        if version is None or result.table is None or result.table.num_rows > _KEEP_ROWS:
-            return
-        with self._lock:
-            self._rows[key] = (version, result)
-            self._rows.move_to_end(key)
-            while len(self._rows) > _KEEP_RESULTS:
-                self._rows.popitem(last=False)
-
-
-_KEEP_RESULTS = 8  # transcripts kept per store
-_KEEP_ROWS = 20_000  # and none longer
-_kept: weakref.WeakKeyDictionary[Lease, _KeptRows] = weakref.WeakKeyDictionary()
+_kept: weakref.WeakKeyDictionary[Lease, KeptRows] = weakref.WeakKeyDictionary()
 _kept_lock = threading.Lock()
 
 
-def _kept_rows(lease: Lease) -> _KeptRows:
+def _kept_rows(lease: Lease) -> KeptRows:
     with _kept_lock:
         kept = _kept.get(lease)
         if kept is None:
-            kept = _kept[lease] = _KeptRows()
+            kept = _kept[lease] = KeptRows()
         return kept
 
 
@@ -516,21 +486,35 @@ def write_event(con: Any, event: Event) -> None:
     write_events(con, [event])
 
 
-def write_events(con: Any, events: Sequence[Event]) -> None:
+def write_events(con: Any, events: Sequence[Event], kept: KeptRows | None = None) -> None:
     """``write_event`` for several events, in one transaction: all are written or none
-    (``UnstorableRow`` names the table of the one refused)."""
+    (``UnstorableRow`` names the table of the one refused). The rows ``kept`` holds of
+    the sessions whose messages it writes are brought up to date (``_kept.py``)."""
     entries = [entry for event in events if (entry := rows_of(event)) is not None]
     if not entries:
         return
-    ops = _BatchOps(con, [write for _, writes in entries for write in writes])
+    writes = [write for _, writes in entries for write in writes]
+    sessions = kept.sessions() if kept is not None else []
+    recorder = Recorder() if sessions and any(w.table == "messages" for w in writes) else None
+    ops = _BatchOps(con, writes, recorder)
 
     def work() -> None:
+        if recorder is not None:  # the versions the kept rows must have been read at
+            found = con.execute(parsed(_VERSIONS), [sessions]).fetchall()
+            recorder.before.update({str(sid): version for sid, version in found})
         ops.look_up()
         for _, writes in entries:
             apply_rows(writes, ops)
         ops.finish()
 
     _in_transaction(con, lambda: ops.writing, work)
+    if recorder is not None and kept is not None:
+        kept.write_through(recorder)
+
+
+_VERSIONS = (
+    "SELECT session_id, messages_version FROM _session_counts WHERE list_contains(?, session_id)"
+)
 
 
 def _in_transaction(con: Any, table_of: Callable[[], str], work: Callable[[], None]) -> None:
@@ -628,8 +612,11 @@ class _BatchOps(_RowOps):
     statement sees the rows before it. ``finish()`` sends what is still held.
     """
 
-    def __init__(self, con: Any, writes: Sequence[RowWrite]) -> None:
+    def __init__(
+        self, con: Any, writes: Sequence[RowWrite], recorder: Recorder | None = None
+    ) -> None:
         super().__init__(con)
+        self.recorder = recorder  # what it writes of messages (``_kept.Recorder``)
         self.writing = ""  # the table of the statement sent last (what a failure names)
         self._absent: dict[str, set[Any]] = {}  # per table: keys known not to be stored
         self._held: dict[str, list[Insert]] = {}
@@ -657,9 +644,14 @@ class _BatchOps(_RowOps):
             return []  # not stored, not held: nothing to read
         self._send(table)
         self._send_bumps(table)  # a counter read (a turn's state) sees the bumps before it
-        return super().fetch(table, key, keys, columns)
+        rows = super().fetch(table, key, keys, columns)
+        if self.recorder is not None and table == "messages":
+            self.recorder.fetched(rows)
+        return rows
 
     def apply(self, write: RowWrite, *, exists: bool | None) -> None:
+        if self.recorder is not None and write.table == "messages":
+            self.recorder.writes.append((write, exists))
         if isinstance(write, Insert) and not exists:
             absent = self._absent.get(write.table, set())
             value = _key_value(write)
@@ -705,6 +697,9 @@ class _BatchOps(_RowOps):
             if bump.latest or bump.earliest or bump.copy or any(bump.add.values()):
                 self.writing = bump.table
                 super().bump(bump)
+                version = bump.copy.get("messages_version")
+                if self.recorder is not None and version is not None:
+                    self.recorder.stamped[str(bump.key["session_id"])] = version
 
     def _send(self, table: str) -> None:
         rows = self._held.pop(table, None)

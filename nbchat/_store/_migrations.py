@@ -15,6 +15,8 @@ rather than written with the wrong idea of its schema.
 
 from __future__ import annotations
 
+import math
+import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -24,9 +26,12 @@ from .._exceptions import StoreError
 
 __all__ = [
     "ATTRIBUTED_TABLES",
+    "BINS_PER_DOUBLING",
     "MIGRATIONS",
+    "NO_DURATION",
     "applied_migrations",
     "check_not_newer",
+    "duration_bin",
     "fill_counters",
     "migrate",
 ]
@@ -226,6 +231,18 @@ _REQUEST_SUMS = """
     count(*) FILTER (WHERE cost_usd IS NOT NULL AND error IS NULL) AS answered_costed"""
 
 
+# The columns of the request sums in a counter table (m007, m010).
+_SUMS = """
+        requests BIGINT NOT NULL DEFAULT 0,
+        prompt_tokens BIGINT NOT NULL DEFAULT 0,
+        prompt_reported BIGINT NOT NULL DEFAULT 0,
+        completion_tokens BIGINT NOT NULL DEFAULT 0,
+        completion_reported BIGINT NOT NULL DEFAULT 0,
+        cost_usd DOUBLE NOT NULL DEFAULT 0,
+        costed BIGINT NOT NULL DEFAULT 0,
+        answered_costed BIGINT NOT NULL DEFAULT 0"""
+
+
 def m007_counters(con: Connection) -> None:
     """Counters kept on write (``_tally.py``): per session, per turn, per day and model;
     filled here from the rows already stored.
@@ -235,15 +252,7 @@ def m007_counters(con: Connection) -> None:
     """
     if not getattr(con, "keeps_counters", True):
         return
-    sums = """
-        requests BIGINT NOT NULL DEFAULT 0,
-        prompt_tokens BIGINT NOT NULL DEFAULT 0,
-        prompt_reported BIGINT NOT NULL DEFAULT 0,
-        completion_tokens BIGINT NOT NULL DEFAULT 0,
-        completion_reported BIGINT NOT NULL DEFAULT 0,
-        cost_usd DOUBLE NOT NULL DEFAULT 0,
-        costed BIGINT NOT NULL DEFAULT 0,
-        answered_costed BIGINT NOT NULL DEFAULT 0"""
+    sums = _SUMS
     con.execute(
         f"""
         CREATE TABLE _session_counts (
@@ -299,10 +308,18 @@ _SUPERSEDED_TURNS = """
 
 
 def fill_counters(con: Connection) -> None:
-    """Compute the counter tables again from every stored row (m007 to m009, bulk loads)."""
+    """Compute the counter tables again from every stored row (m007 to m010, bulk loads)."""
     requests = _REQUEST_SUMS
     for table in ("_session_counts", "_turn_counts", "_usage_by_day"):
         con.execute(f"DELETE FROM {table}")
+    tables = {
+        str(name)
+        for (name,) in con.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_name = '_tool_counts'"
+        ).fetchall()
+    }
+    if tables:  # m010
+        fill_dashboard_counts(con)
     # The columns later migrations add: m007 and m008 fill the tables as they were then.
     present = {
         str(name)
@@ -374,6 +391,56 @@ def fill_counters(con: Connection) -> None:
                coalesce(model, '') AS model, {requests},
                coalesce(sum(cached_tokens), 0) AS cached_tokens
         FROM requests GROUP BY ALL
+        """
+    )
+
+
+# Tool-call durations are counted in bins of equal ratio (m010, ``_tally.py``): bin ``b``
+# holds the durations from 2**(b/16) ms to 2**((b+1)/16) ms (~4.4% wide); everything
+# under 1/64 ms is in the first. ``NO_DURATION``: a call whose duration is unknown (or
+# not a finite number). Written in Python on write, in SQL when filled from the rows.
+BINS_PER_DOUBLING = 16
+SHORTEST_MS = 1 / 64
+NO_DURATION = -(2**31)
+
+
+def duration_bin(ms: float | None) -> int:
+    """The bin a tool call of ``ms`` milliseconds is counted in."""
+    if ms is None or not math.isfinite(ms):
+        return NO_DURATION
+    return math.floor(BINS_PER_DOUBLING * math.log2(max(ms, SHORTEST_MS)))
+
+
+# The bin of a tool call's duration (``duration_bin``), in SQL.
+_DURATION_BIN = f"""
+    CASE WHEN isfinite(duration_ms)
+         THEN floor({BINS_PER_DOUBLING} * log2(greatest(duration_ms, {SHORTEST_MS})))::INTEGER
+         ELSE {NO_DURATION} END"""
+
+
+def fill_dashboard_counts(con: Connection) -> None:
+    """Compute m010's counters again from every stored tool call and request."""
+    fill_tool_counts(con)
+    con.execute("DELETE FROM _usage_by_day_model")
+    con.execute(
+        f"""
+        INSERT INTO _usage_by_day_model
+        SELECT (created_at AT TIME ZONE 'UTC')::DATE AS day, coalesce(model, '') AS model,
+               {_REQUEST_SUMS}, coalesce(sum(cached_tokens), 0) AS cached_tokens
+        FROM requests GROUP BY ALL
+        """
+    )
+
+
+def fill_tool_counts(con: Connection) -> None:
+    """Compute ``_tool_counts`` again from every stored tool call (m010)."""
+    con.execute("DELETE FROM _tool_counts")
+    con.execute(
+        f"""
+        INSERT INTO _tool_counts (day, tool, bin, calls, errors)
+        SELECT (created_at AT TIME ZONE 'UTC')::DATE, name, {_DURATION_BIN}, count(*),
+               count(*) FILTER (WHERE is_error)
+        FROM tool_calls GROUP BY ALL
         """
     )
 
@@ -461,6 +528,42 @@ def m009_session_summaries(con: Connection) -> None:
     con.execute(_SUPERSEDED_TURNS)
 
 
+def m010_dashboard_counts(con: Connection) -> None:
+    """Two more counters for the dashboard (``_tally.py``): tool calls and errors per UTC
+    day, tool and duration bin, so its tool table reads a few thousand counters, not
+    every call; and requests and costs per UTC day and model, so its spend charts read
+    one row per day and model, not one per day, session and model. Filled from the rows.
+
+    Not on PostgreSQL, like m007: it keeps no counters.
+    """
+    if not getattr(con, "keeps_counters", True):
+        return
+    con.execute(
+        """
+        CREATE TABLE _tool_counts (
+            day DATE NOT NULL,
+            tool VARCHAR NOT NULL,
+            bin INTEGER NOT NULL,
+            calls BIGINT NOT NULL DEFAULT 0,
+            errors BIGINT NOT NULL DEFAULT 0,
+            PRIMARY KEY (day, tool, bin)
+        )
+        """
+    )
+    con.execute(
+        f"""
+        CREATE TABLE _usage_by_day_model (
+            day DATE NOT NULL,
+            model VARCHAR NOT NULL,
+            {_SUMS},
+            cached_tokens BIGINT NOT NULL DEFAULT 0,
+            PRIMARY KEY (day, model)
+        )
+        """
+    )
+    fill_dashboard_counts(con)
+
+
 MIGRATIONS: list[Migration] = [
     ("m001_initial", m001_initial),
     ("m002_turns_and_details", m002_turns_and_details),
@@ -471,7 +574,21 @@ MIGRATIONS: list[Migration] = [
     ("m007_counters", m007_counters),
     ("m008_first_message_times", m008_first_message_times),
     ("m009_session_summaries", m009_session_summaries),
+    ("m010_dashboard_counts", m010_dashboard_counts),
 ]
+
+# The migrations that read every row of some tables (to fill counters), with those
+# tables: on a large store they take a while, and ``migrate`` says so first.
+# tables and about how many of their rows they go through per second on one core (m009:
+# 1M messages in ~5 s). A store they would take longer than ``_NOTICE_AFTER_S`` on
+# hears about it first.
+_READ_ROWS: dict[str, tuple[tuple[str, ...], float]] = {
+    "m007_counters": (("messages", "requests", "turns"), 200_000),
+    "m008_first_message_times": (("messages",), 1_000_000),
+    "m009_session_summaries": (("messages", "turns", "sessions"), 200_000),
+    "m010_dashboard_counts": (("tool_calls", "requests"), 300_000),  # 600k rows: ~2–3 s
+}
+_NOTICE_AFTER_S = 1.5
 
 
 def applied_migrations(con: Connection) -> list[str]:
@@ -491,6 +608,7 @@ def migrate(con: Connection, *, stop_after: str | None = None) -> list[str]:
     _refuse_newer(recorded)
     done = set(recorded)
     applied: list[str] = []
+    _tell_if_slow(con, [name for name, _ in MIGRATIONS if name not in done], stop_after)
     for name, migration in MIGRATIONS:
         if name not in done:
             con.execute("BEGIN TRANSACTION")
@@ -508,6 +626,35 @@ def migrate(con: Connection, *, stop_after: str | None = None) -> list[str]:
         if name == stop_after:
             break
     return applied
+
+
+def _tell_if_slow(con: Connection, pending: list[str], stop_after: str | None) -> None:
+    """Say on stderr, before they start, that the pending migrations will take a while
+    (they read every row of some tables), so a first open that seems to hang is not
+    taken for one."""
+    if stop_after is not None and stop_after in pending:
+        pending = pending[: pending.index(stop_after) + 1]
+    slow = [name for name in pending if name in _READ_ROWS]
+    if not slow or not getattr(con, "keeps_counters", True):
+        return
+    tables = con.execute("SELECT table_name FROM information_schema.tables").fetchall()
+    present = {str(t) for (t,) in tables}
+    wanted = {t for name in slow for t in _READ_ROWS[name][0]} & present
+    counts = {t: int(con.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0]) for t in wanted}
+    steps = [_READ_ROWS[name] for name in slow]
+    seconds = sum(sum(counts.get(t, 0) for t in tables) / rate for tables, rate in steps)
+    if seconds >= _NOTICE_AFTER_S:
+        rows = sum(counts.values())
+        print(
+            f"nbchat: updating this store's schema ({', '.join(slow)}) reads its {rows:,}"
+            f" rows once; this may take about {_about(seconds)}.",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _about(seconds: float) -> str:
+    return f"{round(seconds)} s" if seconds < 90 else f"{round(seconds / 60)} minutes"
 
 
 def check_not_newer(con: Connection) -> None:

@@ -35,13 +35,14 @@ from . import TABLES
 from ._duckdb import _duckdb, _result, sandbox_refused
 from ._frames import QueryResult
 from ._lease import _NO_EXTENSIONS
-from ._migrations import fill_counters
+from ._migrations import fill_counters, fill_tool_counts
 from ._tally import COUNTER_TABLES
 
 __all__ = ["Mirror", "needed_columns"]
 
 # The tables the counters are computed from (``fill_counters`` reads them whole).
 _COUNTED = ("sessions", "messages", "requests", "turns")
+_TOOL_COUNTED = ("tool_calls",)
 _WORD = re.compile(r"[a-z_][a-z0-9_]*")
 _COUNT_STAR = re.compile(r"count\s*\(\s*\*\s*\)", re.I)
 
@@ -90,9 +91,13 @@ class Mirror:
                 wanted = {t: c for t, c in self._schema.items() if t in _words(sql)}
             else:
                 wanted = needed_columns(sql, self._schema)
-            counted = bool(COUNTER_TABLES.keys() & _words(sql))
-            if counted:  # the counters are derived here, from every row they count
-                wanted = {**wanted, **{t: self._schema[t] for t in _COUNTED}}
+            counters = COUNTER_TABLES.keys() & _words(sql)
+            # The counters are derived here, from every row they count: the tool calls
+            # alone for the tool counters (m010), the rest for the others.
+            tools_only = counters == {"_tool_counts"}
+            counted = _TOOL_COUNTED if tools_only else (*_COUNTED, *_TOOL_COUNTED)
+            if counters:
+                wanted = {**wanted, **{t: self._schema[t] for t in counted}}
             fetched = self._fetch(wanted, None if user else session_id)
             started = time.perf_counter()
             con.execute("BEGIN TRANSACTION")
@@ -102,7 +107,9 @@ class Mirror:
                     con.register("_nbchat_rows", data)
                     con.execute(f'INSERT INTO "{table}" ({names}) SELECT {names} FROM _nbchat_rows')
                     con.unregister("_nbchat_rows")
-                if counted:
+                if tools_only:
+                    fill_tool_counts(con)
+                elif counters:
                     fill_counters(con)
                 cursor = con.execute(sql, bound)
                 return _result(cursor)

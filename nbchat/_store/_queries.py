@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .._exceptions import StoreError
+from ._migrations import BINS_PER_DOUBLING, NO_DURATION
 
 __all__ = [
     "QUERIES",
@@ -199,8 +200,9 @@ _SEARCH = """
     LIMIT ?
 """
 
-# The dashboard's overview, from the per-day counters (``_usage_by_day``) for a range of
-# UTC days (both included; NULL: open-ended). A group's cost is the sum of its known costs,
+# The dashboard's overview, from the per-day counters (``_usage_by_day_model``: per day and
+# model, m010; ``_usage_by_day``: per day, session and model) for a range of UTC days
+# (both included; NULL: open-ended). A group's cost is the sum of its known costs,
 # NULL when none is known; ``unknown`` counts the requests without a price.
 _DAYS = "(? IS NULL OR u.day >= ?) AND (? IS NULL OR u.day <= ?)"
 _DAY_PARAMS = ("since", "since", "until", "until")
@@ -210,7 +212,7 @@ _GROUP_SUMS = """sum(u.requests)::BIGINT AS requests,
 
 _SPEND_BY_DAY_MODEL = f"""
     SELECT u.day, nullif(u.model, '') AS model, {_GROUP_SUMS}
-    FROM _usage_by_day u WHERE {_DAYS}
+    FROM _usage_by_day_model u WHERE {_DAYS}
     GROUP BY u.day, u.model HAVING sum(u.requests) > 0
     ORDER BY u.day, u.model
 """
@@ -219,15 +221,16 @@ _SPEND_BY_SESSION_ALL = """
     WITH g AS (
         SELECT session_id, requests,
                CASE WHEN costed > 0 THEN cost_usd END AS cost_usd,
-               requests - costed AS unknown
+               requests - costed AS unknown,
+               title  -- the session's, copied in its counters (m009)
         FROM _session_counts WHERE requests > 0
         ORDER BY coalesce(CASE WHEN costed > 0 THEN cost_usd END, -1) DESC, requests DESC,
                  session_id
         LIMIT ?
     )
-    SELECT g.*, s.title,
+    SELECT g.*,
            (SELECT count(*) FROM _session_counts WHERE requests > 0) AS sessions_in_range
-    FROM g LEFT JOIN sessions s ON s.id = g.session_id
+    FROM g
     ORDER BY coalesce(g.cost_usd, -1) DESC, g.requests DESC, g.session_id
 """
 
@@ -260,14 +263,32 @@ _LATENCY = """
 """
 _INSTANTS = ("since", "since", "until", "until")
 
-_TOOL_STATS = """
-    SELECT name AS tool, count(*) AS calls,
-           count(*) FILTER (WHERE is_error) AS errors,
-           median(duration_ms) AS median_ms
-    FROM tool_calls
-    WHERE (? IS NULL OR created_at >= ?) AND (? IS NULL OR created_at < ?)
-    GROUP BY name
-    ORDER BY errors / calls DESC, calls DESC, name
+# Per tool: calls, errors and the median duration, from the counters per day, tool and
+# duration bin (m010): the median is the middle of the bin the middle call falls in (of
+# the two middle calls' bins, averaged, for an even count), so within half a bin
+# (~2.2%, ``_migrations.duration_bin``) of the rows' median.
+_TOOL_STATS = f"""
+    WITH b AS (
+        SELECT u.tool, u.bin, sum(u.calls) AS calls, sum(u.errors) AS errors
+        FROM _tool_counts u WHERE {_DAYS}
+        GROUP BY u.tool, u.bin
+    ), timed AS (
+        SELECT tool, bin, sum(calls) OVER (PARTITION BY tool ORDER BY bin) AS upto,
+               sum(calls) OVER (PARTITION BY tool) AS timed
+        FROM b WHERE bin <> {NO_DURATION}
+    ), middle AS (  -- the bins of the middle call (of the two middle ones: an even count)
+        SELECT tool, min(bin) FILTER (WHERE upto >= (timed + 1) // 2) AS low,
+               min(bin) FILTER (WHERE upto >= timed // 2 + 1) AS high
+        FROM timed WHERE timed > 0 GROUP BY tool
+    )
+    SELECT * FROM (
+        SELECT b.tool, sum(b.calls)::BIGINT AS calls, sum(b.errors)::BIGINT AS errors,
+               any_value(2 ** ((middle.low + 0.5) / {BINS_PER_DOUBLING}) / 2
+                         + 2 ** ((middle.high + 0.5) / {BINS_PER_DOUBLING}) / 2) AS median_ms
+        FROM b LEFT JOIN middle USING (tool)
+        GROUP BY b.tool HAVING sum(b.calls) > 0
+    )
+    ORDER BY errors / calls DESC, calls DESC, tool
 """
 
 QUERIES: dict[str, NamedQuery] = {
@@ -292,7 +313,7 @@ QUERIES: dict[str, NamedQuery] = {
     "latency_by_model_sampled": NamedQuery(
         _LATENCY.format(sample="TABLESAMPLE 2 PERCENT (system)"), _INSTANTS
     ),
-    "tool_stats": NamedQuery(_TOOL_STATS, _INSTANTS),
+    "tool_stats": NamedQuery(_TOOL_STATS, _DAY_PARAMS),
     "costs_by_model": NamedQuery(
         _costs(
             "r.model, r.provider",

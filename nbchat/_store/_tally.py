@@ -14,6 +14,11 @@ Three bookkeeping tables sum the rows of ``messages``, ``requests`` and ``turns`
   are was replaced by a cell re-run — its ``turns`` rows and its session (m009).
 * ``_usage_by_day`` (one row per UTC day, session and model): requests, tokens and costs
   — what the dashboard draws.
+* ``_usage_by_day_model`` (m010; one row per UTC day and model): the same sums, for the
+  dashboard's spend charts (a few hundred rows where ``_usage_by_day`` has ~1M).
+* ``_tool_counts`` (m010; one row per UTC day, tool and duration bin): tool calls and
+  errors — the dashboard's tool table, whose median duration is read from the bins
+  (``_migrations.duration_bin``: 16 per doubling, so within ~2% of the median of the rows).
 
 A counter is never incremented blindly, so replays (the same event written twice), marks
 (compaction, supersede) and replaced rows keep it exact: ``apply_rows`` reads the counted
@@ -37,6 +42,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
 from typing import Any, Protocol
 
+from ._migrations import duration_bin
 from ._sink import Insert, RowWrite, Update
 
 __all__ = [
@@ -118,6 +124,10 @@ def _request_sums(row: Row) -> dict[str, int | float]:
     }
 
 
+def _day_sums(row: Row) -> dict[str, int | float]:
+    return {**_request_sums(row), "cached_tokens": row["cached_tokens"] or 0}
+
+
 def _session(row: Row) -> dict[str, Any]:
     return {"session_id": row["session_id"]}
 
@@ -192,7 +202,12 @@ TALLIES: dict[str, Tally] = {
                     "session_id": row["session_id"],
                     "model": row["model"] or "",
                 },
-                lambda row: {**_request_sums(row), "cached_tokens": row["cached_tokens"] or 0},
+                _day_sums,
+            ),
+            Counter(
+                "_usage_by_day_model",
+                lambda row: {"day": _day(row), "model": row["model"] or ""},
+                _day_sums,
             ),
         ),
     ),
@@ -205,6 +220,20 @@ TALLIES: dict[str, Tally] = {
                 lambda row: {"turn_id": row["id"]},
                 lambda row: {"turn_rows": 1},
                 copies=_in_session,
+            ),
+        ),
+    ),
+    "tool_calls": Tally(
+        ("id", "name", "is_error", "duration_ms", "created_at"),
+        (
+            Counter(
+                "_tool_counts",
+                lambda row: {
+                    "day": _day(row),
+                    "tool": row["name"],
+                    "bin": duration_bin(row["duration_ms"]),
+                },
+                lambda row: {"calls": 1, "errors": int(bool(row["is_error"]))},
             ),
         ),
     ),
@@ -227,6 +256,8 @@ COUNTER_TABLES: dict[str, tuple[str, ...]] = {
     "_session_counts": ("session_id",),
     "_turn_counts": ("turn_id",),
     "_usage_by_day": ("day", "session_id", "model"),
+    "_tool_counts": ("day", "tool", "bin"),  # m010
+    "_usage_by_day_model": ("day", "model"),  # m010
 }
 
 
