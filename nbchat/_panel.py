@@ -337,7 +337,9 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
             case ToolCallStarted(name=name):
                 self._set_state("streaming", f"calling {name}")
             case MessageAdded(message=Message(role="assistant", tool_calls=calls)) if calls:
-                self._set_state("running tool", ", ".join(c.name for c in calls))
+                # The tool may already be asking (it starts before this event is shown).
+                if self.state != "waiting for you":
+                    self._set_state("running tool", ", ".join(c.name for c in calls))
             case ToolResult():
                 self._set_state("waiting", "")
 
