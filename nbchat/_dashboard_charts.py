@@ -285,6 +285,7 @@ class CostScene:
             bars.missing,  # in the title and the legend
             marked,
             bars.totals is None,
+            bars.free,  # says so in the chart
             self.top(ax),
         )
 

@@ -89,6 +89,11 @@ class CostBars:
         """Known dollars per key, or ``None`` when no model has a known cost."""
         return self.table.sum(axis=1) if len(self.table.columns) else None
 
+    @property
+    def free(self) -> bool:
+        """Costs are known and every one is $0 (free or local models only)."""
+        return self.totals is not None and not bool((self.totals > 0).any())
+
     @functools.cached_property
     def missing(self) -> int:
         """Requests of unknown price in the chart."""
@@ -163,6 +168,17 @@ def draw_cost_bars(ax: Axes, bars: CostBars) -> Axes:
     ax.set_title(bars.title)
     ax.set_ylabel("cost (USD, known prices)")
     if totals is not None:
+        if bars.free:  # bars of height 0: say so, on a scale from $0 (not -$0.04 to $0.04)
+            ax.set_ylim(0, 1)
+            ax.text(
+                0.5,
+                0.5,
+                plain("every known cost is $0 (free models)"),
+                transform=ax.transAxes,
+                ha="center",
+                va="center",
+                color="0.4",
+            )
         usd_ticks(ax)
     return ax
 

@@ -420,3 +420,27 @@ def test_dollar_signs_in_titles_notebooks_and_model_names_are_drawn_as_they_are(
         assert not any(matplotlib.cbook.is_math_text(t.get_text()) for t in texts)
     board = nbchat.dashboard(db=db)  # its charts draw the same labels
     assert board.spend.value and board.by_model.value and board.latency.value
+
+
+def test_free_models_only_draw_a_scale_from_zero_that_says_so() -> None:
+    import pandas as pd
+
+    from nbchat._plot import draw_costs
+
+    # A trial's %chat cost --plot after local-model turns: no bar, and a y axis from
+    # -$0.04 to $0.04.
+    groups = pd.DataFrame(
+        {
+            "key": ["2026-12-01"],
+            "model": ["local/smollm2"],
+            "cost_usd": [0.0],
+            "requests": [3],
+            "unknown": [0],
+        }
+    )
+    ax = draw_costs(plt.figure().subplots(), groups, "day")
+    assert ax.get_ylim() == (0.0, 1.0)
+    assert [t.get_text() for t in ax.texts] == [r"every known cost is \$0 (free models)"]
+    paid = groups.assign(cost_usd=[0.25])
+    ax = draw_costs(plt.figure().subplots(), paid, "day")
+    assert ax.get_ylim()[0] == 0.0 and len(ax.texts) == 0
