@@ -314,8 +314,8 @@ def _result_html(result: str) -> str:
         return _pre(result)
     if isinstance(payload, dict) and payload.get("ok") is False and "message" in payload:
         # An error payload: its message (often a traceback) with real line breaks.
-        kind = escape(str(payload.get("error_kind") or "error"))
-        return f"<small>{kind}</small>" + _pre(str(payload["message"]))
+        kind = escape(str(payload.get("error_kind") or "error").replace("_", " "))
+        return f" <small>({kind})</small>" + _pre(str(payload["message"]))
     return _pre(json.dumps(payload, indent=1, ensure_ascii=False))
 
 
