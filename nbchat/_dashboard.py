@@ -243,7 +243,8 @@ def _summary_html(
     spend: pd.DataFrame, top: pd.DataFrame, since: dt.date | None, until: dt.date | None
 ) -> str:
     span = f"{since or 'the start'} to {until or 'today'}"
-    known = spend["cost_usd"].sum(min_count=1)
+    # Nothing in the range costs $0; requests whose prices are all unknown cost "$?".
+    known = spend["cost_usd"].sum(min_count=1) if int(spend["requests"].sum()) else 0.0
     unknown = int(spend["unknown"].sum())
     note = f", plus {unknown} request(s) with unknown price" if unknown else ""
     sessions = int(top["sessions_in_range"].iloc[0]) if len(top) else 0

@@ -84,7 +84,7 @@ def test_picking_dates_filters_and_refresh_reads_new_requests(
     board = nbchat.dashboard(db=filled.db)
     board.session_buttons[0].click()
     board.since.value = TODAY + dt.timedelta(days=1)  # picking a date redraws at once
-    assert "0 requests in 0 sessions" in board.summary.value
+    assert "0 requests in 0 sessions, $0.0000 known cost" in board.summary.value  # not "$?"
     assert board.session_buttons == [] and board.transcript.value == ""
     assert "no sessions in this range" in board.sessions_list.children[-1].value
     assert "no tool calls in this range" in board.tools.value
