@@ -80,10 +80,11 @@ class CellTurns:
             self._outputs[cell_id] = renderer
             while len(self._outputs) > KEPT_OUTPUTS:
                 self._outputs.pop(next(iter(self._outputs)))
-        with asking(renderer.ask):  # python:ask asks in its tool block
-            result = run(renderer, turn_options(opts, tools))
-        renderer.finish()
-        return result
+        try:
+            with asking(renderer.ask):  # python:ask asks in its tool block
+                return run(renderer, turn_options(opts, tools))
+        finally:  # also when the turn raised (a bug): the display does not stay "⏳"
+            renderer.finish()
 
     def mark_superseded(self, cell_ids: list[str]) -> None:
         """Say on these cells' kept displays that their turns no longer count."""

@@ -641,7 +641,7 @@ class ModelClient:
             cause = _describe(exc.__cause__) if exc.__cause__ else _describe(exc)
             message = f"Could not connect to the model server at {url} ({cause}; {tries})."
         elif isinstance(exc, openai.APIStatusError):
-            message = f"The model server answered HTTP {status}: {exc.message}"
+            message = f"The model server answered HTTP {status}: {_said(exc)}"
             if status == 401 and self.settings.keyless:
                 message = self._keyless_401(exc.message)
             elif status == 401:
@@ -841,3 +841,11 @@ def _broken_stream(exc: BaseException, folder: RoundFolder | None) -> ModelAPIEr
     return ModelAPIError(
         f"The model's stream broke after {n} chunks ({_describe(exc)}); the partial reply was kept."
     )
+
+
+def _said(exc: Any) -> str:
+    """What an HTTP error says: its body's ``message`` when there is one, else the SDK's
+    text (``Error code: 500 - {...}``, which would repeat the status)."""
+    body = getattr(exc, "body", None)
+    said = body.get("message") if isinstance(body, dict) else None
+    return said if isinstance(said, str) and said.strip() else str(exc.message)

@@ -12,9 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import time
-import traceback
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -51,8 +49,6 @@ from ._types import (
 )
 
 __all__ = ["MAX_ROUNDS_NOTE", "REASONING_FIELDS", "TurnLoop", "TurnOptions"]
-
-logger = logging.getLogger("nbchat")
 
 # The field reasoning is sent back in, per wire: chat completions (DeepSeek's and vLLM's
 # name), and the Responses API's reasoning items (which _responses puts before the calls).
@@ -188,6 +184,7 @@ class TurnLoop:
                 attachments=images or None,
             )
         )
+        fault: Exception | None = None
         try:
             if resume:
                 async for event in self._run_tools(turn, self.pending_tool_calls):
@@ -211,8 +208,9 @@ class TurnLoop:
         except asyncio.CancelledError:
             for event in self._interrupted(turn):
                 yield event
-        except Exception as exc:  # a bug: the turn still ends, stored as failed, never "running"
-            turn.status, turn.error = "error", _internal(turn, exc, "running the turn")
+        except Exception as exc:  # a bug (nbchat's, or a hook's or guardrail's): raised below
+            fault = exc
+            turn.status, turn.error = "error", _fault(turn, exc)
             yield self._emit(
                 ErrorEvent(
                     session_id=self.id,
@@ -221,11 +219,13 @@ class TurnLoop:
                     error_kind="internal",
                 )
             )
-        yield self._finish(turn)
+        yield self._finish(turn)  # stored as failed, never left "running"
         # A stop that comes after the turn ended (■ or Ctrl-C as it finishes) has nothing
         # left to stop; the writer keeps going in the background.
         with contextlib.suppress(asyncio.CancelledError):
             await self._barrier()  # a turn is stored by the time send() returns
+        if fault is not None:
+            raise fault  # with its traceback: a bug should be seen, not summed up
 
     def _start(self, turn: _Turn, text: str, images: list[ImagePart] | None) -> Iterable[Event]:
         """Guard the user's text, fork the conversation on a cell re-run, add the message."""
@@ -360,8 +360,9 @@ class TurnLoop:
                         yield self._emit(event)
             except ModelAPIError as exc:
                 turn.failure = exc
-            except Exception as exc:  # nbchat's own fault, not the server's: end it the same way
-                turn.failure = ModelAPIError(_internal(turn, exc, "handling the model's answer"))
+            except Exception as exc:  # not the server's: the request is recorded as failed too
+                turn.failure = ModelAPIError(_fault(turn, exc))
+                raise
             finally:
                 # Runs on cancellation too: a request that was cut short is still recorded.
                 self._reserved_usd -= reserved or 0.0
@@ -833,20 +834,10 @@ class TurnLoop:
         return self._emit(TurnFinished(session_id=self.id, turn_id=turn.turn_id, result=result))
 
 
-def _internal(turn: _Turn, exc: Exception, doing: str) -> str:
-    """The one-line message of a turn that failed inside nbchat; the traceback is logged.
-
-    Both are redacted like a server's error (the key, and anything shaped like one): an
-    exception's text may quote anything.
-    """
+def _fault(turn: _Turn, exc: Exception) -> str:
+    """What the store says of a turn or request an exception ended (the key redacted)."""
     key = turn.settings.client.settings.api_key.get_secret_value()
-    details = "".join(traceback.format_exception(exc))
-    logger.error("nbchat failed while %s:\n%s", doing, redact(details, key))
-    return redact(
-        f"nbchat failed while {doing} ({type(exc).__name__}: {exc}). This is a bug in "
-        "nbchat; the traceback is in the log (logger 'nbchat'). Please report it.",
-        key,
-    )
+    return redact(f"{type(exc).__name__}: {exc}", key)
 
 
 def _chars(tools: list[dict[str, Any]] | None) -> int:

@@ -240,6 +240,7 @@ def test_500_ends_the_turn_with_error_and_the_next_turn_works(fake: FakeOpenAISe
     s = make(fake)
     r = s.send("hi")
     assert r.status == "error" and "500" in (r.error or "") and "kaboom" in (r.error or "")
+    assert r.error == "The model server answered HTTP 500: kaboom"  # the status said once
     assert s.send("again").text == "recovered"
 
 
