@@ -211,14 +211,7 @@ class TurnLoop:
         except Exception as exc:  # a bug (nbchat's, or a hook's or guardrail's): raised below
             fault = exc
             turn.status, turn.error = "error", _fault(turn, exc)
-            yield self._emit(
-                ErrorEvent(
-                    session_id=self.id,
-                    turn_id=turn.turn_id,
-                    message=turn.error,
-                    error_kind="internal",
-                )
-            )
+            yield self._turn_error(turn, "internal")
         yield self._finish(turn)  # stored as failed, never left "running"
         # A stop that comes after the turn ended (■ or Ctrl-C as it finishes) has nothing
         # left to stop; the writer keeps going in the background.
@@ -248,7 +241,7 @@ class TurnLoop:
                 ),
                 turn,
             )
-            yield self._guardrail_error(turn)
+            yield self._turn_error(turn, "guardrail")
             return
         message = Message(
             role="user",
@@ -259,14 +252,14 @@ class TurnLoop:
         )
         yield self._add(message, turn)
 
-    def _guardrail_error(self, turn: _Turn) -> Event:
-        """The error event of a turn a guardrail rejected (``turn.error`` says why)."""
+    def _turn_error(self, turn: _Turn, kind: str) -> Event:
+        """The error event of a turn that ends failed; ``turn.error`` says why."""
         return self._emit(
             ErrorEvent(
                 session_id=self.id,
                 turn_id=turn.turn_id,
-                message=turn.error or "rejected by a guardrail",
-                error_kind="guardrail",
+                message=turn.error or kind,
+                error_kind=kind,
             )
         )
 
@@ -505,14 +498,7 @@ class TurnLoop:
                 f"The model's answer did not fit {spec.name} after {turn.output_tries} "
                 f"tries: {parsed.error}."
             )
-            yield self._emit(
-                ErrorEvent(
-                    session_id=self.id,
-                    turn_id=turn.turn_id,
-                    message=turn.error,
-                    error_kind="invalid_output",
-                )
-            )
+            yield self._turn_error(turn, "invalid_output")
             return
         if answer is None:  # the correction goes to the model as the user's next words
             correction = Message(
@@ -543,7 +529,7 @@ class TurnLoop:
                 turn.status, turn.error = "rejected", f"Reply rejected by a guardrail: {exc}"
             yield self._record(message, turn)
             if rejection_ends_turn:
-                yield self._guardrail_error(turn)
+                yield self._turn_error(turn, "guardrail")
             return
         if message.content:  # held back from display until now
             yield self._emit(

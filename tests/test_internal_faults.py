@@ -29,22 +29,22 @@ def _session(fake: FakeOpenAIServer, db: Path, **kwargs: Any) -> nbchat.Session:
     return nbchat.Session(model="gpt-4o-mini", base_url=fake.url, api_key=KEY, db=str(db), **kwargs)
 
 
-def _stored(session: nbchat.Session, db: Path) -> tuple[Any, Any]:
+def _failed_turn(fake: FakeOpenAIServer, db: Path, **send: Any) -> tuple[Any, Any, Any]:
+    """One turn that must raise the fault: the session, and its stored turns and usage."""
+    session = _session(fake, db)
+    fake.enqueue("hello there")
+    with pytest.raises(TypeError, match="has no len"):
+        session.send("hi", **send)
     turns = nbchat.turns(session_id=session.id, db=str(db))
     usage = nbchat.usage(session_id=session.id, db=str(db))
-    return turns, usage
+    return session, turns, usage
 
 
 def test_a_fault_while_reading_the_reply_is_raised_and_stored_as_failed(
     fake: FakeOpenAIServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(_client.RoundFolder, "_mark_first_token", _boom)
-    db = tmp_path / "s.duckdb"
-    session = _session(fake, db)
-    fake.enqueue("hello there")
-    with pytest.raises(TypeError, match="has no len"):
-        session.send("hi")
-    turns, usage = _stored(session, db)
+    session, turns, usage = _failed_turn(fake, tmp_path / "s.duckdb")
     assert turns.status.tolist() == ["error"]
     assert "TypeError" in turns.error.iloc[0] and KEY not in turns.error.iloc[0]
     assert len(usage) == 1 and "TypeError" in usage.error.iloc[0]
@@ -58,14 +58,11 @@ def test_a_fault_between_requests_is_raised_and_the_turn_stored_as_failed(
     fake: FakeOpenAIServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(_turn.TurnLoop, "_take_reply", _boom)
-    db = tmp_path / "s.duckdb"
-    session = _session(fake, db)
-    fake.enqueue("hello there")
     seen: list[str] = []
-    with pytest.raises(TypeError):
-        session.send("hi", on_event=lambda e: seen.append(e.kind))
+    _, turns, usage = _failed_turn(
+        fake, tmp_path / "s.duckdb", on_event=lambda e: seen.append(e.kind)
+    )
     assert seen[-2:] == ["error", "turn_finished"]
-    turns, usage = _stored(session, db)
     assert turns.status.tolist() == ["error"] and KEY not in turns.error.iloc[0]
     assert usage.error.isna().all()  # the request itself went well
 
@@ -82,6 +79,6 @@ def test_a_hook_that_raises_is_raised_and_the_turn_stored_as_failed(
     fake.enqueue("hello there")
     with pytest.raises(ValueError, match="my hook broke"):
         session.send("hi")
-    turns, _ = _stored(session, db)
+    turns = nbchat.turns(session_id=session.id, db=str(db))
     assert turns.status.tolist() == ["error"]
     assert turns.error.iloc[0] == "ValueError: my hook broke"
