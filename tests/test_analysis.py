@@ -660,3 +660,19 @@ def test_frames_from_arrow_and_from_numpy_are_the_same(store: Store, monkeypatch
     for arrow, numpy in zip(from_arrow, from_numpy, strict=True):
         pd.testing.assert_frame_equal(arrow, numpy)
     assert from_arrow[1]["tool_calls"].map(lambda v: isinstance(v, list | type(None))).all()
+
+
+def test_sessions_come_oldest_first_then_by_id_from_arrow_and_from_numpy(
+    store_db: str, monkeypatch: Any
+) -> None:
+    """sessions() orders its rows after the fetch (its SQL has no ORDER BY): by creation
+    time, ties by id, whatever order they were written in and however they were fetched."""
+    import nbchat._store._duckdb as duckdb_store
+
+    early, late = datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 1, 2, tzinfo=UTC)
+    with Store.open(store_db) as store:
+        for sid, at in [("z", late), ("b", late), ("m", early), ("a", late)]:
+            store.create_session(session_id=sid, model="gpt-4o", system_prompt=None, created_at=at)
+        assert list(sessions(db=store)["id"]) == ["m", "a", "b", "z"]
+        monkeypatch.setattr(duckdb_store, "arrow_readable", lambda types: False)
+        assert list(sessions(db=store)["id"]) == ["m", "a", "b", "z"]

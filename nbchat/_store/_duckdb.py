@@ -341,7 +341,7 @@ class DuckDBStore(SqlStore[Lease]):
             if not query.session_times:
                 # Parsed once (``parsed``): parsing was ~0.6 ms of a transcript's read.
                 result = _frame_rows(con, parsed(query.sql), query.bind(params))
-                return to_frame(result, query.json_columns)
+                return to_frame(result, query.json_columns, query.order_by)
             # From the counters, in the same hold of the file (no other writer between).
             times = con.execute(parsed(SESSION_TIMES), [params["session_id"]]).fetchall()
             first_us, last_us, version = times[0] if times else (None, None, None)

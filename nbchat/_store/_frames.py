@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["QueryResult", "arrow_readable", "to_frame"]
+__all__ = ["QueryResult", "arrow_readable", "in_order", "to_frame"]
 
 
 @dataclass(frozen=True)
@@ -157,10 +157,34 @@ def _from_arrow(dtype: Any, values: Any) -> Any:
     return dtype.__from_arrow__(values)
 
 
-def to_frame(result: QueryResult, json_columns: frozenset[str] = frozenset()) -> pd.DataFrame:
-    """A DataFrame of ``result``; ``json_columns`` are parsed into Python objects."""
+def in_order(result: QueryResult, keys: Sequence[str]) -> QueryResult:
+    """``result`` with its rows sorted by ``keys`` (ascending, stable; no key is NULL)."""
+    if not keys:
+        return result
+    if result.table is not None:
+        import pyarrow.compute as pc
+
+        order = pc.sort_indices(result.table, sort_keys=[(key, "ascending") for key in keys])
+        return QueryResult(result.columns, result.types, table=result.table.take(order))
+    import numpy as np
+
+    values = [np.ma.getdata(result.data[key]).tolist() for key in keys]
+    rows = sorted(range(len(values[0])), key=lambda i: tuple(column[i] for column in values))
+    data = {name: column[rows] for name, column in result.data.items()}
+    return QueryResult(result.columns, result.types, data=data)
+
+
+def to_frame(
+    result: QueryResult,
+    json_columns: frozenset[str] = frozenset(),
+    order_by: Sequence[str] = (),
+) -> pd.DataFrame:
+    """A DataFrame of ``result``; ``json_columns`` are parsed into Python objects, and
+    the rows are put in order by ``order_by`` (see ``in_order``)."""
     import numpy as np
     import pandas as pd
+
+    result = in_order(result, order_by)
 
     parse: Callable[[str], Any] = json.loads
     arrow = result.table is not None

@@ -278,7 +278,7 @@ class PostgresStore(SqlStore[PgLease]):
         query = QUERIES[name]
         bound = query.bind(params)
         result = self._mirror().run(query.sql, bound, session_id=params.get("session_id"))
-        return to_frame(result, query.json_columns)
+        return to_frame(result, query.json_columns, query.order_by)
 
     def _select(
         self, query: str, params: Sequence[Any] | Mapping[str, Any] | None, *, allow_files: bool

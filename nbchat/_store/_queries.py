@@ -38,6 +38,10 @@ class NamedQuery:
     # microseconds, both included): a backend that keeps the counters passes the
     # session's (m008); the others leave them open (NULL), which reads the same rows.
     session_times: bool = False
+    # Columns its rows are put in order by after the fetch (ascending, none NULL), for a
+    # query whose SQL has no ORDER BY: DuckDB sorting 10k session rows with their text
+    # took ~7 ms of sessions()' ~17, where ordering the fetched columns takes ~1.
+    order_by: tuple[str, ...] = ()
 
     def bind(self, values: Mapping[str, Any]) -> list[Any]:
         """The placeholder values, from ``values`` by name (a missing one is ``None``)."""
@@ -75,7 +79,6 @@ _SESSIONS = """
            system_prompt, parent_id, notebook, metadata
     FROM _session_counts
     WHERE created_at IS NOT NULL
-    ORDER BY created_at, session_id
 """
 
 # Ids are random, so every stretch of the table holds every id and DuckDB reads the whole
@@ -292,7 +295,9 @@ _TOOL_STATS = f"""
 """
 
 QUERIES: dict[str, NamedQuery] = {
-    "sessions": NamedQuery(_SESSIONS, json_columns=frozenset({"metadata"})),
+    "sessions": NamedQuery(
+        _SESSIONS, json_columns=frozenset({"metadata"}), order_by=("created_at", "id")
+    ),
     "transcript": NamedQuery(
         _TRANSCRIPT,
         ("session_id", "first_us", "last_us", "include_compacted", "include_superseded"),
