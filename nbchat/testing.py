@@ -83,6 +83,14 @@ _FINGERPRINT = "fp_nbchat_fake"
 class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    def __repr_args__(self) -> Any:
+        # Only what differs from the defaults: ``enqueue()`` returns its Reply, and as a
+        # cell's last line the full repr of twenty fields buried what was scripted.
+        fields = type(self).model_fields
+        for name, value in super().__repr_args__():
+            if name not in fields or value != fields[name].get_default(call_default_factory=True):
+                yield name, value
+
 
 class ToolCallSpec(_Spec):
     """One tool call in a scripted reply.

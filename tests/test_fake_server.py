@@ -697,3 +697,15 @@ def test_model_info_props_and_azure_paths() -> None:
         ]
     with FakeOpenAIServer() as srv, httpx.Client() as h:
         assert h.get(f"{srv.url.removesuffix('/v1')}/props").status_code == 404
+
+
+def test_a_scripted_reply_shows_only_what_was_scripted() -> None:
+    """enqueue() returns its Reply, often as a cell's last line: its repr names the
+    fields given, not the twenty defaults."""
+    with FakeOpenAIServer() as fake:
+        reply = fake.enqueue("hello", chunk_size=2)
+        assert repr(reply) == "Reply(text='hello', chunk_size=2)"
+        error = fake.enqueue_error(429, retry_after=1)
+        assert "chunk_size" not in repr(error) and "retry_after=1" in repr(error)
+    call = Reply(tool_calls=[{"name": "f", "arguments": {"x": 1}}])
+    assert repr(call) == "Reply(tool_calls=[ToolCallSpec(name='f', arguments={'x': 1})])"
