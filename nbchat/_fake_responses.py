@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import itertools
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from .testing import Reply
+from ._fake_script import Reply, dumps, split_text, with_usage
 
 __all__ = [
     "ENCRYPTED_REASONING",
@@ -166,9 +165,7 @@ def _head(body: dict[str, Any], number: int) -> dict[str, Any]:
 
 
 def _with_usage(obj: dict[str, Any], reply: Reply, usage: Any) -> bytes:
-    from . import testing
-
-    return testing._with_usage(testing._dumps(obj), reply, usage)
+    return with_usage(dumps(obj), reply, usage)
 
 
 def response_object(
@@ -186,12 +183,10 @@ def response_stream(
     reply: Reply, body: dict[str, Any], number: int, calls: list[tuple[str, str, str]], usage: Any
 ) -> list[bytes]:
     """Every SSE event of a streamed reply, encoded (``event:`` and ``data:`` lines)."""
-    from .testing import _dumps, _split
-
     seq = itertools.count()
 
     def ev(kind: str, **fields: Any) -> bytes:
-        data = _dumps({"type": kind, "sequence_number": next(seq), **fields})
+        data = dumps({"type": kind, "sequence_number": next(seq), **fields})
         return b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n"
 
     head = _head(body, number)
@@ -209,7 +204,7 @@ def response_stream(
             events.append(
                 ev("response.reasoning_summary_part.added", **at, summary_index=0, part=part)
             )
-            for p in _split(text, pieces):
+            for p in split_text(text, pieces):
                 events.append(
                     ev("response.reasoning_summary_text.delta", **at, summary_index=0, delta=p)
                 )
@@ -237,7 +232,7 @@ def response_stream(
         else:
             opened = {**item, "status": "in_progress", "arguments": ""}
             events.append(ev("response.output_item.added", output_index=index, item=opened))
-            for p in _split(item["arguments"], pieces):
+            for p in split_text(item["arguments"], pieces):
                 events.append(ev("response.function_call_arguments.delta", **at, delta=p))
             events.append(
                 ev("response.function_call_arguments.done", **at, arguments=item["arguments"])
@@ -258,7 +253,7 @@ def response_stream(
     final.pop("usage")
     kind = "response.completed" if status == "completed" else "response.incomplete"
     response = _with_usage(final, reply, _usage(reply, usage))
-    prefix = _dumps({"type": kind, "sequence_number": next(seq)})[:-1]
+    prefix = dumps({"type": kind, "sequence_number": next(seq)})[:-1]
     events.append(
         b"event: " + kind.encode() + b"\ndata: " + prefix + b',"response":' + response + b"}\n\n"
     )
