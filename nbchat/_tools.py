@@ -30,10 +30,7 @@ import contextlib
 import contextvars
 import copy
 import ctypes
-import dataclasses
-import functools
 import inspect
-import itertools
 import json
 import re
 import threading
@@ -42,13 +39,28 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Annotated, Any, overload
 
-import pydantic_core
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model
+from pydantic import ConfigDict, Field, ValidationError, create_model
 from pydantic.fields import FieldInfo
 from pydantic.json_schema import PydanticJsonSchemaWarning
 
 from ._exceptions import ToolDefinitionError
-from ._text import valid_text
+from ._tool_results import (
+    DEFAULT_MAX_RESULT_CHARS,
+    CallError,
+    describe_exception,
+    error_payload,
+    images_of,
+    serialise_result,
+    truncate,
+)
+from ._tool_schema import (
+    Param,
+    callable_doc,
+    callable_name,
+    parse_docstring,
+    tidy_schema,
+    undescribable,
+)
 from ._types import ImagePart, ToolCall, ToolCallRecord
 
 __all__ = [
@@ -61,119 +73,10 @@ __all__ = [
     "tool",
 ]
 
-DEFAULT_MAX_RESULT_CHARS = 8000
-"""Results longer than this many characters are cut (with a marker) before the model sees them."""
-
-_HEAD_ROWS = 10
 _NAME_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 INVALID_TOOL_NAME = "invalid_tool_name"
 """What a tool call whose name OpenAI would refuse is renamed to in the history."""
 _ARGS_CONFIG = ConfigDict(extra="forbid")
-# Keys whose values are maps of names to schemas: a property may well be called "title".
-_SCHEMA_MAPS = frozenset({"properties", "$defs", "definitions", "patternProperties"})
-# Keys whose values are data, not schemas: leave them exactly as they are.
-_DATA_KEYS = frozenset({"default", "enum", "const", "examples"})
-
-
-# --------------------------------------------------------------------------- docstrings
-
-_GOOGLE_HEADER = re.compile(r"^\s*(Args|Arguments|Parameters|Params|Keyword Args):\s*$")
-_GOOGLE_ITEM = re.compile(r"^\s*\**(\w+)\s*(?:\([^)]*\))?\s*:\s*(.*)$")
-_SPHINX_PARAM = re.compile(r"^\s*:param\s+(?:[^:]*\s)?\**(\w+)\s*:\s*(.*)$")
-_SECTION_START = re.compile(r"^\s*(:\w+|[A-Z][\w ]*:\s*$)")
-
-
-def _indent(line: str) -> int:
-    return len(line) - len(line.lstrip())
-
-
-def _parse_docstring(doc: str | None) -> tuple[str, dict[str, str]]:
-    """The first paragraph of a docstring, and its Google- or Sphinx-style parameter docs."""
-    lines = inspect.cleandoc(doc or "").splitlines()
-    summary = itertools.takewhile(lambda ln: ln.strip() and not _SECTION_START.match(ln), lines)
-    params: dict[str, str] = {}
-    current, current_indent = "", 0  # the parameter whose description is being read
-    section: int | None = None  # indentation of the open "Args:" header
-    for line in lines:
-        if not line.strip():
-            continue
-        indent = _indent(line)
-        if current and indent > current_indent:  # a continuation line
-            params[current] = f"{params[current]} {line.strip()}".strip()
-            continue
-        current = ""
-        if _GOOGLE_HEADER.match(line):
-            section = indent
-        elif section is not None and indent <= section:
-            section = None
-        if (m := _SPHINX_PARAM.match(line)) or (
-            section is not None and indent > section and (m := _GOOGLE_ITEM.match(line))
-        ):
-            current, current_indent = m.group(1), indent
-            params[current] = m.group(2).strip()
-    return " ".join(ln.strip() for ln in summary), {k: v for k, v in params.items() if v}
-
-
-# --------------------------------------------------------------------------- schema
-
-
-def _tidy(schema: Any) -> Any:
-    """The schema without pydantic's generated ``title`` keys (noise for a model)."""
-    if isinstance(schema, list):
-        return [_tidy(item) for item in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out: dict[str, Any] = {}
-    for key, value in schema.items():
-        if key == "title" and isinstance(value, str):
-            continue
-        if key in _SCHEMA_MAPS and isinstance(value, dict):
-            out[key] = {name: _tidy(sub) for name, sub in value.items()}
-        elif key in _DATA_KEYS:
-            out[key] = value
-        else:
-            out[key] = _tidy(value)
-    return out
-
-
-def _callable_name(fn: Callable[..., Any]) -> str:
-    target = fn.func if isinstance(fn, functools.partial) else fn
-    name = getattr(target, "__name__", None)
-    return name if isinstance(name, str) else type(target).__name__
-
-
-def _callable_doc(fn: Callable[..., Any]) -> str | None:
-    target = fn.func if isinstance(fn, functools.partial) else fn
-    if inspect.isroutine(target) or inspect.isclass(target):
-        return inspect.getdoc(target)
-    # A callable instance: its class's own docstring, not one inherited from `object`.
-    doc = type(target).__dict__.get("__doc__") or inspect.getdoc(type(target).__call__)
-    return doc if isinstance(doc, str) else None
-
-
-@dataclasses.dataclass(frozen=True)
-class _Param:
-    field: str  # the field name in the arguments model (the parameter name is its alias)
-    name: str
-    positional_only: bool
-    always_pass: bool  # the signature's default is a pydantic Field(): never let it through
-
-
-def _blame(name: str, sig: inspect.Signature) -> str:
-    """Which parameter pydantic cannot describe, for the error message."""
-    for p in sig.parameters.values():
-        ann = Any if p.annotation is p.empty else p.annotation
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", PydanticJsonSchemaWarning)
-                TypeAdapter(ann).json_schema()
-        except Exception:
-            return (
-                f"tool {name!r}: parameter {p.name!r} has type {ann!r}, which cannot be "
-                "described as JSON schema; use JSON-like types (str, int, float, bool, list, "
-                "dict, Literal, Enum) or a pydantic model"
-            )
-    return f"tool {name!r}: its parameters cannot be described as JSON schema"
 
 
 # --------------------------------------------------------------------------- Tool
@@ -204,15 +107,6 @@ def valid_tool_name(name: str) -> bool:
     return bool(_NAME_RE.match(name))
 
 
-class _CallError(ValueError):
-    """A call failed in a way the model should hear about (never leaves this module)."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
-
-
 class Tool:
     """A Python callable described to the model: a name, a description and a JSON schema.
 
@@ -234,7 +128,7 @@ class Tool:
     ) -> None:
         if not callable(fn):
             raise ToolDefinitionError(f"a tool must be a callable, got {type(fn).__name__}")
-        name = name if name is not None else _callable_name(fn)
+        name = name if name is not None else callable_name(fn)
         if not _NAME_RE.match(name):
             raise ToolDefinitionError(
                 f"tool name {name!r} is not allowed: use 1-64 letters, digits, '_' or '-' "
@@ -251,7 +145,7 @@ class Tool:
                 f"cannot read the signature of tool {name!r}: {type(exc).__name__}: {exc}"
             ) from exc
 
-        summary, param_docs = _parse_docstring(_callable_doc(fn))
+        summary, param_docs = parse_docstring(callable_doc(fn))
         fields: dict[str, Any] = {}
         for i, p in enumerate(sig.parameters.values()):
             if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
@@ -269,11 +163,11 @@ class Tool:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", PydanticJsonSchemaWarning)
                 model = create_model("Arguments", __config__=_ARGS_CONFIG, **fields)
-                schema = _tidy(model.model_json_schema())
+                schema = tidy_schema(model.model_json_schema())
         except Exception as exc:
-            raise ToolDefinitionError(_blame(name, sig)) from exc
+            raise ToolDefinitionError(undescribable(name, sig)) from exc
         params = [
-            _Param(
+            Param(
                 field=field,
                 name=p.name,
                 positional_only=p.kind is p.POSITIONAL_ONLY,
@@ -300,7 +194,7 @@ class Tool:
         )
         self._model = model
         self._params = params
-        self.__doc__ = _callable_doc(fn)
+        self.__doc__ = callable_doc(fn)
         self.__wrapped__ = fn  # so inspect.signature(tool) shows the function's signature
 
     def openai_schema(self) -> dict[str, Any]:
@@ -326,7 +220,7 @@ class Tool:
         try:
             data = json.loads(text) if text else None
         except json.JSONDecodeError as exc:
-            raise _CallError(
+            raise CallError(
                 "invalid_json",
                 f"arguments are not valid JSON ({exc.msg} at line {exc.lineno} column "
                 f"{exc.colno}); send one JSON object",
@@ -334,14 +228,14 @@ class Tool:
         if data is None:
             data = {}
         if not isinstance(data, dict):
-            raise _CallError(
+            raise CallError(
                 "invalid_arguments",
                 f"arguments must be a JSON object, got {type(data).__name__}: {_short(data)}",
             )
         try:
             validated = self._model.model_validate(data)
         except ValidationError as exc:
-            raise _CallError("invalid_arguments", self._describe(exc)) from None
+            raise CallError("invalid_arguments", self._describe(exc)) from None
 
         given = validated.model_fields_set
         positional: list[tuple[bool, Any]] = []
@@ -480,132 +374,6 @@ def as_tool(obj: Tool | Callable[..., Any]) -> Tool:
     return obj if isinstance(obj, Tool) else Tool(obj)
 
 
-# --------------------------------------------------------------------------- results
-
-
-def error_payload(kind: str, message: str) -> str:
-    """The JSON text a model receives when a tool call fails."""
-    payload = {"ok": False, "error_kind": kind, "message": valid_text(message)}
-    return json.dumps(payload, ensure_ascii=False)
-
-
-def _truncate(text: str, max_chars: int | None) -> str:
-    if max_chars is None or len(text) <= max_chars:
-        return text
-    keep = max(max_chars, 0)
-    return f"{text[:keep]}\n... [truncated: {keep} of {len(text)} characters shown]"
-
-
-def _describe_exception(exc: BaseException) -> str:
-    """``Type: message`` of an exception, even when its ``str()`` itself raises."""
-    try:
-        text = str(exc)
-    except BaseException:
-        text = ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def _safe_repr(value: Any) -> str:
-    # BaseException too: a __repr__ raising SystemExit or KeyboardInterrupt inside a tool's
-    # task would otherwise stop nbchat's event loop.
-    try:
-        return repr(value)
-    except BaseException as exc:
-        return f"<{type(value).__name__} object; repr() failed: {type(exc).__name__}>"
-
-
-def _pandas_text(value: Any) -> str | None:
-    import pandas as pd  # only reached for pandas objects, so pandas is already loaded
-
-    if isinstance(value, pd.DataFrame | pd.Series):
-        kind = type(value).__name__
-        named = isinstance(value, pd.Series) and value.name is not None
-        label = f" {value.name!r}" if named else ""
-        first = f" (first {_HEAD_ROWS} rows)" if len(value) > _HEAD_ROWS else ""
-        head = value.head(_HEAD_ROWS).to_string()
-        return f"{kind}{label} with shape {value.shape}{first}:\n{head}"
-    return None
-
-
-def _json_fallback(value: Any) -> Any:
-    module = type(value).__module__
-    if module.startswith("numpy") and hasattr(value, "tolist"):
-        return value.tolist()
-    if module.startswith("pandas") and (text := _pandas_text(value)) is not None:
-        return text
-    return _safe_repr(value)
-
-
-def _to_text(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    module = type(value).__module__
-    if isinstance(value, BaseModel):
-        try:
-            return value.model_dump_json()
-        except BaseException:
-            return _safe_repr(value)
-    if module.startswith("pandas") and (text := _pandas_text(value)) is not None:
-        return text
-    jsonable = (
-        value is None
-        or isinstance(value, bool | int | float | dict | list | tuple | set | frozenset)
-        or (module.startswith("numpy") and hasattr(value, "tolist"))
-        or (dataclasses.is_dataclass(value) and not isinstance(value, type))
-    )
-    if jsonable:
-        try:
-            return pydantic_core.to_json(value, fallback=_json_fallback).decode()
-        except BaseException:  # circular references, lone surrogates, hostile reprs...
-            pass
-        try:  # the standard library's encoder takes lone surrogates (made valid later)
-            return json.dumps(value, ensure_ascii=False, default=_json_fallback)
-        except BaseException:
-            return _safe_repr(value)
-    return _safe_repr(value)
-
-
-def _images_of(value: Any) -> tuple[Any, list[ImagePart]]:
-    """What the model reads as text, and the images a tool returned (an image, or a list
-    mixing text and images); a figure that cannot be drawn is the tool's error."""
-    from ._images import MAX_TOOL_IMAGES, is_image, to_image
-
-    items = list(value) if isinstance(value, list | tuple) else [value]
-    pictures = [item for item in items if is_image(item)]
-    if not pictures:
-        return value, []
-    try:
-        images = [part for item in pictures[:MAX_TOOL_IMAGES] if (part := to_image(item))]
-    except Exception as exc:
-        raise _CallError("tool_error", f"its image could not be converted: {exc}") from None
-    texts = [item if isinstance(item, str) else serialise_result(item) for item in items
-             if not is_image(item)]  # fmt: skip
-    labels = ", ".join(image.label for image in images)
-    which = "the images follow" if len(images) > 1 else "the image follows"
-    note = f"(Returned {labels}; {which} in the next message.)"
-    if len(pictures) > len(images):
-        note += (
-            f" {len(pictures) - len(images)} more images were not sent (at most {MAX_TOOL_IMAGES})."
-        )
-    return "\n\n".join([*texts, note]), images
-
-
-def serialise_result(value: Any, max_chars: int | None = DEFAULT_MAX_RESULT_CHARS) -> str:
-    """A tool's return value as the text the model reads, cut past ``max_chars``.
-
-    ``str`` as is; pydantic models, dicts, lists, numbers, ``None`` as JSON (``repr`` for
-    what JSON cannot hold); DataFrames and Series as shape plus the first rows; others
-    ``repr``. A cut result ends with ``... [truncated: N of M characters shown]``.
-    Never raises.
-    """
-    try:
-        text = _to_text(value)
-    except BaseException:  # e.g. a DataFrame subclass whose to_string() fails, or exits
-        text = _safe_repr(value)
-    # Text from the file system may hold lone surrogates; made valid once, here.
-    return _truncate(valid_text(text), max_chars)
-
-
 # --------------------------------------------------------------------------- ToolSet
 
 
@@ -709,31 +477,31 @@ class ToolSet:
             t = None if bad_name is not None else self._tools.get(call.name)
             if bad_name is not None:
                 available = ", ".join(self._tools) or "none"
-                raise _CallError(
+                raise CallError(
                     "invalid_tool_call",
                     f"this tool call's name {bad_name!r} is not a tool name; call one of: "
                     f"{available}",
                 )
             if t is None:
                 available = ", ".join(self._tools) or "none"
-                raise _CallError(
+                raise CallError(
                     "unknown_tool", f"unknown tool {call.name!r}; available tools: {available}"
                 )
             try:
                 value = await t.invoke(call.arguments)
-            except (_CallError, asyncio.CancelledError, GeneratorExit):
+            except (CallError, asyncio.CancelledError, GeneratorExit):
                 raise
             except KeyboardInterrupt:
-                raise _CallError(
+                raise CallError(
                     "interrupted", "KeyboardInterrupt: the tool was interrupted"
                 ) from None
             except BaseException as exc:  # SystemExit from argparse-style code, and the rest
-                raise _CallError("tool_error", _describe_exception(exc)) from None
-            value, images = _images_of(value)
+                raise CallError("tool_error", describe_exception(exc)) from None
+            value, images = images_of(value)
             result = serialise_result(value, self.max_result_chars)
-        except _CallError as err:
+        except CallError as err:
             error_kind = err.kind
-            result = error_payload(err.kind, _truncate(err.message, self.max_result_chars))
+            result = error_payload(err.kind, truncate(err.message, self.max_result_chars))
         finally:
             _waiting.reset(token)
         return ToolCallRecord(
