@@ -30,7 +30,7 @@ from typing import Any
 import nbchat
 from bench._common import figure
 from nbchat import Message, Session
-from nbchat._compaction import TokenEstimator
+from nbchat._history import TokenEstimator
 from nbchat.testing import FakeOpenAIServer, Reply, estimate_prompt_tokens
 
 TURNS = 200

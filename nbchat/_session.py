@@ -15,15 +15,10 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from ._client import DEFAULT_STALL_TIMEOUT, ModelClient
-from ._compaction import (
-    CompactionStrategy,
-    Compactor,
-    TokenEstimator,
-    live_order,
-    resolve_strategy,
-)
+from ._compaction import CompactionStrategy, Compactor, resolve_strategy
 from ._config import Secret, get_defaults, resolve_client, set_defaults, whoami
 from ._exceptions import SessionPendingError
+from ._history import TokenEstimator, live_order
 from ._limits import Budgets, Guardrail, stored_usage
 from ._output import OutputMode, OutputSpec
 from ._runner import TurnRunner

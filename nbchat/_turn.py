@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from ._client import ModelClient, RoundFolder, truncation_notice
-from ._compaction import Compactor, TokenEstimator, is_context_overflow
+from ._compaction import Compactor
 from ._exceptions import GuardrailRejected, ModelAPIError
+from ._history import TokenEstimator, is_context_overflow
 from ._limits import Budgets, Guardrail, Projection, apply_guardrails
 from ._output import FINAL_ANSWER_TOOL, OutputMode, OutputSpec, Parsed
 from ._runner import TurnRunner

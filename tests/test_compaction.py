@@ -11,10 +11,9 @@ import pytest
 
 import nbchat
 from nbchat import ConfigError, Message, Session, ToolCall
-from nbchat._compaction import (
-    Compaction,
-    CompactionContext,
-    CompactionStrategy,
+from nbchat._compaction import Compaction, CompactionContext, CompactionStrategy
+from nbchat._exceptions import ModelAPIError
+from nbchat._history import (
     TokenEstimator,
     is_context_overflow,
     live_order,
@@ -22,7 +21,6 @@ from nbchat._compaction import (
     validate_history,
     window_from_error,
 )
-from nbchat._exceptions import ModelAPIError
 from nbchat._store import Store
 from nbchat._summary import SUMMARY_HEADER
 from nbchat.testing import (

@@ -17,7 +17,7 @@ import pytest
 
 import nbchat
 from nbchat import AttachmentError, Image, ImagePart, Session
-from nbchat._compaction import CHARS_PER_TOKEN, message_chars
+from nbchat._history import CHARS_PER_TOKEN, message_chars
 from nbchat._images import attach, to_image
 from nbchat._render import TurnView, history_views, thumbnails_html
 from nbchat._store import Store
