@@ -44,7 +44,8 @@ def export_session(
     with open_store(db) as store:
         session = store.load_session(session_id)
     if format == "openai":
-        wire = [m.to_openai() for m in _messages(session)]
+        # Reasoning in the field DeepSeek and vLLM use, which import_session reads back.
+        wire = [m.to_openai(reasoning_field="reasoning_content") for m in _messages(session)]
         return json.dumps(wire, indent=2, ensure_ascii=False)
     return _markdown(session)
 
@@ -56,6 +57,16 @@ def _fence(text: str, language: str = "") -> str:
     return f"{fence}{language}\n{text}\n{fence}"
 
 
+def _code(text: str) -> str:
+    """``text`` as inline code on one line: an id or a name (a model's, so untrusted)
+    cannot end the code span early and leave HTML outside it."""
+    flat = " ".join(text.split())
+    longest = max((len(run) for run in re.findall(r"`+", flat)), default=0)
+    ticks = "`" * (longest + 1)
+    pad = " " if flat.startswith("`") or flat.endswith("`") else ""
+    return f"{ticks}{pad}{flat}{pad}{ticks}"
+
+
 def _pretty_json(text: str) -> tuple[str, str]:
     try:
         return json.dumps(json.loads(text), indent=2, ensure_ascii=False), "json"
@@ -64,28 +75,34 @@ def _pretty_json(text: str) -> tuple[str, str]:
 
 
 def _markdown(session: StoredSession) -> str:
-    lines = [f"# {session.title or f'Session {session.id}'}", ""]
-    lines.append(f"- session: `{session.id}`")
+    # The title comes from the user's first message: one line, its HTML shown as text.
+    title = " ".join((session.title or f"Session {session.id}").split())
+    lines = [f"# {safe_markdown(title)}", ""]
+    lines.append(f"- session: {_code(session.id)}")
     if session.model:
-        lines.append(f"- model: `{session.model}`")
+        lines.append(f"- model: {_code(session.model)}")
     lines.append(f"- created: {session.created_at.isoformat(timespec='seconds')}")
     lines.append("")
     for message in _messages(session):
         content = message.content
         if message.role == "tool":
             name = message.name or "tool"
-            lines.append(f"## Tool result: {name} (`{message.tool_call_id}`)")
+            heading = f"## Tool result: {_code(name)} ({_code(message.tool_call_id or '')})"
+            lines.append(heading)
             body, language = _pretty_json(content or "")
             lines += ["", _fence(body, language), ""]
             continue
         lines += [f"## {message.role.capitalize()}", ""]
+        if message.reasoning:
+            lines += ["<details><summary>Thinking</summary>", ""]
+            lines += [safe_markdown(message.reasoning), "", "</details>", ""]
         if content:
             # Model (and pasted) text: no live HTML, no fetched images, prices not math.
             lines += [safe_markdown(content), ""]
         for image in message.attachments or []:
             lines += [safe_markdown(image.label), ""]
         for call in message.tool_calls or []:
-            lines.append(f"**Tool call** `{call.name}` (`{call.id}`)")
+            lines.append(f"**Tool call** {_code(call.name)} ({_code(call.id)})")
             body, language = _pretty_json(call.arguments or "")
             lines += ["", _fence(body, language), ""]
     return "\n".join(lines).rstrip() + "\n"
@@ -155,6 +172,16 @@ def _tool_calls(raw: Any, where: str) -> list[ToolCall] | None:
     return calls
 
 
+def _reasoning(item: dict[str, Any], where: str) -> str | None:
+    """An assistant message's reasoning, in the field export_session writes it to."""
+    value = item.get("reasoning_content")
+    if value is None or item.get("role") != "assistant":
+        return None
+    if not isinstance(value, str):
+        raise StoreError(f"Cannot import {where}: its reasoning_content must be text.")
+    return value
+
+
 def _parse(data: str | bytes | list[dict[str, Any]] | dict[str, Any]) -> list[Message]:
     if isinstance(data, str | bytes):
         try:
@@ -184,6 +211,7 @@ def _parse(data: str | bytes | list[dict[str, Any]] | dict[str, Any]) -> list[Me
             Message(
                 role=item["role"],
                 content=text,
+                reasoning=_reasoning(item, where),
                 attachments=images,
                 name=item.get("name"),
                 tool_calls=calls,

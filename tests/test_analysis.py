@@ -410,8 +410,46 @@ def test_export_markdown(store: Store) -> None:
     assert "## User\n\nweather?" in md
     assert "**Tool call** `weather` (`call_1`)" in md
     assert '```json\n{\n  "city": "Paris"\n}\n```' in md
-    assert "## Tool result: weather (`call_1`)" in md
+    assert "## Tool result: `weather` (`call_1`)" in md
     assert "## Assistant\n\n21 degrees." in md
+
+
+def test_markdown_export_shows_no_live_html_from_a_title_or_a_models_ids(store_db: str) -> None:
+    """The title is the user's first words and call ids are the model's: in a heading or
+    inline code they must not leave raw HTML behind (a trial found ``# <img onerror=…>``)."""
+    hostile = '<img src="x" onerror="alert(1)">'
+    call_id = f"c` {hostile} `"
+    call = {"id": call_id, "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    messages = [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": call_id, "content": "ok"},
+    ]
+    with Store.open(store_db) as s:
+        sid = import_session(messages, db=s, title=f"{hostile}\n\n# hello")
+        md = export_session(sid, format="markdown", db=s)
+    assert md.splitlines()[0] == '# &lt;img src="x" onerror="alert(1)"> # hello'
+    spans = f"`` {call_id} ``"  # longer fences than the id's own backticks, padded
+    assert f"**Tool call** `f` ({spans})" in md and f"## Tool result: `tool` ({spans})" in md
+    assert "<img" not in md.replace(spans, "")  # only inside its code spans
+
+
+def test_reasoning_is_exported_and_imported_back(store_db: str) -> None:
+    messages = [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4", "reasoning_content": "Add <b>two</b> and two."},
+    ]
+    with Store.open(store_db) as s:
+        sid = import_session(messages, db=s)
+        wire = json.loads(export_session(sid, db=s))
+        md = export_session(sid, format="markdown", db=s)
+        again = transcript(import_session(wire, db=s), db=s)
+    assert wire[1]["reasoning_content"] == "Add <b>two</b> and two."
+    assert "reasoning_content" not in wire[0]
+    assert "<summary>Thinking</summary>\n\nAdd &lt;b>two&lt;/b> and two.\n\n</details>" in md
+    assert pd.isna(again["reasoning"][0]) and again["reasoning"][1] == "Add <b>two</b> and two."
+    with pytest.raises(StoreError, match="reasoning_content must be text"):
+        import_session([{**messages[1], "reasoning_content": 3}], db=store_db)
 
 
 def test_markdown_fences_survive_backticks_in_content(store_db: str) -> None:
