@@ -558,6 +558,10 @@ def history_views(history: Iterable[Message]) -> list[TurnView]:
             view = TurnView()
             views.append(view)
         if m.role == "assistant":
+            if m.reasoning:  # a closed "Thinking" block, as the live turn ended with
+                thought = TextPart(m.round or 0, thinking=True)
+                thought.buffer.append(m.reasoning)
+                view.parts.append(thought)
             if m.content:
                 part = TextPart(m.round or 0)
                 part.buffer.append(m.content)

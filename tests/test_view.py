@@ -236,6 +236,22 @@ def test_stored_turns_use_the_same_layout(fake: FakeOpenAIServer) -> None:
     assert shown.index("First I look.") < shown.index("<details>") < shown.index("Found")
 
 
+def test_a_stored_turn_shows_its_reasoning_closed_before_the_answer(
+    fake: FakeOpenAIServer,
+) -> None:
+    """%chat history and a reopened panel lay a stored turn out as the live one ended:
+    the Thinking block (closed, escaped) before the answer."""
+    fake.enqueue("The answer.", reasoning="I think " + HOSTILE)
+    s = nbchat.Session(model="fake-model", base_url=fake.url, db=False)
+    s.send("go")
+    (view,) = history_views(s.history)
+    shown = view.html()
+    assert_inert(shown)
+    assert '<details class="nbchat-thinking"><summary>' in shown  # closed: no "open"
+    assert shown.index("I think") < shown.index("The answer.")
+    assert "I think" in view.markdown() and view.text == "The answer."
+
+
 # Markdown that tries to make the escaper think raw HTML is code (or a link is safe).
 TRICKY = [
     "<img src=x onerror=alert(1)>",
