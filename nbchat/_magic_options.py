@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import shlex
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar, get_args, get_origin
 
 from IPython.core.error import UsageError
 from pydantic import (
@@ -148,6 +148,12 @@ def _is_switch(model: type[BaseModel], name: str) -> bool:
     return model.model_fields[name].annotation is bool
 
 
+def _is_list(model: type[BaseModel], name: str) -> bool:
+    """A field of several names (``--attach a,b``), which a repeated flag adds to."""
+    kinds = get_args(model.model_fields[name].annotation) or (model.model_fields[name].annotation,)
+    return any(get_origin(kind) is list for kind in kinds)
+
+
 def parse_options(model: type[M], line: str, magic: str = "%%chat") -> M:
     """Parse a magic line (shell-like quoting) into ``model``; ``UsageError`` on bad input."""
     try:
@@ -180,6 +186,10 @@ def parse_options(model: type[M], line: str, magic: str = "%%chat") -> M:
                     raise UsageError(f"{magic}: {flag} needs a value")
                 value = words[i]
                 i += 1
+            if name in raw and _is_list(model, name):
+                value = f"{raw[name]},{value}"  # --attach a --attach b: both
+            elif name in raw:
+                raise UsageError(f"{magic}: {flag} is given twice; give it once")
             raw[name] = value
         given[name] = flag
     try:

@@ -253,15 +253,20 @@ class ChatMagics(Subcommands, Magics):
             text += "\n\n" + self._context(opts.context, max_chars)
         if opts.format is not None and not opts.fix:
             text += "\n\n" + FORMAT_INSTRUCTIONS[opts.format]
-        return text, self._attachments(opts.attach or [], images)
+        texts, parts = self._attachments(opts.attach or [], images)
+        return "\n\n".join([text, *texts]), parts
 
-    def _attachments(self, names: list[str], placeholders: list[tuple[str, Any]]) -> list[Any]:
+    def _attachments(
+        self, names: list[str], placeholders: list[tuple[str, Any]]
+    ) -> tuple[list[str], list[Any]]:
         """``--attach`` entries (notebook values by name, else file paths) and the images
-        of ``{placeholders}``, as parts: a bad one is refused before anything is sent."""
+        of ``{placeholders}``: the text files' text to inline, and the image parts. A bad
+        one is refused before anything is sent."""
         from ._exceptions import AttachmentError
         from ._images import attach, to_image
         from ._magic_options import MISSING, resolve
 
+        texts: list[str] = []
         parts: list[Any] = []
         try:
             for name in names:
@@ -274,7 +279,8 @@ class ChatMagics(Subcommands, Magics):
                             "and no such file"
                         )
                     attached = attach([path])
-                    parts += [*attached.texts, *attached.images]
+                    texts += attached.texts
+                    parts += attached.images
                     continue
                 image = to_image(value, name=name)
                 if image is None:
@@ -286,7 +292,7 @@ class ChatMagics(Subcommands, Magics):
             parts += [to_image(value, name=name) for name, value in placeholders]
         except AttachmentError as exc:
             raise UsageError(f"%%chat: {exc}") from None
-        return parts
+        return texts, parts
 
     def _context(self, names: list[str], max_chars: int) -> str:
         """The ``--context`` values, each under its name; an unknown name is refused."""

@@ -91,6 +91,24 @@ def test_a_bad_attachment_is_one_clear_error(kernel: Kernel, fake: FakeOpenAISer
     assert fake.requests == []
 
 
+def test_attach_inlines_a_text_file_beside_a_figure(
+    kernel: Kernel, fake: FakeOpenAIServer, tmp_path: Path
+) -> None:
+    """A text file is inlined under its name, as the README says (a trial found it read
+    as a file path a second time: "Cannot read the attachment Attached file …")."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello text file\n")
+    fake.enqueue("Noted.")
+    run = kernel.execute(f"%%chat --attach {notes} --attach fig\nDescribe both.")
+    assert run.status == "ok", run.reply
+    content = user_content(fake.requests[0])
+    text = content[0]["text"]
+    assert text.startswith("Describe both.\n\n") and "notes.txt" in text
+    assert "hello text file" in text
+    assert len(pngs(content)) == 1
+    assert "Noted." in run.displays()[-1]["data"]["text/html"]
+
+
 def test_the_python_tool_shows_the_plot_and_sends_it_to_the_model(
     kernel: Kernel, fake: FakeOpenAIServer
 ) -> None:

@@ -113,6 +113,13 @@ def test_magic_line_parses_into_one_model_with_shell_quoting() -> None:
     assert parse_options(ChatOptions, "").tools is None
 
 
+def test_a_repeated_list_option_adds_to_it_and_a_repeated_value_is_refused() -> None:
+    opts = parse_options(ChatOptions, "--attach notes.txt --attach fig,fig2 --tag a --tag b")
+    assert (opts.attach, opts.tag) == (["notes.txt", "fig", "fig2"], ["a", "b"])
+    with pytest.raises(UsageError, match="-m is given twice; give it once"):
+        parse_options(ChatOptions, "--model a -m b")
+
+
 @pytest.mark.parametrize(
     ("line", "message"),
     [
