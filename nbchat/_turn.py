@@ -418,6 +418,24 @@ class TurnLoop:
                 status_code=error.status_code,
             )
         )
+        refused = error.status_code in _REFUSED_AS_SENT
+        if refused and not any(m.role == "assistant" for m in turn.messages):
+            yield from self._withdraw(turn)
+
+    def _withdraw(self, turn: _Turn) -> Iterable[Event]:
+        """A turn the server refused as sent, before any answer, leaves the conversation
+        (stored, marked superseded), as a rejected input does: what it refused (an image a
+        text-only model cannot read) would fail every later turn that sent it again."""
+        ids = {m.id for m in turn.messages if m.state == "active"}
+        if not ids:
+            return
+        self._messages = [m for m in self._messages if m.id not in ids]
+        for m in turn.messages:
+            if m.id in ids:
+                m.state = "superseded"
+        yield self._emit(
+            MessagesMarked(session_id=self.id, message_ids=sorted(ids), state="superseded")
+        )
 
     def _take_reply(self, turn: _Turn, folder: RoundFolder, final: bool) -> Iterable[Event]:
         """Judge the reply, add it to the history; its tool calls are what runs next."""
@@ -819,6 +837,12 @@ class TurnLoop:
             reasoning="".join(m.reasoning or "" for m in turn.messages if m.role == "assistant"),
         )
         return self._emit(TurnFinished(session_id=self.id, turn_id=turn.turn_id, result=result))
+
+
+# Statuses that say the request itself cannot be served, however often it is sent: a
+# bad request, too large, an unsupported media type, unprocessable. (429, 5xx, 401, 404
+# and timeouts are not: the same message may well go through later, so it stays.)
+_REFUSED_AS_SENT = frozenset({400, 413, 415, 422})
 
 
 def _fault(turn: _Turn, exc: Exception) -> str:

@@ -226,6 +226,28 @@ def test_a_bad_attachment_fails_before_anything_is_sent(fake: FakeOpenAIServer) 
     assert fake.requests == [] and s.history == []
 
 
+def test_an_image_the_server_refuses_does_not_fail_every_later_turn(
+    fake: FakeOpenAIServer, store_db: str
+) -> None:
+    """A trial on the embedded text-only model: the refused image stayed in the history and
+    every later cell failed with the same 500. A turn refused as sent (400/413/415/422)
+    before any answer leaves the conversation; it stays in the store, marked superseded."""
+    fake.enqueue_error(400, "image input is not supported", should_retry=False)
+    fake.enqueue("Hi!")
+    s = make(fake, db=store_db)
+    failed = s.send("What is wrong with this plot?", attachments=[png()])
+    assert failed.status == "error" and "image input is not supported" in (failed.error or "")
+    assert s.send("Say hi.").text == "Hi!"
+    sent = fake.requests[1]["messages"]
+    assert [m["role"] for m in sent] == ["user"] and sent[0]["content"] == "Say hi."
+    assert [m.content for m in s.history] == ["Say hi.", "Hi!"]
+    stored = nbchat.transcript(s.id, db=store_db, include_superseded=True)
+    assert list(stored["state"]) == ["superseded", "active", "active"]
+    assert list(nbchat.turns(db=store_db)["status"]) == ["error", "completed"]
+    resumed = nbchat.Session(session_id=s.id, db=store_db, base_url=fake.url, api_key="k")
+    assert [m.content for m in resumed.history] == ["Say hi.", "Hi!"]
+
+
 def test_images_go_over_the_responses_api_as_input_images(fake: FakeOpenAIServer) -> None:
     fake.enqueue("grey")
     make(fake, api="responses").send("colour?", attachments=[png()])
