@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 from pydantic import BaseModel
 
@@ -45,8 +45,10 @@ def extract(
     ``values`` is a pandas Series (its index is kept) or any iterable; each value is sent
     as text, alone, with ``instructions`` as the system prompt. The columns are the
     fields of ``output_type`` (a pydantic model or dataclass; other types give one
-    ``output`` column), then ``status`` (``completed``, ``error``, ``budget_exceeded``,
-    ``not_run``, ...) and ``error``. ``budget_usd`` caps the whole run: once a request
+    ``output`` column; whole-number and yes/no fields as pandas' nullable ``Int64`` and
+    ``boolean``), then ``status`` (``completed``, ``error``, ``budget_exceeded``,
+    ``not_run``, ``skipped`` for a missing or blank value, which is not sent) and
+    ``error`` (``None`` when there is none). ``budget_usd`` caps the whole run: once a request
     would cross it, no further value is sent. The other keyword arguments are
     ``Session``'s (model, base_url, db, ...); the run is one stored session, whose id is
     in the frame's ``attrs["session_id"]``.
@@ -54,7 +56,10 @@ def extract(
     import pandas as pd
 
     index = values.index if isinstance(values, pd.Series) else None
-    texts = ["" if v is None else str(v) for v in values]
+    items = list(values)
+    # A missing or blank value has nothing to extract from: it is not sent (not paid for).
+    sent = [i for i, v in enumerate(items) if not _missing(v)]
+    texts = [str(items[i]) for i in sent]
     session_options.setdefault("title", f"extract {getattr(output_type, '__name__', 'answer')}")
     session = Session(
         system=instructions or DEFAULT_INSTRUCTIONS, budget_usd=budget_usd, **session_options
@@ -71,10 +76,49 @@ def extract(
         if bar is not None:
             bar.close()
     stop = _stop_reason(results)
-    rows = [_row(result, output_type, stop) for result in results]
+    by_item = dict(zip(sent, results, strict=True))
+    rows = [
+        _row(by_item[i], output_type, stop) if i in by_item else _skipped(output_type)
+        for i in range(len(items))
+    ]
     frame = pd.DataFrame(rows, index=index)
+    for name, dtype in _dtypes(output_type).items():
+        frame[name] = frame[name].astype(dtype)  # an int field stays whole with gaps
+    frame["error"] = frame["error"].astype(object).where(frame["error"].notna(), None)
     frame.attrs["session_id"] = session.id
     return frame
+
+
+def _missing(value: Any) -> bool:
+    """None, NaN, NA, NaT, or text that is only white space."""
+    import pandas as pd
+
+    if isinstance(value, str):
+        return not value.strip()
+    try:
+        return bool(pd.isna(value))
+    except (TypeError, ValueError):  # a list or array: a value, however odd
+        return False
+
+
+def _dtypes(output_type: Any) -> dict[str, str]:
+    """pandas' nullable dtypes for a model's whole-number and yes/no fields."""
+    if not (isinstance(output_type, type) and issubclass(output_type, BaseModel)):
+        return {}
+    out: dict[str, str] = {}
+    for name, field in output_type.model_fields.items():
+        kinds = {k for k in get_args(field.annotation) if k is not type(None)} or {field.annotation}
+        if kinds == {int}:
+            out[name] = "Int64"
+        elif kinds == {bool}:
+            out[name] = "boolean"
+    return out
+
+
+def _skipped(output_type: Any) -> dict[str, Any]:
+    names = _fields(output_type)
+    values: dict[str, Any] = dict.fromkeys(names, None) if names else {"output": None}
+    return {**values, "status": "skipped", "error": "not sent: the value is missing or blank"}
 
 
 def _fields(output_type: Any) -> list[str] | None:

@@ -56,6 +56,28 @@ def test_extract_gives_one_typed_row_per_value_in_order(
     assert "extract: 12/12" in capsys.readouterr().err
 
 
+def test_missing_and_blank_values_are_not_sent_and_fields_keep_their_types(
+    fake: FakeOpenAIServer,
+) -> None:
+    """A trial sent None as the text "nan" and "" as an empty message, each paid for
+    twice (the retry), and got ages back as floats; gaps are now skipped."""
+    fake.fallback = person_from
+    column = pd.Series(["Ada is 36", None, float("nan"), "  ", "Bo is 7", pd.NA, "garbage"])
+    frame = nbchat.extract(
+        column, Person, model="m", base_url=fake.url, api_key="sk-test", db=":memory:",
+        progress=False,
+    )  # fmt: skip
+    sent = [m["content"] for b in fake.chat_requests for m in b["messages"] if m["role"] == "user"]
+    assert sorted(sent) == ["Ada is 36", "Bo is 7", "garbage"]
+    assert list(frame["status"]) == [
+        "completed", "skipped", "skipped", "skipped", "completed", "skipped", "completed",
+    ]  # fmt: skip
+    assert str(frame["age"].dtype) == "Int64"
+    assert frame["age"].tolist()[:2] == [36, pd.NA] and frame["age"][4] == 7
+    assert frame["error"][0] is None and frame["error"][1].startswith("not sent: the value")
+    assert frame["name"][6] == "?"
+
+
 def test_a_budget_stops_the_run_part_way_and_marks_the_rest(
     fake: FakeOpenAIServer, priced: str
 ) -> None:
