@@ -101,17 +101,19 @@ def _missing(value: Any) -> bool:
         return False
 
 
-def _dtypes(output_type: Any) -> dict[str, str]:
+def _dtypes(output_type: Any) -> dict[str, Any]:
     """pandas' nullable dtypes for a model's whole-number and yes/no fields."""
     if not (isinstance(output_type, type) and issubclass(output_type, BaseModel)):
         return {}
-    out: dict[str, str] = {}
+    import pandas as pd
+
+    out: dict[str, Any] = {}
     for name, field in output_type.model_fields.items():
         kinds = {k for k in get_args(field.annotation) if k is not type(None)} or {field.annotation}
         if kinds == {int}:
-            out[name] = "Int64"
+            out[name] = pd.Int64Dtype()
         elif kinds == {bool}:
-            out[name] = "boolean"
+            out[name] = pd.BooleanDtype()
     return out
 
 
