@@ -69,10 +69,16 @@ def context_section(items: Mapping[str, Any], max_chars: int = DEFAULT_MAX_CONTE
 
 
 def _bounded(text: str, max_chars: int) -> str:
+    """The start and the end of a long text: a traceback or a log says the most in its
+    last lines (the error itself), a long string in its first."""
     if len(text) <= max_chars:
         return text
     keep = max(max_chars - 40, 0)  # room for the note
-    return text[:keep] + f"\n… ({len(text) - keep:,} more characters)"
+    tail = keep // 3
+    head = keep - tail
+    cut = len(text) - head - tail
+    end = text[len(text) - tail :] if tail else ""
+    return f"{text[:head]}\n… ({cut:,} characters cut) …\n{end}"
 
 
 # ---------------------------------------------------------------------- tables
@@ -287,8 +293,10 @@ def reply_code(text: str, *, last_only: bool = False) -> str:
     if not blocks:
         return text.strip()
     if last_only:
-        python = [code for lang, code in blocks if lang in ("", "python", "py", "python3")]
-        return (python or [blocks[-1][1]])[-1].strip("\n")
+        # A block marked Python first: an untagged one may be the traceback quoted back.
+        python = [code for lang, code in blocks if lang in ("python", "py", "python3", "ipython")]
+        untagged = [code for lang, code in blocks if not lang]
+        return (python or untagged or [blocks[-1][1]])[-1].strip("\n")
     return "\n\n".join(code.strip("\n") for _, code in blocks)
 
 

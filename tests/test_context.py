@@ -65,7 +65,9 @@ def test_series_arrays_containers_and_strings() -> None:
     assert data.startswith("dict of 2 items:")
     assert "…(30 more)" in data and "y" * 300 not in data
     long = to_context("z" * 20_000, max_chars=1_000)
-    assert len(long) <= 1_000 and long.endswith("more characters)")
+    assert len(long) <= 1_000 and "characters cut) …" in long
+    error = to_context("Traceback …\n" + "  frame\n" * 500 + "ValueError: the cause", 300)
+    assert len(error) <= 300 and error.endswith("ValueError: the cause")  # the end is kept
     assert to_context("short") == "short" and to_context(3) == "3"
 
 
@@ -146,7 +148,12 @@ def test_code_blocks_and_reply_code() -> None:
     reply = "Look:\n```python\nx = 1\n```\nThen\n~~~\ny = 2\n~~~\n```sql\nSELECT 1\n```\n"
     assert code_blocks(reply) == [("python", "x = 1"), ("", "y = 2"), ("sql", "SELECT 1")]
     assert reply_code(reply) == "x = 1\n\ny = 2\n\nSELECT 1"
-    assert reply_code(reply, last_only=True) == "y = 2"  # the last Python (or untagged) block
+    # The last block marked Python; an untagged one only when none is (it may be the
+    # traceback quoted back, which a trial saw %chat fix put in the new cell).
+    assert reply_code(reply, last_only=True) == "x = 1"
+    quoted = "Fix:\n```python\nx = 2\n```\nYou had:\n```\nTraceback (most recent call last)\n```"
+    assert reply_code(quoted, last_only=True) == "x = 2"
+    assert reply_code("```\nprint(1)\n```", last_only=True) == "print(1)"
     assert reply_code("print('no fence')\n") == "print('no fence')"
     assert code_blocks("```py\ncut short") == [("py", "cut short")]
     assert code_blocks("````md\n```python\ninner\n```\n````") == [("md", "```python\ninner\n```")]
