@@ -94,9 +94,15 @@ class OutputSpec:
         except json.JSONDecodeError as exc:
             return Parsed(error=f"the answer is not valid JSON ({exc.msg} at column {exc.colno})")
         if self.wrapped:
-            if not isinstance(data, dict) or _WRAP_KEY not in data:
-                return Parsed(error=f'the answer must be a JSON object {{"{_WRAP_KEY}": ...}}')
-            data = data[_WRAP_KEY]
+            if isinstance(data, dict) and _WRAP_KEY in data:
+                data = data[_WRAP_KEY]
+            else:
+                # A model (or a script) that answers the bare value: take it if it fits.
+                try:
+                    return Parsed(value=self.adapter.validate_python(data))
+                except ValidationError:
+                    wrap = f'{{"{_WRAP_KEY}": ...}}'
+                    return Parsed(error=f"the answer must be a JSON object {wrap}")
         try:
             return Parsed(value=self.adapter.validate_python(data))
         except ValidationError as exc:

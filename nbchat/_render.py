@@ -540,11 +540,14 @@ def history_views(history: Iterable[Message]) -> list[TurnView]:
     views: list[TurnView] = []
     view: TurnView | None = None
     for m in history:
-        if m.role == "user" and m.attachments and m.round is not None and view is not None:
-            # Images tools returned, sent on as a user message: shown in the last block.
+        if m.role == "user" and m.round is not None and view is not None:
+            # The loop's own words within a turn, not the user's: the images tools returned
+            # (shown in the last block) or the correction of an answer that did not fit.
             blocks = [p for p in view.parts if isinstance(p, ToolBlock)]
-            if blocks:
+            if m.attachments and blocks:
                 blocks[-1].images.extend(m.attachments or [])
+            elif not m.attachments:
+                view.parts.append(NoticePart(f"↻ {m.content or ''}", "notice"))
             continue
         if m.role == "user":
             view = TurnView()

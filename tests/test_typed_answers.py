@@ -52,6 +52,10 @@ def test_a_valid_json_answer_becomes_the_output(fake: FakeOpenAIServer) -> None:
         (Literal["yes", "no"], {"result": "yes"}, "yes"),
         (dict[str, int], {"result": {"a": 1}}, {"a": 1}),
         (Point, {"x": 1, "y": 2.5}, Point(1, 2.5)),
+        # A bare answer that fits is taken as it is (small models often skip the wrapper).
+        (Literal["yes", "no"], "yes", "yes"),
+        (list[City], [{"name": "a", "population": 1, "country": "x"}], "list"),
+        (int, 42, 42),
     ],
 )
 def test_other_types_are_wrapped_and_unwrapped(
@@ -138,3 +142,10 @@ def test_tool_mode_can_be_chosen_and_other_tools_still_run(fake: FakeOpenAIServe
     assert r.status == "completed" and r.output.population == 709000
     assert [c.name for c in r.tool_calls] == ["population"]
     assert "response_format" not in fake.chat_requests[0]
+
+
+def test_a_bare_answer_that_does_not_fit_asks_for_the_wrapper(fake: FakeOpenAIServer) -> None:
+    fake.enqueue('"maybe"', repeat=2)
+    r = _session(fake).send("go", output_type=Literal["yes", "no"])
+    assert r.status == "error"
+    assert 'the answer must be a JSON object {"result": ...}' in (r.error or "")

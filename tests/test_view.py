@@ -252,6 +252,22 @@ def test_a_stored_turn_shows_its_reasoning_closed_before_the_answer(
     assert "I think" in view.markdown() and view.text == "The answer."
 
 
+def test_a_stored_turns_retry_is_a_line_of_that_turn_not_a_user_message(
+    fake: FakeOpenAIServer,
+) -> None:
+    """The correction sent after an answer that did not fit is the loop's, not the user's:
+    %chat history showed it as "You: That answer could not be used…"."""
+    fake.enqueue("not json")
+    fake.enqueue("42")
+    s = nbchat.Session(model="fake-model", base_url=fake.url, db=False)
+    assert s.send("How many?", output_type=int).output == 42
+    (view,) = history_views(s.history)
+    assert view.user_text == "How many?"
+    (line,) = view.notices
+    assert line.startswith("↻ That answer could not be used")
+    assert view.text == "not json42"
+
+
 # Markdown that tries to make the escaper think raw HTML is code (or a link is safe).
 TRICKY = [
     "<img src=x onerror=alert(1)>",
