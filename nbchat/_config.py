@@ -10,6 +10,7 @@ nbchat`` imports this module and must not pay for pydantic.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -302,6 +303,20 @@ def default_spool_dir() -> str:
     """Where writes to a team store wait while its server is away: ``NBCHAT_SPOOL_DIR``
     or ``~/.nbchat/spool``."""
     return _env("NBCHAT_SPOOL_DIR") or str(Path.home() / ".nbchat" / "spool")
+
+
+def current_notebook() -> str | None:
+    """The notebook this kernel runs, when the frontend says (JupyterLab and Notebook 7
+    do: ``__session__`` in the user's namespace, or ``JPY_SESSION_NAME``)."""
+    shell = None
+    if "IPython" in sys.modules:
+        from IPython import get_ipython
+
+        shell = get_ipython()
+    found = (shell.user_ns.get("__session__") if shell is not None else None) or os.environ.get(
+        "JPY_SESSION_NAME"
+    )
+    return str(found) if found else None
 
 
 def whoami() -> tuple[str | None, str]:

@@ -404,10 +404,11 @@ class ChatMagics(Subcommands, Magics):
         """
         if cell_id is None or opts.new or opts.session or cell_id in self.cell_sessions:
             return None
+        from ._config import current_notebook
         from ._store import open_store
 
         with open_store(None) as store:
-            session_id = store.session_for_cell(cell_id, self._notebook())
+            session_id = store.session_for_cell(cell_id, current_notebook())
         if session_id is None or (self.session is not None and self.session.id == session_id):
             return None
         self.cell_sessions[cell_id] = self._use(session_id, model=opts.model)
@@ -416,17 +417,13 @@ class ChatMagics(Subcommands, Magics):
             "(the kernel restarted since); %chat new starts over."
         )
 
-    def _notebook(self) -> str | None:
-        """The notebook this kernel runs, when the frontend says (JupyterLab does)."""
-        found = self.user_ns.get("__session__") or os.environ.get("JPY_SESSION_NAME")
-        return str(found) if found else None
-
     def _open(self, **kwargs: Any) -> Session:
-        """A new (or reopened) session; Session fills in this kernel's defaults."""
+        """A new (or reopened) session; Session fills in this kernel's defaults (and the
+        notebook it runs)."""
         from ._session import Session
 
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
-        return Session(notebook=self._notebook(), **kwargs)
+        return Session(**kwargs)
 
     def _use(self, session_id: str, model: str | None = None) -> Session:
         # One Session object per stored session in this kernel: two would both number

@@ -16,7 +16,14 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ._client import DEFAULT_STALL_TIMEOUT, ModelClient
 from ._compaction import CompactionStrategy, Compactor, resolve_strategy
-from ._config import Secret, get_defaults, resolve_client, set_defaults, whoami
+from ._config import (
+    Secret,
+    current_notebook,
+    get_defaults,
+    resolve_client,
+    set_defaults,
+    whoami,
+)
 from ._exceptions import SessionPendingError
 from ._history import TokenEstimator, live_order
 from ._limits import Budgets, Guardrail, stored_usage
@@ -231,7 +238,7 @@ class Session(TurnLoop):
                     model=settings.model,
                     system_prompt=system,
                     title=title,
-                    notebook=notebook,
+                    notebook=notebook if notebook is not None else current_notebook(),
                     metadata=self.metadata,
                 )
             if system:

@@ -143,3 +143,18 @@ def test_reopening_a_killed_session_closes_its_running_turn(
     (status,) = again.store._fetchall("SELECT status FROM turns")
     assert status[0] not in (None, "running")
     again.store.close()
+
+
+def test_every_session_knows_the_notebook_it_runs_in(
+    fake: FakeOpenAIServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not only %%chat's: a panel's or extract()'s session too (a trial found their spend
+    under "(no notebook)"). The frontend names the notebook; an explicit one wins."""
+    monkeypatch.setenv("JPY_SESSION_NAME", "/home/ada/t1.ipynb")
+    db = tmp_path / "nb.duckdb"
+    fake.enqueue("ok")
+    plain = nbchat.Session(model="m", base_url=fake.url, api_key="k", db=db)
+    named = nbchat.Session(model="m", base_url=fake.url, api_key="k", db=db, notebook="x.ipynb")
+    frame = nbchat.sessions(db=db).set_index("id")
+    assert frame.loc[plain.id, "notebook"] == "/home/ada/t1.ipynb"
+    assert frame.loc[named.id, "notebook"] == "x.ipynb"
