@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import urllib.parse
+import warnings
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Literal
@@ -167,6 +169,8 @@ class Session(TurnLoop):
         settings = resolve_client(
             model or (stored.model if stored else None), base_url, api_key, endpoint=endpoint
         )
+        if stored is not None and base_url is None and endpoint is None:
+            _warn_if_moved(stored.id, stored.metadata.get("endpoint"), settings.base_url)
         self.client = ModelClient(
             settings,
             max_retries=max_retries,
@@ -212,7 +216,10 @@ class Session(TurnLoop):
         self.metadata: dict[str, Any] = (
             dict(stored.metadata)
             if stored is not None
-            else _attribution(tags if tags is not None else defaults.get("tags"))
+            else {
+                **_attribution(tags if tags is not None else defaults.get("tags")),
+                "endpoint": _endpoint(settings.base_url),
+            }
         )
         if stored is not None:
             # The live summary is newer (higher seq) than the messages kept after it.
@@ -606,6 +613,27 @@ def _with_output(options: TurnOptions | None, output_type: Any) -> TurnOptions |
     if output_type is None:
         return options
     return replace(options or TurnOptions(), output_type=output_type)
+
+
+def _endpoint(base_url: str) -> str:
+    """Where a session's requests go, as it may be stored and shown: scheme, host, port
+    and path (no user, password or query, which may carry a credential)."""
+    parts = urllib.parse.urlsplit(base_url)
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{parts.hostname or ''}{port}{parts.path}".rstrip("/")
+
+
+def _warn_if_moved(session_id: str, ran_on: Any, base_url: str) -> None:
+    """A reopened session goes to this kernel's endpoint, never back to a stored URL on
+    its own (a shared store must not be able to send this kernel's key elsewhere): say
+    so when that is not where it ran."""
+    now = _endpoint(base_url)
+    if isinstance(ran_on, str) and ran_on and ran_on != now:
+        warnings.warn(
+            f"Session {session_id} ran on {ran_on}; it continues on {now}, this kernel's "
+            f"endpoint. Pass base_url={ran_on!r} (or endpoint=...) to continue there.",
+            stacklevel=3,
+        )
 
 
 def _attribution(tags: Iterable[str] | str | None) -> dict[str, Any]:

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -158,3 +159,20 @@ def test_every_session_knows_the_notebook_it_runs_in(
     frame = nbchat.sessions(db=db).set_index("id")
     assert frame.loc[plain.id, "notebook"] == "/home/ada/t1.ipynb"
     assert frame.loc[named.id, "notebook"] == "x.ipynb"
+
+
+def test_a_reopened_session_says_when_it_continues_on_another_endpoint(
+    fake: FakeOpenAIServer, tmp_path: Path
+) -> None:
+    """It goes to this kernel's endpoint (a stored URL never gets this kernel's key on
+    its own), but says so: a trial's reopened panel sent to the local model silently."""
+    db = tmp_path / "moved.duckdb"
+    url = fake.url.replace("/v1", "/v1?api-key=secret")  # a credential in the query: not kept
+    first = nbchat.Session(model="m", base_url=url, api_key="k", db=db)
+    assert first.metadata["endpoint"] == fake.url
+    with pytest.warns(UserWarning, match=r"ran on http://127\.0\.0\.1:\d+/v1; it continues on"):
+        nbchat.Session(session_id=first.id, base_url=None, api_key="k", db=db)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nbchat.Session(session_id=first.id, base_url=fake.url, api_key="k", db=db)
+    assert "secret" not in json.dumps(nbchat.sessions(db=db)["metadata"].tolist())
