@@ -84,7 +84,7 @@ class Subcommands:
     if TYPE_CHECKING:  # what ChatMagics provides
 
         def _help(self) -> str: ...
-        def _tools(self, specs: list[str]) -> list[Tool]: ...
+        def _tools(self, specs: list[str], said: str = ...) -> list[Tool]: ...
         def _use(self, session_id: str, model: str | None = None) -> Session: ...
         def _open(self, **kwargs: Any) -> Session: ...
         def _chat_cell(self, line: str, cell: str) -> None: ...
@@ -118,6 +118,12 @@ class Subcommands:
             if not updates:
                 return self._config_info()
             before = get_defaults()
+            unknown = sorted(set(updates) - DEFAULT_KEYS)
+            if unknown:  # the magics' own setting is one of the known ones here
+                known = ", ".join(sorted({*DEFAULT_KEYS, "max_context_chars"}))
+                raise UsageError(
+                    f"%chat config: unknown setting {', '.join(unknown)}; known: {known}"
+                )
             set_defaults(**updates)  # unknown keys are refused before anything is saved
             try:
                 applied = self._settings_changed(before, get_defaults())
@@ -162,7 +168,7 @@ class Subcommands:
         if not session.pending_tool_calls:
             return Info("Nothing to resume: the current session has no pending tool calls.")
         specs = ChatOptions.model_validate({"tools": ",".join(args)}).tools if args else None
-        tools = self._tools(specs if specs is not None else self.default_tools)
+        tools = self._tools(specs if specs is not None else self.default_tools, "%chat resume")
         raise_for(
             self.cell_turns.show(
                 session,
@@ -225,7 +231,7 @@ class Subcommands:
 
         if args:
             specs = ChatOptions.model_validate({"tools": ",".join(args)}).tools or []
-            self._tools(specs)  # fail now, not at the next cell
+            self._tools(specs, "%chat tools")  # fail now, not at the next cell
             self.default_tools = specs
         rows = [
             (_tool_label(spec), t.description)
@@ -248,7 +254,19 @@ class Subcommands:
 
     def _cmd_fix(self, args: list[str]) -> None:
         """``%chat fix [options]``: ``%%chat --fix`` without further instructions."""
-        self._chat_cell(shlex.join(["--fix", *args]), "")
+        from ._magic_options import ChatOptions, parse_options
+
+        line = shlex.join(["--fix", *args])
+        try:
+            parse_options(ChatOptions, line, "%chat fix")
+        except UsageError as exc:
+            if "unexpected" not in str(exc):
+                raise
+            raise UsageError(
+                f"%chat fix takes options only, not {' '.join(args)!r}; to add instructions, "
+                "write them below %%chat --fix in a cell"
+            ) from None
+        self._chat_cell(line, "")
 
     def _cmd_models(self, args: list[str]) -> Any:
         """The endpoint's models, with context windows and prices where known."""
@@ -341,7 +359,9 @@ class Subcommands:
             self.session = None
             self.cell_sessions.clear()
         elif changed("base_url") or changed("api_key"):
-            reopened = self._open(session_id=session.id, model=after.get("model"))
+            # The user moved it on purpose: to the new endpoint, named, without a warning.
+            where = resolve_client(after.get("model") or session.model).base_url
+            reopened = self._open(session_id=session.id, model=after.get("model"), base_url=where)
             self.session = reopened
             for cell_id, known in self.cell_sessions.items():
                 if known is session:

@@ -436,7 +436,8 @@ class ChatMagics(Subcommands, Magics):
         # An unknown id is a StoreError naming the store file: shown as one line.
         return self._open(session_id=session_id, model=model)
 
-    def _tools(self, specs: list[str]) -> list[Tool]:
+    def _tools(self, specs: list[str], said: str = "%%chat: --tools") -> list[Tool]:
+        """The tools ``specs`` name; ``said`` is how an error names the command."""
         from ._pytool import APPROVALS, python_tool
         from ._tools import as_tool
 
@@ -446,16 +447,14 @@ class ChatMagics(Subcommands, Magics):
             if name == "python":
                 if colon and mode not in APPROVALS:
                     raise UsageError(
-                        f"%%chat: python:{mode}: the python tool's approval is one of "
+                        f"{said} python:{mode}: the python tool's approval is one of "
                         f"{', '.join(APPROVALS)}"
                     )
                 tools.append(python_tool(self.user_ns, approval=cast("Approval", mode or "ask")))
                 continue
             value = self._lookup(name)
             if colon or value is None or not callable(value):
-                raise UsageError(
-                    f"%%chat: --tools {spec}: no function called {name!r} in the notebook"
-                )
+                raise UsageError(f"{said} {spec}: no function called {name!r} in the notebook")
             tools.append(as_tool(value))
         return tools
 

@@ -423,9 +423,11 @@ def test_unknown_subcommand_and_bad_config(shell: InteractiveShell) -> None:
         shell.run_line_magic("chat", "frobnicate")
     with pytest.raises(UsageError, match="key=value"):
         shell.run_line_magic("chat", "config model")
-    result = run(shell, "%chat config modle=x")
-    assert isinstance(result.error_in_exec, ConfigError)
-    assert "Unknown setting modle" in one_line_error(result)[0]
+    # The magics' own setting is among the known ones (a trial found it left out).
+    with pytest.raises(UsageError, match=r"unknown setting modle; known: .*max_context_chars"):
+        shell.run_line_magic("chat", "config modle=x")
+    with pytest.raises(UsageError, match="%chat fix takes options only, not 'extra words'"):
+        shell.run_line_magic("chat", "fix extra words")
     with pytest.raises(UsageError, match="temperature must be a number"):
         shell.run_line_magic("chat", "config temperature=hot")
 
@@ -480,9 +482,9 @@ def test_chat_tools_sets_the_tools_of_later_cells(
     assert run(shell, "%%chat\nhi").success
     names = [t["function"]["name"] for t in fake.requests[0]["tools"]]
     assert names == ["lookup", "python"]
-    with pytest.raises(UsageError, match="no function called 'nothing'"):
+    with pytest.raises(UsageError, match=r"^%chat tools nothing: no function called 'nothing'"):
         shell.run_line_magic("chat", "tools nothing")
-    with pytest.raises(UsageError, match="approval is one of never, ask, auto"):
+    with pytest.raises(UsageError, match=r"^%chat tools python:maybe: the python tool's approval"):
         shell.run_line_magic("chat", "tools python:maybe")
     assert "No tools" in repr(shell.run_line_magic("chat", "tools none"))
 
