@@ -329,7 +329,8 @@ class Subcommands:
         if not self.aliases:
             return Info("No model aliases: `%chat alias fast=gpt-4o-mini` adds one.")
         rows = [(name, model) for name, model in sorted(self.aliases.items())]
-        return Info("Model aliases (`-m NAME` in `%%chat`, `%chat config model=NAME`)", rows)
+        title = "Model aliases (`-m NAME` in `%%chat`, `%chat config model=NAME`)"
+        return Info(title, rows, columns=("alias", "model"))
 
     def _current(self) -> Session:
         if self.session is None:

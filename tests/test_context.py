@@ -349,6 +349,7 @@ def test_aliases_pick_the_model_of_cells_and_config(
     assert "No model aliases" in repr(shell.run_line_magic("chat", "alias"))
     listed = shell.run_line_magic("chat", "alias fast=gpt-4o-mini smart=gpt-4o")
     assert "fast" in repr(listed) and "gpt-4o-mini" in repr(listed)
+    assert "| alias | model |" in listed._repr_markdown_()
     fake.enqueue("quick", repeat=2)
     assert run(shell, "%%chat -m fast\nhi").success
     assert fake.requests[0]["model"] == "gpt-4o-mini"
