@@ -38,7 +38,7 @@ print(json.dumps({**ready, "imported": sorted(set(sys.modules) - before)}))
 """
 
 
-def _run(code: str, db: Path, base_url: str = "http://127.0.0.1:9") -> dict[str, object]:
+def _run(code: str, db: Path | str, base_url: str = "http://127.0.0.1:9") -> dict[str, object]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NBCHAT_", "OPENAI_"))}
     env.update(
         NBCHAT_BASE_URL=base_url,
@@ -81,10 +81,11 @@ def test_the_warm_up_leaves_a_stores_recovery_files_to_the_first_turn(tmp_path: 
     assert leftover.exists()
 
 
-def test_the_warm_up_does_not_connect_to_a_team_store(tmp_path: Path) -> None:
+def test_the_warm_up_does_not_connect_to_a_team_store() -> None:
     ready = _run(
         "import json, sys\nfrom nbchat._store import warm_up\nwarm_up()\n"
         "print(json.dumps({'pg': [m for m in sys.modules if m.startswith('psycopg')]}))",
-        Path("postgresql://nobody@127.0.0.1:9/nbchat"),
+        "postgresql://nobody@127.0.0.1:9/nbchat",
     )
     assert ready == {"pg": []}
+    assert not (ROOT / "postgresql:").exists()  # nor taken for a file path
