@@ -524,23 +524,24 @@ def load_ipython_extension(shell: Any) -> None:
 # What a first %%chat imports after openai (tests/test_warm_up.py checks none is left).
 _FIRST_TURN_MODULES = (
     *("_magic_options", "_cell_turns", "_context", "_images", "_pytool"),
-    *("_session", "_display", "_render", "_markup"),
+    *("_session", "_display", "_render"),
 )
 
 
 def _warm_up() -> None:
     """Import and load what the first turn needs, in the order it needs it: the store
     (DuckDB, the file opened and migrated), openai, the magic's options, the loop and the
-    renderer, the HTTP client's SSL context, nbchat's background event loop, and last
-    genai-prices' data (wanted only once the text is shown). A failure here is not
-    reported: the first turn meets it again and says it where the user looks."""
+    renderer, the HTTP client's SSL context, a trial Markdown render, nbchat's background
+    event loop, and last genai-prices' data (wanted only once the text is shown). A
+    failure here is not reported: the first turn meets it again and says it where the
+    user looks."""
     with contextlib.suppress(Exception):
         from ._store import warm_up as warm_store
 
         warm_store()
         import openai
 
-        from . import _runner
+        from . import _markup, _runner
         from ._http import http_client
         from ._pricing import provider_for
 
@@ -548,6 +549,7 @@ def _warm_up() -> None:
             importlib.import_module(f"{__package__}.{module}")
         openai.AsyncOpenAI  # noqa: B018 -- the SDK resolves its client class lazily
         http_client(timeout=60.0)  # builds the shared SSL context (~80 ms) and client class
+        _markup.to_html("A *first* reply, $5 and `code`.")  # mistune's first parse is slow
         _runner.background_loop()
         provider_for("gpt-4o-mini")  # loads the price data
 
