@@ -19,6 +19,7 @@ Notebook semantics live here because only the magic sees cells:
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import sys
 import threading
@@ -522,22 +523,37 @@ def load_ipython_extension(shell: Any) -> None:
         threading.Thread(target=_warm_up, name="nbchat-warm-up", daemon=True).start()
 
 
+# What a first %%chat imports after openai (tests/test_warm_up.py checks none is left).
+_FIRST_TURN_MODULES = (
+    *("_magic_options", "_cell_turns", "_context", "_images", "_pytool"),
+    *("_session", "_display", "_render"),
+)
+
+
 def _warm_up() -> None:
-    """Import and load what the first turn needs: openai, DuckDB, the loop, the renderer,
-    genai-prices' data, and nbchat's background event loop. A failure here is not
-    reported: the first turn meets it again and says it where the user looks."""
+    """Import and load what the first turn needs, in the order it needs it: the store
+    (DuckDB, the file opened and migrated), openai, the magic's options, the loop and the
+    renderer, the HTTP client's SSL context, a trial Markdown render, nbchat's background
+    event loop, and last genai-prices' data (wanted only once the text is shown). A
+    failure here is not reported: the first turn meets it again and says it where the
+    user looks."""
     with contextlib.suppress(Exception):
         from ._store import warm_up as warm_store
 
-        warm_store()  # the store's driver (DuckDB): imported and started first
+        warm_store()
         import openai
 
-        from . import _display, _markup, _render, _runner, _session  # noqa: F401
+        from . import _markup, _runner
+        from ._http import http_client
         from ._pricing import provider_for
 
+        for module in _FIRST_TURN_MODULES:
+            importlib.import_module(f"{__package__}.{module}")
         openai.AsyncOpenAI  # noqa: B018 -- the SDK resolves its client class lazily
-        provider_for("gpt-4o-mini")  # loads the price data
+        http_client(timeout=60.0)  # builds the shared SSL context (~80 ms) and client class
+        _markup.to_html("A *first* reply, $5 and `code`.")  # mistune's first parse is slow
         _runner.background_loop()
+        provider_for("gpt-4o-mini")  # loads the price data
 
 
 def unload_ipython_extension(shell: Any) -> None:

@@ -43,7 +43,7 @@ def background_loop() -> asyncio.AbstractEventLoop:
     with _lock:
         if _loop is None or _loop.is_closed() or not loop_alive():
             if _loop is not None and not _loop.is_closed() and not _loop.is_running():
-                _loop.close()  # its thread died: free its self-pipe and selector
+                _wind_down(_loop)  # its thread died
             loop = asyncio.new_event_loop()
             started = threading.Event()
 
@@ -64,6 +64,35 @@ def background_loop() -> asyncio.AbstractEventLoop:
             started.wait()
             _loop, _thread = loop, thread
         return _loop
+
+
+# How long a replaced loop's cancelled turns get to store themselves as interrupted.
+_WIND_DOWN_S = 2.0
+
+
+def _wind_down(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel a dead loop's tasks, let them finish on a helper thread, close the loop.
+
+    A turn left pending there would never end: its session would keep it as running and
+    the interpreter would say "Task was destroyed but it is pending!" at exit. Cancelled,
+    it is stored as interrupted, as after a stop. This waits (a little) so that it is
+    done before the next turn of the same session starts on the new loop.
+    """
+    tasks = asyncio.all_tasks(loop)
+    for task in tasks:
+        task.cancel()
+
+    def finish() -> None:
+        with contextlib.suppress(Exception):
+            if tasks:
+                loop.run_until_complete(asyncio.wait(tasks, timeout=_WIND_DOWN_S))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+
+    helper = threading.Thread(target=finish, name="nbchat-loop-wind-down", daemon=True)
+    helper.start()
+    helper.join(_WIND_DOWN_S + 1)
+    if not helper.is_alive():
+        loop.close()  # free its self-pipe and selector
 
 
 def loop_alive() -> bool:
@@ -149,6 +178,7 @@ class TurnRunner(Generic[T]):
         self._task: asyncio.Task[None] | None = None
         self._task_loop: asyncio.AbstractEventLoop | None = None
         self._inflight = 0  # turns started and not yet finished (running or waiting)
+        self._generation = 0  # bumped by _abandon: older turns must not touch the state
         self.cancel_requested = False
 
     def cancel(self) -> None:
@@ -180,6 +210,7 @@ class TurnRunner(Generic[T]):
         self._lock = threading.Lock()
         self._task = self._task_loop = None
         self._inflight = 0
+        self._generation += 1
         self.cancel_requested = False
 
     async def stream(self, turn: AsyncIterator[T]) -> AsyncIterator[T]:
@@ -268,10 +299,13 @@ class TurnRunner(Generic[T]):
     async def _pump(self, turn: AsyncIterator[T], put: Callable[[Any], bool | None]) -> None:
         """Drive ``turn`` under the lock, handing items to ``put``, then ``_DONE``.
 
-        When ``put`` says the consumer (on this same loop) is behind, yield to it.
+        When ``put`` says the consumer (on this same loop) is behind, yield to it. A turn
+        that was abandoned (its loop died, see ``_wind_down``) and is ended later releases
+        its own lock and leaves the runner's state to the turns after it.
         """
+        lock, generation = self._lock, self._generation
         try:
-            await self._acquire()
+            await self._acquire(lock)
             try:
                 self._task = asyncio.current_task()
                 self._task_loop = asyncio.get_running_loop()
@@ -281,22 +315,25 @@ class TurnRunner(Generic[T]):
                     if put(item):
                         await asyncio.sleep(0)
             finally:
-                self._task = self._task_loop = None
-                self.cancel_requested = False
-                self._lock.release()
+                if generation == self._generation:
+                    self._task = self._task_loop = None
+                    self.cancel_requested = False
+                lock.release()
         except BaseException as exc:  # handed to the consumer, which re-raises it
             put(_Failure(exc))
         finally:
-            self._inflight -= 1
+            if generation == self._generation:
+                self._inflight -= 1
             put(_DONE)
 
-    async def _acquire(self) -> None:
-        if self._lock.acquire(blocking=False):
+    @staticmethod
+    async def _acquire(lock: threading.Lock) -> None:
+        if lock.acquire(blocking=False):
             return
         # Another turn is running: wait without blocking the loop.
-        acquired = asyncio.get_running_loop().run_in_executor(None, self._lock.acquire)
+        acquired = asyncio.get_running_loop().run_in_executor(None, lock.acquire)
         try:
             await asyncio.shield(acquired)
         except asyncio.CancelledError:
-            acquired.add_done_callback(lambda _: self._lock.release())
+            acquired.add_done_callback(lambda _: lock.release())
             raise

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -143,12 +144,27 @@ def test_a_stopped_background_loop_is_replaced_and_a_waiting_turn_fails_clearly(
     s = _session(fake, [])
     fake.enqueue("slow", chunk_size=1, delay=0.5)
     loop = _runner.background_loop()
-    loop.call_later(0.3, loop.stop)  # the loop goes away in the middle of the turn
+
+    def stop_once_asked() -> None:
+        # The loop goes away in the middle of the turn: once the server has the request
+        # (a fixed delay would race a cold first turn, which the server had not seen yet).
+        deadline = time.monotonic() + 10
+        while not fake.chat_requests and time.monotonic() < deadline:
+            time.sleep(0.01)
+        loop.call_soon_threadsafe(loop.stop)
+
+    threading.Thread(target=stop_once_asked, daemon=True).start()
     with pytest.raises(nbchat.LoopStopped, match="background event loop stopped"):
         _run_with_watchdog(lambda: s.send("hi"))
     fake.enqueue("new loop")
     assert _run_with_watchdog(lambda: s.send("again")).text == "new loop"
     assert _runner.background_loop() is not loop
+    # The dead loop's turn was cancelled and ended there, not left pending on it.
+    assert loop.is_closed()
+    assert [t["status"] for t in nbchat.turns(s.store, s.id).to_dict("records")] == [
+        "interrupted",
+        "completed",
+    ]
 
 
 def test_a_lone_surrogate_in_a_tool_result_does_not_poison_the_session(

@@ -27,6 +27,7 @@ call the methods of ``Store`` and get models, ``Usage`` or DataFrames back.
 from __future__ import annotations
 
 import atexit
+import glob
 import json
 import os
 import threading
@@ -432,10 +433,21 @@ Db: TypeAlias = str | os.PathLike[str] | Store | None
 
 
 def warm_up() -> None:
-    """Import the default backend's driver and start it once, so a first turn need not."""
+    """Import the default backend's driver and start it once, then open the default store
+    (creating and migrating a new file), so a first turn need not: ~150 ms on its main
+    thread, before its placeholder shows. A team store (a URL) is not connected to here."""
+    from ._duckdb import _RECOVERY
     from ._duckdb import warm_up as warm_duckdb
 
     warm_duckdb()
+    raw = default_db_path()
+    if not raw or raw == ":memory:" or "://" in raw:
+        return
+    path = os.path.realpath(os.path.expanduser(raw))
+    if glob.glob(glob.escape(path) + _RECOVERY + "*"):
+        return  # importing them warns: left to the first turn, where the user sees it
+    with open_store(raw):
+        pass  # closed with linger: the next open finds the file migrated
 
 
 def _backend(raw: str) -> type[Store]:
