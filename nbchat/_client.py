@@ -6,7 +6,7 @@ bytes and parsed into small validated models here: the SDK's per-chunk object bu
 costs several times more than the transport and JSON parsing together, and a reply of
 thousands of chunks is the common case in a notebook.
 
-``RoundFolder`` folds the deltas of one request into one assistant message: text, tool
+``ReplyAssembler`` assembles the deltas of one request into one assistant message: text, tool
 calls gathered by ``index`` (id, name, argument fragments), finish reason and usage.
 What the server sends is parsed and checked in ``_wire``; every error leaving
 ``ModelClient`` is one ``ModelAPIError`` with the key redacted from it.
@@ -66,7 +66,7 @@ from ._wire import (
 if TYPE_CHECKING:
     import openai
 
-__all__ = ["ModelClient", "RoundFolder", "truncation_notice"]
+__all__ = ["ModelClient", "ReplyAssembler", "truncation_notice"]
 
 logger = logging.getLogger("nbchat")
 
@@ -105,8 +105,8 @@ class _PendingCall:
         self.fragments: list[str] = []
 
 
-class RoundFolder:
-    """Folds the chunks of one model request into one assistant message.
+class ReplyAssembler:
+    """Assembles the chunks of one model request into one assistant message.
 
     ``feed`` returns the events a chunk produced (text, reasoning, tool-call start and
     argument fragments), stamped with the session, turn and round they belong to.
@@ -494,21 +494,21 @@ class ModelClient:
     async def astream(
         self,
         messages: list[dict[str, Any]],
-        folder: RoundFolder,
+        assembler: ReplyAssembler,
         *,
         tools: list[dict[str, Any]] | None = None,
         stream: bool = True,
         **params: Any,
     ) -> AsyncIterator[Event]:
-        """Send one request; yield its delta events while ``folder`` accumulates the message.
+        """Send one request; yield its delta events while ``assembler`` accumulates the message.
 
         Raises ``ModelAPIError`` for an HTTP error (after the client's retries), a broken
         or stalled stream, an answer that is not an event stream (an HTML page), or an
         error the server sends inside the stream. What arrived before a failure stays in
-        ``folder``.
+        ``assembler``.
         """
         body = self._body(messages, tools, stream, params)
-        with self._translated_errors(folder, stream=stream):
+        with self._translated_errors(assembler, stream=stream):
             async with self.async_client() as client:
                 response = await self._post(client, body, stream)
                 try:
@@ -516,7 +516,7 @@ class ModelClient:
                     if not stream or "json" in content_type:
                         # A server may ignore stream=true and answer one JSON object.
                         raw = await response.aread()
-                        for event in folder.feed(self._parse_reply(raw, content_type)):
+                        for event in assembler.feed(self._parse_reply(raw, content_type)):
                             yield event
                         return
                     # Trust a server that says event-stream; otherwise a body that opens
@@ -532,7 +532,7 @@ class ModelClient:
                     # decoder and re-chunker (each a layer per chunk).
                     encoding = response.headers.get("content-encoding", "").strip().lower()
                     raw = encoding in ("", "identity")
-                    frame, decode, fold = parser.feed, decoder.feed, folder.feed  # per chunk
+                    frame, decode, fold = parser.feed, decoder.feed, assembler.feed  # per chunk
                     async for data in response.aiter_raw() if raw else response.aiter_bytes():
                         if head is None:
                             head = data
@@ -545,11 +545,11 @@ class ModelClient:
                             break
                     else:
                         for payload in parser.close():
-                            for event in folder.feed(decoder.feed(payload)):
+                            for event in assembler.feed(decoder.feed(payload)):
                                 yield event
                     if not sse and parser.events == 0:
                         raise self._not_expected(content_type, head or b"", "an event stream")
-                    _check_complete(parser, folder)
+                    _check_complete(parser, assembler)
                 finally:
                     await response.aclose()
 
@@ -584,7 +584,9 @@ class ModelClient:
         return (self.settings.api_key.get_secret_value(),)
 
     @contextlib.contextmanager
-    def _translated_errors(self, folder: RoundFolder | None, *, stream: bool) -> Iterator[None]:
+    def _translated_errors(
+        self, assembler: ReplyAssembler | None, *, stream: bool
+    ) -> Iterator[None]:
         """Turn whatever the transport or the server raised into one ``ModelAPIError``,
         with the key and anything shaped like one redacted from its message and body."""
         import openai
@@ -593,13 +595,13 @@ class ModelClient:
             try:
                 yield
             except openai.APIError as exc:
-                raise self._api_error(exc, folder, stream) from exc
+                raise self._api_error(exc, assembler, stream) from exc
             except ModelAPIError:
                 raise
             except _transport_errors() as exc:
-                raise self._transport_error(exc, folder, stream) from exc
+                raise self._transport_error(exc, assembler, stream) from exc
             except ValueError as exc:  # undecodable or invalid payloads
-                raise _broken_stream(exc, folder) from exc
+                raise _broken_stream(exc, assembler) from exc
         except ModelAPIError as error:
             clean = _cleaned(error, self._secrets())
             if clean is error:
@@ -607,12 +609,12 @@ class ModelClient:
             raise clean from None  # the original and its cause may hold the secret
 
     def _transport_error(
-        self, exc: BaseException, folder: RoundFolder | None, stream: bool
+        self, exc: BaseException, assembler: ReplyAssembler | None, stream: bool
     ) -> ModelAPIError:
         http = _http_library()
         exc = transport_cause(exc)
         if isinstance(exc, http.ReadTimeout):
-            n = folder.chunks if folder is not None else 0
+            n = assembler.chunks if assembler is not None else 0
             if stream and self.stall_timeout is not None:
                 return ModelAPIError(
                     f"The model server stopped sending for {self.stall_timeout:g} s "
@@ -622,10 +624,10 @@ class ModelClient:
                 f"The model server sent nothing for {self.timeout:g} s (timeout) while "
                 f"answering; {n} chunks arrived."
             )
-        return _broken_stream(exc, folder)
+        return _broken_stream(exc, assembler)
 
     def _api_error(
-        self, exc: openai.APIError, folder: RoundFolder | None, stream: bool
+        self, exc: openai.APIError, assembler: ReplyAssembler | None, stream: bool
     ) -> ModelAPIError:
         import openai
 
@@ -648,9 +650,9 @@ class ModelClient:
                 message += " " + self.settings.key_hint()
         else:
             message = f"The model server failed: {_describe(exc)}"
-        if folder is not None and folder.chunks:
+        if assembler is not None and assembler.chunks:
             message += (
-                f" The stream broke after {folder.chunks} chunks; the partial reply was kept."
+                f" The stream broke after {assembler.chunks} chunks; the partial reply was kept."
             )
         code = getattr(exc, "code", None)
         return ModelAPIError(
@@ -659,7 +661,7 @@ class ModelClient:
 
     def usage_event(
         self,
-        folder: RoundFolder,
+        assembler: ReplyAssembler,
         error: ModelAPIError | None,
         *,
         interrupted: bool = False,
@@ -673,23 +675,23 @@ class ModelClient:
         """
         from ._pricing import price_request
 
-        usage = folder.usage
+        usage = assembler.usage
         cost, provider, source = price_request(self.model, self.settings.base_url, usage)
         if usage is None and error is not None and error.status_code is not None:
             usage, cost, source = RequestUsage(prompt_tokens=0, completion_tokens=0), 0.0, None
         return UsageEvent(
-            session_id=folder.session_id,
-            turn_id=folder.turn_id,
-            round=folder.round,
+            session_id=assembler.session_id,
+            turn_id=assembler.turn_id,
+            round=assembler.round,
             model=self.model,
             provider=provider,
             usage=usage,
             cost_usd=cost,
             cost_source=source,
-            ttft_ms=folder.ttft_ms,
-            first_text_ms=folder.first_text_ms,
-            duration_ms=(time.perf_counter() - folder.started) * 1000,
-            finish_reason=folder.finish_reason,
+            ttft_ms=assembler.ttft_ms,
+            first_text_ms=assembler.first_text_ms,
+            duration_ms=(time.perf_counter() - assembler.started) * 1000,
+            finish_reason=assembler.finish_reason,
             error=str(error) if error else ("interrupted" if interrupted else None),
             purpose=purpose,
         )
@@ -828,16 +830,16 @@ def _optional_string(value: Any, field: str) -> str | None:
     return None if value is None else _string(value, field)
 
 
-def _check_complete(parser: SSEParser, folder: RoundFolder) -> None:
-    if not parser.done and folder.finish_reason is None:
+def _check_complete(parser: SSEParser, assembler: ReplyAssembler) -> None:
+    if not parser.done and assembler.finish_reason is None:
         raise ModelAPIError(
-            f"The model's stream ended early after {folder.chunks} chunks "
+            f"The model's stream ended early after {assembler.chunks} chunks "
             "(no finish reason, no [DONE]); the partial reply was kept."
         )
 
 
-def _broken_stream(exc: BaseException, folder: RoundFolder | None) -> ModelAPIError:
-    n = folder.chunks if folder is not None else 0
+def _broken_stream(exc: BaseException, assembler: ReplyAssembler | None) -> ModelAPIError:
+    n = assembler.chunks if assembler is not None else 0
     return ModelAPIError(
         f"The model's stream broke after {n} chunks ({_describe(exc)}); the partial reply was kept."
     )

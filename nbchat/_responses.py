@@ -5,7 +5,7 @@ messages and ``{"type": "function", "function": {...}}`` tools. ``request_body``
 that into a Responses request (leading system messages become ``instructions``, tool
 calls and results become ``function_call`` / ``function_call_output`` items), and
 ``ResponsesStream`` turns the semantic events that come back into the same ``Chunk``
-values chat completions produce, so ``RoundFolder`` and the loop above it are unchanged.
+values chat completions produce, so ``ReplyAssembler`` and the loop above it are unchanged.
 
 Requests are sent with ``store: false``: nbchat sends the whole history each time and
 keeps it itself, so nothing needs to stay on the provider's side. A reasoning model's
@@ -251,7 +251,7 @@ def _failure(response: Any) -> dict[str, Any]:
     return {"error": error}
 
 
-Chunk = dict[str, Any]  # a chat-completions chunk object, as RoundFolder reads it
+Chunk = dict[str, Any]  # a chat-completions chunk object, as ReplyAssembler reads it
 _EMPTY: Chunk = {}
 
 

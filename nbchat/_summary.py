@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ._client import ModelClient, RoundFolder
+from ._client import ModelClient, ReplyAssembler
 from ._exceptions import ModelAPIError, SummaryError
 from ._types import Message, UsageEvent
 
@@ -79,18 +79,18 @@ class Summariser:
                 + render_transcript(messages, self.max_chars),
             },
         ]
-        folder = RoundFolder(self.session_id, self.turn_id, self.round)
+        assembler = ReplyAssembler(self.session_id, self.turn_id, self.round)
         error: ModelAPIError | None = None
         try:
-            async for _ in self.client.astream(prompt, folder, stream=False):
+            async for _ in self.client.astream(prompt, assembler, stream=False):
                 pass
         except ModelAPIError as exc:
             error = exc
         finally:
-            self.sink.append(self.client.usage_event(folder, error, purpose="summary"))
+            self.sink.append(self.client.usage_event(assembler, error, purpose="summary"))
         if error is not None:
             raise SummaryError(f"the summary model failed: {error}") from error
-        text = folder.text.strip()
+        text = assembler.text.strip()
         if not text:
             raise SummaryError("the summary model returned an empty summary")
         return text

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from ._client import ModelClient, RoundFolder, truncation_notice
+from ._client import ModelClient, ReplyAssembler, truncation_notice
 from ._compaction import Compactor
 from ._exceptions import GuardrailRejected, ModelAPIError
 from ._history import TokenEstimator, is_context_overflow
@@ -111,8 +111,8 @@ class _Turn:
         self.text = ""
         self.status: TurnStatus = "running"  # until the turn ends; then how it ended
         self.error: str | None = None
-        self.folder: RoundFolder | None = None  # the request streaming now
-        self.reply: RoundFolder | None = None  # the last request's reply
+        self.assembler: ReplyAssembler | None = None  # the request streaming now
+        self.reply: ReplyAssembler | None = None  # the last request's reply
         self.failure: ModelAPIError | None = None  # why the last request failed
         self.projection: Projection | None = None  # the last request's estimate
         self.unanswered: list[ToolCall] = []
@@ -294,14 +294,14 @@ class TurnLoop:
             return
         async for event in self._send_request(turn, tools, final):
             yield event
-        folder = turn.reply
-        if turn.status != "running" or folder is None:
+        assembler = turn.reply
+        if turn.status != "running" or assembler is None:
             return
         if turn.failure is not None:
-            for event in self._request_failed(turn, folder, turn.failure):
+            for event in self._request_failed(turn, assembler, turn.failure):
                 yield event
             return
-        for event in self._take_reply(turn, folder, final):
+        for event in self._take_reply(turn, assembler, final):
             yield event
 
     async def _prepare_request(
@@ -340,15 +340,15 @@ class TurnLoop:
                 payload.append({"role": "system", "content": output.instruction(turn.output_mode)})
                 if turn.output_mode == "json_schema":
                     params = {**params, "response_format": output.response_format()}
-            folder = RoundFolder(self.id, turn.turn_id, turn.round)
-            turn.folder = turn.reply = folder
+            assembler = ReplyAssembler(self.id, turn.turn_id, turn.round)
+            turn.assembler = turn.reply = assembler
             turn.failure = None
             reserved = turn.projection.cost_usd if turn.projection else None
             self._reserved_usd += reserved or 0.0
             try:
                 settings = turn.settings
                 async for event in settings.client.astream(
-                    payload, folder, tools=tools, stream=settings.streaming, **params
+                    payload, assembler, tools=tools, stream=settings.streaming, **params
                 ):
                     if not (hold_text and event.kind == "text_delta"):
                         yield self._emit(event)
@@ -360,19 +360,21 @@ class TurnLoop:
             finally:
                 # Runs on cancellation too: a request that was cut short is still recorded.
                 self._reserved_usd -= reserved or 0.0
-                usage_event = self._record_usage(turn, folder, turn.failure, turn.projection)
+                usage_event = self._record_usage(turn, assembler, turn.failure, turn.projection)
             yield usage_event
             for event in self._check_budgets(turn, stop=False):
                 yield event
-            turn.folder = None
+            turn.assembler = None
             error = turn.failure
             cut = (
-                self._truncation_notice(turn, folder) if usage_event.suspected_truncation else None
+                self._truncation_notice(turn, assembler)
+                if usage_event.suspected_truncation
+                else None
             )
             if cut is not None:  # the server probably dropped the start of the prompt
                 yield self._emit(Notice(session_id=self.id, turn_id=turn.turn_id, message=cut))
-            elif error is None and folder.usage is not None and not turn.settings.isolated:
-                self.estimator.observe(self._messages, _chars(tools), folder.usage.prompt_tokens)
+            elif error is None and assembler.usage is not None and not turn.settings.isolated:
+                self.estimator.observe(self._messages, _chars(tools), assembler.usage.prompt_tokens)
             if error is not None and _refuses_response_format(error, turn):
                 # This endpoint takes no json_schema: ask through a final_answer tool.
                 _NO_RESPONSE_FORMAT.add(turn.settings.client.settings.base_url)
@@ -385,7 +387,7 @@ class TurnLoop:
                 error is None
                 or retried
                 or self.compactor is None
-                or folder.chunks
+                or assembler.chunks
                 or not is_context_overflow(error)
             ):
                 return
@@ -399,12 +401,12 @@ class TurnLoop:
             turn.extra_requests += 1  # the refused request is not a round of the turn
 
     def _request_failed(
-        self, turn: _Turn, folder: RoundFolder, error: ModelAPIError
+        self, turn: _Turn, assembler: ReplyAssembler, error: ModelAPIError
     ) -> Iterable[Event]:
         """End the turn on a failed request, keeping the text that arrived before it."""
         turn.status, turn.error = "error", str(error)
-        if folder.text:
-            message = self._assistant(turn, folder, status="error", with_calls=False)
+        if assembler.text:
+            message = self._assistant(turn, assembler, status="error", with_calls=False)
             yield from self._judge_reply(turn, message, rejection_ends_turn=False)
             if message.state == "active":
                 turn.text = message.content or ""
@@ -437,9 +439,9 @@ class TurnLoop:
             MessagesMarked(session_id=self.id, message_ids=sorted(ids), state="superseded")
         )
 
-    def _take_reply(self, turn: _Turn, folder: RoundFolder, final: bool) -> Iterable[Event]:
+    def _take_reply(self, turn: _Turn, assembler: ReplyAssembler, final: bool) -> Iterable[Event]:
         """Judge the reply, add it to the history; its tool calls are what runs next."""
-        if folder.finish_reason == "length":  # the server stopped at max_tokens
+        if assembler.finish_reason == "length":  # the server stopped at max_tokens
             turn.truncated = True
             yield self._emit(
                 Notice(
@@ -449,7 +451,7 @@ class TurnLoop:
                     "ask the model to continue, or allow a longer reply.",
                 )
             )
-        message = self._assistant(turn, folder, status="ok", with_calls=not final)
+        message = self._assistant(turn, assembler, status="ok", with_calls=not final)
         if message.content or not message.tool_calls:
             yield from self._judge_reply(turn, message)
             if turn.status != "running":
@@ -598,14 +600,14 @@ class TurnLoop:
                 )
             )
 
-    def _truncation_notice(self, turn: _Turn, folder: RoundFolder) -> str | None:
+    def _truncation_notice(self, turn: _Turn, assembler: ReplyAssembler) -> str | None:
         """One line if the server reported far fewer prompt tokens than were sent."""
-        if turn.projection is None or folder.usage is None:
+        if turn.projection is None or assembler.usage is None:
             return None
         client = turn.settings.client
         return truncation_notice(
             turn.projection.prompt_tokens,
-            folder.usage.prompt_tokens,
+            assembler.usage.prompt_tokens,
             client.cached_context_window(),
         )
 
@@ -699,31 +701,31 @@ class TurnLoop:
     def _record_usage(
         self,
         turn: _Turn,
-        folder: RoundFolder,
+        assembler: ReplyAssembler,
         error: ModelAPIError | None,
         projection: Projection | None = None,
     ) -> UsageEvent:
         event = turn.settings.client.usage_event(
-            folder, error, interrupted=self._runner.cancel_requested
+            assembler, error, interrupted=self._runner.cancel_requested
         )
         if projection is not None:  # kept beside the actual figures
             event.estimated_prompt_tokens = projection.prompt_tokens
             event.estimated_cost_usd = projection.cost_usd
             if error is None:
-                event.suspected_truncation = self._truncation_notice(turn, folder) is not None
+                event.suspected_truncation = self._truncation_notice(turn, assembler) is not None
         turn.usage = turn.usage.add(event.usage, event.cost_usd)
         self.usage = self.usage.add(event.usage, event.cost_usd)
         return self._emit(event)  # type: ignore[return-value]
 
     def _assistant(
-        self, turn: _Turn, folder: RoundFolder, *, status: MessageStatus, with_calls: bool
+        self, turn: _Turn, assembler: ReplyAssembler, *, status: MessageStatus, with_calls: bool
     ) -> Message:
-        calls = self._valid_calls(turn, folder.tool_calls()) if with_calls else []
+        calls = self._valid_calls(turn, assembler.tool_calls()) if with_calls else []
         return Message(
             role="assistant",
-            content=folder.text or None,
-            reasoning=folder.reasoning or None,
-            reasoning_items=folder.reasoning_items or None,
+            content=assembler.text or None,
+            reasoning=assembler.reasoning or None,
+            reasoning_items=assembler.reasoning_items or None,
             tool_calls=calls or None,
             turn_id=turn.turn_id,
             round=turn.round,
@@ -788,9 +790,9 @@ class TurnLoop:
     def _interrupted(self, turn: _Turn) -> Iterable[Event]:
         """Keep what arrived, and answer every dangling tool call so the history stays valid."""
         turn.status = "interrupted"
-        folder = turn.folder
-        if folder is not None and folder.text:
-            message = self._assistant(turn, folder, status="interrupted", with_calls=False)
+        assembler = turn.assembler
+        if assembler is not None and assembler.text:
+            message = self._assistant(turn, assembler, status="interrupted", with_calls=False)
             # Partial text held back from display is judged before it is shown.
             yield from self._judge_reply(turn, message, rejection_ends_turn=False)
             if message.state == "active":

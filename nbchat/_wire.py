@@ -1,6 +1,6 @@
 """What an OpenAI-compatible server sends, checked where it enters.
 
-Chunks stay the JSON objects they arrive as (``RoundFolder`` checks the fields it reads);
+Chunks stay the JSON objects they arrive as (``ReplyAssembler`` checks the fields it reads);
 the usage that comes once per request is validated here. Usage numbers become
 non-negative BIGINT-sized ints or ``None``; JSON with lone surrogate escapes is repaired
 to U+FFFD; ``SSEParser`` frames a byte stream into event payloads per the WHATWG spec.
@@ -131,7 +131,7 @@ def parse_chunk(payload: bytes) -> dict[str, Any]:
     """One ``chat.completion.chunk`` (or a whole non-streamed reply) as its JSON object.
 
     Chunks stay the dicts the JSON parser made: building validated models per chunk
-    cost more than the transport. ``RoundFolder`` checks each field it reads.
+    cost more than the transport. ``ReplyAssembler`` checks each field it reads.
     """
     chunk = load_json(payload)
     if not isinstance(chunk, dict):

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from nbchat import ModelAPIError
-from nbchat._client import ModelClient, RoundFolder, truncation_notice
+from nbchat._client import ModelClient, ReplyAssembler, truncation_notice
 from nbchat._config import resolve_client
 from nbchat._types import Event
 from nbchat.testing import FakeOpenAIServer
@@ -21,11 +21,11 @@ def client_for(fake: FakeOpenAIServer, **kw: Any) -> ModelClient:
     return ModelClient(resolve_client("m", fake.url, "sk-test"), max_retries=0, **kw)
 
 
-def run(client: ModelClient, folder: RoundFolder, **kw: Any) -> list[Event]:
+def run(client: ModelClient, assembler: ReplyAssembler, **kw: Any) -> list[Event]:
     """One request through ``astream`` on a fresh event loop; the events it yielded."""
 
     async def collect() -> list[Event]:
-        return [e async for e in client.astream(kw.pop("messages", HI), folder, **kw)]
+        return [e async for e in client.astream(kw.pop("messages", HI), assembler, **kw)]
 
     return asyncio.run(collect())
 
@@ -40,30 +40,30 @@ def test_stream_folds_text_tool_calls_and_usage(fake: FakeOpenAIServer) -> None:
         chunk_size=2,
         usage={"prompt_tokens": 12, "completion_tokens": 7},
     )
-    folder = RoundFolder()
-    events = run(client_for(fake), folder)
-    assert folder.text == "Let me check."
-    assert [(c.name, json.loads(c.arguments)) for c in folder.tool_calls()] == [
+    assembler = ReplyAssembler()
+    events = run(client_for(fake), assembler)
+    assert assembler.text == "Let me check."
+    assert [(c.name, json.loads(c.arguments)) for c in assembler.tool_calls()] == [
         ("a", {"x": 1}),
         ("b", {"y": "二"}),
     ]
-    assert folder.finish_reason == "tool_calls"
-    assert folder.usage is not None and folder.usage.prompt_tokens == 12
+    assert assembler.finish_reason == "tool_calls"
+    assert assembler.usage is not None and assembler.usage.prompt_tokens == 12
     assert [e.kind for e in events].count("tool_call_started") == 2
 
 
 def test_non_streamed_reply(fake: FakeOpenAIServer) -> None:
     fake.enqueue("whole")
-    folder = RoundFolder()
-    run(client_for(fake), folder, stream=False)
-    assert folder.text == "whole" and folder.finish_reason == "stop"
+    assembler = ReplyAssembler()
+    run(client_for(fake), assembler, stream=False)
+    assert assembler.text == "whole" and assembler.finish_reason == "stop"
     assert all("stream" not in body for body in fake.requests)
 
 
 def test_http_error_keeps_status_code_and_server_code(fake: FakeOpenAIServer) -> None:
     fake.enqueue_error(400, "This model's maximum context length is 10", "context_length_exceeded")
     with pytest.raises(ModelAPIError) as info:
-        run(client_for(fake), RoundFolder())
+        run(client_for(fake), ReplyAssembler())
     assert info.value.status_code == 400 and info.value.code == "context_length_exceeded"
     assert "maximum context length" in str(info.value)
 
@@ -127,9 +127,9 @@ def test_server_reported_cost_and_cache_writes(fake: FakeOpenAIServer) -> None:
         },
     )
     client = client_for(fake)
-    folder = RoundFolder()
-    run(client, folder)
-    event = client.usage_event(folder, None)
+    assembler = ReplyAssembler()
+    run(client, assembler)
+    event = client.usage_event(assembler, None)
     assert event.cost_usd == 0.0042 and event.cost_source == "server"
     assert event.usage is not None and event.usage.cache_write_tokens == 30
     assert event.usage.reported_cost_usd == 0.0042

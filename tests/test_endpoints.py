@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from nbchat import ConfigError, ModelAPIError, Session
-from nbchat._client import ModelClient, RoundFolder
+from nbchat._client import ModelClient, ReplyAssembler
 from nbchat._config import KEY_FROM_NONE, resolve_client, set_defaults
 from nbchat._endpoints import (
     add_endpoint,
@@ -34,15 +34,15 @@ def config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     return path
 
 
-def run(client: ModelClient, folder: RoundFolder | None = None) -> RoundFolder:
-    folder = folder or RoundFolder()
+def run(client: ModelClient, assembler: ReplyAssembler | None = None) -> ReplyAssembler:
+    assembler = assembler or ReplyAssembler()
 
     async def go() -> None:
-        async for _ in client.astream([{"role": "user", "content": "hi"}], folder):
+        async for _ in client.astream([{"role": "user", "content": "hi"}], assembler):
             pass
 
     asyncio.run(go())
-    return folder
+    return assembler
 
 
 def test_endpoint_command_adds_lists_and_removes(config: Path) -> None:
@@ -160,10 +160,10 @@ def test_azure_api_version_goes_through_the_azure_client(
     monkeypatch.setenv("AZ_KEY", "az-secret-key")
     fake.enqueue("from azure")
     fake.enqueue("responses on azure")
-    folder = run(ModelClient(resolve_client("az:my-deployment"), max_retries=0))
-    assert folder.text == "from azure"
-    folder = run(ModelClient(resolve_client("az:my-deployment"), max_retries=0, api="responses"))
-    assert folder.text == "responses on azure"
+    assembler = run(ModelClient(resolve_client("az:my-deployment"), max_retries=0))
+    assert assembler.text == "from azure"
+    assembler = run(ModelClient(resolve_client("az:my-deployment"), max_retries=0, api="responses"))
+    assert assembler.text == "responses on azure"
     assert fake.request_paths == [
         "/openai/deployments/my-deployment/chat/completions?api-version=2024-10-21",
         "/openai/responses?api-version=2024-10-21",

@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from nbchat import Session
-from nbchat._client import ModelClient, RoundFolder
+from nbchat._client import ModelClient, ReplyAssembler
 from nbchat._config import resolve_client
 
 pytestmark = pytest.mark.slow
@@ -72,14 +72,14 @@ def litellm_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         if os.environ.get("CI"):  # .ci/run installs it: a skip there would hide a gap
             pytest.fail(why)
         pytest.skip(why)
-    folder = tmp_path_factory.mktemp("litellm")
-    (folder / "config.yaml").write_text(CONFIG)
+    assembler = tmp_path_factory.mktemp("litellm")
+    (assembler / "config.yaml").write_text(CONFIG)
     port = _free_port()
     env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "NO_DOCS": "True"}
-    log = (folder / "proxy.log").open("wb")
+    log = (assembler / "proxy.log").open("wb")
     proc = subprocess.Popen(
         [command, "--config", "config.yaml", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=folder,
+        cwd=assembler,
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -90,7 +90,7 @@ def litellm_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         deadline = time.monotonic() + 90
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"LiteLLM exited: {(folder / 'proxy.log').read_text()[-2000:]}")
+                pytest.fail(f"LiteLLM exited: {(assembler / 'proxy.log').read_text()[-2000:]}")
             try:
                 if httpx.get(f"{root}/health/liveliness", timeout=1).status_code == 200:
                     break
@@ -131,11 +131,11 @@ def test_responses_api_answers_unstreamed(litellm_url: str) -> None:
     client = ModelClient(
         resolve_client("mock-gpt", litellm_url, MASTER_KEY), max_retries=0, api="responses"
     )
-    folder = RoundFolder()
+    assembler = ReplyAssembler()
 
     async def go() -> None:
-        async for _ in client.astream([{"role": "user", "content": "hi"}], folder, stream=False):
+        async for _ in client.astream([{"role": "user", "content": "hi"}], assembler, stream=False):
             pass
 
     asyncio.run(go())
-    assert folder.text == MOCK_TEXT and folder.finish_reason == "stop"
+    assert assembler.text == MOCK_TEXT and assembler.finish_reason == "stop"

@@ -11,7 +11,7 @@ import pytest
 
 import nbchat
 from nbchat import ModelAPIError
-from nbchat._client import ModelClient, RoundFolder
+from nbchat._client import ModelClient, ReplyAssembler
 from nbchat._config import resolve_client
 from nbchat._responses import ResponsesStream, request_body, responses_only, to_input, to_tools
 from nbchat._types import Event
@@ -24,9 +24,9 @@ def client_for(fake: FakeOpenAIServer, model: str = "m", **kw: Any) -> ModelClie
     return ModelClient(resolve_client(model, fake.url, "sk-test"), max_retries=0, **kw)
 
 
-def run(client: ModelClient, folder: RoundFolder, **kw: Any) -> list[Event]:
+def run(client: ModelClient, assembler: ReplyAssembler, **kw: Any) -> list[Event]:
     async def collect() -> list[Event]:
-        return [e async for e in client.astream(kw.pop("messages", HI), folder, **kw)]
+        return [e async for e in client.astream(kw.pop("messages", HI), assembler, **kw)]
 
     return asyncio.run(collect())
 
@@ -117,10 +117,10 @@ def test_models_only_on_responses_are_recognised() -> None:
 def test_o3_pro_goes_to_responses_by_itself(fake: FakeOpenAIServer) -> None:
     fake.enqueue("deep thoughts")
     fake.enqueue("quick")
-    folder = RoundFolder()
-    run(client_for(fake, "o3-pro"), folder)
-    assert folder.text == "deep thoughts"
-    run(client_for(fake, "gpt-4o"), RoundFolder())
+    assembler = ReplyAssembler()
+    run(client_for(fake, "o3-pro"), assembler)
+    assert assembler.text == "deep thoughts"
+    run(client_for(fake, "gpt-4o"), ReplyAssembler())
     assert fake.request_paths == ["/v1/responses", "/v1/chat/completions"]
     assert client_for(fake, "o3-pro", api="chat").api == "chat", "an explicit api wins"
 
@@ -138,15 +138,15 @@ def test_stream_folds_reasoning_text_calls_and_usage(fake: FakeOpenAIServer) -> 
             "output_tokens_details": {"reasoning_tokens": 5},
         },
     )
-    folder = RoundFolder()
-    events = run(client_for(fake, api="responses"), folder)
-    assert folder.text == "Let me check." and folder.reasoning == "The user wants data."
-    assert [(c.id, c.name, json.loads(c.arguments)) for c in folder.tool_calls()] == [
+    assembler = ReplyAssembler()
+    events = run(client_for(fake, api="responses"), assembler)
+    assert assembler.text == "Let me check." and assembler.reasoning == "The user wants data."
+    assert [(c.id, c.name, json.loads(c.arguments)) for c in assembler.tool_calls()] == [
         ("call_1_0", "a", {"x": 1}),
         ("call_1_1", "b", {"y": "二"}),
     ]
-    assert folder.finish_reason == "tool_calls"
-    u = folder.usage
+    assert assembler.finish_reason == "tool_calls"
+    u = assembler.usage
     assert u is not None and (u.prompt_tokens, u.completion_tokens) == (12, 7)
     assert (u.cached_tokens, u.cache_write_tokens, u.reasoning_tokens) == (4, 3, 5)
     assert [e.kind for e in events].count("tool_call_started") == 2
@@ -154,17 +154,21 @@ def test_stream_folds_reasoning_text_calls_and_usage(fake: FakeOpenAIServer) -> 
 
 def test_incomplete_response_is_a_length_finish(fake: FakeOpenAIServer) -> None:
     fake.enqueue("cut short", finish_reason="length")
-    folder = RoundFolder()
-    run(client_for(fake, api="responses"), folder)
-    assert folder.text == "cut short" and folder.finish_reason == "length"
+    assembler = ReplyAssembler()
+    run(client_for(fake, api="responses"), assembler)
+    assert assembler.text == "cut short" and assembler.finish_reason == "length"
 
 
 def test_non_streamed_response(fake: FakeOpenAIServer) -> None:
     fake.enqueue("whole", reasoning="mull", tool_calls=[{"name": "f", "arguments": {}}])
-    folder = RoundFolder()
-    run(client_for(fake, api="responses"), folder, stream=False)
-    assert (folder.text, folder.reasoning, folder.finish_reason) == ("whole", "mull", "tool_calls")
-    assert [c.name for c in folder.tool_calls()] == ["f"]
+    assembler = ReplyAssembler()
+    run(client_for(fake, api="responses"), assembler, stream=False)
+    assert (assembler.text, assembler.reasoning, assembler.finish_reason) == (
+        "whole",
+        "mull",
+        "tool_calls",
+    )
+    assert [c.name for c in assembler.tool_calls()] == ["f"]
     assert "stream" not in fake.requests[0]
 
 
@@ -173,39 +177,39 @@ def test_error_event_and_failed_response_raise(fake: FakeOpenAIServer) -> None:
         "so far",
         stream_error={"status": 429, "message": "slow down", "code": "rate_limit_exceeded"},
     )
-    folder = RoundFolder()
+    assembler = ReplyAssembler()
     with pytest.raises(ModelAPIError, match="slow down") as info:
-        run(client_for(fake, api="responses"), folder)
-    assert info.value.code == "rate_limit_exceeded" and folder.text == "so far"
+        run(client_for(fake, api="responses"), assembler)
+    assert info.value.code == "rate_limit_exceeded" and assembler.text == "so far"
 
 
 def test_http_error_keeps_status_and_code(fake: FakeOpenAIServer) -> None:
     fake.enqueue_error(400, "maximum context length is 10", "context_length_exceeded")
     with pytest.raises(ModelAPIError) as info:
-        run(client_for(fake, api="responses"), RoundFolder())
+        run(client_for(fake, api="responses"), ReplyAssembler())
     assert info.value.status_code == 400 and info.value.code == "context_length_exceeded"
 
 
 def test_cut_stream_is_an_error_with_the_partial_kept(fake: FakeOpenAIServer) -> None:
     fake.enqueue("abcdefgh", chunk_size=1, cut_after=8)
-    folder = RoundFolder()
+    assembler = ReplyAssembler()
     with pytest.raises(ModelAPIError, match="stream"):
-        run(client_for(fake, api="responses"), folder)
-    assert folder.text and "abcdefgh".startswith(folder.text)
+        run(client_for(fake, api="responses"), assembler)
+    assert assembler.text and "abcdefgh".startswith(assembler.text)
 
 
 def test_sse_variants_parse(fake: FakeOpenAIServer) -> None:
     fake.enqueue("one two", line_ending="\r\n", multiline_data=True)
-    folder = RoundFolder()
-    run(client_for(fake, api="responses"), folder)
-    assert folder.text == "one two" and folder.finish_reason == "stop"
+    assembler = ReplyAssembler()
+    run(client_for(fake, api="responses"), assembler)
+    assert assembler.text == "one two" and assembler.finish_reason == "stop"
 
 
-def _feed(stream: ResponsesStream, *events: dict[str, Any]) -> RoundFolder:
-    folder = RoundFolder()
+def _feed(stream: ResponsesStream, *events: dict[str, Any]) -> ReplyAssembler:
+    assembler = ReplyAssembler()
     for event in events:
-        folder.feed(stream.feed(json.dumps(event).encode()))
-    return folder
+        assembler.feed(stream.feed(json.dumps(event).encode()))
+    return assembler
 
 
 def test_calls_and_text_sent_only_as_finished_items_arrive_once() -> None:
@@ -218,7 +222,7 @@ def test_calls_and_text_sent_only_as_finished_items_arrive_once() -> None:
     }
     message = {"type": "message", "id": "m1", "content": [{"type": "output_text", "text": "hi"}]}
     stream = ResponsesStream()
-    folder = _feed(
+    assembler = _feed(
         stream,
         {"type": "response.output_item.done", "item": message},
         {"type": "response.output_item.added", "item": {**call, "arguments": ""}},
@@ -226,19 +230,19 @@ def test_calls_and_text_sent_only_as_finished_items_arrive_once() -> None:
         {"type": "response.output_item.done", "item": call},
         {"type": "response.completed", "response": {"status": "completed", "usage": None}},
     )
-    assert folder.text == "hi"
-    assert [(c.id, c.name, c.arguments) for c in folder.tool_calls()] == [("c9", "f", '{"k":2}')]
-    assert stream.finished and folder.finish_reason == "tool_calls"
+    assert assembler.text == "hi"
+    assert [(c.id, c.name, c.arguments) for c in assembler.tool_calls()] == [("c9", "f", '{"k":2}')]
+    assert stream.finished and assembler.finish_reason == "tool_calls"
 
 
 def test_reasoning_summary_parts_are_paragraphs() -> None:
     delta = "response.reasoning_summary_text.delta"
-    folder = _feed(
+    assembler = _feed(
         ResponsesStream(),
         {"type": delta, "item_id": "r", "summary_index": 0, "delta": "First."},
         {"type": delta, "item_id": "r", "summary_index": 1, "delta": "Second."},
     )
-    assert folder.reasoning == "First.\n\nSecond."
+    assert assembler.reasoning == "First.\n\nSecond."
 
 
 def test_the_real_sdk_reads_the_fakes_responses_stream(fake: FakeOpenAIServer) -> None:
@@ -356,10 +360,10 @@ def test_reasoning_items_reach_the_folder_and_go_back_before_the_calls(
 ) -> None:
     for stream in (True, False):
         fake.enqueue(reasoning="think", tool_calls=[{"name": "f", "arguments": {}, "id": "c1"}])
-        folder = RoundFolder()
-        run(client_for(fake, "o3", api="responses"), folder, stream=stream)
-        assert folder.reasoning == "think"
-        [item] = folder.reasoning_items
+        assembler = ReplyAssembler()
+        run(client_for(fake, "o3", api="responses"), assembler, stream=stream)
+        assert assembler.reasoning == "think"
+        [item] = assembler.reasoning_items
         assert item["type"] == "reasoning" and item["id"].startswith("rs_fake")
         assert item["encrypted_content"].startswith("gAAAA_fake_reasoning_")
     call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}

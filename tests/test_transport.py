@@ -21,7 +21,7 @@ import pytest
 
 import nbchat
 from nbchat import ConfigError, ModelAPIError, _http
-from nbchat._client import ModelClient, RoundFolder
+from nbchat._client import ModelClient, ReplyAssembler
 from nbchat._config import resolve_client
 from nbchat.testing import FakeOpenAIServer
 
@@ -41,20 +41,20 @@ def client(url: str, **kw: Any) -> ModelClient:
     return ModelClient(resolve_client("m", url, KEY), **kw)
 
 
-def run(c: ModelClient, folder: RoundFolder | None = None, **kw: Any) -> RoundFolder:
-    folder = folder if folder is not None else RoundFolder()
+def run(c: ModelClient, assembler: ReplyAssembler | None = None, **kw: Any) -> ReplyAssembler:
+    assembler = assembler if assembler is not None else ReplyAssembler()
 
     async def collect() -> None:
-        async for _ in c.astream(HI, folder, **kw):
+        async for _ in c.astream(HI, assembler, **kw):
             pass
 
     asyncio.run(collect())
-    return folder
+    return assembler
 
 
-def error_of(c: ModelClient, folder: RoundFolder | None = None, **kw: Any) -> ModelAPIError:
+def error_of(c: ModelClient, assembler: ReplyAssembler | None = None, **kw: Any) -> ModelAPIError:
     with pytest.raises(ModelAPIError) as info:
-        run(c, folder, **kw)
+        run(c, assembler, **kw)
     return info.value
 
 
@@ -71,8 +71,8 @@ def test_aiohttp_is_the_default_and_httpx_can_be_chosen(monkeypatch: pytest.Monk
 def test_a_turn_streams_on_each_transport(fake: FakeOpenAIServer, transport: str) -> None:
     assert _http.transport_of(_http.http_client(5.0)) == transport
     fake.enqueue("hello there", chunk_size=3)
-    folder = run(client(fake.url))
-    assert folder.text == "hello there" and folder.finish_reason == "stop"
+    assembler = run(client(fake.url))
+    assert assembler.text == "hello there" and assembler.finish_reason == "stop"
 
 
 def test_without_aiohttp_openai_falls_back_to_httpx(fake: FakeOpenAIServer) -> None:
@@ -188,18 +188,18 @@ def test_a_server_that_does_not_answer_http_is_a_connection_error_after_retries(
 
 def test_a_cut_stream_keeps_what_arrived(fake: FakeOpenAIServer, transport: str) -> None:
     fake.enqueue("abcdef", chunk_size=1, cut_after=3)
-    folder = RoundFolder()
-    error = error_of(client(fake.url), folder)
-    assert folder.text == "ab"  # the first chunk holds the role alone
+    assembler = ReplyAssembler()
+    error = error_of(client(fake.url), assembler)
+    assert assembler.text == "ab"  # the first chunk holds the role alone
     assert str(error).startswith("The model's stream broke after 3 chunks (")
     assert str(error).endswith("the partial reply was kept.")
 
 
 def test_a_silent_stream_ends_at_the_stall_timeout(fake: FakeOpenAIServer, transport: str) -> None:
     fake.enqueue("abcdef", chunk_size=1, stall_after=2, stall_seconds=3)
-    folder = RoundFolder()
-    error = error_of(client(fake.url, stall_timeout=0.5), folder)
-    assert folder.text == "a"  # the first chunk holds the role alone
+    assembler = ReplyAssembler()
+    error = error_of(client(fake.url, stall_timeout=0.5), assembler)
+    assert assembler.text == "a"  # the first chunk holds the role alone
     assert str(error) == (
         "The model server stopped sending for 0.5 s (stall_timeout) after 2 chunks; "
         "the partial reply was kept."
@@ -263,9 +263,9 @@ def test_the_proxy_from_the_environment_is_used(
         for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "http_proxy"):
             monkeypatch.delenv(name, raising=False)
         monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy.server_address[1]}")
-        folder = run(client("http://model.invalid/v1"))
+        assembler = run(client("http://model.invalid/v1"))
         proxy.shutdown()
-    assert folder.text == "via proxy"
+    assert assembler.text == "via proxy"
     assert seen == ["http://model.invalid/v1/chat/completions"]
 
 

@@ -14,7 +14,7 @@ import pytest
 
 import nbchat
 from nbchat import ConfigError, ModelAPIError, Session
-from nbchat._client import ModelClient, RoundFolder, _http_library
+from nbchat._client import ModelClient, ReplyAssembler, _http_library
 from nbchat._config import resolve_client
 from nbchat._types import Event
 from nbchat._wire import SSEParser
@@ -29,17 +29,19 @@ def client_for(fake: FakeOpenAIServer, key: str | None = KEY, **kw: Any) -> Mode
     return ModelClient(resolve_client("m", fake.url, key), **kw)
 
 
-def run(client: ModelClient, folder: RoundFolder | None = None, **kw: Any) -> list[Event]:
+def run(client: ModelClient, assembler: ReplyAssembler | None = None, **kw: Any) -> list[Event]:
     async def collect() -> list[Event]:
-        f = folder if folder is not None else RoundFolder()
+        f = assembler if assembler is not None else ReplyAssembler()
         return [e async for e in client.astream(kw.pop("messages", HI), f, **kw)]
 
     return asyncio.run(collect())
 
 
-def error_of(client: ModelClient, folder: RoundFolder | None = None, **kw: Any) -> ModelAPIError:
+def error_of(
+    client: ModelClient, assembler: ReplyAssembler | None = None, **kw: Any
+) -> ModelAPIError:
     with pytest.raises(ModelAPIError) as info:
-        run(client, folder, **kw)
+        run(client, assembler, **kw)
     return info.value
 
 
@@ -142,12 +144,12 @@ def test_valid_sse_variants_parse(fake: FakeOpenAIServer, variant: dict[str, Any
     text = 'Line one.\nLine two, with \r a CR and a quote: ", and a comma,'
     fake.enqueue(text, chunk_size=3, tool_calls=[{"name": "f", "arguments": {"a": [1, 2]}}])
     fake.enqueue(**variant, text=text, chunk_size=3, tool_calls=[{"name": "f", "arguments": {}}])
-    folder = RoundFolder()
-    run(client_for(fake), RoundFolder())
-    run(client_for(fake), folder)
-    assert folder.text == text and folder.finish_reason == "tool_calls"
-    assert [c.name for c in folder.tool_calls()] == ["f"]
-    assert folder.usage is not None and folder.usage.completion_tokens
+    assembler = ReplyAssembler()
+    run(client_for(fake), ReplyAssembler())
+    run(client_for(fake), assembler)
+    assert assembler.text == text and assembler.finish_reason == "tool_calls"
+    assert [c.name for c in assembler.tool_calls()] == ["f"]
+    assert assembler.usage is not None and assembler.usage.completion_tokens
 
 
 def test_parser_joins_data_lines_and_handles_line_ends_split_across_reads() -> None:
@@ -183,9 +185,9 @@ def test_a_200_that_is_neither_html_nor_sse_quotes_its_first_line(fake: FakeOpen
 def test_a_json_answer_to_a_stream_request_is_folded(fake: FakeOpenAIServer) -> None:
     body = {"choices": [{"message": {"content": "plain"}, "finish_reason": "stop"}]}
     fake.enqueue(raw_body=json.dumps(body), raw_content_type="application/json")
-    folder = RoundFolder()
-    run(client_for(fake), folder)
-    assert folder.text == "plain" and folder.finish_reason == "stop"
+    assembler = ReplyAssembler()
+    run(client_for(fake), assembler)
+    assert assembler.text == "plain" and assembler.finish_reason == "stop"
 
 
 # --------------------------------------------------------------------------- C. stalls
@@ -204,13 +206,13 @@ def test_streams_default_to_a_60_s_stall_timeout(fake: FakeOpenAIServer) -> None
 
 def test_a_stalled_stream_fails_fast_and_keeps_the_partial_reply(fake: FakeOpenAIServer) -> None:
     fake.enqueue("abcdefgh", chunk_size=1, stall_after=4, stall_seconds=10)
-    folder = RoundFolder()
-    error = error_of(client_for(fake, stall_timeout=0.3), folder)
+    assembler = ReplyAssembler()
+    error = error_of(client_for(fake, stall_timeout=0.3), assembler)
     assert str(error) == (
         "The model server stopped sending for 0.3 s (stall_timeout) after 4 chunks; "
         "the partial reply was kept."
     )
-    assert folder.text == "abc"  # chunk 1 is the role-only delta
+    assert assembler.text == "abc"  # chunk 1 is the role-only delta
 
 
 def test_a_non_streamed_wait_is_bounded_by_timeout_with_a_detail(fake: FakeOpenAIServer) -> None:
@@ -250,10 +252,10 @@ def test_usage_numbers_are_checked_where_they_enter(
 ) -> None:
     fake.enqueue("kept", usage_json=usage_json, repeat=2)
     for stream in (True, False):
-        folder = RoundFolder()
-        run(client_for(fake), folder, stream=stream)
-        assert folder.text == "kept" and folder.usage is not None
-        u = folder.usage
+        assembler = ReplyAssembler()
+        run(client_for(fake), assembler, stream=stream)
+        assert assembler.text == "kept" and assembler.usage is not None
+        u = assembler.usage
         assert (u.prompt_tokens, u.completion_tokens, u.cached_tokens) == (
             prompt,
             completion,
@@ -264,9 +266,9 @@ def test_usage_numbers_are_checked_where_they_enter(
 @pytest.mark.parametrize("usage_json", ['"n/a"', "[1, 2]", "42", "null"])
 def test_a_usage_that_is_not_an_object_is_unknown(fake: FakeOpenAIServer, usage_json: str) -> None:
     fake.enqueue("kept", usage_json=usage_json)
-    folder = RoundFolder()
-    run(client_for(fake), folder)
-    assert folder.text == "kept" and folder.usage is None
+    assembler = ReplyAssembler()
+    run(client_for(fake), assembler)
+    assert assembler.text == "kept" and assembler.usage is None
 
 
 def test_a_session_stores_a_reply_with_absurd_usage(fake: FakeOpenAIServer, db_path: Path) -> None:
@@ -289,26 +291,26 @@ def test_lone_surrogates_from_the_wire_become_replacement_characters(
     reply = {"text": "ok \udcff end \ud83d", "chunk_size": 3, "reasoning": "r\udc80"}
     fake.enqueue(**reply, repeat=2)
     for stream in (True, False):
-        folder = RoundFolder()
-        events = run(client_for(fake), folder, stream=stream)
-        assert folder.text == "ok \ufffd end \ufffd" and folder.reasoning == "r\ufffd"
+        assembler = ReplyAssembler()
+        events = run(client_for(fake), assembler, stream=stream)
+        assert assembler.text == "ok \ufffd end \ufffd" and assembler.reasoning == "r\ufffd"
         for event in events:
             event.model_dump_json().encode()  # every event is valid UTF-8
 
 
 def test_lone_surrogate_tool_arguments_are_repaired(fake: FakeOpenAIServer) -> None:
     fake.enqueue(tool_calls=[{"name": "f", "arguments": '{"a": "x\ud800y"}'}], chunk_size=2)
-    folder = RoundFolder()
-    run(client_for(fake), folder)
-    assert json.loads(folder.tool_calls()[0].arguments) == {"a": "x\ufffdy"}
+    assembler = ReplyAssembler()
+    run(client_for(fake), assembler)
+    assert json.loads(assembler.tool_calls()[0].arguments) == {"a": "x\ufffdy"}
 
 
 def test_a_request_with_a_lone_surrogate_is_sent_repaired(fake: FakeOpenAIServer) -> None:
     fake.enqueue("fine")
-    folder = RoundFolder()
+    assembler = ReplyAssembler()
     messages = [{"role": "user", "content": "bad \udcff byte, good \U0001f600"}]
-    run(client_for(fake), folder, messages=messages)
-    assert folder.text == "fine"
+    run(client_for(fake), assembler, messages=messages)
+    assert assembler.text == "fine"
     assert fake.requests[0]["messages"][0]["content"] == "bad \ufffd byte, good \U0001f600"
 
 
@@ -348,9 +350,9 @@ def test_a_mislabelled_event_stream_still_parses(fake: FakeOpenAIServer) -> None
     event = {"choices": [{"delta": {"content": "ok"}, "finish_reason": "stop"}]}
     body = f"data: {json.dumps(event)}\n\ndata: [DONE]\n\n"
     fake.enqueue(raw_body=body, raw_content_type="text/plain")
-    folder = RoundFolder()
-    run(client_for(fake), folder)
-    assert folder.text == "ok"
+    assembler = ReplyAssembler()
+    run(client_for(fake), assembler)
+    assert assembler.text == "ok"
 
 
 def test_error_details_are_never_empty() -> None:
@@ -416,9 +418,9 @@ def test_a_gzip_encoded_event_stream_is_decoded() -> None:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/v1"
-        folder = RoundFolder()
-        run(ModelClient(resolve_client("m", url, KEY), max_retries=0), folder)
-        assert folder.text == "zipped"
+        assembler = ReplyAssembler()
+        run(ModelClient(resolve_client("m", url, KEY), max_retries=0), assembler)
+        assert assembler.text == "zipped"
     finally:
         server.shutdown()
         server.server_close()
