@@ -20,7 +20,11 @@ from nbchat import Session
 from nbchat._dashboard import Dashboard
 from nbchat.testing import FakeOpenAIServer
 
-TODAY = dt.datetime.now(dt.UTC).date()
+
+def today() -> dt.date:
+    """Today in UTC, when the test runs (not when the module was collected: a suite that
+    crosses midnight failed on that)."""
+    return dt.datetime.now(dt.UTC).date()
 
 
 @pytest.fixture
@@ -41,7 +45,7 @@ def test_the_dashboard_shows_spend_models_sessions_tools_and_latency(filled: Fil
     # the charts: PNG images, and the Axes they were drawn from
     for image in (board.spend, board.by_model, board.latency):
         assert image.value[:4] == b"\x89PNG"
-    assert ticks(board.axes["spend"]) == [str(TODAY)]
+    assert ticks(board.axes["spend"]) == [str(today())]
     assert ticks(board.axes["by_model"]) == [PRICED, CHEAP, MYSTERY]
     assert ticks(board.axes["latency"]) == sorted([PRICED, CHEAP, MYSTERY])
     spent = sum(p.get_height() for c in board.axes["spend"].containers for p in c)
@@ -83,14 +87,14 @@ def test_picking_dates_filters_and_refresh_reads_new_requests(
 ) -> None:
     board = nbchat.dashboard(db=filled.db)
     board.session_buttons[0].click()
-    board.since.value = TODAY + dt.timedelta(days=1)  # picking a date redraws at once
+    board.since.value = today() + dt.timedelta(days=1)  # picking a date redraws at once
     assert "0 requests in 0 sessions, $0.0000 known cost" in board.summary.value  # not "$?"
     assert board.session_buttons == [] and board.transcript.value == ""
     assert "no sessions in this range" in board.sessions_list.children[-1].value
     assert "no tool calls in this range" in board.tools.value
     assert [t.get_gid() for t in board.axes["spend"].texts] == ["empty"]
 
-    board.since.value, board.until.value = TODAY, TODAY  # both days included
+    board.since.value, board.until.value = today(), today()  # both days included
     assert "5 requests in 3 sessions" in board.summary.value
 
     late = Session(model=PRICED, base_url=fake.url, api_key="sk-test", db=filled.db)
@@ -114,7 +118,7 @@ def test_a_store_that_cannot_be_read_is_said_in_the_dashboard(tmp_path: Path) ->
 def test_a_range_covering_everything_shows_what_all_time_shows(filled: Filled) -> None:
     # All time reads the per-session counters; a range, the per-day ones: they agree.
     all_time = nbchat.dashboard(db=filled.db)
-    ranged = nbchat.dashboard(db=filled.db, since=TODAY, until=TODAY)
+    ranged = nbchat.dashboard(db=filled.db, since=today(), until=today())
     assert [b.description for b in ranged.session_buttons] == [
         b.description for b in all_time.session_buttons
     ]
@@ -164,7 +168,7 @@ def test_a_sampled_latency_is_kept_until_a_request_is_added(
     assert first.latency_sampled
     again = _analysis.overview(db=filled.db, previous=first)
     assert again.latency is first.latency  # the same requests: not sampled again
-    other_days = _analysis.overview(db=filled.db, since=TODAY, previous=first)
+    other_days = _analysis.overview(db=filled.db, since=today(), previous=first)
     assert other_days.latency is not first.latency  # another range: read
     late = Session(model=CHEAP, base_url=fake.url, api_key="sk-test", db=filled.db)
     fake.enqueue("late")
@@ -208,6 +212,6 @@ def test_a_refresh_relabels_the_session_buttons_it_has(
     assert [b.button_style for b in board.session_buttons] == ["", "", "info", ""]
     board.session_buttons[0].click()  # a kept button shows the session it now names
     assert board.selected == late.id and late.id in board.transcript.value
-    board.since.value = TODAY + dt.timedelta(days=1)
+    board.since.value = today() + dt.timedelta(days=1)
     assert board.session_buttons == []
     assert "no sessions in this range" in board.sessions_list.children[-1].value
