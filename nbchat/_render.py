@@ -178,6 +178,13 @@ class TextPart:
         return note + safe_markdown(text[cut:], dollar="<span>\\$</span>")
 
 
+# Set apart from the answer (a trial found the open block looked just like it): inline,
+# because a cell's output carries no stylesheet; the theme's colours where there is one.
+THINKING_STYLE = (
+    "color: var(--jp-content-font-color2, #666);"
+    " border-left: 3px solid var(--jp-border-color2, #ccc); padding-left: 8px"
+)
+
 BLOCK_MIN = 2_000  # characters a live text grows by before a finished block is kept
 _FENCE = re.compile(r"^ {0,3}(?:`{3,}|~{3,})", re.M)
 
@@ -451,8 +458,8 @@ class TurnView:
                 # Open while the model thinks; closed once the answer starts.
                 opened = "" if answered or not live else " open"
                 out.append(
-                    f'<details class="nbchat-thinking"{opened}><summary>💭 Thinking</summary>'
-                    f"\n\n{text(part)}\n\n</details>"
+                    f'<details class="nbchat-thinking" style="{THINKING_STYLE}"{opened}>'
+                    f"<summary>💭 Thinking</summary>\n\n{text(part)}\n\n</details>"
                 )
             elif isinstance(part, TextPart):
                 out.append(text(part))

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from nbchat._render import THINKING_STYLE
 from nbchat.testing import FakeOpenAIServer
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
@@ -180,9 +181,12 @@ def test_reasoning_is_a_collapsed_thinking_block(kernel: Kernel, fake: FakeOpenA
     fake.enqueue("Four.", reasoning="Two plus two is four.", chunk_size=2, delay=0.01)
     run = kernel.execute("%%chat\n2+2?", cell_id="think")
     assert run.status == "ok", run.reply
-    assert any('class="nbchat-thinking" open' in d["text/html"] for d in snapshots(run))
+    assert any(f'{THINKING_STYLE}" open>' in d["text/html"] for d in snapshots(run))
     end = final(run)["data"]["text/html"]
-    assert '<details class="nbchat-thinking"><summary>💭 Thinking</summary>' in end
+    assert (
+        f'<details class="nbchat-thinking" style="{THINKING_STYLE}"><summary>💭 Thinking</summary>'
+        in end
+    )
     assert end.index("Two plus two") < end.index("Four.")
 
 

@@ -19,6 +19,7 @@ import pytest
 import nbchat
 from nbchat import ChatPanel, Session, panel
 from nbchat._panel import history_html, markdown_to_html
+from nbchat._render import THINKING_STYLE
 from nbchat.testing import FakeOpenAIServer
 
 TIMEOUT = 15.0
@@ -472,7 +473,10 @@ def test_reasoning_shows_as_a_thinking_block_in_the_panel(fake: FakeOpenAIServer
     p = make(fake)
     p.submit("2+2?").result(TIMEOUT)
     shown = bubbles(p)[1][1]
-    assert '<details class="nbchat-thinking"><summary>💭 Thinking</summary>' in shown
+    assert (
+        f'<details class="nbchat-thinking" style="{THINKING_STYLE}"><summary>💭 Thinking</summary>'
+        in shown
+    )
     assert shown.index("Two and two") < shown.index("Four.")
 
 

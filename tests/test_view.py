@@ -15,7 +15,7 @@ import pytest
 
 import nbchat
 from nbchat._markup import money, safe_markdown, to_html
-from nbchat._render import LIVE_TAIL, TextPart, TurnView, history_views
+from nbchat._render import LIVE_TAIL, THINKING_STYLE, TextPart, TurnView, history_views
 from nbchat._types import Event
 from nbchat.testing import FakeOpenAIServer
 
@@ -179,9 +179,15 @@ def test_reasoning_is_a_thinking_block_closed_once_the_answer_starts(
         if event.kind == "text_delta":
             break
         if event.kind == "reasoning_delta":
-            assert '<details class="nbchat-thinking" open>' in thinking.html(live=True)
+            assert (
+                f'<details class="nbchat-thinking" style="{THINKING_STYLE}" open>'
+                in thinking.html(live=True)
+            )
     final = view_of(events).html()
-    assert '<details class="nbchat-thinking"><summary>💭 Thinking</summary>' in final
+    assert (
+        f'<details class="nbchat-thinking" style="{THINKING_STYLE}"><summary>💭 Thinking</summary>'
+        in final
+    )
     assert final.index("add the units") < final.index("The answer is 4.")
 
 
@@ -247,7 +253,9 @@ def test_a_stored_turn_shows_its_reasoning_closed_before_the_answer(
     (view,) = history_views(s.history)
     shown = view.html()
     assert_inert(shown)
-    assert '<details class="nbchat-thinking"><summary>' in shown  # closed: no "open"
+    assert (
+        f'<details class="nbchat-thinking" style="{THINKING_STYLE}"><summary>' in shown
+    )  # closed: no "open"
     assert shown.index("I think") < shown.index("The answer.")
     assert "I think" in view.markdown() and view.text == "The answer."
 
