@@ -107,10 +107,11 @@ class CellRenderer:
     """
 
     def __init__(self, model: str, mode: RenderMode, *, throttle: Throttle | None = None) -> None:
-        from ._render import Throttle, TurnView
+        from ._render import Throttle
+        from ._usage_footer import FooterView
 
         self.mode = mode
-        self.view = TurnView(model)
+        self.view = FooterView(model)
         self.throttle = throttle or Throttle()
         self.display_id = uuid.uuid4().hex
         self.shown = False

@@ -411,6 +411,47 @@ def test_interrupt_keeps_the_partial_reply_and_stops_run_all(
     assert [m.status for m in session.history] == ["ok", "interrupted", "ok", "ok"]
 
 
+def test_interrupt_in_round_two_shows_round_one_usage_as_a_lower_bound(
+    shell: InteractiveShell, fake: FakeOpenAIServer
+) -> None:
+    register_price("fake-model", input_per_mtok=1000.0, output_per_mtok=1000.0)
+    try:
+        run(shell, "def lookup(key: str) -> str:\n    'Look a key up.'\n    return key.upper()")
+        fake.enqueue(
+            tool_calls=[{"name": "lookup", "arguments": {"key": "a"}}],
+            usage={"prompt_tokens": 1000, "completion_tokens": 234},
+        )
+        fake.enqueue("x" * 400, chunk_size=1, delay=0.01)
+
+        def interrupt_in_round_two() -> None:
+            fake.wait_for_requests(2, timeout=10)
+            time.sleep(0.5)
+            _thread.interrupt_main()
+
+        threading.Thread(target=interrupt_in_round_two).start()
+        result = run(shell, "%%chat --tools lookup\nlook a up")
+        assert isinstance(result.error_in_exec, TurnInterrupted)
+        final = pub(shell).last
+        footer = final["metadata"]["nbchat"]["footer"]
+        assert "≥ 1,234 tokens (1,000 in / 234 out) · ≥ $1.23 (1 of 2 requests unknown)" in footer
+        assert "unknown · cost unknown" not in final["data"]["text/html"]
+        assert "≥ 1,234 tokens" in final["data"]["text/html"]
+        # Interrupted before anything was counted: still plainly unknown.
+        fake.reset()
+        fake.enqueue("y" * 400, chunk_size=1, delay=0.01)
+
+        def interrupt_in_round_one() -> None:
+            fake.wait_for_requests(1, timeout=10)
+            time.sleep(0.5)
+            _thread.interrupt_main()
+
+        threading.Thread(target=interrupt_in_round_one).start()
+        run(shell, "%%chat\nagain")
+        assert "tokens unknown · cost unknown" in pub(shell).last["metadata"]["nbchat"]["footer"]
+    finally:
+        forget_price("fake-model")
+
+
 def test_unknown_subcommand_and_bad_config(shell: InteractiveShell) -> None:
     with pytest.raises(UsageError, match="unknown subcommand 'frobnicate'"):
         shell.run_line_magic("chat", "frobnicate")
