@@ -83,6 +83,9 @@ def turn_failed(result: TurnResult) -> TurnFailed:
     from ._render import STATUS_LABELS
 
     label = STATUS_LABELS.get(result.status, result.status).lstrip("⚠ ").rstrip(".")
+    if result.status == "error" and result.error:
+        # "TurnFailed: Error: The model server answered…" says it failed twice.
+        return TurnFailed(result.error, result)
     return TurnFailed(f"{label}: {result.error}" if result.error else label, result)
 
 

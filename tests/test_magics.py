@@ -371,6 +371,23 @@ def test_server_down_is_one_line_and_the_next_cell_works(
     assert [m["content"] for m in fake.requests[0]["messages"]] == ["hi", "again"]
 
 
+def test_server_error_line_says_failed_once_and_hides_the_key(
+    shell: InteractiveShell, fake: FakeOpenAIServer
+) -> None:
+    shell.run_line_magic("chat", "config api_key=sk-very-secret-key-123456")
+    fake.enqueue_error(500, "upstream broke", echo_key=True, repeat=5)
+    result = run(shell, "%%chat\nhi")
+    assert isinstance(result.error_in_exec, TurnFailed)
+    (line,) = one_line_error(result)
+    assert "TurnFailed\x1b[0m: The model server answered HTTP 500: upstream broke" in line
+    assert "Error:" not in line and "sk-very-secret" not in line
+    assert str(result.error_in_exec) == result.error_in_exec.result.error
+    session = magics_of(shell).session  # type: ignore[union-attr]
+    assert session is not None
+    (stored,) = session.store.sql("SELECT error FROM turns")["error"]
+    assert stored.startswith("The model server answered HTTP 500") and "sk-very" not in stored
+
+
 def test_budget_reached_is_one_line(shell: InteractiveShell, fake: FakeOpenAIServer) -> None:
     register_price("priced-model", input_per_mtok=1000.0, output_per_mtok=1000.0)
     try:
