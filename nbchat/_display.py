@@ -41,6 +41,7 @@ if TYPE_CHECKING:  # imported when a turn runs: %load_ext must stay fast (pydant
 __all__ = [
     "CellRenderer",
     "Conversation",
+    "Found",
     "Info",
     "RenderMode",
     "TurnFailed",
@@ -373,6 +374,52 @@ class Conversation:
 
     def __repr__(self) -> str:
         return "\n".join(f"{m.role}: {m.content or ''}" for m in self.history)
+
+
+class Found:
+    """``%chat search``'s matches: a table with the matches marked, the frame in ``.frame``.
+
+    A DataFrame's cells are not Markdown, so the ``**`` of ``search()``'s snippets would
+    show as they are; here the text is escaped (it is model and user text) and the
+    matches are ``<mark>``-ed. The plain repr shows the snippets without markers.
+    """
+
+    COLUMNS = ("session_id", "title", "role", "snippet", "created_at")
+
+    def __init__(self, frame: Any, snippets: list[list[tuple[str, bool]]]) -> None:
+        self.frame = frame
+        self.snippets = snippets
+
+    def _repr_html_(self) -> str:
+        from ._markup import protect_dollars
+
+        def cell(value: Any) -> str:
+            return "" if value is None else protect_dollars(escape(str(value)))
+
+        def snippet(pieces: list[tuple[str, bool]]) -> str:
+            return "".join(f"<mark>{cell(p)}</mark>" if hit else cell(p) for p, hit in pieces)
+
+        head = "".join(f"<th>{c}</th>" for c in self.COLUMNS)
+        rows = []
+        for (_, row), pieces in zip(self.frame.iterrows(), self.snippets, strict=True):
+            cells = [snippet(pieces) if c == "snippet" else cell(row[c]) for c in self.COLUMNS]
+            rows.append("<tr>" + "".join(f"<td>{v}</td>" for v in cells) + "</tr>")
+        if not rows:
+            return "<p>No stored message has these words.</p>"
+        return (
+            '<table class="nbchat-search"><thead><tr>'
+            + head
+            + "</tr></thead><tbody>"
+            + "".join(rows)
+            + "</tbody></table>"
+        )
+
+    def __repr__(self) -> str:
+        if not self.snippets:
+            return "No stored message has these words."
+        plain = self.frame[list(self.COLUMNS)].copy()
+        plain["snippet"] = ["".join(p for p, _ in pieces) for pieces in self.snippets]
+        return str(plain.to_string(index=False))
 
 
 def _cell(value: str) -> str:

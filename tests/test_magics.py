@@ -625,6 +625,24 @@ def test_unload_removes_the_magics(shell: InteractiveShell) -> None:
 # --------------------------------------------------------------------------- the store
 
 
+def test_chat_search_marks_matches_in_escaped_html(
+    shell: InteractiveShell, fake: FakeOpenAIServer
+) -> None:
+    fake.enqueue("Use **bold** <b>tags</b> & $5 for a window function.")
+    assert run(shell, "%%chat\nwindow?").success
+    found = shell.run_line_magic("chat", "search window")
+    assert list(found.frame["role"]) == ["assistant", "user"]
+    table = found._repr_html_()
+    # Model text is escaped, the match marked: no raw ** markers added, no live tags.
+    assert "<mark>window</mark> function." in table and "<b>tags" not in table
+    assert "Use **bold** &lt;b&gt;tags&lt;/b&gt; &amp;" in table
+    assert "**window**" not in table and "**window**" not in repr(found)
+    assert "Use **bold** <b>tags</b> & $5 for a window function." in repr(found)
+    assert "**window**" in found.frame["snippet"][0]  # search()'s own contract is kept
+    nothing = shell.run_line_magic("chat", "search zebra")
+    assert "No stored message" in nothing._repr_html_() and "No stored" in repr(nothing)
+
+
 def test_sessions_history_cost_and_sql_from_the_store(
     shell: InteractiveShell, fake: FakeOpenAIServer
 ) -> None:
