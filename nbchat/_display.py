@@ -438,6 +438,13 @@ class Found:
         self.frame = frame
         self.snippets = snippets
 
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    def __getitem__(self, key: Any) -> Any:
+        """A column (or columns) of ``search()``'s frame, as code that used it expects."""
+        return self.frame[key]
+
     def _repr_html_(self) -> str:
         from ._markup import protect_dollars
 
