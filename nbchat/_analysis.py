@@ -10,7 +10,8 @@ unknown cost is never counted as 0, and the aggregates say how many requests had
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -24,6 +25,7 @@ __all__ = [
     "attachments",
     "compactions",
     "costs",
+    "highlights",
     "reprice",
     "search",
     "sessions",
@@ -381,25 +383,54 @@ def search(
     compacted messages are found too), ``created_at``, ``matched`` (words found),
     ``content``, ``id``.
     """
-    import re
-
-    terms = sorted({t.lower() for t in text.split() if t.strip()})
-    if not terms:
-        raise ValueError("search() needs at least one word to look for.")
+    terms = _terms(text)
     with open_store(db) as store:
         frame = store.frame("search", terms=terms, session_id=session_id, limit=max(1, int(limit)))
-    pattern = re.compile("|".join(re.escape(t) for t in sorted(terms, key=len, reverse=True)), re.I)
+    pattern = _pattern(terms)
 
     def snippet(content: str) -> str:
-        found = pattern.search(content)
-        start = max(0, (found.start() if found else 0) - 60)
-        piece = content[start : start + 160].replace("\n", " ")
-        marked = pattern.sub(lambda m: f"**{m.group(0)}**", piece)
-        return ("…" if start else "") + marked + ("…" if start + 160 < len(content) else "")
+        return "".join(f"**{p}**" if hit else p for p, hit in snippet_pieces(content, pattern))
 
     frame.insert(4, "snippet", [snippet(c) for c in frame["content"]])
     columns = ["session_id", "title", "seq", "role", "snippet", "state", "created_at"]
     return frame[[*columns, "matched", "content", "id"]]
+
+
+def highlights(contents: Iterable[str], text: str) -> list[list[tuple[str, bool]]]:
+    """Each content's snippet as in ``search(text)``, as (piece, is_match) pairs, unmarked.
+
+    For displays that mark the matches their own way (``%chat search``'s HTML table):
+    a snippet's ``**`` cannot be told from the ``**`` of the message's own Markdown.
+    """
+    pattern = _pattern(_terms(text))
+    return [snippet_pieces(c, pattern) for c in contents]
+
+
+def snippet_pieces(content: str, pattern: re.Pattern[str]) -> list[tuple[str, bool]]:
+    """The text around the first match (160 characters, "…" where cut), split at matches."""
+    found = pattern.search(content)
+    start = max(0, (found.start() if found else 0) - 60)
+    piece = content[start : start + 160].replace("\n", " ")
+    pieces: list[tuple[str, bool]] = [("…", False)] if start else []
+    at = 0
+    for m in pattern.finditer(piece):
+        pieces += [(piece[at : m.start()], False), (m.group(0), True)]
+        at = m.end()
+    pieces.append((piece[at:], False))
+    if start + 160 < len(content):
+        pieces.append(("…", False))
+    return [(p, hit) for p, hit in pieces if p]
+
+
+def _terms(text: str) -> list[str]:
+    terms = sorted({t.lower() for t in text.split() if t.strip()})
+    if not terms:
+        raise ValueError("search() needs at least one word to look for.")
+    return terms
+
+
+def _pattern(terms: list[str]) -> re.Pattern[str]:
+    return re.compile("|".join(re.escape(t) for t in sorted(terms, key=len, reverse=True)), re.I)
 
 
 # ------------------------------------------------------------------ the dashboard's reads

@@ -24,6 +24,7 @@ place the failure is said; the turn's display does not repeat it.
 from __future__ import annotations
 
 import contextvars
+import copy
 import sys
 import threading
 import time
@@ -35,12 +36,13 @@ from typing import TYPE_CHECKING, Any, Literal
 from ._exceptions import TurnFailed, TurnInterrupted, one_line_traceback
 
 if TYPE_CHECKING:  # imported when a turn runs: %load_ext must stay fast (pydantic models)
-    from ._render import Throttle
+    from ._render import Throttle, TurnView
     from ._types import Event, Message, TurnResult
 
 __all__ = [
     "CellRenderer",
     "Conversation",
+    "Found",
     "Info",
     "RenderMode",
     "TurnFailed",
@@ -83,6 +85,9 @@ def turn_failed(result: TurnResult) -> TurnFailed:
     from ._render import STATUS_LABELS
 
     label = STATUS_LABELS.get(result.status, result.status).lstrip("⚠ ").rstrip(".")
+    if result.status == "error" and result.error:
+        # "TurnFailed: Error: The model server answered…" says it failed twice.
+        return TurnFailed(result.error, result)
     return TurnFailed(f"{label}: {result.error}" if result.error else label, result)
 
 
@@ -107,13 +112,18 @@ class CellRenderer:
     """
 
     def __init__(self, model: str, mode: RenderMode, *, throttle: Throttle | None = None) -> None:
-        from ._render import Throttle, TurnView
+        from ._render import Throttle
+        from ._usage_footer import FooterView
 
         self.mode = mode
-        self.view = TurnView(model)
+        self.view = FooterView(model)
         self.throttle = throttle or Throttle()
         self.display_id = uuid.uuid4().hex
         self.shown = False
+        # A question answered in the cell ends a display: the input box stays where it
+        # was asked, so what the turn shows next goes in a new display under it.
+        self._splits: list[tuple[int, str]] = []  # (first part, display id) of each next one
+        self._published: dict[str, dict[str, str]] = {}  # what each display shows now
         self._printed_text = False
         self._lock = threading.RLock()  # the approval question comes from a tool thread
         self._seen = threading.Condition(self._lock)  # an event reached the view
@@ -236,13 +246,41 @@ class CellRenderer:
                     block.approval = "yes" if yes else "no"
                     if self.mode != "text":
                         self._publish(update=True)
+                        self._splits.append((len(self.view.parts), uuid.uuid4().hex))
 
     # -------------------------------------------------------------- rich displays
 
     def bundle(self) -> tuple[dict[str, str], dict[str, Any]]:
-        """The MIME bundle and metadata of the display as it stands."""
-        view = self.view
-        live = view.result is None
+        """The MIME bundle and metadata of the (last) display as it stands."""
+        return self._bundle(self._views()[-1][1], last=True)
+
+    def _views(self) -> list[tuple[str, TurnView]]:
+        """Each display's id and the part of the turn it shows (one, unless it asked)."""
+        if not self._splits:
+            return [(self.display_id, self.view)]
+        starts = [(0, self.display_id), *self._splits]
+        shown: list[tuple[str, TurnView]] = []
+        for i, (start, display_id) in enumerate(starts):
+            end = starts[i + 1][0] if i + 1 < len(starts) else None
+            part = copy.copy(self.view)
+            part.parts = self.view.parts[start:end]
+            if end is not None:  # the status and footer go under the last one
+                part.result, part.badges = None, []
+            if i:
+                part.show_user_images = False
+            shown.append((display_id, part))
+        return shown
+
+    def _bundle(self, view: TurnView, *, last: bool) -> tuple[dict[str, str], dict[str, Any]]:
+        live = self.view.result is None
+        if not last:  # an earlier display: its text, no "⏳" line, no metadata
+            text = _answer_text(view)
+            data = {
+                "text/html": view.html(live=live, show_failure=False),
+                "text/markdown": view.markdown(live=live, show_failure=False),
+                "text/plain": text,
+            }
+            return data, {}
         pending = f"<small>⏳ {escape(view.model)}…</small>" if live else ""
         html_text = "\n".join(p for p in (view.html(live=live, show_failure=False), pending) if p)
         markdown = "\n\n".join(
@@ -257,16 +295,23 @@ class CellRenderer:
                 "status": result.status,
                 "footer": view.footer(),
             }
-        data = {"text/html": html_text, "text/markdown": markdown, "text/plain": view.text}
+        data = {"text/html": html_text, "text/markdown": markdown, "text/plain": self.view.text}
         return data, metadata
 
     def _publish(self, *, update: bool) -> None:
         from IPython.display import display
 
-        data, metadata = self.bundle()
-        display(  # type: ignore[no-untyped-call]
-            data, raw=True, metadata=metadata, display_id=self.display_id, update=update
-        )
+        views = self._views()
+        for i, (display_id, view) in enumerate(views):
+            last = i == len(views) - 1
+            data, metadata = self._bundle(view, last=last)
+            if not last and self._published.get(display_id) == data:
+                continue  # an earlier display, unchanged: not sent again
+            again = update if i == 0 else display_id in self._published
+            display(  # type: ignore[no-untyped-call]
+                data, raw=True, metadata=metadata, display_id=display_id, update=again
+            )
+            self._published[display_id] = data
         self.shown = True
         self.throttle.mark(self.view.size)
 
@@ -299,6 +344,14 @@ class CellRenderer:
         lines.append(f"[{self.view.footer()}]\n")
         sys.stdout.write("".join(lines))
         sys.stdout.flush()
+
+
+def _answer_text(view: TurnView) -> str:
+    from ._render import TextPart
+
+    return "".join(
+        p.buffer.text() for p in view.parts if isinstance(p, TextPart) and not p.thinking
+    )
 
 
 def _short(text: str, limit: int = 60) -> str:
@@ -369,6 +422,59 @@ class Conversation:
 
     def __repr__(self) -> str:
         return "\n".join(f"{m.role}: {m.content or ''}" for m in self.history)
+
+
+class Found:
+    """``%chat search``'s matches: a table with the matches marked, the frame in ``.frame``.
+
+    A DataFrame's cells are not Markdown, so the ``**`` of ``search()``'s snippets would
+    show as they are; here the text is escaped (it is model and user text) and the
+    matches are ``<mark>``-ed. The plain repr shows the snippets without markers.
+    """
+
+    COLUMNS = ("session_id", "title", "role", "snippet", "created_at")
+
+    def __init__(self, frame: Any, snippets: list[list[tuple[str, bool]]]) -> None:
+        self.frame = frame
+        self.snippets = snippets
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    def __getitem__(self, key: Any) -> Any:
+        """A column (or columns) of ``search()``'s frame, as code that used it expects."""
+        return self.frame[key]
+
+    def _repr_html_(self) -> str:
+        from ._markup import protect_dollars
+
+        def cell(value: Any) -> str:
+            return "" if value is None else protect_dollars(escape(str(value)))
+
+        def snippet(pieces: list[tuple[str, bool]]) -> str:
+            return "".join(f"<mark>{cell(p)}</mark>" if hit else cell(p) for p, hit in pieces)
+
+        head = "".join(f"<th>{c}</th>" for c in self.COLUMNS)
+        rows = []
+        for (_, row), pieces in zip(self.frame.iterrows(), self.snippets, strict=True):
+            cells = [snippet(pieces) if c == "snippet" else cell(row[c]) for c in self.COLUMNS]
+            rows.append("<tr>" + "".join(f"<td>{v}</td>" for v in cells) + "</tr>")
+        if not rows:
+            return "<p>No stored message has these words.</p>"
+        return (
+            '<table class="nbchat-search"><thead><tr>'
+            + head
+            + "</tr></thead><tbody>"
+            + "".join(rows)
+            + "</tbody></table>"
+        )
+
+    def __repr__(self) -> str:
+        if not self.snippets:
+            return "No stored message has these words."
+        plain = self.frame[list(self.COLUMNS)].copy()
+        plain["snippet"] = ["".join(p for p, _ in pieces) for pieces in self.snippets]
+        return str(plain.to_string(index=False))
 
 
 def _cell(value: str) -> str:

@@ -21,7 +21,7 @@ from ._config import (
     restore_defaults,
     set_defaults,
 )
-from ._display import Info, raise_for
+from ._display import Found, Info, raise_for
 from ._exceptions import NbchatError
 
 if TYPE_CHECKING:
@@ -214,12 +214,13 @@ class Subcommands:
         return costs_table(args[0])  # type: ignore[arg-type]
 
     def _cmd_search(self, args: list[str]) -> Any:
-        from ._analysis import search
+        from ._analysis import highlights, search
 
         if not args:
             raise UsageError("%chat search: give the words to look for")
-        found = search(" ".join(args))
-        return found[["session_id", "title", "role", "snippet", "created_at"]]
+        words = " ".join(args)
+        found = search(words)
+        return Found(found, highlights(found["content"], words))
 
     def _cmd_endpoint(self, args: list[str]) -> Info:
         from ._endpoints import endpoint_command

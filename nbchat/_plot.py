@@ -38,6 +38,9 @@ _NO_NOTEBOOK = "(no notebook)"
 _TOP = 15  # sessions / notebooks shown: the most expensive ones
 _MANY = 31  # more bars than this (days, mostly) are drawn as one shape per model
 _OUTSIDE: dict[str, Any] = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0), "fontsize": "small"}
+_LEGEND_ROW = 60  # characters of labels side by side in a legend under the axes
+_BELOW_POINTS = 32  # a legend under the axes: below their tick labels and axis label
+_LABEL_CHARS = 40  # a longer label (a notebook's name) is cut, with "…" in the middle
 
 
 def costs(
@@ -53,7 +56,7 @@ def costs(
 
     Only known costs are stacked; requests whose price is unknown are counted above
     their bar ("? N") and in the legend, never drawn as 0. ``by="session"`` and
-    ``"notebook"`` show the ``top`` most expensive.
+    ``"notebook"`` show the ``top`` most expensive, as horizontal bars (long labels).
     """
     requests = _requests(db, since, until)
     ax = _axes(ax)
@@ -153,23 +156,25 @@ def draw_costs(ax: Axes, groups: pd.DataFrame, by: str, top: int = _TOP) -> Axes
 def draw_cost_bars(ax: Axes, bars: CostBars) -> Axes:
     """Draw ``cost_bars`` figures: known dollars stacked by model, unknown marked."""
     order, table, totals, missing = bars.order, bars.table, bars.totals, bars.missing
-    _stack(ax, table, order)
+    across = _across(bars.by, order)
+    _stack(ax, table, order, across=across)
     if missing:
-        _mark_unknown(ax, order, bars.unknown, totals)
+        _mark_unknown(ax, order, bars.unknown, totals, across=across)
         from matplotlib.patches import Patch
 
         handles, labels = ax.get_legend_handles_labels()
         handles.append(Patch(facecolor="none", edgecolor="0.5", hatch=_UNKNOWN_HATCH))
         counted = "" if bars.many else "? N, "  # many bars carry no "? N" labels
         labels.append(f"price unknown: {_requests_n(missing)} ({counted}not in bars)")
-        ax.legend(handles, labels, title="model", **_OUTSIDE)
+        ax.legend(handles, labels, title="model", **_legend_place(ax, across, labels))
     elif len(table.columns):
-        ax.legend(title="model", **_OUTSIDE)
+        where = _legend_place(ax, across, ax.get_legend_handles_labels()[1])
+        ax.legend(title="model", **where)
     ax.set_title(bars.title)
-    ax.set_ylabel("cost (USD, known prices)")
+    (ax.set_xlabel if across else ax.set_ylabel)("cost (USD, known prices)")
     if totals is not None:
         if bars.free:  # bars of height 0: say so, on a scale from $0 (not -$0.04 to $0.04)
-            ax.set_ylim(0, 1)
+            (ax.set_xlim if across else ax.set_ylim)(0, 1)
             ax.text(
                 0.5,
                 0.5,
@@ -179,8 +184,32 @@ def draw_cost_bars(ax: Axes, bars: CostBars) -> Axes:
                 va="center",
                 color="0.4",
             )
-        usd_ticks(ax)
+        usd_ticks(ax, ax.xaxis if across else ax.yaxis)
     return ax
+
+
+def _across(by: str, order: list[str]) -> bool:
+    """Whether the bars lie across (horizontal): sessions' and notebooks' long labels."""
+    return by in ("session", "notebook") and len(order) <= _MANY
+
+
+def _legend_place(ax: Axes, across: bool, labels: list[str]) -> dict[str, Any]:
+    """Beside the axes; under horizontal bars, whose labels already take width on the left
+    (a legend of long model names beside them would narrow the axes from both sides)."""
+    if not across:
+        return _OUTSIDE
+    from matplotlib.transforms import ScaledTranslation
+
+    down = ScaledTranslation(0, -_BELOW_POINTS / 72, ax.figure.dpi_scale_trans)
+    under = ax.transAxes + down
+    return {
+        "loc": "upper center",
+        "bbox_to_anchor": (0.5, 0.0),
+        "bbox_transform": under,
+        "fontsize": "small",
+        # Side by side while they fit under the axes, which keep their width.
+        "ncols": max(1, min(len(labels), _LEGEND_ROW // max(map(len, labels), default=1))),
+    }
 
 
 def tokens(
@@ -215,13 +244,14 @@ def tokens(
         }
     )
     table = parts.groupby("key", observed=True).sum().reindex(order).fillna(0.0).astype(float)
-    _stack(ax, table, order)
-    ax.legend(**_OUTSIDE)
+    across = _across(by, order)
+    _stack(ax, table, order, across=across)
+    ax.legend(**_legend_place(ax, across, ax.get_legend_handles_labels()[1]))
     unreported = int((frame["prompt_tokens"].isna() & frame["completion_tokens"].isna()).sum())
     if unreported:
         title += f" — {_requests_n(unreported)} reported no tokens"
     ax.set_title(title)
-    ax.set_ylabel("tokens")
+    (ax.set_xlabel if across else ax.set_ylabel)("tokens")
     return ax
 
 
@@ -605,12 +635,24 @@ def _or_minus(value: Any) -> float:
     return -1.0 if value != value else float(value)  # NaN (all unknown) sorts last
 
 
-def _stack(ax: Axes, table: pd.DataFrame, order: list[str]) -> None:
-    """Bars for ``table``'s rows (in ``order``), its columns stacked and labelled."""
+def _stack(ax: Axes, table: pd.DataFrame, order: list[str], *, across: bool = False) -> None:
+    """Bars for ``table``'s rows (in ``order``), its columns stacked and labelled.
+
+    ``across``: horizontal bars, the first row at the top, labels on the left.
+    """
     import numpy as np
 
     x = np.arange(len(order))
     many = len(order) > _MANY
+    if across:
+        for column, left, widths in stacked(table):
+            ax.barh(x, widths, left=left, label=plain(str(column)), gid=f"bar:{column}")
+        ax.set_yticks(x, [plain(_cut(str(key))) for key in order])
+        ax.set_ylim(len(order) - 0.4, -0.6)
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=4))  # dollar labels side by side
+        return
     for i, (column, bottom, heights) in enumerate(stacked(table)):
         if many:  # one artist per column, not one per bar: drawing stays quick
             color = f"C{i % 10}"  # the colour ax.bar gives the column's bars
@@ -622,11 +664,20 @@ def _stack(ax: Axes, table: pd.DataFrame, order: list[str]) -> None:
     step = -(-len(order) // 10) if many else 1  # many bars: about ten labels
     ax.set_xticks(
         x[::step],
-        [plain(str(key)) for key in order[::step]],
+        [plain(_cut(str(key))) for key in order[::step]],
         rotation=20 if crowded else 0,
         ha="right" if crowded else "center",
     )
     ax.set_xlim(-0.6, len(order) - 0.4)
+
+
+def _cut(label: str) -> str:
+    """``label``, cut in the middle past ``_LABEL_CHARS``: notebooks named alike differ at
+    their ends (``…_v2.ipynb``)."""
+    if len(label) <= _LABEL_CHARS:
+        return label
+    end = _LABEL_CHARS // 3
+    return label[: _LABEL_CHARS - end - 1] + "…" + label[-end:]
 
 
 def stacked(table: pd.DataFrame) -> list[tuple[Any, Any, Any]]:
@@ -661,17 +712,20 @@ def step_outline(bottom: Any, top: Any) -> tuple[Any, Any, Any]:
     return edges, np.append(bottom, bottom[-1]), np.append(top, top[-1])
 
 
-def _mark_unknown(ax: Axes, order: list[str], unknown: pd.Series, totals: Any) -> None:
+def _mark_unknown(
+    ax: Axes, order: list[str], unknown: pd.Series, totals: Any, *, across: bool = False
+) -> None:
     """Over each bar whose group has requests of unknown price: "? N", and a hatched,
     open-ended column up to the top of the axes (the true cost is higher by an amount
-    nobody knows)."""
+    nobody knows). ``across``: the same to the right of horizontal bars."""
     from matplotlib.patches import Rectangle
 
-    if totals is None:  # not one known dollar: a y scale would only suggest a value
-        ax.set_ylim(0, 1)
-        ax.set_yticks([])
+    get_lim, set_lim = (ax.get_xlim, ax.set_xlim) if across else (ax.get_ylim, ax.set_ylim)
+    if totals is None:  # not one known dollar: a value scale would only suggest a value
+        set_lim(0, 1)
+        (ax.set_xticks if across else ax.set_yticks)([])
     # Headroom, so the open column stands out above the tallest known bar.
-    top = ax.get_ylim()[1] if totals is None else max(ax.get_ylim()[1], 1.25 * totals.max())
+    top = get_lim()[1] if totals is None else max(get_lim()[1], 1.25 * totals.max())
     if len(order) > _MANY:  # one hatched outline over every such bar; counts in the legend
         import numpy as np
 
@@ -686,35 +740,40 @@ def _mark_unknown(ax: Axes, order: list[str], unknown: pd.Series, totals: Any) -
         if not n:
             continue
         bottom = float(totals[key]) if totals is not None else 0.0
-        hatch = Rectangle((i - 0.4, bottom), 0.8, top - bottom, fill=False, hatch=_UNKNOWN_HATCH)
-        hatch.set(edgecolor="0.6", linewidth=0, gid=f"unknown-bar:{key}")
+        if across:
+            hatch = Rectangle((bottom, i - 0.4), top - bottom, 0.8, fill=False)
+        else:
+            hatch = Rectangle((i - 0.4, bottom), 0.8, top - bottom, fill=False)
+        hatch.set(hatch=_UNKNOWN_HATCH, edgecolor="0.6", linewidth=0, gid=f"unknown-bar:{key}")
         ax.add_patch(hatch)
         ax.annotate(
             f"? {n}",
-            (i, bottom),
-            xytext=(0, 3),
+            (bottom, i) if across else (i, bottom),
+            xytext=(3, 0) if across else (0, 3),
             textcoords="offset points",
-            ha="center",
-            va="bottom",
+            ha="left" if across else "center",
+            va="center" if across else "bottom",
             fontsize="small",
             gid=f"unknown:{key}",
         )
-    ax.set_ylim(0, top)
+    set_lim(0, top)
 
 
 def _requests_n(n: int) -> str:
     return f"{n} request{'s' if n != 1 else ''}"
 
 
-def usd_ticks(ax: Axes) -> None:
-    """Dollar tick labels with enough decimals for cents or for millionths of a cent."""
+def usd_ticks(ax: Axes, axis: Any = None) -> None:
+    """Dollar tick labels with enough decimals for cents or for millionths of a cent
+    (on ``axis``; the y axis unless given)."""
     import math
 
     from matplotlib.ticker import FuncFormatter
 
-    top = ax.get_ylim()[1]
+    axis = ax.yaxis if axis is None else axis
+    top = (ax.get_xlim() if axis is ax.xaxis else ax.get_ylim())[1]
     decimals = max(2, 1 - math.floor(math.log10(top))) if top > 0 else 2
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"${v:,.{decimals}f}"))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"${v:,.{decimals}f}"))
 
 
 def _axes(ax: Axes | None) -> Axes:

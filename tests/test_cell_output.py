@@ -138,12 +138,14 @@ def test_python_ask_asks_in_the_tool_block_and_times_only_the_run(
     run = kernel.execute("%%chat --tools python\nCompute.", cell_id="ask", stdin=slow_yes)
     assert run.status == "ok", run.reply
     assert run.input_requests == ["Run it? [y/N] "]
-    assert len(run.displays()) == 1  # no second display for the question
+    # No display of its own for the question; the turn goes on under the input box.
+    asked_in, then = run.displays()
+    assert "It is 42." in then["data"]["text/markdown"] and then["metadata"]["nbchat"]
     states = [d["text/html"] for d in snapshots(run)]
     asking = [s for s in states if "waiting for your approval" in s]
     assert asking and "answer = 6 * 7\nanswer" in re.sub(r"<[^>]+>", "", asking[0])
     assert "<details open>" in asking[0]
-    end = final(run)["data"]["text/html"]
+    end = asked_in["data"]["text/html"]
     summary = end[end.index("<code>python</code>") :].split("</summary>")[0]
     assert " ms)" in summary, summary  # well under the 1.5 s spent waiting
     assert kernel.execute("print(answer)").stdout == "42\n"

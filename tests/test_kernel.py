@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import re
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -170,13 +171,28 @@ def test_python_tool_asks_through_the_input_box(kernel: Kernel, fake: FakeOpenAI
     code = "summary = int(df['x'].sum())\nsummary"
     fake.enqueue(tool_calls=[{"name": "python", "arguments": {"code": code}}])
     fake.enqueue("The sum is 6.")
+    answered: list[float] = []
+
+    def answer(prompt: str) -> str:
+        answered.append(time.monotonic())
+        return "y"
+
     run = kernel.execute(
-        "%%chat --tools python\nWhat is the sum of x?", cell_id="cell-py", stdin=lambda p: "y"
+        "%%chat --tools python\nWhat is the sum of x?", cell_id="cell-py", stdin=answer
     )
     assert run.status == "ok", run.reply
     assert run.input_requests == ["Run it? [y/N] "]
-    # The question shows in the tool's block of the turn's one display (issue 11).
-    assert len(run.displays()) == 1
+    # The question shows in the tool's block (issue 11), and the input box right under
+    # it: the turn goes on in a second display, sent after the answer, so the reply and
+    # footer come below the box, not above it.
+    first, then = run.displays()
+    assert "summary" in first["data"]["text/markdown"] and "6" in first["data"]["text/html"]
+    assert "The sum is 6." not in first["data"]["text/markdown"]
+    assert "The sum is 6." in then["data"]["text/markdown"]
+    assert then["metadata"]["nbchat"]["status"] == "completed"
+    assert "tokens" in then["metadata"]["nbchat"]["footer"] and not first["metadata"]
+    (started_after,) = [t for t, m in run.messages if m["header"]["msg_type"] == "display_data"][1:]
+    assert started_after > answered[0]
     asking = [
         m["content"]["data"]["text/markdown"]
         for m in run.of_type("update_display_data")

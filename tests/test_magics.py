@@ -378,6 +378,23 @@ def test_server_down_is_one_line_and_the_next_cell_works(
     assert [m["content"] for m in fake.requests[0]["messages"]] == ["hi", "again"]
 
 
+def test_server_error_line_says_failed_once_and_hides_the_key(
+    shell: InteractiveShell, fake: FakeOpenAIServer
+) -> None:
+    shell.run_line_magic("chat", "config api_key=sk-very-secret-key-123456")
+    fake.enqueue_error(500, "upstream broke", echo_key=True, repeat=5)
+    result = run(shell, "%%chat\nhi")
+    assert isinstance(result.error_in_exec, TurnFailed)
+    (line,) = one_line_error(result)
+    assert "TurnFailed\x1b[0m: The model server answered HTTP 500: upstream broke" in line
+    assert "Error:" not in line and "sk-very-secret" not in line
+    assert str(result.error_in_exec) == result.error_in_exec.result.error
+    session = magics_of(shell).session  # type: ignore[union-attr]
+    assert session is not None
+    (stored,) = session.store.sql("SELECT error FROM turns")["error"]
+    assert stored.startswith("The model server answered HTTP 500") and "sk-very" not in stored
+
+
 def test_budget_reached_is_one_line(shell: InteractiveShell, fake: FakeOpenAIServer) -> None:
     register_price("priced-model", input_per_mtok=1000.0, output_per_mtok=1000.0)
     try:
@@ -416,6 +433,47 @@ def test_interrupt_keeps_the_partial_reply_and_stops_run_all(
     session = magics_of(shell).session  # type: ignore[union-attr]
     assert session is not None
     assert [m.status for m in session.history] == ["ok", "interrupted", "ok", "ok"]
+
+
+def test_interrupt_in_round_two_shows_round_one_usage_as_a_lower_bound(
+    shell: InteractiveShell, fake: FakeOpenAIServer
+) -> None:
+    register_price("fake-model", input_per_mtok=1000.0, output_per_mtok=1000.0)
+    try:
+        run(shell, "def lookup(key: str) -> str:\n    'Look a key up.'\n    return key.upper()")
+        fake.enqueue(
+            tool_calls=[{"name": "lookup", "arguments": {"key": "a"}}],
+            usage={"prompt_tokens": 1000, "completion_tokens": 234},
+        )
+        fake.enqueue("x" * 400, chunk_size=1, delay=0.01)
+
+        def interrupt_in_round_two() -> None:
+            fake.wait_for_requests(2, timeout=10)
+            time.sleep(0.5)
+            _thread.interrupt_main()
+
+        threading.Thread(target=interrupt_in_round_two).start()
+        result = run(shell, "%%chat --tools lookup\nlook a up")
+        assert isinstance(result.error_in_exec, TurnInterrupted)
+        final = pub(shell).last
+        footer = final["metadata"]["nbchat"]["footer"]
+        assert "≥ 1,234 tokens (1,000 in / 234 out) · ≥ $1.23 (1 of 2 requests unknown)" in footer
+        assert "unknown · cost unknown" not in final["data"]["text/html"]
+        assert "≥ 1,234 tokens" in final["data"]["text/html"]
+        # Interrupted before anything was counted: still plainly unknown.
+        fake.reset()
+        fake.enqueue("y" * 400, chunk_size=1, delay=0.01)
+
+        def interrupt_in_round_one() -> None:
+            fake.wait_for_requests(1, timeout=10)
+            time.sleep(0.5)
+            _thread.interrupt_main()
+
+        threading.Thread(target=interrupt_in_round_one).start()
+        run(shell, "%%chat\nagain")
+        assert "tokens unknown · cost unknown" in pub(shell).last["metadata"]["nbchat"]["footer"]
+    finally:
+        forget_price("fake-model")
 
 
 def test_unknown_subcommand_and_bad_config(shell: InteractiveShell) -> None:
@@ -574,6 +632,24 @@ def test_unload_removes_the_magics(shell: InteractiveShell) -> None:
 
 
 # --------------------------------------------------------------------------- the store
+
+
+def test_chat_search_marks_matches_in_escaped_html(
+    shell: InteractiveShell, fake: FakeOpenAIServer
+) -> None:
+    fake.enqueue("Use **bold** <b>tags</b> & $5 for a window function.")
+    assert run(shell, "%%chat\nwindow?").success
+    found = shell.run_line_magic("chat", "search window")
+    assert list(found.frame["role"]) == ["assistant", "user"]
+    table = found._repr_html_()
+    # Model text is escaped, the match marked: no raw ** markers added, no live tags.
+    assert "<mark>window</mark> function." in table and "<b>tags" not in table
+    assert "Use **bold** &lt;b&gt;tags&lt;/b&gt; &amp;" in table
+    assert "**window**" not in table and "**window**" not in repr(found)
+    assert "Use **bold** <b>tags</b> & $5 for a window function." in repr(found)
+    assert "**window**" in found.frame["snippet"][0]  # search()'s own contract is kept
+    nothing = shell.run_line_magic("chat", "search zebra")
+    assert "No stored message" in nothing._repr_html_() and "No stored" in repr(nothing)
 
 
 def test_sessions_history_cost_and_sql_from_the_store(

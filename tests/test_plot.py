@@ -114,13 +114,20 @@ def _close_figures() -> Iterator[None]:
     plt.close("all")
 
 
+def across(ax: Axes) -> bool:
+    """Horizontal bars (sessions, notebooks): drawn first row on top, so y runs down."""
+    return bool(ax.yaxis_inverted())
+
+
 def bars(ax: Axes) -> dict[str, list[float]]:
-    """Each bar series' label and heights, left to right."""
-    return {c.get_label(): [float(p.get_height()) for p in c] for c in ax.containers}
+    """Each bar series' label and lengths, in the chart's order (left to right, or down)."""
+    length = "get_width" if across(ax) else "get_height"
+    return {c.get_label(): [float(getattr(p, length)()) for p in c] for c in ax.containers}
 
 
 def ticks(ax: Axes) -> list[str]:
-    return [t.get_text() for t in ax.get_xticklabels()]
+    """The bars' labels, in the chart's order."""
+    return [t.get_text() for t in (ax.get_yticklabels() if across(ax) else ax.get_xticklabels())]
 
 
 def legend(ax: Axes) -> list[str]:
@@ -130,7 +137,13 @@ def legend(ax: Axes) -> list[str]:
 
 
 def hatched(ax: Axes) -> dict[str, tuple[float, float]]:
-    """The hatched 'price unknown' columns: (x, bottom) by gid."""
+    """The hatched 'price unknown' columns: (place of the bar, where they start) by gid."""
+    if across(ax):
+        return {
+            str(p.get_gid()): (p.get_y() + p.get_height() / 2, p.get_x())
+            for p in ax.patches
+            if str(p.get_gid()).startswith("unknown-bar:")
+        }
     return {
         str(p.get_gid()): (p.get_x() + p.get_width() / 2, p.get_y())
         for p in ax.patches
@@ -190,6 +203,50 @@ def test_costs_by_session_and_notebook_label_groups_and_keep_the_top(filled: Fil
     ARTIFACTS.mkdir(exist_ok=True)
     ax.figure.savefig(ARTIFACTS / "costs.png", dpi=100)  # the README's docs/costs.png
     assert (ARTIFACTS / "costs.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_long_session_and_notebook_labels_lie_across_with_the_legend_below(
+    tmp_path: Path, fake: FakeOpenAIServer
+) -> None:
+    db = str(tmp_path / "long.duckdb")
+    model = "provider/a-model-with-a-rather-long-name-latest"
+    register_price(model, input_per_mtok=1.0, output_per_mtok=2.0)
+    try:
+        for i in range(4):
+            fake.enqueue("ok", usage=_usage(1000 * (i + 1), 100))
+            nbchat.Session(
+                model=model if i else MYSTERY,
+                base_url=fake.url,
+                api_key="k",
+                db=db,
+                title=f"Quarterly revenue analysis for the northern region, part {i}",
+                notebook=f"/home/me/a_very_long_notebook_name_for_the_project_{i}_final.ipynb",
+            ).send("hi")
+    finally:
+        forget_price(model)
+    for by in ("session", "notebook"):
+        ax = nbchat.plot.costs(by=by, db=db)  # type: ignore[arg-type]
+        assert across(ax) and ax.get_xticklabels()[0].get_text().startswith("$")
+        labels = ticks(ax)
+        assert len(labels) == 4 and all(len(t) <= 40 for t in labels)
+        if by == "notebook":  # cut in the middle: names alike differ at their ends
+            assert labels[0] == "a_very_long_notebook_name_…3_final.ipynb"
+        else:
+            assert labels[0].startswith("Quarterly revenue analysis f… · ")
+        assert list(hatched(ax).values()) == [(3, 0)]  # the unknown one, last, from $0
+        figure = ax.figure
+        figure.canvas.draw()
+        renderer = figure.canvas.get_renderer()  # type: ignore[attr-defined]
+        box, shown = ax.get_window_extent(), ax.get_legend()
+        assert shown is not None
+        where = shown.get_window_extent(renderer)
+        assert where.y1 < box.y0  # under the axes (and their labels), not beside them
+        assert box.x1 > 0.9 * figure.bbox.width  # the axes reach the figure's right side
+        figure.savefig(tmp_path / f"{by}.png", dpi=80)
+    tokens = nbchat.plot.tokens(by="session", db=db)
+    assert across(tokens) and sum(bars(tokens)["input"]) == 1000 + 2000 + 3000 + 4000
+    assert nbchat.plot.tokens(by="model", db=db).get_legend() is not None
+    assert not across(nbchat.plot.costs(by="day", db=db))
 
 
 def test_only_unknown_prices_draw_no_dollars(filled: Filled) -> None:
@@ -416,7 +473,8 @@ def test_dollar_signs_in_titles_notebooks_and_model_names_are_drawn_as_they_are(
     assert set(ticks(charts["latency"])) == {r"m\$1", r"x\$\alpha\$"}
     assert {r"m\$1", r"x\$\alpha\$"} <= set(legend(charts["session"]))
     for ax in charts.values():  # and none of them is read as mathtext
-        texts = [*ax.get_xticklabels(), *(ax.get_legend().get_texts() if ax.get_legend() else [])]
+        texts = [*ax.get_xticklabels(), *ax.get_yticklabels()]
+        texts += ax.get_legend().get_texts() if ax.get_legend() else []
         assert not any(matplotlib.cbook.is_math_text(t.get_text()) for t in texts)
     board = nbchat.dashboard(db=db)  # its charts draw the same labels
     assert board.spend.value and board.by_model.value and board.latency.value
