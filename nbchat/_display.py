@@ -112,11 +112,10 @@ class CellRenderer:
     """
 
     def __init__(self, model: str, mode: RenderMode, *, throttle: Throttle | None = None) -> None:
-        from ._render import Throttle
-        from ._usage_footer import FooterView
+        from ._render import Throttle, TurnView
 
         self.mode = mode
-        self.view = FooterView(model)
+        self.view = TurnView(model)
         self.throttle = throttle or Throttle()
         self.display_id = uuid.uuid4().hex
         self.shown = False

@@ -178,7 +178,7 @@ def draw_cost_bars(ax: Axes, bars: CostBars) -> Axes:
             ax.text(
                 0.5,
                 0.5,
-                plain("every known cost is $0 (free models)"),
+                plain("every known cost is $0 (free models or failed requests)"),
                 transform=ax.transAxes,
                 ha="center",
                 va="center",

@@ -30,7 +30,6 @@ from ._markup import (
     clip,
     escape,
     highlight,
-    money,
     pretty_json,
     protect_dollars,
     safe_markdown,
@@ -53,14 +52,15 @@ from ._types import (
     TurnFinished,
     TurnResult,
     TurnStarted,
+    UsageEvent,
 )
+from ._usage_footer import KnownUsage, format_footer, lower_bound_footer
 
 __all__ = [
     "STATUS_LABELS",
     "Throttle",
     "ToolBlock",
     "TurnView",
-    "format_footer",
     "history_views",
 ]
 
@@ -344,6 +344,7 @@ class TurnView:
         self.show_user_images = True
         self.badges: list[str] = []  # status lines of a stored turn
         self.started = time.monotonic()
+        self.known = KnownUsage()  # the requests whose usage arrived (for the footer)
         self._text = TextBuffer()
 
     @property
@@ -389,6 +390,9 @@ class TurnView:
                 self._notice(message, "error")
             case CompactionEvent():
                 self._notice(_compaction_line(event), "compaction")
+            case UsageEvent():
+                self.known.add(event)
+                return False  # counted for the footer, nothing shown yet
             case TurnFinished(result=result):
                 self.result = result
                 # The status line repeats a turn-ending error; show it once, there.
@@ -492,27 +496,12 @@ class TurnView:
         return label
 
     def footer(self) -> str:
-        """One line: model, tokens, cost (or "cost unknown"), time."""
+        """One line: model, tokens, cost (known parts of a partly unknown turn as ``≥``),
+        time."""
         if self.result is None:
             return format_footer(self.model, None, time.monotonic() - self.started)
-        return format_footer(self.model, self.result, self.result.duration_ms / 1000)
-
-
-def format_footer(model: str, result: TurnResult | None, seconds: float) -> str:
-    """``model · 1,234 tokens (1,000 in / 234 out) · $0.0012 · 2.3 s``."""
-    parts = [model] if model else []
-    if result is not None:
-        u = result.usage
-        if u.prompt_tokens is None or u.completion_tokens is None:
-            parts.append("tokens unknown")
-        else:
-            parts.append(
-                f"{u.prompt_tokens + u.completion_tokens:,} tokens "
-                f"({u.prompt_tokens:,} in / {u.completion_tokens:,} out)"
-            )
-        parts.append("cost unknown" if u.cost_usd is None else money(u.cost_usd))
-    parts.append(f"{seconds:.1f} s")
-    return " · ".join(parts)
+        seconds = self.result.duration_ms / 1000
+        return lower_bound_footer(self.model, self.result, self.known, seconds)
 
 
 def _line_html(text: str) -> str:

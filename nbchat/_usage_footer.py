@@ -1,21 +1,39 @@
-"""The turn footer when a request's usage is unknown: what is known, as a lower bound.
+"""A turn's footer line: model, tokens, cost, time — and what is known of a partly
+unknown turn, as a lower bound.
 
 A turn's ``Usage`` is ``None`` as soon as one request in it is unknown (an interrupted
 request usually is), so its footer would say "tokens unknown · cost unknown" although
-the rounds before were counted. ``FooterView`` sums the known requests from the turn's
-``usage`` events and shows them with ``≥`` and how many requests are missing; a turn
-with nothing known still says unknown, and a fully known turn reads as before.
+the rounds before were counted. ``KnownUsage`` sums the known requests from the turn's
+``usage`` events (``TurnView`` keeps one), and ``lower_bound_footer`` shows them with
+``≥`` and how many requests are missing; a turn with nothing known still says
+unknown, and a fully known turn reads as ``format_footer`` writes it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ._render import TurnView, format_footer
 from ._text import money
-from ._types import Event, TurnResult, UsageEvent
+from ._types import TurnResult, UsageEvent
 
-__all__ = ["FooterView", "KnownUsage", "lower_bound_footer"]
+__all__ = ["KnownUsage", "format_footer", "lower_bound_footer"]
+
+
+def format_footer(model: str, result: TurnResult | None, seconds: float) -> str:
+    """``model · 1,234 tokens (1,000 in / 234 out) · $0.0012 · 2.3 s``."""
+    parts = [model] if model else []
+    if result is not None:
+        u = result.usage
+        if u.prompt_tokens is None or u.completion_tokens is None:
+            parts.append("tokens unknown")
+        else:
+            parts.append(
+                f"{u.prompt_tokens + u.completion_tokens:,} tokens "
+                f"({u.prompt_tokens:,} in / {u.completion_tokens:,} out)"
+            )
+        parts.append("cost unknown" if u.cost_usd is None else money(u.cost_usd))
+    parts.append(f"{seconds:.1f} s")
+    return " · ".join(parts)
 
 
 @dataclass
@@ -83,25 +101,3 @@ def lower_bound_footer(model: str, result: TurnResult, known: KnownUsage, second
 def _missing(missing: int, requests: int) -> str:
     noun = "request" if requests == 1 else "requests"
     return f"{missing} of {requests} {noun} unknown"
-
-
-class FooterView(TurnView):
-    """A ``TurnView`` whose footer shows the known part of a partly unknown usage."""
-
-    def __init__(self, model: str = "") -> None:
-        super().__init__(model)
-        self.known = KnownUsage()
-
-    def handle(self, event: Event) -> bool:
-        """Fold one event in (a ``usage`` event is counted); return whether the view changed."""
-        if isinstance(event, UsageEvent):
-            self.known.add(event)
-        return super().handle(event)
-
-    def footer(self) -> str:
-        """One line: model, tokens, cost (known parts marked ``≥``), time."""
-        if self.result is None:
-            return super().footer()
-        return lower_bound_footer(
-            self.model, self.result, self.known, self.result.duration_ms / 1000
-        )

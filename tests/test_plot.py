@@ -498,7 +498,9 @@ def test_free_models_only_draw_a_scale_from_zero_that_says_so() -> None:
     )
     ax = draw_costs(plt.figure().subplots(), groups, "day")
     assert ax.get_ylim() == (0.0, 1.0)
-    assert [t.get_text() for t in ax.texts] == [r"every known cost is \$0 (free models)"]
+    assert [t.get_text() for t in ax.texts] == [
+        r"every known cost is \$0 (free models or failed requests)"
+    ]
     paid = groups.assign(cost_usd=[0.25])
     ax = draw_costs(plt.figure().subplots(), paid, "day")
     assert ax.get_ylim()[0] == 0.0 and len(ax.texts) == 0

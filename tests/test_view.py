@@ -350,3 +350,21 @@ def test_dollars_in_link_urls_stay_plain() -> None:
     assert 'href="http://shop.test/p?price=$5&amp;x=$y$"' in out
     assert '<span class="nbchat-usd">$</span>5 plan</a>' in out
     assert_inert(out)
+
+
+def test_every_front_end_shows_the_known_part_of_a_partly_unknown_turn() -> None:
+    """One turn model: the panel's footer and the cell's read the same (the cell's alone
+    had the lower bound, from a subclass the panel did not use)."""
+    from nbchat._types import RequestUsage, TurnFinished, TurnResult, Usage, UsageEvent
+
+    view = TurnView("m")
+    counted = RequestUsage(prompt_tokens=1000, completion_tokens=234)
+    view.handle(UsageEvent(model="m", usage=counted, cost_usd=0.0012))
+    unknown = Usage(requests=2, prompt_tokens=None, completion_tokens=None, cost_usd=None)
+    result = TurnResult(
+        session_id="s", turn_id="t", status="interrupted", usage=unknown, duration_ms=1800
+    )
+    view.handle(TurnFinished(result=result))
+    assert view.footer() == (
+        "m · ≥ 1,234 tokens (1,000 in / 234 out) · ≥ $0.0012 (1 of 2 requests unknown) · 1.8 s"
+    )
