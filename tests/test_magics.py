@@ -435,6 +435,17 @@ def test_interrupt_keeps_the_partial_reply_and_stops_run_all(
     assert [m.status for m in session.history] == ["ok", "interrupted", "ok", "ok"]
 
 
+def interrupt_during_request(fake: FakeOpenAIServer, n: int) -> None:
+    """Ctrl-C, from another thread, half a second into the server's ``n``-th request."""
+
+    def interrupt() -> None:
+        fake.wait_for_requests(n, timeout=10)
+        time.sleep(0.5)
+        _thread.interrupt_main()
+
+    threading.Thread(target=interrupt).start()
+
+
 def test_interrupt_in_round_two_shows_round_one_usage_as_a_lower_bound(
     shell: InteractiveShell, fake: FakeOpenAIServer
 ) -> None:
@@ -446,13 +457,7 @@ def test_interrupt_in_round_two_shows_round_one_usage_as_a_lower_bound(
             usage={"prompt_tokens": 1000, "completion_tokens": 234},
         )
         fake.enqueue("x" * 400, chunk_size=1, delay=0.01)
-
-        def interrupt_in_round_two() -> None:
-            fake.wait_for_requests(2, timeout=10)
-            time.sleep(0.5)
-            _thread.interrupt_main()
-
-        threading.Thread(target=interrupt_in_round_two).start()
+        interrupt_during_request(fake, 2)
         result = run(shell, "%%chat --tools lookup\nlook a up")
         assert isinstance(result.error_in_exec, TurnInterrupted)
         final = pub(shell).last
@@ -463,13 +468,7 @@ def test_interrupt_in_round_two_shows_round_one_usage_as_a_lower_bound(
         # Interrupted before anything was counted: still plainly unknown.
         fake.reset()
         fake.enqueue("y" * 400, chunk_size=1, delay=0.01)
-
-        def interrupt_in_round_one() -> None:
-            fake.wait_for_requests(1, timeout=10)
-            time.sleep(0.5)
-            _thread.interrupt_main()
-
-        threading.Thread(target=interrupt_in_round_one).start()
+        interrupt_during_request(fake, 1)
         run(shell, "%%chat\nagain")
         assert "tokens unknown · cost unknown" in pub(shell).last["metadata"]["nbchat"]["footer"]
     finally:
