@@ -72,14 +72,14 @@ def litellm_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         if os.environ.get("CI"):  # .ci/run installs it: a skip there would hide a gap
             pytest.fail(why)
         pytest.skip(why)
-    assembler = tmp_path_factory.mktemp("litellm")
-    (assembler / "config.yaml").write_text(CONFIG)
+    folder = tmp_path_factory.mktemp("litellm")
+    (folder / "config.yaml").write_text(CONFIG)
     port = _free_port()
     env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "NO_DOCS": "True"}
-    log = (assembler / "proxy.log").open("wb")
+    log = (folder / "proxy.log").open("wb")
     proc = subprocess.Popen(
         [command, "--config", "config.yaml", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=assembler,
+        cwd=folder,
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -90,7 +90,7 @@ def litellm_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         deadline = time.monotonic() + 90
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"LiteLLM exited: {(assembler / 'proxy.log').read_text()[-2000:]}")
+                pytest.fail(f"LiteLLM exited: {(folder / 'proxy.log').read_text()[-2000:]}")
             try:
                 if httpx.get(f"{root}/health/liveliness", timeout=1).status_code == 200:
                     break
