@@ -86,6 +86,16 @@ def db_path(tmp_path: Path) -> Path:
 # --------------------------------------------------------------------------- PostgreSQL
 
 
+@pytest.fixture(scope="module")
+def own_cluster() -> Iterator[TempCluster]:
+    """A server of one test module's own (each module gets one), which its tests stop and start."""
+    cluster = start_cluster()
+    if cluster.external:
+        pytest.skip("NBCHAT_TEST_PG names a server the tests must not stop")
+    yield cluster
+    cluster.stop()
+
+
 @pytest.fixture(scope="session")
 def pg_cluster() -> Iterator[TempCluster]:
     """One PostgreSQL server for the whole test run, stopped at the end."""

@@ -18,20 +18,10 @@ import pandas as pd
 import pytest
 
 import nbchat
+from nbchat._events import MessageAdded, MessagesMarked, TurnFinished, TurnStarted, UsageEvent
 from nbchat._store import Store
-from nbchat._store._migrations import fill_counters
-from nbchat._types import (
-    Message,
-    MessageAdded,
-    MessagesMarked,
-    RequestUsage,
-    TurnFinished,
-    TurnResult,
-    TurnStarted,
-    Usage,
-    UsageEvent,
-    new_id,
-)
+from nbchat._store._recount import fill_counters
+from nbchat._types import Message, RequestUsage, TurnResult, Usage, new_id
 
 # What sessions() computed before the counters: every message, request and turn, per call.
 FULL_SESSIONS = """
@@ -387,7 +377,8 @@ def test_m009_copies_each_session_into_its_counters_and_counts_superseded_turns(
 OTHER_PROCESS = """
 import sys
 from nbchat._store import Store
-from nbchat._types import Message, MessageAdded, MessagesMarked
+from nbchat._types import Message
+from nbchat._events import MessageAdded, MessagesMarked
 path, sid, marked = sys.argv[1:4]
 with Store.open(path) as store:
     store.write(MessageAdded(session_id=sid, message=Message(role="user", content="new", seq=90)))

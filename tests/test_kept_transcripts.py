@@ -22,16 +22,9 @@ import pytest
 
 import nbchat
 import nbchat._store._duckdb as duckdb_store
+from nbchat._events import MessageAdded, MessagesMarked, UsageEvent
 from nbchat._store import Store
-from nbchat._types import (
-    Message,
-    MessageAdded,
-    MessagesMarked,
-    RequestUsage,
-    UsageEvent,
-    new_id,
-    utcnow,
-)
+from nbchat._types import Message, RequestUsage, new_id, utcnow
 
 FROM_THE_FILE = """
     SELECT seq, role, content, reasoning, name, tool_calls, tool_call_id, status, state,
@@ -43,7 +36,8 @@ FROM_THE_FILE = """
 OTHER_PROCESS = """
 import sys
 from nbchat._store import Store
-from nbchat._types import Message, MessageAdded, MessagesMarked
+from nbchat._types import Message
+from nbchat._events import MessageAdded, MessagesMarked
 path, sid, seq, marked = sys.argv[1:5]
 with Store.open(path) as store:
     message = Message(role="assistant", content="from elsewhere", seq=int(seq))

@@ -15,36 +15,30 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import psycopg
 import pytest
-from pg_cluster import PASSWORD_ROLE, TempCluster, start_cluster, wait_until_up
+from pg_cluster import PASSWORD_ROLE, TempCluster, wait_until_up
 from test_store import EXPECTED_SCHEMA
 
 import nbchat
 from nbchat import Session, StoreError
+from nbchat._events import (
+    CompactionEvent,
+    MessageAdded,
+    MessagesMarked,
+    ToolResult,
+    TurnFinished,
+    TurnStarted,
+    UsageEvent,
+)
 from nbchat._store import Store, evict_lease, key_of
 from nbchat._store._migrations import ATTRIBUTED_TABLES, MIGRATIONS
 from nbchat._store._tally import COUNTER_TABLES
-from nbchat._types import (
-    CompactionEvent,
-    Message,
-    MessageAdded,
-    MessagesMarked,
-    RequestUsage,
-    ToolCall,
-    ToolCallRecord,
-    ToolResult,
-    TurnFinished,
-    TurnResult,
-    TurnStarted,
-    Usage,
-    UsageEvent,
-)
+from nbchat._types import Message, RequestUsage, ToolCall, ToolCallRecord, TurnResult, Usage
 from nbchat.testing import FakeOpenAIServer
 
 CHILD = Path(__file__).parent / "helpers" / "pg_child.py"
@@ -74,16 +68,6 @@ def wait_for(check: Any, what: str, timeout: float = 60.0) -> None:
     while not check():
         assert time.monotonic() < deadline, f"gave up waiting for {what}"
         time.sleep(0.1)
-
-
-@pytest.fixture(scope="module")
-def own_cluster() -> Iterator[TempCluster]:
-    """A server of this module's own, which tests stop and start."""
-    cluster = start_cluster()
-    if cluster.external:
-        pytest.skip("NBCHAT_TEST_PG names a server the tests must not stop")
-    yield cluster
-    cluster.stop()
 
 
 # --------------------------------------------------------------------------- schema
@@ -213,6 +197,12 @@ def test_user_sql_runs_in_duckdb_never_on_the_server(pg_url: str) -> None:
             nbchat.sql("SELECT * FROM pg_catalog.pg_roles", db=store)
         with pytest.raises(StoreError, match="may not read files"):
             nbchat.sql("SELECT * FROM read_csv('/etc/passwd')", db=store)
+        # As on DuckDB: a change inside a SELECT is refused (not run on the copy), and an
+        # unknown table is named with the store's tables.
+        with pytest.raises(StoreError, match=r"tries to change data \(a DELETE inside it\)"):
+            nbchat.sql("WITH d AS (DELETE FROM sessions RETURNING id) SELECT * FROM d", db=store)
+        with pytest.raises(StoreError, match="no table pg_constraintz; its tables are sessions"):
+            nbchat.sql("SELECT * FROM pg_constraintz", db=store)
         assert store.has_session("s")
 
 
@@ -301,6 +291,25 @@ def test_a_spool_left_by_a_stopped_process_is_written_by_the_next_open(
         assert store.load_session("spooled").messages[0].content == "written while away"
         assert store._fetchall("SELECT user_text FROM turns") == [("written while away",)]
     assert not list((tmp_path / "spool").rglob("*.jsonl"))
+
+
+def test_an_empty_spool_left_behind_is_cleared_without_a_warning(
+    own_cluster: TempCluster, tmp_path: Path
+) -> None:
+    """A spool file a process left with nothing in it (it wrote everything before it
+    ended) is removed quietly: a trial's kernel had warned 'nbchat stored 0 writes'."""
+    from nbchat._store._pg_url import shown_url
+    from nbchat._store._spool import spool_folder
+
+    url = own_cluster.new_database()
+    Store.open(url).close()
+    folder = spool_folder(str(tmp_path / "spool"), shown_url(url))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "4242-0123abcd.jsonl").write_bytes(b"")
+    evict_lease(url)  # the next open is a first one, which replays what was left
+    with Store.open(url) as store:  # pyproject turns any warning into an error here
+        assert store.recovered is None
+    assert not list(folder.glob("*.jsonl"))
 
 
 # --------------------------------------------------------------------------- processes

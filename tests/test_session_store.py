@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,28 @@ from nbchat._store import Store
 from nbchat.testing import FakeOpenAIServer
 
 CHILD = Path(__file__).parent / "helpers" / "store_child.py"
+
+
+@contextlib.contextmanager
+def _file_held(db_path: Path, tmp_path: Path, seconds: float = 2.5) -> Iterator[None]:
+    """Another process holds the store file for ``seconds`` (from when this yields)."""
+    ready = tmp_path / "held"
+    holder = subprocess.Popen(
+        [sys.executable, str(CHILD), "hold", str(db_path), str(seconds), str(ready)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not ready.exists():
+            assert holder.poll() is None, "the holder process died"
+            assert time.monotonic() < deadline, "the holder never took the file"
+            time.sleep(0.05)
+        yield
+        # It returned with the file still held: what was sent is in the journal.
+        assert holder.poll() is None
+    finally:
+        holder.communicate(timeout=30)
 
 
 @pytest.mark.slow
@@ -32,25 +56,10 @@ def test_a_locked_store_file_loses_nothing(
     s.send("one")
     time.sleep(1.0)  # the store lets the file go 0.5 s after its last write
 
-    ready = tmp_path / "held"
-    holder = subprocess.Popen(
-        [sys.executable, str(CHILD), "hold", str(db_path), "2.5", str(ready)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 20
-        while not ready.exists():
-            assert holder.poll() is None, "the holder process died"
-            assert time.monotonic() < deadline, "the holder never took the file"
-            time.sleep(0.05)
-        events: list[Any] = []
+    events: list[Any] = []
+    with _file_held(db_path, tmp_path):
         r = s.send("two", on_event=events.append)
         assert r.status == "completed" and r.text == "second answer"
-        # It returned with the file still held: the turn is in this process's journal.
-        assert holder.poll() is None
-    finally:
-        holder.communicate(timeout=30)
 
     # The file is free again: the backlog is written first, in order.
     s.send("three", on_event=events.append)
@@ -66,6 +75,34 @@ def test_a_locked_store_file_loses_nothing(
         "third answer",
     ]
     assert len(nbchat.usage(db=db_path, session_id=s.id)) == 3
+
+
+@pytest.mark.slow
+def test_a_script_that_watches_no_events_is_told_of_an_outage_in_the_log(
+    fake: FakeOpenAIServer,
+    db_path: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``send()`` with no ``on_event`` (a script): the store's notices go to the
+    ``nbchat`` logger (a warning, on stderr by default), not to an event no one sees."""
+    import logging
+
+    monkeypatch.setenv("NBCHAT_DB_LOCK_TIMEOUT", "0.3")
+    fake.enqueue("first answer")
+    fake.enqueue("second answer")
+    s = Session(model="m", base_url=fake.url, api_key="k", db=db_path, max_retries=0)
+    s.send("one")
+    time.sleep(1.0)  # the store lets the file go 0.5 s after its last write
+    with _file_held(db_path, tmp_path), caplog.at_level(logging.WARNING, logger="nbchat"):
+        assert s.send("two").status == "completed"
+        deadline = time.monotonic() + 10
+        while not any("Not saved yet" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline, "no warning of the outage"
+            time.sleep(0.05)
+    told = [r for r in caplog.records if "Not saved yet" in r.getMessage()]
+    assert len(told) == 1 and told[0].levelno == logging.WARNING and told[0].name == "nbchat"
 
 
 # --------------------------------------------------------------------------- with StoreSink
@@ -170,9 +207,42 @@ def test_a_reopened_session_says_when_it_continues_on_another_endpoint(
     url = fake.url.replace("/v1", "/v1?api-key=secret")  # a credential in the query: not kept
     first = nbchat.Session(model="m", base_url=url, api_key="k", db=db)
     assert first.metadata["endpoint"] == fake.url
-    with pytest.warns(UserWarning, match=r"ran on http://127\.0\.0\.1:\d+/v1; it continues on"):
+    with pytest.warns(
+        UserWarning, match=r"ran on http://127\.0\.0\.1:\d+/v1; it continues on"
+    ) as told:
         nbchat.Session(session_id=first.id, base_url=None, api_key="k", db=db)
+    # At the user's line (this one), not inside nbchat (it said _session.py, then _magics.py).
+    assert [w.filename for w in told] == [__file__]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         nbchat.Session(session_id=first.id, base_url=fake.url, api_key="k", db=db)
     assert "secret" not in json.dumps(nbchat.sessions(db=db)["metadata"].tolist())
+
+
+def test_a_warning_given_inside_a_with_block_points_at_the_users_line() -> None:
+    """nbchat code that warns from a context manager's body had its warning point at
+    contextlib's ``next(self.gen)`` (a trial's spool-replay warning): the standard
+    library's frames between nbchat's are passed over too."""
+    import os
+    import warnings
+
+    from nbchat import _warn
+
+    source = (
+        "import contextlib\n"
+        "from nbchat._warn import warn_user\n"
+        "@contextlib.contextmanager\n"
+        "def opened():\n"
+        "    warn_user('told')\n"
+        "    yield\n"
+        "def open_it():\n"
+        "    with opened():\n"
+        "        pass\n"
+    )
+    inside = os.path.join(os.path.dirname(_warn.__file__), "_as_if_nbchat.py")
+    space: dict[str, object] = {}
+    exec(compile(source, inside, "exec"), space)
+    with warnings.catch_warnings(record=True) as told:
+        warnings.simplefilter("always")
+        space["open_it"]()  # type: ignore[operator]
+    assert [w.filename for w in told] == [__file__]

@@ -19,17 +19,11 @@ from typing import Any
 
 import pytest
 
+from nbchat._events import MessageAdded, Notice, TextDelta, ToolCallDelta, UsageEvent
 from nbchat._store import Store
-from nbchat._store._sink import _WRITERS, STORED_KINDS, StoreSink
-from nbchat._types import (
-    Message,
-    MessageAdded,
-    Notice,
-    RequestUsage,
-    TextDelta,
-    ToolCallDelta,
-    UsageEvent,
-)
+from nbchat._store._rows import _WRITERS, STORED_KINDS
+from nbchat._store._sink import StoreSink
+from nbchat._types import Message, RequestUsage
 
 HELPERS = Path(__file__).parent / "helpers"
 
@@ -325,8 +319,9 @@ def test_importing_a_recovery_file_twice_duplicates_nothing(db_path: Path) -> No
     # The same events in two files, as if a process was killed after importing one.
     twin = saved.with_name(f"{db_path.name}.nbchat-recovery-999999.jsonl")
     twin.write_bytes(saved.read_bytes())
-    with pytest.warns(UserWarning, match="stored 4 events"):
+    with pytest.warns(UserWarning, match="stored 4 events") as told:
         store = Store.open(db_path)
+    assert [w.filename for w in told] == [__file__]  # not _store/__init__.py's open
     with store:
         assert contents(store) == ["message 0", "message 1"]
     assert list(db_path.parent.glob("*recovery*")) == []
@@ -372,12 +367,10 @@ def test_an_idle_writer_thread_ends_and_comes_back(
 def test_an_unexpected_error_skips_the_event_instead_of_freezing(
     free_store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from nbchat._store import _sink
-
     def broken(event: Any) -> None:
         raise RuntimeError("a bug in a writer")
 
-    monkeypatch.setitem(_sink._WRITERS, "usage", ("requests", broken))
+    monkeypatch.setitem(_WRITERS, "usage", ("requests", broken))
     notes = Notes()
     sink = StoreSink(free_store, notify=notes)
     for event in (message(0), UsageEvent(session_id="s", model="m"), message(1)):
@@ -474,6 +467,33 @@ def test_the_journal_is_emptied_once_written_and_deleted_at_close(free_store: St
     assert not journal.exists()
 
 
+def test_after_a_barrier_the_journal_holds_every_event_handed_in_order(
+    free_store: Store, holder: Any
+) -> None:
+    # The writer journals what it finds queued when it wakes, the barrier the rest:
+    # between them every event is there once, in the order it was handed.
+    from nbchat._store._journal import _event
+
+    sink = StoreSink(free_store, notify=Notes(), patience=60)
+    sink.handle(message(0))
+    assert sink.flush(30)
+    wait_released(free_store)
+    proc = holder(3.0)
+    for seq in range(1, 101):
+        sink.handle(message(seq))
+        if seq % 10 == 0:
+            time.sleep(0.002)  # let the writer take some of them
+    assert sink.barrier(30)
+    assert proc.poll() is None  # it did not wait for the file
+    (journal,) = Path(free_store.path + ".nbchat-journal").glob("*.jsonl")
+    lines = journal.read_bytes().splitlines()
+    assert [_event(line).message.content for line in lines] == [  # type: ignore[union-attr]
+        f"message {seq}" for seq in range(1, 101)
+    ]
+    proc.communicate(timeout=30)
+    assert sink.close() == []
+
+
 def test_a_live_process_journal_is_not_replayed_by_another_opener(
     free_store: Store, holder: Any, db_path: Path
 ) -> None:
@@ -491,6 +511,45 @@ def test_a_live_process_journal_is_not_replayed_by_another_opener(
     with Store.open(db_path) as store:
         assert store.recovered is not None and "stored 1 events" in store.recovered
         assert contents(store) == ["message 7"]
+
+
+def test_an_opener_waits_for_a_replay_another_thread_has_under_way(
+    free_store: Store, db_path: Path
+) -> None:
+    """A kernel's warm-up and its first cell both open the store after a restart: the
+    cell must read the session the warm-up is replaying, not skip a file it sees locked."""
+    from nbchat._store._journal import Journal, replay_orphans
+
+    folder = free_store.journal_folder()
+    assert folder is not None
+    left = Journal(folder)
+    for seq in range(3):
+        left.append(message(seq))
+    left.close()  # a restarted kernel's journal: nobody's now
+    started, go_on = threading.Event(), threading.Event()
+
+    class Slow:
+        """The warm-up's store, held at its first write until the second opener has run."""
+
+        def journal_folder(self) -> Path | None:
+            return folder
+
+        def write(self, event: Any) -> None:
+            started.set()
+            assert go_on.wait(30)
+            free_store.write(event)
+
+    warm = threading.Thread(target=replay_orphans, args=(Slow(),))
+    warm.start()
+    assert started.wait(30)
+    seen: list[list[str | None]] = []
+    cell = threading.Thread(target=lambda: seen.append(contents(db_path)))
+    cell.start()
+    cell.join(0.5)  # with the file skipped, it has read the store by now
+    go_on.set()
+    warm.join(30)
+    cell.join(30)
+    assert seen == [["message 0", "message 1", "message 2"]]
 
 
 def test_without_a_journal_a_barrier_waits_for_the_store_and_says_why(
@@ -555,8 +614,8 @@ def test_a_journal_line_is_the_event_union_encoding_for_every_stored_kind() -> N
     # _journal encodes with each event's own serializer (faster than the union's); the
     # bytes must be the union's, and read back as the same event.
     import nbchat
+    from nbchat._events import CompactionEvent, EventAdapter, MessagesMarked
     from nbchat._store._journal import _event, _line
-    from nbchat._types import CompactionEvent, EventAdapter, MessagesMarked
     from nbchat.testing import FakeOpenAIServer, Reply, ToolCallSpec
 
     handed: list[Any] = []
@@ -582,3 +641,20 @@ def test_a_journal_line_is_the_event_union_encoding_for_every_stored_kind() -> N
     for event in stored:
         assert _line(event) == EventAdapter.dump_json(event) + b"\n"
         assert _event(_line(event)) == event
+
+
+def test_the_journal_write_that_keeps_the_gil_writes_every_byte_and_raises_os_errors(
+    tmp_path: Path,
+) -> None:
+    from nbchat._store._spool import _write
+
+    path = tmp_path / "lines"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        assert _write(fd, b"one\n") == 4
+        assert _write(fd, "two é\n".encode()) == 7
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == "one\ntwo é\n".encode()
+    with pytest.raises(OSError):
+        _write(fd, b"closed\n")

@@ -12,27 +12,21 @@ import duckdb
 import pytest
 
 from nbchat import StoreError
-from nbchat._store import Store
-from nbchat._store._migrations import MIGRATIONS, migrate
-from nbchat._types import (
+from nbchat._events import (
     CompactionEvent,
-    Message,
     MessageAdded,
     MessagesMarked,
     Notice,
-    RequestUsage,
     TextDelta,
-    ToolCall,
     ToolCallDelta,
-    ToolCallRecord,
     ToolResult,
     TurnFinished,
-    TurnResult,
     TurnStarted,
-    Usage,
     UsageEvent,
-    new_id,
 )
+from nbchat._store import Store
+from nbchat._store._migrations import MIGRATIONS, migrate
+from nbchat._types import Message, RequestUsage, ToolCall, ToolCallRecord, TurnResult, Usage, new_id
 
 TZ = "TIMESTAMP WITH TIME ZONE"
 
@@ -398,6 +392,15 @@ def test_load_session_returns_active_messages_in_order(store: Store) -> None:
     assert loaded.created_at.utcoffset() == timedelta(0)
     assert all(m.created_at.utcoffset() == timedelta(0) for m in loaded.messages)
     assert loaded.pending_tool_calls() == []
+
+
+def test_a_query_after_load_session_is_served(store: Store) -> None:
+    # DuckDB 2 keeps a result read with fetchone() open on the connection, and refused the
+    # next DataFrame read on it: export_session(format="nbchat") reads a session, then
+    # its turns.
+    store.handle(msg("user", 1, "hi"))
+    store.load_session("s1")
+    assert store.frame("turns", session_id="s1").empty
 
 
 def test_message_fields_survive_a_round_trip(store: Store) -> None:

@@ -18,10 +18,12 @@ import duckdb
 import pytest
 
 from nbchat import Session, tool
+from nbchat._events import Event, MessageAdded, MessagesMarked, UsageEvent
 from nbchat._exceptions import UnstorableRow
 from nbchat._store import Store
-from nbchat._store._sink import STORED_KINDS, StoreSink
-from nbchat._types import Event, Message, MessageAdded, MessagesMarked, RequestUsage, UsageEvent
+from nbchat._store._rows import STORED_KINDS
+from nbchat._store._sink import StoreSink
+from nbchat._types import Message, RequestUsage
 from nbchat.testing import FakeOpenAIServer
 
 CREATED = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)

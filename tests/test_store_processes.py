@@ -17,8 +17,9 @@ from typing import Any
 import pytest
 
 from nbchat import Session, SessionPendingError, StoreError
+from nbchat._events import MessageAdded
 from nbchat._store import Store
-from nbchat._types import Message, MessageAdded
+from nbchat._types import Message
 from nbchat.testing import FakeOpenAIServer
 
 CHILD = Path(__file__).parent / "helpers" / "store_child.py"

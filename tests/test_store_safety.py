@@ -10,9 +10,10 @@ import pytest
 
 import nbchat
 from nbchat import StoreError
+from nbchat._events import MessageAdded, TurnStarted
 from nbchat._store import Store, UnstorableRow
 from nbchat._store._migrations import MIGRATIONS
-from nbchat._types import Message, MessageAdded, TurnStarted
+from nbchat._types import Message
 
 
 @pytest.fixture
@@ -121,7 +122,7 @@ def test_a_renamed_column_gives_a_clear_error(db_path: Path) -> None:
 
 
 def _release(db_path: Path) -> None:
-    from nbchat._store import cached_lease
+    from nbchat._store._leases import cached_lease
 
     lease = cached_lease(str(db_path.resolve()))
     if lease is not None:

@@ -12,18 +12,11 @@ import pytest
 
 from nbchat import StoreError
 from nbchat._analysis import sessions, sql, usage
+from nbchat._events import MessageAdded, MessagesMarked, TurnStarted, UsageEvent
 from nbchat._store import TABLES, Store, pending_tool_calls
 from nbchat._store._queries import QUERIES
-from nbchat._store._sink import STORED_KINDS, session_title
-from nbchat._types import (
-    Message,
-    MessageAdded,
-    MessagesMarked,
-    RequestUsage,
-    ToolCall,
-    TurnStarted,
-    UsageEvent,
-)
+from nbchat._store._rows import STORED_KINDS, session_title
+from nbchat._types import Message, RequestUsage, ToolCall
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "nbchat"
@@ -86,11 +79,11 @@ def test_the_grep_would_see_sql_if_it_were_there() -> None:
     assert [t for _, t in _string_literals(tree) if _SQL.search(t)] == ["SELECT id FROM sessions"]
 
 
-def test_nothing_outside_the_sink_lists_the_stored_kinds() -> None:
+def test_nothing_outside_the_row_mapping_lists_the_stored_kinds() -> None:
     # A module that names three or more stored kinds in one place is keeping its own list.
     offenders = []
     for path in PACKAGE.rglob("*.py"):
-        if path == STORE / "_sink.py":
+        if path == STORE / "_rows.py":
             continue
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
@@ -270,7 +263,7 @@ def test_usage_shows_the_estimates_beside_the_actuals(store_db: str) -> None:
 
 
 def test_analysis_calls_reuse_the_one_cached_connection(db_path: Path) -> None:
-    from nbchat._store import cached_lease
+    from nbchat._store._leases import cached_lease
 
     Store.open(db_path).close()
     usage(db=db_path)

@@ -2,22 +2,27 @@
 
 ``Store`` is the interface; a backend implements it beside this file:
 
-* ``_duckdb.py``: the embedded DuckDB file (``_lease.py``: how processes share it).
-* ``_sink.py``: the event stream → rows (``STORED_KINDS``, ``rows_of``), and the writer
-  thread that feeds ``Store.write`` without making the loop wait.
+* ``_duckdb.py``: the embedded DuckDB file (``_lease.py``: how processes share it,
+  ``_file_lock.py``: who holds it, and asking them to let go).
+* ``_rows.py``: the event stream → rows (``STORED_KINDS``, ``rows_of``); ``_sink.py``:
+  the writer thread that feeds ``Store.write`` without making the loop wait, and
+  ``_live_sinks.py`` what this process's sinks do at a read, at exit and after a fork.
 * ``_queries.py``: the named analysis queries, and their results as DataFrames.
-* ``_migrations.py``: the schema, as named migrations.
+* ``_migrations.py``: the schema, as named migrations (``_counter_migrations.py`` those
+  that add counters); ``_recount.py`` its counters computed again from the rows.
 * ``_records.py``: what reads hand back (``StoredSession``).
+* ``_copy.py``: ``copy_store``, every row of one store into another.
 
 ``Store.open(db)`` picks the backend from ``db``: a path or ``":memory:"`` is DuckDB, a
 ``postgresql://`` URL is the team store (``_postgres.py``: ``_pg_lease.py`` its
-connections and migrations, ``_spool.py`` where writes wait while its server is away,
-``_mirror.py`` its analysis, in DuckDB over rows fetched as Arrow). Each backend keeps
-the connections of a process in the one cache below (``shared_lease``), so the handles
-of a session, its writer and the analysis functions on one store share one connection.
+connections, ``_pg_sql.py`` its migrations and row writes, ``_pg_url.py`` its URL,
+``_spool.py`` where writes wait while its server is away, ``_mirror.py`` its analysis,
+in DuckDB over rows fetched as Arrow). Each backend keeps the connections of a process
+in the one cache (``_leases.py``: ``shared_lease``), so the handles of a session, its writer and
+the analysis functions on one store share one connection.
 
 A new backend implements the abstract methods of ``Store`` (``_connect`` opens it) and
-of ``Lease``, applies ``_sink.rows_of(event)`` in its own SQL, and runs the queries of
+of ``Lease``, applies ``_rows.rows_of(event)`` in its own SQL, and runs the queries of
 ``_queries.py`` in DuckDB (the PostgreSQL backend fetches the rows they read).
 
 Outside this package nobody writes SQL, imports a driver or reads its errors: they
@@ -26,29 +31,30 @@ call the methods of ``Store`` and get models, ``Usage`` or DataFrames back.
 
 from __future__ import annotations
 
-import atexit
 import glob
 import json
 import os
-import threading
+import re
 from abc import ABC, abstractmethod
-from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 from .._config import default_db_path
 from .._exceptions import StoreError, StoreLocked, UnstorableRow
+from ._holds import SessionHold, hold_session
+from ._leases import Lease, evict_lease, release_lease, shared_lease
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from .._types import Event, Message, ToolCall, Usage
+    from .._events import Event
+    from .._types import Message, ToolCall, Usage
     from ._frames import QueryResult
     from ._records import StoredSession
-    from ._sink import RowWrite, Update
+    from ._rows import RowWrite, Update
 
 __all__ = [
     "TABLES",
@@ -58,7 +64,6 @@ __all__ = [
     "StoreLocked",
     "UnstorableRow",
     "check_table",
-    "copy_store",
     "evict_lease",
     "key_of",
     "open_store",
@@ -73,6 +78,10 @@ TABLES: tuple[str, ...] = (
     "sessions", "messages", "requests", "tool_calls", "compactions", "turns", "attachments",
 )  # fmt: skip
 
+
+# What new_id() makes: a path of this shape that does not exist is a session id passed
+# where the store goes (``Store.open``).
+_SESSION_ID = re.compile(r"[0-9a-f]{32}")
 
 # Columns of ``sessions`` a caller may change after creation (``update_session``).
 SESSION_FIELDS = frozenset({"title", "model", "system_prompt", "parent_id", "notebook", "metadata"})
@@ -178,6 +187,13 @@ class Store(ABC):
         raw = default_db_path() if db is None else os.fspath(db)
         if not raw:
             raise StoreError("The store path is empty; pass db= a file path or ':memory:'.")
+        if _SESSION_ID.fullmatch(raw) and not os.path.exists(raw):
+            # turns(s.id) reads as "this session's turns" but names the store: a file of
+            # that name would be made, and read empty.
+            raise ValueError(
+                f"{raw!r} is a session id, not a store file (db=): to read one session, "
+                f"pass session_id={raw!r}."
+            )
         timeout = default_lock_timeout() if lock_timeout is None else float(lock_timeout)
         backend = _backend(raw) if cls is Store else cls
         return backend._connect(raw, lock_timeout=timeout, **options)
@@ -230,7 +246,7 @@ class Store(ABC):
         messages: Sequence[Message] = (),
     ) -> None:
         """Record a new session (with ``messages``, all at once); ids are unique."""
-        from ._sink import attachment_rows, attributed, message_row, session_row
+        from ._rows import attachment_rows, attributed, message_row, session_row
 
         row = session_row(
             session_id=session_id,
@@ -254,7 +270,7 @@ class Store(ABC):
 
     def update_session(self, session_id: str, **fields: Any) -> None:
         """Change some of a session's settings (title, model, system_prompt, metadata...)."""
-        from ._sink import Update
+        from ._rows import Update
 
         unknown = set(fields) - SESSION_FIELDS
         if unknown:
@@ -284,8 +300,11 @@ class Store(ABC):
         """
 
     @abstractmethod
-    def load_session(self, session_id: str) -> StoredSession:
-        """The session's settings and active messages in order; ``StoreError`` if unknown."""
+    def load_session(self, session_id: str, *, include_compacted: bool = False) -> StoredSession:
+        """The session's settings and active messages in order; ``StoreError`` if unknown.
+
+        ``include_compacted`` adds the messages folded into a summary, in their place
+        (an export of the whole conversation; not a context to continue from)."""
 
     def pending_tool_calls(self, session_id: str) -> list[ToolCall]:
         """The stored session's tool calls that have no result yet (it is *pending*)."""
@@ -337,6 +356,13 @@ class Store(ABC):
         """Where this process's sink journals the events it keeps before the store has
         written them (``_journal.py``); None: barriers wait for the store itself."""
         return None
+
+    def hold_session(self, session_id: str) -> SessionHold:
+        """Hold the session while this process runs a turn of it (``_holds.py``): its
+        ``last_seq`` says whether another process has added messages since.
+
+        Raises ``SessionInUseError`` while a turn of it runs elsewhere."""
+        return hold_session(self.journal_folder(), session_id)
 
     # ------------------------------------------------------------------ reading
 
@@ -446,7 +472,7 @@ def warm_up() -> None:
     path = os.path.realpath(os.path.expanduser(raw))
     if glob.glob(glob.escape(path) + _RECOVERY + "*"):
         return  # importing them warns: left to the first turn, where the user sees it
-    with open_store(raw):
+    with open_store(raw, create=True):
         pass  # closed with linger: the next open finds the file migrated
 
 
@@ -462,41 +488,22 @@ def _backend(raw: str) -> type[Store]:
     return DuckDBStore
 
 
-def copy_store(src: Db, dst: Db, *, batch: int = 5_000) -> dict[str, int]:
-    """Copy every session and row of the store ``src`` into ``dst``, keeping their ids.
-
-    For moving a local DuckDB file into a team store (or the other way, for a backup):
-    ``copy_store("~/.nbchat/nbchat.duckdb", "postgresql://me@db/nbchat")``. Rows that
-    ``dst`` has already (same id) are left as they are, so running it again adds nothing.
-    Returns the rows added per table.
-    """
-    added: dict[str, int] = {}
-    with open_store(src) as source, open_store(dst) as target:
-        if source.path == target.path:
-            raise StoreError(f"copy_store() needs two stores; both are {source.path}.")
-        for table in TABLES:  # sessions first: a reader never sees rows without their session
-            added[table] = 0
-            after: str | None = None
-            while True:
-                columns, rows = source.dump_rows(table, after=after, limit=batch)
-                if not rows:
-                    break
-                added[table] += target.load_rows(table, columns, rows)
-                after = rows[-1][columns.index(key_of(table))]
-        target.loaded()
-    return added
-
-
 @contextmanager
-def open_store(db: Db) -> Iterator[Store]:
+def open_store(db: Db, *, create: bool = False) -> Iterator[Store]:
     """The store ``db`` names (a path, ``":memory:"``, an open ``Store``, or ``None``).
 
+    A store file named here that does not exist is refused, and nothing is made, unless
+    ``create`` (a copy's or an import's target): a mistyped path for ``sessions()`` or
+    ``%%chat_sql --db`` had made a new empty store (and its folders) and shown it empty.
+    ``None``, the kernel's default store, is made on first use as a session makes it.
     A store opened here is closed on exit with ``linger=True``: a query right after
     another (the usual notebook cell) finds the connection still open.
     """
     if isinstance(db, Store):
         yield db
         return
+    if db is not None and not create:
+        _refuse_missing(str(db))
     store = Store.open(db)
     try:
         yield store
@@ -504,117 +511,15 @@ def open_store(db: Db) -> Iterator[Store]:
         store.close(linger=True)
 
 
-# ------------------------------------------------------------------ the one cache
-
-
-class Lease(ABC):
-    """A process's access to one store, shared by all ``Store`` handles on it.
-
-    ``key`` is what the cache finds it by (a resolved path, a URL); ``refs`` counts
-    the handles using it. A private lease (``":memory:"``) is not cached.
-    """
-
-    key: str
-    refs: int = 0
-    shared: bool = True
-    # Files other processes left were looked for (at the first open, or the first after
-    # the store was closed without linger; the analysis functions' linger keeps it).
-    leftovers_checked = False
-
-    @abstractmethod
-    def connection(self, timeout: float, access: Any = "write") -> AbstractContextManager[Any]:
-        """The open connection, for one operation; waits up to ``timeout`` s for the store."""
-
-    @abstractmethod
-    def release(self) -> None:
-        """Let go of the store now; keep what makes reconnecting quick."""
-
-    @abstractmethod
-    def shutdown(self) -> None:
-        """Close everything now."""
-
-    @abstractmethod
-    def after_fork(self) -> None:
-        """In a forked child: forget the parent's connections without touching them."""
-
-    def stats(self) -> dict[str, Any]:
-        """Counters for benchmarks and tests."""
-        return {}
-
-
-_IDLE_LEASES = 4  # unused leases kept for quick reuse (analysis calls open and close)
-_leases: OrderedDict[str, Lease] = OrderedDict()
-_leases_lock = threading.Lock()
-
-
-def shared_lease(key: str, make: Callable[[], Lease]) -> Lease:
-    """The process's lease for ``key`` (made by ``make`` the first time), one reference more."""
-    with _leases_lock:
-        lease = _leases.pop(key, None) or make()
-        _leases[key] = lease  # most recently used last
-        lease.refs += 1
-        return lease
-
-
-def cached_lease(key: str) -> Lease | None:
-    """The cached lease for ``key``, if any (for tests and benchmarks)."""
-    with _leases_lock:
-        return _leases.get(key)
-
-
-def evict_lease(key: str) -> None:
-    """Shut down and forget the cached lease for ``key`` if no handle uses it (tests and
-    benchmarks, before they drop a database)."""
-    with _leases_lock:
-        lease = _leases.get(key)
-        if lease is None or lease.refs > 0:
-            return
-        del _leases[key]
-    lease.shutdown()
-
-
-def release_lease(lease: Lease, *, linger: bool = False) -> None:
-    """Drop one reference; the last one lets go of the store (after its linger, if asked).
-
-    A shared lease stays cached for the next ``Store.open`` of the same store; only
-    the few most recently used idle ones are kept.
-    """
-    evicted: list[Lease] = []
-    with _leases_lock:
-        lease.refs -= 1
-        last = lease.refs <= 0
-        if last and lease.shared:
-            idle = [item for item in _leases.values() if item.refs <= 0]
-            for item in idle[: max(0, len(idle) - _IDLE_LEASES)]:
-                del _leases[item.key]
-                evicted.append(item)
-    if not last:
+def _refuse_missing(raw: str) -> None:
+    """A ``StoreError`` for a store file ``raw`` names that is not there."""
+    if raw == ":memory:" or "://" in raw or _SESSION_ID.fullmatch(raw):
+        return  # Store.open says what a session id given as the store is
+    path = os.path.expanduser(raw)
+    if os.path.exists(path):
         return
-    if not lease.shared or lease in evicted:
-        lease.shutdown()
-    elif not linger:
-        lease.release()
-        lease.leftovers_checked = False  # closed for good: the next open looks again
-    for item in evicted:
-        if item is not lease:
-            item.shutdown()
-
-
-@atexit.register
-def _close_all() -> None:
-    # Closing lets each backend finish cleanly (DuckDB checkpoints, so the next open is fast).
-    with _leases_lock:
-        leases = list(_leases.values())
-    for lease in leases:
-        lease.shutdown()
-
-
-def _after_fork_in_child() -> None:
-    global _leases_lock
-    _leases_lock = threading.Lock()
-    for lease in _leases.values():
-        lease.after_fork()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    default = default_db_path()
+    raise StoreError(
+        f"No store at {path}: the file does not exist, and nothing was created. The "
+        f"default store is {default}; a Session(db=...) starts a new store file."
+    )

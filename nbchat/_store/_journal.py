@@ -12,16 +12,20 @@ The journal is emptied each time the writer has stored everything it holds, and 
 when the process ends with nothing unstored. One left by a process that is gone (its
 lock is free) is replayed by the next process that opens the store, or loads a session
 from it (``replay_orphans``); every row is written by id, so a replay of events that were
-already stored changes nothing.
+already stored changes nothing. Within a process replays take turns: a file another
+thread is replaying is locked like a live process's, and a second replayer that skipped
+it would read the store before its rows were in (a kernel's warm-up and its first cell,
+both opening the store after a restart).
 """
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .._events import Event, EventAdapter
 from .._exceptions import UnstorableRow
-from .._types import Event, EventAdapter
 from ._spool import LineFile
 
 if TYPE_CHECKING:
@@ -30,6 +34,7 @@ if TYPE_CHECKING:
 __all__ = ["Journal", "journal_folder", "replay_orphans"]
 
 _SUFFIX = ".nbchat-journal"
+_REPLAYING = threading.Lock()  # one replay at a time in this process (module docstring)
 
 
 def journal_folder(path: str) -> Path | None:
@@ -64,13 +69,14 @@ def replay_orphans(store: Store) -> tuple[int, int, list[str]]:
     folder = store.journal_folder()
     if folder is None or not folder.is_dir():
         return stored, skipped, names
-    for path, events, broken in Journal(folder).claim_orphans():
-        for event in events:
-            try:
-                store.write(event)
-                stored += 1
-            except UnstorableRow:
-                skipped += 1
-        skipped += broken
-        names.append(path.name)
+    with _REPLAYING:
+        for path, events, broken in Journal(folder).claim_orphans():
+            for event in events:
+                try:
+                    store.write(event)
+                    stored += 1
+                except UnstorableRow:
+                    skipped += 1
+            skipped += broken
+            names.append(path.name)
     return stored, skipped, names

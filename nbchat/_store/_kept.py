@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._frames import QueryResult, to_frame
 from ._queries import QUERIES
-from ._sink import Insert, RowWrite, Update
+from ._rows import Insert, RowWrite, Update
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -28,7 +28,9 @@ holds it only while it is being used:
   detaching runs with ``fsync`` back on. ``sync_every_write`` flushes every commit.
 
 Without ``fcntl`` (Windows) the waiting signal and the probe are skipped: waiters
-simply retry with backoff, and the holder lets go after ``linger``.
+simply retry with backoff, and the holder lets go after ``linger``. The signal, the
+probe and the reading of DuckDB's lock errors are ``_file_lock.py``'s; here is what a
+lease does with them.
 """
 
 from __future__ import annotations
@@ -44,11 +46,7 @@ from typing import Any, Literal
 
 from .._exceptions import StoreError, StoreLocked
 from . import Lease, release_lease, shared_lease
-
-try:  # POSIX only; see the module docstring for what Windows does instead.
-    import fcntl
-except ImportError:  # pragma: no cover - exercised on Windows only
-    fcntl = None  # type: ignore[assignment]
+from ._file_lock import PROBES, WaitSignal, file_is_free, is_lock_conflict, lock_holder
 
 __all__ = ["Access", "FileLease", "LeaseOptions", "MemoryLease", "acquire_lease"]
 
@@ -63,13 +61,12 @@ _NO_EXTENSIONS = {"autoinstall_known_extensions": False, "autoload_known_extensi
 _FIRST_DELAY = 0.001
 # Probing is ~10 µs, so a waiter can look often; a real DuckDB open that fails
 # still costs ~10 ms of CPU, hence the longer cap when no probe is available.
-_MAX_DELAY = 0.005 if fcntl is not None else 0.05
+_MAX_DELAY = 0.005 if PROBES else 0.05
 _POLL = 0.01  # how often an attached but idle holder looks for waiters
 # A holder idle this long has finished its burst of writes (the rest of a turn is
 # waiting for the model or a tool): it hands over to a waiter, whatever min_hold says.
 _IDLE_YIELD = 0.01
 _POLITE_MAX = 0.25  # how long a process that just handed over waits for the taker
-_LOOK_EVERY = 0.005  # how often a holder looks for the side file before it exists
 _ALIAS = "nbchat"  # the catalog name the store file is attached under
 
 
@@ -88,11 +85,6 @@ def _duckdb() -> Any:
     return duckdb
 
 
-def _is_lock_conflict(exc: BaseException) -> bool:
-    text = str(exc)
-    return "Could not set lock" in text or "Conflicting lock" in text
-
-
 def _open_error(path: str, exc: BaseException) -> StoreError:
     text = str(exc)
     if "not a valid DuckDB database" in text or "Extension" in text:
@@ -107,88 +99,6 @@ def _open_error(path: str, exc: BaseException) -> StoreError:
         )
     detail = text.removeprefix("IO Error: ")
     return StoreError(f"Cannot open the store {path}: {detail}")
-
-
-class _WaitSignal:
-    """The side file through which waiting processes ask the holder to let go."""
-
-    def __init__(self, db_path: str) -> None:
-        self.path = db_path + ".nbchat-wait"
-        self._probe_fd: int | None = None
-        self._wait_fd: int | None = None
-        self._looked_at = -1.0
-
-    def others_waiting(self) -> bool:
-        if fcntl is None:
-            return False
-        if self._probe_fd is None:
-            # Nobody has ever waited (the common case): look for the file at most
-            # every few ms, not on every write of a burst.
-            now = time.monotonic()
-            if now - self._looked_at < _LOOK_EVERY:
-                return False
-            self._looked_at = now
-            if not os.path.exists(self.path):
-                return False
-            try:
-                self._probe_fd = os.open(self.path, os.O_RDWR)
-            except OSError:
-                return False
-        try:
-            fcntl.flock(self._probe_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        except OSError:
-            return False
-        fcntl.flock(self._probe_fd, fcntl.LOCK_UN)
-        return False
-
-    def begin_waiting(self) -> None:
-        if fcntl is None or self._wait_fd is not None:
-            return
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError:
-            return  # a read-only folder: we cannot signal, and simply poll
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH)  # blocks only during a holder's µs-long probe
-        except OSError:
-            os.close(fd)
-            return
-        self._wait_fd = fd
-
-    def end_waiting(self) -> None:
-        fd, self._wait_fd = self._wait_fd, None
-        if fd is not None:
-            os.close(fd)  # closing drops the flock
-
-    def close(self) -> None:
-        self.end_waiting()
-        fd, self._probe_fd = self._probe_fd, None
-        if fd is not None:
-            os.close(fd)
-
-
-def _file_is_free(path: str) -> bool:
-    """Whether no process holds DuckDB's lock on ``path`` (a probe, not an open).
-
-    Only safe while this process holds no lock on the file itself: closing any
-    descriptor of a file drops all of the process's ``fcntl`` locks on it. Callers
-    probe only after DuckDB said another process holds it.
-    """
-    if fcntl is None:
-        return True
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except OSError:
-        return True  # let DuckDB's open report what is wrong
-    try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-    return True
 
 
 class MemoryLease(Lease):
@@ -255,7 +165,7 @@ class FileLease(Lease):
         self._opened_at = 0.0
         self._last_used = 0.0
         self._handed_over_at: float | None = None
-        self._signal = _WaitSignal(path)
+        self._signal = WaitSignal(path)
         self._closer_running = False
         self._inherited: list[Any] = []
         self._counters = {"opens": 0, "closes": 0, "handovers": 0, "waits": 0, "wait_s": 0.0}
@@ -348,14 +258,14 @@ class FileLease(Lease):
         holder = ""
         try:
             while True:
-                if not waiting or _file_is_free(self.path):
+                if not waiting or file_is_free(self.path):
                     try:
                         instance.execute(f"ATTACH ? AS {_ALIAS} ({options})", [self.path])
                         break
                     except duckdb.Error as exc:
-                        if not _is_lock_conflict(exc):
+                        if not is_lock_conflict(exc):
                             raise _open_error(self.path, exc) from exc
-                        holder = _holder(str(exc))
+                        holder = lock_holder(str(exc))
                         if not waiting:
                             waiting = True
                             self._counters["waits"] += 1
@@ -403,9 +313,7 @@ class FileLease(Lease):
         self._handed_over_at = None
         stop = min(deadline, time.monotonic() + _POLITE_MAX)
         # Our process holds no lock on the file now, so probing it is safe.
-        while (
-            time.monotonic() < stop and self._signal.others_waiting() and _file_is_free(self.path)
-        ):
+        while time.monotonic() < stop and self._signal.others_waiting() and file_is_free(self.path):
             time.sleep(0.002)
 
     # -------------------------------------------------------------- detaching
@@ -484,7 +392,7 @@ class FileLease(Lease):
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self._closer_running = False
-        self._signal = _WaitSignal(self.path)
+        self._signal = WaitSignal(self.path)
 
 
 def _sandbox(instance: Any, path: str, *, files: bool) -> None:
@@ -500,16 +408,6 @@ def _sandbox(instance: Any, path: str, *, files: bool) -> None:
         instance.execute(f"SET allowed_directories = ['{spill}{os.sep}']")
         instance.execute("SET enable_external_access = false")
     instance.execute("SET lock_configuration = true")
-
-
-def _holder(message: str) -> str:
-    # DuckDB names the holder as "... is held in /usr/bin/python3 (PID 1234)".
-    marker = "(PID "
-    start = message.find(marker)
-    if start < 0:
-        return ""
-    end = message.find(")", start)
-    return f" (PID {message[start + len(marker) : end]})" if end > start else ""
 
 
 # ------------------------------------------------------------------ opening

@@ -19,6 +19,14 @@ snapshot and nothing can be written through this path. The user's SQL never reac
 PostgreSQL: it runs in the private DuckDB, sandboxed like a file store's (no file
 access unless ``allow_files``, no extensions, configuration locked), on rows the
 database role was allowed to read (row-level security applies to the fetch).
+
+A fetch is bounded by the store's lock timeout (``lock_timeout``,
+``NBCHAT_DB_LOCK_TIMEOUT``): the server cancels a statement that runs longer (a table
+locked by another connection), and the fetch runs on a thread of its own while the
+caller waits at most that long, so a server that stopped answering (frozen, or gone
+without closing the connection) and a Ctrl-C both end the wait. A fetch given up on is
+cancelled and its connection left to that thread, which closes it when the driver
+returns; the next fetch connects again.
 """
 
 from __future__ import annotations
@@ -27,15 +35,16 @@ import contextlib
 import re
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from .._exceptions import StoreError
 from . import TABLES
-from ._duckdb import _duckdb, _result, sandbox_refused
+from ._duckdb import _result, sandbox_refused, user_query_failed
+from ._duckdb_rows import duckdb_module
 from ._frames import QueryResult
 from ._lease import _NO_EXTENSIONS
-from ._migrations import fill_counters, fill_tool_counts
+from ._recount import fill_counters, fill_tool_counts
 from ._tally import COUNTER_TABLES
 
 __all__ = ["Mirror", "needed_columns"]
@@ -45,6 +54,12 @@ _COUNTED = ("sessions", "messages", "requests", "turns")
 _TOOL_COUNTED = ("tool_calls",)
 _WORD = re.compile(r"[a-z_][a-z0-9_]*")
 _COUNT_STAR = re.compile(r"count\s*\(\s*\*\s*\)", re.I)
+# The server's "statement timeout" and "lock not available" (a fetch that waited too long).
+_TIMED_OUT = {"57014", "55P03"}
+# The caller waits this much beyond the server's own timeout, so a locked table is told
+# by the server (its error, the connection kept) and only a silent server by the clock.
+_CLIENT_GRACE = 1.0
+_CONNECT_TIMEOUT = 10  # s, libpq's: a fetch thread connecting to a silent server ends
 
 
 def needed_columns(sql: str, schema: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
@@ -81,9 +96,11 @@ class Mirror:
         session_id: str | None = None,
         user: bool = False,
         allow_files: bool = False,
+        timeout: float = 15.0,
     ) -> QueryResult:
-        """Run ``sql`` on the fetched tables (see the module docstring for which rows)."""
-        duckdb = _duckdb()
+        """Run ``sql`` on the fetched tables (see the module docstring for which rows);
+        ``StoreError`` if the server does not answer within ``timeout`` s."""
+        duckdb = duckdb_module()
         bound = dict(params) if isinstance(params, Mapping) else list(params or [])
         with self._lock:
             con = self._instance("files" if allow_files else "sandbox")
@@ -98,7 +115,7 @@ class Mirror:
             counted = _TOOL_COUNTED if tools_only else (*_COUNTED, *_TOOL_COUNTED)
             if counters:
                 wanted = {**wanted, **{t: self._schema[t] for t in counted}}
-            fetched = self._fetch(wanted, None if user else session_id)
+            fetched = self._fetch(wanted, None if user else session_id, timeout)
             started = time.perf_counter()
             con.execute("BEGIN TRANSACTION")
             try:
@@ -113,9 +130,11 @@ class Mirror:
                     fill_counters(con)
                 cursor = con.execute(sql, bound)
                 return _result(cursor)
-            except duckdb.PermissionException as exc:
-                raise sandbox_refused(exc) from exc
             except duckdb.Error as exc:
+                if user:
+                    raise user_query_failed(exc, self.shown) from exc
+                if isinstance(exc, duckdb.PermissionException):
+                    raise sandbox_refused(exc) from exc
                 raise StoreError(f"Store {self.shown}: {exc}") from exc
             finally:
                 con.execute("ROLLBACK")
@@ -123,7 +142,9 @@ class Mirror:
                     con.unregister("_nbchat_rows")
                 self.counters["query_s"] += time.perf_counter() - started
 
-    def _fetch(self, wanted: Mapping[str, Sequence[str]], session_id: str | None) -> dict[str, Any]:
+    def _fetch(
+        self, wanted: Mapping[str, Sequence[str]], session_id: str | None, timeout: float
+    ) -> dict[str, Any]:
         """The wanted columns of each table, as Arrow, from one snapshot."""
         if not wanted:
             return {}
@@ -132,25 +153,14 @@ class Mirror:
         started = time.perf_counter()
         for attempt in (1, 2):
             try:
-                cursor = self._connection().cursor()
-                try:
-                    cursor.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-                    out = {}
-                    for table, columns in wanted.items():
-                        names = ", ".join(f'"{c}"' for c in columns)
-                        query = f'SELECT {names} FROM "{table}"'
-                        if session_id is not None and "session_id" in self._schema[table]:
-                            cursor.execute(query + ' WHERE "session_id" = $1', (session_id,))
-                        else:
-                            cursor.execute(query)
-                        out[table] = cursor.fetch_arrow_table()
-                        self.counters["rows"] += out[table].num_rows
-                    cursor.execute("ROLLBACK")
-                finally:
-                    cursor.close()
+                out = self._bounded(
+                    lambda con, call: self._read(con, wanted, session_id, timeout, call), timeout
+                )
                 break
             except adbc_driver_manager.Error as exc:
                 self._drop_connection()  # a restarted server: the next attempt reconnects
+                if exc.sqlstate in _TIMED_OUT:
+                    raise self._no_answer(timeout) from None
                 if attempt == 2 or not isinstance(exc, adbc_driver_manager.OperationalError):
                     raise StoreError(
                         f"Cannot read the store {self.shown}: {_describe(exc)}"
@@ -159,24 +169,94 @@ class Mirror:
         self.counters["fetch_s"] += time.perf_counter() - started
         return out
 
+    def _read(
+        self,
+        con: Any,
+        wanted: Mapping[str, Sequence[str]],
+        session_id: str | None,
+        timeout: float,
+        call: _Call,
+    ) -> dict[str, Any]:
+        """The fetch itself, on ``con``, on the fetch's own thread."""
+        cursor = call.cursor = con.cursor()
+        try:
+            cursor.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            # The server ends a statement that waits longer (a lock), with this transaction.
+            cursor.execute(f"SET LOCAL statement_timeout = {max(1, int(timeout * 1000))}")
+            out = {}
+            for table, columns in wanted.items():
+                names = ", ".join(f'"{c}"' for c in columns)
+                query = f'SELECT {names} FROM "{table}"'
+                if session_id is not None and "session_id" in self._schema[table]:
+                    cursor.execute(query + ' WHERE "session_id" = $1', (session_id,))
+                else:
+                    cursor.execute(query)
+                out[table] = cursor.fetch_arrow_table()
+                self.counters["rows"] += out[table].num_rows
+            cursor.execute("ROLLBACK")
+            return out
+        finally:
+            cursor.close()
+
+    def _bounded(
+        self, read: Callable[[Any, _Call], dict[str, Any]], timeout: float
+    ) -> dict[str, Any]:
+        """``read(connection)`` on a thread of its own; waits up to ``timeout`` s for it,
+        interruptibly (the driver's call cannot be interrupted where it blocks)."""
+        call = _Call(self._adbc)
+        self._adbc = None  # the call's until it is done; given back if it ends in time
+
+        def work() -> None:
+            try:
+                if call.con is None:
+                    call.con = self._connect()
+                call.value = read(call.con, call)
+            except BaseException as exc:  # handed to the waiting thread
+                call.error = exc
+            finally:
+                call.finish()
+
+        worker = threading.Thread(target=work, name="nbchat-store-fetch", daemon=True)
+        worker.start()
+        try:
+            finished = call.done.wait(timeout + _CLIENT_GRACE)
+        except BaseException:  # Ctrl-C: the statement is cancelled, the caller told at once
+            call.abandon()
+            raise
+        if not finished:
+            call.abandon()
+            raise self._no_answer(timeout)
+        if call.error is not None:
+            _close_quietly(call.con)
+            raise call.error
+        self._adbc = call.con
+        value: dict[str, Any] = call.value
+        return value
+
+    def _no_answer(self, timeout: float) -> StoreError:
+        return StoreError(
+            f"The store {self.shown} did not answer within {timeout:g} s (another "
+            "connection holds a lock on the tables this reads, or the server is busy or "
+            "not responding); nothing was read. The wait is the store's lock timeout "
+            "(lock_timeout=, NBCHAT_DB_LOCK_TIMEOUT)."
+        )
+
     # -------------------------------------------------------------- parts
 
-    def _connection(self) -> Any:
-        if self._adbc is None:
-            import adbc_driver_manager
-            import adbc_driver_postgresql.dbapi
+    def _connect(self) -> Any:
+        import adbc_driver_manager
+        import adbc_driver_postgresql.dbapi
 
-            try:
-                self._adbc = adbc_driver_postgresql.dbapi.connect(self.url, autocommit=True)
-            except adbc_driver_manager.Error as exc:
-                raise StoreError(f"Cannot reach the store {self.shown}: {_describe(exc)}") from exc
-        return self._adbc
+        try:
+            return adbc_driver_postgresql.dbapi.connect(
+                _with_connect_timeout(self.url), autocommit=True
+            )
+        except adbc_driver_manager.Error as exc:
+            raise StoreError(f"Cannot reach the store {self.shown}: {_describe(exc)}") from exc
 
     def _drop_connection(self) -> None:
         adbc, self._adbc = self._adbc, None
-        if adbc is not None:
-            with contextlib.suppress(Exception):  # a broken connection still lets go
-                adbc.close()
+        _close_quietly(adbc)
 
     def _instance(self, access: str) -> Any:
         """A private DuckDB with the store's schema, sandboxed (file access only for "files")."""
@@ -185,7 +265,7 @@ class Mirror:
             return instance
         from ._migrations import migrate
 
-        instance = _duckdb().connect(":memory:", config=dict(_NO_EXTENSIONS))
+        instance = duckdb_module().connect(":memory:", config=dict(_NO_EXTENSIONS))
         instance.execute("SET TimeZone = 'UTC'")
         migrate(instance)
         for table in TABLES:
@@ -229,11 +309,64 @@ class Mirror:
         self._lock = threading.RLock()
 
 
+class _Call:
+    """One fetch on its own thread: its connection and cursor, and how it ended."""
+
+    def __init__(self, con: Any) -> None:
+        self.con = con  # None: the thread connects
+        self.cursor: Any = None
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+        self._lock = threading.Lock()
+        self._abandoned = False
+
+    def finish(self) -> None:
+        """On the fetch's thread, when the driver returned: a fetch given up on closes
+        its connection (nobody else touches it while the driver may use it)."""
+        with self._lock:
+            self.done.set()
+            abandoned = self._abandoned
+        if abandoned:
+            _close_quietly(self.con)
+
+    def abandon(self) -> None:
+        """The caller gives up: cancel the statement; the connection goes with the thread."""
+        with self._lock:
+            if self.done.is_set():
+                _close_quietly(self.con)
+                return
+            self._abandoned = True
+            cursor = self.cursor
+        if cursor is not None:
+            # A cancel is a new connection to the server: a frozen one would hold it too.
+            threading.Thread(target=_cancel, args=(cursor,), daemon=True).start()
+
+
+def _cancel(cursor: Any) -> None:
+    with contextlib.suppress(Exception):  # the statement may have ended meanwhile
+        cursor.adbc_cancel()
+
+
+def _close_quietly(con: Any) -> None:
+    if con is not None:
+        with contextlib.suppress(Exception):  # a broken connection still lets go
+            con.close()
+
+
+def _with_connect_timeout(url: str) -> str:
+    """``url`` with libpq's ``connect_timeout`` (unless given): a fetch's thread given up
+    on while connecting to a server that does not answer ends in time too."""
+    if "connect_timeout=" in url:
+        return url
+    return f"{url}{'&' if '?' in url else '?'}connect_timeout={_CONNECT_TIMEOUT}"
+
+
 def _words(sql: str) -> set[str]:
     return set(_WORD.findall(sql.lower()))
 
 
 def _describe(exc: BaseException) -> str:
-    from ._pg_lease import describe
+    from ._pg_url import describe
 
     return describe(exc)

@@ -1,10 +1,7 @@
 """How a process talks to a team store on PostgreSQL (psycopg 3), and what it does while
 the server is away.
 
-* **The URL.** ``postgresql://user@host:5432/db`` (libpq's URL, any of its parameters).
-  A password in it is refused: libpq reads it from ``~/.pgpass`` or ``PGPASSWORD``, so
-  it is never stored in a notebook, a config file or a repr. ``shown_url`` is what
-  messages print (any password replaced by ``[redacted]``).
+* **The URL** is ``_pg_url.py``'s: checked, shown without a password.
 * **Connections.** One for writes (autocommit: one statement per row write, as the
   DuckDB backend), one for the small reads of the loop (``load_session``...), and the
   analysis reads go through ``_mirror.py``. Each is opened on first use; a broken one
@@ -14,284 +11,32 @@ the server is away.
   every write after it until the spool is written, so order is kept. A thread
   reconnects with backoff (0.1 s doubling to 5 s) and replays the spool; the user is
   told once when the outage starts and once when it is over (``take_notices``).
-* **Replays are harmless**: inserts are ``ON CONFLICT (id) DO UPDATE`` (or ``DO
-  NOTHING`` for rows that are kept), updates set the same values again, and a unique
-  violation (SQLSTATE 23505, from an index a DBA added) counts as already written.
-* **Migrations** are ``_migrations.py``'s, run through ``PgMigrationConnection`` (its
-  types and placeholders), under ``pg_advisory_lock`` so two kernels opening a fresh
-  database at once both succeed. A store already up to date is only read: roles that
-  may not create tables can use a database their DBA migrated.
+* **Migrations and row writes** are ``_pg_sql.py``'s: the migrations in PostgreSQL's
+  dialect under an advisory lock, and each row write one idempotent statement, so a
+  replayed spool does no harm.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from .._config import default_spool_dir
-from .._exceptions import StoreError, StoreLocked, UnstorableRow
-from .._text import REDACTED, redact
-from . import Lease, key_of
-from ._migrations import MIGRATIONS, _refuse_newer, migrate
-from ._sink import Insert, RowWrite
+from .._exceptions import StoreError, StoreLocked
+from . import Lease
+from ._pg_sql import apply_write, ensure_schema, unstorable, write_unit
+from ._pg_url import describe, psycopg_module, shown_url
 from ._spool import Spool, Unit, spool_folder
 
-__all__ = [
-    "DuplicateRow",
-    "PgLease",
-    "PgMigrationConnection",
-    "PgOptions",
-    "check_url",
-    "psycopg_module",
-    "shown_url",
-]
+__all__ = ["DuplicateRow", "PgLease", "PgOptions"]
 
 _BACKOFF_FIRST, _BACKOFF_MAX = 0.1, 5.0
-_MIGRATION_LOCK = 0x6E626368_6174  # "nbchat": the advisory lock of schema changes
-# SQLSTATE classes of values PostgreSQL can never take (data exceptions, constraints).
-_UNSTORABLE_CLASSES = ("22", "23")
 _RETRY_STATES = {"40001", "40P01", "55P03", "57014"}  # serialization, deadlock, lock, timeout
-
-
-def psycopg_module() -> Any:
-    """psycopg, or a ``StoreError`` saying how to install it."""
-    try:
-        import psycopg
-    except ImportError as exc:
-        raise StoreError(
-            "A PostgreSQL store needs psycopg: pip install 'nbchat[postgres]'."
-        ) from exc
-    return psycopg
-
-
-# ------------------------------------------------------------------ the URL
-
-
-def shown_url(raw: str) -> str:
-    """``raw`` as it may be shown: a password (in the URL or a parameter) redacted."""
-    try:
-        parts = urlsplit(raw)
-        netloc = parts.netloc
-        if "@" in netloc:
-            credentials, host = netloc.rsplit("@", 1)
-            if ":" in credentials:
-                credentials = credentials.split(":", 1)[0] + ":" + REDACTED
-            netloc = f"{credentials}@{host}"
-        query = [(k, REDACTED if k.lower() == "password" else v) for k, v in parse_qsl(parts.query)]
-        return urlunsplit(
-            (parts.scheme, netloc, parts.path, urlencode(query, safe="[]/"), parts.fragment)
-        )
-    except ValueError:
-        return re.sub(r"(?<=:)[^:@/]*(?=@)", REDACTED, raw)
-
-
-def check_url(raw: str) -> str:
-    """The URL to connect with; ``StoreError`` if it is malformed or holds a password."""
-    psycopg = psycopg_module()
-    shown = shown_url(raw)
-    try:
-        urlsplit(raw).port  # noqa: B018  # a port that is not a number
-    except ValueError as exc:
-        raise StoreError(f"Not a valid PostgreSQL URL: {shown} ({exc}).") from None
-    try:
-        params = psycopg.conninfo.conninfo_to_dict(raw)
-    except psycopg.ProgrammingError as exc:
-        detail = redact(str(exc).strip().splitlines()[0], *_password_in(raw))
-        raise StoreError(f"Not a valid PostgreSQL URL: {shown} ({detail}).") from None
-    if params.get("password"):
-        raise StoreError(
-            f"The store URL {shown} has a password in it; nbchat does not keep passwords. "
-            "Put it in ~/.pgpass (or PGPASSWORD) and use the URL without it."
-        )
-    return raw
-
-
-def _password_in(raw: str) -> list[str]:
-    found = re.findall(r"://[^:/@]*:([^@/]*)@", raw) + re.findall(r"password=([^&\s]*)", raw)
-    return [p for p in found if p]
-
-
-def _secrets() -> tuple[str, ...]:
-    value = os.environ.get("PGPASSWORD")
-    return (value,) if value else ()
-
-
-def describe(exc: BaseException) -> str:
-    """A driver error in one or two lines, with any known password redacted."""
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    text = "; ".join(lines[:2]) or type(exc).__name__
-    return redact(text, *_secrets())
-
-
-# ------------------------------------------------------------------ migrations
-
-
-def pg_dialect(sql: str) -> str:
-    """DuckDB's DDL and placeholders as PostgreSQL's (the migrations keep to both)."""
-    sql = re.sub(r"\bDOUBLE\b(?!\s+PRECISION)", "DOUBLE PRECISION", sql)
-    sql = re.sub(r"\bBLOB\b", "BYTEA", sql)
-    return sql.replace("?", "%s")
-
-
-class PgMigrationConnection:
-    """A psycopg connection that takes the migrations' DuckDB SQL (``pg_dialect``)."""
-
-    keeps_counters = False  # m007's counters are derived by the analysis side (_mirror)
-
-    def __init__(self, con: Any) -> None:
-        self._con = con
-        self._cursor: Any = None
-
-    def execute(self, sql: str, params: Any = None) -> PgMigrationConnection:
-        """Run one statement; fetch its rows with ``fetchall``/``fetchone``."""
-        self._cursor = self._con.execute(pg_dialect(sql), params or None)
-        return self
-
-    def fetchall(self) -> list[tuple[Any, ...]]:
-        """The rows of the last statement."""
-        rows: list[tuple[Any, ...]] = self._cursor.fetchall()
-        return rows
-
-    def fetchone(self) -> tuple[Any, ...] | None:
-        """The next row of the last statement."""
-        row: tuple[Any, ...] | None = self._cursor.fetchone()
-        return row
-
-
-def ensure_schema(con: Any, timeout: float, shown: str) -> None:
-    """Migrate the database if it needs it, under the advisory lock; refuse a newer one."""
-    known = [name for name, _ in MIGRATIONS]
-    recorded = _recorded(con)
-    if recorded is not None:
-        _refuse_newer(recorded)
-        if set(known) <= set(recorded):
-            return
-    deadline = time.monotonic() + timeout
-    while not con.execute("SELECT pg_try_advisory_lock(%s)", [_MIGRATION_LOCK]).fetchone()[0]:
-        if time.monotonic() >= deadline:
-            raise StoreLocked(
-                f"Another process has been migrating the store {shown} for {timeout:g} s."
-            )
-        time.sleep(0.05)
-    try:
-        migrate(PgMigrationConnection(con))
-        # PostgreSQL only: one session's rows (a transcript, a reopened session) are
-        # found by index, not a scan of every team member's rows. DuckDB needs none.
-        for table in ("messages", "requests", "tool_calls", "compactions", "turns"):
-            con.execute(
-                f'CREATE INDEX IF NOT EXISTS "{table}_session_id" ON "{table}" (session_id)'
-            )
-    finally:
-        con.execute("SELECT pg_advisory_unlock(%s)", [_MIGRATION_LOCK])
-
-
-def _recorded(con: Any) -> list[str] | None:
-    (exists,) = con.execute("SELECT to_regclass('_migrations') IS NOT NULL").fetchone()
-    if not exists:
-        return None
-    rows = con.execute("SELECT name FROM _migrations ORDER BY applied_at, name").fetchall()
-    return [str(name) for (name,) in rows]
-
-
-# ------------------------------------------------------------------ row writes in SQL
-
-
-def _quoted(name: str) -> str:
-    return f'"{name}"'  # table and column names are fixed strings of _sink, never user text
-
-
-@lru_cache(maxsize=64)
-def _insert_sql(table: str, columns: tuple[str, ...], keep: bool) -> str:
-    names = ", ".join(map(_quoted, columns))
-    marks = ", ".join(["%s"] * len(columns))
-    key = key_of(table)
-    if keep:
-        action = "DO NOTHING"
-    else:
-        action = "DO UPDATE SET " + ", ".join(
-            f"{_quoted(c)} = EXCLUDED.{_quoted(c)}" for c in columns if c != key
-        )
-    conflict = f"ON CONFLICT ({_quoted(key)}) {action}"
-    return f"INSERT INTO {_quoted(table)} ({names}) VALUES ({marks}) {conflict}"
-
-
-def _write_unit(con: Any, unit: Unit) -> str | None:
-    """Apply one spooled unit on ``con``: None, or why the server refused it (skipped).
-
-    Raises ``psycopg.Error`` when the connection itself broke.
-    """
-    psycopg = psycopg_module()
-    try:
-        for write in unit:
-            apply_write(con, write)
-    except psycopg.Error as exc:
-        if con.broken or con.closed:
-            raise
-        return describe(exc)
-    return None
-
-
-@lru_cache(maxsize=64)
-def _update_sql(table: str, names: tuple[str, ...], key: str, many: bool, if_null: str) -> str:
-    assignments = ", ".join(f"{_quoted(n)} = %s" for n in names)
-    where = f"{_quoted(key)} = ANY(%s)" if many else f"{_quoted(key)} = %s"
-    if if_null:
-        where += f" AND {_quoted(if_null)} IS NULL"
-    return f"UPDATE {_quoted(table)} SET {assignments} WHERE {where}"
-
-
-def _clean(value: Any) -> Any:
-    # PostgreSQL text cannot hold NUL; DuckDB's can. A stray NUL in a model's reply must
-    # not cost the row, so it is stored as U+FFFD.
-    if isinstance(value, str) and "\x00" in value:
-        return value.replace("\x00", "\ufffd")
-    return value
-
-
-def apply_write(con: Any, write: RowWrite) -> int:
-    """Run one row write on ``con``; returns the rows it changed (SQLSTATE 23505: 0)."""
-    psycopg = psycopg_module()
-    if isinstance(write, Insert):
-        sql = _insert_sql(write.table, write.columns, write.keep)
-        params = [_clean(v) for v in write.values]
-    else:
-        names = tuple(write.values)
-        many = len(write.keys) != 1
-        sql = _update_sql(write.table, names, write.key, many, write.only_if_null or "")
-        params = [_clean(write.values[n]) for n in names]
-        params.append(list(write.keys) if many else write.keys[0])
-    try:
-        changed = int(con.execute(sql, params).rowcount)
-    except psycopg.errors.UniqueViolation:
-        return 0  # written before (a replay), under a unique index of the DBA's
-    if isinstance(write, Insert) or changed or write.otherwise is None:
-        return changed
-    return apply_write(con, write.otherwise)
-
-
-def unstorable(exc: BaseException, table: str) -> UnstorableRow | None:
-    """``exc`` as ``UnstorableRow`` if retrying the row can never help, else ``None``."""
-    state = getattr(exc, "sqlstate", None) or ""
-    if state[:2] in _UNSTORABLE_CLASSES:
-        return UnstorableRow(table, describe(exc))
-    if state in ("42703", "42P01"):
-        return UnstorableRow(
-            table, f"the store's schema is not the one this nbchat expects ({describe(exc)})"
-        )
-    if state == "42501":  # insufficient privilege; a row-level security policy too
-        return UnstorableRow(table, f"the database role may not write it ({describe(exc)})")
-    if isinstance(exc, UnicodeError | OverflowError | TypeError | ValueError) and not state:
-        return UnstorableRow(table, f"{type(exc).__name__}: {exc}")
-    return None
 
 
 # ------------------------------------------------------------------ the lease
@@ -333,6 +78,9 @@ class PgLease(Lease):
         self._counters = {"connects": 0, "write_connects": 0, "spooled": 0, "replayed": 0,
                           "outages": 0}  # fmt: skip
         self.mirror: Any = None  # _mirror.Mirror, made by the store on first analysis
+        # An open of the store has connected (and written orphaned spools) in this process:
+        # later opens do not wait for the server (their writes spool while it is away).
+        self.checked = False
 
     # -------------------------------------------------------------- connecting
 
@@ -535,7 +283,7 @@ class PgLease(Lease):
             units, offset = self.spool.read_from(offset)
             for unit in units:
                 try:
-                    refused = _write_unit(con, unit)
+                    refused = write_unit(con, unit)
                 except psycopg.Error:
                     return False  # the connection broke
                 if refused:
@@ -577,7 +325,7 @@ class PgLease(Lease):
             for path, units, unreadable in self.spool.claim_orphans():
                 for unit in units:
                     try:
-                        refused = _write_unit(con, unit)
+                        refused = write_unit(con, unit)
                     except psycopg.Error as exc:  # the connection broke
                         raise StoreError(f"Lost the store {self.shown}: {describe(exc)}") from None
                     broken, written = (broken + 1, written) if refused else (broken, written + 1)

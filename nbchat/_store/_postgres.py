@@ -1,8 +1,9 @@
 """The PostgreSQL backend: a team store that many users' kernels on many hosts share.
 
 ``Store.open("postgresql://user@host:5432/nbchat")`` (or ``NBCHAT_DB``). Writes go
-through ``_pg_lease.py`` (psycopg 3: idempotent row writes, the spool while the server
-is away, migrations under an advisory lock); the loop's small reads are plain
+through ``_pg_lease.py`` (psycopg 3 connections, the spool while the server is away),
+in ``_pg_sql.py``'s idempotent statements (and its migrations, under an advisory lock;
+``_pg_url.py`` checks the URL); the loop's small reads are plain
 PostgreSQL queries here; analysis (``frame``, ``sql``) runs ``_queries.py``'s DuckDB SQL
 on rows fetched as Arrow (``_mirror.py``). Every row says who wrote it (``username``,
 ``hostname``); what a user may see is the database role's business (grants, row-level
@@ -12,27 +13,30 @@ security), not nbchat's.
 from __future__ import annotations
 
 import threading
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .._exceptions import StoreError
-from .._types import Event, utcnow
-from . import Lease, QueryName, key_of, shared_lease
+from .._events import Event
+from .._exceptions import StoreError, UnknownSession
+from .._types import utcnow
+from .._warn import warn_user
+from . import Lease, QueryName, evict_lease, key_of, shared_lease
 from ._frames import QueryResult, to_frame
+from ._live_sinks import settle
 from ._mirror import Mirror
-from ._pg_lease import DuplicateRow, PgLease, PgOptions, _clean, check_url, shown_url
+from ._pg_lease import DuplicateRow, PgLease, PgOptions
+from ._pg_sql import nul_free
+from ._pg_url import check_url, shown_url
 from ._queries import QUERIES, SESSION_USAGE
 from ._records import StoredSession
-from ._sink import (
+from ._rows import (
     MESSAGE_COLUMNS,
     STORED_KINDS,
     RowWrite,
     Update,
     message_from_row,
     rows_of,
-    settle,
     with_image_bytes,
 )
 from ._sql import END_TURNS, SqlStore, load_queries
@@ -44,6 +48,10 @@ __all__ = ["PostgresStore"]
 
 _MESSAGE_SELECT = ", ".join(f'"{c}"' for c in MESSAGE_COLUMNS)
 _LOAD = tuple(q.replace("?", "%s") for q in load_queries("created_at", _MESSAGE_SELECT))
+_LOAD_ALL = tuple(
+    q.replace("?", "%s")
+    for q in load_queries("created_at", _MESSAGE_SELECT, include_compacted=True)
+)
 _mirror_lock = threading.Lock()
 
 
@@ -66,30 +74,33 @@ class PostgresStore(SqlStore[PgLease]):
 
         ``spool_dir`` is where writes wait while the server is away (default
         ``NBCHAT_SPOOL_DIR`` or ``~/.nbchat/spool``); ``connect_timeout`` bounds one
-        connection attempt. Both are fixed by the first ``open`` of a URL in a process.
+        connection attempt. Both are fixed by the first ``open`` of a URL in a process
+        that succeeds (a failed one leaves nothing behind).
         """
         if options:
             raise TypeError(f"unexpected store options: {', '.join(sorted(options))}")
         url = check_url(raw)
         pg_options = PgOptions(spool_dir=spool_dir, connect_timeout=connect_timeout)
-        made: list[PgLease] = []
 
         def make() -> Lease:
-            made.append(PgLease(url, pg_options, lock_timeout))
-            return made[-1]
+            return PgLease(url, pg_options, lock_timeout)
 
         lease = shared_lease(shown_url(url), make)
         assert isinstance(lease, PgLease)
         store = cls(lease, lock_timeout=lock_timeout, path=lease.shown)
         try:
-            if made:  # the first open in this process: connect now, fail clearly
+            if not lease.checked:  # until an open succeeds in this process: connect, fail clearly
                 lease.check()
                 store._replay_orphans()
+                lease.checked = True
             store._replay_journals()
         except BaseException:
             store.close()
-            if made:
-                lease.shutdown()
+            if not lease.checked:
+                # Forgotten unless another handle uses it: the next open (the server back,
+                # other options) starts afresh, where a lease shut down but kept in the
+                # cache said "closed" to every later call.
+                evict_lease(lease.key)
             raise
         return store
 
@@ -123,7 +134,7 @@ class PostgresStore(SqlStore[PgLease]):
     def _warn_notices(self, lease: PgLease) -> None:
         # Direct calls (not through a sink) tell the user with a warning, once per outage.
         for notice in lease.take_notices():
-            warnings.warn(notice, UserWarning, stacklevel=4)
+            warn_user(notice)
 
     def take_notices(self) -> list[str]:
         """What the user should be told since last asked (the server went away, came back)."""
@@ -146,13 +157,13 @@ class PostgresStore(SqlStore[PgLease]):
     def _apply(self, write: Update) -> None:
         self._write([write], write.table)
 
-    def load_session(self, session_id: str) -> StoredSession:
+    def load_session(self, session_id: str, *, include_compacted: bool = False) -> StoredSession:
         """The session's settings and active messages in order; ``StoreError`` if unknown."""
 
         self._replay_journals()  # a process that died in this session may have left one
 
         def load(con: Any) -> tuple[Any, Any, Any, dict[str, bytes]]:
-            head_sql, rows_sql, max_seq_sql = _LOAD
+            head_sql, rows_sql, max_seq_sql = _LOAD_ALL if include_compacted else _LOAD
             head = con.execute(head_sql, [session_id]).fetchall()
             rows = con.execute(rows_sql, [session_id]).fetchall()
             (max_seq,) = con.execute(max_seq_sql, [session_id]).fetchone()
@@ -160,14 +171,15 @@ class PostgresStore(SqlStore[PgLease]):
                 "SELECT a.sha256, a.data FROM attachments a WHERE a.sha256 IN ("
                 " SELECT DISTINCT r->>'sha256' FROM messages m,"
                 " json_array_elements(m.attachments) r"
-                " WHERE m.session_id = %s AND m.state = 'active' AND m.attachments IS NOT NULL)",
+                " WHERE m.session_id = %s AND m.state IN ('active', 'compacted')"
+                " AND m.attachments IS NOT NULL)",
                 [session_id],
             ).fetchall()
             return head, rows, max_seq, {sha: bytes(data) for sha, data in images if data}
 
         head, rows, max_seq, images = self._live().read(load, self._lock_timeout)
         if not head:
-            raise StoreError(f"No session {session_id} in {self.path}.")
+            raise UnknownSession(f"No session {session_id} in {self.path}.")
         messages = [
             with_image_bytes(message_from_row(dict(zip(MESSAGE_COLUMNS, r, strict=True))), images)
             for r in rows
@@ -220,7 +232,8 @@ class PostgresStore(SqlStore[PgLease]):
             f"{written} writes that processes which stopped while {self.path} was "
             "unreachable had spooled in"
         )
-        self._tell_recovered(what, names, broken, warn=True)
+        # Spool files that held nothing left to write are not worth a warning.
+        self._tell_recovered(what, names if written or broken else [], broken, warn=True)
 
     # ------------------------------------------------------------------ copying
 
@@ -252,7 +265,7 @@ class PostgresStore(SqlStore[PgLease]):
         def load(con: Any) -> int:
             cursor = con.cursor()
             with con.transaction():
-                cursor.executemany(sql, [[_clean(v) for v in row] for row in rows])
+                cursor.executemany(sql, [[nul_free(v) for v in row] for row in rows])
             return int(cursor.rowcount)
 
         return int(self._live().run_online(load))
@@ -270,14 +283,18 @@ class PostgresStore(SqlStore[PgLease]):
         return mirror
 
     def _usage_row(self, session_id: str) -> Sequence[Any]:
-        result = self._mirror().run(SESSION_USAGE, [session_id], session_id=session_id)
+        result = self._mirror().run(
+            SESSION_USAGE, [session_id], session_id=session_id, timeout=self._lock_timeout
+        )
         return [_first(result.data[c]) for c in result.columns]
 
     def frame(self, name: QueryName, **params: Any) -> pd.DataFrame:
         """The named analysis query (``_queries.QUERIES``) as a DataFrame."""
         query = QUERIES[name]
         bound = query.bind(params)
-        result = self._mirror().run(query.sql, bound, session_id=params.get("session_id"))
+        result = self._mirror().run(
+            query.sql, bound, session_id=params.get("session_id"), timeout=self._lock_timeout
+        )
         return to_frame(result, query.json_columns, query.order_by)
 
     def _select(
@@ -285,7 +302,9 @@ class PostgresStore(SqlStore[PgLease]):
     ) -> QueryResult:
         """In a private DuckDB over the tables it names: the query never reaches
         PostgreSQL, it reads a copy of the rows the database role may see."""
-        return self._mirror().run(query, params, user=True, allow_files=allow_files)
+        return self._mirror().run(
+            query, params, user=True, allow_files=allow_files, timeout=self._lock_timeout
+        )
 
     def stats(self) -> dict[str, Any]:
         """Counters of this process's connections, spool and analysis fetches."""

@@ -11,12 +11,14 @@ A new DataFrame is a query here (and its name in ``QueryName``) plus a function 
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from .._exceptions import StoreError
-from ._migrations import BINS_PER_DOUBLING, NO_DURATION
+from ._recount import BINS_PER_DOUBLING, NO_DURATION
 
 __all__ = [
     "QUERIES",
@@ -269,7 +271,7 @@ _INSTANTS = ("since", "since", "until", "until")
 # Per tool: calls, errors and the median duration, from the counters per day, tool and
 # duration bin (m010): the median is the middle of the bin the middle call falls in (of
 # the two middle calls' bins, averaged, for an even count), so within half a bin
-# (~2.2%, ``_migrations.duration_bin``) of the rows' median.
+# (~2.2%, ``_recount.duration_bin``) of the rows' median.
 _TOOL_STATS = f"""
     WITH b AS (
         SELECT u.tool, u.bin, sum(u.calls) AS calls, sum(u.errors) AS errors
@@ -380,7 +382,11 @@ SESSION_USAGE = (
 
 
 def check_select(query: str) -> None:
-    """Raise ``StoreError`` unless ``query`` is exactly one SELECT statement."""
+    """Raise ``StoreError`` unless ``query`` is exactly one SELECT statement that reads only.
+
+    Both backends check here, before running anything: a data-changing statement inside
+    a SELECT (``WITH d AS (DELETE ...) SELECT ...``) is refused too, by name.
+    """
     import duckdb
 
     try:
@@ -390,7 +396,63 @@ def check_select(query: str) -> None:
     if len(statements) != 1:
         raise StoreError(f"sql() runs exactly one statement; this query has {len(statements)}.")
     kind = statements[0].type
-    if kind != duckdb.StatementType.SELECT:
+    if kind == duckdb.StatementType.MULTI:
         raise StoreError(
-            f"sql() is read-only: it runs SELECT queries, and this is a {kind.name} statement."
+            "sql() runs exactly one statement; DuckDB runs this query as several (PIVOT does)."
         )
+    if kind != duckdb.StatementType.SELECT:
+        # DuckDB's type names are not always the user's words (INSTALL is a LOAD,
+        # CHECKPOINT a CALL): name the statement by its first keyword.
+        word = _first_keyword(statements[0].query) or kind.name
+        if word in ("WITH", "SELECT", "FROM"):  # a read's keyword: DuckDB's name says more
+            word = kind.name
+        raise StoreError(
+            f"sql() is read-only: it runs SELECT queries, and this is {_a(word)} statement."
+        )
+    changed = _data_change(query) if _CHANGE_WORDS.search(query) else None
+    if changed is not None:
+        raise StoreError(
+            "sql() is read-only: it runs SELECT queries, and this one tries to change data "
+            f"({_a(changed)} inside it)."
+        )
+
+
+# Before a comment, a parenthesis or whitespace at its start, a statement's first word.
+_FIRST_WORD = re.compile(r"(?:\s+|\(|--[^\n]*(?:\n|$)|/\*.*?\*/)*([A-Za-z_]+)", re.S)
+_CHANGE_WORDS = re.compile(r"\b(?:insert|update|delete)\b", re.I)
+_CHANGE_NODES = {f"{word}_QUERY_NODE": word for word in ("INSERT", "UPDATE", "DELETE")}
+
+
+def _a(word: str) -> str:
+    """``word`` with its article: an INSERT, a DELETE, a USE."""
+    vowel = word[0] in "AEIOU" and not word.startswith(("USE", "UNI"))
+    return f"{'an' if vowel else 'a'} {word}"
+
+
+def _first_keyword(statement: str) -> str | None:
+    found = _FIRST_WORD.match(statement)
+    return found.group(1).upper() if found else None
+
+
+def _data_change(query: str) -> str | None:
+    """INSERT, UPDATE or DELETE when the SELECT ``query`` holds one (in a CTE), else None.
+
+    From DuckDB's parse tree of the query; only asked when one of those words occurs in
+    its text, since it takes a throwaway in-memory DuckDB (no state kept across forks).
+    """
+    import duckdb
+
+    with duckdb.connect() as con:
+        row = con.execute("SELECT json_serialize_sql(?)", [query]).fetchone()
+    tree = json.loads(row[0]) if row else {}
+    stack: list[Any] = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            change = _CHANGE_NODES.get(node.get("type"))  # type: ignore[arg-type]
+            if change is not None:
+                return change
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return None

@@ -1,6 +1,6 @@
 """Where writes to a team store wait while its server is away: one local file per process.
 
-A *unit* is the row writes of one event (or of one new session), as ``_sink`` makes
+A *unit* is the row writes of one event (or of one new session), as ``_rows`` makes
 them, with their values as they were when it happened (timestamps included: a request
 replayed an hour later still says when it was made). Units are appended as JSON lines
 to ``<spool dir>/<store>/<pid>-<random>.jsonl`` and reach the operating system before
@@ -18,6 +18,7 @@ for units, and the store sink's journal (``_journal.py``) is it for events.
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import json
 import os
@@ -29,7 +30,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from ._sink import Insert, RowWrite, Update
+from ._rows import Insert, RowWrite, Update
 
 try:  # POSIX; without it a file is an orphan when its process id is not running
     import fcntl
@@ -141,7 +142,7 @@ class LineFile(Generic[T]):
         if self._fd is None:
             self._open()
         assert self._fd is not None
-        written = os.write(self._fd, line)
+        written = _write(self._fd, line)
         if written != len(line):  # a full disk: never leave half a line behind
             os.ftruncate(self._fd, self.size)
             raise OSError(f"the file {self.path} is full")
@@ -227,6 +228,41 @@ class LineFile(Generic[T]):
                     os.remove(path)
             finally:
                 os.close(fd)
+
+
+def _gil_held_write() -> Callable[[int, bytes], int]:
+    """``os.write`` that keeps the GIL: libc's ``write`` called through ``ctypes.PyDLL``.
+
+    ``os.write`` lets go of the GIL for the system call, and a busy writer thread of the
+    same process takes it: the loop, which appends a line per stored event, then waited
+    for it to be handed back (up to the interpreter's 5 ms switch interval) on nearly
+    every event. Appending a line to a local file takes microseconds; holding the GIL
+    through it is cheaper than losing it. Falls back to ``os.write`` where libc is not
+    reachable that way (Windows).
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.PyDLL(None, use_errno=True)
+        write = libc.write
+    except (ImportError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        return os.write
+    write.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t]
+    write.restype = ctypes.c_ssize_t
+
+    def held(fd: int, data: bytes) -> int:
+        while True:
+            written = int(write(fd, data, len(data)))
+            if written >= 0:
+                return written
+            code = ctypes.get_errno()
+            if code != errno.EINTR:
+                raise OSError(code, os.strerror(code))
+
+    return held
+
+
+_write = _gil_held_write()
 
 
 class Spool(LineFile[Unit]):

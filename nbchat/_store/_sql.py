@@ -10,11 +10,11 @@ placeholders, SQL that DuckDB and PostgreSQL both read); each backend supplies
 
 from __future__ import annotations
 
-import warnings
 from abc import abstractmethod
 from collections.abc import Sequence
 from typing import Any, Generic, TypeVar
 
+from .._warn import warn_user
 from . import Lease, Store, release_lease
 from ._journal import replay_orphans
 
@@ -31,15 +31,19 @@ END_TURNS = (
 )
 
 
-def load_queries(created_at: str, message_columns: str) -> tuple[str, str, str]:
+def load_queries(
+    created_at: str, message_columns: str, *, include_compacted: bool = False
+) -> tuple[str, str, str]:
     """``load_session``'s three reads (``?`` placeholders): the session's row, its active
-    messages in order, its highest ``seq``. ``created_at`` and ``message_columns`` are
-    how the backend selects timestamps (as epoch microseconds, or as they are)."""
+    messages (and with ``include_compacted`` those folded into a summary) in order, its
+    highest ``seq``. ``created_at`` and ``message_columns`` are how the backend selects
+    timestamps (as epoch microseconds, or as they are)."""
+    states = "('active', 'compacted')" if include_compacted else "('active')"
     return (
         "SELECT id, model, system_prompt, title, parent_id, notebook, "
         f"{created_at}, metadata FROM sessions WHERE id = ?",
         f"SELECT {message_columns} FROM messages"
-        " WHERE session_id = ? AND state = 'active' ORDER BY seq, created_at",
+        f" WHERE session_id = ? AND state IN {states} ORDER BY seq, created_at",
         "SELECT coalesce(max(seq), -1) FROM messages WHERE session_id = ?",
     )
 
@@ -65,7 +69,7 @@ class SqlStore(Store, Generic[L]):
         lost = f"; {skipped} could not be stored" if skipped else ""
         self.recovered = f"nbchat stored {what} {', '.join(names)}{lost}."
         if warn:
-            warnings.warn(self.recovered, UserWarning, stacklevel=4)
+            warn_user(self.recovered)
 
     def _replay_journals(self) -> None:
         """Store what the journals of processes that are gone hold (``_journal.py``).

@@ -18,7 +18,7 @@ Three bookkeeping tables sum the rows of ``messages``, ``requests`` and ``turns`
   dashboard's spend charts (a few hundred rows where ``_usage_by_day`` has ~1M).
 * ``_tool_counts`` (m010; one row per UTC day, tool and duration bin): tool calls and
   errors — the dashboard's tool table, whose median duration is read from the bins
-  (``_migrations.duration_bin``: 16 per doubling, so within ~2% of the median of the rows).
+  (``_recount.duration_bin``: 16 per doubling, so within ~2% of the median of the rows).
 
 A counter is never incremented blindly, so replays (the same event written twice), marks
 (compaction, supersede) and replaced rows keep it exact: ``apply_rows`` reads the counted
@@ -27,7 +27,7 @@ contributions (``bumps``); copied columns are set to the row's values after the 
 Whether a turn is superseded is not a sum: ``apply_rows`` sees it flip when it bumps
 the turn's counters and moves the session's ``superseded_turns`` by one. A backend
 supplies four primitives (``RowOps``) and runs ``apply_rows`` on every event's rows
-(``_sink.rows_of``) and on its own writes of a session's row, inside one transaction;
+(``_rows.rows_of``) and on its own writes of a session's row, inside one transaction;
 the arithmetic is here, once. Sums are exact; a latest time only ever moves forward, which
 matches the rows because a replayed row's time is never earlier than the row it replaces;
 an earliest time only ever moves back, so it may be earlier than any row left (a replayed
@@ -42,8 +42,8 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
 from typing import Any, Protocol
 
-from ._migrations import duration_bin
-from ._sink import Insert, RowWrite, Update
+from ._recount import duration_bin
+from ._rows import Insert, RowWrite, Update
 
 __all__ = [
     "COUNTER_TABLES",

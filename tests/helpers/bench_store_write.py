@@ -21,9 +21,10 @@ from pathlib import Path
 
 import duckdb
 
+from nbchat._events import MessageAdded, TextDelta, UsageEvent
 from nbchat._store import Store
 from nbchat._store._migrations import migrate
-from nbchat._types import Message, MessageAdded, RequestUsage, TextDelta, UsageEvent
+from nbchat._types import Message, RequestUsage
 
 CONTENT = "A reply of a few hundred characters, like most chat messages are. " * 5
 

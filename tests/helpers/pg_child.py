@@ -43,8 +43,9 @@ def open_when_told(url: str, go: str) -> None:
 
 
 def spool(url: str, ready: str, go: str) -> None:
+    from nbchat._events import MessageAdded, TurnStarted
     from nbchat._store import Store
-    from nbchat._types import Message, MessageAdded, TurnStarted
+    from nbchat._types import Message
 
     store = Store.open(url)
     Path(ready).touch()

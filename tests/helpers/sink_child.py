@@ -17,19 +17,15 @@ from typing import Any
 
 def turn_events(session_id: str, number: int) -> tuple[list[Any], list[Any], list[Any]]:
     """One tool-using turn, as the session emits it: before tools, the tool, the end."""
-    from nbchat._types import (
-        Message,
+    from nbchat._events import (
         MessageAdded,
-        RequestUsage,
         TextDelta,
-        ToolCall,
-        ToolCallRecord,
         ToolResult,
         TurnFinished,
-        TurnResult,
         TurnStarted,
         UsageEvent,
     )
+    from nbchat._types import Message, RequestUsage, ToolCall, ToolCallRecord, TurnResult
 
     turn = f"{session_id}-t{number}"
     seq = number * 5
@@ -112,9 +108,9 @@ def sink_once_held(path: str, session_id: str, ready: str) -> Any:
 
 def finish_locked(path: str, exit_wait: str, ready: str) -> None:
     """Hand a whole turn to a sink while another process holds the file, then exit normally."""
-    import nbchat._store._sink as sink_module
+    import nbchat._store._live_sinks as live_sinks
 
-    sink_module.EXIT_WAIT_S = float(exit_wait)
+    live_sinks.EXIT_WAIT_S = float(exit_wait)
     sink = sink_once_held(path, "exiting", ready)
     before, tool, after = turn_events("exiting", 0)
     for event in [*before, *tool, *after]:

@@ -28,8 +28,9 @@ def hold(path: str, seconds: str, ready: str) -> None:
 
 def write_and_die(path: str) -> None:
     """Store a session and a message, then die by SIGKILL before closing anything."""
+    from nbchat._events import MessageAdded
     from nbchat._store import Store
-    from nbchat._types import Message, MessageAdded
+    from nbchat._types import Message
 
     store = Store.open(path)
     store.create_session(session_id="killed", model="m", system_prompt=None)
@@ -43,8 +44,9 @@ def busy_writer(path: str, seconds: str, session_id: str, ready: str) -> None:
 
     ``ready`` is created once the first 20 messages are written.
     """
+    from nbchat._events import MessageAdded
     from nbchat._store import Store
-    from nbchat._types import Message, MessageAdded
+    from nbchat._types import Message
 
     store = Store.open(path)
     store.create_session(session_id=session_id, model="m", system_prompt=None)
