@@ -22,34 +22,35 @@ _EXPORTS: dict[str, str] = {
     "LoopStopped": "_exceptions",
     "ModelAPIError": "_exceptions",
     "NbchatError": "_exceptions",
+    "SessionInUseError": "_exceptions",
     "SessionPendingError": "_exceptions",
     "StoreError": "_exceptions",
     "ToolDefinitionError": "_exceptions",
     "TurnFailed": "_exceptions",
     "TurnInterrupted": "_exceptions",
     # messages, usage, events
-    "CompactionEvent": "_types",
-    "ErrorEvent": "_types",
-    "Event": "_types",
+    "CompactionEvent": "_events",
+    "ErrorEvent": "_events",
+    "Event": "_events",
     "ImagePart": "_types",
-    "LimitReached": "_types",
+    "LimitReached": "_events",
     "Message": "_types",
-    "MessageAdded": "_types",
-    "MessagesMarked": "_types",
-    "Notice": "_types",
-    "ReasoningDelta": "_types",
+    "MessageAdded": "_events",
+    "MessagesMarked": "_events",
+    "Notice": "_events",
+    "ReasoningDelta": "_events",
     "RequestUsage": "_types",
-    "TextDelta": "_types",
+    "TextDelta": "_events",
     "ToolCall": "_types",
-    "ToolCallDelta": "_types",
+    "ToolCallDelta": "_events",
     "ToolCallRecord": "_types",
-    "ToolCallStarted": "_types",
-    "ToolResult": "_types",
-    "TurnFinished": "_types",
+    "ToolCallStarted": "_events",
+    "ToolResult": "_events",
+    "TurnFinished": "_events",
     "TurnResult": "_types",
-    "TurnStarted": "_types",
+    "TurnStarted": "_events",
     "Usage": "_types",
-    "UsageEvent": "_types",
+    "UsageEvent": "_events",
     # configuration
     "configure": "_session",
     # the loop and its parts
@@ -88,7 +89,7 @@ _EXPORTS: dict[str, str] = {
     "register_price": "_pricing",
     "python_tool": "_pytool",
     "Store": "_store",
-    "copy_store": "_store",
+    "copy_store": "_store._copy",
 }
 
 if TYPE_CHECKING:
@@ -107,6 +108,23 @@ if TYPE_CHECKING:
     )
     from ._compaction import CompactionStrategy, SummaryStrategy, WindowStrategy
     from ._dashboard import dashboard
+    from ._events import (
+        CompactionEvent,
+        ErrorEvent,
+        Event,
+        LimitReached,
+        MessageAdded,
+        MessagesMarked,
+        Notice,
+        ReasoningDelta,
+        TextDelta,
+        ToolCallDelta,
+        ToolCallStarted,
+        ToolResult,
+        TurnFinished,
+        TurnStarted,
+        UsageEvent,
+    )
     from ._exceptions import (
         AttachmentError,
         ConfigError,
@@ -114,6 +132,7 @@ if TYPE_CHECKING:
         LoopStopped,
         ModelAPIError,
         NbchatError,
+        SessionInUseError,
         SessionPendingError,
         StoreError,
         ToolDefinitionError,
@@ -129,32 +148,18 @@ if TYPE_CHECKING:
     from ._pricing import mark_free, register_price
     from ._pytool import python_tool
     from ._session import Session, configure
-    from ._store import Store, copy_store
+    from ._store import Store
+    from ._store._copy import copy_store
     from ._tools import Tool, ToolSet, as_tool, tool
     from ._turn import TurnOptions
     from ._types import (
-        CompactionEvent,
-        ErrorEvent,
-        Event,
         ImagePart,
-        LimitReached,
         Message,
-        MessageAdded,
-        MessagesMarked,
-        Notice,
-        ReasoningDelta,
         RequestUsage,
-        TextDelta,
         ToolCall,
-        ToolCallDelta,
         ToolCallRecord,
-        ToolCallStarted,
-        ToolResult,
-        TurnFinished,
         TurnResult,
-        TurnStarted,
         Usage,
-        UsageEvent,
     )
 
 # The one list of public names; the TYPE_CHECKING imports above are for type checkers

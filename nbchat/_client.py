@@ -6,10 +6,10 @@ bytes and parsed into small validated models here: the SDK's per-chunk object bu
 costs several times more than the transport and JSON parsing together, and a reply of
 thousands of chunks is the common case in a notebook.
 
-``ReplyAssembler`` assembles the deltas of one request into one assistant message: text, tool
-calls gathered by ``index`` (id, name, argument fragments), finish reason and usage.
-What the server sends is parsed and checked in ``_wire``; every error leaving
-``ModelClient`` is one ``ModelAPIError`` with the key redacted from it.
+What the server sends is parsed and checked in ``_wire`` (``_responses`` for the
+Responses API) and put together into one message by ``_assembler.ReplyAssembler``;
+every error leaving ``ModelClient`` is one ``ModelAPIError`` with the key redacted from
+it, worded in ``_request_errors``.
 """
 
 from __future__ import annotations
@@ -23,50 +23,35 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from . import _responses, _runner
+from ._assembler import ReplyAssembler
 from ._config import ClientSettings, WireAPI, resolve_client
+from ._events import Event, UsageEvent
 from ._exceptions import ModelAPIError
 from ._http import (
     TRANSPORT_ENV,
-    _http_library,
     _response_class,
-    _transport_errors,
     http_client,
-    transport_cause,
 )
-from ._text import redact, redact_data, valid_data, valid_text
-from ._types import (
-    Event,
-    ReasoningDelta,
-    RequestUsage,
-    TextBuffer,
-    TextDelta,
-    ToolCall,
-    ToolCallDelta,
-    ToolCallStarted,
-    UsageEvent,
-    new_id,
-    trusted,
-)
+from ._request_errors import NEVER_CONNECTED, check_complete, not_expected, translated_errors
+from ._text import valid_data
+from ._types import RequestUsage
 from ._wire import (
-    REASONING_ITEM,
     BodyEncoder,
     SSEParser,
     context_window_from_models,
     context_window_from_props,
-    error_from_body,
     parse_chunk,
-    request_usage,
     truncation_notice,
 )
 
 if TYPE_CHECKING:
     import openai
 
-__all__ = ["ModelClient", "ReplyAssembler", "truncation_notice"]
+__all__ = ["ModelClient", "truncation_notice"]
 
 logger = logging.getLogger("nbchat")
 
@@ -76,8 +61,6 @@ _cache_lock = threading.Lock()
 _async_clients: dict[tuple[Any, ...], openai.AsyncOpenAI] = {}
 # Context windows the servers reported, per (base URL, model); None: they report none.
 _windows: dict[tuple[str, str], int | None] = {}
-# Keyless endpoints that answered 401 and were warned about (once each).
-_warned_keyless: set[str] = set()
 
 
 class _Decoder(Protocol):
@@ -93,210 +76,9 @@ class _ChatStream:
     feed = staticmethod(parse_chunk)  # a chunk is its JSON object: no call in between
 
 
-# --------------------------------------------------------------------------- folding
-
-
-class _PendingCall:
-    __slots__ = ("call_id", "fragments", "name")
-
-    def __init__(self, call_id: str, name: str) -> None:
-        self.call_id = call_id
-        self.name = name
-        self.fragments: list[str] = []
-
-
-class ReplyAssembler:
-    """Assembles the chunks of one model request into one assistant message.
-
-    ``feed`` returns the events a chunk produced (text, reasoning, tool-call start and
-    argument fragments), stamped with the session, turn and round they belong to.
-    """
-
-    def __init__(self, session_id: str = "", turn_id: str = "", round: int = 0) -> None:
-        self.session_id = session_id
-        self.turn_id = turn_id
-        self.round = round
-        self.text_buffer = TextBuffer()
-        self.reasoning_buffer = TextBuffer()
-        self.calls: dict[int, _PendingCall] = {}
-        self.finish_reason: str | None = None
-        self.usage: RequestUsage | None = None
-        self.model: str | None = None
-        self.started = time.perf_counter()
-        self.first_token_at: float | None = None  # reasoning counts: the model answered
-        self.first_text_at: float | None = None  # the answer itself began
-        self.chunks = 0
-        # The Responses API's reasoning items, as received: sent back with the tool calls
-        # that followed them (the encrypted reasoning of a stateless request).
-        self.reasoning_items: list[Any] = []
-
-    @property
-    def text(self) -> str:
-        """The reply text received so far."""
-        return self.text_buffer.text()
-
-    @property
-    def reasoning(self) -> str:
-        """The reasoning text received so far."""
-        return self.reasoning_buffer.text()
-
-    @property
-    def first_text_ms(self) -> float | None:
-        """Milliseconds from the request to its first answer (text or tool-call) delta."""
-        if self.first_text_at is None:
-            return None
-        return (self.first_text_at - self.started) * 1000
-
-    @property
-    def ttft_ms(self) -> float | None:
-        """Milliseconds from the request to its first token: reasoning, text or tool call."""
-        if self.first_token_at is None:
-            return None
-        return (self.first_token_at - self.started) * 1000
-
-    def tool_calls(self) -> list[ToolCall]:
-        """The tool calls gathered so far, in index order (arguments joined, not parsed)."""
-        return [
-            ToolCall(id=c.call_id, name=c.name, arguments="".join(c.fragments))
-            for _, c in sorted(self.calls.items())
-        ]
-
-    def feed(self, chunk: dict[str, Any]) -> list[Event]:
-        """Fold one chunk (a ``chat.completion.chunk`` object) in; return its events.
-
-        This runs once per streamed chunk: each field is checked as it is read, and a
-        field of the wrong type makes the answer broken (``ValueError``).
-        """
-        self.chunks += 1
-        get = chunk.get
-        error = get("error")
-        if error is not None:
-            raise error_from_body(error)
-        if self.model is None:
-            model = get("model")
-            if model and isinstance(model, str):
-                self.model = model
-        usage = get("usage")
-        if usage is not None:
-            self.usage = request_usage(usage) or self.usage
-        choices = get("choices")
-        if not choices:
-            return []
-        if not isinstance(choices, list):
-            raise ValueError(f"'choices' is not a list: {choices!r:.60}")
-        events: list[Event] = []
-        for choice in choices:
-            if not isinstance(choice, dict):
-                raise ValueError(f"a choice is not an object: {choice!r:.60}")
-            finish = choice.get("finish_reason")
-            if finish:
-                self.finish_reason = _string(finish, "finish_reason")
-            delta = choice.get("delta") or choice.get("message")
-            if not delta:
-                continue
-            if not isinstance(delta, dict):
-                raise ValueError(f"a delta is not an object: {delta!r:.60}")
-            content = delta.get("content")
-            if content:
-                if not isinstance(content, str):
-                    raise ValueError(f"'content' is not a string: {content!r:.60}")
-                if self.first_text_at is None:
-                    self._mark_first_token(answer=True)
-                self.text_buffer.append(content)
-                events.append(self._text_event(TextDelta, "text_delta", content))
-                if len(delta) == 1:
-                    continue  # the common chunk: its text is all it holds
-            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-            if reasoning and isinstance(reasoning, str):  # other shapes are not text
-                if self.first_token_at is None:
-                    self._mark_first_token(answer=False)
-                self.reasoning_buffer.append(reasoning)
-                events.append(self._text_event(ReasoningDelta, "reasoning_delta", reasoning))
-            calls = delta.get("tool_calls")
-            if calls:
-                if not isinstance(calls, list):
-                    raise ValueError(f"'tool_calls' is not a list: {calls!r:.60}")
-                self._mark_first_token(answer=True)  # rarer than text: no inline check
-                for position, tc in enumerate(calls):
-                    events.extend(self._feed_tool_call(tc, position))
-            item = delta.get(REASONING_ITEM)
-            if item is not None:
-                self.reasoning_items.append(item)
-        return events
-
-    def _feed_tool_call(self, tc: Any, position: int) -> list[Event]:
-        if not isinstance(tc, dict):
-            raise ValueError(f"a tool call is not an object: {tc!r:.60}")
-        # Some servers omit `index` on non-streamed messages: fall back to the position.
-        index = tc.get("index")
-        if index is None:
-            index = position
-        elif not isinstance(index, int) or isinstance(index, bool):
-            raise ValueError(f"a tool call's index is not an integer: {index!r:.60}")
-        fn = tc.get("function") or {}
-        if not isinstance(fn, dict):
-            raise ValueError(f"a tool call's function is not an object: {fn!r:.60}")
-        name = _optional_string(fn.get("name"), "name")
-        arguments = _optional_string(fn.get("arguments"), "arguments")
-        events: list[Event] = []
-        pending = self.calls.get(index)
-        if pending is None:
-            call_id = _optional_string(tc.get("id"), "id")
-            pending = _PendingCall(call_id or f"call_{new_id()[:24]}", name or "")
-            self.calls[index] = pending
-            events.append(
-                self._stamp(
-                    ToolCallStarted.model_construct(
-                        index=index, call_id=pending.call_id, name=pending.name
-                    )
-                )
-            )
-        elif name and not pending.name:
-            pending.name = name
-        if arguments:
-            pending.fragments.append(arguments)
-            events.append(
-                self._stamp(
-                    ToolCallDelta.model_construct(
-                        index=index, call_id=pending.call_id, arguments_delta=arguments
-                    )
-                )
-            )
-        return events
-
-    def _text_event(self, cls: type[Any], kind: str, text: str) -> Event:
-        """A text or reasoning delta, built without validation (the hot path per chunk)."""
-        event: Event = trusted(
-            cls,
-            session_id=self.session_id,
-            turn_id=self.turn_id,
-            round=self.round,
-            kind=kind,
-            text=text,
-        )
-        return event
-
-    def _stamp(self, event: Any) -> Event:
-        event.session_id = self.session_id
-        event.turn_id = self.turn_id
-        event.round = self.round
-        return event  # type: ignore[no-any-return]
-
-    def _mark_first_token(self, *, answer: bool) -> None:
-        if self.first_text_at is not None:
-            return  # both are known (the common case, once per chunk)
-        now = time.perf_counter()
-        if self.first_token_at is None:
-            self.first_token_at = now
-        if answer:
-            self.first_text_at = now
-
-
 # --------------------------------------------------------------------------- client
 
 DEFAULT_STALL_TIMEOUT = 60.0
-# How much of a body that is not what was expected gets quoted in the error.
-_QUOTE_CHARS = 120
 
 
 class ModelClient:
@@ -508,7 +290,7 @@ class ModelClient:
         ``assembler``.
         """
         body = self._body(messages, tools, stream, params)
-        with self._translated_errors(assembler, stream=stream):
+        with translated_errors(self, assembler, stream=stream):
             async with self.async_client() as client:
                 response = await self._post(client, body, stream)
                 try:
@@ -537,7 +319,9 @@ class ModelClient:
                         if head is None:
                             head = data
                             if not sse and data.lstrip()[:1] == b"<":
-                                raise self._not_expected(content_type, data, "an event stream")
+                                raise not_expected(
+                                    self.settings, content_type, data, "an event stream"
+                                )
                         for payload in frame(data):
                             for event in fold(decode(payload)):
                                 yield event
@@ -548,8 +332,10 @@ class ModelClient:
                             for event in assembler.feed(decoder.feed(payload)):
                                 yield event
                     if not sse and parser.events == 0:
-                        raise self._not_expected(content_type, head or b"", "an event stream")
-                    _check_complete(parser, assembler)
+                        raise not_expected(
+                            self.settings, content_type, head or b"", "an event stream"
+                        )
+                    check_complete(parser, assembler)
                 finally:
                     await response.aclose()
 
@@ -560,104 +346,7 @@ class ModelClient:
         except ValueError:
             if raw.lstrip()[:1] in (b"{", b"["):
                 raise  # JSON that is not a reply: reported as a broken answer
-            raise self._not_expected(content_type, raw, "a JSON reply") from None
-
-    def _not_expected(self, content_type: str, head: bytes, expected: str) -> ModelAPIError:
-        """The error for a 200 whose body is not the API's: what came, and its first line."""
-        kind = content_type.split(";")[0].strip()
-        if kind == "text/html":
-            what = "an HTML page (text/html)"
-        else:
-            what = kind or "a body without a content type"
-        first = head.lstrip().split(b"\n", 1)[0].split(b"\r", 1)[0]
-        line = first.decode("utf-8", "replace").strip()
-        if len(line) > _QUOTE_CHARS:
-            line = line[:_QUOTE_CHARS] + "…"
-        shown = f"first line: {redact(line, *self._secrets())!r}" if line else "an empty body"
-        return ModelAPIError(
-            f"The model server at {self.settings.base_url} answered HTTP 200 with {what}, "
-            f"not {expected} ({shown}). Check base_url: it should be an OpenAI-compatible "
-            "API (usually ending in /v1), not a web page, a login page or a proxy's page."
-        )
-
-    def _secrets(self) -> tuple[str, ...]:
-        return (self.settings.api_key.get_secret_value(),)
-
-    @contextlib.contextmanager
-    def _translated_errors(
-        self, assembler: ReplyAssembler | None, *, stream: bool
-    ) -> Iterator[None]:
-        """Turn whatever the transport or the server raised into one ``ModelAPIError``,
-        with the key and anything shaped like one redacted from its message and body."""
-        import openai
-
-        try:
-            try:
-                yield
-            except openai.APIError as exc:
-                raise self._api_error(exc, assembler, stream) from exc
-            except ModelAPIError:
-                raise
-            except _transport_errors() as exc:
-                raise self._transport_error(exc, assembler, stream) from exc
-            except ValueError as exc:  # undecodable or invalid payloads
-                raise _broken_stream(exc, assembler) from exc
-        except ModelAPIError as error:
-            clean = _cleaned(error, self._secrets())
-            if clean is error:
-                raise
-            raise clean from None  # the original and its cause may hold the secret
-
-    def _transport_error(
-        self, exc: BaseException, assembler: ReplyAssembler | None, stream: bool
-    ) -> ModelAPIError:
-        http = _http_library()
-        exc = transport_cause(exc)
-        if isinstance(exc, http.ReadTimeout):
-            n = assembler.chunks if assembler is not None else 0
-            if stream and self.stall_timeout is not None:
-                return ModelAPIError(
-                    f"The model server stopped sending for {self.stall_timeout:g} s "
-                    f"(stall_timeout) after {n} chunks; the partial reply was kept."
-                )
-            return ModelAPIError(
-                f"The model server sent nothing for {self.timeout:g} s (timeout) while "
-                f"answering; {n} chunks arrived."
-            )
-        return _broken_stream(exc, assembler)
-
-    def _api_error(
-        self, exc: openai.APIError, assembler: ReplyAssembler | None, stream: bool
-    ) -> ModelAPIError:
-        import openai
-
-        url = self.settings.base_url
-        status = getattr(exc, "status_code", None)
-        tries = f"{self.max_retries + 1} attempt{'s' if self.max_retries else ''}"
-        if isinstance(exc, openai.APITimeoutError):
-            waits = f"connect/answer timeout {self.timeout:g} s"
-            if stream and self.stall_timeout is not None:
-                waits += f", nothing sent for {self.stall_timeout:g} s (stall_timeout)"
-            message = f"The model server at {url} did not answer in time ({waits}; {tries})."
-        elif isinstance(exc, openai.APIConnectionError):
-            cause = _describe(exc.__cause__) if exc.__cause__ else _describe(exc)
-            message = f"Could not connect to the model server at {url} ({cause}; {tries})."
-        elif isinstance(exc, openai.APIStatusError):
-            message = f"The model server answered HTTP {status}: {_said(exc)}"
-            if status == 401 and self.settings.keyless:
-                message = self._keyless_401(exc.message)
-            elif status == 401:
-                message += " " + self.settings.key_hint()
-        else:
-            message = f"The model server failed: {_describe(exc)}"
-        if assembler is not None and assembler.chunks:
-            message += (
-                f" The stream broke after {assembler.chunks} chunks; the partial reply was kept."
-            )
-        code = getattr(exc, "code", None)
-        return ModelAPIError(
-            message, status_code=status, body=exc.body, code=str(code) if code else None
-        )
+            raise not_expected(self.settings, content_type, raw, "a JSON reply") from None
 
     def usage_event(
         self,
@@ -669,15 +358,19 @@ class ModelClient:
     ) -> UsageEvent:
         """The record of one finished (or failed) request: usage, cost, timing, error.
 
-        A request refused with an HTTP error before anything was generated used nothing:
-        it counts as 0 tokens and $0 (recording "unknown" would leave every later budget
-        check unable to count). A price nbchat does not know stays ``None``.
+        A request refused with an HTTP error before anything was generated used nothing,
+        nor did one whose connection was never made: it counts as 0 tokens and $0
+        (recording "unknown" would leave every later budget check unable to count). A
+        price nbchat does not know stays ``None``.
         """
         from ._pricing import price_request
 
         usage = assembler.usage
         cost, provider, source = price_request(self.model, self.settings.base_url, usage)
-        if usage is None and error is not None and error.status_code is not None:
+        refused = error is not None and (
+            error.status_code is not None or error.code == NEVER_CONNECTED
+        )
+        if usage is None and refused:
             usage, cost, source = RequestUsage(prompt_tokens=0, completion_tokens=0), 0.0, None
         return UsageEvent(
             session_id=assembler.session_id,
@@ -698,22 +391,10 @@ class ModelClient:
 
     async def list_models(self) -> list[str]:
         """The model ids the server offers (``GET /models``)."""
-        with self._translated_errors(None, stream=False):
+        with translated_errors(self, None, stream=False):
             async with self.async_client() as client:
                 page = await client.models.list()
         return sorted(m.id for m in page.data)
-
-    def _keyless_401(self, detail: str) -> str:
-        """The message for a 401 from a server nbchat sent no key to; logged once per URL."""
-        s = self.settings
-        message = (
-            f"The model server at {s.base_url} wants an API key (HTTP 401: {detail}), and "
-            f"none is configured for it. {s.key_hint()}"
-        )
-        if s.base_url not in _warned_keyless:
-            _warned_keyless.add(s.base_url)
-            logger.warning("%s", message)
-        return message
 
     def cached_context_window(self) -> int | None:
         """The context window ``context_window()`` found for this endpoint and model, if
@@ -793,61 +474,3 @@ def _close_kept_clients() -> None:
 
 # How long exit waits for the kept clients to close their connections.
 _CLOSE_WAIT = 2.0
-
-
-def _cleaned(error: ModelAPIError, secrets: tuple[str, ...]) -> ModelAPIError:
-    """``error`` with secrets redacted and text made valid Unicode (lone surrogates from
-    an error body would fail to store), or ``error`` itself when nothing changed."""
-    message = str(error)
-    clean_message = valid_text(redact(message, *secrets))
-    clean_body = valid_data(redact_data(error.body, *secrets))
-    clean_code = valid_text(redact(error.code, *secrets)) if error.code else error.code
-    if clean_message == message and clean_body == error.body and clean_code == error.code:
-        return error
-    return ModelAPIError(
-        clean_message, status_code=error.status_code, body=clean_body, code=clean_code
-    )
-
-
-def _describe(exc: BaseException) -> str:
-    """``Type: message``, never an empty message (httpx timeouts often have none)."""
-    text = str(exc).strip()
-    if not text and exc.__cause__ is not None:
-        text = str(exc.__cause__).strip()
-    if not text:
-        doc = (type(exc).__doc__ or "").strip().splitlines()
-        text = doc[0].rstrip(".") if doc else "no detail given"
-    return f"{type(exc).__name__}: {text}"
-
-
-def _string(value: Any, field: str) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"{field!r} is not a string: {value!r:.60}")
-    return value
-
-
-def _optional_string(value: Any, field: str) -> str | None:
-    return None if value is None else _string(value, field)
-
-
-def _check_complete(parser: SSEParser, assembler: ReplyAssembler) -> None:
-    if not parser.done and assembler.finish_reason is None:
-        raise ModelAPIError(
-            f"The model's stream ended early after {assembler.chunks} chunks "
-            "(no finish reason, no [DONE]); the partial reply was kept."
-        )
-
-
-def _broken_stream(exc: BaseException, assembler: ReplyAssembler | None) -> ModelAPIError:
-    n = assembler.chunks if assembler is not None else 0
-    return ModelAPIError(
-        f"The model's stream broke after {n} chunks ({_describe(exc)}); the partial reply was kept."
-    )
-
-
-def _said(exc: Any) -> str:
-    """What an HTTP error says: its body's ``message`` when there is one, else the SDK's
-    text (``Error code: 500 - {...}``, which would repeat the status)."""
-    body = getattr(exc, "body", None)
-    said = body.get("message") if isinstance(body, dict) else None
-    return said if isinstance(said, str) and said.strip() else str(exc.message)

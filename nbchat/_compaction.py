@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from ._client import ModelClient
+from ._events import CompactionEvent, UsageEvent
 from ._exceptions import ConfigError, ModelAPIError, SummaryError
 from ._history import (
     CHARS_PER_TOKEN,
@@ -37,7 +38,7 @@ from ._history import (
     window_from_error,
 )
 from ._summary import SUMMARY_HEADER, Summariser, summary_words
-from ._types import CompactionEvent, Message, UsageEvent
+from ._types import Message
 
 __all__ = [
     "Compaction",

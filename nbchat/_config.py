@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ClientSettings",
     "Secret",
+    "check_limits",
     "default_db_path",
     "default_spool_dir",
     "get_defaults",
@@ -93,6 +94,37 @@ class Secret:
         return bool(self._value)
 
 
+# The numeric settings' kinds, as the %%chat options check them too (``ge=0``): a whole
+# number or any number, none of them below 0. Budgets in tokens count at least 1.
+_AT_LEAST: dict[str, tuple[type, int]] = {
+    "temperature": (float, 0),
+    "max_rounds": (int, 0),
+    "budget_usd": (float, 0),
+    "turn_budget_usd": (float, 0),
+    "max_tokens_total": (int, 1),
+    "turn_max_tokens": (int, 1),
+}
+
+
+def check_limits(where: str, **values: Any) -> None:
+    """Refuse a numeric setting of the wrong kind or below its least value, naming it.
+
+    ``where`` is what the user called (``Session()``, ``%chat config``): a negative
+    ``max_rounds`` had ended every turn at once ("Stopped after -1 rounds"), a negative
+    budget read "$-5.00 cannot be checked".
+    """
+    for key, value in values.items():
+        if value is None or key not in _AT_LEAST:
+            continue
+        kind, least = _AT_LEAST[key]
+        number = (int,) if kind is int else (int, float)
+        if isinstance(value, bool) or not isinstance(value, number) or value != value:
+            noun = "a whole number" if kind is int else "a number"
+            raise ConfigError(f"{where}: {key} must be {noun}, got {value!r}.")
+        if value < least:
+            raise ConfigError(f"{where}: {key} must be at least {least}, got {value!r}.")
+
+
 def set_defaults(**values: Any) -> dict[str, Any]:
     """Set this process's defaults for new sessions; ``None`` removes a default."""
     unknown = set(values) - DEFAULT_KEYS
@@ -101,6 +133,7 @@ def set_defaults(**values: Any) -> dict[str, Any]:
             f"Unknown setting {', '.join(sorted(unknown))}; "
             f"known settings are {', '.join(sorted(DEFAULT_KEYS))}."
         )
+    check_limits("nbchat.configure", **values)
     api = values.get("api")
     if api is not None and api not in ("chat", "responses"):
         raise ConfigError(f"api must be 'chat' or 'responses', got {api!r}.")
@@ -180,11 +213,11 @@ class ClientSettings:
 
     def key_hint(self) -> str:
         """Which key was sent and how to send another, for a 401 message (never the key)."""
-        how = "%chat config api_key=..., the NBCHAT_API_KEY environment variable, or api_key=..."
+        how = "api_key=..., %chat config api_key=... or the NBCHAT_API_KEY environment variable"
         if self.api_key_env:
             how = (
-                f"the {self.api_key_env} environment variable (endpoint {self.endpoint!r}), "
-                "or api_key=..."
+                f"api_key=... or the {self.api_key_env} environment variable "
+                f"(endpoint {self.endpoint!r})"
             )
         if self.keyless:
             return f"No key was set (the server was sent a placeholder); set one with {how}."
@@ -226,16 +259,25 @@ def resolve_client(
             "local model) in a notebook, pass model=..., or set NBCHAT_MODEL; from Python, "
             "nbchat.local() starts the local model."
         )
-    if not key:
-        if needs_key(base_url):
-            raise ConfigError(
-                f"No API key for {base_url}: run %chat config api_key=..., set NBCHAT_API_KEY "
-                "(or OPENAI_API_KEY), or pass api_key=... (%chat local needs no key)."
-            )
-        key = _PLACEHOLDER
-    secret = key if isinstance(key, Secret) else Secret(key)
+    if not key and needs_key(base_url):
+        raise ConfigError(_no_key(base_url))
+    secret = key if isinstance(key, Secret) else Secret(key) if key else _PLACEHOLDER
     return ClientSettings(
         model=model, base_url=base_url.rstrip("/"), api_key=secret, api=_defaults.get("api")
+    )
+
+
+def require_key(settings: ClientSettings) -> None:
+    """Raise ``ConfigError`` before a request to a server that needs a key, if no key was
+    configured (a stored session opened only to be read, ``%chat use``, stops here)."""
+    if settings.keyless and needs_key(settings.base_url):
+        raise ConfigError(_no_key(settings.base_url))
+
+
+def _no_key(base_url: str) -> str:
+    return (
+        f"No API key for {base_url}: run %chat config api_key=..., set NBCHAT_API_KEY "
+        "(or OPENAI_API_KEY), or pass api_key=... (%chat local needs no key)."
     )
 
 

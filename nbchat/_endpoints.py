@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 from ._exceptions import ConfigError
 
 if TYPE_CHECKING:
-    from ._display import Info
+    from ._magic_displays import Info
 
 __all__ = [
     "CONFIG_ENV",
@@ -262,7 +262,7 @@ def split_model(model: str) -> tuple[Endpoint | None, str]:
 
 def _report(title: str, rows: list[tuple[str, str]] | None = None) -> Info:
     """What ``%chat endpoint ...`` shows: a sentence, and a table for ``list``."""
-    from ._display import Info
+    from ._magic_displays import Info
 
     return Info(title, rows, columns=("endpoint", "details"))
 

@@ -4,9 +4,11 @@
      ├── ConfigError           model, base URL or API key missing or invalid
      ├── StoreError            the store cannot be opened, migrated, written or read
      │    ├── StoreLocked      another process held it for the whole wait (retry later)
+     │    ├── UnknownSession   it has no session of that id
      │    └── UnstorableRow    it refused an event's values (the writer skips the row)
      ├── ModelAPIError         the model server answered with an error (status_code, body)
      ├── SessionPendingError   a stored session has tool calls without results
+     ├── SessionInUseError     a turn of the session runs in another process now
      ├── LoopStopped           nbchat's background event loop died during a turn
      ├── ToolDefinitionError   a function cannot be turned into a tool
      ├── AttachmentError       an attachment is not an image or text file nbchat can send
@@ -37,6 +39,7 @@ __all__ = [
     "LoopStopped",
     "ModelAPIError",
     "NbchatError",
+    "SessionInUseError",
     "SessionPendingError",
     "StoreError",
     "StoreLocked",
@@ -44,6 +47,7 @@ __all__ = [
     "ToolDefinitionError",
     "TurnFailed",
     "TurnInterrupted",
+    "UnknownSession",
     "UnstorableRow",
     "one_line_traceback",
 ]
@@ -70,6 +74,11 @@ class StoreLocked(StoreError):
     def __init__(self, message: str, holder: str = "") -> None:
         super().__init__(message)
         self.holder = holder
+
+
+class UnknownSession(StoreError):
+    """The store has no session of the id asked for (``Session(session_id=…)``,
+    ``transcript(id)``, ``%chat use``)."""
 
 
 class UnstorableRow(StoreError):
@@ -109,6 +118,11 @@ class SessionPendingError(NbchatError):
     Call ``Session.resume()`` to run the missing tools and continue, or
     ``Session.abort_pending()`` to close them with synthetic "aborted" results.
     """
+
+
+class SessionInUseError(NbchatError):
+    """A turn of this session is running in another process (or another ``Session``
+    object of the same id): wait for it to finish, or start a new session."""
 
 
 class LoopStopped(NbchatError):
@@ -163,11 +177,15 @@ class TurnFailed(NbchatError):
 
 
 class TurnInterrupted(KeyboardInterrupt):
-    """The kernel was interrupted during a ``%%chat`` turn; the partial reply was kept."""
+    """The kernel was interrupted during a ``%%chat`` turn; what arrived was kept."""
 
-    def __init__(self, result: Any = None) -> None:
-        super().__init__("the turn was interrupted; the partial reply above was kept")
+    def __init__(
+        self,
+        result: Any = None,
+        message: str = "the turn was interrupted; the partial reply above was kept",
+    ) -> None:
+        super().__init__(message)
         self.result = result
 
     def _render_traceback_(self) -> list[str]:
-        return one_line_traceback("KeyboardInterrupt", str(self))
+        return one_line_traceback("TurnInterrupted", str(self))

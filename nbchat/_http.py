@@ -19,6 +19,7 @@ import functools
 import importlib.util
 import logging
 import os
+import socket
 import sys
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -131,6 +132,49 @@ def transport_cause(exc: BaseException) -> BaseException:
     if isinstance(cause, _aiohttp_errors()) and not isinstance(cause, TimeoutError):
         return cause
     return exc
+
+
+def never_connected(exc: BaseException) -> bool:
+    """Whether ``exc`` (openai's connection error) came from a connection that was never
+    made: nothing reached the server, so nothing can have been billed. Both transports
+    raise httpx's ``ConnectError`` for it (``_aiohttp_client_class``)."""
+    connect_error = _http_library().ConnectError
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, connect_error):
+            return True
+        seen = seen.__cause__
+    return False
+
+
+def connect_reason(exc: BaseException) -> str | None:
+    """Why a connection was never made, in words (None: not known): the operating
+    system's error under the transport's, without its addresses and errno."""
+    import ssl
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ConnectionRefusedError):
+            return "connection refused: nothing listens there"
+        if isinstance(seen, socket.gaierror):
+            return "the host name could not be resolved"
+        if isinstance(seen, ssl.SSLError):
+            return f"TLS failed: {seen.reason or seen}"
+        if isinstance(seen, TimeoutError):
+            return "timed out while connecting"
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def cut_short(exc: BaseException) -> bool:
+    """Whether ``exc`` says the server closed the connection before a reply's end (httpx
+    and aiohttp each have their own error for it)."""
+    payload: tuple[type[BaseException], ...] = ()
+    if _aiohttp_errors():
+        import aiohttp
+
+        payload = (aiohttp.ClientPayloadError,)
+    return isinstance(exc, (_http_library().RemoteProtocolError, *payload))
 
 
 @functools.cache

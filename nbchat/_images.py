@@ -28,7 +28,10 @@ __all__ = [
     "Attached",
     "Image",
     "attach",
+    "forget_text_only",
     "is_image",
+    "mark_text_only",
+    "refuse_images",
     "to_image",
 ]
 
@@ -36,6 +39,34 @@ MAX_IMAGE_BYTES = 20 * 1024 * 1024  # what OpenAI accepts per image
 MAX_TOOL_IMAGES = 8  # images one tool call may hand the model (a loop of plots...)
 MAX_TEXT_CHARS = 100_000  # a text file inlined past this is cut, and says so
 _FIGURE_DPI = 100
+
+# Base URLs of servers known to read no images (the embedded model), with what to tell
+# the user: llama.cpp answers an image with an HTTP 500, after the turn has started.
+_text_only: dict[str, str] = {}
+
+
+def mark_text_only(base_url: str, model: str) -> None:
+    """The server at ``base_url`` (serving ``model``) reads text only: images are refused."""
+    _text_only[base_url.rstrip("/")] = model
+
+
+def forget_text_only(base_url: str) -> None:
+    """Undo ``mark_text_only`` (the server at ``base_url`` is gone)."""
+    _text_only.pop(base_url.rstrip("/"), None)
+
+
+def refuse_images(base_url: str, images: Iterable[ImagePart] | None) -> None:
+    """``AttachmentError`` if ``images`` would go to a text-only server, before sending."""
+    model = _text_only.get(base_url.rstrip("/"))
+    labels = [image.label for image in images or []]
+    if model is None or not labels:
+        return
+    raise AttachmentError(
+        f"{model} is a text-only model: it cannot read images ({', '.join(labels)}); "
+        "nothing was sent. Send the text alone, or use a vision model for images "
+        "(e.g. %chat config model=gpt-4o-mini base_url=https://api.openai.com/v1, or "
+        "Session(model=..., base_url=...) of any server with a vision model)."
+    )
 
 
 class Image:

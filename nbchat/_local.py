@@ -246,9 +246,7 @@ def local(
             info, server = _start(server_module, wanted, verbose=verbose)
             _running = (info, server)
             _register_exit_hook()
-    from ._pricing import mark_free_endpoint
-
-    mark_free_endpoint(info.url)  # any model name a request gives runs here, for free
+    _serving(info)
     if set_default:
         set_defaults(model=info.name, base_url=info.url)
     return info.url
@@ -352,6 +350,17 @@ def _wait_for_task_loop(root: str, timeout: float = 30.0) -> None:
             time.sleep(0.05)
 
 
+def _serving(info: LocalServer) -> None:
+    """What nbchat knows of the embedded endpoint: free, and text-only (no vision
+    projector is loaded), so images are refused before a request rather than by
+    llama.cpp's HTTP 500 after it."""
+    from ._images import mark_text_only
+    from ._pricing import mark_free_endpoint
+
+    mark_free_endpoint(info.url)  # any model name a request gives runs here, for free
+    mark_text_only(info.url, f"The embedded model ({info.name})")
+
+
 def _stop_locked() -> LocalServer | None:
     """Drop the running server; llama.cpp shuts it down when the object is freed."""
     global _running
@@ -359,9 +368,11 @@ def _stop_locked() -> LocalServer | None:
         return None
     info = _running[0]
     _running = None  # the last reference: the server stops here
+    from ._images import forget_text_only
     from ._pricing import forget_free_endpoint
 
     forget_free_endpoint(info.url)  # the port may go to another server
+    forget_text_only(info.url)
     return info
 
 

@@ -40,7 +40,9 @@ from collections.abc import Callable, Iterator
 from typing import Any, Literal, TextIO, cast, get_args
 
 from ._exceptions import ExecutionFailed
-from ._tools import Tool, in_thread, waiting_on_user
+from ._tool_results import DECLINED, CallError
+from ._tool_threads import in_thread, waiting_on_user
+from ._tools import Tool
 
 __all__ = ["Approval", "asking", "prompt_user", "python_tool", "run_code"]
 
@@ -366,7 +368,8 @@ def python_tool(
             with waiting_on_user():  # the call's duration is the code's, not the user's
                 approved = ask(code)
             if not approved:
-                raise PermissionError("the user declined to run this code; do not retry it")
+                # Not a failure: the call's own outcome, so tallies do not count it an error.
+                raise CallError(DECLINED, "the user declined to run this code; do not retry it")
         return run_code(code, ns)
 
     async def python(code: str) -> str | list[Any]:

@@ -1,59 +1,54 @@
-"""The session: a conversation's settings, history and store, and the way to run turns.
+"""The session: a conversation's settings, its history (new, or reopened from the
+store), and the settings a turn runs with.
 
-A turn's steps are in ``_turn`` (``TurnLoop``, mixed in here). Every step emits typed
-events (``nbchat._types``); ``_emit`` hands each to the store first, then to the
-session's listeners and the caller (cell renderer, panel, ``send()``), so an assistant
-message that asks for tools is durable before the tools run.
+``Session`` is put together from three layers: the calls that run turns
+(``_session_turns.py``: ``send``, ``stream``, ``resume``, ``send_each``), where their
+events go (``_session_events.py``: to the store first, then the listeners and the
+caller), and a turn's steps (``_turn.py``: ``TurnLoop``). Here is what they share: the
+state a new session starts with, or a reopened one finds in the store; ``new()`` for
+another conversation set up the same way; and each turn's settings
+(``_turn_settings``: the session's, with that turn's ``TurnOptions`` applied).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import time
 import urllib.parse
-import warnings
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from dataclasses import replace
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from ._client import DEFAULT_STALL_TIMEOUT, ModelClient
 from ._compaction import CompactionStrategy, Compactor, resolve_strategy
 from ._config import (
     Secret,
+    check_limits,
     current_notebook,
     get_defaults,
     resolve_client,
     set_defaults,
     whoami,
 )
-from ._exceptions import SessionPendingError
+from ._events import Event, Notice
+from ._exceptions import SessionInUseError, StoreError
 from ._history import TokenEstimator, live_order
 from ._limits import Budgets, Guardrail, stored_usage
 from ._output import OutputMode, OutputSpec
 from ._runner import TurnRunner
+from ._session_events import EventHandler
+from ._session_turns import SessionTurns
 from ._store import pending_tool_calls
 from ._store._sink import StoreSink
-from ._tools import ToolSet, error_payload
-from ._turn import TurnLoop, TurnOptions, _Turn, _TurnSettings
-from ._types import (
-    Event,
-    ImagePart,
-    Message,
-    MessageAdded,
-    Notice,
-    ToolCall,
-    TurnFinished,
-    TurnResult,
-    Usage,
-    new_id,
-)
+from ._tools import ToolSet
+from ._turn_state import TurnOptions, _TurnSettings
+from ._types import Message, ToolCall, Usage, new_id
+from ._warn import warn_user
 
 if TYPE_CHECKING:
     from ._store import Store
 
 __all__ = ["Session", "configure"]
 
-EventHandler = Callable[[Event], None]
 DEFAULT_MAX_ROUNDS = 16
 
 
@@ -65,7 +60,7 @@ def configure(**defaults: Any) -> dict[str, Any]:
     return set_defaults(**defaults)
 
 
-class Session(TurnLoop):
+class Session(SessionTurns):
     """A conversation with a model that may call Python tools; every step is stored.
 
     ``Session(session_id=...)`` reopens a stored session and continues it. ``db=False``
@@ -188,12 +183,14 @@ class Session(TurnLoop):
         self.max_rounds: int = (
             max_rounds if max_rounds is not None else defaults.get("max_rounds", DEFAULT_MAX_ROUNDS)
         )
-        self.budgets = Budgets(
-            budget_usd=budget_usd,
-            turn_budget_usd=turn_budget_usd,
-            max_tokens_total=max_tokens_total,
-            turn_max_tokens=turn_max_tokens,
-        )
+        limits = {
+            "budget_usd": budget_usd,
+            "turn_budget_usd": turn_budget_usd,
+            "max_tokens_total": max_tokens_total,
+            "turn_max_tokens": turn_max_tokens,
+        }
+        check_limits("Session()", temperature=temperature, max_rounds=self.max_rounds, **limits)
+        self.budgets = Budgets(**limits)
         self.on_event = on_event
         self._listeners: list[EventHandler] = []
         self.input_guardrails = list(input_guardrails)
@@ -211,6 +208,10 @@ class Session(TurnLoop):
         # except at the two barriers (before tools run, before a turn returns).
         self._sink = StoreSink(self.store, notify=self._store_notice) if self.store else None
         self._pending_notices: list[Event] = []
+        self._holding = False  # a turn of this object holds the session (_hold)
+        # The last turn went through send() with nothing to see its events (a script):
+        # the store's notices are logged then, or no one would hear of an outage.
+        self._unheard = False
         self._notices_given: set[str] = set()
         # Who ran it, where, and its tags: stored with the session (costs by user / tag).
         self.metadata: dict[str, Any] = (
@@ -227,12 +228,7 @@ class Session(TurnLoop):
             assert self.store is not None
             self.usage = stored_usage(self.store, self.id)  # session budgets count from here
             if not self.pending_tool_calls:
-                # A turn still "running" in the store belonged to a process that stopped.
-                self.store.end_unfinished_turns(
-                    self.id,
-                    status="interrupted",
-                    error="The process running this turn stopped before it finished.",
-                )
+                self._end_dead_turns(stored.max_seq)
             self._seq = stored.max_seq + 1
             self.system = stored.system_prompt
             self.title = stored.title
@@ -250,6 +246,70 @@ class Session(TurnLoop):
                 )
             if system:
                 self._add(Message(role="system", content=system))
+
+    def _end_dead_turns(self, max_seq: int) -> None:
+        """A turn still "running" in the store belonged to a process that stopped, unless
+        a process holds the session (``_store/_holds.py``): its turn is running now."""
+        assert self.store is not None
+        try:
+            hold = self.store.hold_session(self.id)
+        except SessionInUseError:
+            return
+        try:
+            self.store.end_unfinished_turns(
+                self.id,
+                status="interrupted",
+                error="The process running this turn stopped before it finished.",
+            )
+        finally:
+            hold.release(max_seq)
+
+    @contextlib.contextmanager
+    def _hold(self) -> Iterator[None]:
+        """Run turns as the one process holding this session, after loading the messages
+        another process added since this one loaded it (``_store/_holds.py``).
+
+        Raises ``SessionInUseError`` while a turn of it runs elsewhere. Nested or
+        concurrent turns of this object (``send_each``) share its one hold.
+        """
+        if self.store is None or self._holding:
+            yield
+            return
+        hold = self.store.hold_session(self.id)
+        self._holding = True
+        try:
+            if hold.last_seq is not None and hold.last_seq >= self._seq:
+                self._catch_up(hold.last_seq)
+            yield
+        finally:
+            self._holding = False
+            hold.release(self._seq - 1)
+
+    def _catch_up(self, last_seq: int) -> None:
+        """Load the session again: another process has numbered messages up to
+        ``last_seq``, which its writer stores a moment after its turn (waited for up to
+        the store's lock timeout)."""
+        assert self.store is not None
+        deadline = time.monotonic() + self.store.lock_timeout
+        stored = self.store.load_session(self.id)
+        while stored.max_seq < last_seq and time.monotonic() < deadline:
+            time.sleep(0.05)
+            stored = self.store.load_session(self.id)
+        if stored.max_seq < last_seq:
+            raise StoreError(
+                f"Session {self.id} was continued in another process, whose messages are "
+                f"not all in {self.store.path} yet: try again in a moment."
+            )
+        self._messages = live_order(stored.messages)
+        self._seq = stored.max_seq + 1
+        self.usage = stored_usage(self.store, self.id)
+        self._pending_notices.append(
+            Notice(
+                session_id=self.id,
+                message=f"Session {self.id} was continued in another process since this "
+                "one loaded it: its newer messages were loaded before this turn.",
+            )
+        )
 
     def __repr__(self) -> str:
         return (
@@ -279,151 +339,15 @@ class Session(TurnLoop):
         """Tool calls of the last assistant message that have no result yet."""
         return pending_tool_calls(self._messages)
 
-    def send(
-        self,
-        text: str,
-        *,
-        attachments: Sequence[Any] | None = None,
-        cell_id: str | None = None,
-        on_event: EventHandler | None = None,
-        options: TurnOptions | None = None,
-        output_type: Any = None,
-    ) -> TurnResult:
-        """Run one turn and return its result; ``on_event`` sees each event on this thread.
-
-        Works in scripts and inside a running Jupyter kernel. Ctrl-C or a kernel
-        interrupt stops the turn at once: the result then has status "interrupted".
-        ``options`` (a ``TurnOptions``) change the model, tools, limits or sampling for
-        this turn only; the session is left as it was. ``output_type`` (a pydantic
-        model, ``list[Model]``, a dataclass, ``Literal``, ``dict``...) asks for a typed
-        answer: ``result.output`` is then a validated instance. ``attachments`` are
-        images (matplotlib figures, PIL images, bytes, paths, URLs, ``nbchat.Image``)
-        sent with the text, or text files inlined under their names.
-        """
-        self._raise_if_pending()
-        options = _with_output(options, output_type)
-        text, images = _attached(text, attachments)
-        turn = self._turn(text, cell_id, options=options, images=images)
-        return self._run_sync(turn, on_event)
-
-    def _run_sync(self, turn: AsyncIterator[Event], on_event: EventHandler | None) -> TurnResult:
-        result: TurnResult | None = None
-
-        def take(event: Event) -> None:
-            nonlocal result
-            if isinstance(event, TurnFinished):
-                result = event.result
-            if on_event is not None:
-                on_event(event)
-
-        self._runner.run_sync(self._with_notices(turn), take)
-        assert result is not None, "a turn always ends with TurnFinished"
-        return result
-
-    async def stream(
-        self,
-        text: str,
-        *,
-        attachments: Sequence[Any] | None = None,
-        cell_id: str | None = None,
-        options: TurnOptions | None = None,
-        output_type: Any = None,
-    ) -> AsyncIterator[Event]:
-        """Run one turn, yielding its events as they happen (the last is ``TurnFinished``)."""
-        self._raise_if_pending()
-        text, images = _attached(text, attachments)
-        options = _with_output(options, output_type)
-        turn = self._turn(text, cell_id, options=options, images=images)
-        async for event in self._runner.stream(self._with_notices(turn)):
-            yield event
-
-    def resume(
-        self, *, on_event: EventHandler | None = None, options: TurnOptions | None = None
-    ) -> TurnResult:
-        """Run the tool calls left pending by a crash, then let the model continue."""
-        if not self.pending_tool_calls:
-            raise SessionPendingError("Nothing to resume: this session has no pending tool calls.")
-        return self._run_sync(self._turn(None, None, resume=True, options=options), on_event)
-
-    def send_each(
-        self,
-        texts: Sequence[str],
-        *,
-        options: TurnOptions | None = None,
-        concurrency: int = 4,
-        on_result: Callable[[int, TurnResult], None] | None = None,
-    ) -> list[TurnResult | None]:
-        """Send each text as its own isolated turn, up to ``concurrency`` at a time.
-
-        Every turn sees the system prompt and its own text only (``isolated``), and is
-        stored in this session. Once a turn stops at a budget, no further text is sent:
-        those places hold ``None``. ``on_result(index, result)`` is called on this thread
-        as each turn ends. Ctrl-C stops every turn in flight (their results say
-        "interrupted") and sends no more.
-        """
-        if concurrency < 1:
-            raise ValueError("concurrency must be at least 1")
-        self._raise_if_pending()
-        isolated = replace(options or TurnOptions(), isolated=True)
-        results: list[TurnResult | None] = [None] * len(texts)
-        turn_ids = [new_id() for _ in texts]
-        index = {turn_id: i for i, turn_id in enumerate(turn_ids)}
-
-        def take(event: Event) -> None:
-            if isinstance(event, TurnFinished):
-                i = index[event.turn_id]
-                results[i] = event.result
-                if on_result is not None:
-                    on_result(i, event.result)
-
-        jobs = list(zip(turn_ids, texts, strict=True))
-        self._runner.run_sync(self._each(jobs, isolated, concurrency), take)
-        return results
-
-    async def _each(
-        self, jobs: list[tuple[str, str]], options: TurnOptions, concurrency: int
-    ) -> AsyncIterator[Event]:
-        """The events of one isolated turn per text, merged as they happen."""
-        events: asyncio.Queue[Event | None] = asyncio.Queue()
-        gate = asyncio.Semaphore(concurrency)
-        stopped = False
-
-        async def run(turn_id: str, text: str) -> None:
-            nonlocal stopped
-            async with gate:
-                if stopped:
-                    return
-                turn = self._turn(text, None, options=options, turn_id=turn_id)
-                async for event in self._with_notices(turn):
-                    if isinstance(event, TurnFinished) and event.result.status in (
-                        "budget_exceeded",
-                        "interrupted",
-                    ):
-                        stopped = True
-                    events.put_nowait(event)
-
-        async def run_all() -> None:
-            try:
-                await asyncio.gather(*(run(turn_id, text) for turn_id, text in jobs))
-            finally:
-                events.put_nowait(None)
-
-        task = asyncio.ensure_future(run_all())
-        try:
-            while (event := await events.get()) is not None:
-                yield event
-        finally:
-            if not task.done():
-                task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task  # a turn's own failure is raised here, never dropped
-            while not events.empty():  # what the cancelled turns said on their way out
-                if (event := events.get_nowait()) is not None:
-                    yield event
-
     def _turn_settings(self, options: TurnOptions | None) -> _TurnSettings:
         """The session's settings, with ``options`` applied for one turn."""
         o = options or TurnOptions()
+        check_limits(
+            "the turn's options",
+            temperature=o.temperature,
+            max_rounds=o.max_rounds,
+            budget_usd=o.budget_usd,
+        )
         client = self.client
         if o.model and o.model != client.model:
             client = client.for_model(o.model)
@@ -446,36 +370,6 @@ class Session(TurnLoop):
             output=None if o.output_type is None else OutputSpec(o.output_type),
             isolated=o.isolated,
         )
-
-    def abort_pending(self) -> list[Message]:
-        """Close pending tool calls with synthetic "aborted" results; returns those messages."""
-        calls = self.pending_tool_calls
-        turn_id = next((m.turn_id for m in reversed(self._messages) if m.role == "assistant"), None)
-        aborted = [
-            Message(
-                role="tool",
-                tool_call_id=c.id,
-                name=c.name,
-                turn_id=turn_id,
-                status="aborted",
-                content=error_payload(
-                    "aborted", "This tool call was aborted before it produced a result."
-                ),
-            )
-            for c in calls
-        ]
-        for message in aborted:
-            self._add(message)
-        if self.store is not None and self._sink is not None:
-            self._sink.flush(self.store.lock_timeout)
-            self.store.end_unfinished_turns(
-                self.id, status="aborted", error="Its pending tool calls were aborted."
-            )
-        return aborted
-
-    def cancel(self) -> None:
-        """Stop the running turn at once (safe to call from any thread or a signal handler)."""
-        self._runner.cancel()
 
     @property
     def tags(self) -> list[str]:
@@ -519,84 +413,6 @@ class Session(TurnLoop):
         """Send the following requests to another model on the same endpoint."""
         self.client = self.client.for_model(model)
 
-    # ------------------------------------------------------------------ sync bridge
-
-    def _raise_if_pending(self) -> None:
-        pending = self.pending_tool_calls
-        if pending:
-            names = ", ".join(c.name or "?" for c in pending)
-            raise SessionPendingError(
-                f"Session {self.id} has {len(pending)} tool call(s) without results ({names}), "
-                "left by a process that stopped. Call session.resume() to run them and "
-                "continue, or session.abort_pending() to close them as aborted."
-            )
-
-    # ------------------------------------------------------------------ the loop
-
-    async def _with_notices(self, turn: AsyncIterator[Event]) -> AsyncIterator[Event]:
-        """``turn``'s events, with the store's notices raised on the way (store locked)."""
-        async for event in turn:
-            yield event
-            while self._pending_notices:
-                yield self._pending_notices.pop(0)
-        while self._pending_notices:  # e.g. raised while the last barrier waited
-            yield self._pending_notices.pop(0)
-
-    def _store_notice(self, message: str) -> None:
-        """The store's writer has something to say (it runs on the writer's thread)."""
-        notice = Notice(session_id=self.id, message=message)
-        self._pending_notices.append(notice)
-        if self.on_event is not None:
-            self.on_event(notice)
-
-    def listen(self, handler: EventHandler) -> Callable[[], None]:
-        """Call ``handler`` with every event of every turn, whoever runs it (a panel
-        following cells); returns the function that stops it."""
-        self._listeners.append(handler)
-        return lambda: self._listeners.remove(handler) if handler in self._listeners else None
-
-    def _emit(self, event: Event) -> Event:
-        if self._sink is not None:
-            self._sink.handle(event)
-        if self.on_event is not None:
-            self.on_event(event)
-        for listener in self._listeners:
-            listener(event)
-        return event
-
-    async def _barrier(self) -> None:
-        """Make everything handed to the store so far durable: in its journal at once, or
-        without one, written (waited for on a thread, bounded)."""
-        if self._sink is not None and self.store is not None and not self._sink.journal():
-            await asyncio.to_thread(self._sink.flush, self.store.lock_timeout)
-
-    def _record(self, message: Message, turn: _Turn | None = None) -> Event:
-        """Number a message, hand it to the store, and remember it as part of the turn."""
-        message.seq = self._seq
-        self._seq += 1
-        if turn is not None:
-            turn.messages.append(message)
-        return self._emit(
-            MessageAdded(session_id=self.id, turn_id=message.turn_id or "", message=message)
-        )
-
-    def _add(self, message: Message, turn: _Turn | None = None) -> Event:
-        """Append a message to the live context (and record it)."""
-        self._messages.append(message)
-        return self._record(message, turn)
-
-
-def _attached(text: str, attachments: Sequence[Any] | None) -> tuple[str, list[ImagePart]]:
-    """The text with text files inlined, and the images: checked before the turn starts."""
-    if not attachments:
-        return text, []
-    if isinstance(attachments, (str, bytes)) or not isinstance(attachments, Sequence):
-        attachments = [attachments]
-    from ._images import attach
-
-    attached = attach(attachments)
-    return "\n\n".join([text, *attached.texts]), attached.images
-
 
 def _open_store(db: Any) -> Store | None:
     if db is False:
@@ -606,13 +422,6 @@ def _open_store(db: Any) -> Store | None:
     if isinstance(db, Store):
         return db
     return Store.open(db)
-
-
-def _with_output(options: TurnOptions | None, output_type: Any) -> TurnOptions | None:
-    """``options`` with ``output_type`` set, when one is given."""
-    if output_type is None:
-        return options
-    return replace(options or TurnOptions(), output_type=output_type)
 
 
 def _endpoint(base_url: str) -> str:
@@ -629,10 +438,9 @@ def _warn_if_moved(session_id: str, ran_on: Any, base_url: str) -> None:
     so when that is not where it ran."""
     now = _endpoint(base_url)
     if isinstance(ran_on, str) and ran_on and ran_on != now:
-        warnings.warn(
+        warn_user(
             f"Session {session_id} ran on {ran_on}; it continues on {now}, this kernel's "
-            f"endpoint. Pass base_url={ran_on!r} (or endpoint=...) to continue there.",
-            stacklevel=3,
+            f"endpoint. Pass base_url={ran_on!r} (or endpoint=...) to continue there."
         )
 
 

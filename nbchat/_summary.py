@@ -11,16 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ._client import ModelClient, ReplyAssembler
+from ._assembler import ReplyAssembler
+from ._client import ModelClient
+from ._events import UsageEvent
 from ._exceptions import ModelAPIError, SummaryError
-from ._types import Message, UsageEvent
+from ._types import SUMMARY_HEADER, Message
 
 __all__ = ["SUMMARY_HEADER", "Summariser", "SummaryError", "render_transcript", "summary_words"]
 
-SUMMARY_HEADER = (
-    "[Summary of the earlier part of this conversation; the original messages were "
-    "folded into it to save context space.]\n\n"
-)
 SUMMARY_INSTRUCTIONS = """\
 You condense the earlier part of a conversation between a user and an AI assistant \
 that can call tools, so that the assistant can carry on without the original messages.

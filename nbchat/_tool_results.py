@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
+from typing import Any, Final
 
 import pydantic_core
 from pydantic import BaseModel
@@ -14,7 +14,9 @@ from ._text import valid_text
 from ._types import ImagePart
 
 __all__ = [
+    "DECLINED",
     "DEFAULT_MAX_RESULT_CHARS",
+    "NOT_RUN",
     "CallError",
     "describe_exception",
     "error_payload",
@@ -27,6 +29,13 @@ DEFAULT_MAX_RESULT_CHARS = 8000
 """Results longer than this many characters are cut (with a marker) before the model sees them."""
 
 _HEAD_ROWS = 10
+
+DECLINED = "declined"
+"""The ``error_kind`` of a call the user chose not to run: the model hears why, but the
+call did not fail (``is_error`` is false, its tool message's status ``"declined"``)."""
+NOT_RUN: Final = "not_run"
+"""The ``error_kind`` of a call made in a turn's last, tool-less round (past
+``max_rounds``): answered without running, not failed (its message's status ``"not_run"``)."""
 
 
 class CallError(ValueError):
@@ -110,7 +119,10 @@ def _to_text(value: Any) -> str:
     )
     if jsonable:
         try:
-            return pydantic_core.to_json(value, fallback=_json_fallback).decode()
+            # NaN and infinities as null: JSON has no word for them, and a model (or the
+            # code it writes) that reads "NaN" reads invalid JSON.
+            encoded = pydantic_core.to_json(value, fallback=_json_fallback, inf_nan_mode="null")
+            return encoded.decode()
         except BaseException:  # circular references, lone surrogates, hostile reprs...
             pass
         try:  # the standard library's encoder takes lone surrogates (made valid later)
@@ -148,10 +160,10 @@ def images_of(value: Any) -> tuple[Any, list[ImagePart]]:
 def serialise_result(value: Any, max_chars: int | None = DEFAULT_MAX_RESULT_CHARS) -> str:
     """A tool's return value as the text the model reads, cut past ``max_chars``.
 
-    ``str`` as is; pydantic models, dicts, lists, numbers, ``None`` as JSON (``repr`` for
-    what JSON cannot hold); DataFrames and Series as shape plus the first rows; others
-    ``repr``. A cut result ends with ``... [truncated: N of M characters shown]``.
-    Never raises.
+    ``str`` as is; pydantic models, dicts, lists, numbers, ``None`` as JSON (NaN and
+    infinities as ``null``, ``repr`` for what JSON cannot hold); DataFrames and Series as
+    shape plus the first rows; others ``repr``. A cut result ends with
+    ``... [truncated: N of M characters shown]``. Never raises.
     """
     try:
         text = _to_text(value)

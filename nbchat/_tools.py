@@ -15,25 +15,18 @@ one session and runs one round of tool calls. Choices a caller should know about
   included, and a result whose ``repr`` raises) become :func:`error_payload` results. A
   ``KeyboardInterrupt`` gets error kind ``"interrupted"`` so the session can stop the turn.
   (A ``BaseException`` escaping a task would stop the event loop itself.)
-- Each sync tool call runs in its own daemon thread. A cancelled :meth:`ToolSet.run` returns at
-  once, but Python cannot stop a thread: the function keeps running in the background and
-  its result is discarded. Daemon threads (rather than the loop's default executor) keep a
-  stuck tool from blocking ``asyncio.run()``'s shutdown or the interpreter's exit.
-  A tool that must run on the event loop's thread (widgets, ``display()``) should be
-  ``async def``: async tools run on the loop itself.
+- Each sync tool call runs in its own daemon thread (``_tool_threads.py``: why, and what a
+  cancelled run leaves running). A tool that must run on the event loop's thread
+  (widgets, ``display()``) should be ``async def``: async tools run on the loop itself.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import contextvars
 import copy
-import ctypes
 import inspect
 import json
 import re
-import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -45,6 +38,7 @@ from pydantic.json_schema import PydanticJsonSchemaWarning
 
 from ._exceptions import ToolDefinitionError
 from ._tool_results import (
+    DECLINED,
     DEFAULT_MAX_RESULT_CHARS,
     CallError,
     describe_exception,
@@ -61,6 +55,7 @@ from ._tool_schema import (
     tidy_schema,
     undescribable,
 )
+from ._tool_threads import in_thread, user_waits
 from ._types import ImagePart, ToolCall, ToolCallRecord
 
 __all__ = [
@@ -80,26 +75,6 @@ _ARGS_CONFIG = ConfigDict(extra="forbid")
 
 
 # --------------------------------------------------------------------------- Tool
-
-
-# Seconds a running tool spent waiting on the user (the python tool's approval), which
-# its recorded duration leaves out. run_one sets a fresh counter per call; the thread a
-# sync tool runs in shares it through the copied context.
-_waiting: contextvars.ContextVar[list[float] | None] = contextvars.ContextVar(
-    "nbchat_tool_waiting", default=None
-)
-
-
-@contextlib.contextmanager
-def waiting_on_user() -> Iterator[None]:
-    """Inside a tool: the time spent in this block is not part of the tool's duration."""
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        counter = _waiting.get()
-        if counter is not None:
-            counter[0] += time.perf_counter() - start
 
 
 def valid_tool_name(name: str) -> bool:
@@ -287,55 +262,6 @@ def _short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-async def in_thread(
-    fn: Callable[..., Any],
-    args: list[Any],
-    kwargs: dict[str, Any],
-    name: str,
-    *,
-    interrupt_on_cancel: bool = False,
-) -> Any:
-    """Run ``fn`` in a fresh daemon thread and await its result.
-
-    Cancelling the await returns at once: a thread cannot be killed, so the function
-    runs on and its result is dropped — or, with ``interrupt_on_cancel``, it gets a
-    KeyboardInterrupt at its next bytecode (code the user may stop, like the python tool).
-    """
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[Any] = loop.create_future()
-    context = contextvars.copy_context()
-
-    def settle(exc: BaseException | None, value: Any) -> None:
-        if future.done():  # the caller was cancelled and no longer waits
-            return
-        if exc is None:
-            future.set_result(value)
-        else:
-            future.set_exception(exc)
-
-    def target() -> None:
-        try:
-            value = context.run(fn, *args, **kwargs)
-        except BaseException as exc:
-            outcome: tuple[BaseException | None, Any] = (exc, None)
-        else:
-            outcome = (None, value)
-        # A closed loop means nobody is left waiting for the result.
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(settle, *outcome)
-
-    worker = threading.Thread(target=target, name=f"nbchat-tool-{name}", daemon=True)
-    worker.start()
-    try:
-        return await future
-    except asyncio.CancelledError:
-        if interrupt_on_cancel and worker.ident is not None and worker.is_alive():
-            ctypes.pythonapi.PyThreadState_SetAsyncExc(
-                ctypes.c_ulong(worker.ident), ctypes.py_object(KeyboardInterrupt)
-            )
-        raise
-
-
 @overload
 def tool(
     fn: Callable[..., Any], *, name: str | None = None, description: str | None = None
@@ -469,50 +395,46 @@ class ToolSet:
         ``bad_name`` is the name the model gave when it was not a usable one.
         """
         start = time.perf_counter()
-        waited = [0.0]
-        token = _waiting.set(waited)
         error_kind: str | None = None
         images: list[ImagePart] | None = None
-        try:
-            t = None if bad_name is not None else self._tools.get(call.name)
-            if bad_name is not None:
-                available = ", ".join(self._tools) or "none"
-                raise CallError(
-                    "invalid_tool_call",
-                    f"this tool call's name {bad_name!r} is not a tool name; call one of: "
-                    f"{available}",
-                )
-            if t is None:
-                available = ", ".join(self._tools) or "none"
-                raise CallError(
-                    "unknown_tool", f"unknown tool {call.name!r}; available tools: {available}"
-                )
+        with user_waits() as waited:
             try:
-                value = await t.invoke(call.arguments)
-            except (CallError, asyncio.CancelledError, GeneratorExit):
-                raise
-            except KeyboardInterrupt:
-                raise CallError(
-                    "interrupted", "KeyboardInterrupt: the tool was interrupted"
-                ) from None
-            except BaseException as exc:  # SystemExit from argparse-style code, and the rest
-                raise CallError("tool_error", describe_exception(exc)) from None
-            value, images = images_of(value)
-            result = serialise_result(value, self.max_result_chars)
-        except CallError as err:
-            error_kind = err.kind
-            result = error_payload(err.kind, truncate(err.message, self.max_result_chars))
-        finally:
-            _waiting.reset(token)
+                value, images = images_of(await self._call(call, bad_name))
+                result = serialise_result(value, self.max_result_chars)
+            except CallError as err:
+                error_kind = err.kind
+                result = error_payload(err.kind, truncate(err.message, self.max_result_chars))
         return ToolCallRecord(
             call_id=call.id,
             name=call.name,
             arguments=call.arguments,
             result=result,
-            is_error=error_kind is not None,
+            is_error=error_kind not in (None, DECLINED),
             error_kind=error_kind,
             duration_ms=(time.perf_counter() - start - waited[0]) * 1000,
             turn_id=turn_id,
             round=round,
             images=images or None,
         )
+
+    async def _call(self, call: ToolCall, bad_name: str | None) -> Any:
+        """What the called tool returns; every way it can fail is a ``CallError``."""
+        available = ", ".join(self._tools) or "none"
+        if bad_name is not None:
+            raise CallError(
+                "invalid_tool_call",
+                f"this tool call's name {bad_name!r} is not a tool name; call one of: {available}",
+            )
+        t = self._tools.get(call.name)
+        if t is None:
+            raise CallError(
+                "unknown_tool", f"unknown tool {call.name!r}; available tools: {available}"
+            )
+        try:
+            return await t.invoke(call.arguments)
+        except (CallError, asyncio.CancelledError, GeneratorExit):
+            raise
+        except KeyboardInterrupt:
+            raise CallError("interrupted", "KeyboardInterrupt: the tool was interrupted") from None
+        except BaseException as exc:  # SystemExit from argparse-style code, and the rest
+            raise CallError("tool_error", describe_exception(exc)) from None

@@ -149,12 +149,16 @@ def request_usage(raw: Any) -> RequestUsage | None:
     cache_write = prompt_details.cache_write_tokens
     if cache_write is None:
         cache_write = u.cache_creation_input_tokens
+    prompt = u.prompt_tokens if u.prompt_tokens is not None else u.input_tokens
+    cached = prompt_details.cached_tokens
+    if cached is not None and prompt is not None and cached > prompt:
+        cached = None  # cached tokens are part of the prompt: more cannot be right
     return RequestUsage(
-        prompt_tokens=u.prompt_tokens if u.prompt_tokens is not None else u.input_tokens,
+        prompt_tokens=prompt,
         completion_tokens=(
             u.completion_tokens if u.completion_tokens is not None else u.output_tokens
         ),
-        cached_tokens=prompt_details.cached_tokens,
+        cached_tokens=cached,
         reasoning_tokens=completion_details.reasoning_tokens,
         cache_write_tokens=cache_write,
         reported_cost_usd=u.cost,

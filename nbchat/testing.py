@@ -91,6 +91,11 @@ class FakeOpenAIServer:
     body is kept in ``requests``, its path and query in ``request_paths``.
     """
 
+    # What the error of a request the empty queue cannot answer tells the user to do.
+    _empty_hint = (
+        "Call server.enqueue(...) before the request, or give FakeOpenAIServer a fallback=."
+    )
+
     def __init__(
         self,
         *,
@@ -328,8 +333,7 @@ class FakeOpenAIServer:
                     type="fake_server_error",
                     should_retry=False,
                     message=f"nbchat FakeOpenAIServer: the reply queue is empty (request "
-                    f"#{number}, model {body.get('model')!r}). Call server.enqueue(...) before "
-                    "the request, or give FakeOpenAIServer a fallback=.",
+                    f"#{number}, model {body.get('model')!r}). {self._empty_hint}",
                 )
             )
         try:
@@ -386,6 +390,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         fallback=echo if args.echo or not args.script else None,
     )
     if args.script:
+        server._empty_hint = (
+            f"The script {args.script} is used up: add replies to it, or add --echo to "
+            "answer the rest with the last user message."
+        )
         with open(args.script, encoding="utf-8") as f:
             script = json.load(f)
         for item in script if isinstance(script, list) else [script]:

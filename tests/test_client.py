@@ -9,9 +9,10 @@ from typing import Any
 import pytest
 
 from nbchat import ModelAPIError
-from nbchat._client import ModelClient, ReplyAssembler, truncation_notice
+from nbchat._assembler import ReplyAssembler
+from nbchat._client import ModelClient, truncation_notice
 from nbchat._config import resolve_client
-from nbchat._types import Event
+from nbchat._events import Event
 from nbchat.testing import FakeOpenAIServer
 
 HI = [{"role": "user", "content": "hi"}]

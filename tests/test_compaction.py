@@ -580,3 +580,82 @@ def test_the_window_the_server_reports_drives_compaction() -> None:
         assert len(nbchat.compactions(db=s.store)) >= 1
         assert max(len(r["messages"]) for r in fake.chat_requests) < 40
         assert s.client.cached_context_window() == 1500  # asked once, then cached
+
+
+def test_transcript_export_and_import_keep_the_summary_where_the_context_has_it(
+    db_path: Path,
+) -> None:
+    """The summary replaces the start of the conversation: every view of the session puts
+    it there (after the system prompt), not at the place its number was given, which
+    would put the summary of old turns after newer ones and split a question from its
+    answer; with the folded messages shown too, it follows the last one it folds."""
+    import json
+
+    with FakeOpenAIServer(fallback=chatty()) as fake:
+        s = make(fake, db=db_path, system="sys", context_window=1500)
+        for i in range(15):
+            s.send(f"m{i} " + "q" * 200)
+        live = [m.id for m in s.history]
+        assert s.history[1].status == "summary"
+        summary = s.history[1]
+
+        frame = nbchat.transcript(s.id, db=db_path)
+        assert frame["id"].tolist() == live
+        exported = json.loads(nbchat.export_session(s.id, db=db_path))
+        assert [m["role"] for m in exported][:2] == ["system", "system"]
+        assert exported[1]["content"] == summary.content
+        assert [m.get("content") for m in exported] == [m.content for m in s.history]
+
+        everything = nbchat.transcript(s.id, db=db_path, include_compacted=True)
+        ids = everything["id"].tolist()
+        at = ids.index(summary.id)
+        folded = everything[everything["state"] == "compacted"]
+        assert at > max(ids.index(i) for i in folded["id"] if i != summary.id)
+        assert everything["state"].iloc[at + 1 :].eq("active").all()
+
+        copy = nbchat.import_session(nbchat.export_session(s.id, db=db_path), db=db_path)
+        again = make(fake, db=db_path, session_id=copy)
+        assert [m.content for m in again.history] == [m.content for m in s.history]
+        again.send("after import")
+        assert summaries_in(fake.chat_requests[-1]) == [1]
+
+
+def test_a_summary_numbered_after_newer_messages_is_still_shown_in_place(db_path: Path) -> None:
+    """Stores written before summaries were numbered in place have the live summary
+    after the messages it precedes: transcript() and export put it back."""
+    import json
+
+    history = [
+        msg("system", "sys", seq=0),
+        msg("user", "kept question", seq=31),
+        msg("assistant", "kept answer", seq=32),
+        msg("system", SUMMARY_HEADER + "earlier", status="summary", seq=33),
+    ]
+    with Store.open(db_path) as store:
+        store.create_session(session_id="old", model="m", system_prompt="sys", messages=history)
+    order = ["sys", SUMMARY_HEADER + "earlier", "kept question", "kept answer"]
+    assert nbchat.transcript("old", db=db_path)["content"].tolist() == order
+    exported = json.loads(nbchat.export_session("old", db=db_path))
+    assert [m["content"] for m in exported] == order
+
+
+def test_a_markdown_export_can_hold_the_whole_conversation(db_path: Path) -> None:
+    """A compacted chat's export shows its summary as one (not as a system message), and
+    ``include_compacted`` gives back every turn, the folded ones marked, in order."""
+    with FakeOpenAIServer(fallback=chatty()) as fake:
+        s = make(fake, db=db_path, system="sys", context_window=1500)
+        for i in range(15):
+            s.send(f"m{i} " + "q" * 200)
+    live = nbchat.export_session(s.id, "markdown", db=db_path)
+    assert "## Summary of the earlier conversation" in live and "\n\nm0 q" not in live
+    assert "[Summary of the earlier part" not in live
+    whole = nbchat.export_session(s.id, "markdown", db=db_path, include_compacted=True)
+    at = [whole.index(f"\n\nm{i} q") for i in range(15)]
+    assert at == sorted(at), "every turn, in order"
+    assert "## User (folded into a summary)" in whole
+    last_folded = whole.rindex("(folded into a summary)")
+    summary = whole.index("## Summary of the earlier conversation")
+    first_kept = whole.index("\n## User\n")
+    assert last_folded < summary < first_kept
+    with pytest.raises(ValueError, match="include_compacted=True is for format='markdown'"):
+        nbchat.export_session(s.id, db=db_path, include_compacted=True)

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from nbchat import ConfigError, ModelAPIError, Session
-from nbchat._client import ModelClient, ReplyAssembler
+from nbchat._assembler import ReplyAssembler
+from nbchat._client import ModelClient
 from nbchat._config import KEY_FROM_NONE, resolve_client, set_defaults
 from nbchat._endpoints import (
     add_endpoint,
@@ -137,6 +138,21 @@ def test_a_keyless_server_on_the_lan_is_allowed() -> None:
     assert s.api_key.source == KEY_FROM_NONE and s.keyless
     with pytest.raises(ConfigError, match="No API key"):
         resolve_client("gpt-4o", "https://api.openai.com/v1")
+
+
+def test_a_session_opened_without_the_key_its_server_needs_sends_nothing(
+    tmp_path: Path,
+) -> None:
+    """%chat use reads a stored session without a key; its turn stops before a request."""
+    from nbchat._config import Secret
+
+    no_key = Secret("no-key-configured", KEY_FROM_NONE)
+    s = Session(model="gpt-4o", api_key=no_key, db=tmp_path / "k.duckdb")
+    assert s.client.settings.base_url == "https://api.openai.com/v1"
+    with pytest.raises(ConfigError, match=r"No API key for https://api\.openai\.com/v1"):
+        s.send("hello")
+    assert s.history == [] and s.store is not None
+    assert s.store.query("SELECT count(*) AS n FROM turns").data["n"][0] == 0
 
 
 def test_endpoint_headers_reach_the_request(fake: FakeOpenAIServer) -> None:

@@ -536,6 +536,25 @@ def test_command_line_serves_until_killed(tmp_path: Any) -> None:
     assert err == ""
 
 
+def test_a_used_up_command_line_script_says_how_to_go_on(tmp_path: Any) -> None:
+    """It said to call server.enqueue(...), which a command-line user cannot."""
+    script = tmp_path / "replies.json"
+    script.write_text(json.dumps([{"text": "scripted"}]))
+    cmd = [sys.executable, "-m", "nbchat.testing", "--port", "0", "--script", str(script)]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().strip()
+        with openai.OpenAI(base_url=url, api_key="k", max_retries=0) as c:
+            assert stream_text(c)[0] == "scripted"
+            with pytest.raises(openai.InternalServerError) as raised:
+                c.chat.completions.create(model="m", messages=MESSAGES)
+        proc.terminate()
+        proc.communicate(timeout=10)
+    said = str(raised.value)
+    assert f"The script {script} is used up" in said and "--echo" in said
+    assert "enqueue" not in said
+
+
 def raw_stream(server: FakeOpenAIServer, **body: Any) -> tuple[httpx.Response, bytes]:
     """POST a streamed request with raw httpx; the response and its whole (de-chunked) body."""
     request = {"model": "m1", "messages": MESSAGES, "stream": True, **body}

@@ -19,7 +19,8 @@ import nbchat
 from nbchat import AttachmentError, Image, ImagePart, Session
 from nbchat._history import CHARS_PER_TOKEN, message_chars
 from nbchat._images import attach, to_image
-from nbchat._render import TurnView, history_views, thumbnails_html
+from nbchat._render import TurnView, history_views
+from nbchat._render_parts import thumbnails_html
 from nbchat._store import Store
 from nbchat._summary import render_transcript
 from nbchat._types import Message
@@ -385,6 +386,27 @@ def test_export_and_import_round_trip_an_image(fake: FakeOpenAIServer, store_db:
     assert "[image: " in markdown and "base64" not in markdown
 
 
+def test_an_imported_session_keeps_its_title_and_image_names(
+    fake: FakeOpenAIServer, store_db: str
+) -> None:
+    db = store_db
+    raw = png(3, 3)
+    fake.enqueue("a tiny square")
+    s = make(fake, db=db, title="Square study")
+    s.send("what is this?", attachments=[to_image(raw, name="square.png")])
+    kept = nbchat.export_session(s.id, db=db, format="nbchat")
+    copy = nbchat.import_session(kept, db=db)
+    with Store.open(db) as store:
+        loaded = store.load_session(copy)
+    (image,) = loaded.messages[0].attachments or []
+    assert loaded.title == "Square study" and (image.name, image.data) == ("square.png", raw)
+    assert json.loads(kept)["messages"] == json.loads(nbchat.export_session(s.id, db=db))
+    # The bare wire list has no room for either: the title comes from the first message.
+    plain = nbchat.import_session(nbchat.export_session(s.id, db=db), db=db)
+    with Store.open(db) as store:
+        assert store.load_session(plain).title == "what is this?"
+
+
 # ---------------------------------------------------------------------- rendering
 
 
@@ -447,7 +469,7 @@ def test_only_image_types_can_be_named_or_shown() -> None:
 
 
 def test_an_image_row_survives_the_team_stores_spool() -> None:
-    from nbchat._store._sink import attachment_rows
+    from nbchat._store._rows import attachment_rows
     from nbchat._store._spool import decode_unit, encode_unit
 
     raw = png(2, 2)

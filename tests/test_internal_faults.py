@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 import nbchat
-from nbchat import _client, _turn
+from nbchat import _assembler, _turn
 from nbchat.testing import FakeOpenAIServer
 
 KEY = "sk-test-internal-0123456789"
@@ -43,7 +43,7 @@ def _failed_turn(fake: FakeOpenAIServer, db: Path, **send: Any) -> tuple[Any, An
 def test_a_fault_while_reading_the_reply_is_raised_and_stored_as_failed(
     fake: FakeOpenAIServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_client.ReplyAssembler, "_mark_first_token", _boom)
+    monkeypatch.setattr(_assembler.ReplyAssembler, "_mark_first_token", _boom)
     session, turns, usage = _failed_turn(fake, tmp_path / "s.duckdb")
     assert turns.status.tolist() == ["error"]
     assert "TypeError" in turns.error.iloc[0] and KEY not in turns.error.iloc[0]

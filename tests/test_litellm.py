@@ -23,7 +23,8 @@ import httpx
 import pytest
 
 from nbchat import Session
-from nbchat._client import ModelClient, ReplyAssembler
+from nbchat._assembler import ReplyAssembler
+from nbchat._client import ModelClient
 from nbchat._config import resolve_client
 
 pytestmark = pytest.mark.slow

@@ -11,10 +11,11 @@ import pytest
 
 import nbchat
 from nbchat import ModelAPIError
-from nbchat._client import ModelClient, ReplyAssembler
+from nbchat._assembler import ReplyAssembler
+from nbchat._client import ModelClient
 from nbchat._config import resolve_client
+from nbchat._events import Event
 from nbchat._responses import ResponsesStream, request_body, responses_only, to_input, to_tools
-from nbchat._types import Event
 from nbchat.testing import FakeOpenAIServer
 
 HI = [{"role": "user", "content": "hi"}]

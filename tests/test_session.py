@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import _thread
 import asyncio
+import itertools
 import json
 import threading
 import time
@@ -197,19 +198,97 @@ def test_tool_failures_go_back_to_the_model(
         assert "disk on fire" in body["message"]
 
 
-def test_max_rounds_asks_for_a_final_answer_without_tools(fake: FakeOpenAIServer) -> None:
+def test_max_rounds_asks_for_a_final_answer_without_tools(
+    fake: FakeOpenAIServer, db_path: Path
+) -> None:
     def ping() -> str:
         """Ping."""
         return "pong"
 
     fake.enqueue(tool_calls=[{"name": "ping"}], repeat=2)
     fake.enqueue("best effort answer")
-    r = make(fake, tools=[ping], max_rounds=2).send("loop forever")
+    events: list[Any] = []
+    r = make(fake, db=db_path, tools=[ping], max_rounds=2).send(
+        "loop forever", on_event=events.append
+    )
 
     assert r.status == "max_rounds" and r.text == "best effort answer"
+    # It says why it ended, as a budget's stop does: the limit's notice, also stored.
+    assert r.error == (
+        "Stopped after 2 rounds of tool calls (max_rounds); "
+        "the last answer was asked for without tools."
+    )
+    assert [e.message for e in events if e.kind == "limit_reached"] == [r.error]
+    assert list(nbchat.turns(db_path)["error"]) == [r.error]
     assert len(fake.requests) == 3 and len(r.tool_calls) == 2
     assert "tools" in fake.chat_requests[1] and "tools" not in fake.chat_requests[2]
     assert fake.chat_requests[2]["messages"][-1]["role"] == "system"
+
+
+def _assistant_messages_are_sendable(messages: list[dict[str, Any]]) -> None:
+    """What OpenAI's spec (and Mistral's API) require: an assistant message has content
+    or tool calls; and no two user messages in a row (chat templates that alternate)."""
+    for m in messages:
+        if m["role"] == "assistant":
+            assert m.get("content") or m.get("tool_calls"), m
+    roles = [m["role"] for m in messages]
+    assert not any(a == b == "user" for a, b in itertools.pairwise(roles)), roles
+
+
+def test_tool_calls_in_the_last_round_are_answered_not_dropped(fake: FakeOpenAIServer) -> None:
+    """A model that still calls tools when asked for its final answer: its calls are kept
+    and answered as not run, so the cell's tool block ends and the history stays valid."""
+
+    def ping() -> str:
+        """Ping."""
+        return "pong"
+
+    fake.enqueue(tool_calls=[{"name": "ping"}], repeat=2)
+    fake.enqueue("after the limit")
+    session = make(fake, tools=[ping], max_rounds=1)
+    events: list[Any] = []
+    r = session.send("loop forever", on_event=events.append)
+
+    assert r.status == "max_rounds"
+    started = [e.call_id for e in events if e.kind == "tool_call_started"]
+    finished = [e.call.call_id for e in events if e.kind == "tool_result"]
+    assert len(started) == 2 and sorted(finished) == sorted(started)
+    not_run = r.tool_calls[-1]
+    assert not_run.error_kind == "not_run" and "max_rounds" in not_run.result
+    assert not not_run.is_error
+    stopped = next(e for e in events if e.kind == "limit_reached")
+    assert "Stopped after 1 round of tool calls" in stopped.message
+    session.send("and now?")
+    _assistant_messages_are_sendable(fake.chat_requests[-1]["messages"])
+
+
+@pytest.mark.parametrize(
+    ("reply", "said"),
+    [
+        ({"text": ""}, "empty reply"),
+        ({"text": "", "finish_reason": "length", "reasoning": "hmm " * 5}, "max_tokens"),
+        ({"text": "", "finish_reason": "content_filter"}, "content filter"),
+    ],
+)
+def test_an_empty_reply_fails_the_turn_and_leaves_the_conversation(
+    fake: FakeOpenAIServer, db_path: Path, reply: dict[str, Any], said: str
+) -> None:
+    """No text and no tool calls is not an answer: the turn fails saying why, and leaves
+    the conversation (stored, superseded), so no later request carries an assistant
+    message without content, or two user messages in a row."""
+    session = make(fake, db=db_path)
+    fake.enqueue(**reply)
+    r = session.send("a")
+    assert r.status == "error" and said in (r.error or "")
+    assert [m.role for m in session.history] == ["system"] or session.history == []
+    fake.enqueue("fine")
+    assert session.send("b").status == "completed"
+    sent = fake.chat_requests[-1]["messages"]
+    _assistant_messages_are_sendable(sent)
+    assert [m["content"] for m in sent if m["role"] == "user"] == ["b"]
+    stored = nbchat.transcript(session.id, db=db_path, include_superseded=True)
+    first = stored[stored["content"].eq("a")]
+    assert first["state"].tolist() == ["superseded"], "kept in the store, out of the context"
 
 
 # --------------------------------------------------------------------------- server errors

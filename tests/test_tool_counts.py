@@ -19,15 +19,13 @@ import pandas as pd
 import pytest
 
 from nbchat import _analysis
+from nbchat._events import ToolResult
 from nbchat._store import Store
-from nbchat._store._migrations import (
-    BINS_PER_DOUBLING,
-    NO_DURATION,
-    duration_bin,
-    fill_counters,
-    migrate,
-)
-from nbchat._types import ToolCallRecord, ToolResult, new_id
+from nbchat._store._counter_migrations import OLD_DECLINED
+from nbchat._store._migrations import migrate
+from nbchat._store._pg_sql import PgMigrationConnection
+from nbchat._store._recount import BINS_PER_DOUBLING, NO_DURATION, duration_bin, fill_counters
+from nbchat._types import ToolCallRecord, new_id
 
 EXACT = """
     SELECT name AS tool, count(*) AS calls, count(*) FILTER (WHERE is_error) AS errors,
@@ -144,11 +142,11 @@ def test_a_long_migration_says_so_on_stderr_first(
         )
     capsys.readouterr()
     with duckdb.connect(str(path)) as con:
-        assert migrate(con) == ["m010_dashboard_counts"]
+        assert migrate(con, stop_after="m010_dashboard_counts") == ["m010_dashboard_counts"]
     err = capsys.readouterr().err
     assert "m010_dashboard_counts" in err and "20,000 rows" in err and len(err.splitlines()) == 1
     with duckdb.connect(str(path)) as con:
-        migrate(con)  # nothing left to do: nothing said
+        migrate(con, stop_after="m010_dashboard_counts")  # nothing left to do: nothing said
     assert capsys.readouterr().err == ""
 
 
@@ -158,3 +156,63 @@ def test_a_small_store_migrates_without_a_word(
     with duckdb.connect(str(tmp_path / "small.duckdb")) as con:
         migrate(con)
     assert capsys.readouterr().err == ""
+
+
+# What the python tool stored for a call the user declined before "declined" existed.
+_OLD_DECLINE = (
+    '{"ok": false, "error_kind": "tool_error", "message": "PermissionError: the user '
+    'declined to run this code; do not retry it"}'
+)
+_FAILED = '{"ok": false, "error_kind": "tool_error", "message": "ZeroDivisionError: boom"}'
+
+
+def test_m011_counts_declines_stored_the_old_way_as_newer_code_does(store_db: str) -> None:
+    # A new-user trial: calls declined before "declined" existed still showed as tool
+    # errors in the dashboard's counts, where newer code counts a decline as no error.
+    assert OLD_DECLINED.strip("%") in _OLD_DECLINE
+    old_rows = [
+        ("c1", "python", _OLD_DECLINE, True, "tool_error"),
+        ("c2", "python", _FAILED, True, "tool_error"),  # a real failure stays one
+        ("c3", "python", "4", False, None),
+    ]
+    inserts = [
+        (
+            "INSERT INTO tool_calls (id, session_id, call_id, name, result, is_error,"
+            " error_kind, duration_ms, created_at) VALUES (?, 's', ?, ?, ?, ?, ?, 5.0, now())",
+            [call_id, call_id, name, result, failed, kind],
+        )
+        for call_id, name, result, failed, kind in old_rows
+    ] + [
+        (
+            "INSERT INTO messages (id, session_id, seq, role, content, tool_call_id, name,"
+            " status, state, created_at) VALUES (?, 's', ?, 'tool', ?, ?, 'python', ?,"
+            " 'active', now())",
+            [f"m{seq}", seq, result, call_id, "error" if failed else "ok"],
+        )
+        for seq, (call_id, _, result, failed, _) in enumerate(old_rows)
+    ]
+    if store_db.startswith("postgresql"):
+        import psycopg
+
+        with psycopg.connect(store_db, autocommit=True) as raw:
+            con: Any = PgMigrationConnection(raw)
+            migrate(con, stop_after="m010_dashboard_counts")
+            for sql, params in inserts:
+                con.execute(sql, params)
+    else:
+        with duckdb.connect(store_db) as con:
+            migrate(con, stop_after="m010_dashboard_counts")
+            for sql, params in inserts:
+                con.execute(sql, params)
+            fill_counters(con)  # as the old code's tally had them: two errors
+            assert con.execute("SELECT sum(errors) FROM _tool_counts").fetchall() == [(2,)]
+
+    with Store.open(store_db) as store:  # m011 runs
+        calls = _analysis.tool_calls(store).set_index("call_id")
+        assert list(calls.loc[["c1", "c2", "c3"], "is_error"]) == [False, True, False]
+        assert calls.loc["c1", "error_kind"] == "declined"
+        assert calls.loc["c1", "result"] == _OLD_DECLINE  # what the model was told stays
+        stats = store.frame("tool_stats", since=None, until=None)
+        assert (int(stats["calls"].sum()), int(stats["errors"].sum())) == (3, 1)
+        statuses = store.sql("SELECT tool_call_id, status FROM messages ORDER BY seq")
+        assert list(statuses["status"]) == ["declined", "error", "ok"]

@@ -555,6 +555,24 @@ def test_serialise_numpy_values_as_json() -> None:
     assert serialise_result({"v": np.arange(3)}, 100) == '{"v":[0,1,2]}'
 
 
+def test_nan_and_infinities_reach_the_model_as_valid_json() -> None:
+    """A NaN was sent as the bare word NaN, which JSON (and the model's parser) refuses."""
+    np = pytest.importorskip("numpy")
+    values = {"f": float("nan"), "g": [float("inf"), 1.5], "a": np.array([1.0, np.nan])}
+    values["s"] = np.float64("nan")
+    text = serialise_result(values, 200)
+
+    def refuse(word: str) -> None:
+        raise AssertionError(f"{word} is not JSON: {text}")
+
+    assert json.loads(text, parse_constant=refuse) == {
+        "f": None,
+        "g": [None, 1.5],
+        "a": [1.0, None],
+        "s": None,
+    }
+
+
 def test_serialise_dataframe_shows_shape_and_first_ten_rows() -> None:
     df = pd.DataFrame({"n": range(25), "sq": [i * i for i in range(25)]})
     text = serialise_result(df, 10_000)

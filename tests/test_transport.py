@@ -14,14 +14,16 @@ import subprocess
 import sys
 import textwrap
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
 import nbchat
-from nbchat import ConfigError, ModelAPIError, _http
-from nbchat._client import ModelClient, ReplyAssembler
+from nbchat import ConfigError, ModelAPIError, Session, _http, sessions
+from nbchat._assembler import ReplyAssembler
+from nbchat._client import ModelClient
 from nbchat._config import resolve_client
 from nbchat.testing import FakeOpenAIServer
 
@@ -137,7 +139,50 @@ def test_a_refused_connection_is_a_connection_error(transport: str) -> None:
     url = "http://127.0.0.1:9/v1"  # the discard port: nothing listens
     error = error_of(client(url))
     assert str(error).startswith(f"Could not connect to the model server at {url} (")
-    assert "ConnectError" in str(error) and "1 attempt" in str(error)
+    assert "(connection refused: nothing listens there; 1 attempt)." in str(error)
+
+
+def _read_request(conn: socket.socket) -> None:
+    """Read one HTTP request, its body included (``Content-Length``)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value.strip())
+    while len(body) < length:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return
+        body += chunk
+
+
+def test_a_request_whose_connection_was_never_made_costs_nothing(transport: str) -> None:
+    """Nothing reached the server: $0, not "unknown" (which sessions() counts as spend it
+    cannot see), even for a model whose price is known (new-user trial 4)."""
+    s = Session(model="gpt-4o-mini", base_url="http://127.0.0.1:9/v1", api_key="k", db=":memory:")
+    result = s.send("hi")
+    assert result.status == "error" and result.cost_usd == 0.0
+    spend = sessions(db=s.store)
+    assert spend["cost_usd"][0] == 0.0 and spend["unknown_cost_requests"][0] == 0
+
+
+def test_a_request_the_server_dropped_has_an_unknown_cost(
+    bad_server: Callable[[bytes | None], str], transport: str
+) -> None:
+    """It reached the server, which may have billed it: the cost is not known."""
+    s = Session(
+        model="gpt-4o-mini", base_url=bad_server(None), api_key="k", db=":memory:", max_retries=0
+    )
+    result = s.send("hi")
+    assert result.status == "error" and result.cost_usd is None
+    assert sessions(db=s.store)["unknown_cost_requests"][0] == 1
 
 
 @pytest.fixture
@@ -157,7 +202,7 @@ def bad_server() -> Iterator[Callable[[bytes | None], str]]:
                 except OSError:
                     return
                 with conn:
-                    conn.recv(65536)
+                    _read_request(conn)  # all of it: a close with bytes unread is a reset
                     if answer is not None:
                         conn.sendall(answer)
 
@@ -191,8 +236,10 @@ def test_a_cut_stream_keeps_what_arrived(fake: FakeOpenAIServer, transport: str)
     assembler = ReplyAssembler()
     error = error_of(client(fake.url), assembler)
     assert assembler.text == "ab"  # the first chunk holds the role alone
-    assert str(error).startswith("The model's stream broke after 3 chunks (")
-    assert str(error).endswith("the partial reply was kept.")
+    assert str(error) == (
+        "The model's stream broke after 3 chunks (the server closed the connection before "
+        "its end); the partial reply was kept."
+    )  # aiohttp's own words had a "400" in them that read as an HTTP status
 
 
 def test_a_silent_stream_ends_at_the_stall_timeout(fake: FakeOpenAIServer, transport: str) -> None:
@@ -299,11 +346,16 @@ def test_send_keeps_one_client_per_transport(fake: FakeOpenAIServer, transport: 
     """The background loop's kept clients are per transport too: changing the setting
     between turns takes effect on the next one."""
     fake.enqueue("first", repeat=2)
-    s = nbchat.Session(model="m", base_url=fake.url, api_key="k", db=False)
+    # A key no other test uses: a port the kernel hands out again (an earlier test's
+    # server) would otherwise find that test's kept clients under the same URL.
+    key = f"k-{uuid.uuid4().hex}"
+    s = nbchat.Session(model="m", base_url=fake.url, api_key=key, db=False)
     assert s.send("a").text == "first"
     other = "httpx" if transport == "aiohttp" else "aiohttp"
     os.environ[_http.TRANSPORT_ENV] = other  # the fixture's monkeypatch restores it
     assert s.send("b").text == "first"
     from nbchat import _client
 
-    assert sum(fake.url in key for key in _client._async_clients) == 2
+    kept = [k for k in _client._async_clients if key in k]
+    assert len(kept) == 2
+    assert {k[-1] for k in kept} == {transport, other}

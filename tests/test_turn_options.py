@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -99,3 +100,31 @@ def test_new_starts_an_empty_session_set_up_the_same_way(fake: FakeOpenAIServer)
     assert fresh.budgets.budget_usd == 2.0
     assert fresh.compactor is not None and fresh.compactor.context_window == 4000
     assert s.new(system="Be thorough.").system == "Be thorough."
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "says"),
+    [
+        ("max_rounds", -1, "max_rounds must be at least 0, got -1"),
+        ("max_rounds", 1.5, "max_rounds must be a whole number, got 1.5"),
+        ("budget_usd", -5, "budget_usd must be at least 0, got -5"),
+        ("temperature", -0.1, "temperature must be at least 0"),
+        ("turn_max_tokens", 0, "turn_max_tokens must be at least 1"),
+    ],
+)
+def test_a_setting_below_its_least_value_is_refused_where_it_is_given(
+    fake: FakeOpenAIServer, setting: str, value: Any, says: str
+) -> None:
+    """Session(), nbchat.configure() and a turn's options refuse what a %%chat option
+    refuses (a negative max_rounds had ended every turn at once: 'Stopped after -1
+    rounds'; a negative budget read '$-5.00 cannot be checked'), and nothing is sent."""
+    with pytest.raises(nbchat.ConfigError, match=r"Session\(\): " + re.escape(says)):
+        _session(fake, **{setting: value})
+    if setting in ("max_rounds", "budget_usd", "temperature"):
+        with pytest.raises(nbchat.ConfigError, match="nbchat.configure: " + re.escape(says)):
+            nbchat.configure(**{setting: value})
+        assert setting not in nbchat._config.get_defaults()
+        s = _session(fake)
+        with pytest.raises(nbchat.ConfigError, match="the turn's options: " + re.escape(says)):
+            s.send("hi", options=TurnOptions(**{setting: value}))
+        assert s.messages == [] and fake.requests == []

@@ -14,9 +14,12 @@ import pytest
 
 import nbchat
 from nbchat import ConfigError, ModelAPIError, Session
-from nbchat._client import ModelClient, ReplyAssembler, _http_library
+from nbchat._assembler import ReplyAssembler
+from nbchat._client import ModelClient
 from nbchat._config import resolve_client
-from nbchat._types import Event
+from nbchat._events import Event
+from nbchat._http import _http_library
+from nbchat._pricing import forget_price, register_price
 from nbchat._wire import SSEParser
 from nbchat.testing import FakeOpenAIServer
 
@@ -123,8 +126,24 @@ def test_could_not_connect_names_the_url() -> None:
     url = "http://127.0.0.1:9/v1"  # the discard port: nothing listens
     client = ModelClient(resolve_client("m", url, "k"), max_retries=0)
     error = error_of(client)
-    assert str(error).startswith(f"Could not connect to the model server at {url} (")
-    assert "ConnectError: " in str(error)
+    # The reason in words; the transport's text (addresses, errno, "ssl:default") left out.
+    assert str(error) == (
+        f"Could not connect to the model server at {url} (connection refused: nothing "
+        "listens there; 1 attempt)."
+    )
+
+
+def test_a_host_that_does_not_resolve_says_so() -> None:
+    url = "http://no-such-host.invalid/v1"
+    client = ModelClient(resolve_client("m", url, "k"), max_retries=0)
+    assert "(the host name could not be resolved; 1 attempt)" in str(error_of(client))
+
+
+def test_a_401_reads_as_sentences(fake: FakeOpenAIServer) -> None:
+    fake.enqueue_error(401, "Incorrect API key provided")
+    message = str(error_of(client_for(fake, key="sk-test-123456789")))
+    assert "Incorrect API key provided. The key sent came from" in message
+    assert "...." not in message and message.endswith(".")
 
 
 def test_no_model_names_the_notebook_command() -> None:
@@ -245,6 +264,10 @@ def test_a_stall_before_any_chunk_under_timeout_only(fake: FakeOpenAIServer) -> 
         ('{"prompt_tokens": true, "completion_tokens": [1]}', None, None, None),
         ('{"prompt_tokens": 7, "prompt_tokens_details": "n/a"}', 7, None, None),
         ('{"prompt_tokens": 7, "prompt_tokens_details": {"cached_tokens": 2.2}}', 7, None, 2),
+        # Cached tokens are counted in the prompt: more than the prompt is unknown.
+        ('{"prompt_tokens": 10, "prompt_tokens_details": {"cached_tokens": 50}}', 10, None, None),
+        ('{"input_tokens": 10, "input_tokens_details": {"cached_tokens": 11}}', 10, None, None),
+        ('{"prompt_tokens": 10, "prompt_tokens_details": {"cached_tokens": 10}}', 10, None, 10),
     ],
 )
 def test_usage_numbers_are_checked_where_they_enter(
@@ -280,6 +303,23 @@ def test_a_session_stores_a_reply_with_absurd_usage(fake: FakeOpenAIServer, db_p
     assert result.status == "completed" and result.text == "kept"
     row = nbchat.sql("SELECT prompt_tokens, completion_tokens, cost_usd FROM requests", db=db_path)
     assert row.isna().all(axis=None)
+
+
+def test_cached_tokens_beyond_the_prompt_are_not_priced(
+    fake: FakeOpenAIServer, db_path: Path
+) -> None:
+    register_price("odd-model", input_per_mtok=1.0, cached_input_per_mtok=0.1, output_per_mtok=2.0)
+    try:
+        usage = {"prompt_tokens": 10, "completion_tokens": 1}
+        fake.enqueue("kept", usage={**usage, "prompt_tokens_details": {"cached_tokens": 50}})
+        s = Session(model="odd-model", base_url=fake.url, api_key="k", db=db_path, max_retries=0)
+        assert s.send("hi").status == "completed"
+    finally:
+        forget_price("odd-model")
+    row = nbchat.sql("SELECT cached_tokens, cost_usd FROM requests", db=db_path)
+    assert row["cached_tokens"].isna().all()
+    # The prompt at the input price, none of it at the cached one.
+    assert row["cost_usd"].tolist() == [pytest.approx((10 * 1.0 + 1 * 2.0) / 1_000_000)]
 
 
 # --------------------------------------------------------------------------- E. surrogates
@@ -356,11 +396,11 @@ def test_a_mislabelled_event_stream_still_parses(fake: FakeOpenAIServer) -> None
 
 
 def test_error_details_are_never_empty() -> None:
-    from nbchat._client import _describe
+    from nbchat._request_errors import describe
 
     # httpx's timeouts often carry no message: "ReadTimeout: " told nobody anything.
     for exc in (_http_library().ReadTimeout(""), ValueError("")):
-        name, detail = _describe(exc).split(": ", 1)
+        name, detail = describe(exc).split(": ", 1)
         assert name == type(exc).__name__ and detail.strip()
 
 
