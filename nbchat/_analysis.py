@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from ._exceptions import StoreError
+from ._exceptions import UnknownSession
 from ._store import TABLES, Db, QueryName, open_store
 
 if TYPE_CHECKING:
@@ -88,8 +88,25 @@ def transcript(
         )
         # Asked only when nothing came back: a stored session has messages, mostly.
         if frame.empty and not store.has_session(session_id):
-            raise StoreError(f"No session {session_id} in {store.path}.")
+            raise UnknownSession(f"No session {session_id} in {store.path}.")
+    if include_compacted or include_superseded:
         return frame
+    return _summary_in_place(frame)
+
+
+def _summary_in_place(frame: pd.DataFrame) -> pd.DataFrame:
+    """The live summary right after the system prompt, as in the context: a store
+    written before summaries were numbered in place has it after newer messages."""
+    summary = (frame["status"] == "summary").to_numpy().nonzero()[0]
+    if len(summary) == 0:
+        return frame
+    at = 1 if frame["role"].iloc[0] == "system" and frame["status"].iloc[0] != "summary" else 0
+    where = int(summary[-1])
+    if where == at:
+        return frame
+    order = [i for i in range(len(frame)) if i != where]
+    order.insert(at, where)
+    return frame.iloc[order].reset_index(drop=True)
 
 
 def attachments(
@@ -199,138 +216,6 @@ def sql(
 
 
 sql.__doc__ = (sql.__doc__ or "").format(tables=", ".join(TABLES))
-
-
-# ------------------------------------------------------------------ tables for people
-# What %chat cost and %chat sessions show: rounded, labelled columns and a totals row.
-# The functions above stay the numeric source of truth; these only format them.
-
-
-def _when(values: pd.Series) -> pd.Series:
-    shown: pd.Series = values.dt.strftime("%Y-%m-%d %H:%M:%S UTC").fillna("—")
-    return shown
-
-
-def _money_total(costs: pd.Series, unknown: int) -> str:
-    from ._text import money
-
-    known = costs.dropna()
-    if known.empty and unknown:
-        return "unknown"
-    text = money(float(known.sum()))
-    return f"{text} + {unknown} unknown" if unknown else text
-
-
-def _human_table(
-    frame: pd.DataFrame,
-    columns: dict[str, str],
-    *,
-    totals: dict[str, str] | None = None,
-    label_column: str | None = None,
-) -> pd.DataFrame:
-    """``frame`` with ``columns`` renamed and formatted for reading, plus a totals row.
-
-    Timestamps to the second, durations in seconds, costs as money ("unknown" where a
-    cost is NaN), text trimmed; ``totals`` maps a shown column to its total's text.
-    """
-    import pandas as pd
-
-    from ._text import money
-
-    shown: dict[str, pd.Series] = {}
-    for name, label in columns.items():
-        values = frame[name]
-        if name.endswith("_at"):
-            values = _when(values)
-        elif name == "duration_ms":
-            values = (values / 1000).round(1)
-        elif name == "cost_usd":
-            values = values.map(lambda v: "unknown" if pd.isna(v) else money(float(v)))
-        elif name in ("user_text", "title"):
-            values = values.fillna("").map(lambda t: t if len(t) <= 60 else t[:59] + "…")
-        shown[label] = values.reset_index(drop=True)
-    table = pd.DataFrame(shown)
-    if totals is not None and not table.empty:
-        row = {label: "" for label in table.columns}
-        row.update(totals)
-        if label_column is not None:
-            row[label_column] = "total"
-        table = pd.concat([table.astype(object), pd.DataFrame([row])], ignore_index=True)
-    return table
-
-
-def turn_costs_table(session_id: str, db: Db = None) -> pd.DataFrame:
-    """One readable row per turn of a session (what ``%chat cost`` shows), with totals."""
-    frame = turns(db=db, session_id=session_id)
-    columns = {
-        "started_at": "started",
-        "user_text": "you asked",
-        "status": "status",
-        "state": "state",
-        "requests": "requests",
-        "prompt_tokens": "tokens in",
-        "completion_tokens": "tokens out",
-        "cost_usd": "cost",
-        "duration_ms": "seconds",
-    }
-    live = frame[frame["state"] != "superseded"]
-    unknown = int(live["cost_usd"].isna().sum())
-    totals = {
-        "requests": str(int(live["requests"].sum())),
-        "tokens in": str(int(live["prompt_tokens"].sum())),
-        "tokens out": str(int(live["completion_tokens"].sum())),
-        "cost": _money_total(live["cost_usd"], unknown),
-        "seconds": f"{live['duration_ms'].sum() / 1000:.1f}",
-        "state": "live turns",
-    }
-    return _human_table(frame, columns, totals=totals, label_column="started")
-
-
-def costs_table(by: CostGrouping, db: Db = None) -> pd.DataFrame:
-    """``costs(by)`` made readable (what ``%chat cost model|day|session|...`` shows)."""
-    frame = costs(by=by, db=db)
-    keys = {
-        "model": {"model": "model", "provider": "provider"},
-        "day": {"day": "day (UTC)"},
-        "session": {"session_id": "session", "title": "title"},
-        "notebook": {"notebook": "notebook"},
-        "user": {"user": "user"},
-        "tag": {"tag": "tag"},
-    }[by]
-    columns = {
-        **keys,
-        "requests": "requests",
-        "prompt_tokens": "tokens in",
-        "completion_tokens": "tokens out",
-        "cached_tokens": "cached",
-        "cost_usd": "cost",
-        "unknown_cost_requests": "unknown-cost requests",
-    }
-    unknown = int(frame["unknown_cost_requests"].sum())
-    totals = {
-        "requests": str(int(frame["requests"].sum())),
-        "tokens in": str(int(frame["prompt_tokens"].sum())),
-        "tokens out": str(int(frame["completion_tokens"].sum())),
-        "cost": _money_total(frame["cost_usd"], unknown),
-        "unknown-cost requests": str(unknown),
-    }
-    return _human_table(frame, columns, totals=totals, label_column=next(iter(keys.values())))
-
-
-def sessions_table(db: Db = None) -> pd.DataFrame:
-    """The useful columns of ``sessions()``, newest first (what ``%chat sessions`` shows)."""
-    frame = sessions(db=db).sort_values("last_active", ascending=False)
-    columns = {
-        "id": "id",
-        "title": "title",
-        "model": "model",
-        "last_active": "last active",
-        "turns": "turns",
-        "requests": "requests",
-        "cost_usd": "cost",
-        "notebook": "notebook",
-    }
-    return _human_table(frame, columns)
 
 
 def reprice(model: str | None = None, db: Db = None) -> pd.DataFrame:

@@ -21,7 +21,8 @@ import ipywidgets as widgets
 
 from ._dashboard_charts import CostScene, LatencyScene, LiveChart, Scene
 from ._exceptions import NbchatError
-from ._plot import session_label
+from ._plot_data import session_label
+from ._text import money
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -167,10 +168,7 @@ class Dashboard(widgets.VBox):  # type: ignore[misc]
         for button, sid, row in zip(
             self.session_buttons, self._button_ids, top.to_dict("records"), strict=True
         ):
-            unknown = f" (+{row['unknown']} unknown)" if row["unknown"] else ""
-            button.description = (
-                f"{row['label']} — {_usd(row['cost_usd'])} · {row['requests']} req{unknown}"
-            )
+            button.description = f"{row['label']} — {_session_cost(row)}"
             button.tooltip = f"Show the transcript of session {sid}"
             button.button_style = "info" if sid == self.selected else ""
         empty = [self._no_sessions] if top.empty else []
@@ -233,6 +231,16 @@ def _top_sessions(rows: pd.DataFrame) -> pd.DataFrame:
     return rows.assign(label=labels)[columns].reset_index(drop=True)
 
 
+def _session_cost(row: dict[Any, Any]) -> str:
+    """A session's cost and requests; never "$0.00" when a price is unknown: "≥ $x" when
+    some are, "cost unknown" when all are."""
+    requests, unknown = int(row["requests"]), int(row["unknown"])
+    if not unknown:
+        return f"{_usd(row['cost_usd'])} · {requests} req"
+    cost = "cost unknown" if unknown == requests else f"≥ {_usd(row['cost_usd'])}"
+    return f"{cost} · {requests} req ({unknown} price unknown)"
+
+
 def _tool_errors(calls: pd.DataFrame) -> pd.DataFrame:
     """Per tool: calls, errors, error rate and median duration (ms)."""
     table = calls.assign(error_rate=calls["errors"] / calls["calls"])
@@ -270,7 +278,7 @@ def _tools_html(table: pd.DataFrame) -> str:
 
 def transcript_html(session_id: str, messages: pd.DataFrame) -> str:
     """One session's messages as safe HTML (Markdown rendered, raw HTML escaped)."""
-    from ._panel import markdown_to_html
+    from ._panel_transcript import markdown_to_html
 
     parts = [_STYLE, f"<h4>Session {html.escape(session_id)}</h4>"]
     for m in messages.itertuples():
@@ -299,9 +307,10 @@ _STYLE = """<style>
 
 
 def _usd(value: Any) -> str:
+    """nbchat's money (``$0.0000393``, not ``$0.0000``), or ``$?`` when unknown."""
     if value is None or value != value:
         return "$?"
-    return f"${value:,.4f}" if value < 1 else f"${value:,.2f}"
+    return money(float(value))
 
 
 def _ms(value: Any) -> str:

@@ -19,19 +19,17 @@ from __future__ import annotations
 from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ._plot import (
+from ._plot_data import cost_bars, quantile_boxes
+from ._plot_draw import (
     LATENCY_METRICS,
-    cost_bars,
     draw_cost_bars,
     draw_latency_quantiles,
-    drawn_area,
-    figure_png,
     plain,
-    quantile_boxes,
     stacked,
     step_outline,
     usd_ticks,
 )
+from ._plot_png import drawn_area, figure_png
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -291,9 +289,9 @@ class CostScene:
 
     def draw(self, ax: Axes) -> None:
         if self.bars is None:
-            from ._plot import _empty
+            from ._plot_draw import empty_chart
 
-            _empty(ax, f"Cost by {self.by}")
+            empty_chart(ax, f"Cost by {self.by}")
         else:
             draw_cost_bars(ax, self.bars)
 
@@ -385,7 +383,10 @@ class LatencyScene:
 
         if not self.boxes:
             return []
-        ax.set_ylim(0, self.top(ax))
+        if ax.get_yscale() == "log":  # no 0 on it: the bottom stays where it was drawn
+            ax.set_ylim(top=self.top(ax))
+        else:
+            ax.set_ylim(0, self.top(ax))
         parts: dict[str | None, Any] = {a.get_gid(): a for a in [*ax.lines, *ax.patches]}
         placed: list[Artist] = []
         for (model, metric), f in self.boxes.items():

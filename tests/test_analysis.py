@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import uuid
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
@@ -13,23 +14,20 @@ import pytest
 
 from nbchat import StoreError
 from nbchat._analysis import compactions, costs, sessions, sql, tool_calls, transcript, turns, usage
-from nbchat._export import export_session, import_session
-from nbchat._store import Store
-from nbchat._types import (
+from nbchat._events import (
     CompactionEvent,
-    Message,
     MessageAdded,
     MessagesMarked,
-    RequestUsage,
-    ToolCall,
-    ToolCallRecord,
     ToolResult,
     TurnFinished,
-    TurnResult,
     TurnStarted,
-    Usage,
     UsageEvent,
 )
+from nbchat._export import export_session, import_session
+from nbchat._session import Session
+from nbchat._store import Store
+from nbchat._types import Message, RequestUsage, ToolCall, ToolCallRecord, TurnResult, Usage
+from nbchat.testing import FakeOpenAIServer
 
 UTC_TS = "datetime64[us, UTC]"
 STR = pd.Series(["x"]).dtype  # the dtype this pandas gives text
@@ -301,10 +299,36 @@ def test_costs_rejects_unknown_grouping(store: Store) -> None:
 
 
 def test_empty_store_gives_empty_frames_with_columns(store_db: str) -> None:
+    Store.open(store_db).close()  # made (and migrated) with nothing in it
     df = usage(store_db)
     assert df.empty and "cost_usd" in df.columns
     assert str(df["created_at"].dtype) == UTC_TS and str(df["prompt_tokens"].dtype) == "Int64"
     assert sessions(str(store_db)).empty and costs(db=store_db).empty
+
+
+def test_a_store_file_that_is_not_there_is_refused_and_not_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mistyped path (trial 5: %%chat_sql --db /nonexistent/dir/x.duckdb made the folder
+    and an 800 KB store; sessions(db=typo) showed an empty frame) is an error naming it,
+    and nothing is created; an import or a copy may start a new store."""
+    import nbchat
+
+    typo = tmp_path / "no" / "such" / "store.duckdb"
+    for read in (
+        lambda: sessions(str(typo)),
+        lambda: sql("SELECT 1", db=str(typo)),
+        lambda: nbchat.transcript("x", db=str(typo)),
+        lambda: costs(db=typo),
+    ):
+        with pytest.raises(
+            StoreError, match=r"No store at .*store\.duckdb: the file does not exist"
+        ):
+            read()
+    assert not (tmp_path / "no").exists()
+    fresh = str(tmp_path / "imported.duckdb")
+    new_id = nbchat.import_session('[{"role": "user", "content": "hi"}]', db=fresh)
+    assert sessions(fresh)["id"].tolist() == [new_id]
 
 
 def test_sql_on_an_in_memory_store_is_read_only_too() -> None:
@@ -365,9 +389,49 @@ def test_sql_cannot_modify_the_store(store: Store, query: str) -> None:
     assert sql("SELECT count(*) AS n FROM sessions", db=store)["n"][0] == 2
 
 
-def test_sql_error_message_names_the_statement_kind(store: Store) -> None:
-    with pytest.raises(StoreError, match="INSERT statement"):
-        sql("INSERT INTO sessions (id, created_at) VALUES ('x', now())", db=store)
+@pytest.mark.parametrize(
+    ("query", "named"),
+    [
+        ("INSERT INTO sessions (id, created_at) VALUES ('x', now())", "an INSERT statement"),
+        ("UPDATE requests SET cost_usd = 0", "an UPDATE statement"),
+        ("ATTACH '/tmp/other.duckdb' AS other", "an ATTACH statement"),
+        ("DELETE FROM messages", "a DELETE statement"),
+        # DuckDB calls these LOAD and CALL; the message says what the user wrote.
+        ("INSTALL httpfs", "an INSTALL statement"),
+        ("  -- a note\ncheckpoint", "a CHECKPOINT statement"),
+    ],
+)
+def test_sql_error_message_names_the_statement_kind(store: Store, query: str, named: str) -> None:
+    with pytest.raises(StoreError) as refused:
+        sql(query, db=store)
+    assert str(refused.value) == f"sql() is read-only: it runs SELECT queries, and this is {named}."
+
+
+def test_sql_refuses_a_select_that_changes_data_by_saying_so(store: Store) -> None:
+    query = "WITH gone AS (DELETE FROM messages RETURNING id) SELECT count(*) FROM gone"
+    with pytest.raises(StoreError) as refused:
+        sql(query, db=store)
+    assert str(refused.value) == (
+        "sql() is read-only: it runs SELECT queries, and this one tries to change data "
+        "(a DELETE inside it)."
+    )
+    with pytest.raises(StoreError, match="DuckDB runs this query as several"):
+        sql("SELECT * FROM (PIVOT requests ON model USING count(*))", db=store)
+    # The words alone, in names or text, are not a change.
+    assert sql("SELECT 'delete' AS \"update\"", db=store)["update"].tolist() == ["delete"]
+    assert sql("SELECT count(*) AS n FROM messages", db=store)["n"][0] == 6
+
+
+def test_sql_names_the_stores_tables_for_an_unknown_one(store: Store) -> None:
+    with pytest.raises(StoreError) as refused:
+        sql("SELECT * FROM pg_constraintz", db=store)  # DuckDB would suggest pg_constraint
+    assert 'pg_constraint"' not in str(refused.value)
+    assert str(refused.value) == (
+        "sql(): the store has no table pg_constraintz; its tables are "
+        "sessions, messages, requests, tool_calls, compactions, turns, attachments."
+    )
+    with pytest.raises(StoreError, match='Did you mean "sessions"'):  # one of ours: kept
+        sql("SELECT * FROM sesions", db=store)
 
 
 def test_sql_reports_bad_queries_clearly(store: Store) -> None:
@@ -402,6 +466,58 @@ def test_export_openai_then_import_round_trips(store: Store) -> None:
     parts = [{"role": "user", "content": text_parts}]
     other = import_session(parts, db=store)
     assert store.load_session(other).messages[0].content == "ab"
+
+
+def test_an_imported_session_keeps_its_turns_their_rounds_and_its_source(
+    store_db: str, fake: FakeOpenAIServer
+) -> None:
+    # A new-user trial: an imported session had no turns (sessions() said 0, and the
+    # first turn sent after the import was its turn 1) and no link to where it came from.
+    def ping() -> str:
+        """Ping."""
+        return "pong"
+
+    fake.enqueue("a1")
+    fake.enqueue(tool_calls=[{"name": "ping"}], repeat=2)  # the second: past max_rounds
+    source = Session("m", base_url=fake.url, db=store_db, tools=[ping], max_rounds=1)
+    source.send("q1")
+    assert source.send("q2").status == "max_rounds"
+
+    def shape(session_id: str) -> list[tuple[str, int | None, int | None]]:
+        """Each message's role, turn (numbered from 0) and round."""
+        frame = transcript(session_id, db=store_db)
+        number = {t: i for i, t in enumerate(dict.fromkeys(frame["turn_id"].dropna()))}
+        return [
+            (m.role, number.get(m.turn_id), None if pd.isna(m.round) else int(m.round))
+            for m in frame.itertuples()
+        ]
+
+    assert [n for _, n, _ in shape(source.id)] == [0, 0, 1, 1, 1, 1, 1]
+    for format, statuses, parent in (
+        ("openai", ["completed", "completed"], None),  # no room for them in the format
+        ("nbchat", ["completed", "max_rounds"], source.id),
+    ):
+        copy = import_session(export_session(source.id, format, db=store_db), db=store_db)
+        assert shape(copy) == shape(source.id)
+        copied = turns(store_db, copy)
+        assert list(copied["status"]) == statuses
+        assert list(copied["user_text"]) == ["q1", "q2"]
+        assert list(copied["rounds"]) == list(turns(store_db, source.id)["rounds"])
+        row = sessions(store_db).set_index("id").loc[copy]
+        assert row["turns"] == 2
+        assert (None if pd.isna(row["parent_id"]) else row["parent_id"]) == parent
+        fake.enqueue("a3")
+        Session("m", base_url=fake.url, db=store_db, session_id=copy).send("q3")
+        assert sessions(store_db).set_index("id").loc[copy, "turns"] == 3  # its third
+
+
+def test_an_import_of_a_pending_session_leaves_its_turn_running(store_db: str) -> None:
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    data = [{"role": "user", "content": "q"}, {"role": "assistant", "tool_calls": [call]}]
+    copy = import_session(data, db=store_db)
+    assert list(turns(store_db, copy)["status"]) == ["running"]  # resume() or abort_pending()
+    with pytest.raises(StoreError, match="turn 0: its start must be a later message index"):
+        import_session({"messages": data, "turns": [{"start": "1"}]}, db=store_db)
 
 
 def test_export_markdown(store: Store) -> None:
@@ -471,6 +587,8 @@ def test_markdown_fences_survive_backticks_in_content(store_db: str) -> None:
         ("not json", "not JSON"),
         ("[]", "non-empty list"),
         ('[{"role": "wizard", "content": "x"}]', "role must be one of"),
+        ('[{"role": "user"}]', "message 0: a user message needs content"),
+        ('[{"role": "user", "content": "q"}, {"role": "system", "content": null}]', "message 1"),
         (
             '[{"role": "tool", "tool_call_id": "c9", "content": "x"}]',
             "answers no earlier tool call",
@@ -482,7 +600,10 @@ def test_markdown_fences_survive_backticks_in_content(store_db: str) -> None:
 def test_import_rejects_malformed_data(store_db: str, data: str, message: str) -> None:
     with pytest.raises(StoreError, match=message):
         import_session(data, db=store_db)
-    assert sessions(store_db).empty  # nothing half-imported
+    if "://" in store_db:
+        assert sessions(store_db).empty  # nothing half-imported
+    else:
+        assert not Path(store_db).exists()  # refused before the store was opened
 
 
 def test_export_rejects_unknown_format(store: Store) -> None:
@@ -714,3 +835,15 @@ def test_sessions_come_oldest_first_then_by_id_from_arrow_and_from_numpy(
         assert list(sessions(db=store)["id"]) == ["m", "a", "b", "z"]
         monkeypatch.setattr(duckdb_store, "arrow_readable", lambda types: False)
         assert list(sessions(db=store)["id"]) == ["m", "a", "b", "z"]
+
+
+@pytest.mark.parametrize("read", [turns, usage, tool_calls, compactions, sessions])
+def test_a_session_id_passed_as_the_store_is_refused_and_makes_no_file(
+    read: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """turns(s.id) reads as "this session's turns": it named a new, empty store file."""
+    monkeypatch.chdir(tmp_path)
+    session_id = uuid.uuid4().hex  # what a session's id is
+    with pytest.raises(ValueError, match=f"pass session_id='{session_id}'"):
+        read(session_id)
+    assert list(tmp_path.iterdir()) == []

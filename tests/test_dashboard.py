@@ -18,6 +18,7 @@ from test_plot import CHEAP, MYSTERY, PRICED, Filled, fill_store, prices
 import nbchat
 from nbchat import Session
 from nbchat._dashboard import Dashboard
+from nbchat._pricing import forget_price, register_price
 from nbchat.testing import FakeOpenAIServer
 
 
@@ -40,7 +41,7 @@ def ticks(ax: object) -> list[str]:
 def test_the_dashboard_shows_spend_models_sessions_tools_and_latency(filled: Filled) -> None:
     board = nbchat.dashboard(db=filled.db)
     assert isinstance(board, widgets.VBox) and isinstance(board, Dashboard)
-    assert "5 requests in 3 sessions, $0.0063 known cost" in board.summary.value
+    assert "5 requests in 3 sessions, $0.00634 known cost" in board.summary.value
     assert "plus 1 request(s) with unknown price" in board.summary.value
     # the charts: PNG images, and the Axes they were drawn from
     for image in (board.spend, board.by_model, board.latency):
@@ -52,9 +53,9 @@ def test_the_dashboard_shows_spend_models_sessions_tools_and_latency(filled: Fil
     assert spent == pytest.approx(0.006 + 0.00034)
     # top sessions, most expensive first; unknown spend is said, not shown as $0
     assert [b.description for b in board.session_buttons] == [
-        f"Priced work · {filled.priced[:8]} — $0.0060 · 2 req",
-        f"Cheap tools · {filled.cheap[:8]} — $0.0003 · 2 req",
-        f"third · {filled.mystery[:8]} — $? · 1 req (+1 unknown)",  # titled by its question
+        f"Priced work · {filled.priced[:8]} — $0.006 · 2 req",
+        f"Cheap tools · {filled.cheap[:8]} — $0.00034 · 2 req",
+        f"third · {filled.mystery[:8]} — cost unknown · 1 req (1 price unknown)",  # its question
     ]
     # tools: one of the two flaky calls failed
     assert board.tool_errors is not None
@@ -88,7 +89,7 @@ def test_picking_dates_filters_and_refresh_reads_new_requests(
     board = nbchat.dashboard(db=filled.db)
     board.session_buttons[0].click()
     board.since.value = today() + dt.timedelta(days=1)  # picking a date redraws at once
-    assert "0 requests in 0 sessions, $0.0000 known cost" in board.summary.value  # not "$?"
+    assert "0 requests in 0 sessions, $0.00 known cost" in board.summary.value  # not "$?"
     assert board.session_buttons == [] and board.transcript.value == ""
     assert "no sessions in this range" in board.sessions_list.children[-1].value
     assert "no tool calls in this range" in board.tools.value
@@ -104,7 +105,23 @@ def test_picking_dates_filters_and_refresh_reads_new_requests(
     assert "5 requests" in board.summary.value  # nothing changes until asked
     board.refresh_button.click()
     assert "6 requests in 4 sessions, $0.0163 known cost" in board.summary.value
-    assert board.session_buttons[0].description.startswith(f"one more · {late.id[:8]} — $0.0100")
+    assert board.session_buttons[0].description.startswith(f"one more · {late.id[:8]} — $0.01 ")
+
+
+def test_a_small_session_cost_shows_its_significant_digits(
+    tmp_path: Path, fake: FakeOpenAIServer
+) -> None:
+    db = str(tmp_path / "tiny.duckdb")
+    register_price("tiny-model", input_per_mtok=3.93, output_per_mtok=0.0)
+    try:
+        fake.enqueue("small", usage={"prompt_tokens": 10, "completion_tokens": 0})
+        Session(model="tiny-model", base_url=fake.url, api_key="k", db=db).send("a small one")
+    finally:
+        forget_price("tiny-model")
+    board = nbchat.dashboard(db=db)
+    (button,) = board.session_buttons
+    assert " — $0.0000393 · 1 req" in button.description  # was "$0.0000"
+    assert "1 requests in 1 sessions, $0.0000393 known cost" in board.summary.value
 
 
 def test_a_store_that_cannot_be_read_is_said_in_the_dashboard(tmp_path: Path) -> None:
@@ -215,3 +232,13 @@ def test_a_refresh_relabels_the_session_buttons_it_has(
     board.since.value = today() + dt.timedelta(days=1)
     assert board.session_buttons == []
     assert "no sessions in this range" in board.sessions_list.children[-1].value
+
+
+def test_a_session_whose_price_is_partly_unknown_never_reads_as_free() -> None:
+    from nbchat._dashboard import _session_cost
+
+    # Its failed requests cost $0 and the rest has no price: not "$0.00".
+    some = {"requests": 5, "unknown": 4, "cost_usd": 0.0}
+    assert _session_cost(some) == "≥ $0.00 · 5 req (4 price unknown)"
+    known = {"requests": 3, "unknown": 0, "cost_usd": 0.0}
+    assert _session_cost(known) == "$0.00 · 3 req"

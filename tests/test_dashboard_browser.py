@@ -88,7 +88,7 @@ def test_dashboard_in_the_browser(host: str, tmp_path: Path, fake: FakeOpenAISer
                     }"""
                 )
             board = page.locator(".nbchat-dashboard")
-            expect(board).to_contain_text("5 requests in 3 sessions, $0.0063 known cost")
+            expect(board).to_contain_text("5 requests in 3 sessions, $0.00634 known cost")
             expect(board.locator("img")).to_have_count(3)
             for i in range(3):  # the PNG charts loaded, have a size, and fit in the board
                 image = board.locator("img").nth(i)

@@ -151,6 +151,12 @@ def hatched(ax: Axes) -> dict[str, tuple[float, float]]:
     }
 
 
+def marks(ax: Axes) -> dict[str, tuple[float, float]]:
+    """Where each '? N' note points, (along the bar, place of the bar) by gid."""
+    points = {str(t.get_gid()): t.xy for t in ax.texts if t.get_gid()}  # type: ignore[attr-defined]
+    return {gid: (float(x), float(y)) for gid, (x, y) in points.items()}
+
+
 def notes(ax: Axes) -> dict[str, str]:
     """Texts with a gid (the '? N' marks over bars), by gid."""
     return {str(t.get_gid()): t.get_text() for t in ax.texts if t.get_gid()}
@@ -196,10 +202,13 @@ def test_costs_by_session_and_notebook_label_groups_and_keep_the_top(filled: Fil
     by_notebook = nbchat.plot.costs(by="notebook", db=filled.db)
     assert ticks(by_notebook) == ["analysis.ipynb", "(no notebook)"]
     assert bars(by_notebook)[PRICED] == pytest.approx([0.006, 0])
-    assert notes(by_notebook) == {"unknown:(no notebook)": "? 1"}
-    assert hatched(by_notebook) == {
-        "unknown-bar:(no notebook)": (1, pytest.approx(2 * (300 * 0.5 + 20) / 1e6))
-    }  # above the known part of the same bar
+    # Lying across, unknown prices are a label at the end of the known part of the bar,
+    # not a hatched length to the axes' end (which read as the largest cost).
+    assert notes(by_notebook) == {"unknown:(no notebook)": "? 1 · price unknown"}
+    assert hatched(by_notebook) == {}
+    assert marks(by_notebook) == {
+        "unknown:(no notebook)": (pytest.approx(2 * (300 * 0.5 + 20) / 1e6), 1)
+    }
     ARTIFACTS.mkdir(exist_ok=True)
     ax.figure.savefig(ARTIFACTS / "costs.png", dpi=100)  # the README's docs/costs.png
     assert (ARTIFACTS / "costs.png").read_bytes()[:4] == b"\x89PNG"
@@ -233,7 +242,13 @@ def test_long_session_and_notebook_labels_lie_across_with_the_legend_below(
             assert labels[0] == "a_very_long_notebook_name_…3_final.ipynb"
         else:
             assert labels[0].startswith("Quarterly revenue analysis f… · ")
-        assert list(hatched(ax).values()) == [(3, 0)]  # the unknown one, last, from $0
+        # The unknown one, last: a label at $0, and nothing as long as a cost.
+        assert hatched(ax) == {} and list(marks(ax).values()) == [(0, 3)]
+        assert list(notes(ax).values()) == ["? 1 · price unknown"]
+        widest = max(p.get_x() + p.get_width() for p in ax.patches)  # type: ignore[attr-defined]
+        assert ax.get_xlim()[1] < 1.5 * widest  # the scale is the known costs'
+        legend_handles = ax.get_legend().legend_handles  # type: ignore[union-attr]
+        assert not legend_handles[-1].get_hatch()  # no hatched swatch for a label
         figure = ax.figure
         figure.canvas.draw()
         renderer = figure.canvas.get_renderer()  # type: ignore[attr-defined]
@@ -247,6 +262,60 @@ def test_long_session_and_notebook_labels_lie_across_with_the_legend_below(
     assert across(tokens) and sum(bars(tokens)["input"]) == 1000 + 2000 + 3000 + 4000
     assert nbchat.plot.tokens(by="model", db=db).get_legend() is not None
     assert not across(nbchat.plot.costs(by="day", db=db))
+
+
+LONG = "a-very-long-model-name-from-some-provider/with-a-path-v2-instruct-2026"
+
+
+def _ranked_store(db: str, fake: FakeOpenAIServer) -> None:
+    """Two priced sessions, two of a free model (more requests), two of a long-named
+    model without a price: one with 2 requests, one with 1."""
+    register_price("free-local", input_per_mtok=0.0, output_per_mtok=0.0)
+    try:
+        for model, sends in [(PRICED, 1), (PRICED, 1), ("free-local", 3), ("free-local", 3),
+                             (LONG, 2), (LONG, 1)]:  # fmt: skip
+            session = nbchat.Session(model=model, base_url=fake.url, api_key="k", db=db)
+            for _ in range(sends):
+                fake.enqueue("ok", usage=_usage(1000, 100))
+                session.send("hi")
+    finally:
+        forget_price("free-local")
+
+
+def test_sessions_of_unknown_cost_are_not_hidden_behind_free_ones(
+    tmp_path: Path, fake: FakeOpenAIServer
+) -> None:
+    db = str(tmp_path / "ranked.duckdb")
+    with prices():
+        _ranked_store(db, fake)
+    ax = nbchat.plot.costs(by="session", db=db, top=3)
+    # The priced ones, then the one with more requests of unknown price: it may have
+    # cost anything, the free ones cost $0.
+    assert len(ticks(ax)) == 3 and bars(ax)[PRICED][2] == 0
+    assert list(notes(ax).values()) == ["? 2 · price unknown"]
+    # The whole range's unknown-price requests, with the one in a session not shown.
+    assert ax.get_title() == (
+        "Cost by session, top 3 of 6 — 3 requests without a price (1 in sessions not shown)"
+    )
+    assert "price unknown: 2 requests shown (? N, not in bars)" in legend(ax)
+    everything = nbchat.plot.costs(by="session", db=db)
+    assert everything.get_title() == "Cost by session — 3 requests without a price"
+    assert list(notes(everything).values()) == ["? 2 · price unknown", "? 1 · price unknown"]
+
+
+def test_costs_by_model_names_models_under_their_bars_only(
+    tmp_path: Path, fake: FakeOpenAIServer
+) -> None:
+    db = str(tmp_path / "long.duckdb")
+    with prices():
+        _ranked_store(db, fake)
+    ax = nbchat.plot.costs(by="model", db=db)
+    assert ticks(ax) == [PRICED, "a-very-long-model-name-fro…instruct-2026", "free-local"]
+    # No legend of the names again: only what the hatching means.
+    assert legend(ax) == ["price unknown: 3 requests (? N, not in bars)"]
+    figure = ax.figure
+    figure.canvas.draw()
+    assert ax.get_window_extent().width > 0.42 * figure.bbox.width  # was 0.35: a wide legend
 
 
 def test_only_unknown_prices_draw_no_dollars(filled: Filled) -> None:
@@ -325,6 +394,65 @@ def test_latency_boxes_show_each_models_medians(filled: Filled) -> None:
     assert legend(ax) == ["time to first token", "whole request"]
 
 
+def test_latency_leaves_failed_requests_out_and_cuts_long_model_names(
+    tmp_path: Path, fake: FakeOpenAIServer
+) -> None:
+    db = str(tmp_path / "failed.duckdb")
+    session = nbchat.Session(model=LONG, base_url=fake.url, api_key="k", db=db, max_retries=0)
+    fake.enqueue("ok", usage=_usage(10, 5), delay=0.05)
+    session.send("hi")
+    fake.enqueue_error(400, "bad")  # back in milliseconds, with no first token
+    session.send("again")
+    ax = nbchat.plot.latency(db=db)
+    assert ax.get_title() == "Latency per model — 1 request failed, left out"
+    (ok,) = nbchat.usage(db=db).query("error.isna()")["duration_ms"]
+    medians = {str(ln.get_gid()): ln.get_ydata()[0] for ln in ax.lines if ln.get_gid()}
+    assert medians[f"median:duration_ms:{LONG}"] == pytest.approx(ok / 1000)
+    assert [t.get_text() for t in ax.get_xticklabels()] == [
+        "a-very-long-model-name-fro…instruct-2026"
+    ]
+    ax.figure.canvas.draw()
+    shown = ax.get_legend()
+    assert shown is not None
+    where = shown.get_window_extent()
+    assert not any(where.overlaps(t.get_window_extent()) for t in ax.get_xticklabels())
+
+
+def test_one_cold_start_does_not_squash_the_latency_boxes() -> None:
+    """One 5 s request among 0.2 s ones: on a linear scale every box was a flat line
+    under its whisker; the seconds go on a log scale, and the axis says so."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.cbook import boxplot_stats
+
+    from nbchat._plot_draw import latency_boxes
+
+    warm = [0.15, 0.18, 0.2, 0.24, 0.28, 0.3, 0.35]
+    samples = {
+        ("m", "ttft_ms"): [5.0, *warm],  # the cold start
+        ("m", "duration_ms"): [9.0, *(2 * w for w in warm)],
+    }
+    _, ax = plt.subplots()
+    latency_boxes(ax, ["m"], lambda *which: boxplot_stats(np.array(samples[which]))[0], "L")
+    assert ax.get_yscale() == "log" and ax.get_ylabel() == "seconds (log scale)"
+    height = ax.bbox.height
+    for patch in ax.patches:
+        box = patch.get_window_extent()
+        # Linear, the boxes were under 2% of the height.
+        assert box.height > 0.08 * height, (patch.get_gid(), box.height, height)
+    # A 0 s time cannot go on a log scale: linear near 0, logarithmic above, from 0 up.
+    samples[("m", "ttft_ms")] = [0.0, *warm, 5.0]
+    _, ax = plt.subplots()
+    latency_boxes(ax, ["m"], lambda *which: boxplot_stats(np.array(samples[which]))[0], "L")
+    assert ax.get_yscale() == "symlog" and ax.get_ylabel() == "seconds (log scale)"
+    assert ax.get_ylim()[0] == 0 and ax.get_ylim()[1] > 9.0
+
+
+def test_latency_of_similar_requests_stays_linear(filled: Filled) -> None:
+    ax = nbchat.plot.latency(db=filled.db)
+    assert ax.get_yscale() == "linear" and ax.get_ylabel() == "seconds"
+
+
 # --------------------------------------------------------------------------- context
 
 
@@ -381,7 +509,7 @@ def test_many_days_are_one_shape_per_model_at_each_days_cost() -> None:
     import numpy as np
     import pandas as pd
 
-    from nbchat._plot import draw_costs
+    from nbchat._plot_draw import draw_costs
 
     days = [f"2026-03-{d:02d}" for d in range(1, 32)] + [f"2026-04-{d:02d}" for d in range(1, 10)]
     groups = pd.DataFrame(
@@ -419,7 +547,7 @@ def test_a_tight_png_is_what_was_drawn_and_grows_for_a_long_legend() -> None:
     from matplotlib.figure import Figure
     from PIL import Image
 
-    from nbchat._plot import figure_png
+    from nbchat._plot_png import figure_png
 
     def png(label: str) -> tuple[int, int]:
         figure = Figure(figsize=(6, 3))
@@ -483,7 +611,7 @@ def test_dollar_signs_in_titles_notebooks_and_model_names_are_drawn_as_they_are(
 def test_free_models_only_draw_a_scale_from_zero_that_says_so() -> None:
     import pandas as pd
 
-    from nbchat._plot import draw_costs
+    from nbchat._plot_draw import draw_costs
 
     # A trial's %chat cost --plot after local-model turns: no bar, and a y axis from
     # -$0.04 to $0.04.

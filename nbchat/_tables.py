@@ -1,0 +1,146 @@
+"""The tables ``%chat cost`` and ``%chat sessions`` print: ``_analysis``' DataFrames made readable.
+
+Rounded, labelled columns and a totals row. The analysis functions stay the numeric
+source of truth; these only format them, for people.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ._analysis import CostGrouping, costs, sessions, turns
+from ._store import Db
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["costs_table", "sessions_table", "turn_costs_table"]
+
+
+def _when(values: pd.Series) -> pd.Series:
+    shown: pd.Series = values.dt.strftime("%Y-%m-%d %H:%M:%S UTC").fillna("—")
+    return shown
+
+
+def _money_total(amounts: pd.Series, unknown: int) -> str:
+    from ._text import money
+
+    known = amounts.dropna()
+    if known.empty and unknown:
+        return "unknown"
+    text = money(float(known.sum()))
+    return f"{text} + {unknown} unknown" if unknown else text
+
+
+def _human_table(
+    frame: pd.DataFrame,
+    columns: dict[str, str],
+    *,
+    totals: dict[str, str] | None = None,
+    label_column: str | None = None,
+) -> pd.DataFrame:
+    """``frame`` with ``columns`` renamed and formatted for reading, plus a totals row.
+
+    Timestamps to the second, durations in seconds, costs as money ("unknown" where a
+    cost is NaN), text trimmed; ``totals`` maps a shown column to its total's text.
+    """
+    import pandas as pd
+
+    from ._text import money
+
+    shown: dict[str, pd.Series] = {}
+    for name, label in columns.items():
+        values = frame[name]
+        if name.endswith("_at"):
+            values = _when(values)
+        elif name == "duration_ms":
+            values = (values / 1000).round(1)
+        elif name == "cost_usd":
+            values = values.map(lambda v: "unknown" if pd.isna(v) else money(float(v)))
+        elif name in ("user_text", "title"):
+            values = values.fillna("").map(lambda t: t if len(t) <= 60 else t[:59] + "…")
+        elif name == "notebook":  # a session run outside a notebook has none: not "NaN"
+            values = values.astype(object).where(values.notna(), "")
+        shown[label] = values.reset_index(drop=True)
+    table = pd.DataFrame(shown)
+    if totals is not None and not table.empty:
+        row = {label: "" for label in table.columns}
+        row.update(totals)
+        if label_column is not None:
+            row[label_column] = "total"
+        table = pd.concat([table.astype(object), pd.DataFrame([row])], ignore_index=True)
+    return table
+
+
+def turn_costs_table(session_id: str, db: Db = None) -> pd.DataFrame:
+    """One readable row per turn of a session (what ``%chat cost`` shows), with totals."""
+    frame = turns(db=db, session_id=session_id)
+    columns = {
+        "started_at": "started",
+        "user_text": "you asked",
+        "status": "status",
+        "state": "state",
+        "requests": "requests",
+        "prompt_tokens": "tokens in",
+        "completion_tokens": "tokens out",
+        "cost_usd": "cost",
+        "duration_ms": "seconds",
+    }
+    live = frame[frame["state"] != "superseded"]
+    unknown = int(live["cost_usd"].isna().sum())
+    totals = {
+        "requests": str(int(live["requests"].sum())),
+        "tokens in": str(int(live["prompt_tokens"].sum())),
+        "tokens out": str(int(live["completion_tokens"].sum())),
+        "cost": _money_total(live["cost_usd"], unknown),
+        "seconds": f"{live['duration_ms'].sum() / 1000:.1f}",
+        "state": "live turns",
+    }
+    return _human_table(frame, columns, totals=totals, label_column="started")
+
+
+def costs_table(by: CostGrouping, db: Db = None) -> pd.DataFrame:
+    """``costs(by)`` made readable (what ``%chat cost model|day|session|...`` shows)."""
+    frame = costs(by=by, db=db)
+    keys = {
+        "model": {"model": "model", "provider": "provider"},
+        "day": {"day": "day (UTC)"},
+        "session": {"session_id": "session", "title": "title"},
+        "notebook": {"notebook": "notebook"},
+        "user": {"user": "user"},
+        "tag": {"tag": "tag"},
+    }[by]
+    columns = {
+        **keys,
+        "requests": "requests",
+        "prompt_tokens": "tokens in",
+        "completion_tokens": "tokens out",
+        "cached_tokens": "cached",
+        "cost_usd": "cost",
+        "unknown_cost_requests": "unknown-cost requests",
+    }
+    unknown = int(frame["unknown_cost_requests"].sum())
+    totals = {
+        "requests": str(int(frame["requests"].sum())),
+        "tokens in": str(int(frame["prompt_tokens"].sum())),
+        "tokens out": str(int(frame["completion_tokens"].sum())),
+        "cost": _money_total(frame["cost_usd"], unknown),
+        "unknown-cost requests": str(unknown),
+    }
+    return _human_table(frame, columns, totals=totals, label_column=next(iter(keys.values())))
+
+
+def sessions_table(db: Db = None) -> pd.DataFrame:
+    """The useful columns of ``sessions()``, newest first (what ``%chat sessions`` shows)."""
+    frame = sessions(db=db).sort_values("last_active", ascending=False)
+    columns = {
+        "id": "id",
+        "title": "title",
+        "model": "model",
+        "last_active": "last active",
+        "turns": "turns",
+        "requests": "requests",
+        "cost_usd": "cost",
+        "notebook": "notebook",
+    }
+    return _human_table(frame, columns)
