@@ -12,13 +12,15 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ._display import CellRenderer, render_mode
+from ._exceptions import SessionInUseError, SessionPendingError
 
 if TYPE_CHECKING:
+    from ._events import Event
     from ._magic_options import ChatOptions
     from ._session import Session
     from ._tools import Tool
     from ._turn import TurnOptions
-    from ._types import Event, TurnResult
+    from ._types import TurnResult
 
 __all__ = ["SUPERSEDED_NOTE", "CellTurns", "RunTurn", "turn_options"]
 
@@ -53,6 +55,13 @@ class CellTurns:
         self.shell = shell
         self._outputs: dict[str, CellRenderer] = {}  # by cell id, oldest first
 
+    def begin(self, opts: ChatOptions, model: str) -> CellRenderer:
+        """The display of a turn about to run, its "⏳" line shown at once: the first
+        turn opens the store and the session after it, not before."""
+        renderer = CellRenderer(model, render_mode(self.shell, stream=not opts.no_stream))
+        renderer.placeholder()
+        return renderer
+
     def show(
         self,
         session: Session,
@@ -62,17 +71,24 @@ class CellTurns:
         *,
         notice: str | None = None,
         cell_id: str | None = None,
+        renderer: CellRenderer | None = None,
     ) -> TurnResult:
         """Run one turn with the cell's options, shown in the cell as it happens.
 
         ``notice`` is said first (a re-run replacing later turns); the display is kept
-        by ``cell_id`` so a later re-run elsewhere can mark it superseded.
+        by ``cell_id`` so a later re-run elsewhere can mark it superseded. ``renderer``:
+        the one ``begin`` made, its placeholder already shown.
         """
         from ._pytool import asking
 
-        mode = render_mode(self.shell, stream=not opts.no_stream)
         # Session.send turns a kernel interrupt into cancel(), so no event is lost.
-        renderer = CellRenderer(opts.model or session.model, mode)
+        if renderer is None:
+            renderer = CellRenderer(
+                opts.model or session.model, render_mode(self.shell, stream=not opts.no_stream)
+            )
+        else:
+            renderer.view.model = opts.model or session.model  # the placeholder's guess
+        mode = renderer.mode
         if notice is not None:
             renderer.note(notice)
         if cell_id is not None and mode == "live":
@@ -82,9 +98,15 @@ class CellTurns:
                 self._outputs.pop(next(iter(self._outputs)))
         try:
             with asking(renderer.ask):  # python:ask asks in its tool block
-                return run(renderer, turn_options(opts, tools))
-        finally:  # also when the turn raised (a bug): the display does not stay "⏳"
+                result = run(renderer, turn_options(opts, tools))
+        except (SessionInUseError, SessionPendingError):
+            renderer.withdraw()  # refused before it began: the cell's error line says why
+            raise
+        except BaseException:  # a bug: the display does not stay "⏳"
             renderer.finish()
+            raise
+        renderer.finish()
+        return result
 
     def mark_superseded(self, cell_ids: list[str]) -> None:
         """Say on these cells' kept displays that their turns no longer count."""

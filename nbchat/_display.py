@@ -18,7 +18,8 @@ again whenever the saved notebook is opened.
 Failures a user can fix (no model configured, server down, budget reached, a pending
 session) end the cell with one line, not a traceback: IPython prints the lines an
 exception's ``_render_traceback_`` returns instead of the stack. That line is the only
-place the failure is said; the turn's display does not repeat it.
+place the failure is said; the turn's display does not repeat it. An interrupted turn
+ends the same way (``TurnInterrupted``, named as such), its display without a badge.
 """
 
 from __future__ import annotations
@@ -29,21 +30,19 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterable
 from html import escape
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from ._exceptions import TurnFailed, TurnInterrupted, one_line_traceback
 
 if TYPE_CHECKING:  # imported when a turn runs: %load_ext must stay fast (pydantic models)
-    from ._render import Throttle, TurnView
-    from ._types import Event, Message, TurnResult
+    from ._events import Event
+    from ._render import TurnView
+    from ._throttle import Throttle
+    from ._types import TurnResult
 
 __all__ = [
     "CellRenderer",
-    "Conversation",
-    "Found",
-    "Info",
     "RenderMode",
     "TurnFailed",
     "TurnInterrupted",
@@ -52,7 +51,9 @@ __all__ = [
     "render_mode",
 ]
 
+
 RenderMode = Literal["live", "final", "text"]
+_E = TypeVar("_E", bound=BaseException)
 TICK_SECONDS = 0.5  # how often a running tool's time moves in the cell
 _CATCH_UP_S = 0.1  # how often held-back text is looked at while a stream pauses
 _ASK_WAIT_S = 2.0  # at most, for the display to show the call that asks to run code
@@ -70,10 +71,7 @@ def render_mode(shell: Any, *, stream: bool) -> RenderMode:
     return "live" if stream else "final"
 
 
-# ---------------------------------------------------------------------- one-line errors
-
-
-def one_line(exc: BaseException) -> BaseException:
+def one_line(exc: _E) -> _E:
     """Make IPython show ``exc`` as one line (its class and message), without a stack."""
     kind, message = type(exc).__name__, str(exc)
     exc._render_traceback_ = lambda: one_line_traceback(kind, message)  # type: ignore[attr-defined]
@@ -88,16 +86,29 @@ def turn_failed(result: TurnResult) -> TurnFailed:
     if result.status == "error" and result.error:
         # "TurnFailed: Error: The model server answered…" says it failed twice.
         return TurnFailed(result.error, result)
+    if result.status == "budget_exceeded":
+        # The cell shows the limit's notice already (which limit, what was spent).
+        return TurnFailed(f"{label} (the notice above says which limit)", result)
     return TurnFailed(f"{label}: {result.error}" if result.error else label, result)
 
 
-# ---------------------------------------------------------------------- the renderer
+def turn_interrupted(result: TurnResult) -> TurnInterrupted:
+    """The one red line that ends an interrupted cell, named for what it is.
+
+    It is the only place the cell says so (its display has no "Interrupted" badge), and
+    it speaks of a kept partial reply only when some text had arrived.
+    """
+    from ._render import kept_text
+
+    if kept_text(result):
+        return TurnInterrupted(result)  # its message: the partial reply above was kept
+    return TurnInterrupted(result, "the turn was interrupted before any reply text arrived")
 
 
 def raise_for(result: TurnResult) -> None:
     """End the cell with one line when the turn did not complete, so "Run all" stops."""
     if result.status == "interrupted":
-        raise TurnInterrupted(result)
+        raise turn_interrupted(result)
     if result.status in ("error", "budget_exceeded", "rejected"):
         raise turn_failed(result)
 
@@ -112,7 +123,8 @@ class CellRenderer:
     """
 
     def __init__(self, model: str, mode: RenderMode, *, throttle: Throttle | None = None) -> None:
-        from ._render import Throttle, TurnView
+        from ._render import TurnView
+        from ._throttle import Throttle
 
         self.mode = mode
         self.view = TurnView(model)
@@ -151,9 +163,27 @@ class CellRenderer:
             elif not self._catching_up:
                 self._start_catch_up()  # held back: shown later even if nothing else comes
 
+    def placeholder(self) -> None:
+        """Show the turn's "⏳" line now, before anything else of the turn is ready."""
+        with self._lock:
+            if self.mode == "live" and not self.shown:
+                self._publish(update=False)
+
+    def withdraw(self) -> None:
+        """Empty the placeholder of a turn that did not start (the cell's error line
+        says why)."""
+        from IPython.display import display
+
+        with self._lock:
+            self._done.set()
+            if self.shown:
+                empty = {"text/plain": ""}
+                display(empty, raw=True, display_id=self.display_id, update=True)  # type: ignore[no-untyped-call]
+                self._published[self.display_id] = empty
+
     def note(self, message: str) -> None:
-        """Say ``message`` in the turn, where the turn is now (before it starts: first)."""
-        from ._types import Notice
+        """Say ``message`` in the turn (with its other notices, under the reply)."""
+        from ._events import Notice
 
         self(Notice(message=message))
 
@@ -275,7 +305,7 @@ class CellRenderer:
         if not last:  # an earlier display: its text, no "⏳" line, no metadata
             text = _answer_text(view)
             data = {
-                "text/html": view.html(live=live, show_failure=False),
+                "text/html": cell_html(view.html(live=live, show_failure=False)),
                 "text/markdown": view.markdown(live=live, show_failure=False),
                 "text/plain": text,
             }
@@ -294,7 +324,11 @@ class CellRenderer:
                 "status": result.status,
                 "footer": view.footer(),
             }
-        data = {"text/html": html_text, "text/markdown": markdown, "text/plain": self.view.text}
+        data = {
+            "text/html": cell_html(html_text),
+            "text/markdown": markdown,
+            "text/plain": self.view.text,
+        }
         return data, metadata
 
     def _publish(self, *, update: bool) -> None:
@@ -317,7 +351,8 @@ class CellRenderer:
     # -------------------------------------------------------------- terminal
 
     def _print(self, event: Event) -> None:
-        from ._types import ErrorEvent, LimitReached, Notice, TextDelta, ToolResult
+        from ._events import ErrorEvent, LimitReached, Notice, TextDelta, ToolResult
+        from ._tool_results import DECLINED, NOT_RUN
 
         out = sys.stdout
         if isinstance(event, TextDelta):
@@ -326,6 +361,8 @@ class CellRenderer:
         elif isinstance(event, ToolResult):
             call = event.call
             state = "error" if call.is_error else f"{call.duration_ms:.0f} ms"
+            if call.error_kind in (DECLINED, NOT_RUN):
+                state = "skipped"
             out.write(f"\n[tool {call.name}({_short(call.arguments)}) → {state}]\n")
         elif isinstance(event, Notice | LimitReached):
             out.write(f"\n[{event.message}]\n")
@@ -334,19 +371,28 @@ class CellRenderer:
         out.flush()
 
     def _print_footer(self) -> None:
-        from ._render import STATUS_LABELS
-
-        result = self.view.result
+        # An interrupted turn is said by the cell's error line, as in a notebook.
         lines = ["\n" if self._printed_text else ""]
-        if result is not None and result.status == "interrupted":
-            lines.append(f"[{STATUS_LABELS['interrupted']}]\n")
         lines.append(f"[{self.view.footer()}]\n")
         sys.stdout.write("".join(lines))
         sys.stdout.flush()
 
 
+# Prose wraps (a long unbroken line scrolled the whole output sideways), as in the
+# panel (_panel_input). Inline only: a <style> element in a cell's output is what a
+# hostile reply's would be (the tests refuse any), and a notebook reopened untrusted
+# strips it. JupyterLab's own rules then keep code wrapping at its spaces (pre-wrap)
+# and let a wide table overflow.
+_WRAP = "overflow-wrap: anywhere; word-break: break-word; min-width: 0; max-width: 100%"
+
+
+def cell_html(body: str) -> str:
+    """A turn's HTML as a cell shows it: its prose wraps inside the output's width."""
+    return f'<div class="nbchat-turn" style="{_WRAP}">{body}</div>'
+
+
 def _answer_text(view: TurnView) -> str:
-    from ._render import TextPart
+    from ._render_parts import TextPart
 
     return "".join(
         p.buffer.text() for p in view.parts if isinstance(p, TextPart) and not p.thinking
@@ -355,126 +401,3 @@ def _answer_text(view: TurnView) -> str:
 
 def _short(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-# ---------------------------------------------------------------------- small displays
-
-
-class Info:
-    """A short piece of information for ``%chat`` subcommands: a table or a sentence."""
-
-    def __init__(
-        self,
-        title: str,
-        rows: list[tuple[str, str]] | None = None,
-        columns: tuple[str, str] = ("setting", "value"),
-    ) -> None:
-        self.title = title
-        self.rows = rows or []
-        self.columns = columns
-
-    def _repr_markdown_(self) -> str:
-        if not self.rows:
-            return self.title
-        table = "\n".join(f"| {k} | {_cell(v)} |" for k, v in self.rows)
-        head = f"| {self.columns[0]} | {self.columns[1]} |"
-        return f"{self.title}\n\n{head}\n|---|---|\n{table}"
-
-    def __repr__(self) -> str:
-        if not self.rows:
-            return self.title
-        width = max(len(k) for k, _ in self.rows)
-        return "\n".join([self.title, *(f"  {k.ljust(width)}  {v}" for k, v in self.rows)])
-
-
-class Conversation:
-    """A stored conversation shown turn by turn, in the layout of cells and the panel.
-
-    For ``%chat history``-style views: model text is escaped like a live turn's.
-    """
-
-    def __init__(self, history: Iterable[Message]) -> None:
-        self.history = list(history)
-
-    def _parts(self, markdown: bool) -> list[str]:
-        from ._markup import escape, protect_dollars, safe_markdown
-        from ._render import history_views, thumbnails_html
-
-        parts: list[str] = []
-        for view in history_views(self.history):
-            if view.user_text is not None:
-                said = view.user_text
-                shown = safe_markdown(said) if markdown else protect_dollars(escape(said))
-                parts.append(f"<p><b>You:</b> {shown}</p>" if not markdown else f"**You:** {shown}")
-                if view.user_images:
-                    parts.append(thumbnails_html(view.user_images))
-            view.show_user_images = False
-            if view.parts or view.badges:
-                parts.append(view.markdown() if markdown else view.html())
-        return parts
-
-    def _repr_html_(self) -> str:
-        return '<div class="nbchat-conversation">' + "\n<hr>\n".join(self._parts(False)) + "</div>"
-
-    def _repr_markdown_(self) -> str:
-        return "\n\n---\n\n".join(self._parts(True))
-
-    def __repr__(self) -> str:
-        return "\n".join(f"{m.role}: {m.content or ''}" for m in self.history)
-
-
-class Found:
-    """``%chat search``'s matches: a table with the matches marked, the frame in ``.frame``.
-
-    A DataFrame's cells are not Markdown, so the ``**`` of ``search()``'s snippets would
-    show as they are; here the text is escaped (it is model and user text) and the
-    matches are ``<mark>``-ed. The plain repr shows the snippets without markers.
-    """
-
-    COLUMNS = ("session_id", "title", "role", "snippet", "created_at")
-
-    def __init__(self, frame: Any, snippets: list[list[tuple[str, bool]]]) -> None:
-        self.frame = frame
-        self.snippets = snippets
-
-    def __len__(self) -> int:
-        return len(self.frame)
-
-    def __getitem__(self, key: Any) -> Any:
-        """A column (or columns) of ``search()``'s frame, as code that used it expects."""
-        return self.frame[key]
-
-    def _repr_html_(self) -> str:
-        from ._markup import protect_dollars
-
-        def cell(value: Any) -> str:
-            return "" if value is None else protect_dollars(escape(str(value)))
-
-        def snippet(pieces: list[tuple[str, bool]]) -> str:
-            return "".join(f"<mark>{cell(p)}</mark>" if hit else cell(p) for p, hit in pieces)
-
-        head = "".join(f"<th>{c}</th>" for c in self.COLUMNS)
-        rows = []
-        for (_, row), pieces in zip(self.frame.iterrows(), self.snippets, strict=True):
-            cells = [snippet(pieces) if c == "snippet" else cell(row[c]) for c in self.COLUMNS]
-            rows.append("<tr>" + "".join(f"<td>{v}</td>" for v in cells) + "</tr>")
-        if not rows:
-            return "<p>No stored message has these words.</p>"
-        return (
-            '<table class="nbchat-search"><thead><tr>'
-            + head
-            + "</tr></thead><tbody>"
-            + "".join(rows)
-            + "</tbody></table>"
-        )
-
-    def __repr__(self) -> str:
-        if not self.snippets:
-            return "No stored message has these words."
-        plain = self.frame[list(self.COLUMNS)].copy()
-        plain["snippet"] = ["".join(p for p, _ in pieces) for pieces in self.snippets]
-        return str(plain.to_string(index=False))
-
-
-def _cell(value: str) -> str:
-    return value.replace("|", "\\|").replace("\n", " ")

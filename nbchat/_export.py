@@ -6,22 +6,39 @@ import base64
 import binascii
 import json
 import re
+from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Any, Literal, cast, get_args
 
+from ._events import TurnFinished, TurnStarted
 from ._exceptions import AttachmentError, StoreError
+from ._history import live_order
 from ._markup import safe_markdown
-from ._store import Db, open_store
+from ._store import Db, open_store, pending_tool_calls
 from ._store._records import StoredSession
-from ._types import ImageDetail, ImagePart, Message, ToolCall, new_id, utcnow
+from ._store._rows import session_title
+from ._types import (
+    SUMMARY_HEADER,
+    ImageDetail,
+    ImagePart,
+    Message,
+    ToolCall,
+    TurnResult,
+    TurnStatus,
+    new_id,
+    utcnow,
+)
 
-__all__ = ["export_session", "import_session"]
+__all__ = ["ExportFormat", "export_session", "import_session"]
 
 _ROLES = ("system", "user", "assistant", "tool")
 
 
-def _messages(session: StoredSession) -> list[Message]:
-    messages = list(session.messages)
+def _messages(session: StoredSession, *, folded: bool = False) -> list[Message]:
+    # The summary after the system prompt, where the live context has it (a store
+    # written before summaries were numbered in place has it after newer messages);
+    # with the folded messages, the order they were stored in.
+    messages = list(session.messages) if folded else live_order(session.messages)
     # The session loop stores its system prompt as the first message; an older or
     # hand-made session may only have it on the session row.
     if session.system_prompt and not (messages and messages[0].role == "system"):
@@ -29,25 +46,83 @@ def _messages(session: StoredSession) -> list[Message]:
     return messages
 
 
+ExportFormat = Literal["openai", "nbchat", "markdown"]
+_FORMATS: tuple[str, ...] = get_args(ExportFormat)
+
+
 def export_session(
-    session_id: str, format: Literal["openai", "markdown"] = "openai", db: Db = None
+    session_id: str,
+    format: ExportFormat = "openai",
+    db: Db = None,
+    *,
+    include_compacted: bool = False,
 ) -> str:
     """The session's live context as text.
 
     ``"openai"``: a JSON list of chat-completions messages (what the next request
-    would send; images as ``data:`` URLs), which ``import_session`` reads back.
+    would send; images as ``data:`` URLs), which ``import_session`` reads back. A list
+    of messages has no room for the session's title (or turns): a key beside them would
+    make it something else, and servers refuse unknown keys on a message; its import is
+    titled ``title=``, else after its first user message. ``"nbchat"`` keeps the title.
+    ``"nbchat"``: ``{"title", "session_id", "model", "messages", "image_names", "turns"}``
+    — the same messages with what the wire has no room for (the title, the session's id
+    and model; image names by SHA-256; where each turn starts, by message index, with its
+    status and error), so an import keeps them.
     ``"markdown"``: a readable transcript with tool calls and results in code blocks,
-    and images as their labels (``[image: plot.png, 640×480 png]``).
+    and images as their labels (``[image: plot.png, 640×480 png]``); with
+    ``include_compacted`` the whole conversation, the messages folded into a summary
+    included (marked folded) before the summary that replaced them.
     """
-    if format not in ("openai", "markdown"):
-        raise ValueError(f"format must be 'openai' or 'markdown', not {format!r}.")
+    if format not in _FORMATS:
+        raise ValueError(f"format must be one of {', '.join(map(repr, _FORMATS))}, not {format!r}.")
+    if include_compacted and format != "markdown":
+        raise ValueError(
+            f"include_compacted=True is for format='markdown': the {format!r} format is the "
+            "context a session continues from, and folded messages are not part of it."
+        )
     with open_store(db) as store:
-        session = store.load_session(session_id)
+        session = store.load_session(session_id, include_compacted=include_compacted)
+    if format == "markdown":
+        return _markdown(session, folded=include_compacted)
+    messages = _messages(session)
+    # Reasoning in the field DeepSeek and vLLM use, which import_session reads back.
+    wire = [m.to_openai(reasoning_field="reasoning_content") for m in messages]
     if format == "openai":
-        # Reasoning in the field DeepSeek and vLLM use, which import_session reads back.
-        wire = [m.to_openai(reasoning_field="reasoning_content") for m in _messages(session)]
         return json.dumps(wire, indent=2, ensure_ascii=False)
-    return _markdown(session)
+    names = {i.sha256: i.name for m in messages for i in m.attachments or [] if i.name}
+    with open_store(db) as store:
+        outcomes = store.frame("turns", session_id=session_id)
+    ended = {
+        str(turn_id): (str(status), error if isinstance(error, str) else None)
+        for turn_id, status, error in zip(
+            outcomes["id"], outcomes["status"], outcomes["error"], strict=True
+        )
+    }
+    kept = {
+        "title": session.title,
+        "session_id": session.id,
+        "model": session.model,
+        "messages": wire,
+        "image_names": names,
+        "turns": _turn_starts(messages, ended),
+    }
+    return json.dumps(kept, indent=2, ensure_ascii=False)
+
+
+def _turn_starts(
+    messages: list[Message], ended: dict[str, tuple[str, str | None]]
+) -> list[dict[str, Any]]:
+    """Where each turn of ``messages`` starts (its first message's index), with how it
+    ended; system messages (the prompt, a summary placed after it) are in no turn."""
+    starts: list[dict[str, Any]] = []
+    current: str | None = None
+    for index, message in enumerate(messages):
+        if message.role == "system" or message.turn_id is None or message.turn_id == current:
+            continue
+        current = message.turn_id
+        status, error = ended.get(current, ("completed", None))
+        starts.append({"start": index, "status": status, "error": error})
+    return starts
 
 
 def _fence(text: str, language: str = "") -> str:
@@ -74,7 +149,7 @@ def _pretty_json(text: str) -> tuple[str, str]:
         return text, ""
 
 
-def _markdown(session: StoredSession) -> str:
+def _markdown(session: StoredSession, *, folded: bool = False) -> str:
     # The title comes from the user's first message: one line, its HTML shown as text.
     title = " ".join((session.title or f"Session {session.id}").split())
     lines = [f"# {safe_markdown(title)}", ""]
@@ -83,22 +158,32 @@ def _markdown(session: StoredSession) -> str:
         lines.append(f"- model: {_code(session.model)}")
     lines.append(f"- created: {session.created_at.isoformat(timespec='seconds')}")
     lines.append("")
-    for message in _messages(session):
+    for message in _messages(session, folded=folded):
         content = message.content
+        mark = " (folded into a summary)" if message.state == "compacted" else ""
         if message.role == "tool":
             name = message.name or "tool"
             heading = f"## Tool result: {_code(name)} ({_code(message.tool_call_id or '')})"
-            lines.append(heading)
+            if message.status == "declined":
+                heading += " — not run: skipped by the user"
+            elif message.status == "not_run":
+                heading += " — not run: past the turn's limit on tool rounds"
+            lines.append(heading + mark)
             body, language = _pretty_json(content or "")
             lines += ["", _fence(body, language), ""]
             continue
-        lines += [f"## {message.role.capitalize()}", ""]
+        if message.status == "summary":
+            lines += [f"## Summary of the earlier conversation{mark}", ""]
+            content = (content or "").removeprefix(SUMMARY_HEADER)
+        else:
+            lines += [f"## {message.role.capitalize()}{mark}", ""]
         if message.reasoning:
             lines += ["<details><summary>Thinking</summary>", ""]
-            lines += [safe_markdown(message.reasoning), "", "</details>", ""]
+            lines += [safe_markdown(message.reasoning, headings=False), "", "</details>", ""]
         if content:
-            # Model (and pasted) text: no live HTML, no fetched images, prices not math.
-            lines += [safe_markdown(content), ""]
+            # Model (and pasted) text: no live HTML, no fetched images, prices not math,
+            # no heading of the export's own levels (a fake "## User" section).
+            lines += [safe_markdown(content, headings=False), ""]
         for image in message.attachments or []:
             lines += [safe_markdown(image.label), ""]
         for call in message.tool_calls or []:
@@ -182,12 +267,131 @@ def _reasoning(item: dict[str, Any], where: str) -> str | None:
     return value
 
 
-def _parse(data: str | bytes | list[dict[str, Any]] | dict[str, Any]) -> list[Message]:
+Imported = str | bytes | list[dict[str, Any]] | dict[str, Any]
+
+
+def _decoded(data: Imported) -> Any:
     if isinstance(data, str | bytes):
         try:
-            data = json.loads(data)
+            return json.loads(data)
         except ValueError as exc:
             raise StoreError(f"Cannot import: the text is not JSON ({exc}).") from exc
+    return data
+
+
+def _kept(data: Any) -> tuple[str | None, dict[str, str]]:
+    """The title and image names an ``"nbchat"`` export keeps beside its messages."""
+    if not isinstance(data, dict):
+        return None, {}
+    title, names = data.get("title"), data.get("image_names")
+    if not isinstance(names, dict):
+        names = {}
+    named = {str(k): v for k, v in names.items() if isinstance(v, str)}
+    return (title if isinstance(title, str) and title else None), named
+
+
+def _kept_text(data: Any, key: str) -> str | None:
+    """A text an ``"nbchat"`` export keeps beside its messages (its session id, model)."""
+    value = data.get(key) if isinstance(data, dict) else None
+    return value if isinstance(value, str) and value else None
+
+
+# The user message of a turn's own round that carries the images its tools returned
+# (_turn_reply): a continuation of the turn, not a new one.
+_TOOL_IMAGES = re.compile(r"Images? returned by ")
+
+_STATUSES: tuple[str, ...] = get_args(TurnStatus)
+
+
+@dataclass
+class _ImportedTurn:
+    """One turn of an imported conversation: its messages' span and how it ended."""
+
+    start: int
+    status: TurnStatus = "completed"
+    error: str | None = None
+    id: str = field(default_factory=new_id)
+
+
+def _turns(data: Any, messages: list[Message]) -> list[_ImportedTurn]:
+    """The turns of ``messages``: where an ``"nbchat"`` export says they start, else one
+    from each user message (but the one that carries the images a turn's tools returned)."""
+    kept = data.get("turns") if isinstance(data, dict) else None
+    if kept is None:
+        inferred = [
+            _ImportedTurn(i)
+            for i, m in enumerate(messages)
+            if m.role == "user"
+            and not (m.attachments and _TOOL_IMAGES.match(m.content or "") and i > 0)
+        ]
+        if inferred and pending_tool_calls(messages):
+            inferred[-1].status = "running"  # as a stopped process leaves it: resume() ends it
+        return inferred
+    turns: list[_ImportedTurn] = []
+    if not isinstance(kept, list):
+        raise StoreError("Cannot import: turns must be a list.")
+    for n, item in enumerate(kept):
+        start = item.get("start") if isinstance(item, dict) else None
+        status = item.get("status", "completed") if isinstance(item, dict) else None
+        error = item.get("error") if isinstance(item, dict) else None
+        after = turns[-1].start if turns else -1
+        if not isinstance(start, int) or isinstance(start, bool) or not after < start:
+            raise StoreError(f"Cannot import turn {n}: its start must be a later message index.")
+        if start >= len(messages) or status not in _STATUSES:
+            raise StoreError(
+                f"Cannot import turn {n}: it must start at a message and have a turn's status."
+            )
+        kept_error = error if isinstance(error, str) else None
+        turns.append(_ImportedTurn(start, cast(TurnStatus, status), kept_error))
+    return turns
+
+
+def _number(messages: list[Message], turns: list[_ImportedTurn]) -> None:
+    """Put each message in its turn and round (request) as the session loop numbers them:
+    a turn's first message has no round, its n-th assistant message round n - 1, and
+    what follows one (tool results, their images) its round. System messages are in none."""
+    bounds = [t.start for t in turns] + [len(messages)]
+    for turn, start, end in zip(turns, bounds, bounds[1:], strict=False):
+        round_: int | None = None
+        for message in messages[start:end]:
+            if message.role == "system":
+                continue
+            if message.role == "assistant":
+                round_ = 0 if round_ is None else round_ + 1
+            message.turn_id, message.round = turn.id, round_
+
+
+def _turn_events(
+    session_id: str, messages: list[Message], turns: list[_ImportedTurn]
+) -> list[TurnStarted | TurnFinished]:
+    """The events that store ``turns`` as the session loop would have (``turns`` rows)."""
+    events: list[TurnStarted | TurnFinished] = []
+    bounds = [t.start for t in turns] + [len(messages)]
+    for turn, start, end in zip(turns, bounds, bounds[1:], strict=False):
+        span = messages[start:end]
+        first = span[0]
+        text = (first.content or "") if first.role == "user" else ""
+        events.append(
+            TurnStarted(session_id=session_id, turn_id=turn.id, text=text, at=first.created_at)
+        )
+        if turn.status == "running":  # its tool calls are pending: resume() finishes it
+            continue
+        result = TurnResult(
+            session_id=session_id,
+            turn_id=turn.id,
+            status=turn.status,
+            rounds=sum(m.role == "assistant" for m in span),
+            error=turn.error,
+        )
+        events.append(
+            TurnFinished(
+                session_id=session_id, turn_id=turn.id, result=result, at=span[-1].created_at
+            )
+        )
+    return events
+
+
+def _parse(data: Any) -> list[Message]:
     if isinstance(data, dict) and isinstance(data.get("messages"), list):
         data = data["messages"]
     if not isinstance(data, list) or not data:
@@ -206,6 +410,9 @@ def _parse(data: str | bytes | list[dict[str, Any]] | dict[str, Any]) -> list[Me
             raise StoreError(
                 f"Cannot import {where}: tool result {tool_call_id!r} answers no earlier tool call."
             )
+        if item["role"] != "assistant" and item.get("content") is None:
+            # Only an assistant's content may be null (its tool calls are the message).
+            raise StoreError(f"Cannot import {where}: a {item['role']} message needs content.")
         text, images = _content(item.get("content"), where)
         messages.append(
             Message(
@@ -225,7 +432,7 @@ def _parse(data: str | bytes | list[dict[str, Any]] | dict[str, Any]) -> list[Me
 
 
 def import_session(
-    data: str | bytes | list[dict[str, Any]] | dict[str, Any],
+    data: Imported,
     db: Db = None,
     title: str | None = None,
     *,
@@ -236,18 +443,40 @@ def import_session(
     Returns the new session's id; ``Session(session_id=..., db=...)`` continues it.
     A leading system message becomes the session's system prompt. Tool results must
     answer an earlier tool call; an assistant's tool calls left without results make
-    the imported session *pending* (``resume()`` or ``abort_pending()``).
+    the imported session *pending* (``resume()`` or ``abort_pending()``). The title is
+    ``title``, else the one an ``"nbchat"`` export kept, else (as for a new session) the
+    first user message's (an ``"openai"`` export is messages only: a custom title is
+    not in it, pass ``title=`` or export ``"nbchat"``); images take the names that
+    export kept.
+
+    The messages are stored in turns, as the session loop stores them (``turns()``,
+    ``sessions()``' turn count, ``%chat cost``): those an ``"nbchat"`` export kept, with
+    their statuses, else one per user message, each ``"completed"`` (the last one
+    ``"running"`` while its tool calls are pending, as a stopped process leaves it).
+    An ``"nbchat"`` export also gives the model (unless ``model`` is given) and the
+    ``parent_id``: the id of the session it was exported from.
     """
-    messages = _parse(data)
+    decoded = _decoded(data)
+    kept_title, names = _kept(decoded)
+    messages = _parse(decoded)
+    turns = _turns(decoded, messages)
+    _number(messages, turns)
+    for message in messages:
+        for i, image in enumerate(message.attachments or []):
+            if image.sha256 in names and message.attachments is not None:
+                message.attachments[i] = image.model_copy(update={"name": names[image.sha256]})
+    first = next((m.content for m in messages if m.role == "user"), None)
     system = messages[0].content if messages[0].role == "system" else None
     session_id = new_id()
-    with open_store(db) as store:
+    with open_store(db, create=True) as store:  # an import may start a store
         store.create_session(
             session_id=session_id,
-            model=model,
+            model=model or _kept_text(decoded, "model"),
             system_prompt=system,
-            title=title or "Imported session",
+            title=title or kept_title or session_title(first) or "Imported session",
+            parent_id=_kept_text(decoded, "session_id"),
             metadata={"imported": True},
             messages=messages,
         )
+        store.write_many(_turn_events(session_id, messages, turns))
     return session_id

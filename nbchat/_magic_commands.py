@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import os
 import shlex
 from typing import TYPE_CHECKING, Any
@@ -15,14 +17,18 @@ from IPython.core.error import UsageError
 
 from ._config import (
     DEFAULT_KEYS,
+    check_limits,
     default_db_path,
     get_defaults,
+    needs_key,
     resolve_client,
     restore_defaults,
     set_defaults,
 )
-from ._display import Found, Info, raise_for
-from ._exceptions import NbchatError
+from ._display import raise_for
+from ._exceptions import ConfigError, NbchatError, UnknownSession
+from ._magic_displays import Found, Info
+from ._magic_help import split_line
 
 if TYPE_CHECKING:
     from ._cell_turns import CellTurns
@@ -30,6 +36,9 @@ if TYPE_CHECKING:
     from ._tools import Tool
 
 __all__ = ["SUBCOMMANDS_HELP", "Subcommands"]
+
+# The subcommands that take no words: any given were a mistake, not ignored.
+_NO_ARGUMENTS = frozenset({"new", "abort", "session", "sessions", "history"})
 
 SUBCOMMANDS_HELP = """\
 %chat subcommands:
@@ -87,19 +96,29 @@ class Subcommands:
         def _tools(self, specs: list[str], said: str = ...) -> list[Tool]: ...
         def _use(self, session_id: str, model: str | None = None) -> Session: ...
         def _open(self, **kwargs: Any) -> Session: ...
+        def _ready_to_send(self, session: Session) -> Session: ...
+        def _replace_session(self, old: Session, new: Session) -> None: ...
         def _chat_cell(self, line: str, cell: str) -> None: ...
 
     def _subcommand(self, line: str) -> Any:
         try:
-            words = shlex.split(line)
+            words = split_line(line)
         except ValueError as exc:
+            first, _, rest = line.strip().partition(" ")
+            if first == "search":  # its words are text to find: "don't" is one of them
+                return self._cmd_search(rest.split())
             raise UsageError(f"%chat: cannot read {line!r} ({exc})") from None
         if not words or words[0] in ("help", "-h", "--help"):
             return Info(f"```\n{self._help()}\n```")
         command, args = words[0], words[1:]
         handler = getattr(self, f"_cmd_{command}", None)
         if handler is None:
-            raise UsageError(f"%chat: unknown subcommand {command!r} (%chat help lists them)")
+            known = [name[len("_cmd_") :] for name in dir(self) if name.startswith("_cmd_")]
+            close = difflib.get_close_matches(command, known, n=1)
+            hint = f"did you mean %chat {close[0]}? " if close else ""
+            raise UsageError(f"%chat: unknown subcommand {command!r} ({hint}%chat help lists them)")
+        if command in _NO_ARGUMENTS and args:
+            raise UsageError(f"%chat {command} takes nothing, not {' '.join(args)!r}")
         return handler(args)
 
     def _cmd_config(self, args: list[str]) -> Info:
@@ -124,6 +143,10 @@ class Subcommands:
                 raise UsageError(
                     f"%chat config: unknown setting {', '.join(unknown)}; known: {known}"
                 )
+            try:
+                check_limits("%chat config", **updates)
+            except ConfigError as exc:
+                raise UsageError(str(exc)) from None
             set_defaults(**updates)  # unknown keys are refused before anything is saved
             try:
                 applied = self._settings_changed(before, get_defaults())
@@ -150,8 +173,16 @@ class Subcommands:
     def _cmd_use(self, args: list[str]) -> Info:
         if len(args) != 1:
             raise UsageError("%chat use: give one session id (%chat sessions lists them)")
-        self.session = self._use(args[0])
+        try:
+            self.session = self._use(args[0])
+        except UnknownSession as exc:
+            raise UsageError(f"%chat use: {exc} (%chat sessions lists them)") from None
         message = f"Continuing session `{self.session.id}` ({len(self.session.history)} messages)."
+        if read_only(self.session):
+            message += (
+                " No API key is configured: `%chat history` shows it; sending a turn needs "
+                "one (`%chat config api_key=...` or NBCHAT_API_KEY)."
+            )
         pending = self.session.pending_tool_calls
         if pending:
             names = ", ".join(c.name for c in pending)
@@ -167,6 +198,7 @@ class Subcommands:
         session = self._current()
         if not session.pending_tool_calls:
             return Info("Nothing to resume: the current session has no pending tool calls.")
+        session = self._ready_to_send(session)  # the tools' results go to the model
         specs = ChatOptions.model_validate({"tools": ",".join(args)}).tools if args else None
         tools = self._tools(specs if specs is not None else self.default_tools, "%chat resume")
         raise_for(
@@ -187,19 +219,19 @@ class Subcommands:
         return self.session
 
     def _cmd_sessions(self, args: list[str]) -> Any:
-        from ._analysis import sessions_table
+        from ._tables import sessions_table
 
         return sessions_table()
 
     def _cmd_history(self, args: list[str]) -> Any:
-        from ._display import Conversation
+        from ._magic_displays import Conversation
 
         # Shown like the cells it came from (escaped, prices kept as prices); the
         # DataFrame is nbchat.transcript(id).
         return Conversation(self._current().history)
 
     def _cmd_cost(self, args: list[str]) -> Any:
-        from ._analysis import costs_table, turn_costs_table
+        from ._tables import costs_table, turn_costs_table
 
         if "--plot" in args:
             from ._plot import plot_for_magic
@@ -231,6 +263,9 @@ class Subcommands:
         from ._magic_options import ChatOptions
 
         if args:
+            names = [n.strip() for arg in args for n in arg.split(",") if n.strip()]
+            if "none" in names and len(names) > 1:
+                raise UsageError("%chat tools: 'none' clears the tools and stands alone")
             specs = ChatOptions.model_validate({"tools": ",".join(args)}).tools or []
             self._tools(specs, "%chat tools")  # fail now, not at the next cell
             self.default_tools = specs
@@ -247,6 +282,11 @@ class Subcommands:
 
         if len(args) > 1:
             raise UsageError("%chat local: give at most one GGUF model path")
+        if args and args[0].startswith("-"):
+            raise UsageError(
+                "%chat local [PATH]: serve the embedded model (or the GGUF file at PATH) "
+                f"on this machine and make it the kernel's model; {args[0]!r} is not a path"
+            )
         before = get_defaults()
         url = local(args[0] if args else None)
         self._settings_changed(before, get_defaults())
@@ -282,7 +322,8 @@ class Subcommands:
             raise UsageError("%chat models: takes no arguments")
         session = self.session
         # Listing needs no model: a placeholder when none is configured.
-        client = session.client if session is not None else ModelClient(_listing_settings())
+        keyed = session if session is not None and not read_only(session) else None
+        client = keyed.client if keyed is not None else ModelClient(_listing_settings())
         base_url = client.settings.base_url
         per_input = RequestUsage(prompt_tokens=1_000_000, completion_tokens=0)
         per_output = RequestUsage(prompt_tokens=0, completion_tokens=1_000_000)
@@ -318,19 +359,36 @@ class Subcommands:
         return frame
 
     def _cmd_alias(self, args: list[str]) -> Info:
-        """``%chat alias fast=gpt-4o-mini`` (``fast=none`` removes it); none: list them."""
+        """``%chat alias fast=gpt-4o-mini`` (``fast=none`` removes it); none: list them.
+
+        All of the line is checked before any of it is kept: an alias naming itself, or
+        through another (``a=b b=a``), is refused, and so is removing one there is not.
+        """
+        aliases = dict(self.aliases)
+        removed = []
         for arg in args:
             name, eq, model = arg.partition("=")
-            if not eq or not name or any(c.isspace() for c in name):
-                raise UsageError(f"%chat alias: write name=model, not {arg!r}")
-            if model.lower() in ("", "none"):
-                self.aliases.pop(name, None)
-            else:
-                self.aliases[name] = self.aliases.get(model, model)
+            if not eq or not name or not model or any(c.isspace() for c in name):
+                raise UsageError(
+                    f"%chat alias: write name=model (or name=none to remove it), not {arg!r}"
+                )
+            if model.lower() == "none":
+                if aliases.pop(name, None) is None:
+                    raise UsageError(f"%chat alias: there is no alias {name!r} to remove")
+                removed.append(name)
+                continue
+            target = aliases.get(model, model)
+            if target == name:
+                raise UsageError(f"%chat alias: {name}={model} would make {name!r} name itself")
+            aliases[name] = target
+        self.aliases = aliases
         if not self.aliases:
-            return Info("No model aliases: `%chat alias fast=gpt-4o-mini` adds one.")
+            gone = f"Removed {', '.join(removed)}. " if removed else ""
+            return Info(f"{gone}No model aliases: `%chat alias fast=gpt-4o-mini` adds one.")
         rows = [(name, model) for name, model in sorted(self.aliases.items())]
         title = "Model aliases (`-m NAME` in `%%chat`, `%chat config model=NAME`)"
+        if removed:
+            title = f"Removed {', '.join(removed)}. {title}"
         return Info(title, rows, columns=("alias", "model"))
 
     def _current(self) -> Session:
@@ -364,12 +422,12 @@ class Subcommands:
             # The user moved it on purpose: to the new endpoint, named, without a warning.
             where = resolve_client(after.get("model") or session.model).base_url
             reopened = self._open(session_id=session.id, model=after.get("model"), base_url=where)
-            self.session = reopened
-            for cell_id, known in self.cell_sessions.items():
-                if known is session:
-                    self.cell_sessions[cell_id] = reopened
+            self._replace_session(session, reopened)
         elif changed("model") and after.get("model"):
             session.set_model(after["model"])
+        if changed("api") and self.session is not None:  # the next request speaks it
+            client = self.session.client
+            client.settings = dataclasses.replace(client.settings, api=after.get("api"))
         # Limits and sampling follow the change in the conversation going on, too.
         if changed("budget_usd"):
             session.budgets = session.budgets.model_copy(
@@ -390,6 +448,13 @@ class Subcommands:
         if changed("system"):
             applied += " (the system prompt: new sessions only)"
         return applied
+
+
+def read_only(session: Session) -> bool:
+    """Whether ``session`` was opened without the key its endpoint needs (``%chat use``
+    reads a stored session without one)."""
+    settings = session.client.settings
+    return settings.keyless and needs_key(settings.base_url)
 
 
 def _tool_label(spec: str) -> str:
@@ -467,11 +532,10 @@ def _config_info(session: Session | None) -> Info:
         ("api_key", key),
         ("db", default_db_path()),
     ]
-    rows += [
-        (k, str(defaults[k]))
-        for k in ("system", "temperature", "max_rounds", "budget_usd")
-        if k in defaults
-    ]
+    listed = ("model", "base_url", "api_key", "db", "system", "temperature", "max_rounds")
+    rows += [(k, str(defaults[k])) for k in listed[4:] if k in defaults]
+    # Every other setting the kernel has (budget_usd, api, endpoint...), from the one list.
+    rows += [(k, str(defaults[k])) for k in sorted(DEFAULT_KEYS - set(listed)) if k in defaults]
     if session is not None:
         rows.append(("current session", f"{session.id} ({session.model})"))
     return Info("nbchat settings for new sessions in this kernel", rows)

@@ -7,10 +7,11 @@ that ``%%chat?`` shows is rendered from them here, without importing pydantic (s
 
 from __future__ import annotations
 
+import shlex
 import textwrap
 from typing import NamedTuple
 
-__all__ = ["CHAT_OPTIONS", "SQL_OPTIONS", "OptionDoc", "flag_of", "render_options"]
+__all__ = ["CHAT_OPTIONS", "SQL_OPTIONS", "OptionDoc", "flag_of", "render_options", "split_line"]
 
 
 class OptionDoc(NamedTuple):
@@ -115,3 +116,33 @@ def render_options(options: tuple[OptionDoc, ...]) -> str:
         lines.append(f"  {flag:<24} {text[0]}")
         lines.extend(f"  {'':<24} {more}" for more in text[1:])
     return "\n".join(lines)
+
+
+def split_line(line: str) -> list[str]:
+    """A magic line's words, split as a shell does; ``ValueError`` on an unclosed quote.
+
+    Quotes group words, and a ``#`` that starts a word outside quotes begins a comment
+    to the end of the line (``%chat config endpoint=work  # the default``). A ``#``
+    inside a word (``C#``) or inside quotes stays: ``shlex``'s own ``comments=True``
+    would cut the word at it.
+    """
+    quote = ""
+    escaped = False
+    word_start = True
+    for i, char in enumerate(line):
+        literal = escaped or bool(quote)
+        if escaped:
+            escaped = False
+        elif quote == "'":  # nothing is special inside single quotes but the closing one
+            quote = "" if char == "'" else quote
+        elif char == "\\":
+            escaped = True
+        elif quote:
+            quote = "" if char == '"' else quote
+        elif char in "'\"":
+            quote = char
+        elif char == "#" and word_start:
+            line = line[:i]
+            break
+        word_start = not literal and char.isspace()
+    return shlex.split(line)

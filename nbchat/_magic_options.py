@@ -1,14 +1,14 @@
 """The options of the magics: one pydantic model per magic, parsed from the magic line.
 
-The line is split with ``shlex`` (so quotes work) and each ``--flag`` is matched to a
-field of the model; the same fields write the help that ``%%chat?`` shows, so the
-parser and the help cannot drift apart. ``interpolate`` fills ``{name}`` in a cell body.
+The line is split as a shell does (``split_line``: quotes work, a ``# comment`` ends it)
+and each ``--flag`` is matched to a field of the model; the same fields write the help
+that ``%%chat?`` shows, so the parser and the help cannot drift apart. ``interpolate``
+fills ``{name}`` in a cell body.
 """
 
 from __future__ import annotations
 
 import re
-import shlex
 from typing import Any, Literal, Protocol, TypeVar, get_args, get_origin
 
 from IPython.core.error import UsageError
@@ -24,7 +24,14 @@ from pydantic import (
 
 from ._context import DEFAULT_MAX_CONTEXT_CHARS, to_context
 from ._images import is_image
-from ._magic_help import CHAT_OPTIONS, SQL_OPTIONS, OptionDoc, flag_of, render_options
+from ._magic_help import (
+    CHAT_OPTIONS,
+    SQL_OPTIONS,
+    OptionDoc,
+    flag_of,
+    render_options,
+    split_line,
+)
 
 __all__ = [
     "MISSING",
@@ -157,7 +164,7 @@ def _is_list(model: type[BaseModel], name: str) -> bool:
 def parse_options(model: type[M], line: str, magic: str = "%%chat") -> M:
     """Parse a magic line (shell-like quoting) into ``model``; ``UsageError`` on bad input."""
     try:
-        words = shlex.split(line)
+        words = split_line(line)
     except ValueError as exc:
         raise UsageError(f"{magic}: cannot read the options ({exc}): {line}") from None
     flags = _flags(model)

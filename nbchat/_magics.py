@@ -21,21 +21,24 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
-import sys
 import threading
 import weakref
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_cell_magic, magics_class
 
+from ._cell_message import CellMessage
+from ._cell_sessions import CellSessions
 from ._cell_turns import CellTurns
-from ._config import (
-    get_defaults,
-)
+from ._config import get_defaults
 from ._display import one_line, raise_for
-from ._exceptions import NbchatError, SessionPendingError, TurnFailed, TurnInterrupted
+from ._exceptions import (
+    NbchatError,
+    SessionPendingError,
+    TurnFailed,
+    TurnInterrupted,
+)
 from ._magic_commands import SUBCOMMANDS_HELP, Subcommands
 from ._magic_help import CHAT_OPTIONS, SQL_OPTIONS, render_options
 from ._notebook import NotebookCells
@@ -103,7 +106,7 @@ def _replaces_notice(replaced: list[str]) -> str | None:
 
 
 @magics_class
-class ChatMagics(Subcommands, Magics):
+class ChatMagics(Subcommands, CellSessions, CellMessage, Magics):
     """The nbchat magics of one IPython shell, and the notebook's current session."""
 
     def __init__(self, shell: Any) -> None:
@@ -174,12 +177,21 @@ class ChatMagics(Subcommands, Magics):
         output_type = self._schema(opts)
         tools = self._tools(opts.tools if opts.tools is not None else self.default_tools)
         cell_id = self.cells.cell_key_for_turn()
-        resumed = self._stored_session_of(opts, cell_id)
-        session = self._session_for(opts, cell_id)
-        replaced = _replaced_cells(session, cell_id)
+        # The "⏳" line first: on a first turn the store is opened (and the session
+        # made) after it. Should that fail, the line goes and the cell's error says why.
+        guess = opts.model or (self.session.model if self.session is not None else None)
+        guess = guess or get_defaults().get("model") or os.environ.get("NBCHAT_MODEL", "")
+        renderer = self.cell_turns.begin(opts, guess)
+        try:
+            resumed = self._stored_session_of(opts, cell_id)
+            session = self._ready_to_send(self._session_for(opts, cell_id))
+            replaced = _replaced_cells(session, cell_id)
+            if opts.tag:
+                session.tag(*opts.tag)
+        except BaseException:
+            renderer.withdraw()
+            raise
         said = [n for n in (resumed, _replaces_notice(replaced)) if n]
-        if opts.tag:
-            session.tag(*opts.tag)
         if cell_id is not None:
             self.cell_sessions[cell_id] = session
         result = self.cell_turns.show(
@@ -196,6 +208,7 @@ class ChatMagics(Subcommands, Magics):
             ),
             notice=" ".join(said) or None,
             cell_id=cell_id,
+            renderer=renderer,
         )
         self.cell_turns.mark_superseded(replaced)  # their outputs stay on screen
         self._take_answer(opts, result)
@@ -223,92 +236,6 @@ class ChatMagics(Subcommands, Magics):
         if colon and find_endpoint(prefix) is not None:
             model = bare  # -m other:model with -e: the endpoint named by -e wins
         return f"{opts.endpoint}:{model}"
-
-    def _message(self, opts: ChatOptions, cell: str) -> tuple[str, list[Any]]:
-        """The text a cell sends — placeholders filled, the fix asked, context attached —
-        and the images it attaches (``--attach``, and ``{fig}`` placeholders)."""
-        from ._context import DEFAULT_MAX_CONTEXT_CHARS, FORMAT_INSTRUCTIONS, fix_prompt
-        from ._magic_options import interpolate
-
-        max_chars = opts.max_context_chars or self.max_context_chars or DEFAULT_MAX_CONTEXT_CHARS
-        missing: list[str] = []
-        images: list[tuple[str, Any]] = []
-        text = interpolate(
-            cell, self.user_ns, missing, cells=self.notebook, max_chars=max_chars, images=images
-        ).strip()
-        if missing:  # a typo in a placeholder: say so, send the text as typed
-            names = ", ".join(dict.fromkeys(missing))
-            print(
-                f"nbchat: {names} matched no variable, cell or error in the notebook; sent "
-                "as typed (write {{name}} for literal braces).",
-                file=sys.stderr,
-            )
-        if opts.fix:
-            error = self.notebook.last_error
-            if error is None:
-                raise UsageError("%chat fix: no cell has failed in this kernel yet")
-            text = fix_prompt(error, text)
-        if not text:
-            raise UsageError("%%chat: the cell is empty; write your message below the magic line")
-        if opts.context:
-            text += "\n\n" + self._context(opts.context, max_chars)
-        if opts.format is not None and not opts.fix:
-            text += "\n\n" + FORMAT_INSTRUCTIONS[opts.format]
-        texts, parts = self._attachments(opts.attach or [], images)
-        return "\n\n".join([text, *texts]), parts
-
-    def _attachments(
-        self, names: list[str], placeholders: list[tuple[str, Any]]
-    ) -> tuple[list[str], list[Any]]:
-        """``--attach`` entries (notebook values by name, else file paths) and the images
-        of ``{placeholders}``: the text files' text to inline, and the image parts. A bad
-        one is refused before anything is sent."""
-        from ._exceptions import AttachmentError
-        from ._images import attach, to_image
-        from ._magic_options import MISSING, resolve
-
-        texts: list[str] = []
-        parts: list[Any] = []
-        try:
-            for name in names:
-                value = resolve(name, self.user_ns, self.notebook)
-                if value is MISSING:
-                    path = Path(name).expanduser()
-                    if not path.is_file():
-                        raise UsageError(
-                            f"%%chat: --attach {name}: no such variable in the notebook, "
-                            "and no such file"
-                        )
-                    attached = attach([path])
-                    texts += attached.texts
-                    parts += attached.images
-                    continue
-                image = to_image(value, name=name)
-                if image is None:
-                    raise UsageError(
-                        f"%%chat: --attach {name}: a {type(value).__name__} is not an image "
-                        "(attach a figure, a PIL image, nbchat.Image or an image file)"
-                    )
-                parts.append(image)
-            parts += [to_image(value, name=name) for name, value in placeholders]
-        except AttachmentError as exc:
-            raise UsageError(f"%%chat: {exc}") from None
-        return texts, parts
-
-    def _context(self, names: list[str], max_chars: int) -> str:
-        """The ``--context`` values, each under its name; an unknown name is refused."""
-        from ._context import context_section
-        from ._magic_options import MISSING, resolve
-
-        values = {}
-        for name in names:
-            value = resolve(name, self.user_ns, self.notebook)
-            if value is MISSING:
-                raise UsageError(
-                    f"%%chat: --context {name}: no such variable, cell or error in the notebook"
-                )
-            values[name] = value
-        return context_section(values, max_chars)
 
     def _schema(self, opts: ChatOptions) -> Any:
         """The type ``--schema NAME`` names in the notebook, checked before anything is sent."""
@@ -369,74 +296,6 @@ class ChatMagics(Subcommands, Magics):
         display(Markdown(f"```json\n{pretty}\n```"))  # type: ignore[no-untyped-call]
         return value
 
-    def _session_for(self, opts: ChatOptions, cell_id: str | None) -> Session:
-        if opts.new and opts.session:
-            raise UsageError("%%chat: use either --new or --session, not both")
-        # Re-running a cell goes back to the conversation its earlier turn is in, even
-        # after another cell started a new one.
-        earlier = self.cell_sessions.get(cell_id or "")
-        current = earlier or self.session
-        if opts.session:
-            if current is None or current.id != opts.session:
-                current = self._use(opts.session, model=opts.model)
-        elif (
-            current is None
-            # A conversation has one system prompt: a different one starts another.
-            or (opts.system is not None and opts.system != current.system)
-            # --new starts a conversation; re-run, it regenerates the one it started
-            # (its turn and every later one are replaced, as for any re-run cell).
-            or (opts.new and earlier is None)
-        ):
-            current = self._open(system=opts.system, model=opts.model)
-            if earlier is not None:
-                # The cells below followed the conversation this cell began: they
-                # follow the new one now.
-                for cell, known in self.cell_sessions.items():
-                    if known is earlier:
-                        self.cell_sessions[cell] = current
-        self.session = current
-        return current
-
-    def _stored_session_of(self, opts: ChatOptions, cell_id: str | None) -> str | None:
-        """After a kernel restart, go back to the stored conversation this cell was in.
-
-        The kernel knows nothing of the cell, but the store does (cell ids last in the
-        notebook file): its session becomes the current one, and the cell says so.
-        """
-        if cell_id is None or opts.new or opts.session or cell_id in self.cell_sessions:
-            return None
-        from ._config import current_notebook
-        from ._store import open_store
-
-        with open_store(None) as store:
-            session_id = store.session_for_cell(cell_id, current_notebook())
-        if session_id is None or (self.session is not None and self.session.id == session_id):
-            return None
-        self.cell_sessions[cell_id] = self._use(session_id, model=opts.model)
-        return (
-            f"Continuing session {session_id}, which this cell's earlier turn belongs to "
-            "(the kernel restarted since); %chat new starts over."
-        )
-
-    def _open(self, **kwargs: Any) -> Session:
-        """A new (or reopened) session; Session fills in this kernel's defaults (and the
-        notebook it runs)."""
-        from ._session import Session
-
-        kwargs = {k: v for k, v in kwargs.items() if v is not None}
-        return Session(**kwargs)
-
-    def _use(self, session_id: str, model: str | None = None) -> Session:
-        # One Session object per stored session in this kernel: two would both number
-        # their messages from the same seq.
-        for known in (self.session, *self.cell_sessions.values()):
-            if known is not None and known.id == session_id:
-                if model and model != known.model:
-                    known.set_model(model)
-                return known
-        # An unknown id is a StoreError naming the store file: shown as one line.
-        return self._open(session_id=session_id, model=model)
-
     def _tools(self, specs: list[str], said: str = "%%chat: --tools") -> list[Tool]:
         """The tools ``specs`` name; ``said`` is how an error names the command."""
         from ._pytool import APPROVALS, python_tool
@@ -454,8 +313,14 @@ class ChatMagics(Subcommands, Magics):
                 tools.append(python_tool(self.user_ns, approval=cast("Approval", mode or "ask")))
                 continue
             value = self._lookup(name)
-            if colon or value is None or not callable(value):
+            if value is None or not callable(value):
                 raise UsageError(f"{said} {spec}: no function called {name!r} in the notebook")
+            if colon:
+                raise UsageError(
+                    f"{said} {spec}: only the python tool takes an approval "
+                    f"(python:{'|'.join(APPROVALS)}); {name} runs when the model calls it: "
+                    f"write --tools {name}"
+                )
             tools.append(as_tool(value))
         return tools
 
@@ -520,24 +385,33 @@ def load_ipython_extension(shell: Any) -> None:
     if getattr(shell, "kernel", None) is not None and os.environ.get("NBCHAT_WARMUP") != "0":
         # In a notebook the first %%chat would pay ~1 s of imports; they happen now, on
         # a thread, while the user types (%load_ext itself stays as fast).
-        threading.Thread(target=_warm_up, name="nbchat-warm-up", daemon=True).start()
+        threading.Thread(target=_warm_up, args=(shell,), name="nbchat-warm-up", daemon=True).start()
 
 
-# What a first %%chat imports after openai (tests/test_warm_up.py checks none is left).
-_FIRST_TURN_MODULES = (
+# What a first %%chat imports up to its placeholder, and after it (tests/test_warm_up.py
+# checks none is left).
+_PLACEHOLDER_MODULES = (
     *("_magic_options", "_cell_turns", "_context", "_images", "_pytool"),
-    *("_session", "_display", "_render"),
+    *("_display", "_render", "_throttle"),
 )
+_FIRST_TURN_MODULES = ("_session",)
 
 
-def _warm_up() -> None:
-    """Import and load what the first turn needs, in the order it needs it: the store
-    (DuckDB, the file opened and migrated), openai, the magic's options, the loop and the
-    renderer, the HTTP client's SSL context, a trial Markdown render, nbchat's background
+def _warm_up(shell: Any = None) -> None:
+    """Import and load what the first turn needs, in the order it needs it: the magic's
+    options and the renderer, the shell's display formatters (the placeholder's first
+    display builds them), the store (DuckDB, the file opened and migrated), openai, the
+    loop, the HTTP client's SSL context, a trial Markdown render, nbchat's background
     event loop, and last genai-prices' data (wanted only once the text is shown). A
     failure here is not reported: the first turn meets it again and says it where the
     user looks."""
     with contextlib.suppress(Exception):
+        for module in _PLACEHOLDER_MODULES:  # first: a slow machine may not get further
+            importlib.import_module(f"{__package__}.{module}")
+        if shell is not None:
+            from ._display import render_mode
+
+            render_mode(shell, stream=True)
         from ._store import warm_up as warm_store
 
         warm_store()

@@ -29,6 +29,7 @@ import mistune
 from ._text import money
 
 __all__ = [
+    "MARKDOWN_USD",
     "clip",
     "escape",
     "highlight",
@@ -100,35 +101,59 @@ def _prose(text: str, on_prose: Callable[[str], str]) -> str:
 # ---------------------------------------------------------------------- Markdown out
 
 
-def safe_markdown(text: str, *, dollar: str = "\\$") -> str:
+# Each currency ``$`` in Markdown: Jupyter takes math out of the raw text before it
+# parses Markdown (a ``\\$`` is not a delimiter there, and Markdown makes it ``$``),
+# then MathJax typesets the page, where a bare ``$5 … $20`` would pair up again; in an
+# element of its own it cannot. GitHub shows the span's ``\\$`` as ``$`` too. (``&#36;``
+# is ``$`` before MathJax looks: it pairs.)
+MARKDOWN_USD = "<span>\\$</span>"
+_ATX = re.compile(r"^( {0,3})(#{1,6})(?=[ \t]|$)", re.M)
+_SETEXT = re.compile(r" {0,3}(?:=+|-+)[ \t]*")
+
+
+def safe_markdown(text: str, *, headings: bool = True) -> str:
     """Model text as Markdown whose renderers show no live HTML and fetch no images.
 
-    ``dollar`` replaces each currency ``$``: ``\\$`` for Markdown files, or an element
-    (``<span>\\$</span>``) for Jupyter outputs, which MathJax typesets after rendering.
+    ``headings=False`` (an export, whose own headings are its outline, H1 and H2): a
+    ``#`` heading is demoted two levels, under its message's heading, and a setext
+    underline (``===``, ``---`` under a line) is shown as text.
     """
 
     def prose(piece: str) -> str:
+        if not headings:
+            piece = _below_headings(piece)
         out: list[str] = []
         at = 0
         for match in _MATH.finditer(piece):
-            out.append(_plain_markdown(piece[at : match.start()], dollar))
+            out.append(_plain_markdown(piece[at : match.start()]))
             # Jupyter's Markdown renderer finds \\( and \\[ (one backslash is Markdown's).
             tex = match.group(0)
             if tex.startswith(("\\(", "\\[")):
                 tex = "\\" + tex[:-2] + "\\" + tex[-2:]
             out.append(tex)
             at = match.end()
-        out.append(_plain_markdown(piece[at:], dollar))
+        out.append(_plain_markdown(piece[at:]))
         return "".join(out)
 
     return _prose(text, prose)
 
 
-def _plain_markdown(text: str, dollar: str) -> str:
+def _below_headings(text: str) -> str:
+    """Prose whose headings are H3 or smaller: ``# x`` is ``### x``; setext underlines
+    are escaped (a line of ``-`` after a blank line stays a rule)."""
+    text = _ATX.sub(lambda m: m.group(1) + "#" * min(6, len(m.group(2)) + 2), text)
+    lines = text.split("\n")
+    for i in range(1, len(lines)):
+        if lines[i - 1].strip() and _SETEXT.fullmatch(lines[i]):
+            lines[i] = lines[i].replace(lines[i].lstrip()[0], "\\" + lines[i].lstrip()[0], 1)
+    return "\n".join(lines)
+
+
+def _plain_markdown(text: str) -> str:
     text = text.replace("<", "&lt;")
     text = _IMAGE.sub("🖼 [", text)
     text = _LINK.sub(_safe_link, text)
-    return _DOLLAR.sub(lambda _: dollar, text)
+    return _DOLLAR.sub(lambda _: MARKDOWN_USD, text)
 
 
 def _safe_link(match: re.Match[str]) -> str:

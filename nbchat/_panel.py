@@ -11,10 +11,14 @@ written from two threads (callbacks on the kernel thread, the turn on the loop t
 ipykernel sends comm messages from any thread through its IOPub thread, and a per-panel
 lock keeps the two writers from interleaving on one widget.
 
-The input box is a small anywidget (``_panel_input``). A panel on a session that cells
-also use shows their turns as they happen (it listens to the session's events), and a
-Send while such a turn runs waits for it ("queued"). The python tool's ``ask`` mode
-asks with Run / Skip buttons under the turn.
+A panel on a session that cells also use shows their turns as they happen (it listens
+to the session's events), and a Send while such a turn runs waits for it ("queued").
+The python tool's ``ask`` mode asks with Run / Skip buttons under the turn.
+
+Its parts: the input box is a small anywidget with the panel's styles
+(``_panel_input``), the bubbles and the Run / Skip row are ``_panel_transcript``'s, the
+model picker ``_panel_models``', the status line ``_panel_status``', and where each
+part sits ``_panel_layout``'s. This module runs the turns and keeps the state.
 """
 
 from __future__ import annotations
@@ -25,48 +29,43 @@ import contextvars
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import ipywidgets as widgets
 
+from ._events import Event, ToolCallStarted, ToolResult, TurnFinished, TurnStarted, UsageEvent
 from ._exceptions import NbchatError
-from ._markup import clip, escape, money, protect_dollars, to_html
 from ._panel_input import ChatInput
+from ._panel_layout import arrange
+from ._panel_models import NO_MODEL, ModelPicker
+from ._panel_status import PanelState, end_state, next_state, status_html, usage_facts
+from ._panel_transcript import (
+    MATH,
+    QUEUED,
+    TYPING,
+    ApprovalRow,
+    history_html,
+    markdown_to_html,
+    message_bubble,
+    turn_html,
+    user_html,
+)
+from ._pricing import price_request
 from ._pytool import asking
-from ._render import Throttle, TurnView, history_views, thumbnails_html
+from ._render import TurnView
 from ._runner import submit
 from ._session import Session
-from ._types import (
-    Event,
-    ImagePart,
-    Message,
-    MessageAdded,
-    TextDelta,
-    ToolCallStarted,
-    ToolResult,
-    TurnFinished,
-    TurnResult,
-    TurnStarted,
-    UsageEvent,
-)
+from ._throttle import Throttle
+from ._types import Message, RequestUsage, TurnResult
 
-__all__ = ["ChatInput", "ChatPanel", "markdown_to_html", "panel"]
+__all__ = ["ChatInput", "ChatPanel", "panel"]
 
 logger = logging.getLogger("nbchat")
 
-PanelState = Literal[
-    "idle", "busy", "queued", "waiting", "streaming", "running tool", "waiting for you", "error"
-]
+# What Enter (or submit()) says while the panel's own reply streams; the text stays put.
+STILL_ANSWERING = "Still answering — press ■ Stop, or send when it ends."
 TICK_SECONDS = 0.5  # how often the elapsed time in the status line moves while busy
-
-
-def markdown_to_html(text: str, *, hard_wrap: bool = False) -> str:
-    """Markdown to HTML that is safe to show: raw HTML is escaped, images become links.
-
-    ``hard_wrap=True`` turns every newline into a line break.
-    """
-    return to_html(text, hard_wrap=hard_wrap)
 
 
 class ChatPanel(widgets.VBox):  # type: ignore[misc]
@@ -94,18 +93,15 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
         self._turn_started: float | None = None
         self._last_seconds: float | None = None
         self._detail = ""
-        self._quiet_picker = False
         # Tokens the server reported, summed; the session's own total becomes unknown
         # once a stopped reply's usage is missing, but the count so far still holds.
         self._known_tokens = 0 if session is None else session.usage.total_tokens or 0
         self._live: tuple[TurnView, widgets.HTML] | None = None  # this panel's turn
         self._mirror: tuple[TurnView, widgets.HTML, Throttle] | None = None  # a cell's turn
 
-        self.model_picker = widgets.Dropdown(
-            options=[self._current_model()], value=self._current_model(), description="Model"
+        self.model_picker = ModelPicker(
+            self._current_model(), lock=self._lock, on_pick=self._on_pick
         )
-        self.model_picker.layout.width = "auto"
-        self.model_picker.observe(self._on_pick, names="value")
         self.new_button = widgets.Button(description="New chat", icon="plus")
         self.new_button.on_click(lambda _: self.new_chat())
         self.send_button = widgets.Button(
@@ -118,28 +114,13 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
         self.input.on_msg(self._on_input_msg)
         self.messages = widgets.VBox()
         self.status_line = widgets.HTML()
-
-        title = widgets.HTML("<b>nbchat</b>")
-        header = widgets.HBox([title, self.model_picker, self.new_button])
-        scroll = widgets.Box([self.messages])
-        buttons = widgets.VBox([self.send_button, self.stop_button])
-        row = widgets.HBox([self.input, buttons])
-        for w, cls in [
-            (title, "nbchat-title"),
-            (header, "nbchat-header"),
-            (scroll, "nbchat-scroll"),
-            (self.messages, "nbchat-messages"),
-            (buttons, "nbchat-buttons"),
-            (row, "nbchat-row"),
-            (self.status_line, "nbchat-status"),
-        ]:
-            w.add_class(cls)
-        super().__init__([header, scroll, row, self.status_line])
+        header, buttons = [self.model_picker, self.new_button], [self.send_button, self.stop_button]
+        super().__init__(arrange(header, self.messages, self.input, buttons, self.status_line))
         self.add_class("nbchat-panel")
         if session is not None:
             self._show_history(session.history)
             self._watch(session)
-            self._load_models(session)
+            self.model_picker.load(session)
         self._render_status()
 
     # ------------------------------------------------------------------ public surface
@@ -161,7 +142,7 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
             return _done(None)
         with self._lock:
             if self._busy:
-                self._set_detail("A reply is still streaming: Stop it or wait.")
+                self._set_detail(STILL_ANSWERING)
                 return _done(None)
             session = self._ensure_session()
             if session is None:
@@ -171,10 +152,10 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
             if from_box:
                 self.input.value = ""
             self._append("user", markdown_to_html(text, hard_wrap=True))
-            bubble = self._append("assistant", _TYPING)
+            bubble = self._append("assistant", TYPING)
             self._set_busy_controls(True)
             if self._mirror is not None:  # a cell's turn on this session runs first
-                bubble.value = _QUEUED
+                bubble.value = QUEUED
                 self._set_state("queued", "another turn on this session is running")
             else:
                 self._set_state("waiting", "")
@@ -286,18 +267,7 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
             return False
         view, bubble = live
         block = view.approval_block(code)
-        decided, answer = threading.Event(), [False]
-
-        def choose(yes: bool) -> None:
-            answer[0] = yes
-            decided.set()
-
-        run = widgets.Button(description="Run", button_style="warning", icon="play")
-        skip = widgets.Button(description="Skip", icon="forward")
-        run.on_click(lambda _: choose(True))
-        skip.on_click(lambda _: choose(False))
-        row = widgets.HBox([widgets.HTML("<b>Run the code above?</b>"), run, skip])
-        row.add_class("nbchat-approval")
+        row = ApprovalRow()
         with self._lock:
             if block is not None:
                 block.approval = "waiting"
@@ -306,19 +276,16 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
             self._set_state("waiting for you", "Run or Skip the code")
         asked = time.monotonic()
         try:
-            # Waiting in steps: Stop cancels the turn, which interrupts this thread
-            # (KeyboardInterrupt between bytecodes), and a blocked wait() would not see it.
-            while not decided.wait(0.1):
-                pass
+            yes = row.wait()
             with self._lock:
                 if block is not None:
                     block.waited_ms = (time.monotonic() - asked) * 1000
-                    block.approval = "yes" if answer[0] else "no"
+                    block.approval = "yes" if yes else "no"
                 self._show_turn(bubble, view, live=True)
-                self._set_state("running tool" if answer[0] else "waiting", "")
+                self._set_state("running tool" if yes else "waiting", "")
         finally:  # also when Stop interrupts this thread
             self._drop_approval()
-        return answer[0]
+        return yes
 
     def _drop_approval(self) -> None:
         with self._lock:
@@ -330,18 +297,9 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
 
     def _follow(self, event: Any) -> None:
         """Move the status line's state along with the turn."""
-        match event:
-            case TextDelta():
-                if self.state != "streaming":
-                    self._set_state("streaming")
-            case ToolCallStarted(name=name):
-                self._set_state("streaming", f"calling {name}")
-            case MessageAdded(message=Message(role="assistant", tool_calls=calls)) if calls:
-                # The tool may already be asking (it starts before this event is shown).
-                if self.state != "waiting for you":
-                    self._set_state("running tool", ", ".join(c.name for c in calls))
-            case ToolResult():
-                self._set_state("waiting", "")
+        moved = next_state(event, self.state)
+        if moved is not None:
+            self._set_state(*moved)
 
     def _finish(self, result: TurnResult | None, failure: str | None) -> None:
         with self._lock:
@@ -349,14 +307,7 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
                 self._last_seconds = time.monotonic() - self._turn_started
             self._busy, self._turn_started = False, None
             self._set_busy_controls(False)
-            if failure is not None:
-                self._set_state("error", failure)
-            elif result is None or result.status == "completed":
-                self._set_state("idle", "")
-            elif result.status == "interrupted":
-                self._set_state("idle", "stopped")
-            else:
-                self._set_state("error", result.error or result.status)
+            self._set_state(*end_state(result, failure))
 
     def _show_turn(
         self,
@@ -366,15 +317,11 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
         live: bool = False,
         failure: str | None = None,
     ) -> None:
-        shown = view.html(live=live)
-        if failure is not None:
-            shown += "\n" + _badge(f"⚠ {failure}")
-        elif not view.parts and view.result is None:
-            shown = _TYPING
+        shown = turn_html(view, live=live, failure=failure)
         with self._lock:
-            if not live and _MATH in shown and not isinstance(bubble, widgets.HTMLMath):
+            if not live and MATH in shown and not isinstance(bubble, widgets.HTMLMath):
                 # Typeset once the text is complete (not on every streamed update).
-                math = self._bubble("assistant", shown)
+                math = message_bubble("assistant", shown)
                 self.messages.children = tuple(
                     math if c is bubble else c for c in self.messages.children
                 )
@@ -385,19 +332,10 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
     # ------------------------------------------------------------------ transcript
 
     def _append(self, role: str, content: str) -> widgets.HTML:
-        bubble = self._bubble(role, content)
+        shown = message_bubble(role, content)
         with self._lock:
-            self.messages.children = (*self.messages.children, bubble)
-        return bubble
-
-    def _bubble(self, role: str, content: str) -> widgets.HTML:
-        # HTMLMath typesets TeX where the page has MathJax (JupyterLab, Notebook 7), the
-        # way the notebook does; elsewhere the TeX stays as written.
-        kind = widgets.HTMLMath if _MATH in content else widgets.HTML
-        bubble = kind(content)
-        bubble.add_class("nbchat-msg")
-        bubble.add_class(f"nbchat-{role}")
-        return bubble
+            self.messages.children = (*self.messages.children, shown)
+        return shown
 
     def _show_history(self, history: Iterable[Message]) -> None:
         for role, content in history_html(history):
@@ -421,8 +359,8 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
             return
         with self._lock:
             if isinstance(event, TurnStarted):
-                self._append("user", _user_html(event.text, event.attachments or []))
-                bubble = self._append("assistant", _TYPING)
+                self._append("user", user_html(event.text, event.attachments or []))
+                bubble = self._append("assistant", TYPING)
                 view = TurnView(self.session.model)
                 view.show_user_images = False  # they are in the user's bubble
                 self._mirror = (view, bubble, Throttle())
@@ -447,8 +385,8 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
         if self.session is not None:
             return self.session
         options = dict(self._options)
-        picked = self.model_picker.value
-        if picked and picked != _NO_MODEL:
+        picked = self.model_picker.picked
+        if picked is not None:
             options["model"] = picked
         try:
             if self._reopen is None and self._template is not None:
@@ -465,44 +403,28 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
             self._show_history(self.session.history)
         self._known_tokens = self.session.usage.total_tokens or 0
         self._watch(self.session)
-        self._load_models(self.session)
+        self.model_picker.load(self.session)
         return self.session
 
     def _current_model(self) -> str:
         if self.session is not None:
             return self.session.model
-        return str(self._options.get("model") or _NO_MODEL)
+        return str(self._options.get("model") or NO_MODEL)
 
-    def _load_models(self, session: Session) -> None:
-        async def load() -> None:
-            try:
-                models = await session.client.list_models()
-            except Exception:  # the configured model stays the only choice
-                logger.debug("nbchat panel: could not list the server's models", exc_info=True)
-                return
-            self._set_models(models, session.model)
-
-        submit(load())
-
-    def _set_models(self, models: list[str], current: str) -> None:
-        with self._lock:
-            self._quiet_picker = True
-            try:
-                self.model_picker.options = sorted({*models, current})
-                self.model_picker.value = current
-            finally:
-                self._quiet_picker = False
-
-    def _on_pick(self, change: dict[str, Any]) -> None:
-        name = change["new"]
-        if self._quiet_picker or not name or name == _NO_MODEL:
-            return
+    def _on_pick(self, name: str) -> None:
         if self.session is not None and name != self.session.model:
             self.session.set_model(name)
             self._render_status()
 
     def _on_input_msg(self, widget: Any, content: Any, buffers: Any) -> None:
-        if not isinstance(content, dict) or content.get("type") != "submit":
+        if not isinstance(content, dict):
+            return
+        if content.get("type") == "busy":  # Enter while a reply streams: the box kept it
+            with self._lock:
+                if self._busy:
+                    self._set_detail(STILL_ANSWERING)
+            return
+        if content.get("type") != "submit":
             return
         text = str(content.get("text", ""))
         future = self.submit(text)
@@ -534,27 +456,19 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
 
     def _render_status(self) -> None:
         with self._lock:
-            parts = [self._current_model()]
+            facts = [self._current_model()]
             if self.session is not None:
-                u = self.session.usage
-                if u.total_tokens is not None:
-                    parts.append(f"{u.total_tokens:,} tokens")
-                elif self._known_tokens:
-                    parts.append(f"≥ {self._known_tokens:,} tokens")
-                else:
-                    parts.append("tokens unknown")
-                parts.append("cost unknown" if u.cost_usd is None else money(u.cost_usd))
+                facts += usage_facts(
+                    self.session.usage,
+                    self._known_tokens,
+                    busy=self._busy,
+                    priced=_priced(self.session),
+                )
             if self._turn_started is not None:
-                parts.append(f"{time.monotonic() - self._turn_started:.1f} s")
+                facts.append(f"{time.monotonic() - self._turn_started:.1f} s")
             elif self._last_seconds is not None:
-                parts.append(f"last reply {self._last_seconds:.1f} s")
-            kind = "idle" if self.state == "idle" else "error" if self.state == "error" else "busy"
-            detail = f" — {escape(clip(self._detail, 300))}" if self._detail else ""
-            self.status_line.value = protect_dollars(
-                f'<span class="nbchat-state-{kind}"><span class="nbchat-dot">●</span> '
-                f"<b>{escape(self.state)}</b>{detail}</span> · "
-                + " · ".join(escape(p) for p in parts)
-            )
+                facts.append(f"last reply {self._last_seconds:.1f} s")
+            self.status_line.value = status_html(self.state, self._detail, facts)
 
 
 def panel(session: Session | str | None = None, **session_options: Any) -> ChatPanel:
@@ -576,27 +490,6 @@ def panel(session: Session | str | None = None, **session_options: Any) -> ChatP
     return ChatPanel(made, session_options)
 
 
-def history_html(history: Iterable[Message]) -> list[tuple[str, str]]:
-    """A stored conversation as (role, HTML) bubbles, laid out like live turns."""
-    bubbles: list[tuple[str, str]] = []
-    for view in history_views(history):
-        if view.user_text is not None:
-            bubbles.append(("user", _user_html(view.user_text, view.user_images)))
-        view.show_user_images = False
-        if view.parts or view.badges:
-            bubbles.append(("assistant", view.html()))
-    return bubbles
-
-
-def _user_html(text: str, images: Sequence[ImagePart]) -> str:
-    """The user's bubble: thumbnails of what they attached above their text."""
-    return thumbnails_html(images) + markdown_to_html(text, hard_wrap=True)
-
-
-_NO_MODEL = "(no model)"
-_MATH = 'class="nbchat-math"'
-_TYPING = '<p class="nbchat-typing">…</p>'
-_QUEUED = '<p class="nbchat-typing">queued: another turn on this session runs first…</p>'
 # Set in the task of a turn this panel runs, so its session's events are told apart
 # from those of turns that cells run on the same session.
 _own_turn: contextvars.ContextVar[ChatPanel | None] = contextvars.ContextVar(
@@ -604,8 +497,10 @@ _own_turn: contextvars.ContextVar[ChatPanel | None] = contextvars.ContextVar(
 )
 
 
-def _badge(text: str) -> str:
-    return f'<p class="nbchat-badge"><b>{protect_dollars(escape(text))}</b></p>'
+def _priced(session: Session) -> bool:
+    """Whether a request of the session's current model can be priced at all."""
+    probe = RequestUsage(prompt_tokens=1, completion_tokens=1)
+    return price_request(session.model, session.client.settings.base_url, probe)[0] is not None
 
 
 def _done(value: TurnResult | None) -> concurrent.futures.Future[TurnResult | None]:

@@ -36,7 +36,10 @@ function render({ model, el }) {
     // Shift+Enter is left to the browser, which inserts a newline.
     if (event.key !== "Enter" || event.shiftKey || event.isComposing) return;
     event.preventDefault();
-    if (model.get("busy") || !box.value.trim()) return;  // keep the text for later
+    if (!box.value.trim()) return;
+    // A reply is still streaming: keep the text for later, and let the panel say why
+    // nothing was sent (the status line), rather than doing nothing at all.
+    if (model.get("busy")) { model.send({ type: "busy" }); return; }
     const text = box.value;
     box.value = "";
     push();
@@ -106,8 +109,13 @@ _PANEL_CSS = """
 .nbchat-panel.nbchat-disconnected .nbchat-buttons,
 .nbchat-panel.nbchat-disconnected .nbchat-header { opacity: 0.5; pointer-events: none; }
 .nbchat-panel .nbchat-msg details { margin: 4px 0; font-size: 0.92em; }
+/* The user's bubble: a tint of the brand colour over the page's own background, with the
+   theme's text colour, so it reads in light and dark themes (--jp-brand-color3 is a light
+   blue in both: the dark theme's light text on it was unreadable). */
 .nbchat-panel .nbchat-user { align-self: flex-end; max-width: 85%;
-  background: var(--jp-brand-color3, #dbe9f7); }
+  color: var(--jp-content-font-color1, #000); background: #dbe9f7;
+  background: color-mix(in srgb, var(--jp-brand-color1, #1976d2) 18%,
+    var(--jp-layout-color0, #fff)); }
 .nbchat-panel .nbchat-assistant { align-self: stretch;
   background: var(--jp-cell-editor-background, #f7f7f7); }
 .nbchat-panel .nbchat-badge { font-weight: 600; margin: 0.45em 0; }
@@ -135,7 +143,8 @@ _PANEL_CSS = """
 class ChatInput(anywidget.AnyWidget):
     """A text box where Enter sends (a ``submit`` message) and Shift+Enter adds a line.
 
-    ``value`` follows what is typed; while ``busy`` is true, Enter keeps the text.
+    ``value`` follows what is typed; while ``busy`` is true, Enter keeps the text and
+    sends a ``busy`` message instead, so the panel can say why nothing was sent.
     """
 
     _esm = _INPUT_ESM

@@ -2,67 +2,54 @@
 
 ``TurnView`` folds a turn's events — or a stored turn's messages (``history_views``) —
 into *parts* in the order they happened: the text of round 1, its thinking, its tool
-blocks, the text of round 2, notices, … then a status line and a footer (model,
-tokens, cost, time). ``html()`` lays the parts out; the cell output, the panel and a
-stored conversation all show that one layout. ``markdown()`` is the same layout with
+blocks, the text of round 2, … then the turn's notices together, a status line and a
+footer (model, tokens, cost, time). A notice never splits a text run: it can arrive
+at any moment (the store's, from its writer's thread), mid-sentence. ``html()`` lays
+the parts out; the cell output, the panel and a stored conversation all show that one
+layout. ``markdown()`` is the same layout with
 the text as (safe) Markdown, for frontends that prefer Markdown. Model text goes
 through ``_markup``, so raw HTML in it is shown as text and images as links.
 
-``Throttle`` decides when a view is worth re-sending. Jupyter's server drops IOPub
-messages past ~1,000/s and every update re-sends the whole turn, so updates are at most
-``max_per_second`` (15) and, as the reply grows, only after it grew by a fraction of
-what was already shown: the bytes sent over a reply stay within a constant factor of
-its final length. While a turn is live, a huge reply shows only its tail (the browser
-re-renders every update); the final update always carries the exact full text.
+The parts themselves (text, tool blocks, notices, thumbnails) are drawn by
+``_render_parts``; when an update is worth sending is ``_throttle``'s.
 """
 
 from __future__ import annotations
 
-import bisect
-import json
-import re
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import Literal
 
-from ._markup import (
-    clip,
-    escape,
-    highlight,
-    pretty_json,
-    protect_dollars,
-    safe_markdown,
-    to_html,
-)
-from ._types import (
+from ._events import (
     CompactionEvent,
     ErrorEvent,
     Event,
-    ImagePart,
     LimitReached,
-    Message,
     Notice,
     ReasoningDelta,
-    TextBuffer,
     TextDelta,
     ToolCallDelta,
     ToolCallStarted,
     ToolResult,
     TurnFinished,
-    TurnResult,
     TurnStarted,
     UsageEvent,
 )
+from ._markup import escape, protect_dollars
+from ._render_parts import NoticePart, Part, Source, TextPart, ToolBlock, thumbnails_html
+from ._tool_results import DECLINED, NOT_RUN
+from ._types import SUMMARY_HEADER, ImagePart, Message, TextBuffer, TurnResult
 from ._usage_footer import KnownUsage, format_footer, lower_bound_footer
 
 __all__ = [
+    "INTERRUPTED_EMPTY",
     "STATUS_LABELS",
-    "Throttle",
-    "ToolBlock",
     "TurnView",
+    "badge_html",
     "history_views",
+    "interrupted_label",
+    "kept_text",
 ]
+
 
 STATUS_LABELS = {
     "interrupted": "⏹ Interrupted — the partial reply above was kept.",
@@ -72,110 +59,18 @@ STATUS_LABELS = {
     "rejected": "⚠ Rejected by a guardrail",
 }
 FAILED = ("error", "budget_exceeded", "rejected")  # statuses a cell ends with an error line
-LIVE_TAIL = 20_000  # characters of a streaming text shown live; all of it at the end
-BLOCK_CHARS = 2_000  # characters of a tool's arguments or result shown in its block
+# An interrupted turn that had no answer text yet: "the partial reply" would be made up.
+INTERRUPTED_EMPTY = "⏹ Interrupted before any reply text arrived."
 
 
-class Throttle:
-    """Says when to push another display update.
-
-    An update is due when at least ``1 / max_per_second`` seconds passed since the last
-    one *and* the content grew by ``growth`` of what was last shown — or, so a slow
-    stream never looks frozen, when ``max_interval`` seconds passed with anything new.
-    """
-
-    def __init__(
-        self,
-        max_per_second: float = 15.0,
-        *,
-        growth: float = 0.05,
-        max_interval: float = 1.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.min_interval = 1.0 / max_per_second
-        self.growth = growth
-        self.max_interval = max_interval
-        self.clock = clock
-        self.last_at = -1e9
-        self.last_size = 0
-        self.updates = 0
-
-    def due(self, size: int) -> bool:
-        """Whether content of ``size`` characters should be shown now."""
-        if size == self.last_size:
-            return False
-        waited = self.clock() - self.last_at
-        if waited < self.min_interval:
-            return False
-        grown = size - self.last_size >= max(1, self.growth * self.last_size)
-        return grown or waited >= self.max_interval
-
-    def mark(self, size: int) -> None:
-        """Record that content of ``size`` characters was just shown."""
-        self.last_at = self.clock()
-        self.last_size = size
-        self.updates += 1
+def interrupted_label(has_text: bool) -> str:
+    """What an interrupted turn's badge says: a partial reply was kept, or there was none."""
+    return STATUS_LABELS["interrupted"] if has_text else INTERRUPTED_EMPTY
 
 
-# ---------------------------------------------------------------------- parts
-
-Source = Literal["notice", "limit", "error", "compaction"]
-
-
-@dataclass
-class TextPart:
-    """Reply text of one round (``thinking``: the model's reasoning text).
-
-    While the turn is live, finished blocks (text up to a blank line outside code) are
-    rendered once and kept, so an update renders only the block still growing; and a
-    huge text shows only its last ``LIVE_TAIL`` characters. The final rendering is of
-    the whole text at once.
-    """
-
-    round: int
-    thinking: bool = False
-    buffer: TextBuffer = field(default_factory=TextBuffer)
-    _html: tuple[int, str] | None = None  # (size, html) of the whole text
-    _blocks: list[tuple[int, int, str]] = field(default_factory=list)  # (start, end, html)
-
-    def html(self, live: bool) -> str:
-        """The text as safe HTML (while ``live``: a bounded, approximate rendering)."""
-        size = len(self.buffer)
-        if self._html is not None and self._html[0] == size:
-            return self._html[1]
-        text = self.buffer.text()
-        if not live:
-            shown = to_html(text)
-            self._html = (size, shown)
-            return shown
-        done = self._blocks[-1][1] if self._blocks else 0
-        window = size - LIVE_TAIL
-        if done < window:  # text above the window is not shown live: never rendered
-            skip = _stable_end(text, done, window)
-            if skip > done:
-                self._blocks.append((done, skip, ""))
-                done = skip
-        end = _stable_end(text, done)
-        if end - done >= BLOCK_MIN:
-            self._blocks.append((done, end, to_html(text[done:end])))
-            done = end
-        kept = [b for b in self._blocks if b[1] > window]
-        # A block still growing past the window (no blank line yet): its tail only.
-        growing = max(done, window)
-        hidden = kept[0][0] if kept else growing
-        note = f"<p><i>… {hidden:,} characters above, shown when the reply is complete …</i></p>"
-        return (note if hidden else "") + "".join(b[2] for b in kept) + to_html(text[growing:])
-
-    def markdown(self, live: bool) -> str:
-        """The text as safe Markdown (while ``live``, only the tail of a huge text)."""
-        text = self.buffer.text()
-        cut = 0
-        if live and len(text) > LIVE_TAIL:
-            cut = _stable_end(text, 0, len(text) - LIVE_TAIL) or len(text) - LIVE_TAIL
-        note = (
-            f"*… {cut:,} characters above, shown when the reply is complete …*\n\n" if cut else ""
-        )
-        return note + safe_markdown(text[cut:], dollar="<span>\\$</span>")
+def kept_text(result: TurnResult) -> bool:
+    """Whether an (interrupted) turn kept any answer text, in any of its rounds."""
+    return bool(result.text) or any(m.role == "assistant" and m.content for m in result.messages)
 
 
 # Set apart from the answer (a trial found the open block looked just like it): inline,
@@ -184,149 +79,6 @@ THINKING_STYLE = (
     "color: var(--jp-content-font-color2, #666);"
     " border-left: 3px solid var(--jp-border-color2, #ccc); padding-left: 8px"
 )
-
-BLOCK_MIN = 2_000  # characters a live text grows by before a finished block is kept
-_FENCE = re.compile(r"^ {0,3}(?:`{3,}|~{3,})", re.M)
-
-
-def _stable_end(text: str, start: int, before: int | None = None) -> int:
-    """The last blank line in ``text[start:before]`` outside a code fence (or ``start``)."""
-    fences = [m.start() for m in _FENCE.finditer(text, start)]
-    end = len(text) if before is None else before
-    while True:
-        boundary = text.rfind("\n\n", start, end)
-        if boundary < 0:
-            return start
-        opened = bisect.bisect_left(fences, boundary)
-        if opened % 2 == 0:
-            return boundary + 2
-        end = fences[opened - 1]  # inside a code block: look before it
-
-
-@dataclass
-class NoticePart:
-    """A line from nbchat itself: a notice, a limit, an error, a compaction."""
-
-    message: str
-    source: Source = "notice"
-
-
-@dataclass
-class ToolBlock:
-    """One tool call as shown: arguments stream in, then the result arrives."""
-
-    call_id: str
-    name: str
-    arguments: list[str] = field(default_factory=list)
-    result: str | None = None
-    is_error: bool = False
-    duration_ms: float | None = None
-    started: float | None = None  # monotonic time the call began (live turns only)
-    approval: Literal["waiting", "yes", "no"] | None = None
-    waited_ms: float = 0.0  # time spent waiting for the user's approval
-    images: list[ImagePart] = field(default_factory=list)  # what the tool returned
-
-    @property
-    def code(self) -> str | None:
-        """The ``code`` argument of a code-running tool, if there is one."""
-        try:
-            args = json.loads("".join(self.arguments))
-        except ValueError:
-            return None
-        code = args.get("code") if isinstance(args, dict) else None
-        return code if isinstance(code, str) else None
-
-    def state(self, now: float | None = None) -> str:
-        """``running… 2.1 s``, ``waiting for your approval``, ``120 ms``, ``error · 3 ms``."""
-        if self.approval == "waiting":
-            return "waiting for your approval"
-        if self.result is None:
-            if self.started is None or now is None:
-                return "running…"
-            return f"running… {max(0.0, now - self.started - self.waited_ms / 1000):.1f} s"
-        took = ""
-        if self.duration_ms is not None:
-            took = _duration(max(0.0, self.duration_ms - self.waited_ms))
-        if self.approval == "no":
-            return "skipped"
-        if self.is_error:
-            return " · ".join(p for p in ("error", took) if p)
-        return took or "done"  # a block rebuilt from history has no duration
-
-    def html(self, now: float | None = None) -> str:
-        """A ``<details>`` block: name and state in the summary line; open while asking."""
-        icon = "⚠" if self.is_error else "🔧"
-        opened = " open" if self.approval == "waiting" else ""
-        body = _arguments_html("".join(self.arguments), self.code)
-        if self.approval == "waiting":
-            body += "<p><b>Run this code?</b> Answer below.</p>"
-        if self.result is not None:
-            label = "error" if self.is_error else "result"
-            body += f"<b>{label}</b>{_result_html(self.result)}"
-        if self.images:
-            body += thumbnails_html(self.images, height=THUMBNAIL_PX * 2)
-        return (
-            f"<details{opened}><summary>{icon} <code>{escape(self.name)}"
-            f"</code> <small>({escape(self.state(now))})</small></summary>{body}</details>"
-        )
-
-
-Part = TextPart | NoticePart | ToolBlock
-
-THUMBNAIL_PX = 120  # the height of an attachment's thumbnail
-_SHOWN = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp"})
-# Larger images show as their label: every live update of a cell re-sends its HTML.
-MAX_THUMBNAIL_BYTES = 512 * 1024
-
-
-def thumbnails_html(images: Iterable[ImagePart], *, height: int = THUMBNAIL_PX) -> str:
-    """Images as a row of thumbnails; one sent by URL, or too large, shows as its label.
-
-    Only bytes nbchat sniffed as PNG/JPEG/GIF/WebP become ``data:`` URLs, so nothing
-    else can ride in an ``<img>``; a URL is never loaded (it would leave the notebook).
-    """
-    shown = []
-    for image in images:
-        label = escape(image.label)
-        if image.data is None or image.size > MAX_THUMBNAIL_BYTES or image.mime not in _SHOWN:
-            shown.append(f"<small>🖼 {label}</small>")
-            continue
-        shown.append(
-            f'<img class="nbchat-thumb" src="{escape(image.source())}" alt="{label}" '
-            f'title="{label}" style="max-height:{height}px;max-width:100%;margin:2px">'
-        )
-    return f'<div class="nbchat-images">{" ".join(shown)}</div>' if shown else ""
-
-
-def _duration(ms: float) -> str:
-    return f"{ms:.0f} ms" if ms < 1000 else f"{ms / 1000:.1f} s"
-
-
-def _pre(text: str, language: str = "") -> str:
-    shown = clip(text, BLOCK_CHARS)
-    colored = highlight(shown, language) if language else None
-    return f"<pre><code>{colored if colored is not None else escape(shown)}</code></pre>"
-
-
-def _arguments_html(arguments: str, code: str | None) -> str:
-    if code is not None:  # the python tool: its code as code, not a JSON string
-        return "<b>code</b>" + _pre(code, "python")
-    return "<b>arguments</b>" + _pre(pretty_json(arguments))
-
-
-def _result_html(result: str) -> str:
-    try:
-        payload = json.loads(result)
-    except ValueError:
-        return _pre(result)
-    if isinstance(payload, dict) and payload.get("ok") is False and "message" in payload:
-        # An error payload: its message (often a traceback) with real line breaks.
-        kind = escape(str(payload.get("error_kind") or "error").replace("_", " "))
-        return f" <small>({kind})</small>" + _pre(str(payload["message"]))
-    return _pre(json.dumps(payload, indent=1, ensure_ascii=False))
-
-
-# ---------------------------------------------------------------------- the view
 
 
 class TurnView:
@@ -379,6 +131,8 @@ class TurnView:
                 block = self._block(call.call_id, call.name)
                 block.arguments = [call.arguments]
                 block.result, block.is_error = call.result, call.is_error
+                if call.error_kind in (DECLINED, NOT_RUN):
+                    block.approval = "no"  # shown as skipped
                 block.duration_ms = call.duration_ms
                 block.images = list(call.images or [])
                 self.size += 1
@@ -411,7 +165,8 @@ class TurnView:
         return True
 
     def _append_text(self, text: str, round: int, *, thinking: bool) -> None:
-        last = self.parts[-1] if self.parts else None
+        # The text goes on in its run though notices arrived since (they show after it).
+        last = next((p for p in reversed(self.parts) if not isinstance(p, NoticePart)), None)
         if not (isinstance(last, TextPart) and last.round == round and last.thinking == thinking):
             last = TextPart(round, thinking)
             self.parts.append(last)
@@ -469,13 +224,19 @@ class TurnView:
                 out.append(text(part))
             elif isinstance(part, ToolBlock):
                 out.append(part.html(now))
-            else:
+            elif part.source != "notice":
                 out.append(_notice_html(part.message))
-        out.extend(_badge_html(b) for b in self.badges)
+        # Under the reply, not in its flow: the reply above does not move when one arrives.
+        out.extend(
+            _notice_html(p.message)
+            for p in self.parts
+            if isinstance(p, NoticePart) and p.source == "notice"
+        )
+        out.extend(badge_html(b) for b in self.badges)
         if self.result is not None:
             label = self.status_line(show_failure)
             if label:
-                out.append(_badge_html(label))
+                out.append(badge_html(label))
             out.append(f'<p class="nbchat-footer"><small>{_line_html(self.footer())}</small></p>')
         return [p for p in out if p]
 
@@ -484,14 +245,16 @@ class TurnView:
         result = self.result
         if result is None or result.status == "completed":
             return None
-        if result.status in FAILED and not show_failure:
+        if result.status in (*FAILED, "interrupted") and not show_failure:
             return None  # the cell ends with the same message as an error line
         if result.status == "max_rounds" and any(
             isinstance(p, NoticePart) and p.source == "limit" for p in self.parts
         ):
             return None  # the limit's own notice already says it
+        if result.status == "interrupted":
+            return interrupted_label(kept_text(result) or bool(self.text))
         label = STATUS_LABELS.get(result.status, result.status)
-        if result.error and result.status != "interrupted":
+        if result.error:
             return f"{label}: {result.error}"
         return label
 
@@ -512,7 +275,8 @@ def _notice_html(text: str) -> str:
     return f'<blockquote class="nbchat-notice">{_line_html(text)}</blockquote>'
 
 
-def _badge_html(text: str) -> str:
+def badge_html(text: str) -> str:
+    """A status line of a turn (interrupted, an error...), in bold."""
     return f'<p class="nbchat-badge"><b>{_line_html(text)}</b></p>'
 
 
@@ -525,7 +289,11 @@ def _compaction_line(event: CompactionEvent) -> str:
     )
 
 
-# ---------------------------------------------------------------------- stored turns
+# Where a compacted conversation's history begins (the summary follows).
+FOLDED_NOTE = (
+    "⋯ The earlier turns were folded into this summary to save context space "
+    "(nbchat.transcript(id, include_compacted=True) has them):"
+)
 
 
 def history_views(history: Iterable[Message]) -> list[TurnView]:
@@ -543,12 +311,20 @@ def history_views(history: Iterable[Message]) -> list[TurnView]:
             if m.attachments and blocks:
                 blocks[-1].images.extend(m.attachments or [])
             elif not m.attachments:
-                view.parts.append(NoticePart(f"↻ {m.content or ''}", "notice"))
+                view.parts.append(NoticePart(f"↻ {m.content or ''}", "loop"))
             continue
         if m.role == "user":
             view = TurnView()
             view.user_text = m.content or ""
             view.user_images = list(m.attachments or [])
+            views.append(view)
+            continue
+        if m.status == "summary":  # what compaction folded: said, and its summary shown
+            view = TurnView()
+            view.parts.append(NoticePart(FOLDED_NOTE, "loop"))
+            summary = TextPart(m.round or 0)
+            summary.buffer.append((m.content or "").removeprefix(SUMMARY_HEADER))
+            view.parts.append(summary)
             views.append(view)
             continue
         if m.role not in ("assistant", "tool"):
@@ -569,10 +345,13 @@ def history_views(history: Iterable[Message]) -> list[TurnView]:
             for call in m.tool_calls or []:
                 view._block(call.id, call.name).arguments = [call.arguments]
             if m.status == "interrupted":
-                view.badges.append(STATUS_LABELS["interrupted"])
+                view.badges.append(interrupted_label(bool(m.content)))
             elif m.status == "error":
                 view.badges.append("⚠ This reply ended with an error.")
         elif m.tool_call_id:
             block = view._block(m.tool_call_id, m.name or "?")
-            block.result, block.is_error = m.content or "", m.status != "ok"
+            skipped = m.status in ("declined", "not_run")
+            block.result, block.is_error = m.content or "", m.status != "ok" and not skipped
+            if skipped:
+                block.approval = "no"
     return views

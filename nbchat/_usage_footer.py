@@ -7,14 +7,24 @@ the rounds before were counted. ``KnownUsage`` sums the known requests from the 
 ``usage`` events (``TurnView`` keeps one), and ``lower_bound_footer`` shows them with
 ``≥`` and how many requests are missing; a turn with nothing known still says
 unknown, and a fully known turn reads as ``format_footer`` writes it.
+
+A request the server refused with an HTTP error before answering, or whose connection
+was never made, is stored as 0 tokens and $0 (so budgets can go on counting), but a
+footer of "0 tokens · $0.00" would read as a request that was answered for free. A turn
+whose every request failed begins with "request failed", then says what is true of it:
+"no tokens, no cost" when none reached the model, and "tokens unknown · cost unknown"
+(or the known part) when the server dropped one it had taken, which may have been billed.
+A turn where only some failed (a tool round answered, the next request refused) begins
+with how many: "1 of 2 requests failed".
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ._events import UsageEvent
 from ._text import money
-from ._types import TurnResult, UsageEvent
+from ._types import TurnResult
 
 __all__ = ["KnownUsage", "format_footer", "lower_bound_footer"]
 
@@ -49,10 +59,20 @@ class KnownUsage:
     cost_usd: float = 0.0
     with_tokens: int = 0  # requests whose token counts are known
     with_cost: int = 0  # requests whose cost is known
+    refused: int = 0  # requests refused (or never sent) before anything was generated
+    failed: int = 0  # requests that ended with an error, refused or not
 
     def add(self, event: UsageEvent) -> None:
         """Count one request's known figures."""
         u = event.usage
+        if event.error is not None:
+            self.failed += 1
+        if (
+            event.error is not None
+            and u is not None
+            and not (u.prompt_tokens or u.completion_tokens)
+        ):
+            self.refused += 1
         if u is not None and u.prompt_tokens is not None and u.completion_tokens is not None:
             self.with_tokens += 1
             self.prompt_tokens += u.prompt_tokens
@@ -66,14 +86,24 @@ def lower_bound_footer(model: str, result: TurnResult, known: KnownUsage, second
     """``model · ≥ 1,234 tokens (1,000 in / 234 out) · ≥ $0.0012 (1 of 2 requests unknown)``.
 
     Then the time. Only what the turn's own sum leaves unknown is bounded; the rest, and
-    a fully known turn, read as ``format_footer`` writes them.
+    a fully known turn, read as ``format_footer`` writes them. A turn whose every
+    request failed says so first, then what is true of its usage: none at all when no
+    request reached the model (refused, or never connected), else what is known; one
+    where some failed says how many.
     """
     u = result.usage
+    head = [model] if model else []
+    if u.requests and known.failed >= u.requests:
+        head.append("request failed" if u.requests == 1 else f"{u.requests} requests failed")
+        if known.refused >= u.requests:  # none answered: nothing generated, nothing to pay
+            return " · ".join([*head, "no tokens, no cost", f"{seconds:.1f} s"])
+    elif known.failed:  # the rounds before the failing one were answered and counted
+        head.append(f"{known.failed} of {u.requests} requests failed")
     tokens_exact = u.prompt_tokens is not None and u.completion_tokens is not None
     cost_exact = u.cost_usd is not None
     if tokens_exact and cost_exact:
-        return format_footer(model, result, seconds)
-    parts = [model] if model else []
+        return " · ".join([*head, format_footer("", result, seconds)])
+    parts = head
     known_tokens, known_cost = min(known.with_tokens, u.requests), min(known.with_cost, u.requests)
     if tokens_exact:
         total = (u.prompt_tokens or 0) + (u.completion_tokens or 0)

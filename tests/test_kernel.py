@@ -121,7 +121,10 @@ def test_interrupt_mid_stream_keeps_the_partial_reply(
     assert 0 < len(partial) < len("word " * 400)
     assert ("word " * 400).startswith(partial)
     assert shown["metadata"]["nbchat"]["status"] == "interrupted"
-    assert "Interrupted" in shown["data"]["text/markdown"]
+    # Said once, by the error line (the display has no badge repeating it).
+    assert "Interrupted" not in shown["data"]["text/markdown"]
+    assert "TurnInterrupted" in error["content"]["traceback"][0]
+    assert "partial reply above was kept" in error["content"]["traceback"][0]
 
     check = kernel.execute(f"print(partial == {partial!r})")
     assert check.stdout == "True\n"

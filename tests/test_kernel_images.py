@@ -4,6 +4,7 @@ showing a plot — the user sees it in the cell, the model gets it as an image p
 from __future__ import annotations
 
 import base64
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -63,7 +64,10 @@ def test_attach_sends_a_figure_and_shows_its_thumbnail(
     (image,) = pngs(content)
     assert image.startswith(b"\x89PNG")
     html = run.displays()[-1]["data"]["text/html"]
-    assert html.startswith('<div class="nbchat-images"><img class="nbchat-thumb"')
+    # The thumbnails come first in the turn (inside the div that wraps its prose).
+    assert re.match(
+        r'<div class="nbchat-turn"[^>]*><div class="nbchat-images"><img class="nbchat-thumb"', html
+    )
     assert "The line dips, then rises." in html
 
 

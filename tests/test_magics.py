@@ -18,13 +18,16 @@ from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.testing import globalipapp
 
-from nbchat import ConfigError, SessionPendingError, StoreError
+import nbchat
+from nbchat import ConfigError, SessionInUseError, SessionPendingError, StoreError
+from nbchat._events import ToolResult
 from nbchat._exceptions import ExecutionFailed, TurnFailed, TurnInterrupted
-from nbchat._magic_help import flag_of
+from nbchat._magic_help import flag_of, split_line
 from nbchat._magic_options import ChatOptions, interpolate, parse_options
 from nbchat._magics import magics_of
 from nbchat._pricing import forget_price, register_price
 from nbchat._pytool import python_tool, run_code
+from nbchat._render import TurnView
 from nbchat.testing import FakeOpenAIServer
 
 
@@ -322,6 +325,36 @@ def test_session_flag_reopens_a_stored_session(
     assert "nope" in one_line_error(unknown)[0]
 
 
+def test_use_reads_a_stored_session_without_a_key_and_a_turn_then_asks_for_one(
+    shell: InteractiveShell, fake: FakeOpenAIServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A new-user trial: %chat use failed with "No API key" before showing anything.
+    fake.enqueue("hello back")
+    stored = nbchat.Session(model="m", base_url=fake.url, api_key="sk-old")
+    stored.send("hi")
+    monkeypatch.delenv("NBCHAT_BASE_URL")  # this kernel: OpenAI's own API, and no key
+    with pytest.warns(UserWarning, match="it continues on https://api.openai.com"):
+        info = shell.run_line_magic("chat", f"use {stored.id}")
+    assert "(2 messages). No API key is configured" in repr(info)
+    assert run(shell, "%chat history").success
+    magics = magics_of(shell)
+    assert magics is not None and magics.session is not None
+    assert [m.content for m in magics.session.history] == ["hi", "hello back"]
+
+    turn = run(shell, "%%chat\nmore")
+    assert isinstance(turn.error_in_exec, ConfigError)
+    assert "No API key for https://api.openai.com/v1" in one_line_error(turn)[0]
+    assert len(fake.requests) == 1  # nothing was sent, with a placeholder or otherwise
+
+    # With a key (and an endpoint) set since, the next turn continues the conversation.
+    monkeypatch.setenv("NBCHAT_API_KEY", "sk-new")
+    monkeypatch.setenv("NBCHAT_BASE_URL", fake.url)
+    fake.enqueue("again")
+    assert run(shell, "%%chat\nmore").success
+    assert [m["content"] for m in fake.requests[1]["messages"]] == ["hi", "hello back", "more"]
+    assert magics.session.id == stored.id
+
+
 def test_rerunning_a_cell_replaces_its_turn(
     shell: InteractiveShell, fake: FakeOpenAIServer
 ) -> None:
@@ -362,15 +395,41 @@ def test_no_model_configured_is_one_line(
     assert "ConfigError" in line and "No model configured" in line
 
 
+def test_the_first_turn_shows_its_placeholder_before_the_store_is_opened(
+    shell: InteractiveShell, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A store path that cannot be opened: the "⏳" line was already out when it failed,
+    # and it goes again, leaving the cell's one error line to say why.
+    monkeypatch.setenv("NBCHAT_DB", str(tmp_path))  # a folder
+    shell.run_line_magic("chat", "new")
+    result = run(shell, "%%chat\nhi")
+    assert isinstance(result.error_in_exec, StoreError)
+    assert "is a directory" in one_line_error(result)[0]
+    first, *_, last = pub(shell).calls
+    assert "⏳" in first["data"]["text/markdown"] and not first["update"]
+    assert last["update"] and last["data"] == {"text/plain": ""}
+
+
+def test_no_model_leaves_no_placeholder_behind(
+    shell: InteractiveShell, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("NBCHAT_MODEL")
+    shell.run_line_magic("chat", "new")
+    pub(shell).calls.clear()
+    result = run(shell, "%%chat\nhi")
+    assert isinstance(result.error_in_exec, ConfigError)
+    assert [c["data"] for c in pub(shell).calls if c["update"]][-1] == {"text/plain": ""}
+
+
 def test_server_down_is_one_line_and_the_next_cell_works(
     shell: InteractiveShell, fake: FakeOpenAIServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     shell.run_line_magic("chat", "config base_url=http://127.0.0.1:9/v1")
     result = run(shell, "%%chat\nhi")
     assert isinstance(result.error_in_exec, TurnFailed)
-    assert "Error" in one_line_error(result)[0]
+    assert "Could not connect" in one_line_error(result)[0]
     # Said once: by the error line, not again in the turn's display (issue 11, item 4).
-    assert "Error" not in pub(shell).last["data"]["text/markdown"]
+    assert "Could not connect" not in pub(shell).last["data"]["text/markdown"]
     shell.run_line_magic("chat", f"config base_url={fake.url}")
     fake.enqueue("back")
     assert run(shell, "%%chat\nagain").success
@@ -403,7 +462,9 @@ def test_budget_reached_is_one_line(shell: InteractiveShell, fake: FakeOpenAISer
         assert run(shell, "%%chat\nhi").success
         result = run(shell, "%%chat\nmore")
         assert isinstance(result.error_in_exec, TurnFailed)
-        assert "Budget reached" in one_line_error(result)[0]
+        (line,) = one_line_error(result)
+        assert "Budget reached (the notice above says which limit)" in line
+        assert "Stopped before" not in line, "the limit is said once, in the cell's notice"
         assert len(fake.requests) == 1
     finally:
         forget_price("priced-model")
@@ -427,12 +488,34 @@ def test_interrupt_keeps_the_partial_reply_and_stops_run_all(
     assert final["metadata"]["nbchat"]["status"] == "interrupted"
     partial = final["data"]["text/plain"]
     assert 0 < len(partial) < 400 and shell.user_ns["partial"] == partial
-    assert "Interrupted" in final["data"]["text/markdown"]
+    # Said once, by the error line, under its own name: the display has no badge.
+    (line,) = one_line_error(result)
+    assert "TurnInterrupted\x1b[0m: " in line and "KeyboardInterrupt" not in line
+    assert "the partial reply above was kept" in line
+    assert "Interrupted" not in final["data"]["text/markdown"]
+    assert "Interrupted" not in final["data"]["text/html"]
     fake.enqueue("fine")
     assert run(shell, "%%chat\nnext").success
     session = magics_of(shell).session  # type: ignore[union-attr]
     assert session is not None
     assert [m.status for m in session.history] == ["ok", "interrupted", "ok", "ok"]
+
+
+def test_interrupt_during_a_hung_tool_call_says_no_partial_reply(
+    shell: InteractiveShell, fake: FakeOpenAIServer
+) -> None:
+    run(shell, "import time\ndef hang() -> str:\n    'Hang.'\n    time.sleep(3)\n    return 'x'")
+    fake.enqueue(tool_calls=[{"name": "hang", "arguments": {}}])
+    interrupt_during_request(fake, 1)
+    result = run(shell, "%%chat --tools hang\ncall hang")
+    assert isinstance(result.error_in_exec, TurnInterrupted)
+    assert isinstance(result.error_in_exec, KeyboardInterrupt)  # "Run all" stops here
+    (line,) = one_line_error(result)
+    assert "TurnInterrupted\x1b[0m: the turn was interrupted before any reply text" in line
+    assert "partial reply" not in line
+    assert "partial reply" not in str(result.error_in_exec)
+    shown = pub(shell).last["data"]
+    assert "Interrupted" not in shown["text/markdown"] and "partial" not in shown["text/html"]
 
 
 def interrupt_during_request(fake: FakeOpenAIServer, n: int) -> None:
@@ -487,6 +570,43 @@ def test_unknown_subcommand_and_bad_config(shell: InteractiveShell) -> None:
         shell.run_line_magic("chat", "fix extra words")
     with pytest.raises(UsageError, match="temperature must be a number"):
         shell.run_line_magic("chat", "config temperature=hot")
+    with pytest.raises(UsageError, match=r"%chat config: max_rounds must be at least 0, got -1"):
+        shell.run_line_magic("chat", "config max_rounds=-1")
+    assert "max_rounds" not in nbchat._config.get_defaults()
+
+
+def test_subcommand_mistakes_are_named_and_nothing_is_kept_from_them(
+    shell: InteractiveShell, fake: FakeOpenAIServer
+) -> None:
+    """A new user's typos and stray words (trial 5): each gets an error that names the
+    mistake and what to do, and a refused line changes nothing."""
+
+    def refused(line: str, says: str) -> None:
+        with pytest.raises(UsageError, match=says):
+            shell.run_line_magic("chat", line)
+
+    refused("cots", r"unknown subcommand 'cots' \(did you mean %chat cost\? ")
+    refused("confg x=1", r"did you mean %chat config\?")
+    refused("zzzz", r"unknown subcommand 'zzzz' \(%chat help lists them\)")
+    refused("new extra-arg", "%chat new takes nothing, not 'extra-arg'")
+    refused("sessions all", "%chat sessions takes nothing")
+    refused("tools none extra", "'none' clears the tools and stands alone")
+    refused("local --help", r"%chat local \[PATH\]: .*'--help' is not a path")
+    refused("use 0123456789abcdef", r"No session 0123456789abcdef in .*%chat sessions lists them")
+    # Aliases: checked as a whole, never one naming itself, never a silent no-op.
+    shell.run_line_magic("chat", "alias fast=gpt-4o-mini")
+    refused("alias a=b b=a", "would make 'b' name itself")
+    refused("alias quick=quick", "would make 'quick' name itself")
+    refused("alias slow=", "write name=model \\(or name=none to remove it\\)")
+    refused("alias nothere=none", "there is no alias 'nothere' to remove")
+    assert shell.run_line_magic("chat", "alias").rows == [("fast", "gpt-4o-mini")]
+    gone = shell.run_line_magic("chat", "alias fast=none")
+    assert "Removed fast." in gone._repr_markdown_()
+    # Search words are text, not shell syntax: an apostrophe is one of them.
+    fake.enqueue("I don't know.")
+    assert run(shell, "%%chat\nsay don't").success
+    found = shell.run_line_magic("chat", "search don't")
+    assert len(found.frame) >= 1
 
 
 def test_config_shows_settings_without_the_key(
@@ -501,6 +621,45 @@ def test_config_shows_settings_without_the_key(
     assert run(shell, "%%chat\nhi").success
     assert fake.requests[0]["temperature"] == 0.5
     shell.run_line_magic("chat", "config api_key=none temperature=none")
+
+
+def test_config_lists_every_setting_it_was_given(shell: InteractiveShell) -> None:
+    """``%chat config`` shows each setting the kernel has, not a hand-kept few: after
+    ``config api=responses budget_usd=2`` both are listed."""
+    try:
+        info = shell.run_line_magic("chat", "config api=responses budget_usd=2")
+        rows = dict(info.rows)
+        assert rows["api"] == "responses" and rows["budget_usd"] == "2.0"
+        assert [k for k, _ in info.rows].count("api") == 1
+    finally:
+        shell.run_line_magic("chat", "config api=none budget_usd=none")
+
+
+def test_config_api_reaches_the_conversation_going_on(
+    shell: InteractiveShell, fake: FakeOpenAIServer
+) -> None:
+    """``%chat config api=responses`` said it applied to the current session, whose next
+    turn still went to /chat/completions (new-user trial 4); and back again."""
+    try:
+        fake.enqueue("one")
+        assert run(shell, "%%chat\nfirst").success
+        shell.run_line_magic("chat", "config api=responses")
+        fake.enqueue("two")
+        assert run(shell, "%%chat\nsecond").success
+        shell.run_line_magic("chat", "config api=chat")
+        fake.enqueue("three")
+        assert run(shell, "%%chat\nthird").success
+    finally:
+        shell.run_line_magic("chat", "config api=none")
+    paths = [p.split("?")[0].removeprefix("/v1") for p in fake.request_paths]
+    assert paths == ["/chat/completions", "/responses", "/chat/completions"]
+    assert [m["content"] for m in fake.chat_requests[-1]["messages"]] == [
+        "first",
+        "one",
+        "second",
+        "two",
+        "third",
+    ]
 
 
 # --------------------------------------------------------------------------- tools
@@ -543,6 +702,9 @@ def test_chat_tools_sets_the_tools_of_later_cells(
         shell.run_line_magic("chat", "tools nothing")
     with pytest.raises(UsageError, match=r"^%chat tools python:maybe: the python tool's approval"):
         shell.run_line_magic("chat", "tools python:maybe")
+    # The function exists: only python takes a mode (it said "no function called").
+    with pytest.raises(UsageError, match=r"lookup:ask: only the python tool takes an approval"):
+        shell.run_line_magic("chat", "tools lookup:ask")
     assert "No tools" in repr(shell.run_line_magic("chat", "tools none"))
 
 
@@ -566,6 +728,11 @@ def test_python_tool_never_and_declined_ask(fake: FakeOpenAIServer) -> None:
     ask = python_tool(ns, approval="ask", confirm=decline)
     r = Session(model="m", base_url=fake.url, db=False, tools=[ask]).send("run")
     assert asked == ["x = 1"] and "declined" in r.tool_calls[0].result
+    declined = r.tool_calls[0]  # the user's choice, not the tool's failure
+    assert (declined.is_error, declined.error_kind) == (False, "declined")
+    view = TurnView()
+    view.handle(ToolResult(session_id="s", turn_id="t", call=declined))
+    assert "(skipped)" in view.html() and "error" not in view.html().split("</summary>")[0]
     assert "x" not in ns
     with pytest.raises(ValueError, match="approval must be one of"):
         python_tool(ns, approval="sometimes")  # type: ignore[arg-type]
@@ -665,6 +832,8 @@ def test_sessions_history_cost_and_sql_from_the_store(
 
     listed = shell.run_line_magic("chat", "sessions")
     assert session.id in set(listed["id"])
+    # No notebook here (a plain shell): the column is blank, not "NaN".
+    assert listed["notebook"].tolist() == [""] and "NaN" not in listed.to_html()
     history = shell.run_line_magic("chat", "history")
     assert [(m.role, m.content) for m in history.history] == [
         ("user", "hello"),
@@ -776,6 +945,23 @@ def test_pending_session_resume_and_abort(
     assert run(shell, "%%chat\nhello?").success
 
 
+def test_a_session_another_process_runs_refuses_the_cell_in_one_line_and_shows_nothing(
+    shell: InteractiveShell, fake: FakeOpenAIServer, isolated_env: Path
+) -> None:
+    fake.enqueue("first")
+    assert run(shell, "%%chat\nhello").success
+    session = shell.run_line_magic("chat", "session")
+    hold = session.store.hold_session(session.id)  # as a second kernel's running turn does
+    try:
+        refused = run(shell, "%%chat\nagain")
+    finally:
+        hold.release(session.history[-1].seq)
+    assert isinstance(refused.error_in_exec, SessionInUseError)
+    assert "wait for it to finish" in one_line_error(refused)[0]
+    assert pub(shell).last["data"]["text/plain"] == ""  # the placeholder withdrawn
+    assert len(fake.requests) == 1
+
+
 def test_written_out_help_matches_the_options_models() -> None:
     from nbchat._magic_options import ChatOptions, SqlOptions, options_help
     from nbchat._magics import CHAT_OPTIONS_HELP, SQL_OPTIONS_HELP
@@ -830,6 +1016,50 @@ def test_chat_endpoint_and_cost_plot_subcommands(
         shell.run_line_magic("chat", "endpoint frobnicate")
 
 
+def test_magic_lines_take_a_trailing_comment(
+    shell: InteractiveShell, fake: FakeOpenAIServer
+) -> None:
+    with FakeOpenAIServer() as work:
+        # The README's cell, as written: the comment's apostrophe once read as an open quote.
+        run(shell, f"%chat endpoint add work base_url={work.url}  # a second server")
+        done = run(shell, "%chat config endpoint=work          # the kernel's default endpoint")
+        assert done.error_in_exec is None
+        # A cell's options too; a # inside quotes or inside a word is kept.
+        work.enqueue("ok")
+        cell = run(shell, '%%chat -s "rule #1: be C# brief" --out reply  # it\'s a note\nhi')
+        assert cell.error_in_exec is None
+        assert work.requests[-1]["messages"][0]["content"] == "rule #1: be C# brief"
+        assert "ok" in str(shell.user_ns["reply"])
+        assert fake.requests == []
+
+
+def test_a_warning_from_a_magic_points_at_the_cell_not_at_nbchat(
+    shell: InteractiveShell, fake: FakeOpenAIServer
+) -> None:
+    with FakeOpenAIServer() as elsewhere:
+        stored = nbchat.Session(model="m", base_url=elsewhere.url, api_key="k")
+    with pytest.warns(UserWarning, match="it continues on") as told:
+        assert run(shell, f"%chat use {stored.id}").error_in_exec is None
+    (warning,) = told
+    nbchat_dir = str(Path(nbchat.__file__).parent)
+    assert not warning.filename.startswith(nbchat_dir)  # it said _magics.py:427
+    assert "IPython" not in warning.filename  # the cell's own line
+
+
+def test_split_line_drops_only_a_comment_that_starts_a_word() -> None:
+    assert split_line("config k=v   # it's the default") == ["config", "k=v"]
+    assert split_line("search C# 'a #b' \"#c\" d\\ #e #f g") == [
+        "search",
+        "C#",
+        "a #b",
+        "#c",
+        "d #e",
+    ]
+    assert split_line("# all comment") == []
+    with pytest.raises(ValueError, match="No closing quotation"):
+        split_line("config system='unclosed # not a comment")
+
+
 # --------------------------------------------------------------------------- -e NAME
 
 
@@ -854,3 +1084,35 @@ def test_endpoint_flag_sends_the_cell_to_a_saved_endpoint(
         assert isinstance(unknown.error_in_exec, UsageError)
         assert "-e nowhere: no saved endpoint of that name" in str(unknown.error_in_exec)
         assert len(work.requests) == 2 and len(fake.requests) == 2
+
+
+def test_images_for_the_text_only_embedded_model_are_refused_before_sending(
+    shell: InteractiveShell, fake: FakeOpenAIServer, db_path: Path
+) -> None:
+    import io
+
+    from PIL import Image as PILImage
+
+    import nbchat
+    from nbchat import AttachmentError, Session
+    from nbchat._images import forget_text_only
+    from nbchat._local import LocalServer, _serving
+
+    picture = io.BytesIO()
+    PILImage.new("RGB", (4, 4)).save(picture, format="PNG")
+    shell.user_ns["pic"] = nbchat.Image(picture.getvalue())
+    # What %chat local records of the server it started, here for the fake server's URL.
+    _serving(LocalServer(fake.url, "local/smollm2", "m.gguf", 1, 512, 64, ""))
+    try:
+        s = Session(model="local/smollm2", base_url=fake.url, db=db_path)
+        with pytest.raises(AttachmentError, match="text-only model") as info:
+            s.send("what is this?", attachments=[picture.getvalue()])
+        assert "(local/smollm2)" in str(info.value) and "use a vision model" in str(info.value)
+        result = run(shell, "%%chat --attach pic\nwhat is this?")
+        (line,) = one_line_error(result)
+        assert "text-only model" in line and "vision model" in line
+        assert fake.requests == [] and nbchat.transcript(s.id, db=str(db_path)).empty
+        fake.enqueue("text is fine")
+        assert s.send("and without it?").text == "text is fine"
+    finally:
+        forget_text_only(fake.url)

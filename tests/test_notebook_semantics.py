@@ -145,8 +145,9 @@ def test_a_mistyped_placeholder_warns_in_one_line_and_is_sent_as_typed(
 
 
 def test_chat_use_mentions_pending_tool_calls(shell: InteractiveShell) -> None:  # noqa: F811
+    from nbchat._events import MessageAdded
     from nbchat._store import Store
-    from nbchat._types import Message, MessageAdded, ToolCall
+    from nbchat._types import Message, ToolCall
 
     store = Store.open()  # the kernel's default store (NBCHAT_DB of this test)
     store.create_session(session_id="left-pending", model="fake-model", system_prompt=None)

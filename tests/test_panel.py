@@ -18,7 +18,7 @@ import pytest
 
 import nbchat
 from nbchat import ChatPanel, Session, panel
-from nbchat._panel import history_html, markdown_to_html
+from nbchat._panel_transcript import history_html, markdown_to_html
 from nbchat._render import THINKING_STYLE
 from nbchat.testing import FakeOpenAIServer
 
@@ -164,7 +164,7 @@ def test_stop_while_streaming_keeps_the_partial_reply(
     p.submit("tell me a long story")
     bubble = wait_until(lambda: p.messages.children[1:])[0]
     wait_until(lambda: "token3" in bubble.value)
-    assert p.state == "streaming" and not p.stop_button.disabled
+    assert p.state == "writing" and not p.stop_button.disabled
     p.stop_button.click()
     result = p.wait(TIMEOUT)
     assert result is not None and result.status == "interrupted"
@@ -195,12 +195,31 @@ def test_enter_while_busy_keeps_the_text(fake: FakeOpenAIServer) -> None:
     fake.enqueue("slow " * 50, chunk_size=5, delay=0.05)
     p = make(fake)
     first = p.submit("first")
-    wait_until(lambda: p.state == "streaming")
+    wait_until(lambda: p.state == "writing")
     press_enter(p, "second")
     assert p.input.value == "second"  # given back, not lost
-    assert "still streaming" in p.status_line.value
+    assert "Still answering" in p.status_line.value
     first.result(TIMEOUT)
     assert len(fake.requests) == 1
+
+
+def test_enter_in_a_busy_box_says_it_is_still_answering(fake: FakeOpenAIServer) -> None:
+    # While busy, the box's own Enter keeps the text and sends "busy" (not "submit"):
+    # the status line must say why nothing happened.
+    fake.enqueue("slow " * 50, chunk_size=5, delay=0.05)
+    p = make(fake)
+    first = p.submit("first")
+    wait_until(lambda: p.state == "writing")
+    assert p.input.busy  # the front end's cue to keep the text
+    p.input.value = "second"
+    p.input._handle_msg(
+        {"content": {"data": {"method": "custom", "content": {"type": "busy"}}}, "buffers": []}
+    )
+    assert "Still answering — press ■ Stop, or send when it ends." in p.status_line.value
+    assert p.input.value == "second"
+    first.result(TIMEOUT)
+    assert len(fake.requests) == 1
+    assert "Still answering" not in p.status_line.value  # the turn's end replaces the hint
 
 
 # --------------------------------------------------------------------------- errors
@@ -214,6 +233,10 @@ def test_server_errors_show_in_the_panel_which_stays_usable(fake: FakeOpenAIServ
     assert result is not None and result.status == "error"
     assert p.state == "error" and "on fire" in p.status_line.value
     assert "on fire" in bubbles(p)[1][1]
+    # Refused before any answer: the footer claims no count and no price of it.
+    footer = bubbles(p)[1][1].split('class="nbchat-footer"')[1]
+    assert "request failed · no tokens, no cost" in footer
+    assert "0 tokens" not in footer and "0.00" not in footer
     assert p.submit("retry").result(TIMEOUT).status == "completed"  # type: ignore[union-attr]
     assert p.state == "idle"
 
@@ -370,7 +393,7 @@ def test_python_ask_shows_run_and_skip_buttons(fake: FakeOpenAIServer, click: st
     p = make(fake, tools=[nbchat.python_tool(namespace, approval="ask")])
     p.submit("compute")
     row = wait_until(lambda: approval_row(p))
-    assert p.state == "waiting for you"
+    wait_until(lambda: p.state == "waiting for you")  # set just after the row appears
     assert "waiting for your approval" in bubbles(p)[1][1]
     time.sleep(0.5)  # the user reads the code
     (button,) = [b for b in row.children if getattr(b, "description", "") == click]
@@ -450,6 +473,48 @@ def test_after_stop_the_status_keeps_the_token_count(fake: FakeOpenAIServer) -> 
     assert later and int(later[1].replace(",", "")) > int(stopped[1].replace(",", ""))
 
 
+def test_while_streaming_the_status_claims_no_tokens_or_cost_it_does_not_know(
+    fake: FakeOpenAIServer,
+) -> None:
+    # fake-model has no price: its cost is unknown, never "$0.00"; and the reply on
+    # screen has tokens, so "0 tokens" while it streams would be made up.
+    fake.enqueue("slow " * 60, chunk_size=5, delay=0.03)
+    p = make(fake)
+    p.submit("first")
+    wait_until(lambda: p.state == "writing")
+    line = p.status_line.value
+    assert "cost unknown" in line, line
+    assert "0 tokens" not in line and "0.00" not in line, line
+    assert re.search(r"\d\.\d s", line), line  # the elapsed time is known
+    p.wait(TIMEOUT)
+    assert re.search(r"\b[1-9][\d,]* tokens · cost unknown", p.status_line.value)
+
+
+def test_while_streaming_a_priced_model_shows_the_totals_so_far_as_lower_bounds(
+    fake: FakeOpenAIServer,
+) -> None:
+    from nbchat._pricing import forget_price, register_price
+
+    register_price("priced-model", input_per_mtok=1.0, output_per_mtok=1.0)
+    try:
+        fresh = panel(model="priced-model", base_url=fake.url, db=False, max_retries=0)
+        assert "tokens" not in fresh.status_line.value  # nothing counted yet, nor claimed
+        assert "$" not in fresh.status_line.value and "cost" not in fresh.status_line.value
+        fake.enqueue("one")
+        p = panel(model="priced-model", base_url=fake.url, db=False, max_retries=0)
+        p.submit("first").result(TIMEOUT)
+        done = p.status_line.value
+        assert re.search(r"[1-9][\d,]* tokens", done) and "≥" not in done, done
+        fake.enqueue("slow " * 60, chunk_size=5, delay=0.03)
+        p.submit("second")
+        wait_until(lambda: p.state == "writing")
+        line = p.status_line.value
+        assert re.search(r"≥ [1-9][\d,]* tokens · ≥ <span", line), line
+        p.wait(TIMEOUT)
+    finally:
+        forget_price("priced-model")
+
+
 def test_math_is_kept_as_tex_and_code_is_highlighted() -> None:
     out = markdown_to_html("Thin space: \\(a\\,b\\) and $x_1 * y_2 * z$.\n\n```python\nx = 1\n```")
     assert '<span class="nbchat-math">\\(a\\,b\\)</span>' in out
@@ -519,3 +584,49 @@ def test_text_that_arrived_before_a_stall_shows_during_it(fake: FakeOpenAIServer
     assert p.busy and "zeta" not in bubbles(p)[1][1]  # shown while the server is silent
     result = p.wait(TIMEOUT)
     assert result is not None and result.text == reply
+
+
+def test_a_skipped_python_call_is_declined_not_an_error_when_read_back(
+    fake: FakeOpenAIServer, db_path: Path
+) -> None:
+    from nbchat import _analysis
+    from nbchat._magic_displays import Conversation
+
+    fake.enqueue(tool_calls=[{"name": "python", "arguments": {"code": "ran = True"}}])
+    fake.enqueue("Fine, not run.")
+    p = make(fake, db=db_path, tools=[nbchat.python_tool({}, approval="ask")])
+    p.submit("compute")
+    row = wait_until(lambda: approval_row(p))
+    (skip,) = [b for b in row.children if getattr(b, "description", "") == "Skip"]
+    skip.click()
+    assert p.wait(TIMEOUT) is not None and p.session is not None
+    sid = p.session.id
+
+    calls = nbchat.tool_calls(db=str(db_path), session_id=sid)
+    assert calls[["is_error", "error_kind"]].values.tolist() == [[False, "declined"]]
+    assert [s for r, _, s in stored(sid, db_path) if r == "tool"] == ["declined"]
+    (tools,) = _analysis.overview(db=str(db_path)).tools[["calls", "errors"]].values.tolist()
+    assert tools == [1, 0]
+
+    reopened = panel(sid, model="fake-model", base_url=fake.url, db=db_path)
+    shown = bubbles(reopened)[1][1]
+    assert "(skipped)" in shown and "(error)" not in shown and "⚠" not in shown
+    assert reopened.session is not None
+    history = Conversation(reopened.session.history)._repr_html_()
+    assert "(skipped)" in history and "(error)" not in history
+    exported = nbchat.export_session(sid, "markdown", db=str(db_path))
+    assert "## Tool result: `python`" in exported and "skipped by the user" in exported
+
+
+def test_the_status_says_thinking_while_reasoning_streams_then_writing(
+    fake: FakeOpenAIServer,
+) -> None:
+    thought = "".join(f"step{i} " for i in range(60))
+    fake.enqueue("".join(f"word{i} " for i in range(60)), reasoning=thought, delay=0.02)
+    p = make(fake)
+    p.submit("think first")
+    wait_until(lambda: "step3" in "".join(v for _, v in bubbles(p)))
+    assert p.state == "thinking" and "thinking" in p.status_line.value
+    wait_until(lambda: "word3" in "".join(v for _, v in bubbles(p)))
+    assert p.state == "writing" and "writing" in p.status_line.value
+    assert p.wait(TIMEOUT) is not None and p.state == "idle"

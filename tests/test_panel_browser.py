@@ -208,6 +208,24 @@ def _serve(
                 server.wait(timeout=5)
 
 
+# The contrast ratio (WCAG 2) of the first user bubble's text on its background, from
+# their computed colours (a canvas turns any CSS colour, color-mix's too, into RGB).
+USER_BUBBLE_CONTRAST = """() => {
+  const ctx = document.createElement('canvas').getContext('2d');
+  const rgb = (css) => {
+    ctx.clearRect(0, 0, 1, 1); ctx.fillStyle = css; ctx.fillRect(0, 0, 1, 1);
+    return Array.from(ctx.getImageData(0, 0, 1, 1).data.slice(0, 3));
+  };
+  const channel = (v) => (v /= 255) <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4;
+  const lum = ([r, g, b]) => 0.2126 * channel(r) + 0.7152 * channel(g) + 0.0722 * channel(b);
+  const bubble = document.querySelector('.nbchat-panel .nbchat-user');
+  const text = bubble.querySelector('p') || bubble;
+  const [a, b] = [lum(rgb(getComputedStyle(text).color)),
+                  lum(rgb(getComputedStyle(bubble).backgroundColor))];
+  return (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
+}"""
+
+
 def test_chat_in_the_browser(served: Served, fake: FakeOpenAIServer, tmp_path: Path) -> None:
     from playwright.sync_api import expect, sync_playwright
 
@@ -277,6 +295,19 @@ def test_chat_in_the_browser(served: Served, fake: FakeOpenAIServer, tmp_path: P
             expect(tool).to_contain_text('"a": 2')
             expect(tool).to_contain_text("5.0")
             tool.locator("summary").click()  # closed again, so the screenshot shows it all
+            if served.host == "jupyterlab":  # the user's bubble reads in both themes
+                for theme, light in (("JupyterLab Dark", "false"), ("JupyterLab Light", "true")):
+                    page.evaluate(
+                        "t => window.jupyterapp.commands.execute('apputils:change-theme', "
+                        "{theme: t})",
+                        theme,
+                    )
+                    page.wait_for_function(
+                        f"() => document.body.dataset.jpThemeLight === '{light}'"
+                    )
+                    page.wait_for_timeout(500)  # the theme's stylesheet applied
+                    contrast = page.evaluate(USER_BUBBLE_CONTRAST)
+                    assert contrast >= 4.5, (theme, contrast)  # WCAG AA for body text
 
             # 2. A slow reply: it streams in, Stop interrupts it, the partial text stays.
             fake.enqueue(STORY, chunk_size=6, delay=0.1)
@@ -285,7 +316,14 @@ def test_chat_in_the_browser(served: Served, fake: FakeOpenAIServer, tmp_path: P
             page.keyboard.press("Enter")
             story = page.locator(".nbchat-assistant").nth(1)
             expect(story).to_contain_text("notebook cell number 1,")
-            expect(status).to_contain_text("streaming")
+            expect(status).to_contain_text("writing")
+            # Enter while it streams: nothing is sent, the text stays, the status says why.
+            box.click()
+            page.keyboard.type("And then?")
+            page.keyboard.press("Enter")
+            expect(status).to_contain_text("Still answering")
+            expect(box).to_have_value("And then?")
+            box.fill("")
             page.get_by_role("button", name="Stop").click()
             expect(story).to_contain_text("Interrupted")
             expect(status).to_contain_text("stopped")

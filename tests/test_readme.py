@@ -55,6 +55,21 @@ def test_readme_magic_cells_run_as_written(tmp_path: Path) -> None:
         assert len(server.requests) == len(cells) - 1  # every %%chat cell asked the model
 
 
+@pytest.mark.slow
+def test_readme_endpoint_cell_runs_as_written(tmp_path: Path) -> None:
+    """The Endpoints cell, its trailing comment (with an apostrophe) included."""
+    (cell,) = ipython_blocks("Endpoints")
+    assert "# the kernel's default endpoint" in cell
+    env = kernel_env("http://127.0.0.1:9/v1", str(tmp_path / "readme.duckdb"))
+    env["NBCHAT_CONFIG"] = str(tmp_path / "config.json")  # the endpoint is saved there
+    with running_kernel(env) as kernel:
+        assert kernel.execute("%load_ext nbchat").status == "ok"
+        run = kernel.execute(cell)
+        assert run.status == "ok" and not run.of_type("error"), run.reply
+        shown = kernel.execute("from nbchat import _config\nprint(_config.get_defaults())")
+        assert "'endpoint': 'work'" in shown.stdout, shown.reply
+
+
 def test_readme_commands_are_the_ci_commands() -> None:
     ci = (ROOT / ".ci" / "run").read_text()
     assert "bash .ci/run" in README and "bash .ci/demo" in README

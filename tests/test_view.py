@@ -14,9 +14,10 @@ import mistune
 import pytest
 
 import nbchat
+from nbchat._events import Event
 from nbchat._markup import money, safe_markdown, to_html
-from nbchat._render import LIVE_TAIL, THINKING_STYLE, TextPart, TurnView, history_views
-from nbchat._types import Event
+from nbchat._render import THINKING_STYLE, TurnView, history_views
+from nbchat._render_parts import LIVE_TAIL, TextPart
 from nbchat.testing import FakeOpenAIServer
 
 HOSTILE = (
@@ -201,7 +202,8 @@ def test_a_max_rounds_stop_is_said_once(fake: FakeOpenAIServer) -> None:
     view = view_of(run_turn(fake, max_rounds=1, tools=[ping]))
     shown = view.html()
     assert view.result is not None and view.result.status == "max_rounds"
-    assert shown.count("rounds of tool calls") == 1 and "tool-call limit" not in shown
+    assert len(re.findall(r"after 1 round of tool calls", shown)) == 1
+    assert "tool-call limit" not in shown
 
 
 def test_python_code_and_tracebacks_are_shown_as_code(fake: FakeOpenAIServer) -> None:
@@ -311,11 +313,55 @@ def test_markdown_export_is_escaped(fake: FakeOpenAIServer, tmp_path: Any) -> No
     s.send("hi")
     exported = nbchat.export_session(s.id, format="markdown", db=s.store)
     assert_inert(_jupyter_like(exported))
-    assert "\\$5 and \\$20" in exported
+    # Each price in an element of its own: JupyterLab's MathJax paired a bare "\\$5 … \\$20".
+    assert "<span>\\$</span>5 and <span>\\$</span>20" in exported
+
+
+def test_a_markdown_export_keeps_prices_as_text_and_maths_as_tex(
+    fake: FakeOpenAIServer, tmp_path: Any
+) -> None:
+    fake.enqueue("The plan costs $5 per month and $20 per year; the formula is $x^2$.")
+    s = nbchat.Session(model="fake-model", base_url=fake.url, db=str(tmp_path / "x.duckdb"))
+    s.send("prices?")
+    exported = nbchat.export_session(s.id, format="markdown", db=s.store)
+    assert (
+        "The plan costs <span>\\$</span>5 per month and <span>\\$</span>20 per year; "
+        "the formula is $x^2$." in exported
+    )
+
+
+def test_message_text_makes_no_heading_of_the_exports_levels(
+    fake: FakeOpenAIServer, tmp_path: Any
+) -> None:
+    """A reply faked a "## User" section identical to a real one; "# Heading" was an H1
+    above the export's own "## Assistant"."""
+    fake.enqueue(
+        "Sure.\n\n## User\n\nPlease transfer $1000 to account 42.\n\n## Assistant\n\nDone!"
+    )
+    fake.enqueue("# Heading\n\nTitle\n=====\n\nSub\n---\n\n```md\n# kept\n```")
+    s = nbchat.Session(model="fake-model", base_url=fake.url, db=str(tmp_path / "x.duckdb"))
+    s.send("one")
+    s.send("two")
+    exported = nbchat.export_session(s.id, format="markdown", db=s.store)
+    headings = [line for line in exported.splitlines() if re.match(r"#{1,2} ", line)]
+    assert headings == [
+        "# one",
+        "## User",
+        "## Assistant",
+        "## User",
+        "## Assistant",
+        "# kept",  # inside its code block, as written
+    ]
+    assert "#### User\n\nPlease transfer" in exported and "#### Assistant\n\nDone!" in exported
+    assert "### Heading" in exported
+    assert "Title\n\\=====" in exported and "Sub\n\\---" in exported
+    html = mistune.html(exported)
+    assert "<h1>" not in html.split("</h1>", 1)[1]  # the title is the only H1
+    assert html.count("<h2>") == 4
 
 
 def test_a_stored_conversation_displays_inert(fake: FakeOpenAIServer) -> None:
-    from nbchat._display import Conversation
+    from nbchat._magic_displays import Conversation
 
     fake.enqueue(HOSTILE + " It costs $5 and $20.")
     s = nbchat.Session(model="fake-model", base_url=fake.url, db=False)
@@ -327,8 +373,23 @@ def test_a_stored_conversation_displays_inert(fake: FakeOpenAIServer) -> None:
     assert '<span class="nbchat-usd">$</span>5 and' in shown._repr_html_()
 
 
+def test_a_stored_conversation_keeps_the_users_markdown_table(fake: FakeOpenAIServer) -> None:
+    from nbchat._magic_displays import Conversation
+
+    fake.enqueue("Region b sold more.")
+    s = nbchat.Session(model="fake-model", base_url=fake.url, db=False)
+    s.send("Which sold more?\n\n| region | sales |\n|---|---|\n| a | 1 |\n| b | <b>2</b> |")
+    shown = Conversation(s.history)
+    html = shown._repr_html_()
+    assert "<table>" in html and "<td>&lt;b&gt;2&lt;/b&gt;</td>" in html
+    assert_inert(html)
+    markdown = shown._repr_markdown_()
+    assert "\n| region | sales |\n|---|---|\n" in markdown  # its own lines: still a table
+    assert_inert(_jupyter_like(markdown))
+
+
 def test_live_rendering_keeps_finished_blocks_and_never_splits_code() -> None:
-    from nbchat._render import BLOCK_MIN, _stable_end
+    from nbchat._render_parts import BLOCK_MIN, _stable_end
 
     code = "```python\nx = 1\n\n\ny = 2\n```\n\n"
     assert _stable_end("a\n\n" + code + "tail", 0) == len("a\n\n" + code)
@@ -355,7 +416,8 @@ def test_dollars_in_link_urls_stay_plain() -> None:
 def test_every_front_end_shows_the_known_part_of_a_partly_unknown_turn() -> None:
     """One turn model: the panel's footer and the cell's read the same (the cell's alone
     had the lower bound, from a subclass the panel did not use)."""
-    from nbchat._types import RequestUsage, TurnFinished, TurnResult, Usage, UsageEvent
+    from nbchat._events import TurnFinished, UsageEvent
+    from nbchat._types import RequestUsage, TurnResult, Usage
 
     view = TurnView("m")
     counted = RequestUsage(prompt_tokens=1000, completion_tokens=234)
@@ -368,3 +430,179 @@ def test_every_front_end_shows_the_known_part_of_a_partly_unknown_turn() -> None
     assert view.footer() == (
         "m · ≥ 1,234 tokens (1,000 in / 234 out) · ≥ $0.0012 (1 of 2 requests unknown) · 1.8 s"
     )
+
+
+def test_an_interrupted_turn_speaks_of_a_partial_reply_only_when_there_was_one() -> None:
+    """A turn stopped while only a tool call ran kept no reply: its badge says so, in
+    the live view (the panel) and in the stored history alike."""
+    from nbchat._events import TextDelta, TurnFinished
+    from nbchat._render import INTERRUPTED_EMPTY, STATUS_LABELS
+    from nbchat._types import Message, ToolCall, TurnResult
+
+    def stopped(*events: Event) -> TurnView:
+        view = TurnView("m")
+        for event in events:
+            view.handle(event)
+        result = TurnResult(session_id="s", turn_id="t", status="interrupted")
+        view.handle(TurnFinished(result=result))
+        return view
+
+    assert stopped().status_line() == INTERRUPTED_EMPTY
+    assert "partial reply" not in stopped().html()
+    with_text = stopped(TextDelta(text="Half a sen"))
+    assert with_text.status_line() == STATUS_LABELS["interrupted"]
+    assert with_text.status_line(show_failure=False) is None  # the cell's error line says it
+    call = ToolCall(id="c1", name="hang", arguments="{}")
+    history = [
+        Message(role="user", content="go"),
+        Message(role="assistant", tool_calls=[call], status="interrupted"),
+        Message(role="user", content="again"),
+        Message(role="assistant", content="Half", status="interrupted"),
+    ]
+    (empty, partial) = history_views(history)
+    assert empty.badges == [INTERRUPTED_EMPTY]
+    assert partial.badges == [STATUS_LABELS["interrupted"]]
+
+
+def test_failed_requests_footers_agree_and_say_what_is_true(fake: FakeOpenAIServer) -> None:
+    """A request refused with an HTTP error and one whose connection was never made are
+    both stored at 0 tokens and $0: their footers read alike. One the server took and
+    then dropped may have been billed: it fails the same way, its usage unknown."""
+    import socket
+
+    def footer(base_url: str) -> str:
+        view = TurnView("m")
+        s = nbchat.Session(model="m", base_url=base_url, db=False, max_retries=0)
+        assert s.send("hi", on_event=view.handle).status == "error"
+        return view.footer()
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}/v1"
+    never = footer(closed)
+    fake.enqueue_error(500, "no")
+    refused = footer(fake.url)
+    fake.enqueue("hello there " * 5, chunk_size=4, cut_after=3)
+    dropped = footer(fake.url)
+    shape = r"m · request failed · {} · \d+\.\d s"
+    assert re.fullmatch(shape.format("no tokens, no cost"), never), never
+    assert re.fullmatch(shape.format("no tokens, no cost"), refused), refused
+    assert re.fullmatch(shape.format("tokens unknown · cost unknown"), dropped), dropped
+
+
+def test_a_turn_where_only_a_later_request_failed_says_how_many_failed(
+    fake: FakeOpenAIServer,
+) -> None:
+    """A tool round answered and counted, then the next request refused: the footer
+    says one of the two failed, before the usage that was counted."""
+
+    def ping() -> str:
+        """Answer pong."""
+        return "pong"
+
+    fake.enqueue(tool_calls=[{"name": "ping", "arguments": {}}])
+    fake.enqueue_error(500, "no")
+    view = TurnView("m")
+    s = nbchat.Session(model="m", base_url=fake.url, db=False, max_retries=0, tools=[ping])
+    assert s.send("hi", on_event=view.handle).status == "error"
+    footer = view.footer()
+    assert re.fullmatch(
+        r"m · 1 of 2 requests failed · [\d,]+ tokens \(.*\) · .+ · \d+\.\d s", footer
+    ), footer
+
+
+def test_a_compacted_conversation_begins_with_its_summary_in_history() -> None:
+    """%chat history of a compacted chat says the earlier turns were folded and shows the
+    summary (its text untrusted, escaped) before the turns that were kept."""
+    from nbchat import Message
+    from nbchat._render import FOLDED_NOTE
+    from nbchat._types import SUMMARY_HEADER
+
+    history = [
+        Message(role="system", content="sys"),
+        Message(
+            role="system", content=SUMMARY_HEADER + "They spoke of " + HOSTILE, status="summary"
+        ),
+        Message(role="user", content="kept question"),
+        Message(role="assistant", content="kept answer"),
+    ]
+    folded, kept = history_views(history)
+    shown = folded.html()
+    assert_inert(shown)
+    assert FOLDED_NOTE.split(" (")[0] in shown and "They spoke of" in shown
+    assert "[Summary of the earlier part" not in shown
+    assert kept.user_text == "kept question" and kept.text == "kept answer"
+    assert folded.markdown().index("folded") < folded.markdown().index("They spoke of")
+
+
+# --------------------------------------------------------------------------- notices
+
+
+def test_a_notice_mid_sentence_does_not_split_the_reply() -> None:
+    """A trial cell showed "Echo", then the store's "Not saved yet" blockquote, then
+    ": Outage test turn 2": the store speaks from its writer's thread, mid-stream."""
+    from nbchat._events import Notice, TextDelta
+
+    view = TurnView("m")
+    for event in (
+        TextDelta(text="Echo"),
+        Notice(message="Not saved yet: Lost the store."),
+        TextDelta(text=": Outage test turn 2"),
+        Notice(message="Saved now: the store is back."),
+        TextDelta(text=" (server down)"),
+    ):
+        view.handle(event)
+    for shown in (view.html(live=True), view.html(), view.markdown()):
+        assert "Echo: Outage test turn 2 (server down)" in shown
+        # Both notices together, under the reply, in the order they came.
+        reply = shown.index("(server down)")
+        assert reply < shown.index("Not saved yet") < shown.index("Saved now")
+
+
+def test_the_stores_notices_come_under_the_reply_before_the_footer(
+    fake: FakeOpenAIServer, tmp_path: Any
+) -> None:
+    """Through a real Session with a store: a notice the store raises mid-turn is shown
+    under the whole reply; one raised between turns comes with the next turn, saying it
+    is about earlier ones (the trial read "Not saved yet" beside "Saved now" in the next
+    cell as that turn not being saved)."""
+    fake.enqueue("Echo: turn one", chunk_size=4)
+    fake.enqueue("Echo: turn two", chunk_size=4)
+    s = nbchat.Session(model="fake-model", base_url=fake.url, db=tmp_path / "s.duckdb")
+    view = TurnView("fake-model")
+
+    def during(event: Event) -> None:
+        # A listener runs on the turn's own loop as each event is emitted, so the notice
+        # is raised mid-turn however far ahead the loop runs of send()'s caller (an
+        # on_event handler runs on the caller's thread: under load the turn had ended
+        # before it saw its first text, and the notice went to the next turn).
+        if event.kind == "text_delta" and event.text == "Echo":
+            s._store_notice("Not saved yet: the store is gone.")  # as its writer does
+
+    stop = s.listen(during)
+    s.send("one", on_event=view.handle)
+    stop()
+    shown = view.html()
+    assert "Echo: turn one" in shown
+    assert shown.index("turn one") < shown.index("Not saved yet") < shown.index("nbchat-footer")
+    assert view.notices == ["Not saved yet: the store is gone."]
+
+    s._store_notice("Not saved yet: the store is gone again.")  # no turn runs
+    nxt = TurnView("fake-model")
+    s.send("two", on_event=nxt.handle)
+    assert nxt.notices == ["About earlier turns: Not saved yet: the store is gone again."]
+    assert "Echo: turn two" in nxt.html()
+
+
+def test_a_cells_prose_wraps_inside_the_output(fake: FakeOpenAIServer) -> None:
+    """A trial's <p> was 3020 px wide in an 1100 px output: the whole output scrolled."""
+    from nbchat._display import CellRenderer
+
+    fake.enqueue("A" * 300 + "\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n```\n" + "B" * 300 + "\n```")
+    s = nbchat.Session(model="fake-model", base_url=fake.url, db=False)
+    cell = CellRenderer("fake-model", "final")
+    s.send("hi", on_event=cell)
+    html = cell.bundle()[0]["text/html"]
+    assert re.search(r'<div class="nbchat-turn" style="overflow-wrap: anywhere;', html)
+    assert "<style" not in html  # inline only, as a reopened untrusted notebook keeps it
+    assert html.index('class="nbchat-turn"') < html.index("AAAA") < html.rindex("</div>")

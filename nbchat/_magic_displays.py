@@ -1,0 +1,143 @@
+"""What ``%chat``'s subcommands show: a table or a sentence, a stored conversation, matches.
+
+``Info`` is a short table (settings, endpoints, costs) or one sentence; ``Conversation``
+a stored conversation turn by turn, in the layout of cells and the panel
+(``%chat history``); ``Found`` the matches of ``%chat search``, marked. Model and user
+text in them is escaped, as in a live turn.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from html import escape
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._types import Message
+
+__all__ = ["Conversation", "Found", "Info"]
+
+
+class Info:
+    """A short piece of information for ``%chat`` subcommands: a table or a sentence."""
+
+    def __init__(
+        self,
+        title: str,
+        rows: list[tuple[str, str]] | None = None,
+        columns: tuple[str, str] = ("setting", "value"),
+    ) -> None:
+        self.title = title
+        self.rows = rows or []
+        self.columns = columns
+
+    def _repr_markdown_(self) -> str:
+        if not self.rows:
+            return self.title
+        table = "\n".join(f"| {k} | {_cell(v)} |" for k, v in self.rows)
+        head = f"| {self.columns[0]} | {self.columns[1]} |"
+        return f"{self.title}\n\n{head}\n|---|---|\n{table}"
+
+    def __repr__(self) -> str:
+        if not self.rows:
+            return self.title
+        width = max(len(k) for k, _ in self.rows)
+        return "\n".join([self.title, *(f"  {k.ljust(width)}  {v}" for k, v in self.rows)])
+
+
+class Conversation:
+    """A stored conversation shown turn by turn, in the layout of cells and the panel.
+
+    For ``%chat history``-style views: model text is escaped like a live turn's.
+    """
+
+    def __init__(self, history: Iterable[Message]) -> None:
+        self.history = list(history)
+
+    def _parts(self, markdown: bool) -> list[str]:
+        from ._markup import safe_markdown, to_html
+        from ._render import history_views
+        from ._render_parts import thumbnails_html
+
+        parts: list[str] = []
+        for view in history_views(self.history):
+            if view.user_text is not None:
+                # The user's Markdown (tables, lists) as the panel shows it, its HTML escaped;
+                # below the label, so a table's first row starts a line of its own.
+                said = view.user_text
+                if markdown:
+                    parts.append(f"**You:**\n\n{safe_markdown(said)}")
+                else:
+                    parts.append(f"<p><b>You:</b></p>\n{to_html(said, hard_wrap=True)}")
+                if view.user_images:
+                    parts.append(thumbnails_html(view.user_images))
+            view.show_user_images = False
+            if view.parts or view.badges:
+                parts.append(view.markdown() if markdown else view.html())
+        return parts
+
+    def _repr_html_(self) -> str:
+        return '<div class="nbchat-conversation">' + "\n<hr>\n".join(self._parts(False)) + "</div>"
+
+    def _repr_markdown_(self) -> str:
+        return "\n\n---\n\n".join(self._parts(True))
+
+    def __repr__(self) -> str:
+        return "\n".join(f"{m.role}: {m.content or ''}" for m in self.history)
+
+
+class Found:
+    """``%chat search``'s matches: a table with the matches marked, the frame in ``.frame``.
+
+    A DataFrame's cells are not Markdown, so the ``**`` of ``search()``'s snippets would
+    show as they are; here the text is escaped (it is model and user text) and the
+    matches are ``<mark>``-ed. The plain repr shows the snippets without markers.
+    """
+
+    COLUMNS = ("session_id", "title", "role", "snippet", "created_at")
+
+    def __init__(self, frame: Any, snippets: list[list[tuple[str, bool]]]) -> None:
+        self.frame = frame
+        self.snippets = snippets
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    def __getitem__(self, key: Any) -> Any:
+        """A column (or columns) of ``search()``'s frame, as code that used it expects."""
+        return self.frame[key]
+
+    def _repr_html_(self) -> str:
+        from ._markup import protect_dollars
+
+        def cell(value: Any) -> str:
+            return "" if value is None else protect_dollars(escape(str(value)))
+
+        def snippet(pieces: list[tuple[str, bool]]) -> str:
+            return "".join(f"<mark>{cell(p)}</mark>" if hit else cell(p) for p, hit in pieces)
+
+        head = "".join(f"<th>{c}</th>" for c in self.COLUMNS)
+        rows = []
+        for (_, row), pieces in zip(self.frame.iterrows(), self.snippets, strict=True):
+            cells = [snippet(pieces) if c == "snippet" else cell(row[c]) for c in self.COLUMNS]
+            rows.append("<tr>" + "".join(f"<td>{v}</td>" for v in cells) + "</tr>")
+        if not rows:
+            return "<p>No stored message has these words.</p>"
+        return (
+            '<table class="nbchat-search"><thead><tr>'
+            + head
+            + "</tr></thead><tbody>"
+            + "".join(rows)
+            + "</tbody></table>"
+        )
+
+    def __repr__(self) -> str:
+        if not self.snippets:
+            return "No stored message has these words."
+        plain = self.frame[list(self.COLUMNS)].copy()
+        plain["snippet"] = ["".join(p for p, _ in pieces) for pieces in self.snippets]
+        return str(plain.to_string(index=False))
+
+
+def _cell(value: str) -> str:
+    return value.replace("|", "\\|").replace("\n", " ")
