@@ -86,10 +86,11 @@ def _label(sessions: int) -> str:
 
 def _write_cost(path: Path, session_id: str, label: str, n: int) -> list[dict[str, Any]]:
     """A message and a request written with their counters, against the rows alone."""
+    from nbchat._events import MessageAdded, UsageEvent
     from nbchat._store import Store
-    from nbchat._store._duckdb import _RowOps
-    from nbchat._store._sink import rows_of
-    from nbchat._types import Message, MessageAdded, RequestUsage, UsageEvent
+    from nbchat._store._duckdb_rows import _RowOps
+    from nbchat._store._rows import rows_of
+    from nbchat._types import Message, RequestUsage
 
     def events(i: int) -> list[Any]:
         message = Message(role="assistant", content="a reply " * 40, seq=1000 + i)
@@ -132,8 +133,8 @@ def _transcripts_after_a_write(path: Path, session_id: str, n: int) -> list[floa
     messages was written again (a replay, same time) through a store this process keeps
     open, as its session does: the rows it kept are stale."""
     import nbchat
+    from nbchat._events import MessageAdded
     from nbchat._store import Store
-    from nbchat._types import MessageAdded
 
     samples = []
     with Store.open(path) as store:
@@ -152,8 +153,9 @@ def _refreshes_after_a_request(
     """The times of ``n`` dashboard refreshes, each after one more request was stored, and
     of the store reads (``overview()``) in each."""
     from nbchat import _analysis
+    from nbchat._events import UsageEvent
     from nbchat._store import Store
-    from nbchat._types import RequestUsage, UsageEvent
+    from nbchat._types import RequestUsage
 
     def write() -> None:
         usage = RequestUsage(prompt_tokens=900, completion_tokens=40)

@@ -9,6 +9,11 @@ turns in one process alone, in the same run. For scale, the same turns with no s
 at all, timing only the journal's own work (encode and append each stored event): how
 long a few hundred µs of work a turn takes at p99 when 4 busy processes share the cores.
 Goal (issue "Performance, raised"): p99 ≤ 5 ms with several processes.
+
+Last measured (2 cores, load 5.5-8.6 from other jobs, 6 runs interleaved with the code
+before): 4 processes p50 1.0-1.4 ms, p99 7.8-20.5 ms (before: 1.5-2.4 / 14.5-84 ms,
+once the journal kept the GIL through its append); one process 0.95-1.13 / 2.1-5.3 ms;
+the journal's own work alone, 4 processes, p99 4.6-9.1 ms.
 """
 
 from __future__ import annotations
@@ -64,7 +69,7 @@ def child(url: str, db: str, turns: int) -> None:
     StoreSink.handle = timed_handle  # type: ignore[method-assign]
     store: Any = db
     if db == "-":  # no store: the journal's own work alone (encode, append), timed
-        from nbchat._store._sink import STORED_KINDS
+        from nbchat._store._rows import STORED_KINDS
 
         store = False
         emit = Session._emit

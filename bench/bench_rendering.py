@@ -62,8 +62,8 @@ def update_rate() -> list[dict[str, Any]]:
 
 def renderer_cpu(tokens: int = 100_000) -> list[dict[str, Any]]:
     from nbchat._display import CellRenderer
-    from nbchat._render import Throttle
-    from nbchat._types import TextDelta
+    from nbchat._events import TextDelta
+    from nbchat._throttle import Throttle
 
     events = [TextDelta(text=f"w{i} ") for i in range(tokens)]
     # A clock that advances 0.2 ms per token: the renderer sees 5,000 tokens/s.

@@ -37,9 +37,10 @@ SESSIONS, MESSAGES_PER, REQUESTS_PER, TOOLS_PER = 10_000, 100, 50, 10
 def write_cost(n: int = 500) -> list[dict[str, Any]]:
     import duckdb
 
+    from nbchat._events import MessageAdded
     from nbchat._store import Store
     from nbchat._store._migrations import migrate
-    from nbchat._types import Message, MessageAdded
+    from nbchat._types import Message
 
     with tempfile.TemporaryDirectory() as tmp:
         store = Store.open(Path(tmp) / "w.duckdb")
@@ -112,16 +113,8 @@ def _hold(path: Path, seconds: float) -> subprocess.Popen[str]:
 
 def _reply(session_id: str, deltas: int) -> list[Any]:
     """The events of a two-round reply: the stored ones among many stream deltas."""
-    from nbchat._types import (
-        Message,
-        MessageAdded,
-        RequestUsage,
-        TextDelta,
-        TurnFinished,
-        TurnResult,
-        TurnStarted,
-        UsageEvent,
-    )
+    from nbchat._events import MessageAdded, TextDelta, TurnFinished, TurnStarted, UsageEvent
+    from nbchat._types import Message, RequestUsage, TurnResult
 
     def stored_round(seq: int) -> list[Any]:
         usage = UsageEvent(session_id=session_id, model="m", usage=RequestUsage(prompt_tokens=9))
@@ -143,7 +136,7 @@ def _reply(session_id: str, deltas: int) -> list[Any]:
 
 def _stream(consume: Callable[[Any], None], events: list[Any]) -> tuple[float, list[float]]:
     """Seconds the loop takes to pass ``events`` on, and each stored event's handle() time."""
-    from nbchat._store._sink import STORED_KINDS
+    from nbchat._store._rows import STORED_KINDS
 
     shown: list[Any] = []
     stored: list[float] = []
@@ -282,7 +275,7 @@ def _synthetic(path: Path, sessions: int = SESSIONS, *, as_written: bool = False
     import duckdb
 
     from nbchat._store import Store
-    from nbchat._store._migrations import fill_counters
+    from nbchat._store._recount import fill_counters
 
     def day(per: int = 1) -> str:  # the day of row ``i``'s session, ``per`` rows a session
         session = f"i // {per}"

@@ -38,8 +38,8 @@ _WRITER = r"""
 import json, sys, time
 from pathlib import Path
 from nbchat._store import Store
-from nbchat._types import (Message, MessageAdded, RequestUsage, ToolCall, ToolCallRecord,
-    ToolResult, TurnFinished, TurnResult, TurnStarted, UsageEvent)
+from nbchat._types import Message, RequestUsage, ToolCall, ToolCallRecord, TurnResult
+from nbchat._events import MessageAdded, ToolResult, TurnFinished, TurnStarted, UsageEvent
 db, turns, pace, label, go = sys.argv[1:6]
 turns, pace = int(turns), float(pace)
 store = Store.open(db, lock_timeout=120)
