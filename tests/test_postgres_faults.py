@@ -101,11 +101,58 @@ def test_a_read_of_a_locked_table_ends_after_the_lock_timeout_and_the_next_works
     with Store.open(pg_url, lock_timeout=1) as store:
         store.create_session(session_id="s", model=None, system_prompt=None)
         with tables_locked(pg_url):
-            with pytest.raises(StoreError, match=r"did not answer within 1 s .*lock"):
+            with pytest.raises(StoreError, match=r"did not answer within 1 s: .* a lock"):
                 nbchat.sessions(db=store)
             with pytest.raises(StoreError, match=r"did not answer within 1 s"):
                 nbchat.sql("SELECT count(*) AS n FROM messages", db=store)
         assert nbchat.sessions(db=store)["id"].tolist() == ["s"]
+
+
+@contextlib.contextmanager
+def slow_sessions_table(url: str, seconds: float) -> Iterator[None]:
+    """Reading the sessions table takes ``seconds`` (a view that sleeps stands in for
+    it), as a big table does; no lock is held."""
+    with psycopg.connect(url, autocommit=True) as con:
+        con.execute("ALTER TABLE sessions RENAME TO sessions_rows")
+        con.execute(
+            "CREATE VIEW sessions AS SELECT * FROM sessions_rows"
+            f" WHERE (SELECT pg_sleep({seconds}) IS NOT NULL)"
+        )
+        try:
+            yield
+        finally:
+            con.execute("DROP VIEW sessions")
+            con.execute("ALTER TABLE sessions_rows RENAME TO sessions")
+
+
+def test_a_read_longer_than_the_lock_timeout_finishes_within_the_read_timeout(
+    pg_url: str,
+) -> None:
+    # The lock timeout was the bound of the whole read: a sql() over a big team store
+    # that took longer to fetch than 15 s was refused as if a table were locked.
+    with Store.open(pg_url, lock_timeout=0.5) as store:
+        store.create_session(session_id="s", model=None, system_prompt=None)
+        assert nbchat.sessions(db=store)["id"].tolist() == ["s"]  # the mirror is ready
+        with slow_sessions_table(pg_url, 2.0):
+            assert nbchat.sql("SELECT id FROM sessions", db=store)["id"].tolist() == ["s"]
+    with Store.open(pg_url, lock_timeout=0.5, read_timeout=1) as store:
+        with (
+            slow_sessions_table(pg_url, 3.0),
+            pytest.raises(
+                StoreError, match=r"did not answer within 1 s \(the server is busy.*READ_TIMEOUT"
+            ),
+        ):
+            nbchat.sql("SELECT id FROM sessions", db=store)
+        assert nbchat.sql("SELECT id FROM sessions", db=store)["id"].tolist() == ["s"]
+
+
+def test_the_read_timeout_is_checked(monkeypatch: pytest.MonkeyPatch, pg_url: str) -> None:
+    monkeypatch.setenv("NBCHAT_DB_READ_TIMEOUT", "soon")
+    with pytest.raises(StoreError, match="NBCHAT_DB_READ_TIMEOUT must be a positive number"):
+        Store.open(pg_url)
+    monkeypatch.delenv("NBCHAT_DB_READ_TIMEOUT")
+    with pytest.raises(ValueError, match="read_timeout must be a positive number"):
+        Store.open(pg_url, read_timeout=0)
 
 
 def test_ctrl_c_ends_a_read_blocked_on_a_lock(pg_url: str) -> None:

@@ -182,7 +182,8 @@ class Store(ABC):
         a private in-memory store that lives as long as this object. ``lock_timeout``
         bounds how long any operation waits for another process (default 15 s, or
         ``NBCHAT_DB_LOCK_TIMEOUT``). Other options belong to the backend (DuckDB:
-        ``linger``, ``min_hold``, ``sync_every_write``).
+        ``linger``, ``min_hold``, ``sync_every_write``; PostgreSQL: ``spool_dir``,
+        ``connect_timeout``, ``read_timeout``).
         """
         raw = default_db_path() if db is None else os.fspath(db)
         if not raw:

@@ -20,11 +20,14 @@ PostgreSQL: it runs in the private DuckDB, sandboxed like a file store's (no fil
 access unless ``allow_files``, no extensions, configuration locked), on rows the
 database role was allowed to read (row-level security applies to the fetch).
 
-A fetch is bounded by the store's lock timeout (``lock_timeout``,
-``NBCHAT_DB_LOCK_TIMEOUT``): the server cancels a statement that runs longer (a table
-locked by another connection), and the fetch runs on a thread of its own while the
-caller waits at most that long, so a server that stopped answering (frozen, or gone
-without closing the connection) and a Ctrl-C both end the wait. A fetch given up on is
+A fetch waits at most the store's lock timeout (``lock_timeout``,
+``NBCHAT_DB_LOCK_TIMEOUT``, 15 s) for a table another connection has locked: the
+server's ``lock_timeout`` ends it. The whole fetch is bounded by the read timeout
+(``read_timeout``, ``NBCHAT_DB_READ_TIMEOUT``, 120 s), longer because reading a big
+store's tables whole takes time: the server's ``statement_timeout`` ends a statement
+that runs longer, and the fetch runs on a thread of its own while the caller waits at
+most that long, so a server that stopped answering (frozen, or gone without closing
+the connection) and a Ctrl-C both end the wait. A fetch given up on is
 cancelled and its connection left to that thread, which closes it when the driver
 returns; the next fetch connects again.
 """
@@ -36,7 +39,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from .._exceptions import StoreError
 from . import TABLES
@@ -55,7 +58,7 @@ _TOOL_COUNTED = ("tool_calls",)
 _WORD = re.compile(r"[a-z_][a-z0-9_]*")
 _COUNT_STAR = re.compile(r"count\s*\(\s*\*\s*\)", re.I)
 # The server's "statement timeout" and "lock not available" (a fetch that waited too long).
-_TIMED_OUT = {"57014", "55P03"}
+_STATEMENT_TIMEOUT, _LOCK_NOT_AVAILABLE = "57014", "55P03"
 # The caller waits this much beyond the server's own timeout, so a locked table is told
 # by the server (its error, the connection kept) and only a silent server by the clock.
 _CLIENT_GRACE = 1.0
@@ -96,10 +99,14 @@ class Mirror:
         session_id: str | None = None,
         user: bool = False,
         allow_files: bool = False,
-        timeout: float = 15.0,
+        timeout: float = 120.0,
+        lock_timeout: float | None = None,
     ) -> QueryResult:
-        """Run ``sql`` on the fetched tables (see the module docstring for which rows);
-        ``StoreError`` if the server does not answer within ``timeout`` s."""
+        """Run ``sql`` on the fetched tables (see the module docstring for which rows).
+
+        ``StoreError`` if the tables stay locked for ``lock_timeout`` s (default
+        ``timeout``), or the server does not answer within ``timeout`` s.
+        """
         duckdb = duckdb_module()
         bound = dict(params) if isinstance(params, Mapping) else list(params or [])
         with self._lock:
@@ -115,7 +122,9 @@ class Mirror:
             counted = _TOOL_COUNTED if tools_only else (*_COUNTED, *_TOOL_COUNTED)
             if counters:
                 wanted = {**wanted, **{t: self._schema[t] for t in counted}}
-            fetched = self._fetch(wanted, None if user else session_id, timeout)
+            lock = timeout if lock_timeout is None else min(lock_timeout, timeout)
+            waits = _Waits(read=timeout, lock=lock)
+            fetched = self._fetch(wanted, None if user else session_id, waits)
             started = time.perf_counter()
             con.execute("BEGIN TRANSACTION")
             try:
@@ -143,7 +152,7 @@ class Mirror:
                 self.counters["query_s"] += time.perf_counter() - started
 
     def _fetch(
-        self, wanted: Mapping[str, Sequence[str]], session_id: str | None, timeout: float
+        self, wanted: Mapping[str, Sequence[str]], session_id: str | None, waits: _Waits
     ) -> dict[str, Any]:
         """The wanted columns of each table, as Arrow, from one snapshot."""
         if not wanted:
@@ -154,13 +163,15 @@ class Mirror:
         for attempt in (1, 2):
             try:
                 out = self._bounded(
-                    lambda con, call: self._read(con, wanted, session_id, timeout, call), timeout
+                    lambda con, call: self._read(con, wanted, session_id, waits, call), waits.read
                 )
                 break
             except adbc_driver_manager.Error as exc:
                 self._drop_connection()  # a restarted server: the next attempt reconnects
-                if exc.sqlstate in _TIMED_OUT:
-                    raise self._no_answer(timeout) from None
+                if exc.sqlstate == _LOCK_NOT_AVAILABLE:
+                    raise self._locked(waits.lock) from None
+                if exc.sqlstate == _STATEMENT_TIMEOUT:
+                    raise self._no_answer(waits.read) from None
                 if attempt == 2 or not isinstance(exc, adbc_driver_manager.OperationalError):
                     raise StoreError(
                         f"Cannot read the store {self.shown}: {_describe(exc)}"
@@ -174,15 +185,16 @@ class Mirror:
         con: Any,
         wanted: Mapping[str, Sequence[str]],
         session_id: str | None,
-        timeout: float,
+        waits: _Waits,
         call: _Call,
     ) -> dict[str, Any]:
         """The fetch itself, on ``con``, on the fetch's own thread."""
         cursor = call.cursor = con.cursor()
         try:
             cursor.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            # The server ends a statement that waits longer (a lock), with this transaction.
-            cursor.execute(f"SET LOCAL statement_timeout = {max(1, int(timeout * 1000))}")
+            # The server ends a statement that waits longer for a lock, or runs longer.
+            cursor.execute(f"SET LOCAL lock_timeout = {_ms(waits.lock)}")
+            cursor.execute(f"SET LOCAL statement_timeout = {_ms(waits.read)}")
             out = {}
             for table, columns in wanted.items():
                 names = ", ".join(f'"{c}"' for c in columns)
@@ -235,10 +247,17 @@ class Mirror:
 
     def _no_answer(self, timeout: float) -> StoreError:
         return StoreError(
-            f"The store {self.shown} did not answer within {timeout:g} s (another "
-            "connection holds a lock on the tables this reads, or the server is busy or "
-            "not responding); nothing was read. The wait is the store's lock timeout "
-            "(lock_timeout=, NBCHAT_DB_LOCK_TIMEOUT)."
+            f"The store {self.shown} did not answer within {timeout:g} s (the server is "
+            "busy or not responding, or the tables are too large to read in that time); "
+            "nothing was read. The wait is the store's read timeout "
+            "(read_timeout=, NBCHAT_DB_READ_TIMEOUT)."
+        )
+
+    def _locked(self, timeout: float) -> StoreError:
+        return StoreError(
+            f"The store {self.shown} did not answer within {timeout:g} s: another "
+            "connection holds a lock on the tables this reads; nothing was read. The wait "
+            "is the store's lock timeout (lock_timeout=, NBCHAT_DB_LOCK_TIMEOUT)."
         )
 
     # -------------------------------------------------------------- parts
@@ -341,6 +360,17 @@ class _Call:
         if cursor is not None:
             # A cancel is a new connection to the server: a frozen one would hold it too.
             threading.Thread(target=_cancel, args=(cursor,), daemon=True).start()
+
+
+class _Waits(NamedTuple):
+    """How long one fetch may wait, in seconds: in all, and for locked tables."""
+
+    read: float
+    lock: float
+
+
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
 
 
 def _cancel(cursor: Any) -> None:

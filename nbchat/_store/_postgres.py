@@ -12,6 +12,7 @@ security), not nbchat's.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -55,8 +56,24 @@ _LOAD_ALL = tuple(
 _mirror_lock = threading.Lock()
 
 
+def default_read_timeout() -> float:
+    """Seconds one analysis read of a team store may take: ``NBCHAT_DB_READ_TIMEOUT`` or 120."""
+    raw = os.environ.get("NBCHAT_DB_READ_TIMEOUT")
+    try:
+        value = float(raw) if raw else 120.0
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise StoreError(
+            f"NBCHAT_DB_READ_TIMEOUT must be a positive number of seconds, not {raw!r}."
+        )
+    return value
+
+
 class PostgresStore(SqlStore[PgLease]):
     """A PostgreSQL database holding the sessions of a team (see the module docstring)."""
+
+    _read_timeout: float = 120.0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -68,6 +85,7 @@ class PostgresStore(SqlStore[PgLease]):
         lock_timeout: float,
         spool_dir: str | None = None,
         connect_timeout: float = 5.0,
+        read_timeout: float | None = None,
         **options: Any,
     ) -> PostgresStore:
         """Connect to the database at the URL ``raw`` (migrating it if needed).
@@ -75,10 +93,15 @@ class PostgresStore(SqlStore[PgLease]):
         ``spool_dir`` is where writes wait while the server is away (default
         ``NBCHAT_SPOOL_DIR`` or ``~/.nbchat/spool``); ``connect_timeout`` bounds one
         connection attempt. Both are fixed by the first ``open`` of a URL in a process
-        that succeeds (a failed one leaves nothing behind).
+        that succeeds (a failed one leaves nothing behind). ``read_timeout`` bounds one
+        analysis read (default ``NBCHAT_DB_READ_TIMEOUT`` or 120 s; a locked table is
+        waited for ``lock_timeout`` s only).
         """
         if options:
             raise TypeError(f"unexpected store options: {', '.join(sorted(options))}")
+        read = default_read_timeout() if read_timeout is None else float(read_timeout)
+        if not read > 0:
+            raise ValueError(f"read_timeout must be a positive number of seconds, not {read!r}.")
         url = check_url(raw)
         pg_options = PgOptions(spool_dir=spool_dir, connect_timeout=connect_timeout)
 
@@ -88,6 +111,7 @@ class PostgresStore(SqlStore[PgLease]):
         lease = shared_lease(shown_url(url), make)
         assert isinstance(lease, PgLease)
         store = cls(lease, lock_timeout=lock_timeout, path=lease.shown)
+        store._read_timeout = read
         try:
             if not lease.checked:  # until an open succeeds in this process: connect, fail clearly
                 lease.check()
@@ -284,7 +308,11 @@ class PostgresStore(SqlStore[PgLease]):
 
     def _usage_row(self, session_id: str) -> Sequence[Any]:
         result = self._mirror().run(
-            SESSION_USAGE, [session_id], session_id=session_id, timeout=self._lock_timeout
+            SESSION_USAGE,
+            [session_id],
+            session_id=session_id,
+            timeout=self._read_timeout,
+            lock_timeout=self._lock_timeout,
         )
         return [_first(result.data[c]) for c in result.columns]
 
@@ -293,7 +321,11 @@ class PostgresStore(SqlStore[PgLease]):
         query = QUERIES[name]
         bound = query.bind(params)
         result = self._mirror().run(
-            query.sql, bound, session_id=params.get("session_id"), timeout=self._lock_timeout
+            query.sql,
+            bound,
+            session_id=params.get("session_id"),
+            timeout=self._read_timeout,
+            lock_timeout=self._lock_timeout,
         )
         return to_frame(result, query.json_columns, query.order_by)
 
@@ -303,7 +335,12 @@ class PostgresStore(SqlStore[PgLease]):
         """In a private DuckDB over the tables it names: the query never reaches
         PostgreSQL, it reads a copy of the rows the database role may see."""
         return self._mirror().run(
-            query, params, user=True, allow_files=allow_files, timeout=self._lock_timeout
+            query,
+            params,
+            user=True,
+            allow_files=allow_files,
+            timeout=self._read_timeout,
+            lock_timeout=self._lock_timeout,
         )
 
     def stats(self) -> dict[str, Any]:
