@@ -242,3 +242,24 @@ def test_a_session_whose_price_is_partly_unknown_never_reads_as_free() -> None:
     assert _session_cost(some) == "≥ $0.00 · 5 req (4 price unknown)"
     known = {"requests": 3, "unknown": 0, "cost_usd": 0.0}
     assert _session_cost(known) == "$0.00 · 3 req"
+
+
+def test_a_session_of_unknown_price_ranks_above_failed_requests_and_latency_leaves_them_out(
+    tmp_path: Path, fake: FakeOpenAIServer
+) -> None:
+    # A trial's dashboard listed a session whose requests had all failed ($0) above one
+    # whose model has no price, and drew the failures' millisecond replies as latency.
+    db = str(tmp_path / "chats.duckdb")
+    failing = Session(model="failing-model", base_url=fake.url, db=db, max_retries=0)
+    fake.enqueue_error(500)
+    assert failing.send("hello").status == "error"
+    mystery = Session(model=MYSTERY, base_url=fake.url, db=db, max_retries=0)
+    fake.enqueue("an answer")
+    assert mystery.send("hello").status == "completed"
+    for days in ({}, {"since": today(), "until": today()}):
+        board = nbchat.dashboard(db=db, **days)
+        assert [b.description.split(" · ")[1][:8] for b in board.session_buttons] == [
+            mystery.id[:8],
+            failing.id[:8],
+        ], days
+        assert ticks(board.axes["latency"]) == [MYSTERY], days

@@ -208,7 +208,9 @@ _SEARCH = """
 # The dashboard's overview, from the per-day counters (``_usage_by_day_model``: per day and
 # model, m010; ``_usage_by_day``: per day, session and model) for a range of UTC days
 # (both included; NULL: open-ended). A group's cost is the sum of its known costs,
-# NULL when none is known; ``unknown`` counts the requests without a price.
+# NULL when none is known; ``unknown`` counts the requests without a price. Sessions
+# rank by known cost, then by requests of unknown price (each may have cost anything:
+# a session without a price comes before one known to have cost $0), as the charts do.
 _DAYS = "(? IS NULL OR u.day >= ?) AND (? IS NULL OR u.day <= ?)"
 _DAY_PARAMS = ("since", "since", "until", "until")
 _GROUP_SUMS = """sum(u.requests)::BIGINT AS requests,
@@ -229,14 +231,14 @@ _SPEND_BY_SESSION_ALL = """
                requests - costed AS unknown,
                title  -- the session's, copied in its counters (m009)
         FROM _session_counts WHERE requests > 0
-        ORDER BY coalesce(CASE WHEN costed > 0 THEN cost_usd END, -1) DESC, requests DESC,
-                 session_id
+        ORDER BY coalesce(CASE WHEN costed > 0 THEN cost_usd END, 0) DESC,
+                 requests - costed DESC, requests DESC, session_id
         LIMIT ?
     )
     SELECT g.*,
            (SELECT count(*) FROM _session_counts WHERE requests > 0) AS sessions_in_range
     FROM g
-    ORDER BY coalesce(g.cost_usd, -1) DESC, g.requests DESC, g.session_id
+    ORDER BY coalesce(g.cost_usd, 0) DESC, g.unknown DESC, g.requests DESC, g.session_id
 """
 
 _SPEND_BY_SESSION = f"""
@@ -249,20 +251,22 @@ _SPEND_BY_SESSION = f"""
     )
     SELECT g.*, s.title, totals.sessions AS sessions_in_range
     FROM g CROSS JOIN totals LEFT JOIN sessions s ON s.id = g.session_id
-    ORDER BY coalesce(g.cost_usd, -1) DESC, g.requests DESC, g.session_id
+    ORDER BY coalesce(g.cost_usd, 0) DESC, g.unknown DESC, g.requests DESC, g.session_id
     LIMIT ?
 """
 
 # Request latency per model for a range of instants [since, until): box-plot figures
-# (quartiles; whiskers at the 5th and 95th percentiles). On a large range the sampled
-# variant reads about 1 row in 50 (whole blocks of rows, DuckDB's system sampling).
+# (quartiles; whiskers at the 5th and 95th percentiles) of the requests that did not
+# fail (an HTTP error comes back in milliseconds: it is no measure of the model), as
+# ``plot.latency`` draws. On a large range the sampled variant reads about 1 row in 50
+# (whole blocks of rows, DuckDB's system sampling).
 _LATENCY = """
     SELECT model, metric, count(*) AS n,
            quantile_cont(value, [0.05, 0.25, 0.5, 0.75, 0.95]) AS quantiles
     FROM (
         SELECT model, ttft_ms, duration_ms FROM requests {sample}
         WHERE (? IS NULL OR created_at >= ?) AND (? IS NULL OR created_at < ?)
-          AND model IS NOT NULL
+          AND model IS NOT NULL AND error IS NULL
     ) UNPIVOT (value FOR metric IN (ttft_ms, duration_ms))
     GROUP BY model, metric ORDER BY model, metric
 """
