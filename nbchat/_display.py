@@ -381,8 +381,8 @@ class CellRenderer:
 # Prose wraps (a long unbroken line scrolled the whole output sideways), as in the
 # panel (_panel_input). Inline only: a <style> element in a cell's output is what a
 # hostile reply's would be (the tests refuse any), and a notebook reopened untrusted
-# strips it. JupyterLab's own rules then keep code wrapping at its spaces (pre-wrap)
-# and let a wide table overflow.
+# strips it. Code blocks and tables set the wrapping back and scroll in their own box
+# (_markup.PRE).
 _WRAP = "overflow-wrap: anywhere; word-break: break-word; min-width: 0; max-width: 100%"
 
 

@@ -30,6 +30,7 @@ from ._text import money
 
 __all__ = [
     "MARKDOWN_USD",
+    "PRE",
     "clip",
     "escape",
     "highlight",
@@ -191,6 +192,16 @@ def _highlight(code: str, language: str) -> str | None:
     return cast(str, pygmentize(code, lexer, formatter))
 
 
+# Code blocks and tables scroll sideways in their own box, while the prose around them
+# wraps anywhere (a turn's long URL must not widen a cell's output or the panel). The
+# style is inline because a cell's output may carry no <style> element (a hostile
+# reply's would look the same); overflow-wrap and word-break are inherited, so a table
+# that sets them back to normal keeps its cells' words whole.
+_SCROLLS = "overflow-x: auto; max-width: 100%; overflow-wrap: normal; word-break: normal"
+PRE = f'<pre style="white-space: pre; {_SCROLLS}">'
+_TABLE = f'<table style="display: block; {_SCROLLS}">'
+
+
 class _SafeRenderer(mistune.HTMLRenderer):
     """Mistune's HTML renderer with raw HTML escaped, no remote images, highlighted code."""
 
@@ -209,8 +220,11 @@ class _SafeRenderer(mistune.HTMLRenderer):
         language = (info or "").split(None, 1)[0] if info else ""
         shown = highlight(code, language) if language else None
         if shown is None:
-            return super().block_code(code, info)
-        return f'<pre><code class="language-{escape(language)}">{shown}</code></pre>\n'
+            return super().block_code(code, info).replace("<pre>", PRE, 1)
+        return f'{PRE}<code class="language-{escape(language)}">{shown}</code></pre>\n'
+
+    def table(self, text: str) -> str:  # found before the table plugin's own renderer
+        return f"{_TABLE}\n{text}</table>\n"
 
 
 _PLUGINS: list[Any] = ["strikethrough", "table", "url"]

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ._markup import clip, escape, highlight, pretty_json, safe_markdown, to_html
+from ._markup import PRE, clip, escape, highlight, pretty_json, safe_markdown, to_html
 from ._types import ImagePart, TextBuffer
 
 __all__ = [
@@ -213,7 +213,7 @@ def _duration(ms: float) -> str:
 def _pre(text: str, language: str = "") -> str:
     shown = clip(text, BLOCK_CHARS)
     colored = highlight(shown, language) if language else None
-    return f"<pre><code>{colored if colored is not None else escape(shown)}</code></pre>"
+    return f"{PRE}<code>{colored if colored is not None else escape(shown)}</code></pre>"
 
 
 def _arguments_html(arguments: str, code: str | None) -> str:

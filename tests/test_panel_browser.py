@@ -472,6 +472,7 @@ CELLS = [
     "%%chat --tools lookup\nLook up a and b, then tell me what the plan costs.",
     "%%chat\nSay hello.",
     MARKDOWN_CELL,
+    "%%chat\nShow the wide table.",
 ]
 ROUND_2 = (
     "Both values found: **1** and **2**. The plan costs $5 per month and $20 per year, "
@@ -483,6 +484,25 @@ HOSTILE_JS = (
     '<details open ontoggle="window.nbchatPwned = 3"><summary>more</summary>hidden</details>'
     "\n\n![pixel](http://127.0.0.1:9/leak.png)"
 )
+WIDE_REPLY = (
+    f"It is documented at {LONG_URL} on the project's site.\n\n"
+    + "| "
+    + " | ".join(f"column_number_{i}" for i in range(14))
+    + " |\n|"
+    + "---|" * 14
+    + "\n| "
+    + " | ".join(f"value_{i}_of_the_row" for i in range(14))
+    + " |\n\n```python\nprint('"
+    + "y" * 300
+    + "')\n```"
+)
+# Prose wraps inside the output; the code block and the table scroll in their own box.
+OUTPUT_WIDTHS = """(output) => {
+    const box = (el) => ({scroll: el.scrollWidth, client: el.clientWidth,
+                          right: el.getBoundingClientRect().right});
+    return {output: box(output), paragraph: box(output.querySelector('p')),
+            pre: box(output.querySelector('pre')), table: box(output.querySelector('table'))};
+}"""
 OUTPUT_TAGS = """() => {
     const count = (selector) => document.querySelectorAll(selector).length;
     return {
@@ -551,6 +571,7 @@ def test_chat_cells_in_jupyterlab(fake: FakeOpenAIServer, tmp_path: Path) -> Non
     )
     fake.enqueue(ROUND_2, chunk_size=6, delay=0.02)
     fake.enqueue(HOSTILE_JS)
+    fake.enqueue(WIDE_REPLY)
     with _lab_run_all(tmp_path, fake, CELLS, "cells.ipynb", "cell-jupyterlab-failure.png") as (
         served,
         page,
@@ -564,7 +585,17 @@ def test_chat_cells_in_jupyterlab(fake: FakeOpenAIServer, tmp_path: Path) -> Non
         expect(turn).to_contain_text("fake-model ·")  # the footer: the turn ended
         expect(cells.nth(2).locator(".jp-OutputArea-output")).to_contain_text("fake-model ·")
         expect(cells.nth(3).locator(".jp-RenderedMarkdown")).to_contain_text("list-fence")
+        wide = cells.nth(4).locator(".jp-OutputArea-output")
+        expect(wide).to_contain_text("fake-model ·")
         page.wait_for_function(KERNEL_IDLE)
+
+        widths = wide.evaluate(OUTPUT_WIDTHS)
+        assert widths["output"]["scroll"] <= widths["output"]["client"] + 1, widths
+        assert widths["paragraph"]["right"] <= widths["output"]["right"] + 1, widths
+        for scrolled in ("pre", "table"):  # wider than the output: each scrolls itself
+            assert widths[scrolled]["scroll"] > widths[scrolled]["client"] + 100, widths
+            assert widths[scrolled]["right"] <= widths["output"]["right"] + 1, widths
+        cells.nth(4).screenshot(path=str(ARTIFACTS / "cell-jupyterlab-wide.png"))
 
         text = turn.inner_text()
         assert text.index("Let me look that up.") < text.index("lookup") < text.index("Both")

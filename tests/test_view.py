@@ -381,7 +381,8 @@ def test_a_stored_conversation_keeps_the_users_markdown_table(fake: FakeOpenAISe
     s.send("Which sold more?\n\n| region | sales |\n|---|---|\n| a | 1 |\n| b | <b>2</b> |")
     shown = Conversation(s.history)
     html = shown._repr_html_()
-    assert "<table>" in html and "<td>&lt;b&gt;2&lt;/b&gt;</td>" in html
+    assert '<table style="display: block; overflow-x: auto;' in html
+    assert "<td>&lt;b&gt;2&lt;/b&gt;</td>" in html
     assert_inert(html)
     markdown = shown._repr_markdown_()
     assert "\n| region | sales |\n|---|---|\n" in markdown  # its own lines: still a table
@@ -606,3 +607,7 @@ def test_a_cells_prose_wraps_inside_the_output(fake: FakeOpenAIServer) -> None:
     assert re.search(r'<div class="nbchat-turn" style="overflow-wrap: anywhere;', html)
     assert "<style" not in html  # inline only, as a reopened untrusted notebook keeps it
     assert html.index('class="nbchat-turn"') < html.index("AAAA") < html.rindex("</div>")
+    # Code and tables scroll in their own box: their words are not broken anywhere.
+    scrolls = "overflow-x: auto; max-width: 100%; overflow-wrap: normal; word-break: normal"
+    assert f'<table style="display: block; {scrolls}">' in html
+    assert f'<pre style="white-space: pre; {scrolls}"><code>BBBB' in html
