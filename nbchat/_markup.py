@@ -108,8 +108,14 @@ def _prose(text: str, on_prose: Callable[[str], str]) -> str:
 # element of its own it cannot. GitHub shows the span's ``\\$`` as ``$`` too. (``&#36;``
 # is ``$`` before MathJax looks: it pairs.)
 MARKDOWN_USD = "<span>\\$</span>"
-_ATX = re.compile(r"^( {0,3})(#{1,6})(?=[ \t]|$)", re.M)
-_SETEXT = re.compile(r" {0,3}(?:=+|-+)[ \t]*")
+# What a heading may stand behind on its line: block quote markers and list item
+# markers, nested ("> ## User" is a heading inside a quote, "- # x" inside an item).
+_QUOTES = r"(?:[ ]{0,3}>[ ]?)*"
+_CONTAINERS = r"(?:[ ]{0,3}(?:>[ ]?|[-*+][ ]+|\d{1,9}[.)][ ]+))*"
+_ATX = re.compile(rf"^({_CONTAINERS}[ ]{{0,3}})(#{{1,6}})(?=[ \t]|$)", re.M)
+_SETEXT = re.compile(rf"({_QUOTES}[ ]{{0,3}})([=-])(?:=+|-+|)[ \t]*")
+_QUOTED = re.compile(_QUOTES)
+_RULE = re.compile(r"[ ]{0,3}(?:[-=*_][ \t]*)+")
 
 
 def safe_markdown(text: str, *, headings: bool = True) -> str:
@@ -145,8 +151,12 @@ def _below_headings(text: str) -> str:
     text = _ATX.sub(lambda m: m.group(1) + "#" * min(6, len(m.group(2)) + 2), text)
     lines = text.split("\n")
     for i in range(1, len(lines)):
-        if lines[i - 1].strip() and _SETEXT.fullmatch(lines[i]):
-            lines[i] = lines[i].replace(lines[i].lstrip()[0], "\\" + lines[i].lstrip()[0], 1)
+        underline = _SETEXT.fullmatch(lines[i])
+        # An underline under a line of text (in a quote: under quoted text), not under
+        # a rule or another underline.
+        above = lines[i - 1][_QUOTED.match(lines[i - 1]).end() :]  # type: ignore[union-attr]
+        if underline and above.strip() and not _RULE.fullmatch(above):
+            lines[i] = underline.group(1) + "\\" + lines[i][underline.end(1) :]
     return "\n".join(lines)
 
 
