@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from nbchat import _client, _config
+from nbchat import _client, _config, _images, _pricing, _request_errors
 from nbchat.testing import FakeOpenAIServer
 
 _ENV = (
@@ -45,8 +45,17 @@ def isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Pa
     # What servers said of their context windows is kept per base URL for the process;
     # a fake server's port is reused by later tests, so each test starts without it.
     _client._windows.clear()
+    # So are the endpoints known to be free or text-only (the embedded model's) and the
+    # keyless servers already warned of: what a test marks goes with it (a module's
+    # embedded server, marked before its first test, stays marked).
+    free, text_only = set(_pricing._free_endpoints), dict(_images._text_only)
+    warned = set(_request_errors._warned_keyless)
     yield db
     _config.reset_defaults()
+    _pricing._free_endpoints.intersection_update(free)
+    _images._text_only.clear()
+    _images._text_only.update(text_only)
+    _request_errors._warned_keyless.intersection_update(warned)
 
 
 _real_connect = socket.socket.connect

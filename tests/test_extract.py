@@ -111,13 +111,15 @@ def test_a_budget_stops_the_run_part_way_and_marks_the_rest(
 def test_rows_run_at_once_up_to_the_concurrency(fake: FakeOpenAIServer) -> None:
     in_flight, peak = 0, 0
     lock = threading.Lock()
+    # Requests answer four at a time: four must be in flight together for any to answer.
+    together = threading.Barrier(4, timeout=30)
 
     def slow(body: dict[str, Any]) -> Reply:
         nonlocal in_flight, peak
         with lock:
             in_flight += 1
             peak = max(peak, in_flight)
-        threading.Event().wait(0.2)
+        together.wait()
         with lock:
             in_flight -= 1
         return person_from(body)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import re
 import subprocess
@@ -371,7 +372,7 @@ def test_client_disconnect_is_quiet_and_does_not_stall(
     server.enqueue("next one")
     started = time.perf_counter()
     assert stream_text(client)[0] == "next one"
-    assert time.perf_counter() - started < 1.0
+    assert time.perf_counter() - started < 3.0  # not after the cut reply's 4 s
     deadline = time.monotonic() + 5
     while server.disconnects == 0 and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -382,7 +383,7 @@ def test_client_disconnect_is_quiet_and_does_not_stall(
 
 
 def test_slow_stream_does_not_block_other_requests(server: FakeOpenAIServer) -> None:
-    server.enqueue("slow" * 5, chunk_size=1, delay=0.02)  # ~0.4 s
+    server.enqueue("slow" * 5, chunk_size=1, delay=0.1)  # ~2 s
     server.enqueue("fast")
     arrivals: list[float] = []
 
@@ -406,7 +407,7 @@ def test_slow_stream_does_not_block_other_requests(server: FakeOpenAIServer) -> 
 
 def test_async_client_streams_concurrently(server: FakeOpenAIServer) -> None:
     for i in range(5):
-        server.enqueue(f"reply {i}", chunk_size=1, delay=0.02)
+        server.enqueue(f"reply {i}", chunk_size=1, delay=0.15)  # each open ~1 s
     firsts: list[float] = []
     ends: list[float] = []
 
@@ -512,7 +513,7 @@ def test_streaming_throughput(server: FakeOpenAIServer) -> None:
     rate = events / (time.perf_counter() - started)
     print(f"\nfake server streamed {rate:,.0f} chunks/s to httpx")
     assert events == n + 2  # role chunk + n content chunks + finish chunk
-    assert rate > 5_000
+    assert rate > 1_000  # ~25,000 on an idle machine; a syscall per byte would be ~100
 
 
 def test_command_line_serves_until_killed(tmp_path: Any) -> None:
@@ -610,7 +611,7 @@ def test_usage_json_is_sent_verbatim(server: FakeOpenAIServer) -> None:
 
 
 def test_stall_pauses_after_n_chunks(server: FakeOpenAIServer) -> None:
-    server.enqueue("abcdef", chunk_size=1, stall_after=3, stall_seconds=0.4)
+    server.enqueue("abcdef", chunk_size=1, stall_after=3, stall_seconds=1.0)
     arrivals: list[tuple[float, bytes]] = []
     request = {"model": "m", "messages": MESSAGES, "stream": True}
     with httpx.Client(timeout=10) as h:
@@ -620,7 +621,9 @@ def test_stall_pauses_after_n_chunks(server: FakeOpenAIServer) -> None:
                 if line.startswith("data: "):
                     arrivals.append((time.perf_counter() - t0, line.encode()))
     assert len(arrivals) == 9  # role, 6 text chunks, finish, [DONE]
-    assert arrivals[2][0] < 0.3 and arrivals[3][0] >= 0.4
+    gaps = [later[0] - earlier[0] for earlier, later in itertools.pairwise(arrivals)]
+    # The one long silence is after the third chunk (role chunk, "a", "b", then "c"...).
+    assert gaps[2] >= 0.95 and max(gaps[:2] + gaps[3:]) < gaps[2] - 0.5, gaps
 
 
 def test_stop_wakes_a_stalled_reply() -> None:

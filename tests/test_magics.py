@@ -1097,6 +1097,7 @@ def test_images_for_the_text_only_embedded_model_are_refused_before_sending(
     from nbchat import AttachmentError, Session
     from nbchat._images import forget_text_only
     from nbchat._local import LocalServer, _serving
+    from nbchat._pricing import forget_free_endpoint
 
     picture = io.BytesIO()
     PILImage.new("RGB", (4, 4)).save(picture, format="PNG")
@@ -1116,3 +1117,4 @@ def test_images_for_the_text_only_embedded_model_are_refused_before_sending(
         assert s.send("and without it?").text == "text is fine"
     finally:
         forget_text_only(fake.url)
+        forget_free_endpoint(fake.url)

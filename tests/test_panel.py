@@ -432,7 +432,8 @@ def test_turns_from_cells_show_in_the_panel_and_a_send_meanwhile_is_queued(
     s.send("earlier question")  # a cell ran before the panel was made
     p = panel(s)
     assert [role for role, _ in bubbles(p)] == ["user", "assistant"]
-    fake.enqueue("slow cell answer " * 10, chunk_size=4, delay=0.02)
+    # The cell's reply pauses 3 s, long enough for a send to find it running.
+    fake.enqueue("slow cell answer " * 10, chunk_size=4, stall_after=2, stall_seconds=3)
     fake.enqueue("panel answer")
     cell = threading.Thread(target=lambda: s.send("from a cell"))
     cell.start()

@@ -111,6 +111,7 @@ def test_every_row_says_who_wrote_it(pg_url: str, fake: Any, monkeypatch: Any) -
 
     s = Session(model="m", base_url=fake.url, api_key="k", db=pg_url, tools=[lookup])
     assert s.send("go").status == "completed"
+    assert s._sink is not None and s._sink.flush(30)  # raw reads below wait for no writer
     for table in ATTRIBUTED_TABLES:
         if table == "compactions":
             continue  # none in this turn

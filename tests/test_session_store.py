@@ -44,6 +44,16 @@ def _file_held(db_path: Path, tmp_path: Path, seconds: float = 2.5) -> Iterator[
         holder.communicate(timeout=30)
 
 
+def _let_go(s: Session) -> None:
+    """Wait until ``s`` has written what it was handed and its store has let the file go
+    (0.5 s after its last write, then a checkpoint: longer on a loaded machine)."""
+    assert s._sink is not None and s._sink.flush(30)
+    deadline = time.monotonic() + 30
+    while s.store is not None and s.store.stats().get("open"):
+        assert time.monotonic() < deadline, "the store never let the file go"
+        time.sleep(0.01)
+
+
 @pytest.mark.slow
 def test_a_locked_store_file_loses_nothing(
     fake: FakeOpenAIServer, db_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -54,7 +64,7 @@ def test_a_locked_store_file_loses_nothing(
     fake.enqueue("third answer")
     s = Session(model="m", base_url=fake.url, api_key="k", db=db_path, max_retries=0)
     s.send("one")
-    time.sleep(1.0)  # the store lets the file go 0.5 s after its last write
+    _let_go(s)
 
     events: list[Any] = []
     with _file_held(db_path, tmp_path):
@@ -65,6 +75,8 @@ def test_a_locked_store_file_loses_nothing(
     s.send("three", on_event=events.append)
     notices = [e.message for e in events if e.kind == "notice"]
     assert len([n for n in notices if "Not saved yet" in n]) == 1, notices
+    # (a read waits for this process's writes only up to the 0.3 s lock timeout set here)
+    assert s._sink is not None and s._sink.flush_quietly(30)
     rows = nbchat.transcript(s.id, db=db_path)
     assert list(rows["content"]) == [
         "one",
@@ -94,7 +106,7 @@ def test_a_script_that_watches_no_events_is_told_of_an_outage_in_the_log(
     fake.enqueue("second answer")
     s = Session(model="m", base_url=fake.url, api_key="k", db=db_path, max_retries=0)
     s.send("one")
-    time.sleep(1.0)  # the store lets the file go 0.5 s after its last write
+    _let_go(s)
     with _file_held(db_path, tmp_path), caplog.at_level(logging.WARNING, logger="nbchat"):
         assert s.send("two").status == "completed"
         deadline = time.monotonic() + 10
@@ -120,7 +132,7 @@ def test_a_reply_streams_whole_while_another_process_holds_the_file(
     s = Session(model="m", base_url=fake.url, api_key="k", db=db_path, max_retries=0)
     fake.enqueue("ok")
     s.send("warm up")
-    time.sleep(1.0)  # the store lets the file go 0.5 s after its last write
+    _let_go(s)
     fake.enqueue("a long answer, streamed in many small pieces " * 20, chunk_size=3)
     ready, stop, released = (tmp_path / name for name in ("held", "stop", "released"))
     holder = subprocess.Popen(
