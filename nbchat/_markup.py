@@ -113,8 +113,8 @@ MARKDOWN_USD = "<span>\\$</span>"
 _QUOTES = r"(?:[ ]{0,3}>[ ]?)*"
 _CONTAINERS = r"(?:[ ]{0,3}(?:>[ ]?|[-*+][ ]+|\d{1,9}[.)][ ]+))*"
 _ATX = re.compile(rf"^({_CONTAINERS}[ ]{{0,3}})(#{{1,6}})(?=[ \t]|$)", re.M)
-_SETEXT = re.compile(rf"({_QUOTES}[ ]{{0,3}})([=-])(?:=+|-+|)[ \t]*")
-_QUOTED = re.compile(_QUOTES)
+_SETEXT = re.compile(rf"({_QUOTES}[ ]{{0,3}})(?:=+|-+)[ \t]*")
+_QUOTED = re.compile(rf"^{_QUOTES}")
 _RULE = re.compile(r"[ ]{0,3}(?:[-=*_][ \t]*)+")
 
 
@@ -154,7 +154,7 @@ def _below_headings(text: str) -> str:
         underline = _SETEXT.fullmatch(lines[i])
         # An underline under a line of text (in a quote: under quoted text), not under
         # a rule or another underline.
-        above = lines[i - 1][_QUOTED.match(lines[i - 1]).end() :]  # type: ignore[union-attr]
+        above = _QUOTED.sub("", lines[i - 1], count=1)
         if underline and above.strip() and not _RULE.fullmatch(above):
             lines[i] = underline.group(1) + "\\" + lines[i][underline.end(1) :]
     return "\n".join(lines)
