@@ -14,7 +14,7 @@ from ._events import TurnFinished, TurnStarted
 from ._exceptions import AttachmentError, StoreError
 from ._history import live_order
 from ._markup import safe_markdown
-from ._store import Db, open_store, pending_tool_calls
+from ._store import Db, Store, open_store, pending_tool_calls
 from ._store._records import StoredSession
 from ._store._rows import session_title
 from ._types import (
@@ -69,7 +69,9 @@ def export_session(
     and model; image names by SHA-256; where each turn starts, by message index, with its
     status and error), so an import keeps them.
     ``"markdown"``: a readable transcript with tool calls and results in code blocks,
-    and images as their labels (``[image: plot.png, 640×480 png]``); with
+    and images as their labels (``[image: plot.png, 640×480 png]``); a reply or tool
+    result that did not finish says so in its heading (cut off, interrupted, not run),
+    and a turn that did not complete says after it how it ended, with its error; with
     ``include_compacted`` the whole conversation, the messages folded into a summary
     included (marked folded) before the summary that replaced them.
     """
@@ -82,22 +84,15 @@ def export_session(
         )
     with open_store(db) as store:
         session = store.load_session(session_id, include_compacted=include_compacted)
+        ended = _turn_outcomes(store, session_id) if format != "openai" else {}
     if format == "markdown":
-        return _markdown(session, folded=include_compacted)
+        return _markdown(session, ended, folded=include_compacted)
     messages = _messages(session)
     # Reasoning in the field DeepSeek and vLLM use, which import_session reads back.
     wire = [m.to_openai(reasoning_field="reasoning_content") for m in messages]
     if format == "openai":
         return json.dumps(wire, indent=2, ensure_ascii=False)
     names = {i.sha256: i.name for m in messages for i in m.attachments or [] if i.name}
-    with open_store(db) as store:
-        outcomes = store.frame("turns", session_id=session_id)
-    ended = {
-        str(turn_id): (str(status), error if isinstance(error, str) else None)
-        for turn_id, status, error in zip(
-            outcomes["id"], outcomes["status"], outcomes["error"], strict=True
-        )
-    }
     kept = {
         "title": session.title,
         "session_id": session.id,
@@ -107,6 +102,17 @@ def export_session(
         "turns": _turn_starts(messages, ended),
     }
     return json.dumps(kept, indent=2, ensure_ascii=False)
+
+
+def _turn_outcomes(store: Store, session_id: str) -> dict[str, tuple[str, str | None]]:
+    """Each stored turn of the session: its status and error."""
+    outcomes = store.frame("turns", session_id=session_id)
+    return {
+        str(turn_id): (str(status), error if isinstance(error, str) else None)
+        for turn_id, status, error in zip(
+            outcomes["id"], outcomes["status"], outcomes["error"], strict=True
+        )
+    }
 
 
 def _turn_starts(
@@ -149,7 +155,47 @@ def _pretty_json(text: str) -> tuple[str, str]:
         return text, ""
 
 
-def _markdown(session: StoredSession, *, folded: bool = False) -> str:
+# What the heading of a message that did not finish normally says after its name.
+_UNFINISHED = {
+    ("assistant", "interrupted"): "interrupted: the partial reply was kept",
+    ("assistant", "error"): "cut off: the request failed before the reply was finished",
+    ("tool", "declined"): "not run: skipped by the user",
+    ("tool", "not_run"): "not run: past the turn's limit on tool rounds",
+    ("tool", "cancelled"): "stopped: the turn was stopped while the tool ran",
+    ("tool", "aborted"): "aborted: the process stopped before the tool finished",
+}
+# How a turn that did not complete ended, said after its last message.
+_TURN_ENDS = {
+    "running": "did not finish (still running, or its process stopped)",
+    "interrupted": "was interrupted",
+    "max_rounds": "stopped at the limit on tool rounds",
+    "budget_exceeded": "stopped at the budget",
+    "error": "ended with an error",
+    "rejected": "was rejected by a guardrail",
+    "aborted": "was aborted: its process stopped while tools ran",
+}
+_ERROR_CHARS = 500  # of a turn's error in the export (a server's words: bounded)
+
+
+def _turn_end(status: str, error: str | None) -> list[str]:
+    """The line after a turn that did not complete: how it ended and, bounded, why."""
+    said = _TURN_ENDS.get(status)
+    if said is None:
+        return []
+    line = f"*The turn {said}.*"
+    if error:
+        flat = " ".join(error.split())
+        flat = flat if len(flat) <= _ERROR_CHARS else flat[: _ERROR_CHARS - 1] + "…"
+        line += f" {safe_markdown(flat, headings=False)}"
+    return [line, ""]
+
+
+def _markdown(
+    session: StoredSession,
+    ended: dict[str, tuple[str, str | None]],
+    *,
+    folded: bool = False,
+) -> str:
     # The title comes from the user's first message: one line, its HTML shown as text.
     title = " ".join((session.title or f"Session {session.id}").split())
     lines = [f"# {safe_markdown(title)}", ""]
@@ -158,39 +204,47 @@ def _markdown(session: StoredSession, *, folded: bool = False) -> str:
         lines.append(f"- model: {_code(session.model)}")
     lines.append(f"- created: {session.created_at.isoformat(timespec='seconds')}")
     lines.append("")
-    for message in _messages(session, folded=folded):
-        content = message.content
-        mark = " (folded into a summary)" if message.state == "compacted" else ""
-        if message.role == "tool":
-            name = message.name or "tool"
-            heading = f"## Tool result: {_code(name)} ({_code(message.tool_call_id or '')})"
-            if message.status == "declined":
-                heading += " — not run: skipped by the user"
-            elif message.status == "not_run":
-                heading += " — not run: past the turn's limit on tool rounds"
-            lines.append(heading + mark)
-            body, language = _pretty_json(content or "")
-            lines += ["", _fence(body, language), ""]
-            continue
-        if message.status == "summary":
-            lines += [f"## Summary of the earlier conversation{mark}", ""]
-            content = (content or "").removeprefix(SUMMARY_HEADER)
-        else:
-            lines += [f"## {message.role.capitalize()}{mark}", ""]
-        if message.reasoning:
-            lines += ["<details><summary>Thinking</summary>", ""]
-            lines += [safe_markdown(message.reasoning, headings=False), "", "</details>", ""]
-        if content:
-            # Model (and pasted) text: no live HTML, no fetched images, prices not math,
-            # no heading of the export's own levels (a fake "## User" section).
-            lines += [safe_markdown(content, headings=False), ""]
-        for image in message.attachments or []:
-            lines += [safe_markdown(image.label), ""]
-        for call in message.tool_calls or []:
-            lines.append(f"**Tool call** {_code(call.name)} ({_code(call.id)})")
-            body, language = _pretty_json(call.arguments or "")
-            lines += ["", _fence(body, language), ""]
+    messages = _messages(session, folded=folded)
+    for index, message in enumerate(messages):
+        lines += _message_markdown(message)
+        turn = message.turn_id
+        following = messages[index + 1].turn_id if index + 1 < len(messages) else None
+        if turn is not None and following != turn and turn in ended:
+            lines += _turn_end(*ended[turn])
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _message_markdown(message: Message) -> list[str]:
+    lines: list[str] = []
+    content = message.content
+    mark = " (folded into a summary)" if message.state == "compacted" else ""
+    unfinished = _UNFINISHED.get((message.role, message.status))
+    note = f" — {unfinished}" if unfinished else ""
+    if message.role == "tool":
+        name = message.name or "tool"
+        heading = f"## Tool result: {_code(name)} ({_code(message.tool_call_id or '')})"
+        lines.append(heading + note + mark)
+        body, language = _pretty_json(content or "")
+        return [*lines, "", _fence(body, language), ""]
+    if message.status == "summary":
+        lines += [f"## Summary of the earlier conversation{mark}", ""]
+        content = (content or "").removeprefix(SUMMARY_HEADER)
+    else:
+        lines += [f"## {message.role.capitalize()}{note}{mark}", ""]
+    if message.reasoning:
+        lines += ["<details><summary>Thinking</summary>", ""]
+        lines += [safe_markdown(message.reasoning, headings=False), "", "</details>", ""]
+    if content:
+        # Model (and pasted) text: no live HTML, no fetched images, prices not math,
+        # no heading of the export's own levels (a fake "## User" section).
+        lines += [safe_markdown(content, headings=False), ""]
+    for image in message.attachments or []:
+        lines += [safe_markdown(image.label), ""]
+    for call in message.tool_calls or []:
+        lines.append(f"**Tool call** {_code(call.name)} ({_code(call.id)})")
+        body, language = _pretty_json(call.arguments or "")
+        lines += ["", _fence(body, language), ""]
+    return lines
 
 
 # ------------------------------------------------------------------ import

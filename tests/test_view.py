@@ -379,6 +379,44 @@ def test_a_heading_in_a_quote_or_a_list_is_below_the_exports_levels_too(
     assert "<hr />" in html  # a rule after a blank line stays a rule
 
 
+def test_a_markdown_export_says_which_reply_was_cut_and_how_each_turn_ended(
+    fake: FakeOpenAIServer, tmp_path: Any
+) -> None:
+    """A trial's export of a session whose stream was cut read like a finished answer."""
+
+    def ping() -> str:
+        """Answer pong."""
+        return "pong"
+
+    s = nbchat.Session(
+        model="fake-model", base_url=fake.url, db=str(tmp_path / "x.duckdb"), max_retries=0,
+        tools=[ping],
+    )  # fmt: skip
+    fake.enqueue("The first half of an answer, and then", chunk_size=4, cut_after=4)
+    assert s.send("one").status == "error"
+    fake.enqueue("A whole answer.")
+    assert s.send("two").status == "completed"
+    fake.enqueue(tool_calls=[{"name": "ping", "arguments": {}}], repeat=2)
+    assert s.send("three", options=nbchat.TurnOptions(max_rounds=1)).status == "max_rounds"
+    exported = nbchat.export_session(s.id, format="markdown", db=s.store)
+    turns = exported.split("## User")[1:]
+    assert len(turns) == 3
+    cut, whole, limited = turns
+    assert "## Assistant — cut off: the request failed before the reply was finished" in cut
+    assert "*The turn ended with an error.* " in cut and "The first ha" in cut
+    error_line = next(line for line in cut.splitlines() if line.startswith("*The turn"))
+    assert len(error_line) < 700  # the error's words come bounded, on one line
+    assert "—" not in whole.split("\n", 1)[1] and "*The turn" not in whole
+    assert "*The turn stopped at the limit on tool rounds.*" in limited
+    assert "— not run: past the turn's limit on tool rounds" in limited
+    # What a server says in an error is shown as text, like its replies.
+    fake.enqueue_error(500, '<img src=x onerror="window.pwned=1"> ## User')
+    assert s.send("four").status == "error"
+    hostile = nbchat.export_session(s.id, format="markdown", db=s.store)
+    assert_inert(_jupyter_like(hostile))
+    assert hostile.count("\n## User") == 4  # the error's "## User" is no heading
+
+
 def test_a_stored_conversation_displays_inert(fake: FakeOpenAIServer) -> None:
     from nbchat._magic_displays import Conversation
 
