@@ -107,7 +107,7 @@ class ModelClient:
             raise ValueError(f"api must be 'chat' or 'responses', not {api!r}")
         self._api = api
         self._encoder = BodyEncoder()
-        self._input_items: dict[int, Any] = {}  # the Responses items of each message sent
+        self._input_items = _responses.input_items()  # the Responses items of what was sent
 
     @property
     def model(self) -> str:

@@ -15,6 +15,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from operator import attrgetter, eq
 from typing import Any
 
 from ._exceptions import ModelAPIError
@@ -39,6 +40,8 @@ _WINDOW_FROM_MESSAGE = re.compile(r"maximum context length is (\d+)")
 
 
 # --------------------------------------------------------------------------- estimating
+
+_id = attrgetter("id")
 
 
 def message_chars(message: Message) -> int:
@@ -100,9 +103,7 @@ class TokenEstimator:
 
     def _extends_anchor(self, messages: Sequence[Message]) -> bool:
         n = len(self._anchor_ids)
-        return len(messages) >= n and all(
-            m.id == i for m, i in zip(messages, self._anchor_ids, strict=False)
-        )
+        return len(messages) >= n and all(map(eq, self._anchor_ids, map(_id, messages)))
 
     def estimate(self, messages: Sequence[Message], extra_chars: int = 0) -> int:
         """Estimated prompt tokens of ``messages`` (plus ``extra_chars`` of tool specs)."""
@@ -121,18 +122,27 @@ class TokenEstimator:
         """Remember the server's ``prompt_tokens`` for a request that sent ``messages``."""
         if not prompt_tokens or prompt_tokens <= 0:
             return
-        if self._anchor_tokens is not None and self._extends_anchor(messages):
-            grown = self._heuristic(messages[len(self._anchor_ids) :], extra_chars)
-            grown -= self._anchor_extra / CHARS_PER_TOKEN
+        extends = self._anchor_tokens is not None and self._extends_anchor(messages)
+        if extends:
+            assert self._anchor_tokens is not None
+            n = len(self._anchor_ids)
+            added = self._heuristic(messages[n:], extra_chars)
+            grown = added - self._anchor_extra / CHARS_PER_TOKEN
             if grown >= self.MIN_GROWTH:
                 # Clamped: one odd report must not make every later estimate absurd.
                 learned = (prompt_tokens - self._anchor_tokens) / grown
                 self.ratio = min(4.0, max(0.25, learned))
-        self._anchor_ids = [m.id for m in messages]
+            # Only what was added is measured: a long history is not walked again.
+            self._anchor_ids += map(_id, messages[n:])
+            self._anchor_raw += grown
+        else:
+            self._anchor_ids = list(map(_id, messages))
+            self._anchor_raw = self._heuristic(messages, extra_chars)
         sizes = self._sizes
-        self._sizes = {i: sizes[i] for i in self._anchor_ids if i in sizes}  # the live ones
+        if not extends or len(sizes) > 2 * len(self._anchor_ids) + 64:
+            live = self._anchor_ids  # let go of what left the history (or was never in it)
+            self._sizes = {i: sizes[i] for i in live if i in sizes}
         self._anchor_tokens = prompt_tokens
-        self._anchor_raw = self._heuristic(messages, extra_chars)
         self._anchor_extra = extra_chars
 
 

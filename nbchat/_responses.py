@@ -16,15 +16,18 @@ calls they preceded, in the tool rounds of the same turn (``reasoning_replay``).
 
 from __future__ import annotations
 
+from itertools import chain
 from typing import Any
 
-from ._wire import REASONING_ITEM, load_json
+from ._wire import REASONING_ITEM, PrefixCache, load_json
 
 __all__ = [
     "ENCRYPTED_REASONING",
     "REASONING_ITEMS",
     "RESPONSES_ONLY_MODELS",
+    "InputItems",
     "ResponsesStream",
+    "input_items",
     "reasoning_model",
     "reply_chunk",
     "request_body",
@@ -98,8 +101,16 @@ def _parts(content: Any, role: str) -> Any:
     return parts
 
 
+InputItems = PrefixCache[dict[str, Any], list[dict[str, Any]]]
+
+
+def input_items() -> InputItems:
+    """What ``to_input`` keeps between one request's messages and the next's."""
+    return PrefixCache(_items)
+
+
 def to_input(
-    messages: list[dict[str, Any]], known: dict[int, Any] | None = None
+    messages: list[dict[str, Any]], known: InputItems | None = None
 ) -> tuple[str | None, list[dict[str, Any]]]:
     """(instructions, input items) for a chat-format message list.
 
@@ -110,21 +121,11 @@ def to_input(
     again), so a long history is converted once and its items are the same objects.
     """
     instructions: str | None = None
-    items: list[dict[str, Any]] = []
-    kept: dict[int, Any] = {}
-    for n, message in enumerate(messages):
-        if n == 0 and message.get("role") == "system":
-            instructions = _text_of(message.get("content"))
-            continue
-        hit = known.get(id(message)) if known is not None else None
-        if hit is None or hit[0] is not message:
-            hit = (message, _items(message))
-        kept[id(message)] = hit
-        items += hit[1]
-    if known is not None:
-        known.clear()
-        known.update(kept)  # what is no longer sent is let go
-    return instructions, items
+    if messages and messages[0].get("role") == "system":
+        instructions = _text_of(messages[0].get("content"))
+        messages = messages[1:]
+    converted = known.convert(messages) if known is not None else map(_items, messages)
+    return instructions, list(chain.from_iterable(converted))
 
 
 def _items(message: dict[str, Any]) -> list[dict[str, Any]]:
@@ -209,7 +210,7 @@ def request_body(
     tools: list[dict[str, Any]] | None,
     stream: bool,
     params: dict[str, Any],
-    known: dict[int, Any] | None = None,
+    known: InputItems | None = None,
 ) -> dict[str, Any]:
     """The JSON body of ``POST /responses`` for one request of the loop (``known``: see
     ``to_input``)."""

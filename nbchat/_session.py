@@ -16,6 +16,7 @@ import contextlib
 import time
 import urllib.parse
 from collections.abc import Iterable, Iterator, Sequence
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any, Literal
 
 from ._client import DEFAULT_STALL_TIMEOUT, ModelClient
@@ -43,6 +44,7 @@ from ._tools import ToolSet
 from ._turn_state import TurnOptions, _TurnSettings
 from ._types import Message, ToolCall, Usage, new_id
 from ._warn import warn_user
+from ._wire import PrefixCache
 
 if TYPE_CHECKING:
     from ._store import Store
@@ -202,8 +204,12 @@ class Session(SessionTurns):
         self.usage = Usage()
         self._runner: TurnRunner[Event] = TurnRunner()
         self._reserved_usd = 0.0  # estimated cost of requests in flight
-        # Each message's chat dict, by id (see _wire_messages).
-        self._wire: dict[str, tuple[Any, Any, dict[str | None, dict[str, Any]]]] = {}
+        # The conversation's chat dicts, made once a message (see _wire_messages), and the
+        # (turn, reasoning_replay, wire) they were made for.
+        self._wire: PrefixCache[Message, dict[str, Any]] = PrefixCache(
+            Message.to_openai, stamp=attrgetter("content", "tool_calls")
+        )
+        self._wire_replay: tuple[str, str, str] | None = None
         # The store's writer thread takes the events; the loop never waits on the file
         # except at the two barriers (before tools run, before a turn returns).
         self._sink = StoreSink(self.store, notify=self._store_notice) if self.store else None

@@ -203,21 +203,25 @@ class RequestSteps(LoopState):
     def _wire_messages(self, turn: _Turn) -> list[dict[str, Any]]:
         """The context as the chat dicts a request sends; a message's dict is made once
         and handed again while it is unchanged, so the client encodes it only once."""
-        made, kept = self._wire, {}
-        out = []
-        for m in self._context(turn):
-            field = self._replayed(turn, m)
-            hit = made.get(m.id)
-            if hit is None or hit[0] is not m.content or hit[1] is not m.tool_calls:
-                hit = (m.content, m.tool_calls, {})
-            wire = hit[2].get(field)
-            if wire is None:
-                wire = hit[2][field] = m.to_openai(field)
-            kept[m.id] = hit
-            out.append(wire)
-        if not turn.settings.isolated:
-            self._wire = kept  # what left the conversation is let go
-        return out
+        messages = self._context(turn)
+
+        def convert(m: Message) -> dict[str, Any]:
+            return m.to_openai(self._replayed(turn, m))
+
+        if turn.settings.isolated:  # its own few messages; the conversation's are kept
+            return [convert(m) for m in messages]
+        replay = (turn.turn_id, self.reasoning_replay, turn.settings.client.api)
+        last, again = self._wire_replay, None
+        if last is not None and last != replay:
+            if last[1:] != replay[1:]:
+                again = 0  # another mode or wire: any message's reasoning field may change
+            elif self.reasoning_replay == "auto":
+                # The last turn's own reasoning was sent back; a later turn's is not.
+                again = next((i for i, m in enumerate(messages) if m.turn_id == last[0]
+                              and (m.reasoning is not None or m.reasoning_items is not None)),
+                             None)  # fmt: skip
+        self._wire_replay = replay
+        return self._wire.convert(messages, convert, reuse_below=again)
 
     def _context(self, turn: _Turn) -> list[Message]:
         """The messages a request of ``turn`` sends: the conversation, or for an isolated

@@ -26,6 +26,7 @@ from ._runner import TurnRunner
 from ._text import redact
 from ._tools import ToolSet
 from ._types import Message, ToolCall, ToolCallRecord, TurnStatus, Usage
+from ._wire import PrefixCache
 
 __all__ = ["LoopState", "TurnOptions", "fault_text"]
 
@@ -111,7 +112,8 @@ class LoopState:
     output_guardrails: list[Guardrail]
     _messages: list[Message]
     _reserved_usd: float
-    _wire: dict[str, tuple[Any, Any, dict[str | None, dict[str, Any]]]]
+    _wire: PrefixCache[Message, dict[str, Any]]
+    _wire_replay: tuple[str, str, str] | None
     _notices_given: set[str]
     _runner: TurnRunner[Event]
 

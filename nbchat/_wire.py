@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Annotated, Any
+from collections.abc import Callable, Sequence
+from operator import eq, is_
+from typing import Annotated, Any, Generic, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict
 from pydantic_core import from_json
@@ -23,6 +25,7 @@ from ._types import RequestUsage
 __all__ = [
     "REASONING_ITEM",
     "BodyEncoder",
+    "PrefixCache",
     "SSEParser",
     "context_window_from_models",
     "context_window_from_props",
@@ -329,17 +332,77 @@ def encode_json(obj: Any) -> bytes:
         return _JSON.encode(valid_data(obj)).encode()
 
 
+_S = TypeVar("_S")
+_T = TypeVar("_T")
+
+
+def shared_prefix(
+    old: Sequence[Any], new: Sequence[Any], same: Callable[[Any, Any], Any] = is_
+) -> int:
+    """How many leading elements ``old`` and ``new`` share (by identity, or ``same``)."""
+    if all(map(same, old, new)):  # the usual case, checked without a Python loop
+        return min(len(old), len(new))
+    return next(i for i, (a, b) in enumerate(zip(old, new, strict=False)) if not same(a, b))
+
+
+class PrefixCache(Generic[_S, _T]):
+    """``convert`` of each element of a list, kept for the next list that begins with
+    the same elements: a conversation is what was sent last time plus what came since,
+    so only what came since is converted again.
+
+    Elements match by identity (the cache holds them, so an identity stays theirs) and,
+    with ``stamp``, by what ``stamp`` reads off them, up to the first that differs (a
+    compaction or a re-run cell replaced part of the list): from there each is
+    converted again. Checking a 2,000-element prefix is ~0.1 ms, where keeping the
+    results by id cost a Python loop over the whole list on every request.
+    """
+
+    def __init__(
+        self, convert: Callable[[_S], _T], stamp: Callable[[_S], Any] | None = None
+    ) -> None:
+        self._convert = convert
+        self._stamp = stamp
+        self._sources: list[_S] = []
+        self._stamps: list[Any] = []
+        self._results: list[_T] = []
+
+    def __len__(self) -> int:
+        """How many results are kept."""
+        return len(self._results)
+
+    def convert(
+        self,
+        sources: Sequence[_S],
+        convert: Callable[[_S], _T] | None = None,
+        *,
+        reuse_below: int | None = None,
+    ) -> list[_T]:
+        """The results for ``sources`` (a new list each call); ``convert`` for this call
+        only, ``reuse_below``: convert again from that index on, even if unchanged."""
+        n = shared_prefix(self._sources, sources)
+        stamps: list[Any] = []
+        if self._stamp is not None:
+            stamps = list(map(self._stamp, sources))
+            n = min(n, shared_prefix(self._stamps, stamps, eq))
+        if reuse_below is not None:
+            n = min(n, reuse_below)
+        results = self._results[:n]
+        results += map(convert or self._convert, sources[n:])
+        self._sources, self._stamps, self._results = list(sources), stamps, results
+        return list(results)
+
+
 class BodyEncoder:
     """JSON bytes of request bodies, each message (or input item) encoded once.
 
     A conversation sends the same messages again on every request; the session hands
-    the same dicts each time, so their encodings are kept (by identity, holding the
-    dict so the identity stays its own) and a body is spliced together from them,
-    instead of serialising a 2,000-message history from scratch for each request.
+    the same dicts each time, so their encodings are kept (``PrefixCache``) and a body
+    is spliced together from them, instead of serialising a 2,000-message history from
+    scratch for each request.
     """
 
     def __init__(self) -> None:
-        self._known: dict[int, tuple[Any, bytes]] = {}
+        self._parts: PrefixCache[Any, bytes] = PrefixCache(encode_json)
 
     def encode(self, body: dict[str, Any], key: str = "messages") -> bytes:
         """``body`` encoded; only the entries of ``body[key]`` (chat ``messages``,
@@ -347,15 +410,7 @@ class BodyEncoder:
         messages = body.get(key)
         if not isinstance(messages, list) or list(body)[:2] != ["model", key]:
             return encode_json(body)
-        known, kept = self._known, {}
-        parts = []
-        for message in messages:
-            hit = known.get(id(message))
-            if hit is None or hit[0] is not message:
-                hit = (message, encode_json(message))
-            kept[id(message)] = hit
-            parts.append(hit[1])
-        self._known = kept  # what is no longer sent is let go
+        parts = self._parts.convert(messages)
         head = encode_json({**body, key: []})
         # The only key before it is "model", a plain string: the first match is the key.
         mark = b'"' + key.encode() + b'":[]'

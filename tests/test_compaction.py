@@ -185,6 +185,25 @@ def test_estimate_is_calibrated_and_only_estimates_what_was_added() -> None:
     )
 
 
+def test_an_estimate_grown_request_by_request_equals_one_measured_at_once() -> None:
+    """Observing an extended history measures only what was added; the sums agree."""
+    grown, fresh = TokenEstimator(), TokenEstimator()
+    history = [msg("system", "s" * 120)]
+    for n in range(1, 40):
+        history = [*history, msg("user" if n % 2 else "assistant", f"{n} " + "w" * (n * 37))]
+        grown.observe(history, extra_chars=n % 3 * 100, prompt_tokens=10 * n + 200)
+    fresh.observe(history, extra_chars=39 % 3 * 100, prompt_tokens=10 * 39 + 200)
+    fresh.ratio = grown.ratio
+    later = [*history, msg("user", "x" * 500)]
+    assert grown.estimate(later, 300) == fresh.estimate(later, 300)
+    assert grown._anchor_raw == fresh._anchor_raw and grown._anchor_ids == fresh._anchor_ids
+    # A history that is no extension (a compaction) is measured again from the start.
+    folded = [history[0], *history[30:]]
+    grown.observe(folded, extra_chars=0, prompt_tokens=300)
+    assert grown._anchor_raw == TokenEstimator.heuristic(folded)
+    assert set(grown._sizes) <= {m.id for m in later}
+
+
 def test_overflow_errors_are_recognised_in_openai_and_llama_cpp_shapes() -> None:
     openai_style = ModelAPIError(
         "The model server answered HTTP 400: This model's maximum context length is 8192 "

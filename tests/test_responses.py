@@ -15,7 +15,14 @@ from nbchat._assembler import ReplyAssembler
 from nbchat._client import ModelClient
 from nbchat._config import resolve_client
 from nbchat._events import Event
-from nbchat._responses import ResponsesStream, request_body, responses_only, to_input, to_tools
+from nbchat._responses import (
+    ResponsesStream,
+    input_items,
+    request_body,
+    responses_only,
+    to_input,
+    to_tools,
+)
 from nbchat.testing import FakeOpenAIServer
 
 HI = [{"role": "user", "content": "hi"}]
@@ -426,10 +433,14 @@ def test_input_items_are_made_once_per_message_and_let_go_after() -> None:
         {"role": "assistant", "content": None, "tool_calls": [call]},
         {"role": "tool", "tool_call_id": "c1", "content": "42"},
     ]
-    known: dict[int, Any] = {}
+    known = input_items()
     _, first = to_input(history, known)
     _, again = to_input([*history, {"role": "user", "content": "more"}], known)
     assert again[:3] == first and all(a is b for a, b in zip(first, again, strict=False))
-    assert to_input(history) == to_input(history, {})  # the same items with or without
+    assert to_input(history) == to_input(history, input_items())  # the same items either way
     _, short = to_input(history[:2], known)
     assert short == [{"role": "user", "content": "hi"}] and len(known) == 1
+    # A message replaced in the middle (a compaction, a re-run cell): made again from it.
+    edited = [history[0], {"role": "user", "content": "hello"}, *history[2:]]
+    _, rebuilt = to_input(edited, known)
+    assert rebuilt[0] == {"role": "user", "content": "hello"} and len(rebuilt) == 3
