@@ -251,19 +251,24 @@ def test_a_cut_stream_keeps_the_partial_text_in_the_result(
 
 
 def test_a_tool_stopped_mid_run_is_recorded_as_a_cancelled_call(fake: FakeOpenAIServer) -> None:
+    running = threading.Event()
+
     async def slow(n: int) -> int:
         """Sleep."""
-        await asyncio.sleep(5)
+        running.set()
+        await asyncio.sleep(30)
         return n
 
     fake.enqueue(tool_calls=[{"name": "slow", "arguments": {"n": 1}}])
     s = _session(fake, [slow])
 
-    def stop_when_tools_start(event: Any) -> None:
-        if event.kind == "message" and event.message.tool_calls:
-            threading.Timer(0.2, s.cancel).start()
+    def stop_once_it_runs() -> None:  # 0.2 s into the tool's run, however late it began
+        if running.wait(30):
+            time.sleep(0.2)
+        s.cancel()
 
-    result = s.send("go", on_event=stop_when_tools_start)
+    threading.Thread(target=stop_once_it_runs, daemon=True).start()
+    result = s.send("go")
     assert result.status == "interrupted"
     (record,) = result.tool_calls
     assert (record.name, record.is_error, record.error_kind) == ("slow", True, "cancelled")

@@ -346,7 +346,7 @@ def test_unreachable_server_is_a_clear_error() -> None:
 
 
 def test_cancel_from_another_thread_mid_stream(fake: FakeOpenAIServer) -> None:
-    fake.enqueue("x" * 200, chunk_size=1, delay=0.01)
+    fake.enqueue("x" * 2000, chunk_size=1, delay=0.01)  # 20 s, were it not stopped
     fake.enqueue("fine")
     s = make(fake)
     first_delta = threading.Event()
@@ -358,9 +358,9 @@ def test_cancel_from_another_thread_mid_stream(fake: FakeOpenAIServer) -> None:
     threading.Thread(target=lambda: (first_delta.wait(5), time.sleep(0.1), s.cancel())).start()
     t0 = time.perf_counter()
     r = s.send("long please", on_event=watch)
-    assert time.perf_counter() - t0 < 1.5, "cancel stops at once, not at the end of the reply"
+    assert time.perf_counter() - t0 < 15, "cancel stops at once, not at the end of the reply"
     assert r.status == "interrupted"
-    assert 0 < len(r.text) < 200
+    assert 0 < len(r.text) < 2000
     [assistant] = [m for m in r.messages if m.role == "assistant"]
     assert assistant.status == "interrupted" and assistant.content == r.text
     assert s.send("next").text == "fine"
@@ -368,7 +368,7 @@ def test_cancel_from_another_thread_mid_stream(fake: FakeOpenAIServer) -> None:
 
 
 def test_keyboard_interrupt_stops_the_turn(fake: FakeOpenAIServer) -> None:
-    fake.enqueue("y" * 300, chunk_size=1, delay=0.01)
+    fake.enqueue("y" * 3000, chunk_size=1, delay=0.01)  # 30 s, were it not stopped
     s = make(fake)
     seen = threading.Event()
 
@@ -379,7 +379,7 @@ def test_keyboard_interrupt_stops_the_turn(fake: FakeOpenAIServer) -> None:
 
     threading.Thread(target=interrupt_soon).start()
     r = s.send("go", on_event=lambda e: e.kind == "text_delta" and seen.set())
-    assert r.status == "interrupted" and 0 < len(r.text) < 300
+    assert r.status == "interrupted" and 0 < len(r.text) < 3000
 
 
 def test_cancel_while_tools_run_answers_every_call(fake: FakeOpenAIServer) -> None:
@@ -584,7 +584,7 @@ def test_configure_defaults_fill_session_options(fake: FakeOpenAIServer) -> None
 
 
 def test_a_failing_on_event_stops_the_turn_and_raises(fake: FakeOpenAIServer) -> None:
-    fake.enqueue("z" * 300, chunk_size=1, delay=0.01)
+    fake.enqueue("z" * 3000, chunk_size=1, delay=0.01)  # 30 s, were it not stopped
     fake.enqueue("next one")
     s = make(fake)
 
@@ -595,7 +595,7 @@ def test_a_failing_on_event_stops_the_turn_and_raises(fake: FakeOpenAIServer) ->
     t0 = time.perf_counter()
     with pytest.raises(ValueError, match="display broke"):
         s.send("go", on_event=broken_display)
-    assert time.perf_counter() - t0 < 2, "the turn was cancelled, not run to its end"
+    assert time.perf_counter() - t0 < 15, "the turn was cancelled, not run to its end"
     assert s.history[-1].status == "interrupted"
     assert s.send("again").text == "next one"
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from file_holder import FileHolder
 
 import nbchat
 from nbchat import Session
@@ -23,25 +24,16 @@ CHILD = Path(__file__).parent / "helpers" / "store_child.py"
 
 
 @contextlib.contextmanager
-def _file_held(db_path: Path, tmp_path: Path, seconds: float = 2.5) -> Iterator[None]:
-    """Another process holds the store file for ``seconds`` (from when this yields)."""
-    ready = tmp_path / "held"
-    holder = subprocess.Popen(
-        [sys.executable, str(CHILD), "hold", str(db_path), str(seconds), str(ready)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+def _file_held(db_path: Path, tmp_path: Path) -> Iterator[None]:
+    """Another process holds the store file while the block runs, and lets go after it."""
+    holder = FileHolder(db_path, tmp_path / "held")
     try:
-        deadline = time.monotonic() + 20
-        while not ready.exists():
-            assert holder.poll() is None, "the holder process died"
-            assert time.monotonic() < deadline, "the holder never took the file"
-            time.sleep(0.05)
         yield
         # It returned with the file still held: what was sent is in the journal.
-        assert holder.poll() is None
+        assert holder.holding()
+        holder.let_go()
     finally:
-        holder.communicate(timeout=30)
+        holder.kill()
 
 
 def _let_go(s: Session) -> None:
@@ -70,6 +62,10 @@ def test_a_locked_store_file_loses_nothing(
     with _file_held(db_path, tmp_path):
         r = s.send("two", on_event=events.append)
         assert r.status == "completed" and r.text == "second answer"
+        deadline = time.monotonic() + 30  # held until the writer gives the outage notice
+        while not (s._sink is not None and s._sink.unavailable):
+            assert time.monotonic() < deadline, "the writer never called the store unavailable"
+            time.sleep(0.01)
 
     # The file is free again: the backlog is written first, in order.
     s.send("three", on_event=events.append)

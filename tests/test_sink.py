@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from file_holder import FileHolder
 
 from nbchat._events import MessageAdded, Notice, TextDelta, ToolCallDelta, UsageEvent
 from nbchat._store import Store
@@ -67,31 +68,17 @@ class Notes:
 
 @pytest.fixture
 def holder(db_path: Path, tmp_path: Path) -> Iterator[Any]:
-    """Start a child that holds the store file with a plain DuckDB connection."""
-    procs: list[subprocess.Popen[str]] = []
+    """Start a child that holds the store file until the test lets it go."""
+    holders: list[FileHolder] = []
 
-    def start(seconds: float, ready: Path | None = None) -> subprocess.Popen[str]:
-        ready = ready or tmp_path / f"held-{len(procs)}"
-        proc = subprocess.Popen(
-            [sys.executable, str(HELPERS / "store_child.py"), "hold", str(db_path),
-             str(seconds), str(ready)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        procs.append(proc)
-        deadline = time.monotonic() + 30
-        while not ready.exists():
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "the holder never took the file"
-            time.sleep(0.01)
-        return proc
+    def start(ready: Path | None = None) -> FileHolder:
+        held = FileHolder(db_path, ready or tmp_path / f"held-{len(holders)}")
+        holders.append(held)
+        return held
 
     yield start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
+    for held in holders:
+        held.kill()
 
 
 @pytest.fixture
@@ -167,11 +154,11 @@ def test_handle_does_not_wait_for_a_file_another_process_holds(
     sink.handle(message(0))
     assert sink.flush(30)
     wait_released(free_store)
-    proc = holder(3.0)
+    proc = holder()
     for seq in range(1, 201):  # a whole reply's worth of stored events
         sink.handle(message(seq))
     # Every handle() returned while the other process still holds the file.
-    assert proc.poll() is None
+    assert proc.holding()
     assert sink.pending == 200
 
     told = notes.wait_for("Not saved yet")
@@ -179,9 +166,9 @@ def test_handle_does_not_wait_for_a_file_another_process_holds(
     assert "kept in this process's journal and written once the store is free" in told
     assert sink.unavailable
     assert sink.flush(30) is False  # a barrier does not wait once the user was told
-    assert proc.poll() is None
+    assert proc.holding()
 
-    proc.communicate(timeout=30)  # the holder lets go
+    proc.let_go()
     notes.wait_for("Saved now")
     assert sink.flush(30) is True
     assert [m for m in notes.messages if "Not saved yet" in m] == [told]  # told once
@@ -193,12 +180,13 @@ def test_a_barrier_waits_out_a_short_hold(free_store: Store, holder: Any, db_pat
     notes = Notes()
     sink = StoreSink(free_store, notify=notes, patience=60)
     wait_released(free_store)
-    proc = holder(1.0)
+    proc = holder()
     sink.handle(message(0))
-    assert proc.poll() is None and sink.pending == 1
+    assert proc.holding() and sink.pending == 1
+    proc.let_go_in(1.0)
     assert sink.flush(60) is True  # within patience: the barrier waits, nobody is told
     assert notes.messages == []
-    proc.communicate(timeout=30)
+    proc.let_go()
     assert sink.close() == []
     assert contents(db_path) == ["message 0"]
 
@@ -228,8 +216,11 @@ def test_an_unstorable_row_is_skipped_and_reported(free_store: Store) -> None:
 # --------------------------------------------------------------------------- exit
 
 
-def finish_locked(db_path: Path, tmp_path: Path, holder: Any, hold: float, wait: float) -> Any:
-    """A child hands a whole turn to its sink while the file is held, then exits."""
+def finish_locked(
+    db_path: Path, tmp_path: Path, holder: Any, hold: float | None, wait: float
+) -> Any:
+    """A child hands a whole turn to its sink while the file is held, then exits (waiting
+    ``wait`` s for the file); the holder lets go after ``hold`` s, or when the test says."""
     ready = tmp_path / "child-let-go"
     child = subprocess.Popen(
         [sys.executable, str(HELPERS / "sink_child.py"), "finish-locked", str(db_path),
@@ -243,7 +234,9 @@ def finish_locked(db_path: Path, tmp_path: Path, holder: Any, hold: float, wait:
         assert child.poll() is None, child.communicate()
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    proc = holder(hold, ready=Path(str(ready) + ".held"))
+    proc = holder(ready=Path(str(ready) + ".held"))
+    if hold is not None:
+        proc.let_go_in(hold)
     out, err = child.communicate(timeout=60)
     assert child.returncode == 0, err
     assert json.loads(out.splitlines()[0]) == {"pending": 9}
@@ -255,7 +248,7 @@ def test_events_queued_at_exit_are_written_once_the_file_frees(
 ) -> None:
     proc, err = finish_locked(db_path, tmp_path, holder, hold=1.0, wait=20)
     assert err == ""  # the exit hook waited for the file and wrote everything
-    proc.communicate(timeout=30)
+    proc.let_go()
     assert list(tmp_path.glob("*recovery*")) == []
     assert contents(db_path, "exiting") == ["turn 0", None, "ok", "done"]
 
@@ -263,13 +256,12 @@ def test_events_queued_at_exit_are_written_once_the_file_frees(
 def test_events_still_locked_at_exit_stay_in_the_journal(
     db_path: Path, tmp_path: Path, holder: Any
 ) -> None:
-    proc, err = finish_locked(db_path, tmp_path, holder, hold=60, wait=0.5)
+    proc, err = finish_locked(db_path, tmp_path, holder, hold=None, wait=0.5)
     (journal,) = (tmp_path / "chats.duckdb.nbchat-journal").glob("*.jsonl")
     assert err.count("\n") == 1 and "still locked at exit" in err
     assert f"9 events were kept in {journal}" in err
     assert list(tmp_path.glob("*recovery*")) == []  # the journal keeps them: no second copy
-    proc.kill()
-    proc.communicate(timeout=30)
+    proc.let_go()
 
     with Store.open(db_path) as store:  # replayed quietly: the user was told at exit
         assert store.recovered is not None
@@ -294,12 +286,11 @@ def test_without_a_journal_events_locked_at_exit_go_to_a_recovery_file(
 ) -> None:
     # A file where the journal's folder would be: the journal cannot be made.
     (tmp_path / "chats.duckdb.nbchat-journal").write_text("in the way")
-    proc, err = finish_locked(db_path, tmp_path, holder, hold=60, wait=0.5)
+    proc, err = finish_locked(db_path, tmp_path, holder, hold=None, wait=0.5)
     (recovery,) = tmp_path.glob("*.nbchat-recovery-*.jsonl")
     assert err.count("\n") == 1 and "still locked at exit" in err
     assert f"9 events were kept in {recovery}" in err
-    proc.kill()
-    proc.communicate(timeout=30)
+    proc.let_go()
 
     with pytest.warns(UserWarning, match=r"stored 9 events .* kept in chats\.duckdb\.nbchat-"):
         store = Store.open(db_path)
@@ -404,11 +395,11 @@ def test_a_barrier_does_not_wait_for_a_held_file_and_a_sigkill_loses_nothing_pas
             assert child.poll() is None, child.communicate()
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        hold = holder(60, ready=Path(str(ready) + ".held"))
+        hold = holder(ready=Path(str(ready) + ".held"))
         assert child.stdout is not None
         done = [json.loads(child.stdout.readline()) for _ in range(3)]
         # Every barrier returned while the other process held the file all along.
-        assert hold.poll() is None
+        assert hold.holding()
         assert [d["completed"] for d in done] == [0, 1, 2]
         assert done[-1]["pending"] > 0  # not in the store file yet: in the journal only
         child.kill()  # SIGKILL: no exit hook runs
@@ -417,8 +408,7 @@ def test_a_barrier_does_not_wait_for_a_held_file_and_a_sigkill_loses_nothing_pas
         if child.poll() is None:
             child.kill()
             child.communicate()
-    hold.kill()
-    hold.communicate(timeout=30)
+    hold.let_go()
 
     journals = tmp_path / "chats.duckdb.nbchat-journal"
     (left,) = journals.glob("*.jsonl")
@@ -441,11 +431,12 @@ def test_a_read_in_the_same_process_waits_for_its_own_unwritten_events(
 ) -> None:
     sink = StoreSink(free_store, notify=Notes())
     wait_released(free_store)
-    proc = holder(1.0)
+    proc = holder()
     for seq in range(5):
         sink.handle(message(seq))
-    assert sink.barrier(30) and proc.poll() is None  # durable, with the file still held
+    assert sink.barrier(30) and proc.holding()  # durable, with the file still held
     assert sink.pending == 5
+    proc.let_go_in(0.5)
     # A read of the same store in this process sees them: it waits for the writer.
     with Store.open(db_path) as other_handle:
         assert contents(other_handle) == [f"message {seq}" for seq in range(5)]
@@ -478,19 +469,19 @@ def test_after_a_barrier_the_journal_holds_every_event_handed_in_order(
     sink.handle(message(0))
     assert sink.flush(30)
     wait_released(free_store)
-    proc = holder(3.0)
+    proc = holder()
     for seq in range(1, 101):
         sink.handle(message(seq))
         if seq % 10 == 0:
             time.sleep(0.002)  # let the writer take some of them
     assert sink.barrier(30)
-    assert proc.poll() is None  # it did not wait for the file
+    assert proc.holding()  # it did not wait for the file
     (journal,) = Path(free_store.path + ".nbchat-journal").glob("*.jsonl")
     lines = journal.read_bytes().splitlines()
     assert [_event(line).message.content for line in lines] == [  # type: ignore[union-attr]
         f"message {seq}" for seq in range(1, 101)
     ]
-    proc.communicate(timeout=30)
+    proc.let_go()
     assert sink.close() == []
 
 
@@ -574,10 +565,11 @@ def test_rows_keep_the_time_their_event_happened_not_when_they_were_written(
 ) -> None:
     sink = StoreSink(free_store, notify=Notes())
     wait_released(free_store)
-    proc = holder(1.0)
+    proc = holder()
     event = UsageEvent(session_id="s", model="m", usage=RequestUsage(prompt_tokens=1))
     sink.handle(event)
-    assert sink.barrier(30) and proc.poll() is None
+    assert sink.barrier(30) and proc.holding()
+    proc.let_go_in(1.0)
     assert sink.flush(30)  # written once the holder let go, a second or so later
     (stamp,) = free_store.query("SELECT epoch_us(created_at) FROM requests").data[
         "epoch_us(created_at)"

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from file_holder import FileHolder
 
 from nbchat import Session, SessionPendingError, StoreError
 from nbchat._events import MessageAdded
@@ -56,28 +57,24 @@ def wait_for(path: Path, proc: subprocess.Popen[str], timeout: float = 30) -> No
 
 @pytest.fixture
 def holder(db_path: Path, tmp_path: Path) -> Iterator[Any]:
-    """Start a child that holds the store file with a plain DuckDB connection."""
-    procs: list[subprocess.Popen[str]] = []
+    """Start a child that holds the store file until the test lets it go."""
+    holders: list[FileHolder] = []
 
-    def start(seconds: float) -> subprocess.Popen[str]:
-        ready = tmp_path / f"ready-{len(procs)}"
-        proc = spawn("hold", str(db_path), str(seconds), str(ready))
-        procs.append(proc)
-        wait_for(ready, proc)
-        return proc
+    def start() -> FileHolder:
+        held = FileHolder(db_path, tmp_path / f"ready-{len(holders)}")
+        holders.append(held)
+        return held
 
     yield start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
+    for held in holders:
+        held.kill()
 
 
 # --------------------------------------------------------------------------- waiting
 
 
 def test_a_lock_never_freed_ends_in_a_clear_store_error(db_path: Path, holder: Any) -> None:
-    proc = holder(60)
+    proc = holder()
     started = time.monotonic()
     with pytest.raises(StoreError, match="stayed locked by another process") as info:
         Store.open(db_path, lock_timeout=1.0)
@@ -91,7 +88,7 @@ def test_a_write_waits_for_the_file_then_gives_up(db_path: Path, holder: Any) ->
     store.create_session(session_id="s", model=None, system_prompt=None)
     while store.stats()["open"]:
         time.sleep(0.01)
-    holder(60)
+    holder()
     with pytest.raises(StoreError, match="stayed locked"):
         store.handle(MessageAdded(session_id="s", message=Message(role="user", content="x")))
     assert store.stats()["waits"] == 1
@@ -99,7 +96,7 @@ def test_a_write_waits_for_the_file_then_gives_up(db_path: Path, holder: Any) ->
 
 
 def test_retries_succeed_once_the_other_process_lets_go(db_path: Path, holder: Any) -> None:
-    holder(1.5)
+    holder().let_go_in(1.5)
     started = time.monotonic()
     with Store.open(db_path, lock_timeout=20) as store:
         waited = time.monotonic() - started

@@ -14,16 +14,20 @@ from pathlib import Path
 from typing import Any
 
 
-def hold(path: str, seconds: str, ready: str) -> None:
-    """Hold the file with a plain DuckDB connection (not nbchat), like another tool would."""
+def hold(path: str, seconds: str, ready: str, stop: str = "") -> None:
+    """Hold the file with a plain DuckDB connection (not nbchat), like another tool would,
+    for ``seconds`` or until the file ``stop`` appears."""
     import duckdb
 
     con = duckdb.connect(path)
     con.execute("CREATE TABLE IF NOT EXISTS held (x INTEGER)")
     Path(ready).touch()
-    time.sleep(float(seconds))
+    started = time.monotonic()
+    deadline = started + float(seconds)
+    while time.monotonic() < deadline and not (stop and Path(stop).exists()):
+        time.sleep(0.01)
     con.close()
-    print(json.dumps({"held": float(seconds)}))
+    print(json.dumps({"held": round(time.monotonic() - started, 3)}))
 
 
 def write_and_die(path: str) -> None:
