@@ -171,8 +171,16 @@ def test_bad_urls_and_absent_servers_are_clear_errors(pg_cluster: TempCluster) -
         StoreError, match=r"Cannot reach the store postgresql://nbchat@127\.0\.0\.1:1/"
     ):
         Store.open("postgresql://nbchat@127.0.0.1:1/nbchat", connect_timeout=2)
-    with pytest.raises(StoreError, match="does not exist"):
-        Store.open(pg_cluster.url("no_such_database"))
+    # The server answered and refused: said so, not "Cannot reach", with its reason.
+    for url, reason in (
+        (pg_cluster.url("no_such_database"), 'database "no_such_database" does not exist'),
+        (pg_cluster.url("postgres", user="no_such_role"), 'role "no_such_role" does not exist'),
+    ):
+        with pytest.raises(StoreError) as info:
+            Store.open(url)
+        said = str(info.value)
+        assert said.startswith("The server of the store postgresql://"), said
+        assert "refused the connection" in said and reason in said, said
 
 
 # --------------------------------------------------------------------------- writes

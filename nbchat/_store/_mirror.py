@@ -271,7 +271,9 @@ class Mirror:
                 _with_connect_timeout(self.url), autocommit=True
             )
         except adbc_driver_manager.Error as exc:
-            raise StoreError(f"Cannot reach the store {self.shown}: {_describe(exc)}") from exc
+            from ._pg_url import cannot_connect
+
+            raise StoreError(cannot_connect(self.shown, exc)) from exc
 
     def _drop_connection(self) -> None:
         adbc, self._adbc = self._adbc, None

@@ -30,7 +30,7 @@ from .._config import default_spool_dir
 from .._exceptions import StoreError, StoreLocked
 from . import Lease
 from ._pg_sql import apply_write, ensure_schema, unstorable, write_unit
-from ._pg_url import describe, psycopg_module, shown_url
+from ._pg_url import cannot_connect, describe, psycopg_module, shown_url
 from ._spool import Spool, Unit, spool_folder
 
 __all__ = ["DuplicateRow", "PgLease", "PgOptions"]
@@ -102,7 +102,7 @@ class PgLease(Lease):
         try:
             con = psycopg.connect(self.url, **settings)
         except psycopg.OperationalError as exc:
-            raise StoreError(f"Cannot reach the store {self.shown}: {describe(exc)}") from None
+            raise StoreError(cannot_connect(self.shown, exc)) from None
         try:
             con.adapters.register_loader("json", TextLoader)
             con.execute("SET TIME ZONE 'UTC'")

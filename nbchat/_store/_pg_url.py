@@ -17,7 +17,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from .._exceptions import StoreError
 from .._text import REDACTED, redact
 
-__all__ = ["check_url", "describe", "psycopg_module", "shown_url"]
+__all__ = ["cannot_connect", "check_url", "describe", "psycopg_module", "shown_url"]
 
 
 def psycopg_module() -> Any:
@@ -78,6 +78,19 @@ def _password_in(raw: str) -> list[str]:
 def _secrets() -> tuple[str, ...]:
     value = os.environ.get("PGPASSWORD")
     return (value,) if value else ()
+
+
+def cannot_connect(shown: str, exc: BaseException) -> str:
+    """Why a connection to the store ``shown`` failed: the server was not reached, or it
+    answered and refused (a role, database or password it does not accept).
+
+    libpq gives no SQLSTATE for a refused connection; the server's words come after its
+    severity, ``FATAL:``, which libpq's own messages (refused, timed out) never carry.
+    """
+    said = describe(exc)
+    if "FATAL:" in said:
+        return f"The server of the store {shown} refused the connection: {said}"
+    return f"Cannot reach the store {shown}: {said}"
 
 
 def describe(exc: BaseException) -> str:
