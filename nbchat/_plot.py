@@ -30,6 +30,7 @@ from ._plot_data import (
     store_requests,
 )
 from ._plot_draw import (
+    NOTHING_IN_RANGE,
     bars_across,
     draw_costs,
     empty_chart,
@@ -47,6 +48,11 @@ if TYPE_CHECKING:
     from ._plot_data import Db, When
 
 __all__ = ["Charts", "plot", "plot_for_magic"]
+
+
+def _nothing(since: When, until: When, unranged: str = "no requests stored yet") -> str:
+    """What an empty chart says: nothing in the range asked for, or nothing at all."""
+    return NOTHING_IN_RANGE if since is not None or until is not None else unranged
 
 
 def costs(
@@ -67,7 +73,7 @@ def costs(
     requests = store_requests(db, since, until)
     ax = new_axes(ax)
     if requests.empty:
-        return empty_chart(ax, f"Cost by {by}")
+        return empty_chart(ax, f"Cost by {by}", _nothing(since, until))
     return draw_costs(ax, cost_groups(requests.assign(key=group_keys(requests, by, db))), by, top)
 
 
@@ -89,7 +95,7 @@ def tokens(
     ax = new_axes(ax)
     title = f"Tokens by {by}"
     if requests.empty:
-        return empty_chart(ax, title)
+        return empty_chart(ax, title, _nothing(since, until))
     frame = requests.assign(key=group_keys(requests, by, db))
     order = key_order(frame, by, top)
     frame = frame[frame["key"].isin(order)]
@@ -130,7 +136,7 @@ def latency(
     ax = new_axes(ax)
     title = "Latency per model"
     if requests.empty:
-        return empty_chart(ax, title)
+        return empty_chart(ax, title, _nothing(since, until))
     failed = requests["error"].notna()
     if failed.any():
         title += f" — {requests_n(int(failed.sum()))} failed, left out"
@@ -166,7 +172,7 @@ def context(
     ax = new_axes(ax)
     title = f"Prompt size per request — session {session_id[:8]}"
     if requests.empty:
-        return empty_chart(ax, title)
+        return empty_chart(ax, title, _nothing(since, until, "no chat requests in this session"))
     x = list(range(1, len(requests) + 1))
     y = requests["prompt_tokens"].astype("Float64").astype(float)
     ax.plot(x, y.to_numpy(), marker=".", label="prompt tokens", gid="prompt_tokens")

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LATENCY_METRICS",
+    "NOTHING_IN_RANGE",
     "bars_across",
     "draw_cost_bars",
     "draw_costs",
@@ -382,16 +383,13 @@ def new_axes(ax: Axes | None) -> Axes:
     return new
 
 
-def empty_chart(ax: Axes, title: str) -> Axes:
-    """``ax`` titled, saying there is nothing to draw."""
+NOTHING_IN_RANGE = "no requests in this range"
+
+
+def empty_chart(ax: Axes, title: str, note: str = NOTHING_IN_RANGE) -> Axes:
+    """``ax`` titled, saying there is nothing to draw: no frame and no ticks, whose 0 to 1
+    would read as a scale (``ax.clear()`` brings them back for the next drawing)."""
     ax.set_title(title)
-    ax.text(
-        0.5,
-        0.5,
-        "no requests in this range",
-        ha="center",
-        va="center",
-        transform=ax.transAxes,
-        gid="empty",
-    )
+    ax.set_axis_off()
+    ax.text(0.5, 0.5, note, ha="center", va="center", transform=ax.transAxes, gid="empty")
     return ax

@@ -152,6 +152,9 @@ def test_a_range_with_nothing_in_it_is_said() -> None:
     assert [t.get_gid() for t in chart.ax.texts] == ["empty"]
     chart.picture(LatencyScene(latency().iloc[:0], sampled=False))
     assert [t.get_text() for t in chart.ax.texts] == ["no requests in this range"]
+    assert not chart.ax.axison
+    chart.picture(LatencyScene(latency(), sampled=False))  # the same chart, with data again
+    assert chart.ax.axison and chart.ax.get_ylim() == (0.0, 2.25)
 
 
 def test_png_of_keeps_every_pixel() -> None:

@@ -348,6 +348,18 @@ def test_since_and_until_pick_a_window_and_whole_days(filled: Filled) -> None:
     ]  # a date is the whole day
     empty = nbchat.plot.costs(db=filled.db, since=str(tomorrow))
     assert bars(empty) == {} and [t.get_gid() for t in empty.texts] == ["empty"]
+    assert [t.get_text() for t in empty.texts] == ["no requests in this range"]
+    assert not empty.axison  # no frame, no 0-to-1 ticks that read as a scale
+
+
+def test_a_chart_of_an_empty_store_says_nothing_is_stored_yet(tmp_path: Path) -> None:
+    db = str(tmp_path / "empty.duckdb")
+    nbchat.Store.open(db).close()
+    for ax in (nbchat.plot.costs(db=db), nbchat.plot.tokens(db=db), nbchat.plot.latency(db=db)):
+        assert [t.get_text() for t in ax.texts] == ["no requests stored yet"]
+        assert not ax.axison and ax.get_title()
+    context = nbchat.plot.context("no-such-session", db=db)
+    assert [t.get_text() for t in context.texts] == ["no chat requests in this session"]
 
 
 # --------------------------------------------------------------------------- tokens
