@@ -11,7 +11,7 @@ import dataclasses
 import difflib
 import os
 import shlex
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from IPython.core.error import UsageError
 
@@ -66,6 +66,12 @@ SUBCOMMANDS_HELP = """\
                                   named endpoints (-m NAME:model, config endpoint=NAME);
                                   keys only by environment variable name
   %chat search WORDS              stored messages with these words, best matches first
+  %chat export [PATH] [--format markdown|openai|nbchat] [--id ID] [--all] [--force]
+                                  the current (or ID's) conversation: shown as Markdown,
+                                  or written to PATH (.md: markdown, .json: nbchat);
+                                  --all includes what compaction folded (markdown)
+  %chat import PATH [--title T]   store an exported conversation (openai or nbchat JSON)
+                                  as a new session, and continue it
   %chat tools [a,b | none]        show or set the tools of later %%chat cells
   %chat local [GGUF]              start (or reuse) the embedded local model and use it
   %chat fix [options]             send the last failing cell and its error; the
@@ -253,6 +259,56 @@ class Subcommands:
         words = " ".join(args)
         found = search(words)
         return Found(found, highlights(found["content"], words))
+
+    def _cmd_export(self, args: list[str]) -> Any:
+        from ._export import export_session
+
+        wanted = _export_options(args)
+        session_id = wanted.session_id or self._current().id
+        known = next((s for s in (self.session, *self.cell_sessions.values())
+                      if s is not None and s.id == session_id), None)  # fmt: skip
+        db = known.store if known is not None and known.store is not None else None
+        try:
+            text = export_session(
+                session_id, wanted.format, db=db, include_compacted=wanted.everything
+            )
+        except UnknownSession as exc:
+            raise UsageError(f"%chat export: {exc} (%chat sessions lists them)") from None
+        if wanted.path is None:
+            from IPython.display import Markdown
+
+            # Escaped for Jupyter's Markdown (model text shown as text, inert).
+            return Markdown(text)  # type: ignore[no-untyped-call]
+        try:
+            with open(wanted.path, "w" if wanted.force else "x", encoding="utf-8") as out:
+                out.write(text)
+        except FileExistsError:
+            raise UsageError(
+                f"%chat export: {wanted.path} exists already (--force replaces it)"
+            ) from None
+        except OSError as exc:
+            raise UsageError(f"%chat export: cannot write {wanted.path} ({exc})") from None
+        return Info(f"Wrote session `{session_id}` to `{wanted.path}` as {wanted.format}.")
+
+    def _cmd_import(self, args: list[str]) -> Info:
+        from ._export import import_session
+
+        path, title = _import_options(args)
+        try:
+            with open(path, encoding="utf-8") as source:
+                text = source.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"%chat import: cannot read {path} ({exc})") from None
+        try:
+            session_id = import_session(text, title=title)
+        except ValueError as exc:  # not JSON, or not a conversation
+            raise UsageError(f"%chat import: {path}: {exc}") from None
+        self.session = self._use(session_id)
+        count = len(self.session.history)
+        return Info(
+            f"Imported {count} messages from `{path}` as session `{session_id}`, now the "
+            "current one: the next `%%chat` cell continues it."
+        )
 
     def _cmd_endpoint(self, args: list[str]) -> Info:
         from ._endpoints import endpoint_command
@@ -455,6 +511,82 @@ def read_only(session: Session) -> bool:
     reads a stored session without one)."""
     settings = session.client.settings
     return settings.keyless and needs_key(settings.base_url)
+
+
+@dataclasses.dataclass
+class _ExportOptions:
+    path: str | None = None
+    format: Literal["markdown", "openai", "nbchat"] = "markdown"
+    session_id: str | None = None
+    everything: bool = False
+    force: bool = False
+
+
+_EXPORT_FORMATS = ("markdown", "openai", "nbchat")
+_BY_SUFFIX = {".md": "markdown", ".markdown": "markdown", ".json": "nbchat"}
+
+
+def _export_options(args: list[str]) -> _ExportOptions:
+    """``%chat export``'s words: a path, --format, --id, --all, --force."""
+    wanted, given = _ExportOptions(), None
+    words = iter(args)
+    for word in words:
+        if word in ("--format", "--id"):
+            value = next(words, None)
+            if value is None or value.startswith("-"):
+                raise UsageError(f"%chat export: {word} takes a value")
+            if word == "--id":
+                wanted.session_id = value
+            elif value not in _EXPORT_FORMATS:
+                raise UsageError(
+                    f"%chat export: --format is markdown, openai or nbchat, not {value!r}"
+                )
+            else:
+                given = value
+        elif word in ("--all", "--force"):
+            setattr(wanted, "everything" if word == "--all" else "force", True)
+        elif word.startswith("-"):
+            raise UsageError(f"%chat export: unknown option {word!r} (%chat help shows them)")
+        elif wanted.path is None:
+            wanted.path = os.path.expanduser(word)
+        else:
+            raise UsageError(f"%chat export: one path, not {word!r} as well")
+    suffix = os.path.splitext(wanted.path or "")[1].lower()
+    chosen = given or _BY_SUFFIX.get(suffix)
+    if chosen is None:
+        if wanted.path is not None:
+            raise UsageError(
+                f"%chat export: which format for {wanted.path}? Name it .md or .json, or "
+                "give --format markdown, openai or nbchat"
+            )
+        chosen = "markdown"
+    if wanted.path is None and chosen != "markdown":
+        raise UsageError(f"%chat export: the {chosen} format goes to a file: give a path")
+    if wanted.everything and chosen != "markdown":
+        raise UsageError("%chat export: --all is for markdown (a JSON export is the context)")
+    wanted.format = chosen  # type: ignore[assignment]  # one of _EXPORT_FORMATS
+    return wanted
+
+
+def _import_options(args: list[str]) -> tuple[str, str | None]:
+    """``%chat import``'s words: a path and an optional --title."""
+    path: str | None = None
+    title: str | None = None
+    words = iter(args)
+    for word in words:
+        if word == "--title":
+            title = next(words, None)
+            if not title:
+                raise UsageError("%chat import: --title takes a value")
+        elif word.startswith("-"):
+            raise UsageError(f"%chat import: unknown option {word!r} (%chat help shows them)")
+        elif path is None:
+            path = os.path.expanduser(word)
+        else:
+            raise UsageError(f"%chat import: one path, not {word!r} as well")
+    if path is None:
+        raise UsageError("%chat import: give the path of an exported conversation (.json)")
+    return path, title
 
 
 def _tool_label(spec: str) -> str:

@@ -228,3 +228,28 @@ def test_no_model_is_one_line_in_the_kernel(kernel: Kernel, fake: FakeOpenAIServ
         assert "No model configured" in line
     finally:
         kernel.execute("os.environ['NBCHAT_MODEL'] = 'fake-model'")
+
+
+def test_chat_export_shows_markdown_and_a_file_round_trips_through_import(
+    kernel: Kernel, fake: FakeOpenAIServer, tmp_path: Path
+) -> None:
+    fake.enqueue("An answer with <img src=x onerror=alert(1)> in it.")
+    assert kernel.execute("%%chat\nExport me.", cell_id="cell-export").status == "ok"
+    shown = kernel.execute("%chat export")
+    (result,) = shown.of_type("execute_result")
+    markdown = result["content"]["data"]["text/markdown"]
+    assert markdown.startswith("# Export me.") and "&lt;img src=x" in markdown
+    path = tmp_path / "exported.json"
+    wrote = kernel.execute(f"%chat export {path}")
+    assert wrote.status == "ok" and path.exists()
+    fake.enqueue("Continued.")
+    assert kernel.execute(f"%chat import {path}").status == "ok"
+    assert kernel.execute("%%chat\nGo on.", cell_id="cell-imported").status == "ok"
+    sent = [m["content"] for m in fake.requests[-1]["messages"]]
+    assert sent[-3:] == [
+        "Export me.",
+        "An answer with <img src=x onerror=alert(1)> in it.",
+        "Go on.",
+    ]
+    refused = kernel.execute(f"%chat export {path}")
+    assert refused.status == "error" and "exists already" in refused.reply["evalue"]

@@ -147,7 +147,8 @@ def test_help_lists_every_option_and_subcommand(shell: InteractiveShell) -> None
     doc = shell.find_cell_magic("chat").__doc__
     for name in ChatOptions.model_fields:
         assert flag_of(name) in doc
-    for sub in ("config", "new", "use ID", "sessions", "history", "cost", "tools", "local"):
+    subs = ("config", "new", "use ID", "sessions", "history", "cost", "tools", "local", "export")
+    for sub in (*subs, "import PATH"):
         assert f"%chat {sub}" in doc
     assert run(shell, "%%chat?").success
     info = shell.run_line_magic("chat", "help")
@@ -556,6 +557,52 @@ def test_interrupt_in_round_two_shows_round_one_usage_as_a_lower_bound(
         assert "tokens unknown · cost unknown" in pub(shell).last["metadata"]["nbchat"]["footer"]
     finally:
         forget_price("fake-model")
+
+
+def test_chat_export_writes_or_shows_a_conversation_and_chat_import_continues_one(
+    shell: InteractiveShell, fake: FakeOpenAIServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    fake.enqueue("Hello <b>there</b>, it costs $5.")
+    assert run(shell, "%%chat --new\nhi").success
+    first = shell.run_line_magic("chat", "session")
+    shown = shell.run_line_magic("chat", "export")  # no path: the Markdown, in the cell
+    assert shown.data.startswith("# hi") and "Hello &lt;b>there&lt;/b>" in shown.data
+    assert "Wrote session" in shell.run_line_magic("chat", "export talk.md")._repr_markdown_()
+    assert (tmp_path / "talk.md").read_text() == nbchat.export_session(first.id, "markdown")
+    with pytest.raises(UsageError, match=r"talk\.md exists already \(--force replaces it\)"):
+        shell.run_line_magic("chat", "export talk.md")
+    shell.run_line_magic("chat", "export talk.md --force --all")
+    shell.run_line_magic("chat", "export talk.json")  # .json: the nbchat format
+    assert json.loads((tmp_path / "talk.json").read_text())["session_id"] == first.id
+    shell.run_line_magic("chat", f"export --format openai --id {first.id} wire.json")
+    assert [m["role"] for m in json.loads((tmp_path / "wire.json").read_text())] == [
+        "user",
+        "assistant",
+    ]
+    # Imported, the conversation becomes the current one: the next cell continues it.
+    said = shell.run_line_magic("chat", "import talk.json --title Again")._repr_markdown_()
+    imported = shell.run_line_magic("chat", "session")
+    assert imported.id != first.id and f"as session `{imported.id}`" in said
+    assert nbchat.sessions().set_index("id").loc[imported.id, "title"] == "Again"
+    fake.enqueue("Still here.")
+    assert run(shell, "%%chat\nand now?").success
+    assert fake.chat_requests[-1]["messages"][-3]["content"] == "hi"
+    for line, says in (
+        ("export notes.txt", r"which format for notes\.txt\? Name it \.md or \.json"),
+        ("export --format yaml", "--format is markdown, openai or nbchat, not 'yaml'"),
+        ("export --format openai", "the openai format goes to a file: give a path"),
+        ("export --all x.json", "--all is for markdown"),
+        ("export --id", "--id takes a value"),
+        ("export --id nope", r"No session nope in .*%chat sessions lists them"),
+        ("export a.md b.md", "one path, not 'b.md' as well"),
+        ("export --verbose", "unknown option '--verbose'"),
+        ("import", "give the path of an exported conversation"),
+        ("import missing.json", "cannot read missing.json"),
+    ):
+        with pytest.raises(UsageError, match=says):
+            shell.run_line_magic("chat", line)
+    assert shell.run_line_magic("chat", "session") is imported  # nothing changed by those
 
 
 def test_unknown_subcommand_and_bad_config(shell: InteractiveShell) -> None:
