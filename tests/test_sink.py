@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from file_holder import FileHolder
+from file_holder import FileHolder, spawn_until_ready
 
 from nbchat._events import MessageAdded, Notice, TextDelta, ToolCallDelta, UsageEvent
 from nbchat._store import Store
@@ -222,18 +222,9 @@ def finish_locked(
     """A child hands a whole turn to its sink while the file is held, then exits (waiting
     ``wait`` s for the file); the holder lets go after ``hold`` s, or when the test says."""
     ready = tmp_path / "child-let-go"
-    child = subprocess.Popen(
-        [sys.executable, str(HELPERS / "sink_child.py"), "finish-locked", str(db_path),
-         str(wait), str(ready)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
-    deadline = time.monotonic() + 30
-    while not ready.exists():
-        assert child.poll() is None, child.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    child = spawn_until_ready(
+        HELPERS / "sink_child.py", ["finish-locked", str(db_path), str(wait), str(ready)], ready
+    )
     proc = holder(ready=Path(str(ready) + ".held"))
     if hold is not None:
         proc.let_go_in(hold)

@@ -16,24 +16,30 @@ from pathlib import Path
 CHILD = Path(__file__).parent / "store_child.py"
 
 
+def spawn_until_ready(script: Path, args: list[str], ready: Path) -> subprocess.Popen[str]:
+    """Start ``python script args...`` and wait until it creates the file ``ready``."""
+    proc = subprocess.Popen(
+        [sys.executable, str(script), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    while not ready.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"{script.name} {args[0]} never made {ready}"
+        time.sleep(0.01)
+    return proc
+
+
 class FileHolder:
     """A child process that holds ``db_path`` from when it is made until ``let_go()``."""
 
     def __init__(self, db_path: Path | str, ready: Path, most: float = 120.0) -> None:
         self.ready = ready
         self.stop = Path(f"{ready}.stop")
-        self.proc = subprocess.Popen(
-            [sys.executable, str(CHILD), "hold", str(db_path), str(most), str(ready),
-             str(self.stop)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        deadline = time.monotonic() + 30
-        while not ready.exists():
-            assert self.proc.poll() is None, self.proc.communicate()
-            assert time.monotonic() < deadline, "the holder never took the file"
-            time.sleep(0.01)
+        args = ["hold", str(db_path), str(most), str(ready), str(self.stop)]
+        self.proc = spawn_until_ready(CHILD, args, ready)
 
     @property
     def pid(self) -> int:
