@@ -305,8 +305,13 @@ def test_chat_in_the_browser(served: Served, fake: FakeOpenAIServer, tmp_path: P
                     page.wait_for_function(
                         f"() => document.body.dataset.jpThemeLight === '{light}'"
                     )
-                    page.wait_for_timeout(500)  # the theme's stylesheet applied
+                    # The theme's stylesheet loads after the flag flips: read until it
+                    # reads well, or 10 s have passed (then the last reading fails).
+                    deadline = time.monotonic() + 10
                     contrast = page.evaluate(USER_BUBBLE_CONTRAST)
+                    while contrast < 4.5 and time.monotonic() < deadline:
+                        page.wait_for_timeout(100)
+                        contrast = page.evaluate(USER_BUBBLE_CONTRAST)
                     assert contrast >= 4.5, (theme, contrast)  # WCAG AA for body text
 
             # 2. A slow reply: it streams in, Stop interrupts it, the partial text stays.
@@ -453,13 +458,18 @@ def _notebook(*cells: str) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- %%chat cells
 
+# The tools run until the test has seen the turn while they run, and lets them go by
+# creating release-lookup beside the notebook (at most 30 s: a test that never does).
 LOOKUP_CELL = '''%load_ext nbchat
+import os
 import time
 
 
 def lookup(key: str) -> str:
     """Look a value up."""
-    time.sleep(1.0)
+    deadline = time.monotonic() + 30
+    while not os.path.exists("release-lookup") and time.monotonic() < deadline:
+        time.sleep(0.05)
     return {"a": "1", "b": "2"}[key]'''
 # The Markdown rendition, rendered by JupyterLab's own Markdown renderer (marked) in a
 # live, trusted output: the cases that try to pass raw HTML off as code.
@@ -582,6 +592,7 @@ def test_chat_cells_in_jupyterlab(fake: FakeOpenAIServer, tmp_path: Path) -> Non
         expect(turn).to_contain_text("running…")
         expect(turn).to_contain_text("Let me look that up.")
         expect(turn.locator("details")).to_have_count(2)
+        (tmp_path / "nb" / "release-lookup").touch()  # the tools may finish now
         expect(turn).to_contain_text("fake-model ·")  # the footer: the turn ended
         expect(cells.nth(2).locator(".jp-OutputArea-output")).to_contain_text("fake-model ·")
         expect(cells.nth(3).locator(".jp-RenderedMarkdown")).to_contain_text("list-fence")
