@@ -7,7 +7,7 @@ import binascii
 import json
 import re
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Literal, cast, get_args
 
 from ._events import TurnFinished, TurnStarted
@@ -71,7 +71,8 @@ def export_session(
     ``"markdown"``: a readable transcript with tool calls and results in code blocks,
     and images as their labels (``[image: plot.png, 640×480 png]``); a reply or tool
     result that did not finish says so in its heading (cut off, interrupted, not run),
-    and a turn that did not complete says after it how it ended, with its error; with
+    and a turn that did not complete says after it how it ended, with its error (one the
+    server refused, which left the conversation, is shown where it was); with
     ``include_compacted`` the whole conversation, the messages folded into a summary
     included (marked folded) before the summary that replaced them.
     """
@@ -85,8 +86,9 @@ def export_session(
     with open_store(db) as store:
         session = store.load_session(session_id, include_compacted=include_compacted)
         ended = _turn_outcomes(store, session_id) if format != "openai" else {}
+        failed = _left_out(store, session_id, session) if format == "markdown" else []
     if format == "markdown":
-        return _markdown(session, ended, folded=include_compacted)
+        return _markdown(session, ended, failed, folded=include_compacted)
     messages = _messages(session)
     # Reasoning in the field DeepSeek and vLLM use, which import_session reads back.
     wire = [m.to_openai(reasoning_field="reasoning_content") for m in messages]
@@ -113,6 +115,35 @@ def _turn_outcomes(store: Store, session_id: str) -> dict[str, tuple[str, str | 
             outcomes["id"], outcomes["status"], outcomes["error"], strict=True
         )
     }
+
+
+@dataclass
+class _FailedTurn:
+    """A turn that failed and left the conversation (the server refused it as sent):
+    no message of it is in the context, but a readable record should show it."""
+
+    started_at: datetime
+    user_text: str
+    error: str | None
+
+
+def _left_out(store: Store, session_id: str, session: StoredSession) -> list[_FailedTurn]:
+    """The session's failed turns none of whose messages are in ``session``, oldest first.
+
+    Only turns that ended ``"error"``: an input a guardrail rejected stays out of an
+    export, as it stays out of the conversation.
+    """
+    turns = store.frame("turns", session_id=session_id)
+    present = {m.turn_id for m in session.messages}
+    columns = ("id", "status", "user_text", "started_at", "error")
+    failed = []
+    for turn_id, status, text, started, error in zip(*(turns[c] for c in columns), strict=True):
+        # (pandas' Timestamp is a datetime: it orders against the messages' times)
+        if status != "error" or turn_id in present or not isinstance(started, datetime):
+            continue
+        if isinstance(text, str) and text:
+            failed.append(_FailedTurn(started, text, error if isinstance(error, str) else None))
+    return sorted(failed, key=lambda t: t.started_at)
 
 
 def _turn_starts(
@@ -157,8 +188,8 @@ def _pretty_json(text: str) -> tuple[str, str]:
 
 # What the heading of a message that did not finish normally says after its name.
 _UNFINISHED = {
-    ("assistant", "interrupted"): "interrupted: the partial reply was kept",
-    ("assistant", "error"): "cut off: the request failed before the reply was finished",
+    ("assistant", "interrupted"): "interrupted before its end",
+    ("assistant", "error"): "cut off before its end",
     ("tool", "declined"): "not run: skipped by the user",
     ("tool", "not_run"): "not run: past the turn's limit on tool rounds",
     ("tool", "cancelled"): "stopped: the turn was stopped while the tool ran",
@@ -193,6 +224,7 @@ def _turn_end(status: str, error: str | None) -> list[str]:
 def _markdown(
     session: StoredSession,
     ended: dict[str, tuple[str, str | None]],
+    failed: list[_FailedTurn],
     *,
     folded: bool = False,
 ) -> str:
@@ -205,13 +237,25 @@ def _markdown(
     lines.append(f"- created: {session.created_at.isoformat(timespec='seconds')}")
     lines.append("")
     messages = _messages(session, folded=folded)
+    waiting = list(failed)
     for index, message in enumerate(messages):
+        while waiting and waiting[0].started_at < message.created_at:
+            lines += _failed_markdown(waiting.pop(0))
         lines += _message_markdown(message)
         turn = message.turn_id
         following = messages[index + 1].turn_id if index + 1 < len(messages) else None
         if turn is not None and following != turn and turn in ended:
             lines += _turn_end(*ended[turn])
+    for left in waiting:
+        lines += _failed_markdown(left)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _failed_markdown(turn: _FailedTurn) -> list[str]:
+    """A failed turn that left the conversation: the user's words, and how it ended."""
+    heading = "## User — left out of the conversation: the request failed"
+    return [heading, "", safe_markdown(turn.user_text, headings=False), "",
+            *_turn_end("error", turn.error)]  # fmt: skip
 
 
 def _message_markdown(message: Message) -> list[str]:

@@ -273,7 +273,8 @@ class Subcommands:
                 session_id, wanted.format, db=db, include_compacted=wanted.everything
             )
         except UnknownSession as exc:
-            raise UsageError(f"%chat export: {exc} (%chat sessions lists them)") from None
+            said = str(exc).rstrip(".")
+            raise UsageError(f"%chat export: {said} (%chat sessions lists them)") from None
         if wanted.path is None:
             from IPython.display import Markdown
 
@@ -299,11 +300,23 @@ class Subcommands:
                 text = source.read()
         except (OSError, UnicodeDecodeError) as exc:
             raise UsageError(f"%chat import: cannot read {path} ({exc})") from None
+        if path.lower().endswith((".md", ".markdown")) or text.lstrip().startswith("# "):
+            raise UsageError(
+                f"%chat import: {path} is a Markdown export, for reading; import takes a "
+                "JSON export (%chat export NAME.json, or --format openai)"
+            )
         try:
             session_id = import_session(text, title=title)
-        except ValueError as exc:  # not JSON, or not a conversation
+        except (ValueError, NbchatError) as exc:  # not JSON, or not a conversation
             raise UsageError(f"%chat import: {path}: {exc}") from None
-        self.session = self._use(session_id)
+        try:
+            self.session = self._use(session_id)
+        except NbchatError as exc:  # stored, but this kernel cannot open it yet (no model)
+            raise UsageError(
+                f"%chat import: stored {path} as session {session_id}, but it cannot be "
+                f"continued yet: {str(exc).rstrip('.')}. Then %chat use {session_id} "
+                "continues it (importing again would store a second copy)."
+            ) from None
         count = len(self.session.history)
         return Info(
             f"Imported {count} messages from `{path}` as session `{session_id}`, now the "

@@ -599,10 +599,21 @@ def test_chat_export_writes_or_shows_a_conversation_and_chat_import_continues_on
         ("export --verbose", "unknown option '--verbose'"),
         ("import", "give the path of an exported conversation"),
         ("import missing.json", "cannot read missing.json"),
+        ("import talk.md", r"talk\.md is a Markdown export, for reading; import takes a JSON"),
     ):
         with pytest.raises(UsageError, match=says):
             shell.run_line_magic("chat", line)
     assert shell.run_line_magic("chat", "session") is imported  # nothing changed by those
+    (tmp_path / "broken.json").write_text('{"messages": ')
+    with pytest.raises(UsageError, match=r"%chat import: broken\.json: Cannot import"):
+        shell.run_line_magic("chat", "import broken.json")
+    # Stored, but not continued without a model: the message names the stored session.
+    monkeypatch.delenv("NBCHAT_MODEL")
+    before = set(nbchat.sessions()["id"])
+    with pytest.raises(UsageError, match=r"stored wire\.json as session (\w+), but it") as info:
+        shell.run_line_magic("chat", "import wire.json")
+    (added,) = set(nbchat.sessions()["id"]) - before
+    assert f"%chat use {added} continues it" in str(info.value)
 
 
 def test_unknown_subcommand_and_bad_config(shell: InteractiveShell) -> None:

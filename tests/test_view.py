@@ -402,7 +402,7 @@ def test_a_markdown_export_says_which_reply_was_cut_and_how_each_turn_ended(
     turns = exported.split("## User")[1:]
     assert len(turns) == 3
     cut, whole, limited = turns
-    assert "## Assistant — cut off: the request failed before the reply was finished" in cut
+    assert "## Assistant — cut off before its end" in cut
     assert "*The turn ended with an error.* " in cut and "The first ha" in cut
     error_line = next(line for line in cut.splitlines() if line.startswith("*The turn"))
     assert len(error_line) < 700  # the error's words come bounded, on one line
@@ -415,6 +415,31 @@ def test_a_markdown_export_says_which_reply_was_cut_and_how_each_turn_ended(
     hostile = nbchat.export_session(s.id, format="markdown", db=s.store)
     assert_inert(_jupyter_like(hostile))
     assert hostile.count("\n## User") == 4  # the error's "## User" is no heading
+
+
+def test_a_markdown_export_shows_a_refused_turn_that_left_the_conversation(
+    fake: FakeOpenAIServer, tmp_path: Any
+) -> None:
+    """A trial's export left out a question the server refused (HTTP 400) and its error:
+    the turn is withdrawn from the context, but the record shows it, in its place."""
+    s = nbchat.Session(
+        model="fake-model", base_url=fake.url, db=str(tmp_path / "x.duckdb"), max_retries=0
+    )
+    fake.enqueue("First answer.")
+    s.send("first question")
+    fake.enqueue_error(400, "This <b>request</b> is invalid", should_retry=False)
+    assert s.send("a refused question").status == "error"
+    fake.enqueue("Third answer.")
+    s.send("third question")
+    assert [m["content"] for m in fake.chat_requests[-1]["messages"]][-2] == "First answer."
+    exported = nbchat.export_session(s.id, format="markdown", db=s.store)
+    order = [exported.index(t) for t in ("First answer.", "a refused question", "third question")]
+    assert order == sorted(order)
+    assert "## User — left out of the conversation: the request failed" in exported
+    assert "*The turn ended with an error.* " in exported and "&lt;b>request" in exported
+    assert_inert(_jupyter_like(exported))
+    # The context formats are the conversation as it goes on: the refused turn is not in it.
+    assert "a refused question" not in nbchat.export_session(s.id, db=s.store)
 
 
 def test_a_stored_conversation_displays_inert(fake: FakeOpenAIServer) -> None:
