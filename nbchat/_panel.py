@@ -38,7 +38,7 @@ from ._events import Event, ToolCallStarted, ToolResult, TurnFinished, TurnStart
 from ._exceptions import NbchatError
 from ._panel_input import ChatInput
 from ._panel_layout import arrange
-from ._panel_models import NO_MODEL, ModelPicker
+from ._panel_models import FIRST_LIST_WAIT, NO_MODEL, ModelPicker
 from ._panel_status import PanelState, end_state, next_state, status_html, usage_facts
 from ._panel_transcript import (
     MATH,
@@ -120,7 +120,7 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
         if session is not None:
             self._show_history(session.history)
             self._watch(session)
-            self.model_picker.load(session)
+            self.model_picker.load(session, wait=FIRST_LIST_WAIT)
         self._render_status()
 
     # ------------------------------------------------------------------ public surface

@@ -1,12 +1,15 @@
 """The panel's model picker: the session's model first, then every model the server lists.
 
 The server's list is asked for on nbchat's background loop, so a slow or failing
-``/v1/models`` never holds the panel up: until it answers (or when it fails) the
-configured model is the only choice. Setting the list is not a pick.
+``/v1/models`` never holds the panel up for long: a new panel waits up to
+``FIRST_LIST_WAIT`` s for it, then shows without it; until it answers (or when it fails)
+the configured model is the only choice. Setting the list is not a pick.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import logging
 import threading
 from collections.abc import Callable
@@ -19,11 +22,15 @@ from ._runner import submit
 if TYPE_CHECKING:
     from ._session import Session
 
-__all__ = ["NO_MODEL", "ModelPicker"]
+__all__ = ["FIRST_LIST_WAIT", "NO_MODEL", "ModelPicker"]
 
 logger = logging.getLogger("nbchat")
 
 NO_MODEL = "(no model)"
+# How long a new panel waits for the server's list before it is shown. Within it, the
+# list is in the widget's first state: Voila renders the page from the state the cell
+# ended with, and in a CI run an update sent just after that never reached the page.
+FIRST_LIST_WAIT = 1.0
 
 
 class ModelPicker(widgets.Dropdown):  # type: ignore[misc]
@@ -45,8 +52,9 @@ class ModelPicker(widgets.Dropdown):  # type: ignore[misc]
         name = self.value
         return name if name and name != NO_MODEL else None
 
-    def load(self, session: Session) -> None:
-        """Offer the models ``session``'s server lists, ``session.model`` picked."""
+    def load(self, session: Session, *, wait: float = 0.0) -> None:
+        """Offer the models ``session``'s server lists, ``session.model`` picked; wait up
+        to ``wait`` s for the list (never on the background loop, which fetches it)."""
 
         async def load() -> None:
             try:
@@ -56,7 +64,10 @@ class ModelPicker(widgets.Dropdown):  # type: ignore[misc]
                 return
             self.show(models, session.model)
 
-        submit(load())
+        asked = submit(load())
+        if wait > 0 and threading.current_thread().name != "nbchat-loop":
+            with contextlib.suppress(concurrent.futures.TimeoutError):
+                asked.result(timeout=wait)  # later than that, it is set when it comes
 
     def show(self, models: list[str], current: str) -> None:
         """Offer ``models`` and ``current``, with ``current`` picked (not a pick)."""
