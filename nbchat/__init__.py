@@ -94,76 +94,81 @@ _EXPORTS: dict[str, str] = {
 
 if TYPE_CHECKING:
     from ._analysis import (
-        attachments,
-        compactions,
-        costs,
-        reprice,
-        search,
-        sessions,
-        sql,
-        tool_calls,
-        transcript,
-        turns,
-        usage,
+        attachments as attachments,
+        compactions as compactions,
+        costs as costs,
+        reprice as reprice,
+        search as search,
+        sessions as sessions,
+        sql as sql,
+        tool_calls as tool_calls,
+        transcript as transcript,
+        turns as turns,
+        usage as usage,
     )
-    from ._compaction import CompactionStrategy, SummaryStrategy, WindowStrategy
-    from ._dashboard import dashboard
+    from ._compaction import (
+        CompactionStrategy as CompactionStrategy,
+        SummaryStrategy as SummaryStrategy,
+        WindowStrategy as WindowStrategy,
+    )
+    from ._dashboard import dashboard as dashboard
     from ._events import (
-        CompactionEvent,
-        ErrorEvent,
-        Event,
-        LimitReached,
-        MessageAdded,
-        MessagesMarked,
-        Notice,
-        ReasoningDelta,
-        TextDelta,
-        ToolCallDelta,
-        ToolCallStarted,
-        ToolResult,
-        TurnFinished,
-        TurnStarted,
-        UsageEvent,
+        CompactionEvent as CompactionEvent,
+        ErrorEvent as ErrorEvent,
+        Event as Event,
+        LimitReached as LimitReached,
+        MessageAdded as MessageAdded,
+        MessagesMarked as MessagesMarked,
+        Notice as Notice,
+        ReasoningDelta as ReasoningDelta,
+        TextDelta as TextDelta,
+        ToolCallDelta as ToolCallDelta,
+        ToolCallStarted as ToolCallStarted,
+        ToolResult as ToolResult,
+        TurnFinished as TurnFinished,
+        TurnStarted as TurnStarted,
+        UsageEvent as UsageEvent,
     )
     from ._exceptions import (
-        AttachmentError,
-        ConfigError,
-        GuardrailRejected,
-        LoopStopped,
-        ModelAPIError,
-        NbchatError,
-        SessionInUseError,
-        SessionPendingError,
-        StoreError,
-        ToolDefinitionError,
-        TurnFailed,
-        TurnInterrupted,
+        AttachmentError as AttachmentError,
+        ConfigError as ConfigError,
+        GuardrailRejected as GuardrailRejected,
+        LoopStopped as LoopStopped,
+        ModelAPIError as ModelAPIError,
+        NbchatError as NbchatError,
+        SessionInUseError as SessionInUseError,
+        SessionPendingError as SessionPendingError,
+        StoreError as StoreError,
+        ToolDefinitionError as ToolDefinitionError,
+        TurnFailed as TurnFailed,
+        TurnInterrupted as TurnInterrupted,
     )
-    from ._export import export_session, import_session
-    from ._extract import extract
-    from ._images import Image
-    from ._local import local, stop_local
-    from ._panel import ChatPanel, panel
-    from ._plot import plot
-    from ._pricing import mark_free, register_price
-    from ._pytool import python_tool
-    from ._session import Session, configure
-    from ._store import Store
-    from ._store._copy import copy_store
-    from ._tools import Tool, ToolSet, as_tool, tool
-    from ._turn import TurnOptions
+    from ._export import export_session as export_session, import_session as import_session
+    from ._extract import extract as extract
+    from ._images import Image as Image
+    from ._local import local as local, stop_local as stop_local
+    from ._panel import ChatPanel as ChatPanel, panel as panel
+    from ._plot import plot as plot
+    from ._pricing import mark_free as mark_free, register_price as register_price
+    from ._pytool import python_tool as python_tool
+    from ._session import Session as Session, configure as configure
+    from ._store import Store as Store
+    from ._store._copy import copy_store as copy_store
+    from ._tools import Tool as Tool, ToolSet as ToolSet, as_tool as as_tool, tool as tool
+    from ._turn import TurnOptions as TurnOptions
     from ._types import (
-        ImagePart,
-        Message,
-        RequestUsage,
-        ToolCall,
-        ToolCallRecord,
-        TurnResult,
-        Usage,
+        ImagePart as ImagePart,
+        Message as Message,
+        RequestUsage as RequestUsage,
+        ToolCall as ToolCall,
+        ToolCallRecord as ToolCallRecord,
+        TurnResult as TurnResult,
+        Usage as Usage,
     )
 
-# The one list of public names; the TYPE_CHECKING imports above are for type checkers
-# and editors, and test_api checks they name the same things.
+# The one list of public names. The TYPE_CHECKING imports above are for type checkers
+# and editors: ``X as X`` is the explicit re-export that a user's ``mypy --strict``
+# needs, since this __all__ is computed. test_api checks both name the same things.
 __all__ = sorted(
     [
         *_EXPORTS,

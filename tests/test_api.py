@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -74,6 +75,31 @@ def test_mypy_strict_is_clean() -> None:
         text=True,
     )
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.slow
+def test_a_users_strict_type_check_sees_every_public_name(tmp_path: Path) -> None:
+    """A notebook's code type-checked with ``mypy --strict`` may import any public name,
+    and gets nbchat's own types for it (``py.typed``), not ``Any``."""
+    assert (ROOT / "nbchat" / "py.typed").is_file()
+    names = ", ".join(nbchat.__all__)
+    user = tmp_path / "user.py"
+    user.write_text(
+        f"from nbchat import {names}\n"
+        "session: Session = Session(model='m')\n"
+        "reveal_type(session.send)\n"
+        "reveal_type(plot.costs)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--follow-imports=silent", str(user)],
+        cwd=tmp_path,  # not this repository's mypy settings: a user's
+        env={**os.environ, "MYPYPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "-> nbchat._types.TurnResult" in out.stdout, out.stdout
+    assert "def (by:" in out.stdout, out.stdout
 
 
 def test_all_lists_every_lazy_export() -> None:

@@ -463,8 +463,7 @@ def warm_up() -> None:
     """Import the default backend's driver and start it once, then open the default store
     (creating and migrating a new file), so a first turn need not: ~150 ms on its main
     thread, before its placeholder shows. A team store (a URL) is not connected to here."""
-    from ._duckdb import _RECOVERY
-    from ._duckdb import warm_up as warm_duckdb
+    from ._duckdb import _RECOVERY, warm_up as warm_duckdb
 
     warm_duckdb()
     raw = default_db_path()
