@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlparse
 
-from ._exceptions import ConfigError
+from ._exceptions import ConfigError, MissingKey
 
 if TYPE_CHECKING:
     from ._endpoints import Endpoint
@@ -260,7 +260,7 @@ def resolve_client(
             "nbchat.local() starts the local model."
         )
     if not key and needs_key(base_url):
-        raise ConfigError(_no_key(base_url))
+        raise MissingKey(_no_key(base_url))
     secret = key if isinstance(key, Secret) else Secret(key) if key else _PLACEHOLDER
     return ClientSettings(
         model=model, base_url=base_url.rstrip("/"), api_key=secret, api=_defaults.get("api")
@@ -271,7 +271,7 @@ def require_key(settings: ClientSettings) -> None:
     """Raise ``ConfigError`` before a request to a server that needs a key, if no key was
     configured (a stored session opened only to be read, ``%chat use``, stops here)."""
     if settings.keyless and needs_key(settings.base_url):
-        raise ConfigError(_no_key(settings.base_url))
+        raise MissingKey(_no_key(settings.base_url))
 
 
 def _no_key(base_url: str) -> str:
@@ -319,7 +319,7 @@ def _from_endpoint(
                 if e.api_key_env
                 else (f"save the endpoint with api_key_env=VAR (%chat endpoint add {e.name} ...)")
             )
-            raise ConfigError(f"No API key for endpoint {e.name!r} ({url}): {wanted}.")
+            raise MissingKey(f"No API key for endpoint {e.name!r} ({url}): {wanted}.")
         key = _PLACEHOLDER
     return ClientSettings(
         model=model,

@@ -2,6 +2,7 @@
 
     NbchatError
      ├── ConfigError           model, base URL or API key missing or invalid
+     │    └── MissingKey       the endpoint needs an API key and none is set
      ├── StoreError            the store cannot be opened, migrated, written or read
      │    ├── StoreLocked      another process held it for the whole wait (retry later)
      │    ├── UnknownSession   it has no session of that id
@@ -37,6 +38,7 @@ __all__ = [
     "ExecutionFailed",
     "GuardrailRejected",
     "LoopStopped",
+    "MissingKey",
     "ModelAPIError",
     "NbchatError",
     "SessionInUseError",
@@ -59,6 +61,10 @@ class NbchatError(Exception):
 
 class ConfigError(NbchatError):
     """Something the user must set (model, base URL, API key, option) is missing or wrong."""
+
+
+class MissingKey(ConfigError):
+    """The endpoint needs an API key and none is configured (the rest may be fine)."""
 
 
 class StoreError(NbchatError):

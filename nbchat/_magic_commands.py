@@ -26,7 +26,7 @@ from ._config import (
     set_defaults,
 )
 from ._display import raise_for
-from ._exceptions import ConfigError, NbchatError, UnknownSession
+from ._exceptions import ConfigError, MissingKey, NbchatError, UnknownSession
 from ._magic_displays import Found, Info
 from ._magic_help import split_line
 
@@ -155,12 +155,14 @@ class Subcommands:
                 raise UsageError(str(exc)) from None
             set_defaults(**updates)  # unknown keys are refused before anything is saved
             try:
-                applied = self._settings_changed(before, get_defaults())
+                applied, lacking = self._settings_changed(before, get_defaults())
             except BaseException:
                 restore_defaults(before)  # all or nothing: a refused change leaves no trace
                 raise
             info = self._config_info()
             info.rows.append(("this change applies to", applied))
+            if lacking:
+                info.rows.append(("still needed", lacking))
             return info
         return self._config_info()
 
@@ -465,11 +467,15 @@ class Subcommands:
             raise UsageError("%chat: no current session yet; run a %%chat cell first")
         return self.session
 
-    def _settings_changed(self, before: dict[str, Any], after: dict[str, Any]) -> str:
+    def _settings_changed(
+        self, before: dict[str, Any], after: dict[str, Any]
+    ) -> tuple[str, str | None]:
         """Check a config change as a whole, carry the current conversation over to it.
 
         Raises (``ConfigError``) before changing anything when the new endpoint cannot
-        be used (no key for it, ...). Returns which sessions the change affects.
+        be used. Returns which sessions the change affects, and what the endpoint still
+        lacks: with no conversation going on, a missing key may be set next (a newcomer
+        sets the model first), so it is said, not refused.
         """
         session = self.session
 
@@ -477,12 +483,18 @@ class Subcommands:
             return before.get(key) != after.get(key)
 
         endpoint = changed("model") or changed("base_url") or changed("api_key")
+        lacking: str | None = None
         if endpoint and (
             session is not None or after.get("model") or os.environ.get("NBCHAT_MODEL")
         ):
-            resolve_client(after.get("model") or (session.model if session else None))
+            try:
+                resolve_client(after.get("model") or (session.model if session else None))
+            except MissingKey as exc:
+                if session is not None:  # its next turn would fail: keep it as it was
+                    raise
+                lacking = f"{exc} The next `%%chat` cell needs it."
         if session is None:
-            return "new sessions"
+            return "new sessions", lacking
         if changed("db"):
             # Its conversations live in the other store: cells start over in the new one.
             self.session = None
@@ -512,11 +524,11 @@ class Subcommands:
             else:
                 session.request_params["temperature"] = after["temperature"]
         if changed("db"):
-            return "new sessions (the current conversation stays in the old store)"
+            return "new sessions (the current conversation stays in the old store)", None
         applied = f"the current session {session.id} and new sessions"
         if changed("system"):
             applied += " (the system prompt: new sessions only)"
-        return applied
+        return applied, None
 
 
 def read_only(session: Session) -> bool:

@@ -19,7 +19,32 @@ def _current(ip: InteractiveShell) -> object:
     return magics.session
 
 
-def test_a_refused_config_change_saves_nothing(shell: InteractiveShell) -> None:  # noqa: F811
+def test_a_model_set_before_its_key_is_kept_and_the_key_asked_for(
+    shell: InteractiveShell,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A new-user trial: `%chat config model=gpt-4o-mini` first, the key next, was
+    # refused at step one. With no conversation going on, nothing can break: kept.
+    monkeypatch.delenv("NBCHAT_BASE_URL")  # OpenAI's own API, and no key for it
+    result = run(shell, "%chat config model=gpt-4o-mini")
+    assert result.success, result.error_in_exec
+    rows = dict(result.result.rows)
+    assert rows["this change applies to"] == "new sessions"
+    assert rows["still needed"].startswith("No API key for https://api.openai.com/v1")
+    assert get_defaults()["model"] == "gpt-4o-mini"
+    turn = run(shell, "%%chat\nhi")  # and the cell says the same, before any request
+    assert isinstance(turn.error_in_exec, ConfigError)
+    assert "No API key for https://api.openai.com/v1" in str(turn.error_in_exec)
+    assert run(shell, "%chat config api_key=sk-test-abcdef").success
+    assert "still needed" not in dict(run(shell, "%chat config model=gpt-4o").result.rows)
+
+
+def test_a_refused_config_change_saves_nothing(
+    shell: InteractiveShell,  # noqa: F811
+    fake: FakeOpenAIServer,
+) -> None:
+    fake.enqueue("first")
+    assert run(shell, "%%chat\nhi").success  # a conversation the change would break
     fake_session_url = get_defaults().get("base_url")
     result = run(shell, "%chat config base_url=https://api.openai.com/v1")
     assert isinstance(result.error_in_exec, ConfigError)
@@ -50,6 +75,8 @@ def test_a_refused_change_puts_the_kernels_key_back_as_it_was(
     # A trial found the key put back wrapped twice: the next server error then failed
     # inside redaction, with a traceback, and left its turn "running" in the store.
     assert run(shell, "%chat config api_key=sk-test-abcdef").success
+    fake.enqueue("first")
+    assert run(shell, "%%chat\nhi").success  # a conversation the change would break
     result = run(shell, "%chat config base_url=https://api.openai.com/v1 api_key=")
     assert isinstance(result.error_in_exec, ConfigError)
     assert get_defaults()["api_key"].get_secret_value() == "sk-test-abcdef"
