@@ -12,7 +12,6 @@ import asyncio
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from ports import free_port
 
 from nbchat import Session
 from nbchat._assembler import ReplyAssembler
@@ -55,12 +55,6 @@ def _litellm_command() -> str | None:
     return shutil.which("litellm")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def litellm_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The base URL of a LiteLLM proxy started for these tests (stopped after them)."""
@@ -75,7 +69,7 @@ def litellm_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         pytest.skip(why)
     folder = tmp_path_factory.mktemp("litellm")
     (folder / "config.yaml").write_text(CONFIG)
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "NO_DOCS": "True"}
     log = (folder / "proxy.log").open("wb")
     proc = subprocess.Popen(

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ports import free_port
 
 from nbchat.testing import FakeOpenAIServer
 
@@ -159,7 +160,7 @@ def _serve(
     }
     for variable in ("NBCHAT_API_KEY", "OPENAI_API_KEY", "OPENAI_BASE_URL"):
         env.pop(variable, None)
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     if host == "jupyterlab":
         command = [
@@ -168,6 +169,7 @@ def _serve(
             f"--ServerApp.root_dir={root}",
             "--LabApp.expose_app_in_browser=True",
             "--LabApp.extension_manager=readonly",
+            "--ServerApp.port_retries=0",  # fail, not serve on a port we do not watch
             "--allow-root",
         ]
         url = f"{base}/lab/tree/{name}?reset&token={TOKEN}"
@@ -177,12 +179,14 @@ def _serve(
             f"--IdentityProvider.token={TOKEN}",
             f"--ServerApp.root_dir={root}",
             "--JupyterNotebookApp.expose_app_in_browser=True",
+            "--ServerApp.port_retries=0",
             "--allow-root",
         ]
         url = f"{base}/notebooks/{name}?token={TOKEN}"
     else:
         command = [
             *("-m", "voila", "--no-browser", "--Voila.ip=127.0.0.1", f"--port={port}"),
+            "--Voila.port_retries=0",
             str(notebook),
         ]
         url = f"{base}/"
@@ -413,13 +417,6 @@ def _wait_for_interrupted_reply(db: Path, timeout: float = 30.0) -> str:
         if time.monotonic() > deadline:
             raise AssertionError(f"no interrupted reply stored:\n{messages}")
         time.sleep(0.2)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _wait_for_port(port: int, server: subprocess.Popen[Any], log: Path) -> None:

@@ -16,7 +16,6 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+from ports import free_port
 
 __all__ = ["PASSWORD_ROLE", "ClusterUnavailable", "TempCluster", "find_bin_dir"]
 
@@ -57,12 +57,6 @@ def _major(path: str) -> int:
         return 0
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 class TempCluster:
     """One PostgreSQL server for a test session; ``url(db)`` names a database on it."""
 
@@ -76,7 +70,7 @@ class TempCluster:
             self.port = urlsplit(external).port or 5432
             return
         self.bin = find_bin_dir()
-        self.port = _free_port()
+        self.port = free_port()
         self._dir = Path(tempfile.mkdtemp(prefix="nbchat-pg-"))
         self._run_as = "postgres" if os.geteuid() == 0 else None
         if self._run_as:
