@@ -13,6 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+# public submodules, imported on first use too
+_SUBMODULES = ("plot", "testing")
+
 # public name -> private module that defines it
 _EXPORTS: dict[str, str] = {
     # errors
@@ -83,7 +86,6 @@ _EXPORTS: dict[str, str] = {
     "stop_local": "_local",
     "ChatPanel": "_panel",
     "panel": "_panel",
-    "plot": "_plot",
     "dashboard": "_dashboard",
     "mark_free": "_pricing",
     "register_price": "_pricing",
@@ -93,6 +95,7 @@ _EXPORTS: dict[str, str] = {
 }
 
 if TYPE_CHECKING:
+    from . import plot as plot, testing as testing
     from ._analysis import (
         attachments as attachments,
         compactions as compactions,
@@ -148,7 +151,6 @@ if TYPE_CHECKING:
     from ._images import Image as Image
     from ._local import local as local, stop_local as stop_local
     from ._panel import ChatPanel as ChatPanel, panel as panel
-    from ._plot import plot as plot
     from ._pricing import mark_free as mark_free, register_price as register_price
     from ._pytool import python_tool as python_tool
     from ._session import Session as Session, configure as configure
@@ -174,6 +176,7 @@ __all__ = sorted(
         *_EXPORTS,
         "__version__",
         "load_ipython_extension",
+        "plot",
         "testing",
         "unload_ipython_extension",
     ]
@@ -181,8 +184,8 @@ __all__ = sorted(
 
 
 def __getattr__(name: str) -> Any:
-    if name == "testing":
-        return importlib.import_module(".testing", __name__)
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'nbchat' has no attribute {name!r}")

@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 
     from ._plot_data import Db, When
 
-__all__ = ["Charts", "plot", "plot_for_magic"]
+__all__ = ["context", "costs", "latency", "plot_for_magic", "tokens"]
 
 
 def _nothing(since: When, until: When, unranged: str = "no requests stored yet") -> str:
@@ -210,22 +210,6 @@ def context(
     ax.set_title(title)
     ax.legend(fontsize="small")
     return ax
-
-
-class Charts:
-    """Charts of the store: ``costs(by=...)``, ``tokens(by=...)``, ``latency()``,
-    ``context(session_id)``; each returns a matplotlib ``Axes``."""
-
-    costs = staticmethod(costs)
-    tokens = staticmethod(tokens)
-    latency = staticmethod(latency)
-    context = staticmethod(context)
-
-    def __repr__(self) -> str:
-        return "nbchat.plot: costs(by=...), tokens(by=...), latency(), context(session_id)"
-
-
-plot = Charts()
 
 
 def plot_for_magic(args: list[str]) -> Any:

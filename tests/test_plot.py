@@ -8,6 +8,8 @@ drawn as 0. ``test-artifacts/costs.png`` (the README's docs/costs.png) is drawn 
 from __future__ import annotations
 
 import datetime as dt
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -509,9 +511,18 @@ def test_plot_for_magic_returns_a_png_of_the_chart_asked_for(filled: Filled) -> 
         plot_for_magic(["--plot", "--since"])
 
 
-def test_plot_is_a_namespace_of_charts() -> None:
-    assert {"costs", "tokens", "latency", "context"} <= set(dir(nbchat.plot))
-    assert "costs(by=...)" in repr(nbchat.plot)
+def test_plot_is_a_module_of_charts() -> None:
+    # A new-user trial wrote `import nbchat.plot`, which failed while plot was an object.
+    code = (
+        "import nbchat.plot\n"
+        "from nbchat.plot import costs\n"
+        "from nbchat import plot\n"
+        "assert plot is nbchat.plot and costs is plot.costs, (plot, costs)\n"
+        "assert sorted(plot.__all__) == ['context', 'costs', 'latency', 'tokens']\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert nbchat.plot.costs.__module__ == "nbchat._plot"
 
 
 # --------------------------------------------------------------------------- many bars, PNGs
