@@ -22,10 +22,11 @@ from nbchat._pricing import forget_price, register_price
 from nbchat.testing import FakeOpenAIServer
 
 
-def today() -> dt.date:
-    """Today in UTC, when the test runs (not when the module was collected: a suite that
-    crosses midnight failed on that)."""
-    return dt.datetime.now(dt.UTC).date()
+def stored_day(db: str) -> dt.date:
+    """The UTC day of the newest stored request: the day a range must name to hold the
+    test's requests (today's date, read after they were stored, may be the next day)."""
+    newest: dt.datetime = nbchat.usage(db=db)["created_at"].max()
+    return newest.astimezone(dt.UTC).date()
 
 
 @pytest.fixture
@@ -46,7 +47,7 @@ def test_the_dashboard_shows_spend_models_sessions_tools_and_latency(filled: Fil
     # the charts: PNG images, and the Axes they were drawn from
     for image in (board.spend, board.by_model, board.latency):
         assert image.value[:4] == b"\x89PNG"
-    assert ticks(board.axes["spend"]) == [str(today())]
+    assert ticks(board.axes["spend"]) == [str(stored_day(filled.db))]
     assert ticks(board.axes["by_model"]) == [PRICED, CHEAP, MYSTERY]
     assert ticks(board.axes["latency"]) == sorted([PRICED, CHEAP, MYSTERY])
     spent = sum(p.get_height() for c in board.axes["spend"].containers for p in c)
@@ -88,14 +89,15 @@ def test_picking_dates_filters_and_refresh_reads_new_requests(
 ) -> None:
     board = nbchat.dashboard(db=filled.db)
     board.session_buttons[0].click()
-    board.since.value = today() + dt.timedelta(days=1)  # picking a date redraws at once
+    day = stored_day(filled.db)
+    board.since.value = day + dt.timedelta(days=1)  # picking a date redraws at once
     assert "0 requests in 0 sessions, $0.00 known cost" in board.summary.value  # not "$?"
     assert board.session_buttons == [] and board.transcript.value == ""
     assert "no sessions in this range" in board.sessions_list.children[-1].value
     assert "no tool calls in this range" in board.tools.value
     assert [t.get_gid() for t in board.axes["spend"].texts] == ["empty"]
 
-    board.since.value, board.until.value = today(), today()  # both days included
+    board.since.value, board.until.value = day, day  # both days included
     assert "5 requests in 3 sessions" in board.summary.value
 
     late = Session(model=PRICED, base_url=fake.url, api_key="sk-test", db=filled.db)
@@ -135,7 +137,8 @@ def test_a_store_that_cannot_be_read_is_said_in_the_dashboard(tmp_path: Path) ->
 def test_a_range_covering_everything_shows_what_all_time_shows(filled: Filled) -> None:
     # All time reads the per-session counters; a range, the per-day ones: they agree.
     all_time = nbchat.dashboard(db=filled.db)
-    ranged = nbchat.dashboard(db=filled.db, since=today(), until=today())
+    day = stored_day(filled.db)
+    ranged = nbchat.dashboard(db=filled.db, since=day, until=day)
     assert [b.description for b in ranged.session_buttons] == [
         b.description for b in all_time.session_buttons
     ]
@@ -185,7 +188,7 @@ def test_a_sampled_latency_is_kept_until_a_request_is_added(
     assert first.latency_sampled
     again = _analysis.overview(db=filled.db, previous=first)
     assert again.latency is first.latency  # the same requests: not sampled again
-    other_days = _analysis.overview(db=filled.db, since=today(), previous=first)
+    other_days = _analysis.overview(db=filled.db, since=stored_day(filled.db), previous=first)
     assert other_days.latency is not first.latency  # another range: read
     late = Session(model=CHEAP, base_url=fake.url, api_key="sk-test", db=filled.db)
     fake.enqueue("late")
@@ -229,7 +232,7 @@ def test_a_refresh_relabels_the_session_buttons_it_has(
     assert [b.button_style for b in board.session_buttons] == ["", "", "info", ""]
     board.session_buttons[0].click()  # a kept button shows the session it now names
     assert board.selected == late.id and late.id in board.transcript.value
-    board.since.value = today() + dt.timedelta(days=1)
+    board.since.value = stored_day(filled.db) + dt.timedelta(days=1)
     assert board.session_buttons == []
     assert "no sessions in this range" in board.sessions_list.children[-1].value
 
@@ -256,7 +259,7 @@ def test_a_session_of_unknown_price_ranks_above_failed_requests_and_latency_leav
     mystery = Session(model=MYSTERY, base_url=fake.url, db=db, max_retries=0)
     fake.enqueue("an answer")
     assert mystery.send("hello").status == "completed"
-    for days in ({}, {"since": today(), "until": today()}):
+    for days in ({}, {"since": stored_day(db), "until": stored_day(db)}):
         board = nbchat.dashboard(db=db, **days)
         assert [b.description.split(" · ")[1][:8] for b in board.session_buttons] == [
             mystery.id[:8],
