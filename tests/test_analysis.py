@@ -276,6 +276,35 @@ def test_costs_never_count_unknown_prices_as_zero(store: Store, by: str) -> None
     assert df["cost_usd"].sum() == pytest.approx(0.003)
 
 
+def test_costs_say_where_each_groups_known_costs_came_from(store_db: str) -> None:
+    s = Store.open(store_db)
+    s.create_session(session_id="c", model="m", system_prompt=None)
+
+    def priced(model: str, source: Any, cost: float | None = 0.001) -> None:
+        # model_construct: a label no CostSource names, as a newer nbchat might write:
+        # shown as it is, not dropped
+        event = UsageEvent.model_construct(
+            session_id="c", turn_id="t", model=model, cost_usd=cost, cost_source=source
+        )
+        s.handle(event)
+
+    priced("m", "server")
+    priced("m", "genai-prices")
+    priced("m", "server")
+    priced("m", None, None)  # unknown price: no source
+    priced("n", "registered")
+    priced("o", None, None)
+    priced("p", "estimated-by-a-newer-nbchat")
+    try:
+        by_model = costs(by="model", db=s).set_index("model")["cost_sources"].to_dict()
+        newer = "estimated-by-a-newer-nbchat"
+        assert by_model == {"m": "genai-prices, server", "n": "registered", "o": "", "p": newer}
+        [day] = costs(by="day", db=s)["cost_sources"]
+        assert day == f"{newer}, genai-prices, registered, server"
+    finally:
+        s.close()
+
+
 def test_costs_by_model_sorts_by_cost_and_keeps_unknown_visible(store: Store) -> None:
     df = costs(db=store)
     assert list(df["model"]) == ["gpt-4o-mini", "mystery-model"]
