@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from . import _responses, _runner
 from ._assembler import ReplyAssembler
-from ._config import ClientSettings, WireAPI, resolve_client
+from ._config import ClientSettings, WireAPI, foreign_to_embedded, resolve_client
 from ._events import Event, UsageEvent
 from ._exceptions import ModelAPIError
 from ._http import (
@@ -130,13 +130,11 @@ class ModelClient:
 
     def for_model(self, model: str) -> ModelClient:
         """A client for another model on the same endpoint, key and timeouts
-        (``"work:gpt-4o"`` switches to the saved endpoint ``work``)."""
+        (``"work:gpt-4o"`` switches to the saved endpoint ``work``; a model not under
+        ``local/`` leaves the embedded server for the configured endpoint)."""
         settings = dataclasses.replace(self.settings, model=model)
-        if ":" in model:
-            from ._endpoints import split_model
-
-            if split_model(model)[0] is not None:
-                settings = resolve_client(model)
+        if _names_endpoint(model) or foreign_to_embedded(model, self.settings.base_url):
+            settings = resolve_client(model)
         return ModelClient(
             settings,
             max_retries=self.max_retries,
@@ -474,3 +472,12 @@ def _close_kept_clients() -> None:
 
 # How long exit waits for the kept clients to close their connections.
 _CLOSE_WAIT = 2.0
+
+
+def _names_endpoint(model: str) -> bool:
+    """Whether ``model`` names a saved endpoint (``"work:gpt-4o"``)."""
+    if ":" not in model:
+        return False
+    from ._endpoints import split_model
+
+    return split_model(model)[0] is not None

@@ -53,7 +53,12 @@ DEFAULT_KEYS = frozenset(
     }
 )
 WireAPI = Literal["chat", "responses"]
+# The embedded model's names (``nbchat.local()``): priced as free, and the only names
+# its server answers to.
+LOCAL_PREFIX = "local/"
 _defaults: dict[str, Any] = {}
+# The embedded server's base URL while it runs (``nbchat.local()`` sets it).
+_embedded_url: str | None = None
 
 
 # Where a key came from, as error messages name it (never the key itself).
@@ -134,6 +139,9 @@ def set_defaults(**values: Any) -> dict[str, Any]:
             f"known settings are {', '.join(sorted(DEFAULT_KEYS))}."
         )
     check_limits("nbchat.configure", **values)
+    model = values.get("model")
+    if model and "base_url" not in values and foreign_to_embedded(model, _defaults.get("base_url")):
+        values = {**values, "base_url": None}  # another model leaves the embedded server
     api = values.get("api")
     if api is not None and api not in ("chat", "responses"):
         raise ConfigError(f"api must be 'chat' or 'responses', got {api!r}.")
@@ -144,6 +152,24 @@ def set_defaults(**values: Any) -> dict[str, Any]:
             secret = key == "api_key" and not isinstance(value, Secret)
             _defaults[key] = Secret(value, KEY_FROM_KERNEL) if secret else value
     return get_defaults()
+
+
+def serve_embedded(url: str | None) -> None:
+    """Record the embedded server's base URL while it runs (``None``: it stopped)."""
+    global _embedded_url
+    _embedded_url = url.rstrip("/") if url else None
+
+
+def foreign_to_embedded(model: str | None, base_url: str | None) -> bool:
+    """Whether ``base_url`` is the embedded server's and ``model`` not one of its names.
+
+    The server answers any name, so such a request would get the local model's reply
+    under the other model's name and price. A default base URL that ``nbchat.local()``
+    set is not used for such a model, and setting such a model drops it.
+    """
+    if _embedded_url is None or not base_url or base_url.rstrip("/") != _embedded_url:
+        return False
+    return not (model or "").startswith(LOCAL_PREFIX)
 
 
 def get_defaults() -> dict[str, Any]:
@@ -243,11 +269,11 @@ def resolve_client(
     if named is not None:
         saved, model = named
         return _from_endpoint(saved, model, base_url, api_key)
+    default_url = _defaults.get("base_url")
+    if foreign_to_embedded(model, default_url):
+        default_url = None
     base_url = (
-        base_url
-        or _defaults.get("base_url")
-        or _env("NBCHAT_BASE_URL", "OPENAI_BASE_URL")
-        or OPENAI_BASE_URL
+        base_url or default_url or _env("NBCHAT_BASE_URL", "OPENAI_BASE_URL") or OPENAI_BASE_URL
     )
     key: Secret | str | None = api_key or _defaults.get("api_key")
     if not key:

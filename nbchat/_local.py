@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ._config import get_defaults, set_defaults
+from ._config import LOCAL_PREFIX, get_defaults, serve_embedded, set_defaults
 from ._exceptions import ConfigError
 
 __all__ = [
@@ -163,8 +163,6 @@ def model_name(model_path: str | os.PathLike[str], name: str | None = None) -> s
     if not name:
         stem = _QUANT_SUFFIX.sub("", Path(model_path).stem)
         name = re.sub(r"\s+", "-", stem.strip()).lower() or "model"
-    from ._pricing import LOCAL_PREFIX  # the one definition (pricing makes them free)
-
     return name if name.startswith(LOCAL_PREFIX) else LOCAL_PREFIX + name
 
 
@@ -359,6 +357,7 @@ def _serving(info: LocalServer) -> None:
 
     mark_free_endpoint(info.url)  # any model name a request gives runs here, for free
     mark_text_only(info.url, f"The embedded model ({info.name})")
+    serve_embedded(info.url)  # its URL goes with local/ names only
 
 
 def _stop_locked() -> LocalServer | None:
@@ -368,6 +367,7 @@ def _stop_locked() -> LocalServer | None:
         return None
     info = _running[0]
     _running = None  # the last reference: the server stops here
+    serve_embedded(None)
     from ._images import forget_text_only
     from ._pricing import forget_free_endpoint
 

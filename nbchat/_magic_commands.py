@@ -160,6 +160,14 @@ class Subcommands:
                 restore_defaults(before)  # all or nothing: a refused change leaves no trace
                 raise
             info = self._config_info()
+            if "base_url" in before and "base_url" not in {**updates, **get_defaults()}:
+                info.rows.append(
+                    (
+                        "left the local model",
+                        f"{updates['model']} is not a local/ model, so it goes to the "
+                        "endpoint configured without %chat local; `%chat local` goes back",
+                    )
+                )
             info.rows.append(("this change applies to", applied))
             if lacking:
                 info.rows.append(("still needed", lacking))

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from ._config import is_loopback
+from ._config import LOCAL_PREFIX, is_loopback
 from ._exceptions import ConfigError
 from ._types import CostSource, RequestUsage
 
@@ -37,8 +37,6 @@ __all__ = [
     "register_price",
     "request_cost",
 ]
-
-LOCAL_PREFIX = "local/"
 
 
 @dataclass(frozen=True)

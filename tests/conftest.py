@@ -50,8 +50,10 @@ def isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Pa
     # embedded server, marked before its first test, stays marked).
     free, text_only = set(_pricing._free_endpoints), dict(_images._text_only)
     warned = set(_request_errors._warned_keyless)
+    embedded = _config._embedded_url
     yield db
     _config.reset_defaults()
+    _config.serve_embedded(embedded)
     _pricing._free_endpoints.intersection_update(free)
     _images._text_only.clear()
     _images._text_only.update(text_only)

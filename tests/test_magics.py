@@ -933,6 +933,13 @@ def test_chat_local_starts_the_embedded_model_and_cells_use_it(
     assert result.success, result.error_in_exec
     assert shell.user_ns["hello"].strip()
     assert pub(shell).last["metadata"]["nbchat"]["status"] == "completed"
+    # Another model leaves the local server (it would answer under that model's name).
+    shell.run_line_magic("chat", "new")
+    moved = shell.run_line_magic("chat", "config model=gpt-4o-mini")
+    assert "left the local model" in dict(moved.rows)
+    assert "base_url" not in nbchat._config.get_defaults()
+    back = shell.run_line_magic("chat", "local")
+    assert nbchat._config.get_defaults()["model"].startswith("local/") and "127.0.0.1" in repr(back)
 
 
 def test_rerunning_a_cell_goes_back_to_its_conversation(

@@ -8,7 +8,7 @@ from test_magics import RecordingPublisher, pub, run, shell  # noqa: F401  (fixt
 
 import nbchat
 from nbchat import ConfigError, TurnFailed
-from nbchat._config import get_defaults
+from nbchat._config import get_defaults, serve_embedded, set_defaults
 from nbchat._magics import magics_of
 from nbchat.testing import FakeOpenAIServer
 
@@ -37,6 +37,47 @@ def test_a_model_set_before_its_key_is_kept_and_the_key_asked_for(
     assert "No API key for https://api.openai.com/v1" in str(turn.error_in_exec)
     assert run(shell, "%chat config api_key=sk-test-abcdef").success
     assert "still needed" not in dict(run(shell, "%chat config model=gpt-4o").result.rows)
+
+
+def test_a_model_set_after_chat_local_leaves_the_embedded_server(
+    shell: InteractiveShell,  # noqa: F811
+    fake: FakeOpenAIServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A new-user trial: after `%chat local`, `%chat config model=gpt-4o-mini` kept the
+    # local URL, so SmolLM answered as "gpt-4o-mini" at $0, and was stored so. The fake
+    # server stands in for the embedded one here (test_magics runs the real one).
+    monkeypatch.delenv("NBCHAT_BASE_URL")
+    monkeypatch.delenv("NBCHAT_MODEL")
+    serve_embedded(fake.url)
+    set_defaults(model="local/tiny", base_url=fake.url)  # what `%chat local` sets
+    fake.enqueue("local answer")
+    assert run(shell, "%%chat\nhi").success
+    # With a conversation on the embedded model, a key the new model lacks refuses it...
+    refused = run(shell, "%chat config model=gpt-4o-mini")
+    assert isinstance(refused.error_in_exec, ConfigError)
+    assert "No API key for https://api.openai.com/v1" in str(refused.error_in_exec)
+    assert get_defaults() == {"model": "local/tiny", "base_url": fake.url}  # kept whole
+    # ...and a cell's own --model does not send the name to the local server either.
+    turn = run(shell, "%%chat --model gpt-4o-mini\nagain")
+    assert isinstance(turn.error_in_exec, ConfigError)
+    assert "No API key for https://api.openai.com/v1" in str(turn.error_in_exec)
+    assert len(fake.requests) == 1
+    # With none going on, the change is kept, the local URL dropped, and both are said.
+    shell.run_line_magic("chat", "new")
+    result = run(shell, "%chat config model=gpt-4o-mini")
+    assert result.success, result.error_in_exec
+    rows = dict(result.result.rows)
+    assert rows["left the local model"].startswith("gpt-4o-mini is not a local/ model")
+    assert rows["still needed"].startswith("No API key for https://api.openai.com/v1")
+    assert get_defaults() == {"model": "gpt-4o-mini"}
+    # From Python too: another model never goes to the embedded server by default.
+    set_defaults(model="local/tiny", base_url=fake.url)
+    assert nbchat.Session(model="local/tiny", db=False).client.settings.base_url == fake.url
+    with pytest.raises(ConfigError, match=r"No API key for https://api\.openai\.com/v1"):
+        nbchat.Session(model="gpt-4o-mini", db=False)
+    served = nbchat.Session(model="gpt-4o-mini", api_key="sk-test-abcdef", db=False)
+    assert served.client.settings.base_url == "https://api.openai.com/v1"
 
 
 def test_a_refused_config_change_saves_nothing(
