@@ -29,7 +29,7 @@ from ._types import (
     utcnow,
 )
 
-__all__ = ["ExportFormat", "export_session", "import_session"]
+__all__ = ["ExportFormat", "export_session", "import_session", "recorded_model"]
 
 _ROLES = ("system", "user", "assistant", "tool")
 
@@ -386,6 +386,11 @@ def _kept(data: Any) -> tuple[str | None, dict[str, str]]:
         names = {}
     named = {str(k): v for k, v in names.items() if isinstance(v, str)}
     return (title if isinstance(title, str) and title else None), named
+
+
+def recorded_model(data: Imported) -> str | None:
+    """The model an ``"nbchat"`` export was recorded with (an ``"openai"`` one has none)."""
+    return _kept_text(_decoded(data), "model")
 
 
 def _kept_text(data: Any, key: str) -> str | None:

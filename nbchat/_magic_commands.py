@@ -17,6 +17,7 @@ from IPython.core.error import UsageError
 
 from ._config import (
     DEFAULT_KEYS,
+    LOCAL_PREFIX,
     check_limits,
     default_db_path,
     get_defaults,
@@ -302,7 +303,7 @@ class Subcommands:
         return Info(f"Wrote session `{session_id}` to `{wanted.path}` as {wanted.format}.")
 
     def _cmd_import(self, args: list[str]) -> Info:
-        from ._export import import_session
+        from ._export import import_session, recorded_model
 
         path, title = _import_options(args)
         try:
@@ -317,10 +318,19 @@ class Subcommands:
             )
         try:
             session_id = import_session(text, title=title)
+            recorded = recorded_model(text)
         except (ValueError, NbchatError) as exc:  # not JSON, or not a conversation
             raise UsageError(f"%chat import: {path}: {exc}") from None
+        # It continues on this kernel's endpoint, so with this kernel's model: the file's
+        # may not exist here (a local/ name sent to OpenAI, priced as free).
+        model = get_defaults().get("model") or os.environ.get("NBCHAT_MODEL")
         try:
-            self.session = self._use(session_id)
+            if model is None and recorded and recorded.startswith(LOCAL_PREFIX):
+                raise ConfigError(
+                    f"it was recorded with the embedded model {recorded}: run %chat local "
+                    "(or %chat config model=NAME) first"
+                )
+            self.session = self._use(session_id, model=model)
         except NbchatError as exc:  # stored, but this kernel cannot open it yet (no model)
             raise UsageError(
                 f"%chat import: stored {path} as session {session_id}, but it cannot be "
@@ -328,9 +338,12 @@ class Subcommands:
                 "continues it (importing again would store a second copy)."
             ) from None
         count = len(self.session.history)
+        said = f"Imported {count} messages from `{path}` as session `{session_id}`"
+        if recorded and recorded != self.session.model:
+            said += f" (recorded with `{recorded}`)"
         return Info(
-            f"Imported {count} messages from `{path}` as session `{session_id}`, now the "
-            "current one: the next `%%chat` cell continues it."
+            f"{said}, now the current one: the next `%%chat` cell continues it with "
+            f"`{self.session.model}`."
         )
 
     def _cmd_endpoint(self, args: list[str]) -> Info:

@@ -607,8 +607,19 @@ def test_chat_export_writes_or_shows_a_conversation_and_chat_import_continues_on
     (tmp_path / "broken.json").write_text('{"messages": ')
     with pytest.raises(UsageError, match=r"%chat import: broken\.json: Cannot import"):
         shell.run_line_magic("chat", "import broken.json")
+    # It continues with this kernel's model: the file's may not exist on this endpoint
+    # (a trial's local/ name went to another server, priced as free).
+    data = json.loads((tmp_path / "talk.json").read_text())
+    (tmp_path / "local.json").write_text(json.dumps({**data, "model": "local/tiny"}))
+    said = shell.run_line_magic("chat", "import local.json")._repr_markdown_()
+    assert "(recorded with `local/tiny`)" in said and "continues it with `fake-model`" in said
+    fake.enqueue("From the kernel's model.")
+    assert run(shell, "%%chat\nstill there?").success
+    assert fake.chat_requests[-1]["model"] == "fake-model"
     # Stored, but not continued without a model: the message names the stored session.
     monkeypatch.delenv("NBCHAT_MODEL")
+    with pytest.raises(UsageError, match=r"recorded with the embedded model local/tiny: run"):
+        shell.run_line_magic("chat", "import local.json")
     before = set(nbchat.sessions()["id"])
     with pytest.raises(UsageError, match=r"stored wire\.json as session (\w+), but it") as info:
         shell.run_line_magic("chat", "import wire.json")
