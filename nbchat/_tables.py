@@ -51,10 +51,17 @@ def _human_table(
     shown: dict[str, pd.Series] = {}
     for name, label in columns.items():
         values = frame[name]
-        if name.endswith("_at"):
+        if pd.api.types.is_datetime64_any_dtype(values):
             values = _when(values)
         elif name == "duration_ms":
             values = (values / 1000).round(1)
+        elif name == "cost_usd" and "unknown_cost_requests" in frame:
+            # A known part is not the whole cost: "$0.00" alone read as free.
+            unknown = frame["unknown_cost_requests"].fillna(0).astype(int)
+            values = pd.Series(
+                [_money_total(pd.Series([v]), n) for v, n in zip(values, unknown, strict=True)],
+                index=values.index,
+            )
         elif name == "cost_usd":
             values = values.map(lambda v: "unknown" if pd.isna(v) else money(float(v)))
         elif name in ("user_text", "title"):
@@ -143,4 +150,10 @@ def sessions_table(db: Db = None) -> pd.DataFrame:
         "cost_usd": "cost",
         "notebook": "notebook",
     }
-    return _human_table(frame, columns)
+    unknown = int(frame["unknown_cost_requests"].sum())
+    totals = {
+        "turns": str(int(frame["turns"].sum())),
+        "requests": str(int(frame["requests"].sum())),
+        "cost": _money_total(frame["cost_usd"], unknown),
+    }
+    return _human_table(frame, columns, totals=totals, label_column="id")

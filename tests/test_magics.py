@@ -902,7 +902,8 @@ def test_sessions_history_cost_and_sql_from_the_store(
     listed = shell.run_line_magic("chat", "sessions")
     assert session.id in set(listed["id"])
     # No notebook here (a plain shell): the column is blank, not "NaN".
-    assert listed["notebook"].tolist() == [""] and "NaN" not in listed.to_html()
+    assert listed["notebook"].tolist() == ["", ""] and "NaN" not in listed.to_html()
+    assert listed["id"].iloc[-1] == "total"
     history = shell.run_line_magic("chat", "history")
     assert [(m.role, m.content) for m in history.history] == [
         ("user", "hello"),

@@ -10,6 +10,7 @@ import nbchat
 from nbchat import ConfigError, TurnFailed
 from nbchat._config import get_defaults, serve_embedded, set_defaults
 from nbchat._magics import magics_of
+from nbchat._pricing import forget_price
 from nbchat.testing import FakeOpenAIServer
 
 
@@ -192,6 +193,28 @@ def test_chat_cost_is_readable_with_totals(
     assert list(listed.columns) == [
         "id", "title", "model", "last active", "turns", "requests", "cost", "notebook",
     ]  # fmt: skip
+
+
+def test_chat_sessions_says_a_cost_is_partly_unknown_and_totals_it(
+    shell: InteractiveShell,  # noqa: F811
+    fake: FakeOpenAIServer,
+) -> None:
+    # A new-user trial: a session with an unpriced request read "$0.00", as if free.
+    nbchat.register_price("priced-model", input_per_mtok=1_000_000, output_per_mtok=0)
+    try:
+        fake.enqueue("one", usage={"prompt_tokens": 2, "completion_tokens": 1})
+        assert run(shell, "%%chat -m priced-model\npriced").success
+    finally:
+        forget_price("priced-model")
+    fake.enqueue("two", usage={"prompt_tokens": 2, "completion_tokens": 1})
+    assert run(shell, "%%chat\nunpriced").success  # fake-model has no price
+    fake.enqueue("three")
+    assert run(shell, "%%chat --new\nalone").success
+    listed = shell.run_line_magic("chat", "sessions")
+    assert list(listed["cost"]) == ["unknown", "$2.00 + 1 unknown", "$2.00 + 2 unknown"]
+    total = listed.iloc[-1]
+    assert (total["id"], total["turns"], total["requests"]) == ("total", "3", "3")
+    assert listed["last active"].iloc[0].endswith(" UTC")  # not a raw timestamp
 
 
 def test_a_mistyped_placeholder_warns_in_one_line_and_is_sent_as_typed(
