@@ -40,6 +40,7 @@ __all__ = [
 
 
 _UNKNOWN_HATCH = "///"
+_FREE_NOTE = "every known cost is $0 (free models or failed requests)"
 _OUTSIDE: dict[str, Any] = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0), "fontsize": "small"}
 _LEGEND_ROW = 60  # characters of labels side by side in a legend under the axes
 _BELOW_POINTS = 32  # a legend under the axes: below their tick labels and axis label
@@ -60,6 +61,9 @@ def draw_cost_bars(ax: Axes, bars: CostBars) -> Axes:
     # By model, each bar is its model's, named under it: a legend of the names again
     # (one long name was wider than the chart) would only narrow the axes.
     named = bars.by == "model"
+    free = totals is not None and bars.free
+    if free:  # bars of height 0: a scale from $0 (not -$0.04 to $0.04), set before the marks
+        (ax.set_xlim if across else ax.set_ylim)(0, 1)
     if missing:
         _mark_unknown(ax, order, bars.unknown, totals, across=across)
         from matplotlib.patches import Patch
@@ -77,20 +81,15 @@ def draw_cost_bars(ax: Axes, bars: CostBars) -> Axes:
         where = legend_place(ax, across, ax.get_legend_handles_labels()[1])
         ax.legend(title="model", **where)
     ax.set_title(bars.title)
-    (ax.set_xlabel if across else ax.set_ylabel)("cost (USD, known prices)")
+    axis_label = "cost (USD, known prices)"
+    if free and missing:  # the "? N" marks fill the axes: the note goes in the axis label
+        axis_label = "cost (USD): every known cost is $0"
+    elif free:
+        ax.text(0.5, 0.5, plain(_FREE_NOTE), transform=ax.transAxes,
+                ha="center", va="center", color="0.4")  # fmt: skip
     if totals is not None:
-        if bars.free:  # bars of height 0: say so, on a scale from $0 (not -$0.04 to $0.04)
-            (ax.set_xlim if across else ax.set_ylim)(0, 1)
-            ax.text(
-                0.5,
-                0.5,
-                plain("every known cost is $0 (free models or failed requests)"),
-                transform=ax.transAxes,
-                ha="center",
-                va="center",
-                color="0.4",
-            )
         usd_ticks(ax, ax.xaxis if across else ax.yaxis)
+    (ax.set_xlabel if across else ax.set_ylabel)(plain(axis_label))
     return ax
 
 

@@ -655,3 +655,13 @@ def test_free_models_only_draw_a_scale_from_zero_that_says_so() -> None:
     paid = groups.assign(cost_usd=[0.25])
     ax = draw_costs(plt.figure().subplots(), paid, "day")
     assert ax.get_ylim()[0] == 0.0 and len(ax.texts) == 0
+    # With requests of unknown price too, their "? N" marks fill the axes: a note in the
+    # middle was drawn over them (a trial), so the axis label says it.
+    for by in ("day", "session"):
+        mixed = groups.assign(unknown=[2])
+        ax = draw_costs(plt.figure().subplots(), mixed, by)
+        label = (ax.get_xlabel() if by == "session" else ax.get_ylabel()).replace("\\", "")
+        assert label == "cost (USD): every known cost is $0"
+        assert [t.get_text() for t in ax.texts] == (
+            ["? 2 · price unknown"] if by == "session" else ["? 2"]
+        )
