@@ -39,9 +39,10 @@ __all__ = ["Dashboard", "dashboard"]
 
 
 # Half a row, less the widgets' own margins: two 50% boxes plus margins overflow the row,
-# and the second one's right edge (the legends) was cut off.
+# and the second one's right edge (the legends) was cut off. At the row's top, not
+# stretched to its height: a chart beside a taller one was squashed sideways (a trial).
 def _half() -> widgets.Layout:
-    return widgets.Layout(width="calc(50% - 8px)", height="auto")
+    return widgets.Layout(width="calc(50% - 8px)", height="auto", align_self="flex-start")
 
 
 class Dashboard(widgets.VBox):  # type: ignore[misc]

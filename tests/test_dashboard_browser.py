@@ -97,6 +97,11 @@ def test_dashboard_in_the_browser(host: str, tmp_path: Path, fake: FakeOpenAISer
                 box, frame = image.bounding_box(), board.bounding_box()
                 assert box is not None and frame is not None
                 assert box["x"] + box["width"] <= frame["x"] + frame["width"] + 1, (box, frame)
+                # ...and keep their shape (a trial saw "Cost by day" squashed sideways).
+                natural, shown = image.evaluate(
+                    "i => [i.naturalWidth / i.naturalHeight, i.clientWidth / i.clientHeight]"
+                )
+                assert abs(shown - natural) <= 0.02 * natural, (i, natural, shown)
             if in_notebook_ui:
                 expect(page.locator(".jp-InputPrompt").first).to_contain_text("[1]")
                 page.wait_for_function(KERNEL_IDLE)
