@@ -71,7 +71,9 @@ def usage_facts(
     usage is missing), and ``≥`` the totals while a reply runs (its own request is not
     counted until the server reports it). Nothing is said of tokens before any request
     was counted, and "cost unknown" stands for a cost that cannot be known (``priced``:
-    whether the current model has a price at all) — never a made-up 0.
+    whether the current model has a price at all) — never a made-up 0. The first fact
+    says it is the session's: beside a stopped turn's footer of "$0.00", a bare "cost
+    unknown" (of turns before it) read as a contradiction (a trial).
     """
     bound = "≥ " if busy else ""
     facts = []
@@ -86,6 +88,8 @@ def usage_facts(
         facts.append("cost unknown")
     elif usage.requests:
         facts.append(f"{bound}{money(usage.cost_usd)}")
+    if facts:
+        facts[0] = f"session: {facts[0]}"
     return facts
 
 

@@ -467,7 +467,7 @@ def test_after_stop_the_status_keeps_the_token_count(fake: FakeOpenAIServer) -> 
     p.stop()
     p.wait(TIMEOUT)
     assert "tokens unknown" not in p.status_line.value
-    stopped = re.search(r"≥ ([\d,]+) tokens", p.status_line.value)
+    stopped = re.search(r"session: ≥ ([\d,]+) tokens", p.status_line.value)
     assert stopped, p.status_line.value
     fake.enqueue("third")
     p.submit("three").result(TIMEOUT)
