@@ -59,9 +59,9 @@ class CellMessage:
             raise UsageError("%%chat: the cell is empty; write your message below the magic line")
         if opts.context:
             text += "\n\n" + self._context(opts.context, max_chars)
-        if opts.format is not None and not opts.fix:
-            text += "\n\n" + FORMAT_INSTRUCTIONS[opts.format]
         texts, parts = self._attachments(opts.attach or [], images)
+        if opts.format is not None and not opts.fix:  # last: history views leave it out
+            texts.append(FORMAT_INSTRUCTIONS[opts.format])
         return "\n\n".join([text, *texts]), parts
 
     def _attachments(

@@ -28,6 +28,7 @@ __all__ = [
     "fix_prompt",
     "reply_code",
     "to_context",
+    "without_format_instruction",
 ]
 
 DEFAULT_MAX_CONTEXT_CHARS = 8_000
@@ -325,4 +326,13 @@ FORMAT_INSTRUCTIONS = {
     "code": "Answer with the code only, in one fenced code block.",
     "json": "Answer with one JSON value and nothing else.",
 }
-"""What a ``--format`` adds to the message, so the model answers in that form."""
+"""What a ``--format`` adds at the end of the message, so the model answers in that form."""
+
+
+def without_format_instruction(text: str) -> str:
+    """A stored user message as the user wrote it: without the ``--format`` instruction
+    the cell added at its end (a trial saw it in the panel's history, as if typed)."""
+    for instruction in FORMAT_INSTRUCTIONS.values():
+        if text.endswith("\n\n" + instruction):
+            return text[: -len(instruction) - 2]
+    return text

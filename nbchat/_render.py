@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 
+from ._context import without_format_instruction
 from ._events import (
     CompactionEvent,
     ErrorEvent,
@@ -315,7 +316,7 @@ def history_views(history: Iterable[Message]) -> list[TurnView]:
             continue
         if m.role == "user":
             view = TurnView()
-            view.user_text = m.content or ""
+            view.user_text = without_format_instruction(m.content or "")
             view.user_images = list(m.attachments or [])
             views.append(view)
             continue

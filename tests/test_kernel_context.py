@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import re
 import sys
 from collections.abc import Iterator
@@ -131,6 +132,20 @@ def test_format_code_puts_every_block_in_a_new_cell(kernel: Kernel, fake: FakeOp
     assert [p["text"] for p in next_inputs(run)] == ["a = 1\n\nb = a + 1"]
     shown = run.displays()[-1]["data"]["text/plain"]
     assert shown.startswith("Two steps:")  # the reply is still shown, and stored
+    # The instruction was nbchat's, not the user's: history shows what they wrote (a
+    # trial saw it in the panel's bubbles), though the store keeps what was sent.
+    (history,) = kernel.execute("%chat history").of_type("execute_result")
+    history = history["content"]["data"]["text/html"]
+    assert "Set a and b." in history and "fenced code block" not in history
+    panel = kernel.execute(
+        "import nbchat\n"
+        "_session = %chat session\n"
+        "_board = nbchat.panel(_session)\n"
+        "print(repr([w.value for w in _board.messages.children][:1]))"
+    )
+    assert panel.status == "ok", panel.reply
+    (user_bubble,) = ast.literal_eval(panel.stdout)
+    assert "Set a and b." in user_bubble and "fenced code block" not in user_bubble
 
 
 def test_readme_context_cells_run_as_written(tmp_path: Path) -> None:
