@@ -72,8 +72,21 @@ def render_mode(shell: Any, *, stream: bool) -> RenderMode:
 
 
 def one_line(exc: _E) -> _E:
-    """Make IPython show ``exc`` as one line (its class and message), without a stack."""
-    kind, message = type(exc).__name__, str(exc)
+    """Make IPython show ``exc`` as one line (its class and message), without a stack.
+
+    The class is named as users can catch it: an nbchat class that is not public (the
+    magics' ``MissingKey``) shows as its public base (``ConfigError``)."""
+    import nbchat
+
+    public = next(
+        (
+            k
+            for k in type(exc).__mro__
+            if not k.__module__.startswith("nbchat") or k.__name__ in nbchat.__all__
+        ),
+        type(exc),
+    )
+    kind, message = public.__name__, str(exc)
     exc._render_traceback_ = lambda: one_line_traceback(kind, message)  # type: ignore[attr-defined]
     return exc
 

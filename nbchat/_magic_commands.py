@@ -157,6 +157,13 @@ class Subcommands:
             set_defaults(**updates)  # unknown keys are refused before anything is saved
             try:
                 applied, lacking = self._settings_changed(before, get_defaults())
+            except MissingKey as exc:
+                restore_defaults(before)  # all or nothing: a refused change leaves no trace
+                raise MissingKey(
+                    f"{str(exc).rstrip('.')}. Nothing was changed: the current conversation "
+                    "would fail at its next turn. Set the key in the same line, or run "
+                    "%chat new first (new sessions can take the model, and the key next)."
+                ) from None
             except BaseException:
                 restore_defaults(before)  # all or nothing: a refused change leaves no trace
                 raise

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
-from test_magics import RecordingPublisher, pub, run, shell  # noqa: F401  (fixtures)
+from test_magics import RecordingPublisher, one_line_error, pub, run, shell  # noqa: F401
 
 import nbchat
 from nbchat import ConfigError, TurnFailed
@@ -36,6 +36,9 @@ def test_a_model_set_before_its_key_is_kept_and_the_key_asked_for(
     turn = run(shell, "%%chat\nhi")  # and the cell says the same, before any request
     assert isinstance(turn.error_in_exec, ConfigError)
     assert "No API key for https://api.openai.com/v1" in str(turn.error_in_exec)
+    # Named as it can be caught: not the magics' own MissingKey (a trial asked what it was).
+    (line,) = one_line_error(turn)
+    assert line.startswith("\x1b[0;31mConfigError\x1b[0m: No API key"), line
     assert run(shell, "%chat config api_key=sk-test-abcdef").success
     assert "still needed" not in dict(run(shell, "%chat config model=gpt-4o").result.rows)
 
@@ -92,6 +95,9 @@ def test_a_refused_config_change_saves_nothing(
     assert isinstance(result.error_in_exec, ConfigError)
     assert "No API key" in str(result.error_in_exec)
     assert get_defaults().get("base_url") == fake_session_url  # nothing was saved
+    # ...and it says so, and how to get there (a trial could not tell).
+    assert "Nothing was changed" in str(result.error_in_exec)
+    assert "%chat new first" in str(result.error_in_exec)
 
 
 def test_a_refused_change_keeps_the_current_session_on_its_endpoint(
