@@ -252,7 +252,8 @@ class Subcommands:
 
         # Shown like the cells it came from (escaped, prices kept as prices); the
         # DataFrame is nbchat.transcript(id).
-        return Conversation(self._current().history)
+        session = self._current()
+        return Conversation(session.history, session.turn_outcomes())
 
     def _cmd_cost(self, args: list[str]) -> Any:
         from ._tables import costs_table, turn_costs_table

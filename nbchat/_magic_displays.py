@@ -8,7 +8,7 @@ text in them is escaped, as in a live turn.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from html import escape
 from typing import TYPE_CHECKING, Any
 
@@ -51,8 +51,13 @@ class Conversation:
     For ``%chat history``-style views: model text is escaped like a live turn's.
     """
 
-    def __init__(self, history: Iterable[Message]) -> None:
+    def __init__(
+        self,
+        history: Iterable[Message],
+        outcomes: Mapping[str, tuple[str, str | None]] | None = None,
+    ) -> None:
         self.history = list(history)
+        self.outcomes = dict(outcomes or {})  # how each turn ended (Session.turn_outcomes)
 
     def _parts(self, markdown: bool) -> list[str]:
         from ._markup import safe_markdown, to_html
@@ -60,7 +65,7 @@ class Conversation:
         from ._render_parts import thumbnails_html
 
         parts: list[str] = []
-        for view in history_views(self.history):
+        for view in history_views(self.history, self.outcomes):
             if view.user_text is not None:
                 # The user's Markdown (tables, lists) as the panel shows it, its HTML escaped;
                 # below the label, so a table's first row starts a line of its own.

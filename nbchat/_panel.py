@@ -29,7 +29,7 @@ import contextvars
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import ipywidgets as widgets
@@ -57,7 +57,7 @@ from ._render import TurnView
 from ._runner import submit
 from ._session import Session
 from ._throttle import Throttle
-from ._types import Message, RequestUsage, TurnResult
+from ._types import RequestUsage, TurnResult
 
 __all__ = ["ChatInput", "ChatPanel", "panel"]
 
@@ -118,7 +118,7 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
         super().__init__(arrange(header, self.messages, self.input, buttons, self.status_line))
         self.add_class("nbchat-panel")
         if session is not None:
-            self._show_history(session.history)
+            self._show_history(session)
             self._watch(session)
             self.model_picker.load(session, wait=FIRST_LIST_WAIT)
         self._render_status()
@@ -337,8 +337,8 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
             self.messages.children = (*self.messages.children, shown)
         return shown
 
-    def _show_history(self, history: Iterable[Message]) -> None:
-        for role, content in history_html(history):
+    def _show_history(self, session: Session) -> None:
+        for role, content in history_html(session.history, session.turn_outcomes()):
             self._append(role, content)
 
     def _watch(self, session: Session) -> None:
@@ -400,7 +400,7 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
             return None
         if self._reopen is not None:
             self._reopen = None
-            self._show_history(self.session.history)
+            self._show_history(self.session)
         self._known_tokens = self.session.usage.total_tokens or 0
         self._watch(self.session)
         self.model_picker.load(self.session)

@@ -10,7 +10,7 @@ python tool's ``ask`` mode puts an ``ApprovalRow`` under the turn.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import ipywidgets as widgets
 
@@ -66,10 +66,13 @@ def turn_html(view: TurnView, *, live: bool = False, failure: str | None = None)
     return shown
 
 
-def history_html(history: Iterable[Message]) -> list[tuple[str, str]]:
-    """A stored conversation as (role, HTML) bubbles, laid out like live turns."""
+def history_html(
+    history: Iterable[Message], outcomes: Mapping[str, tuple[str, str | None]] | None = None
+) -> list[tuple[str, str]]:
+    """A stored conversation as (role, HTML) bubbles, laid out like live turns
+    (``outcomes``: how each turn ended, ``Session.turn_outcomes()``)."""
     bubbles: list[tuple[str, str]] = []
-    for view in history_views(history):
+    for view in history_views(history, outcomes):
         if view.user_text is not None:
             bubbles.append(("user", user_html(view.user_text, view.user_images)))
         view.show_user_images = False

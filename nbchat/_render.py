@@ -17,7 +17,7 @@ The parts themselves (text, tool blocks, notices, thumbnails) are drawn by
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from ._context import without_format_instruction
 from ._events import (
@@ -35,7 +35,7 @@ from ._events import (
     TurnStarted,
     UsageEvent,
 )
-from ._markup import escape, protect_dollars
+from ._markup import clip, escape, protect_dollars
 from ._render_parts import NoticePart, Part, Source, TextPart, ToolBlock, thumbnails_html
 from ._tool_results import DECLINED, NOT_RUN
 from ._types import SUMMARY_HEADER, ImagePart, Message, TextBuffer, TurnResult
@@ -60,6 +60,7 @@ STATUS_LABELS = {
     "rejected": "⚠ Rejected by a guardrail",
 }
 FAILED = ("error", "budget_exceeded", "rejected")  # statuses a cell ends with an error line
+NO_REPLY = "⚠ No reply was stored for this message."
 # An interrupted turn that had no answer text yet: "the partial reply" would be made up.
 INTERRUPTED_EMPTY = "⏹ Interrupted before any reply text arrived."
 
@@ -297,12 +298,18 @@ FOLDED_NOTE = (
 )
 
 
-def history_views(history: Iterable[Message]) -> list[TurnView]:
+def history_views(
+    history: Iterable[Message], outcomes: Mapping[str, tuple[str, str | None]] | None = None
+) -> list[TurnView]:
     """A stored conversation as one view per turn (``user_text``: what the user said).
 
     Assistant and tool messages after a user message form that turn, in stored order.
+    ``outcomes`` (turn id → status and error, from the store's turns) marks a turn that
+    failed with its error; a turn that stored no reply at all says so either way (a
+    failed request stores none: the question stood alone, as if unanswered).
     """
     views: list[TurnView] = []
+    asked: list[tuple[str | None, TurnView]] = []  # each user's turn id and its view
     view: TurnView | None = None
     for m in history:
         if m.role == "user" and m.round is not None and view is not None:
@@ -319,6 +326,7 @@ def history_views(history: Iterable[Message]) -> list[TurnView]:
             view.user_text = without_format_instruction(m.content or "")
             view.user_images = list(m.attachments or [])
             views.append(view)
+            asked.append((m.turn_id, view))
             continue
         if m.status == "summary":  # what compaction folded: said, and its summary shown
             view = TurnView()
@@ -348,11 +356,24 @@ def history_views(history: Iterable[Message]) -> list[TurnView]:
             if m.status == "interrupted":
                 view.badges.append(interrupted_label(bool(m.content)))
             elif m.status == "error":
-                view.badges.append("⚠ This reply ended with an error.")
+                view.badges.append("⚠ This reply ended with an error.")  # see _mark_outcome
         elif m.tool_call_id:
             block = view._block(m.tool_call_id, m.name or "?")
             skipped = m.status in ("declined", "not_run")
             block.result, block.is_error = m.content or "", m.status != "ok" and not skipped
             if skipped:
                 block.approval = "no"
+    for turn_id, asked_view in asked:
+        _mark_outcome(asked_view, (outcomes or {}).get(turn_id or ""))
     return views
+
+
+def _mark_outcome(view: TurnView, outcome: tuple[str, str | None] | None) -> None:
+    """Say what became of a stored turn that failed, or stored no reply."""
+    if outcome is not None and outcome[0] in FAILED:
+        status, error = outcome
+        said = STATUS_LABELS[status] + (f": {clip(error, 300)}" if error else "")
+        generic = "⚠ This reply ended with an error."  # its stored reply's mark: now said
+        view.badges = [b for b in view.badges if b not in (generic, said)] + [said]
+    elif not view.parts and not view.badges:
+        view.badges.append(NO_REPLY)

@@ -345,6 +345,18 @@ class Session(SessionTurns):
         """Tool calls of the last assistant message that have no result yet."""
         return pending_tool_calls(self._messages)
 
+    def turn_outcomes(self) -> dict[str, tuple[str, str | None]]:
+        """How each stored turn ended: turn id → (status, error). Empty without a store,
+        or when it cannot be read (history views then show only what messages say)."""
+        if self.store is None:
+            return {}
+        try:
+            frame = self.store.frame("turns", session_id=self.id)
+        except StoreError:
+            return {}
+        errors = frame["error"].astype(object).where(frame["error"].notna(), None)
+        return dict(zip(frame["id"], zip(frame["status"], errors, strict=True), strict=True))
+
     def _turn_settings(self, options: TurnOptions | None) -> _TurnSettings:
         """The session's settings, with ``options`` applied for one turn."""
         o = options or TurnOptions()

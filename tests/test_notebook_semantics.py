@@ -11,6 +11,7 @@ from nbchat import ConfigError, TurnFailed
 from nbchat._config import get_defaults, serve_embedded, set_defaults
 from nbchat._magics import magics_of
 from nbchat._pricing import forget_price
+from nbchat._render import NO_REPLY, history_views
 from nbchat.testing import FakeOpenAIServer
 
 
@@ -221,6 +222,32 @@ def test_chat_sessions_says_a_cost_is_partly_unknown_and_totals_it(
     total = listed.iloc[-1]
     assert (total["id"], total["turns"], total["requests"]) == ("total", "3", "3")
     assert listed["last active"].iloc[0].endswith(" UTC")  # not a raw timestamp
+
+
+def test_history_marks_a_failed_turn_with_its_error(
+    shell: InteractiveShell,  # noqa: F811
+    fake: FakeOpenAIServer,
+) -> None:
+    # A trial: a failed turn's question stood in %chat history as if unanswered.
+    fake.enqueue("first answer")
+    assert run(shell, "%%chat\nfirst").success
+    fake.enqueue_error(500, "the model fell over")
+    fake.enqueue_error(500, "the model fell over")
+    fake.enqueue_error(500, "the model fell over")
+    assert isinstance(run(shell, "%%chat\nsecond").error_in_exec, TurnFailed)
+    fake.enqueue("third answer")
+    assert run(shell, "%%chat\nthird").success
+    shown = shell.run_line_magic("chat", "history")._repr_html_()
+    second = shown[shown.index("second") : shown.index("third")]
+    assert "⚠ Error: The model server answered HTTP 500: the model fell over" in second
+    assert "⚠" not in shown[: shown.index("second")] + shown[shown.index("third") :]
+    # The panel's history says the same; without a store, that no reply was stored.
+    session = _current(shell)
+    board = nbchat.panel(session)
+    bubbles = [w.value for w in board.messages.children]
+    assert sum("HTTP 500: the model fell over" in b for b in bubbles) == 1
+    (failed,) = [v for v in history_views(session.history) if v.user_text == "second"]
+    assert failed.badges == [NO_REPLY]
 
 
 def test_a_mistyped_placeholder_warns_in_one_line_and_is_sent_as_typed(
