@@ -161,6 +161,8 @@ def _api_error(
         message = f"Could not connect to the model server at {url} ({cause}; {tries})."
     elif isinstance(exc, openai.APIStatusError):
         message = f"The model server answered HTTP {status}: {_said(exc)}"
+        if client.max_retries and _retried(exc):  # a 429 line had hidden its retries
+            message = f"{message.rstrip().rstrip('.')} ({tries})."
         if status == 401 and settings.keyless:
             message = _keyless_401(settings, exc.message)
         elif status == 401:
@@ -175,6 +177,16 @@ def _api_error(
     return ModelAPIError(
         message, status_code=status, body=exc.body, code=str(code) if code else None
     )
+
+
+def _retried(exc: openai.APIStatusError) -> bool:
+    """Whether the openai client retried this status before raising it: 408, 409, 429
+    and 5xx, unless the server's ``x-should-retry`` header said not to (the SDK's
+    documented retry rule)."""
+    should = exc.response.headers.get("x-should-retry")
+    if should in ("true", "false"):
+        return should == "true"
+    return exc.status_code in (408, 409, 429) or exc.status_code >= 500
 
 
 def _keyless_401(settings: ClientSettings, detail: str) -> str:

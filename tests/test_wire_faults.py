@@ -146,6 +146,19 @@ def test_a_401_reads_as_sentences(fake: FakeOpenAIServer) -> None:
     assert "...." not in message and message.endswith(".")
 
 
+def test_a_retried_status_says_how_many_attempts_were_made(fake: FakeOpenAIServer) -> None:
+    # A trial's 429 line read as one refusal, after 2 s of retries it did not mention.
+    fake.enqueue_error(429, "slow down", retry_after=0, repeat=3)
+    message = str(error_of(client_for(fake, max_retries=2)))
+    assert message == "The model server answered HTTP 429: slow down (3 attempts)."
+    assert len(fake.requests) == 3
+    # Not retried: a 400, or a status the server said not to retry, or no retries set.
+    for status, fields, retries in ((400, {}, 2), (503, {"should_retry": False}, 2), (429, {}, 0)):
+        fake.enqueue_error(status, "no", **fields)
+        said = str(error_of(client_for(fake, max_retries=retries)))
+        assert said == f"The model server answered HTTP {status}: no", said
+
+
 def test_no_model_names_the_notebook_command() -> None:
     with pytest.raises(ConfigError, match="%chat local"):
         resolve_client(None, "http://127.0.0.1:1/v1", None)
