@@ -36,22 +36,22 @@ __all__ = [
 ]
 
 OPENAI_BASE_URL = "https://api.openai.com/v1"
-# Settings a kernel may change with %chat config / nbchat.configure().
-DEFAULT_KEYS = frozenset(
-    {
-        "model",
-        "base_url",
-        "api_key",
-        "endpoint",
-        "api",
-        "db",
-        "system",
-        "temperature",
-        "max_rounds",
-        "budget_usd",
-        "tags",
-    }
+# Settings a kernel may change with %chat config / nbchat.configure(), in the order
+# help texts list them.
+CONFIG_KEYS = (
+    "model",
+    "base_url",
+    "api_key",
+    "api",
+    "endpoint",
+    "db",
+    "system",
+    "temperature",
+    "max_rounds",
+    "budget_usd",
+    "tags",
 )
+DEFAULT_KEYS = frozenset(CONFIG_KEYS)
 WireAPI = Literal["chat", "responses"]
 # The embedded model's names (``nbchat.local()``): priced as free, and the only names
 # its server answers to.

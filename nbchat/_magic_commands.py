@@ -11,11 +11,13 @@ import dataclasses
 import difflib
 import os
 import shlex
+import textwrap
 from typing import TYPE_CHECKING, Any, Literal
 
 from IPython.core.error import UsageError
 
 from ._config import (
+    CONFIG_KEYS,
     DEFAULT_KEYS,
     LOCAL_PREFIX,
     check_limits,
@@ -41,13 +43,19 @@ __all__ = ["SUBCOMMANDS_HELP", "Subcommands"]
 # The subcommands that take no words: any given were a mistake, not ignored.
 _NO_ARGUMENTS = frozenset({"new", "abort", "session", "sessions", "history"})
 
-SUBCOMMANDS_HELP = """\
+# The magics' own setting, beside the sessions' defaults.
+_CONFIG_NAMES = (*CONFIG_KEYS, "max_context_chars")
+_CONFIG_HELP = textwrap.fill(
+    f"({', '.join(_CONFIG_NAMES)}; key=none removes one; prefer NBCHAT_API_KEY: a key "
+    "typed here is saved with the notebook's source)",
+    width=86,
+    initial_indent=" " * 34,
+    subsequent_indent=" " * 34,
+)
+SUBCOMMANDS_HELP = f"""\
 %chat subcommands:
   %chat config [key=value ...]    show or set this kernel's defaults for sessions
-                                  (model, base_url, api_key, db, system, temperature,
-                                  max_rounds, budget_usd; key=none removes one;
-                                  prefer NBCHAT_API_KEY: a key typed here is saved
-                                  with the notebook's source)
+{_CONFIG_HELP}
   %chat new                       the next %%chat cell starts a new session
   %chat use ID                    continue the stored session ID
   %chat session                   the current Session object

@@ -79,3 +79,14 @@ def test_readme_commands_are_the_ci_commands() -> None:
 
 def test_readme_has_no_unfilled_placeholders() -> None:
     assert re.findall(r"\b[A-Z]+_(?:SECTION|LINK)\b", README) == []
+
+
+def test_readme_and_help_name_every_config_setting() -> None:
+    # A trial found `%chat help` and the README listing different keys.
+    from nbchat._magic_commands import _CONFIG_NAMES, SUBCOMMANDS_HELP
+
+    (row,) = [line for line in README.splitlines() if line.startswith("| `%chat config [k=v")]
+    listed = row.split("defaults: ", 1)[1].split(";", 1)[0]
+    assert listed.split(", ") == list(_CONFIG_NAMES)
+    said = " ".join(SUBCOMMANDS_HELP.split())
+    assert f"({', '.join(_CONFIG_NAMES)};" in said
