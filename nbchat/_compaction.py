@@ -38,6 +38,7 @@ from ._history import (
     window_from_error,
 )
 from ._summary import SUMMARY_HEADER, Summariser, summary_words
+from ._text import counted
 from ._types import Message
 
 __all__ = [
@@ -344,7 +345,7 @@ def _apply(
         raise _Refused("a compaction may not fold the system prompt")
     unknown = fold_ids - {m.id for m in messages}
     if unknown:
-        raise _Refused(f"{len(unknown)} message(s) to fold are not in the live context")
+        raise _Refused(f"{counted(len(unknown), 'message')} to fold not in the live context")
     kept = [m for m in messages if m.id not in fold_ids]
     if summary is not None:
         at = 1 if kept and is_system_prompt(kept[0]) else 0

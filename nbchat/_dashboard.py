@@ -22,7 +22,7 @@ import ipywidgets as widgets
 from ._dashboard_charts import CostScene, LatencyScene, LiveChart, Scene
 from ._exceptions import NbchatError
 from ._plot_data import session_label
-from ._text import money
+from ._text import counted, money
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -255,11 +255,12 @@ def _summary_html(
     # Nothing in the range costs $0; requests whose prices are all unknown cost "$?".
     known = spend["cost_usd"].sum(min_count=1) if int(spend["requests"].sum()) else 0.0
     unknown = int(spend["unknown"].sum())
-    note = f", plus {unknown} request(s) with unknown price" if unknown else ""
+    note = f", plus {counted(unknown, 'request')} with unknown price" if unknown else ""
     sessions = int(top["sessions_in_range"].iloc[0]) if len(top) else 0
+    requests = counted(int(spend["requests"].sum()), "request")
     return (
-        f"<b>{html.escape(span)}</b>: {int(spend['requests'].sum())} requests in {sessions} "
-        f"sessions, {_usd(known)} known cost{note}"
+        f"<b>{html.escape(span)}</b>: {requests} in {counted(sessions, 'session')}, "
+        f"{_usd(known)} known cost{note}"
     )
 
 

@@ -102,7 +102,8 @@ def _missing(value: Any) -> bool:
 
 
 def _dtypes(output_type: Any) -> dict[str, Any]:
-    """pandas' nullable dtypes for a model's whole-number and yes/no fields."""
+    """pandas' nullable dtypes for a model's whole-number, yes/no and text fields (a
+    skipped row's text then shows as <NA> like its numbers, not NaN)."""
     if not (isinstance(output_type, type) and issubclass(output_type, BaseModel)):
         return {}
     import pandas as pd
@@ -114,6 +115,8 @@ def _dtypes(output_type: Any) -> dict[str, Any]:
             out[name] = pd.Int64Dtype()
         elif kinds == {bool}:
             out[name] = pd.BooleanDtype()
+        elif kinds == {str}:
+            out[name] = pd.StringDtype()
     return out
 
 

@@ -32,6 +32,7 @@ from ._display import raise_for
 from ._exceptions import ConfigError, MissingKey, NbchatError, UnknownSession
 from ._magic_displays import Found, Info
 from ._magic_help import split_line
+from ._text import counted
 
 if TYPE_CHECKING:
     from ._cell_turns import CellTurns
@@ -219,7 +220,7 @@ class Subcommands:
         if pending:
             names = ", ".join(c.name for c in pending)
             message += (
-                f" It has {len(pending)} pending tool call(s) ({names}) left by a process "
+                f" It has {counted(len(pending), 'pending tool call')} ({names}) left by a process "
                 "that stopped: `%chat resume` runs them, `%chat abort` closes them."
             )
         return Info(message)
@@ -245,7 +246,7 @@ class Subcommands:
 
     def _cmd_abort(self, args: list[str]) -> Info:
         closed = self._current().abort_pending()
-        return Info(f"Closed {len(closed)} pending tool call(s) as aborted.")
+        return Info(f"Closed {counted(len(closed), 'pending tool call')} as aborted.")
 
     def _cmd_session(self, args: list[str]) -> Session | None:
         return self.session

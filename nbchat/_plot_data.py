@@ -15,6 +15,8 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
+from ._text import counted
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -251,4 +253,4 @@ def quantile_boxes(stats: pd.DataFrame) -> dict[tuple[str, str], dict[str, Any]]
 
 def requests_n(n: int) -> str:
     """``1 request``, ``3 requests``."""
-    return f"{n} request{'s' if n != 1 else ''}"
+    return counted(n, "request")

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from ._events import Event, TurnFinished
 from ._exceptions import SessionPendingError
 from ._session_events import EventHandler, SessionEvents
+from ._text import counted
 from ._tools import error_payload
 from ._turn import TurnLoop
 from ._turn_state import TurnOptions
@@ -220,8 +221,8 @@ class SessionTurns(TurnLoop, SessionEvents):
         if pending:
             names = ", ".join(c.name or "?" for c in pending)
             raise SessionPendingError(
-                f"Session {self.id} has {len(pending)} tool call(s) without results ({names}), "
-                "left by a process that stopped. Call session.resume() to run them and "
+                f"Session {self.id} has {counted(len(pending), 'tool call')} without results "
+                f"({names}), left by a process that stopped. Call session.resume() to run them and "
                 "continue, or session.abort_pending() to close them as aborted."
             )
 

@@ -10,7 +10,7 @@ import math
 import re
 from typing import Any
 
-__all__ = ["REDACTED", "money", "redact", "redact_data", "valid_data", "valid_text"]
+__all__ = ["REDACTED", "counted", "money", "redact", "redact_data", "valid_data", "valid_text"]
 
 REDACTED = "[redacted]"
 # Shapes of credentials worth hiding even when nbchat does not know the value: OpenAI-style
@@ -87,3 +87,8 @@ def money(usd: float) -> str:
     shown = f"{usd:.{digits}f}".rstrip("0")
     whole, _, fraction = shown.partition(".")
     return f"${whole}.{fraction.ljust(2, '0')}"
+
+
+def counted(n: int, noun: str) -> str:
+    """``1 request``, ``3 requests``: a count and its noun, in the number it takes."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"

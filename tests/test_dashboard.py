@@ -43,7 +43,7 @@ def test_the_dashboard_shows_spend_models_sessions_tools_and_latency(filled: Fil
     board = nbchat.dashboard(db=filled.db)
     assert isinstance(board, widgets.VBox) and isinstance(board, Dashboard)
     assert "5 requests in 3 sessions, $0.00634 known cost" in board.summary.value
-    assert "plus 1 request(s) with unknown price" in board.summary.value
+    assert "plus 1 request with unknown price" in board.summary.value
     # the charts: PNG images, and the Axes they were drawn from
     for image in (board.spend, board.by_model, board.latency):
         assert image.value[:4] == b"\x89PNG"
@@ -123,7 +123,7 @@ def test_a_small_session_cost_shows_its_significant_digits(
     board = nbchat.dashboard(db=db)
     (button,) = board.session_buttons
     assert " — $0.0000393 · 1 req" in button.description  # was "$0.0000"
-    assert "1 requests in 1 sessions, $0.0000393 known cost" in board.summary.value
+    assert "1 request in 1 session, $0.0000393 known cost" in board.summary.value
 
 
 def test_a_store_that_cannot_be_read_is_said_in_the_dashboard(tmp_path: Path) -> None:

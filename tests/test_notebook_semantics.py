@@ -285,7 +285,7 @@ def test_chat_use_mentions_pending_tool_calls(shell: InteractiveShell) -> None: 
         store.handle(MessageAdded(session_id="left-pending", message=message))
     store.close()
     info = shell.run_line_magic("chat", "use left-pending")
-    assert "1 pending tool call(s) (get_weather)" in info.title
+    assert "1 pending tool call (get_weather)" in info.title
     assert "%chat resume" in info.title and "%chat abort" in info.title
 
 
