@@ -186,6 +186,14 @@ class Subcommands:
                     )
                 )
             info.rows.append(("this change applies to", applied))
+            if updates.get("api_key"):  # the help says so too; a trial set one unwarned
+                info.rows.append(
+                    (
+                        "careful",
+                        "the key typed in this cell is saved with the notebook's source "
+                        "(and its history); NBCHAT_API_KEY in the environment keeps it out",
+                    )
+                )
             if lacking:
                 info.rows.append(("still needed", lacking))
             return info

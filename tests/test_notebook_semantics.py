@@ -40,7 +40,10 @@ def test_a_model_set_before_its_key_is_kept_and_the_key_asked_for(
     # Named as it can be caught: not the magics' own MissingKey (a trial asked what it was).
     (line,) = one_line_error(turn)
     assert line.startswith("\x1b[0;31mConfigError\x1b[0m: No API key"), line
-    assert run(shell, "%chat config api_key=sk-test-abcdef").success
+    keyed = run(shell, "%chat config api_key=sk-test-abcdef")
+    careful = dict(keyed.result.rows)["careful"]
+    assert keyed.success and "saved with the notebook's source" in careful
+    assert "sk-test-abcdef" not in repr(keyed.result)
     assert "still needed" not in dict(run(shell, "%chat config model=gpt-4o").result.rows)
 
 
