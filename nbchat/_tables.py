@@ -32,6 +32,20 @@ def _money_total(amounts: pd.Series, unknown: int) -> str:
     return f"{text} + {unknown} unknown" if unknown else text
 
 
+def _summed(frame: pd.DataFrame, columns: dict[str, str], *names: str) -> dict[str, str]:
+    """The totals row's cells of count columns: each shown label and its whole sum."""
+    return {columns[name]: str(int(frame[name].sum())) for name in names}
+
+
+def _cost_total(frame: pd.DataFrame) -> str:
+    """The totals row's cost: the known costs' sum, and how many requests have none."""
+    if "unknown_cost_requests" in frame:
+        unknown = int(frame["unknown_cost_requests"].sum())
+    else:  # a turn's cost is unknown as a whole
+        unknown = int(frame["cost_usd"].isna().sum())
+    return _money_total(frame["cost_usd"], unknown)
+
+
 def _human_table(
     frame: pd.DataFrame,
     columns: dict[str, str],
@@ -94,12 +108,9 @@ def turn_costs_table(session_id: str, db: Db = None) -> pd.DataFrame:
         "duration_ms": "seconds",
     }
     live = frame[frame["state"] != "superseded"]
-    unknown = int(live["cost_usd"].isna().sum())
     totals = {
-        "requests": str(int(live["requests"].sum())),
-        "tokens in": str(int(live["prompt_tokens"].sum())),
-        "tokens out": str(int(live["completion_tokens"].sum())),
-        "cost": _money_total(live["cost_usd"], unknown),
+        **_summed(live, columns, "requests", "prompt_tokens", "completion_tokens"),
+        "cost": _cost_total(live),
         "seconds": f"{live['duration_ms'].sum() / 1000:.1f}",
         "state": "live turns",
     }
@@ -126,14 +137,8 @@ def costs_table(by: CostGrouping, db: Db = None) -> pd.DataFrame:
         "cost_usd": "cost",
         "unknown_cost_requests": "unknown-cost requests",
     }
-    unknown = int(frame["unknown_cost_requests"].sum())
-    totals = {
-        "requests": str(int(frame["requests"].sum())),
-        "tokens in": str(int(frame["prompt_tokens"].sum())),
-        "tokens out": str(int(frame["completion_tokens"].sum())),
-        "cost": _money_total(frame["cost_usd"], unknown),
-        "unknown-cost requests": str(unknown),
-    }
+    counts = ("requests", "prompt_tokens", "completion_tokens", "unknown_cost_requests")
+    totals = {**_summed(frame, columns, *counts), "cost": _cost_total(frame)}
     return _human_table(frame, columns, totals=totals, label_column=next(iter(keys.values())))
 
 
@@ -150,10 +155,5 @@ def sessions_table(db: Db = None) -> pd.DataFrame:
         "cost_usd": "cost",
         "notebook": "notebook",
     }
-    unknown = int(frame["unknown_cost_requests"].sum())
-    totals = {
-        "turns": str(int(frame["turns"].sum())),
-        "requests": str(int(frame["requests"].sum())),
-        "cost": _money_total(frame["cost_usd"], unknown),
-    }
+    totals = {**_summed(frame, columns, "turns", "requests"), "cost": _cost_total(frame)}
     return _human_table(frame, columns, totals=totals, label_column="id")
