@@ -428,8 +428,14 @@ class Session(SessionTurns):
         return Session(**settings)
 
     def set_model(self, model: str) -> None:
-        """Send the following requests to another model on the same endpoint."""
+        """Send the following requests to another model on the same endpoint.
+
+        The stored session takes it as its model too (``sessions()``' ``model``, and
+        the one it continues with when reopened): it named the first model only.
+        """
         self.client = self.client.for_model(model)
+        if self.store is not None:
+            self.store.update_session(self.id, model=model)
 
 
 def _open_store(db: Any) -> Store | None:

@@ -254,3 +254,21 @@ def test_a_warning_given_inside_a_with_block_points_at_the_users_line() -> None:
         warnings.simplefilter("always")
         space["open_it"]()  # type: ignore[operator]
     assert [w.filename for w in told] == [__file__]
+
+
+def test_a_session_switched_to_another_model_is_stored_with_it(
+    fake: FakeOpenAIServer, tmp_path: Path
+) -> None:
+    # A trial's `%chat sessions` named the model a session started with, not the one
+    # it had moved to; reopened, it went back to the first one too.
+    db = tmp_path / "switch.duckdb"
+    s = Session(model="first-model", base_url=fake.url, api_key="sk-test", db=str(db))
+    fake.enqueue("one")
+    s.send("hi")
+    s.set_model("second-model")
+    fake.enqueue("two")
+    s.send("again")
+    assert nbchat.sessions(db=str(db)).set_index("id").loc[s.id, "model"] == "second-model"
+    reopened = Session(session_id=s.id, base_url=fake.url, api_key="sk-test", db=str(db))
+    assert reopened.model == "second-model"
+    assert list(nbchat.usage(db=str(db))["model"]) == ["first-model", "second-model"]
