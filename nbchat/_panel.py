@@ -95,7 +95,7 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
         self._detail = ""
         # Tokens the server reported, summed; the session's own total becomes unknown
         # once a stopped reply's usage is missing, but the count so far still holds.
-        self._known_tokens = 0 if session is None else session.usage.total_tokens or 0
+        self._known_tokens = 0 if session is None else session.known_tokens()
         self._live: tuple[TurnView, widgets.HTML] | None = None  # this panel's turn
         self._mirror: tuple[TurnView, widgets.HTML, Throttle] | None = None  # a cell's turn
 
@@ -401,7 +401,7 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
         if self._reopen is not None:
             self._reopen = None
             self._show_history(self.session)
-        self._known_tokens = self.session.usage.total_tokens or 0
+        self._known_tokens = self.session.known_tokens()
         self._watch(self.session)
         self.model_picker.load(self.session)
         return self.session

@@ -168,6 +168,9 @@ class Session(SessionTurns):
         )
         if stored is not None and base_url is None and endpoint is None:
             _warn_if_moved(stored.id, stored.metadata.get("endpoint"), settings.base_url)
+        if stored is not None and model and model != stored.model and self.store is not None:
+            # It continues with another model: listings and exports name that one now.
+            self.store.update_session(stored.id, model=model)
         self.client = ModelClient(
             settings,
             max_retries=max_retries,
@@ -344,6 +347,21 @@ class Session(SessionTurns):
     def pending_tool_calls(self) -> list[ToolCall]:
         """Tool calls of the last assistant message that have no result yet."""
         return pending_tool_calls(self._messages)
+
+    def known_tokens(self) -> int:
+        """The tokens of this session's requests whose counts are known: what can be said
+        ("≥ N") when ``usage.total_tokens`` is ``None`` because one request's are not."""
+        if self.usage.total_tokens is not None:
+            return self.usage.total_tokens
+        if self.store is None:
+            return 0
+        try:
+            frame = self.store.frame("usage", session_id=self.id)
+        except StoreError:
+            return 0
+        both = frame["prompt_tokens"].notna() & frame["completion_tokens"].notna()
+        known = frame[both]
+        return int(known["prompt_tokens"].sum() + known["completion_tokens"].sum())
 
     def turn_outcomes(self) -> dict[str, tuple[str, str | None]]:
         """How each stored turn ended: turn id → (status, error). Empty without a store,

@@ -475,6 +475,21 @@ def test_after_stop_the_status_keeps_the_token_count(fake: FakeOpenAIServer) -> 
     assert later and int(later[1].replace(",", "")) > int(stopped[1].replace(",", ""))
 
 
+def test_a_panel_opened_on_a_session_counts_the_tokens_its_earlier_turns_had(
+    fake: FakeOpenAIServer, tmp_path: Path
+) -> None:
+    # A trial opened the panel after cell turns, one of them without usage: the status
+    # said "tokens unknown", then counted only the panel's own turns.
+    s = Session(model="m", base_url=fake.url, api_key="k", db=str(tmp_path / "p.duckdb"))
+    fake.enqueue("one", usage={"prompt_tokens": 30, "completion_tokens": 5})
+    s.send("first")
+    fake.enqueue("two", usage=None)
+    s.send("second")
+    assert s.usage.total_tokens is None
+    p = panel(s)
+    assert "session: ≥ 35 tokens" in p.status_line.value, p.status_line.value
+
+
 def test_while_streaming_the_status_claims_no_tokens_or_cost_it_does_not_know(
     fake: FakeOpenAIServer,
 ) -> None:

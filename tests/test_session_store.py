@@ -272,3 +272,6 @@ def test_a_session_switched_to_another_model_is_stored_with_it(
     reopened = Session(session_id=s.id, base_url=fake.url, api_key="sk-test", db=str(db))
     assert reopened.model == "second-model"
     assert list(nbchat.usage(db=str(db))["model"]) == ["first-model", "second-model"]
+    # Reopened with a model of its own (%chat config base_url=... moves it so): the same.
+    Session(session_id=s.id, model="third-model", base_url=fake.url, api_key="k", db=str(db))
+    assert nbchat.sessions(db=str(db)).set_index("id").loc[s.id, "model"] == "third-model"
