@@ -32,9 +32,24 @@ def _money_total(amounts: pd.Series, unknown: int) -> str:
     return f"{text} + {unknown} unknown" if unknown else text
 
 
+def _one_line(text: str) -> str:
+    """A message as one table cell: as the user wrote it (no ``--format`` instruction),
+    its lines run together (a table shows ``\n`` as the two characters), cut at 60."""
+    from ._context import without_format_instruction
+
+    text = " ".join(without_format_instruction(text).split())
+    return text if len(text) <= 60 else text[:59] + "…"
+
+
 def _summed(frame: pd.DataFrame, columns: dict[str, str], *names: str) -> dict[str, str]:
-    """The totals row's cells of count columns: each shown label and its whole sum."""
-    return {columns[name]: str(int(frame[name].sum())) for name in names}
+    """The totals row's cells of count columns: each shown label and its sum (of the
+    known counts, and how many are not known)."""
+    cells = {}
+    for name in names:
+        unknown = int(frame[name].isna().sum())
+        known = str(int(frame[name].sum()))
+        cells[columns[name]] = f"{known} + {unknown} unknown" if unknown else known
+    return cells
 
 
 def _cost_total(frame: pd.DataFrame) -> str:
@@ -79,7 +94,9 @@ def _human_table(
         elif name == "cost_usd":
             values = values.map(lambda v: "unknown" if pd.isna(v) else money(float(v)))
         elif name in ("user_text", "title"):
-            values = values.fillna("").map(lambda t: t if len(t) <= 60 else t[:59] + "…")
+            values = values.fillna("").map(_one_line)
+        elif name.endswith("_tokens"):  # not reported: said, not a raw <NA>
+            values = values.astype(object).where(values.notna(), "unknown")
         elif name == "notebook":  # a session run outside a notebook has none: not "NaN"
             values = values.astype(object).where(values.notna(), "")
         shown[label] = values.reset_index(drop=True)

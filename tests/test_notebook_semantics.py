@@ -193,8 +193,17 @@ def test_chat_cost_is_readable_with_totals(
         "cost", "seconds",
     ]  # fmt: skip
     assert list(table["you asked"]) == ["first question", "second question", ""]
+    # A question's lines and a --format instruction do not show (a trial saw "\n\n
+    # Answer with one...") and a count the server did not report reads "unknown".
+    fake.enqueue("[1]", usage=None)
+    assert run(shell, "%%chat --format json\nthird\nquestion").success
+    table = shell.run_line_magic("chat", "cost")
+    assert table["you asked"].iloc[2] == "third question"
+    assert table["tokens in"].iloc[2] == "unknown"
     total = table.iloc[-1]
-    assert (total["started"], total["tokens in"], total["tokens out"]) == ("total", "32", "8")
+    assert (total["started"], total["tokens in"], total["tokens out"]) == (
+        "total", "32 + 1 unknown", "8 + 1 unknown",
+    )  # fmt: skip
     assert total["cost"] == "unknown"  # fake-model has no price: never "$0"
     assert table["started"].iloc[0].endswith(" UTC") and "." not in table["started"].iloc[0]
     by_model = shell.run_line_magic("chat", "cost model")
