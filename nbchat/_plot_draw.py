@@ -89,6 +89,8 @@ def draw_cost_bars(ax: Axes, bars: CostBars) -> Axes:
                 ha="center", va="center", color="0.4")  # fmt: skip
     if totals is not None:
         usd_ticks(ax, ax.xaxis if across else ax.yaxis)
+    if free and missing:  # a $0–$1 scale beside open columns read as "about $1" (a trial)
+        (ax.set_xticks if across else ax.set_yticks)([0.0])
     (ax.set_xlabel if across else ax.set_ylabel)(plain(axis_label))
     return ax
 

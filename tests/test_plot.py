@@ -662,6 +662,8 @@ def test_free_models_only_draw_a_scale_from_zero_that_says_so() -> None:
         ax = draw_costs(plt.figure().subplots(), mixed, by)
         label = (ax.get_xlabel() if by == "session" else ax.get_ylabel()).replace("\\", "")
         assert label == "cost (USD): every known cost is $0"
+        ticks = ax.get_xticklabels() if by == "session" else ax.get_yticklabels()
+        assert [t.get_text().replace("\\", "") for t in ticks] == ["$0.00"]  # no "$1.00"
         assert [t.get_text() for t in ax.texts] == (
             ["? 2 · price unknown"] if by == "session" else ["? 2"]
         )
