@@ -156,8 +156,10 @@ class Subcommands:
             unknown = sorted(set(updates) - DEFAULT_KEYS)
             if unknown:  # the magics' own setting is one of the known ones here
                 known = ", ".join(sorted({*DEFAULT_KEYS, "max_context_chars"}))
+                close = difflib.get_close_matches(unknown[0], _CONFIG_NAMES, 1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
                 raise UsageError(
-                    f"%chat config: unknown setting {', '.join(unknown)}; known: {known}"
+                    f"%chat config: unknown setting {', '.join(unknown)}{hint}; known: {known}"
                 )
             try:
                 check_limits("%chat config", **updates)

@@ -8,6 +8,7 @@ fills ``{name}`` in a cell body.
 
 from __future__ import annotations
 
+import difflib
 import re
 from typing import Any, Literal, Protocol, TypeVar, get_args, get_origin
 
@@ -178,7 +179,12 @@ def parse_options(model: type[M], line: str, magic: str = "%%chat") -> M:
         name = flags.get(flag)
         if name is None:
             if word.startswith("-"):
-                raise UsageError(f"{magic}: unknown option {flag} (see {magic}? for the options)")
+                long_flags = [f for f in flags if f.startswith("--")]
+                close = difflib.get_close_matches(flag, long_flags, 1, cutoff=0.75)
+                hint = f"did you mean {close[0]}? " if close else ""
+                raise UsageError(
+                    f"{magic}: unknown option {flag} ({hint}see {magic}? for the options)"
+                )
             raise UsageError(
                 f"{magic}: unexpected {word!r} on the magic line; "
                 "the message goes in the cell, below the magic line"

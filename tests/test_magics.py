@@ -126,7 +126,8 @@ def test_a_repeated_list_option_adds_to_it_and_a_repeated_value_is_refused() -> 
 @pytest.mark.parametrize(
     ("line", "message"),
     [
-        ("--bogus", "unknown option --bogus"),
+        ("--bogus", "unknown option --bogus (see %%chat? for the options)"),
+        ("--formt json", "unknown option --formt (did you mean --format? see"),
         ("--model", "--model needs a value"),
         ("--budget lots", "--budget: Input should be a valid number"),
         ("--max-rounds -1", "--max-rounds: Input should be greater than or equal to 0"),
@@ -633,7 +634,9 @@ def test_unknown_subcommand_and_bad_config(shell: InteractiveShell) -> None:
     with pytest.raises(UsageError, match="key=value"):
         shell.run_line_magic("chat", "config model")
     # The magics' own setting is among the known ones (a trial found it left out).
-    with pytest.raises(UsageError, match=r"unknown setting modle; known: .*max_context_chars"):
+    with pytest.raises(
+        UsageError, match=r"unknown setting modle \(did you mean model\?\); known: .*max_context"
+    ):
         shell.run_line_magic("chat", "config modle=x")
     with pytest.raises(UsageError, match="%chat fix takes options only, not 'extra words'"):
         shell.run_line_magic("chat", "fix extra words")
