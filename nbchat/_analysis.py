@@ -128,11 +128,16 @@ def usage(db: Db = None, session_id: str | None = None) -> pd.DataFrame:
 
     Columns: ``created_at``, ``session_id``, ``turn_id``, ``round``, ``model``,
     ``provider``, ``purpose`` (chat or summary), ``prompt_tokens``,
-    ``completion_tokens``, ``cached_tokens``, ``reasoning_tokens``, ``total_tokens``
-    (``<NA>`` when unreported), ``cost_usd`` (NaN = unknown price), ``ttft_ms``
-    (time to first token), ``duration_ms``, ``finish_reason``, ``error``,
-    ``estimated_prompt_tokens`` and ``estimated_cost_usd`` (what the budget check
-    estimated before sending a chat request; ``<NA>``/NaN for others), ``id``.
+    ``completion_tokens``, ``cached_tokens``, ``reasoning_tokens``,
+    ``cache_write_tokens``, ``total_tokens`` (``<NA>`` when unreported), ``cost_usd``
+    (NaN = unknown price), ``cost_source``, ``ttft_ms`` (time to the first token),
+    ``first_text_ms`` (to the first token of the answer), ``duration_ms``,
+    ``finish_reason``, ``error``, ``estimated_prompt_tokens`` and
+    ``estimated_cost_usd`` (what the budget check estimated before sending a chat
+    request; ``<NA>``/NaN for others), ``suspected_truncation``, ``attempts`` (HTTP
+    attempts: above 1 when the client retried a 429, a 5xx or a lost connection;
+    ``<NA>`` on rows stored before nbchat counted them), ``retried_after`` (what the
+    retried attempts got: "HTTP 429"), ``id``.
     """
     with open_store(db) as store:
         return store.frame("usage", session_id=session_id)

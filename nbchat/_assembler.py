@@ -48,6 +48,9 @@ class ReplyAssembler:
         self.first_token_at: float | None = None  # reasoning counts: the model answered
         self.first_text_at: float | None = None  # the answer itself began
         self.chunks = 0
+        # The request's HTTP attempts, each its status (None: no answer), when counted:
+        # the openai client retries a 429 or 5xx by itself (``_http.counting_attempts``).
+        self.attempts: list[int | None] = []
         # The Responses API's reasoning items, as received: sent back with the tool calls
         # that followed them (the encrypted reasoning of a stateless request).
         self.reasoning_items: list[Any] = []

@@ -34,6 +34,7 @@ from ._exceptions import ModelAPIError
 from ._http import (
     TRANSPORT_ENV,
     _response_class,
+    counting_attempts,
     http_client,
 )
 from ._request_errors import NEVER_CONNECTED, check_complete, not_expected, translated_errors
@@ -59,6 +60,15 @@ logger = logging.getLogger("nbchat")
 # and no pools left for the garbage collector to find unclosed.
 _cache_lock = threading.Lock()
 _async_clients: dict[tuple[Any, ...], openai.AsyncOpenAI] = {}
+
+
+def _retry_causes(attempts: list[int | None]) -> str | None:
+    """What the attempts before the last one got ("HTTP 429, no answer"), or None when
+    the first attempt was the last."""
+    causes = ["no answer" if status is None else f"HTTP {status}" for status in attempts[:-1]]
+    return ", ".join(causes) or None
+
+
 # Context windows the servers reported, per (base URL, model); None: they report none.
 _windows: dict[tuple[str, str], int | None] = {}
 
@@ -290,7 +300,8 @@ class ModelClient:
         body = self._body(messages, tools, stream, params)
         with translated_errors(self, assembler, stream=stream):
             async with self.async_client() as client:
-                response = await self._post(client, body, stream)
+                with counting_attempts(assembler.attempts):
+                    response = await self._post(client, body, stream)
                 try:
                     content_type = response.headers.get("content-type", "").lower()
                     if not stream or "json" in content_type:
@@ -385,6 +396,8 @@ class ModelClient:
             finish_reason=assembler.finish_reason,
             error=str(error) if error else ("interrupted" if interrupted else None),
             purpose=purpose,
+            attempts=len(assembler.attempts) or None,
+            retried_after=_retry_causes(assembler.attempts),
         )
 
     async def list_models(self) -> list[str]:

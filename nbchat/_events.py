@@ -128,6 +128,11 @@ class UsageEvent(_StoredEvent):
     estimated_cost_usd: float | None = None
     # The server reported far fewer prompt tokens than were sent: it may have cut them.
     suspected_truncation: bool = False
+    # HTTP attempts the request took (the openai client retries a 429, a 5xx or a lost
+    # connection by itself): 1 when the first was answered; None when not counted.
+    attempts: int | None = None
+    # What the attempts before the last got, in order: "HTTP 429, no answer"; None if none.
+    retried_after: str | None = None
 
 
 class CompactionEvent(_StoredEvent):

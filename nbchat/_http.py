@@ -15,12 +15,15 @@ the one used. Either way the errors nbchat sees are the HTTP library's (see
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import importlib.util
 import logging
 import os
 import socket
 import sys
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
 from ._exceptions import ConfigError
@@ -30,6 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "TRANSPORT_ENV",
+    "counting_attempts",
     "http_client",
     "transport_cause",
     "transport_of",
@@ -92,6 +96,51 @@ def _transport_setting() -> Literal["aiohttp", "httpx", ""]:
     return value  # type: ignore[return-value]
 
 
+# The HTTP attempts of the request being sent, when someone is counting: one entry per
+# attempt, its status code once the server answered (None: no answer came).
+_attempts: contextvars.ContextVar[list[int | None] | None] = contextvars.ContextVar(
+    "nbchat_http_attempts", default=None
+)
+
+
+@contextlib.contextmanager
+def counting_attempts(into: list[int | None]) -> Iterator[None]:
+    """Record into ``into`` each HTTP attempt the client makes inside the block.
+
+    The openai client retries a 429, a 5xx or a lost connection by itself, so one
+    ``client.post`` can be several attempts; the hooks ``http_client`` installs (httpx's
+    public ``event_hooks``, which its aiohttp transport keeps) see each one. The block
+    runs in one task, so a concurrent request elsewhere counts into its own list.
+    """
+    token = _attempts.set(into)
+    try:
+        yield
+    finally:
+        _attempts.reset(token)
+
+
+async def _on_request(request: Any) -> None:
+    seen = _attempts.get()
+    if seen is not None:
+        seen.append(None)
+
+
+async def _on_response(response: Any) -> None:
+    seen = _attempts.get()
+    if seen is None or not seen or seen[-1] is not None:
+        return
+    if response.is_redirect:  # followed: the next request is the same attempt
+        seen.pop()
+    else:
+        seen[-1] = response.status_code
+
+
+_HOOKS: dict[str, list[Callable[[Any], Awaitable[None]]]] = {
+    "request": [_on_request],
+    "response": [_on_response],
+}
+
+
 def http_client(timeout: float) -> Any:
     """A new async HTTP client for an ``openai`` client: on aiohttp unless
     ``NBCHAT_HTTP_TRANSPORT=httpx`` or aiohttp is missing, with the shared SSL context.
@@ -108,7 +157,7 @@ def http_client(timeout: float) -> Any:
         aiohttp_client = _aiohttp_client_class()
         if aiohttp_client is not None:
             try:
-                return aiohttp_client(verify=verify, timeout=timeout)
+                return aiohttp_client(verify=verify, timeout=timeout, event_hooks=_HOOKS)
             except RuntimeError as exc:  # openai says its aiohttp extra is not installed
                 logger.debug("aiohttp transport unavailable: %s", exc)
         if setting == "aiohttp":
@@ -116,7 +165,7 @@ def http_client(timeout: float) -> Any:
                 f"{TRANSPORT_ENV}=aiohttp, but this openai cannot use aiohttp: "
                 "pip install 'openai[aiohttp]' (or unset it to use httpx)."
             )
-    return openai.DefaultAsyncHttpxClient(verify=verify, timeout=timeout)
+    return openai.DefaultAsyncHttpxClient(verify=verify, timeout=timeout, event_hooks=_HOOKS)
 
 
 def transport_of(client: Any) -> Transport:

@@ -16,21 +16,29 @@ whose every request failed begins with "request failed", then says what is true 
 (or the known part) when the server dropped one it had taken, which may have been billed.
 A turn where only some failed (a tool round answered, the next request refused) begins
 with how many: "1 of 2 requests failed".
+
+The openai client retries a 429, a 5xx or a lost connection by itself; a request that
+got through only so says it before the time ("retried once after HTTP 429"), since the
+wait was spent there and the server may have counted the refused attempts against a
+rate limit. A request that failed in the end says its attempts in its error instead.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ._events import UsageEvent
-from ._text import money
+from ._text import counted, money
 from ._types import TurnResult
 
 __all__ = ["KnownUsage", "format_footer", "lower_bound_footer"]
 
 
-def format_footer(model: str, result: TurnResult | None, seconds: float) -> str:
-    """``model · 1,234 tokens (1,000 in / 234 out) · $0.0012 · 2.3 s``."""
+def format_footer(
+    model: str, result: TurnResult | None, seconds: float, notes: tuple[str, ...] = ()
+) -> str:
+    """``model · 1,234 tokens (1,000 in / 234 out) · $0.0012 · 2.3 s``, with ``notes``
+    before the time."""
     parts = [model] if model else []
     if result is not None:
         u = result.usage
@@ -42,6 +50,7 @@ def format_footer(model: str, result: TurnResult | None, seconds: float) -> str:
                 f"({u.prompt_tokens:,} in / {u.completion_tokens:,} out)"
             )
         parts.append("cost unknown" if u.cost_usd is None else money(u.cost_usd))
+    parts.extend(notes)
     parts.append(f"{seconds:.1f} s")
     return " · ".join(parts)
 
@@ -61,12 +70,16 @@ class KnownUsage:
     with_cost: int = 0  # requests whose cost is known
     refused: int = 0  # requests refused (or never sent) before anything was generated
     failed: int = 0  # requests that ended with an error, refused or not
+    # What the retried attempts of the requests that got through got, in order.
+    retried_after: list[str] = field(default_factory=list)
 
     def add(self, event: UsageEvent) -> None:
         """Count one request's known figures."""
         u = event.usage
         if event.error is not None:
             self.failed += 1
+        elif event.retried_after:
+            self.retried_after.extend(event.retried_after.split(", "))
         if (
             event.error is not None
             and u is not None
@@ -99,10 +112,11 @@ def lower_bound_footer(model: str, result: TurnResult, known: KnownUsage, second
             return " · ".join([*head, "no tokens, no cost", f"{seconds:.1f} s"])
     elif known.failed:  # the rounds before the failing one were answered and counted
         head.append(f"{known.failed} of {u.requests} requests failed")
+    notes = _retried(known.retried_after)
     tokens_exact = u.prompt_tokens is not None and u.completion_tokens is not None
     cost_exact = u.cost_usd is not None
     if tokens_exact and cost_exact:
-        return " · ".join([*head, format_footer("", result, seconds)])
+        return " · ".join([*head, format_footer("", result, seconds, notes)])
     parts = head
     known_tokens, known_cost = min(known.with_tokens, u.requests), min(known.with_cost, u.requests)
     if tokens_exact:
@@ -124,8 +138,17 @@ def lower_bound_footer(model: str, result: TurnResult, known: KnownUsage, second
     missing = u.requests - min(known_cost, known_tokens if not tokens_exact else u.requests)
     if (not tokens_exact and known_tokens) or (not cost_exact and known_cost):
         parts[-1] += f" ({_missing(missing, u.requests)})"
+    parts.extend(notes)
     parts.append(f"{seconds:.1f} s")
     return " · ".join(parts)
+
+
+def _retried(causes: list[str]) -> tuple[str, ...]:
+    """``retried once after HTTP 429``, ``retried 2 times after HTTP 429, HTTP 503``."""
+    if not causes:
+        return ()
+    times = "once" if len(causes) == 1 else counted(len(causes), "time")
+    return (f"retried {times} after {', '.join(dict.fromkeys(causes))}",)
 
 
 def _missing(missing: int, requests: int) -> str:

@@ -189,6 +189,8 @@ def test_usage_has_one_row_per_request_with_unknowns_kept(store: Store) -> None:
         "estimated_prompt_tokens",
         "estimated_cost_usd",
         "suspected_truncation",
+        "attempts",
+        "retried_after",
         "id",
     ]
     assert len(df) == 4 and df["created_at"].is_monotonic_increasing

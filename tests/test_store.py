@@ -159,6 +159,8 @@ EXPECTED_SCHEMA: dict[str, dict[str, str]] = {
         "cache_write_tokens": "BIGINT",
         "suspected_truncation": "BOOLEAN",
         "first_text_ms": "DOUBLE",
+        "attempts": "INTEGER",
+        "retried_after": "VARCHAR",
         "username": "VARCHAR",
         "hostname": "VARCHAR",
     },

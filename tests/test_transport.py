@@ -269,6 +269,51 @@ def test_429_and_500_are_retried_as_retry_after_says(
     assert len(fake.requests) == 3
 
 
+def test_each_attempt_the_client_makes_is_counted(fake: FakeOpenAIServer, transport: str) -> None:
+    # The openai client retries by itself; a trial saw a rate-limited turn counted as
+    # one plain request. The transport's hooks see each attempt.
+    fake.enqueue_error(429, "slow down", retry_after=0)
+    fake.enqueue_error(503, "busy", retry_after=0)
+    fake.enqueue("finally")
+    c = client(fake.url, max_retries=2)
+    assembler = run(c)
+    assert assembler.attempts == [429, 503, 200]
+    event = c.usage_event(assembler, None)
+    assert (event.attempts, event.retried_after) == (3, "HTTP 429, HTTP 503")
+    # An attempt that got no answer at all (the connection dropped) is one too.
+    fake.enqueue("lost", cut_after=0)
+    fake.enqueue("second try")
+    assembler = run(c, stream=False)
+    assert assembler.text == "second try" and assembler.attempts == [None, 200]
+    assert c.usage_event(assembler, None).retried_after == "no answer"
+    fake.enqueue("first try")
+    event = c.usage_event(run(c), None)
+    assert (event.attempts, event.retried_after) == (1, None)
+
+
+def test_a_followed_redirect_is_not_another_attempt(fake: FakeOpenAIServer, transport: str) -> None:
+    class Moved(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(307)
+            self.send_header("Location", fake.url + "/chat/completions")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Moved)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        fake.enqueue("moved here")
+        assembler = run(client(f"http://127.0.0.1:{server.server_port}/v1"))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert assembler.text == "moved here" and assembler.attempts == [200]
+
+
 def test_an_echoed_key_never_reaches_the_error(fake: FakeOpenAIServer, transport: str) -> None:
     fake.enqueue_error(401, "Incorrect API key", echo_key=True)
     error = error_of(client(fake.url))

@@ -594,6 +594,31 @@ def test_a_turn_where_only_a_later_request_failed_says_how_many_failed(
     ), footer
 
 
+def test_a_request_that_got_through_on_a_retry_says_so_and_is_stored_so(
+    fake: FakeOpenAIServer, tmp_path: Any
+) -> None:
+    """A trial's rate-limited turn read as one plain request: the client's own retries
+    were silent. The footer says what was retried; the usage frame counts the attempts."""
+    db = str(tmp_path / "chat.duckdb")
+    fake.enqueue_error(429, "slow down", retry_after=0, repeat=2)
+    fake.enqueue("made it")
+    fake.enqueue("at once")
+    s = nbchat.Session(model="m", base_url=fake.url, db=db, max_retries=2)
+    view = TurnView("m")
+    assert s.send("hi", on_event=view.handle).status == "completed"
+    assert re.fullmatch(
+        r"m · [\d,]+ tokens \(.*\) · .+ · retried 2 times after HTTP 429 · \d+\.\d s",
+        view.footer(),
+    ), view.footer()
+    view = TurnView("m")
+    assert s.send("again", on_event=view.handle).status == "completed"
+    assert "retried" not in view.footer()
+    usage = nbchat.usage(db=db)
+    assert usage["attempts"].tolist() == [3, 1]
+    assert usage["retried_after"][0] == "HTTP 429, HTTP 429"
+    assert usage["retried_after"].isna().tolist() == [False, True]
+
+
 def test_a_compacted_conversation_begins_with_its_summary_in_history() -> None:
     """%chat history of a compacted chat says the earlier turns were folded and shows the
     summary (its text untrusted, escaped) before the turns that were kept."""

@@ -221,6 +221,13 @@ def m006_attachments(con: Connection) -> None:
     con.execute("ALTER TABLE messages ADD COLUMN attachments JSON")
 
 
+def m012_request_attempts(con: Connection) -> None:
+    """Each request's HTTP attempts, and what the retried ones got (None on older rows:
+    not counted then)."""
+    con.execute("ALTER TABLE requests ADD COLUMN attempts INTEGER")
+    con.execute("ALTER TABLE requests ADD COLUMN retried_after VARCHAR")
+
+
 MIGRATIONS: list[Migration] = [
     ("m001_initial", m001_initial),
     ("m002_turns_and_details", m002_turns_and_details),
@@ -233,6 +240,7 @@ MIGRATIONS: list[Migration] = [
     ("m009_session_summaries", m009_session_summaries),
     ("m010_dashboard_counts", m010_dashboard_counts),
     ("m011_declined_not_errors", m011_declined_not_errors),
+    ("m012_request_attempts", m012_request_attempts),
 ]
 
 # The migrations that read every row of some tables (to fill counters), with those

@@ -127,8 +127,8 @@ _USAGE = """
            prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens,
            cache_write_tokens, prompt_tokens + completion_tokens AS total_tokens, cost_usd,
            cost_source, ttft_ms, first_text_ms, duration_ms, finish_reason, error,
-           estimated_prompt_tokens,
-           estimated_cost_usd, suspected_truncation, id
+           estimated_prompt_tokens, estimated_cost_usd, suspected_truncation, attempts,
+           retried_after, id
     FROM requests WHERE ? IS NULL OR session_id = ?
     ORDER BY created_at, id
 """

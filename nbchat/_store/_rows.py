@@ -272,6 +272,8 @@ def _write_usage(event: UsageEvent) -> list[RowWrite]:
         "estimated_prompt_tokens": event.estimated_prompt_tokens,
         "estimated_cost_usd": event.estimated_cost_usd,
         "suspected_truncation": event.suspected_truncation,
+        "attempts": event.attempts,
+        "retried_after": event.retried_after,
         "created_at": utc(event.at),
     }
     return [Insert("requests", tuple(row), list(row.values()))]
