@@ -30,6 +30,7 @@ __all__ = [
     "get_defaults",
     "is_loopback",
     "needs_key",
+    "new_sessions_base_url",
     "resolve_client",
     "set_defaults",
     "whoami",
@@ -269,12 +270,7 @@ def resolve_client(
     if named is not None:
         saved, model = named
         return _from_endpoint(saved, model, base_url, api_key)
-    default_url = _defaults.get("base_url")
-    if foreign_to_embedded(model, default_url):
-        default_url = None
-    base_url = (
-        base_url or default_url or _env("NBCHAT_BASE_URL", "OPENAI_BASE_URL") or OPENAI_BASE_URL
-    )
+    base_url = base_url or _base_url_of(model)[0]
     key: Secret | str | None = api_key or _defaults.get("api_key")
     if not key:
         found = _env_named("NBCHAT_API_KEY", "OPENAI_API_KEY")
@@ -298,6 +294,29 @@ def require_key(settings: ClientSettings) -> None:
     configured (a stored session opened only to be read, ``%chat use``, stops here)."""
     if settings.keyless and needs_key(settings.base_url):
         raise MissingKey(_no_key(settings.base_url))
+
+
+def _base_url_of(model: str | None) -> tuple[str, str]:
+    """Where a request for ``model`` goes when no call names a base URL or an endpoint,
+    and what set it: the kernel's setting, an environment variable, or OpenAI's default."""
+    default_url = _defaults.get("base_url")
+    if default_url and not foreign_to_embedded(model, default_url):
+        return str(default_url), "kernel"
+    found = _env_named("NBCHAT_BASE_URL", "OPENAI_BASE_URL")
+    return (found[1], found[0]) if found else (OPENAI_BASE_URL, "default")
+
+
+def new_sessions_base_url() -> tuple[str, str]:
+    """The base URL a new session's requests go to, and what set it ("kernel", an
+    environment variable, ``endpoint NAME``, or "default": OpenAI's). Needs no key."""
+    model = _defaults.get("model") or _env("NBCHAT_MODEL")
+    try:
+        named = _named_endpoint(model, None)
+    except ConfigError:  # a saved endpoint that is gone: resolve_client says so
+        named = None
+    if named is not None:
+        return named[0].base_url, f"endpoint {named[0].name}"
+    return _base_url_of(model)
 
 
 def _no_key(base_url: str) -> str:

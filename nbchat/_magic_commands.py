@@ -24,6 +24,7 @@ from ._config import (
     default_db_path,
     get_defaults,
     needs_key,
+    new_sessions_base_url,
     resolve_client,
     restore_defaults,
     set_defaults,
@@ -733,7 +734,7 @@ def _config_info(session: Session | None) -> Info:
         key = f"set ({found})" if found else "not set"
     rows = [
         ("model", source("model", "NBCHAT_MODEL")),
-        ("base_url", source("base_url", "NBCHAT_BASE_URL", "OPENAI_BASE_URL")),
+        ("base_url", "{} ({})".format(*new_sessions_base_url())),
         ("api_key", key),
         ("db", default_db_path()),
     ]
@@ -743,4 +744,4 @@ def _config_info(session: Session | None) -> Info:
     rows += [(k, str(defaults[k])) for k in sorted(DEFAULT_KEYS - set(listed)) if k in defaults]
     if session is not None:
         rows.append(("current session", f"{session.id} ({session.model})"))
-    return Info("nbchat settings for new sessions in this kernel", rows)
+    return Info("nbchat settings in this kernel", rows)

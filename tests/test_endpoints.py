@@ -127,6 +127,22 @@ def test_model_shorthand_and_endpoint_argument(monkeypatch: pytest.MonkeyPatch) 
     assert resolve_client("m").endpoint == "work"
 
 
+def test_new_sessions_base_url_names_the_endpoint_that_sets_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What ``%chat config`` shows as base_url: the one resolve_client would use."""
+    from nbchat._config import new_sessions_base_url
+
+    add_endpoint("work", "https://llm.example.com/v1", api_key_env="WORK_KEY")
+    monkeypatch.setenv("NBCHAT_MODEL", "work:gpt-4o")
+    assert new_sessions_base_url() == ("https://llm.example.com/v1", "endpoint work")
+    monkeypatch.setenv("NBCHAT_MODEL", "gpt-4o")
+    set_defaults(endpoint="work")
+    assert new_sessions_base_url() == ("https://llm.example.com/v1", "endpoint work")
+    set_defaults(endpoint="gone")  # resolve_client names the saved ones; this needs no raise
+    assert new_sessions_base_url()[1] != "endpoint gone"
+
+
 def test_a_named_openai_endpoint_needs_its_key() -> None:
     add_endpoint("oai", "https://api.openai.com/v1", api_key_env="WORK_KEY")
     with pytest.raises(ConfigError, match="WORK_KEY"):

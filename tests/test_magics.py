@@ -695,6 +695,24 @@ def test_config_shows_settings_without_the_key(
     shell.run_line_magic("chat", "config api_key=none temperature=none")
 
 
+def test_config_names_the_base_url_requests_go_to(
+    shell: InteractiveShell, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A trial read ``base_url —`` beside a 'still needed' line naming api.openai.com:
+    the row says where requests go, and what set it."""
+    for name in ("NBCHAT_BASE_URL", "OPENAI_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    rows = dict(shell.run_line_magic("chat", "config").rows)
+    assert rows["base_url"] == "https://api.openai.com/v1 (default)"
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
+    rows = dict(shell.run_line_magic("chat", "config").rows)
+    assert rows["base_url"] == "http://127.0.0.1:9/v1 (OPENAI_BASE_URL)"
+    info = shell.run_line_magic("chat", "config base_url=http://127.0.0.1:8/v1")
+    assert dict(info.rows)["base_url"] == "http://127.0.0.1:8/v1 (kernel)"
+    assert info.title == "nbchat settings in this kernel"
+    shell.run_line_magic("chat", "config base_url=none")
+
+
 def test_config_lists_every_setting_it_was_given(shell: InteractiveShell) -> None:
     """``%chat config`` shows each setting the kernel has, not a hand-kept few: after
     ``config api=responses budget_usd=2`` both are listed."""
