@@ -123,7 +123,7 @@ class Found:
 
         head = "".join(f"<th>{c}</th>" for c in self.COLUMNS)
         rows = []
-        for (_, row), pieces in zip(self.frame.iterrows(), self.snippets, strict=True):
+        for (_, row), pieces in zip(self._shown().iterrows(), self.snippets, strict=True):
             cells = [snippet(pieces) if c == "snippet" else cell(row[c]) for c in self.COLUMNS]
             rows.append("<tr>" + "".join(f"<td>{v}</td>" for v in cells) + "</tr>")
         if not rows:
@@ -139,9 +139,24 @@ class Found:
     def __repr__(self) -> str:
         if not self.snippets:
             return "No stored message has these words."
-        plain = self.frame[list(self.COLUMNS)].copy()
+        plain = self._shown()
         plain["snippet"] = ["".join(p for p, _ in pieces) for pieces in self.snippets]
         return str(plain.to_string(index=False))
+
+    def _shown(self) -> Any:
+        """The columns shown, for people: a message no longer in its conversation says
+        so beside its role (a re-run cell superseded it, or compaction folded it), and
+        times read as times."""
+        from ._tables import utc_text
+
+        shown = self.frame[list(self.COLUMNS)].copy()
+        state = self.frame["state"].fillna("active")
+        shown["role"] = [
+            role if s == "active" else f"{role} ({s})"
+            for role, s in zip(shown["role"], state, strict=True)
+        ]
+        shown["created_at"] = utc_text(shown["created_at"])
+        return shown
 
 
 def _cell(value: str) -> str:

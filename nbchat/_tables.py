@@ -14,10 +14,11 @@ from ._store import Db
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["costs_table", "sessions_table", "turn_costs_table"]
+__all__ = ["costs_table", "sessions_table", "turn_costs_table", "utc_text"]
 
 
-def _when(values: pd.Series) -> pd.Series:
+def utc_text(values: pd.Series) -> pd.Series:
+    """Times as people read them in a table: ``2026-12-04 20:46:34 UTC`` (— when unknown)."""
     shown: pd.Series = values.dt.strftime("%Y-%m-%d %H:%M:%S UTC").fillna("—")
     return shown
 
@@ -81,7 +82,7 @@ def _human_table(
     for name, label in columns.items():
         values = frame[name]
         if pd.api.types.is_datetime64_any_dtype(values):
-            values = _when(values)
+            values = utc_text(values)
         elif name == "duration_ms":
             values = (values / 1000).round(1)
         elif name == "cost_usd" and "unknown_cost_requests" in frame:

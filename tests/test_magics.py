@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import _thread
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -906,6 +907,24 @@ def test_chat_search_marks_matches_in_escaped_html(
     assert "**window**" in found.frame["snippet"][0]  # search()'s own contract is kept
     nothing = shell.run_line_magic("chat", "search zebra")
     assert "No stored message" in nothing._repr_html_() and "No stored" in repr(nothing)
+
+
+def test_chat_search_says_which_messages_left_their_conversation(
+    shell: InteractiveShell, fake: FakeOpenAIServer
+) -> None:
+    """A trial found a re-run cell's old messages listed like live ones, and raw times:
+    the role says ``(superseded)``, the time reads as a time."""
+    fake.enqueue("a window answer")
+    fake.enqueue("another window answer")
+    assert run(shell, "%%chat\nwindow one?", cell_id="c1").success
+    assert run(shell, "%%chat\nwindow two?", cell_id="c1").success  # the cell re-run
+    found = shell.run_line_magic("chat", "search window")
+    roles = dict(zip(found.frame["content"], found._shown()["role"], strict=True))
+    assert roles["window one?"] == "user (superseded)"
+    assert roles["a window answer"] == "assistant (superseded)"
+    assert roles["window two?"] == "user" and roles["another window answer"] == "assistant"
+    assert "user (superseded)" in found._repr_html_() and "(superseded)" in repr(found)
+    assert re.search(r"\b\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC\b", repr(found)), repr(found)
 
 
 def test_sessions_history_cost_and_sql_from_the_store(
