@@ -208,6 +208,25 @@ class CellRenderer:
             if self.shown and self.mode == "live":
                 self._publish(update=True)
 
+    def show_answer(self, markdown: str) -> None:
+        """Show the finished turn's answer as ``markdown`` (nbchat's own rendering of it:
+        ``--format json`` pretty-printed) in place of the reply text, not beside it. A
+        terminal already printed the reply as it came: nothing more is printed there."""
+        from ._render_parts import TextPart
+
+        with self._lock:
+            parts = self.view.parts
+            texts = [i for i, p in enumerate(parts) if isinstance(p, TextPart) and not p.thinking]
+            if not texts or self.mode == "text":
+                return
+            old = parts[texts[-1]]
+            assert isinstance(old, TextPart)
+            shown = TextPart(old.round)
+            shown.buffer.append(markdown)
+            parts[texts[-1]] = shown
+            if self.shown:
+                self._publish(update=True)
+
     def finish(self) -> None:
         """Show the turn as it ended: the full text, tool blocks, status and footer."""
         self._done.set()

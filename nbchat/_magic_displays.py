@@ -78,7 +78,11 @@ class Conversation:
                     parts.append(thumbnails_html(view.user_images))
             view.show_user_images = False
             if view.parts or view.badges:
-                parts.append(view.markdown() if markdown else view.html())
+                reply = view.markdown() if markdown else view.html()
+                if view.user_text is not None:  # an answer, labelled as the question is
+                    label = "**Assistant:**\n\n" if markdown else "<p><b>Assistant:</b></p>\n"
+                    reply = label + reply
+                parts.append(reply)
         return parts
 
     def _repr_html_(self) -> str:
@@ -88,7 +92,13 @@ class Conversation:
         return "\n\n---\n\n".join(self._parts(True))
 
     def __repr__(self) -> str:
-        return "\n".join(f"{m.role}: {m.content or ''}" for m in self.history)
+        from ._context import without_format_instruction
+
+        def said(m: Message) -> str:  # what the user wrote, not nbchat's --format line
+            text = m.content or ""
+            return without_format_instruction(text) if m.role == "user" else text
+
+        return "\n".join(f"{m.role}: {said(m)}" for m in self.history)
 
 
 class Found:

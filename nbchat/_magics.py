@@ -45,6 +45,7 @@ from ._notebook import NotebookCells
 from ._store import TABLES
 
 if TYPE_CHECKING:
+    from ._display import CellRenderer
     from ._magic_options import ChatOptions
     from ._pytool import Approval
     from ._session import Session
@@ -211,7 +212,7 @@ class ChatMagics(Subcommands, CellSessions, CellMessage, Magics):
             renderer=renderer,
         )
         self.cell_turns.mark_superseded(replaced)  # their outputs stay on screen
-        self._take_answer(opts, result)
+        self._take_answer(opts, result, renderer)
         raise_for(result)
 
     def _on_endpoint(self, opts: ChatOptions) -> str:
@@ -254,7 +255,7 @@ class ChatMagics(Subcommands, CellSessions, CellMessage, Magics):
             ) from None
         return value
 
-    def _take_answer(self, opts: ChatOptions, result: TurnResult) -> None:
+    def _take_answer(self, opts: ChatOptions, result: TurnResult, shown: CellRenderer) -> None:
         """Put the answer where the cell asked: ``--out``, and the next cell for code."""
         completed = result.status == "completed"
         value: Any = result.text
@@ -270,15 +271,14 @@ class ChatMagics(Subcommands, CellSessions, CellMessage, Magics):
                 assert self.shell is not None
                 self.shell.set_next_input(value, replace=False)
         elif opts.format == "json" and completed:
-            value = self._json_answer(opts, result.text)
+            value = self._json_answer(opts, result.text, shown)
         if opts.out:
             self.user_ns[opts.out] = value
 
-    def _json_answer(self, opts: ChatOptions, text: str) -> Any:
-        """The reply parsed as JSON, shown pretty-printed; one line when it is not JSON."""
+    def _json_answer(self, opts: ChatOptions, text: str, shown: CellRenderer) -> Any:
+        """The reply parsed as JSON, shown pretty-printed in the reply's place (a trial
+        saw it twice, as sent and again below); one line when it is not JSON."""
         import json
-
-        from IPython.display import Markdown, display
 
         from ._context import reply_code
 
@@ -293,7 +293,7 @@ class ChatMagics(Subcommands, CellSessions, CellMessage, Magics):
                 f"The reply is not valid JSON ({exc.msg} at line {exc.lineno}){kept}"
             ) from None
         pretty = json.dumps(value, indent=2, ensure_ascii=False)
-        display(Markdown(f"```json\n{pretty}\n```"))  # type: ignore[no-untyped-call]
+        shown.show_answer(f"```json\n{pretty}\n```")
         return value
 
     def _tools(self, specs: list[str], said: str = "%%chat: --tools") -> list[Tool]:

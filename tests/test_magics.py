@@ -909,6 +909,46 @@ def test_chat_search_marks_matches_in_escaped_html(
     assert "No stored message" in nothing._repr_html_() and "No stored" in repr(nothing)
 
 
+def test_a_json_answer_is_shown_once_pretty_printed_in_the_replys_place(
+    shell: InteractiveShell, fake: FakeOpenAIServer
+) -> None:
+    """A trial saw a --format json reply twice: as streamed, and again pretty-printed
+    in a display of its own. The cell's one display ends with the pretty form."""
+    fake.enqueue('{"name": "Oslo", "note": "<b>x</b>"}')
+    assert run(shell, "%%chat --format json --out city\nA city as JSON.").success
+    assert shell.user_ns["city"] == {"name": "Oslo", "note": "<b>x</b>"}
+    calls = pub(shell).calls
+    final = calls[-1]["data"]
+    assert len([c for c in calls if not c["update"]]) == 1, "one display: the turn's own"
+    assert '```json\n{\n  "name": "Oslo",\n  "note": "<b>x</b>"\n}\n```' in final["text/markdown"]
+    assert '{"name": "Oslo", "note"' not in final["text/markdown"], "the raw reply is replaced"
+    assert "<b>x</b>" not in final["text/html"] and "&lt;b&gt;x&lt;/b&gt;" in final["text/html"]
+    assert calls[-1]["update"], "the turn's own display is updated, no second display"
+    assert calls[-1]["metadata"]["nbchat"]["status"] == "completed"
+
+
+def test_history_labels_the_answers_and_leaves_nbchats_instruction_out(
+    shell: InteractiveShell, fake: FakeOpenAIServer
+) -> None:
+    """A trial found the replies in %chat history unlabelled beside "You:", and the
+    plain-text form showed the --format instruction as if the user typed it."""
+    fake.enqueue("Hello!")
+    fake.enqueue('{"n": 3}')
+    assert run(shell, "%%chat\nhi there").success
+    assert run(shell, "%%chat --format json\ngive json").success
+    history = shell.run_line_magic("chat", "history")
+    markdown = history._repr_markdown_()
+    assert markdown.count("**You:**") == 2 and markdown.count("**Assistant:**") == 2
+    assert markdown.index("**Assistant:**") > markdown.index("hi there")
+    assert history._repr_html_().count("<b>Assistant:</b>") == 2
+    assert repr(history).splitlines() == [
+        "user: hi there",
+        "assistant: Hello!",
+        "user: give json",
+        'assistant: {"n": 3}',
+    ]
+
+
 def test_chat_search_says_which_messages_left_their_conversation(
     shell: InteractiveShell, fake: FakeOpenAIServer
 ) -> None:
