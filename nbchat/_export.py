@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal, cast, get_args
 
+from ._config import current_notebook
 from ._events import TurnFinished, TurnStarted
 from ._exceptions import AttachmentError, StoreError
 from ._history import live_order
@@ -540,6 +541,7 @@ def import_session(
     title: str | None = None,
     *,
     model: str | None = None,
+    notebook: str | None = None,
 ) -> str:
     """Store OpenAI-format messages (JSON text or a list of dicts) as a new session.
 
@@ -557,7 +559,8 @@ def import_session(
     their statuses, else one per user message, each ``"completed"`` (the last one
     ``"running"`` while its tool calls are pending, as a stopped process leaves it).
     An ``"nbchat"`` export also gives the model (unless ``model`` is given) and the
-    ``parent_id``: the id of the session it was exported from.
+    ``parent_id``: the id of the session it was exported from. The session belongs to
+    ``notebook``, else (as a new session does) to the notebook importing it.
     """
     decoded = _decoded(data)
     kept_title, names = _kept(decoded)
@@ -578,6 +581,7 @@ def import_session(
             system_prompt=system,
             title=title or kept_title or session_title(first) or "Imported session",
             parent_id=_kept_text(decoded, "session_id"),
+            notebook=notebook if notebook is not None else current_notebook(),
             metadata={"imported": True},
             messages=messages,
         )

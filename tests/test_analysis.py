@@ -501,6 +501,17 @@ def test_export_openai_then_import_round_trips(store: Store) -> None:
     assert store.load_session(other).messages[0].content == "ab"
 
 
+def test_an_imported_session_belongs_to_the_notebook_importing_it(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A trial's imported session had an empty notebook column in sessions()."""
+    monkeypatch.setenv("JPY_SESSION_NAME", "/home/me/analysis.ipynb")
+    copied = import_session(export_session("a", db=store), db=store)
+    named = import_session('[{"role": "user", "content": "hi"}]', db=store, notebook="x.ipynb")
+    found = sessions(db=store).set_index("id")["notebook"]
+    assert (found[copied], found[named]) == ("/home/me/analysis.ipynb", "x.ipynb")
+
+
 def test_an_imported_session_keeps_its_turns_their_rounds_and_its_source(
     store_db: str, fake: FakeOpenAIServer
 ) -> None:
