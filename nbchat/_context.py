@@ -25,6 +25,7 @@ __all__ = [
     "cell_error",
     "code_blocks",
     "context_section",
+    "fix_candidates",
     "fix_prompt",
     "reply_code",
     "to_context",
@@ -294,11 +295,21 @@ def reply_code(text: str, *, last_only: bool = False) -> str:
     if not blocks:
         return text.strip()
     if last_only:
-        # A block marked Python first: an untagged one may be the traceback quoted back.
-        python = [code for lang, code in blocks if lang in ("python", "py", "python3", "ipython")]
-        untagged = [code for lang, code in blocks if not lang]
-        return (python or untagged or [blocks[-1][1]])[-1].strip("\n")
+        return fix_candidates(text)[-1]
     return "\n\n".join(code.strip("\n") for _, code in blocks)
+
+
+def fix_candidates(text: str) -> list[str]:
+    """The blocks of a reply that could be its corrected cell, in order (``reply_code``
+    with ``last_only`` takes the last): those marked Python, else the untagged ones (an
+    untagged block beside a Python one may be the traceback quoted back), else the last
+    block of any language. Empty when the reply has no fenced block."""
+    blocks = code_blocks(text)
+    if not blocks:
+        return []
+    python = [code for lang, code in blocks if lang in ("python", "py", "python3", "ipython")]
+    untagged = [code for lang, code in blocks if not lang]
+    return [code.strip("\n") for code in (python or untagged or [blocks[-1][1]])]
 
 
 def fix_prompt(error: CellError, instructions: str = "") -> str:

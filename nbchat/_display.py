@@ -198,7 +198,10 @@ class CellRenderer:
         """Say ``message`` in the turn (with its other notices, under the reply)."""
         from ._events import Notice
 
-        self(Notice(message=message))
+        with self._lock:
+            self(Notice(message=message))
+            if self._done.is_set() and self.shown and self.mode != "text":
+                self._publish(update=True)  # after finish(): no later event would show it
 
     def mark(self, badge: str) -> None:
         """Add a status line to a finished turn's display (e.g. superseded) and re-show it."""

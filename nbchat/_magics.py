@@ -264,12 +264,18 @@ class ChatMagics(Subcommands, CellSessions, CellMessage, Magics):
                 return  # the cell ends with why; --out is left as it was
             value = result.output
         elif opts.format == "code" or opts.fix:
-            from ._context import reply_code
+            from ._context import fix_candidates, reply_code
 
             value = reply_code(result.text, last_only=opts.fix)
             if completed and value:
                 assert self.shell is not None
                 self.shell.set_next_input(value, replace=False)
+                several = len(fix_candidates(result.text)) if opts.fix else 0
+                if several > 1:  # a trial wondered where the other blocks went
+                    shown.note(
+                        f"The next cell holds the last of the reply's {several} Python "
+                        "blocks, as the corrected cell; the others stay in the reply."
+                    )
         elif opts.format == "json" and completed:
             value = self._json_answer(opts, result.text, shown)
         if opts.out:

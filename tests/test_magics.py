@@ -949,6 +949,26 @@ def test_history_labels_the_answers_and_leaves_nbchats_instruction_out(
     ]
 
 
+def test_chat_fix_says_which_of_several_blocks_the_next_cell_holds(
+    shell: InteractiveShell, fake: FakeOpenAIServer
+) -> None:
+    """A trial's fix reply had two Python blocks; the next cell held the last with no word
+    about the first. The cell says which it took."""
+    assert not run(shell, "rates = 1 / 0").success
+    fake.enqueue(
+        "You divided by zero.\n\n```python\nn = max(n, 1)\n```\n\nThen:\n\n"
+        "```python\nrates = 1 / n\n```"
+    )
+    assert run(shell, "%chat fix").success
+    assert shell.rl_next_input == "rates = 1 / n"
+    final = pub(shell).last["data"]["text/markdown"]
+    assert "The next cell holds the last of the reply's 2 Python blocks" in final
+    fake.enqueue("Fixed:\n\n```python\nrates = 1\n```")
+    assert not run(shell, "rates = 1 / 0").success
+    assert run(shell, "%chat fix").success
+    assert "The next cell holds" not in pub(shell).last["data"]["text/markdown"]
+
+
 def test_chat_search_says_which_messages_left_their_conversation(
     shell: InteractiveShell, fake: FakeOpenAIServer
 ) -> None:
