@@ -66,20 +66,20 @@ def draw_cost_bars(ax: Axes, bars: CostBars) -> Axes:
         (ax.set_xlim if across else ax.set_ylim)(0, 1)
     if missing:
         _mark_unknown(ax, order, bars.unknown, totals, across=across)
+    handles, labels = ([], []) if named else ax.get_legend_handles_labels()
+    # A model whose bars are all $0 has a swatch and no bar to match it: it says $0.
+    zero = {plain(str(c)) for c in table.columns if not float(table[c].sum())}
+    labels = [f"{label} ($0)" if label in zero else label for label in labels]
+    if missing and not across:  # horizontal bars say "price unknown" beside each bar
         from matplotlib.patches import Patch
 
-        handles, labels = ([], []) if named else ax.get_legend_handles_labels()
-        # Horizontal bars mark unknown prices with a label only: no hatched swatch.
-        hatch = None if across else _UNKNOWN_HATCH
-        handles.append(Patch(facecolor="none", edgecolor="none" if across else "0.5", hatch=hatch))
-        counted = "" if bars.many else "? N, "  # many bars carry no "? N" labels
+        handles.append(Patch(facecolor="none", edgecolor="0.5", hatch=_UNKNOWN_HATCH))
+        marks = "" if bars.many else "marked ? N; "  # many bars carry no "? N" labels
         here = " shown" if bars.hidden else ""  # the title gives the range's count
-        labels.append(f"price unknown: {requests_n(missing)}{here} ({counted}not in bars)")
+        labels.append(f"price unknown: {requests_n(missing)}{here}\n{marks}cost not drawn")
+    if handles:
         title = None if named else "model"
         ax.legend(handles, labels, title=title, **legend_place(ax, across, labels))
-    elif len(table.columns) and not named:
-        where = legend_place(ax, across, ax.get_legend_handles_labels()[1])
-        ax.legend(title="model", **where)
     ax.set_title(bars.title)
     axis_label = "cost (USD, known prices)"
     if free and missing:  # the "? N" marks fill the axes: the note goes in the axis label

@@ -178,7 +178,7 @@ def test_costs_by_model_draws_known_dollars_and_counts_unknown_price_requests(
     assert heights[CHEAP] == pytest.approx([0, 2 * (300 * 0.5 + 20) / 1e6, 0])
     assert notes(ax) == {f"unknown:{MYSTERY}": "? 1"}
     assert hatched(ax) == {f"unknown-bar:{MYSTERY}": (2, 0)}  # open-ended, not a 0 bar
-    assert "price unknown: 1 request (? N, not in bars)" in legend(ax)
+    assert "price unknown: 1 request\nmarked ? N; cost not drawn" in legend(ax)
     assert ax.get_title() == "Cost by model — 1 request without a price"
 
 
@@ -299,7 +299,8 @@ def test_sessions_of_unknown_cost_are_not_hidden_behind_free_ones(
     assert ax.get_title() == (
         "Cost by session, top 3 of 6 — 3 requests without a price (1 in sessions not shown)"
     )
-    assert "price unknown: 2 requests shown (? N, not in bars)" in legend(ax)
+    # Each bar says "price unknown" beside it: no legend entry without a swatch (a trial).
+    assert not [label for label in legend(ax) if "unknown" in label]
     everything = nbchat.plot.costs(by="session", db=db)
     assert everything.get_title() == "Cost by session — 3 requests without a price"
     assert list(notes(everything).values()) == ["? 2 · price unknown", "? 1 · price unknown"]
@@ -314,10 +315,13 @@ def test_costs_by_model_names_models_under_their_bars_only(
     ax = nbchat.plot.costs(by="model", db=db)
     assert ticks(ax) == [PRICED, "a-very-long-model-name-fro…instruct-2026", "free-local"]
     # No legend of the names again: only what the hatching means.
-    assert legend(ax) == ["price unknown: 3 requests (? N, not in bars)"]
+    assert legend(ax) == ["price unknown: 3 requests\nmarked ? N; cost not drawn"]
     figure = ax.figure
     figure.canvas.draw()
     assert ax.get_window_extent().width > 0.42 * figure.bbox.width  # was 0.35: a wide legend
+    # By day, the free model's swatch matches no bar: its label says $0 (a trial).
+    by_day = nbchat.plot.costs(by="day", db=db)
+    assert "free-local ($0)" in legend(by_day) and PRICED in legend(by_day)
 
 
 def test_only_unknown_prices_draw_no_dollars(filled: Filled) -> None:
@@ -561,7 +565,7 @@ def test_many_days_are_one_shape_per_model_at_each_days_cost() -> None:
     assert top == pytest.approx(1.25 * (0.01 * len(days) + 0.5))  # headroom over the top bar
     assert spans("unknown-bars", 3) == pytest.approx((0.04 + 0.5, top), abs=1e-3)
     assert not any(shapes["unknown-bars"].contains_point((2, y)) for y in (0.6, 1.0))
-    assert legend(ax) == ["a", "b", "price unknown: 2 requests (not in bars)"]
+    assert legend(ax) == ["a", "b", "price unknown: 2 requests\ncost not drawn"]
 
 
 def test_a_tight_png_is_what_was_drawn_and_grows_for_a_long_legend() -> None:
