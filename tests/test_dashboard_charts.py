@@ -129,6 +129,27 @@ def test_a_new_layout_draws_the_whole_chart_again() -> None:
     assert shown(chart.ax) == drawn_afresh(more_unknown)
 
 
+def test_dashboard_text_is_a_size_up_on_both_paths() -> None:
+    """Shown at half the dashboard's width, 10-point text read as ~6 px (a trial): the
+    charts draw theirs at 12 points, whole or over the kept picture, and leave the
+    user's own matplotlib settings as they were."""
+    import matplotlib
+
+    default = matplotlib.rcParams["font.size"]
+    chart = LiveChart()
+
+    def sizes() -> set[float]:
+        ticks = [*chart.ax.get_xticklabels(), *chart.ax.get_yticklabels()]
+        chart.figure.canvas.draw()  # tick labels are made when drawn
+        return {t.get_fontsize() for t in ticks if t.get_text()}
+
+    chart.picture(CostScene(spend(3), "day"))
+    assert sizes() == {12.0} and chart.ax.title.get_fontsize() > 12
+    chart.picture(CostScene(spend(3, bump=0.002), "day"))  # over the kept picture
+    assert sizes() == {12.0}
+    assert matplotlib.rcParams["font.size"] == default
+
+
 def test_the_y_scale_ends_at_a_round_tick_above_the_data() -> None:
     chart = LiveChart()
     chart.picture(CostScene(by_model(spend(3, unknown=0)), "model"))
