@@ -28,6 +28,7 @@ __all__ = [
     "default_db_path",
     "default_spool_dir",
     "get_defaults",
+    "is_embedded",
     "is_loopback",
     "needs_key",
     "new_sessions_base_url",
@@ -161,6 +162,11 @@ def serve_embedded(url: str | None) -> None:
     _embedded_url = url.rstrip("/") if url else None
 
 
+def is_embedded(base_url: str | None) -> bool:
+    """Whether ``base_url`` is the running embedded server's (``nbchat.local()``)."""
+    return _embedded_url is not None and (base_url or "").rstrip("/") == _embedded_url
+
+
 def foreign_to_embedded(model: str | None, base_url: str | None) -> bool:
     """Whether ``base_url`` is the embedded server's and ``model`` not one of its names.
 
@@ -168,9 +174,7 @@ def foreign_to_embedded(model: str | None, base_url: str | None) -> bool:
     under the other model's name and price. A default base URL that ``nbchat.local()``
     set is not used for such a model, and setting such a model drops it.
     """
-    if _embedded_url is None or not base_url or base_url.rstrip("/") != _embedded_url:
-        return False
-    return not (model or "").startswith(LOCAL_PREFIX)
+    return is_embedded(base_url) and not (model or "").startswith(LOCAL_PREFIX)
 
 
 def get_defaults() -> dict[str, Any]:
@@ -263,7 +267,9 @@ def resolve_client(
     ``endpoint`` names a saved endpoint (``%chat endpoint add``), as does the prefix of
     ``model="work:gpt-4o"``; its base URL, key variable, headers and options apply
     unless ``base_url`` / ``api_key`` are given. An endpoint's key comes only from its
-    own variable: the general ``NBCHAT_API_KEY`` is never sent to another server.
+    own variable: the general ``NBCHAT_API_KEY`` is never sent to another server, nor is
+    the kernel's or the environment's key sent to the embedded model's server (it needs
+    none); an ``api_key`` given here is.
     """
     model = model or _defaults.get("model") or _env("NBCHAT_MODEL")
     named = _named_endpoint(model, endpoint)
@@ -271,10 +277,12 @@ def resolve_client(
         saved, model = named
         return _from_endpoint(saved, model, base_url, api_key)
     base_url = base_url or _base_url_of(model)[0]
-    key: Secret | str | None = api_key or _defaults.get("api_key")
-    if not key:
-        found = _env_named("NBCHAT_API_KEY", "OPENAI_API_KEY")
-        key = Secret(found[1], found[0]) if found else None
+    key: Secret | str | None = api_key
+    if not key and not is_embedded(base_url):  # it needs none: a cloud key stays home
+        key = _defaults.get("api_key")
+        if not key:
+            found = _env_named("NBCHAT_API_KEY", "OPENAI_API_KEY")
+            key = Secret(found[1], found[0]) if found else None
     if not model:
         raise ConfigError(
             "No model configured: run %chat config model=NAME (or %chat local for a free "

@@ -23,6 +23,7 @@ from ._config import (
     check_limits,
     default_db_path,
     get_defaults,
+    is_embedded,
     needs_key,
     new_sessions_base_url,
     resolve_client,
@@ -732,9 +733,12 @@ def _config_info(session: Session | None) -> Info:
     else:
         found = next((n for n in ("NBCHAT_API_KEY", "OPENAI_API_KEY") if env.get(n)), None)
         key = f"set ({found})" if found else "not set"
+    base_url, set_by = new_sessions_base_url()
+    if key != "not set" and is_embedded(base_url):  # a trial saw it kept and wondered
+        key += "; not sent to the local model, kept for when you leave it"
     rows = [
         ("model", source("model", "NBCHAT_MODEL")),
-        ("base_url", "{} ({})".format(*new_sessions_base_url())),
+        ("base_url", f"{base_url} ({set_by})"),
         ("api_key", key),
         ("db", default_db_path()),
     ]

@@ -88,6 +88,35 @@ def test_a_model_set_after_chat_local_leaves_the_embedded_server(
     assert served.client.settings.base_url == "https://api.openai.com/v1"
 
 
+def test_a_cloud_key_is_kept_but_never_sent_to_the_embedded_server(
+    shell: InteractiveShell,  # noqa: F811
+    fake: FakeOpenAIServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A trial set a key, then ran `%chat local`: the key stayed, unexplained, and went
+    to the local server with every request. It stays (for leaving the local model) and
+    says so; the local model's requests carry none."""
+    monkeypatch.delenv("NBCHAT_BASE_URL")
+    monkeypatch.delenv("NBCHAT_MODEL")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-env-cloud-key-123456")
+    serve_embedded(fake.url)
+    set_defaults(model="local/tiny", base_url=fake.url, api_key="sk-kernel-cloud-key-123456")
+    settings = nbchat.Session(db=False).client.settings
+    assert settings.keyless and "cloud-key" not in settings.api_key.get_secret_value()
+    rows = dict(shell.run_line_magic("chat", "config").rows)
+    assert rows["api_key"] == (
+        "set (kernel); not sent to the local model, kept for when you leave it"
+    )
+    # A key given to the session itself is the user's choice: it is sent.
+    given = nbchat.Session(api_key="sk-given-key-123456", db=False).client.settings
+    assert given.api_key.get_secret_value() == "sk-given-key-123456"
+    # Leaving the local model takes the kernel's key along.
+    set_defaults(model="gpt-4o-mini")
+    left = nbchat.Session(db=False).client.settings
+    assert left.api_key.get_secret_value() == "sk-kernel-cloud-key-123456"
+    assert "not sent" not in dict(shell.run_line_magic("chat", "config").rows)["api_key"]
+
+
 def test_a_refused_config_change_saves_nothing(
     shell: InteractiveShell,  # noqa: F811
     fake: FakeOpenAIServer,
