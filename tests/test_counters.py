@@ -234,6 +234,22 @@ def test_replaying_every_event_again_changes_no_counter(tmp_path: Path) -> None:
         assert_same(after, full_sessions(store))
 
 
+def copy_rows(con: Any, table: str) -> None:
+    """``table``'s rows from the attached ``src`` store, in the columns this older schema
+    has (later migrations add columns at the end)."""
+    columns = [
+        row[0]
+        for row in con.execute(
+            "SELECT column_name FROM information_schema.columns "
+            "WHERE table_catalog = current_database() AND table_name = ? "
+            "ORDER BY ordinal_position",
+            [table],
+        ).fetchall()
+    ]
+    listed = ", ".join(columns)
+    con.execute(f"INSERT INTO {table} ({listed}) SELECT {listed} FROM src.{table}")
+
+
 def test_the_migration_fills_the_counters_of_an_older_store(tmp_path: Path) -> None:
     import duckdb
 
@@ -250,7 +266,7 @@ def test_the_migration_fills_the_counters_of_an_older_store(tmp_path: Path) -> N
     con = duckdb.connect(str(path))
     con.execute(f"ATTACH '{tmp_path / 'source.duckdb'}' AS src (READ_ONLY)")
     for table in ("sessions", "messages", "requests", "turns"):
-        con.execute(f"INSERT INTO {table} SELECT * FROM src.{table}")
+        copy_rows(con, table)
     con.execute("DETACH src")
     con.close()
     with Store.open(path) as store:  # m007 runs here
@@ -339,7 +355,7 @@ def copied_at(path: Path, source: Path, migration: str) -> None:
         migrate(con, stop_after=migration)
         con.execute(f"ATTACH '{source}' AS src (READ_ONLY)")
         for table in ("sessions", "messages", "requests", "turns"):
-            con.execute(f"INSERT INTO {table} SELECT * FROM src.{table}")
+            copy_rows(con, table)
         con.execute("DETACH src")
         fill_counters(con)
     finally:
