@@ -45,6 +45,14 @@ def _half() -> widgets.Layout:
     return widgets.Layout(width="calc(50% - 8px)", height="auto", align_self="flex-start")
 
 
+# A chart: at most half a row, never wider than its picture (a narrower chart blown up
+# to the width had larger text than its neighbour, a wider one smaller).
+def _half_chart() -> widgets.Layout:
+    return widgets.Layout(
+        width="auto", max_width="calc(50% - 8px)", height="auto", align_self="flex-start"
+    )
+
+
 class Dashboard(widgets.VBox):  # type: ignore[misc]
     """The dashboard widget; ``refresh()`` reads the store again for the picked dates.
 
@@ -63,7 +71,7 @@ class Dashboard(widgets.VBox):  # type: ignore[misc]
         self.top = top
         self.axes: dict[str, Axes] = {}
         self._charted: dict[str, pd.DataFrame] = {}  # what each chart was drawn from
-        self._charts = {"spend": LiveChart(), "by_model": LiveChart(), "latency": LiveChart(0.97)}
+        self._charts = {"spend": LiveChart(), "by_model": LiveChart(), "latency": LiveChart()}
         self._seen: Overview | None = None  # the last overview read
         self.top_sessions: pd.DataFrame | None = None
         self.tool_errors: pd.DataFrame | None = None
@@ -79,9 +87,9 @@ class Dashboard(widgets.VBox):  # type: ignore[misc]
             description="Refresh", icon="refresh", tooltip="Read the store again"
         )
         self.summary = widgets.HTML()
-        self.spend = widgets.Image(format="png", layout=_half())
-        self.by_model = widgets.Image(format="png", layout=_half())
-        self.latency = widgets.Image(format="png", layout=_half())
+        self.spend = widgets.Image(format="png", layout=_half_chart())
+        self.by_model = widgets.Image(format="png", layout=_half_chart())
+        self.latency = widgets.Image(format="png", layout=_half_chart())
         self.sessions_list = widgets.VBox(layout=_half())
         self.tools = widgets.HTML(layout=_half())
         self.transcript = widgets.HTML()

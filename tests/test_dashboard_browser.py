@@ -102,6 +102,9 @@ def test_dashboard_in_the_browser(host: str, tmp_path: Path, fake: FakeOpenAISer
                     "i => [i.naturalWidth / i.naturalHeight, i.clientWidth / i.clientHeight]"
                 )
                 assert abs(shown - natural) <= 0.02 * natural, (i, natural, shown)
+                # ...and are never blown up past their size: a narrower chart stretched to
+                # the half row had larger text than its neighbour.
+                assert image.evaluate("i => i.clientWidth <= i.naturalWidth + 1"), i
             if in_notebook_ui:
                 expect(page.locator(".jp-InputPrompt").first).to_contain_text("[1]")
                 page.wait_for_function(KERNEL_IDLE)
