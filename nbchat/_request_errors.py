@@ -24,7 +24,7 @@ from ._http import (
     never_connected,
     transport_cause,
 )
-from ._text import redact, redact_data, valid_data, valid_text
+from ._text import counted, redact, redact_data, valid_data, valid_text
 
 if TYPE_CHECKING:
     import openai
@@ -148,7 +148,10 @@ def _api_error(
     settings = client.settings
     url = settings.base_url
     status = getattr(exc, "status_code", None)
-    tries = f"{client.max_retries + 1} attempt{'s' if client.max_retries else ''}"
+    # The attempts the transport saw (``_http.counting_attempts``); else what the
+    # client's retry setting allows (a request sent without counting).
+    made = len(assembler.attempts) if assembler is not None else 0
+    tries = counted(made or client.max_retries + 1, "attempt")
     if isinstance(exc, openai.APITimeoutError):
         waits = f"connect/answer timeout {client.timeout:g} s"
         if stream and client.stall_timeout is not None:
@@ -161,7 +164,8 @@ def _api_error(
         message = f"Could not connect to the model server at {url} ({cause}; {tries})."
     elif isinstance(exc, openai.APIStatusError):
         message = f"The model server answered HTTP {status}: {_said(exc)}"
-        if client.max_retries and _retried(exc):  # a 429 line had hidden its retries
+        retried = made > 1 if made else bool(client.max_retries) and _retried(exc)
+        if retried:  # a 429 line had hidden its retries
             message = f"{message.rstrip().rstrip('.')} ({tries})."
         if status == 401 and settings.keyless:
             message = _keyless_401(settings, exc.message)

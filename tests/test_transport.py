@@ -291,6 +291,15 @@ def test_each_attempt_the_client_makes_is_counted(fake: FakeOpenAIServer, transp
     assert (event.attempts, event.retried_after) == (1, None)
 
 
+def test_an_error_says_the_attempts_that_were_made(fake: FakeOpenAIServer, transport: str) -> None:
+    # A dropped connection is retried; a 503 the server says not to retry ends it: two
+    # attempts, not the three max_retries=2 would allow.
+    fake.enqueue("lost", cut_after=0)
+    fake.enqueue_error(503, "busy", should_retry=False)
+    error = error_of(client(fake.url, max_retries=2), stream=False)
+    assert str(error) == "The model server answered HTTP 503: busy (2 attempts)."
+
+
 def test_a_followed_redirect_is_not_another_attempt(fake: FakeOpenAIServer, transport: str) -> None:
     class Moved(http.server.BaseHTTPRequestHandler):
         def do_POST(self) -> None:
