@@ -60,15 +60,6 @@ logger = logging.getLogger("nbchat")
 # and no pools left for the garbage collector to find unclosed.
 _cache_lock = threading.Lock()
 _async_clients: dict[tuple[Any, ...], openai.AsyncOpenAI] = {}
-
-
-def _retry_causes(attempts: list[int | None]) -> str | None:
-    """What the attempts before the last one got ("HTTP 429, no answer"), or None when
-    the first attempt was the last."""
-    causes = ["no answer" if status is None else f"HTTP {status}" for status in attempts[:-1]]
-    return ", ".join(causes) or None
-
-
 # Context windows the servers reported, per (base URL, model); None: they report none.
 _windows: dict[tuple[str, str], int | None] = {}
 
@@ -494,3 +485,10 @@ def _names_endpoint(model: str) -> bool:
     from ._endpoints import split_model
 
     return split_model(model)[0] is not None
+
+
+def _retry_causes(attempts: list[int | None]) -> str | None:
+    """What the attempts before the last one got ("HTTP 429, no answer"), or None when
+    the first attempt was the last."""
+    causes = ["no answer" if status is None else f"HTTP {status}" for status in attempts[:-1]]
+    return ", ".join(causes) or None
