@@ -272,9 +272,7 @@ def test_history_marks_a_failed_turn_with_its_error(
     # A trial: a failed turn's question stood in %chat history as if unanswered.
     fake.enqueue("first answer")
     assert run(shell, "%%chat\nfirst").success
-    fake.enqueue_error(500, "the model fell over")
-    fake.enqueue_error(500, "the model fell over")
-    fake.enqueue_error(500, "the model fell over")
+    fake.enqueue_error(500, "the model fell over", repeat=3)  # the client's retries too
     assert isinstance(run(shell, "%%chat\nsecond").error_in_exec, TurnFailed)
     fake.enqueue("third answer")
     assert run(shell, "%%chat\nthird").success
