@@ -10,6 +10,7 @@ through the ``final_answer`` tool instead.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
@@ -209,7 +210,7 @@ class RequestSteps(LoopState):
             return m.to_openai(self._replayed(turn, m))
 
         if turn.settings.isolated:  # its own few messages; the conversation's are kept
-            return [convert(m) for m in messages]
+            return joined_user_messages([convert(m) for m in messages])
         replay = (turn.turn_id, self.reasoning_replay, turn.settings.client.api)
         last, again = self._wire_replay, None
         if last is not None and last != replay:
@@ -221,7 +222,7 @@ class RequestSteps(LoopState):
                               and (m.reasoning is not None or m.reasoning_items is not None)),
                              None)  # fmt: skip
         self._wire_replay = replay
-        return self._wire.convert(messages, convert, reuse_below=again)
+        return joined_user_messages(self._wire.convert(messages, convert, reuse_below=again))
 
     def _context(self, turn: _Turn) -> list[Message]:
         """The messages a request of ``turn`` sends: the conversation, or for an isolated
@@ -321,3 +322,35 @@ def _refuses_response_format(error: ModelAPIError, turn: _Turn) -> bool:
     return error.status_code in (400, 422) and any(
         word in text for word in ("response_format", "json_schema", "structured output")
     )
+
+
+def joined_user_messages(wire: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``wire`` with each run of user messages sent as one message.
+
+    A turn that failed before any reply leaves its question in the conversation, to go
+    with the next one (a trial); two user messages in a row are refused by chat
+    templates that want roles to alternate. The store keeps them apart; only the
+    request joins them (texts by a blank line, content parts in order). Untouched
+    messages are the same dicts, so the client's encoding of them is reused.
+    """
+    if not any(a["role"] == b["role"] == "user" for a, b in itertools.pairwise(wire)):
+        return wire
+    out: list[dict[str, Any]] = []
+    for message in wire:
+        before = out[-1] if out else None
+        if before is None or not (before["role"] == message["role"] == "user"):
+            out.append(message)
+            continue
+        first, then = before.get("content"), message.get("content")
+        if isinstance(first, str) and isinstance(then, str):
+            content: Any = f"{first}\n\n{then}" if first and then else first or then
+        else:
+            content = [*_parts(first), *_parts(then)]
+        out[-1] = {**before, "content": content}
+    return out
+
+
+def _parts(content: Any) -> list[dict[str, Any]]:
+    if isinstance(content, list):
+        return list(content)
+    return [{"type": "text", "text": content}] if content else []

@@ -313,6 +313,48 @@ def test_429_that_never_clears_ends_the_turn_with_error(fake: FakeOpenAIServer) 
     assert s.messages == [{"role": "user", "content": "hi"}], "the user message is kept"
 
 
+def test_a_failed_turns_question_goes_with_the_next_as_one_user_message(
+    fake: FakeOpenAIServer,
+) -> None:
+    """A trial: after a failed turn the next request carried two user messages in a row,
+    which chat templates that want alternating roles refuse. The request joins them;
+    the store keeps both."""
+    fake.enqueue_error(500, "boom")
+    fake.enqueue("answer")
+    s = make(fake, max_retries=0)
+    assert s.send("first question").status == "error"
+    assert s.send("second question").status == "completed"
+    sent = fake.chat_requests[-1]["messages"]
+    roles = [m["role"] for m in sent]
+    assert "user" not in [a for a, b in itertools.pairwise(roles) if a == b], roles
+    assert sent[-1] == {"role": "user", "content": "first question\n\nsecond question"}
+    assert [m.content for m in s.history if m.role == "user"] == [
+        "first question",
+        "second question",
+    ]
+
+
+def test_adjacent_user_messages_with_images_join_their_parts_in_order() -> None:
+    from nbchat._turn_request import joined_user_messages
+
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}
+    wire = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "look"},
+        {"role": "user", "content": [{"type": "text", "text": "this"}, image]},
+        {"role": "assistant", "content": "ok"},
+    ]
+    joined = joined_user_messages(wire)
+    assert joined[1]["content"] == [
+        {"type": "text", "text": "look"},
+        {"type": "text", "text": "this"},
+        image,
+    ]
+    assert joined[0] is wire[0] and joined[2] is wire[3], "the others are the same dicts"
+    alone = [wire[0], wire[1], wire[3]]
+    assert joined_user_messages(alone) is alone
+
+
 def test_500_ends_the_turn_with_error_and_the_next_turn_works(fake: FakeOpenAIServer) -> None:
     fake.enqueue_error(500, "kaboom")
     fake.enqueue("recovered")
