@@ -155,7 +155,9 @@ class ToolBlock:
             return f"running… {max(0.0, now - self.started - self.waited_ms / 1000):.1f} s"
         took = ""
         if self.duration_ms is not None:
-            took = _duration(max(0.0, self.duration_ms - self.waited_ms))
+            # The recorded duration already leaves the approval wait out (_tool_threads);
+            # taking it off again showed an approved python call as "0 ms" (a trial).
+            took = _duration(self.duration_ms)
         if self.approval == "no":  # the user said no, or past max_rounds (live or stored)
             return "skipped"
         if self.is_error:

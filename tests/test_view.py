@@ -718,3 +718,15 @@ def test_a_cells_prose_wraps_inside_the_output(fake: FakeOpenAIServer) -> None:
     scrolls = "overflow-x: auto; max-width: 100%; overflow-wrap: normal; word-break: normal"
     assert f'<table style="display: block; {scrolls}">' in html
     assert f'<pre style="white-space: pre; {scrolls}"><code>BBBB' in html
+
+
+def test_an_approved_calls_time_is_its_codes_not_less() -> None:
+    """A trial's approved python call showed "0 ms" though 5 ms were stored: the stored
+    duration already leaves the approval wait out, and the block took it off again."""
+    from nbchat._render_parts import ToolBlock
+
+    block = ToolBlock("c1", "python", result="ok", duration_ms=5.2, approval="yes")
+    block.waited_ms = 2400.0  # the user took 2.4 s to say yes
+    assert block.state() == "5 ms"
+    running = ToolBlock("c2", "python", started=100.0, approval="yes", waited_ms=2000.0)
+    assert running.state(now=103.0) == "running… 1.0 s", "a live timer leaves the wait out"
