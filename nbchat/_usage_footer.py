@@ -20,7 +20,8 @@ with how many: "1 of 2 requests failed".
 The openai client retries a 429, a 5xx or a lost connection by itself; a request that
 got through only so says it before the time ("retried once after HTTP 429"), since the
 wait was spent there and the server may have counted the refused attempts against a
-rate limit. A request that failed in the end says its attempts in its error instead.
+rate limit; so does one that got through and then failed (a stream cut after two 500s).
+A turn none of whose requests reached the model says only that.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class KnownUsage:
     with_cost: int = 0  # requests whose cost is known
     refused: int = 0  # requests refused (or never sent) before anything was generated
     failed: int = 0  # requests that ended with an error, refused or not
-    # What the retried attempts of the requests that got through got, in order.
+    # What the retried attempts of the turn's requests got, in order.
     retried_after: list[str] = field(default_factory=list)
 
     def add(self, event: UsageEvent) -> None:
@@ -78,7 +79,7 @@ class KnownUsage:
         u = event.usage
         if event.error is not None:
             self.failed += 1
-        elif event.retried_after:
+        if event.retried_after:
             self.retried_after.extend(event.retried_after.split(", "))
         if (
             event.error is not None

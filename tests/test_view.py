@@ -613,10 +613,18 @@ def test_a_request_that_got_through_on_a_retry_says_so_and_is_stored_so(
     view = TurnView("m")
     assert s.send("again", on_event=view.handle).status == "completed"
     assert "retried" not in view.footer()
+    # A request that got through on a retry and then broke says so too (a trial).
+    fake.enqueue_error(500, "busy", retry_after=0)
+    fake.enqueue("cut short " * 10, chunk_size=4, cut_after=2)
+    view = TurnView("m")
+    assert s.send("third", on_event=view.handle).status == "error"
+    assert re.fullmatch(
+        r"m · request failed · .* · retried once after HTTP 500 · \d+\.\d s", view.footer()
+    ), view.footer()
     usage = nbchat.usage(db=db)
-    assert usage["attempts"].tolist() == [3, 1]
+    assert usage["attempts"].tolist() == [3, 1, 2]
     assert usage["retried_after"][0] == "HTTP 429, HTTP 429"
-    assert usage["retried_after"].isna().tolist() == [False, True]
+    assert usage["retried_after"].isna().tolist() == [False, True, False]
 
 
 def test_a_compacted_conversation_begins_with_its_summary_in_history() -> None:
