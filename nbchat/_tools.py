@@ -102,7 +102,14 @@ class Tool:
         description: str | None = None,
     ) -> None:
         if not callable(fn):
-            raise ToolDefinitionError(f"a tool must be a callable, got {type(fn).__name__}")
+            got = f"the string {fn!r}" if isinstance(fn, str) else type(fn).__name__
+            hint = (
+                " (from Python the python tool is nbchat.python_tool(); names are for "
+                "%%chat --tools)"
+                if isinstance(fn, str)
+                else ""
+            )
+            raise ToolDefinitionError(f"a tool must be a callable, got {got}{hint}")
         name = name if name is not None else callable_name(fn)
         if not _NAME_RE.match(name):
             raise ToolDefinitionError(

@@ -233,6 +233,18 @@ def test_plain_callables_partials_methods_and_instances_are_accepted() -> None:
     assert run1(part, '{"x": 1}').result == "11"
 
 
+def test_a_tool_given_by_name_from_python_says_what_to_pass() -> None:
+    # A trial passed nbchat.panel(tools=["python"]), as %%chat --tools python takes.
+    with pytest.raises(ToolDefinitionError) as info:
+        Tool("python")  # type: ignore[arg-type]
+    assert str(info.value) == (
+        "a tool must be a callable, got the string 'python' (from Python the python tool "
+        "is nbchat.python_tool(); names are for %%chat --tools)"
+    )
+    with pytest.raises(ToolDefinitionError, match=r"^a tool must be a callable, got int$"):
+        Tool(3)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("name", [None, "has space", "x" * 65, "", "naïve"])
 def test_bad_names_are_rejected(name: str | None) -> None:
     with pytest.raises(ToolDefinitionError, match="is not allowed"):
