@@ -115,7 +115,7 @@ def turn_interrupted(result: TurnResult) -> TurnInterrupted:
 
     if kept_text(result):
         return TurnInterrupted(result)  # its message: the partial reply above was kept
-    return TurnInterrupted(result, "the turn was interrupted before any reply text arrived")
+    return TurnInterrupted(result, "The turn was interrupted before any reply text arrived.")
 
 
 def raise_for(result: TurnResult) -> None:

@@ -188,7 +188,7 @@ class TurnInterrupted(KeyboardInterrupt):
     def __init__(
         self,
         result: Any = None,
-        message: str = "the turn was interrupted; the partial reply above was kept",
+        message: str = "The turn was interrupted; the partial reply above was kept.",
     ) -> None:
         super().__init__(message)
         self.result = result

@@ -514,7 +514,7 @@ def test_interrupt_during_a_hung_tool_call_says_no_partial_reply(
     assert isinstance(result.error_in_exec, TurnInterrupted)
     assert isinstance(result.error_in_exec, KeyboardInterrupt)  # "Run all" stops here
     (line,) = one_line_error(result)
-    assert "TurnInterrupted\x1b[0m: the turn was interrupted before any reply text" in line
+    assert "TurnInterrupted\x1b[0m: The turn was interrupted before any reply text" in line
     assert "partial reply" not in line
     assert "partial reply" not in str(result.error_in_exec)
     shown = pub(shell).last["data"]
