@@ -436,8 +436,9 @@ def test_server_down_is_one_line_and_the_next_cell_works(
     shell.run_line_magic("chat", f"config base_url={fake.url}")
     fake.enqueue("back")
     assert run(shell, "%%chat\nagain").success
-    # The conversation carried over to the working endpoint, failed turn included.
-    assert [m["content"] for m in fake.requests[0]["messages"]] == ["hi", "again"]
+    # The conversation carried over to the working endpoint, failed turn included (its
+    # question joined with the next: no two user messages in a row).
+    assert [m["content"] for m in fake.requests[0]["messages"]] == ["hi\n\nagain"]
 
 
 def test_server_error_line_says_failed_once_and_hides_the_key(
