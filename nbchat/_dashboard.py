@@ -247,7 +247,7 @@ def _session_cost(row: dict[Any, Any]) -> str:
     if not unknown:
         return f"{_usd(row['cost_usd'])} · {requests} req"
     cost = "cost unknown" if unknown == requests else f"≥ {_usd(row['cost_usd'])}"
-    return f"{cost} · {requests} req ({unknown} price unknown)"
+    return f"{cost} · {requests} req ({unknown} of unknown cost)"
 
 
 def _tool_errors(calls: pd.DataFrame) -> pd.DataFrame:
@@ -263,7 +263,7 @@ def _summary_html(
     # Nothing in the range costs $0; requests whose prices are all unknown cost "$?".
     known = spend["cost_usd"].sum(min_count=1) if int(spend["requests"].sum()) else 0.0
     unknown = int(spend["unknown"].sum())
-    note = f", plus {counted(unknown, 'request')} with unknown price" if unknown else ""
+    note = f", plus {counted(unknown, 'request')} of unknown cost" if unknown else ""
     sessions = int(top["sessions_in_range"].iloc[0]) if len(top) else 0
     requests = counted(int(spend["requests"].sum()), "request")
     return (

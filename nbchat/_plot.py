@@ -6,8 +6,9 @@ takes ``db=``, ``since=`` / ``until=`` (a ``date`` or ``"YYYY-MM-DD"`` means tha
 UTC day; a datetime is that instant; naive values are UTC) and ``ax=`` (draw there;
 otherwise a new pyplot figure, shown by the notebook like ``DataFrame.plot()``).
 
-An unknown price is never drawn as 0: bars show known dollars only, each bar with
-requests of unknown price is labelled "? N", and the legend and title give the total.
+An unknown cost (no price, or tokens never reported) is never drawn as 0: bars show known
+dollars only, each bar with requests of unknown cost is labelled "? N", and the legend and
+title give the total.
 
 What the charts show is picked in ``_plot_data``, drawn by ``_plot_draw``, and made a
 PNG (for ``%chat cost --plot``) by ``_plot_png``.
@@ -66,7 +67,7 @@ def costs(
 ) -> Axes:
     """Dollars per UTC day, model, session or notebook, as bars stacked by model.
 
-    Only known costs are stacked; requests whose price is unknown are counted above
+    Only known costs are stacked; requests whose cost is unknown are counted above
     their bar ("? N") and in the legend, never drawn as 0. ``by="session"`` and
     ``"notebook"`` show the ``top`` most expensive, as horizontal bars (long labels).
     """

@@ -197,7 +197,7 @@ class CostBars:
         if len(self.order) < self.keys:
             title += f", top {len(self.order)} of {self.keys}"
         if self.unknown_in_range:
-            title += f" — {requests_n(self.unknown_in_range)} without a price"
+            title += f" — {requests_n(self.unknown_in_range)} of unknown cost"
         if self.hidden:
             title += f" ({self.hidden} in {self.by}s not shown)"
         return title

@@ -70,13 +70,13 @@ def draw_cost_bars(ax: Axes, bars: CostBars) -> Axes:
     # A model whose bars are all $0 has a swatch and no bar to match it: it says $0.
     zero = {plain(str(c)) for c in table.columns if not float(table[c].sum())}
     labels = [f"{label} ($0)" if label in zero else label for label in labels]
-    if missing and not across:  # horizontal bars say "price unknown" beside each bar
+    if missing and not across:  # horizontal bars say "cost unknown" beside each bar
         from matplotlib.patches import Patch
 
         handles.append(Patch(facecolor="none", edgecolor="0.5", hatch=_UNKNOWN_HATCH))
         marks = "" if bars.many else "marked ? N; "  # many bars carry no "? N" labels
         here = " shown" if bars.hidden else ""  # the title gives the range's count
-        labels.append(f"price unknown: {requests_n(missing)}{here}\n{marks}cost not drawn")
+        labels.append(f"cost unknown: {requests_n(missing)}{here}\n{marks}not drawn")
     if handles:
         title = None if named else "model"
         ax.legend(handles, labels, title=title, **legend_place(ax, across, labels))
@@ -313,7 +313,7 @@ def _mark_unknown(
 ) -> None:
     """Over each bar whose group has requests of unknown price: "? N", and a hatched,
     open-ended column up to the top of the axes (the true cost is higher by an amount
-    nobody knows). ``across`` (horizontal bars): a "? N · price unknown" label at the
+    nobody knows). ``across`` (horizontal bars): a "? N · cost unknown" label at the
     end of the known bar, and no column: beside short labelled bars, a column to
     the axes' end read as the largest cost (a trial)."""
     from matplotlib.patches import Rectangle
@@ -341,7 +341,7 @@ def _mark_unknown(
         label: dict[str, Any]
         at: tuple[float, float]
         if across:  # a label, not a length: it says nothing of how much
-            text, at, offset = f"? {n} · price unknown", (bottom, i), (4, 0)
+            text, at, offset = f"? {n} · cost unknown", (bottom, i), (4, 0)
             label = {"ha": "left", "va": "center", "fontstyle": "italic", "color": "0.3"}
         else:
             hatch = Rectangle((i - 0.4, bottom), 0.8, top - bottom, fill=False)

@@ -43,7 +43,7 @@ def test_the_dashboard_shows_spend_models_sessions_tools_and_latency(filled: Fil
     board = nbchat.dashboard(db=filled.db)
     assert isinstance(board, widgets.VBox) and isinstance(board, Dashboard)
     assert "5 requests in 3 sessions, $0.00634 known cost" in board.summary.value
-    assert "plus 1 request with unknown price" in board.summary.value
+    assert "plus 1 request of unknown cost" in board.summary.value
     # the charts: PNG images, and the Axes they were drawn from
     for image in (board.spend, board.by_model, board.latency):
         assert image.value[:4] == b"\x89PNG"
@@ -56,7 +56,7 @@ def test_the_dashboard_shows_spend_models_sessions_tools_and_latency(filled: Fil
     assert [b.description for b in board.session_buttons] == [
         f"Priced work · {filled.priced[:8]} — $0.006 · 2 req",
         f"Cheap tools · {filled.cheap[:8]} — $0.00034 · 2 req",
-        f"third · {filled.mystery[:8]} — cost unknown · 1 req (1 price unknown)",  # its question
+        f"third · {filled.mystery[:8]} — cost unknown · 1 req (1 of unknown cost)",  # its question
     ]
     # tools: one of the two flaky calls failed
     assert board.tool_errors is not None
@@ -242,7 +242,7 @@ def test_a_session_whose_price_is_partly_unknown_never_reads_as_free() -> None:
 
     # Its failed requests cost $0 and the rest has no price: not "$0.00".
     some = {"requests": 5, "unknown": 4, "cost_usd": 0.0}
-    assert _session_cost(some) == "≥ $0.00 · 5 req (4 price unknown)"
+    assert _session_cost(some) == "≥ $0.00 · 5 req (4 of unknown cost)"
     known = {"requests": 3, "unknown": 0, "cost_usd": 0.0}
     assert _session_cost(known) == "$0.00 · 3 req"
 

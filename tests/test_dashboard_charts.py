@@ -125,7 +125,7 @@ def test_a_new_layout_draws_the_whole_chart_again() -> None:
     kept = chart._background
     chart.picture(more_unknown)
     assert chart._background is not kept
-    assert "5 requests without a price" in chart.ax.get_title()
+    assert "5 requests of unknown cost" in chart.ax.get_title()
     assert shown(chart.ax) == drawn_afresh(more_unknown)
 
 

@@ -178,8 +178,8 @@ def test_costs_by_model_draws_known_dollars_and_counts_unknown_price_requests(
     assert heights[CHEAP] == pytest.approx([0, 2 * (300 * 0.5 + 20) / 1e6, 0])
     assert notes(ax) == {f"unknown:{MYSTERY}": "? 1"}
     assert hatched(ax) == {f"unknown-bar:{MYSTERY}": (2, 0)}  # open-ended, not a 0 bar
-    assert "price unknown: 1 request\nmarked ? N; cost not drawn" in legend(ax)
-    assert ax.get_title() == "Cost by model — 1 request without a price"
+    assert "cost unknown: 1 request\nmarked ? N; not drawn" in legend(ax)
+    assert ax.get_title() == "Cost by model — 1 request of unknown cost"
 
 
 def test_costs_by_day_match_the_costs_frame(filled: Filled) -> None:
@@ -206,7 +206,7 @@ def test_costs_by_session_and_notebook_label_groups_and_keep_the_top(filled: Fil
     assert bars(by_notebook)[PRICED] == pytest.approx([0.006, 0])
     # Lying across, unknown prices are a label at the end of the known part of the bar,
     # not a hatched length to the axes' end (which read as the largest cost).
-    assert notes(by_notebook) == {"unknown:(no notebook)": "? 1 · price unknown"}
+    assert notes(by_notebook) == {"unknown:(no notebook)": "? 1 · cost unknown"}
     assert hatched(by_notebook) == {}
     assert marks(by_notebook) == {
         "unknown:(no notebook)": (pytest.approx(2 * (300 * 0.5 + 20) / 1e6), 1)
@@ -246,7 +246,7 @@ def test_long_session_and_notebook_labels_lie_across_with_the_legend_below(
             assert labels[0].startswith("Quarterly revenue analysis f… · ")
         # The unknown one, last: a label at $0, and nothing as long as a cost.
         assert hatched(ax) == {} and list(marks(ax).values()) == [(0, 3)]
-        assert list(notes(ax).values()) == ["? 1 · price unknown"]
+        assert list(notes(ax).values()) == ["? 1 · cost unknown"]
         widest = max(p.get_x() + p.get_width() for p in ax.patches)  # type: ignore[attr-defined]
         assert ax.get_xlim()[1] < 1.5 * widest  # the scale is the known costs'
         legend_handles = ax.get_legend().legend_handles  # type: ignore[union-attr]
@@ -294,16 +294,16 @@ def test_sessions_of_unknown_cost_are_not_hidden_behind_free_ones(
     # The priced ones, then the one with more requests of unknown price: it may have
     # cost anything, the free ones cost $0.
     assert len(ticks(ax)) == 3 and bars(ax)[PRICED][2] == 0
-    assert list(notes(ax).values()) == ["? 2 · price unknown"]
+    assert list(notes(ax).values()) == ["? 2 · cost unknown"]
     # The whole range's unknown-price requests, with the one in a session not shown.
     assert ax.get_title() == (
-        "Cost by session, top 3 of 6 — 3 requests without a price (1 in sessions not shown)"
+        "Cost by session, top 3 of 6 — 3 requests of unknown cost (1 in sessions not shown)"
     )
-    # Each bar says "price unknown" beside it: no legend entry without a swatch (a trial).
+    # Each bar says "cost unknown" beside it: no legend entry without a swatch (a trial).
     assert not [label for label in legend(ax) if "unknown" in label]
     everything = nbchat.plot.costs(by="session", db=db)
-    assert everything.get_title() == "Cost by session — 3 requests without a price"
-    assert list(notes(everything).values()) == ["? 2 · price unknown", "? 1 · price unknown"]
+    assert everything.get_title() == "Cost by session — 3 requests of unknown cost"
+    assert list(notes(everything).values()) == ["? 2 · cost unknown", "? 1 · cost unknown"]
 
 
 def test_costs_by_model_names_models_under_their_bars_only(
@@ -315,7 +315,7 @@ def test_costs_by_model_names_models_under_their_bars_only(
     ax = nbchat.plot.costs(by="model", db=db)
     assert ticks(ax) == [PRICED, "a-very-long-model-name-fro…instruct-2026", "free-local"]
     # No legend of the names again: only what the hatching means.
-    assert legend(ax) == ["price unknown: 3 requests\nmarked ? N; cost not drawn"]
+    assert legend(ax) == ["cost unknown: 3 requests\nmarked ? N; not drawn"]
     figure = ax.figure
     figure.canvas.draw()
     assert ax.get_window_extent().width > 0.42 * figure.bbox.width  # was 0.35: a wide legend
@@ -332,7 +332,7 @@ def test_only_unknown_prices_draw_no_dollars(filled: Filled) -> None:
     assert bars(mystery_only) == {} and notes(mystery_only) == {f"unknown:{MYSTERY}": "? 1"}
     assert hatched(mystery_only) == {f"unknown-bar:{MYSTERY}": (0, 0)}
     assert list(mystery_only.get_yticks()) == []  # no dollar scale to misread as $0
-    assert "1 request without a price" in mystery_only.get_title()
+    assert "1 request of unknown cost" in mystery_only.get_title()
 
 
 def _only_mystery(filled: Filled) -> Axes:
@@ -565,7 +565,7 @@ def test_many_days_are_one_shape_per_model_at_each_days_cost() -> None:
     assert top == pytest.approx(1.25 * (0.01 * len(days) + 0.5))  # headroom over the top bar
     assert spans("unknown-bars", 3) == pytest.approx((0.04 + 0.5, top), abs=1e-3)
     assert not any(shapes["unknown-bars"].contains_point((2, y)) for y in (0.6, 1.0))
-    assert legend(ax) == ["a", "b", "price unknown: 2 requests\ncost not drawn"]
+    assert legend(ax) == ["a", "b", "cost unknown: 2 requests\nnot drawn"]
 
 
 def test_a_tight_png_is_what_was_drawn_and_grows_for_a_long_legend() -> None:
@@ -669,5 +669,5 @@ def test_free_models_only_draw_a_scale_from_zero_that_says_so() -> None:
         ticks = ax.get_xticklabels() if by == "session" else ax.get_yticklabels()
         assert [t.get_text().replace("\\", "") for t in ticks] == ["$0.00"]  # no "$1.00"
         assert [t.get_text() for t in ax.texts] == (
-            ["? 2 · price unknown"] if by == "session" else ["? 2"]
+            ["? 2 · cost unknown"] if by == "session" else ["? 2"]
         )
