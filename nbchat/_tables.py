@@ -24,13 +24,15 @@ def utc_text(values: pd.Series) -> pd.Series:
 
 
 def _money_total(amounts: pd.Series, unknown: int) -> str:
-    from ._text import money
+    """Known dollars, and how many requests' cost is not known ("$2.00 + 1 request
+    unknown": a bare "+ 1 unknown" read as one unknown dollar or token)."""
+    from ._text import counted, money
 
     known = amounts.dropna()
     if known.empty and unknown:
         return "unknown"
     text = money(float(known.sum()))
-    return f"{text} + {unknown} unknown" if unknown else text
+    return f"{text} + {counted(unknown, 'request')} unknown" if unknown else text
 
 
 def _one_line(text: str) -> str:
@@ -42,14 +44,16 @@ def _one_line(text: str) -> str:
     return text if len(text) <= 60 else text[:59] + "…"
 
 
-def _summed(frame: pd.DataFrame, columns: dict[str, str], *names: str) -> dict[str, str]:
+def _summed(frame: pd.DataFrame, columns: dict[str, str], row: str, *names: str) -> dict[str, str]:
     """The totals row's cells of count columns: each shown label and its sum (of the
-    known counts, and how many are not known)."""
+    known counts, and how many rows, each a ``row``, have none: "32 + 1 turn unknown")."""
+    from ._text import counted
+
     cells = {}
     for name in names:
         unknown = int(frame[name].isna().sum())
         known = str(int(frame[name].sum()))
-        cells[columns[name]] = f"{known} + {unknown} unknown" if unknown else known
+        cells[columns[name]] = f"{known} + {counted(unknown, row)} unknown" if unknown else known
     return cells
 
 
@@ -66,13 +70,14 @@ def _human_table(
     frame: pd.DataFrame,
     columns: dict[str, str],
     *,
-    totals: dict[str, str] | None = None,
+    totals: dict[str, str] | list[dict[str, str]] | None = None,
     label_column: str | None = None,
 ) -> pd.DataFrame:
-    """``frame`` with ``columns`` renamed and formatted for reading, plus a totals row.
+    """``frame`` with ``columns`` renamed and formatted for reading, plus totals rows.
 
     Timestamps to the second, durations in seconds, costs as money ("unknown" where a
-    cost is NaN), text trimmed; ``totals`` maps a shown column to its total's text.
+    cost is NaN), text trimmed; ``totals`` maps a shown column to its total's text (a
+    list: one row each; ``label_column`` says "total" unless the row names itself).
     """
     import pandas as pd
 
@@ -103,11 +108,14 @@ def _human_table(
         shown[label] = values.reset_index(drop=True)
     table = pd.DataFrame(shown)
     if totals is not None and not table.empty:
-        row = {label: "" for label in table.columns}
-        row.update(totals)
-        if label_column is not None:
-            row[label_column] = "total"
-        table = pd.concat([table.astype(object), pd.DataFrame([row])], ignore_index=True)
+        rows = []
+        for given in [totals] if isinstance(totals, dict) else totals:
+            row = {label: "" for label in table.columns}
+            if label_column is not None:
+                row[label_column] = "total"
+            row.update(given)
+            rows.append(row)
+        table = pd.concat([table.astype(object), pd.DataFrame(rows)], ignore_index=True)
     return table
 
 
@@ -125,13 +133,19 @@ def turn_costs_table(session_id: str, db: Db = None) -> pd.DataFrame:
         "cost_usd": "cost",
         "duration_ms": "seconds",
     }
+
+    def total(rows: pd.DataFrame, which: str) -> dict[str, str]:
+        return {
+            **_summed(rows, columns, "turn", "requests", "prompt_tokens", "completion_tokens"),
+            "cost": _cost_total(rows),
+            "seconds": f"{rows['duration_ms'].sum() / 1000:.1f}",
+            "state": which,
+        }
+
     live = frame[frame["state"] != "superseded"]
-    totals = {
-        **_summed(live, columns, "requests", "prompt_tokens", "completion_tokens"),
-        "cost": _cost_total(live),
-        "seconds": f"{live['duration_ms'].sum() / 1000:.1f}",
-        "state": "live turns",
-    }
+    totals = [total(live, "live turns")]
+    if len(live) < len(frame):  # re-run cells' old turns were paid for too (a trial)
+        totals.append({**total(frame, "all turns"), "started": "spent"})
     return _human_table(frame, columns, totals=totals, label_column="started")
 
 
@@ -155,8 +169,14 @@ def costs_table(by: CostGrouping, db: Db = None) -> pd.DataFrame:
         "cost_usd": "cost",
         "unknown_cost_requests": "unknown-cost requests",
     }
-    counts = ("requests", "prompt_tokens", "completion_tokens", "unknown_cost_requests")
-    totals = {**_summed(frame, columns, *counts), "cost": _cost_total(frame)}
+    counts = (
+        "requests",
+        "prompt_tokens",
+        "completion_tokens",
+        "cached_tokens",
+        "unknown_cost_requests",
+    )
+    totals = {**_summed(frame, columns, by, *counts), "cost": _cost_total(frame)}
     return _human_table(frame, columns, totals=totals, label_column=next(iter(keys.values())))
 
 
@@ -173,5 +193,5 @@ def sessions_table(db: Db = None) -> pd.DataFrame:
         "cost_usd": "cost",
         "notebook": "notebook",
     }
-    totals = {**_summed(frame, columns, "turns", "requests"), "cost": _cost_total(frame)}
+    totals = {**_summed(frame, columns, "session", "turns", "requests"), "cost": _cost_total(frame)}
     return _human_table(frame, columns, totals=totals, label_column="id")

@@ -970,6 +970,23 @@ def test_chat_fix_says_which_of_several_blocks_the_next_cell_holds(
     assert "The next cell holds" not in pub(shell).last["data"]["text/markdown"]
 
 
+def test_chat_cost_totals_the_live_turns_and_what_was_spent_on_all(
+    shell: InteractiveShell, fake: FakeOpenAIServer
+) -> None:
+    """A trial's %chat cost total left out a re-run cell's old turn, so it disagreed with
+    %chat sessions: a second row says what all turns cost."""
+    fake.enqueue("one", repeat=3)
+    assert run(shell, "%%chat\nfirst", cell_id="a").success
+    assert run(shell, "%%chat\nfirst again", cell_id="a").success  # the old turn superseded
+    assert run(shell, "%%chat\nsecond", cell_id="b").success
+    table = shell.run_line_magic("chat", "cost")
+    live, spent = table.iloc[-2], table.iloc[-1]
+    assert (live["started"], live["state"], live["requests"]) == ("total", "live turns", "2")
+    assert (spent["started"], spent["state"], spent["requests"]) == ("spent", "all turns", "3")
+    listed = shell.run_line_magic("chat", "sessions")
+    assert str(listed.iloc[0]["requests"]) == "3"  # the session's total agrees with "spent"
+
+
 def test_chat_search_says_which_messages_left_their_conversation(
     shell: InteractiveShell, fake: FakeOpenAIServer
 ) -> None:

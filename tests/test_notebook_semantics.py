@@ -231,7 +231,7 @@ def test_chat_cost_is_readable_with_totals(
     assert table["tokens in"].iloc[2] == "unknown"
     total = table.iloc[-1]
     assert (total["started"], total["tokens in"], total["tokens out"]) == (
-        "total", "32 + 1 unknown", "8 + 1 unknown",
+        "total", "32 + 1 turn unknown", "8 + 1 turn unknown",
     )  # fmt: skip
     assert total["cost"] == "unknown"  # fake-model has no price: never "$0"
     assert table["started"].iloc[0].endswith(" UTC") and "." not in table["started"].iloc[0]
@@ -259,7 +259,11 @@ def test_chat_sessions_says_a_cost_is_partly_unknown_and_totals_it(
     fake.enqueue("three")
     assert run(shell, "%%chat --new\nalone").success
     listed = shell.run_line_magic("chat", "sessions")
-    assert list(listed["cost"]) == ["unknown", "$2.00 + 1 unknown", "$2.00 + 2 unknown"]
+    assert list(listed["cost"]) == [
+        "unknown",
+        "$2.00 + 1 request unknown",
+        "$2.00 + 2 requests unknown",
+    ]
     total = listed.iloc[-1]
     assert (total["id"], total["turns"], total["requests"]) == ("total", "3", "3")
     assert listed["last active"].iloc[0].endswith(" UTC")  # not a raw timestamp
