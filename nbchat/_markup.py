@@ -208,7 +208,9 @@ def _highlight(code: str, language: str) -> str | None:
 # reply's would look the same); overflow-wrap and word-break are inherited, so a table
 # that sets them back to normal keeps its cells' words whole.
 _SCROLLS = "overflow-x: auto; max-width: 100%; overflow-wrap: normal; word-break: normal"
-PRE = f'<pre style="white-space: pre; {_SCROLLS}">'
+# A gap under the block: JupyterLab's output styles give a <pre> none, and the next
+# paragraph (or the footer) sat right under the code (a trial).
+PRE = f'<pre style="white-space: pre; margin: 0 0 0.8em; {_SCROLLS}">'
 _TABLE = f'<table style="display: block; {_SCROLLS}">'
 
 

@@ -725,7 +725,7 @@ def test_a_cells_prose_wraps_inside_the_output(fake: FakeOpenAIServer) -> None:
     # Code and tables scroll in their own box: their words are not broken anywhere.
     scrolls = "overflow-x: auto; max-width: 100%; overflow-wrap: normal; word-break: normal"
     assert f'<table style="display: block; {scrolls}">' in html
-    assert f'<pre style="white-space: pre; {scrolls}"><code>BBBB' in html
+    assert f'<pre style="white-space: pre; margin: 0 0 0.8em; {scrolls}"><code>BBBB' in html
 
 
 def test_an_approved_calls_time_is_its_codes_not_less() -> None:
