@@ -330,7 +330,7 @@ def new_sessions_base_url() -> tuple[str, str]:
 def _no_key(base_url: str) -> str:
     return (
         f"No API key for {base_url}: run %chat config api_key=..., set NBCHAT_API_KEY "
-        "(or OPENAI_API_KEY), or pass api_key=... (%chat local needs no key)."
+        "(or OPENAI_API_KEY), or use nbchat.Session(api_key=...) (%chat local needs no key)."
     )
 
 
