@@ -81,7 +81,7 @@ def draw_cost_bars(ax: Axes, bars: CostBars) -> Axes:
         title = None if named else "model"
         ax.legend(handles, labels, title=title, **legend_place(ax, across, labels))
     ax.set_title(bars.title)
-    axis_label = "cost (USD, known prices)"
+    axis_label = "cost (USD, known costs)"
     if free and missing:  # the "? N" marks fill the axes: the note goes in the axis label
         axis_label = "cost (USD): every known cost is $0"
     elif free:

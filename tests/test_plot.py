@@ -659,6 +659,8 @@ def test_free_models_only_draw_a_scale_from_zero_that_says_so() -> None:
     paid = groups.assign(cost_usd=[0.25])
     ax = draw_costs(plt.figure().subplots(), paid, "day")
     assert ax.get_ylim()[0] == 0.0 and len(ax.texts) == 0
+    # "known costs", not "known prices": a priced request can be of unknown cost (cut).
+    assert ax.get_ylabel() == "cost (USD, known costs)"
     # With requests of unknown price too, their "? N" marks fill the axes: a note in the
     # middle was drawn over them (a trial), so the axis label says it.
     for by in ("day", "session"):
