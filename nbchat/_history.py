@@ -105,6 +105,11 @@ class TokenEstimator:
         n = len(self._anchor_ids)
         return len(messages) >= n and all(map(eq, self._anchor_ids, map(_id, messages)))
 
+    def text_tokens(self, chars: int) -> int:
+        """Estimated tokens of ``chars`` characters of generated text: characters / 4,
+        scaled by ``ratio`` (for a reply the server has not counted yet)."""
+        return math.ceil(self.ratio * chars / CHARS_PER_TOKEN)
+
     def estimate(self, messages: Sequence[Message], extra_chars: int = 0) -> int:
         """Estimated prompt tokens of ``messages`` (plus ``extra_chars`` of tool specs)."""
         if self._anchor_tokens is None:

@@ -34,12 +34,30 @@ from typing import Any
 
 import ipywidgets as widgets
 
-from ._events import Event, ToolCallStarted, ToolResult, TurnFinished, TurnStarted, UsageEvent
+from ._events import (
+    Event,
+    ReasoningDelta,
+    TextDelta,
+    ToolCallDelta,
+    ToolCallStarted,
+    ToolResult,
+    TurnFinished,
+    TurnStarted,
+    UsageEvent,
+)
 from ._exceptions import NbchatError
 from ._panel_input import ChatInput
 from ._panel_layout import arrange
 from ._panel_models import FIRST_LIST_WAIT, NO_MODEL, ModelPicker
-from ._panel_status import PanelState, end_state, next_state, status_html, usage_facts
+from ._panel_status import (
+    PanelState,
+    end_state,
+    next_state,
+    reply_fact,
+    status_html,
+    stopped_detail,
+    usage_facts,
+)
 from ._panel_transcript import (
     MATH,
     QUEUED,
@@ -93,9 +111,10 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
         self._turn_started: float | None = None
         self._last_seconds: float | None = None
         self._detail = ""
-        # Tokens the server reported, summed; the session's own total becomes unknown
-        # once a stopped reply's usage is missing, but the count so far still holds.
-        self._known_tokens = 0 if session is None else session.known_tokens()
+        # Characters the running turn streamed (reply, reasoning, tool arguments), and
+        # those since the last request the server counted: the reply's estimated size.
+        self._streamed_chars = 0
+        self._uncounted_chars = 0
         self._live: tuple[TurnView, widgets.HTML] | None = None  # this panel's turn
         self._mirror: tuple[TurnView, widgets.HTML, Throttle] | None = None  # a cell's turn
 
@@ -149,6 +168,7 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
                 return _done(None)
             self._busy, self._stop_requested = True, False
             self._turn_started = time.monotonic()
+            self._streamed_chars = self._uncounted_chars = 0
             if from_box:
                 self.input.value = ""
             self._append("user", markdown_to_html(text, hard_wrap=True))
@@ -181,6 +201,7 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
                 self._set_detail("Stop the running reply before starting a new chat.")
                 return False
             self.messages.children = ()
+            self._last_seconds = None  # "last reply 10.6 s" was the old chat's
             self._template = self.session or self._template
             self.session, self._reopen = None, None
             session = self._ensure_session()
@@ -224,6 +245,7 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
                     if isinstance(event, TurnStarted) and self._stop_requested:
                         session.cancel()  # Stop was clicked before the turn could start
                     self._follow(event)
+                    self._measure(event)
                     if isinstance(event, TurnFinished):
                         result = event.result
                     soon = isinstance(event, ToolCallStarted | ToolResult)
@@ -295,6 +317,21 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
         for row in rows:
             row.close()
 
+    def _measure(self, event: Any) -> None:
+        """Count what the panel's turn streams, for its estimated size (``reply_fact``)."""
+        match event:
+            case TextDelta(text=text) | ReasoningDelta(text=text):
+                grown = len(text)
+            case ToolCallDelta(arguments_delta=text):
+                grown = len(text)
+            case UsageEvent(usage=RequestUsage(total_tokens=int())):
+                self._uncounted_chars = 0  # the server counted the request
+                return
+            case _:
+                return
+        self._streamed_chars += grown
+        self._uncounted_chars += grown
+
     def _follow(self, event: Any) -> None:
         """Move the status line's state along with the turn."""
         moved = next_state(event, self.state)
@@ -307,7 +344,14 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
                 self._last_seconds = time.monotonic() - self._turn_started
             self._busy, self._turn_started = False, None
             self._set_busy_controls(False)
-            self._set_state(*end_state(result, failure))
+            state, detail = end_state(result, failure)
+            if result is not None and result.status == "interrupted" and self._uncounted_chars:
+                detail = stopped_detail(self._estimated(self._uncounted_chars))
+            self._set_state(state, detail)
+
+    def _estimated(self, chars: int) -> int:
+        session = self.session
+        return 0 if session is None else session.estimator.text_tokens(chars)
 
     def _show_turn(
         self,
@@ -345,8 +389,6 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
         """Show turns that other front ends (``%%chat`` cells) run on ``session`` too."""
 
         def on_event(event: Event) -> None:
-            if isinstance(event, UsageEvent) and event.usage and event.usage.total_tokens:
-                self._known_tokens += event.usage.total_tokens
             if _own_turn.get() is not self:
                 self._follow_other(event)
 
@@ -401,7 +443,6 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
         if self._reopen is not None:
             self._reopen = None
             self._show_history(self.session)
-        self._known_tokens = self.session.known_tokens()
         self._watch(self.session)
         self.model_picker.load(self.session)
         return self.session
@@ -458,11 +499,10 @@ class ChatPanel(widgets.VBox):  # type: ignore[misc]
         with self._lock:
             facts = [self._current_model()]
             if self.session is not None:
+                if self._busy and self._streamed_chars:
+                    facts.append(reply_fact(self._estimated(self._streamed_chars)))
                 facts += usage_facts(
-                    self.session.usage,
-                    self._known_tokens,
-                    busy=self._busy,
-                    priced=_priced(self.session),
+                    self.session.usage, busy=self._busy, priced=_priced(self.session)
                 )
             if self._turn_started is not None:
                 facts.append(f"{time.monotonic() - self._turn_started:.1f} s")

@@ -14,9 +14,18 @@ from typing import Any, Literal
 
 from ._events import MessageAdded, ReasoningDelta, TextDelta, ToolCallStarted, ToolResult
 from ._markup import clip, escape, money, protect_dollars
+from ._text import counted
 from ._types import Message, TurnResult, Usage
 
-__all__ = ["PanelState", "end_state", "next_state", "status_html", "usage_facts"]
+__all__ = [
+    "PanelState",
+    "end_state",
+    "next_state",
+    "reply_fact",
+    "status_html",
+    "stopped_detail",
+    "usage_facts",
+]
 
 PanelState = Literal[
     "idle",
@@ -62,35 +71,49 @@ def end_state(result: TurnResult | None, failure: str | None) -> tuple[PanelStat
     return "error", result.error or result.status
 
 
-def usage_facts(
-    usage: Usage, known_tokens: int, *, busy: bool = False, priced: bool = True
-) -> list[str]:
+def usage_facts(usage: Usage, *, busy: bool = False, priced: bool = True) -> list[str]:
     """A session's tokens and cost so far, saying only what is known.
 
     ``≥`` the tokens the server reported when the total is unknown (a stopped reply's
     usage is missing), and ``≥`` the totals while a reply runs (its own request is not
-    counted until the server reports it). Nothing is said of tokens before any request
-    was counted, and "cost unknown" stands for a cost that cannot be known (``priced``:
-    whether the current model has a price at all) — never a made-up 0. The first fact
-    says it is the session's: beside a stopped turn's footer of "$0.00", a bare "cost
-    unknown" (of turns before it) read as a contradiction (a trial).
+    counted until the server reports it). A cost partly unknown is the known part and
+    how many requests are not in it ("$0.0021 + 1 request unknown", as ``%chat cost``
+    says). Nothing is said of tokens before any request was counted, and "cost unknown"
+    stands for a cost that cannot be known (``priced``: whether the current model has a
+    price at all) — never a made-up 0. The first fact says it is the session's: beside
+    a stopped turn's footer of "$0.00", a bare "cost unknown" (of turns before it) read
+    as a contradiction (a trial).
     """
     bound = "≥ " if busy else ""
     facts = []
     if usage.total_tokens is not None:
         if usage.requests:
             facts.append(f"{bound}{usage.total_tokens:,} tokens")
-    elif known_tokens:
-        facts.append(f"≥ {known_tokens:,} tokens")
+    elif usage.known_tokens:
+        facts.append(f"≥ {usage.known_tokens:,} tokens")
     else:
         facts.append("tokens unknown")
-    if usage.cost_usd is None or not (usage.requests or priced):
+    unknown = usage.requests_without_cost
+    if usage.cost_usd is None and 0 < unknown < usage.requests:
+        facts.append(f"{money(usage.known_cost_usd)} + {counted(unknown, 'request')} unknown")
+    elif usage.cost_usd is None or not (usage.requests or priced):
         facts.append("cost unknown")
     elif usage.requests:
         facts.append(f"{bound}{money(usage.cost_usd)}")
     if facts:
         facts[0] = f"session: {facts[0]}"
     return facts
+
+
+def reply_fact(tokens: int) -> str:
+    """The running reply's size while it streams, estimated (the server counts it only
+    at the end, and a stopped reply's count may never come)."""
+    return f"this reply: ~{tokens:,} tokens so far"
+
+
+def stopped_detail(tokens: int) -> str:
+    """What the line says of a stopped reply the server never counted."""
+    return f"stopped after ~{tokens:,} tokens (estimated: the server sent no count)"
 
 
 def status_html(state: PanelState, detail: str, facts: Sequence[str]) -> str:

@@ -348,21 +348,6 @@ class Session(SessionTurns):
         """Tool calls of the last assistant message that have no result yet."""
         return pending_tool_calls(self._messages)
 
-    def known_tokens(self) -> int:
-        """The tokens of this session's requests whose counts are known: what can be said
-        ("≥ N") when ``usage.total_tokens`` is ``None`` because one request's are not."""
-        if self.usage.total_tokens is not None:
-            return self.usage.total_tokens
-        if self.store is None:
-            return 0
-        try:
-            frame = self.store.frame("usage", session_id=self.id)
-        except StoreError:
-            return 0
-        both = frame["prompt_tokens"].notna() & frame["completion_tokens"].notna()
-        known = frame[both]
-        return int(known["prompt_tokens"].sum() + known["completion_tokens"].sum())
-
     def turn_outcomes(self) -> dict[str, tuple[str, str | None]]:
         """How each stored turn ended: turn id → (status, error). Empty without a store,
         or when it cannot be read (history views then show only what messages say)."""

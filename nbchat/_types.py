@@ -315,6 +315,9 @@ class Usage(_Model):
 
     A total is ``None`` as soon as one request in it is unknown, so a sum is never
     smaller than the truth without saying so. ``requests`` counts every request.
+    ``known_tokens`` and ``known_cost_usd`` sum the requests whose figures are known, and
+    ``requests_without_tokens`` / ``requests_without_cost`` count the others: what can
+    be said ("≥ 1,234 tokens", "$0.02 + 1 unknown") when a total is ``None``.
     """
 
     requests: int = 0
@@ -323,6 +326,10 @@ class Usage(_Model):
     cached_tokens: int | None = 0
     reasoning_tokens: int | None = 0
     cost_usd: float | None = 0.0
+    known_tokens: int = 0  # prompt + completion of the requests that reported both
+    known_cost_usd: float = 0.0
+    requests_without_tokens: int = 0
+    requests_without_cost: int = 0
 
     @property
     def total_tokens(self) -> int | None:
@@ -333,14 +340,19 @@ class Usage(_Model):
     def add(self, usage: RequestUsage | None, cost_usd: float | None) -> Usage:
         """A new total with one more request added."""
         u = usage or RequestUsage()
-        return Usage(
-            requests=self.requests + 1,
-            prompt_tokens=_add(self.prompt_tokens, u.prompt_tokens),
-            completion_tokens=_add(self.completion_tokens, u.completion_tokens),
+        tokens = u.total_tokens
+        return self + Usage(
+            requests=1,
+            prompt_tokens=u.prompt_tokens,
+            completion_tokens=u.completion_tokens,
             # cached/reasoning tokens are often simply not reported: count them as 0.
-            cached_tokens=_add(self.cached_tokens, u.cached_tokens or 0),
-            reasoning_tokens=_add(self.reasoning_tokens, u.reasoning_tokens or 0),
-            cost_usd=_add(self.cost_usd, cost_usd),
+            cached_tokens=u.cached_tokens or 0,
+            reasoning_tokens=u.reasoning_tokens or 0,
+            cost_usd=cost_usd,
+            known_tokens=tokens or 0,
+            known_cost_usd=cost_usd or 0.0,
+            requests_without_tokens=int(tokens is None),
+            requests_without_cost=int(cost_usd is None),
         )
 
     def __add__(self, other: Usage) -> Usage:
@@ -351,6 +363,10 @@ class Usage(_Model):
             cached_tokens=_add(self.cached_tokens, other.cached_tokens),
             reasoning_tokens=_add(self.reasoning_tokens, other.reasoning_tokens),
             cost_usd=_add(self.cost_usd, other.cost_usd),
+            known_tokens=self.known_tokens + other.known_tokens,
+            known_cost_usd=self.known_cost_usd + other.known_cost_usd,
+            requests_without_tokens=self.requests_without_tokens + other.requests_without_tokens,
+            requests_without_cost=self.requests_without_cost + other.requests_without_cost,
         )
 
 

@@ -16,7 +16,7 @@ from nbchat._events import MessageAdded, MessagesMarked, TurnStarted, UsageEvent
 from nbchat._store import TABLES, Store, pending_tool_calls
 from nbchat._store._queries import QUERIES
 from nbchat._store._rows import STORED_KINDS, session_title
-from nbchat._types import Message, RequestUsage, ToolCall
+from nbchat._types import Message, RequestUsage, ToolCall, Usage
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "nbchat"
@@ -191,8 +191,27 @@ def test_session_usage_counts_unknowns_as_unknown(store_db: str) -> None:
             )
         )
         store.write(UsageEvent(session_id="s", model="m", cost_usd=None))
+        store.write(
+            UsageEvent(
+                session_id="s",
+                model="m",
+                usage=RequestUsage(prompt_tokens=10, completion_tokens=None),
+                cost_usd=0.25,
+            )
+        )
         spent = store.session_usage("s")
-    assert spent.requests == 2 and spent.cost_usd is None and spent.prompt_tokens is None
+    assert spent.requests == 3 and spent.cost_usd is None and spent.prompt_tokens is None
+    # What is known stays known: the sums of the counted requests, and how many are not.
+    assert (spent.known_tokens, spent.requests_without_tokens) == (5, 2)
+    assert (spent.known_cost_usd, spent.requests_without_cost) == (0.75, 1)
+    # The same as a session's own sum of those requests.
+    summed = (
+        Usage()
+        .add(RequestUsage(prompt_tokens=3, completion_tokens=2), 0.5)
+        .add(None, None)
+        .add(RequestUsage(prompt_tokens=10), 0.25)
+    )
+    assert summed == spent
 
 
 # --------------------------------------------------------------------------- issue 13 items

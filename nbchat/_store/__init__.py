@@ -374,7 +374,9 @@ class Store(ABC):
         """
         from .._types import Usage
 
-        requests, prompt, completion, cached, reasoning, cost = self._usage_row(session_id)
+        row = self._usage_row(session_id)
+        requests, prompt, completion, cached, reasoning, cost = row[:6]
+        known_tokens, known_cost, without_tokens, without_cost = row[6:]
         return Usage(
             requests=int(requests),
             prompt_tokens=None if prompt is None else int(prompt),
@@ -382,6 +384,10 @@ class Store(ABC):
             cached_tokens=int(cached),
             reasoning_tokens=int(reasoning),
             cost_usd=None if cost is None else float(cost),
+            known_tokens=int(known_tokens),
+            known_cost_usd=float(known_cost),
+            requests_without_tokens=int(without_tokens),
+            requests_without_cost=int(without_cost),
         )
 
     @abstractmethod

@@ -380,7 +380,11 @@ SESSION_USAGE = (
     " CASE WHEN count(completion_tokens) = count(*)"
     " THEN coalesce(sum(completion_tokens), 0) END,"
     " coalesce(sum(cached_tokens), 0), coalesce(sum(reasoning_tokens), 0),"
-    " CASE WHEN count(cost_usd) = count(*) THEN coalesce(sum(cost_usd), 0) END"
+    " CASE WHEN count(cost_usd) = count(*) THEN coalesce(sum(cost_usd), 0) END,"
+    # The known parts, and how many requests are not in them (Usage.known_tokens, ...).
+    " coalesce(sum(prompt_tokens + completion_tokens), 0),"
+    " coalesce(sum(cost_usd), 0),"
+    " count(*) - count(prompt_tokens + completion_tokens), count(*) - count(cost_usd)"
     " FROM requests WHERE session_id = ?"
 )
 
