@@ -23,7 +23,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from . import _responses, _runner
@@ -411,25 +411,34 @@ class ModelClient:
         key = (self.settings.base_url, self.model)
         if key in _windows:
             return _windows[key]
-        window = await self._ask_window()
+        window = (await self.listed_windows([self.model])).get(self.model)
         _windows[key] = window
         return window
 
-    async def _ask_window(self) -> int | None:
+    async def listed_windows(self, models: Sequence[str]) -> dict[str, int]:
+        """The context windows the server reports for ``models`` (those it says nothing
+        of are left out): ``GET /models``' cards, and when one model is asked of and its
+        card says nothing, llama.cpp's ``GET /props`` (the size it was started with; a
+        llama.cpp server serves the one model). Never raises."""
         base = self.settings.base_url
         root = base.removesuffix("/v1") if base.endswith("/v1") else base
+        windows: dict[str, int] = {}
         try:
             async with self.async_client() as client:
-                models = await self._get_json(client, "/models")
-                window = context_window_from_models(models, self.model)
-                if window is None:
+                listed = await self._get_json(client, "/models")
+                for model in models:
+                    window = context_window_from_models(listed, model)
+                    if window is not None:
+                        windows[model] = window
+                if len(models) == 1 and not windows:
                     window = context_window_from_props(
                         await self._get_json(client, root + "/props")
                     )
+                    if window is not None:
+                        windows[models[0]] = window
         except Exception as exc:  # a server that cannot say is a server that says nothing
-            logger.debug("no context window from %s: %r", base, exc)
-            return None
-        return window
+            logger.debug("no context windows from %s: %r", base, exc)
+        return windows
 
     async def _get_json(self, client: openai.AsyncOpenAI, path: str) -> Any:
         """``GET path`` (relative to the base URL, or absolute) as JSON; ``None`` if it fails."""

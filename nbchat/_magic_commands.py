@@ -448,15 +448,18 @@ class Subcommands:
         base_url = client.settings.base_url
         per_input = RequestUsage(prompt_tokens=1_000_000, completion_tokens=0)
         per_output = RequestUsage(prompt_tokens=0, completion_tokens=1_000_000)
+        models = run_sync(client.list_models())
+        # The price table's window first (as compaction reads it), else the server's own.
+        served = run_sync(client.listed_windows(models))
         rows = []
-        for model in run_sync(client.list_models()):
+        for model in models:
             cost_in, _ = request_cost(model, base_url, per_input)
             cost_out, _ = request_cost(model, base_url, per_output)
             aliases = ", ".join(a for a, m in self.aliases.items() if m == model)
             rows.append(
                 {
                     "model": model,
-                    "context_window": context_window(model, base_url),
+                    "context_window": context_window(model, base_url) or served.get(model),
                     "input_usd_per_mtok": cost_in,
                     "output_usd_per_mtok": cost_out,
                     "aliases": aliases,

@@ -335,6 +335,24 @@ def test_models_lists_context_windows_prices_and_aliases(
     assert pd.isna(rows.loc["fake-model", "context_window"])
 
 
+def test_models_shows_the_context_window_the_server_reports(
+    shell: InteractiveShell, fake: FakeOpenAIServer
+) -> None:
+    # A trial: on the embedded llama.cpp server %chat models said <NA>, though the
+    # README says /props is read (compaction read it; the listing did not).
+    fake.models = ["served-model"]
+    fake.props = {"default_generation_settings": {"n_ctx": 4096}}
+    frame = shell.run_line_magic("chat", "models")
+    assert frame.set_index("model").loc["served-model", "context_window"] == 4096
+    # vLLM's and OpenRouter's cards say it per model; one that says nothing stays <NA>.
+    fake.models = ["vllm-model", "router-model", "quiet-model"]
+    fake.model_info = {"vllm-model": {"max_model_len": 8192},
+                       "router-model": {"context_length": 32768}}  # fmt: skip
+    rows = shell.run_line_magic("chat", "models").set_index("model")["context_window"]
+    assert (rows["vllm-model"], rows["router-model"]) == (8192, 32768)
+    assert pd.isna(rows["quiet-model"])  # /props speaks of one model: not asked for many
+
+
 def test_models_needs_no_model_configured(
     shell: InteractiveShell, fake: FakeOpenAIServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
