@@ -296,11 +296,17 @@ def highlights(contents: Iterable[str], text: str) -> list[list[tuple[str, bool]
     return [snippet_pieces(c, pattern) for c in contents]
 
 
+# A Markdown code fence's own line (```python, ~~~): in a one-line snippet it is noise.
+_FENCE = re.compile(r"^[ \t]*(`{3,}|~{3,})[^\n]*$", re.M)
+
+
 def snippet_pieces(content: str, pattern: re.Pattern[str]) -> list[tuple[str, bool]]:
-    """The text around the first match (160 characters, "…" where cut), split at matches."""
+    """The text around the first match (160 characters, "…" where cut), split at matches;
+    code fences' lines left out (the code inside stays), white space run together."""
+    content = " ".join(_FENCE.sub("", content).split())
     found = pattern.search(content)
     start = max(0, (found.start() if found else 0) - 60)
-    piece = content[start : start + 160].replace("\n", " ")
+    piece = content[start : start + 160]
     pieces: list[tuple[str, bool]] = [("…", False)] if start else []
     at = 0
     for m in pattern.finditer(piece):

@@ -802,6 +802,17 @@ def test_search_ranks_messages_by_the_words_they_contain(store_db: str, fake: An
     db.close()
 
 
+def test_a_snippet_leaves_code_fences_out_and_keeps_the_code() -> None:
+    import re
+
+    from nbchat._analysis import snippet_pieces
+
+    # A trial: %chat search showed "``` python df.groupby(...) ```" in its snippets.
+    content = "Try this:\n\n```python\ndf.groupby('week')\n```\n\n~~~\nmore\n~~~\nDone."
+    pieces = snippet_pieces(content, re.compile("groupby"))
+    assert pieces == [("Try this: df.", False), ("groupby", True), ("('week') more Done.", False)]
+
+
 def test_sql_gives_each_kind_of_column_its_dtype_with_nulls_kept(store: Store) -> None:
     df = sql(
         "SELECT * FROM (VALUES"
